@@ -1,0 +1,49 @@
+"""Entry point of `pagedserve gateway`: the HTTP API and the public gRPC API in one event loop."""
+
+import argparse
+import asyncio
+import contextlib
+
+import uvicorn
+
+from gateway.http_api import create_app
+from pagedserve.log import configure_logging
+from pagedserve.serving import GrpcServer, StartupError, run_service, wait_for_stop_signal
+from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service's stop signal drives shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(args: argparse.Namespace) -> None:
+    http = _HttpServer(uvicorn.Config(create_app(), host=args.host, port=args.http_port,
+                                      log_config=None, access_log=False, lifespan="off"))
+    grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}")
+    # The Generation RPCs answer UNIMPLEMENTED until issue 5; health answers now.
+    generation_pb2_grpc.add_GenerationServicer_to_server(
+        generation_pb2_grpc.GenerationServicer(), grpc_server.server)
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:
+        if http_task.done():  # uvicorn exits (SystemExit) when it cannot bind
+            with contextlib.suppress(SystemExit):
+                await http_task
+            raise StartupError(f"cannot listen on {args.host}:{args.http_port} for HTTP; "
+                               "is the port in use?")
+        await asyncio.sleep(0.02)
+    await grpc_server.start([SERVICE_NAME])
+    await wait_for_stop_signal()
+    await grpc_server.stop()
+    http.should_exit = True
+    await http_task
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging("gateway", args.log_level, args.log_format)
+    return run_service("gateway", lambda: serve(args))

@@ -1,0 +1,48 @@
+"""The `pagedserve` command: `up` runs the whole stack; `gateway`, `scheduler` and `executor`
+run one service each (as `up` does for its children, and as the Kubernetes pods do)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from pagedserve.flags import FlagParser
+
+# command -> (flags module, entry-point module, one-line description). Service modules are
+# imported only for the command that runs, so `--help` and the light services stay fast.
+SERVICES = {
+    "gateway": ("gateway.config", "gateway.server",
+                "run the gateway: OpenAI-compatible HTTP and public gRPC API"),
+    "scheduler": ("scheduler_svc.config", "scheduler_svc.server",
+                  "run the scheduler: request queue, KV block tables, batching"),
+    "executor": ("executor_svc.config", "executor_svc.server",
+                 "run an executor: model weights, paged KV cache, forward passes"),
+}
+UP_DESCRIPTION = ("start gateway, scheduler and executors as separate processes on this "
+                  "machine; Ctrl-C stops them all")
+
+
+def build_parser() -> FlagParser:
+    parser = FlagParser(
+        prog="pagedserve",
+        description="LLM serving engine: PagedAttention, continuous batching, prefix caching, "
+                    "as gRPC microservices. Every flag can also be set as a PAGEDSERVE_* "
+                    "environment variable (shown in each command's --help).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = commands.add_parser("up", help=UP_DESCRIPTION, description=UP_DESCRIPTION)
+    importlib.import_module("pagedserve.launcher").add_arguments(up)
+    for name, (flags_module, _, description) in SERVICES.items():
+        sub = commands.add_parser(name, help=description, description=description)
+        importlib.import_module(flags_module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        return importlib.import_module("pagedserve.launcher").run(args)
+    return importlib.import_module(SERVICES[args.command][1]).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

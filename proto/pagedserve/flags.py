@@ -1,0 +1,65 @@
+"""Command-line flags with environment-variable equivalents.
+
+Every long option `--some-flag` can also be set as `PAGEDSERVE_SOME_FLAG`; a flag given on the
+command line wins over the environment, which wins over the built-in default. `--help` shows the
+variable and the default of every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ENV_PREFIX = "PAGEDSERVE_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_var(option: str) -> str:
+    """`--max-num-seqs` -> `PAGEDSERVE_MAX_NUM_SEQS`."""
+    return ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose long options take their defaults from PAGEDSERVE_* variables."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        option = next((n for n in names if n.startswith("--")), None)
+        if option is None or kwargs.get("action") in ("help", "version"):
+            return super().add_argument(*names, **kwargs)
+        var = env_var(option)
+        if var in os.environ:
+            kwargs["default"] = self._env_default(var, os.environ[var], kwargs)
+        default = kwargs.get("default")
+        shown = "" if default in (None, argparse.SUPPRESS) or kwargs.get("action") == "store_true" \
+            else f" (default: {default})"
+        kwargs["help"] = f"{kwargs.get('help', '')}{shown} [env: {var}]"
+        return super().add_argument(*names, **kwargs)
+
+    def _env_default(self, var: str, raw: str, kwargs: dict):
+        if kwargs.get("action") == "store_true":
+            if raw.strip().lower() not in _TRUE | _FALSE:
+                self.error(f"{var}={raw!r}: expected one of 1/0, true/false, yes/no, on/off")
+            return raw.strip().lower() in _TRUE
+        convert = kwargs.get("type", str)
+        try:
+            value = convert(raw)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            self.error(f"{var}={raw!r}: {exc}")
+        choices = kwargs.get("choices")
+        if choices is not None and value not in choices:
+            self.error(f"{var}={raw!r}: expected one of {', '.join(map(str, choices))}")
+        return value
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every service takes."""
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="lowest level of log lines to print")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"],
+                        help="auto: readable on a terminal, one JSON object per line otherwise")
