@@ -1,0 +1,43 @@
+"""The installed `pagedserve` console script and the help of every subcommand."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from pagedserve.cli import SERVICES
+
+COMMANDS = ["up", *SERVICES]
+
+
+def pagedserve(*args: str) -> subprocess.CompletedProcess:
+    # The console script installed next to this interpreter (PATH may not include the venv).
+    executable = pathlib.Path(sys.executable).with_name("pagedserve")
+    assert executable.is_file(), "the pagedserve console script is not installed"
+    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_top_level_help_lists_every_command():
+    result = pagedserve("--help")
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_documents_every_flag(command):
+    result = pagedserve(command, "--help")
+    assert result.returncode == 0, result.stderr
+    flags = {word.rstrip(",") for word in result.stdout.split()
+             if word.startswith("--") and word != "--help"}
+    assert flags, result.stdout
+    for flag in flags:
+        assert f"PAGEDSERVE_{flag[2:].replace('-', '_').upper()}" in result.stdout, flag
+    assert "--log-level" in result.stdout
+
+
+def test_unknown_command_is_an_error():
+    result = pagedserve("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr

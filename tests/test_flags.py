@@ -1,0 +1,59 @@
+"""Flags with PAGEDSERVE_* environment equivalents: precedence, conversion, clear errors."""
+
+import pathlib
+
+import pytest
+
+from pagedserve.cli import build_parser
+from pagedserve.flags import FlagParser, env_var
+
+
+def parser_with_flags() -> FlagParser:
+    parser = FlagParser(prog="t")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences")
+    parser.add_argument("--mode", default="a", choices=["a", "b"], help="mode")
+    parser.add_argument("--verbose-stats", action="store_true", help="stats")
+    return parser
+
+
+def test_env_var_name():
+    assert env_var("--max-num-seqs") == "PAGEDSERVE_MAX_NUM_SEQS"
+
+
+def test_default_then_environment_then_command_line(monkeypatch):
+    assert parser_with_flags().parse_args([]).max_num_seqs == 256
+    monkeypatch.setenv("PAGEDSERVE_MAX_NUM_SEQS", "64")
+    assert parser_with_flags().parse_args([]).max_num_seqs == 64
+    assert parser_with_flags().parse_args(["--max-num-seqs", "8"]).max_num_seqs == 8
+
+
+@pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("No", False), ("0", False)])
+def test_boolean_flags_from_environment(monkeypatch, raw, expected):
+    monkeypatch.setenv("PAGEDSERVE_VERBOSE_STATS", raw)
+    assert parser_with_flags().parse_args([]).verbose_stats is expected
+
+
+@pytest.mark.parametrize("var, raw", [("PAGEDSERVE_MAX_NUM_SEQS", "many"),
+                                      ("PAGEDSERVE_MODE", "c"),
+                                      ("PAGEDSERVE_VERBOSE_STATS", "maybe")])
+def test_bad_environment_value_names_the_variable(monkeypatch, capsys, var, raw):
+    monkeypatch.setenv(var, raw)
+    with pytest.raises(SystemExit) as exit_info:
+        parser_with_flags()
+    assert exit_info.value.code == 2
+    assert var in capsys.readouterr().err
+
+
+def test_help_names_the_variable_and_default(capsys):
+    with pytest.raises(SystemExit):
+        parser_with_flags().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "PAGEDSERVE_MAX_NUM_SEQS" in out and "(default: 256)" in out
+
+
+def test_service_flags_read_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGEDSERVE_MODEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PAGEDSERVE_PORT", "6000")
+    args = build_parser().parse_args(["executor"])
+    assert args.model_cache_dir == pathlib.Path(tmp_path) and args.port == 6000
+    assert args.model is None

@@ -1,0 +1,153 @@
+"""`pagedserve up`: starts gateway, scheduler and executors as separate processes, waits until
+each is healthy, and leaves no process or port behind however it is stopped."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc
+from tests.conftest import free_ports
+
+READY_LINE = "pagedserve is up:"
+pytestmark = pytest.mark.slow
+
+
+class Stack:
+    def __init__(self, model_dir, log_file, executors: int = 1):
+        self.http, self.grpc, self.scheduler = free_ports(3)
+        base = free_consecutive_ports(executors)
+        self.executors = list(range(base, base + executors))
+        argv = [sys.executable, "-m", "pagedserve", "up", "--log-format", "json",
+                "--executors", str(executors), "--http-port", str(self.http),
+                "--grpc-port", str(self.grpc), "--scheduler-port", str(self.scheduler),
+                "--executor-port", str(self.executors[0]), "--model", str(model_dir)]
+        # Logs to a file: a pipe nobody reads would fill up and block the processes.
+        self.log_file = log_file
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file.open("w"),
+                                        text=True)
+        self.ports = [self.http, self.grpc, self.scheduler, *self.executors]
+        self.stdout = ""
+
+    def wait_until_up(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while READY_LINE not in self.stdout:
+            assert time.monotonic() < deadline, "stack did not come up"
+            assert self.process.poll() is None, self.log_file.read_text()
+            self.stdout += self.process.stdout.readline()
+        for _ in range(len(self.executors) + 3):  # a line per process, then "Press Ctrl-C"
+            self.stdout += self.process.stdout.readline()
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def free_consecutive_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (executor i listens on base + i)."""
+    for base in free_ports(20):
+        if all(port_is_free(base + i) for i in range(1, count)):
+            return base
+    raise AssertionError("no consecutive free ports")
+
+
+def grpc_serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=5)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a new server could listen on it (servers set SO_REUSEADDR, so connections in
+    TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def assert_all_gone(pids: list[int], ports: list[int], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        busy = [p for p in ports if not port_is_free(p)]
+        if not alive and not busy:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"left behind: processes {alive}, ports {busy}")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_up_starts_every_process_and_stops_them_all(tiny_llama_dir, tmp_path, stop_signal):
+    stack = Stack(tiny_llama_dir, tmp_path / "log", executors=2)
+    try:
+        stack.wait_until_up()
+        children = stack.children()
+        names = [" ".join(c.cmdline()[3:4]) for c in children]
+        assert sorted(names) == ["executor", "executor", "gateway", "scheduler"]
+        assert len({c.pid for c in children}) == 4 and stack.process.pid not in names
+        for port in (stack.grpc, stack.scheduler, *stack.executors):
+            assert grpc_serving(port)
+        with grpc.insecure_channel(f"127.0.0.1:{stack.executors[1]}") as channel:
+            description = executor_pb2_grpc.ExecutorStub(channel).Describe(
+                executor_pb2.DescribeRequest(), timeout=5)
+        assert description.model.model_id == tiny_llama_dir.name
+        assert description.model.eos_token_ids == [2]
+        assert "tokenizer.json" in description.tokenizer.files
+        assert f"http://127.0.0.1:{stack.http}/v1" in stack.stdout
+
+        stack.process.send_signal(stop_signal)
+        assert stack.process.wait(timeout=30) == 0
+        assert_all_gone([c.pid for c in children], stack.ports)
+    finally:
+        stack.process.kill()
+
+
+def test_children_die_with_a_killed_launcher(tiny_llama_dir, tmp_path):
+    stack = Stack(tiny_llama_dir, tmp_path / "log")
+    try:
+        stack.wait_until_up()
+        children = stack.children()
+        stack.process.kill()  # no chance to clean up: the kernel must take the children down
+        stack.process.wait(timeout=10)
+        assert_all_gone([c.pid for c in children], stack.ports)
+    finally:
+        stack.process.kill()
+
+
+def test_a_failing_child_stops_the_stack_with_its_error(tiny_llama_dir, tmp_path):
+    stack = Stack(tmp_path / "missing-model", tmp_path / "log")
+    try:
+        assert stack.process.wait(timeout=120) == 1
+        stderr = stack.log_file.read_text()
+        assert "no such file or directory" in stderr  # the executor's own one-line error
+        assert "pagedserve up: error: executor 0 exited with status 2 while starting" in stderr
+        assert_all_gone([], stack.ports)
+    finally:
+        stack.process.kill()
+
+
+def test_a_port_in_use_is_reported():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "pagedserve", "scheduler", "--port", str(port),
+             "--log-format", "json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(line["event"] == "cannot start" and line["service"] == "scheduler"
+               for line in lines)
