@@ -11,7 +11,8 @@ DEFAULT_PORT = 50053
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on for the scheduler")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on for the scheduler")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="gRPC port of the Executor service")
     add_model_arguments(parser)

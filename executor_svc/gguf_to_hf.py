@@ -94,7 +94,8 @@ def llama_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
         "tie_word_embeddings": not has_output,
         "torch_dtype": "float32",
     }
-    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"),
+                      ("pad_token_id", "padding")):
         value = _field(reader, f"tokenizer.ggml.{name}_token_id")
         if value is not None:
             config[key] = int(value)

@@ -128,7 +128,8 @@ def _read_config(path: pathlib.Path) -> dict:
     try:
         return json.loads(config_file.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"{path} is not a Hugging Face model directory: no config.json") from None
+        raise ModelLoadError(
+            f"{path} is not a Hugging Face model directory: no config.json") from None
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {config_file}: {exc}") from None
 

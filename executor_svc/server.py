@@ -6,7 +6,12 @@ import uuid
 
 import grpc
 
-from executor_svc.model_files import ModelDirectory, ModelLoadError, default_cache_dir, resolve_model
+from executor_svc.model_files import (
+    ModelDirectory,
+    ModelLoadError,
+    default_cache_dir,
+    resolve_model,
+)
 from pagedserve.log import configure_logging
 from pagedserve.serving import GrpcServer, StartupError, run_service, wait_for_stop_signal
 from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc

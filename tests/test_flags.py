@@ -27,7 +27,8 @@ def test_default_then_environment_then_command_line(monkeypatch):
     assert parser_with_flags().parse_args(["--max-num-seqs", "8"]).max_num_seqs == 8
 
 
-@pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("No", False), ("0", False)])
+@pytest.mark.parametrize("raw, expected",
+                         [("1", True), ("true", True), ("No", False), ("0", False)])
 def test_boolean_flags_from_environment(monkeypatch, raw, expected):
     monkeypatch.setenv("PAGEDSERVE_VERBOSE_STATS", raw)
     assert parser_with_flags().parse_args([]).verbose_stats is expected

@@ -3,7 +3,6 @@ model converts back to that model (weights exactly, logits from transformers its
 conversion runs once and is reused; bad paths are one-line errors; and the real embedded
 default model converts and answers a factual question."""
 
-import pathlib
 import subprocess
 import sys
 
@@ -14,8 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import executor_svc.gguf_to_hf as gguf_to_hf
-from executor_svc.model_files import (DEFAULT_MODEL_NAME, ModelLoadError, embedded_gguf_path,
-                                      resolve_model)
+from executor_svc.model_files import (
+    DEFAULT_MODEL_NAME,
+    ModelLoadError,
+    embedded_gguf_path,
+    resolve_model,
+)
 from tests.gguf_files import write_llama_gguf
 from tests.tiny_models import byte_level_tokenizer, tiny_llama_config
 

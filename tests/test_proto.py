@@ -7,8 +7,15 @@ import sys
 
 from google.protobuf import json_format
 
-from pagedserve.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, generation_pb2,
-                           generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc)
+from pagedserve.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 PROTO_ROOT = pathlib.Path(__file__).resolve().parents[1] / "proto"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")

@@ -106,7 +106,8 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
             model += [flag, str(value)]
 
     scheduler = f"{args.host}:{args.scheduler_port}"
-    children = [Child("scheduler", [*base, "scheduler", *common, "--port", str(args.scheduler_port)],
+    children = [Child("scheduler",
+                      [*base, "scheduler", *common, "--port", str(args.scheduler_port)],
                       [grpc_health_probe(scheduler)], scheduler)]
     for i in range(args.executors):
         port = args.executor_port + i
@@ -116,9 +117,11 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
                               [grpc_health_probe(address)], address))
     http_url = f"http://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
-    children.append(Child("gateway", [*base, "gateway", *common, "--http-port", str(args.http_port),
-                                      "--grpc-port", str(args.grpc_port)],
-                          [grpc_health_probe(grpc_address), http_health_probe(f"{http_url}/health")],
+    gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
+                    "--grpc-port", str(args.grpc_port)]
+    children.append(Child("gateway", gateway_argv,
+                          [grpc_health_probe(grpc_address),
+                           http_health_probe(f"{http_url}/health")],
                           f"{http_url}/v1 (HTTP), {grpc_address} (gRPC)"))
     return children
 
