@@ -1,0 +1,96 @@
+"""Paged attention over a flat batch: the PyTorch path (the CPU path, and the reference the Triton
+kernels are checked against).
+
+The batch is the tokens of every scheduled request back to back, no padding. Requests are
+ordered decodes first (one query token each), then prefills (a chunk of one or more query
+tokens that attends to the request's cached context and, causally, to itself). K/V live in
+per-layer caches shaped [num_blocks, block_size, num_kv_heads, head_dim] and are addressed
+through each request's block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of the flat batch sits; built once per step, shared by every layer."""
+
+    # [num_tokens] cache slot of each new token: block_id * block_size + offset.
+    slot_mapping: torch.Tensor
+    # [num_reqs, max_blocks] physical block ids of each request, padded with 0.
+    block_tables: torch.Tensor
+    # [num_reqs] tokens in each request's context after this step (cached + new).
+    seq_lens: torch.Tensor
+    # Host-side copies, so no layer has to synchronise with the device to read them.
+    query_lens: list[int]
+    seq_lens_host: list[int]
+    # The first num_decodes requests have exactly one query token.
+    num_decodes: int
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots."""
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., max_blocks] block ids -> [..., num_kv_heads, max_blocks * block_size, head_dim]."""
+    blocks = cache[block_table]  # [..., max_blocks, block_size, kv_heads, head_dim]
+    *lead, max_blocks, block_size, kv_heads, head_dim = blocks.shape
+    return blocks.reshape(*lead, max_blocks * block_size, kv_heads, head_dim).transpose(-3, -2)
+
+
+def _window_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, seq_len: torch.Tensor,
+                 sliding_window: int | None) -> torch.Tensor:
+    """True where a query may attend: inside the context, causal, inside the window."""
+    mask = (key_pos < seq_len) & (key_pos <= query_pos)
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """query [num_tokens, num_heads, head_dim] -> output of the same shape.
+
+    Decodes run as one batched attention over their gathered contexts; each prefill runs on its
+    own (prefills are few and large, so the loop costs nothing next to their matmuls, while
+    padding every request to the longest query would multiply the work).
+    """
+    out = torch.empty_like(query)
+    nd = meta.num_decodes
+    if nd:
+        max_len = max(meta.seq_lens_host[:nd])
+        max_blocks = -(-max_len // key_cache.shape[1])
+        tables = meta.block_tables[:nd, :max_blocks]
+        keys, values = _gather_context(key_cache, tables), _gather_context(value_cache, tables)
+        seq_lens = meta.seq_lens[:nd, None]
+        key_pos = torch.arange(keys.shape[-2], device=query.device)
+        mask = _window_mask(key_pos, seq_lens - 1, seq_lens, sliding_window)
+        out[:nd] = F.scaled_dot_product_attention(
+            query[:nd, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
+            scale=scale, enable_gqa=True)[:, :, 0, :]
+    start = nd
+    for i in range(nd, len(meta.query_lens)):
+        q_len, seq_len = meta.query_lens[i], meta.seq_lens_host[i]
+        num_blocks = -(-seq_len // key_cache.shape[1])
+        table = meta.block_tables[i, :num_blocks]
+        keys = _gather_context(key_cache, table)[:, :seq_len]
+        values = _gather_context(value_cache, table)[:, :seq_len]
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
+        key_pos = torch.arange(seq_len, device=query.device)
+        mask = _window_mask(key_pos, query_pos, torch.tensor(seq_len), sliding_window)
+        q = query[start:start + q_len].transpose(0, 1)  # [num_heads, q_len, head_dim]
+        out[start:start + q_len] = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1)
+        start += q_len
+    return out
