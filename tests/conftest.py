@@ -14,6 +14,14 @@ def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory):
+    """The embedded default model, converted once per test session into a fresh cache."""
+    from executor_svc.model_files import resolve_model
+
+    return resolve_model(None, tmp_path_factory.mktemp("model-cache"))
+
+
 def free_ports(count: int) -> list[int]:
     """Ports nothing listens on right now (held open together so they differ)."""
     sockets = [socket.socket() for _ in range(count)]

@@ -77,8 +77,10 @@ def test_paged_attention_matches_naive_float64(window, dtype, tol):
 def test_rms_norm_and_fused_add():
     gen = torch.Generator().manual_seed(1)
     x, res, w = (torch.randn(5, 16, generator=gen) for _ in range(3))
-    ref = lambda t: (t.double() / torch.sqrt(t.double().pow(2).mean(-1, keepdim=True) + 1e-6)
-                     * w.double())
+
+    def ref(t):
+        t = t.double()
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
     torch.testing.assert_close(rms_norm(x, w, 1e-6).double(), ref(x))
     normed, new_res = add_rms_norm(x, res, w, 1e-6)
     torch.testing.assert_close(new_res, x + res)

@@ -116,12 +116,13 @@ def test_executor_with_a_missing_model_exits_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_default_model_converts_and_answers(tmp_path):
+def test_embedded_default_model_converts_and_answers(default_model):
     assert embedded_gguf_path().is_file()
-    model = resolve_model(None, tmp_path)
+    model = default_model
     assert model.served_name == DEFAULT_MODEL_NAME
     assert model.config["num_hidden_layers"] == 30 and model.config["tie_word_embeddings"]
-    assert resolve_model(None, tmp_path).path == model.path  # cached
+    cache_dir = model.path.parent.parent
+    assert resolve_model(None, cache_dir).path == model.path  # cached
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     hf_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()

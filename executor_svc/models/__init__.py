@@ -1,0 +1,41 @@
+"""Model families for the flat paged batch, and the registry from `config.architectures`."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from executor_svc.models.weights import iter_checkpoint, load_checkpoint
+
+# Hugging Face architecture name -> "module:class".
+ARCHITECTURES = {
+    "LlamaForCausalLM": "executor_svc.models.llama:LlamaForCausalLM",
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def model_class(architectures: list[str] | None) -> type[nn.Module]:
+    for name in architectures or []:
+        if name in ARCHITECTURES:
+            module, _, cls = ARCHITECTURES[name].partition(":")
+            return getattr(importlib.import_module(module), cls)
+    raise UnsupportedArchitectureError(
+        f"architecture {', '.join(architectures or ['(none)'])} is not supported "
+        f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+
+
+def load_model(model_dir: pathlib.Path, dtype: torch.dtype) -> nn.Module:
+    """Build the model of a Hugging Face directory and load its safetensors checkpoint."""
+    config = AutoConfig.from_pretrained(model_dir)
+    cls = model_class(config.architectures)
+    with torch.device("cpu"):
+        model = cls(config, dtype)
+    load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES)
+    return model.eval()

@@ -1,0 +1,89 @@
+"""Building blocks shared by the model families, written for the flat paged batch.
+
+Linear layers sit behind `Linear` so that tensor parallelism can later split them (column- or
+row-wise, with an all-reduce) without touching model code; a `Linear` may pack several
+checkpoint projections (q/k/v, gate/up) into one matmul, each loaded into its slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from kernels.norm import add_rms_norm, rms_norm
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections."""
+
+    def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.part_sizes = list(part_sizes)
+        out_features = sum(part_sizes)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
+        start = sum(self.part_sizes[:part])
+        target = getattr(self, param_name).data[start:start + self.part_sizes[part]]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{param_name} part {part}: checkpoint shape {tuple(tensor.shape)}, "
+                             f"model expects {tuple(target.shape)}")
+        target.copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: the normed x. With it: (normed x + residual, x + residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class PagedAttention(nn.Module):
+    """Writes the step's K/V into this layer's paged cache, then attends through block tables.
+    The runner binds the cache tensors once, after allocating them (`bind_kv_caches`)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+        key_cache, value_cache = self.kv_cache
+        write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = paged_attention(q, key_cache, value_cache, meta, self.scale, self.sliding_window)
+        return out.reshape(q.shape[0], -1)
+
+
+def bind_kv_caches(model: nn.Module, caches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    if len(layers) != len(caches):
+        raise ValueError(f"{len(caches)} KV caches for {len(layers)} attention layers")
+    for layer, cache in zip(layers, caches, strict=True):
+        layer.kv_cache = cache
+
+
+def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+    """Shape of each attention layer's K (and V) cache."""
+    return [(num_blocks, block_size, m.num_kv_heads, m.head_dim)
+            for m in model.modules() if isinstance(m, PagedAttention)]

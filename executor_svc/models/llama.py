@@ -1,0 +1,113 @@
+"""LLaMA family (LLaMA 1-3, SmolLM, and the checkpoints that share its layout), for the flat
+paged batch: GQA, rope scaling (linear, llama3), tied embeddings, optional attention bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from executor_svc.models.layers import Linear, PagedAttention, RMSNorm
+from executor_svc.models.rope import rotary_cos_sin_cache
+from kernels.activation import silu_and_mul
+from kernels.attention import AttentionMetadata
+from kernels.rotary import apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = (getattr(config, "head_dim", None)
+                         or config.hidden_size // self.num_heads)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias, dtype)
+        self.o_proj = Linear(q_size, [config.hidden_size], bias, dtype)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   getattr(config, "sliding_window", None))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_sizes, dim=-1)
+        num_tokens = x.shape[0]
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions, cos_sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        super().__init__()
+        size = config.intermediate_size
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = Linear(config.hidden_size, [size, size], bias, dtype)
+        self.down_proj = Linear(size, [config.hidden_size], bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, x, residual, positions, cos_sin, meta):
+        """Pre-norm block; the residual add is fused into the next norm."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        head_dim = self.layers[0].self_attn.head_dim
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(
+            config.rope_parameters, head_dim, config.max_position_embeddings), persistent=False)
+
+    def forward(self, input_ids, positions, meta):
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint projection name -> (our packed module, part).
+    PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
+                      "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
+                      "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype)
+        self.lm_head = Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of the flat batch."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the rows of `hidden` that sample."""
+        return self.lm_head(hidden).float()
