@@ -53,8 +53,10 @@ class ExecutorServicer:
         """One stream per executor, opened by the scheduler after RegisterExecutor. Plans are run in
         order; each yields one StepResult with the same step_id. The scheduler may send plan N+1
         before result N arrives: the executor appends the token it sampled in step N to the
-        request's mirror itself. Any error ends the stream; the scheduler then treats the
-        executor as lost.
+        request's mirror itself. A malformed plan is answered by a StepResult with `error` set and
+        the stream stays open; a failure of the executor itself ends the stream, and the scheduler
+        then treats the executor as lost. Opening a new Run stream replaces the previous one and
+        drops every mirror (a restarted scheduler starts from nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
