@@ -15,7 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on for the scheduler")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="gRPC port of the Executor service")
+    parser.add_argument("--scheduler-address", default=None,
+                        help="host:port of the scheduler to register with (retried until it "
+                             "answers, and again whenever it restarts); unset: do not register")
+    parser.add_argument("--advertise-address", default=None,
+                        help="host:port the scheduler dials to reach this executor; unset: "
+                             "--host:--port")
     add_model_arguments(parser)
+    add_engine_arguments(parser)
     add_common_flags(parser)
 
 
@@ -28,5 +35,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name clients use in the `model` field; unset: the model "
                              "directory's name")
     parser.add_argument("--model-cache-dir", type=pathlib.Path, default=None,
-                        help="where GGUF models are converted to once; unset: "
+                        help="where GGUF models are converted to, once; unset: "
                              "$XDG_CACHE_HOME/pagedserve or ~/.cache/pagedserve")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the model runs; auto: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype of weights and KV cache; auto: bfloat16 on cuda, "
+                             "float32 on cpu (float16 is cuda only)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0,
+                        help="KV cache size on cpu, in GiB")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of the GPU's memory for weights, activations and KV "
+                             "cache (cuda)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="most tokens (prompt + output) per sequence; unset: the model's "
+                             "context length")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="most sequences in one step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="most tokens computed in one step (the GPU's KV capacity is "
+                             "profiled at this budget)")
+    parser.add_argument("--max-logprobs", type=int, default=20,
+                        help="most top logprobs per position a request may ask for")

@@ -1,0 +1,154 @@
+"""`pagedserve executor` as a process: Describe, the Run stream (results match transformers, a
+malformed plan is answered with an error and the stream goes on, a newer stream supersedes an
+older one) and self-registration with a scheduler that starts late and later forgets it."""
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from tests.conftest import free_ports
+
+pytestmark = pytest.mark.slow
+
+
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Records registrations; answers the first heartbeats `registered`, then forgets."""
+
+    def __init__(self, forget_after: int):
+        self.registrations: list[scheduler_pb2.RegisterExecutorRequest] = []
+        self.heartbeats = 0
+        self.forget_after = forget_after
+        self.registered_twice = threading.Event()
+
+    def RegisterExecutor(self, request, context):
+        self.registrations.append(request)
+        if len(self.registrations) == 2:
+            self.registered_twice.set()
+        return scheduler_pb2.RegisterExecutorResponse(heartbeat_interval_s=0.1)
+
+    def Heartbeat(self, request, context):
+        self.heartbeats += 1
+        return scheduler_pb2.HeartbeatResponse(registered=self.heartbeats < self.forget_after)
+
+
+@pytest.fixture
+def executor(tiny_llama_dir, tmp_path):
+    port, scheduler_port = free_ports(2)
+    log = (tmp_path / "executor.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "executor", "--port", str(port),
+         "--model", str(tiny_llama_dir), "--kv-cache-gib", "0.01", "--block-size", "4",
+         "--scheduler-address", f"127.0.0.1:{scheduler_port}", "--log-format", "json"],
+        stdout=log, stderr=log)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = executor_pb2_grpc.ExecutorStub(channel)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            description = stub.Describe(executor_pb2.DescribeRequest(), timeout=2)
+            break
+        except grpc.RpcError:
+            assert process.poll() is None, (tmp_path / "executor.log").read_text()
+            assert time.monotonic() < deadline, "executor did not start"
+            time.sleep(0.2)
+    yield stub, description, scheduler_port, port
+    channel.close()
+    process.terminate()
+    assert process.wait(timeout=30) == 0
+
+
+def greedy_plans(prompt: list[int], steps: int):
+    """Plans for one greedy request: its prefill, then decodes (one block per 4 tokens)."""
+    yield executor_pb2.StepPlan(
+        step_id=1,
+        new_requests=[executor_pb2.NewRequest(
+            request_id="r", token_ids=prompt, num_prompt_tokens=len(prompt),
+            sampling=common_pb2.SamplingParams(temperature=0.0), block_ids=list(range(8)))],
+        work=[executor_pb2.ScheduledWork(request_id="r", num_tokens=len(prompt))])
+    for step in range(2, steps + 1):
+        yield executor_pb2.StepPlan(step_id=step, work=[
+            executor_pb2.ScheduledWork(request_id="r", num_tokens=1)])
+
+
+def test_describe_reports_model_capacity_and_limits(executor, tiny_llama_dir):
+    _, description, _, _ = executor
+    assert description.model.model_id == tiny_llama_dir.name
+    assert description.model.dtype == "float32"
+    assert description.kv_cache.block_size == 4 and description.kv_cache.num_blocks > 100
+    assert description.limits.max_num_seqs == 256
+    assert "tokenizer.json" in description.tokenizer.files
+
+
+def test_run_stream_matches_transformers_and_survives_a_bad_plan(executor, tiny_llama_dir):
+    stub, _, _, _ = executor
+    prompt = list(range(40, 50))
+    plans = list(greedy_plans(prompt, 5))
+    bad = executor_pb2.StepPlan(step_id=3, work=[
+        executor_pb2.ScheduledWork(request_id="ghost", num_tokens=1)])
+    for later, plan in enumerate(plans[2:], start=4):
+        plan.step_id = later
+    results = list(stub.Run(iter([*plans[:2], bad, *plans[2:]]), timeout=60))
+    assert [r.step_id for r in results] == [1, 2, 3, 4, 5, 6]
+    assert "unknown request 'ghost'" in results[2].error and not results[2].outputs
+    tokens = [t for r in results for o in r.outputs for t in o.token_ids]
+
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=5,
+                                     min_new_tokens=5, do_sample=False)[0, len(prompt):]
+    assert tokens == expected.tolist()
+
+
+def test_a_new_stream_supersedes_the_old_one(executor):
+    stub, _, _, _ = executor
+    prompt = list(range(40, 50))
+    first_plans = greedy_plans(prompt, 3)
+    gate = threading.Event()
+
+    def slow_plans():
+        yield next(first_plans)
+        gate.wait(30)  # hold the stream open until the second one has started
+        yield from first_plans
+
+    old = stub.Run(slow_plans(), timeout=60)
+    assert next(old).step_id == 1
+    new_results = list(stub.Run(greedy_plans(prompt, 2), timeout=60))
+    gate.set()
+    # The new stream found no mirror of "r" left over: its NewRequest "r" was accepted.
+    assert not new_results[0].error and new_results[1].outputs
+    with pytest.raises(grpc.RpcError) as error:
+        list(old)
+    assert error.value.code() == grpc.StatusCode.ABORTED
+
+
+def test_registers_late_and_again_when_forgotten(executor):
+    _, description, scheduler_port, port = executor
+    time.sleep(1.0)  # the executor is already retrying: no scheduler yet
+    fake = FakeScheduler(forget_after=3)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, server)
+    server.add_insecure_port(f"127.0.0.1:{scheduler_port}")
+    server.start()
+    try:
+        assert fake.registered_twice.wait(timeout=30), fake.registrations
+    finally:
+        server.stop(None)
+    first = fake.registrations[0]
+    assert first.executor_id == description.executor_id
+    assert first.address == f"127.0.0.1:{port}"
+    assert first.kv_cache == description.kv_cache and first.model == description.model
+    assert fake.heartbeats >= 3

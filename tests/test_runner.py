@@ -1,0 +1,240 @@
+"""The model runner driven by step plans, against `transformers` on the same random weights:
+staggered arrival, chunked prefill, prefix-cache hits, forks with copy-on-write, preemption by
+recompute, logprobs, and malformed plans that leave the executor serving."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from executor_svc.kv_cache import allocate_kv_cache
+from executor_svc.models import load_model
+from executor_svc.runner import ModelRunner, PlanError, RunnerLimits
+from pagedserve.v1 import common_pb2, executor_pb2
+
+BLOCK = 4
+LIMITS = RunnerLimits(num_blocks=128, block_size=BLOCK, max_num_seqs=16,
+                      max_num_batched_tokens=256, max_model_len=256, max_logprobs=5)
+GREEDY = common_pb2.SamplingParams(temperature=0.0)
+PROMPTS = [list(range(30, 31)), list(range(40, 45)), list(range(50, 59)), list(range(60, 80))]
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def runner(tiny_llama_dir):
+    model = load_model(tiny_llama_dir, torch.float32)
+    allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
+    return ModelRunner(model, LIMITS, eos_token_ids=[2], device=torch.device("cpu"))
+
+
+def hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+class MiniScheduler:
+    """Plays the scheduler: allocates blocks, writes plans, reads results."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.free = list(range(LIMITS.num_blocks))[::-1]
+        self.step_id = 0
+        self.known: dict[str, int] = {}  # request id -> tokens known
+        self.computed: dict[str, int] = {}
+        self.blocks: dict[str, list[int]] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.results: list[executor_pb2.StepResult] = []
+
+    def new(self, rid, prompt, sampling=GREEDY, blocks=(), computed=0, fork_of="",
+            num_prompt=None):
+        self.known[rid] = len(prompt)
+        self.computed[rid] = computed
+        self.blocks[rid] = list(blocks)
+        self.outputs.setdefault(rid, [])
+        return executor_pb2.NewRequest(
+            request_id=rid, token_ids=[] if fork_of else prompt, fork_of=fork_of,
+            num_prompt_tokens=len(prompt) if num_prompt is None else num_prompt,
+            sampling=sampling, block_ids=list(blocks), num_computed_tokens=computed)
+
+    def work(self, rid, num_tokens):
+        needed = -(-(self.computed[rid] + num_tokens) // BLOCK) - len(self.blocks[rid])
+        new_blocks = [self.free.pop() for _ in range(max(0, needed))]
+        self.blocks[rid] += new_blocks
+        self.computed[rid] += num_tokens
+        return executor_pb2.ScheduledWork(request_id=rid, num_tokens=num_tokens,
+                                          new_block_ids=new_blocks)
+
+    def step(self, new=(), work=(), dropped=(), copies=()):
+        self.step_id += 1
+        result = self.runner.execute(executor_pb2.StepPlan(
+            step_id=self.step_id, new_requests=list(new), work=list(work),
+            dropped_request_ids=list(dropped), block_copies=list(copies)))
+        assert result.step_id == self.step_id and not result.error
+        for output in result.outputs:
+            self.outputs[output.request_id] += output.token_ids
+            self.known[output.request_id] += len(output.token_ids)
+        self.results.append(result)
+        return result
+
+    def decode_all(self, rids):
+        return self.step(work=[self.work(r, 1) for r in rids])
+
+
+def test_staggered_arrivals_match_transformers(runner, hf_model):
+    s = MiniScheduler(runner)
+    rids = [f"r{i}" for i in range(len(PROMPTS))]
+    # r0 and r1 start together; r2 joins on the next step, r3 two steps later.
+    s.step(new=[s.new(r, p) for r, p in zip(rids[:2], PROMPTS[:2], strict=True)],
+           work=[s.work(r, len(p)) for r, p in zip(rids[:2], PROMPTS[:2], strict=True)])
+    s.step(new=[s.new("r2", PROMPTS[2])], work=[s.work("r0", 1), s.work("r1", 1),
+                                                  s.work("r2", len(PROMPTS[2]))])
+    s.decode_all(rids[:3])
+    s.step(new=[s.new("r3", PROMPTS[3])],
+           work=[*(s.work(r, 1) for r in rids[:3]), s.work("r3", len(PROMPTS[3]))])
+    while any(len(s.outputs[r]) < NEW_TOKENS for r in rids):
+        s.decode_all([r for r in rids if len(s.outputs[r]) < NEW_TOKENS])
+    for rid, prompt in zip(rids, PROMPTS, strict=True):
+        assert s.outputs[rid][:NEW_TOKENS] == hf_greedy(hf_model, prompt), rid
+
+
+def test_chunked_prefill_and_prefix_hit_give_the_same_tokens(runner, hf_model):
+    prompt = PROMPTS[3]  # 20 tokens = 5 full blocks
+    s = MiniScheduler(runner)
+    # "a": prefill in chunks of 7, 7 and 6 tokens.
+    s.step(new=[s.new("a", prompt)], work=[s.work("a", 7)])
+    assert not s.results[-1].outputs  # a chunk that stops short samples nothing
+    s.step(work=[s.work("a", 7)])
+    s.step(work=[s.work("a", 6)])
+    # "b": same prompt, its first 4 blocks (16 tokens) taken from "a" as a prefix-cache hit.
+    shared = s.blocks["a"][:4]
+    with_logprobs = common_pb2.SamplingParams(temperature=0.0, logprobs=0)
+    s.step(new=[s.new("b", prompt, with_logprobs, blocks=shared, computed=16)],
+           work=[s.work("a", 1), s.work("b", 4)])
+    while len(s.outputs["b"]) < NEW_TOKENS:
+        s.decode_all([r for r in ("a", "b") if len(s.outputs[r]) < NEW_TOKENS])
+    expected = hf_greedy(hf_model, prompt)
+    assert s.outputs["a"][:NEW_TOKENS] == expected
+    assert s.outputs["b"][:NEW_TOKENS] == expected
+    with torch.no_grad():
+        reference = torch.log_softmax(
+            hf_model(torch.tensor([prompt + expected])).logits[0], dim=-1)
+    b_logprobs = [e.chosen.logprob for r in s.results for o in r.outputs
+                  if o.request_id == "b" for e in o.logprobs]
+    for i, logprob in enumerate(b_logprobs):
+        assert logprob == pytest.approx(float(reference[len(prompt) - 1 + i, expected[i]]),
+                                        abs=1e-4)
+
+
+def test_forks_share_the_prompt_and_copy_the_partial_block(runner, hf_model):
+    prompt = PROMPTS[2]  # 9 tokens: 2 full blocks + 1 token in a partial third
+    s = MiniScheduler(runner)
+    with_logprobs = common_pb2.SamplingParams(temperature=0.0, logprobs=0)
+    s.step(new=[s.new("p", prompt, with_logprobs)], work=[s.work("p", len(prompt))])
+    # The fork shares the full blocks and gets a copy of the partial one.
+    copy_dst = s.free.pop()
+    fork = s.new("p.1", prompt + s.outputs["p"], fork_of="p",
+                 blocks=s.blocks["p"][:2] + [copy_dst], computed=len(prompt))
+    s.step(new=[fork], work=[s.work("p", 1), s.work("p.1", 1)],
+           copies=[executor_pb2.BlockCopy(src_block_id=s.blocks["p"][2], dst_block_id=copy_dst)])
+    while len(s.outputs["p.1"]) < NEW_TOKENS - 1:
+        s.decode_all(["p", "p.1"])
+    expected = hf_greedy(hf_model, prompt)
+    assert s.outputs["p"][:NEW_TOKENS] == expected
+    assert s.outputs["p.1"] == expected[1:len(s.outputs["p.1"]) + 1]
+    # Logprobs are continuous: they expose a fork that read a stale or missing block.
+    with torch.no_grad():
+        reference = torch.log_softmax(
+            hf_model(torch.tensor([prompt + expected])).logits[0], dim=-1)
+    fork_logprobs = [e.chosen.logprob for r in s.results for o in r.outputs
+                     if o.request_id == "p.1" for e in o.logprobs]
+    for i, logprob in enumerate(fork_logprobs, start=1):
+        assert logprob == pytest.approx(float(reference[len(prompt) - 1 + i, expected[i]]),
+                                        abs=1e-4)
+
+
+def test_preempted_request_recomputes_and_continues(runner, hf_model):
+    prompt = PROMPTS[1]
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("r", prompt)], work=[s.work("r", len(prompt))])
+    s.decode_all(["r"])
+    s.decode_all(["r"])
+    generated = list(s.outputs["r"])
+    s.free += s.blocks["r"]  # preempt: blocks freed, the mirror dropped
+    known = prompt + generated
+    s.step(dropped=["r"], new=[s.new("r", known, num_prompt=len(prompt))],
+           work=[s.work("r", len(known))])
+    while len(s.outputs["r"]) < NEW_TOKENS:
+        s.decode_all(["r"])
+    assert s.outputs["r"][:NEW_TOKENS] == hf_greedy(hf_model, prompt)
+
+
+def test_logprobs_and_prompt_logprobs_match_transformers(runner, hf_model):
+    prompt = PROMPTS[2]
+    s = MiniScheduler(runner)
+    sampling = common_pb2.SamplingParams(temperature=0.0, logprobs=3, prompt_logprobs=2)
+    s.step(new=[s.new("r", prompt, sampling)], work=[s.work("r", 5)])  # chunked prompt
+    s.step(work=[s.work("r", 4)])
+    s.decode_all(["r"])
+    tokens = prompt + s.outputs["r"]
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([tokens])).logits[0], dim=-1)
+
+    prompt_entries = [e for r in s.results for o in r.outputs for e in o.prompt_logprobs]
+    assert len(prompt_entries) == len(prompt)
+    assert not prompt_entries[0].HasField("chosen")
+    for pos, entry in enumerate(prompt_entries[1:], start=1):
+        assert entry.chosen.token_id == prompt[pos]
+        assert entry.chosen.logprob == pytest.approx(float(reference[pos - 1, prompt[pos]]),
+                                                     abs=1e-4)
+        assert [t.token_id for t in entry.top] == reference[pos - 1].topk(2).indices.tolist()
+
+    sampled = [e for r in s.results for o in r.outputs for e in o.logprobs]
+    assert len(sampled) == len(s.outputs["r"]) == 2
+    for i, entry in enumerate(sampled):
+        row = reference[len(prompt) - 1 + i]
+        assert entry.chosen.token_id == s.outputs["r"][i] == int(row.argmax())
+        assert entry.chosen.rank == 1
+        assert entry.chosen.logprob == pytest.approx(float(row.max()), abs=1e-4)
+        assert [t.logprob for t in entry.top] == pytest.approx(row.topk(3).values.tolist(),
+                                                               abs=1e-4)
+
+
+BAD_PLANS = {
+    "unknown request": (dict(work=[executor_pb2.ScheduledWork(request_id="nope", num_tokens=1)]),
+                        "work: unknown request 'nope'"),
+    "block out of range": (dict(new_requests=[executor_pb2.NewRequest(
+        request_id="x", token_ids=[1, 2], num_prompt_tokens=2, block_ids=[LIMITS.num_blocks])],
+        work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=2)]),
+        f"block id {LIMITS.num_blocks} out of range"),
+    "too many tokens": (dict(new_requests=[executor_pb2.NewRequest(
+        request_id="x", token_ids=[1, 2], num_prompt_tokens=2, block_ids=[0])],
+        work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=3)]),
+        "num_tokens: 3, but the request has 2 uncomputed tokens"),
+    "too few blocks": (dict(new_requests=[executor_pb2.NewRequest(
+        request_id="x", token_ids=list(range(9)), num_prompt_tokens=9, block_ids=[0])],
+        work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=9)]),
+        "1 blocks cannot hold 9 tokens"),
+    "token out of vocabulary": (dict(new_requests=[executor_pb2.NewRequest(
+        request_id="x", token_ids=[10**6], num_prompt_tokens=1, block_ids=[0])]),
+        "token id 1000000 out of the vocabulary"),
+    "unknown drop": (dict(dropped_request_ids=["ghost"]), "unknown request 'ghost'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_malformed_plans_are_rejected_without_side_effects(runner, hf_model, case):
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("ok", PROMPTS[1])], work=[s.work("ok", len(PROMPTS[1]))])
+    fields, message = BAD_PLANS[case]
+    with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        runner.execute(executor_pb2.StepPlan(step_id=99, **fields))
+    assert set(runner.requests) == {"ok"}
+    while len(s.outputs["ok"]) < NEW_TOKENS:
+        s.decode_all(["ok"])
+    assert s.outputs["ok"] == hf_greedy(hf_model, PROMPTS[1])
