@@ -9,7 +9,7 @@ naming the problem and leaves every mirror as it was, so the executor keeps serv
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +133,13 @@ class ModelRunner:
                 if not num_tokens or new.num_prompt_tokens > num_tokens:
                     raise PlanError(f"new_requests[{new.request_id!r}]: {num_tokens} token ids "
                                     f"for {new.num_prompt_tokens} prompt tokens")
-                self._check_token_ids(new.request_id, new.token_ids)
+                self._check_token_ids(f"new_requests[{new.request_id!r}].token_ids",
+                                      new.token_ids)
+                self._check_token_ids(f"new_requests[{new.request_id!r}].sampling.logit_bias",
+                                      new.sampling.logit_bias)
+                self._check_token_ids(
+                    f"new_requests[{new.request_id!r}].sampling.stop_token_ids",
+                    new.sampling.stop_token_ids)
                 if new.sampling.HasField("logprobs") and new.sampling.logprobs > \
                         limits.max_logprobs:
                     raise PlanError(f"new_requests[{new.request_id!r}].sampling.logprobs: "
@@ -179,12 +185,12 @@ class ModelRunner:
             raise PlanError(f"{field}: block id {bad[0]} out of range "
                             f"(the pool has {self.limits.num_blocks} blocks)")
 
-    def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> None:
+    def _check_token_ids(self, field: str, token_ids: Iterable[int]) -> None:
         vocab_size = self.model.config.vocab_size
         bad = [t for t in token_ids if t >= vocab_size]
         if bad:
-            raise PlanError(f"new_requests[{request_id!r}].token_ids: token id {bad[0]} out of "
-                            f"the vocabulary (size {vocab_size})")
+            raise PlanError(f"{field}: token id {bad[0]} out of the vocabulary "
+                            f"(size {vocab_size})")
 
     # -- execution ----------------------------------------------------------------------
 

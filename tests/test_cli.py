@@ -1,6 +1,7 @@
 """The installed `pagedserve` console script and the help of every subcommand."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -29,8 +30,8 @@ def test_top_level_help_lists_every_command():
 def test_every_command_documents_every_flag(command):
     result = pagedserve(command, "--help")
     assert result.returncode == 0, result.stderr
-    flags = {word.rstrip(",") for word in result.stdout.split()
-             if word.startswith("--") and word != "--help"}
+    # Option lines start with the flag: "  --max-num-seqs MAX_NUM_SEQS  help text".
+    flags = set(re.findall(r"^\s+(--[a-z][a-z-]*)", result.stdout, re.MULTILINE)) - {"--help"}
     assert flags, result.stdout
     for flag in flags:
         assert f"PAGEDSERVE_{flag[2:].replace('-', '_').upper()}" in result.stdout, flag

@@ -224,6 +224,10 @@ BAD_PLANS = {
         request_id="x", token_ids=[10**6], num_prompt_tokens=1, block_ids=[0])]),
         "token id 1000000 out of the vocabulary"),
     "unknown drop": (dict(dropped_request_ids=["ghost"]), "unknown request 'ghost'"),
+    "logit bias out of vocabulary": (dict(new_requests=[executor_pb2.NewRequest(
+        request_id="x", token_ids=[1], num_prompt_tokens=1, block_ids=[0],
+        sampling=common_pb2.SamplingParams(logit_bias={10**6: 1.0}))]),
+        "sampling.logit_bias: token id 1000000 out of the vocabulary"),
 }
 
 

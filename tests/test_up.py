@@ -28,7 +28,8 @@ class Stack:
         argv = [sys.executable, "-m", "pagedserve", "up", "--log-format", "json",
                 "--executors", str(executors), "--http-port", str(self.http),
                 "--grpc-port", str(self.grpc), "--scheduler-port", str(self.scheduler),
-                "--executor-port", str(self.executors[0]), "--model", str(model_dir)]
+                "--executor-port", str(self.executors[0]), "--model", str(model_dir),
+                "--kv-cache-gib", "0.01"]
         # Logs to a file: a pipe nobody reads would fill up and block the processes.
         self.log_file = log_file
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file.open("w"),

@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The services' flag modules are light (no torch): `up` shares their defaults.
     from executor_svc.config import DEFAULT_PORT as EXECUTOR_PORT
-    from executor_svc.config import add_model_arguments
+    from executor_svc.config import add_engine_arguments, add_model_arguments
     from gateway.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
     from scheduler_svc.config import DEFAULT_PORT as SCHEDULER_PORT
 
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for every process to report healthy (the first "
                              "start converts the default model)")
     add_model_arguments(parser)
+    add_engine_arguments(parser)
     add_common_flags(parser)
 
 
@@ -95,15 +96,26 @@ def http_health_probe(url: str) -> Callable[[], bool]:
     return probe
 
 
+def _executor_flags(args: argparse.Namespace) -> list[str]:
+    """The model and engine flags `up` passes on to every executor, as given or defaulted."""
+    from executor_svc.config import add_engine_arguments, add_model_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_arguments(parser)
+    add_engine_arguments(parser)
+    flags = []
+    for action in parser._actions:
+        value = getattr(args, action.dest)
+        if value is not None:
+            flags += [action.option_strings[0], str(value)]
+    return flags
+
+
 def plan_children(args: argparse.Namespace) -> list[Child]:
     """The processes to start, in start order."""
     base = [sys.executable, "-m", "pagedserve"]
     common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format]
-    model = []
-    for flag, value in (("--model", args.model), ("--served-model-name", args.served_model_name),
-                        ("--model-cache-dir", args.model_cache_dir)):
-        if value is not None:
-            model += [flag, str(value)]
+    executor_flags = _executor_flags(args)
 
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
@@ -113,7 +125,8 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
         port = args.executor_port + i
         address = f"{args.host}:{port}"
         children.append(Child(f"executor {i}",
-                              [*base, "executor", *common, "--port", str(port), *model],
+                              [*base, "executor", *common, "--port", str(port),
+                               "--scheduler-address", scheduler, *executor_flags],
                               [grpc_health_probe(address)], address))
     http_url = f"http://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
