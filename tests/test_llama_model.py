@@ -5,43 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from executor_svc.batch import ScheduledSequence, build_flat_batch
 from executor_svc.models import UnsupportedArchitectureError, load_model, model_class
-from executor_svc.models.layers import bind_kv_caches, kv_cache_shape
-
-BLOCK = 4
-NUM_BLOCKS = 64
-
-
-class PagedRun:
-    """Drives the model step by step with a trivial block allocator (each sequence takes
-    fresh blocks as it grows)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.free = list(range(NUM_BLOCKS))[::-1]
-        caches = [(torch.zeros(shape), torch.zeros(shape))
-                  for shape in kv_cache_shape(model, NUM_BLOCKS, BLOCK)]
-        bind_kv_caches(model, caches)
-
-    def step(self, work: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
-        """work: (block_table, tokens to compute, num_computed) per sequence; returns the
-        logits after each sequence's last token."""
-        seqs = []
-        for table, tokens, computed in work:
-            while len(table) * BLOCK < computed + len(tokens):
-                table.append(self.free.pop())
-            seqs.append(ScheduledSequence(tokens, computed, table))
-        batch = build_flat_batch(seqs, BLOCK)
-        with torch.no_grad():
-            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-            return self.model.compute_logits(hidden[batch.last_token_rows])
-
-
-def reference_logits(hf_model, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([tokens])).logits[0, -1]
-
+from tests.paged_run import PagedRun, reference_logits
 
 PROMPTS = [[5], [7, 8, 9], list(range(20, 27)), list(range(40, 52)), list(range(60, 77))]
 

@@ -5,7 +5,18 @@ import pathlib
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -48,4 +59,65 @@ def save_tiny_llama(directory: pathlib.Path, seed: int = 0, **overrides) -> path
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **overrides))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+# Tiny configs of the other model families (float32, random weights; see save_tiny_model).
+
+def tiny_mistral_config(vocab_size: int, **overrides) -> MistralConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  sliding_window=8, tie_word_embeddings=False)
+    values.update(overrides)
+    return MistralConfig(**values)
+
+
+def tiny_qwen2_config(vocab_size: int, **overrides) -> Qwen2Config:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  use_sliding_window=False, sliding_window=8, max_window_layers=1,
+                  tie_word_embeddings=True)
+    values.update(overrides)
+    return Qwen2Config(**values)
+
+
+def tiny_gpt_neox_config(vocab_size: int, **overrides) -> GPTNeoXConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=256,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                  rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5,
+                  use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False)
+    values.update(overrides)
+    return GPTNeoXConfig(**values)
+
+
+def tiny_falcon_config(vocab_size: int, **overrides) -> FalconConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_kv_heads=2, max_position_embeddings=256,
+                  layer_norm_epsilon=1e-5, new_decoder_architecture=True, multi_query=False,
+                  parallel_attn=True, bias=False, alibi=False, tie_word_embeddings=True)
+    values.update(overrides)
+    return FalconConfig(**values)
+
+
+def randomize_weights(model: PreTrainedModel, std: float = 0.1) -> None:
+    """Draw every parameter at random, biases and norm weights included: transformers
+    initialises biases to zero and norms to one, and a bias or norm loaded into the wrong place
+    would then go unnoticed. Norm weights stay near one so activations keep their scale."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, std)
+        for module in model.modules():
+            if "Norm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+                module.weight.add_(1.0)
+
+
+def save_tiny_model(directory: pathlib.Path, config: PretrainedConfig,
+                    seed: int = 0) -> pathlib.Path:
+    """A tiny float32 model of `config`'s family, random weights, saved with save_pretrained."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_weights(model)
+    model.save_pretrained(directory)
     return directory

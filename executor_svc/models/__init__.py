@@ -9,16 +9,19 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from executor_svc.models.layers import UnsupportedArchitectureError
 from executor_svc.models.weights import iter_checkpoint, load_checkpoint
+
+__all__ = ["ARCHITECTURES", "UnsupportedArchitectureError", "load_model", "model_class"]
 
 # Hugging Face architecture name -> "module:class".
 ARCHITECTURES = {
     "LlamaForCausalLM": "executor_svc.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "executor_svc.models.mistral:MistralForCausalLM",
+    "Qwen2ForCausalLM": "executor_svc.models.qwen2:Qwen2ForCausalLM",
+    "GPTNeoXForCausalLM": "executor_svc.models.gpt_neox:GPTNeoXForCausalLM",
+    "FalconForCausalLM": "executor_svc.models.falcon:FalconForCausalLM",
 }
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 def model_class(architectures: list[str] | None) -> type[nn.Module]:
@@ -37,5 +40,6 @@ def load_model(model_dir: pathlib.Path, dtype: torch.dtype) -> nn.Module:
     cls = model_class(config.architectures)
     with torch.device("cpu"):
         model = cls(config, dtype)
-    load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES)
+    load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES,
+                    transform=getattr(model, "checkpoint_tensors", None))
     return model.eval()

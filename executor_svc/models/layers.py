@@ -2,18 +2,26 @@
 
 Linear layers sit behind `Linear` so that tensor parallelism can later split them (column- or
 row-wise, with an all-reduce) without touching model code; a `Linear` may pack several
-checkpoint projections (q/k/v, gate/up) into one matmul, each loaded into its slice.
+checkpoint projections (q/k/v, gate/up) into one matmul, each loaded into its slice. A
+checkpoint that stores q/k/v fused and interleaved per head (GPT-NeoX, Falcon) is split at load
+time (`split_grouped_qkv`) so that every packed Linear holds its projections contiguously.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
+from kernels.activation import gelu
 from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
-from kernels.norm import add_rms_norm, rms_norm
+from kernels.norm import add_rms_norm, layer_norm, rms_norm
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The checkpoint's architecture, or an option of its config, is not implemented."""
 
 
 class Linear(nn.Module):
@@ -30,8 +38,11 @@ class Linear(nn.Module):
                      if bias else None)
 
     def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
+        param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
+        if param is None:
+            raise ValueError(f"part {part}: the layer has no {param_name}")
         start = sum(self.part_sizes[:part])
-        target = getattr(self, param_name).data[start:start + self.part_sizes[part]]
+        target = param.data[start:start + self.part_sizes[part]]
         if target.shape != tensor.shape:
             raise ValueError(f"{param_name} part {part}: checkpoint shape {tuple(tensor.shape)}, "
                              f"model expects {tuple(target.shape)}")
@@ -52,6 +63,55 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(size, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+# Hugging Face activation names (`hidden_act`, `activation`) -> function. The tanh-approximated
+# variants differ from each other only in how they spell the same formula.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": gelu,
+    "gelu_new": partial(gelu, approximate="tanh"),
+    "gelu_fast": partial(gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(gelu, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise UnsupportedArchitectureError(
+            f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def split_grouped_qkv(fused: torch.Tensor, num_kv_heads: int,
+                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused q/k/v weight or bias whose rows are grouped per KV head (the group's query
+    heads, then its key head, then its value head) into q, k and v, each with its heads
+    contiguous. This one layout covers GPT-NeoX and multi-head Falcon ([heads, 3, head_dim]),
+    multi-query Falcon ([heads + 2, head_dim]) and Falcon's grouped decoder
+    ([kv_heads, heads / kv_heads + 2, head_dim])."""
+    rows = fused.shape[0]
+    group_rows = rows // num_kv_heads if num_kv_heads else 0
+    if not group_rows or rows % num_kv_heads or group_rows % head_dim \
+            or group_rows // head_dim < 3:
+        raise ValueError(f"fused q/k/v of {rows} rows does not split into {num_kv_heads} KV "
+                         f"groups of query, key and value heads of size {head_dim}")
+    grouped = fused.reshape(num_kv_heads, group_rows // head_dim, head_dim, *fused.shape[1:])
+    q = grouped[:, :-2].reshape(-1, *fused.shape[1:])
+    k = grouped[:, -2].reshape(-1, *fused.shape[1:])
+    v = grouped[:, -1].reshape(-1, *fused.shape[1:])
+    return q, k, v
 
 
 class PagedAttention(nn.Module):

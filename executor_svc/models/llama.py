@@ -1,7 +1,14 @@
 """LLaMA family (LLaMA 1-3, SmolLM, and the checkpoints that share its layout), for the flat
-paged batch: GQA, rope scaling (linear, llama3), tied embeddings, optional attention bias."""
+paged batch: GQA, rope scaling (linear, llama3), tied embeddings, optional attention bias.
+
+Families with the same layout (Mistral, Qwen2) subclass `LlamaForCausalLM` and override
+`attention_options`: which projections carry a bias and which layers attend through a sliding
+window, decided per family from its own config fields."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,19 +21,35 @@ from kernels.attention import AttentionMetadata
 from kernels.rotary import apply_rotary
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What differs between the attention layers of the LLaMA-layout families."""
+
+    qkv_bias: bool
+    o_bias: bool
+    sliding_window: int | None  # tokens a query sees, itself included; None: all
+
+
+def llama_attention_options(config: PretrainedConfig, layer_idx: int) -> AttentionOptions:
+    """LLaMA: `attention_bias` on q/k/v and o alike; never a sliding window (transformers'
+    LLaMA ignores a `sliding_window` that a config may carry)."""
+    bias = getattr(config, "attention_bias", False)
+    return AttentionOptions(qkv_bias=bias, o_bias=bias, sliding_window=None)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = (getattr(config, "head_dim", None)
                          or config.hidden_size // self.num_heads)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias, dtype)
-        self.o_proj = Linear(q_size, [config.hidden_size], bias, dtype)
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], options.qkv_bias,
+                               dtype)
+        self.o_proj = Linear(q_size, [config.hidden_size], options.o_bias, dtype)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
-                                   getattr(config, "sliding_window", None))
+                                   options.sliding_window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -51,9 +74,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions):
         super().__init__()
-        self.self_attn = LlamaAttention(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, options)
         self.mlp = LlamaMLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -70,12 +93,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 attention_options: Callable[[PretrainedConfig, int], AttentionOptions]
+                 = llama_attention_options):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, attention_options(config, i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         head_dim = self.layers[0].self_attn.head_dim
         self.register_buffer("cos_sin", rotary_cos_sin_cache(
@@ -95,10 +120,12 @@ class LlamaForCausalLM(nn.Module):
                       "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
                       "up_proj": ("gate_up_proj", 1)}
 
+    attention_options = staticmethod(llama_attention_options)
+
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, self.attention_options)
         self.lm_head = Linear(config.hidden_size, [config.vocab_size], False, dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

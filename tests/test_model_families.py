@@ -1,0 +1,185 @@
+"""Mistral, Qwen2, GPT-NeoX and Falcon for the flat paged batch against `transformers` on the
+same random weights (biases and norms included): prompts of different lengths in one flat batch,
+whole and chunked, then batched decode steps; plus the per-family sliding-window rules, the
+fused q/k/v split and the errors for what is not supported."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from executor_svc.models import (
+    ARCHITECTURES,
+    UnsupportedArchitectureError,
+    load_model,
+    model_class,
+)
+from executor_svc.models.layers import split_grouped_qkv
+from executor_svc.models.weights import WeightLoadError
+from tests.paged_run import PagedRun, assert_matches_transformers, prefill
+from tests.tiny_models import (
+    save_tiny_model,
+    tiny_falcon_config,
+    tiny_gpt_neox_config,
+    tiny_mistral_config,
+    tiny_qwen2_config,
+)
+
+VOCAB = 300
+# Lengths 1 to 23 with a sliding window of 8: the window cuts the longer prompts and every decode.
+PROMPTS = [[5], [7, 8, 9], list(range(20, 27)), list(range(40, 52)), list(range(60, 83))]
+
+VARIANTS = {
+    "mistral-window": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
+    "mistral-no-window": lambda: tiny_mistral_config(VOCAB, sliding_window=None),
+    # A window in the config but use_sliding_window false, as Qwen2.5 checkpoints ship it.
+    "qwen2": lambda: tiny_qwen2_config(VOCAB),
+    # Window on the layers from max_window_layers (1) on: layer 0 full, layer 1 windowed.
+    "qwen2-window": lambda: tiny_qwen2_config(VOCAB, use_sliding_window=True),
+    "gpt-neox-parallel": lambda: tiny_gpt_neox_config(VOCAB),
+    "gpt-neox-sequential": lambda: tiny_gpt_neox_config(
+        VOCAB, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new",
+        tie_word_embeddings=True),
+    "falcon-new-arch": lambda: tiny_falcon_config(VOCAB),
+    "falcon-new-arch-one-norm-bias": lambda: tiny_falcon_config(
+        VOCAB, num_ln_in_parallel_attn=1, bias=True, tie_word_embeddings=False),
+    "falcon-multi-query-parallel": lambda: tiny_falcon_config(
+        VOCAB, new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+    "falcon-multi-head-sequential": lambda: tiny_falcon_config(
+        VOCAB, new_decoder_architecture=False, multi_query=False, num_kv_heads=4,
+        parallel_attn=False, bias=True),
+}
+
+
+def _patch_config(directory, **values):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Each variant saved once, on first use."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            directory = save_tiny_model(tmp_path_factory.mktemp(variant), VARIANTS[variant]())
+            if variant == "qwen2":
+                _patch_config(directory, sliding_window=8, use_sliding_window=False)
+            cache[variant] = directory
+        return cache[variant]
+    return get
+
+
+def _reference(directory):
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
+    directory = tiny_dirs(variant)
+    model = load_model(directory, torch.float32)
+    assert type(model).__name__ == AutoConfig.from_pretrained(directory).architectures[0]
+    assert_matches_transformers(model, _reference(directory), PROMPTS, chunk)
+
+
+@pytest.mark.parametrize("variant, disable", [
+    ("mistral-window", {"sliding_window": None}),
+    ("qwen2-window", {"use_sliding_window": False, "layer_types": None}),
+])
+def test_the_sliding_window_changes_the_logits(tiny_dirs, tmp_path, variant, disable):
+    """The windowed variants are tested where the window matters: the same weights without
+    the window give transformers other logits for the longest prompt."""
+    directory = tiny_dirs(variant)
+    _, logits = prefill(PagedRun(load_model(directory, torch.float32)), PROMPTS, None)
+    unwindowed_dir = shutil.copytree(directory, tmp_path / "unwindowed")
+    _patch_config(unwindowed_dir, **disable)
+    with torch.no_grad():
+        unwindowed = _reference(unwindowed_dir)(torch.tensor([PROMPTS[-1]])).logits[0, -1]
+    assert (logits[-1] - unwindowed).abs().max() > 1e-2
+
+
+def _windows(config):
+    model = model_class(config.architectures)(config, torch.float32)
+    return [m.sliding_window for m in model.modules() if hasattr(m, "sliding_window")]
+
+
+def test_sliding_window_rules_per_family():
+    mistral = tiny_mistral_config(VOCAB, sliding_window=8, architectures=["MistralForCausalLM"])
+    assert _windows(mistral) == [8, 8]
+    qwen2_on = tiny_qwen2_config(VOCAB, use_sliding_window=True,
+                                 architectures=["Qwen2ForCausalLM"])
+    assert _windows(qwen2_on) == [None, 8]
+    # Window fields left in a config (set after transformers normalised it) are not used by
+    # Qwen2 unless use_sliding_window is set, nor ever by LLaMA.
+    qwen2_off = tiny_qwen2_config(VOCAB, architectures=["Qwen2ForCausalLM"])
+    qwen2_off.sliding_window = 8
+    qwen2_off.layer_types = ["full_attention", "sliding_attention"]
+    assert _windows(qwen2_off) == [None, None]
+    llama = tiny_mistral_config(VOCAB, sliding_window=8, architectures=["LlamaForCausalLM"])
+    assert _windows(llama) == [None, None]
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (4, 1), (6, 2)])
+def test_split_grouped_qkv(num_heads, num_kv_heads):
+    """Per KV head: its queries, its key, its value (GPT-NeoX / multi-head Falcon when the
+    head counts are equal, multi-query Falcon with one KV head, the new Falcon otherwise)."""
+    head_dim, hidden = 3, 5
+    q = torch.randn(num_heads, head_dim, hidden)
+    k = torch.randn(num_kv_heads, head_dim, hidden)
+    v = torch.randn(num_kv_heads, head_dim, hidden)
+    group = num_heads // num_kv_heads
+    fused = torch.cat([torch.cat([q[g * group:(g + 1) * group], k[g:g + 1], v[g:g + 1]])
+                       for g in range(num_kv_heads)]).reshape(-1, hidden)
+    got = split_grouped_qkv(fused, num_kv_heads, head_dim)
+    for tensor, expected in zip(got, (q, k, v), strict=True):
+        assert torch.equal(tensor, expected.reshape(-1, hidden))
+    bias_q, bias_k, bias_v = split_grouped_qkv(fused[:, 0].contiguous(), num_kv_heads, head_dim)
+    assert torch.equal(bias_k, k[..., 0].reshape(-1))
+    with pytest.raises(ValueError, match="does not split"):
+        split_grouped_qkv(fused[:-1], num_kv_heads, head_dim)
+
+
+def test_misshapen_fused_qkv_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = save_tiny_model(tmp_path, tiny_gpt_neox_config(VOCAB))
+    weights = load_file(directory / "model.safetensors")
+    name = "gpt_neox.layers.1.attention.query_key_value.weight"
+    weights[name] = weights[name][:-16]
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightLoadError, match=name):
+        load_model(directory, torch.float32)
+
+
+def test_a_tied_head_stored_anyway_is_skipped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = save_tiny_model(tmp_path, tiny_falcon_config(VOCAB))  # tied
+    weights = load_file(directory / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = torch.zeros_like(weights["transformer.word_embeddings.weight"])
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(directory, torch.float32)
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert torch.equal(model.lm_head.weight, weights["transformer.word_embeddings.weight"])
+
+
+def test_falcon_alibi_is_a_clear_error(tmp_path):
+    directory = save_tiny_model(tmp_path, tiny_falcon_config(
+        VOCAB, alibi=True, new_decoder_architecture=False, multi_query=False, num_kv_heads=4))
+    with pytest.raises(UnsupportedArchitectureError, match="alibi"):
+        load_model(directory, torch.float32)
+
+
+def test_unsupported_architecture_names_every_supported_one():
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        model_class(["MambaForCausalLM"])
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                 "GPTNeoXForCausalLM", "FalconForCausalLM"):
+        assert name in ARCHITECTURES and name in str(info.value)
