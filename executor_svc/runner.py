@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import structlog
 import torch
 from torch import nn
 
@@ -24,6 +25,8 @@ from executor_svc.sampler import (
     prompt_logprobs,
 )
 from pagedserve.v1 import common_pb2, executor_pb2
+
+log = structlog.get_logger(__name__)
 
 
 class PlanError(ValueError):
@@ -67,6 +70,14 @@ class ModelRunner:
         self.requests.clear()
 
     # -- plan application ---------------------------------------------------------------
+
+    def step(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        """`execute`, with a malformed plan answered as a StepResult carrying the error."""
+        try:
+            return self.execute(plan)
+        except PlanError as exc:
+            log.warning("malformed step plan", step_id=plan.step_id, error=str(exc))
+            return executor_pb2.StepResult(step_id=plan.step_id, error=str(exc))
 
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         started = time.perf_counter()

@@ -1,6 +1,7 @@
-"""The model runner driven by step plans, against `transformers` on the same random weights:
-staggered arrival, chunked prefill, prefix-cache hits, forks with copy-on-write, preemption by
-recompute, logprobs, and malformed plans that leave the executor serving."""
+"""The model runner driven by step plans, against `transformers` on the same random weights, for
+every model family: staggered arrival, chunked prefill, prefix-cache hits, forks with
+copy-on-write, preemption by recompute, logprobs; and malformed plans that leave the executor
+serving."""
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from executor_svc.kv_cache import allocate_kv_cache
 from executor_svc.models import load_model
 from executor_svc.runner import ModelRunner, PlanError, RunnerLimits
 from pagedserve.v1 import common_pb2, executor_pb2
+from tests.tiny_models import (save_tiny_model, tiny_falcon_config, tiny_gpt_neox_config,
+                               tiny_mistral_config, tiny_qwen2_config)
 
 BLOCK = 4
 LIMITS = RunnerLimits(num_blocks=128, block_size=BLOCK, max_num_seqs=16,
@@ -19,16 +22,37 @@ PROMPTS = [list(range(30, 31)), list(range(40, 45)), list(range(50, 59)), list(r
 NEW_TOKENS = 6
 
 
+VOCAB = 300
+# One variant per family beside LLaMA; windowed ones use a window (8) shorter than the prompts.
+FAMILIES = {
+    "mistral": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
+    "qwen2": lambda: tiny_qwen2_config(VOCAB, use_sliding_window=True),
+    "gpt-neox": lambda: tiny_gpt_neox_config(VOCAB),
+    "falcon": lambda: tiny_falcon_config(VOCAB),
+}
+
+
+@pytest.fixture(scope="module", params=["llama", *FAMILIES])
+def model_dir(request, tiny_llama_dir, tmp_path_factory):
+    if request.param == "llama":
+        return tiny_llama_dir
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), FAMILIES[request.param]())
+
+
 @pytest.fixture(scope="module")
-def hf_model(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+def hf_model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_runner(directory) -> ModelRunner:
+    model = load_model(directory, torch.float32)
+    allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
+    return ModelRunner(model, LIMITS, eos_token_ids=[2], device=torch.device("cpu"))
 
 
 @pytest.fixture
-def runner(tiny_llama_dir):
-    model = load_model(tiny_llama_dir, torch.float32)
-    allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
-    return ModelRunner(model, LIMITS, eos_token_ids=[2], device=torch.device("cpu"))
+def runner(model_dir):
+    return make_runner(model_dir)
 
 
 def hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
@@ -232,7 +256,9 @@ BAD_PLANS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PLANS))
-def test_malformed_plans_are_rejected_without_side_effects(runner, hf_model, case):
+def test_malformed_plans_are_rejected_without_side_effects(tiny_llama_dir, case):
+    runner = make_runner(tiny_llama_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     s = MiniScheduler(runner)
     s.step(new=[s.new("ok", PROMPTS[1])], work=[s.work("ok", len(PROMPTS[1]))])
     fields, message = BAD_PLANS[case]

@@ -1,0 +1,78 @@
+"""Building an executor's model runner from its flags: device and dtype, weights, KV cache
+size. Shared by the executor service and the offline API."""
+
+from __future__ import annotations
+
+import argparse
+
+import structlog
+import torch
+
+from executor_svc.kv_cache import (
+    GIB,
+    KvCacheSizeError,
+    allocate_kv_cache,
+    blocks_for_bytes,
+    bytes_per_block,
+    profile_cuda_blocks,
+)
+from executor_svc.model_files import ModelDirectory
+from executor_svc.models import UnsupportedArchitectureError, load_model
+from executor_svc.models.weights import WeightLoadError
+from executor_svc.runner import ModelRunner, RunnerLimits
+from pagedserve.serving import StartupError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = structlog.get_logger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StartupError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise StartupError("--dtype float16 is not supported on cpu (use float32 or bfloat16)")
+    return DTYPES[name]
+
+
+def build_runner(args: argparse.Namespace, model_dir: ModelDirectory) -> ModelRunner:
+    """Load the weights, size and allocate the KV cache."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    try:
+        model = load_model(model_dir.path, dtype).to(device)
+    except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
+        raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    context_len = int(model_dir.config.get("max_position_embeddings", 0)) or 2048
+    max_model_len = args.max_model_len or context_len
+    if max_model_len > context_len:
+        raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
+                           f"length {context_len}")
+    try:
+        if device.type == "cuda":
+            num_blocks = profile_cuda_blocks(model, args.block_size, dtype, device,
+                                             args.max_num_batched_tokens,
+                                             args.gpu_memory_utilization, max_model_len)
+        else:
+            num_blocks = blocks_for_bytes(args.kv_cache_gib * GIB,
+                                          bytes_per_block(model, args.block_size, dtype),
+                                          args.block_size, max_model_len)
+    except KvCacheSizeError as exc:
+        raise StartupError(str(exc)) from None
+    allocate_kv_cache(model, num_blocks, args.block_size, dtype, device)
+    limits = RunnerLimits(num_blocks=num_blocks, block_size=args.block_size,
+                          max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=max_model_len, max_logprobs=args.max_logprobs)
+    log.info("model ready", model=str(model_dir.path), device=str(device),
+             dtype=str(dtype).removeprefix("torch."), kv_blocks=num_blocks,
+             block_size=args.block_size)
+    return ModelRunner(model, limits, model_dir.eos_token_ids(), device)
