@@ -1,0 +1,607 @@
+"""The scheduler's KV block manager (DESIGN.md §3): allocation as tokens arrive, prefix caching,
+LRU eviction, forks with eager copy-on-write, and a stateful model check that no shared block is
+ever written and that every sequence's blocks hold its tokens."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from scheduler_svc.block_manager import (
+    ROOT_HASH,
+    BlockCopy,
+    BlockManager,
+    NoFreeBlocks,
+    hash_block,
+)
+
+
+def toks(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def compute(bm: BlockManager, seq_id: str, token_ids: list[int]) -> int:
+    """Admit a sequence and compute all of its tokens; returns its prefix hit."""
+    hit = bm.admit(seq_id, token_ids)
+    bm.allocate(seq_id, len(token_ids))
+    bm.commit(seq_id, token_ids, len(token_ids))
+    return hit
+
+
+def state(bm: BlockManager) -> dict:
+    """Everything the manager holds, for "nothing changed" checks (free-list order included)."""
+    return copy.deepcopy(vars(bm))
+
+
+# -- allocation ---------------------------------------------------------------------------
+
+
+def test_blocks_are_allocated_as_tokens_arrive():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.admit("a", toks(10)) == 0
+    assert bm.block_table("a") == [] and bm.num_free_blocks == 8
+    assert bm.allocate("a", 1) == [0]
+    assert bm.allocate("a", 4) == []
+    assert bm.allocate("a", 5) == [1]
+    assert bm.allocate("a", 10) == [2]
+    assert bm.allocate("a", 9) == []  # never shrinks
+    assert bm.block_table("a") == [0, 1, 2]
+    assert (bm.num_used_blocks, bm.num_free_blocks) == (3, 5)
+    assert bm.can_allocate("a", 32) and not bm.can_allocate("a", 33)
+    bm.free("a")
+    assert (bm.num_free_blocks, bm.num_cached_free_blocks) == (8, 0)  # nothing was committed
+    bm.check_invariants()
+
+
+def test_allocation_failure_changes_nothing():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    compute(bm, "a", toks(8))
+    bm.free("a")  # two cached-free blocks, two never-cached ones
+    bm.admit("b", toks(4, 100))
+    bm.allocate("b", 4)
+    before = state(bm)
+    assert not bm.can_allocate("b", 17)  # needs 4 more, 3 are free
+    with pytest.raises(NoFreeBlocks):
+        bm.allocate("b", 17)
+    assert state(bm) == before
+    assert bm.num_cached_prefix_tokens(toks(9)) == 8  # nothing was evicted
+    bm.check_invariants()
+
+
+def test_misuse_is_reported():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.admit("a", toks(6))
+    with pytest.raises(ValueError):
+        bm.admit("a", toks(6))
+    with pytest.raises(ValueError):  # no block holds those tokens yet
+        bm.commit("a", toks(6), 4)
+    with pytest.raises(KeyError):
+        bm.free("unknown")
+
+
+# -- prefix caching -----------------------------------------------------------------------
+
+
+def test_prefix_hit_after_a_finished_request_reuses_its_blocks():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(10)
+    assert compute(bm, "a", prompt) == 0
+    table_a = bm.block_table("a")
+    bm.free("a")
+    # Two full blocks stay cached; the partial third one is not.
+    assert (bm.num_free_blocks, bm.num_cached_free_blocks) == (16, 2)
+
+    follow_up = [*prompt, 99, 98]
+    assert bm.num_cached_prefix_tokens(follow_up) == 8
+    assert bm.admit("b", follow_up) == 8
+    assert bm.block_table("b") == table_a[:2]
+    assert [bm.ref_count(b) for b in table_a[:2]] == [1, 1]
+    assert bm.num_cached_free_blocks == 0  # the hit blocks left the free list
+    assert (bm.stats.queried_tokens, bm.stats.hit_tokens) == (10 + 12, 8)
+    new = bm.allocate("b", 12)
+    assert len(new) == 1 and new[0] not in table_a[:2]
+    bm.check_invariants()
+
+
+def test_prefix_hit_on_blocks_in_use_shares_them():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    compute(bm, "a", toks(10))
+    assert bm.admit("b", toks(12)) == 8
+    shared = bm.block_table("b")
+    assert shared == bm.block_table("a")[:2]
+    assert [bm.ref_count(b) for b in shared] == [2, 2]
+    bm.free("a")
+    assert [bm.ref_count(b) for b in shared] == [1, 1] and bm.num_cached_free_blocks == 0
+    bm.free("b")
+    assert bm.num_cached_free_blocks == 2
+    bm.check_invariants()
+
+
+def test_a_hit_always_leaves_a_token_to_compute():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    compute(bm, "a", toks(8))
+    bm.free("a")
+    assert bm.num_cached_prefix_tokens(toks(9)) == 8
+    assert bm.num_cached_prefix_tokens(toks(8)) == 4  # the whole prompt is cached: drop a block
+    assert bm.num_cached_prefix_tokens(toks(5)) == 4
+    assert bm.num_cached_prefix_tokens(toks(4)) == 0
+    assert bm.num_cached_prefix_tokens([]) == 0
+    assert bm.admit("b", toks(8)) == 4
+
+
+def test_lookup_has_no_side_effects():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    compute(bm, "a", toks(12))
+    bm.free("a")
+    before = state(bm)
+    assert bm.num_cached_prefix_tokens(toks(13)) == 12
+    assert state(bm) == before
+
+
+def test_identical_prompts_computed_concurrently_index_one_copy():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(9)
+    assert bm.admit("a", prompt) == 0
+    assert bm.admit("b", prompt) == 0  # neither has committed: no hit, both compute
+    for seq_id in ("a", "b"):
+        bm.allocate(seq_id, 9)
+        bm.commit(seq_id, prompt, 9)
+    bm.check_invariants()
+    first = bm.block_table("a")[:2]
+    bm.free("a")
+    bm.free("b")
+    assert bm.num_cached_free_blocks == 2  # b's duplicates were never indexed
+    assert bm.admit("c", prompt) == 8
+    assert bm.block_table("c") == first
+
+
+def test_commit_is_incremental():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = toks(6)
+    bm.admit("a", tokens)
+    bm.allocate("a", 6)
+    bm.commit("a", tokens, 3)
+    assert bm.num_cached_prefix_tokens(toks(9)) == 0  # no block is full of computed tokens
+    bm.commit("a", tokens, 6)
+    assert bm.num_cached_prefix_tokens(toks(9)) == 4
+    tokens += [6, 7, 8]  # generated tokens extend the chain
+    bm.allocate("a", 9)
+    bm.commit("a", tokens, 9)
+    assert bm.num_cached_prefix_tokens(toks(9)) == 8
+
+
+def test_disabled_prefix_caching_never_hits():
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    compute(bm, "a", toks(10))
+    bm.free("a")
+    assert (bm.num_free_blocks, bm.num_cached_free_blocks) == (16, 0)
+    assert bm.num_cached_prefix_tokens(toks(10)) == 0
+    assert bm.admit("b", toks(10)) == 0 and bm.block_table("b") == []
+    assert (bm.stats.queried_tokens, bm.stats.hit_tokens) == (20, 0)
+    bm.check_invariants()
+
+
+# -- eviction -----------------------------------------------------------------------------
+
+
+def _two_cached_chains() -> tuple[BlockManager, list[int], list[int]]:
+    """A pool of 6 blocks: a's chain (freed first) and b's chain cached-free, 2 blocks unused."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    for seq_id, start in (("a", 0), ("b", 100)):
+        compute(bm, seq_id, toks(8, start))
+    table_a, table_b = bm.block_table("a"), bm.block_table("b")
+    bm.free("a")
+    bm.free("b")
+    return bm, table_a, table_b
+
+
+def hits(bm: BlockManager) -> tuple[int, int]:
+    return bm.num_cached_prefix_tokens(toks(9)), bm.num_cached_prefix_tokens(toks(9, 100))
+
+
+def test_eviction_is_lru_tail_first_and_only_on_demand():
+    bm, table_a, table_b = _two_cached_chains()
+    assert hits(bm) == (8, 8)
+    bm.admit("c", toks(40, 200))
+    unused = bm.allocate("c", 8)
+    assert set(unused).isdisjoint(table_a + table_b)  # never-cached blocks go first
+    assert hits(bm) == (8, 8) and bm.num_cached_free_blocks == 4
+    # Then the least recently freed chain, its last block first.
+    assert bm.allocate("c", 12) == [table_a[1]]
+    assert hits(bm) == (4, 8)
+    assert bm.allocate("c", 16) == [table_a[0]]
+    assert hits(bm) == (0, 8)
+    assert bm.allocate("c", 20) == [table_b[1]]
+    assert hits(bm) == (0, 4) and bm.num_cached_free_blocks == 1
+    bm.check_invariants()
+
+
+def test_a_prefix_hit_makes_blocks_recently_used():
+    bm, table_a, table_b = _two_cached_chains()
+    assert bm.admit("again", toks(9)) == 8  # a's chain leaves the free list...
+    bm.free("again")  # ...and comes back behind b's
+    bm.admit("c", toks(40, 200))
+    bm.allocate("c", 8)  # the two never-cached blocks
+    assert bm.allocate("c", 16) == [table_b[1], table_b[0]]
+    assert hits(bm) == (8, 0)
+
+
+def test_an_evicted_parent_orphans_its_children_until_recomputed():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.admit("a", toks(8))
+    bm.admit("b", toks(12))  # same first 8 tokens, computed concurrently: duplicates
+    for seq_id, n in (("a", 8), ("b", 12)):
+        bm.allocate(seq_id, n)
+        bm.commit(seq_id, toks(n), n)
+    child = bm.block_table("b")[2]  # indexed under a's chain
+    bm.free("a")
+    bm.free("b")
+    assert bm.num_cached_free_blocks == 3 and bm.num_cached_prefix_tokens(toks(13)) == 12
+    bm.admit("c", toks(28, 100))
+    bm.allocate("c", 28)  # 5 never-cached blocks, then a's 2: b's block outlives its parents
+    assert bm.num_cached_free_blocks == 1
+    assert bm.num_cached_prefix_tokens(toks(13)) == 0  # lookups walk from the root
+    bm.free("c")
+    compute(bm, "d", toks(8))  # the parents come back under the same hashes
+    assert bm.num_cached_prefix_tokens(toks(13)) == 12
+    bm.free("d")
+    assert bm.admit("e", toks(13)) == 12 and bm.block_table("e")[2] == child
+    bm.check_invariants()
+
+
+def test_reset_prefix_cache_only_when_nothing_is_in_use():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    compute(bm, "a", toks(8))
+    compute(bm, "b", toks(8, 100))
+    bm.free("b")
+    before = state(bm)
+    assert bm.reset_prefix_cache() is False
+    assert state(bm) == before
+    bm.free("a")
+    assert bm.reset_prefix_cache() is True
+    assert (bm.num_free_blocks, bm.num_cached_free_blocks) == (8, 0)
+    assert bm.num_cached_prefix_tokens(toks(9)) == 0
+    bm.check_invariants()
+
+
+# -- forks --------------------------------------------------------------------------------
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(10)
+    compute(bm, "p", prompt)
+    parent = bm.block_table("p")
+
+    copy_ = bm.fork("p", "c1", 10)
+    child = bm.block_table("c1")
+    assert child[:2] == parent[:2] and len(child) == 3
+    assert copy_ == BlockCopy(src=parent[2], dst=child[2])
+    assert child[2] not in parent
+    assert [bm.ref_count(b) for b in parent] == [2, 2, 1]
+    assert bm.ref_count(child[2]) == 1
+
+    assert bm.fork("p", "c2", 8) is None  # ends on a block boundary: nothing to copy
+    assert bm.block_table("c2") == parent[:2]
+    assert bm.fork("p", "c3", 0) is None and bm.block_table("c3") == []
+    assert [bm.ref_count(b) for b in parent] == [3, 3, 1]
+
+    # The child writes its own sample into its copy, and it is cached under its own tokens.
+    tokens = [*prompt, 50, 51]
+    assert bm.allocate("c1", 12) == []
+    bm.commit("c1", tokens, 12)
+    for seq_id in ("p", "c1", "c2", "c3"):
+        bm.free(seq_id)
+    assert bm.admit("d", [*tokens, 0]) == 12
+    assert bm.block_table("d") == child
+    bm.check_invariants()
+
+
+def test_a_fork_inside_a_committed_block_diverges_from_there():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    compute(bm, "p", toks(10))
+    parent = bm.block_table("p")
+    block_copy = bm.fork("p", "c", 6)
+    child = bm.block_table("c")
+    assert block_copy == BlockCopy(src=parent[1], dst=child[1]) and child[0] == parent[0]
+    tokens = [*toks(6), 70, 71]  # the child's own sample overwrites the copy's last slots
+    assert bm.allocate("c", 8) == []
+    bm.commit("c", tokens, 8)
+    bm.free("p")
+    bm.free("c")
+    assert bm.num_cached_prefix_tokens(toks(9)) == 8  # the parent's chain is intact
+    assert bm.admit("d", [*tokens, 0]) == 8 and bm.block_table("d") == child
+    bm.check_invariants()
+
+
+def test_fork_without_a_free_block_for_the_copy_changes_nothing():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    compute(bm, "p", toks(10))
+    before = state(bm)
+    with pytest.raises(NoFreeBlocks):
+        bm.fork("p", "c", 10)
+    assert state(bm) == before
+    assert bm.fork("p", "c", 8) is None  # sharing full blocks needs no free block
+
+
+def test_parallel_sampling_of_a_long_prompt_costs_one_prompt_and_eight_tails():
+    bm = BlockManager(num_blocks=200, block_size=16)
+    prompt = toks(1000)  # 62 full blocks and 8 tokens in a 63rd
+    compute(bm, "s0", prompt)
+    assert bm.num_used_blocks == 63
+    samples = ["s0"] + [f"s{i}" for i in range(1, 8)]
+    for sample in samples[1:]:
+        assert bm.fork("s0", sample, 1000) is not None
+    assert bm.num_used_blocks == 62 + 8
+    assert all(bm.ref_count(b) == 8 for b in bm.block_table("s0")[:62])
+    assert len({bm.block_table(s)[62] for s in samples}) == 8
+
+    for i, sample in enumerate(samples):  # each fills its own tail with different tokens
+        tokens = prompt + [5000 + i] * 8
+        assert bm.allocate(sample, 1008) == []
+        bm.commit(sample, tokens, 1008)
+    assert bm.num_used_blocks == 70
+    for sample in samples:
+        assert len(bm.allocate(sample, 1009)) == 1
+    assert bm.num_used_blocks == 78
+    for sample in samples:
+        bm.free(sample)
+    assert (bm.num_free_blocks, bm.num_cached_free_blocks) == (200, 62 + 8)
+    bm.check_invariants()
+
+
+# -- hashing ------------------------------------------------------------------------------
+
+
+CHAIN_SCRIPT = """
+from scheduler_svc.block_manager import ROOT_HASH, hash_block
+parent = ROOT_HASH
+for start in range(0, 48, 16):
+    parent = hash_block(parent, list(range(start, start + 16)), b"model-x")
+print(parent.hex())
+"""
+
+
+def test_chain_hash_is_the_same_in_every_process():
+    parent = ROOT_HASH
+    for start in range(0, 48, 16):
+        parent = hash_block(parent, toks(16, start), b"model-x")
+    for seed in ("0", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", CHAIN_SCRIPT], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        assert out == parent.hex()
+
+
+def test_chain_hash_covers_parent_tokens_and_extra_key():
+    base = hash_block(ROOT_HASH, [1, 2], b"k")
+    assert len(base) == 32
+    assert hash_block(base, [1, 2], b"k") != base
+    assert hash_block(ROOT_HASH, [1, 3], b"k") != base
+    assert hash_block(ROOT_HASH, [1, 2], b"j") != base
+    # The length-prefixed key cannot run into the tokens.
+    assert hash_block(ROOT_HASH, [], b"k\x01") != hash_block(ROOT_HASH, [1], b"k")
+
+
+# -- stateful model check -----------------------------------------------------------------
+
+TOKENS = st.integers(0, 2)  # a tiny vocabulary, so that prompts share prefixes often
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random sequences against a model of which tokens each holds. `content` shadows the
+    physical blocks: what each slot's K/V depends on, i.e. the sequence's tokens up to and
+    including the one written there (None where nothing was written since the block was handed
+    out). A prefix hit on a block computed after another prefix, a write into a shared block or
+    a block reused while still held all show up as a sequence whose blocks no longer hold its
+    prefixes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm: BlockManager | None = None
+        self.tokens: dict[str, list[int]] = {}  # running sequences: all known tokens
+        self.computed: dict[str, int] = {}
+        self.preempted: dict[str, list[int]] = {}
+        self.history: list[list[int]] = []  # prompts to share prefixes with
+        self.content: dict[int, list[tuple[int, ...] | None]] = {}
+        self.next_id = 0
+
+    @initialize(num_blocks=st.integers(4, 16), block_size=st.sampled_from([1, 2, 4]),
+                caching=st.sampled_from([True, True, True, False]))
+    def setup(self, num_blocks, block_size, caching):
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching,
+                               extra_key=b"test")
+
+    def _new_id(self) -> str:
+        self.next_id += 1
+        return f"s{self.next_id}"
+
+    def _pick(self, data, ids) -> str:
+        return data.draw(st.sampled_from(sorted(ids)))
+
+    def _admit(self, seq_id: str, tokens: list[int]) -> None:
+        bm = self.bm
+        expected = bm.num_cached_prefix_tokens(tokens)
+        queried, hit_before = bm.stats.queried_tokens, bm.stats.hit_tokens
+        hit = bm.admit(seq_id, tokens)
+        assert hit == expected
+        assert hit % bm.block_size == 0 and hit < len(tokens)
+        assert bm.enable_prefix_caching or hit == 0
+        assert len(bm.block_table(seq_id)) == hit // bm.block_size
+        assert (bm.stats.queried_tokens, bm.stats.hit_tokens) == (
+            queried + len(tokens), hit_before + hit)
+        self.tokens[seq_id], self.computed[seq_id] = list(tokens), hit
+        self.history = [*self.history[-15:], list(tokens)]
+
+    def _compute(self, seq_id: str, target: int) -> bool:
+        """Allocate for and write tokens up to `target`, then commit; False if out of blocks."""
+        bm, bs = self.bm, self.bm.block_size
+        table = bm.block_table(seq_id)
+        if not bm.can_allocate(seq_id, target):
+            before = state(bm)
+            with pytest.raises(NoFreeBlocks):
+                bm.allocate(seq_id, target)
+            assert state(bm) == before
+            return False
+        free_before = bm.num_free_blocks
+        new = bm.allocate(seq_id, target)
+        assert len(new) == max(0, -(-target // bs) - len(table))
+        assert bm.block_table(seq_id) == table + new
+        assert bm.num_free_blocks == free_before - len(new)
+        for block_id in new:
+            assert bm.ref_count(block_id) == 1
+            self.content[block_id] = [None] * bs
+        table += new
+        for pos in range(self.computed[seq_id], target):
+            block_id = table[pos // bs]
+            assert bm.ref_count(block_id) == 1, f"write into shared block {block_id}"
+            self.content[block_id][pos % bs] = tuple(self.tokens[seq_id][:pos + 1])
+        self.computed[seq_id] = target
+        bm.commit(seq_id, self.tokens[seq_id], target)
+        return True
+
+    def _release(self, seq_id: str) -> None:
+        bm = self.bm
+        table = bm.block_table(seq_id)
+        last_holder = sum(bm.ref_count(b) == 1 for b in table)
+        free_before = bm.num_free_blocks
+        bm.free(seq_id)
+        assert bm.num_free_blocks == free_before + last_holder
+        del self.tokens[seq_id], self.computed[seq_id]
+
+    @rule(data=st.data())
+    def admit(self, data):
+        base = data.draw(st.sampled_from(self.history)) if self.history else []
+        cut = data.draw(st.integers(0, len(base)))
+        suffix = data.draw(st.lists(TOKENS, min_size=0 if cut else 1,
+                                    max_size=3 * self.bm.block_size))
+        self._admit(self._new_id(), base[:cut] + suffix)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), n=st.integers(1, 9))
+    def grow(self, data, n):
+        """A prefill chunk of up to n prompt tokens, or n generated tokens."""
+        seq_id = self._pick(data, self.tokens)
+        tokens, computed = self.tokens[seq_id], self.computed[seq_id]
+        if computed == len(tokens):
+            tokens += data.draw(st.lists(TOKENS, min_size=n, max_size=n))
+        self._compute(seq_id, min(len(tokens), computed + n))
+
+    @precondition(lambda self: any(self.computed.values()))
+    @rule(data=st.data())
+    def fork(self, data):
+        """Parallel sampling: a child shares the first tokens its parent computed (usually all of
+        them; at least one, a fork of nothing is a unit test)."""
+        bm, bs = self.bm, self.bm.block_size
+        parent_id = self._pick(data, [s for s, n in self.computed.items() if n])
+        computed = data.draw(st.just(self.computed[parent_id])
+                             | st.integers(1, self.computed[parent_id]))
+        parent = bm.block_table(parent_id)
+        child_id = self._new_id()
+        if computed % bs and not bm.num_free_blocks:
+            before = state(bm)
+            with pytest.raises(NoFreeBlocks):
+                bm.fork(parent_id, child_id, computed)
+            assert state(bm) == before
+            return
+        block_copy = bm.fork(parent_id, child_id, computed)
+        child = bm.block_table(child_id)
+        full = computed // bs
+        assert child[:full] == parent[:full]
+        assert len(child) == -(-computed // bs)
+        if computed % bs:
+            assert block_copy == BlockCopy(src=parent[full], dst=child[full])
+            assert bm.ref_count(block_copy.dst) == 1 and block_copy.dst not in parent
+            self.content[block_copy.dst] = list(self.content[block_copy.src])
+        else:
+            assert block_copy is None
+        self.tokens[child_id] = self.tokens[parent_id][:computed]
+        self.computed[child_id] = computed
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def finish_or_abort(self, data):
+        """Finished, or aborted at any point (mid-prefill included): the blocks go back."""
+        self._release(self._pick(data, self.tokens))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def preempt(self, data):
+        seq_id = self._pick(data, self.tokens)
+        self.preempted[seq_id] = self.tokens[seq_id]
+        self._release(seq_id)
+
+    @precondition(lambda self: self.preempted)
+    @rule(data=st.data())
+    def readmit(self, data):
+        """A preempted sequence returns with its prompt and generated tokens."""
+        seq_id = self._pick(data, self.preempted)
+        self._admit(seq_id, self.preempted.pop(seq_id))
+
+    @precondition(lambda self: self.bm.num_free_blocks)
+    @rule(data=st.data())
+    def pressure(self, data):
+        """A new sequence of unseen tokens takes k free blocks: never-cached blocks go first,
+        cached ones are evicted only for the rest."""
+        bm = self.bm
+        k = data.draw(st.integers(1, bm.num_free_blocks))
+        cached = bm.num_cached_free_blocks
+        uncached = bm.num_free_blocks - cached
+        seq_id = self._new_id()
+        self._admit(seq_id, [1000 + self.next_id] * (k * bm.block_size))
+        assert self._compute(seq_id, k * bm.block_size)
+        assert bm.num_cached_free_blocks == cached - max(0, k - uncached)
+
+    @rule()
+    def reset_prefix_cache(self):
+        bm = self.bm
+        idle = bm.num_used_blocks == 0
+        assert bm.reset_prefix_cache() is idle
+        if idle:
+            assert bm.num_cached_free_blocks == 0
+            self.history = []
+
+    @invariant()
+    def blocks_hold_their_sequences_tokens(self):
+        if self.bm is None:
+            return
+        bm, bs = self.bm, self.bm.block_size
+        bm.check_invariants()
+        for seq_id, tokens in self.tokens.items():
+            table, computed = bm.block_table(seq_id), self.computed[seq_id]
+            assert len(table) * bs >= computed
+            for pos in range(computed):
+                assert self.content[table[pos // bs]][pos % bs] == tuple(tokens[:pos + 1]), (
+                    f"{seq_id}: block {table[pos // bs]} does not hold the K/V of token {pos}")
+            # The block the next token lands in, once allocated, is this sequence's alone.
+            if computed // bs < len(table):
+                assert bm.ref_count(table[computed // bs]) == 1
+
+    def teardown(self):
+        if self.bm is None:
+            return
+        for seq_id in list(self.tokens):
+            self._release(seq_id)
+        bm = self.bm
+        assert (bm.num_free_blocks, bm.num_used_blocks) == (bm.num_blocks, 0)
+        bm.check_invariants()
+        assert bm.reset_prefix_cache()
+        assert bm.num_cached_free_blocks == 0
+        bm.check_invariants()
+
+
+TestBlockManagerStateful = BlockManagerMachine.TestCase
+TestBlockManagerStateful.settings = settings(
+    max_examples=50, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
