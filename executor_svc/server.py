@@ -66,6 +66,8 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
 async def _next_or_stop(plans: AsyncIterator, stop: asyncio.Event):
     """The next plan; None when the stream ends or `stop` is set first."""
     next_plan = asyncio.ensure_future(anext(plans))
+    # If `stop` wins, the read's outcome (a plan, or the stream's end) is of no interest.
+    next_plan.add_done_callback(lambda f: f.cancelled() or f.exception())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({next_plan, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()

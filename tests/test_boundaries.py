@@ -14,8 +14,9 @@ SERVICES = ("gateway", "scheduler_svc", "executor_svc")
 PACKAGE_DIRS = {"gateway": ROOT / "gateway", "scheduler_svc": ROOT / "scheduler_svc",
                 "executor_svc": ROOT / "executor_svc", "kernels": ROOT / "kernels",
                 "pagedserve": ROOT / "proto" / "pagedserve"}
-# The command line starts any service; nothing else in the core may import one.
-CORE_MODULES_THAT_START_SERVICES = {"cli.py", "launcher.py"}
+# The command line starts any service, and the offline API wires a scheduler to an in-process
+# executor (DESIGN.md §1's one exception); nothing else in the core may import a service.
+CORE_MODULES_THAT_START_SERVICES = {"cli.py", "launcher.py", "offline.py"}
 
 
 def imported_top_levels(path: pathlib.Path) -> set[str]:

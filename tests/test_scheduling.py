@@ -1,0 +1,224 @@
+"""The scheduler's step loop driving a real executor, in process and over gRPC (the same tests
+for both handles), checked against `transformers` greedy generation: continuous batching of
+mixed requests, chunked prefill within the budget, preemption under memory pressure, prefix
+hits, parallel sampling, and aborts that free their blocks."""
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve.offline import LLM
+from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from scheduler_svc.admission import admit_request
+from scheduler_svc.executor_handle import GrpcExecutorHandle
+from tests.conftest import free_ports
+
+BLOCK = 4
+BYTES_PER_BLOCK = 2 * 2 * BLOCK * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x dim x f32
+EOS = 2
+GREEDY = common_pb2.SamplingParams(temperature=0.0)
+
+pytestmark = pytest.mark.slow
+
+
+def greedy(max_tokens: int, **fields) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **fields)
+
+
+class RecordingHandle:
+    """Wraps a handle, keeping every plan sent and result received."""
+
+    def __init__(self, inner):
+        self.inner, self.plans, self.results = inner, [], []
+
+    async def send(self, plan):
+        self.plans.append(plan)
+        await self.inner.send(plan)
+
+    async def receive(self):
+        result = await self.inner.receive()
+        self.results.append(result)
+        return result
+
+    async def close(self):
+        await self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+def reference(hf_model, prompt: list[int], max_tokens: int) -> tuple[list[int], str]:
+    """transformers' greedy output as the scheduler reports it: EOS excluded, 'stop' or
+    'length'."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens,
+                                do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    tokens = out[0, len(prompt):].tolist()
+    if EOS in tokens:
+        return tokens[:tokens.index(EOS)], "stop"
+    return tokens, "length"
+
+
+@pytest.fixture(scope="module", params=["in-process", "grpc"])
+def make_llm(request, tiny_llama_dir, tmp_path_factory):
+    """Builds an LLM over a fresh executor with the given pool size and budget."""
+    processes = []
+
+    def make(num_blocks: int = 2048, max_num_batched_tokens: int = 2048, overlap: bool = True,
+             max_model_len: int = 256) -> LLM:
+        engine = dict(kv_cache_gib=(num_blocks + 0.5) * BYTES_PER_BLOCK / 2**30,
+                      block_size=BLOCK, max_num_batched_tokens=max_num_batched_tokens,
+                      max_model_len=max_model_len)
+        if request.param == "in-process":
+            llm = LLM(str(tiny_llama_dir), overlap=overlap, **engine)
+        else:
+            llm = _grpc_llm(tiny_llama_dir, tmp_path_factory, processes, engine, overlap)
+        inner = llm.make_handle
+        llm.recorder = None
+
+        def recording_handle():
+            llm.recorder = RecordingHandle(inner())
+            return llm.recorder
+        llm.make_handle = recording_handle
+        return llm
+
+    yield make
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _grpc_llm(model_dir, tmp_path_factory, processes, engine, overlap) -> LLM:
+    (port,) = free_ports(1)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
+    log = (tmp_path_factory.mktemp("executor") / "log").open("w")
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "executor", "--port", str(port), "--model",
+         str(model_dir), "--log-format", "json", *flags], stdout=log, stderr=log))
+    address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = executor_pb2_grpc.ExecutorStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                description = stub.Describe(executor_pb2.DescribeRequest(), timeout=2)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline and processes[-1].poll() is None
+                time.sleep(0.2)
+    llm = LLM.__new__(LLM)
+    llm._attach(model_dir, description, lambda: GrpcExecutorHandle(address),
+                enable_prefix_caching=True, overlap=overlap)
+    return llm
+
+
+MIXED = [(list(range(30, 30 + n)), max_tokens)
+         for n, max_tokens in [(1, 5), (2, 1), (3, 9), (5, 2), (8, 7), (13, 3), (21, 10),
+                               (34, 4), (55, 6), (89, 8)]]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_concurrent_mixed_requests_match_transformers(make_llm, hf_model, overlap):
+    llm = make_llm(overlap=overlap)
+    outputs = llm.generate([p for p, _ in MIXED], [greedy(m) for _, m in MIXED])
+    for (prompt, max_tokens), output in zip(MIXED, outputs, strict=True):
+        tokens, reason = reference(hf_model, prompt, max_tokens)
+        assert (output.outputs[0].token_ids, output.outputs[0].finish_reason) == (tokens, reason)
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+def test_preemption_under_memory_pressure_changes_nothing(make_llm, hf_model):
+    llm = make_llm(num_blocks=24, max_model_len=64)  # 96 slots for 8 requests of 30 tokens
+    prompts = [list(range(40 + i, 50 + i)) for i in range(8)]
+    outputs = llm.generate(prompts, greedy(20, ignore_eos=True))
+    assert llm.scheduler.counters.preemptions > 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20,
+                                         min_new_tokens=20, do_sample=False)[0, 10:].tolist()
+        assert output.outputs[0].token_ids == expected
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+def test_chunked_prefill_keeps_the_budget_and_short_requests_flowing(make_llm, hf_model):
+    llm = make_llm(max_num_batched_tokens=8)
+    long_prompt = list(range(100, 160))
+    shorts = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    outputs = llm.generate([long_prompt, *shorts],
+                           [greedy(3, ignore_eos=True), *[greedy(4, ignore_eos=True)] * 3])
+    plans = llm.recorder.plans
+    assert all(sum(w.num_tokens for w in plan.work) <= 8 for plan in plans)
+    long_id = outputs[0].request_id
+    # The long prompt needs 8 steps of prefill; the short ones finish meanwhile.
+    first_long_sample = next(i for i, r in enumerate(llm.recorder.results)
+                             if any(o.request_id == long_id and o.token_ids for o in r.outputs))
+    short_ids = {o.request_id for o in outputs[1:]}
+    last_short_work = max(i for i, p in enumerate(plans)
+                          if any(w.request_id in short_ids for w in p.work))
+    assert last_short_work < first_long_sample
+    for prompt, output, n in zip([long_prompt, *shorts], outputs, [3, 4, 4, 4], strict=True):
+        with torch.no_grad():
+            expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n,
+                                         min_new_tokens=n, do_sample=False)[0, len(prompt):]
+        assert output.outputs[0].token_ids == expected.tolist()
+
+
+def test_prefix_hits_skip_computation(make_llm):
+    llm = make_llm(overlap=False)  # no extra step in flight: counts are exact
+    prompt = list(range(60, 100))  # 40 tokens = 10 full blocks
+    first = llm.generate([prompt], greedy(4, ignore_eos=True))[0]
+    computed_before = llm.scheduler.counters.scheduled_tokens
+    second = llm.generate([prompt], greedy(4, ignore_eos=True))[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 36  # the last block is recomputed to get logits
+    assert llm.scheduler.counters.scheduled_tokens - computed_before == 4 + 3
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_parallel_sampling_forks_and_seeds(make_llm, hf_model):
+    llm = make_llm()
+    prompt = list(range(70, 79))
+    tokens, _ = reference(hf_model, prompt, 6)
+    [greedy_out] = llm.generate([prompt], greedy(6, n=3))
+    assert [c.token_ids for c in greedy_out.outputs] == [tokens] * 3
+
+    sampled = common_pb2.SamplingParams(temperature=1.5, max_tokens=8, n=4, seed=7,
+                                        ignore_eos=True)
+    [first] = llm.generate([prompt], sampled)
+    [again] = llm.generate([prompt], sampled)
+    runs = [c.token_ids for c in first.outputs]
+    assert runs == [c.token_ids for c in again.outputs]  # seed + index: reproducible
+    assert len({tuple(r) for r in runs}) > 1  # and the sequences differ from each other
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+def test_abort_frees_blocks(make_llm):
+    llm = make_llm()
+
+    async def run() -> None:
+        handle = llm.make_handle()
+        deltas = []
+        request = admit_request("victim", list(range(50, 90)), greedy(100, ignore_eos=True), 0,
+                                llm.pool_limits, deltas.append)
+        llm.scheduler.add(request)
+        for _ in range(3):
+            await handle.send(llm.scheduler.schedule())
+            llm.scheduler.process(await handle.receive())
+        assert deltas and llm.blocks.num_used_blocks > 0
+        llm.scheduler.abort("victim")
+        assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+        drop = llm.scheduler.schedule()  # tells the executor to drop its mirror
+        assert list(drop.dropped_request_ids) == ["victim"] and not drop.work
+        await handle.send(drop)
+        assert not (await handle.receive()).error
+        await handle.close()
+
+    asyncio.run(run())
