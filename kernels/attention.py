@@ -42,10 +42,14 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[..., max_blocks] block ids -> [..., num_kv_heads, max_blocks * block_size, head_dim]."""
-    blocks = cache[block_table]  # [..., max_blocks, block_size, kv_heads, head_dim]
-    *lead, max_blocks, block_size, kv_heads, head_dim = blocks.shape
-    return blocks.reshape(*lead, max_blocks * block_size, kv_heads, head_dim).transpose(-3, -2)
+    """[..., max_blocks] block ids -> [..., num_kv_heads, max_blocks * block_size, head_dim].
+
+    index_select on the flattened table: several times faster on CPU than advanced indexing
+    (`cache[block_table]`) for the same copy."""
+    _, block_size, kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, block_table.reshape(-1))
+    *lead, max_blocks = block_table.shape
+    return blocks.view(*lead, max_blocks * block_size, kv_heads, head_dim).transpose(-3, -2)
 
 
 def _window_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, seq_len: torch.Tensor,
@@ -76,9 +80,13 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         seq_lens = meta.seq_lens[:nd, None]
         key_pos = torch.arange(keys.shape[-2], device=query.device)
         mask = _window_mask(key_pos, seq_lens - 1, seq_lens, sliding_window)
+        # The query heads sharing a KV head act as that head's query rows, so K/V need no
+        # expansion to all query heads (query head h reads KV head h // group).
+        num_kv_heads = keys.shape[1]
+        grouped = query[:nd].view(nd, num_kv_heads, -1, query.shape[-1])
         out[:nd] = F.scaled_dot_product_attention(
-            query[:nd, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
-            scale=scale, enable_gqa=True)[:, :, 0, :]
+            grouped, keys, values, attn_mask=mask[:, None, None, :],
+            scale=scale).view(nd, -1, query.shape[-1])
     start = nd
     for i in range(nd, len(meta.query_lens)):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens_host[i]

@@ -12,4 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on for gateways and executors")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="gRPC port of the Scheduler service")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="turn automatic prefix caching off")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="wait for each step's result before planning the next")
+    parser.add_argument("--heartbeat-interval", type=float, default=2.0,
+                        help="seconds between executor heartbeats; a lease lapses after three "
+                             "missed ones")
+    parser.add_argument("--no-executor-timeout", type=float, default=30.0,
+                        help="seconds a request waits for an executor of its model before it "
+                             "fails with UNAVAILABLE")
     add_common_flags(parser)

@@ -31,6 +31,13 @@ class PoolLoop:
         self.wait_seconds = 0.0
         self._wakeup = asyncio.Event()
 
+    def seconds_since_progress(self) -> float:
+        """Since the last result, or 0 while there is nothing to wait for (an idle executor
+        is not a wedged one)."""
+        if not self.scheduler.has_work:
+            return 0.0
+        return time.monotonic() - self.last_progress
+
     def notify(self) -> None:
         """New work (a request, an abort): plan again even if the loop is idle."""
         self._wakeup.set()
@@ -61,6 +68,7 @@ class PoolLoop:
                     self.scheduler.process(result)
                 else:
                     await self._wakeup.wait()  # nothing to plan and nothing in flight
+                    self.last_progress = time.monotonic()  # idle time is not a stall
         except ExecutorLost as exc:
             log.warning("executor lost", error=str(exc))
             self.on_lost(str(exc))
