@@ -58,3 +58,24 @@ def test_service_flags_read_the_environment(monkeypatch, tmp_path):
     args = build_parser().parse_args(["executor"])
     assert args.model_cache_dir == pathlib.Path(tmp_path) and args.port == 6000
     assert args.model is None
+
+
+def test_offline_engine_options_are_the_executor_flags():
+    from pagedserve.offline import engine_args
+
+    args = engine_args(dtype="bfloat16", kv_cache_gib=1.5)
+    assert (args.dtype, args.kv_cache_gib, args.block_size) == ("bfloat16", 1.5, 16)
+    with pytest.raises(TypeError, match="unknown engine option.*'kv_cache_gb'"):
+        engine_args(kv_cache_gb=1)
+
+
+def test_up_passes_model_and_engine_flags_to_executors():
+    from pagedserve.launcher import plan_children
+
+    args = build_parser().parse_args(["up", "--dtype", "bfloat16", "--executors", "2"])
+    executors = [c.argv for c in plan_children(args) if c.name.startswith("executor")]
+    assert len(executors) == 2
+    for argv in executors:
+        assert argv[argv.index("--dtype") + 1] == "bfloat16"
+        assert argv[argv.index("--scheduler-address") + 1] == "127.0.0.1:50052"
+        assert "--model" not in argv  # unset flags are not passed: the executor's default

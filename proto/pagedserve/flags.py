@@ -56,6 +56,12 @@ class FlagParser(argparse.ArgumentParser):
         return value
 
 
+def long_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> option string of every flag `parser` defines (--help excluded)."""
+    return {action.dest: action.option_strings[0] for action in parser._actions
+            if action.option_strings and action.dest != "help"}
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every service takes."""
     parser.add_argument("--log-level", default="info",

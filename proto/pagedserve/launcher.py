@@ -25,7 +25,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.flags import add_common_flags
+from pagedserve.flags import add_common_flags, long_options
 from pagedserve.log import configure_logging
 
 _PR_SET_PDEATHSIG = 1
@@ -104,10 +104,10 @@ def _executor_flags(args: argparse.Namespace) -> list[str]:
     add_model_arguments(parser)
     add_engine_arguments(parser)
     flags = []
-    for action in parser._actions:
-        value = getattr(args, action.dest)
+    for dest, option in long_options(parser).items():
+        value = getattr(args, dest)
         if value is not None:
-            flags += [action.option_strings[0], str(value)]
+            flags += [option, str(value)]
     return flags
 
 

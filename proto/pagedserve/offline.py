@@ -26,6 +26,7 @@ from executor_svc.bootstrap import build_runner
 from executor_svc.config import add_engine_arguments, add_model_arguments
 from executor_svc.model_files import default_cache_dir, resolve_model
 from executor_svc.runner import ModelRunner
+from pagedserve.flags import long_options
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 from scheduler_svc.admission import PoolLimits, admit_request
 from scheduler_svc.block_manager import BlockManager
@@ -83,7 +84,7 @@ def engine_args(**overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     add_model_arguments(parser)
     add_engine_arguments(parser)
-    known = {action.dest for action in parser._actions}
+    known = set(long_options(parser))
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
