@@ -39,19 +39,16 @@ class Request:
     # Prompt logprobs gathered over prefill chunks; sent with the first token.
     prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
     first_delta_sent: bool = False
+    # Derived once (read on every step for every sequence).
+    n: int = field(init=False)
+    num_prompt_tokens: int = field(init=False)
+    # Whether sequence 0 stops its prefill one token short, to fork before sampling.
+    forks_first: bool = field(init=False)
 
-    @property
-    def n(self) -> int:
-        return max(1, self.sampling.n)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def forks_first(self) -> bool:
-        """Whether sequence 0 stops its prefill one token short, to fork before sampling."""
-        return self.n > 1 and self.num_prompt_tokens > 1
+    def __post_init__(self) -> None:
+        self.n = max(1, self.sampling.n)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.forks_first = self.n > 1 and self.num_prompt_tokens > 1
 
     @property
     def finished(self) -> bool:
@@ -73,11 +70,12 @@ class Sequence:
     # Whether the executor holds a mirror of it (to be dropped when it leaves).
     on_executor: bool = False
     forked: bool = False
+    seq_id: str = field(init=False)
 
-    @property
-    def seq_id(self) -> str:
-        return self.request.request_id if self.request.n == 1 else \
-            f"{self.request.request_id}/{self.index}"
+    def __post_init__(self) -> None:
+        request = self.request
+        self.seq_id = request.request_id if request.n == 1 else \
+            f"{request.request_id}/{self.index}"
 
     @property
     def num_output_tokens(self) -> int:

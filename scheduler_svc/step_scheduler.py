@@ -132,8 +132,9 @@ class StepScheduler:
         any sequence had to be preempted."""
         preempted = False
         scheduled: set[int] = set()
-        decodes = [s for s in self.running if s.compute_target() - s.num_computed == 1]
-        prefills = [s for s in self.running if s.compute_target() - s.num_computed != 1]
+        decodes, prefills = [], []
+        for seq in self.running:
+            (decodes if seq.compute_target() - seq.num_computed == 1 else prefills).append(seq)
         contended = len(prefills) + len(self.waiting) > 1
         for seq in decodes + prefills:
             if not budget.seqs_left:
