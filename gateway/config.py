@@ -15,4 +15,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port of the OpenAI-compatible HTTP API")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
                         help="port of the public gRPC Generation API")
+    parser.add_argument("--scheduler-address", default="127.0.0.1:50052",
+                        help="host:port of the scheduler")
+    add_api_key_argument(parser)
+    parser.add_argument("--tokenizer", default=None,
+                        help="local tokenizer directory; unset: the tokenizer files the "
+                             "scheduler relays from an executor (no model volume needed)")
     add_common_flags(parser)
+
+
+def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
+    """Shared with `pagedserve up`, which passes it on to the gateway."""
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer <key>` on every API route and gRPC "
+                             "method (health, readiness and metrics stay open); unset: no auth")

@@ -1,14 +1,294 @@
-"""The OpenAI-compatible HTTP API (FastAPI). The endpoints beyond liveness arrive with issue 5."""
+"""The OpenAI-compatible HTTP API (FastAPI): completions and chat completions (streamed as
+server-sent events or not), models, tokenize / detokenize, liveness and readiness. Every error
+is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}."""
 
-from fastapi import FastAPI
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.generation import ChoiceDelta, Usage, generate
+from gateway.metrics import METRICS
+from gateway.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
+from gateway.prompts import chat_prompt_ids, check_length, check_token_ids
+from gateway.scheduler_client import GatewayError, SchedulerClient, ServedModel
+from pagedserve.v1 import common_pb2
+
+# Readiness: an executor that has work and returned nothing for this long is wedged.
+STALL_S = 60.0
+DISCONNECT_POLL_S = 0.2
+
+log = structlog.get_logger(__name__)
 
 
-def create_app() -> FastAPI:
+def error_response(status: int, message: str, error_type: str, param: str | None = None):
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": error_type, "param": param, "code": status}})
+
+
+def create_app(client: SchedulerClient) -> FastAPI:
     app = FastAPI(title="pagedserve", summary="OpenAI-compatible LLM serving")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        location = [str(part) for part in first["loc"] if part != "body"]
+        param = ".".join(location) or None
+        return error_response(400, f"{param or 'body'}: {first['msg']}",
+                              "invalid_request_error", param)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_request: Request, exc: GatewayError):
+        return error_response(exc.status, exc.message, exc.error_type, exc.param)
 
     @app.get("/health")
     async def health() -> dict:
         """Liveness: the gateway process answers."""
         return {"status": "ok"}
 
+    @app.get("/ready")
+    async def ready():
+        """Readiness: the scheduler answers, an executor is registered, none is wedged."""
+        try:
+            stats = await client.stats(timeout=2.0)
+        except GatewayError as exc:
+            return error_response(503, exc.message, "service_unavailable")
+        if not stats.executors:
+            return error_response(503, "no executor is registered", "service_unavailable")
+        stalled = [e.executor_id for e in stats.executors if e.seconds_since_progress > STALL_S]
+        if stalled:
+            return error_response(503, f"executors not progressing: {stalled}",
+                                  "service_unavailable")
+        return {"status": "ready", "executors": len(stats.executors)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition: the gateway's metrics and the scheduler's state."""
+        try:
+            stats = await client.stats(timeout=2.0)
+        except GatewayError:
+            stats = None  # the gateway's own metrics are still worth scraping
+        return Response(METRICS.exposition(stats), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        served = await client.model()
+        return {"object": "list", "data": [{
+            "id": served.info.model_id, "object": "model", "created": 0,
+            "owned_by": "pagedserve", "max_model_len": served.info.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        served = await client.model(body.model or "")
+        if body.messages is not None:
+            ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
+        elif body.prompt is not None:
+            ids = served.tokenizer(body.prompt,
+                                   add_special_tokens=body.add_special_tokens).input_ids
+        else:
+            raise GatewayError(400, "prompt or messages is required", "invalid_request_error",
+                               "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.info.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        served = await client.model(body.model or "")
+        check_token_ids(served, body.tokens, "tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        served = await client.model(body.model or "")
+        prompts = [served.tokenizer(p).input_ids if isinstance(p, str) else p
+                   for p in body.prompts()]
+        for ids in prompts:
+            check_token_ids(served, ids, "prompt")
+            check_length(served, len(ids), body.max_tokens)
+        sampling = body.sampling_params(body.max_tokens, body.logprobs)
+        return await respond(request, body, served, CompletionFormat(served, body, prompts),
+                             prompts, sampling)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        served = await client.model(body.model or "")
+        ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
+                              body.add_generation_prompt)
+        check_length(served, len(ids), body.max_output_tokens())
+        sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
+        return await respond(request, body, served, ChatFormat(served), [ids], sampling)
+
+    async def respond(request: Request, body: SamplingFields, served: ServedModel, fmt,
+                      prompts: list[list[int]], sampling: common_pb2.SamplingParams):
+        request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        usages = [Usage() for _ in prompts]
+        n = max(1, sampling.n)
+
+        async def deltas() -> AsyncIterator[ChoiceDelta]:
+            # Several prompts: choices are numbered prompt by prompt (OpenAI's order).
+            for p, ids in enumerate(prompts):
+                async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
+                                             usages[p]):
+                    choice.index += p * n
+                    yield choice
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(fmt, request_id, deltas(), usages, include_usage),
+                                     media_type="text/event-stream")
+        collected = await until_disconnected(request, collect(deltas()))
+        if collected is None:
+            log.info("client disconnected; request aborted")
+            return JSONResponse(status_code=499, content={})
+        return fmt.full_response(request_id, collected, total_usage(usages))
+
     return app
+
+
+async def until_disconnected(request: Request, work):
+    """The result of `work`, or None (with `work` cancelled) if the client goes away first:
+    a non-streamed request must not run on for nobody."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            return None
+    return task.result()
+
+
+async def collect(deltas: AsyncIterator[ChoiceDelta]) -> dict[int, ChoiceDelta]:
+    choices: dict[int, ChoiceDelta] = {}
+    async for delta in deltas:
+        choice = choices.setdefault(delta.index, ChoiceDelta(delta.index, "", [], []))
+        choice.text += delta.text
+        choice.token_ids += delta.token_ids
+        choice.logprobs += delta.logprobs
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+    return choices
+
+
+def total_usage(usages: list[Usage]) -> dict:
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)}}
+
+
+async def sse(fmt, request_id: str, deltas: AsyncIterator[ChoiceDelta], usages: list[Usage],
+              include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for delta in deltas:
+            yield f"data: {json.dumps(fmt.chunk(request_id, delta))}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps(fmt.usage_chunk(request_id, total_usage(usages)))}\n\n"
+    except GatewayError as exc:
+        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.error_type, 'param': exc.param, 'code': exc.status}})}\n\n"  # noqa: E501
+    yield "data: [DONE]\n\n"
+
+
+class CompletionFormat:
+    id_prefix = "cmpl"
+
+    def __init__(self, served: ServedModel, body: CompletionRequest, prompts: list[list[int]]):
+        self.served, self.body, self.prompts = served, body, prompts
+        self.created = int(time.time())
+
+    def _logprobs(self, choice: ChoiceDelta) -> dict | None:
+        if self.body.logprobs is None:
+            return None
+        decode = self.served.tokenizer.decode
+        return {"tokens": [decode([t]) for t in choice.token_ids],
+                "token_logprobs": [lp.chosen.logprob for lp in choice.logprobs],
+                "top_logprobs": [{decode([t.token_id]): t.logprob for t in lp.top}
+                                 for lp in choice.logprobs],
+                "text_offset": []}
+
+    def _text(self, choice: ChoiceDelta, first: bool) -> str:
+        if self.body.echo and first:
+            prompt = self.prompts[choice.index // max(1, self.body.n)]
+            return self.served.tokenizer.decode(prompt) + choice.text
+        return choice.text
+
+    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
+                      usage: dict) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": i, "text": self._text(c, True),
+                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
+                            for i, c in sorted(choices.items())],
+                "usage": usage}
+
+    def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": delta.index, "text": delta.text,
+                             "logprobs": self._logprobs(delta),
+                             "finish_reason": delta.finish_reason}]}
+
+    def usage_chunk(self, request_id: str, usage: dict) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": self.created,
+                "model": self.served.info.model_id, "choices": [], "usage": usage}
+
+
+class ChatFormat:
+    id_prefix = "chatcmpl"
+
+    def __init__(self, served: ServedModel):
+        self.served = served
+        self.created = int(time.time())
+        self._started: set[int] = set()
+
+    def _logprobs(self, choice: ChoiceDelta) -> dict | None:
+        if not choice.logprobs:
+            return None
+        decode = self.served.tokenizer.decode
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(lp.chosen.token_id, lp.chosen.logprob),
+                             "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
+                            for lp in choice.logprobs]}
+
+    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
+                      usage: dict) -> dict:
+        return {"id": request_id, "object": "chat.completion", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": i,
+                             "message": {"role": "assistant", "content": c.text},
+                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
+                            for i, c in sorted(choices.items())],
+                "usage": usage}
+
+    def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
+        message = {"content": delta.text}
+        if delta.index not in self._started:  # the first chunk of a choice names the role
+            self._started.add(delta.index)
+            message = {"role": "assistant", **message}
+        return {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": delta.index, "delta": message,
+                             "logprobs": self._logprobs(delta),
+                             "finish_reason": delta.finish_reason}]}
+
+    def usage_chunk(self, request_id: str, usage: dict) -> dict:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.served.info.model_id, "choices": [], "usage": usage}

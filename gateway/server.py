@@ -5,8 +5,13 @@ import asyncio
 import contextlib
 
 import uvicorn
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
 
+from gateway.auth import ApiKeyInterceptor, require_api_key
+from gateway.grpc_api import GenerationService
 from gateway.http_api import create_app
+from gateway.scheduler_client import SchedulerClient
 from pagedserve.log import configure_logging
 from pagedserve.serving import GrpcServer, StartupError, run_service, wait_for_stop_signal
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
@@ -23,12 +28,20 @@ class _HttpServer(uvicorn.Server):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    http = _HttpServer(uvicorn.Config(create_app(), host=args.host, port=args.http_port,
+    client = SchedulerClient(args.scheduler_address, args.tokenizer)
+    app = create_app(client)
+    interceptors = []
+    if args.api_key:
+        require_api_key(app, args.api_key)
+        interceptors.append(ApiKeyInterceptor(args.api_key))
+    http = _HttpServer(uvicorn.Config(app, host=args.host, port=args.http_port,
                                       log_config=None, access_log=False, lifespan="off"))
-    grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}")
-    # The Generation RPCs answer UNIMPLEMENTED until issue 5; health answers now.
-    generation_pb2_grpc.add_GenerationServicer_to_server(
-        generation_pb2_grpc.GenerationServicer(), grpc_server.server)
+    grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}", interceptors)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(client),
+                                                         grpc_server.server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], grpc_server.server)
     http_task = asyncio.create_task(http.serve())
     while not http.started:
         if http_task.done():  # uvicorn exits (SystemExit) when it cannot bind
@@ -42,6 +55,7 @@ async def serve(args: argparse.Namespace) -> None:
     await grpc_server.stop()
     http.should_exit = True
     await http_task
+    await client.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The services' flag modules are light (no torch): `up` shares their defaults.
     from executor_svc.config import DEFAULT_PORT as EXECUTOR_PORT
     from executor_svc.config import add_engine_arguments, add_model_arguments
-    from gateway.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+    from gateway.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, add_api_key_argument
     from scheduler_svc.config import DEFAULT_PORT as SCHEDULER_PORT
 
     parser.add_argument("--host", default="127.0.0.1",
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "start converts the default model)")
     add_model_arguments(parser)
     add_engine_arguments(parser)
+    add_api_key_argument(parser)
     add_common_flags(parser)
 
 
@@ -68,6 +70,8 @@ class Child:
     # True once the child serves; called repeatedly while starting.
     probes: list[Callable[[], bool]]
     url: str
+    # Added to the inherited environment.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def exited(self) -> bool:
@@ -131,11 +135,13 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     http_url = f"http://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
     gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
-                    "--grpc-port", str(args.grpc_port)]
+                    "--grpc-port", str(args.grpc_port), "--scheduler-address", scheduler]
+    # The key travels in the environment, not on a command line that `ps` shows.
+    gateway_env = {"PAGEDSERVE_API_KEY": args.api_key} if args.api_key else {}
     children.append(Child("gateway", gateway_argv,
                           [grpc_health_probe(grpc_address),
                            http_health_probe(f"{http_url}/health")],
-                          f"{http_url}/v1 (HTTP), {grpc_address} (gRPC)"))
+                          f"{http_url}/v1 (HTTP), {grpc_address} (gRPC)", env=gateway_env))
     return children
 
 
@@ -147,7 +153,8 @@ def _die_with_parent() -> None:
 def start(children: list[Child]) -> None:
     for child in children:
         child.process = subprocess.Popen(child.argv, process_group=0, preexec_fn=_die_with_parent,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **child.env})
         log.info("started", process=child.name, pid=child.process.pid)
 
 

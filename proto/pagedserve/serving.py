@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 import structlog
@@ -33,9 +33,9 @@ class StartupError(Exception):
 class GrpcServer:
     """A grpc.aio server that reports SERVING on grpc.health.v1 once started."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.address = address
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

@@ -1,0 +1,102 @@
+"""One prompt through the scheduler, as the client sees it: token deltas become text deltas per
+choice (incremental detokenization, stop strings), with the usage counts at the end. Shared by
+the HTTP API and the public gRPC API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gateway.detokenizer import IncrementalDetokenizer
+from gateway.metrics import METRICS
+from gateway.scheduler_client import SchedulerClient, ServedModel
+from pagedserve.v1 import common_pb2, scheduler_pb2
+
+FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                  common_pb2.FINISH_REASON_ABORT: "abort"}
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[common_pb2.PositionLogprobs]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
+
+
+async def generate(client: SchedulerClient, served: ServedModel, request_id: str,
+                   prompt_token_ids: list[int], sampling: common_pb2.SamplingParams,
+                   usage: Usage, priority: int = 0) -> AsyncIterator[ChoiceDelta]:
+    """Choice deltas of one prompt; `usage` is filled in as the stream goes. Ends when every
+    choice has finished; a stop string ends its choice at once (the rest of the request is
+    aborted when the last choice is done)."""
+    n = max(1, sampling.n)
+    skip_special = sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") \
+        else True
+    detokenizers = [IncrementalDetokenizer(served.tokenizer, prompt_token_ids,
+                                           skip_special_tokens=skip_special,
+                                           stop=list(sampling.stop),
+                                           include_stop_str_in_output=sampling
+                                           .include_stop_str_in_output)
+                    for _ in range(n)]
+    finished = [False] * n
+    usage.prompt_tokens = len(prompt_token_ids)
+    METRICS.prompt_tokens.inc(len(prompt_token_ids))
+    started = time.monotonic()
+    last_token_at: list[float | None] = [None] * n
+    submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
+                                         prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                         priority=priority)
+    async for delta in client.generate(submit):
+        if delta.num_prompt_tokens:
+            usage.cached_tokens = delta.num_cached_prompt_tokens
+            usage.prompt_logprobs = list(delta.prompt_logprobs)
+        i = delta.seq_index
+        if finished[i]:
+            continue
+        usage.completion_tokens += len(delta.token_ids)
+        _observe_tokens(last_token_at, i, len(delta.token_ids), started)
+        detokenizer = detokenizers[i]
+        choice = ChoiceDelta(index=i, text=detokenizer.add(delta.token_ids),
+                             token_ids=list(delta.token_ids), logprobs=list(delta.logprobs))
+        if detokenizer.stopped:
+            choice.finish_reason, choice.stop_reason = "stop", detokenizer.stop_reason
+        elif delta.finish_reason:
+            choice.text += detokenizer.finish()
+            choice.finish_reason = FINISH_REASONS.get(delta.finish_reason, "stop")
+            if delta.HasField("stop_token_id"):
+                choice.stop_reason = delta.stop_token_id
+        finished[i] = choice.finish_reason is not None
+        if finished[i]:
+            METRICS.requests_finished.labels(choice.finish_reason).inc()
+            if all(finished):
+                METRICS.e2e_request_latency.observe(time.monotonic() - started)
+        yield choice
+        if all(finished):
+            return  # leaving cancels the scheduler call: nothing keeps running
+
+
+def _observe_tokens(last_token_at: list[float | None], index: int, count: int,
+                    started: float) -> None:
+    if not count:
+        return
+    now = time.monotonic()
+    METRICS.generation_tokens.inc(count)
+    previous = last_token_at[index]
+    if previous is None:
+        if all(t is None for t in last_token_at):
+            METRICS.time_to_first_token.observe(now - started)
+    else:
+        METRICS.inter_token_latency.observe((now - previous) / count)
+    last_token_at[index] = now

@@ -1,0 +1,82 @@
+"""Prometheus metrics (prefix `pagedserve_`; names are a stable interface for dashboards).
+
+The gateway measures what clients see (latencies, token and request counts, by finish reason);
+the scheduler's state (queue, KV blocks per executor, prefix cache, preemptions) is pulled from
+its GetStats at scrape time and exposed here too, so one scrape of the gateway covers both.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pagedserve.v1 import scheduler_pb2
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.prompt_tokens = Counter("pagedserve_prompt_tokens", "Prompt tokens of requests",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("pagedserve_generation_tokens",
+                                         "Generated tokens streamed to clients",
+                                         registry=self.registry)
+        self.requests_finished = Counter("pagedserve_requests_finished",
+                                         "Finished sequences (choices) by finish reason",
+                                         ["finish_reason"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "pagedserve_time_to_first_token_seconds", "Time from arrival to the first token",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            "pagedserve_inter_token_latency_seconds", "Time between a choice's tokens",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e_request_latency = Histogram(
+            "pagedserve_e2e_request_latency_seconds", "Time from arrival to the last token",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def exposition(self, stats: scheduler_pb2.SchedulerStats | None) -> bytes:
+        """The gateway's metrics, then the scheduler's (omitted when it did not answer)."""
+        text = generate_latest(self.registry)
+        if stats is not None:
+            snapshot = CollectorRegistry()
+            snapshot.register(_SchedulerCollector(stats))
+            text += generate_latest(snapshot)
+        return text
+
+
+class _SchedulerCollector:
+    def __init__(self, stats: scheduler_pb2.SchedulerStats):
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats
+        yield GaugeMetricFamily("pagedserve_requests_running", "Sequences being computed",
+                                value=stats.num_running)
+        yield GaugeMetricFamily("pagedserve_requests_waiting", "Sequences queued",
+                                value=stats.num_waiting)
+        total = GaugeMetricFamily("pagedserve_kv_blocks_total", "KV blocks in the pool",
+                                  labels=["executor"])
+        free = GaugeMetricFamily("pagedserve_kv_blocks_free",
+                                 "KV blocks no request holds (cached ones included)",
+                                 labels=["executor"])
+        cached = GaugeMetricFamily("pagedserve_kv_blocks_cached_free",
+                                   "Free KV blocks still in the prefix cache",
+                                   labels=["executor"])
+        for executor in stats.executors:
+            total.add_metric([executor.executor_id], executor.total_blocks)
+            free.add_metric([executor.executor_id], executor.free_blocks)
+            cached.add_metric([executor.executor_id], executor.cached_free_blocks)
+        yield from (total, free, cached)
+        for name, doc, value in (
+                ("pagedserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
+                 "prefix cache", stats.prefix_cache_queried_tokens),
+                ("pagedserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                 stats.prefix_cache_hit_tokens),
+                ("pagedserve_preemptions", "Sequences preempted", stats.num_preemptions),
+                ("pagedserve_scheduler_steps", "Steps planned", stats.num_steps)):
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+METRICS = GatewayMetrics()

@@ -1,0 +1,105 @@
+"""The gateway's side of the Scheduler service: the served model (and its tokenizer, relayed
+from an executor), token streams, and stats. Scheduler errors become `GatewayError`s carrying
+the HTTP status and OpenAI error type the API answers with."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from pagedserve.serving import GRPC_OPTIONS
+from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+# Seconds to wait for the scheduler to answer a unary call; a stream waits for its tokens.
+UNARY_TIMEOUT_S = 10.0
+
+_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str, error_type: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.param = status, message, error_type, param
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
+    status, error_type = _STATUS.get(exc.code(), (500, "internal_error"))
+    message = exc.details() or exc.code().name
+    if exc.code() is grpc.StatusCode.UNAVAILABLE and "connect" in message.lower():
+        message = f"the scheduler is unreachable ({message})"
+    return GatewayError(status, message, error_type)
+
+
+@dataclass
+class ServedModel:
+    info: common_pb2.ModelInfo
+    tokenizer: object  # a transformers tokenizer
+
+
+class SchedulerClient:
+    def __init__(self, address: str, tokenizer_path: str | None = None):
+        self.address = address
+        self.tokenizer_path = tokenizer_path
+        self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._models: dict[str, ServedModel] = {}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def model(self, name: str = "") -> ServedModel:
+        """The served model `name` ("" = the only one), its tokenizer built once."""
+        if name in self._models:
+            return self._models[name]
+        try:
+            reply = await self._stub.GetModel(scheduler_pb2.GetModelRequest(model=name),
+                                              timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            if error.status == 404:
+                error.param = "model"
+            raise error from None
+        tokenizer = await asyncio.to_thread(self._load_tokenizer, reply.tokenizer.files)
+        served = ServedModel(info=reply.model, tokenizer=tokenizer)
+        self._models[name] = self._models[reply.model.model_id] = served
+        return served
+
+    def _load_tokenizer(self, files: dict[str, bytes]):
+        from transformers import AutoTokenizer  # heavy; only once per model
+
+        if self.tokenizer_path:
+            return AutoTokenizer.from_pretrained(self.tokenizer_path)
+        with tempfile.TemporaryDirectory(prefix="pagedserve-tokenizer-") as directory:
+            for name, content in files.items():
+                (pathlib.Path(directory) / name).write_bytes(content)
+            return AutoTokenizer.from_pretrained(directory)
+
+    async def generate(self, request: scheduler_pb2.SubmitRequest
+                       ) -> AsyncIterator[scheduler_pb2.TokenDelta]:
+        """The request's token deltas; leaving the iteration early (client gone, stop string)
+        cancels the call, which aborts the request on the scheduler."""
+        call = self._stub.Submit(request)
+        try:
+            async for delta in call:
+                yield delta
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def stats(self, timeout: float = UNARY_TIMEOUT_S) -> scheduler_pb2.SchedulerStats:
+        try:
+            return await self._stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None

@@ -1,0 +1,279 @@
+"""The OpenAI-compatible HTTP API of a real `pagedserve up` stack (tiny model), through the
+official `openai` client: completions and chat, streamed and not, n > 1, stop strings, seeds,
+logprobs, usage; greedy text equals what `transformers` generates; errors in OpenAI's shape;
+a disconnected stream frees its blocks."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.conftest import free_ports
+from tests.test_up import free_consecutive_ports
+
+pytestmark = pytest.mark.slow
+
+
+class Stack(str):
+    """The gateway's base URL, also knowing the scheduler's address."""
+
+    def __new__(cls, base: str, scheduler: str, grpc_address: str):
+        stack = super().__new__(cls, base)
+        stack.scheduler, stack.grpc = scheduler, grpc_address
+        return stack
+
+    def stats(self) -> scheduler_pb2.SchedulerStats:
+        with grpc.insecure_channel(self.scheduler) as channel:
+            return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
+                scheduler_pb2.GetStatsRequest(), timeout=5)
+
+    def wait_until_all_blocks_free(self, timeout: float = 15) -> scheduler_pb2.SchedulerStats:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if all(e.free_blocks == e.total_blocks for e in stats.executors):
+                return stats
+            assert time.monotonic() < deadline, "an aborted request kept its blocks"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama_dir, tmp_path_factory):
+    http, grpc_port, scheduler = free_ports(3)
+    executor = free_consecutive_ports(1)
+    log = (tmp_path_factory.mktemp("stack") / "log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "up", "--model", str(tiny_llama_dir),
+         "--http-port", str(http), "--grpc-port", str(grpc_port), "--scheduler-port",
+         str(scheduler), "--executor-port", str(executor), "--kv-cache-gib", "0.01",
+         "--log-format", "json"], stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.monotonic() + 120
+    while "pagedserve is up" not in process.stdout.readline():
+        assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
+    base = f"http://127.0.0.1:{http}"
+    while True:  # ready once the executor registered
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=2):
+                break
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline, "stack not ready"
+            time.sleep(0.2)
+    yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}")
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+    def greedy(prompt_ids: list[int], max_tokens: int) -> str:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False)
+        return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+    return tokenizer, greedy
+
+
+def test_models_lists_the_served_model(client, tiny_llama_dir):
+    assert [m.id for m in client.models.list().data] == [tiny_llama_dir.name]
+
+
+def test_completion_matches_transformers_streamed_or_not(client, reference, tiny_llama_dir):
+    tokenizer, greedy = reference
+    prompt = "the cat in a hat"
+    expected = greedy(tokenizer(prompt).input_ids, 12)
+    reply = client.completions.create(model=tiny_llama_dir.name, prompt=prompt, max_tokens=12,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == expected
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt).input_ids)
+    stream = client.completions.create(model=tiny_llama_dir.name, prompt=prompt, max_tokens=12,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_streamed_equals_not_streamed(client, tiny_llama_dir):
+    messages = [{"role": "user", "content": "héllo 😀 世界"}]
+    reply = client.chat.completions.create(model=tiny_llama_dir.name, messages=messages,
+                                           max_tokens=10, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(model=tiny_llama_dir.name, messages=messages,
+                                            max_tokens=10, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == reply.choices[0].message.content
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_n_seed_and_logprobs(client, tiny_llama_dir):
+    kwargs = dict(model=tiny_llama_dir.name, prompt="in the", max_tokens=8, temperature=1.0,
+                  n=3, seed=11, logprobs=2, extra_body={"ignore_eos": True})
+    first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len(first.choices) == 3 and first.usage.completion_tokens == 24
+    logprobs = first.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+
+
+def test_stop_string_ends_the_choice(client, reference, tiny_llama_dir):
+    tokenizer, greedy = reference
+    prompt = "the cat"
+    full = greedy(tokenizer(prompt).input_ids, 16)
+    stop = full[5:8]
+    reply = client.completions.create(model=tiny_llama_dir.name, prompt=prompt, max_tokens=16,
+                                      temperature=0, stop=[stop],
+                                      extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def post(stack, path, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{stack}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "logprobs": 99}, "logprobs"),
+    ({"prompt": [10**7]}, "prompt"),
+    ({"max_tokens": 4}, "prompt"),
+    ({"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+])
+def test_bad_requests_are_400_naming_the_field(stack, body, param):
+    status, reply = post(stack, "/v1/completions", body)
+    assert status == 400, reply
+    assert reply["error"]["param"] == param
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+
+
+def test_malformed_json_and_unknown_model(stack):
+    status, reply = post(stack, "/v1/completions", b"{not json")
+    assert status == 400 and reply["error"]["message"]
+    status, reply = post(stack, "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404 and reply["error"]["param"] == "model"
+
+
+def test_a_disconnected_stream_frees_its_blocks(stack, tiny_llama_dir):
+    steps_before = stack.stats().num_steps
+    request = urllib.request.Request(
+        f"{stack}/v1/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"prompt": "the cat", "max_tokens": 200, "stream": True,
+                         "ignore_eos": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        reply.readline()  # the first event arrived: the request is running
+    stats = stack.wait_until_all_blocks_free()
+    # Aborted, not run to the end: 200 tokens would have taken about 200 steps.
+    assert stats.num_steps - steps_before < 100
+
+
+def test_grpc_generate_matches_http_and_cancel_aborts(stack, client, tiny_llama_dir):
+    from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+    http = client.completions.create(model=tiny_llama_dir.name, prompt="the cat", max_tokens=10,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    with grpc.insecure_channel(stack.grpc) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        replies = list(stub.Generate(generation_pb2.GenerateRequest(
+            text="the cat", sampling=common_pb2.SamplingParams(
+                temperature=0, max_tokens=10, ignore_eos=True)), timeout=60))
+        assert "".join(c.text for r in replies for c in r.choices) == http.choices[0].text
+        assert replies[-1].usage.completion_tokens == 10
+        assert replies[-2].choices[0].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        models = stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10)
+        assert models.models[0].model_id == tiny_llama_dir.name
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.Generate(generation_pb2.GenerateRequest(
+                text="x", sampling=common_pb2.SamplingParams(top_p=2.0)), timeout=10))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sampling.top_p" in error.value.details()
+
+        steps_before = stack.stats().num_steps
+        call = stub.Generate(generation_pb2.GenerateRequest(
+            text="the cat", sampling=common_pb2.SamplingParams(max_tokens=200, ignore_eos=True)),
+            timeout=60)
+        next(call)
+        call.cancel()
+    stats = stack.wait_until_all_blocks_free()
+    assert stats.num_steps - steps_before < 100
+
+
+def test_metrics_cover_gateway_and_scheduler(stack, client, tiny_llama_dir):
+    client.completions.create(model=tiny_llama_dir.name, prompt="the cat", max_tokens=3,
+                              temperature=0, extra_body={"ignore_eos": True})
+    with urllib.request.urlopen(f"{stack}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for name in ("pagedserve_requests_running", "pagedserve_requests_waiting",
+                 "pagedserve_kv_blocks_total", "pagedserve_kv_blocks_free",
+                 "pagedserve_prefix_cache_queried_tokens_total",
+                 "pagedserve_prefix_cache_hit_tokens_total", "pagedserve_preemptions_total",
+                 "pagedserve_prompt_tokens_total", "pagedserve_generation_tokens_total",
+                 'pagedserve_requests_finished_total{finish_reason="length"}',
+                 "pagedserve_time_to_first_token_seconds_bucket",
+                 "pagedserve_inter_token_latency_seconds_bucket",
+                 "pagedserve_e2e_request_latency_seconds_count"):
+        assert name in text, name
+    generated = next(line for line in text.splitlines()
+                     if line.startswith("pagedserve_generation_tokens_total"))
+    assert float(generated.split()[-1]) >= 3
+
+
+def test_scheduler_unreachable_is_503_at_once(tmp_path):
+    http, grpc_port, dead = free_ports(3)
+    log = (tmp_path / "gateway.log").open("w")
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "gateway", "--http-port", str(http),
+         "--grpc-port", str(grpc_port), "--scheduler-address", f"127.0.0.1:{dead}"],
+        stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "gateway did not start"
+                time.sleep(0.2)
+        started = time.monotonic()
+        status, reply = post(base, "/v1/completions", {"prompt": "hello"})
+        assert status == 503 and "unreachable" in reply["error"]["message"]
+        assert time.monotonic() - started < 5
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{base}/ready", timeout=5)
+        assert error.value.code == 503
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
