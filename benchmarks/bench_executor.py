@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from machine_info import cpu_info
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -276,24 +277,6 @@ def bench_prefill(paged: PagedEngine, hf: TransformersEngine, vocab: int,
 
 
 # --- report -----------------------------------------------------------------------------------
-
-def cpu_info() -> tuple[str, int | None]:
-    """CPU model name and physical core count, from /proc/cpuinfo where there is one."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), None
-    model, cores, physical = None, set(), None
-    for line in text.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "model name" and model is None:
-            model = value
-        elif key == "physical id":
-            physical = value
-        elif key == "core id":
-            cores.add((physical, value))
-    return model or platform.processor() or platform.machine(), len(cores) or None
-
 
 def machine_lines(args: argparse.Namespace, model_dir: pathlib.Path, attn_impl: str) -> list[str]:
     cpu, physical = cpu_info()

@@ -66,6 +66,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from machine_info import cpu_info
+
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 from scheduler_svc.admission import PoolLimits, admit_request
 from scheduler_svc.block_manager import BlockManager
@@ -608,24 +610,6 @@ def bench_kv(args: argparse.Namespace) -> list[str]:
 
 
 # --- report -----------------------------------------------------------------------------------
-
-def cpu_info() -> tuple[str, int | None]:
-    """CPU model name and physical core count, from /proc/cpuinfo where there is one."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), None
-    model, cores, physical = None, set(), None
-    for line in text.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "model name" and model is None:
-            model = value
-        elif key == "physical id":
-            physical = value
-        elif key == "core id":
-            cores.add((physical, value))
-    return model or platform.processor() or platform.machine(), len(cores) or None
-
 
 def machine_lines() -> list[str]:
     import torch

@@ -2,9 +2,14 @@
 
 import pathlib
 import socket
+import subprocess
+import sys
+import time
 
+import grpc
 import pytest
 
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 from tests.tiny_models import save_tiny_llama
 
 
@@ -20,6 +25,29 @@ def default_model(tmp_path_factory):
     from executor_svc.model_files import resolve_model
 
     return resolve_model(None, tmp_path_factory.mktemp("model-cache"))
+
+
+def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
+                   timeout: float = 120):
+    """`pagedserve executor` on a free port, once it answers Describe:
+    (process, address, description)."""
+    (port,) = free_ports(1)
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "executor", "--port", str(port), "--model",
+         str(model_dir), "--log-format", "json", *flags], stdout=log, stderr=log)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = executor_pb2_grpc.ExecutorStub(channel)
+        while True:
+            try:
+                return process, address, stub.Describe(executor_pb2.DescribeRequest(),
+                                                       timeout=2)
+            except grpc.RpcError:
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "executor did not start"
+                time.sleep(0.2)
 
 
 def free_ports(count: int) -> list[int]:

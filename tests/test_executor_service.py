@@ -2,8 +2,6 @@
 malformed plan is answered with an error and the stream goes on, a newer stream supersedes an
 older one) and self-registration with a scheduler that starts late and later forgets it."""
 
-import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
@@ -20,7 +18,7 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.conftest import free_ports
+from tests.conftest import free_ports, start_executor
 
 pytestmark = pytest.mark.slow
 
@@ -47,25 +45,13 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
 @pytest.fixture
 def executor(tiny_llama_dir, tmp_path):
-    port, scheduler_port = free_ports(2)
-    log = (tmp_path / "executor.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagedserve", "executor", "--port", str(port),
-         "--model", str(tiny_llama_dir), "--kv-cache-gib", "0.01", "--block-size", "4",
-         "--scheduler-address", f"127.0.0.1:{scheduler_port}", "--log-format", "json"],
-        stdout=log, stderr=log)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    (scheduler_port,) = free_ports(1)
+    process, address, description = start_executor(
+        tiny_llama_dir, tmp_path / "executor.log", "--kv-cache-gib", "0.01", "--block-size",
+        "4", "--scheduler-address", f"127.0.0.1:{scheduler_port}")
+    channel = grpc.insecure_channel(address)
     stub = executor_pb2_grpc.ExecutorStub(channel)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            description = stub.Describe(executor_pb2.DescribeRequest(), timeout=2)
-            break
-        except grpc.RpcError:
-            assert process.poll() is None, (tmp_path / "executor.log").read_text()
-            assert time.monotonic() < deadline, "executor did not start"
-            time.sleep(0.2)
-    yield stub, description, scheduler_port, port
+    yield stub, description, scheduler_port, int(address.rsplit(":", 1)[1])
     channel.close()
     process.terminate()
     assert process.wait(timeout=30) == 0

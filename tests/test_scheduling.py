@@ -4,20 +4,16 @@ mixed requests, chunked prefill within the budget, preemption under memory press
 hits, parallel sampling, and aborts that free their blocks."""
 
 import asyncio
-import subprocess
-import sys
-import time
 
-import grpc
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve.offline import LLM
-from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from pagedserve.v1 import common_pb2
 from scheduler_svc.admission import admit_request
 from scheduler_svc.executor_handle import GrpcExecutorHandle
-from tests.conftest import free_ports
+from tests.conftest import start_executor
 
 BLOCK = 4
 BYTES_PER_BLOCK = 2 * 2 * BLOCK * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x dim x f32
@@ -97,23 +93,10 @@ def make_llm(request, tiny_llama_dir, tmp_path_factory):
 
 
 def _grpc_llm(model_dir, tmp_path_factory, processes, engine, overlap) -> LLM:
-    (port,) = free_ports(1)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
-    log = (tmp_path_factory.mktemp("executor") / "log").open("w")
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "pagedserve", "executor", "--port", str(port), "--model",
-         str(model_dir), "--log-format", "json", *flags], stdout=log, stderr=log))
-    address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        stub = executor_pb2_grpc.ExecutorStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                description = stub.Describe(executor_pb2.DescribeRequest(), timeout=2)
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline and processes[-1].poll() is None
-                time.sleep(0.2)
+    process, address, description = start_executor(
+        model_dir, tmp_path_factory.mktemp("executor") / "log", *flags)
+    processes.append(process)
     llm = LLM.__new__(LLM)
     llm._attach(model_dir, description, lambda: GrpcExecutorHandle(address),
                 enable_prefix_caching=True, overlap=overlap)

@@ -1,0 +1,295 @@
+"""Microservice overhead: the same workload through `pagedserve up`'s HTTP API and in-process.
+
+Both engines run the same model (default: the embedded SmolLM2-135M-Instruct, float32) on the
+same machine, in one run of this script:
+
+- **offline**: ``pagedserve.offline.LLM`` (scheduler and executor in this process, no gRPC).
+  ``LLM()`` is built once (not timed) and warmed up with a small generate (not timed); then one
+  ``generate`` call over all prompts is timed.
+- **HTTP**: ``pagedserve up`` as a subprocess (gateway -> scheduler -> executor, each its own
+  process, on free loopback ports). Once the "pagedserve is up" line is printed and GET /ready
+  answers 200, a small warm-up request is sent (not timed); then every request is sent
+  concurrently to POST /v1/completions (``prompt`` = the token ids, ``max_tokens``,
+  ``temperature`` 0, ``ignore_eos``) with httpx2 (the httpx API; what this venv has), timed
+  from the first send to the last response.
+  Each response's ``usage.completion_tokens`` must equal the requested length. The stack is
+  stopped with SIGTERM at the end.
+
+Workload: ``--num-prompts`` (default 32) prompts of random token ids (``--seed``) with lengths
+32-256, ``--output-len`` (default 64) output tokens each, greedy, ignore_eos. Output tokens/s =
+total output tokens / wall time. Target: HTTP ≥ 95% of offline. ``--repeats N`` alternates the
+two engines N times (offline first) and reports every run plus the median.
+
+Run from the repository root (on an otherwise idle machine, for numbers worth keeping):
+
+    .venv/bin/python benchmarks/bench_http_vs_offline.py
+    .venv/bin/python benchmarks/bench_http_vs_offline.py --output-markdown bench-http.md
+    .venv/bin/python benchmarks/bench_http_vs_offline.py --quick --model DIR   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import platform
+import random
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+READY_LINE = "pagedserve is up"
+TARGET = 0.95
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--min-prompt-len", type=int, default=32)
+    parser.add_argument("--max-prompt-len", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate offline and HTTP this many times")
+    parser.add_argument("--model", default=None,
+                        help="model directory or id (default: the embedded default model)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="KV cache size for both engines (default: the engine's; "
+                             "0.05 with --quick)")
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 4 prompts of 8-32 tokens, 8 output tokens")
+    parser.add_argument("--output-markdown", type=pathlib.Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.output_len = 4, 8
+        args.min_prompt_len, args.max_prompt_len = 8, 32
+        if args.kv_cache_gib is None:
+            args.kv_cache_gib = 0.05
+    return args
+
+
+def make_prompts(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
+    rng = random.Random(args.seed)
+    return [[rng.randrange(vocab_size) for _ in range(rng.randint(args.min_prompt_len,
+                                                                   args.max_prompt_len))]
+            for _ in range(args.num_prompts)]
+
+
+# --- offline ----------------------------------------------------------------------------------
+
+def build_llm(args: argparse.Namespace):
+    from pagedserve.offline import LLM
+
+    options = {} if args.kv_cache_gib is None else {"kv_cache_gib": args.kv_cache_gib}
+    return LLM(model=args.model, **options)
+
+
+def run_offline(llm, prompts: list[list[int]], output_len: int) -> float:
+    from pagedserve.v1.common_pb2 import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+              for _ in prompts]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    if lengths != [output_len] * len(prompts):
+        raise RuntimeError(f"offline: output lengths {lengths}, expected {output_len} each")
+    return wall
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Stack:
+    """`pagedserve up` in a subprocess; its output goes to a log file (a pipe nobody reads
+    would fill up and block the processes)."""
+
+    def __init__(self, args: argparse.Namespace, log_dir: pathlib.Path):
+        self.http, grpc_port, scheduler, executor = free_ports(4)
+        argv = [sys.executable, "-m", "pagedserve", "up", "--http-port", str(self.http),
+                "--grpc-port", str(grpc_port), "--scheduler-port", str(scheduler),
+                "--executor-port", str(executor), "--startup-timeout",
+                str(args.startup_timeout)]
+        if args.model is not None:
+            argv += ["--model", str(args.model)]
+        if args.kv_cache_gib is not None:
+            argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
+        self.stdout_file = log_dir / "up.stdout"
+        self.stderr_file = log_dir / "up.stderr"
+        with self.stdout_file.open("w") as out, self.stderr_file.open("w") as err:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=err,
+                                            stdin=subprocess.DEVNULL, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.http}"
+
+    def logs(self) -> str:
+        return (self.stdout_file.read_text()[-4000:] + "\n--- stderr ---\n"
+                + self.stderr_file.read_text()[-4000:])
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        import httpx2 as httpx  # the httpx API; what the venv has (openai uses it too)
+
+        deadline = time.monotonic() + timeout_s
+        while READY_LINE not in self.stdout_file.read_text():
+            self._check_alive(deadline)
+            time.sleep(0.2)
+        with httpx.Client(timeout=5.0) as client:
+            while True:
+                self._check_alive(deadline)
+                try:
+                    if client.get(f"{self.url}/ready").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+
+    def _check_alive(self, deadline: float) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"pagedserve up exited with status {self.process.returncode}:\n"
+                               + self.logs())
+        if time.monotonic() > deadline:
+            raise RuntimeError("pagedserve up did not become ready in time:\n" + self.logs())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def post_all(url: str, prompts: list[list[int]], output_len: int) -> float:
+    import httpx2 as httpx  # the httpx API; what the venv has (openai uses it too)
+
+    limits = httpx.Limits(max_connections=len(prompts) + 1,
+                          max_keepalive_connections=len(prompts) + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+
+        async def one(prompt: list[int]) -> int:
+            response = await client.post("/v1/completions", json={
+                "model": model, "prompt": prompt, "max_tokens": output_len,
+                "temperature": 0, "ignore_eos": True})
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - start
+    if counts != [output_len] * len(prompts):
+        raise RuntimeError(f"HTTP: completion_tokens {counts}, expected {output_len} each")
+    return wall
+
+
+def run_http(url: str, prompts: list[list[int]], output_len: int) -> float:
+    return asyncio.run(post_all(url, prompts, output_len))
+
+
+# --- report -----------------------------------------------------------------------------------
+
+def cpu_info() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                return value
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_lines() -> list[str]:
+    import torch
+
+    return [f"- CPU: {cpu_info()}",
+            f"- cores: {os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable by "
+            f"this process",
+            f"- torch {torch.__version__}, Python {platform.python_version()}, torch threads "
+            f"{torch.get_num_threads()} (this process; the executor process uses its default)"]
+
+
+def report(args: argparse.Namespace, prompts: list[list[int]],
+           runs: list[tuple[float, float]]) -> str:
+    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    total = len(prompts) * args.output_len
+    lines = ["# Microservice overhead: HTTP (`pagedserve up`) vs in-process offline `LLM`", "",
+             *machine_lines(), "", "```", command, "```", "",
+             f"Workload: {len(prompts)} requests, prompt lengths {min(map(len, prompts))}-"
+             f"{max(map(len, prompts))} (total {sum(map(len, prompts))} prompt tokens), "
+             f"{args.output_len} output tokens each ({total} total), greedy, ignore_eos, "
+             f"seed {args.seed}.", "",
+             "| engine | wall s | output tok/s | ratio HTTP/offline (tok/s) |",
+             "|---|---:|---:|---:|"]
+    for i, (offline, http) in enumerate(runs):
+        suffix = f" (run {i + 1})" if len(runs) > 1 else ""
+        lines += [f"| offline `LLM`{suffix} | {offline:.2f} | {total / offline:.1f} | |",
+                  f"| HTTP `pagedserve up`{suffix} | {http:.2f} | {total / http:.1f} "
+                  f"| {offline / http:.3f} |"]
+    offline = statistics.median(r[0] for r in runs)
+    http = statistics.median(r[1] for r in runs)
+    if len(runs) > 1:
+        lines += [f"| offline `LLM` (median) | {offline:.2f} | {total / offline:.1f} | |",
+                  f"| HTTP `pagedserve up` (median) | {http:.2f} | {total / http:.1f} "
+                  f"| {offline / http:.3f} |"]
+    ratio = offline / http
+    lines += ["", f"Target: HTTP ≥ {TARGET:.0%} of offline output tok/s: "
+              + ("met" if ratio >= TARGET else "not met") + f" ({ratio:.1%})."]
+    return "\n".join(lines) + "\n"
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    llm = build_llm(args)
+    prompts = make_prompts(args, llm.pool_limits.vocab_size)
+    warmup = make_prompts(argparse.Namespace(**{**vars(args), "num_prompts": 2,
+                                                "seed": args.seed + 1}),
+                          llm.pool_limits.vocab_size)
+    warmup_len = min(4, args.output_len)
+    run_offline(llm, warmup, warmup_len)
+
+    runs: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as log_dir:
+        stack = Stack(args, pathlib.Path(log_dir))
+        try:
+            stack.wait_until_ready(args.startup_timeout)
+            run_http(stack.url, warmup, warmup_len)
+            for _ in range(args.repeats):
+                offline = run_offline(llm, prompts, args.output_len)
+                http = run_http(stack.url, prompts, args.output_len)
+                runs.append((offline, http))
+                print(f"offline {offline:.2f} s, HTTP {http:.2f} s", file=sys.stderr)
+        finally:
+            stack.stop()
+
+    text = report(args, prompts, runs)
+    print(text, end="")
+    if args.output_markdown is not None:
+        args.output_markdown.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
