@@ -4,11 +4,11 @@ Both engines run the same model (default: the embedded SmolLM2-135M-Instruct, fl
 same machine, in one run of this script:
 
 - **offline**: ``pagedserve.offline.LLM`` (scheduler and executor in this process, no gRPC).
-  ``LLM()`` is built once (not timed) and warmed up with a small generate (not timed); then one
-  ``generate`` call over all prompts is timed.
+  ``LLM()`` is built once (not timed) and warmed up with the full workload on other prompts
+  (not timed); then one ``generate`` call over all prompts is timed.
 - **HTTP**: ``pagedserve up`` as a subprocess (gateway -> scheduler -> executor, each its own
   process, on free loopback ports). Once the "pagedserve is up" line is printed and GET /ready
-  answers 200, a small warm-up request is sent (not timed); then every request is sent
+  answers 200, the warm-up workload is sent (not timed); then every request is sent
   concurrently to POST /v1/completions (``prompt`` = the token ids, ``max_tokens``,
   ``temperature`` 0, ``ignore_eos``) with httpx2 (the httpx API; what this venv has), timed
   from the first send to the last response.
@@ -18,7 +18,8 @@ same machine, in one run of this script:
 Workload: ``--num-prompts`` (default 32) prompts of random token ids (``--seed``) with lengths
 32-256, ``--output-len`` (default 64) output tokens each, greedy, ignore_eos. Output tokens/s =
 total output tokens / wall time. Target: HTTP ≥ 95% of offline. ``--repeats N`` alternates the
-two engines N times (offline first) and reports every run plus the median.
+two engines N times (offline first) and reports every run plus the median; each repeat uses new
+prompts (seed + repeat), so no run hits the prefix cache filled by an earlier one.
 
 Run from the repository root (on an otherwise idle machine, for numbers worth keeping):
 
@@ -238,7 +239,8 @@ def report(args: argparse.Namespace, prompts: list[list[int]],
              f"Workload: {len(prompts)} requests, prompt lengths {min(map(len, prompts))}-"
              f"{max(map(len, prompts))} (total {sum(map(len, prompts))} prompt tokens), "
              f"{args.output_len} output tokens each ({total} total), greedy, ignore_eos, "
-             f"seed {args.seed}.", "",
+             f"seed {args.seed} (repeat i: seed + i; untimed warm-up of the same size: "
+             f"seed - 1).", "",
              "| engine | wall s | output tok/s | ratio HTTP/offline (tok/s) |",
              "|---|---:|---:|---:|"]
     for i, (offline, http) in enumerate(runs):
@@ -263,20 +265,26 @@ def report(args: argparse.Namespace, prompts: list[list[int]],
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     llm = build_llm(args)
-    prompts = make_prompts(args, llm.pool_limits.vocab_size)
-    warmup = make_prompts(argparse.Namespace(**{**vars(args), "num_prompts": 2,
-                                                "seed": args.seed + 1}),
-                          llm.pool_limits.vocab_size)
-    warmup_len = min(4, args.output_len)
-    run_offline(llm, warmup, warmup_len)
+    vocab_size = llm.pool_limits.vocab_size
+    # Every run gets prompts of its own (seed, seed + 1, ...), so that no run reuses the prefix
+    # cache of an earlier one; the two engines get the same prompts within a repeat. The
+    # warm-up runs the full workload (seed - 1) through each engine, not timed: the first big
+    # batch of a fresh process is much slower than the next ones.
+    def prompts_for(index: int) -> list[list[int]]:
+        return make_prompts(argparse.Namespace(**{**vars(args), "seed": args.seed + index}),
+                            vocab_size)
+
+    warmup = prompts_for(-1)
+    run_offline(llm, warmup, args.output_len)
 
     runs: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-http-") as log_dir:
         stack = Stack(args, pathlib.Path(log_dir))
         try:
             stack.wait_until_ready(args.startup_timeout)
-            run_http(stack.url, warmup, warmup_len)
-            for _ in range(args.repeats):
+            run_http(stack.url, warmup, args.output_len)
+            for repeat in range(args.repeats):
+                prompts = prompts_for(repeat)
                 offline = run_offline(llm, prompts, args.output_len)
                 http = run_http(stack.url, prompts, args.output_len)
                 runs.append((offline, http))
@@ -284,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             stack.stop()
 
-    text = report(args, prompts, runs)
+    text = report(args, prompts_for(0), runs)
     print(text, end="")
     if args.output_markdown is not None:
         args.output_markdown.write_text(text)

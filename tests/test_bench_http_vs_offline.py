@@ -35,4 +35,4 @@ def test_quick_run_prints_the_table(tmp_path):
     assert "Target: HTTP ≥ 95% of offline output tok/s:" in out
     assert "4 requests" in out and "8 output tokens each" in out
     assert "CPU:" in out and "--quick" in out
-    assert report_file.read_text() == out
+    assert out.endswith(report_file.read_text())  # stdout also has the engine's log lines
