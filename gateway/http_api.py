@@ -31,7 +31,7 @@ from pagedserve.v1 import common_pb2
 
 # Readiness: an executor that has work and returned nothing for this long is wedged.
 STALL_S = 60.0
-DISCONNECT_POLL_S = 0.2
+DISCONNECT_POLL_S = 0.05
 
 log = structlog.get_logger(__name__)
 

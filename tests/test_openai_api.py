@@ -3,7 +3,9 @@ official `openai` client: completions and chat, streamed and not, n > 1, stop st
 logprobs, usage; greedy text equals what `transformers` generates; errors in OpenAI's shape;
 a disconnected stream frees its blocks."""
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -46,17 +48,18 @@ class Stack(str):
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_llama_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running_stack(log_path, *model_flags: str):
+    """`pagedserve up` on free ports, once ready; stopped on exit."""
     http, grpc_port, scheduler = free_ports(3)
     executor = free_consecutive_ports(1)
-    log = (tmp_path_factory.mktemp("stack") / "log").open("w")
+    log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "pagedserve", "up", "--model", str(tiny_llama_dir),
+        [sys.executable, "-m", "pagedserve", "up", *model_flags,
          "--http-port", str(http), "--grpc-port", str(grpc_port), "--scheduler-port",
-         str(scheduler), "--executor-port", str(executor), "--kv-cache-gib", "0.01",
-         "--log-format", "json"], stdout=subprocess.PIPE, stderr=log, text=True)
-    deadline = time.monotonic() + 120
+         str(scheduler), "--executor-port", str(executor), "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.monotonic() + 180
     while "pagedserve is up" not in process.stdout.readline():
         assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
     base = f"http://127.0.0.1:{http}"
@@ -67,9 +70,18 @@ def stack(tiny_llama_dir, tmp_path_factory):
         except urllib.error.URLError:
             assert time.monotonic() < deadline, "stack not ready"
             time.sleep(0.2)
-    yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}")
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama_dir, tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("stack") / "log", "--model", str(tiny_llama_dir),
+                       "--kv-cache-gib", "0.01") as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +289,41 @@ def test_scheduler_unreachable_is_503_at_once(tmp_path):
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
+
+
+def test_default_model_chat_matches_transformers(default_model, tmp_path):
+    """The embedded SmolLM2 through `up` (converted into this session's cache) answers a chat
+    greedily exactly as transformers does on the same converted weights."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tokenizer = AutoTokenizer.from_pretrained(default_model.path)
+    model = AutoModelForCausalLM.from_pretrained(default_model.path, dtype=torch.float32)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    cache_dir = default_model.path.parent.parent
+    with running_stack(tmp_path / "log", "--model-cache-dir", str(cache_dir),
+                       "--kv-cache-gib", "0.5") as stack:
+        client = openai.OpenAI(base_url=f"{stack}/v1", api_key="unused")
+        reply = client.chat.completions.create(model="SmolLM2-135M-Instruct",
+                                               messages=messages, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert "Paris" in expected
+
+
+def test_a_non_streamed_request_whose_client_left_is_aborted(stack):
+    steps_before = stack.stats().num_steps
+    body = json.dumps({"prompt": "the cat", "max_tokens": 200, "ignore_eos": True}).encode()
+    host, port = stack.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 10
+        while not stack.stats().num_running:  # wait until it generates, then hang up
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+    stats = stack.wait_until_all_blocks_free()
+    # Alone, its 200 tokens take at least 200 steps; it was stopped well before.
+    assert stats.num_steps - steps_before < 150
