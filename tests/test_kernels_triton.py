@@ -1,0 +1,144 @@
+"""The Triton kernels against the PyTorch path (kernels/attention.py, kernels/norm.py), run on
+CPU through Triton's interpreter. bf16 is left out: the interpreter's bf16 arithmetic is wrong."""
+
+import os
+
+# The interpreter is chosen when triton is imported: this must come before any import of it.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _import_triton_interpreted():
+    """Import triton in interpreter mode. Something loaded before this module (conftest imports
+    torch and transformers) may already have imported triton.language without the interpreter:
+    its library functions (tl.sum, tl.max, ...) are then compiled-mode JIT functions that the
+    interpreter refuses to call. In that case triton is dropped from sys.modules and imported
+    again, now under TRITON_INTERPRET=1 (this CPU-only process has no other use for it), all but
+    its compiled extension."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        # The compiled extension (triton._C) stays: loading it twice aborts the process.
+        for name in [n for n in sys.modules if (n == "triton" or n.startswith("triton."))
+                     and not n.startswith("triton._C")]:
+            del sys.modules[name]
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+        assert isinstance(tl.sum, InterpretedFunction), "triton's interpreter is not in use"
+
+
+try:
+    _import_triton_interpreted()
+except ImportError as error:  # pragma: no cover - depends on the environment
+    pytest.skip(f"triton cannot be imported ({error}); the Triton kernels are not tested",
+                allow_module_level=True)
+
+from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
+from kernels.triton_attention import (  # noqa: E402
+    paged_attention_decode_triton,
+    write_kv_cache_triton,
+)
+
+BLOCK = 16
+# Context lengths (query token included) of a ragged decode batch: one token, a block but one,
+# a full block, one past a block, and a few blocks.
+SEQ_LENS = [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def build_batch(gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=24):
+    """Random K/V for every context position written into NaN-poisoned caches through shuffled
+    block tables (padded with a block nobody owns). Returns (key_cache, value_cache, tables,
+    keys, values, slot_mapping) where keys/values are the flat new tokens written."""
+    shape = (num_blocks, BLOCK, num_kv_heads, head_dim)
+    key_cache = torch.full(shape, float("nan"), dtype=dtype)
+    value_cache = torch.full(shape, float("nan"), dtype=dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    unused = free.pop()  # padding in the tables: a block holding only NaN
+    tables, slots = [], []
+    for seq_len in seq_lens:
+        table = [free.pop() for _ in range(-(-seq_len // BLOCK))]
+        positions = torch.arange(seq_len)
+        slots.append(torch.tensor(table)[positions // BLOCK] * BLOCK + positions % BLOCK)
+        tables.append(table)
+    max_blocks = max(map(len, tables)) + 1
+    tables = torch.tensor([t + [unused] * (max_blocks - len(t)) for t in tables])
+    slot_mapping = torch.cat(slots)
+    num_tokens = slot_mapping.numel()
+    keys = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    values = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    return key_cache, value_cache, tables, keys, values, slot_mapping
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_cache_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(10 + (dtype == torch.float16))
+    key_cache, value_cache, _, keys, values, slots = build_batch(gen, dtype, 2, 64, SEQ_LENS)
+    ref_k, ref_v = key_cache.clone(), value_cache.clone()
+    write_kv_cache(keys, values, ref_k, ref_v, slots)
+    write_kv_cache_triton(keys, values, key_cache, value_cache, slots)
+    # Exact, NaN where nothing was written: no slot outside slot_mapping is touched.
+    torch.testing.assert_close(key_cache, ref_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(value_cache, ref_v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_write_kv_cache_skips_padding_slots():
+    gen = torch.Generator().manual_seed(12)
+    key_cache, value_cache, _, keys, values, slots = build_batch(gen, torch.float32, 1, 64,
+                                                                 [3])
+    padded = slots.clone()
+    padded[1] = -1
+    write_kv_cache_triton(keys, values, key_cache, value_cache, padded)
+    flat_k = key_cache.view(-1, 1, 64)
+    torch.testing.assert_close(flat_k[slots[[0, 2]]], keys[[0, 2]], rtol=0, atol=0)
+    assert flat_k[slots[1]].isnan().all()
+    assert (~flat_k.isnan().any(-1).any(-1)).sum() == 2
+
+
+# (dtype, num_heads, num_kv_heads, head_dim, sliding_window): GQA (4 query heads per KV head),
+# MQA and plain multi-head, head sizes 64 and 128, windows inside one block and across blocks.
+CASES = [
+    (torch.float32, 8, 2, 64, None),
+    (torch.float16, 8, 2, 128, None),
+    (torch.float32, 4, 1, 128, None),
+    (torch.float16, 2, 2, 64, BLOCK + 4),
+    (torch.float32, 4, 1, 64, 7),
+    (torch.float16, 8, 2, 64, BLOCK),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_attention_decode_matches_torch(case):
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(100 + case)
+    seq_lens = SEQ_LENS[:]
+    order = torch.randperm(len(seq_lens), generator=gen).tolist()
+    seq_lens = [seq_lens[i] for i in order]
+    key_cache, value_cache, tables, keys, values, slots = build_batch(
+        gen, dtype, num_kv_heads, head_dim, seq_lens)
+    write_kv_cache_triton(keys, values, key_cache, value_cache, slots)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    seq_lens_t = torch.tensor(seq_lens)
+
+    out = torch.full_like(query, float("nan"))
+    result = paged_attention_decode_triton(query, key_cache, value_cache, tables, seq_lens_t,
+                                           scale, window, out=out)
+    assert result is out
+
+    # The PyTorch path gathers whole blocks and masks the scores (0 * NaN is NaN), so it reads
+    # caches whose unwritten slots are zero; the Triton kernel reads the NaN-poisoned ones.
+    meta = AttentionMetadata(slot_mapping=slots[:0], block_tables=tables, seq_lens=seq_lens_t,
+                             query_lens=[1] * len(seq_lens), seq_lens_host=seq_lens,
+                             num_decodes=len(seq_lens))
+    expected = paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0),
+                               meta, scale, window)
+    assert not expected.isnan().any()
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
