@@ -40,10 +40,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                 allow_module_level=True)
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
+from kernels.norm import rms_norm  # noqa: E402
 from kernels.triton_attention import (  # noqa: E402
     paged_attention_decode_triton,
     write_kv_cache_triton,
 )
+from kernels.triton_norm import rms_norm_triton  # noqa: E402
 
 BLOCK = 16
 # Context lengths (query token included) of a ragged decode batch: one token, a block but one,
@@ -142,3 +144,26 @@ def test_paged_attention_decode_matches_torch(case):
     assert not expected.isnan().any()
     tol = TOL[dtype]
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+# (dtype, rows' shape, hidden): a power-of-two hidden size and one that is not (masked lanes).
+@pytest.mark.parametrize("dtype, lead, hidden", [
+    (torch.float32, (3,), 64), (torch.float16, (2, 3), 96), (torch.float32, (1,), 200)])
+def test_rms_norm_matches_torch(dtype, lead, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(*lead, hidden, generator=gen) * 3).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    out = rms_norm_triton(x, weight, 1e-6)
+    expected = rms_norm(x, weight, 1e-6)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert not out.isnan().any()
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+def test_rms_norm_reads_a_strided_row_view():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 128, generator=gen)[:, :64]  # rows 128 apart
+    weight = torch.randn(64, generator=gen)
+    torch.testing.assert_close(rms_norm_triton(x, weight, 1e-5), rms_norm(x, weight, 1e-5),
+                               rtol=1e-5, atol=1e-5)
