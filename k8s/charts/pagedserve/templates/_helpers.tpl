@@ -1,0 +1,120 @@
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "pagedserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name prefix: <release>-<chart> unless the release name already contains it. */}}
+{{- define "pagedserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Component names (truncated so that suffixes still fit in 63 characters). */}}
+{{- define "pagedserve.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "pagedserve.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+{{- define "pagedserve.scheduler.fullname" -}}
+{{- printf "%s-scheduler" (include "pagedserve.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+{{- define "pagedserve.executor.fullname" -}}
+{{- printf "%s-executor" (include "pagedserve.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+
+{{/* host:port of the scheduler Service, as gateways and executors dial it. */}}
+{{- define "pagedserve.scheduler.address" -}}
+{{- printf "%s.%s.svc:%d" (include "pagedserve.scheduler.fullname" .) .Release.Namespace (int .Values.scheduler.port) }}
+{{- end }}
+
+{{- define "pagedserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. */}}
+{{- define "pagedserve.labels" -}}
+helm.sh/chart: {{ include "pagedserve.chart" . }}
+{{ include "pagedserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pagedserve
+{{- end }}
+
+{{/* Selector labels shared by all components; add app.kubernetes.io/component per workload. */}}
+{{- define "pagedserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pagedserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Per-component selector labels: include with (dict "ctx" $ "component" "gateway"). */}}
+{{- define "pagedserve.componentSelectorLabels" -}}
+{{ include "pagedserve.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "pagedserve.componentLabels" -}}
+{{ include "pagedserve.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "pagedserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pagedserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* image reference: include with (dict "ctx" $ "variant" "cpu"|"cuda"). */}}
+{{- define "pagedserve.image" -}}
+{{- $img := index .ctx.Values.images .variant }}
+{{- $tag := default (printf "%s-%s" .ctx.Chart.AppVersion .variant) $img.tag }}
+{{- printf "%s:%s" $img.repository $tag }}
+{{- end }}
+
+{{- define "pagedserve.imagePullPolicy" -}}
+{{- (index .ctx.Values.images .variant).pullPolicy }}
+{{- end }}
+
+{{/* Environment shared by every container. HOME and the caches point at the emptyDirs. */}}
+{{- define "pagedserve.commonEnv" -}}
+- name: PAGEDSERVE_HOST
+  value: "0.0.0.0"
+- name: PAGEDSERVE_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: PAGEDSERVE_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /cache
+- name: TRITON_CACHE_DIR
+  value: /cache/triton
+- name: HF_HOME
+  value: /cache/huggingface
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+
+{{/* Writable scratch volumes (the root filesystem is read-only). */}}
+{{- define "pagedserve.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.tmpSizeLimit }}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.cacheSizeLimit }}
+{{- end }}
+
+{{- define "pagedserve.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /cache
+{{- end }}
