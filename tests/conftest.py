@@ -1,5 +1,12 @@
 """Shared fixtures: tiny random-weight models saved as Hugging Face directories, free ports."""
 
+import os
+
+# Triton chooses its interpreter when it is first imported, and torch / transformers import it:
+# this must run before them. The Triton kernels' tests run on the CPU through the interpreter;
+# on a GPU machine, TRITON_INTERPRET=0 tests them compiled.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pathlib
 import socket
 import subprocess

@@ -1,43 +1,15 @@
 """The Triton kernels against the PyTorch path (kernels/attention.py, kernels/norm.py), run on
 CPU through Triton's interpreter. bf16 is left out: the interpreter's bf16 arithmetic is wrong."""
 
-import os
+import math
 
-# The interpreter is chosen when triton is imported: this must come before any import of it.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import math  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-def _import_triton_interpreted():
-    """Import triton in interpreter mode. Something loaded before this module (conftest imports
-    torch and transformers) may already have imported triton.language without the interpreter:
-    its library functions (tl.sum, tl.max, ...) are then compiled-mode JIT functions that the
-    interpreter refuses to call. In that case triton is dropped from sys.modules and imported
-    again, now under TRITON_INTERPRET=1 (this CPU-only process has no other use for it), all but
-    its compiled extension."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.sum, InterpretedFunction):
-        # The compiled extension (triton._C) stays: loading it twice aborts the process.
-        for name in [n for n in sys.modules if (n == "triton" or n.startswith("triton."))
-                     and not n.startswith("triton._C")]:
-            del sys.modules[name]
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-        assert isinstance(tl.sum, InterpretedFunction), "triton's interpreter is not in use"
-
-
-try:
-    _import_triton_interpreted()
-except ImportError as error:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton cannot be imported ({error}); the Triton kernels are not tested",
-                allow_module_level=True)
+# tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton. The kernel modules
+# import triton, so they come after this check.
+triton = pytest.importorskip("triton", reason="triton cannot be imported; the Triton kernels "
+                             "are not tested")
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
