@@ -1,4 +1,5 @@
-"""Paged attention in Triton: the KV-cache write and a decode kernel (issue 6, first slice).
+"""Paged attention in Triton: the KV-cache write, a decode kernel and a prefill / chunked-prefill
+kernel (issue 6), and `paged_attention_triton`, a drop-in for `kernels.attention.paged_attention`.
 
 Same cache layout and semantics as the PyTorch path (`kernels/attention.py`, the reference these
 kernels are checked against): per layer, K and V each [num_blocks, block_size, num_kv_heads,
@@ -11,6 +12,13 @@ Only the blocks that hold positions inside the sliding window are read; position
 context or the window are masked both when loading and in the scores, so unused cache slots
 (whatever they hold, NaN included) never reach the output.
 
+The prefill kernel runs one program per (sequence, query head, tile of BLOCK_M query rows of the
+sequence's chunk) and walks the context in tiles of BLOCK_N positions (each position's block
+looked up in the block table, so any power-of-two block size works), with the same online
+softmax per row, the scores and P @ V as tl.dot with float32 results (IEEE, not TF32, for
+float32 inputs). It reads only tiles up to its last row's position and, with a window, from its
+first row's window start; causality and the window are masked per (row, position).
+
 Not wired into the executor yet; no autotuning (`@triton.autotune` fails under
 TRITON_INTERPRET=1, which is how these kernels are tested on CPU).
 """
@@ -20,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.attention import AttentionMetadata
 
 
 @triton.jit
@@ -155,4 +165,172 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         block_tables.stride(0), head_dim,
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         HEAD_DIM_P=triton.next_power_of_2(head_dim), USE_WINDOW=sliding_window is not None)
+    return out
+
+
+@triton.jit
+def _paged_attention_prefill_kernel(
+        out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        query_start_loc_ptr, scale, window,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_bt, max_blocks, head_dim,
+        QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+        IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_block = tl.program_id(2)
+    kv_head = head // QUERIES_PER_KV
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+    if q_block * BLOCK_M >= q_len:  # the grid covers the longest chunk; shorter ones stop here
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    context_len = seq_len - q_len  # positions cached before this chunk
+
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    mask_d = offs_d < head_dim
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the chunk
+    mask_m = offs_m < q_len
+    q_pos = context_len + offs_m
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    # This block's rows see [first_pos, last_pos]: causal up to its last row, and with a window
+    # nothing at or before (its first row's position - window).
+    last_pos = tl.minimum(context_len + q_block * BLOCK_M + BLOCK_M, seq_len) - 1
+    if USE_WINDOW:
+        first_pos = tl.maximum(context_len + q_block * BLOCK_M - window + 1, 0)
+    else:
+        first_pos = seq_len * 0
+    start = (first_pos // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, last_pos + 1, BLOCK_N):
+        k_pos = n0 + offs_n
+        # Only positions inside the context are loaded (a padded table entry or an unwritten
+        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
+        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        offs_t = k_pos % BLOCK_SIZE
+        load_mask = in_ctx[:, None] & mask_d[None, :]
+        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * scale
+        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    # Every valid row sees at least its own position, so l_i > 0 there; the others (past the
+    # chunk, never stored) may see nothing: divide them by 1, not 0.
+    out = acc / tl.where(mask_m, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
+                                   value_cache: torch.Tensor, block_tables: torch.Tensor,
+                                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                   scale: float, sliding_window: int | None = None,
+                                   out: torch.Tensor | None = None,
+                                   max_query_len: int | None = None) -> torch.Tensor:
+    """Prefill / chunked-prefill attention over a flat batch of query chunks.
+
+    query [num_tokens, num_heads, head_dim] holds each sequence's chunk back to back: sequence i
+    owns rows query_start_loc[i] .. query_start_loc[i + 1] - 1 (query_start_loc
+    [num_seqs + 1], starting at 0), its q_len newest tokens, at positions
+    seq_lens[i] - q_len .. seq_lens[i] - 1. Their K/V must already be in the cache. Each row
+    attends causally to every position <= its own (and, with a window, > its own - window),
+    read through block_tables [num_seqs, max_blocks]. Query head h reads KV head
+    h // (num_heads // num_kv_heads). Returns the output, shaped and typed like query (written
+    into `out` when given). `max_query_len` (the longest chunk) sizes the grid; without it it is
+    read from query_start_loc, a device sync.
+
+    One program per (sequence, query head, BLOCK_M query rows); online softmax over tiles of
+    BLOCK_N context positions in float32.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    num_seqs = seq_lens.shape[0]
+    assert cache_head_dim == head_dim and value_cache.shape == key_cache.shape
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    assert block_tables.shape[0] == num_seqs and query_start_loc.shape == (num_seqs + 1,)
+    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
+    assert block_tables.stride(-1) == 1
+    assert sliding_window is None or sliding_window >= 1
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len == 0:
+        return out
+    block_m = 16 if max_query_len <= 16 else 32
+    block_n = 32
+    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
+    _paged_attention_prefill_kernel[grid](
+        out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        float(scale), 0 if sliding_window is None else int(sliding_window),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), block_tables.shape[1], head_dim,
+        QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
+        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32)
+    return out
+
+
+def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop-in for `kernels.attention.paged_attention`: the decode kernel on the first
+    meta.num_decodes rows (one token each), the prefill kernel on the chunks after them
+    (written into `out` when given)."""
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    nd = meta.num_decodes
+    if nd:
+        paged_attention_decode_triton(query[:nd], key_cache, value_cache,
+                                      meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                      sliding_window, out=out[:nd])
+    prefill_lens = meta.query_lens[nd:]
+    if prefill_lens:
+        starts = [0]
+        for q_len in prefill_lens:
+            starts.append(starts[-1] + q_len)
+        query_start_loc = torch.tensor(starts, dtype=torch.int32, device=query.device)
+        paged_attention_prefill_triton(query[nd:], key_cache, value_cache,
+                                       meta.block_tables[nd:], meta.seq_lens[nd:],
+                                       query_start_loc, scale, sliding_window, out=out[nd:],
+                                       max_query_len=max(prefill_lens))
     return out

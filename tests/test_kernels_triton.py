@@ -15,6 +15,8 @@ from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from kernels.norm import rms_norm  # noqa: E402
 from kernels.triton_attention import (  # noqa: E402
     paged_attention_decode_triton,
+    paged_attention_prefill_triton,
+    paged_attention_triton,
     write_kv_cache_triton,
 )
 from kernels.triton_norm import rms_norm_triton  # noqa: E402
@@ -116,6 +118,70 @@ def test_paged_attention_decode_matches_torch(case):
     assert not expected.isnan().any()
     tol = TOL[dtype]
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+# A mixed batch: decodes (context length, query token included), then prefill chunks as
+# (cached context, chunk length): contexts of 0, a block but one, a block, one past a block and a
+# few blocks; chunks of one token, under a block, past a block and past two query tiles.
+DECODES = [BLOCK + 1, 1, 2 * BLOCK]
+PREFILLS = [(0, 20), (BLOCK - 1, 1), (BLOCK, 17), (BLOCK + 1, 5), (2 * BLOCK + 3, 35)]
+
+
+def mixed_batch(gen, dtype, num_heads, num_kv_heads, head_dim, decodes, prefills):
+    """Caches holding every context position (chunks included), the flat query and the metadata
+    of `decodes` then `prefills` (in a shuffled order)."""
+    order = torch.randperm(len(prefills), generator=gen).tolist()
+    prefills = [prefills[i] for i in order]
+    seq_lens = decodes + [ctx + q_len for ctx, q_len in prefills]
+    query_lens = [1] * len(decodes) + [q_len for _, q_len in prefills]
+    key_cache, value_cache, tables, keys, values, slots = build_batch(
+        gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=32)
+    write_kv_cache_triton(keys, values, key_cache, value_cache, slots)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
+    meta = AttentionMetadata(slot_mapping=slots[:0], block_tables=tables,
+                             seq_lens=torch.tensor(seq_lens), query_lens=query_lens,
+                             seq_lens_host=seq_lens, num_decodes=len(decodes))
+    return key_cache, value_cache, query, meta
+
+
+def reference(query, key_cache, value_cache, meta, scale, window):
+    # The PyTorch path reads caches whose unwritten slots are zero (see the decode test).
+    expected = paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0),
+                               meta, scale, window)
+    assert not expected.isnan().any()
+    return expected
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_attention_mixed_batch_matches_torch(case):
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(200 + case)
+    key_cache, value_cache, query, meta = mixed_batch(gen, dtype, num_heads, num_kv_heads,
+                                                      head_dim, DECODES, PREFILLS)
+    scale = 1 / math.sqrt(head_dim)
+    out = torch.full_like(query, float("nan"))
+    assert paged_attention_triton(query, key_cache, value_cache, meta, scale, window,
+                                  out=out) is out
+    expected = reference(query, key_cache, value_cache, meta, scale, window)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, window", [(torch.float32, None), (torch.float16, 9)])
+def test_paged_attention_prefill_writes_out(dtype, window):
+    """The prefill kernel alone (no decodes), into a NaN-poisoned `out`, its grid sized from
+    query_start_loc: every row is written, none is NaN."""
+    gen = torch.Generator().manual_seed(300 + (dtype == torch.float16))
+    key_cache, value_cache, query, meta = mixed_batch(gen, dtype, 4, 2, 64, [], PREFILLS[:4])
+    scale = 0.125
+    starts = torch.tensor([0] + meta.query_lens).cumsum(0)
+    out = torch.full_like(query, float("nan"))
+    result = paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables,
+                                            meta.seq_lens, starts, scale, window, out=out)
+    assert result is out
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, reference(query, key_cache, value_cache, meta, scale, window),
+                               rtol=tol, atol=tol)
 
 
 # (dtype, rows' shape, hidden): a power-of-two hidden size and one that is not (masked lanes).
