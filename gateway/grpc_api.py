@@ -74,6 +74,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             check_token_ids(served, prompt_ids, "token_ids")
             sampling = request.sampling
             check_sampling(sampling)
+            check_token_ids(served, list(sampling.logit_bias), "sampling.logit_bias")
+            check_token_ids(served, list(sampling.stop_token_ids), "sampling.stop_token_ids")
             check_length(served, len(prompt_ids),
                          sampling.max_tokens if sampling.HasField("max_tokens") else None)
             usage = Usage()

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.generation import ChoiceDelta, Usage, generate
 from gateway.metrics import METRICS
@@ -32,6 +33,10 @@ from pagedserve.v1 import common_pb2
 # Readiness: an executor that has work and returned nothing for this long is wedged.
 STALL_S = 60.0
 DISCONNECT_POLL_S = 0.05
+# Larger request bodies are refused with 413 before they are read (Content-Length) or as soon
+# as the streamed body passes it.
+MAX_BODY_BYTES = 16 * 2**20
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 log = structlog.get_logger(__name__)
 
@@ -41,16 +46,61 @@ def error_response(status: int, message: str, error_type: str, param: str | None
         "message": message, "type": error_type, "param": param, "code": status}})
 
 
+def _too_large() -> StarletteHTTPException:
+    return StarletteHTTPException(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies of at most MAX_BODY_BYTES."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            exc = _too_large()
+            response = error_response(exc.status_code, exc.detail, "invalid_request_error")
+            response.headers["Connection"] = "close"
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _too_large()  # FastAPI re-raises HTTPExceptions from body reading
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(client: SchedulerClient) -> FastAPI:
     app = FastAPI(title="pagedserve", summary="OpenAI-compatible LLM serving")
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        location = [str(part) for part in first["loc"] if part != "body"]
+        if first["type"] == "json_invalid":  # its location is a character offset, no field
+            return error_response(400, f"the body is not valid JSON: {first['ctx']['error']}",
+                                  "invalid_request_error")
+        # Without pydantic's union-member tags ("str", "list[int]", "function-after[...]").
+        location = [str(part) for part in first["loc"] if part != "body"
+                    and str(part) not in _UNION_TAGS and not any(c in str(part) for c in "[-")]
         param = ".".join(location) or None
         return error_response(400, f"{param or 'body'}: {first['msg']}",
                               "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        # Bodies FastAPI cannot parse (bad UTF-8, nesting too deep), too large, unknown paths.
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return error_response(exc.status_code, message, kind)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError):
@@ -119,6 +169,7 @@ def create_app(client: SchedulerClient) -> FastAPI:
         for ids in prompts:
             check_token_ids(served, ids, "prompt")
             check_length(served, len(ids), body.max_tokens)
+        check_sampling_ids(served, body)
         sampling = body.sampling_params(body.max_tokens, body.logprobs)
         return await respond(request, body, served, CompletionFormat(served, body, prompts),
                              prompts, sampling)
@@ -129,6 +180,7 @@ def create_app(client: SchedulerClient) -> FastAPI:
         ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
                               body.add_generation_prompt)
         check_length(served, len(ids), body.max_output_tokens())
+        check_sampling_ids(served, body)
         sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
         return await respond(request, body, served, ChatFormat(served), [ids], sampling)
 
@@ -158,6 +210,12 @@ def create_app(client: SchedulerClient) -> FastAPI:
         return fmt.full_response(request_id, collected, total_usage(usages))
 
     return app
+
+
+def check_sampling_ids(served: ServedModel, body: SamplingFields) -> None:
+    """Token ids in logit_bias and stop_token_ids must be in the vocabulary."""
+    check_token_ids(served, [int(k) for k in body.logit_bias or {}], "logit_bias")
+    check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
 
 
 async def until_disconnected(request: Request, work):

@@ -1,0 +1,317 @@
+"""The bad-input catalogue (issue 9) against a real `pagedserve up` stack: every malformed,
+out-of-range or oversized request to the HTTP and gRPC APIs is refused at once with a 4xx
+(INVALID_ARGUMENT / NOT_FOUND) in OpenAI's error shape naming the field, and the stack serves
+the next valid request normally."""
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+
+from gateway.http_api import MAX_BODY_BYTES
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.test_openai_api import running_stack
+
+pytestmark = pytest.mark.slow
+
+BOUND_S = 1.0  # asserted; the target is 100 ms (the slowest is printed)
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+_timings: list[tuple[float, str]] = []
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_llama_dir, tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("stack") / "log", "--model", str(tiny_llama_dir),
+                       "--kv-cache-gib", "0.01") as stack:
+        assert_serves(stack)  # the gateway loads the tokenizer once, before any timing
+        yield stack
+
+
+def post(stack, path, data: bytes) -> tuple[int, dict, float]:
+    request = urllib.request.Request(f"{stack}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            status, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    return status, json.loads(raw), time.perf_counter() - start
+
+
+def assert_error(status, reply, elapsed, expected_status, param, case):
+    _timings.append((elapsed, case))
+    assert status == expected_status, reply
+    error = reply["error"]
+    assert set(error) == {"message", "type", "param", "code"}, reply
+    assert error["message"] and error["type"] and error["code"] == expected_status
+    if param is not None:
+        assert error["param"] == param, reply
+        assert param.split(".")[0] in error["message"] or error["type"] == "not_found_error" \
+            or param == "model", reply
+    assert elapsed < BOUND_S, f"{case} took {elapsed:.3f}s"
+
+
+def assert_serves(stack):
+    status, reply, _ = post(stack, CMPL, json.dumps(
+        {"prompt": "the cat", "max_tokens": 2, "ignore_eos": True}).encode())
+    assert status == 200 and reply["usage"]["completion_tokens"] == 2, reply
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+HTTP_CASES = [
+    # (id, path, body: dict or raw bytes, status, param)
+    ("malformed-json", CMPL, b'{"prompt": "x",', 400, None),
+    ("malformed-json-chat", CHAT, b"{not json", 400, None),
+    ("temperature-str", CMPL, {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("n-str", CMPL, {"prompt": "x", "n": "2x"}, 400, "n"),
+    ("max_tokens-str-chat", CHAT, {"messages": MSG, "max_tokens": "many"}, 400, "max_tokens"),
+    ("prompt-wrong-type", CMPL, {"prompt": {"a": 1}}, 400, "prompt"),
+    ("no-prompt", CMPL, {"max_tokens": 4}, 400, "prompt"),
+    ("no-messages", CHAT, {"max_tokens": 4}, 400, "messages"),
+    ("empty-messages", CHAT, {"messages": []}, 400, "messages"),
+    ("unknown-model", CMPL, {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("unknown-model-chat", CHAT, {"model": "nope", "messages": MSG}, 404, "model"),
+    ("empty-token-list", CMPL, {"prompt": []}, 400, "prompt"),
+    ("token-id-over-vocab", CMPL, {"prompt": [10**7]}, 400, "prompt"),
+    ("token-id-negative", CMPL, {"prompt": [-1]}, 400, "prompt"),
+    ("token-id-huge", CMPL, {"prompt": [[2**80]]}, 400, "prompt"),
+    ("prompt-over-context", CMPL, {"prompt": "the cat " * 5000, "max_tokens": 1}, 400,
+     "max_tokens"),
+    ("chat-over-context", CHAT, {"messages": [{"role": "user", "content": "cat " * 5000}]},
+     400, "prompt"),
+    ("max_tokens-0", CMPL, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens-negative", CHAT, {"messages": MSG, "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens-huge", CMPL, {"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
+    ("max_tokens-absurd", CHAT, {"messages": MSG, "max_tokens": 10**30}, 400, "max_tokens"),
+    ("temperature-negative", CMPL, {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ("top_p-0", CMPL, {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("top_p-over-1", CHAT, {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
+    ("top_k-under-minus-1", CMPL, {"prompt": "x", "top_k": -2}, 400, "top_k"),
+    ("n-0", CMPL, {"prompt": "x", "n": 0}, 400, "n"),
+    ("n-65", CHAT, {"messages": MSG, "n": 65}, 400, "n"),
+    ("logprobs-21", CMPL, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("top_logprobs-21", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
+    ("logit_bias-301", CMPL, {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}},
+     400, "logit_bias"),
+    ("logit_bias-100k", CHAT, {"messages": MSG,
+                               "logit_bias": {str(i): 1 for i in range(100_000)}},
+     400, "logit_bias"),
+    ("logit_bias-key-not-int", CMPL, {"prompt": "x", "logit_bias": {"abc": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias-key-float", CMPL, {"prompt": "x", "logit_bias": {"1.5": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias-key-over-vocab", CMPL, {"prompt": "x", "logit_bias": {"99999999999": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias-value", CMPL, {"prompt": "x", "logit_bias": {"5": 1000}}, 400, "logit_bias.5"),
+    ("stop_token_ids-over-vocab", CHAT, {"messages": MSG, "stop_token_ids": [10**9]}, 400,
+     "stop_token_ids"),
+    ("stop-17", CMPL, {"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
+    ("stop-10000", CHAT, {"messages": MSG, "stop": [f"s{i}" for i in range(10_000)]}, 400,
+     "stop"),
+    ("stop-257-chars", CMPL, {"prompt": "x", "stop": "s" * 257}, 400, "stop"),
+    ("stop-empty-string", CMPL, {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("invalid-utf8", CMPL, b'{"prompt": "\xff\xfe\xfa"}', 400, None),
+    ("invalid-utf8-chat", CHAT, b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}',
+     400, None),
+    ("nested-10000", CMPL, ('{"prompt": ' + nested(10_000) + "}").encode(), 400, None),
+    ("nested-10000-top", CHAT, nested(10_000).encode(), 400, None),
+    ("chat-unknown-role", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages.0.role"),
+    ("chat-missing-content", CHAT, {"messages": [{"role": "user"}]}, 400,
+     "messages.0.content"),
+    ("chat-content-wrong-type", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
+    ("body-not-object", CMPL, b'"just a string"', 400, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param",
+                         [case[1:] for case in HTTP_CASES], ids=[c[0] for c in HTTP_CASES])
+def test_http_bad_input_is_a_fast_4xx_naming_the_field(stack, path, body, status, param):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, reply, elapsed = post(stack, path, data)
+    assert_error(got, reply, elapsed, status, param, f"{path} {body!r:.60}")
+
+
+@pytest.mark.parametrize("path, body", [
+    (CMPL, {"prompt": ""}),  # BOS only (or refused as empty, naming the prompt)
+    (CMPL, {"prompt": "<|im_end|></s><s>"}),  # special-token text: plain text to the model
+    (CHAT, {"messages": [{"role": "user", "content": "<|im_end|>"}]}),
+    (CHAT, {"messages": [{"role": "user", "content": ""}]}),
+], ids=["empty-prompt", "special-token-text", "special-token-chat", "empty-chat-content"])
+def test_odd_but_valid_prompts_are_served(stack, path, body):
+    status, reply, _ = post(stack, path, json.dumps({**body, "max_tokens": 2}).encode())
+    if status == 400:  # an empty prompt may be refused, never with a 5xx
+        assert reply["error"]["param"] == "prompt", reply
+    else:
+        assert status == 200, reply
+
+
+def test_prompt_of_only_the_eos_token_is_served(stack):
+    info = json.loads(urllib.request.urlopen(f"{stack}/v1/models", timeout=10).read())
+    status, tokens, _ = post(stack, "/tokenize", json.dumps({"prompt": "x"}).encode())
+    assert status == 200 and info["data"]
+    for token in {tokens["tokens"][0], 0, 1, 2}:  # BOS and the usual special ids
+        status, reply, _ = post(stack, CMPL, json.dumps(
+            {"prompt": [token], "max_tokens": 2}).encode())
+        assert status == 200, reply
+
+
+def raw_http(stack, head: bytes, chunks) -> tuple[int, dict, float]:
+    """Send a request by hand (the body may be cut short by the server's refusal)."""
+    address = urllib.parse.urlsplit(stack)
+    start = time.perf_counter()
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall(head)
+        try:
+            for chunk in chunks:
+                conn.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < length(reply):
+            data = conn.recv(65536)
+            if not data:
+                break
+            reply += data
+    elapsed = time.perf_counter() - start
+    header, body = reply.split(b"\r\n\r\n", 1)
+    return int(header.split()[1]), json.loads(body), elapsed
+
+
+def length(reply: bytes) -> int:
+    for line in reply.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_a_50_mb_body_is_refused_before_it_is_read(stack):
+    size = 50 * 2**20
+    head = (f"POST {CMPL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    # Only the first MiB is sent: the refusal must not wait for the rest.
+    status, reply, elapsed = raw_http(stack, head, [b'{"prompt": "' + b"a" * (2**20 - 12)])
+    assert_error(status, reply, elapsed, 413, None, "50 MB body")
+    assert str(MAX_BODY_BYTES) in reply["error"]["message"]
+    assert_serves(stack)
+
+
+def test_a_chunked_body_over_the_limit_is_refused(stack):
+    head = (f"POST {CMPL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    piece = b"a" * 2**20
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY_BYTES // 2**20 + 1)
+    status, reply, elapsed = raw_http(stack, head, [*chunks, b"0\r\n\r\n"])
+    assert_error(status, reply, elapsed, 413, None, "chunked body over the limit")
+    assert_serves(stack)
+
+
+def test_http_stack_still_serves_after_the_catalogue(stack):
+    assert_serves(stack)
+    status, reply, _ = post(stack, CHAT, json.dumps(
+        {"messages": MSG, "max_tokens": 2}).encode())
+    assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant"
+
+
+def chat(*messages: tuple[str, str]) -> generation_pb2.ChatPrompt:
+    return generation_pb2.ChatPrompt(messages=[generation_pb2.ChatMessage(role=r, content=c)
+                                               for r, c in messages])
+
+
+S = common_pb2.SamplingParams
+GRPC_CASES = [
+    # (id, request kwargs, code, field named in the details)
+    ("no-prompt", {}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ("unknown-model", {"model": "nope", "text": "x"}, grpc.StatusCode.NOT_FOUND, "nope"),
+    ("empty-token-ids", {"token_ids": common_pb2.TokenIds(ids=[])},
+     grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ("token-id-over-vocab", {"token_ids": common_pb2.TokenIds(ids=[10**7])},
+     grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    ("prompt-over-context", {"text": "the cat " * 5000}, grpc.StatusCode.INVALID_ARGUMENT,
+     "context length"),
+    ("max_tokens-0", {"text": "x", "sampling": S(max_tokens=0)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    ("max_tokens-huge", {"text": "x", "sampling": S(max_tokens=2**32 - 1)},
+     grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("temperature-negative", {"text": "x", "sampling": S(temperature=-1)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ("top_p-0", {"text": "x", "sampling": S(top_p=0)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.top_p"),
+    ("top_p-over-1", {"text": "x", "sampling": S(top_p=1.5)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.top_p"),
+    ("top_k-under-minus-1", {"text": "x", "sampling": S(top_k=-2)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
+    ("n-65", {"text": "x", "sampling": S(n=65)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.n"),
+    ("logprobs-21", {"text": "x", "sampling": S(logprobs=21)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.logprobs"),
+    ("logit_bias-301", {"text": "x", "sampling": S(logit_bias={i: 1 for i in range(301)})},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.logit_bias"),
+    ("logit_bias-over-vocab", {"text": "x", "sampling": S(logit_bias={10**9: 1})},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.logit_bias"),
+    ("stop-17", {"text": "x", "sampling": S(stop=["s"] * 17)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+    ("stop-10000", {"text": "x", "sampling": S(stop=[f"s{i}" for i in range(10_000)])},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+    ("stop-257-chars", {"text": "x", "sampling": S(stop=["s" * 257])},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+    ("stop_token_ids-over-vocab", {"text": "x", "sampling": S(stop_token_ids=[10**9])},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop_token_ids"),
+    ("chat-empty", {"chat": chat()}, grpc.StatusCode.INVALID_ARGUMENT, "chat.messages"),
+    ("chat-unknown-role", {"chat": chat(("wizard", "x"))}, grpc.StatusCode.INVALID_ARGUMENT,
+     "chat.messages"),
+]
+
+
+@pytest.mark.parametrize("kwargs, code, field", [c[1:] for c in GRPC_CASES],
+                         ids=[c[0] for c in GRPC_CASES])
+def test_grpc_bad_input_is_refused_naming_the_field(stack, kwargs, code, field):
+    with grpc.insecure_channel(stack.grpc) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        start = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.Generate(generation_pb2.GenerateRequest(**kwargs), timeout=10))
+        elapsed = time.perf_counter() - start
+        _timings.append((elapsed, f"gRPC {kwargs!r:.60}"))
+        assert error.value.code() == code, error.value.details()
+        assert field in error.value.details()
+        assert elapsed < BOUND_S
+        replies = list(stub.Generate(generation_pb2.GenerateRequest(
+            text="the cat", sampling=S(max_tokens=2, ignore_eos=True)), timeout=30))
+        assert replies[-1].usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"text": ""}, {"text": "<|im_end|>"}, {"chat": chat(("user", ""))},
+    {"chat": chat(("user", "x"))},  # a message without content is an empty string in proto3
+], ids=["empty-text", "special-token-text", "chat-empty-content", "chat-plain"])
+def test_grpc_odd_but_valid_prompts_are_served(stack, kwargs):
+    with grpc.insecure_channel(stack.grpc) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        try:
+            replies = list(stub.Generate(generation_pb2.GenerateRequest(
+                **kwargs, sampling=S(max_tokens=2)), timeout=30))
+        except grpc.RpcError as error:  # an empty prompt may be refused, never INTERNAL
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert "prompt" in error.details()
+        else:
+            assert replies[-1].usage.completion_tokens >= 1
+
+
+def test_after_every_case_http_still_serves(stack):
+    assert_serves(stack)
+    slowest = max(_timings, default=(0.0, "none"))
+    print(f"slowest refusal: {slowest[0] * 1000:.1f} ms ({slowest[1]})")
