@@ -72,9 +72,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor,
                  seqs: Sequence[SequenceSamplingState]) -> SamplerOutput:
         """logits [S, V] float32, one row per sequence that samples this step (left unchanged)."""
-        processed = process_logits(logits, seqs)
         temperatures = [_temperature(s.params) for s in seqs]
         greedy = [t < _GREEDY_TEMPERATURE for t in temperatures]
+        if all(greedy) and not any(map(_changes_logits, seqs)):
+            # The common plain-greedy batch: no [S, V] copy to process.
+            return _with_logprobs(logits, logits.argmax(dim=-1), seqs)
+        processed = process_logits(logits, seqs)
         if all(greedy):
             token_ids = processed.argmax(dim=-1)
         else:
@@ -91,6 +94,14 @@ def process_logits(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) 
     _apply_repetition_penalty(processed, seqs)
     _apply_presence_frequency_penalties(processed, seqs)
     return processed
+
+
+def _changes_logits(seq: SequenceSamplingState) -> bool:
+    """Whether process_logits changes this row (bias, min_tokens masking or a penalty)."""
+    params = seq.params
+    return bool(params.logit_bias) or len(seq.output_token_ids) < params.min_tokens \
+        or _repetition_penalty(params) != 1.0 or params.presence_penalty != 0.0 \
+        or params.frequency_penalty != 0.0
 
 
 def _temperature(params: common_pb2.SamplingParams) -> float:

@@ -281,3 +281,18 @@ def test_input_logits_are_left_unchanged():
     sample(logits, [seq(temperature=0.5, top_p=0.5, repetition_penalty=2.0,
                         logit_bias={1: 5.0}, min_tokens=3) for _ in range(3)])
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("params, output", [
+    (dict(logit_bias={1: 10.0}), ()),
+    (dict(min_tokens=3), ()),
+    (dict(repetition_penalty=4.0), (0,)),
+    (dict(presence_penalty=2.0), (0,)),
+    (dict(frequency_penalty=2.0), (0,)),
+])
+def test_each_logit_change_reaches_an_all_greedy_batch(params, output):
+    """A batch of greedy rows whose only change is one of these takes the processed argmax,
+    not the raw one (plain greedy batches skip processing altogether)."""
+    logits = torch.tensor([[3.0, 2.5, -1.0, -2.0]])  # raw argmax: token 0 (= EOS below)
+    state = seq(prompt=(3,), output=output, eos=(0,), temperature=0.0, **params)
+    assert sample(logits, [state]).token_ids.tolist() == [1]
