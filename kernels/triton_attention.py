@@ -128,6 +128,25 @@ def _paged_attention_decode_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
+def _checked_output(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, num_seqs: int, sliding_window: int | None,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    """Checks what both attention kernels assume of their inputs; returns the output tensor."""
+    _, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    assert cache_head_dim == head_dim and value_cache.shape == key_cache.shape
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    assert block_tables.shape[0] == num_seqs
+    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
+    assert block_tables.stride(-1) == 1
+    assert sliding_window is None or sliding_window >= 1
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    return out
+
+
 def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                   value_cache: torch.Tensor, block_tables: torch.Tensor,
                                   seq_lens: torch.Tensor, scale: float,
@@ -143,17 +162,10 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     into `out` when given).
     """
     num_seqs, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    assert cache_head_dim == head_dim and value_cache.shape == key_cache.shape
-    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
-    assert block_tables.shape[0] == num_seqs and seq_lens.shape == (num_seqs,)
-    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
-    assert block_tables.stride(-1) == 1
-    assert sliding_window is None or sliding_window >= 1
-    if out is None:
-        out = torch.empty_like(query)
-    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert seq_lens.shape == (num_seqs,)
+    out = _checked_output(query, key_cache, value_cache, block_tables, num_seqs,
+                          sliding_window, out)
     if num_seqs == 0:
         return out
     _paged_attention_decode_kernel[(num_seqs, num_heads)](
@@ -274,18 +286,11 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     BLOCK_N context positions in float32.
     """
     num_tokens, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = seq_lens.shape[0]
-    assert cache_head_dim == head_dim and value_cache.shape == key_cache.shape
-    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
-    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
-    assert block_tables.shape[0] == num_seqs and query_start_loc.shape == (num_seqs + 1,)
-    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
-    assert block_tables.stride(-1) == 1
-    assert sliding_window is None or sliding_window >= 1
-    if out is None:
-        out = torch.empty_like(query)
-    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    assert query_start_loc.shape == (num_seqs + 1,)
+    out = _checked_output(query, key_cache, value_cache, block_tables, num_seqs,
+                          sliding_window, out)
     if num_seqs == 0 or num_tokens == 0:
         return out
     if max_query_len is None:
