@@ -25,6 +25,8 @@ TRITON_INTERPRET=1, which is how these kernels are tested on CPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -73,59 +75,115 @@ def write_kv_cache_triton(key: torch.Tensor, value: torch.Tensor, key_cache: tor
 
 @triton.jit
 def _paged_attention_decode_kernel(
-        out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        scale, window,
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+        q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        scale, window, max_blocks,
         stride_qs, stride_qh, stride_os, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        stride_bt, head_dim,
-        QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-        USE_WINDOW: tl.constexpr):
+        stride_bt, head_dim, num_heads,
+        QUERIES_PER_KV: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+        NUM_PARTITIONS_P: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
+        IEEE: tl.constexpr):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // QUERIES_PER_KV
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
 
+    # The query heads that share this KV head are the rows of one [GROUP_P, head_dim] tile
+    # (rows past QUERIES_PER_KV are padding: tl.dot needs at least 16 rows).
+    offs_g = tl.arange(0, GROUP_P)
+    mask_g = offs_g < QUERIES_PER_KV
+    heads = kv_head * QUERIES_PER_KV + offs_g
     offs_d = tl.arange(0, HEAD_DIM_P)
     mask_d = offs_d < head_dim
-    offs_t = tl.arange(0, BLOCK_SIZE)
-    q = tl.load(q_ptr + seq * stride_qs + head * stride_qh + offs_d, mask=mask_d,
-                other=0.0).to(tl.float32)
-    q = q * scale
+    mask_q = mask_g[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_q, other=0.0)
 
-    # The query sits at position seq_len - 1; it sees [first_pos, seq_len).
+    # The query sits at position seq_len - 1 and sees [first_pos, seq_len); this program reads
+    # the part of that inside its partition.
     if USE_WINDOW:
         first_pos = tl.maximum(seq_len - window, 0)
     else:
         first_pos = seq_len * 0
-    first_block = first_pos // BLOCK_SIZE
-    num_blocks = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    if SPLIT:
+        part_start = part * PARTITION_SIZE
+        part_end = tl.minimum(part_start + PARTITION_SIZE, seq_len)
+    else:
+        part_start = seq_len * 0
+        part_end = seq_len
+    lo = tl.maximum(part_start, (first_pos // BLOCK_N) * BLOCK_N)
 
-    # Finite start: a block whose scores are all masked leaves the state unchanged (no NaN).
-    m_i = tl.full([], -1e30, dtype=tl.float32)
-    l_i = tl.full([], 0.0, dtype=tl.float32)
-    acc = tl.full([HEAD_DIM_P], 0.0, dtype=tl.float32)
+    # Finite start: a tile whose scores are all masked leaves the state unchanged (no NaN).
+    m_i = tl.full([GROUP_P], -1e30, dtype=tl.float32)
+    l_i = tl.full([GROUP_P], 0.0, dtype=tl.float32)
+    acc = tl.full([GROUP_P, HEAD_DIM_P], 0.0, dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for b in range(first_block, num_blocks):
-        block = tl.load(table_row + b).to(tl.int64)
-        pos = b * BLOCK_SIZE + offs_t
-        valid = (pos < seq_len) & (pos >= first_pos)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, part_end, BLOCK_N):
+        k_pos = n0 + offs_n
+        # Only positions inside the context (and window) are loaded: an unwritten slot or a
+        # padded table entry may hold anything, NaN included.
+        valid = (k_pos < part_end) & (k_pos >= first_pos) & (k_pos >= part_start)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=valid & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        offs_t = k_pos % BLOCK_SIZE
         load_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(key_cache_ptr + block * stride_kb + offs_t[:, None] * stride_kt
+        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
                     + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-        scores = tl.where(valid, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new)
-        v = tl.load(value_cache_ptr + block * stride_vb + offs_t[:, None] * stride_vt
+        p = tl.exp(scores - m_new[:, None])
+        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
                     + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-    out = acc / l_i
+    if SPLIT:
+        # Unnormalised partial state; _paged_attention_reduce_kernel merges the partitions.
+        row = (seq * num_heads + heads).to(tl.int64) * NUM_PARTITIONS_P + part
+        tl.store(part_max_ptr + row, m_i, mask=mask_g)
+        tl.store(part_sum_ptr + row, l_i, mask=mask_g)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :], acc,
+                 mask=mask_g[:, None])
+    else:
+        out = acc / tl.where(mask_g, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_q)
+
+
+@triton.jit
+def _paged_attention_reduce_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+                                   stride_os, stride_oh, head_dim, num_heads, num_partitions,
+                                   HEAD_DIM_P: tl.constexpr, NUM_PARTITIONS_P: tl.constexpr):
+    """Merges the partitions' online-softmax states of one (sequence, query head). A partition
+    that saw no position (past a shorter sequence's end, or before its window) holds max -1e30
+    and sum 0, so its weight is 0."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_p = tl.arange(0, NUM_PARTITIONS_P)
+    mask_p = offs_p < num_partitions
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    row = (seq * num_heads + head).to(tl.int64) * NUM_PARTITIONS_P
+    m = tl.load(part_max_ptr + row + offs_p, mask=mask_p, other=-1e30)
+    s = tl.load(part_sum_ptr + row + offs_p, mask=mask_p, other=0.0)
+    acc = tl.load(part_acc_ptr + (row + offs_p)[:, None] * HEAD_DIM_P + offs_d[None, :],
+                  mask=mask_p[:, None], other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=mask_d)
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
 def _checked_output(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -147,11 +205,35 @@ def _checked_output(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return out
 
 
+def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                          device: torch.device) -> int | None:
+    """Split-K (flash-decoding) for long contexts and few requests: with fewer (sequence, KV
+    head) programs than the GPU has multiprocessors x 4, each sequence's context is split into
+    partitions of DECODE_PARTITION_SIZE positions, read in parallel and merged after. None: no
+    split (many programs already, or a short context, or not a GPU)."""
+    if device.type != "cuda" or max_seq_len <= DECODE_PARTITION_SIZE:
+        return None
+    if num_seqs * num_kv_heads >= 4 * _multiprocessors(device):
+        return None
+    return DECODE_PARTITION_SIZE
+
+
+DECODE_PARTITION_SIZE = 512
+DECODE_BLOCK_N = 64
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                   value_cache: torch.Tensor, block_tables: torch.Tensor,
                                   seq_lens: torch.Tensor, scale: float,
                                   sliding_window: int | None = None,
-                                  out: torch.Tensor | None = None) -> torch.Tensor:
+                                  out: torch.Tensor | None = None,
+                                  max_seq_len: int | None = None,
+                                  partition_size: int | None = None) -> torch.Tensor:
     """Decode attention, one query token per request.
 
     query [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
@@ -160,6 +242,12 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     the context length including the query token. Query head h reads KV head
     h // (num_heads // num_kv_heads). Returns the output, shaped and typed like query (written
     into `out` when given).
+
+    One program per (sequence, KV head), its query heads as the rows of one tile, walking the
+    context DECODE_BLOCK_N positions at a time. `partition_size` (a multiple of
+    DECODE_BLOCK_N) splits each context into partitions read by programs of their own and
+    merged by a second kernel; by default `decode_partition_size` decides from `max_seq_len`
+    (the longest context; read from seq_lens, a device sync, when not given).
     """
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -168,15 +256,43 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
                           sliding_window, out)
     if num_seqs == 0:
         return out
-    _paged_attention_decode_kernel[(num_seqs, num_heads)](
-        out, query, key_cache, value_cache, block_tables, seq_lens,
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    if partition_size is None:
+        partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len, query.device)
+    split = partition_size is not None and max_seq_len > partition_size
+    if split:
+        assert partition_size % DECODE_BLOCK_N == 0
+        num_partitions = triton.cdiv(max_seq_len, partition_size)
+    else:
+        num_partitions, partition_size = 1, DECODE_BLOCK_N  # PARTITION_SIZE unused: no recompile
+    partitions_p = triton.next_power_of_2(num_partitions)
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    queries_per_kv = num_heads // num_kv_heads
+    if split:
+        rows = num_seqs * num_heads * partitions_p
+        part_acc = torch.empty(rows, head_dim_p, dtype=torch.float32, device=query.device)
+        part_max = torch.empty(rows, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_max = part_sum = out  # unused
+    _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        out, part_acc, part_max, part_sum,
+        query, key_cache, value_cache, block_tables, seq_lens,
         float(scale), 0 if sliding_window is None else int(sliding_window),
+        block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0), head_dim,
-        QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
-        HEAD_DIM_P=triton.next_power_of_2(head_dim), USE_WINDOW=sliding_window is not None)
+        block_tables.stride(0), head_dim, num_heads,
+        QUERIES_PER_KV=queries_per_kv, GROUP_P=max(16, triton.next_power_of_2(queries_per_kv)),
+        BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_N=DECODE_BLOCK_N,
+        PARTITION_SIZE=partition_size, NUM_PARTITIONS_P=partitions_p, SPLIT=split,
+        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32)
+    if split:
+        _paged_attention_reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), head_dim,
+            num_heads, num_partitions, HEAD_DIM_P=head_dim_p, NUM_PARTITIONS_P=partitions_p)
     return out
 
 
@@ -327,7 +443,8 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
     if nd:
         paged_attention_decode_triton(query[:nd], key_cache, value_cache,
                                       meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                      sliding_window, out=out[:nd])
+                                      sliding_window, out=out[:nd],
+                                      max_seq_len=max(meta.seq_lens_host[:nd]))
     prefill_lens = meta.query_lens[nd:]
     if prefill_lens:
         starts = [0]

@@ -78,7 +78,8 @@ def test_write_kv_cache_skips_padding_slots():
 
 
 # (dtype, num_heads, num_kv_heads, head_dim, sliding_window): GQA (4 query heads per KV head),
-# MQA and plain multi-head, head sizes 64 and 128, windows inside one block and across blocks.
+# MQA and plain multi-head, head sizes 64, 80, 96, 128 and 256, windows inside one block and
+# across blocks.
 CASES = [
     (torch.float32, 8, 2, 64, None),
     (torch.float16, 8, 2, 128, None),
@@ -86,18 +87,34 @@ CASES = [
     (torch.float16, 2, 2, 64, BLOCK + 4),
     (torch.float32, 4, 1, 64, 7),
     (torch.float16, 8, 2, 64, BLOCK),
+    (torch.float16, 4, 2, 80, None),
+    (torch.float32, 2, 1, 96, 2 * BLOCK + 3),
+    (torch.float16, 2, 1, 256, None),
 ]
+# Split-K decode: partitions of 64 positions (four blocks); contexts inside the first
+# partition, at its edges, and over several, the longest past a window's reach.
+SPLIT_SEQ_LENS = [1, 63, 64, 65, 200, 129]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_paged_attention_decode_matches_torch(case):
+    check_decode(case, SEQ_LENS, partition_size=None, seed=100)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_attention_decode_split_k_matches_torch(case):
+    check_decode(case, SPLIT_SEQ_LENS, partition_size=64, seed=400)
+
+
+def check_decode(case, seq_lens, partition_size, seed):
     dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
-    gen = torch.Generator().manual_seed(100 + case)
-    seq_lens = SEQ_LENS[:]
+    gen = torch.Generator().manual_seed(seed + case)
+    seq_lens = seq_lens[:]
     order = torch.randperm(len(seq_lens), generator=gen).tolist()
     seq_lens = [seq_lens[i] for i in order]
+    num_blocks = sum(-(-n // BLOCK) for n in seq_lens) + 4
     key_cache, value_cache, tables, keys, values, slots = build_batch(
-        gen, dtype, num_kv_heads, head_dim, seq_lens)
+        gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=num_blocks)
     write_kv_cache_triton(keys, values, key_cache, value_cache, slots)
     query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
     scale = 1 / math.sqrt(head_dim)
@@ -105,7 +122,8 @@ def test_paged_attention_decode_matches_torch(case):
 
     out = torch.full_like(query, float("nan"))
     result = paged_attention_decode_triton(query, key_cache, value_cache, tables, seq_lens_t,
-                                           scale, window, out=out)
+                                           scale, window, out=out,
+                                           partition_size=partition_size)
     assert result is out
 
     # The PyTorch path gathers whole blocks and masks the scores (0 * NaN is NaN), so it reads
