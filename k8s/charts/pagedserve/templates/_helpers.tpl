@@ -118,3 +118,45 @@ app.kubernetes.io/component: {{ .component }}
 - name: cache
   mountPath: /cache
 {{- end }}
+
+{{/* TLS for the internal gRPC (values tls.*): the Secret's files as PAGEDSERVE_TLS_* variables,
+the volume and its read-only mount. Each renders nothing while tls.enabled is false. */}}
+{{- define "pagedserve.tlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: PAGEDSERVE_TLS_CERT
+  value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- name: PAGEDSERVE_TLS_KEY
+  value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+- name: PAGEDSERVE_TLS_CA
+  value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "pagedserve.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.existingSecret is required when tls.enabled is true" .Values.tls.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "pagedserve.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Handler of a probe on an internal gRPC port: include with (dict "ctx" $ "port" N).
+Kubernetes gRPC probes speak plaintext only, so with TLS on they become TCP probes (the port is
+open once the service serves: an executor listens only after loading its model). */}}
+{{- define "pagedserve.grpcProbeHandler" -}}
+{{- if .ctx.Values.tls.enabled }}
+tcpSocket:
+  port: {{ .port }}
+{{- else }}
+grpc:
+  port: {{ .port }}
+{{- end }}
+{{- end }}
