@@ -52,10 +52,8 @@ def build_flat_batch(seqs: Sequence[ScheduledSequence], block_size: int,
     slot_mapping = block_tables[seq_index, positions // block_size] * block_size \
         + positions % block_size
 
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
-        seq_lens=torch.tensor(seq_lens, device=device), query_lens=query_lens,
-        seq_lens_host=seq_lens, num_decodes=num_decodes)
+    meta = AttentionMetadata.build(slot_mapping.to(device), block_tables.to(device),
+                                   query_lens, seq_lens)
     input_ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)
     return FlatBatch(input_ids=input_ids, positions=positions.to(device), meta=meta,
                      last_token_rows=(starts + q_lens - 1).to(device))

@@ -11,6 +11,7 @@ through each request's block table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +27,26 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     # [num_reqs] tokens in each request's context after this step (cached + new).
     seq_lens: torch.Tensor
+    # [num_reqs + 1] first row of each request's tokens in the flat batch, then the total.
+    query_start_loc: torch.Tensor
     # Host-side copies, so no layer has to synchronise with the device to read them.
     query_lens: list[int]
     seq_lens_host: list[int]
     # The first num_decodes requests have exactly one query token.
     num_decodes: int
+
+    @classmethod
+    def build(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+              query_lens: list[int], seq_lens: list[int]) -> AttentionMetadata:
+        """The metadata of requests with these query and context lengths; device tensors on
+        block_tables' device. The leading single-token requests are the decodes."""
+        device = block_tables.device
+        num_decodes = next((i for i, q in enumerate(query_lens) if q != 1), len(query_lens))
+        return cls(slot_mapping=slot_mapping, block_tables=block_tables,
+                   seq_lens=torch.tensor(seq_lens, device=device),
+                   query_start_loc=torch.tensor(list(accumulate(query_lens, initial=0)),
+                                                dtype=torch.int32, device=device),
+                   query_lens=query_lens, seq_lens_host=seq_lens, num_decodes=num_decodes)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

@@ -390,7 +390,8 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
 
     query [num_tokens, num_heads, head_dim] holds each sequence's chunk back to back: sequence i
     owns rows query_start_loc[i] .. query_start_loc[i + 1] - 1 (query_start_loc
-    [num_seqs + 1], starting at 0), its q_len newest tokens, at positions
+    [num_seqs + 1]; rows before query_start_loc[0], e.g. a batch's decodes, are not touched),
+    its q_len newest tokens, at positions
     seq_lens[i] - q_len .. seq_lens[i] - 1. Their K/V must already be in the cache. Each row
     attends causally to every position <= its own (and, with a window, > its own - window),
     read through block_tables [num_seqs, max_blocks]. Query head h reads KV head
@@ -445,14 +446,11 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                       meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                                       sliding_window, out=out[:nd],
                                       max_seq_len=max(meta.seq_lens_host[:nd]))
-    prefill_lens = meta.query_lens[nd:]
-    if prefill_lens:
-        starts = [0]
-        for q_len in prefill_lens:
-            starts.append(starts[-1] + q_len)
-        query_start_loc = torch.tensor(starts, dtype=torch.int32, device=query.device)
-        paged_attention_prefill_triton(query[nd:], key_cache, value_cache,
-                                       meta.block_tables[nd:], meta.seq_lens[nd:],
-                                       query_start_loc, scale, sliding_window, out=out[nd:],
-                                       max_query_len=max(prefill_lens))
+    if nd < len(meta.query_lens):
+        # The prefill kernel reads its chunks' rows of the whole batch through
+        # query_start_loc, which counts from the batch's first row.
+        paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables[nd:],
+                                       meta.seq_lens[nd:], meta.query_start_loc[nd:], scale,
+                                       sliding_window, out=out,
+                                       max_query_len=max(meta.query_lens[nd:]))
     return out

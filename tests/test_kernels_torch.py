@@ -59,12 +59,10 @@ def test_paged_attention_matches_naive_float64(window, dtype, tol):
     slot_mapping = torch.cat(slots)
     write_kv_cache(new_k, new_v, key_cache, value_cache, slot_mapping)
     max_blocks = max(map(len, tables))
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
-        seq_lens=torch.tensor([c + q for c, q in requests]),
-        query_lens=[q for _, q in requests], seq_lens_host=[c + q for c, q in requests],
-        num_decodes=4)
+    meta = AttentionMetadata.build(
+        slot_mapping, torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
+        query_lens=[q for _, q in requests], seq_lens=[c + q for c, q in requests])
+    assert meta.num_decodes == 4
     scale = 1 / math.sqrt(head_dim)
     out = paged_attention(torch.cat(queries), key_cache, value_cache, meta, scale, window)
 

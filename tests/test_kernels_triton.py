@@ -11,15 +11,19 @@ import torch
 triton = pytest.importorskip("triton", reason="triton cannot be imported; the Triton kernels "
                              "are not tested")
 
+from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
-from kernels.norm import rms_norm  # noqa: E402
+from kernels.norm import add_rms_norm, rms_norm  # noqa: E402
+from kernels.rotary import apply_rotary  # noqa: E402
+from kernels.triton_activation import silu_and_mul_triton  # noqa: E402
 from kernels.triton_attention import (  # noqa: E402
     paged_attention_decode_triton,
     paged_attention_prefill_triton,
     paged_attention_triton,
     write_kv_cache_triton,
 )
-from kernels.triton_norm import rms_norm_triton  # noqa: E402
+from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from kernels.triton_rotary import apply_rotary_triton  # noqa: E402
 
 BLOCK = 16
 # Context lengths (query token included) of a ragged decode batch: one token, a block but one,
@@ -128,9 +132,7 @@ def check_decode(case, seq_lens, partition_size, seed):
 
     # The PyTorch path gathers whole blocks and masks the scores (0 * NaN is NaN), so it reads
     # caches whose unwritten slots are zero; the Triton kernel reads the NaN-poisoned ones.
-    meta = AttentionMetadata(slot_mapping=slots[:0], block_tables=tables, seq_lens=seq_lens_t,
-                             query_lens=[1] * len(seq_lens), seq_lens_host=seq_lens,
-                             num_decodes=len(seq_lens))
+    meta = AttentionMetadata.build(slots[:0], tables, [1] * len(seq_lens), seq_lens)
     expected = paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0),
                                meta, scale, window)
     assert not expected.isnan().any()
@@ -156,9 +158,8 @@ def mixed_batch(gen, dtype, num_heads, num_kv_heads, head_dim, decodes, prefills
         gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=32)
     write_kv_cache_triton(keys, values, key_cache, value_cache, slots)
     query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
-    meta = AttentionMetadata(slot_mapping=slots[:0], block_tables=tables,
-                             seq_lens=torch.tensor(seq_lens), query_lens=query_lens,
-                             seq_lens_host=seq_lens, num_decodes=len(decodes))
+    # A one-token chunk right after the decodes counts as one of them (it is one).
+    meta = AttentionMetadata.build(slots[:0], tables, query_lens, seq_lens)
     return key_cache, value_cache, query, meta
 
 
@@ -192,10 +193,10 @@ def test_paged_attention_prefill_writes_out(dtype, window):
     gen = torch.Generator().manual_seed(300 + (dtype == torch.float16))
     key_cache, value_cache, query, meta = mixed_batch(gen, dtype, 4, 2, 64, [], PREFILLS[:4])
     scale = 0.125
-    starts = torch.tensor([0] + meta.query_lens).cumsum(0)
     out = torch.full_like(query, float("nan"))
     result = paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables,
-                                            meta.seq_lens, starts, scale, window, out=out)
+                                            meta.seq_lens, meta.query_start_loc, scale, window,
+                                            out=out)
     assert result is out
     tol = TOL[dtype]
     torch.testing.assert_close(out, reference(query, key_cache, value_cache, meta, scale, window),
@@ -223,3 +224,53 @@ def test_rms_norm_reads_a_strided_row_view():
     weight = torch.randn(64, generator=gen)
     torch.testing.assert_close(rms_norm_triton(x, weight, 1e-5), rms_norm(x, weight, 1e-5),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(21 + (dtype == torch.float16))
+    x = (torch.randn(5, 96, generator=gen) * 3).to(dtype)
+    residual = torch.randn(5, 96, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
+    out, new_residual = add_rms_norm_triton(x, residual, weight, 1e-5)
+    expected, expected_residual = add_rms_norm(x, residual, weight, 1e-5)
+    tol = TOL[dtype]
+    torch.testing.assert_close(new_residual, expected_residual, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+# (dtype, head_dim, rotary_dim, neox_style): full and partial rotary (GPT-NeoX's 25 %), both
+# pairings, a head size that is not a power of two.
+@pytest.mark.parametrize("dtype, head_dim, rotary_dim, neox", [
+    (torch.float32, 64, 64, True), (torch.float16, 128, 128, False),
+    (torch.float32, 80, 20, True), (torch.float32, 96, 32, False)])
+def test_rotary_matches_torch(dtype, head_dim, rotary_dim, neox):
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim + neox)
+    x = torch.randn(7, 3, head_dim, generator=gen).to(dtype)
+    positions = torch.randint(0, 50, (7,), generator=gen)
+    angles = torch.rand(50, rotary_dim // 2, generator=gen) * 6
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    out = apply_rotary_triton(x, positions, cos_sin, neox)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, apply_rotary(x, positions, cos_sin, neox), rtol=tol, atol=tol)
+
+
+def test_rotary_reads_a_strided_view():
+    """q as the model passes it: a view into the packed q/k/v projection output."""
+    gen = torch.Generator().manual_seed(31)
+    qkv = torch.randn(4, 3 * 2 * 64, generator=gen)
+    q = qkv[:, :2 * 64].view(4, 2, 64)
+    positions = torch.tensor([0, 5, 1, 9])
+    angles = torch.rand(10, 32, generator=gen)
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    torch.testing.assert_close(apply_rotary_triton(q, positions, cos_sin),
+                               apply_rotary(q, positions, cos_sin), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 64), (torch.float16, 1500)])
+def test_silu_and_mul_matches_torch(dtype, d):
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(2, 3, 2 * d, generator=gen) * 4).to(dtype)
+    out = silu_and_mul_triton(x)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, silu_and_mul(x), rtol=tol, atol=tol)
