@@ -1,5 +1,6 @@
 """The `pagedserve` command: `up` runs the whole stack; `gateway`, `scheduler` and `executor`
-run one service each (as `up` does for its children, and as the Kubernetes pods do)."""
+run one service each (as `up` does for its children, and as the Kubernetes pods do); `bench`
+measures a running server (`bench serve`) or the offline engine (`bench throughput`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ SERVICES = {
 }
 UP_DESCRIPTION = ("start gateway, scheduler and executors as separate processes on this "
                   "machine; Ctrl-C stops them all")
+BENCH_DESCRIPTION = "benchmarks: `bench serve` (a running server), `bench throughput` (offline)"
 
 
 def build_parser() -> FlagParser:
@@ -34,13 +36,24 @@ def build_parser() -> FlagParser:
     for name, (flags_module, _, description) in SERVICES.items():
         sub = commands.add_parser(name, help=description, description=description)
         importlib.import_module(flags_module).add_arguments(sub)
+    bench = commands.add_parser("bench", help=BENCH_DESCRIPTION, description=BENCH_DESCRIPTION)
+    importlib.import_module("pagedserve.bench.cli").add_arguments(bench, add_engine_flags)
     return parser
+
+
+def add_engine_flags(parser) -> None:
+    """The executor's model and engine flags, for `bench throughput`'s in-process engine."""
+    executor_flags = importlib.import_module(SERVICES["executor"][0])
+    executor_flags.add_model_arguments(parser)
+    executor_flags.add_engine_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         return importlib.import_module("pagedserve.launcher").run(args)
+    if args.command == "bench":
+        return importlib.import_module("pagedserve.bench.cli").main(args)
     return importlib.import_module(SERVICES[args.command][1]).main(args)
 
 

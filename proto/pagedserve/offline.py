@@ -40,16 +40,29 @@ FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASO
 DEFAULT_MAX_TOKENS = 16
 
 
+@dataclass
+class ExecutedCounters:
+    """Steps the in-process executor was sent (plans that compute something) and the sequences
+    they computed, summed: their ratio is the mean batch size `pagedserve bench throughput`
+    reports, which the scheduler's counters (plans, tokens) do not give."""
+    steps: int = 0
+    sequences: int = 0
+
+
 class InProcessExecutorHandle:
     """Runs plans on a ModelRunner in one worker thread, in the order they are sent."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, counters: ExecutedCounters | None = None):
         self.runner = runner
+        self.counters = ExecutedCounters() if counters is None else counters
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
         self._pending: deque[asyncio.Future] = deque()
 
     async def send(self, plan: executor_pb2.StepPlan) -> None:
         loop = asyncio.get_running_loop()
+        if plan.work:
+            self.counters.steps += 1
+            self.counters.sequences += len(plan.work)
         self._pending.append(loop.run_in_executor(self._thread, self.runner.step, plan))
 
     async def receive(self) -> executor_pb2.StepResult:
@@ -99,6 +112,7 @@ class LLM:
         model_dir = resolve_model(args.model, args.model_cache_dir or default_cache_dir(),
                                   args.served_model_name)
         runner = build_runner(args, model_dir)
+        self.executed = ExecutedCounters()
         self._attach(model_dir.path, executor_pb2.DescribeResponse(
             model=common_pb2.ModelInfo(max_model_len=runner.limits.max_model_len,
                                        vocab_size=runner.model.config.vocab_size,
@@ -108,7 +122,8 @@ class LLM:
             limits=common_pb2.ExecutorLimits(
                 max_num_seqs=runner.limits.max_num_seqs,
                 max_num_batched_tokens=runner.limits.max_num_batched_tokens)),
-            lambda: InProcessExecutorHandle(runner), enable_prefix_caching, overlap)
+            lambda: InProcessExecutorHandle(runner, self.executed), enable_prefix_caching,
+            overlap)
 
     def _attach(self, tokenizer_dir, executor: executor_pb2.DescribeResponse,
                 make_handle: Callable[[], ExecutorHandle], enable_prefix_caching: bool,
