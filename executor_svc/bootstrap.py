@@ -18,8 +18,10 @@ from executor_svc.kv_cache import (
 )
 from executor_svc.model_files import ModelDirectory
 from executor_svc.models import UnsupportedArchitectureError, load_model
+from executor_svc.models.layers import bind_kernels
 from executor_svc.models.weights import WeightLoadError
 from executor_svc.runner import ModelRunner, RunnerLimits
+from kernels.dispatch import KernelBackendError, select_kernels
 from pagedserve.serving import StartupError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,13 +46,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_runner(args: argparse.Namespace, model_dir: ModelDirectory) -> ModelRunner:
-    """Load the weights, size and allocate the KV cache."""
+    """Load the weights, pick the kernels, size and allocate the KV cache."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    try:
+        kernels = select_kernels(args.attention_backend, device)
+    except KernelBackendError as exc:
+        raise StartupError(f"--attention-backend: {exc}") from None
     try:
         model = load_model(model_dir.path, dtype).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    # Before the CUDA profiling pass, so that it measures the kernels that will run.
+    bind_kernels(model, kernels)
     context_len = int(model_dir.config.get("max_position_embeddings", 0)) or 2048
     max_model_len = args.max_model_len or context_len
     if max_model_len > context_len:
@@ -73,6 +81,6 @@ def build_runner(args: argparse.Namespace, model_dir: ModelDirectory) -> ModelRu
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=max_model_len, max_logprobs=args.max_logprobs)
     log.info("model ready", model=str(model_dir.path), device=str(device),
-             dtype=str(dtype).removeprefix("torch."), kv_blocks=num_blocks,
+             dtype=str(dtype).removeprefix("torch."), kernels=kernels.name, kv_blocks=num_blocks,
              block_size=args.block_size)
     return ModelRunner(model, limits, model_dir.eos_token_ids(), device)

@@ -16,7 +16,7 @@ from executor_svc.models import (
     load_model,
     model_class,
 )
-from executor_svc.models.layers import split_grouped_qkv
+from executor_svc.models.layers import bind_kernels, split_grouped_qkv
 from executor_svc.models.weights import WeightLoadError
 from tests.paged_run import PagedRun, assert_matches_transformers, prefill
 from tests.tiny_models import (
@@ -86,6 +86,20 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
     model = load_model(directory, torch.float32)
     assert type(model).__name__ == AutoConfig.from_pretrained(directory).architectures[0]
     assert_matches_transformers(model, _reference(directory), PROMPTS, chunk)
+
+
+# One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA.
+@pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
+                                     "falcon-multi-query-parallel"])
+def test_triton_kernels_match_transformers(tiny_dirs, variant):
+    """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled
+    on a GPU), chunked prefill then decodes, against transformers."""
+    from kernels.dispatch import triton_kernels
+
+    directory = tiny_dirs(variant)
+    model = load_model(directory, torch.float32)
+    bind_kernels(model, triton_kernels())
+    assert_matches_transformers(model, _reference(directory), PROMPTS, chunk=5, decode_steps=3)
 
 
 @pytest.mark.parametrize("variant, disable", [

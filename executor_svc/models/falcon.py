@@ -23,13 +23,13 @@ from executor_svc.models.layers import (
     LayerNorm,
     Linear,
     PagedAttention,
+    Rotary,
     UnsupportedArchitectureError,
     activation,
 )
 from executor_svc.models.rope import rotary_cos_sin_cache
 from executor_svc.models.weights import split_fused_qkv
 from kernels.attention import AttentionMetadata
-from kernels.rotary import apply_rotary
 
 
 def falcon_num_kv_heads(config: PretrainedConfig) -> int:
@@ -48,14 +48,15 @@ class FalconAttention(nn.Module):
         self.query_key_value = Linear(config.hidden_size, [q_size, kv_size, kv_size],
                                       config.bias, dtype)
         self.dense = Linear(q_size, [config.hidden_size], config.bias, dtype)
+        self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.query_key_value(x).split(self.query_key_value.part_sizes, dim=-1)
         num_tokens = x.shape[0]
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions, cos_sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
+        q, k = self.rotary(q.view(num_tokens, self.num_heads, self.head_dim),
+                           k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         return self.dense(self.attn(q, k, v, meta))
 

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from executor_svc.models.layers import LayerNorm, Linear, PagedAttention, activation
+from executor_svc.models.layers import LayerNorm, Linear, PagedAttention, Rotary, activation
 from executor_svc.models.rope import rotary_cos_sin_cache
 from executor_svc.models.weights import split_fused_qkv
 from kernels.attention import AttentionMetadata
-from kernels.rotary import apply_rotary
 
 
 class GPTNeoXAttention(nn.Module):
@@ -28,14 +27,14 @@ class GPTNeoXAttention(nn.Module):
         bias = getattr(config, "attention_bias", True)
         self.query_key_value = Linear(config.hidden_size, [size, size, size], bias, dtype)
         self.dense = Linear(size, [config.hidden_size], bias, dtype)
+        self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.query_key_value(x).split(self.query_key_value.part_sizes, dim=-1)
         shape = (x.shape[0], self.num_heads, self.head_dim)
-        q = apply_rotary(q.view(shape), positions, cos_sin)
-        k = apply_rotary(k.view(shape), positions, cos_sin)
+        q, k = self.rotary(q.view(shape), k.view(shape), positions, cos_sin)
         return self.dense(self.attn(q, k, v.view(shape), meta))
 
 

@@ -5,6 +5,11 @@ row-wise, with an all-reduce) without touching model code; a `Linear` may pack s
 checkpoint projections (q/k/v, gate/up) into one matmul, each loaded into its slice. A
 checkpoint that stores q/k/v fused and interleaved per head (GPT-NeoX, Falcon) is split at load
 time (`split_grouped_qkv`) so that every packed Linear holds its projections contiguously.
+
+The layers that call the executor's kernels (`KernelLayer`: norms, rotary, SiLU-and-mul, paged
+attention) call them through `self.kernels`, the PyTorch set until `bind_kernels` gives the
+whole model the set chosen for its device (kernels/dispatch.py); model code never calls a
+kernel directly.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import torch
 from torch import nn
 
 from kernels.activation import gelu
-from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
-from kernels.norm import add_rms_norm, layer_norm, rms_norm
+from kernels.attention import AttentionMetadata
+from kernels.dispatch import TORCH_KERNELS, Kernels
+from kernels.norm import layer_norm
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -52,7 +58,19 @@ class Linear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-class RMSNorm(nn.Module):
+class KernelLayer(nn.Module):
+    """A layer that runs one of the executor's kernels through `self.kernels`."""
+
+    kernels: Kernels = TORCH_KERNELS
+
+
+def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
+    for module in model.modules():
+        if isinstance(module, KernelLayer):
+            module.kernels = kernels
+
+
+class RMSNorm(KernelLayer):
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
@@ -61,8 +79,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: the normed x. With it: (normed x + residual, x + residual)."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -75,6 +93,23 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Rotary(KernelLayer):
+    """Rotary position embedding of q and k (neox style: rotate-half), on the first
+    cos_sin.shape[-1] channels of each head."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.kernels.apply_rotary(q, positions, cos_sin),
+                self.kernels.apply_rotary(k, positions, cos_sin))
+
+
+class SiluAndMul(KernelLayer):
+    """[..., 2 * d] (gate then up) -> silu(gate) * up."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.silu_and_mul(x)
 
 
 # Hugging Face activation names (`hidden_act`, `activation`) -> function. The tanh-approximated
@@ -114,7 +149,7 @@ def split_grouped_qkv(fused: torch.Tensor, num_kv_heads: int,
     return q, k, v
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(KernelLayer):
     """Writes the step's K/V into this layer's paged cache, then attends through block tables.
     The runner binds the cache tensors once, after allocating them (`bind_kv_caches`)."""
 
@@ -130,8 +165,9 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
         key_cache, value_cache = self.kv_cache
-        write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        out = paged_attention(q, key_cache, value_cache, meta, self.scale, self.sliding_window)
+        self.kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = self.kernels.paged_attention(q, key_cache, value_cache, meta, self.scale,
+                                           self.sliding_window)
         return out.reshape(q.shape[0], -1)
 
 

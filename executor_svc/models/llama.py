@@ -14,11 +14,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from executor_svc.models.layers import Linear, PagedAttention, RMSNorm
+from executor_svc.models.layers import Linear, PagedAttention, RMSNorm, Rotary, SiluAndMul
 from executor_svc.models.rope import rotary_cos_sin_cache
-from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata
-from kernels.rotary import apply_rotary
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], options.qkv_bias,
                                dtype)
         self.o_proj = Linear(q_size, [config.hidden_size], options.o_bias, dtype)
+        self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    options.sliding_window)
 
@@ -55,8 +54,8 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_sizes, dim=-1)
         num_tokens = x.shape[0]
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions, cos_sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
+        q, k = self.rotary(q.view(num_tokens, self.num_heads, self.head_dim),
+                           k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -68,9 +67,10 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = Linear(config.hidden_size, [size, size], bias, dtype)
         self.down_proj = Linear(size, [config.hidden_size], bias, dtype)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

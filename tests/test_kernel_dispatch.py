@@ -1,0 +1,50 @@
+"""Which kernel set the executor runs (kernels/dispatch.py, `--attention-backend`)."""
+
+import pytest
+import torch
+
+from executor_svc.models.layers import KernelLayer
+from kernels.dispatch import KernelBackendError, select_kernels
+from pagedserve.offline import LLM
+from pagedserve.v1.common_pb2 import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+def test_auto_is_torch_on_cpu_and_triton_on_cuda():
+    assert select_kernels("auto", CPU).name == "torch"
+    assert select_kernels("torch", CPU).name == "torch"
+    assert select_kernels("triton", CPU).name == "triton"  # conftest set TRITON_INTERPRET=1
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(KernelBackendError, match="TRITON_INTERPRET=1"):
+        select_kernels("triton", CPU)
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(KernelBackendError, match="'cutlass' is not one of auto, torch, triton"):
+        select_kernels("cutlass", CPU)
+
+
+def _kernel_sets(llm: LLM) -> set[str]:
+    runner = llm.make_handle().runner
+    return {m.kernels.name for m in runner.model.modules() if isinstance(m, KernelLayer)}
+
+
+@pytest.mark.slow
+def test_the_flag_reaches_every_layer_and_changes_no_token(tiny_llama_dir):
+    """The offline engine (the executor's own bootstrap) with each backend: every kernel layer
+    runs the chosen set, and greedy decoding gives the same tokens."""
+    prompts = [[5, 6, 7], list(range(10, 31))]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(tiny_llama_dir), attention_backend=backend, kv_cache_gib=0.01,
+                  block_size=16)
+        assert _kernel_sets(llm) == {backend}
+        outputs[backend] = [o.outputs[0].token_ids for o in
+                            llm.generate(prompts, params)]
+    assert outputs["triton"] == outputs["torch"]
+    assert all(len(tokens) == 6 for tokens in outputs["torch"])
