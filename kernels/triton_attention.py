@@ -5,12 +5,15 @@ Same cache layout and semantics as the PyTorch path (`kernels/attention.py`, the
 kernels are checked against): per layer, K and V each [num_blocks, block_size, num_kv_heads,
 head_dim], addressed through each request's block table.
 
-The decode kernel runs one program per (sequence, query head). It walks the sequence's blocks
-through the block table, one block per iteration, and keeps an online softmax (running max,
-running sum and a float32 accumulator), so no context is ever gathered into a contiguous copy.
-Only the blocks that hold positions inside the sliding window are read; positions outside the
-context or the window are masked both when loading and in the scores, so unused cache slots
-(whatever they hold, NaN included) never reach the output.
+The decode kernel runs one program per (sequence, KV head[, partition]). The query heads that
+share the KV head are the rows of one tile, so each K/V position is read once for all of them
+and the scores and P @ V are tl.dot products. It walks the context through the block table,
+block_n positions at a time, and keeps an online softmax (running max, running sum and a
+float32 accumulator), so no context is ever gathered into a contiguous copy. For long contexts
+and few requests (split-K, flash-decoding) each context is cut into partitions read by programs
+of their own, whose softmax states a second kernel merges. Only positions inside the context and
+the sliding window are read; they are masked both when loading and in the scores, so unused
+cache slots (whatever they hold, NaN included) never reach the output.
 
 The prefill kernel runs one program per (sequence, query head, tile of BLOCK_M query rows of the
 sequence's chunk) and walks the context in tiles of BLOCK_N positions (each position's block
@@ -19,13 +22,15 @@ softmax per row, the scores and P @ V as tl.dot with float32 results (IEEE, not 
 float32 inputs). It reads only tiles up to its last row's position and, with a window, from its
 first row's window start; causality and the window are masked per (row, position).
 
-Not wired into the executor yet; no autotuning (`@triton.autotune` fails under
-TRITON_INTERPRET=1, which is how these kernels are tested on CPU).
+The executor runs these through kernels/dispatch.py. Tile shapes come from heuristics (`Tiles`),
+not @triton.autotune, which fails under TRITON_INTERPRET=1 (how these kernels are tested on
+CPU); benchmarks/bench_kernels_gpu.py measures candidate tiles on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -219,7 +224,32 @@ def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 
 DECODE_PARTITION_SIZE = 512
-DECODE_BLOCK_N = 64
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of an attention kernel: query rows per program (prefill), context positions
+    per step, warps and software-pipeline stages (the last two are ignored by the interpreter).
+    Chosen by heuristics rather than @triton.autotune, which fails under TRITON_INTERPRET=1;
+    benchmarks/bench_kernels_gpu.py measures the candidates on a GPU."""
+
+    block_m: int  # prefill only: decode's rows are the query heads of one KV head
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DECODE_TILES = Tiles(block_m=16, block_n=64)
+
+
+def prefill_tiles(max_query_len: int, device: torch.device) -> Tiles:
+    if device.type != "cuda":  # the interpreter: small tiles keep the checks fast
+        return Tiles(block_m=16 if max_query_len <= 16 else 32, block_n=32)
+    if max_query_len <= 16:
+        return Tiles(block_m=16, block_n=64)
+    if max_query_len <= 64:
+        return Tiles(block_m=64, block_n=64)
+    return Tiles(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
 @functools.cache
@@ -233,7 +263,8 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                   sliding_window: int | None = None,
                                   out: torch.Tensor | None = None,
                                   max_seq_len: int | None = None,
-                                  partition_size: int | None = None) -> torch.Tensor:
+                                  partition_size: int | None = None,
+                                  tiles: Tiles = DECODE_TILES) -> torch.Tensor:
     """Decode attention, one query token per request.
 
     query [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
@@ -244,8 +275,8 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     into `out` when given).
 
     One program per (sequence, KV head), its query heads as the rows of one tile, walking the
-    context DECODE_BLOCK_N positions at a time. `partition_size` (a multiple of
-    DECODE_BLOCK_N) splits each context into partitions read by programs of their own and
+    context tiles.block_n positions at a time. `partition_size` (a multiple of
+    tiles.block_n) splits each context into partitions read by programs of their own and
     merged by a second kernel; by default `decode_partition_size` decides from `max_seq_len`
     (the longest context; read from seq_lens, a device sync, when not given).
     """
@@ -262,10 +293,10 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len, query.device)
     split = partition_size is not None and max_seq_len > partition_size
     if split:
-        assert partition_size % DECODE_BLOCK_N == 0
+        assert partition_size % tiles.block_n == 0
         num_partitions = triton.cdiv(max_seq_len, partition_size)
     else:
-        num_partitions, partition_size = 1, DECODE_BLOCK_N  # PARTITION_SIZE unused: no recompile
+        num_partitions, partition_size = 1, tiles.block_n  # unused: no recompile per length
     partitions_p = triton.next_power_of_2(num_partitions)
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
     queries_per_kv = num_heads // num_kv_heads
@@ -286,9 +317,10 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), head_dim, num_heads,
         QUERIES_PER_KV=queries_per_kv, GROUP_P=max(16, triton.next_power_of_2(queries_per_kv)),
-        BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_N=tiles.block_n,
         PARTITION_SIZE=partition_size, NUM_PARTITIONS_P=partitions_p, SPLIT=split,
-        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32)
+        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if split:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), head_dim,
@@ -385,7 +417,8 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                                    scale: float, sliding_window: int | None = None,
                                    out: torch.Tensor | None = None,
-                                   max_query_len: int | None = None) -> torch.Tensor:
+                                   max_query_len: int | None = None,
+                                   tiles: Tiles | None = None) -> torch.Tensor:
     """Prefill / chunked-prefill attention over a flat batch of query chunks.
 
     query [num_tokens, num_heads, head_dim] holds each sequence's chunk back to back: sequence i
@@ -397,7 +430,7 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     read through block_tables [num_seqs, max_blocks]. Query head h reads KV head
     h // (num_heads // num_kv_heads). Returns the output, shaped and typed like query (written
     into `out` when given). `max_query_len` (the longest chunk) sizes the grid; without it it is
-    read from query_start_loc, a device sync.
+    read from query_start_loc, a device sync. `tiles` overrides `prefill_tiles`' choice.
 
     One program per (sequence, query head, BLOCK_M query rows); online softmax over tiles of
     BLOCK_N context positions in float32.
@@ -414,9 +447,8 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 0:
         return out
-    block_m = 16 if max_query_len <= 16 else 32
-    block_n = 32
-    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
+    tiles = tiles or prefill_tiles(max_query_len, query.device)
+    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, tiles.block_m))
     _paged_attention_prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
         float(scale), 0 if sliding_window is None else int(sliding_window),
@@ -425,8 +457,10 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), block_tables.shape[1], head_dim,
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
-        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32)
+        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
+        IEEE=query.dtype == torch.float32, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return out
 
 
