@@ -1,6 +1,10 @@
 """Entry point of `pagedserve executor`: loads the model, sizes and allocates the KV cache,
 serves the Executor service (one long-lived Run stream of step plans, Describe, health) and
-keeps itself registered with the scheduler."""
+keeps itself registered with the scheduler.
+
+On SIGTERM it drains: it stops heartbeating (so it never re-registers), finishes the step it is
+running and ends its Run stream cleanly, which the scheduler takes as the executor handing its
+requests back (they are recomputed on the other executors); then it exits 0."""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from pagedserve.serving import GrpcServer, StartupError, run_service, wait_for_s
 from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+# How long a draining executor waits for the step it is running before the server stops anyway.
+DRAIN_TIMEOUT_S = 20.0
 
 log = structlog.get_logger(__name__)
 
@@ -38,12 +44,15 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         # One Run stream at a time; a new one stops the previous one (see executor.proto).
         self._stream_lock = asyncio.Lock()
         self._stop_current: asyncio.Event | None = None
+        self._draining = False
 
     async def Describe(self, request, context) -> executor_pb2.DescribeResponse:
         return self.description
 
     async def Run(self, plans: AsyncIterator[executor_pb2.StepPlan],
                   context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.StepResult]:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the executor is shutting down")
         if self._stop_current is not None:
             self._stop_current.set()
         stop = self._stop_current = asyncio.Event()
@@ -53,10 +62,26 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
             plan_iter = aiter(plans)
             while (plan := await _next_or_stop(plan_iter, stop)) is not None:
                 yield await self._execute(plan)
-            if stop.is_set():
+            if stop.is_set() and not self._draining:
                 await context.abort(grpc.StatusCode.ABORTED,
                                     "superseded by a newer Run stream")
-            log.info("scheduler stream closed")
+            # Draining: a clean end of the stream hands every unfinished request back.
+            log.info("scheduler stream closed", draining=self._draining)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Ends the Run stream after the step in progress and waits until it has ended (at most
+        `timeout_s`), refusing new streams: the scheduler then recomputes this executor's
+        requests elsewhere, before the server stops and would cut the stream mid-step."""
+        self._draining = True
+        if self._stop_current is not None:
+            self._stop_current.set()
+        try:
+            await asyncio.wait_for(self._stream_lock.acquire(), timeout_s)
+        except TimeoutError:
+            log.warning("the step in progress did not end in time; stopping anyway",
+                        timeout_s=timeout_s)
+            return
+        self._stream_lock.release()
 
     async def _execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         # In a thread: the event loop keeps answering health checks and heartbeats.
@@ -111,8 +136,8 @@ async def serve(args: argparse.Namespace) -> None:
     description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner, dtype)
 
     server = GrpcServer(f"{args.host}:{args.port}")
-    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorService(runner, description),
-                                                     server.server)
+    service = ExecutorService(runner, description)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(service, server.server)
     await server.start([SERVICE_NAME])
     stop = asyncio.Event()
     registration = None
@@ -126,10 +151,11 @@ async def serve(args: argparse.Namespace) -> None:
                 limits=description.limits, parallel=description.parallel),
             stop))
     await wait_for_stop_signal()
-    stop.set()
+    stop.set()  # no more heartbeats: the scheduler must not take this executor back
     if registration is not None:
         with contextlib.suppress(asyncio.CancelledError):
             await registration
+    await service.drain(DRAIN_TIMEOUT_S)
     await server.stop()
 
 

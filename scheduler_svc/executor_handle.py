@@ -14,7 +14,8 @@ from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 
 
 class ExecutorLost(Exception):
-    """The executor's stream broke; its requests must be recomputed elsewhere."""
+    """The executor's stream broke or the executor ended it (draining); either way its
+    requests must be recomputed elsewhere."""
 
 
 class ExecutorHandle(Protocol):
@@ -48,8 +49,9 @@ class GrpcExecutorHandle:
             result = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise ExecutorLost(f"{self.address}: {exc.code().name}: {exc.details()}") from None
-        if result is grpc.aio.EOF:
-            raise ExecutorLost(f"{self.address}: the Run stream ended")
+        if result is grpc.aio.EOF:  # a draining executor (SIGTERM) hands its requests back
+            raise ExecutorLost(f"{self.address}: the executor ended its Run stream (shutting "
+                               "down)")
         return result
 
     async def close(self) -> None:

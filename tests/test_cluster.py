@@ -1,0 +1,298 @@
+"""A cluster on one machine: gateway, scheduler and executors as separate processes (what the
+Helm chart runs, minus Kubernetes) under a steady stream of OpenAI-API requests, while executors
+join, are killed, drain on SIGTERM, and the scheduler restarts (issue 8).
+
+Greedy decoding of a tiny float32 model is deterministic, so every request that completes must
+carry exactly the text of the same prompt in a reference run without failures; a request that
+does not complete must end with a clear HTTP error, and none may hang (every client call has a
+timeout, and a timeout fails the test).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.conftest import free_ports
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 6
+CLIENT_TIMEOUT_S = 30.0
+# A client whose request failed waits this long before the next one (no busy loop).
+CLIENT_BACKOFF_S = 0.05
+MAX_TOKENS = 24
+# Distinct prompts (token ids) of a few lengths; clients cycle through them.
+PROMPTS = [list(range(10 + 7 * i, 10 + 7 * i + 3 + 2 * (i % 4))) for i in range(8)]
+EXECUTOR_FLAGS = ("--device", "cpu", "--dtype", "float32", "--block-size", "4",
+                  "--kv-cache-gib", "0.01", "--max-model-len", "128")
+
+
+@dataclass
+class Service:
+    """One `pagedserve <command>` process, logging JSON lines to its own file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Service:
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pagedserve", *self.argv, "--log-format", "json"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class Cluster:
+    model_dir: Path
+    log_dir: Path
+    services: list[Service] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.http_port, self.grpc_port, self.scheduler_port = free_ports(3)
+        self.scheduler_address = f"127.0.0.1:{self.scheduler_port}"
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
+        self.channel = grpc.insecure_channel(self.scheduler_address)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+
+    def _start(self, name: str, *argv: str) -> Service:
+        service = Service(name, list(argv), self.log_dir / f"{name}.log").start()
+        self.services.append(service)
+        return service
+
+    def start_scheduler(self) -> Service:
+        return self._start("scheduler", "scheduler", "--port", str(self.scheduler_port),
+                           "--heartbeat-interval", "0.5")
+
+    def start_executor(self, index: int) -> Service:
+        (port,) = free_ports(1)
+        return self._start(f"executor-{index}", "executor", "--port", str(port),
+                           "--model", str(self.model_dir), "--scheduler-address",
+                           self.scheduler_address, *EXECUTOR_FLAGS)
+
+    def start_gateway(self) -> Service:
+        return self._start("gateway", "gateway", "--http-port", str(self.http_port),
+                           "--grpc-port", str(self.grpc_port), "--scheduler-address",
+                           self.scheduler_address)
+
+    def executors(self) -> dict[str, scheduler_pb2.ExecutorStats]:
+        """Registered executors by address; {} while the scheduler does not answer."""
+        try:
+            stats = self.stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=2)
+        except grpc.RpcError:
+            return {}
+        return {e.address: e for e in stats.executors}
+
+    def ready_status(self) -> int:
+        """HTTP status of the gateway's /ready (0 while it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/ready", timeout=5) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        self.channel.close()
+        for service in self.services:
+            service.stop()
+
+
+def address_of(executor: Service) -> str:
+    return f"127.0.0.1:{executor.argv[executor.argv.index('--port') + 1]}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)
+
+
+@dataclass
+class Outcome:
+    prompt: int
+    text: str | None = None
+    finish_reason: str | None = None
+    status: int | None = None  # HTTP status of a failed request
+    error: str | None = None
+
+
+def complete(client: openai.OpenAI, model: str, prompt: int) -> Outcome:
+    """One greedy completion; an error becomes an Outcome naming it, never an exception."""
+    try:
+        reply = client.completions.create(
+            model=model, prompt=PROMPTS[prompt], max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"ignore_eos": True})
+    except openai.APIStatusError as exc:
+        return Outcome(prompt, status=exc.status_code, error=str(exc))
+    except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+        return Outcome(prompt, error=f"{type(exc).__name__}: {exc}")
+    choice = reply.choices[0]
+    return Outcome(prompt, text=choice.text, finish_reason=choice.finish_reason)
+
+
+class Load:
+    """CLIENTS threads sending completions back to back until stopped."""
+
+    def __init__(self, base_url: str, model: str):
+        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused",
+                                    timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        self.model = model
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(CLIENTS)]
+
+    def _client(self, index: int) -> None:
+        prompt = index
+        while not self._stop.is_set():
+            outcome = complete(self.client, self.model, prompt % len(PROMPTS))
+            self.outcomes.append(outcome)
+            if outcome.error is not None:
+                self._stop.wait(CLIENT_BACKOFF_S)
+            prompt += 1
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=CLIENT_TIMEOUT_S + 5)
+            assert not thread.is_alive(), "a client hung"
+        self.client.close()
+
+
+def no_error_expected(outcome: Outcome) -> bool:
+    return False
+
+
+def scheduler_gone(outcome: Outcome) -> bool:
+    """The clear errors of a request sent while the scheduler restarts: 503 naming the
+    scheduler, or gRPC's own CANCELLED for a call that reached the old scheduler in the instant
+    its server began shutting down (the gateway passes that on as 500 "CANCELLED")."""
+    return ((outcome.status == 503 and "the scheduler is unreachable" in outcome.error)
+            or (outcome.status == 500 and outcome.error.endswith("CANCELLED")))
+
+
+def assert_all_correct(outcomes: list[Outcome], reference: dict[int, str], phase: str,
+                       acceptable: Callable[[Outcome], bool] = no_error_expected) -> None:
+    """Every request completed with the reference text, or failed with an acceptable error."""
+    unclear = [o for o in outcomes if o.error is not None and not acceptable(o)]
+    assert not unclear, f"{phase}: {len(unclear)} requests failed, e.g. {unclear[0]}"
+    done = [o for o in outcomes if o.error is None]
+    wrong = [o for o in done if o.text != reference[o.prompt] or o.finish_reason != "length"]
+    assert not wrong, f"{phase}: {len(wrong)} requests got other tokens, e.g. {wrong[0]}"
+
+
+def kill_while_busy(cluster: Cluster, executor: Service, sig: signal.Signals) -> None:
+    """Send `sig` at a moment the executor is running requests (mid-generation)."""
+    address = address_of(executor)
+    wait_until(lambda: cluster.executors().get(address, scheduler_pb2.ExecutorStats())
+               .num_running > 0, 20, f"{executor.name} to run requests")
+    executor.signal(sig)
+
+
+@pytest.fixture
+def cluster(tiny_llama_dir, tmp_path):
+    cluster = Cluster(tiny_llama_dir, tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_executors_join_die_drain_and_the_scheduler_restarts_under_load(cluster, tmp_path):
+    model = cluster.model_dir.name
+    scheduler = cluster.start_scheduler()
+    executors = [cluster.start_executor(i) for i in range(2)]
+    cluster.start_gateway()
+    wait_until(lambda: len(cluster.executors()) == 2, 120, "two executors to register", 0.2)
+    wait_until(lambda: cluster.ready_status() == 200, 120, "the gateway to be ready", 0.2)
+
+    # The reference: each prompt once, nothing failing.
+    client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused",
+                           timeout=CLIENT_TIMEOUT_S, max_retries=0)
+    baseline = [complete(client, model, i) for i in range(len(PROMPTS))]
+    reference = {o.prompt: o.text for o in baseline}
+    assert_all_correct(baseline, reference, "reference")
+    assert len(set(reference.values())) == len(PROMPTS), "prompts should give distinct outputs"
+
+    with Load(cluster.base_url, model) as load:
+        # (a) a third executor registers and takes new requests.
+        executors.append(cluster.start_executor(2))
+        wait_until(lambda: address_of(executors[2]) in cluster.executors(), 120,
+                   "the third executor to register", 0.2)
+        wait_until(lambda: cluster.executors()[address_of(executors[2])].num_running > 0, 20,
+                   "the third executor to take requests")
+
+        # (b) SIGKILL mid-generation: its requests are recomputed on the others.
+        kill_while_busy(cluster, executors[0], signal.SIGKILL)
+        wait_until(lambda: address_of(executors[0]) not in cluster.executors(), 10,
+                   "the killed executor to be dropped")
+        time.sleep(1.0)  # more traffic on the two left
+    assert_all_correct(load.outcomes, reference, "join and SIGKILL")
+    assert len(load.outcomes) > 3 * CLIENTS
+    assert "executor lost; recomputing its requests elsewhere" in scheduler.log()
+
+    # (d) the scheduler restarts: 503 while it is gone, executors re-register, requests succeed.
+    with Load(cluster.base_url, model) as load:
+        scheduler.signal(signal.SIGTERM)
+        assert scheduler.wait(timeout=30) == 0
+        gone = complete(client, model, 0)
+        assert gone.status == 503 and "scheduler" in gone.error, gone
+        assert cluster.ready_status() == 503
+        scheduler = cluster.start_scheduler()
+        wait_until(lambda: len(cluster.executors()) == 2, 30, "executors to re-register", 0.2)
+        wait_until(lambda: cluster.ready_status() == 200, 30, "the gateway to be ready again",
+                   0.2)
+        time.sleep(1.0)
+    assert_all_correct(load.outcomes, reference, "scheduler restart", scheduler_gone)
+    assert sum(o.status == 503 for o in load.outcomes) > 0, "no request saw the scheduler gone"
+    after_restart = [complete(client, model, i) for i in range(len(PROMPTS))]
+    assert_all_correct(after_restart, reference, "after the scheduler restart")
+
+    with Load(cluster.base_url, model) as load:
+        # (c) SIGTERM mid-generation: the executor hands its requests back and exits 0.
+        kill_while_busy(cluster, executors[1], signal.SIGTERM)
+        assert executors[1].wait(timeout=30) == 0
+        assert address_of(executors[1]) not in cluster.executors()
+        time.sleep(1.0)
+    assert_all_correct(load.outcomes, reference, "SIGTERM")
+    assert "the executor ended its Run stream (shutting down)" in scheduler.log()
+    assert '"draining": true' in executors[1].log()
+    client.close()
