@@ -2,7 +2,7 @@
 
 import argparse
 
-from pagedserve.flags import add_common_flags
+from pagedserve.flags import add_common_flags, positive_float
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 50051
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler-address", default="127.0.0.1:50052",
                         help="host:port of the scheduler")
     add_api_key_argument(parser)
+    add_request_timeout_argument(parser)
     parser.add_argument("--tokenizer", default=None,
                         help="local tokenizer directory; unset: the tokenizer files the "
                              "scheduler relays from an executor (no model volume needed)")
@@ -29,3 +30,12 @@ def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require `Authorization: Bearer <key>` on every API route and gRPC "
                              "method (health, readiness and metrics stay open); unset: no auth")
+
+
+def add_request_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """Shared with `pagedserve up`, which passes it on to the gateway."""
+    parser.add_argument("--request-timeout", type=positive_float, default=None,
+                        help="seconds an HTTP generation request may take, queueing included; "
+                             "past it the request is aborted (its KV blocks freed) and answered "
+                             "504. A client's X-Request-Timeout header may only shorten it; gRPC "
+                             "clients use their call deadline. Unset: no limit")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.metrics import METRICS
-from gateway.scheduler_client import SchedulerClient, ServedModel
+from gateway.scheduler_client import NO_DEADLINE, Deadline, SchedulerClient, ServedModel
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -37,10 +37,12 @@ class Usage:
 
 async def generate(client: SchedulerClient, served: ServedModel, request_id: str,
                    prompt_token_ids: list[int], sampling: common_pb2.SamplingParams,
-                   usage: Usage, priority: int = 0) -> AsyncIterator[ChoiceDelta]:
+                   usage: Usage, priority: int = 0,
+                   deadline: Deadline = NO_DEADLINE) -> AsyncIterator[ChoiceDelta]:
     """Choice deltas of one prompt; `usage` is filled in as the stream goes. Ends when every
     choice has finished; a stop string ends its choice at once (the rest of the request is
-    aborted when the last choice is done)."""
+    aborted when the last choice is done). Past `deadline` the scheduler aborts the request
+    and this raises the 504 GatewayError."""
     n = max(1, sampling.n)
     skip_special = sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") \
         else True
@@ -58,7 +60,7 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
     submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
                                          prompt_token_ids=prompt_token_ids, sampling=sampling,
                                          priority=priority)
-    async for delta in client.generate(submit):
+    async for delta in client.generate(submit, deadline):
         if delta.num_prompt_tokens:
             usage.cached_tokens = delta.num_cached_prompt_tokens
             usage.prompt_logprobs = list(delta.prompt_logprobs)

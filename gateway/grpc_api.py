@@ -19,7 +19,7 @@ from gateway.openai_protocol import (
     MAX_STOP_STRINGS,
 )
 from gateway.prompts import chat_prompt_ids, check_length, check_token_ids
-from gateway.scheduler_client import GatewayError, SchedulerClient
+from gateway.scheduler_client import RETRY_AFTER_S, Deadline, GatewayError, SchedulerClient
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
@@ -29,6 +29,15 @@ _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_RE
            "abort": common_pb2.FINISH_REASON_ABORT}
 
 log = structlog.get_logger(__name__)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+    """Ends the call with the gRPC twin of the error's HTTP status; an overload refusal also
+    carries `retry-after` (seconds) in its trailing metadata, as HTTP's Retry-After."""
+    code = _CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+    trailers = (("retry-after", str(RETRY_AFTER_S)),) \
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED else ()
+    await context.abort(code, exc.message, trailing_metadata=trailers)
 
 
 def check_sampling(params: common_pb2.SamplingParams) -> None:
@@ -68,6 +77,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        # The client's call deadline travels on to the scheduler, which aborts the request.
+        deadline = Deadline.after(context.time_remaining())
         try:
             served = await self.client.model(request.model)
             prompt_ids = self._prompt_ids(served, request)
@@ -81,7 +92,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             usage = Usage()
             first = True
             async for choice in generate(self.client, served, request_id, prompt_ids, sampling,
-                                         usage, request.priority):
+                                         usage, request.priority, deadline):
                 reply = generation_pb2.GenerateResponse(request_id=request_id)
                 if first:
                     first = False
@@ -99,7 +110,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                 cached_prompt_tokens=usage.cached_tokens))
         except GatewayError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            await abort(context, exc)
 
     @staticmethod
     def _prompt_ids(served, request) -> list[int]:
@@ -135,7 +146,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     else True
                 ids = served.tokenizer(request.text, add_special_tokens=add).input_ids
         except GatewayError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            await abort(context, exc)
         return generation_pb2.TokenizeResponse(token_ids=ids,
                                                max_model_len=served.info.max_model_len)
 
@@ -144,7 +155,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             served = await self.client.model(request.model)
             check_token_ids(served, list(request.token_ids), "token_ids")
         except GatewayError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            await abort(context, exc)
         return generation_pb2.DetokenizeResponse(
             text=served.tokenizer.decode(list(request.token_ids)))
 
@@ -152,5 +163,5 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             served = await self.client.model()
         except GatewayError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            await abort(context, exc)
         return generation_pb2.ListModelsResponse(models=[served.info])

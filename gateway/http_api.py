@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,11 +23,19 @@ from gateway.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     SamplingFields,
     TokenizeRequest,
 )
 from gateway.prompts import chat_prompt_ids, check_length, check_token_ids
-from gateway.scheduler_client import GatewayError, SchedulerClient, ServedModel
+from gateway.scheduler_client import (
+    RETRY_AFTER_S,
+    Deadline,
+    GatewayError,
+    SchedulerClient,
+    ServedModel,
+    parse_timeout,
+)
 from pagedserve.v1 import common_pb2
 
 # Readiness: an executor that has work and returned nothing for this long is wedged.
@@ -36,7 +44,34 @@ DISCONNECT_POLL_S = 0.05
 # Larger request bodies are refused with 413 before they are read (Content-Length) or as soon
 # as the streamed body passes it.
 MAX_BODY_BYTES = 16 * 2**20
+# Per-request timeout in seconds a client may send (OpenAI's API has no such body field); the
+# tighter of it and --request-timeout applies.
+TIMEOUT_HEADER = "X-Request-Timeout"
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+_ERROR_MEANINGS = {
+    400: "invalid request; `param` names the field",
+    401: "missing or invalid API key (only with --api-key)",
+    404: "the model is not served",
+    413: f"the body is over {MAX_BODY_BYTES} bytes",
+    429: "the scheduler's queue is full (--max-queue-len); retry after Retry-After seconds",
+    503: "the scheduler or every executor is unavailable",
+    504: "the request's timeout (--request-timeout, X-Request-Timeout) passed",
+}
+
+
+def documented_errors(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` for the error statuses a route answers, in OpenAI's shape."""
+    return {s: {"model": ErrorResponse, "description": _ERROR_MEANINGS[s]} for s in statuses}
+
+
+# Every route may answer these (unauthenticated, body too large).
+_ANY_ROUTE = (401, 413)
+_MODEL_ROUTE = (*_ANY_ROUTE, 400, 404, 503)
+_GENERATION_RESPONSES = {
+    200: {"description": "the completion, or with `stream: true` server-sent events",
+          "content": {"text/event-stream": {}}},
+    **documented_errors(*_MODEL_ROUTE, 429, 504)}
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +113,9 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(client: SchedulerClient) -> FastAPI:
+def create_app(client: SchedulerClient, request_timeout_s: float | None = None) -> FastAPI:
+    """The HTTP API over `client`; `request_timeout_s` (--request-timeout) bounds every
+    generation request, None: only a client's X-Request-Timeout does."""
     app = FastAPI(title="pagedserve", summary="OpenAI-compatible LLM serving")
     app.add_middleware(BodyLimit)
 
@@ -104,14 +141,17 @@ def create_app(client: SchedulerClient) -> FastAPI:
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError):
-        return error_response(exc.status, exc.message, exc.error_type, exc.param)
+        response = error_response(exc.status, exc.message, exc.error_type, exc.param)
+        if exc.status == 429:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.get("/health")
     async def health() -> dict:
         """Liveness: the gateway process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=documented_errors(503))
     async def ready():
         """Readiness: the scheduler answers, an executor is registered, none is wedged."""
         try:
@@ -126,7 +166,7 @@ def create_app(client: SchedulerClient) -> FastAPI:
                                   "service_unavailable")
         return {"status": "ready", "executors": len(stats.executors)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus exposition: the gateway's metrics and the scheduler's state."""
         try:
@@ -135,14 +175,14 @@ def create_app(client: SchedulerClient) -> FastAPI:
             stats = None  # the gateway's own metrics are still worth scraping
         return Response(METRICS.exposition(stats), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented_errors(*_ANY_ROUTE, 404, 503))
     async def models() -> dict:
         served = await client.model()
         return {"object": "list", "data": [{
             "id": served.info.model_id, "object": "model", "created": 0,
             "owned_by": "pagedserve", "max_model_len": served.info.max_model_len}]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=documented_errors(*_MODEL_ROUTE))
     async def tokenize(body: TokenizeRequest) -> dict:
         served = await client.model(body.model or "")
         if body.messages is not None:
@@ -155,13 +195,13 @@ def create_app(client: SchedulerClient) -> FastAPI:
                                "prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": served.info.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=documented_errors(*_MODEL_ROUTE))
     async def detokenize(body: DetokenizeRequest) -> dict:
         served = await client.model(body.model or "")
         check_token_ids(served, body.tokens, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         served = await client.model(body.model or "")
         prompts = [served.tokenizer(p).input_ids if isinstance(p, str) else p
@@ -174,7 +214,7 @@ def create_app(client: SchedulerClient) -> FastAPI:
         return await respond(request, body, served, CompletionFormat(served, body, prompts),
                              prompts, sampling)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         served = await client.model(body.model or "")
         ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
@@ -188,6 +228,7 @@ def create_app(client: SchedulerClient) -> FastAPI:
                       prompts: list[list[int]], sampling: common_pb2.SamplingParams):
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        deadline = request_deadline(request, request_timeout_s)
         usages = [Usage() for _ in prompts]
         n = max(1, sampling.n)
 
@@ -195,21 +236,55 @@ def create_app(client: SchedulerClient) -> FastAPI:
             # Several prompts: choices are numbered prompt by prompt (OpenAI's order).
             for p, ids in enumerate(prompts):
                 async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
-                                             usages[p]):
+                                             usages[p], deadline=deadline):
                     choice.index += p * n
                     yield choice
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(fmt, request_id, deltas(), usages, include_usage),
+            stream = await started(request, deltas())
+            if stream is None:
+                return client_gone()
+            return StreamingResponse(sse(fmt, request_id, stream, usages, include_usage),
                                      media_type="text/event-stream")
         collected = await until_disconnected(request, collect(deltas()))
         if collected is None:
-            log.info("client disconnected; request aborted")
-            return JSONResponse(status_code=499, content={})
+            return client_gone()
         return fmt.full_response(request_id, collected, total_usage(usages))
 
     return app
+
+
+def request_deadline(request: Request, default_s: float | None) -> Deadline:
+    """The tighter of the gateway's --request-timeout and the client's X-Request-Timeout."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    client_s = None if raw is None else parse_timeout(raw, TIMEOUT_HEADER)
+    return Deadline.after(min((t for t in (default_s, client_s) if t is not None), default=None))
+
+
+def client_gone() -> JSONResponse:
+    log.info("client disconnected; request aborted")
+    return JSONResponse(status_code=499, content={})
+
+
+_END = object()
+
+
+async def started(request: Request, deltas: AsyncIterator[ChoiceDelta]
+                  ) -> AsyncIterator[ChoiceDelta] | None:
+    """`deltas` once its first delta is in, so that a refusal before any token (queue full,
+    deadline, admission) is still answered with its HTTP status rather than inside a 200
+    event stream; None (and the request aborted) if the client leaves first."""
+    first = await until_disconnected(request, anext(deltas, _END))
+    if first is None:
+        return None
+
+    async def resumed() -> AsyncIterator[ChoiceDelta]:
+        if first is not _END:
+            yield first
+            async for delta in deltas:
+                yield delta
+    return resumed()
 
 
 def check_sampling_ids(served: ServedModel, body: SamplingFields) -> None:

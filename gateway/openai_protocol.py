@@ -146,3 +146,18 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    # The request field (or header) at fault, when there is one.
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, which every refusal of the HTTP API uses (documented in the
+    OpenAPI spec so that clients and the schema fuzzer know every status it may answer)."""
+
+    error: ErrorDetail

@@ -5,8 +5,10 @@ the HTTP status and OpenAI error type the API answers with."""
 from __future__ import annotations
 
 import asyncio
+import math
 import pathlib
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 # Seconds to wait for the scheduler to answer a unary call; a stream waits for its tokens.
 UNARY_TIMEOUT_S = 10.0
+# Seconds a client refused for overload (429 / RESOURCE_EXHAUSTED) is told to wait.
+RETRY_AFTER_S = 1
 
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -41,6 +45,50 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
     return GatewayError(status, message, error_type)
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be over (time.monotonic()), or never (None). Travels to the
+    scheduler as the Submit call's gRPC deadline, so the scheduler aborts the request (and
+    frees its blocks) when it passes."""
+
+    at: float | None = None
+    timeout_s: float | None = None
+
+    @classmethod
+    def after(cls, timeout_s: float | None) -> Deadline:
+        if timeout_s is None:
+            return cls()
+        return cls(time.monotonic() + timeout_s, timeout_s)
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); raises the 504 once it has passed."""
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.exceeded()
+        return left
+
+    def exceeded(self) -> GatewayError:
+        return GatewayError(504, f"the request did not finish within its timeout of "
+                                 f"{self.timeout_s:g} s and was aborted", "timeout")
+
+
+NO_DEADLINE = Deadline()
+
+
+def parse_timeout(value: str, param: str) -> float:
+    """A client-given timeout in seconds: a finite number > 0, or a 400 naming `param`."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise GatewayError(400, f"{param}: expected a number of seconds > 0, got {value!r}",
+                           "invalid_request_error", param)
+    return seconds
+
+
 @dataclass
 class ServedModel:
     info: common_pb2.ModelInfo
@@ -54,6 +102,7 @@ class SchedulerClient:
         self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._models: dict[str, ServedModel] = {}
+        self._loading = asyncio.Lock()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -62,6 +111,14 @@ class SchedulerClient:
         """The served model `name` ("" = the only one), its tokenizer built once."""
         if name in self._models:
             return self._models[name]
+        # One load at a time: concurrent first requests would each build the tokenizer, and
+        # transformers' lazy imports are not thread-safe (ImportError under a burst).
+        async with self._loading:
+            if name not in self._models:
+                await self._load_model(name)
+        return self._models[name]
+
+    async def _load_model(self, name: str) -> None:
         try:
             reply = await self._stub.GetModel(scheduler_pb2.GetModelRequest(model=name),
                                               timeout=UNARY_TIMEOUT_S)
@@ -73,7 +130,6 @@ class SchedulerClient:
         tokenizer = await asyncio.to_thread(self._load_tokenizer, reply.tokenizer.files)
         served = ServedModel(info=reply.model, tokenizer=tokenizer)
         self._models[name] = self._models[reply.model.model_id] = served
-        return served
 
     def _load_tokenizer(self, files: dict[str, bytes]):
         from transformers import AutoTokenizer  # heavy; only once per model
@@ -85,15 +141,18 @@ class SchedulerClient:
                 (pathlib.Path(directory) / name).write_bytes(content)
             return AutoTokenizer.from_pretrained(directory)
 
-    async def generate(self, request: scheduler_pb2.SubmitRequest
+    async def generate(self, request: scheduler_pb2.SubmitRequest,
+                       deadline: Deadline = NO_DEADLINE
                        ) -> AsyncIterator[scheduler_pb2.TokenDelta]:
         """The request's token deltas; leaving the iteration early (client gone, stop string)
         cancels the call, which aborts the request on the scheduler."""
-        call = self._stub.Submit(request)
+        call = self._stub.Submit(request, timeout=deadline.remaining())
         try:
             async for delta in call:
                 yield delta
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and deadline.at is not None:
+                raise deadline.exceeded() from None
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()

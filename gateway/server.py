@@ -29,7 +29,7 @@ class _HttpServer(uvicorn.Server):
 
 async def serve(args: argparse.Namespace) -> None:
     client = SchedulerClient(args.scheduler_address, args.tokenizer)
-    app = create_app(client)
+    app = create_app(client, args.request_timeout)
     interceptors = []
     if args.api_key:
         require_api_key(app, args.api_key)

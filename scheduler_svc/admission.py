@@ -1,5 +1,6 @@
 """Admission: a request that could never run is rejected before it is queued, with a message
-naming the field (DESIGN.md §4)."""
+naming the field (DESIGN.md §4); one arriving while the queue is full is refused at once, so
+overload shows up as a fast, retryable error instead of unbounded waiting."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from scheduler_svc.sequence import Request
 
 class AdmissionError(ValueError):
     """The request can never fit; the message names the field and the numbers."""
+
+
+class QueueFull(Exception):
+    """Too many sequences wait already; the client should retry later (RESOURCE_EXHAUSTED)."""
+
+
+def check_queue_room(num_waiting: int, max_queue_len: int) -> None:
+    """Raises QueueFull when `max_queue_len` (0: no limit) sequences are waiting already.
+    Only new requests are refused: running and queued ones go on untouched."""
+    if max_queue_len and num_waiting >= max_queue_len:
+        raise QueueFull(f"the scheduler's queue is full ({num_waiting} sequences waiting, "
+                        f"--max-queue-len {max_queue_len}); retry later")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ import argparse
 from pagedserve.flags import add_common_flags
 
 DEFAULT_PORT = 50052
+# Sequences waiting for a step before new requests are refused (0: no limit).
+DEFAULT_MAX_QUEUE_LEN = 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,4 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-executor-timeout", type=float, default=30.0,
                         help="seconds a request waits for an executor of its model before it "
                              "fails with UNAVAILABLE")
+    add_overload_arguments(parser)
     add_common_flags(parser)
+
+
+def add_overload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Shared with `pagedserve up`, which passes them on to the scheduler."""
+    parser.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN,
+                        help="most sequences waiting for a step (new and preempted); a request "
+                             "arriving when the queue is full gets RESOURCE_EXHAUSTED (HTTP 429 "
+                             "with Retry-After) at once; 0: no limit")

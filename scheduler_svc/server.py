@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,7 @@ import structlog
 from pagedserve.log import configure_logging
 from pagedserve.serving import GRPC_OPTIONS, GrpcServer, run_service, wait_for_stop_signal
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from scheduler_svc.admission import AdmissionError
+from scheduler_svc.admission import AdmissionError, QueueFull, check_queue_room
 from scheduler_svc.cluster import Cluster, ClusterConfig, Submission, UnknownModel
 from scheduler_svc.executor_handle import GrpcExecutorHandle
 
@@ -25,20 +26,45 @@ EXPIRY_CHECK_S = 0.5
 log = structlog.get_logger(__name__)
 
 
+def num_waiting(cluster: Cluster) -> int:
+    """Sequences queued on every executor, plus requests waiting for an executor."""
+    return sum(len(p.scheduler.waiting) for p in cluster.pools.values()) + len(cluster.orphans)
+
+
+async def next_event(events: asyncio.Queue, deadline: float | None):
+    """The request's next event; None once its deadline (time.monotonic()) has passed."""
+    if deadline is None:
+        return await events.get()
+    try:
+        return await asyncio.wait_for(events.get(), deadline - time.monotonic())
+    except TimeoutError:
+        return None
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, cluster: Cluster):
+    def __init__(self, cluster: Cluster, max_queue_len: int = 0):
         self.cluster = cluster
+        self.max_queue_len = max_queue_len
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenDelta]:
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.monotonic()
+        # The caller's gRPC deadline bounds the request's whole life, queueing included; the
+        # request is aborted here when it passes, not only abandoned by the caller.
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else started + remaining
         events: asyncio.Queue = asyncio.Queue()
         submission = Submission(request_id, list(request.prompt_token_ids), request.sampling,
                                 request.priority, events.put_nowait)
         try:
+            check_queue_room(num_waiting(self.cluster), self.max_queue_len)
             self.cluster.submit(request.model, submission,
                                 fail=lambda code, message: events.put_nowait((code, message)))
+        except QueueFull as exc:
+            log.warning("request refused: queue full", error=str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except AdmissionError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UnknownModel as exc:
@@ -47,7 +73,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         unfinished = set(range(max(1, request.sampling.n)))
         try:
             while unfinished:
-                event = await events.get()
+                event = await next_event(events, deadline)
+                if event is None:
+                    log.info("deadline passed; request aborted")
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"the request's deadline passed after "
+                                        f"{time.monotonic() - started:.2f} s; it was aborted")
                 if isinstance(event, tuple):
                     code, message = event
                     await context.abort(getattr(grpc.StatusCode, code), message)
@@ -63,7 +94,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         stats = scheduler_pb2.SchedulerStats()
         for pool in self.cluster.pools.values():
             scheduler, blocks = pool.scheduler, pool.scheduler.blocks
-            stats.num_waiting += len(scheduler.waiting)
             stats.num_running += len(scheduler.running)
             stats.num_steps += scheduler.counters.steps
             stats.num_preemptions += scheduler.counters.preemptions
@@ -76,7 +106,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 cached_free_blocks=blocks.num_cached_free_blocks,
                 num_running=len(scheduler.running),
                 seconds_since_progress=pool.loop.seconds_since_progress())
-        stats.num_waiting += len(self.cluster.orphans)
+        stats.num_waiting = num_waiting(self.cluster)
         return stats
 
     async def GetModel(self, request, context) -> scheduler_pb2.GetModelResponse:
@@ -117,7 +147,8 @@ async def serve(args: argparse.Namespace) -> None:
                                     no_executor_timeout_s=args.no_executor_timeout),
                       make_handle=GrpcExecutorHandle)
     server = GrpcServer(f"{args.host}:{args.port}")
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(cluster), server.server)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
+        SchedulerService(cluster, args.max_queue_len), server.server)
     await server.start([SERVICE_NAME])
     expiry = asyncio.create_task(_expire_forever(cluster))
     await wait_for_stop_signal()

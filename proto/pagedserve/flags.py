@@ -56,6 +56,14 @@ class FlagParser(argparse.ArgumentParser):
         return value
 
 
+def positive_float(raw: str) -> float:
+    """argparse type: a finite number > 0 (seconds, sizes)."""
+    value = float(raw)
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {raw!r}")
+    return value
+
+
 def long_options(parser: argparse.ArgumentParser) -> dict[str, str]:
     """dest -> option string of every flag `parser` defines (--help excluded)."""
     return {action.dest: action.option_strings[0] for action in parser._actions

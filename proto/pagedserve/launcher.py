@@ -40,8 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The services' flag modules are light (no torch): `up` shares their defaults.
     from executor_svc.config import DEFAULT_PORT as EXECUTOR_PORT
     from executor_svc.config import add_engine_arguments, add_model_arguments
-    from gateway.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, add_api_key_argument
+    from gateway.config import (
+        DEFAULT_GRPC_PORT,
+        DEFAULT_HTTP_PORT,
+        add_api_key_argument,
+        add_request_timeout_argument,
+    )
     from scheduler_svc.config import DEFAULT_PORT as SCHEDULER_PORT
+    from scheduler_svc.config import add_overload_arguments
 
     parser.add_argument("--host", default="127.0.0.1",
                         help="address every process listens on")
@@ -60,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_engine_arguments(parser)
     add_api_key_argument(parser)
+    add_request_timeout_argument(parser)
+    add_overload_arguments(parser)
     add_common_flags(parser)
 
 
@@ -100,13 +108,12 @@ def http_health_probe(url: str) -> Callable[[], bool]:
     return probe
 
 
-def _executor_flags(args: argparse.Namespace) -> list[str]:
-    """The model and engine flags `up` passes on to every executor, as given or defaulted."""
-    from executor_svc.config import add_engine_arguments, add_model_arguments
-
+def _passed_on(args: argparse.Namespace,
+               *adders: Callable[[argparse.ArgumentParser], None]) -> list[str]:
+    """The flags the `adders` define, as given to `up` or defaulted, for a child's argv."""
     parser = argparse.ArgumentParser(add_help=False)
-    add_model_arguments(parser)
-    add_engine_arguments(parser)
+    for add in adders:
+        add(parser)
     flags = []
     for dest, option in long_options(parser).items():
         value = getattr(args, dest)
@@ -117,13 +124,18 @@ def _executor_flags(args: argparse.Namespace) -> list[str]:
 
 def plan_children(args: argparse.Namespace) -> list[Child]:
     """The processes to start, in start order."""
+    from executor_svc.config import add_engine_arguments, add_model_arguments
+    from gateway.config import add_request_timeout_argument
+    from scheduler_svc.config import add_overload_arguments
+
     base = [sys.executable, "-m", "pagedserve"]
     common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format]
-    executor_flags = _executor_flags(args)
+    executor_flags = _passed_on(args, add_model_arguments, add_engine_arguments)
 
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
-                      [*base, "scheduler", *common, "--port", str(args.scheduler_port)],
+                      [*base, "scheduler", *common, "--port", str(args.scheduler_port),
+                       *_passed_on(args, add_overload_arguments)],
                       [grpc_health_probe(scheduler)], scheduler)]
     for i in range(args.executors):
         port = args.executor_port + i
@@ -135,7 +147,8 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     http_url = f"http://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
     gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
-                    "--grpc-port", str(args.grpc_port), "--scheduler-address", scheduler]
+                    "--grpc-port", str(args.grpc_port), "--scheduler-address", scheduler,
+                    *_passed_on(args, add_request_timeout_argument)]
     # The key travels in the environment, not on a command line that `ps` shows.
     gateway_env = {"PAGEDSERVE_API_KEY": args.api_key} if args.api_key else {}
     children.append(Child("gateway", gateway_argv,
