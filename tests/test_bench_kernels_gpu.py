@@ -1,0 +1,32 @@
+"""benchmarks/bench_kernels_gpu.py on tiny shapes on the CPU (--smoke), so that the GPU script
+keeps working between the sessions that have a GPU: every kernel check runs and passes, and
+every timing section reports."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels_gpu.py"
+
+
+@pytest.mark.slow
+def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
+    out = tmp_path / "results.json"
+    # The end-to-end section starts four engines; tests/test_kernel_dispatch.py covers it.
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--skip", "e2e",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    kernels = {c["kernel"].split(" ")[0] for c in results["checks"]}
+    assert {"write_kv_cache", "decode", "mixed", "rms_norm", "add_rms_norm", "rotary",
+            "silu_and_mul"} <= kernels
+    assert all(c["passed"] for c in results["checks"])
+    assert {r["variant"] for r in results["decode"]} >= {"triton auto", "triton split 128",
+                                                        "sdpa contiguous"}
+    assert any(r["variant"] == "sdpa contiguous causal" for r in results["prefill"])
+    assert len(results["layer_kernels"]) == 4
