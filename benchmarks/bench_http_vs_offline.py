@@ -8,12 +8,15 @@ same machine, in one run of this script:
   (not timed); then one ``generate`` call over all prompts is timed.
 - **HTTP**: ``pagedserve up`` as a subprocess (gateway -> scheduler -> executor, each its own
   process, on free loopback ports). Once the "pagedserve is up" line is printed and GET /ready
-  answers 200, the warm-up workload is sent (not timed); then every request is sent
-  concurrently to POST /v1/completions (``prompt`` = the token ids, ``max_tokens``,
-  ``temperature`` 0, ``ignore_eos``) with httpx2 (the httpx API; what this venv has), timed
-  from the first send to the last response.
+  answers 200, the warm-up workload is sent (not timed); then the requests go through
+  ``pagedserve bench serve``'s load generator (``pagedserve.bench.serve``): all at once,
+  streamed from POST /v1/completions (``prompt`` = the token ids, ``max_tokens``,
+  ``temperature`` 0, ``ignore_eos``), timed from the first send to the last response.
   Each response's ``usage.completion_tokens`` must equal the requested length. The stack is
   stopped with SIGTERM at the end.
+
+The offline side is ``pagedserve bench throughput``'s (``pagedserve.bench.throughput``); this
+script adds the stack's lifecycle, the alternation and the ratio.
 
 Workload: ``--num-prompts`` (default 32) prompts of random token ids (``--seed``) with lengths
 32-256, ``--output-len`` (default 64) output tokens each, greedy, ignore_eos. Output tokens/s =
@@ -31,11 +34,10 @@ Run from the repository root (on an otherwise idle machine, for numbers worth ke
 from __future__ import annotations
 
 import argparse
-import asyncio
+import math
 import os
 import pathlib
 import platform
-import random
 import shlex
 import signal
 import socket
@@ -45,6 +47,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+
+from pagedserve.bench import serve, throughput
+from pagedserve.bench.datasets import BenchRequest, random_requests
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 READY_LINE = "pagedserve is up"
@@ -78,34 +83,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_prompts(args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
-    rng = random.Random(args.seed)
-    return [[rng.randrange(vocab_size) for _ in range(rng.randint(args.min_prompt_len,
-                                                                   args.max_prompt_len))]
-            for _ in range(args.num_prompts)]
+def make_prompts(args: argparse.Namespace, vocab_size: int) -> list[BenchRequest]:
+    return random_requests(args.num_prompts, (args.min_prompt_len, args.max_prompt_len),
+                           (args.output_len, args.output_len), vocab_size, args.seed)
 
 
 # --- offline ----------------------------------------------------------------------------------
 
 def build_llm(args: argparse.Namespace):
-    from pagedserve.offline import LLM
-
     options = {} if args.kv_cache_gib is None else {"kv_cache_gib": args.kv_cache_gib}
-    return LLM(model=args.model, **options)
+    return throughput.build_llm(args.model, options)
 
 
-def run_offline(llm, prompts: list[list[int]], output_len: int) -> float:
-    from pagedserve.v1.common_pb2 import SamplingParams
-
-    params = [SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-              for _ in prompts]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    wall = time.perf_counter() - start
-    lengths = [len(o.outputs[0].token_ids) for o in outputs]
-    if lengths != [output_len] * len(prompts):
-        raise RuntimeError(f"offline: output lengths {lengths}, expected {output_len} each")
-    return wall
+def run_offline(llm, prompts: list[BenchRequest]) -> float:
+    result = throughput.run_offline(llm, prompts, ignore_eos=True)
+    if result.output_len_mismatches:
+        raise RuntimeError(f"offline: {result.output_len_mismatches} requests did not get "
+                           "their output length")
+    return result.elapsed_s
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -180,31 +175,14 @@ class Stack:
                 self.process.wait()
 
 
-async def post_all(url: str, prompts: list[list[int]], output_len: int) -> float:
-    import httpx2 as httpx  # the httpx API; what the venv has (openai uses it too)
-
-    limits = httpx.Limits(max_connections=len(prompts) + 1,
-                          max_keepalive_connections=len(prompts) + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
-
-        async def one(prompt: list[int]) -> int:
-            response = await client.post("/v1/completions", json={
-                "model": model, "prompt": prompt, "max_tokens": output_len,
-                "temperature": 0, "ignore_eos": True})
-            response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"]
-
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - start
-    if counts != [output_len] * len(prompts):
-        raise RuntimeError(f"HTTP: completion_tokens {counts}, expected {output_len} each")
-    return wall
-
-
-def run_http(url: str, prompts: list[list[int]], output_len: int) -> float:
-    return asyncio.run(post_all(url, prompts, output_len))
+def run_http(url: str, prompts: list[BenchRequest]) -> float:
+    config = serve.ServeConfig(backend="openai", base_url=url, endpoint="/v1/completions",
+                               ignore_eos=True, num_warmups=0, show_progress=False)
+    metrics = serve.run(config, prompts, [math.inf])[0].metrics
+    if metrics.failed or metrics.output_len_mismatches:
+        raise RuntimeError(f"HTTP: {metrics.failed} requests failed, "
+                           f"{metrics.output_len_mismatches} got another output length")
+    return metrics.duration_s
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -230,14 +208,15 @@ def machine_lines() -> list[str]:
             f"{torch.get_num_threads()} (this process; the executor process uses its default)"]
 
 
-def report(args: argparse.Namespace, prompts: list[list[int]],
+def report(args: argparse.Namespace, prompts: list[BenchRequest],
            runs: list[tuple[float, float]]) -> str:
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     total = len(prompts) * args.output_len
+    lengths = [p.prompt_len for p in prompts]
     lines = ["# Microservice overhead: HTTP (`pagedserve up`) vs in-process offline `LLM`", "",
              *machine_lines(), "", "```", command, "```", "",
-             f"Workload: {len(prompts)} requests, prompt lengths {min(map(len, prompts))}-"
-             f"{max(map(len, prompts))} (total {sum(map(len, prompts))} prompt tokens), "
+             f"Workload: {len(prompts)} requests, prompt lengths {min(lengths)}-"
+             f"{max(lengths)} (total {sum(lengths)} prompt tokens), "
              f"{args.output_len} output tokens each ({total} total), greedy, ignore_eos, "
              f"seed {args.seed} (repeat i: seed + i; untimed warm-up of the same size: "
              f"seed - 1).", "",
@@ -270,23 +249,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # cache of an earlier one; the two engines get the same prompts within a repeat. The
     # warm-up runs the full workload (seed - 1) through each engine, not timed: the first big
     # batch of a fresh process is much slower than the next ones.
-    def prompts_for(index: int) -> list[list[int]]:
+    def prompts_for(index: int) -> list[BenchRequest]:
         return make_prompts(argparse.Namespace(**{**vars(args), "seed": args.seed + index}),
                             vocab_size)
 
     warmup = prompts_for(-1)
-    run_offline(llm, warmup, args.output_len)
+    run_offline(llm, warmup)
 
     runs: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-http-") as log_dir:
         stack = Stack(args, pathlib.Path(log_dir))
         try:
             stack.wait_until_ready(args.startup_timeout)
-            run_http(stack.url, warmup, args.output_len)
+            run_http(stack.url, warmup)
             for repeat in range(args.repeats):
                 prompts = prompts_for(repeat)
-                offline = run_offline(llm, prompts, args.output_len)
-                http = run_http(stack.url, prompts, args.output_len)
+                offline = run_offline(llm, prompts)
+                http = run_http(stack.url, prompts)
                 runs.append((offline, http))
                 print(f"offline {offline:.2f} s, HTTP {http:.2f} s", file=sys.stderr)
         finally:
