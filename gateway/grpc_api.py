@@ -68,6 +68,19 @@ def check_sampling(params: common_pb2.SamplingParams) -> None:
             raise GatewayError(400, f"{field}: {rule}", "invalid_request_error", field)
 
 
+def chat_messages(chat: generation_pb2.ChatPrompt) -> list[dict]:
+    """The chat's messages for the template: at least one, each of a known role (the HTTP
+    API's ChatMessage rules)."""
+    if not chat.messages:
+        raise GatewayError(400, "chat.messages: empty", "invalid_request_error",
+                           "chat.messages")
+    bad = [m.role for m in chat.messages if m.role not in ("system", "user", "assistant")]
+    if bad:
+        raise GatewayError(400, f"chat.messages: unknown role {bad[0]!r}",
+                           "invalid_request_error", "chat.messages")
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, client: SchedulerClient):
         self.client = client
@@ -120,18 +133,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         if which == "token_ids":
             return list(request.token_ids.ids)
         if which == "chat":
-            if not request.chat.messages:
-                raise GatewayError(400, "chat.messages: empty", "invalid_request_error",
-                                   "chat.messages")
-            bad = [m.role for m in request.chat.messages
-                   if m.role not in ("system", "user", "assistant")]
-            if bad:
-                raise GatewayError(400, f"chat.messages: unknown role {bad[0]!r}",
-                                   "invalid_request_error", "chat.messages")
             add = request.chat.add_generation_prompt \
                 if request.chat.HasField("add_generation_prompt") else True
-            return chat_prompt_ids(served, [{"role": m.role, "content": m.content}
-                                            for m in request.chat.messages], add)
+            return chat_prompt_ids(served, chat_messages(request.chat), add)
         raise GatewayError(400, "prompt: set one of text, token_ids or chat",
                            "invalid_request_error", "prompt")
 
@@ -139,8 +143,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             served = await self.client.model(request.model)
             if request.WhichOneof("prompt") == "chat":
-                ids = chat_prompt_ids(served, [{"role": m.role, "content": m.content}
-                                               for m in request.chat.messages], True)
+                ids = chat_prompt_ids(served, chat_messages(request.chat), True)
             else:
                 add = request.add_special_tokens if request.HasField("add_special_tokens") \
                     else True
