@@ -102,7 +102,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         grouped = query[:nd].view(nd, num_kv_heads, -1, query.shape[-1])
         out[:nd] = F.scaled_dot_product_attention(
             grouped, keys, values, attn_mask=mask[:, None, None, :],
-            scale=scale).view(nd, -1, query.shape[-1])
+            scale=scale).reshape(nd, -1, query.shape[-1])
     start = nd
     for i in range(nd, len(meta.query_lens)):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens_host[i]
