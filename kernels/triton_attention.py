@@ -18,9 +18,11 @@ cache slots (whatever they hold, NaN included) never reach the output.
 The prefill kernel runs one program per (sequence, query head, tile of BLOCK_M query rows of the
 sequence's chunk) and walks the context in tiles of BLOCK_N positions (each position's block
 looked up in the block table, so any power-of-two block size works), with the same online
-softmax per row, the scores and P @ V as tl.dot with float32 results (IEEE, not TF32, for
-float32 inputs). It reads only tiles up to its last row's position and, with a window, from its
-first row's window start; causality and the window are masked per (row, position).
+softmax per row (in the log2 domain: exp2), the scores and P @ V as tl.dot with float32 results
+(IEEE, not TF32, for float32 inputs). It reads only tiles up to its last row's position and,
+with a window, from its first row's window start; causality and the window are masked per
+(row, position), and only on the tiles that need it: a tile that every row of the program sees
+whole runs without masks.
 
 The executor runs these through kernels/dispatch.py. Tile shapes come from heuristics (`Tiles`),
 not @triton.autotune, which fails under TRITON_INTERPRET=1 (how these kernels are tested on
@@ -213,12 +215,15 @@ def _checked_output(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                           device: torch.device) -> int | None:
     """Split-K (flash-decoding) for long contexts and few requests: with fewer (sequence, KV
-    head) programs than the GPU has multiprocessors x 4, each sequence's context is split into
+    head) programs than the GPU has multiprocessors x 2, each sequence's context is split into
     partitions of DECODE_PARTITION_SIZE positions, read in parallel and merged after. None: no
-    split (many programs already, or a short context, or not a GPU)."""
+    split (many programs already, or a short context, or not a GPU).
+
+    Measured on an H200 (132 SMs; docs/performance.md): 16 x 8 programs over 4096 positions
+    read K/V 1.7x faster split, 64 x 8 programs 12 % slower split."""
     if device.type != "cuda" or max_seq_len <= DECODE_PARTITION_SIZE:
         return None
-    if num_seqs * num_kv_heads >= 4 * _multiprocessors(device):
+    if num_seqs * num_kv_heads >= 2 * _multiprocessors(device):
         return None
     return DECODE_PARTITION_SIZE
 
@@ -328,10 +333,69 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     return out
 
 
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
+    the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
+    tile is outside the context, after a row's own position or outside its window; unmasked
+    tiles (every position visible to every row) skip the masks."""
+    k_pos = n0 + offs_n
+    offs_t = k_pos % BLOCK_SIZE
+    if MASKED:
+        # Only positions inside the context are loaded (a padded table entry or an unwritten
+        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
+        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        load_mask = in_ctx[:, None] & mask_d[None, :]
+    else:
+        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
+        load_mask = mask_d[None, :]
+    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+              + kv_head * stride_kh + offs_d[None, :])
+    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+              + kv_head * stride_vh + offs_d[None, :])
+    if MASKED or not EVEN_D:
+        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * qk_scale
+    if MASKED:
+        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    if MASKED or not EVEN_D:
+        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, m_new, l_i
+
+
 @triton.jit
 def _paged_attention_prefill_kernel(
         out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        query_start_loc_ptr, scale, window,
+        query_start_loc_ptr, qk_scale, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, max_blocks, head_dim,
@@ -359,51 +423,36 @@ def _paged_attention_prefill_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     # This block's rows see [first_pos, last_pos]: causal up to its last row, and with a window
-    # nothing at or before (its first row's position - window).
-    last_pos = tl.minimum(context_len + q_block * BLOCK_M + BLOCK_M, seq_len) - 1
+    # nothing at or before (its first row's position - window). Tiles that every row sees
+    # whole (before the first row's position, no window) run without masks.
+    first_row_pos = context_len + q_block * BLOCK_M
+    last_pos = tl.minimum(first_row_pos + BLOCK_M, seq_len) - 1
     if USE_WINDOW:
-        first_pos = tl.maximum(context_len + q_block * BLOCK_M - window + 1, 0)
+        first_pos = tl.maximum(first_row_pos - window + 1, 0)
+        start = (first_pos // BLOCK_N) * BLOCK_N
+        full_end = start
     else:
         first_pos = seq_len * 0
-    start = (first_pos // BLOCK_N) * BLOCK_N
+        start = seq_len * 0
+        full_end = ((first_row_pos + 1) // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(start, last_pos + 1, BLOCK_N):
-        k_pos = n0 + offs_n
-        # Only positions inside the context are loaded (a padded table entry or an unwritten
-        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
-        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
-        block = tl.load(table_row + k_pos // BLOCK_SIZE,
-                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
-        offs_t = k_pos % BLOCK_SIZE
-        load_mask = in_ctx[:, None] & mask_d[None, :]
-        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * scale
-        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+            BLOCK_SIZE, False, HEAD_DIM_P == head_dim, USE_WINDOW, IEEE)
+    for n0 in range(full_end, last_pos + 1, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, USE_WINDOW, IEEE)
 
     # Every valid row sees at least its own position, so l_i > 0 there; the others (past the
     # chunk, never stored) may see nothing: divide them by 1, not 0.
@@ -451,7 +500,7 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, tiles.block_m))
     _paged_attention_prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        float(scale), 0 if sliding_window is None else int(sliding_window),
+        float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
