@@ -6,6 +6,9 @@ import asyncio
 import json
 import math
 import pathlib
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -168,6 +171,23 @@ def test_the_cli_builds_the_workload_its_flags_describe(tmp_path):
     args = build_parser().parse_args(["bench", "serve", "--dataset", "jsonl"])
     with pytest.raises(datasets.DatasetError, match="--dataset-path"):
         load_requests(args, vocab_size=1000)
+
+
+@pytest.mark.parametrize("benchmark", ["serve", "throughput"])
+def test_every_bench_flag_is_documented_with_its_variable(benchmark):
+    executable = pathlib.Path(sys.executable).with_name("pagedserve")
+    result = subprocess.run([str(executable), "bench", benchmark, "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r"^\s+(--[a-z][a-z-]*)", result.stdout, re.MULTILINE)) - {"--help"}
+    assert {"--dataset", "--num-prompts", "--seed", "--ignore-eos", "--result-json"} <= flags
+    if benchmark == "serve":
+        assert {"--base-url", "--endpoint", "--request-rate", "--max-concurrency",
+                "--sweep-rates", "--backend"} <= flags
+    else:
+        assert {"--model", "--dtype", "--kv-cache-gib", "--max-num-seqs"} <= flags
+    for flag in flags:
+        assert f"PAGEDSERVE_{flag[2:].replace('-', '_').upper()}" in result.stdout, flag
 
 
 # --- bench serve against fake servers ---------------------------------------------------------

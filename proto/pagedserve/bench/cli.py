@@ -93,8 +93,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of every request; 0: greedy")
     parser.add_argument("--num-warmups", type=int, default=1,
-                        help="short untimed requests first (prompts reversed, so they prime "
-                             "no prefix-cache entry of the workload)")
+                        help="short untimed requests first, together (prompts reversed, so "
+                             "they prime no prefix-cache entry of the workload)")
     parser.add_argument("--result-json", type=pathlib.Path, default=None,
                         help="also write the result (with the command's settings) here")
     add_common_flags(parser)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 OUTPUT_LEN_FIELDS = ("max_tokens", "output_len")
@@ -118,7 +119,7 @@ def _output_len(item: dict, where: str) -> int:
     return value
 
 
-def warmup_requests(requests: list[BenchRequest] | tuple[BenchRequest, ...], count: int,
+def warmup_requests(requests: Sequence[BenchRequest], count: int,
                     output_len: int = 4) -> list[BenchRequest]:
     """`count` short requests shaped like the workload's first ones but with their prompts
     reversed, so that warming up fills no prefix-cache entry the timed run could hit."""

@@ -287,12 +287,14 @@ async def send_one(backend: Backend, request: BenchRequest, max_tokens: int) -> 
 
 
 async def warm_up(backend: Backend, requests: Sequence[BenchRequest], count: int) -> None:
-    """A few short requests before the clock starts; the first failure stops the benchmark
-    (a wrong URL or model should give one clear error, not N failed requests)."""
-    for request in warmup_requests(requests, count):
-        record = await send_one(backend, request, request.output_len)
-        if record.error is not None:
-            raise BenchError(f"warm-up request failed: {record.error}")
+    """A few short requests, sent together, before the clock starts (a fresh server's first
+    batches are slow); the first failure stops the benchmark (a wrong URL or model should give
+    one clear error, not N failed requests)."""
+    records = await asyncio.gather(*(send_one(backend, request, request.output_len)
+                                     for request in warmup_requests(requests, count)))
+    errors = [record.error for record in records if record.error is not None]
+    if errors:
+        raise BenchError(f"warm-up request failed: {errors[0]}")
 
 
 def arrival_gaps(count: int, rate: float, seed: int) -> list[float]:
