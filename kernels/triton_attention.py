@@ -254,7 +254,9 @@ def prefill_tiles(max_query_len: int, device: torch.device) -> Tiles:
         return Tiles(block_m=16, block_n=64)
     if max_query_len <= 64:
         return Tiles(block_m=64, block_n=64)
-    return Tiles(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    # The best of the candidates on an H200 for chunks of 512 to 4096 tokens, cached context
+    # or not (benchmarks/results/h200-run2.log).
+    return Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
 @functools.cache
