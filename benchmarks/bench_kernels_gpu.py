@@ -63,8 +63,9 @@ from kernels.triton_rotary import apply_rotary_triton  # noqa: E402
 
 BLOCK = 16
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-PREFILL_CANDIDATES = [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 3),
-                      Tiles(64, 32, 4, 3), Tiles(128, 128, 8, 2), Tiles(64, 128, 4, 2)]
+PREFILL_CANDIDATES = [Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 3), Tiles(64, 32, 4, 3),
+                      Tiles(128, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 2),
+                      Tiles(128, 128, 8, 3), Tiles(128, 64, 4, 3)]
 DECODE_CANDIDATES = [DECODE_TILES, Tiles(16, 32, 4, 2), Tiles(16, 128, 4, 2),
                      Tiles(16, 64, 8, 2), Tiles(16, 64, 4, 3), Tiles(16, 128, 8, 3)]
 
