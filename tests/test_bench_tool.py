@@ -199,7 +199,8 @@ ITL_S = 0.03   # and this long between chunks
 class FakeOpenAIServer:
     """Streams `max_tokens` chunks of one word each on a known timeline: the first after TTFT_S,
     each next one ITL_S later; the usage chunk when asked for (and `send_usage`). A prompt
-    "fail" gets HTTP 500. Records the request bodies and the most requests it had open."""
+    "fail" gets HTTP 500, "fail midway" an error event after its first chunk. Records the
+    request bodies and the most requests it had open."""
 
     def __init__(self, send_usage: bool = True):
         self.send_usage = send_usage
@@ -232,6 +233,9 @@ class FakeOpenAIServer:
             await asyncio.sleep(TTFT_S if i == 0 else ITL_S)
             await self._event(response, {"choices": [{"index": 0, "text": f" w{i}",
                                                       "finish_reason": None}]})
+            if body["prompt"] == "fail midway":  # as pagedserve's gateway reports a late error
+                await self._event(response, {"error": {"message": "lost", "code": 503}})
+                break
         if self.send_usage and body.get("stream_options", {}).get("include_usage"):
             await self._event(response, {"choices": [], "usage": {
                 "prompt_tokens": 7, "completion_tokens": body["max_tokens"],
@@ -333,7 +337,7 @@ def test_serve_counts_chunks_without_usage_and_honours_max_concurrency(tmp_path)
 
 def test_serve_counts_failed_requests(tmp_path, capsys):
     workload = write_workload(tmp_path / "w.jsonl", [("ok", 2), ("fail", 2), ("ok2", 3),
-                                                     ("fail", 2)])
+                                                     ("fail midway", 2)])
     result_file = tmp_path / "result.json"
     with FakeOpenAIServer() as server:
         status = bench_serve("--base-url", server.url, "--dataset", "jsonl", "--dataset-path",
@@ -343,7 +347,8 @@ def test_serve_counts_failed_requests(tmp_path, capsys):
     result = json.loads(result_file.read_text())
     assert (result["completed"], result["failed"]) == (2, 2)
     assert result["total_output_tokens"] == 5
-    assert len(result["errors"]) == 2 and all("HTTP 500" in e for e in result["errors"])
+    assert sorted(e.split(":")[1].strip() for e in result["errors"]) == ["HTTP 500",
+                                                                          "error event"]
     assert "Failed requests:" in capsys.readouterr().out
 
 

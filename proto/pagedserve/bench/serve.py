@@ -153,7 +153,7 @@ class OpenAIBackend:
                 raise RequestFailed(f"HTTP {response.status}: {(await response.text())[:200]}")
             async for raw in response.content:
                 line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
                     continue
                 event = json.loads(line[5:])
                 if "error" in event:
