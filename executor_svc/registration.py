@@ -18,7 +18,7 @@ from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 RPC_TIMEOUT_S = 5.0
 FIRST_RETRY_S = 0.5
-MAX_RETRY_S = 10.0
+MAX_RETRY_S = 5.0
 DEFAULT_HEARTBEAT_S = 2.0
 
 log = structlog.get_logger(__name__)
@@ -32,10 +32,13 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 async def keep_registered(scheduler_address: str,
                           registration: scheduler_pb2.RegisterExecutorRequest,
                           stop: asyncio.Event) -> None:
-    async with grpc.aio.insecure_channel(scheduler_address, options=GRPC_OPTIONS) as channel:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        retry_s = FIRST_RETRY_S
-        while not stop.is_set():
+    retry_s = FIRST_RETRY_S
+    while not stop.is_set():
+        # A fresh channel per attempt: a long-lived one would follow gRPC's own reconnect
+        # backoff (growing to 120 s, failing every call meanwhile), which would keep this
+        # executor away long after a restarted scheduler is back.
+        async with grpc.aio.insecure_channel(scheduler_address, options=GRPC_OPTIONS) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
             try:
                 reply = await stub.RegisterExecutor(registration, timeout=RPC_TIMEOUT_S)
                 log.info("registered with the scheduler", scheduler=scheduler_address,
@@ -43,11 +46,12 @@ async def keep_registered(scheduler_address: str,
                 retry_s = FIRST_RETRY_S
                 await _heartbeat_until_forgotten(stub, registration.executor_id,
                                                  reply.heartbeat_interval_s, stop)
+                continue
             except grpc.aio.AioRpcError as exc:
                 log.warning("scheduler not reachable, retrying", scheduler=scheduler_address,
                             code=exc.code().name, details=exc.details(), retry_in_s=retry_s)
-                await _sleep_unless(stop, retry_s)
-                retry_s = min(retry_s * 2, MAX_RETRY_S)
+        await _sleep_unless(stop, retry_s)
+        retry_s = min(retry_s * 2, MAX_RETRY_S)
 
 
 async def _heartbeat_until_forgotten(stub: scheduler_pb2_grpc.SchedulerStub, executor_id: str,
