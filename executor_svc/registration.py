@@ -13,7 +13,7 @@ import contextlib
 import grpc
 import structlog
 
-from pagedserve.serving import GRPC_OPTIONS
+from pagedserve.serving import NO_TLS, TlsConfig, aio_channel
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 RPC_TIMEOUT_S = 5.0
@@ -31,13 +31,13 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def keep_registered(scheduler_address: str,
                           registration: scheduler_pb2.RegisterExecutorRequest,
-                          stop: asyncio.Event) -> None:
+                          stop: asyncio.Event, tls: TlsConfig = NO_TLS) -> None:
     retry_s = FIRST_RETRY_S
     while not stop.is_set():
         # A fresh channel per attempt: a long-lived one would follow gRPC's own reconnect
         # backoff (growing to 120 s, failing every call meanwhile), which would keep this
         # executor away long after a restarted scheduler is back.
-        async with grpc.aio.insecure_channel(scheduler_address, options=GRPC_OPTIONS) as channel:
+        async with aio_channel(scheduler_address, tls) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             try:
                 reply = await stub.RegisterExecutor(registration, timeout=RPC_TIMEOUT_S)

@@ -27,7 +27,13 @@ from executor_svc.model_files import (
 from executor_svc.registration import keep_registered
 from executor_svc.runner import ModelRunner
 from pagedserve.log import configure_logging
-from pagedserve.serving import GrpcServer, StartupError, run_service, wait_for_stop_signal
+from pagedserve.serving import (
+    GrpcServer,
+    StartupError,
+    TlsConfig,
+    run_service,
+    wait_for_stop_signal,
+)
 from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
@@ -124,6 +130,7 @@ def describe(executor_id: str, model_dir: ModelDirectory, runner: ModelRunner,
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tls = TlsConfig.from_args(args)  # before the slow model load: a bad flag fails at once
     cache_dir = args.model_cache_dir or default_cache_dir()
     try:
         # In threads: converting a GGUF on first start and loading weights take seconds.
@@ -135,7 +142,7 @@ async def serve(args: argparse.Namespace) -> None:
     dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
     description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner, dtype)
 
-    server = GrpcServer(f"{args.host}:{args.port}")
+    server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
     service = ExecutorService(runner, description)
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server.server)
     await server.start([SERVICE_NAME])
@@ -149,7 +156,7 @@ async def serve(args: argparse.Namespace) -> None:
                 address=args.advertise_address or f"{args.host}:{args.port}",
                 model=description.model, kv_cache=description.kv_cache,
                 limits=description.limits, parallel=description.parallel),
-            stop))
+            stop, tls))
     await wait_for_stop_signal()
     stop.set()  # no more heartbeats: the scheduler must not take this executor back
     if registration is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from pagedserve.serving import GRPC_OPTIONS
+from pagedserve.serving import NO_TLS, TlsConfig, aio_channel
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 # Seconds to wait for the scheduler to answer a unary call; a stream waits for its tokens.
@@ -96,10 +96,10 @@ class ServedModel:
 
 
 class SchedulerClient:
-    def __init__(self, address: str, tokenizer_path: str | None = None):
+    def __init__(self, address: str, tokenizer_path: str | None = None, tls: TlsConfig = NO_TLS):
         self.address = address
         self.tokenizer_path = tokenizer_path
-        self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = aio_channel(address, tls)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._models: dict[str, ServedModel] = {}
         self._loading = asyncio.Lock()

@@ -13,7 +13,13 @@ from gateway.grpc_api import GenerationService
 from gateway.http_api import create_app
 from gateway.scheduler_client import SchedulerClient
 from pagedserve.log import configure_logging
-from pagedserve.serving import GrpcServer, StartupError, run_service, wait_for_stop_signal
+from pagedserve.serving import (
+    GrpcServer,
+    StartupError,
+    TlsConfig,
+    run_service,
+    wait_for_stop_signal,
+)
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -28,15 +34,20 @@ class _HttpServer(uvicorn.Server):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    client = SchedulerClient(args.scheduler_address, args.tokenizer)
+    tls = TlsConfig.from_args(args)
+    client = SchedulerClient(args.scheduler_address, args.tokenizer, tls)
     app = create_app(client, args.request_timeout)
     interceptors = []
     if args.api_key:
         require_api_key(app, args.api_key)
         interceptors.append(ApiKeyInterceptor(args.api_key))
+    # Public endpoints: TLS with the gateway's certificate, no client certificates (API clients
+    # authenticate with --api-key); the CA is for the internal channel to the scheduler.
     http = _HttpServer(uvicorn.Config(app, host=args.host, port=args.http_port,
-                                      log_config=None, access_log=False, lifespan="off"))
-    grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}", interceptors)
+                                      log_config=None, access_log=False, lifespan="off",
+                                      ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file))
+    grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}", interceptors,
+                             tls.server_credentials(require_client_cert=False))
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(client),
                                                          grpc_server.server)
     reflection.enable_server_reflection(

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import grpc
 
-from pagedserve.serving import GRPC_OPTIONS
+from pagedserve.serving import NO_TLS, TlsConfig, aio_channel
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 
 
@@ -31,9 +31,9 @@ class ExecutorHandle(Protocol):
 class GrpcExecutorHandle:
     """The executor's `Run` stream: plans go out through a queue the stream reads."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls: TlsConfig = NO_TLS):
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = aio_channel(address, tls)
         self._plans: asyncio.Queue[executor_pb2.StepPlan | None] = asyncio.Queue()
         self._call = executor_pb2_grpc.ExecutorStub(self._channel).Run(self._plan_stream())
 

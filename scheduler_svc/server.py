@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,14 @@ import grpc
 import structlog
 
 from pagedserve.log import configure_logging
-from pagedserve.serving import GRPC_OPTIONS, GrpcServer, run_service, wait_for_stop_signal
+from pagedserve.serving import (
+    NO_TLS,
+    GrpcServer,
+    TlsConfig,
+    aio_channel,
+    run_service,
+    wait_for_stop_signal,
+)
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.admission import AdmissionError, QueueFull, check_queue_room
 from scheduler_svc.cluster import Cluster, ClusterConfig, Submission, UnknownModel
@@ -42,9 +50,10 @@ async def next_event(events: asyncio.Queue, deadline: float | None):
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, cluster: Cluster, max_queue_len: int = 0):
+    def __init__(self, cluster: Cluster, max_queue_len: int = 0, tls: TlsConfig = NO_TLS):
         self.cluster = cluster
         self.max_queue_len = max_queue_len
+        self.tls = tls
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenDelta]:
@@ -117,8 +126,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         pool = next((p for p in self.cluster.pools.values() if p.model_id == model), None)
         if pool is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor is registered")
-        async with grpc.aio.insecure_channel(pool.registration.address,
-                                             options=GRPC_OPTIONS) as channel:
+        async with aio_channel(pool.registration.address, self.tls) as channel:
             description = await executor_pb2_grpc.ExecutorStub(channel).Describe(
                 executor_pb2.DescribeRequest(), timeout=10)
         return scheduler_pb2.GetModelResponse(model=description.model,
@@ -141,14 +149,15 @@ async def _expire_forever(cluster: Cluster) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    tls = TlsConfig.from_args(args)
     cluster = Cluster(ClusterConfig(overlap=not args.no_overlap,
                                     enable_prefix_caching=not args.no_prefix_caching,
                                     heartbeat_interval_s=args.heartbeat_interval,
                                     no_executor_timeout_s=args.no_executor_timeout),
-                      make_handle=GrpcExecutorHandle)
-    server = GrpcServer(f"{args.host}:{args.port}")
+                      make_handle=functools.partial(GrpcExecutorHandle, tls=tls))
+    server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerService(cluster, args.max_queue_len), server.server)
+        SchedulerService(cluster, args.max_queue_len, tls), server.server)
     await server.start([SERVICE_NAME])
     expiry = asyncio.create_task(_expire_forever(cluster))
     await wait_for_stop_signal()

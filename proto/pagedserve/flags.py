@@ -77,3 +77,18 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="lowest level of log lines to print")
     parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"],
                         help="auto: readable on a terminal, one JSON object per line otherwise")
+    add_tls_flags(parser)
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """Certificate files (serving.TlsConfig); `pagedserve up` passes them to every process."""
+    parser.add_argument("--tls-cert-file", default=None,
+                        help="PEM certificate of this process: its gRPC (and the gateway's "
+                             "HTTP) servers use TLS, and it is the client certificate it "
+                             "presents when it dials; needs --tls-key-file")
+    parser.add_argument("--tls-key-file", default=None,
+                        help="PEM private key of --tls-cert-file")
+    parser.add_argument("--tls-ca-file", default=None,
+                        help="PEM CA that peers' certificates must chain to; given, internal "
+                             "gRPC servers (scheduler, executor) require client certificates "
+                             "(mTLS) and every internal channel verifies its server with it")

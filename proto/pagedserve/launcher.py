@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,8 +27,9 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.flags import add_common_flags, long_options
+from pagedserve.flags import add_common_flags, add_tls_flags, long_options
 from pagedserve.log import configure_logging
+from pagedserve.serving import TlsConfig, sync_channel
 
 _PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 15.0
@@ -86,9 +88,9 @@ class Child:
         return self.process is not None and self.process.poll() is not None
 
 
-def grpc_health_probe(address: str) -> Callable[[], bool]:
+def grpc_health_probe(address: str, tls: TlsConfig) -> Callable[[], bool]:
     def probe() -> bool:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, tls) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=1.0)
@@ -98,10 +100,12 @@ def grpc_health_probe(address: str) -> Callable[[], bool]:
     return probe
 
 
-def http_health_probe(url: str) -> Callable[[], bool]:
+def http_health_probe(url: str, tls: TlsConfig) -> Callable[[], bool]:
+    context = ssl.create_default_context(cafile=tls.ca_file) if tls.enabled else None
+
     def probe() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as reply:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as reply:
                 return reply.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -129,22 +133,24 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     from scheduler_svc.config import add_overload_arguments
 
     base = [sys.executable, "-m", "pagedserve"]
-    common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format]
+    common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format,
+              *_passed_on(args, add_tls_flags)]
+    tls = TlsConfig(args.tls_cert_file, args.tls_key_file, args.tls_ca_file)
     executor_flags = _passed_on(args, add_model_arguments, add_engine_arguments)
 
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
                       [*base, "scheduler", *common, "--port", str(args.scheduler_port),
                        *_passed_on(args, add_overload_arguments)],
-                      [grpc_health_probe(scheduler)], scheduler)]
+                      [grpc_health_probe(scheduler, tls)], scheduler)]
     for i in range(args.executors):
         port = args.executor_port + i
         address = f"{args.host}:{port}"
         children.append(Child(f"executor {i}",
                               [*base, "executor", *common, "--port", str(port),
                                "--scheduler-address", scheduler, *executor_flags],
-                              [grpc_health_probe(address)], address))
-    http_url = f"http://{args.host}:{args.http_port}"
+                              [grpc_health_probe(address, tls)], address))
+    http_url = f"{'https' if tls.cert_file else 'http'}://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
     gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
                     "--grpc-port", str(args.grpc_port), "--scheduler-address", scheduler,
@@ -152,8 +158,8 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     # The key travels in the environment, not on a command line that `ps` shows.
     gateway_env = {"PAGEDSERVE_API_KEY": args.api_key} if args.api_key else {}
     children.append(Child("gateway", gateway_argv,
-                          [grpc_health_probe(grpc_address),
-                           http_health_probe(f"{http_url}/health")],
+                          [grpc_health_probe(grpc_address, tls),
+                           http_health_probe(f"{http_url}/health", tls)],
                           f"{http_url}/v1 (HTTP), {grpc_address} (gRPC)", env=gateway_env))
     return children
 

@@ -1,12 +1,17 @@
 """The lifecycle every pagedserve service shares: a uvloop event loop, a grpc.aio server with the
-standard health service, and a graceful stop on SIGTERM / SIGINT."""
+standard health service, and a graceful stop on SIGTERM / SIGINT; and the one way every process
+opens gRPC servers and channels: with the message-size limits, and with TLS / mTLS when
+certificate files are given (--tls-cert-file, --tls-key-file, --tls-ca-file)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import pathlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -30,11 +35,85 @@ class StartupError(Exception):
     """A service cannot start; the message is one line meant for the operator."""
 
 
-class GrpcServer:
-    """A grpc.aio server that reports SERVING on grpc.health.v1 once started."""
+@dataclass(frozen=True)
+class TlsConfig:
+    """One process's certificate files. `cert_file` / `key_file`: its identity, served to the
+    peers that dial it and presented as a client certificate when it dials. `ca_file`: the
+    authority every peer's certificate must chain to; given, internal servers also require a
+    client certificate from it (mutual TLS). None of them: plaintext (loopback, tests)."""
 
-    def __init__(self, address: str, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TlsConfig:
+        """From the common flags; raises StartupError for an incomplete or unreadable set."""
+        tls = cls(args.tls_cert_file, args.tls_key_file, args.tls_ca_file)
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise StartupError("--tls-cert-file and --tls-key-file go together")
+        for flag, path in (("--tls-cert-file", tls.cert_file), ("--tls-key-file", tls.key_file),
+                           ("--tls-ca-file", tls.ca_file)):
+            if path is not None and not pathlib.Path(path).is_file():
+                raise StartupError(f"{flag}: {path} is not a readable file")
+        return tls
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None or self.ca_file is not None
+
+    def _read(self, path: str | None) -> bytes | None:
+        return None if path is None else pathlib.Path(path).read_bytes()
+
+    def server_credentials(self, require_client_cert: bool = True
+                           ) -> grpc.ServerCredentials | None:
+        """None without a certificate. With a CA and `require_client_cert`, peers must show a
+        certificate it signed (public endpoints pass False: API clients have none)."""
+        if self.cert_file is None:
+            return None
+        ca = self._read(self.ca_file) if require_client_cert else None
+        return grpc.ssl_server_credentials(
+            [(self._read(self.key_file), self._read(self.cert_file))], root_certificates=ca,
+            require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """None without TLS; else the CA to verify the server by (the system's when unset) and
+        this process's certificate as its client certificate."""
+        if not self.enabled:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self._read(self.ca_file),
+                                            private_key=self._read(self.key_file),
+                                            certificate_chain=self._read(self.cert_file))
+
+
+NO_TLS = TlsConfig()
+
+
+def aio_channel(address: str, tls: TlsConfig = NO_TLS,
+                options: Sequence[tuple[str, object]] = GRPC_OPTIONS) -> grpc.aio.Channel:
+    """An asyncio channel to `address`: TLS when `tls` is enabled, with the message limits."""
+    credentials = tls.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def sync_channel(address: str, tls: TlsConfig = NO_TLS) -> grpc.Channel:
+    """The blocking twin of aio_channel (probes, tools)."""
+    credentials = tls.channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
+
+
+class GrpcServer:
+    """A grpc.aio server that reports SERVING on grpc.health.v1 once started; over TLS when
+    given `credentials` (TlsConfig.server_credentials)."""
+
+    def __init__(self, address: str, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None):
         self.address = address
+        self.credentials = credentials
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -43,7 +122,10 @@ class GrpcServer:
     async def start(self, service_names: Iterable[str]) -> None:
         """Listen and mark the server ("") and each named service SERVING."""
         try:
-            self.server.add_insecure_port(self.address)
+            if self.credentials is None:
+                self.server.add_insecure_port(self.address)
+            else:
+                self.server.add_secure_port(self.address, self.credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {self.address} ({exc}); "
                                "is the port in use?") from None
@@ -51,7 +133,7 @@ class GrpcServer:
         self._service_names = ["", *service_names]
         for name in self._service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("grpc listening", address=self.address)
+        log.info("grpc listening", address=self.address, tls=self.credentials is not None)
 
     async def stop(self) -> None:
         for name in self._service_names:
