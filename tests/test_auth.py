@@ -2,9 +2,13 @@
 method demand the key; the routes are enumerated from the app, so a new route is covered."""
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import grpc
 import pytest
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -71,3 +75,25 @@ def test_grpc_methods_need_the_key_but_health_does_not(metadata, allowed):
         finally:
             await server.stop()
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("command", ["gateway", "up"])
+def test_help_never_shows_the_key_from_the_environment(command):
+    result = subprocess.run([sys.executable, "-m", "pagedserve", command, "--help"],
+                            env={**os.environ, "PAGEDSERVE_API_KEY": KEY}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "--api-key" in result.stdout
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_a_refused_key_is_not_logged(caplog, capsys):
+    app = FastAPI()
+    app.post("/v1/completions")(lambda: {})
+    require_api_key(app, KEY)
+    client = TestClient(app)
+    with caplog.at_level("DEBUG"):
+        for header, status in ((f"Bearer {KEY}x", 401), (f"Bearer {KEY}", 200), (KEY, 401)):
+            assert client.post("/v1/completions", headers={"Authorization": header}
+                               ).status_code == status
+    logged = caplog.text + "".join(capsys.readouterr())
+    assert KEY not in logged

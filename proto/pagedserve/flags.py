@@ -13,6 +13,9 @@ import os
 ENV_PREFIX = "PAGEDSERVE_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# Options whose values are credentials: --help says a value is set (e.g. from the environment),
+# never the value, so that it shows up in no terminal or log.
+SECRET_OPTIONS = frozenset({"--api-key"})
 
 
 def env_var(option: str) -> str:
@@ -36,7 +39,7 @@ class FlagParser(argparse.ArgumentParser):
             kwargs["default"] = self._env_default(var, os.environ[var], kwargs)
         default = kwargs.get("default")
         shown = "" if default in (None, argparse.SUPPRESS) or kwargs.get("action") == "store_true" \
-            else f" (default: {default})"
+            else " (default: set)" if option in SECRET_OPTIONS else f" (default: {default})"
         kwargs["help"] = f"{kwargs.get('help', '')}{shown} [env: {var}]"
         return super().add_argument(*names, **kwargs)
 
