@@ -52,9 +52,9 @@ VARIANTS = {
 REFUSED = {
     CHART / "ci" / "gpu-tp2-values.yaml": "executor.tensorParallelSize is reserved",
 }
-# Variables the TLS variant sets for flags that issue 9 (TLS / mTLS) adds; until those flags
-# exist the services ignore them. Remove a name here when its flag lands, so it is checked.
-PENDING_TLS_VARS = {"PAGEDSERVE_TLS_CERT", "PAGEDSERVE_TLS_KEY", "PAGEDSERVE_TLS_CA"}
+# What the TLS variant passes to every service: variable -> file in the mounted Secret.
+TLS_FILES = {"PAGEDSERVE_TLS_CERT_FILE": "tls.crt", "PAGEDSERVE_TLS_KEY_FILE": "tls.key",
+             "PAGEDSERVE_TLS_CA_FILE": "ca.crt"}
 # The flags of the command each container runs.
 SERVICE_FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "gateway": gateway.config.add_arguments,
@@ -230,8 +230,8 @@ def test_every_variable_and_argument_is_a_flag_of_the_service(variant):
         container = manifests.container(component)
         flags = flag_variables(component)
         assert container["args"][0] == component
-        unknown = {v for v in env_of(container) if v.startswith("PAGEDSERVE_")} - set(flags)
-        assert unknown <= PENDING_TLS_VARS, f"{name}/{component}: no such flags: {unknown}"
+        unknown = {v for v in env_of(container) if v.startswith("PAGEDSERVE_")} - flags
+        assert not unknown, f"{name}/{component}: no such flags: {unknown}"
         for flag in args_of(container):
             assert env_var(flag) in flags, f"{name}/{component}: no flag {flag}"
 
@@ -277,13 +277,14 @@ def test_executors_advertise_an_address_the_scheduler_can_dial(variant):
 def test_gateway_probes_hit_the_gateways_routes(variant):
     from gateway.http_api import create_app
 
-    _, manifests = variant
+    name, manifests = variant
     routes = {route.path for route in create_app(client=None).routes}
     gw = manifests.container("gateway")
     for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
         get = gw[probe]["httpGet"]
         assert get["path"] == path and path in routes
         assert get["port"] == "http"
+        assert get["scheme"] == ("HTTPS" if name == "tls" else "HTTP")  # the gateway's TLS
 
 
 def test_internal_probes_use_grpc_health_or_tcp_with_tls(variant):
@@ -348,8 +349,20 @@ def test_service_monitor_only_when_enabled(variant):
     assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics"
+    assert endpoint["path"] == "/metrics" and "scheme" not in endpoint  # plain HTTP: TLS is off
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_service_monitor_scrapes_over_https_with_tls(helm, tmp_path):
+    values = tmp_path / "tls-monitoring.yaml"
+    values.write_text(yaml.safe_dump({"tls": {"enabled": True, "existingSecret": "internal"},
+                                      "serviceMonitor": {"enabled": True}}))
+    manifests = Manifests(render(helm, values))
+    (endpoint,) = manifests.one("ServiceMonitor", "gateway")["spec"]["endpoints"]
+    gateway_service = manifests.one("Service", "gateway")["metadata"]["name"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"serverName": f"{gateway_service}.{NAMESPACE}.svc",
+                                     "ca": {"secret": {"name": "internal", "key": "ca.crt"}}}
 
 
 def test_scheduler_is_a_single_replica_replaced_with_recreate(variant):
@@ -398,7 +411,7 @@ def test_tls_secret_is_mounted_where_the_variables_point(variant):
     name, manifests = variant
     for component, workload in manifests.workloads():
         container = manifests.container(component)
-        tls_vars = {k: v for k, v in env_of(container).items() if k in PENDING_TLS_VARS}
+        tls_vars = {k: v for k, v in env_of(container).items() if k in TLS_FILES}
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         if name != "tls":
             assert not tls_vars and "tls" not in volumes
@@ -406,8 +419,8 @@ def test_tls_secret_is_mounted_where_the_variables_point(variant):
         assert volumes["tls"]["secret"]["secretName"] == "pagedserve-internal-tls"
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
         assert mount["readOnly"] is True
-        assert sorted(tls_vars.values()) == [f"{mount['mountPath']}/{f}"
-                                             for f in ("ca.crt", "tls.crt", "tls.key")]
+        assert tls_vars == {var: f"{mount['mountPath']}/{file}"
+                            for var, file in TLS_FILES.items()}
 
 
 def test_api_key_comes_from_the_secret_when_set(variant):

@@ -119,15 +119,16 @@ app.kubernetes.io/component: {{ .component }}
   mountPath: /cache
 {{- end }}
 
-{{/* TLS for the internal gRPC (values tls.*): the Secret's files as PAGEDSERVE_TLS_* variables,
-the volume and its read-only mount. Each renders nothing while tls.enabled is false. */}}
+{{/* TLS (values tls.*): the Secret's files as the --tls-cert-file / --tls-key-file /
+--tls-ca-file flags of every service, the volume and its read-only mount. Each renders nothing
+while tls.enabled is false. */}}
 {{- define "pagedserve.tlsEnv" -}}
 {{- if .Values.tls.enabled }}
-- name: PAGEDSERVE_TLS_CERT
+- name: PAGEDSERVE_TLS_CERT_FILE
   value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
-- name: PAGEDSERVE_TLS_KEY
+- name: PAGEDSERVE_TLS_KEY_FILE
   value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
-- name: PAGEDSERVE_TLS_CA
+- name: PAGEDSERVE_TLS_CA_FILE
   value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
 {{- end }}
 {{- end }}
@@ -146,6 +147,11 @@ the volume and its read-only mount. Each renders nothing while tls.enabled is fa
   mountPath: {{ .Values.tls.mountPath }}
   readOnly: true
 {{- end }}
+{{- end }}
+
+{{/* The scheme of the gateway's HTTP port: with TLS on, the gateway serves HTTPS too. */}}
+{{- define "pagedserve.httpScheme" -}}
+{{- ternary "HTTPS" "HTTP" .Values.tls.enabled }}
 {{- end }}
 
 {{/* Handler of a probe on an internal gRPC port: include with (dict "ctx" $ "port" N).
