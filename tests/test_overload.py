@@ -160,8 +160,7 @@ def test_a_queued_request_past_its_timeout_leaves_the_queue(stack):
     status, reply, _, elapsed = post(stack, {"prompt": "x", "max_tokens": 2},
                                      {TIMEOUT_HEADER: "0.2"})
     assert status == 504 and elapsed < 0.2 + FAST_S, reply
-    stats = stack.stats()
-    assert stats.num_waiting == 0 and stats.num_running == 1  # the occupant runs on
+    assert stack.stats().num_waiting == 0  # it left the queue; the occupant runs on
     assert occupant.join()[0][1]["usage"]["completion_tokens"] == LONG["max_tokens"]
 
 

@@ -192,8 +192,10 @@ def test_internal_services_serve_only_clients_with_a_certificate_of_the_ca(stack
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE, (name, error.value)
 
 
-def test_incomplete_certificate_flags_fail_at_start(pki):
-    result = subprocess.run([sys.executable, "-m", "pagedserve", "scheduler", "--port", "0",
+@pytest.mark.parametrize("command", ["scheduler", "up"])
+def test_incomplete_certificate_flags_fail_at_start(pki, command):
+    result = subprocess.run([sys.executable, "-m", "pagedserve", command,
                              "--tls-cert-file", pki["valid"].cert_file],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--tls-key-file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.flags import add_common_flags, add_tls_flags, long_options
 from pagedserve.log import configure_logging
-from pagedserve.serving import TlsConfig, sync_channel
+from pagedserve.serving import StartupError, TlsConfig, sync_channel
 
 _PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 15.0
@@ -127,7 +127,7 @@ def _passed_on(args: argparse.Namespace,
 
 
 def plan_children(args: argparse.Namespace) -> list[Child]:
-    """The processes to start, in start order."""
+    """The processes to start, in start order; raises StartupError for bad certificate flags."""
     from executor_svc.config import add_engine_arguments, add_model_arguments
     from gateway.config import add_request_timeout_argument
     from scheduler_svc.config import add_overload_arguments
@@ -135,7 +135,7 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     base = [sys.executable, "-m", "pagedserve"]
     common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format,
               *_passed_on(args, add_tls_flags)]
-    tls = TlsConfig(args.tls_cert_file, args.tls_key_file, args.tls_ca_file)
+    tls = TlsConfig.from_args(args)
     executor_flags = _passed_on(args, add_model_arguments, add_engine_arguments)
 
     scheduler = f"{args.host}:{args.scheduler_port}"
@@ -219,7 +219,11 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    children = plan_children(args)
+    try:
+        children = plan_children(args)
+    except StartupError as exc:  # e.g. incomplete certificate flags: before any child starts
+        print(f"pagedserve up: error: {exc}", file=sys.stderr)
+        return 2
     try:
         start(children)
         failure = wait_healthy(children, args.startup_timeout, stop)
