@@ -52,7 +52,8 @@ class FakeScheduler(SchedulerClient):
     per sequence (fewer when max_tokens says so)."""
 
     def __init__(self, tokenizer):
-        super().__init__("127.0.0.1:1")  # never dialled
+        # No SchedulerClient.__init__: there is nothing to dial, and a grpc.aio channel would
+        # need an event loop at construction.
         self.served = ServedModel(common_pb2.ModelInfo(
             model_id=MODEL, max_model_len=MAX_MODEL_LEN, vocab_size=len(tokenizer)), tokenizer)
 
