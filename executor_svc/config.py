@@ -47,11 +47,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of weights and KV cache; auto: bfloat16 on cuda, "
                              "float32 on cpu (float16 is cuda only)")
     parser.add_argument("--attention-backend", default="auto",
-                        choices=["auto", "torch", "triton"],
+                        choices=["auto", "torch", "cpu", "triton"],
                         help="implementation of the executor's kernels (paged attention, KV "
                              "write, norms, rotary, SiLU-and-mul): triton = the Triton kernels, "
-                             "torch = the PyTorch path; auto: triton on cuda, torch on cpu "
-                             "(triton on cpu runs under TRITON_INTERPRET=1: for checks only)")
+                             "torch = the PyTorch path, cpu = the PyTorch path with decode "
+                             "attention in a C kernel built at first use; auto: triton on "
+                             "cuda, cpu on cpu (torch when no C compiler is found; triton on "
+                             "cpu runs under TRITON_INTERPRET=1: for checks only)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument("--kv-cache-gib", type=float, default=4.0,
                         help="KV cache size on cpu, in GiB")

@@ -89,22 +89,42 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     out = torch.empty_like(query)
     nd = meta.num_decodes
     if nd:
-        max_len = max(meta.seq_lens_host[:nd])
-        max_blocks = -(-max_len // key_cache.shape[1])
-        tables = meta.block_tables[:nd, :max_blocks]
-        keys, values = _gather_context(key_cache, tables), _gather_context(value_cache, tables)
-        seq_lens = meta.seq_lens[:nd, None]
-        key_pos = torch.arange(keys.shape[-2], device=query.device)
-        mask = _window_mask(key_pos, seq_lens - 1, seq_lens, sliding_window)
-        # The query heads sharing a KV head act as that head's query rows, so K/V need no
-        # expansion to all query heads (query head h reads KV head h // group).
-        num_kv_heads = keys.shape[1]
-        grouped = query[:nd].view(nd, num_kv_heads, -1, query.shape[-1])
-        out[:nd] = F.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=mask[:, None, None, :],
-            scale=scale).reshape(nd, -1, query.shape[-1])
-    start = nd
-    for i in range(nd, len(meta.query_lens)):
+        out[:nd] = paged_decode_attention(query[:nd], key_cache, value_cache,
+                                          meta.block_tables[:nd], meta.seq_lens[:nd],
+                                          max(meta.seq_lens_host[:nd]), scale, sliding_window)
+    paged_prefill_attention(query, key_cache, value_cache, meta, scale, sliding_window, out)
+    return out
+
+
+def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, max_seq_len: int, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence (query [num_seqs, num_heads, head_dim]), all sequences in
+    one masked attention over their gathered contexts."""
+    nd = query.shape[0]
+    max_blocks = -(-max_seq_len // key_cache.shape[1])
+    tables = block_tables[:, :max_blocks]
+    keys, values = _gather_context(key_cache, tables), _gather_context(value_cache, tables)
+    seq_lens = seq_lens[:, None]
+    key_pos = torch.arange(keys.shape[-2], device=query.device)
+    mask = _window_mask(key_pos, seq_lens - 1, seq_lens, sliding_window)
+    # The query heads sharing a KV head act as that head's query rows, so K/V need no
+    # expansion to all query heads (query head h reads KV head h // group).
+    num_kv_heads = keys.shape[1]
+    grouped = query.view(nd, num_kv_heads, -1, query.shape[-1])
+    return F.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=mask[:, None, None, :],
+        scale=scale).reshape(nd, -1, query.shape[-1])
+
+
+def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                            sliding_window: int | None, out: torch.Tensor) -> None:
+    """The prefill chunks of the batch (the requests after its meta.num_decodes decodes), each
+    causal over its cached context and itself, written into their rows of `out`."""
+    start = meta.num_decodes
+    for i in range(meta.num_decodes, len(meta.query_lens)):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens_host[i]
         num_blocks = -(-seq_len // key_cache.shape[1])
         table = meta.block_tables[i, :num_blocks]
@@ -117,4 +137,3 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         out[start:start + q_len] = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1)
         start += q_len
-    return out

@@ -1,15 +1,18 @@
-"""One interface over the two implementations of the executor's kernels (DESIGN.md §5): a
-`Kernels` set holds every operation the models call, with the same signatures in both sets.
+"""One interface over the implementations of the executor's kernels (DESIGN.md §5): a
+`Kernels` set holds every operation the models call, with the same signatures in every set.
 
-`select_kernels` picks the set once, when the model is built: Triton on CUDA, PyTorch on CPU,
-unless `--attention-backend` forces one. The choice is per model (bound onto its layers by
-`executor_svc.models.layers.bind_kernels`), not process-wide, so two models in one process (the
-tests, the offline API) may use different sets. The Triton modules are imported only when the
-Triton set is chosen: importing triton is slow, and the PyTorch path must not need it.
+`select_kernels` picks the set once, when the model is built: Triton on CUDA; on the CPU the
+"cpu" set (the PyTorch path with decode attention in a C kernel, kernels/cpu_attention.py) when
+a C compiler could build it, else the PyTorch path; `--attention-backend` forces one. The choice
+is per model (bound onto its layers by `executor_svc.models.layers.bind_kernels`), not
+process-wide, so two models in one process (the tests, the offline API) may use different sets.
+The Triton modules are imported only when the Triton set is chosen: importing triton is slow,
+and the PyTorch path must not need it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import torch
 
 from kernels import activation, attention, norm, rotary
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 @dataclass(frozen=True)
@@ -50,19 +53,39 @@ def triton_kernels() -> Kernels:
         silu_and_mul=triton_activation.silu_and_mul_triton)
 
 
+def cpu_kernels() -> Kernels:
+    from kernels import cpu_attention
+
+    return dataclasses.replace(TORCH_KERNELS, name="cpu",
+                               paged_attention=cpu_attention.paged_attention_cpu)
+
+
 class KernelBackendError(ValueError):
     """The requested kernel backend cannot run on this device."""
 
 
 def select_kernels(backend: str, device: torch.device) -> Kernels:
-    """`backend` is one of BACKENDS; auto means Triton on CUDA and PyTorch elsewhere."""
+    """`backend` is one of BACKENDS; auto means Triton on CUDA, and on the CPU the cpu set
+    when its C kernel builds, else PyTorch."""
+    from kernels import cpu_attention
+
     if backend not in BACKENDS:
         raise KernelBackendError(f"attention backend {backend!r} is not one of "
                                  f"{', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            backend = "triton"
+        else:
+            backend = "cpu" if cpu_attention.available() else "torch"
     if backend == "torch":
         return TORCH_KERNELS
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise KernelBackendError(f"attention backend cpu runs on the cpu, not {device.type}")
+        if not cpu_attention.available():
+            raise KernelBackendError("attention backend cpu: its C kernel could not be built "
+                                     "(no C compiler? see the warning above); use torch")
+        return cpu_kernels()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise KernelBackendError(
             f"attention backend triton on {device.type} runs only under Triton's interpreter: "

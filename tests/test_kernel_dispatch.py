@@ -11,9 +11,9 @@ from pagedserve.v1.common_pb2 import SamplingParams
 CPU = torch.device("cpu")
 
 
-def test_auto_is_torch_on_cpu_and_triton_on_cuda():
-    assert select_kernels("auto", CPU).name == "torch"
+def test_each_backend_on_cpu():
     assert select_kernels("torch", CPU).name == "torch"
+    assert select_kernels("cpu", CPU).name == "cpu"
     assert select_kernels("triton", CPU).name == "triton"  # conftest set TRITON_INTERPRET=1
 
 
@@ -24,7 +24,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_unknown_backend_is_named():
-    with pytest.raises(KernelBackendError, match="'cutlass' is not one of auto, torch, triton"):
+    with pytest.raises(KernelBackendError,
+                       match="'cutlass' is not one of auto, torch, cpu, triton"):
         select_kernels("cutlass", CPU)
 
 
@@ -40,11 +41,11 @@ def test_the_flag_reaches_every_layer_and_changes_no_token(tiny_llama_dir):
     prompts = [[5, 6, 7], list(range(10, 31))]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     outputs = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "cpu", "triton"):
         llm = LLM(str(tiny_llama_dir), attention_backend=backend, kv_cache_gib=0.01,
                   block_size=16)
         assert _kernel_sets(llm) == {backend}
         outputs[backend] = [o.outputs[0].token_ids for o in
                             llm.generate(prompts, params)]
-    assert outputs["triton"] == outputs["torch"]
+    assert outputs["triton"] == outputs["torch"] == outputs["cpu"]
     assert all(len(tokens) == 6 for tokens in outputs["torch"])

@@ -91,14 +91,18 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
 # One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA.
 @pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
                                      "falcon-multi-query-parallel"])
-def test_triton_kernels_match_transformers(tiny_dirs, variant):
+@pytest.mark.parametrize("kernel_set", ["triton", "cpu"])
+def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled
-    on a GPU), chunked prefill then decodes, against transformers."""
-    from kernels.dispatch import triton_kernels
+    on a GPU) and on the cpu set (C decode attention), chunked prefill then decodes, against
+    transformers."""
+    from kernels import cpu_attention, dispatch
 
+    if kernel_set == "cpu" and not cpu_attention.available():
+        pytest.skip("no C compiler: the CPU kernel is not built")
     directory = tiny_dirs(variant)
     model = load_model(directory, torch.float32)
-    bind_kernels(model, triton_kernels())
+    bind_kernels(model, getattr(dispatch, f"{kernel_set}_kernels")())
     assert_matches_transformers(model, _reference(directory), PROMPTS, chunk=5, decode_steps=3)
 
 

@@ -1,0 +1,212 @@
+/* Paged decode attention for the CPU: one query token per sequence, K/V read in place through
+ * the block table (no gathered copy), float32 arithmetic, bfloat16 or float32 storage.
+ *
+ * Built at first use by kernels/cpu_attention.py with the machine's C compiler
+ * (-O3 -march=native -fopenmp: the loops over head_dim vectorise to the CPU's widest SIMD) and
+ * loaded with ctypes. The OpenMP runtime is the one torch has already loaded (same soname), so
+ * the kernel shares torch's thread pool rather than starting a second one.
+ *
+ * Work: one task per (sequence, KV head); the query heads that share the KV head are its rows,
+ * so each K/V row is read and converted once for all of them. Two passes over the context:
+ * scores (then an exact softmax), then the weighted sum of V. Positions outside the context or
+ * the sliding window are never read.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, table_stride;
+    int64_t q_stride_s, q_stride_h, o_stride_s, o_stride_h;  /* in elements */
+    int64_t kv_stride_b, kv_stride_t, kv_stride_h;           /* same for the K and V caches */
+    int64_t bf16;                                            /* 1: bfloat16, 0: float32 */
+    int64_t window;                                          /* 0: no sliding window */
+    float scale;
+} DecodeShape;
+
+/* Row `offset` elements into `base`, as float32. */
+static inline void load_row(const void *base, int64_t offset, int64_t bf16, int64_t dim,
+                            float *dst) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (int64_t d = 0; d < dim; d++) {
+            union { uint32_t u; float f; } v = { .u = (uint32_t)src[d] << 16 };
+            dst[d] = v.f;
+        }
+    } else {
+        const float *src = (const float *)base + offset;
+        for (int64_t d = 0; d < dim; d++) dst[d] = src[d];
+    }
+}
+
+#if defined(__AVX512F__)
+/* 16 elements `offset` into `base`, as float32 (bfloat16: the 16 bits moved up). */
+static inline __m512 load16(const void *base, int64_t offset, int64_t bf16) {
+    if (bf16) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + offset);
+}
+#endif
+
+/* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer
+ * power, built in the exponent bits, and a degree-6 polynomial for the fraction (relative error
+ * below 2e-7). Unlike libm's expf it vectorises; below -87 it returns 0. */
+static inline float exp_nonpositive(float x) {
+    float t = x * 1.4426950408889634f;
+    t = t < -126.0f ? -126.0f : t;
+    const float whole = __builtin_floorf(t), f = t - whole;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { uint32_t u; float f; } scale = { .u = (uint32_t)((int32_t)whole + 127) << 23 };
+    return x < -87.0f ? 0.0f : p * scale.f;
+}
+
+/* scores[g * stride] = qf[g] . (the K row at `offset`) for each query row g. */
+static inline void score_row(const void *k, int64_t offset, int64_t bf16, int64_t dim,
+                             int64_t group, const float *qf, float *row, float *scores,
+                             int64_t stride) {
+#if defined(__AVX512F__)
+    if (dim % 16 == 0) {  /* head sizes 64, 80, 96, 128, 256: one K row read for all rows */
+        for (int64_t g = 0; g < group; g++) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 16)
+                sum = _mm512_fmadd_ps(load16(k, offset + d, bf16),
+                                      _mm512_loadu_ps(qf + g * dim + d), sum);
+            scores[g * stride] = _mm512_reduce_add_ps(sum);
+        }
+        return;
+    }
+#endif
+    load_row(k, offset, bf16, dim, row);
+    for (int64_t g = 0; g < group; g++) {
+        float dot = 0.0f;
+        for (int64_t d = 0; d < dim; d++) dot += qf[g * dim + d] * row[d];
+        scores[g * stride] = dot;
+    }
+}
+
+/* acc[g] += p[g * stride] * (the V row at `offset`) for each query row g. */
+static inline void accumulate_row(const void *v, int64_t offset, int64_t bf16, int64_t dim,
+                                  int64_t group, const float *p, int64_t stride, float *row,
+                                  float *acc) {
+#if defined(__AVX512F__)
+    if (dim % 16 == 0) {
+        for (int64_t d = 0; d < dim; d += 16) {
+            const __m512 value = load16(v, offset + d, bf16);
+            for (int64_t g = 0; g < group; g++) {
+                float *a = acc + g * dim + d;
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride]), value,
+                                                    _mm512_loadu_ps(a)));
+            }
+        }
+        return;
+    }
+#endif
+    load_row(v, offset, bf16, dim, row);
+    for (int64_t g = 0; g < group; g++) {
+        const float weight = p[g * stride];
+        for (int64_t d = 0; d < dim; d++) acc[g * dim + d] += weight * row[d];
+    }
+}
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    union { float f; uint32_t u; } v = { .f = f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+static void store_row(void *base, int64_t offset, int64_t bf16, int64_t dim, const float *src) {
+    if (bf16) {
+        uint16_t *dst = (uint16_t *)base + offset;
+        for (int64_t d = 0; d < dim; d++) dst[d] = to_bf16(src[d]);
+    } else {
+        float *dst = (float *)base + offset;
+        for (int64_t d = 0; d < dim; d++) dst[d] = src[d];
+    }
+}
+
+/* One (sequence, KV head). Inlined into a float32 and a bfloat16 copy (`bf16` a constant in
+ * each), so that neither carries the other's branch through its loops. */
+static inline __attribute__((always_inline)) void attend(
+        void *out, const void *q, const void *k_cache, const void *v_cache,
+        const int64_t *table, int64_t seq, int64_t kvh, int64_t len, const DecodeShape *s,
+        float *work, const int64_t bf16) {
+    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
+    const int64_t first = s->window > 0 && len > s->window ? len - s->window : 0;
+    const int64_t n = len - first;
+    float *qf = work, *acc = qf + group * dim, *row = acc + group * dim;
+    float *scores = row + dim;
+    for (int64_t g = 0; g < group; g++) {
+        load_row(q, seq * s->q_stride_s + (kvh * group + g) * s->q_stride_h, bf16, dim,
+                 qf + g * dim);
+        for (int64_t d = 0; d < dim; d++) qf[g * dim + d] *= s->scale;
+        for (int64_t d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t pos = first + i;
+        score_row(k_cache, table[pos / s->block_size] * s->kv_stride_b
+                  + (pos % s->block_size) * s->kv_stride_t + kvh * s->kv_stride_h,
+                  bf16, dim, group, qf, row, scores + i, n);
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *p = scores + g * n, max = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
+        for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
+        for (int64_t i = 0; i < n; i++) p[i] /= sum;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t pos = first + i;
+        accumulate_row(v_cache, table[pos / s->block_size] * s->kv_stride_b
+                       + (pos % s->block_size) * s->kv_stride_t + kvh * s->kv_stride_h,
+                       bf16, dim, group, scores + i, n, row, acc);
+    }
+    for (int64_t g = 0; g < group; g++)
+        store_row(out, seq * s->o_stride_s + (kvh * group + g) * s->o_stride_h, bf16, dim,
+                  acc + g * dim);
+}
+
+static void attend_f32(void *out, const void *q, const void *k_cache, const void *v_cache,
+                       const int64_t *table, int64_t seq, int64_t kvh, int64_t len,
+                       const DecodeShape *s, float *work) {
+    attend(out, q, k_cache, v_cache, table, seq, kvh, len, s, work, 0);
+}
+
+static void attend_bf16(void *out, const void *q, const void *k_cache, const void *v_cache,
+                        const int64_t *table, int64_t seq, int64_t kvh, int64_t len,
+                        const DecodeShape *s, float *work) {
+    attend(out, q, k_cache, v_cache, table, seq, kvh, len, s, work, 1);
+}
+
+/* Returns 0, or -1 when a task's scratch memory could not be allocated (out is then partly
+ * written and must not be used). */
+int paged_decode_attention(void *out, const void *q, const void *k_cache, const void *v_cache,
+                           const int64_t *block_tables, const int64_t *seq_lens,
+                           const DecodeShape *s) {
+    const int64_t group = s->num_heads / s->num_kv_heads;
+    int failed = 0;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1) reduction(|:failed)
+    for (int64_t seq = 0; seq < s->num_seqs; seq++) {
+        for (int64_t kvh = 0; kvh < s->num_kv_heads; kvh++) {
+            const int64_t len = seq_lens[seq];
+            float *work = malloc(sizeof(float) * (2 * group * s->head_dim + s->head_dim
+                                                  + group * len));
+            if (!work) { failed = 1; continue; }
+            (s->bf16 ? attend_bf16 : attend_f32)(out, q, k_cache, v_cache,
+                                                 block_tables + seq * s->table_stride, seq, kvh,
+                                                 len, s, work);
+            free(work);
+        }
+    }
+    return failed ? -1 : 0;
+}

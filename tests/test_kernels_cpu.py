@@ -1,0 +1,104 @@
+"""The CPU decode attention kernel (kernels/cpu_attention.py, a C kernel built at first use)
+against the PyTorch path, and the "cpu" kernel set through a whole model."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import cpu_attention
+from kernels.attention import AttentionMetadata, paged_attention
+from kernels.dispatch import cpu_kernels
+from tests.paged_batches import BLOCK, build_batch, mixed_batch
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+                                reason="no C compiler: the CPU kernel is not built")
+
+# bfloat16 storage, float32 arithmetic in both: they differ by the rounding of the output and
+# of intermediate products.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
+# (dtype, num_heads, num_kv_heads, head_dim, sliding_window)
+CASES = [
+    (torch.float32, 8, 2, 64, None),
+    (torch.bfloat16, 9, 3, 64, None),  # the default model's attention shape
+    (torch.float32, 4, 1, 128, 7),
+    (torch.bfloat16, 2, 2, 80, BLOCK + 4),
+    (torch.float32, 4, 4, 96, None),
+]
+SEQ_LENS = [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 200]
+
+
+def _reference(query, key_cache, value_cache, meta, scale, window):
+    # The PyTorch path gathers whole blocks and masks the scores (0 * NaN is NaN), so it reads
+    # caches whose unwritten slots are zero; the C kernel reads the NaN-poisoned ones.
+    return paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), meta,
+                           scale, window)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_decode_matches_torch(case):
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(500 + case)
+    order = torch.randperm(len(SEQ_LENS), generator=gen).tolist()
+    seq_lens = [SEQ_LENS[i] for i in order]
+    num_blocks = sum(-(-n // BLOCK) for n in seq_lens) + 2
+    key_cache, value_cache, tables, keys, values, slots = build_batch(
+        gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=num_blocks)
+    key_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
+    value_cache.view(-1, num_kv_heads, head_dim)[slots] = values
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(dtype)
+    meta = AttentionMetadata.build(slots[:0], tables, [1] * len(seq_lens), seq_lens)
+    scale = 1 / math.sqrt(head_dim)
+
+    out = torch.full_like(query, float("nan"))
+    cpu_attention.paged_decode_attention_cpu(query, key_cache, value_cache, tables,
+                                             meta.seq_lens, scale, window, out=out)
+    expected = _reference(query, key_cache, value_cache, meta, scale, window)
+    torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_matches_torch(dtype):
+    """Decodes through the C kernel and prefill chunks through the PyTorch path, one batch."""
+    gen = torch.Generator().manual_seed(600)
+    decodes, prefills = [BLOCK + 1, 1, 2 * BLOCK], [(0, 20), (BLOCK, 17), (2 * BLOCK + 3, 35)]
+    key_cache, value_cache, query, meta = mixed_batch(gen, dtype, 8, 2, 64, decodes, prefills)
+    out = cpu_attention.paged_attention_cpu(query, key_cache, value_cache, meta, 0.125, None)
+    expected = _reference(query, key_cache, value_cache, meta, 0.125, None)
+    torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_attention._library.cache_clear()
+    try:
+        assert cpu_attention.available()
+        built = list((tmp_path / "pagedserve" / "kernels").glob("paged_decode_attention-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        cpu_attention._library.cache_clear()
+        assert cpu_attention.available() and built[0].stat().st_mtime_ns == stamp
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
+    from kernels.dispatch import KernelBackendError, select_kernels
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    cpu_attention._library.cache_clear()
+    try:
+        assert not cpu_attention.available()
+        assert select_kernels("auto", torch.device("cpu")).name == "torch"
+        with pytest.raises(KernelBackendError, match="could not be built"):
+            select_kernels("cpu", torch.device("cpu"))
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+def test_the_cpu_set_is_auto_on_cpu():
+    from kernels.dispatch import select_kernels
+
+    assert select_kernels("auto", torch.device("cpu")).name == "cpu"
+    assert cpu_kernels().paged_attention is cpu_attention.paged_attention_cpu
