@@ -37,10 +37,22 @@ def _reference(query, key_cache, value_cache, meta, scale, window):
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_decode_matches_torch(case):
+    """Few sequences: one task per (sequence, KV head)."""
+    check_decode(case, SEQ_LENS, seed=500)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_decode_of_many_sequences_matches_torch(case):
+    """More than 4 sequences per thread: one task per sequence, all its KV heads."""
+    assert len(SEQ_LENS * 6) >= 4 * torch.get_num_threads()
+    check_decode(case, SEQ_LENS * 6, seed=700)
+
+
+def check_decode(case, seq_lens, seed):
     dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
-    gen = torch.Generator().manual_seed(500 + case)
-    order = torch.randperm(len(SEQ_LENS), generator=gen).tolist()
-    seq_lens = [SEQ_LENS[i] for i in order]
+    gen = torch.Generator().manual_seed(seed + case)
+    order = torch.randperm(len(seq_lens), generator=gen).tolist()
+    seq_lens = [seq_lens[i] for i in order]
     num_blocks = sum(-(-n // BLOCK) for n in seq_lens) + 2
     key_cache, value_cache, tables, keys, values, slots = build_batch(
         gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=num_blocks)

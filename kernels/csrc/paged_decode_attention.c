@@ -6,14 +6,16 @@
  * loaded with ctypes. The OpenMP runtime is the one torch has already loaded (same soname), so
  * the kernel shares torch's thread pool rather than starting a second one.
  *
- * Work: one task per (sequence, KV head); the query heads that share the KV head are its rows,
- * so each K/V row is read and converted once for all of them. Two passes over the context:
+ * Work: one task per sequence (per (sequence, KV head) for small batches); the query heads that
+ * share a KV head are its rows, so each K/V row is read and converted once for all of them, and
+ * a task reads its context's blocks as contiguous streams. Two passes over the context:
  * scores (then an exact softmax), then the weighted sum of V. Positions outside the context or
  * the sliding window are never read.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -136,77 +138,90 @@ static void store_row(void *base, int64_t offset, int64_t bf16, int64_t dim, con
     }
 }
 
-/* One (sequence, KV head). Inlined into a float32 and a bfloat16 copy (`bf16` a constant in
- * each), so that neither carries the other's branch through its loops. */
+/* One sequence's KV heads [kv_first, kv_last). Position by position, the K (then V) rows of
+ * those heads sit next to each other in the cache, so a task reads them as one stream.
+ * Inlined into a float32 and a bfloat16 copy (`bf16` a constant in each), so that neither
+ * carries the other's branch through its loops. */
 static inline __attribute__((always_inline)) void attend(
         void *out, const void *q, const void *k_cache, const void *v_cache,
-        const int64_t *table, int64_t seq, int64_t kvh, int64_t len, const DecodeShape *s,
-        float *work, const int64_t bf16) {
+        const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
+        const DecodeShape *s, float *work, const int64_t bf16) {
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
+    const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
     const int64_t first = s->window > 0 && len > s->window ? len - s->window : 0;
     const int64_t n = len - first;
-    float *qf = work, *acc = qf + group * dim, *row = acc + group * dim;
-    float *scores = row + dim;
-    for (int64_t g = 0; g < group; g++) {
-        load_row(q, seq * s->q_stride_s + (kvh * group + g) * s->q_stride_h, bf16, dim,
-                 qf + g * dim);
-        for (int64_t d = 0; d < dim; d++) qf[g * dim + d] *= s->scale;
-        for (int64_t d = 0; d < dim; d++) acc[g * dim + d] = 0.0f;
+    float *qf = work, *acc = qf + rows * dim, *row = acc + rows * dim;
+    float *scores = row + dim;  /* [rows][n] */
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(q, seq * s->q_stride_s + (head0 + r) * s->q_stride_h, bf16, dim, qf + r * dim);
+        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= s->scale;
+        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
     }
     for (int64_t i = 0; i < n; i++) {
         const int64_t pos = first + i;
-        score_row(k_cache, table[pos / s->block_size] * s->kv_stride_b
-                  + (pos % s->block_size) * s->kv_stride_t + kvh * s->kv_stride_h,
-                  bf16, dim, group, qf, row, scores + i, n);
+        const int64_t base = table[pos / s->block_size] * s->kv_stride_b
+                             + (pos % s->block_size) * s->kv_stride_t;
+        for (int64_t h = kv_first; h < kv_last; h++) {
+            const int64_t r = (h - kv_first) * group;
+            score_row(k_cache, base + h * s->kv_stride_h, bf16, dim, group, qf + r * dim, row,
+                      scores + r * n + i, n);
+        }
     }
-    for (int64_t g = 0; g < group; g++) {
-        float *p = scores + g * n, max = -INFINITY, sum = 0.0f;
+    for (int64_t r = 0; r < rows; r++) {
+        float *p = scores + r * n, max = -INFINITY, sum = 0.0f;
         for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
         for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
         for (int64_t i = 0; i < n; i++) p[i] /= sum;
     }
     for (int64_t i = 0; i < n; i++) {
         const int64_t pos = first + i;
-        accumulate_row(v_cache, table[pos / s->block_size] * s->kv_stride_b
-                       + (pos % s->block_size) * s->kv_stride_t + kvh * s->kv_stride_h,
-                       bf16, dim, group, scores + i, n, row, acc);
+        const int64_t base = table[pos / s->block_size] * s->kv_stride_b
+                             + (pos % s->block_size) * s->kv_stride_t;
+        for (int64_t h = kv_first; h < kv_last; h++) {
+            const int64_t r = (h - kv_first) * group;
+            accumulate_row(v_cache, base + h * s->kv_stride_h, bf16, dim, group,
+                           scores + r * n + i, n, row, acc + r * dim);
+        }
     }
-    for (int64_t g = 0; g < group; g++)
-        store_row(out, seq * s->o_stride_s + (kvh * group + g) * s->o_stride_h, bf16, dim,
-                  acc + g * dim);
+    for (int64_t r = 0; r < rows; r++)
+        store_row(out, seq * s->o_stride_s + (head0 + r) * s->o_stride_h, bf16, dim,
+                  acc + r * dim);
 }
 
 static void attend_f32(void *out, const void *q, const void *k_cache, const void *v_cache,
-                       const int64_t *table, int64_t seq, int64_t kvh, int64_t len,
-                       const DecodeShape *s, float *work) {
-    attend(out, q, k_cache, v_cache, table, seq, kvh, len, s, work, 0);
+                       const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last,
+                       int64_t len, const DecodeShape *s, float *work) {
+    attend(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work, 0);
 }
 
 static void attend_bf16(void *out, const void *q, const void *k_cache, const void *v_cache,
-                        const int64_t *table, int64_t seq, int64_t kvh, int64_t len,
-                        const DecodeShape *s, float *work) {
-    attend(out, q, k_cache, v_cache, table, seq, kvh, len, s, work, 1);
+                        const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last,
+                        int64_t len, const DecodeShape *s, float *work) {
+    attend(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work, 1);
 }
 
 /* Returns 0, or -1 when a task's scratch memory could not be allocated (out is then partly
- * written and must not be used). */
+ * written and must not be used). A task is one sequence, all its KV heads; with fewer
+ * sequences than 4 per thread, one (sequence, KV head) so that every thread has work. */
 int paged_decode_attention(void *out, const void *q, const void *k_cache, const void *v_cache,
                            const int64_t *block_tables, const int64_t *seq_lens,
                            const DecodeShape *s) {
     const int64_t group = s->num_heads / s->num_kv_heads;
+    const int64_t heads_per_task = s->num_seqs >= 4 * omp_get_max_threads()
+                                   ? s->num_kv_heads : 1;
+    const int64_t chunks = s->num_kv_heads / heads_per_task;
     int failed = 0;
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1) reduction(|:failed)
-    for (int64_t seq = 0; seq < s->num_seqs; seq++) {
-        for (int64_t kvh = 0; kvh < s->num_kv_heads; kvh++) {
-            const int64_t len = seq_lens[seq];
-            float *work = malloc(sizeof(float) * (2 * group * s->head_dim + s->head_dim
-                                                  + group * len));
-            if (!work) { failed = 1; continue; }
-            (s->bf16 ? attend_bf16 : attend_f32)(out, q, k_cache, v_cache,
-                                                 block_tables + seq * s->table_stride, seq, kvh,
-                                                 len, s, work);
-            free(work);
-        }
+    #pragma omp parallel for schedule(static) reduction(|:failed)
+    for (int64_t task = 0; task < s->num_seqs * chunks; task++) {
+        const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
+        const int64_t len = seq_lens[seq], rows = heads_per_task * group;
+        float *work = malloc(sizeof(float) * (2 * rows * s->head_dim + s->head_dim
+                                              + rows * len));
+        if (!work) { failed = 1; continue; }
+        (s->bf16 ? attend_bf16 : attend_f32)(out, q, k_cache, v_cache,
+                                             block_tables + seq * s->table_stride, seq,
+                                             kv_first, kv_first + heads_per_task, len, s, work);
+        free(work);
     }
     return failed ? -1 : 0;
 }
