@@ -10,6 +10,7 @@ through each request's block table.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -34,6 +35,21 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     # The first num_decodes requests have exactly one query token.
     num_decodes: int
+
+    @functools.cached_property
+    def token_contexts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token of the batch as a one-query request: its request's block table
+        ([num_tokens, max_blocks]) and its context length, its position + 1 ([num_tokens]).
+        Computed once per step, on first use."""
+        if self.num_decodes == len(self.query_lens):
+            return self.block_tables, self.seq_lens
+        device = self.block_tables.device
+        q_lens = torch.tensor(self.query_lens, device=device)
+        seq_index = torch.repeat_interleave(torch.arange(len(q_lens), device=device), q_lens)
+        row = torch.arange(int(self.query_start_loc[-1]), device=device)
+        first_len = self.seq_lens - q_lens + 1  # context length of each request's first token
+        lens = first_len[seq_index] + row - self.query_start_loc[:-1].long()[seq_index]
+        return self.block_tables[seq_index], lens
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,

@@ -27,7 +27,7 @@ import tempfile
 import structlog
 import torch
 
-from kernels.attention import AttentionMetadata, paged_prefill_attention
+from kernels.attention import AttentionMetadata
 
 log = structlog.get_logger(__name__)
 
@@ -128,12 +128,10 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float,
                         sliding_window: int | None = None) -> torch.Tensor:
-    """Drop-in for `kernels.attention.paged_attention`: the C kernel on the decodes, the
-    PyTorch path on the prefill chunks."""
-    out = torch.empty_like(query)
-    nd = meta.num_decodes
-    if nd:
-        paged_decode_attention_cpu(query[:nd], key_cache, value_cache, meta.block_tables[:nd],
-                                   meta.seq_lens[:nd], scale, sliding_window, out=out[:nd])
-    paged_prefill_attention(query, key_cache, value_cache, meta, scale, sliding_window, out)
-    return out
+    """Drop-in for `kernels.attention.paged_attention`: the whole batch through the C kernel,
+    each prefill token as a one-query request over its causal context (on the CPU this beats
+    scaled_dot_product_attention on a chunk, whose bfloat16 kernels reach about 30 GFLOP/s on
+    the default model's 256-token prompts)."""
+    tables, lens = meta.token_contexts
+    return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
+                                      sliding_window)
