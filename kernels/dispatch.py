@@ -2,10 +2,10 @@
 `Kernels` set holds every operation the models call, with the same signatures in every set.
 
 `select_kernels` picks the set once, when the model is built: Triton on CUDA; on the CPU the
-"cpu" set (the PyTorch path with decode attention in a C kernel, kernels/cpu_attention.py) when
-a C compiler could build it, else the PyTorch path; `--attention-backend` forces one. The choice
-is per model (bound onto its layers by `executor_svc.models.layers.bind_kernels`), not
-process-wide, so two models in one process (the tests, the offline API) may use different sets.
+"cpu" set (C kernels built at first use, kernels/cpu_kernels.py; the KV write stays PyTorch's)
+when a C compiler could build them, else the PyTorch path; `--attention-backend` forces one.
+The choice is per model (bound onto its layers by `executor_svc.models.layers.bind_kernels`),
+not process-wide, so two models in one process (the tests, the offline API) may use different sets.
 The Triton modules are imported only when the Triton set is chosen: importing triton is slow,
 and the PyTorch path must not need it.
 """
@@ -54,10 +54,12 @@ def triton_kernels() -> Kernels:
 
 
 def cpu_kernels() -> Kernels:
-    from kernels import cpu_attention
+    from kernels import cpu_kernels as cpu
 
-    return dataclasses.replace(TORCH_KERNELS, name="cpu",
-                               paged_attention=cpu_attention.paged_attention_cpu)
+    return dataclasses.replace(
+        TORCH_KERNELS, name="cpu", paged_attention=cpu.paged_attention_cpu,
+        rms_norm=cpu.rms_norm_cpu, add_rms_norm=cpu.add_rms_norm_cpu,
+        apply_rotary=cpu.apply_rotary_cpu, silu_and_mul=cpu.silu_and_mul_cpu)
 
 
 class KernelBackendError(ValueError):
@@ -67,7 +69,7 @@ class KernelBackendError(ValueError):
 def select_kernels(backend: str, device: torch.device) -> Kernels:
     """`backend` is one of BACKENDS; auto means Triton on CUDA, and on the CPU the cpu set
     when its C kernel builds, else PyTorch."""
-    from kernels import cpu_attention
+    from kernels import cpu_kernels as cpu
 
     if backend not in BACKENDS:
         raise KernelBackendError(f"attention backend {backend!r} is not one of "
@@ -76,14 +78,14 @@ def select_kernels(backend: str, device: torch.device) -> Kernels:
         if device.type == "cuda":
             backend = "triton"
         else:
-            backend = "cpu" if cpu_attention.available() else "torch"
+            backend = "cpu" if cpu.available() else "torch"
     if backend == "torch":
         return TORCH_KERNELS
     if backend == "cpu":
         if device.type != "cpu":
             raise KernelBackendError(f"attention backend cpu runs on the cpu, not {device.type}")
-        if not cpu_attention.available():
-            raise KernelBackendError("attention backend cpu: its C kernel could not be built "
+        if not cpu.available():
+            raise KernelBackendError("attention backend cpu: its C kernels could not be built "
                                      "(no C compiler? see the warning above); use torch")
         return cpu_kernels()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -1,4 +1,4 @@
-"""The CPU decode attention kernel (kernels/cpu_attention.py, a C kernel built at first use)
+"""The CPU decode attention kernel (kernels/cpu.py, a C kernel built at first use)
 against the PyTorch path, and the "cpu" kernel set through a whole model."""
 
 import math
@@ -6,13 +6,16 @@ import math
 import pytest
 import torch
 
-from kernels import cpu_attention
+from kernels import cpu_kernels as cpu
+from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.dispatch import cpu_kernels
+from kernels.norm import add_rms_norm, rms_norm
+from kernels.rotary import apply_rotary
 from tests.paged_batches import BLOCK, build_batch, mixed_batch
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(),
-                                reason="no C compiler: the CPU kernel is not built")
+pytestmark = pytest.mark.skipif(not cpu.available(),
+                                reason="no C compiler: the CPU kernels are not built")
 
 # bfloat16 storage, float32 arithmetic in both: they differ by the rounding of the output and
 # of intermediate products.
@@ -63,7 +66,7 @@ def check_decode(case, seq_lens, seed):
     scale = 1 / math.sqrt(head_dim)
 
     out = torch.full_like(query, float("nan"))
-    cpu_attention.paged_decode_attention_cpu(query, key_cache, value_cache, tables,
+    cpu.paged_decode_attention_cpu(query, key_cache, value_cache, tables,
                                              meta.seq_lens, scale, window, out=out)
     expected = _reference(query, key_cache, value_cache, meta, scale, window)
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
@@ -75,23 +78,23 @@ def test_mixed_batch_matches_torch(dtype):
     gen = torch.Generator().manual_seed(600)
     decodes, prefills = [BLOCK + 1, 1, 2 * BLOCK], [(0, 20), (BLOCK, 17), (2 * BLOCK + 3, 35)]
     key_cache, value_cache, query, meta = mixed_batch(gen, dtype, 8, 2, 64, decodes, prefills)
-    out = cpu_attention.paged_attention_cpu(query, key_cache, value_cache, meta, 0.125, None)
+    out = cpu.paged_attention_cpu(query, key_cache, value_cache, meta, 0.125, None)
     expected = _reference(query, key_cache, value_cache, meta, 0.125, None)
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    cpu._library.cache_clear()
     try:
-        assert cpu_attention.available()
-        built = list((tmp_path / "pagedserve" / "kernels").glob("paged_decode_attention-*.so"))
+        assert cpu.available()
+        built = list((tmp_path / "pagedserve" / "kernels").glob("cpu_kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
-        cpu_attention._library.cache_clear()
-        assert cpu_attention.available() and built[0].stat().st_mtime_ns == stamp
+        cpu._library.cache_clear()
+        assert cpu.available() and built[0].stat().st_mtime_ns == stamp
     finally:
-        cpu_attention._library.cache_clear()
+        cpu._library.cache_clear()
 
 
 def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
@@ -99,18 +102,64 @@ def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    cpu_attention._library.cache_clear()
+    cpu._library.cache_clear()
     try:
-        assert not cpu_attention.available()
+        assert not cpu.available()
         assert select_kernels("auto", torch.device("cpu")).name == "torch"
         with pytest.raises(KernelBackendError, match="could not be built"):
             select_kernels("cpu", torch.device("cpu"))
     finally:
-        cpu_attention._library.cache_clear()
+        cpu._library.cache_clear()
 
 
 def test_the_cpu_set_is_auto_on_cpu():
     from kernels.dispatch import select_kernels
 
     assert select_kernels("auto", torch.device("cpu")).name == "cpu"
-    assert cpu_kernels().paged_attention is cpu_attention.paged_attention_cpu
+    assert cpu_kernels().paged_attention is cpu.paged_attention_cpu
+
+
+# Two roundings apart at most: the PyTorch path rounds some intermediate products to bfloat16
+# where the C kernels keep float32.
+LAYER_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_match_torch(dtype):
+    gen = torch.Generator().manual_seed(800)
+    x = (torch.randn(7, 3, 576, generator=gen) * 3).to(dtype)
+    residual = torch.randn(7, 3, 576, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    tol = LAYER_TOL[dtype]
+    torch.testing.assert_close(cpu.rms_norm_cpu(x, weight, 1e-5), rms_norm(x, weight, 1e-5),
+                               rtol=tol, atol=tol)
+    out, new_residual = cpu.add_rms_norm_cpu(x, residual, weight, 1e-5)
+    ref_out, ref_residual = add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(new_residual, ref_residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    strided = torch.randn(4, 1152, generator=gen).to(dtype)[:, :576]  # rows 1152 apart
+    torch.testing.assert_close(cpu.rms_norm_cpu(strided, weight, 1e-5),
+                               rms_norm(strided, weight, 1e-5), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(801)
+    x = (torch.randn(5, 2 * 1536, generator=gen) * 6).to(dtype)  # gates far into both tails
+    tol = LAYER_TOL[dtype]
+    torch.testing.assert_close(cpu.silu_and_mul_cpu(x), silu_and_mul(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, head_dim, rotary_dim, neox", [
+    (torch.float32, 64, 64, True), (torch.bfloat16, 64, 64, True),
+    (torch.float32, 128, 128, False), (torch.float32, 80, 20, True)])
+def test_rotary_matches_torch(dtype, head_dim, rotary_dim, neox):
+    gen = torch.Generator().manual_seed(802 + head_dim)
+    qkv = torch.randn(6, 3 * 4 * head_dim, generator=gen).to(dtype)
+    q = qkv[:, :4 * head_dim].view(6, 4, head_dim)  # a view into q/k/v, as the models pass it
+    positions = torch.randint(0, 100, (6,), generator=gen)
+    angles = torch.rand(100, rotary_dim // 2, generator=gen) * 6
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    tol = LAYER_TOL[dtype]
+    torch.testing.assert_close(cpu.apply_rotary_cpu(q, positions, cos_sin, neox),
+                               apply_rotary(q, positions, cos_sin, neox), rtol=tol, atol=tol)

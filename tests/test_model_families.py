@@ -96,9 +96,9 @@ def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled
     on a GPU) and on the cpu set (C decode attention), chunked prefill then decodes, against
     transformers."""
-    from kernels import cpu_attention, dispatch
+    from kernels import cpu_kernels, dispatch
 
-    if kernel_set == "cpu" and not cpu_attention.available():
+    if kernel_set == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernel is not built")
     directory = tiny_dirs(variant)
     model = load_model(directory, torch.float32)

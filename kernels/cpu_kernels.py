@@ -1,11 +1,13 @@
-"""Paged attention for the CPU: decodes through a C kernel that reads K/V in place through the
-block tables (kernels/csrc/paged_decode_attention.c), prefills through the PyTorch path.
+"""The CPU kernels in C (kernels/csrc): paged attention that reads K/V in place through the
+block tables, RMSNorm, fused add + RMSNorm, SiLU-and-mul and rotary embedding, each a drop-in for
+its PyTorch path (float32 or bfloat16 CPU tensors).
 
-Why a C kernel: on the CPU the PyTorch decode path gathers every sequence's K/V into a
-contiguous copy and runs scaled_dot_product_attention on one query row per head, which is
-dominated by per-call overhead rather than arithmetic (about 60 % of a 64-sequence decode step
-of the default model, measured with torch.profiler). The kernel reads each K/V row once for all
-the query heads that share it, with no copy.
+Why C: on the CPU the PyTorch decode path gathers every sequence's K/V into a contiguous copy
+and runs scaled_dot_product_attention on one query row per head, dominated by per-call overhead
+rather than arithmetic (about 60 % of a 64-sequence decode step of the default model, measured
+with torch.profiler); its bfloat16 prefill attention reaches about 30 GFLOP/s; and the layers'
+elementwise work is a chain of small ops (a norm is seven) that each pass over memory. The C
+kernels do each in one pass, vectorised for the machine they are built on.
 
 The library is compiled at first use with the machine's C compiler (`cc`, or $CC) into
 $XDG_CACHE_HOME/pagedserve/kernels (or ~/.cache/pagedserve/kernels), named by the hash of its
@@ -31,7 +33,8 @@ from kernels.attention import AttentionMetadata
 
 log = structlog.get_logger(__name__)
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+SOURCE_DIR = pathlib.Path(__file__).parent / "csrc"
+SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c"]
 # Reassociation lets the dot products over head_dim vectorise; finite-math is left off, since
 # the kernel relies on -inf (masked softmax) and NaN (bf16 rounding).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
@@ -57,7 +60,7 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
     # Build beside the target, then rename: concurrent first starts never load a partial file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = pathlib.Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True,
+        subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], check=True,
                        capture_output=True, text=True)
         built.replace(target)
 
@@ -66,29 +69,34 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: the CPU decode attention kernel is not built; "
-                    "decodes use the PyTorch path")
+        log.warning("no C compiler found: the CPU kernels are not built; the PyTorch path runs")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode())
-    target = _cache_dir() / f"paged_decode_attention-{digest.hexdigest()[:16]}.so"
+    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
+    for source in sorted(SOURCE_DIR.iterdir()):
+        digest.update(source.read_bytes())
+    target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             _compile(compiler, target)
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or str(exc)
-            log.warning("building the CPU decode attention kernel failed; decodes use the "
-                        "PyTorch path", compiler=compiler, error=detail.strip()[-2000:])
+            log.warning("building the CPU kernels failed; the PyTorch path runs",
+                        compiler=compiler, error=detail.strip()[-2000:])
             return None
-        log.info("built the CPU decode attention kernel", path=str(target))
+        log.info("built the CPU kernels", path=str(target))
     library = ctypes.CDLL(str(target))
     library.paged_decode_attention.restype = ctypes.c_int
     library.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [
         ctypes.POINTER(_DecodeShape)]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
+    library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
+    library.rotary.argtypes = [ptr] * 4 + [i64] * 8
     return library
 
 
 def available() -> bool:
-    """True when the C kernel is built (or could be built now) and loaded."""
+    """True when the C kernels are built (or could be built now) and loaded."""
     return _library() is not None
 
 
@@ -100,7 +108,7 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
     """Decode attention, one query token per sequence; the arguments and result as
     `kernels.triton_attention.paged_attention_decode_triton` (float32 or bfloat16, CPU)."""
     library = _library()
-    assert library is not None, "the CPU decode attention kernel is not available"
+    assert library is not None, "the CPU kernels are not available"
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert query.dtype in DTYPES and key_cache.dtype == query.dtype == value_cache.dtype
@@ -135,3 +143,61 @@ def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     tables, lens = meta.token_contexts
     return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
                                       sliding_window)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the last dimension (a view when it can)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+          eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    assert x.dtype in DTYPES and weight.dtype == x.dtype and weight.is_contiguous()
+    rows = _rows(x)
+    res_rows = None if residual is None else _rows(residual)
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    res_out = None if residual is None else torch.empty(rows.shape, dtype=x.dtype)
+    _library().rms_norm(out.data_ptr(), 0 if res_out is None else res_out.data_ptr(),
+                        rows.data_ptr(), 0 if res_rows is None else res_rows.data_ptr(),
+                        weight.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0),
+                        0 if res_rows is None else res_rows.stride(0), eps, DTYPES[x.dtype])
+    return out.view(x.shape), None if res_out is None else res_out.view(x.shape)
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As `kernels.norm.rms_norm`."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `kernels.norm.add_rms_norm`: (rms_norm(x + residual), x + residual)."""
+    assert residual.shape == x.shape and residual.dtype == x.dtype
+    return _norm(x, residual, weight, eps)
+
+
+def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
+    """As `kernels.activation.silu_and_mul`."""
+    assert x.dtype in DTYPES
+    rows = _rows(x)
+    d = rows.shape[1] // 2
+    out = torch.empty(rows.shape[0], d, dtype=x.dtype)
+    _library().silu_and_mul(out.data_ptr(), rows.data_ptr(), rows.shape[0], d, rows.stride(0),
+                            DTYPES[x.dtype])
+    return out.view(*x.shape[:-1], d)
+
+
+def apply_rotary_cpu(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     neox_style: bool = True) -> torch.Tensor:
+    """As `kernels.rotary.apply_rotary`: x [num_tokens, num_heads, head_dim] (any strides but
+    the last), cos_sin_cache [max_position, rotary_dim] float32. Returns a new tensor."""
+    assert x.dtype in DTYPES and x.stride(-1) == 1
+    assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
+    tokens, heads, head_dim = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype)
+    pos = positions.to(torch.int64).contiguous()
+    _library().rotary(out.data_ptr(), x.data_ptr(), pos.data_ptr(), cos_sin_cache.data_ptr(),
+                      tokens, heads, head_dim, cos_sin_cache.shape[1], x.stride(0),
+                      x.stride(1), int(neox_style), DTYPES[x.dtype])
+    return out

@@ -1,7 +1,7 @@
 /* Paged decode attention for the CPU: one query token per sequence, K/V read in place through
  * the block table (no gathered copy), float32 arithmetic, bfloat16 or float32 storage.
  *
- * Built at first use by kernels/cpu_attention.py with the machine's C compiler
+ * Built at first use by kernels/cpu_kernels.py with the machine's C compiler
  * (-O3 -march=native -fopenmp: the loops over head_dim vectorise to the CPU's widest SIMD) and
  * loaded with ctypes. The OpenMP runtime is the one torch has already loaded (same soname), so
  * the kernel shares torch's thread pool rather than starting a second one.
@@ -12,13 +12,10 @@
  * scores (then an exact softmax), then the weighted sum of V. Positions outside the context or
  * the sliding window are never read.
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "common.h"
 
 typedef struct {
     int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, table_stride;
@@ -28,50 +25,6 @@ typedef struct {
     int64_t window;                                          /* 0: no sliding window */
     float scale;
 } DecodeShape;
-
-/* Row `offset` elements into `base`, as float32. */
-static inline void load_row(const void *base, int64_t offset, int64_t bf16, int64_t dim,
-                            float *dst) {
-    if (bf16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-        for (int64_t d = 0; d < dim; d++) {
-            union { uint32_t u; float f; } v = { .u = (uint32_t)src[d] << 16 };
-            dst[d] = v.f;
-        }
-    } else {
-        const float *src = (const float *)base + offset;
-        for (int64_t d = 0; d < dim; d++) dst[d] = src[d];
-    }
-}
-
-#if defined(__AVX512F__)
-/* 16 elements `offset` into `base`, as float32 (bfloat16: the 16 bits moved up). */
-static inline __m512 load16(const void *base, int64_t offset, int64_t bf16) {
-    if (bf16) {
-        const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
-    return _mm512_loadu_ps((const float *)base + offset);
-}
-#endif
-
-/* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer
- * power, built in the exponent bits, and a degree-6 polynomial for the fraction (relative error
- * below 2e-7). Unlike libm's expf it vectorises; below -87 it returns 0. */
-static inline float exp_nonpositive(float x) {
-    float t = x * 1.4426950408889634f;
-    t = t < -126.0f ? -126.0f : t;
-    const float whole = __builtin_floorf(t), f = t - whole;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    union { uint32_t u; float f; } scale = { .u = (uint32_t)((int32_t)whole + 127) << 23 };
-    return x < -87.0f ? 0.0f : p * scale.f;
-}
 
 /* scores[g * stride] = qf[g] . (the K row at `offset`) for each query row g. */
 static inline void score_row(const void *k, int64_t offset, int64_t bf16, int64_t dim,
@@ -118,23 +71,6 @@ static inline void accumulate_row(const void *v, int64_t offset, int64_t bf16, i
     for (int64_t g = 0; g < group; g++) {
         const float weight = p[g * stride];
         for (int64_t d = 0; d < dim; d++) acc[g * dim + d] += weight * row[d];
-    }
-}
-
-static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
-    union { float f; uint32_t u; } v = { .f = f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
-
-static void store_row(void *base, int64_t offset, int64_t bf16, int64_t dim, const float *src) {
-    if (bf16) {
-        uint16_t *dst = (uint16_t *)base + offset;
-        for (int64_t d = 0; d < dim; d++) dst[d] = to_bf16(src[d]);
-    } else {
-        float *dst = (float *)base + offset;
-        for (int64_t d = 0; d < dim; d++) dst[d] = src[d];
     }
 }
 
