@@ -44,8 +44,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs; auto: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "bfloat16", "float16"],
-                        help="compute dtype of weights and KV cache; auto: bfloat16 on cuda, "
-                             "float32 on cpu (float16 is cuda only)")
+                        help="compute dtype of weights and KV cache; auto: bfloat16 on cuda and "
+                             "on CPUs with AVX-512 BF16 or AMX, else float32 (float16 is cuda "
+                             "only)")
     parser.add_argument("--attention-backend", default="auto",
                         choices=["auto", "torch", "cpu", "triton"],
                         help="implementation of the executor's kernels (paged attention, KV "

@@ -6,6 +6,10 @@ import os
 # this must run before them. The Triton kernels' tests run on the CPU through the interpreter;
 # on a GPU machine, TRITON_INTERPRET=0 tests them compiled.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests compare against float32 references (transformers, float64 loops): every service a
+# test starts computes in float32 unless the test asks for another dtype (on CPUs with AVX-512
+# BF16 `--dtype auto` would pick bfloat16).
+os.environ.setdefault("PAGEDSERVE_DTYPE", "float32")
 
 import pathlib
 import socket

@@ -43,7 +43,7 @@ def test_the_flag_reaches_every_layer_and_changes_no_token(tiny_llama_dir):
     outputs = {}
     for backend in ("torch", "cpu", "triton"):
         llm = LLM(str(tiny_llama_dir), attention_backend=backend, kv_cache_gib=0.01,
-                  block_size=16)
+                  block_size=16, dtype="float32")
         assert _kernel_sets(llm) == {backend}
         outputs[backend] = [o.outputs[0].token_ids for o in
                             llm.generate(prompts, params)]

@@ -72,7 +72,7 @@ def make_llm(request, tiny_llama_dir, tmp_path_factory):
              max_model_len: int = 256) -> LLM:
         engine = dict(kv_cache_gib=(num_blocks + 0.5) * BYTES_PER_BLOCK / 2**30,
                       block_size=BLOCK, max_num_batched_tokens=max_num_batched_tokens,
-                      max_model_len=max_model_len)
+                      max_model_len=max_model_len, dtype="float32")
         if request.param == "in-process":
             llm = LLM(str(tiny_llama_dir), overlap=overlap, **engine)
         else:
