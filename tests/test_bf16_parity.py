@@ -36,9 +36,10 @@ def test_bfloat16_greedy_follows_float32(default_model):
         llm = LLM(str(default_model.path), dtype=dtype, kv_cache_gib=0.25, max_model_len=512)
         outputs[dtype] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
         chat = llm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "What is the capital of France?"}],
-            add_generation_prompt=True, tokenize=False)
-        answers[dtype] = llm.generate(chat, SamplingParams(max_tokens=16, temperature=0))[0]
+            [{"role": "user",
+              "content": "What is the capital of France? Answer in one sentence."}],
+            add_generation_prompt=True, return_dict=True)["input_ids"]
+        answers[dtype] = llm.generate(chat, SamplingParams(max_tokens=12, temperature=0))[0]
     prefixes = [_matching_prefix(a, b) for a, b in zip(outputs["float32"], outputs["bfloat16"],
                                                         strict=True)]
     assert sum(n >= 1 for n in prefixes) >= 14, prefixes
