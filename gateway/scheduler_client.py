@@ -27,6 +27,9 @@ _STATUS = {
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    # The gateway never cancels a call it still answers, so a CANCELLED reaching a client came
+    # from the scheduler's side (it was shutting down): as retryable as UNAVAILABLE.
+    grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 
@@ -42,6 +45,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
     message = exc.details() or exc.code().name
     if exc.code() is grpc.StatusCode.UNAVAILABLE and "connect" in message.lower():
         message = f"the scheduler is unreachable ({message})"
+    elif exc.code() is grpc.StatusCode.CANCELLED:
+        message = f"the scheduler ended the request early ({message}); retry"
     return GatewayError(status, message, error_type)
 
 
