@@ -80,11 +80,70 @@ def write_kv_cache_triton(key: torch.Tensor, value: torch.Tensor, key_cache: tor
         head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim))
 
 
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
+    the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
+    tile is outside the context, after a row's own position or outside its window; unmasked
+    tiles (every position visible to every row) skip the masks."""
+    k_pos = n0 + offs_n
+    offs_t = k_pos % BLOCK_SIZE
+    if MASKED:
+        # Only positions inside the context are loaded (a padded table entry or an unwritten
+        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
+        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        load_mask = in_ctx[:, None] & mask_d[None, :]
+    else:
+        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
+        load_mask = mask_d[None, :]
+    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+              + kv_head * stride_kh + offs_d[None, :])
+    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+              + kv_head * stride_vh + offs_d[None, :])
+    if MASKED or not EVEN_D:
+        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * qk_scale
+    if MASKED:
+        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    if MASKED or not EVEN_D:
+        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, m_new, l_i
+
+
 @triton.jit
 def _paged_attention_decode_kernel(
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
         q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        scale, window, max_blocks,
+        qk_scale, window, max_blocks,
         stride_qs, stride_qh, stride_os, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, head_dim, num_heads,
@@ -120,7 +179,6 @@ def _paged_attention_decode_kernel(
     else:
         part_start = seq_len * 0
         part_end = seq_len
-    lo = tl.maximum(part_start, (first_pos // BLOCK_N) * BLOCK_N)
 
     # Finite start: a tile whose scores are all masked leaves the state unchanged (no NaN).
     m_i = tl.full([GROUP_P], -1e30, dtype=tl.float32)
@@ -128,34 +186,16 @@ def _paged_attention_decode_kernel(
     acc = tl.full([GROUP_P, HEAD_DIM_P], 0.0, dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(lo, part_end, BLOCK_N):
-        k_pos = n0 + offs_n
-        # Only positions inside the context (and window) are loaded: an unwritten slot or a
-        # padded table entry may hold anything, NaN included.
-        valid = (k_pos < part_end) & (k_pos >= first_pos) & (k_pos >= part_start)
-        block = tl.load(table_row + k_pos // BLOCK_SIZE,
-                        mask=valid & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
-        offs_t = k_pos % BLOCK_SIZE
-        load_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    # Every row sits at the last position, so the window is first_pos and nothing is causal:
+    # the tiles' mask is the partition's part of [first_pos, seq_len).
+    last_pos = tl.full([GROUP_P], 0, dtype=tl.int32) + seq_len - 1
+    lo = tl.maximum(part_start, first_pos)
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, part_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            offs_n, offs_d, mask_d, last_pos, part_end, lo, 0, qk_scale,
+            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, False, IEEE)
 
     if SPLIT:
         # Unnormalised partial state; _paged_attention_reduce_kernel merges the partitions.
@@ -187,7 +227,7 @@ def _paged_attention_reduce_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum
     s = tl.load(part_sum_ptr + row + offs_p, mask=mask_p, other=0.0)
     acc = tl.load(part_acc_ptr + (row + offs_p)[:, None] * HEAD_DIM_P + offs_d[None, :],
                   mask=mask_p[:, None], other=0.0)
-    weight = tl.exp(m - tl.max(m, axis=0))
+    weight = tl.exp2(m - tl.max(m, axis=0))  # the states are in the log2 domain
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
@@ -317,7 +357,7 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
         query, key_cache, value_cache, block_tables, seq_lens,
-        float(scale), 0 if sliding_window is None else int(sliding_window),
+        float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
         block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -333,65 +373,6 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
             out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), head_dim,
             num_heads, num_partitions, HEAD_DIM_P=head_dim_p, NUM_PARTITIONS_P=partitions_p)
     return out
-
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
-                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                 offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
-                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
-    """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
-    the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
-    tile is outside the context, after a row's own position or outside its window; unmasked
-    tiles (every position visible to every row) skip the masks."""
-    k_pos = n0 + offs_n
-    offs_t = k_pos % BLOCK_SIZE
-    if MASKED:
-        # Only positions inside the context are loaded (a padded table entry or an unwritten
-        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
-        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
-        block = tl.load(table_row + k_pos // BLOCK_SIZE,
-                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
-        load_mask = in_ctx[:, None] & mask_d[None, :]
-    else:
-        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
-        load_mask = mask_d[None, :]
-    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-              + kv_head * stride_kh + offs_d[None, :])
-    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-              + kv_head * stride_vh + offs_d[None, :])
-    if MASKED or not EVEN_D:
-        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-    if IEEE:
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k))
-    scores = scores * qk_scale
-    if MASKED:
-        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        scores = tl.where(allowed, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    if MASKED or not EVEN_D:
-        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return acc, m_new, l_i
 
 
 @triton.jit

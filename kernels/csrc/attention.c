@@ -74,6 +74,11 @@ static inline void accumulate_row(const void *v, int64_t offset, int64_t bf16, i
     }
 }
 
+/* Where position `pos` of a sequence starts in a KV cache (its first head), in elements. */
+static inline int64_t slot_offset(const int64_t *table, int64_t pos, const DecodeShape *s) {
+    return table[pos / s->block_size] * s->kv_stride_b + (pos % s->block_size) * s->kv_stride_t;
+}
+
 /* One sequence's KV heads [kv_first, kv_last). Position by position, the K (then V) rows of
  * those heads sit next to each other in the cache, so a task reads them as one stream.
  * Inlined into a float32 and a bfloat16 copy (`bf16` a constant in each), so that neither
@@ -94,9 +99,7 @@ static inline __attribute__((always_inline)) void attend(
         for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
     }
     for (int64_t i = 0; i < n; i++) {
-        const int64_t pos = first + i;
-        const int64_t base = table[pos / s->block_size] * s->kv_stride_b
-                             + (pos % s->block_size) * s->kv_stride_t;
+        const int64_t base = slot_offset(table, first + i, s);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
             score_row(k_cache, base + h * s->kv_stride_h, bf16, dim, group, qf + r * dim, row,
@@ -110,9 +113,7 @@ static inline __attribute__((always_inline)) void attend(
         for (int64_t i = 0; i < n; i++) p[i] /= sum;
     }
     for (int64_t i = 0; i < n; i++) {
-        const int64_t pos = first + i;
-        const int64_t base = table[pos / s->block_size] * s->kv_stride_b
-                             + (pos % s->block_size) * s->kv_stride_t;
+        const int64_t base = slot_offset(table, first + i, s);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
             accumulate_row(v_cache, base + h * s->kv_stride_h, bf16, dim, group,
