@@ -6,6 +6,7 @@ a disconnected stream frees its blocks."""
 import contextlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,8 +50,9 @@ class Stack(str):
 
 
 @contextlib.contextmanager
-def running_stack(log_path, *model_flags: str):
-    """`pagedserve up` on free ports, once ready; stopped on exit."""
+def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None):
+    """`pagedserve up` on free ports, once ready; stopped on exit. With `ssl_context` (the
+    flags then carry certificates) readiness is checked over HTTPS."""
     http, grpc_port, scheduler = free_ports(3)
     executor = free_consecutive_ports(1)
     log = log_path.open("w")
@@ -62,10 +64,10 @@ def running_stack(log_path, *model_flags: str):
     deadline = time.monotonic() + 180
     while "pagedserve is up" not in process.stdout.readline():
         assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
-    base = f"http://127.0.0.1:{http}"
+    base = f"{'https' if ssl_context else 'http'}://127.0.0.1:{http}"
     while True:  # ready once the executor registered
         try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=2):
+            with urllib.request.urlopen(f"{base}/ready", timeout=2, context=ssl_context):
                 break
         except urllib.error.URLError:
             assert time.monotonic() < deadline, "stack not ready"

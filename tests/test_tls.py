@@ -5,7 +5,6 @@ refuse a plaintext client, a TLS client without a certificate and one whose cert
 CA signed; a client with a certificate of the right CA is served, and so is a completion
 through the whole stack over HTTPS."""
 
-import contextlib
 import datetime
 import ipaddress
 import json
@@ -13,7 +12,6 @@ import pathlib
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -33,9 +31,7 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.conftest import free_ports
-from tests.test_openai_api import Stack
-from tests.test_up import free_consecutive_ports
+from tests.test_openai_api import running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -99,35 +95,12 @@ def pki(tmp_path_factory) -> dict[str, TlsConfig]:
             "rogue": TlsConfig(ca_file=str(rogue_ca))}
 
 
-@contextlib.contextmanager
 def tls_stack(log_path: pathlib.Path, model_dir: pathlib.Path, tls: TlsConfig):
     """`pagedserve up` with certificates, once its gateway is ready over HTTPS."""
-    http, grpc_port, scheduler = free_ports(3)
-    executor = free_consecutive_ports(1)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagedserve", "up", "--model", str(model_dir), "--kv-cache-gib",
-         "0.01", "--http-port", str(http), "--grpc-port", str(grpc_port), "--scheduler-port",
-         str(scheduler), "--executor-port", str(executor), "--log-format", "json",
-         "--tls-cert-file", tls.cert_file, "--tls-key-file", tls.key_file,
-         "--tls-ca-file", tls.ca_file], stdout=subprocess.PIPE, stderr=log_path.open("w"),
-        text=True)
-    deadline = time.monotonic() + 180
-    while "pagedserve is up" not in process.stdout.readline():
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-    base = f"https://127.0.0.1:{http}"
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=2, context=context):
-                break
-        except urllib.error.URLError:
-            assert time.monotonic() < deadline, "stack not ready"
-            time.sleep(0.2)
-    try:
-        yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return running_stack(log_path, "--model", str(model_dir), "--kv-cache-gib", "0.01",
+                         "--tls-cert-file", tls.cert_file, "--tls-key-file", tls.key_file,
+                         "--tls-ca-file", tls.ca_file,
+                         ssl_context=ssl.create_default_context(cafile=tls.ca_file))
 
 
 @pytest.fixture(scope="module")
