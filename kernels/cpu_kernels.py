@@ -201,3 +201,18 @@ def apply_rotary_cpu(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: to
                       tokens, heads, head_dim, cos_sin_cache.shape[1], x.stride(0),
                       x.stride(1), int(neox_style), DTYPES[x.dtype])
     return out
+
+
+def pack_linear_cpu(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bfloat16 weight [out, in] in oneDNN's blocked layout for `packed_linear_cpu`; None for
+    other dtypes (float32 matmuls go to MKL, which gains nothing from it) or without oneDNN."""
+    if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    # The batch-size hint only tunes the layout; measured equal for 1 to 2048 rows.
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+
+
+def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) with W from `pack_linear_cpu`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -33,6 +33,10 @@ class Kernels:
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     apply_rotary: Callable[..., torch.Tensor]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    # A linear layer's weight repacked for this set's matmul (None: that weight stays as it
+    # is), and the matmul on a packed weight: packed_linear(x, packed, bias).
+    pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    packed_linear: Callable[..., torch.Tensor] | None = None
 
 
 TORCH_KERNELS = Kernels(
@@ -59,7 +63,8 @@ def cpu_kernels() -> Kernels:
     return dataclasses.replace(
         TORCH_KERNELS, name="cpu", paged_attention=cpu.paged_attention_cpu,
         rms_norm=cpu.rms_norm_cpu, add_rms_norm=cpu.add_rms_norm_cpu,
-        apply_rotary=cpu.apply_rotary_cpu, silu_and_mul=cpu.silu_and_mul_cpu)
+        apply_rotary=cpu.apply_rotary_cpu, silu_and_mul=cpu.silu_and_mul_cpu,
+        pack_linear=cpu.pack_linear_cpu, packed_linear=cpu.packed_linear_cpu)
 
 
 class KernelBackendError(ValueError):

@@ -163,3 +163,42 @@ def test_rotary_matches_torch(dtype, head_dim, rotary_dim, neox):
     tol = LAYER_TOL[dtype]
     torch.testing.assert_close(cpu.apply_rotary_cpu(q, positions, cos_sin, neox),
                                apply_rotary(q, positions, cos_sin, neox), rtol=tol, atol=tol)
+
+
+def _logits(model, prompts, dtype):
+    from executor_svc.batch import ScheduledSequence, build_flat_batch
+    from executor_svc.models.layers import bind_kv_caches, kv_cache_shape
+
+    caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+              for shape in kv_cache_shape(model, 64, BLOCK)]
+    bind_kv_caches(model, caches)
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+    batch = build_flat_batch([ScheduledSequence(p, 0, t) for p, t in zip(prompts, tables,
+                                                                        strict=True)], BLOCK)
+    with torch.inference_mode():
+        hidden = model(batch.input_ids, batch.positions, batch.meta)
+        return model.compute_logits(hidden[batch.last_token_rows])
+
+
+def test_bfloat16_model_on_the_cpu_set_packs_linears(tiny_llama_dir):
+    """bfloat16: every Linear's weight is repacked for oneDNN and its plain copy released,
+    except the LM head tied to the embedding; the logits match the PyTorch path's; binding
+    the PyTorch set again restores the plain weights."""
+    from executor_svc.models import load_model
+    from executor_svc.models.layers import Linear, bind_kernels
+    from kernels.dispatch import TORCH_KERNELS
+
+    model = load_model(tiny_llama_dir, torch.bfloat16)
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 60))]
+    expected = _logits(model, prompts, torch.bfloat16)
+    bind_kernels(model, cpu_kernels())
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert all(m.packed is not None for m in linears.values())
+    assert linears["lm_head"].weight.numel() > 0  # tied to the embedding: kept
+    assert all(m.weight.numel() == 0 for name, m in linears.items() if name != "lm_head")
+    torch.testing.assert_close(_logits(model, prompts, torch.bfloat16), expected,
+                               rtol=3e-2, atol=3e-2)
+    bind_kernels(model, TORCH_KERNELS)
+    assert all(m.packed is None and m.weight.numel() > 0 for m in linears.values())
+    torch.testing.assert_close(_logits(model, prompts, torch.bfloat16), expected,
+                               rtol=0, atol=0)

@@ -30,8 +30,20 @@ class UnsupportedArchitectureError(ValueError):
     """The checkpoint's architecture, or an option of its config, is not implemented."""
 
 
-class Linear(nn.Module):
-    """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections."""
+class KernelLayer(nn.Module):
+    """A layer that runs one of the executor's kernels through `self.kernels`."""
+
+    kernels: Kernels = TORCH_KERNELS
+
+
+class Linear(KernelLayer):
+    """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections.
+
+    A kernel set may repack W for its matmul (`Kernels.pack_linear`: oneDNN's blocked layout
+    on the CPU, 15-35 % faster bfloat16 matmuls measured on the default model's shapes); the
+    plain copy is then released, unless another module shares it (tied embeddings)."""
+
+    packed: torch.Tensor | None = None
 
     def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
                  dtype: torch.dtype):
@@ -54,19 +66,27 @@ class Linear(nn.Module):
                              f"model expects {tuple(target.shape)}")
         target.copy_(tensor)
 
+    def use_kernels(self, kernels: Kernels, shared: bool) -> None:
+        weight = self.weight if self.packed is None else self.packed.to_dense()
+        self.kernels = kernels
+        self.packed = kernels.pack_linear(weight) if kernels.pack_linear else None
+        # The parameter stays (its dtype and name are read), empty while the packed copy serves.
+        self.weight.data = weight if self.packed is None or shared else weight.new_empty(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.kernels.packed_linear(x, self.packed, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-class KernelLayer(nn.Module):
-    """A layer that runs one of the executor's kernels through `self.kernels`."""
-
-    kernels: Kernels = TORCH_KERNELS
-
-
 def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
+    # Parameters that modules other than Linears hold too (a tied embedding) stay unpacked.
+    shared = {id(p) for m in model.modules() if not isinstance(m, Linear)
+              for p in m.parameters(recurse=False)}
     for module in model.modules():
-        if isinstance(module, KernelLayer):
+        if isinstance(module, Linear):
+            module.use_kernels(kernels, shared=id(module.weight) in shared)
+        elif isinstance(module, KernelLayer):
             module.kernels = kernels
 
 
