@@ -16,11 +16,16 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGIT_BIAS = 300
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, strict=True)]
+
+
+# JSON's true is not a number and 1 is not a boolean (the OpenAPI schema says so; the fuzzing
+# test holds the gateway to it); an integer is still a valid float.
+StrictBool = Annotated[bool, Field(strict=True)]
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -29,25 +34,25 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, strict=True)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
+    top_k: Annotated[int, Field(ge=-1, strict=True)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, strict=True)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64, strict=True)] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] = 1
+    ignore_eos: StrictBool = False
+    min_tokens: Annotated[int, Field(ge=0, strict=True)] = 0
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     user: str | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
     @field_validator("stop")
@@ -97,9 +102,10 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool = False
+    # OpenAI's default for completions.
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    echo: StrictBool = False
 
     @field_validator("prompt")
     @classmethod
@@ -124,10 +130,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    add_generation_prompt: bool = True
+    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    add_generation_prompt: StrictBool = True
 
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -140,12 +146,12 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[Annotated[int, Field(ge=0, strict=True)]]
 
 
 class ErrorDetail(BaseModel):
