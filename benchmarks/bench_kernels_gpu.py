@@ -146,8 +146,14 @@ def paged_batch(bench: Bench, dtype, num_kv_heads, head_dim, seq_lens, spare_blo
 
 
 def check_attention(bench: Bench, dtype: torch.dtype) -> None:
+    # Head size 256 as well: its tiles must shrink to fit shared memory (float32 above all).
+    for head_dim in (128,) if bench.smoke else (128, 256):
+        _check_attention(bench, dtype, head_dim)
+
+
+def _check_attention(bench: Bench, dtype: torch.dtype, head_dim: int) -> None:
     long = 300 if bench.smoke else 3000
-    num_heads, num_kv_heads, head_dim = 8, 2, 128
+    num_heads, num_kv_heads = 8, 2
     seq_lens = [1, BLOCK - 1, BLOCK, BLOCK + 1, long, 2 * long // 3]
     key_cache, value_cache, tables, slots, keys, values = paged_batch(
         bench, dtype, num_kv_heads, head_dim, seq_lens)
@@ -175,7 +181,8 @@ def check_attention(bench: Bench, dtype: torch.dtype) -> None:
             paged_attention_decode_triton(query, key_cache, value_cache, tables,
                                           meta.seq_lens, scale, window, out=out,
                                           partition_size=partition)
-            bench.check(f"decode window={window} partition={partition}", dtype, out, expected)
+            bench.check(f"decode d={head_dim} window={window} partition={partition}", dtype,
+                        out, expected)
     # A mixed batch: decodes, then chunks over cached context (prefix hits, chunked prefill).
     decodes = [BLOCK + 1, 1, long]
     chunks = [(0, 70), (BLOCK - 1, 1), (BLOCK, 33), (long // 2, 100)]
@@ -190,7 +197,8 @@ def check_attention(bench: Bench, dtype: torch.dtype) -> None:
                                    value_cache.nan_to_num(0.0), meta, scale, window)
         out = torch.full_like(query, float("nan"))
         paged_attention_triton(query, key_cache, value_cache, meta, scale, window, out=out)
-        bench.check(f"mixed decode + prefill window={window}", dtype, out, expected)
+        bench.check(f"mixed decode + prefill d={head_dim} window={window}", dtype, out,
+                    expected)
 
 
 def check_layer_kernels(bench: Bench, dtype: torch.dtype) -> None:

@@ -31,6 +31,7 @@ CPU); benchmarks/bench_kernels_gpu.py measures candidate tiles on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -80,70 +81,11 @@ def write_kv_cache_triton(key: torch.Tensor, value: torch.Tensor, key_cache: tor
         head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim))
 
 
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
-                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                 offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
-                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
-    """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
-    the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
-    tile is outside the context, after a row's own position or outside its window; unmasked
-    tiles (every position visible to every row) skip the masks."""
-    k_pos = n0 + offs_n
-    offs_t = k_pos % BLOCK_SIZE
-    if MASKED:
-        # Only positions inside the context are loaded (a padded table entry or an unwritten
-        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
-        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
-        block = tl.load(table_row + k_pos // BLOCK_SIZE,
-                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
-        load_mask = in_ctx[:, None] & mask_d[None, :]
-    else:
-        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
-        load_mask = mask_d[None, :]
-    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-              + kv_head * stride_kh + offs_d[None, :])
-    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-              + kv_head * stride_vh + offs_d[None, :])
-    if MASKED or not EVEN_D:
-        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-    if IEEE:
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k))
-    scores = scores * qk_scale
-    if MASKED:
-        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        scores = tl.where(allowed, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    if MASKED or not EVEN_D:
-        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return acc, m_new, l_i
-
-
 @triton.jit
 def _paged_attention_decode_kernel(
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
         q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        qk_scale, window, max_blocks,
+        scale, window, max_blocks,
         stride_qs, stride_qh, stride_os, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, head_dim, num_heads,
@@ -179,23 +121,45 @@ def _paged_attention_decode_kernel(
     else:
         part_start = seq_len * 0
         part_end = seq_len
+    lo = tl.maximum(part_start, (first_pos // BLOCK_N) * BLOCK_N)
 
+    # Its own loop rather than the prefill kernel's _attend_tile: a decode tile needs only a
+    # 1-D position mask, and sharing the prefill's 2-D causal step cost a quarter of the
+    # bandwidth on an H200 (64 x 4096: 96 % -> 71 % of copy bandwidth, benchmarks/results).
     # Finite start: a tile whose scores are all masked leaves the state unchanged (no NaN).
     m_i = tl.full([GROUP_P], -1e30, dtype=tl.float32)
     l_i = tl.full([GROUP_P], 0.0, dtype=tl.float32)
     acc = tl.full([GROUP_P, HEAD_DIM_P], 0.0, dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
-    # Every row sits at the last position, so the window is first_pos and nothing is causal:
-    # the tiles' mask is the partition's part of [first_pos, seq_len).
-    last_pos = tl.full([GROUP_P], 0, dtype=tl.int32) + seq_len - 1
-    lo = tl.maximum(part_start, first_pos)
-    for n0 in range((lo // BLOCK_N) * BLOCK_N, part_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
-            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            offs_n, offs_d, mask_d, last_pos, part_end, lo, 0, qk_scale,
-            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, False, IEEE)
+    for n0 in range(lo, part_end, BLOCK_N):
+        k_pos = n0 + offs_n
+        # Only positions inside the context (and window) are loaded: an unwritten slot or a
+        # padded table entry may hold anything, NaN included.
+        valid = (k_pos < part_end) & (k_pos >= first_pos) & (k_pos >= part_start)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=valid & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        offs_t = k_pos % BLOCK_SIZE
+        load_mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
 
     if SPLIT:
         # Unnormalised partial state; _paged_attention_reduce_kernel merges the partitions.
@@ -227,7 +191,7 @@ def _paged_attention_reduce_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum
     s = tl.load(part_sum_ptr + row + offs_p, mask=mask_p, other=0.0)
     acc = tl.load(part_acc_ptr + (row + offs_p)[:, None] * HEAD_DIM_P + offs_d[None, :],
                   mask=mask_p[:, None], other=0.0)
-    weight = tl.exp2(m - tl.max(m, axis=0))  # the states are in the log2 domain
+    weight = tl.exp(m - tl.max(m, axis=0))
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
@@ -304,6 +268,34 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a program may use on this GPU (opt-in maximum)."""
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def fit_shared_memory(tiles: Tiles, head_dim_p: int, element_size: int,
+                      shared_memory: int) -> Tiles:
+    """`tiles` with block_n halved (then stages cut to 1) until the K and V tiles in flight,
+    num_stages x 2 x block_n x head_dim_p x element_size bytes (the figure Triton reported on
+    an H200), fit in `shared_memory`: 128 positions of float32 or of head size 256 do not."""
+    def needed(t: Tiles) -> int:
+        return t.num_stages * 2 * t.block_n * head_dim_p * element_size
+
+    while needed(tiles) > shared_memory and tiles.block_n > 16:
+        tiles = dataclasses.replace(tiles, block_n=tiles.block_n // 2)
+    if needed(tiles) > shared_memory:
+        tiles = dataclasses.replace(tiles, num_stages=1)
+    return tiles
+
+
+def _fitted(tiles: Tiles, head_dim_p: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    if device.type != "cuda":  # the interpreter has no shared-memory limit
+        return tiles
+    return fit_shared_memory(tiles, head_dim_p, dtype.itemsize, _shared_memory(device))
+
+
 def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                   value_cache: torch.Tensor, block_tables: torch.Tensor,
                                   seq_lens: torch.Tensor, scale: float,
@@ -336,6 +328,7 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         return out
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    tiles = _fitted(tiles, max(16, triton.next_power_of_2(head_dim)), query.dtype, query.device)
     if partition_size is None:
         partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len, query.device)
     split = partition_size is not None and max_seq_len > partition_size
@@ -357,7 +350,7 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
         query, key_cache, value_cache, block_tables, seq_lens,
-        float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
+        float(scale), 0 if sliding_window is None else int(sliding_window),
         block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -373,6 +366,65 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
             out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), head_dim,
             num_heads, num_partitions, HEAD_DIM_P=head_dim_p, NUM_PARTITIONS_P=partitions_p)
     return out
+
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
+    the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
+    tile is outside the context, after a row's own position or outside its window; unmasked
+    tiles (every position visible to every row) skip the masks."""
+    k_pos = n0 + offs_n
+    offs_t = k_pos % BLOCK_SIZE
+    if MASKED:
+        # Only positions inside the context are loaded (a padded table entry or an unwritten
+        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
+        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        load_mask = in_ctx[:, None] & mask_d[None, :]
+    else:
+        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
+        load_mask = mask_d[None, :]
+    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+              + kv_head * stride_kh + offs_d[None, :])
+    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+              + kv_head * stride_vh + offs_d[None, :])
+    if MASKED or not EVEN_D:
+        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * qk_scale
+    if MASKED:
+        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    if MASKED or not EVEN_D:
+        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -479,7 +531,9 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 0:
         return out
-    tiles = tiles or prefill_tiles(max_query_len, query.device)
+    tiles = tiles or _fitted(prefill_tiles(max_query_len, query.device),
+                             max(16, triton.next_power_of_2(head_dim)), query.dtype,
+                             query.device)
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, tiles.block_m))
     _paged_attention_prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,

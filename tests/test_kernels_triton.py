@@ -234,3 +234,17 @@ def test_silu_and_mul_matches_torch(dtype, d):
     out = silu_and_mul_triton(x)
     tol = TOL[dtype]
     torch.testing.assert_close(out, silu_and_mul(x), rtol=tol, atol=tol)
+
+
+def test_tiles_shrink_to_fit_shared_memory():
+    """H200: 232,448 bytes. bf16, head size 128: 128 x 128 tiles fit as measured; float32 or
+    head size 256 halve block_n (float32 at 128 needed 262,144 bytes there and failed)."""
+    from kernels.triton_attention import Tiles, fit_shared_memory
+
+    tiles = Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
+    assert fit_shared_memory(tiles, 128, 2, 232448) == tiles
+    assert fit_shared_memory(tiles, 128, 4, 232448).block_n == 64
+    assert fit_shared_memory(tiles, 256, 2, 232448).block_n == 64
+    assert fit_shared_memory(tiles, 256, 4, 232448).block_n == 32
+    tiny = fit_shared_memory(tiles, 256, 4, 32 * 1024)
+    assert tiny.block_n == 16 and tiny.num_stages == 1
