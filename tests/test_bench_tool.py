@@ -128,16 +128,6 @@ def test_jsonl_reads_the_peers_format(tmp_path):
         datasets.load_jsonl(path, num_prompts=4)
 
 
-def test_the_shared_reference_workload_loads():
-    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "peers" / "workload.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is not on this machine")
-    requests = datasets.load_jsonl(path)
-    assert len(requests) == 128
-    assert sum(r.output_len for r in requests) == 16846  # ../shared/peers/RESULTS.md
-    assert sum(r.prompt_len for r in requests) == 24228
-
-
 @pytest.mark.parametrize(("line", "message"), [
     ('{"prompt": "x"', "line 2: not valid JSON"),
     ('[1, 2]', "line 2: expected a JSON object"),
