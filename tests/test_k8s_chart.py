@@ -47,10 +47,25 @@ VARIANTS = {
     "cpu": CHART / "ci" / "cpu-values.yaml",
     "tls": CHART / "ci" / "tls-values.yaml",
     "autoscaling": CHART / "ci" / "autoscaling-values.yaml",
+    "gpu-tp2": CHART / "ci" / "gpu-tp2-values.yaml",
 }
-# Values files the chart must refuse, with the message it gives.
+# executor.tensorParallelSize of each variant (1 unless listed): the executor's
+# --tensor-parallel-size, and its GPU count on GPU.
+TENSOR_PARALLEL = {"gpu-tp2": 2}
+# Renders the chart must refuse: name -> (helm template arguments, the message it gives).
+GPU_MISMATCH = ("executor.resources.limits.nvidia.com/gpu is 1 but executor.tensorParallelSize "
+                "is 2: a GPU executor pod needs exactly one GPU per rank")
+TP_NOT_WHOLE = "executor.tensorParallelSize must be a whole number >= 1"
 REFUSED = {
-    CHART / "ci" / "gpu-tp2-values.yaml": "executor.tensorParallelSize is reserved",
+    "tp-0": (["--set", "executor.tensorParallelSize=0"], TP_NOT_WHOLE + " (ranks, one GPU each, "
+             "in one executor pod), got 0"),
+    "tp-negative": (["--set", "executor.tensorParallelSize=-2"], TP_NOT_WHOLE),
+    "tp-fraction": (["--set", "executor.tensorParallelSize=1.5"], TP_NOT_WHOLE),
+    "tp2-one-gpu": (["--values", str(VARIANTS["gpu-tp2"]),
+                     "--set", "executor.resources.limits.nvidia\\.com/gpu=1"], GPU_MISMATCH),
+    "tp1-two-gpus": (["--set", "executor.resources.requests.nvidia\\.com/gpu=2"],
+                     "executor.resources.requests.nvidia.com/gpu is 2 but "
+                     "executor.tensorParallelSize is 1"),
 }
 # What the TLS variant passes to every service: variable -> file in the mounted Secret.
 TLS_FILES = {"PAGEDSERVE_TLS_CERT_FILE": "tls.crt", "PAGEDSERVE_TLS_KEY_FILE": "tls.key",
@@ -95,9 +110,9 @@ def values_args(values_file: Path | None) -> list[str]:
     return [] if values_file is None else ["--values", str(values_file)]
 
 
-def render(helm: str, values_file: Path | None) -> list[dict]:
+def render(helm: str, values_file: Path | None, *extra: str) -> list[dict]:
     result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                      *values_args(values_file))
+                      *values_args(values_file), *extra)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -167,7 +182,7 @@ def matches(selector: dict, labels: dict) -> bool:
 
 def test_every_values_file_under_ci_is_covered():
     files = set((CHART / "ci").glob("*.yaml"))
-    assert files == {f for f in VARIANTS.values() if f} | set(REFUSED)
+    assert files == {f for f in VARIANTS.values() if f}
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -176,11 +191,12 @@ def test_helm_lint(helm, name):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("values_file", sorted(REFUSED))
-def test_refused_variants_fail_with_their_reason(helm, values_file):
-    result = run_helm(helm, "template", RELEASE, str(CHART), "--values", str(values_file))
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_renders_fail_with_their_reason(helm, name):
+    args, message = REFUSED[name]
+    result = run_helm(helm, "template", RELEASE, str(CHART), *args)
     assert result.returncode != 0
-    assert REFUSED[values_file] in result.stderr
+    assert message in result.stderr, result.stderr
 
 
 def test_manifests_validate_against_kubernetes_schemas(variant):
@@ -398,13 +414,71 @@ def test_executor_gpu_or_cpu(variant):
         assert "tolerations" not in pod
         assert args_of(executor)["--model"] == "/models/SmolLM2-135M-Instruct"
     else:
-        assert resources["limits"]["nvidia.com/gpu"] == 1
         assert executor["image"].endswith("-cuda")
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-        assert "--model" not in args_of(executor)  # the embedded default model
+        if name == "gpu-tp2":
+            assert args_of(executor)["--model"] == "/models/Qwen2.5-7B-Instruct"
+        else:
+            assert "--model" not in args_of(executor)  # the embedded default model
     assert float(args_of(executor)["--gpu-memory-utilization"]) == 0.9
     models = {m["name"]: m for m in executor["volumeMounts"]}["models"]
     assert models["readOnly"] is True
+
+
+def gpus_of(executor: dict) -> tuple[object, object]:
+    """nvidia.com/gpu of the executor container's (requests, limits); None where absent."""
+    resources = executor["resources"]
+    return (resources.get("requests", {}).get("nvidia.com/gpu"),
+            resources.get("limits", {}).get("nvidia.com/gpu"))
+
+
+def shm_size(manifests: Manifests) -> str:
+    pod = manifests.one("StatefulSet", "executor")["spec"]["template"]["spec"]
+    (dshm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert dshm["emptyDir"]["medium"] == "Memory"
+    (mount,) = [m for m in manifests.container("executor")["volumeMounts"]
+                if m["name"] == "dshm"]
+    assert mount["mountPath"] == "/dev/shm"
+    return dshm["emptyDir"]["sizeLimit"]
+
+
+def test_executor_tensor_parallel_size_sets_the_gpu_count(variant):
+    name, manifests = variant
+    tp = TENSOR_PARALLEL.get(name, 1)
+    executor = manifests.container("executor")
+    assert args_of(executor)["--tensor-parallel-size"] == str(tp)
+    # One GPU per rank on GPU (requests == limits, as Kubernetes wants for extended resources).
+    assert gpus_of(executor) == ((None, None) if name == "cpu" else (tp, tp))
+    assert shm_size(manifests) == f"{tp}Gi"  # /dev/shm for NCCL: 1Gi per rank
+
+
+@pytest.mark.parametrize(("args", "tp", "gpus"), [
+    # the README's example, on the defaults: the chart derives the GPU count
+    (["--set", "executor.tensorParallelSize=2"], 2, 2),
+    # an explicit nvidia.com/gpu equal to tensorParallelSize is accepted
+    (["--set", "executor.tensorParallelSize=4",
+      "--set", "executor.resources.limits.nvidia\\.com/gpu=4",
+      "--set", "executor.resources.requests.nvidia\\.com/gpu=4"], 4, 4),
+    # null counts as unset (e.g. clearing a value reused from an older release)
+    (["--set", "executor.tensorParallelSize=2",
+      "--set", "executor.resources.limits.nvidia\\.com/gpu=null"], 2, 2),
+    # CPU executors: N processes share the pod's cores, no GPU
+    (["--values", str(VARIANTS["cpu"]), "--set", "executor.tensorParallelSize=3"], 3, None),
+    # the CUDA image told to run on cpu asks for no GPU either
+    (["--set", "executor.device=cpu", "--set", "executor.tensorParallelSize=2"], 2, None),
+])
+def test_tensor_parallel_renders(helm, args, tp, gpus):
+    manifests = Manifests(render(helm, None, *args))
+    executor = manifests.container("executor")
+    assert args_of(executor)["--tensor-parallel-size"] == str(tp)
+    assert gpus_of(executor) == (gpus, gpus)
+    assert shm_size(manifests) == f"{tp}Gi"
+
+
+def test_shm_size_limit_overrides_the_per_rank_default(helm):
+    manifests = Manifests(render(helm, VARIANTS["gpu-tp2"], "--set",
+                                 "executor.shmSizeLimit=16Gi"))
+    assert shm_size(manifests) == "16Gi"
 
 
 def test_tls_secret_is_mounted_where_the_variables_point(variant):
@@ -485,6 +559,8 @@ def test_notes_and_chart_readme():
     assert "--set executor.replicas=" in readme
     assert "helm install" in readme and "helm upgrade" in readme
     assert "StatefulSet" in readme
+    assert "--set executor.tensorParallelSize=2" in readme
+    assert "Multi-node tensor parallelism is not supported" in " ".join(readme.split())
 
 
 # -- Dockerfiles ---------------------------------------------------------------------------
