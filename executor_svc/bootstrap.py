@@ -1,5 +1,6 @@
-"""Building an executor's model runner from its flags: device and dtype, weights, KV cache
-size. Shared by the executor service and the offline API."""
+"""Building an executor's model runner from its flags: device and dtype, tensor-parallel group,
+weights, KV cache size. Shared by the executor service, the offline API and the followers of a
+tensor-parallel group."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from executor_svc.kv_cache import (
     GIB,
     KvCacheSizeError,
     allocate_kv_cache,
-    blocks_for_bytes,
     bytes_per_block,
+    check_capacity,
     profile_cuda_blocks,
 )
 from executor_svc.model_files import ModelDirectory
-from executor_svc.models import UnsupportedArchitectureError, load_model
+from executor_svc.models import UnsupportedArchitectureError, check_tensor_parallel, load_model
 from executor_svc.models.layers import bind_kernels
 from executor_svc.models.weights import WeightLoadError
+from executor_svc.parallel import TensorParallel, TensorParallelError
 from executor_svc.runner import ModelRunner, RunnerLimits
-from kernels.dispatch import KernelBackendError, select_kernels
+from executor_svc.tp_group import Followers, join_group, start_group
+from kernels.dispatch import KernelBackendError, Kernels, select_kernels
 from pagedserve.serving import StartupError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,12 +33,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 log = structlog.get_logger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, rank: int = 0, tensor_parallel_size: int = 1) -> torch.device:
+    """The device of tensor-parallel rank `rank` (cuda:rank on cuda)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise StartupError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    if torch.cuda.device_count() < tensor_parallel_size:
+        raise StartupError(f"--tensor-parallel-size {tensor_parallel_size} needs one GPU per "
+                           f"rank; {torch.cuda.device_count()} visible")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def cpu_has_bf16() -> bool:
@@ -58,16 +69,45 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_runner(args: argparse.Namespace, model_dir: ModelDirectory) -> ModelRunner:
-    """Load the weights, pick the kernels, size and allocate the KV cache."""
-    device = pick_device(args.device)
+def build_runner(args: argparse.Namespace, model_dir: ModelDirectory, rank: int = 0,
+                 init_method: str | None = None) -> ModelRunner:
+    """Load the weights, pick the kernels, size and allocate the KV cache. With
+    --tensor-parallel-size N, rank 0 (the default) starts ranks 1 .. N-1, which call this with
+    their rank and the group's `init_method` (executor_svc/tp_group.py)."""
+    size = args.tensor_parallel_size
+    if size < 1:
+        raise StartupError(f"--tensor-parallel-size must be at least 1, got {size}")
+    device = pick_device(args.device, rank, size)
     dtype = pick_dtype(args.dtype, device)
     try:
         kernels = select_kernels(args.attention_backend, device)
     except KernelBackendError as exc:
         raise StartupError(f"--attention-backend: {exc}") from None
     try:
-        model = load_model(model_dir.path, dtype).to(device)
+        check_tensor_parallel(model_dir.path, size)
+    except TensorParallelError as exc:
+        raise StartupError(f"--tensor-parallel-size: {exc}") from None
+    except (UnsupportedArchitectureError, OSError) as exc:
+        raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    if rank == 0:
+        # The followers load the model this rank resolved (a GGUF is converted only once).
+        tp, followers = start_group(argparse.Namespace(**{**vars(args),
+                                                         "model": str(model_dir.path)}), device)
+    else:
+        tp, followers = join_group(rank, size, init_method, device), None
+    try:
+        return _build_rank(args, model_dir, device, dtype, kernels, tp, followers)
+    except BaseException:
+        if followers is not None:
+            followers.close()
+        raise
+
+
+def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: torch.device,
+                dtype: torch.dtype, kernels: Kernels, tp: TensorParallel,
+                followers: Followers | None) -> ModelRunner:
+    try:
+        model = load_model(model_dir.path, dtype, tp).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
     # Before the CUDA profiling pass, so that it measures the kernels that will run.
@@ -77,15 +117,17 @@ def build_runner(args: argparse.Namespace, model_dir: ModelDirectory) -> ModelRu
     if max_model_len > context_len:
         raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
                            f"length {context_len}")
+    if device.type == "cuda":
+        num_blocks = profile_cuda_blocks(model, args.block_size, dtype, device,
+                                         args.max_num_batched_tokens,
+                                         args.gpu_memory_utilization, max_model_len)
+    else:
+        num_blocks = int(args.kv_cache_gib * GIB
+                         // bytes_per_block(model, args.block_size, dtype))
     try:
-        if device.type == "cuda":
-            num_blocks = profile_cuda_blocks(model, args.block_size, dtype, device,
-                                             args.max_num_batched_tokens,
-                                             args.gpu_memory_utilization, max_model_len)
-        else:
-            num_blocks = blocks_for_bytes(args.kv_cache_gib * GIB,
-                                          bytes_per_block(model, args.block_size, dtype),
-                                          args.block_size, max_model_len)
+        # Block ids are shared by the ranks: the group holds what its smallest rank holds.
+        num_blocks = check_capacity(tp.min_over_ranks(num_blocks), args.block_size,
+                                    max_model_len)
     except KvCacheSizeError as exc:
         raise StartupError(str(exc)) from None
     allocate_kv_cache(model, num_blocks, args.block_size, dtype, device)
@@ -95,5 +137,6 @@ def build_runner(args: argparse.Namespace, model_dir: ModelDirectory) -> ModelRu
                           max_model_len=max_model_len, max_logprobs=args.max_logprobs)
     log.info("model ready", model=str(model_dir.path), device=str(device),
              dtype=str(dtype).removeprefix("torch."), kernels=kernels.name, kv_blocks=num_blocks,
-             block_size=args.block_size)
-    return ModelRunner(model, limits, model_dir.eos_token_ids(), device)
+             block_size=args.block_size, tensor_parallel_rank=tp.rank,
+             tensor_parallel_size=tp.size)
+    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, tp, followers)

@@ -55,6 +55,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention in a C kernel built at first use; auto: triton on "
                              "cuda, cpu on cpu (torch when no C compiler is found; triton on "
                              "cpu runs under TRITON_INTERPRET=1: for checks only)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model's layers over this many processes, one per GPU "
+                             "(cuda:0 .. cuda:N-1; on cpu, N processes sharing the cores), "
+                             "which this executor starts and serves as one")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument("--kv-cache-gib", type=float, default=4.0,
                         help="KV cache size on cpu, in GiB")

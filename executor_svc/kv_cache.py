@@ -37,9 +37,8 @@ def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype:
     bind_kv_caches(model, caches)
 
 
-def blocks_for_bytes(budget_bytes: float, per_block: int, block_size: int,
-                     max_model_len: int) -> int:
-    num_blocks = int(budget_bytes // per_block)
+def check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> int:
+    """`num_blocks`, if they hold one sequence of max_model_len tokens; else a clear error."""
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
         raise KvCacheSizeError(
@@ -53,7 +52,8 @@ def blocks_for_bytes(budget_bytes: float, per_block: int, block_size: int,
 def profile_cuda_blocks(model: nn.Module, block_size: int, dtype: torch.dtype,
                         device: torch.device, max_num_batched_tokens: int,
                         gpu_memory_utilization: float, max_model_len: int) -> int:
-    """Blocks that fit in the device memory left after weights and peak activations."""
+    """Blocks that fit in the device memory left after weights and peak activations (not
+    checked against max_model_len: see `check_capacity`)."""
     per_block = bytes_per_block(model, block_size, dtype)
     # The full token budget as prompts of at most max_model_len tokens, over a throw-away
     # cache just large enough for them.
@@ -79,5 +79,4 @@ def profile_cuda_blocks(model: nn.Module, block_size: int, dtype: torch.dtype,
     bind_kv_caches(model, [(None, None)] * len(kv_cache_shape(model, 1, block_size)))
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    return blocks_for_bytes(total * gpu_memory_utilization - peak, per_block, block_size,
-                            max_model_len)
+    return max(0, int((total * gpu_memory_utilization - peak) // per_block))

@@ -1,6 +1,11 @@
 """The model runner: applies a step plan to the executor's mirror of each request, runs the
 forward pass over the flat batch, samples, and returns per-request results (DESIGN.md §2, §5).
 
+Under tensor parallelism every rank runs a ModelRunner over its slice of the model: rank 0
+relays each plan to the others (`followers`) before running it, every rank applies it and runs
+the same forward pass, and rank 0 samples and broadcasts the sampled tokens so that every
+mirror appends the same ones (executor_svc/tp_group.py). Only rank 0's results are sent.
+
 A plan is validated completely before anything changes: a malformed plan (unknown request,
 block id out of range, more tokens than the request holds, over the limits) raises PlanError
 naming the problem and leaves every mirror as it was, so the executor keeps serving.
@@ -11,12 +16,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
 from torch import nn
 
 from executor_svc.batch import ScheduledSequence, build_flat_batch
+from executor_svc.parallel import SINGLE, TensorParallel
 from executor_svc.sampler import (
     Sampler,
     SamplerOutput,
@@ -25,6 +32,9 @@ from executor_svc.sampler import (
     prompt_logprobs,
 )
 from pagedserve.v1 import common_pb2, executor_pb2
+
+if TYPE_CHECKING:
+    from executor_svc.tp_group import Followers
 
 log = structlog.get_logger(__name__)
 
@@ -57,22 +67,36 @@ class RequestMirror:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
-                 device: torch.device):
+                 device: torch.device, tp: TensorParallel = SINGLE,
+                 followers: Followers | None = None):
         self.model = model
         self.limits = limits
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = device
+        self.tp = tp
+        self.followers = followers
         self.sampler = Sampler()
         self.requests: dict[str, RequestMirror] = {}
 
     def reset(self) -> None:
         """Forget every request (a new scheduler stream starts from nothing)."""
+        if self.followers is not None:
+            self.followers.send_reset()
         self.requests.clear()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel followers and leaves the group (nothing for one rank)."""
+        if self.followers is not None:
+            self.followers.close()
+        if self.tp.size > 1:
+            torch.distributed.destroy_process_group()
 
     # -- plan application ---------------------------------------------------------------
 
     def step(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         """`execute`, with a malformed plan answered as a StepResult carrying the error."""
+        if self.followers is not None:
+            self.followers.send_plan(plan)
         try:
             return self.execute(plan)
         except PlanError as exc:
@@ -218,11 +242,15 @@ class ModelRunner:
             # A request samples when this step computes its last known token.
             samples = [i for i, (m, w) in enumerate(zip(mirrors, ordered, strict=True))
                        if m.num_computed + w.num_tokens == len(m.token_ids)]
-            sampled = None
+            sampled, token_ids = None, []
             if samples:
-                rows = batch.last_token_rows[samples]
-                sampled = self.sampler(self.model.compute_logits(hidden[rows]),
-                                       [mirrors[i].sampling for i in samples])
+                logits = self.model.compute_logits(hidden[batch.last_token_rows[samples]])
+                if logits is not None:  # rank 0
+                    sampled = self.sampler(logits, [mirrors[i].sampling for i in samples])
+                    chosen = sampled.token_ids
+                else:
+                    chosen = torch.empty(len(samples), dtype=torch.long, device=self.device)
+                token_ids = self.tp.broadcast_from_first(chosen).tolist()
             prompt_lps = self._prompt_logprobs(hidden, batch.last_token_rows, mirrors, ordered)
         outputs = {}
         for i, mirror in enumerate(mirrors):
@@ -230,17 +258,15 @@ class ModelRunner:
             if i in prompt_lps:
                 outputs[i] = executor_pb2.RequestOutput(request_id=ordered[i].request_id,
                                                         prompt_logprobs=prompt_lps[i])
-        if sampled is not None:
-            token_ids = sampled.token_ids.tolist()
-            for row, i in enumerate(samples):
-                mirrors[i].token_ids.append(token_ids[row])
-                mirrors[i].sampling.output_token_ids.append(token_ids[row])
-                output = outputs.setdefault(i, executor_pb2.RequestOutput(
-                    request_id=ordered[i].request_id))
-                output.token_ids.append(token_ids[row])
-                if mirrors[i].sampling.params.HasField("logprobs"):
-                    output.logprobs.append(_position_logprobs(
-                        sampled, row, token_ids[row], mirrors[i].sampling.params.logprobs))
+        for row, i in enumerate(samples):
+            mirrors[i].token_ids.append(token_ids[row])
+            mirrors[i].sampling.output_token_ids.append(token_ids[row])
+            output = outputs.setdefault(i, executor_pb2.RequestOutput(
+                request_id=ordered[i].request_id))
+            output.token_ids.append(token_ids[row])
+            if sampled is not None and mirrors[i].sampling.params.HasField("logprobs"):
+                output.logprobs.append(_position_logprobs(
+                    sampled, row, token_ids[row], mirrors[i].sampling.params.logprobs))
         return [outputs[i] for i in sorted(outputs)]
 
     def _prompt_logprobs(self, hidden, last_rows, mirrors, ordered) -> dict[int, list]:
@@ -258,10 +284,12 @@ class ModelRunner:
             if predicting:
                 first_row = int(last_rows[i]) - work.num_tokens + 1
                 rows = torch.arange(first_row, first_row + len(predicting))
+                logits = self.model.compute_logits(hidden[rows])
+                if logits is None:  # not rank 0: took part in gathering the logits, no more
+                    continue
                 targets = torch.tensor(mirror.token_ids[start + 1:predicting[-1] + 2])
                 chosen, ranks, top_ids, top_lps = prompt_logprobs(
-                    self.model.compute_logits(hidden[rows]), targets.to(hidden.device),
-                    params.prompt_logprobs)
+                    logits, targets.to(hidden.device), params.prompt_logprobs)
                 entries += [_logprob_entry(int(t), float(c), int(r), ti, tl)
                             for t, c, r, ti, tl in zip(targets.tolist(), chosen.tolist(),
                                                        ranks.tolist(), top_ids.tolist(),

@@ -125,7 +125,7 @@ def describe(executor_id: str, model_dir: ModelDirectory, runner: ModelRunner,
         limits=common_pb2.ExecutorLimits(max_num_seqs=limits.max_num_seqs,
                                          max_num_batched_tokens=limits.max_num_batched_tokens,
                                          max_logprobs=limits.max_logprobs),
-        parallel=common_pb2.ParallelLayout(tensor_parallel_size=1),
+        parallel=common_pb2.ParallelLayout(tensor_parallel_size=runner.tp.size),
         tokenizer=common_pb2.TokenizerFiles(files=model_dir.tokenizer_files()))
 
 
@@ -164,6 +164,7 @@ async def serve(args: argparse.Namespace) -> None:
             await registration
     await service.drain(DRAIN_TIMEOUT_S)
     await server.stop()
+    runner.close()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,8 +11,10 @@ from transformers import AutoConfig
 
 from executor_svc.models.layers import UnsupportedArchitectureError
 from executor_svc.models.weights import iter_checkpoint, load_checkpoint
+from executor_svc.parallel import SINGLE, TensorParallel
 
-__all__ = ["ARCHITECTURES", "UnsupportedArchitectureError", "load_model", "model_class"]
+__all__ = ["ARCHITECTURES", "UnsupportedArchitectureError", "check_tensor_parallel", "load_model",
+           "model_class"]
 
 # Hugging Face architecture name -> "module:class".
 ARCHITECTURES = {
@@ -34,12 +36,22 @@ def model_class(architectures: list[str] | None) -> type[nn.Module]:
         f"(supported: {', '.join(sorted(ARCHITECTURES))})")
 
 
-def load_model(model_dir: pathlib.Path, dtype: torch.dtype) -> nn.Module:
-    """Build the model of a Hugging Face directory and load its safetensors checkpoint."""
+def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
+               tp: TensorParallel = SINGLE) -> nn.Module:
+    """Build the model of a Hugging Face directory (this rank's slice of it) and load its
+    safetensors checkpoint."""
     config = AutoConfig.from_pretrained(model_dir)
     cls = model_class(config.architectures)
     with torch.device("cpu"):
-        model = cls(config, dtype)
+        model = cls(config, dtype, tp)
     load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES,
                     transform=getattr(model, "checkpoint_tensors", None))
     return model.eval()
+
+
+def check_tensor_parallel(model_dir: pathlib.Path, size: int) -> None:
+    """Raises TensorParallelError (or UnsupportedArchitectureError) if the model cannot be
+    split over `size` ranks: built on the meta device, so nothing is allocated or loaded."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model_class(config.architectures)(config, torch.float32, TensorParallel(size=size))

@@ -20,15 +20,20 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from executor_svc.models.layers import (
+    ColumnParallelLinear,
     LayerNorm,
-    Linear,
     PagedAttention,
+    ParallelLMHead,
     Rotary,
+    RowParallelLinear,
     UnsupportedArchitectureError,
+    VocabParallelEmbedding,
     activation,
+    qkv_projection,
 )
 from executor_svc.models.rope import rotary_cos_sin_cache
 from executor_svc.models.weights import split_fused_qkv
+from executor_svc.parallel import SINGLE, TensorParallel
 from kernels.attention import AttentionMetadata
 
 
@@ -39,15 +44,16 @@ def falcon_num_kv_heads(config: PretrainedConfig) -> int:
 
 
 class FalconAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = falcon_num_kv_heads(config)
-        self.head_dim = config.hidden_size // self.num_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.query_key_value = Linear(config.hidden_size, [q_size, kv_size, kv_size],
-                                      config.bias, dtype)
-        self.dense = Linear(q_size, [config.hidden_size], config.bias, dtype)
+        num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // num_heads
+        self.query_key_value, heads = qkv_projection(
+            config.hidden_size, num_heads, falcon_num_kv_heads(config), self.head_dim,
+            config.bias, dtype, tp)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.dense = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size],
+                                       config.bias, dtype, tp)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
@@ -62,11 +68,14 @@ class FalconAttention(nn.Module):
 
 
 class FalconMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         size = config.ffn_hidden_size
-        self.dense_h_to_4h = Linear(config.hidden_size, [size], config.bias, dtype)
-        self.dense_4h_to_h = Linear(size, [config.hidden_size], config.bias, dtype)
+        tp.split(size, "ffn_hidden_size")
+        self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, [size], config.bias, dtype,
+                                                  tp)
+        self.dense_4h_to_h = RowParallelLinear(size, [config.hidden_size], config.bias, dtype,
+                                               tp)
         self.act = activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,15 +83,15 @@ class FalconMLP(nn.Module):
 
 
 class FalconDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         size, eps = config.hidden_size, config.layer_norm_epsilon
         # The new architecture is always parallel (transformers cannot run it otherwise).
         self.parallel = config.new_decoder_architecture or config.parallel_attn
         self.two_norms = (config.new_decoder_architecture
                           and (config.num_ln_in_parallel_attn or 2) == 2)
-        self.self_attention = FalconAttention(config, dtype)
-        self.mlp = FalconMLP(config, dtype)
+        self.self_attention = FalconAttention(config, dtype, tp)
+        self.mlp = FalconMLP(config, dtype, tp)
         if self.two_norms:
             self.ln_attn = LayerNorm(size, eps, dtype)
             self.ln_mlp = LayerNorm(size, eps, dtype)
@@ -104,11 +113,11 @@ class FalconDecoderLayer(nn.Module):
 
 
 class FalconModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.word_embeddings.weight.requires_grad_(False)
-        self.h = nn.ModuleList(FalconDecoderLayer(config, dtype)
+        self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                      dtype, tp)
+        self.h = nn.ModuleList(FalconDecoderLayer(config, dtype, tp)
                                for _ in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon, dtype)
         head_dim = self.h[0].self_attention.head_dim
@@ -127,22 +136,23 @@ class FalconForCausalLM(nn.Module):
     PACKED_MODULES = {"q_proj": ("query_key_value", 0), "k_proj": ("query_key_value", 1),
                       "v_proj": ("query_key_value", 2)}
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
         super().__init__()
         if getattr(config, "alibi", False):
             raise UnsupportedArchitectureError(
                 "Falcon with alibi=True (the falcon-rw models) is not supported: the attention "
                 "kernels have no ALiBi biases; rotary Falcon models are")
         self.config = config
-        self.transformer = FalconModel(config, dtype)
-        self.lm_head = Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        self.transformer = FalconModel(config, dtype, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         if name.rpartition(".")[0].endswith(".self_attention.query_key_value"):
-            attention = self.transformer.h[0].self_attention
-            return split_fused_qkv(name, tensor, attention.num_kv_heads, attention.head_dim)
+            return split_fused_qkv(name, tensor, falcon_num_kv_heads(self.config),
+                                   self.transformer.h[0].self_attention.head_dim)
         return [(name, tensor)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -150,6 +160,6 @@ class FalconForCausalLM(nn.Module):
         """Hidden states [num_tokens, hidden_size] of the flat batch."""
         return self.transformer(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the rows of `hidden` that sample."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
+        return self.lm_head.logits(hidden)

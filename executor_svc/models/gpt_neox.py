@@ -12,21 +12,34 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from executor_svc.models.layers import LayerNorm, Linear, PagedAttention, Rotary, activation
+from executor_svc.models.layers import (
+    ColumnParallelLinear,
+    LayerNorm,
+    PagedAttention,
+    ParallelLMHead,
+    Rotary,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    activation,
+    qkv_projection,
+)
 from executor_svc.models.rope import rotary_cos_sin_cache
 from executor_svc.models.weights import split_fused_qkv
+from executor_svc.parallel import SINGLE, TensorParallel
 from kernels.attention import AttentionMetadata
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
-        size = self.num_heads * self.head_dim
+        num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // num_heads
         bias = getattr(config, "attention_bias", True)
-        self.query_key_value = Linear(config.hidden_size, [size, size, size], bias, dtype)
-        self.dense = Linear(size, [config.hidden_size], bias, dtype)
+        self.query_key_value, heads = qkv_projection(config.hidden_size, num_heads, num_heads,
+                                                     self.head_dim, bias, dtype, tp)
+        self.num_heads = heads.num_heads
+        self.dense = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size], bias,
+                                       dtype, tp)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim)
 
@@ -39,10 +52,12 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, [config.intermediate_size], True, dtype)
-        self.dense_4h_to_h = Linear(config.intermediate_size, [config.hidden_size], True, dtype)
+        size = config.intermediate_size
+        tp.split(size, "intermediate_size")
+        self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, [size], True, dtype, tp)
+        self.dense_4h_to_h = RowParallelLinear(size, [config.hidden_size], True, dtype, tp)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,14 +65,14 @@ class GPTNeoXMLP(nn.Module):
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
         eps = config.layer_norm_eps
         self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
-        self.attention = GPTNeoXAttention(config, dtype)
-        self.mlp = GPTNeoXMLP(config, dtype)
+        self.attention = GPTNeoXAttention(config, dtype, tp)
+        self.mlp = GPTNeoXMLP(config, dtype, tp)
 
     def forward(self, x, positions, cos_sin, meta):
         attn = self.attention(self.input_layernorm(x), positions, cos_sin, meta)
@@ -70,11 +85,10 @@ class GPTNeoXLayer(nn.Module):
 
 
 class GPTNeoXModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_in.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(GPTNeoXLayer(config, dtype)
+        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
+        self.layers = nn.ModuleList(GPTNeoXLayer(config, dtype, tp)
                                     for _ in range(config.num_hidden_layers))
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
         head_dim = self.layers[0].attention.head_dim
@@ -94,11 +108,12 @@ class GPTNeoXForCausalLM(nn.Module):
     PACKED_MODULES = {"q_proj": ("query_key_value", 0), "k_proj": ("query_key_value", 1),
                       "v_proj": ("query_key_value", 2)}
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.gpt_neox = GPTNeoXModel(config, dtype)
-        self.embed_out = Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        self.gpt_neox = GPTNeoXModel(config, dtype, tp)
+        self.embed_out = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
@@ -108,8 +123,8 @@ class GPTNeoXForCausalLM(nn.Module):
         if name == "lm_head.weight":  # transformers' in-memory name for embed_out
             name = "embed_out.weight"
         if name.rpartition(".")[0].endswith(".attention.query_key_value"):
-            attention = self.gpt_neox.layers[0].attention
-            return split_fused_qkv(name, tensor, attention.num_heads, attention.head_dim)
+            return split_fused_qkv(name, tensor, self.config.num_attention_heads,
+                                   self.gpt_neox.layers[0].attention.head_dim)
         return [(name, tensor)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -117,6 +132,6 @@ class GPTNeoXForCausalLM(nn.Module):
         """Hidden states [num_tokens, hidden_size] of the flat batch."""
         return self.gpt_neox(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the rows of `hidden` that sample."""
-        return self.embed_out(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
+        return self.embed_out.logits(hidden)

@@ -1,10 +1,14 @@
 """Building blocks shared by the model families, written for the flat paged batch.
 
-Linear layers sit behind `Linear` so that tensor parallelism can later split them (column- or
-row-wise, with an all-reduce) without touching model code; a `Linear` may pack several
-checkpoint projections (q/k/v, gate/up) into one matmul, each loaded into its slice. A
-checkpoint that stores q/k/v fused and interleaved per head (GPT-NeoX, Falcon) is split at load
-time (`split_grouped_qkv`) so that every packed Linear holds its projections contiguously.
+A `Linear` may pack several checkpoint projections (q/k/v, gate/up) into one matmul, each
+loaded into its slice. A checkpoint that stores q/k/v fused and interleaved per head (GPT-NeoX,
+Falcon) is split at load time (`split_grouped_qkv`) so that every packed Linear holds its
+projections contiguously. Under tensor parallelism (executor_svc/parallel.py) the model code
+names each projection's split: `ColumnParallelLinear` (each rank holds a slice of every
+projection's output rows), `RowParallelLinear` (a slice of the input columns; partial sums
+all-reduced), `VocabParallelEmbedding` and `ParallelLMHead` (vocabulary rows). Each layer cuts
+its own slice out of the whole checkpoint tensor as it loads (`load_part`), so checkpoints are
+the same for every tensor-parallel size.
 
 The layers that call the executor's kernels (`KernelLayer`: norms, rotary, SiLU-and-mul, paged
 attention) call them through `self.kernels`, the PyTorch set until `bind_kernels` gives the
@@ -20,6 +24,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from executor_svc.parallel import SINGLE, HeadSplit, TensorParallel
 from kernels.activation import gelu
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import TORCH_KERNELS, Kernels
@@ -56,15 +61,27 @@ class Linear(KernelLayer):
                      if bias else None)
 
     def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
+        """Copy a whole checkpoint projection (`part` of the packed ones) into this layer's
+        share of it."""
         param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
-        if param is None:
+        if param is None or part >= len(self.part_sizes):
             raise ValueError(f"part {part}: the layer has no {param_name}")
-        start = sum(self.part_sizes[:part])
-        target = param.data[start:start + self.part_sizes[part]]
-        if target.shape != tensor.shape:
+        expected = self.checkpoint_shape(part, param_name)
+        if tuple(tensor.shape) != expected:
             raise ValueError(f"{param_name} part {part}: checkpoint shape {tuple(tensor.shape)}, "
-                             f"model expects {tuple(target.shape)}")
-        target.copy_(tensor)
+                             f"model expects {expected}")
+        start = sum(self.part_sizes[:part])
+        param.data[start:start + self.part_sizes[part]].copy_(
+            self.shard(part, param_name, tensor))
+
+    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
+        """The shape of projection `part`'s tensor in the checkpoint."""
+        rows = self.part_sizes[part]
+        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+
+    def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a checkpoint tensor of `checkpoint_shape` (all of it here)."""
+        return tensor
 
     def use_kernels(self, kernels: Kernels, shared: bool) -> None:
         weight = self.weight if self.packed is None else self.packed.to_dense()
@@ -77,6 +94,119 @@ class Linear(KernelLayer):
         if self.packed is not None:
             return self.kernels.packed_linear(x, self.packed, self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(Linear):
+    """Each rank holds the slice `rank * pieces // size` of every projection's output rows, in
+    `pieces` slices (by default one per rank; fewer for replicated KV heads). The output stays
+    split: the next layer works on its slice (its heads, its intermediate features). A
+    projection that does not divide is zero-padded (the vocabulary of an LM head: the padded
+    logits are dropped); model code checks the splits that must be exact (heads, MLP)."""
+
+    def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
+                 dtype: torch.dtype, tp: TensorParallel = SINGLE,
+                 part_pieces: Sequence[int] | None = None):
+        self.checkpoint_part_sizes = list(part_sizes)
+        self.part_pieces = list(part_pieces or [tp.size] * len(part_sizes))
+        super().__init__(in_features, [-(-n // pieces) for n, pieces in
+                                       zip(part_sizes, self.part_pieces, strict=True)],
+                         bias, dtype)
+        self.tp = tp
+
+    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
+        rows = self.checkpoint_part_sizes[part]
+        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+
+    def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        rows = self.part_sizes[part]
+        start = self.tp.rank * self.part_pieces[part] // self.tp.size * rows
+        piece = tensor[start:start + rows]
+        if piece.shape[0] < rows:
+            piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *piece.shape[1:])])
+        return piece
+
+
+class RowParallelLinear(Linear):
+    """Each rank holds its slice of the input columns and computes a partial sum, all-reduced;
+    the bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
+                 dtype: torch.dtype, tp: TensorParallel = SINGLE):
+        super().__init__(tp.split(in_features, "a row-parallel layer's input size"),
+                         part_sizes, bias, dtype)
+        self.tp = tp
+
+    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
+        shape = super().checkpoint_shape(part, param_name)
+        return (shape[0], shape[1] * self.tp.size) if param_name == "weight" else shape
+
+    def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if param_name != "weight":
+            return tensor
+        columns = self.weight.shape[1]
+        return tensor[:, self.tp.rank * columns:(self.tp.rank + 1) * columns]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        y = (self.kernels.packed_linear(x, self.packed, None) if self.packed is not None
+             else nn.functional.linear(x, self.weight))
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The output head, split by vocabulary rows (as `VocabParallelEmbedding`, so that a tied
+    head shares its weight)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
+        super().__init__(hidden_size, [vocab_size], False, dtype, tp)
+        self.vocab_size = vocab_size
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [rows, vocab_size] on rank 0, which samples; None on the others."""
+        logits = self.tp.gather_last_dim(self(hidden))
+        return None if logits is None else logits[:, :self.vocab_size].float()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embeddings, each rank holding ceil(vocab / size) rows (the last zero-padded): a
+    rank embeds the tokens in its rows, zeros the others, and the ranks' results are summed."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.vocab_size, self.tp = vocab_size, tp
+        self.rows = -(-vocab_size // tp.size)
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, dtype=dtype),
+                                   requires_grad=False)
+
+    def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
+        expected = (self.vocab_size, self.weight.shape[1])
+        if part or param_name != "weight" or tuple(tensor.shape) != expected:
+            raise ValueError(f"{param_name}: checkpoint shape {tuple(tensor.shape)}, model "
+                             f"expects weight {expected}")
+        piece = tensor[self.tp.rank * self.rows:(self.tp.rank + 1) * self.rows]
+        self.weight.data.zero_()[:piece.shape[0]].copy_(piece)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.tp.rank * self.rows
+        outside = (local < 0) | (local >= self.rows)
+        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+
+def qkv_projection(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                   bias: bool, dtype: torch.dtype,
+                   tp: TensorParallel) -> tuple[ColumnParallelLinear, HeadSplit]:
+    """q, k and v packed into one column-parallel Linear, each rank holding its heads."""
+    heads = tp.split_heads(num_heads, num_kv_heads)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    return ColumnParallelLinear(hidden_size, [q_size, kv_size, kv_size], bias, dtype, tp,
+                                [tp.size, heads.kv_pieces, heads.kv_pieces]), heads
 
 
 def bind_kernels(model: nn.Module, kernels: Kernels) -> None:

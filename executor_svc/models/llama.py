@@ -14,8 +14,19 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from executor_svc.models.layers import Linear, PagedAttention, RMSNorm, Rotary, SiluAndMul
+from executor_svc.models.layers import (
+    ColumnParallelLinear,
+    PagedAttention,
+    ParallelLMHead,
+    RMSNorm,
+    Rotary,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+    qkv_projection,
+)
 from executor_svc.models.rope import rotary_cos_sin_cache
+from executor_svc.parallel import SINGLE, TensorParallel
 from kernels.attention import AttentionMetadata
 
 
@@ -36,16 +47,17 @@ def llama_attention_options(config: PretrainedConfig, layer_idx: int) -> Attenti
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
+                 tp: TensorParallel):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = (getattr(config, "head_dim", None)
-                         or config.hidden_size // self.num_heads)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], options.qkv_bias,
-                               dtype)
-        self.o_proj = Linear(q_size, [config.hidden_size], options.o_bias, dtype)
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.qkv_proj, heads = qkv_projection(config.hidden_size, num_heads, num_kv_heads,
+                                              self.head_dim, options.qkv_bias, dtype, tp)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size],
+                                        options.o_bias, dtype, tp)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    options.sliding_window)
@@ -61,12 +73,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
         super().__init__()
         size = config.intermediate_size
+        tp.split(size, "intermediate_size")
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = Linear(config.hidden_size, [size, size], bias, dtype)
-        self.down_proj = Linear(size, [config.hidden_size], bias, dtype)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, dtype,
+                                                 tp)
+        self.down_proj = RowParallelLinear(size, [config.hidden_size], bias, dtype, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +88,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
+                 tp: TensorParallel):
         super().__init__()
-        self.self_attn = LlamaAttention(config, dtype, options)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, dtype, options, tp)
+        self.mlp = LlamaMLP(config, dtype, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -94,13 +109,14 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
-                 attention_options: Callable[[PretrainedConfig, int], AttentionOptions]
-                 = llama_attention_options):
+                 attention_options: Callable[[PretrainedConfig, int], AttentionOptions],
+                 tp: TensorParallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, attention_options(config, i))
-                                    for i in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
+                                                   tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         head_dim = self.layers[0].self_attn.head_dim
         self.register_buffer("cos_sin", rotary_cos_sin_cache(
@@ -122,11 +138,12 @@ class LlamaForCausalLM(nn.Module):
 
     attention_options = staticmethod(llama_attention_options)
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype, self.attention_options)
-        self.lm_head = Linear(config.hidden_size, [config.vocab_size], False, dtype)
+        self.model = LlamaModel(config, dtype, self.attention_options, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -135,6 +152,6 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [num_tokens, hidden_size] of the flat batch."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the rows of `hidden` that sample."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
+        return self.lm_head.logits(hidden)

@@ -110,9 +110,17 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
         if name in aliases:
             return  # a tied parameter's second name: loaded under its first
         raise WeightLoadError(f"unexpected tensor in checkpoint: {name}")
-    if params[name].shape != tensor.shape:
+    module = model.get_submodule(module_path)
+    if hasattr(module, "load_part"):  # a layer that keeps its tensor-parallel slice
+        try:
+            with torch.no_grad():
+                module.load_part(0, param_name, tensor)
+        except ValueError as exc:
+            raise WeightLoadError(f"{name}: {exc}") from None
+    elif params[name].shape != tensor.shape:
         raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model "
                               f"expects {tuple(params[name].shape)}")
-    with torch.no_grad():
-        params[name].copy_(tensor)
+    else:
+        with torch.no_grad():
+            params[name].copy_(tensor)
     loaded.add(name)

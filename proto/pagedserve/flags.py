@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 ENV_PREFIX = "PAGEDSERVE_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -71,6 +72,22 @@ def long_options(parser: argparse.ArgumentParser) -> dict[str, str]:
     """dest -> option string of every flag `parser` defines (--help excluded)."""
     return {action.dest: action.option_strings[0] for action in parser._actions
             if action.option_strings and action.dest != "help"}
+
+
+def passed_on(args: argparse.Namespace,
+              *adders: Callable[[argparse.ArgumentParser], None]) -> list[str]:
+    """The flags the `adders` define, as `args` has them (given or defaulted), as the argv of a
+    child process that takes the same flags (`pagedserve up`'s services, tensor-parallel
+    ranks). Flags whose value is None are left out: the child takes its own default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(parser)
+    flags = []
+    for dest, option in long_options(parser).items():
+        value = getattr(args, dest)
+        if value is not None:
+            flags += [option, str(value)]
+    return flags
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,6 @@ and are killed by the kernel if `up` itself dies (PR_SET_PDEATHSIG), so no proce
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import ssl
@@ -27,11 +26,10 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.flags import add_common_flags, add_tls_flags, long_options
+from pagedserve.flags import add_common_flags, add_tls_flags, passed_on
 from pagedserve.log import configure_logging
-from pagedserve.serving import StartupError, TlsConfig, sync_channel
+from pagedserve.serving import StartupError, TlsConfig, die_with_parent, sync_channel
 
-_PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.2
 
@@ -112,20 +110,6 @@ def http_health_probe(url: str, tls: TlsConfig) -> Callable[[], bool]:
     return probe
 
 
-def _passed_on(args: argparse.Namespace,
-               *adders: Callable[[argparse.ArgumentParser], None]) -> list[str]:
-    """The flags the `adders` define, as given to `up` or defaulted, for a child's argv."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for add in adders:
-        add(parser)
-    flags = []
-    for dest, option in long_options(parser).items():
-        value = getattr(args, dest)
-        if value is not None:
-            flags += [option, str(value)]
-    return flags
-
-
 def plan_children(args: argparse.Namespace) -> list[Child]:
     """The processes to start, in start order; raises StartupError for bad certificate flags."""
     from executor_svc.config import add_engine_arguments, add_model_arguments
@@ -134,14 +118,14 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
 
     base = [sys.executable, "-m", "pagedserve"]
     common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format,
-              *_passed_on(args, add_tls_flags)]
+              *passed_on(args, add_tls_flags)]
     tls = TlsConfig.from_args(args)
-    executor_flags = _passed_on(args, add_model_arguments, add_engine_arguments)
+    executor_flags = passed_on(args, add_model_arguments, add_engine_arguments)
 
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
                       [*base, "scheduler", *common, "--port", str(args.scheduler_port),
-                       *_passed_on(args, add_overload_arguments)],
+                       *passed_on(args, add_overload_arguments)],
                       [grpc_health_probe(scheduler, tls)], scheduler)]
     for i in range(args.executors):
         port = args.executor_port + i
@@ -154,7 +138,7 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     grpc_address = f"{args.host}:{args.grpc_port}"
     gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
                     "--grpc-port", str(args.grpc_port), "--scheduler-address", scheduler,
-                    *_passed_on(args, add_request_timeout_argument)]
+                    *passed_on(args, add_request_timeout_argument)]
     # The key travels in the environment, not on a command line that `ps` shows.
     gateway_env = {"PAGEDSERVE_API_KEY": args.api_key} if args.api_key else {}
     children.append(Child("gateway", gateway_argv,
@@ -164,14 +148,9 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     return children
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGKILL when `up` dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def start(children: list[Child]) -> None:
     for child in children:
-        child.process = subprocess.Popen(child.argv, process_group=0, preexec_fn=_die_with_parent,
+        child.process = subprocess.Popen(child.argv, process_group=0, preexec_fn=die_with_parent,
                                          stdin=subprocess.DEVNULL,
                                          env={**os.environ, **child.env})
         log.info("started", process=child.name, pid=child.process.pid)

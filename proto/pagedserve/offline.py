@@ -4,6 +4,8 @@
     from pagedserve.v1.common_pb2 import SamplingParams
 
     llm = LLM()  # the embedded default model; LLM(model="path/to/hf-dir", dtype="bfloat16")
+    # LLM(model=..., tensor_parallel_size=2): two processes; `with LLM(...) as llm:` or
+    # llm.close() stops the second
     outputs = llm.generate(["Hello, my name is"], SamplingParams(max_tokens=32, temperature=0))
     print(outputs[0].outputs[0].text)
 
@@ -111,7 +113,7 @@ class LLM:
         args = engine_args(model=model, **engine_options)
         model_dir = resolve_model(args.model, args.model_cache_dir or default_cache_dir(),
                                   args.served_model_name)
-        runner = build_runner(args, model_dir)
+        runner = self._runner = build_runner(args, model_dir)
         self.executed = ExecutedCounters()
         self._attach(model_dir.path, executor_pb2.DescribeResponse(
             model=common_pb2.ModelInfo(max_model_len=runner.limits.max_model_len,
@@ -145,6 +147,20 @@ class LLM:
         self.overlap = overlap
         self._tokenizer = None
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel ranks this engine started (with tensor_parallel_size > 1;
+        they also stop when this process exits)."""
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.close()
+            self._runner = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

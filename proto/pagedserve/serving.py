@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import pathlib
 import signal
 import sys
@@ -29,6 +30,15 @@ GRPC_OPTIONS = (
 STOP_GRACE_S = 5.0
 
 log = structlog.get_logger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """A child process's `preexec_fn` (runs before exec): the kernel sends it SIGKILL when
+    the process that started it dies, so that no child outlives its parent."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class StartupError(Exception):

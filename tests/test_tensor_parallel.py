@@ -1,0 +1,251 @@
+"""Tensor parallelism: a model split over two ranks (two processes joined by gloo on the CPU)
+generates what `transformers` generates on the whole model, for every family and its attention
+layout (GQA with KV heads split, multi-query with the KV head replicated, biases, tied and
+untied heads, a vocabulary the ranks do not divide); sampling, forks and prefix sharing agree
+with one rank; the layers' slices sum to the whole layer; the errors name the flag; and the
+group lives and dies as one executor."""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from executor_svc.models import check_tensor_parallel
+from executor_svc.models.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from executor_svc.parallel import TensorParallel, TensorParallelError
+from pagedserve.offline import LLM
+from pagedserve.serving import StartupError
+from pagedserve.v1 import common_pb2
+from scheduler_svc.executor_handle import GrpcExecutorHandle
+from tests.conftest import start_executor
+from tests.tiny_models import (
+    byte_level_tokenizer,
+    save_tiny_model,
+    tiny_falcon_config,
+    tiny_gpt_neox_config,
+    tiny_llama_config,
+    tiny_mistral_config,
+    tiny_qwen2_config,
+)
+
+# 301: a vocabulary two ranks do not divide (the last rank's rows are padding).
+VOCAB = 301
+VARIANTS = {
+    "llama-gqa-kv-split": lambda: tiny_llama_config(VOCAB, tie_word_embeddings=False),
+    "qwen2-bias-tied": lambda: tiny_qwen2_config(VOCAB),
+    "mistral-window": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
+    "gpt-neox-parallel-residual": lambda: tiny_gpt_neox_config(VOCAB),
+    "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(
+        VOCAB, new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
+}
+PROMPTS = [[5], [7, 8, 9], list(range(20, 33)), list(range(40, 60))]
+MAX_TOKENS = 8
+ENGINE = dict(dtype="float32", kv_cache_gib=0.01, max_model_len=128)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            directory = save_tiny_model(tmp_path_factory.mktemp(variant), VARIANTS[variant]())
+            byte_level_tokenizer().save_pretrained(directory)  # the engine decodes its text
+            cache[variant] = directory
+        return cache[variant]
+    return get
+
+
+def greedy(**fields) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
+                                     logprobs=2, **fields)
+
+
+def reference(directory, prompt: list[int]) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their logprobs on the whole model."""
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS,
+                                min_new_tokens=MAX_TOKENS, do_sample=False)[0]
+        logprobs = model(tokens[None]).logits[0].log_softmax(-1)
+    new = tokens[len(prompt):]
+    return new.tolist(), logprobs[len(prompt) - 1:-1].gather(-1, new[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_ranks_generate_what_transformers_does(model_dirs, variant):
+    directory = model_dirs(variant)
+    with LLM(str(directory), tensor_parallel_size=2, **ENGINE) as llm:
+        outputs = llm.generate(PROMPTS, greedy(prompt_logprobs=1))
+    with LLM(str(directory), **ENGINE) as single:
+        single_outputs = single.generate(PROMPTS, greedy(prompt_logprobs=1))
+    for prompt, output, single_output in zip(PROMPTS, outputs, single_outputs, strict=True):
+        tokens, logprobs = reference(directory, prompt)
+        completion = output.outputs[0]
+        assert completion.token_ids == tokens
+        assert [lp.chosen.logprob for lp in completion.logprobs] == pytest.approx(logprobs,
+                                                                                  abs=1e-4)
+        # The top-2 lists come from the gathered logits: the same as one rank's.
+        assert [[t.token_id for t in lp.top] for lp in completion.logprobs] == \
+            [[t.token_id for t in lp.top] for lp in single_output.outputs[0].logprobs]
+        assert [lp.chosen.logprob for lp in output.prompt_logprobs[1:]] == pytest.approx(
+            [lp.chosen.logprob for lp in single_output.prompt_logprobs[1:]], abs=1e-4)
+
+
+def test_sampling_forks_and_shared_prefixes_agree_with_one_rank(model_dirs):
+    """Seeded sampling with n = 2 (a fork: block copies on every rank), repetition penalties,
+    and prompts sharing a cached prefix: the same tokens on two ranks as on one."""
+    directory = model_dirs("llama-gqa-kv-split")
+    prefix = list(range(100, 140))
+    prompts = [prefix + [1, 2], prefix + [3], prefix + [4, 5, 6]]
+    params = common_pb2.SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=2,
+                                       repetition_penalty=1.2, ignore_eos=True)
+    results = {}
+    for size in (1, 2):
+        with LLM(str(directory), tensor_parallel_size=size, **ENGINE) as llm:
+            llm.generate(prompts[:1], params)  # caches the prefix
+            outputs = llm.generate(prompts, params)
+        assert all(o.num_cached_tokens >= 32 for o in outputs)
+        results[size] = [[c.token_ids for c in o.outputs] for o in outputs]
+    assert results[2] == results[1]
+    assert all(a != b for a, b in results[2])  # the two samples of a prompt differ
+
+
+# -- the layers' slices, without a process group ------------------------------------------
+
+
+def test_column_and_row_slices_sum_to_the_whole_layer():
+    """Two ranks' column-parallel outputs concatenate, and their row-parallel partial sums add
+    up, to the whole layer's output (the all-reduce, done here by hand)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    q, k, v = (torch.randn(rows, 8, dtype=torch.float64) for rows in (8, 2, 2))  # 4, 1, 1 heads
+    down, bias = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    column_outputs, row_sum = [], 0
+    for rank in range(2):
+        tp = TensorParallel(rank=rank, size=2)
+        # One KV head for two ranks: replicated (pieces = 1).
+        qkv = ColumnParallelLinear(8, [8, 2, 2], False, torch.float64, tp, [2, 1, 1])
+        for part, tensor in enumerate((q, k, v)):
+            qkv.load_part(part, "weight", tensor)
+        column_outputs.append(qkv.weight.data)
+        row = RowParallelLinear(8, [5], True, torch.float64, tp)
+        row.load_part(0, "weight", down)
+        row.load_part(0, "bias", bias)
+        assert torch.equal(row.bias, bias)  # whole on every rank, added once after the sum
+        row_sum = row_sum + x[:, rank * 4:(rank + 1) * 4] @ row.weight.T
+    assert torch.equal(column_outputs[0], torch.cat([q[:4], k, v]))
+    assert torch.equal(column_outputs[1], torch.cat([q[4:], k, v]))
+    assert torch.allclose(row_sum + bias, x @ down.T + bias)
+
+
+def test_vocabulary_slices_pad_the_last_rank():
+    weight = torch.randn(5, 4)
+    slices = []
+    for rank in range(2):
+        tp = TensorParallel(rank=rank, size=2)
+        embedding = VocabParallelEmbedding(5, 4, torch.float32, tp)
+        embedding.load_part(0, "weight", weight)
+        head = ParallelLMHead(4, 5, torch.float32, tp)
+        head.load_part(0, "weight", weight)
+        assert torch.equal(head.weight, embedding.weight)
+        slices.append(embedding.weight.data)
+    assert torch.equal(slices[0], weight[:3])
+    assert torch.equal(slices[1], torch.cat([weight[3:], torch.zeros(1, 4)]))
+
+
+def test_a_misshapen_checkpoint_tensor_is_refused_whole():
+    layer = RowParallelLinear(8, [5], False, torch.float32, TensorParallel(rank=0, size=2))
+    with pytest.raises(ValueError, match=r"checkpoint shape \(5, 4\), model expects \(5, 8\)"):
+        layer.load_part(0, "weight", torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("heads, kv_heads, size, expected", [
+    (8, 8, 2, (4, 4, 2)), (8, 2, 4, (2, 1, 2)), (8, 1, 4, (2, 1, 1)), (4, 4, 4, (1, 1, 4))])
+def test_head_splits(heads, kv_heads, size, expected):
+    split = TensorParallel(size=size).split_heads(heads, kv_heads)
+    assert (split.num_heads, split.num_kv_heads, split.kv_pieces) == expected
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_sizes_the_model_cannot_take_are_refused_before_anything_starts(model_dirs):
+    directory = model_dirs("llama-gqa-kv-split")  # 4 query heads, 2 KV heads
+    with pytest.raises(TensorParallelError, match=r"attention heads \(4\).*tensor-parallel-size 3"):
+        check_tensor_parallel(directory, 3)
+    with pytest.raises(TensorParallelError, match=r"KV heads \(3\)"):
+        TensorParallel(size=2).split_heads(6, 3)
+    with pytest.raises(StartupError, match="--tensor-parallel-size: the number of attention"):
+        LLM(str(directory), tensor_parallel_size=3, **ENGINE)
+    with pytest.raises(StartupError, match="--tensor-parallel-size must be at least 1, got 0"):
+        LLM(str(directory), tensor_parallel_size=0, **ENGINE)
+
+
+# -- the group as one executor ---------------------------------------------------------------
+
+
+def _followers(pid: int) -> list[int]:
+    """The child processes of `pid` (started by any of its threads)."""
+    return [int(child) for task in pathlib.Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return  # exited, not yet reaped
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still runs after {timeout} s")
+
+
+def test_a_two_rank_executor_serves_the_scheduler_and_stops_as_one(model_dirs, tmp_path):
+    directory = model_dirs("gpt-neox-parallel-residual")
+    log = tmp_path / "executor.log"
+    process, address, description = start_executor(
+        directory, log, "--tensor-parallel-size=2", "--kv-cache-gib=0.01", "--max-model-len=128")
+    try:
+        assert description.parallel.tensor_parallel_size == 2
+        (follower,) = _followers(process.pid)
+        llm = LLM.__new__(LLM)
+        llm._attach(directory, description, lambda: GrpcExecutorHandle(address),
+                    enable_prefix_caching=True, overlap=True)
+        outputs = llm.generate(PROMPTS, greedy())
+        for prompt, output in zip(PROMPTS, outputs, strict=True):
+            assert output.outputs[0].token_ids == reference(directory, prompt)[0]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+        _wait_gone(follower, timeout=15)
+    finally:
+        process.kill()
+
+
+def test_a_dead_follower_takes_the_executor_down(model_dirs, tmp_path):
+    directory = model_dirs("llama-gqa-kv-split")
+    log = tmp_path / "executor.log"
+    process, _, _ = start_executor(directory, log, "--tensor-parallel-size=2",
+                                   "--kv-cache-gib=0.01", "--max-model-len=128")
+    try:
+        (follower,) = _followers(process.pid)
+        subprocess.run(["kill", "-KILL", str(follower)], check=True)
+        assert process.wait(timeout=30) == 1
+        assert '"a tensor-parallel rank exited' in log.read_text()
+        assert '"rank": 1' in log.read_text()
+    finally:
+        process.kill()
