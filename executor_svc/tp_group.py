@@ -69,8 +69,11 @@ class Followers:
 
     @classmethod
     def start(cls, args: argparse.Namespace, init_method: str) -> Followers:
+        # In a session of their own: a terminal's Ctrl-C (SIGINT to the foreground process
+        # group) reaches rank 0 alone, which drains, then closes the followers.
         processes = [subprocess.Popen(follower_argv(args, rank, init_method),
-                                      stdin=subprocess.PIPE, preexec_fn=die_with_parent)
+                                      stdin=subprocess.PIPE, preexec_fn=die_with_parent,
+                                      start_new_session=True)
                      for rank in range(1, args.tensor_parallel_size)]
         return cls(processes)
 
@@ -123,6 +126,10 @@ def free_loopback_port() -> int:
 
 def join_group(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
     """Joins the group's process group (blocks until every rank has)."""
+    # The ranks share one host: their sockets stay on loopback unless the operator says
+    # otherwise (gloo would otherwise listen on the address the host name resolves to).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if device.type == "cuda":
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=size,
                                 timeout=JOIN_TIMEOUT, device_id=device)
