@@ -103,6 +103,22 @@ def test_two_ranks_generate_what_transformers_does(model_dirs, variant):
             [lp.chosen.logprob for lp in single_output.prompt_logprobs[1:]], abs=1e-4)
 
 
+def test_the_default_model_on_three_ranks_matches_one(default_model):
+    """The embedded SmolLM2 (9 heads and 3 KV heads: 3 ranks; a tied 49,152-row vocabulary)
+    from its converted GGUF: the same greedy text and logprobs on three ranks as on one."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    params = common_pb2.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+    runs = []
+    for size in (1, 3):
+        with LLM(str(default_model.path), tensor_parallel_size=size, dtype="float32",
+                 kv_cache_gib=0.1, max_model_len=256) as llm:
+            runs.append([o.outputs[0] for o in llm.generate(prompts, params)])
+    (single, split) = runs
+    assert [c.text for c in split] == [c.text for c in single]
+    assert [lp.chosen.logprob for c in split for lp in c.logprobs] == pytest.approx(
+        [lp.chosen.logprob for c in single for lp in c.logprobs], abs=1e-4)
+
+
 def test_sampling_forks_and_shared_prefixes_agree_with_one_rank(model_dirs):
     """Seeded sampling with n = 2 (a fork: block copies on every rank), repetition penalties,
     and prompts sharing a cached prefix: the same tokens on two ranks as on one."""

@@ -219,10 +219,11 @@ def run_throughput(args: argparse.Namespace) -> tuple[dict, bool]:
     llm = throughput.build_llm(args.model, {**engine_options,
                                             "enable_prefix_caching": not args.no_prefix_caching,
                                             "overlap": not args.no_overlap})
-    requests = load_requests(args, llm.pool_limits.vocab_size)
-    throughput.warm_up(llm, requests, args.num_warmups)
-    result = throughput.run_offline(llm, requests, ignore_eos=args.ignore_eos,
-                                    temperature=args.temperature)
+    with llm:  # stops the tensor-parallel ranks, if any
+        requests = load_requests(args, llm.pool_limits.vocab_size)
+        throughput.warm_up(llm, requests, args.num_warmups)
+        result = throughput.run_offline(llm, requests, ignore_eos=args.ignore_eos,
+                                        temperature=args.temperature)
     print(throughput.format_result(result))
     return {"model": str(llm.tokenizer_dir), **engine_options,
             "enable_prefix_caching": not args.no_prefix_caching, "overlap": not args.no_overlap,
@@ -234,12 +235,13 @@ def main(args: argparse.Namespace) -> int:
     from pagedserve.bench.datasets import DatasetError
     from pagedserve.bench.serve import BenchError
     from pagedserve.log import configure_logging
+    from pagedserve.serving import StartupError
 
     configure_logging("bench", args.log_level, args.log_format)
     runner = run_serve if args.bench_command == "serve" else run_throughput
     try:
         output, passed = runner(args)
-    except (BenchError, DatasetError) as exc:
+    except (BenchError, DatasetError, StartupError) as exc:
         print(f"pagedserve bench {args.bench_command}: {exc}", file=sys.stderr)
         return 2
     if args.result_json is not None:
