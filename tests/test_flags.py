@@ -6,6 +6,7 @@ import pytest
 
 from pagedserve.cli import build_parser
 from pagedserve.flags import FlagParser, env_var
+from pagedserve.serving import StartupError
 
 
 def parser_with_flags() -> FlagParser:
@@ -67,6 +68,19 @@ def test_offline_engine_options_are_the_executor_flags():
     assert (args.dtype, args.kv_cache_gib, args.block_size) == ("bfloat16", 1.5, 16)
     with pytest.raises(TypeError, match="unknown engine option.*'kv_cache_gb'"):
         engine_args(kv_cache_gb=1)
+
+
+def test_up_gives_each_executor_its_own_gpus():
+    from pagedserve.launcher import executor_gpus
+
+    args = build_parser().parse_args(["up", "--executors", "2", "--tensor-parallel-size", "2"])
+    assert executor_gpus(args, ["0", "1", "2", "3", "4"]) == ["0,1", "2,3"]
+    assert executor_gpus(args, []) == []  # no GPU: the executors run on the CPU
+    with pytest.raises(StartupError, match=r"--executors 2 x --tensor-parallel-size 2 need 4 "
+                                           r"GPUs; 3 visible \(0,2,5\)"):
+        executor_gpus(args, ["0", "2", "5"])
+    on_cpu = build_parser().parse_args(["up", "--executors", "2", "--device", "cpu"])
+    assert executor_gpus(on_cpu, ["0"]) == []
 
 
 def test_up_passes_model_and_engine_flags_to_executors():

@@ -110,6 +110,34 @@ def http_health_probe(url: str, tls: TlsConfig) -> Callable[[], bool]:
     return probe
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs CUDA would see, as CUDA_VISIBLE_DEVICES entries, read without importing torch:
+    the variable's own list where it is set, else one index per GPU the NVIDIA driver lists."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    try:
+        return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
+    except OSError:
+        return []
+
+
+def executor_gpus(args: argparse.Namespace, gpus: list[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each executor: executor i gets GPUs i*N .. i*N+N-1 (N the
+    tensor-parallel size), so that executors on one host never share a GPU. Empty (nothing
+    set) on the CPU or where no GPU is visible."""
+    if args.device == "cpu" or not gpus:
+        return []
+    per_executor = max(1, args.tensor_parallel_size)
+    needed = args.executors * per_executor
+    if len(gpus) < needed:
+        raise StartupError(f"--executors {args.executors} x --tensor-parallel-size "
+                           f"{per_executor} need {needed} GPUs; {len(gpus)} visible "
+                           f"({','.join(gpus)})")
+    return [",".join(gpus[i * per_executor:(i + 1) * per_executor])
+            for i in range(args.executors)]
+
+
 def plan_children(args: argparse.Namespace) -> list[Child]:
     """The processes to start, in start order; raises StartupError for bad certificate flags."""
     from executor_svc.config import add_engine_arguments, add_model_arguments
@@ -122,6 +150,7 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     tls = TlsConfig.from_args(args)
     executor_flags = passed_on(args, add_model_arguments, add_engine_arguments)
 
+    gpu_sets = executor_gpus(args, visible_gpus())
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
                       [*base, "scheduler", *common, "--port", str(args.scheduler_port),
@@ -133,7 +162,8 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
         children.append(Child(f"executor {i}",
                               [*base, "executor", *common, "--port", str(port),
                                "--scheduler-address", scheduler, *executor_flags],
-                              [grpc_health_probe(address, tls)], address))
+                              [grpc_health_probe(address, tls)], address,
+                              env={"CUDA_VISIBLE_DEVICES": gpu_sets[i]} if gpu_sets else {}))
     http_url = f"{'https' if tls.cert_file else 'http'}://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
     gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
