@@ -157,13 +157,13 @@ class BlockManager:
 
     # -- sequence lifecycle -------------------------------------------------------------
 
-    def admit(self, seq_id: str, token_ids: Sequence[int]) -> int:
-        """Start a sequence: attach the longest cached prefix and return how many tokens are
-        already computed (a multiple of block_size, < len(token_ids) when token_ids is not
-        empty). Allocates nothing else."""
+    def admit(self, seq_id: str, token_ids: Sequence[int], use_cache: bool = True) -> int:
+        """Start a sequence: attach the longest cached prefix (none without `use_cache`) and
+        return how many tokens are already computed (a multiple of block_size, < len(token_ids)
+        when token_ids is not empty). Allocates nothing else."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
-        chain = self._cached_chain(token_ids)
+        chain = self._cached_chain(token_ids) if use_cache else []
         seq = _SeqBlocks()
         for block_hash, block_id in chain:
             self._take(block_id)

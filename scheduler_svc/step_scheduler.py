@@ -167,7 +167,15 @@ class StepScheduler:
             seq = self.waiting[0]
             if seq.num_in_flight:  # preempted while a sample was in flight: wait for it
                 break
-            computed = self.blocks.admit(seq.seq_id, seq.token_ids)
+            # Prompt logprobs not yet sent need the whole prompt computed: a cached prefix has
+            # no logits to give (vLLM skips the cache for them too). Its blocks still fill it.
+            request = seq.request
+            recompute_prompt = (request.sampling.HasField("prompt_logprobs")
+                                and not request.first_delta_sent)
+            if recompute_prompt:
+                request.prompt_logprobs.clear()  # a preempted chunked prefill starts over
+            computed = self.blocks.admit(seq.seq_id, seq.token_ids,
+                                         use_cache=not recompute_prompt)
             # 0 only for a parent whose hit covers all it computes before forking.
             contended = len(self.waiting) > 1 or any(
                 s.compute_target() - s.num_computed > 1 for s in self.running)
@@ -182,7 +190,6 @@ class StepScheduler:
                 seq.request.num_cached_prompt_tokens = computed
             seq.state, seq.num_computed, seq.on_executor = SeqState.RUNNING, computed, True
             self.running.append(seq)
-            request = seq.request
             plan.new_requests.add(
                 request_id=seq.seq_id, token_ids=seq.token_ids,
                 num_prompt_tokens=request.num_prompt_tokens, sampling=request.sampling,

@@ -166,6 +166,22 @@ def test_prefix_hits_skip_computation(make_llm):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_prompt_logprobs_skip_the_prefix_cache(make_llm):
+    """A cached prefix has no logits: a request asking for prompt logprobs computes its whole
+    prompt (and gets an entry per prompt token), while one that does not still hits."""
+    llm = make_llm(overlap=False)
+    prompt = list(range(60, 100))  # 40 tokens = 10 full blocks
+    wants = greedy(2, ignore_eos=True, prompt_logprobs=1)
+    first = llm.generate([prompt], wants)[0]
+    again = llm.generate([prompt], wants)[0]
+    plain = llm.generate([prompt], greedy(2, ignore_eos=True))[0]
+    assert (first.num_cached_tokens, again.num_cached_tokens, plain.num_cached_tokens) == \
+        (0, 0, 36)
+    assert len(again.prompt_logprobs) == len(first.prompt_logprobs) == len(prompt)
+    assert [e.chosen.logprob for e in again.prompt_logprobs[1:]] == pytest.approx(
+        [e.chosen.logprob for e in first.prompt_logprobs[1:]], abs=1e-5)
+
+
 def test_parallel_sampling_forks_and_seeds(make_llm, hf_model):
     llm = make_llm()
     prompt = list(range(70, 79))
