@@ -40,7 +40,6 @@ import pathlib
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from collections.abc import Sequence
 
 from pagedserve.bench import serve, throughput
 from pagedserve.bench.datasets import BenchRequest, random_requests
+from pagedserve.serving import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 READY_LINE = "pagedserve is up"
@@ -104,17 +104,6 @@ def run_offline(llm, prompts: list[BenchRequest]) -> float:
 
 
 # --- HTTP -------------------------------------------------------------------------------------
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
 
 class Stack:
     """`pagedserve up` in a subprocess; its output goes to a log file (a pipe nobody reads

@@ -45,9 +45,8 @@ import psutil
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.tiny_models and tests.conftest, run from anywhere
 
-from pagedserve.serving import sync_channel  # noqa: E402
+from pagedserve.serving import free_ports, sync_channel  # noqa: E402
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
-from tests.conftest import free_ports  # noqa: E402
 from tests.test_up import free_consecutive_ports  # noqa: E402
 
 READY_LINE = "pagedserve is up"

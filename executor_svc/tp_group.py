@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import torch.distributed as dist
 from executor_svc.config import add_engine_arguments, add_model_arguments
 from executor_svc.parallel import SINGLE, TensorParallel
 from pagedserve.flags import add_common_flags, passed_on
-from pagedserve.serving import StartupError, die_with_parent
+from pagedserve.serving import StartupError, die_with_parent, free_ports
 from pagedserve.v1 import executor_pb2
 
 # A message to a follower: kind (one byte), payload length, payload.
@@ -118,12 +117,6 @@ def follower_argv(args: argparse.Namespace, rank: int, init_method: str) -> list
             *passed_on(args, add_model_arguments, add_engine_arguments)]
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def join_group(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
     """Joins the group's process group (blocks until every rank has)."""
     # The ranks share one host: their sockets stay on loopback unless the operator says
@@ -148,7 +141,8 @@ def start_group(args: argparse.Namespace,
     size = args.tensor_parallel_size
     if size == 1:
         return SINGLE, None
-    init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
+    (port,) = free_ports(1)
+    init_method = f"tcp://127.0.0.1:{port}"
     followers = Followers.start(args, init_method)
     try:
         return join_group(0, size, init_method, device), followers

@@ -12,7 +12,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("PAGEDSERVE_DTYPE", "float32")
 
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import time
 import grpc
 import pytest
 
+from pagedserve.serving import free_ports
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 from tests.tiny_models import save_tiny_llama
 
@@ -59,15 +59,3 @@ def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
                 assert process.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, "executor did not start"
                 time.sleep(0.2)
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on right now (held open together so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()

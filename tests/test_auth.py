@@ -17,9 +17,8 @@ from gateway.auth import OPEN_PATHS, ApiKeyInterceptor, require_api_key
 from gateway.grpc_api import GenerationService
 from gateway.http_api import create_app
 from gateway.scheduler_client import SchedulerClient
-from pagedserve.serving import GrpcServer
+from pagedserve.serving import GrpcServer, free_ports
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
-from tests.conftest import free_ports
 
 KEY = "s3cret"
 

@@ -20,8 +20,8 @@ from pagedserve.bench import datasets, metrics
 from pagedserve.bench.cli import load_requests
 from pagedserve.cli import build_parser
 from pagedserve.cli import main as pagedserve_main
+from pagedserve.serving import free_ports
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.conftest import free_ports
 
 # --- metrics --------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import grpc
 import openai
 import pytest
 
+from pagedserve.serving import free_ports
 from pagedserve.v1 import (
     common_pb2,
     generation_pb2,
@@ -36,7 +37,6 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.conftest import free_ports
 from tests.tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.slow

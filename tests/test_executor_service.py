@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.serving import free_ports
 from pagedserve.v1 import (
     common_pb2,
     executor_pb2,
@@ -18,7 +19,7 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.conftest import free_ports, start_executor
+from tests.conftest import start_executor
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pagedserve.serving import free_ports
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.conftest import free_ports
 from tests.test_up import free_consecutive_ports
 
 pytestmark = pytest.mark.slow

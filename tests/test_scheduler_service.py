@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.serving import free_ports
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.conftest import free_ports
 
 pytestmark = pytest.mark.slow
 EOS = 2

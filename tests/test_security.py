@@ -20,9 +20,8 @@ from transformers.utils import chat_template_utils
 
 from gateway.prompts import chat_prompt_ids
 from gateway.scheduler_client import ServedModel
-from pagedserve.serving import MAX_MESSAGE_BYTES, GrpcServer, aio_channel
+from pagedserve.serving import MAX_MESSAGE_BYTES, GrpcServer, aio_channel, free_ports
 from pagedserve.v1 import common_pb2
-from tests.conftest import free_ports
 from tests.tiny_models import byte_level_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pagedserve.serving import free_ports
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
-from tests.conftest import free_ports
 
 READY_LINE = "pagedserve is up:"
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import pathlib
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,19 @@ log = structlog.get_logger(__name__)
 
 
 _PR_SET_PDEATHSIG = 1
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports nothing listens on right now on `host` (held open together so they differ); a
+    process that binds one later may still lose a race for it."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def die_with_parent() -> None:
