@@ -235,10 +235,11 @@ class Cluster:
         return model
 
     def _route(self, model: str, prompt_token_ids: list[int]) -> Pool | None:
-        """Longest prefix-cache hit first, then most free blocks."""
+        """Longest prefix-cache hit first, then most free blocks not claimed by waiting
+        requests."""
         candidates = [p for p in self.pools.values() if not model or p.model_id == model]
         if not candidates:
             return None
         return max(candidates, key=lambda p: (
             p.scheduler.blocks.num_cached_prefix_tokens(prompt_token_ids),
-            p.scheduler.blocks.num_free_blocks))
+            p.scheduler.num_unclaimed_free_blocks))

@@ -101,6 +101,15 @@ class StepScheduler:
         return bool(self.waiting or self.running or self._to_drop)
 
     @property
+    def num_unclaimed_free_blocks(self) -> int:
+        """Free blocks less those the waiting sequences need to start (their known tokens): the
+        room a newly routed request finds. Requests that arrive together are queued before
+        any step allocates for them; counting only free blocks sent them all to one executor."""
+        block_size = self.blocks.block_size
+        waiting = sum(-(-len(s.token_ids) // block_size) for s in self.waiting)
+        return self.blocks.num_free_blocks - waiting
+
+    @property
     def num_in_flight(self) -> int:
         return sum(s.num_in_flight for s in self.running)
 

@@ -1,0 +1,90 @@
+"""Routing in the scheduler's cluster (scheduler_svc/cluster.py): a prefix-cache hit wins over
+room, and a burst of requests that arrives before any step has allocated for them spreads over
+the executors by the room each has left."""
+
+import asyncio
+
+from pagedserve.v1 import common_pb2, scheduler_pb2
+from scheduler_svc.cluster import Cluster, ClusterConfig, Submission
+
+BLOCK_SIZE = 4
+
+
+class IdleHandle:
+    """An executor that never answers: plans stay unsent, so no step allocates anything."""
+
+    async def send(self, plan) -> None:
+        await asyncio.Event().wait()
+
+    async def receive(self):
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        pass
+
+
+def registration(executor_id: str, num_blocks: int) -> scheduler_pb2.RegisterExecutorRequest:
+    return scheduler_pb2.RegisterExecutorRequest(
+        executor_id=executor_id, address=executor_id,
+        model=common_pb2.ModelInfo(model_id="m", max_model_len=64, vocab_size=100),
+        kv_cache=common_pb2.KvCacheInfo(num_blocks=num_blocks, block_size=BLOCK_SIZE),
+        limits=common_pb2.ExecutorLimits(max_num_seqs=8, max_num_batched_tokens=64))
+
+
+def submission(request_id: str, prompt: list[int]) -> Submission:
+    return Submission(request_id, prompt, common_pb2.SamplingParams(max_tokens=4), 0,
+                      emit=lambda delta: None)
+
+
+def run(test) -> None:
+    async def main():
+        cluster = Cluster(ClusterConfig(), make_handle=lambda address: IdleHandle())
+        try:
+            await test(cluster)
+        finally:
+            for pool in cluster.pools.values():
+                pool.task.cancel()
+    asyncio.run(main())
+
+
+def test_a_burst_spreads_over_equal_executors():
+    async def test(cluster):
+        cluster.register(registration("a", 40))
+        cluster.register(registration("b", 40))
+        for i in range(6):
+            cluster.submit("m", submission(f"r{i}", list(range(10 * i, 10 * i + 8))),
+                           fail=lambda code, message: None)
+        placed = [cluster.placement[f"r{i}"].executor_id for i in range(6)]
+        assert placed.count("a") == placed.count("b") == 3
+    run(test)
+
+
+def test_the_larger_pool_takes_more_of_a_burst():
+    async def test(cluster):
+        cluster.register(registration("small", 20))
+        cluster.register(registration("large", 30))
+        for i in range(8):
+            cluster.submit("m", submission(f"r{i}", list(range(10 * i, 10 * i + 8))),
+                           fail=lambda code, message: None)
+        placed = [cluster.placement[f"r{i}"].executor_id for i in range(8)]
+        # 2 blocks each: large takes 5 until its unclaimed room is down to small's 20, then
+        # they alternate.
+        assert placed.count("large") == 6 and placed.count("small") == 2
+    run(test)
+
+
+def test_a_prefix_hit_wins_over_room():
+    async def test(cluster):
+        cluster.register(registration("roomy", 40))
+        cluster.register(registration("cached", 20))
+        prefix = list(range(50, 58))  # two full blocks
+        blocks = cluster.pools["cached"].scheduler.blocks
+        blocks.admit("earlier", prefix)
+        blocks.allocate("earlier", len(prefix))
+        blocks.commit("earlier", prefix, len(prefix))
+        blocks.free("earlier")  # cached-free: still indexed
+        cluster.submit("m", submission("hit", prefix + [1, 2]), fail=lambda code, message: None)
+        cluster.submit("m", submission("miss", [3, 4, 5, 6, 7]), fail=lambda code, message: None)
+        assert cluster.placement["hit"].executor_id == "cached"
+        assert cluster.placement["miss"].executor_id == "roomy"
+    run(test)
