@@ -4,6 +4,8 @@ the executors by the room each has left."""
 
 import asyncio
 
+import pytest
+
 from pagedserve.v1 import common_pb2, scheduler_pb2
 from scheduler_svc.cluster import Cluster, ClusterConfig, Submission
 
@@ -47,29 +49,22 @@ def run(test) -> None:
     asyncio.run(main())
 
 
-def test_a_burst_spreads_over_equal_executors():
+# Pools (name, blocks), in registration order; requests of 2 blocks each, all submitted before
+# any step; how many each pool gets.
+@pytest.mark.parametrize("pools, requests, expected", [
+    ([("a", 40), ("b", 40)], 6, {"a": 3, "b": 3}),
+    # large takes 5 until its unclaimed room is down to small's 20, then they alternate
+    ([("small", 20), ("large", 30)], 8, {"small": 2, "large": 6}),
+])
+def test_a_burst_spreads_by_unclaimed_room(pools, requests, expected):
     async def test(cluster):
-        cluster.register(registration("a", 40))
-        cluster.register(registration("b", 40))
-        for i in range(6):
+        for name, num_blocks in pools:
+            cluster.register(registration(name, num_blocks))
+        for i in range(requests):
             cluster.submit("m", submission(f"r{i}", list(range(10 * i, 10 * i + 8))),
                            fail=lambda code, message: None)
-        placed = [cluster.placement[f"r{i}"].executor_id for i in range(6)]
-        assert placed.count("a") == placed.count("b") == 3
-    run(test)
-
-
-def test_the_larger_pool_takes_more_of_a_burst():
-    async def test(cluster):
-        cluster.register(registration("small", 20))
-        cluster.register(registration("large", 30))
-        for i in range(8):
-            cluster.submit("m", submission(f"r{i}", list(range(10 * i, 10 * i + 8))),
-                           fail=lambda code, message: None)
-        placed = [cluster.placement[f"r{i}"].executor_id for i in range(8)]
-        # 2 blocks each: large takes 5 until its unclaimed room is down to small's 20, then
-        # they alternate.
-        assert placed.count("large") == 6 and placed.count("small") == 2
+        placed = [cluster.placement[f"r{i}"].executor_id for i in range(requests)]
+        assert {name: placed.count(name) for name, _ in pools} == expected
     run(test)
 
 
