@@ -40,9 +40,9 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
                    usage: Usage, priority: int = 0,
                    deadline: Deadline = NO_DEADLINE) -> AsyncIterator[ChoiceDelta]:
     """Choice deltas of one prompt; `usage` is filled in as the stream goes. Ends when every
-    choice has finished; a stop string ends its choice at once (the rest of the request is
-    aborted when the last choice is done). Past `deadline` the scheduler aborts the request
-    and this raises the 504 GatewayError."""
+    choice has finished; a stop string ends its choice at once (the scheduler is told to stop
+    that sequence; the rest of the request is aborted when the last choice is done). Past
+    `deadline` the scheduler aborts the request and this raises the 504 GatewayError."""
     n = max(1, sampling.n)
     skip_special = sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") \
         else True
@@ -74,6 +74,8 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
                              token_ids=list(delta.token_ids), logprobs=list(delta.logprobs))
         if detokenizer.stopped:
             choice.finish_reason, choice.stop_reason = "stop", detokenizer.stop_reason
+            if not all(finished[:i] + finished[i + 1:]):  # others go on: spare its steps
+                client.stop_sequence(request_id, i)
         elif delta.finish_reason:
             choice.text += detokenizer.finish()
             choice.finish_reason = FINISH_REASONS.get(delta.finish_reason, "stop")

@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import structlog
 
 from pagedserve.serving import NO_TLS, TlsConfig, aio_channel
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = structlog.get_logger(__name__)
 
 # Seconds to wait for the scheduler to answer a unary call; a stream waits for its tokens.
 UNARY_TIMEOUT_S = 10.0
@@ -108,6 +111,7 @@ class SchedulerClient:
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._models: dict[str, ServedModel] = {}
         self._loading = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()  # held so the loop does not drop them
 
     async def close(self) -> None:
         await self._channel.close()
@@ -161,6 +165,22 @@ class SchedulerClient:
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    def stop_sequence(self, request_id: str, seq_index: int) -> None:
+        """Tells the scheduler, without waiting, that one sequence of a request is done (a
+        stop string matched). It only spares the scheduler work: the stream ignores whatever
+        the sequence still sends, so a failure here is logged, not raised."""
+        task = asyncio.ensure_future(self._stop_sequence(request_id, seq_index))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _stop_sequence(self, request_id: str, seq_index: int) -> None:
+        try:
+            await self._stub.StopSequence(scheduler_pb2.StopSequenceRequest(
+                request_id=request_id, seq_index=seq_index), timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not stop a sequence on the scheduler", request_id=request_id,
+                        seq_index=seq_index, error=exc.details())
 
     async def stats(self, timeout: float = UNARY_TIMEOUT_S) -> scheduler_pb2.SchedulerStats:
         try:

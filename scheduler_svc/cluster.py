@@ -218,6 +218,15 @@ class Cluster:
             pool.loop.notify()
         self.orphans = [o for o in self.orphans if o.request_id != request_id]
 
+    def stop_sequence(self, request_id: str, seq_index: int) -> None:
+        """One sequence of a placed request ends now (see StepScheduler.stop). A request
+        waiting for an executor (its own was lost) is left alone: its sequence resumes and
+        the gateway, which has ended that choice, ignores what it produces."""
+        pool = self.placement.get(request_id)
+        if pool is not None:
+            pool.scheduler.stop(request_id, seq_index)
+            pool.loop.notify()
+
     def _fail(self, request_id: str, code: str, message: str) -> None:
         fail = self.failures.pop(request_id, None)
         if fail is not None:

@@ -99,6 +99,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.cluster.finished(request_id)
             log.info("request done", cancelled=bool(unfinished))
 
+    async def StopSequence(self, request: scheduler_pb2.StopSequenceRequest,
+                           context) -> scheduler_pb2.StopSequenceResponse:
+        structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        self.cluster.stop_sequence(request.request_id, request.seq_index)
+        log.info("sequence stopped by the gateway", seq_index=request.seq_index)
+        return scheduler_pb2.StopSequenceResponse()
+
     async def GetStats(self, request, context) -> scheduler_pb2.SchedulerStats:
         stats = scheduler_pb2.SchedulerStats()
         for pool in self.cluster.pools.values():

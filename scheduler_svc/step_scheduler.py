@@ -86,6 +86,18 @@ class StepScheduler:
                 self._finish(seq, common_pb2.FINISH_REASON_ABORT, emit=False)
         self.requests.pop(request_id, None)  # its unforked children will never exist
 
+    def stop(self, request_id: str, seq_index: int) -> None:
+        """Sequence `seq_index` of the request ends now with STOP (a stop string the gateway
+        matched): its blocks are freed before the next plan, its final delta is emitted, and
+        the other sequences go on. Nothing happens for one that has finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.index == seq_index and seq.state is not SeqState.FINISHED:
+                self._finish(seq, common_pb2.FINISH_REASON_STOP, emit=True)
+                return
+
     def take_all(self) -> list[Sequence]:
         """Every unfinished sequence, leaving this pool empty (its executor was lost)."""
         seqs = [s for s in self.by_id.values() if s.state is not SeqState.FINISHED]

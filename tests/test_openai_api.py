@@ -5,6 +5,7 @@ a disconnected stream frees its blocks."""
 
 import contextlib
 import json
+import pathlib
 import socket
 import ssl
 import subprocess
@@ -29,9 +30,9 @@ pytestmark = pytest.mark.slow
 class Stack(str):
     """The gateway's base URL, also knowing the scheduler's address."""
 
-    def __new__(cls, base: str, scheduler: str, grpc_address: str):
+    def __new__(cls, base: str, scheduler: str, grpc_address: str, log_path: pathlib.Path):
         stack = super().__new__(cls, base)
-        stack.scheduler, stack.grpc = scheduler, grpc_address
+        stack.scheduler, stack.grpc, stack.log_path = scheduler, grpc_address, log_path
         return stack
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
@@ -73,7 +74,7 @@ def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | Non
             assert time.monotonic() < deadline, "stack not ready"
             time.sleep(0.2)
     try:
-        yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}")
+        yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}", log_path)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -163,6 +164,26 @@ def test_stop_string_ends_the_choice(client, reference, tiny_llama_dir):
                                       extra_body={"ignore_eos": True})
     assert reply.choices[0].text == full[:full.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_stop_string_in_one_of_n_choices_stops_only_that_sequence(client, stack,
+                                                                     tiny_llama_dir):
+    """Sequence i samples with seed + i, so stopping one leaves the other's tokens as they
+    were; the scheduler is told to stop it (its log says so)."""
+    def sample(**fields):
+        return client.completions.create(model=tiny_llama_dir.name, prompt="the cat", n=2,
+                                         max_tokens=24, temperature=1.0, seed=11,
+                                         extra_body={"ignore_eos": True}, **fields).choices
+    first, other = (c.text for c in sorted(sample(), key=lambda c: c.index))
+    stop = next(first[i:i + 3] for i in range(2, len(first) // 2)  # well before the end
+                if first[i:i + 3] not in other and first.index(first[i:i + 3]) == i)
+    choices = sorted(sample(stop=[stop]), key=lambda c: c.index)
+    assert (choices[0].text, choices[0].finish_reason) == (first[:first.index(stop)], "stop")
+    assert (choices[1].text, choices[1].finish_reason) == (other, "length")
+    deadline = time.monotonic() + 5
+    while '"sequence stopped by the gateway"' not in stack.log_path.read_text():
+        assert time.monotonic() < deadline, "the scheduler was not told"
+        time.sleep(0.05)
 
 
 def post(stack, path, body) -> tuple[int, dict]:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve.offline import LLM
-from pagedserve.v1 import common_pb2
+from pagedserve.v1 import common_pb2, scheduler_pb2
 from scheduler_svc.admission import admit_request
 from scheduler_svc.executor_handle import GrpcExecutorHandle
 from tests.conftest import start_executor
@@ -197,6 +197,39 @@ def test_parallel_sampling_forks_and_seeds(make_llm, hf_model):
     assert runs == [c.token_ids for c in again.outputs]  # seed + index: reproducible
     assert len({tuple(r) for r in runs}) > 1  # and the sequences differ from each other
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+def test_stopping_one_sequence_frees_it_and_the_others_go_on(make_llm):
+    """What the gateway asks when a stop string ends one choice of an n > 1 request."""
+    llm = make_llm(overlap=False)
+
+    async def run() -> None:
+        handle = llm.make_handle()
+        deltas = []
+        request = admit_request("two", list(range(50, 70)), greedy(12, n=2, ignore_eos=True),
+                                0, llm.pool_limits, deltas.append)
+        llm.scheduler.add(request)
+        while not {d.seq_index for d in deltas if d.token_ids} == {0, 1}:
+            await handle.send(llm.scheduler.schedule())
+            llm.scheduler.process(await handle.receive())
+        used = llm.blocks.num_used_blocks
+        llm.scheduler.stop("two", 0)
+        assert llm.blocks.num_used_blocks < used  # its own blocks, freed at once
+        stopped_at = len(deltas)
+        assert deltas[-1] == scheduler_pb2.TokenDelta(
+            seq_index=0, finish_reason=common_pb2.FINISH_REASON_STOP)
+        while (plan := llm.scheduler.schedule()) is not None:
+            await handle.send(plan)
+            llm.scheduler.process(await handle.receive())
+        later = deltas[stopped_at:]
+        assert later and all(d.seq_index == 1 for d in later)
+        assert sum(len(d.token_ids) for d in deltas if d.seq_index == 1) == 12
+        assert later[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        llm.scheduler.stop("two", 1)  # finished already: nothing happens
+        assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+        await handle.close()
+
+    asyncio.run(run())
 
 
 def test_abort_frees_blocks(make_llm):

@@ -41,6 +41,18 @@ class TokenDelta(_message.Message):
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PositionLogprobs]
     def __init__(self, seq_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.PositionLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_prompt_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.PositionLogprobs, _Mapping]]] = ...) -> None: ...
 
+class StopSequenceRequest(_message.Message):
+    __slots__ = ("request_id", "seq_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    seq_index: int
+    def __init__(self, request_id: _Optional[str] = ..., seq_index: _Optional[int] = ...) -> None: ...
+
+class StopSequenceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

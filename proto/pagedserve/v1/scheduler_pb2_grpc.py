@@ -39,6 +39,11 @@ class SchedulerStub:
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.TokenDelta.FromString,
                 _registered_method=True)
+        self.StopSequence = channel.unary_unary(
+                '/pagedserve.v1.Scheduler/StopSequence',
+                request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.StopSequenceRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.StopSequenceResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/pagedserve.v1.Scheduler/GetStats',
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
@@ -69,6 +74,16 @@ class SchedulerServicer:
         aborts the request; its blocks are freed in the same step. A request that can never fit
         (prompt over the context limit or over the executor's whole KV pool) fails with
         INVALID_ARGUMENT; with no executor for the model within the timeout, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopSequence(self, request, context):
+        """Ends one sequence of a running request now (the gateway matched one of its stop strings,
+        which the scheduler cannot see in token ids); the request's other sequences go on. Its
+        Submit stream gets that sequence's final delta (finish_reason STOP, no tokens). A request
+        or sequence that has already finished is not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +128,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.TokenDelta.SerializeToString,
+            ),
+            'StopSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopSequence,
+                    request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.StopSequenceRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.StopSequenceResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -162,6 +182,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/Submit',
             pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             pagedserve_dot_v1_dot_scheduler__pb2.TokenDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagedserve.v1.Scheduler/StopSequence',
+            pagedserve_dot_v1_dot_scheduler__pb2.StopSequenceRequest.SerializeToString,
+            pagedserve_dot_v1_dot_scheduler__pb2.StopSequenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,70 @@
+"""gateway/generation.py over a scripted scheduler stream: when a stop string ends one choice of
+an n > 1 request, the scheduler is told to stop that sequence (and only that one) while the
+other choices go on; when the last choice stops, nothing is sent (leaving the stream aborts the
+whole request)."""
+
+import asyncio
+
+from gateway.generation import Usage, generate
+from gateway.scheduler_client import ServedModel
+from pagedserve.v1 import common_pb2, scheduler_pb2
+from tests.tiny_models import byte_level_tokenizer
+
+TOKENIZER = byte_level_tokenizer()
+
+
+def ids(text: str) -> list[int]:
+    return TOKENIZER(text, add_special_tokens=False).input_ids
+
+
+class ScriptedScheduler:
+    """Streams the given deltas; records the sequences the gateway stops."""
+
+    def __init__(self, deltas: list[scheduler_pb2.TokenDelta]):
+        self.deltas = deltas
+        self.stopped: list[tuple[str, int]] = []
+
+    async def generate(self, submit, deadline):
+        for delta in self.deltas:
+            yield delta
+
+    def stop_sequence(self, request_id: str, seq_index: int) -> None:
+        self.stopped.append((request_id, seq_index))
+
+
+def delta(seq_index: int, text: str, finish: int = 0) -> scheduler_pb2.TokenDelta:
+    return scheduler_pb2.TokenDelta(seq_index=seq_index, token_ids=ids(text),
+                                    finish_reason=finish)
+
+
+def run(scheduler: ScriptedScheduler, n: int, stop: list[str]) -> dict[int, tuple[str, str]]:
+    served = ServedModel(info=common_pb2.ModelInfo(model_id="m"), tokenizer=TOKENIZER)
+    sampling = common_pb2.SamplingParams(n=n, stop=stop, max_tokens=50)
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+
+    async def collect():
+        async for choice in generate(scheduler, served, "req-1", ids("hi"), sampling, Usage()):
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    asyncio.run(collect())
+    return {i: (texts[i], reasons[i]) for i in texts}
+
+
+def test_a_stop_string_stops_only_its_sequence_on_the_scheduler():
+    length = common_pb2.FINISH_REASON_LENGTH
+    scheduler = ScriptedScheduler([
+        delta(0, "a b"), delta(1, "x y"), delta(0, " END more"), delta(1, " z"),
+        delta(0, " ignored", length),  # sent before the scheduler heard of the stop
+        delta(1, " w", length)])
+    result = run(scheduler, n=2, stop=["END"])
+    assert result == {0: ("a b ", "stop"), 1: ("x y z w", "length")}
+    assert scheduler.stopped == [("req-1", 0)]
+
+
+def test_the_last_choice_to_stop_sends_nothing():
+    length = common_pb2.FINISH_REASON_LENGTH
+    scheduler = ScriptedScheduler([delta(1, "b", length), delta(0, "a END"), delta(0, "x")])
+    assert run(scheduler, n=2, stop=["END"]) == {1: ("b", "length"), 0: ("a ", "stop")}
+    assert scheduler.stopped == []  # leaving the stream aborts the request instead
