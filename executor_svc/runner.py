@@ -102,6 +102,11 @@ class ModelRunner:
         except PlanError as exc:
             log.warning("malformed step plan", step_id=plan.step_id, error=str(exc))
             return executor_pb2.StepResult(step_id=plan.step_id, error=str(exc))
+        except Exception:
+            if self.followers is not None:
+                log.exception("a step failed on rank 0", step_id=plan.step_id)
+                self.followers.abandon()
+            raise
 
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         started = time.perf_counter()

@@ -17,10 +17,10 @@ interconnect for two all-reduces per layer; a group spanning hosts is not suppor
   A pipe, not a collective, carries the plans: an idle executor waits for its next plan
   indefinitely, which a collective's timeout would not allow.
 - Failing: a follower reads EOF when rank 0 goes away and exits; the kernel kills it when rank
-  0 dies (PR_SET_PDEATHSIG). A follower that dies takes rank 0 down at once (exit status 1,
-  logged with the rank): the group cannot compute without it, and an executor that exits is
-  what the scheduler (and Kubernetes) know how to replace: its requests are recomputed
-  elsewhere.
+  0 dies (PR_SET_PDEATHSIG). A follower that dies, or a step that fails on rank 0 (the
+  followers may be left waiting in a collective), takes rank 0 down at once (exit status 1,
+  logged): the group cannot compute any more, and an executor that exits is what the scheduler
+  (and Kubernetes) know how to replace: its requests are recomputed elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 from datetime import timedelta
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import structlog
 import torch
@@ -94,6 +94,14 @@ class Followers:
             except subprocess.TimeoutExpired:
                 process.kill()
 
+    def abandon(self) -> NoReturn:
+        """Rank 0 failed mid-step: the followers may wait in a collective it will never join,
+        so the group cannot go on. It exits as when a follower dies (the kernel then ends the
+        followers)."""
+        log.error("the tensor-parallel group cannot go on; the executor stops (its requests "
+                  "are recomputed on other executors)")
+        os._exit(1)
+
     def _send(self, kind: int, payload: bytes) -> None:
         message = _HEADER.pack(kind, len(payload)) + payload
         with self._lock:
@@ -104,9 +112,8 @@ class Followers:
     def _watch(self, rank: int, process: subprocess.Popen) -> None:
         returncode = process.wait()
         if not self._closing:
-            log.error("a tensor-parallel rank exited; the executor stops (its requests are "
-                      "recomputed on other executors)", rank=rank, returncode=returncode)
-            os._exit(1)
+            log.error("a tensor-parallel rank exited", rank=rank, returncode=returncode)
+            self.abandon()
 
 
 def follower_argv(args: argparse.Namespace, rank: int, init_method: str) -> list[str]:

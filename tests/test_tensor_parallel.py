@@ -10,6 +10,7 @@ from __future__ import annotations
 import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -265,3 +266,35 @@ def test_a_dead_follower_takes_the_executor_down(model_dirs, tmp_path):
         assert '"rank": 1' in log.read_text()
     finally:
         process.kill()
+
+
+FAILING_RANK_0 = """
+import sys
+from pagedserve.offline import LLM
+from pagedserve.v1.common_pb2 import SamplingParams
+
+llm = LLM(sys.argv[1], tensor_parallel_size=2, dtype="float32", kv_cache_gib=0.01,
+          max_model_len=128)
+print("follower pid", llm._runner.followers.processes[0].pid, flush=True)
+
+def broken(*args):
+    raise RuntimeError("injected failure on rank 0")
+
+llm._runner.model.compute_logits = broken
+llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
+print("generate returned", flush=True)
+"""
+
+
+def test_a_step_failing_on_rank_0_stops_the_group(model_dirs):
+    """Rank 0 fails between collectives (the follower is left waiting in the logits gather):
+    the process exits 1 at once, naming the failure, and the follower goes with it."""
+    directory = model_dirs("llama-gqa-kv-split")
+    done = subprocess.run([sys.executable, "-c", FAILING_RANK_0, str(directory)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "generate returned" not in done.stdout
+    assert "injected failure on rank 0" in done.stderr + done.stdout
+    assert "the tensor-parallel group cannot go on" in done.stderr + done.stdout
+    (pid_line,) = [line for line in done.stdout.splitlines() if "follower pid" in line]
+    _wait_gone(int(pid_line.split()[-1]), timeout=15)
