@@ -27,6 +27,10 @@ CASES = [
     (torch.float32, 4, 1, 128, 7),
     (torch.bfloat16, 2, 2, 80, BLOCK + 4),
     (torch.float32, 4, 4, 96, None),
+    # AVX-512 BF16 dot products (head_dim a multiple of 32): a window, GQA groups of 5 (one
+    # register block of 4 rows and one of 1), MQA
+    (torch.bfloat16, 10, 2, 128, 2 * BLOCK + 3),
+    (torch.bfloat16, 8, 1, 256, None),
 ]
 SEQ_LENS = [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 200]
 
