@@ -167,6 +167,22 @@ def test_column_and_row_slices_sum_to_the_whole_layer():
     assert torch.allclose(row_sum + bias, x @ down.T + bias)
 
 
+def test_unreduced_row_slices_carry_the_bias_once():
+    """A row-parallel layer whose caller reduces (a parallel-residual layer sums attention and
+    MLP first): the ranks' outputs add up to the whole layer, bias included once."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    weight, bias = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    total = 0
+    for rank in range(2):
+        layer = RowParallelLinear(8, [5], True, torch.float64,
+                                  TensorParallel(rank=rank, size=2), reduce=False)
+        layer.load_part(0, "weight", weight)
+        layer.load_part(0, "bias", bias)
+        total = total + layer(x[:, rank * 4:(rank + 1) * 4])
+    assert torch.allclose(total, x @ weight.T + bias)
+
+
 def test_vocabulary_slices_pad_the_last_rank():
     weight = torch.randn(5, 4)
     slices = []

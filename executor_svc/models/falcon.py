@@ -44,7 +44,8 @@ def falcon_num_kv_heads(config: PretrainedConfig) -> int:
 
 
 class FalconAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                 reduce: bool):
         super().__init__()
         num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // num_heads
@@ -53,7 +54,7 @@ class FalconAttention(nn.Module):
             config.bias, dtype, tp)
         self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
         self.dense = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size],
-                                       config.bias, dtype, tp)
+                                       config.bias, dtype, tp, reduce)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
 
@@ -68,14 +69,15 @@ class FalconAttention(nn.Module):
 
 
 class FalconMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                 reduce: bool):
         super().__init__()
         size = config.ffn_hidden_size
         tp.split(size, "ffn_hidden_size")
         self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, [size], config.bias, dtype,
                                                   tp)
         self.dense_4h_to_h = RowParallelLinear(size, [config.hidden_size], config.bias, dtype,
-                                               tp)
+                                               tp, reduce)
         self.act = activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +92,10 @@ class FalconDecoderLayer(nn.Module):
         self.parallel = config.new_decoder_architecture or config.parallel_attn
         self.two_norms = (config.new_decoder_architecture
                           and (config.num_ln_in_parallel_attn or 2) == 2)
-        self.self_attention = FalconAttention(config, dtype, tp)
-        self.mlp = FalconMLP(config, dtype, tp)
+        # Parallel: attention and MLP partial sums are all-reduced once, together.
+        self.tp = tp
+        self.self_attention = FalconAttention(config, dtype, tp, not self.parallel)
+        self.mlp = FalconMLP(config, dtype, tp, not self.parallel)
         if self.two_norms:
             self.ln_attn = LayerNorm(size, eps, dtype)
             self.ln_mlp = LayerNorm(size, eps, dtype)
@@ -107,7 +111,7 @@ class FalconDecoderLayer(nn.Module):
             attn_in = mlp_in = self.input_layernorm(x)
         attn = self.self_attention(attn_in, positions, cos_sin, meta)
         if self.parallel:
-            return (self.mlp(mlp_in) + attn) + x
+            return self.tp.all_reduce(self.mlp(mlp_in) + attn) + x
         x = attn + x
         return self.mlp(self.post_attention_layernorm(x)) + x
 

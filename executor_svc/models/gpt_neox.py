@@ -30,7 +30,8 @@ from kernels.attention import AttentionMetadata
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                 reduce: bool):
         super().__init__()
         num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // num_heads
@@ -39,7 +40,7 @@ class GPTNeoXAttention(nn.Module):
                                                      self.head_dim, bias, dtype, tp)
         self.num_heads = heads.num_heads
         self.dense = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size], bias,
-                                       dtype, tp)
+                                       dtype, tp, reduce)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim)
 
@@ -52,12 +53,14 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                 reduce: bool):
         super().__init__()
         size = config.intermediate_size
         tp.split(size, "intermediate_size")
         self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, [size], True, dtype, tp)
-        self.dense_4h_to_h = RowParallelLinear(size, [config.hidden_size], True, dtype, tp)
+        self.dense_4h_to_h = RowParallelLinear(size, [config.hidden_size], True, dtype, tp,
+                                               reduce)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,14 +74,16 @@ class GPTNeoXLayer(nn.Module):
         eps = config.layer_norm_eps
         self.input_layernorm = LayerNorm(config.hidden_size, eps, dtype)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps, dtype)
-        self.attention = GPTNeoXAttention(config, dtype, tp)
-        self.mlp = GPTNeoXMLP(config, dtype, tp)
+        # Parallel residual: attention and MLP partial sums are all-reduced once, together.
+        self.tp = tp
+        self.attention = GPTNeoXAttention(config, dtype, tp, not self.use_parallel_residual)
+        self.mlp = GPTNeoXMLP(config, dtype, tp, not self.use_parallel_residual)
 
     def forward(self, x, positions, cos_sin, meta):
         attn = self.attention(self.input_layernorm(x), positions, cos_sin, meta)
         if self.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x))
-            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+            return self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)) + attn) + x
         # x + attn(ln1(x)), then that + mlp(ln2(that))
         x = attn + x
         return self.mlp(self.post_attention_layernorm(x)) + x

@@ -128,13 +128,15 @@ class ColumnParallelLinear(Linear):
 
 class RowParallelLinear(Linear):
     """Each rank holds its slice of the input columns and computes a partial sum, all-reduced;
-    the bias is added once, after the sum."""
+    the bias is added once, after the sum. With `reduce=False` the caller all-reduces (a layer
+    whose attention and MLP outputs are summed reduces the sum once): the partial sum is
+    returned, the bias added on rank 0 alone so that the reduction counts it once."""
 
     def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
-                 dtype: torch.dtype, tp: TensorParallel = SINGLE):
+                 dtype: torch.dtype, tp: TensorParallel = SINGLE, reduce: bool = True):
         super().__init__(tp.split(in_features, "a row-parallel layer's input size"),
                          part_sizes, bias, dtype)
-        self.tp = tp
+        self.tp, self.reduce = tp, reduce
 
     def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
         shape = super().checkpoint_shape(part, param_name)
@@ -151,7 +153,10 @@ class RowParallelLinear(Linear):
             return super().forward(x)
         y = (self.kernels.packed_linear(x, self.packed, None) if self.packed is not None
              else nn.functional.linear(x, self.weight))
-        y = self.tp.all_reduce(y)
+        if self.reduce:
+            y = self.tp.all_reduce(y)
+        elif not self.tp.is_first:
+            return y
         return y if self.bias is None else y + self.bias
 
 
