@@ -24,6 +24,9 @@ KEY = "s3cret"
 
 
 def test_every_http_route_needs_the_key_unless_allow_listed():
+    # grpc.aio channels bind to the current event loop: give this test its own (a test that
+    # ran asyncio.run before leaves none).
+    asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(SchedulerClient("127.0.0.1:1"))  # no scheduler: auth answers first
     require_api_key(app, KEY)
     client = TestClient(app, raise_server_exceptions=False)  # past auth, no scheduler: 5xx
