@@ -7,9 +7,10 @@ host (`python -m executor_svc.tp_group --rank R ...`, with rank 0's engine flags
 is one unit to deploy and to lose: one pod with N GPUs on Kubernetes. Ranks need a fast
 interconnect for two all-reduces per layer; a group spanning hosts is not supported.
 
-- Joining: rank 0 hosts torch.distributed's TCP store on a free loopback port; every rank
-  joins the process group (NCCL on cuda, rank R on cuda:R; gloo on cpu, the cores shared out)
-  before it loads its slice of the weights.
+- Joining: the ranks meet through torch.distributed's file store in a private temporary
+  directory of rank 0's (mode 0700: no listening socket, and only this user's processes can
+  join), then form the process group (NCCL on cuda, rank R on cuda:R; gloo on cpu, the cores
+  shared out; their sockets on loopback) before each loads its slice of the weights.
 - Following: rank 0 writes every step plan it receives (its protobuf bytes, length-prefixed)
   to each follower's stdin before running it, and a reset when a new scheduler stream starts.
   Every rank applies the same plan to its own mirror of the requests and runs the same forward
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from datetime import timedelta
 from typing import BinaryIO, NoReturn
@@ -41,7 +44,7 @@ import torch.distributed as dist
 from executor_svc.config import add_engine_arguments, add_model_arguments
 from executor_svc.parallel import SINGLE, TensorParallel
 from pagedserve.flags import add_common_flags, passed_on
-from pagedserve.serving import StartupError, die_with_parent, free_ports
+from pagedserve.serving import StartupError, die_with_parent
 from pagedserve.v1 import executor_pb2
 
 # A message to a follower: kind (one byte), payload length, payload.
@@ -58,8 +61,9 @@ log = structlog.get_logger(__name__)
 class Followers:
     """Rank 0's handle on ranks 1 .. N-1."""
 
-    def __init__(self, processes: list[subprocess.Popen]):
+    def __init__(self, processes: list[subprocess.Popen], rendezvous_dir: str):
         self.processes = processes
+        self.rendezvous_dir = rendezvous_dir
         self._lock = threading.Lock()  # plans come from a worker thread, resets from the loop
         self._closing = False
         for rank, process in enumerate(processes, start=1):
@@ -67,14 +71,15 @@ class Followers:
                              name=f"tp-rank-{rank}-watch").start()
 
     @classmethod
-    def start(cls, args: argparse.Namespace, init_method: str) -> Followers:
+    def start(cls, args: argparse.Namespace, rendezvous_dir: str) -> Followers:
+        init_method = rendezvous_method(rendezvous_dir)
         # In a session of their own: a terminal's Ctrl-C (SIGINT to the foreground process
         # group) reaches rank 0 alone, which drains, then closes the followers.
         processes = [subprocess.Popen(follower_argv(args, rank, init_method),
                                       stdin=subprocess.PIPE, preexec_fn=die_with_parent,
                                       start_new_session=True)
                      for rank in range(1, args.tensor_parallel_size)]
-        return cls(processes)
+        return cls(processes, rendezvous_dir)
 
     def send_plan(self, plan: executor_pb2.StepPlan) -> None:
         self._send(_PLAN, plan.SerializeToString())
@@ -93,6 +98,7 @@ class Followers:
                 process.wait(CLOSE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 process.kill()
+        shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
     def abandon(self) -> NoReturn:
         """Rank 0 failed mid-step: the followers may wait in a collective it will never join,
@@ -100,6 +106,7 @@ class Followers:
         followers)."""
         log.error("the tensor-parallel group cannot go on; the executor stops (its requests "
                   "are recomputed on other executors)")
+        shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
         os._exit(1)
 
     def _send(self, kind: int, payload: bytes) -> None:
@@ -114,6 +121,10 @@ class Followers:
         if not self._closing:
             log.error("a tensor-parallel rank exited", rank=rank, returncode=returncode)
             self.abandon()
+
+
+def rendezvous_method(rendezvous_dir: str) -> str:
+    return f"file://{rendezvous_dir}/store"
 
 
 def follower_argv(args: argparse.Namespace, rank: int, init_method: str) -> list[str]:
@@ -148,11 +159,10 @@ def start_group(args: argparse.Namespace,
     size = args.tensor_parallel_size
     if size == 1:
         return SINGLE, None
-    (port,) = free_ports(1)
-    init_method = f"tcp://127.0.0.1:{port}"
-    followers = Followers.start(args, init_method)
+    rendezvous_dir = tempfile.mkdtemp(prefix="pagedserve-tp-")  # mode 0700
+    followers = Followers.start(args, rendezvous_dir)
     try:
-        return join_group(0, size, init_method, device), followers
+        return join_group(0, size, rendezvous_method(rendezvous_dir), device), followers
     except Exception:
         followers.close()
         raise
