@@ -1,6 +1,6 @@
-"""The CPU kernels in C (kernels/csrc): paged attention that reads K/V in place through the
-block tables, RMSNorm, fused add + RMSNorm, SiLU-and-mul and rotary embedding, each a drop-in for
-its PyTorch path (float32 or bfloat16 CPU tensors).
+"""The CPU kernels in C (kernels/csrc): the KV cache write, paged attention that reads K/V in
+place through the block tables, RMSNorm, fused add + RMSNorm, SiLU-and-mul and rotary
+embedding, each a drop-in for its PyTorch path (float32 or bfloat16 CPU tensors).
 
 Why C: on the CPU the PyTorch decode path gathers every sequence's K/V into a contiguous copy
 and runs scaled_dot_product_attention on one query row per head, dominated by per-call overhead
@@ -89,6 +89,7 @@ def _library() -> ctypes.CDLL | None:
     library.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [
         ctypes.POINTER(_DecodeShape)]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 8
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
     library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
@@ -131,6 +132,22 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
             tables.data_ptr(), lens.data_ptr(), ctypes.byref(shape)):
         raise MemoryError("CPU decode attention: out of memory for its scratch buffers")
     return out
+
+
+def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """As `kernels.attention.write_kv_cache` (key / value may be strided views, as the q/k/v
+    split leaves them, with unit stride within a head)."""
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    assert key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    assert key.shape == value.shape == (slot_mapping.shape[0], num_kv_heads, head_dim)
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    slots = slot_mapping.to(torch.int64).contiguous()
+    _library().write_kv_cache(
+        key_cache.data_ptr(), value_cache.data_ptr(), key.data_ptr(), value.data_ptr(),
+        slots.data_ptr(), key.shape[0], num_kv_heads, head_dim, key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), key.element_size())
 
 
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

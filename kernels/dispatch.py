@@ -61,7 +61,8 @@ def cpu_kernels() -> Kernels:
     from kernels import cpu_kernels as cpu
 
     return dataclasses.replace(
-        TORCH_KERNELS, name="cpu", paged_attention=cpu.paged_attention_cpu,
+        TORCH_KERNELS, name="cpu", write_kv_cache=cpu.write_kv_cache_cpu,
+        paged_attention=cpu.paged_attention_cpu,
         rms_norm=cpu.rms_norm_cpu, add_rms_norm=cpu.add_rms_norm_cpu,
         apply_rotary=cpu.apply_rotary_cpu, silu_and_mul=cpu.silu_and_mul_cpu,
         pack_linear=cpu.pack_linear_cpu, packed_linear=cpu.packed_linear_cpu)

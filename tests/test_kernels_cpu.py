@@ -8,7 +8,7 @@ import torch
 
 from kernels import cpu_kernels as cpu
 from kernels.activation import silu_and_mul
-from kernels.attention import AttentionMetadata, paged_attention
+from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from kernels.dispatch import cpu_kernels
 from kernels.norm import add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary
@@ -74,6 +74,24 @@ def check_decode(case, seq_lens, seed):
                                              meta.seq_lens, scale, window, out=out)
     expected = _reference(query, key_cache, value_cache, meta, scale, window)
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 64, 300])  # 300: the OpenMP-parallel copy
+def test_kv_cache_write_matches_torch(dtype, tokens):
+    """K and V as the q/k/v split leaves them (strided views), into scattered slots."""
+    gen = torch.Generator().manual_seed(tokens)
+    heads, kv_heads, dim, blocks = 4, 2, 64, 40
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    _, key, value = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    key, value = key.view(tokens, kv_heads, dim), value.view(tokens, kv_heads, dim)
+    slots = torch.randperm(blocks * BLOCK, generator=gen)[:tokens]
+    caches = [torch.full((blocks, BLOCK, kv_heads, dim), float("nan"), dtype=dtype)
+              for _ in range(4)]
+    cpu.write_kv_cache_cpu(key, value, caches[0], caches[1], slots)
+    write_kv_cache(key, value, caches[2], caches[3], slots)
+    assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,6 +15,7 @@
  * the sliding window are never read.
  */
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 #include "common.h"
@@ -200,4 +201,26 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         free(work);
     }
     return failed ? -1 : 0;
+}
+
+/* The step's new K and V rows ([tokens][kv_heads][head_dim], any token and head strides, unit
+ * stride within a row) into their cache slots ([slots][kv_heads][head_dim], contiguous): one
+ * call for both caches instead of two index_copy_ calls of ~27 us each in a decode step. */
+void write_kv_cache(void *key_cache, void *value_cache, const void *key, const void *value,
+                    const int64_t *slots, int64_t tokens, int64_t kv_heads, int64_t head_dim,
+                    int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+                    int64_t v_stride_h, int64_t element_size) {
+    const int64_t row_bytes = head_dim * element_size;
+    char *kc = key_cache, *vc = value_cache;
+    const char *k = key, *v = value;
+    #pragma omp parallel for schedule(static) if (tokens > 256)
+    for (int64_t t = 0; t < tokens; t++) {
+        const int64_t slot = slots[t] * kv_heads * row_bytes;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            memcpy(kc + slot + h * row_bytes, k + (t * k_stride_t + h * k_stride_h) * element_size,
+                   row_bytes);
+            memcpy(vc + slot + h * row_bytes, v + (t * v_stride_t + h * v_stride_h) * element_size,
+                   row_bytes);
+        }
+    }
 }
