@@ -154,6 +154,24 @@ def test_chunked_prefill_keeps_the_budget_and_short_requests_flowing(make_llm, h
         assert output.outputs[0].token_ids == expected.tolist()
 
 
+def test_chat_renders_the_template_as_transformers_does(make_llm, hf_model):
+    llm = make_llm()
+    conversations = [[{"role": "user", "content": "hello there"}],
+                     [{"role": "system", "content": "be brief"},
+                      {"role": "user", "content": "the cat"}]]
+    outputs = llm.chat(conversations, greedy(5, ignore_eos=True))
+    for conversation, output in zip(conversations, outputs, strict=True):
+        ids = llm.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+        assert output.prompt_token_ids == list(ids)
+        with torch.no_grad():
+            expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=5,
+                                         min_new_tokens=5, do_sample=False)[0, len(ids):]
+        assert output.outputs[0].token_ids == expected.tolist()
+    [single] = llm.chat(conversations[0], greedy(5, ignore_eos=True))  # one conversation
+    assert single.outputs[0].token_ids == outputs[0].outputs[0].token_ids
+
+
 def test_prefix_hits_skip_computation(make_llm):
     llm = make_llm(overlap=False)  # no extra step in flight: counts are exact
     prompt = list(range(60, 100))  # 40 tokens = 10 full blocks

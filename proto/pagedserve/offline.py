@@ -8,6 +8,7 @@
     # llm.close() stops the second
     outputs = llm.generate(["Hello, my name is"], SamplingParams(max_tokens=32, temperature=0))
     print(outputs[0].outputs[0].text)
+    replies = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))
 
 The scheduler drives the executor through `InProcessExecutorHandle`, which has the interface of
 the gRPC handle (send plans in order, receive results in order), so both are tested by the same
@@ -182,6 +183,20 @@ class LLM:
                              f"{len(token_prompts)} prompts")
         params = [self._with_defaults(p) for p in sampling_params]
         return asyncio.run(self._generate(token_prompts, params))
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             sampling_params: common_pb2.SamplingParams
+             | Sequence[common_pb2.SamplingParams] | None = None, *,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """A reply to each conversation (a list of {"role": ..., "content": ...} messages, or a
+        list of such lists), its prompt rendered with the model's chat template, as vLLM's
+        `LLM.chat`. The rendered text is tokenized without adding special tokens: the template
+        wrote them (as the gateway does)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer(self.tokenizer.apply_chat_template(
+            list(conversation), add_generation_prompt=add_generation_prompt, tokenize=False),
+            add_special_tokens=False).input_ids for conversation in conversations]
+        return self.generate(prompts, sampling_params)
 
     def _token_prompts(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str):
