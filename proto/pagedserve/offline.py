@@ -9,6 +9,7 @@
     outputs = llm.generate(["Hello, my name is"], SamplingParams(max_tokens=32, temperature=0))
     print(outputs[0].outputs[0].text)
     replies = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))
+    best = llm.beam_search(["Hello"], BeamSearchParams(beam_width=4, max_tokens=8))
 
 The scheduler drives the executor through `InProcessExecutorHandle`, which has the interface of
 the gRPC handle (send plans in order, receive results in order), so both are tested by the same
@@ -29,6 +30,7 @@ from executor_svc.bootstrap import build_runner
 from executor_svc.config import add_engine_arguments, add_model_arguments
 from executor_svc.model_files import default_cache_dir, resolve_model
 from executor_svc.runner import ModelRunner
+from pagedserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from pagedserve.flags import long_options
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 from scheduler_svc.admission import PoolLimits, admit_request
@@ -124,7 +126,8 @@ class LLM:
                                             block_size=runner.limits.block_size),
             limits=common_pb2.ExecutorLimits(
                 max_num_seqs=runner.limits.max_num_seqs,
-                max_num_batched_tokens=runner.limits.max_num_batched_tokens)),
+                max_num_batched_tokens=runner.limits.max_num_batched_tokens,
+                max_logprobs=runner.limits.max_logprobs)),
             lambda: InProcessExecutorHandle(runner, self.executed), enable_prefix_caching,
             overlap)
 
@@ -143,6 +146,8 @@ class LLM:
             max_model_len=model.max_model_len, num_blocks=kv.num_blocks,
             block_size=kv.block_size, max_num_seqs=limits.max_num_seqs,
             vocab_size=model.vocab_size)
+        self.eos_token_ids = list(model.eos_token_ids)
+        self.max_logprobs = limits.max_logprobs
         self.tokenizer_dir = tokenizer_dir
         self.make_handle = make_handle
         self.overlap = overlap
@@ -197,6 +202,13 @@ class LLM:
             list(conversation), add_generation_prompt=add_generation_prompt, tokenize=False),
             add_special_tokens=False).input_ids for conversation in conversations]
         return self.generate(prompts, sampling_params)
+
+    def beam_search(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """The `params.beam_width` best continuations of each prompt, best first, as vLLM's
+        `LLM.beam_search` (pagedserve/beam_search.py: beams share KV blocks through the prefix
+        cache)."""
+        return beam_search(self, self._token_prompts(prompts), params)
 
     def _token_prompts(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str):

@@ -1,0 +1,104 @@
+"""Beam search for the offline engine (`LLM.beam_search`), built on the engine as vLLM builds
+its own: each step submits every live beam as a request for one token with the top
+2 x beam_width logprobs, and keeps the beam_width best extensions by cumulative logprob. The
+beams share their KV memory through the prefix cache: a beam's prompt + tokens so far is a
+prefix of what the step before computed, so each step computes only the blocks that changed
+(the last partial block and the new token), whatever the beam width.
+
+Scores follow vLLM's `get_beam_search_score`: cumulative logprob / length ** length_penalty,
+the length counting prompt and generated tokens without a final EOS. A beam that samples EOS
+(unless ignore_eos) is complete and leaves the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pagedserve.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from pagedserve.offline import LLM
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+
+    def check(self, max_logprobs: int) -> None:
+        if self.beam_width < 1 or 2 * self.beam_width > max_logprobs:
+            raise ValueError(f"beam_width: {self.beam_width}, must be 1 to {max_logprobs // 2} "
+                             f"(twice it top logprobs per step; the engine's max_logprobs is "
+                             f"{max_logprobs})")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: {self.max_tokens}, must be at least 1")
+
+
+@dataclass
+class BeamSequence:
+    tokens: list[int]  # prompt + generated
+    cum_logprob: float = 0.0
+    num_prompt_tokens: int = 0
+    finished: bool = False
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)  # of each generated token
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens:]
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best beams of one prompt, best first."""
+
+    sequences: list[BeamSequence]
+
+
+def score(beam: BeamSequence, eos_token_ids: Sequence[int], length_penalty: float) -> float:
+    length = len(beam.tokens) - (1 if beam.finished and beam.tokens[-1] in eos_token_ids else 0)
+    return beam.cum_logprob / (length ** length_penalty)
+
+
+def beam_search(llm: LLM, prompts: Sequence[Sequence[int]],
+                params: BeamSearchParams) -> list[BeamSearchOutput]:
+    params.check(llm.max_logprobs)
+    eos = set(llm.eos_token_ids)
+    step_params = common_pb2.SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
+                                            logprobs=2 * params.beam_width)
+    live = [[BeamSequence(list(p), num_prompt_tokens=len(p))] for p in prompts]
+    done: list[list[BeamSequence]] = [[] for _ in prompts]
+    for _ in range(params.max_tokens):
+        beams = [beam for group in live for beam in group]
+        if not beams:
+            break
+        outputs = llm.generate([beam.tokens for beam in beams], step_params)
+        extended = iter(_extensions(beam, output.outputs[0].logprobs[0], eos, params)
+                        for beam, output in zip(beams, outputs, strict=True))
+        for i, group in enumerate(live):
+            candidates = [c for _ in group for c in next(extended)]
+            candidates.sort(key=lambda c: c.cum_logprob, reverse=True)
+            kept = candidates[:params.beam_width]
+            done[i] += [c for c in kept if c.finished]
+            live[i] = [c for c in kept if not c.finished]
+    results = []
+    for finished, unfinished in zip(done, live, strict=True):
+        best = sorted(finished + unfinished, reverse=True,
+                      key=lambda b: score(b, eos, params.length_penalty))[:params.beam_width]
+        for beam in best:
+            beam.text = llm.tokenizer.decode(beam.output_tokens, skip_special_tokens=True)
+        results.append(BeamSearchOutput(best))
+    return results
+
+
+def _extensions(beam: BeamSequence, position: common_pb2.PositionLogprobs, eos: set[int],
+                params: BeamSearchParams) -> list[BeamSequence]:
+    return [BeamSequence(beam.tokens + [top.token_id], beam.cum_logprob + top.logprob,
+                         beam.num_prompt_tokens,
+                         finished=top.token_id in eos and not params.ignore_eos,
+                         logprobs=beam.logprobs + [top.logprob])
+            for top in position.top]
