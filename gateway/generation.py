@@ -1,16 +1,26 @@
 """One prompt through the scheduler, as the client sees it: token deltas become text deltas per
 choice (incremental detokenization, stop strings), with the usage counts at the end. Shared by
-the HTTP API and the public gRPC API."""
+the HTTP API and the public gRPC API. Also beam search over the scheduler (`beam_choices`, the
+HTTP API's `use_beam_search`)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gateway.detokenizer import IncrementalDetokenizer
 from gateway.metrics import METRICS
-from gateway.scheduler_client import NO_DEADLINE, Deadline, SchedulerClient, ServedModel
+from gateway.scheduler_client import (
+    NO_DEADLINE,
+    Deadline,
+    GatewayError,
+    SchedulerClient,
+    ServedModel,
+)
+from pagedserve.beam_search import BeamSearchParams, search, step_sampling
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -104,3 +114,35 @@ def _observe_tokens(last_token_at: list[float | None], index: int, count: int,
     else:
         METRICS.inter_token_latency.observe((now - previous) / count)
     last_token_at[index] = now
+
+
+async def beam_choices(client: SchedulerClient, served: ServedModel, request_id: str,
+                       prompt_token_ids: list[int], params: BeamSearchParams, usage: Usage,
+                       deadline: Deadline = NO_DEADLINE) -> list[ChoiceDelta]:
+    """The beam_width best beams of one prompt as finished choices, best first: the search of
+    pagedserve/beam_search.py, each step's beams submitted to the scheduler together (it
+    batches them, and its prefix cache shares their blocks)."""
+    sampling = step_sampling(params)
+    ids = itertools.count()
+
+    async def next_position(tokens: list[int]) -> common_pb2.PositionLogprobs:
+        submit = scheduler_pb2.SubmitRequest(
+            request_id=f"{request_id}-{next(ids)}", model=served.info.model_id,
+            prompt_token_ids=tokens, sampling=sampling)
+        async for delta in client.generate(submit, deadline):
+            if delta.logprobs:
+                return delta.logprobs[0]
+        raise GatewayError(500, "beam search: the scheduler returned no token",
+                           "internal_error")
+
+    async def step(sequences: list[list[int]]) -> list[common_pb2.PositionLogprobs]:
+        return list(await asyncio.gather(*(next_position(tokens) for tokens in sequences)))
+
+    [beams] = await search(step, [prompt_token_ids], params, served.info.eos_token_ids)
+    usage.prompt_tokens = len(prompt_token_ids)
+    usage.completion_tokens = sum(len(beam.output_tokens) for beam in beams)
+    return [ChoiceDelta(index=i, token_ids=beam.output_tokens, logprobs=[],
+                        text=served.tokenizer.decode(beam.output_tokens,
+                                                     skip_special_tokens=True),
+                        finish_reason="stop" if beam.finished else "length")
+            for i, beam in enumerate(beams)]

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.generation import ChoiceDelta, Usage, generate
+from gateway.generation import ChoiceDelta, Usage, beam_choices, generate
 from gateway.metrics import METRICS
 from gateway.openai_protocol import (
     ChatCompletionRequest,
@@ -232,9 +232,18 @@ def create_app(client: SchedulerClient, request_timeout_s: float | None = None) 
         usages = [Usage() for _ in prompts]
         n = max(1, sampling.n)
 
+        beam_params = (body.beam_search_params(sampling.max_tokens or None)
+                       if body.use_beam_search else None)
+
         async def deltas() -> AsyncIterator[ChoiceDelta]:
             # Several prompts: choices are numbered prompt by prompt (OpenAI's order).
             for p, ids in enumerate(prompts):
+                if beam_params is not None:  # finished choices, at once
+                    for choice in await beam_choices(client, served, f"{request_id}-{p}", ids,
+                                                     beam_params, usages[p], deadline):
+                        choice.index += p * n
+                        yield choice
+                    continue
                 async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
                                              usages[p], deadline=deadline):
                     choice.index += p * n

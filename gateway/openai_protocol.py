@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.scheduler_client import GatewayError
+from pagedserve.beam_search import BeamSearchParams
 from pagedserve.v1 import common_pb2
 
 MAX_N = 64
@@ -54,6 +56,10 @@ class SamplingFields(BaseModel):
     user: str | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # vLLM's beam search extension: the n best beams (n at most MAX_LOGPROBS / 2), scored by
+    # cumulative logprob / length ** length_penalty.
+    use_beam_search: StrictBool = False
+    length_penalty: Annotated[float, Field(ge=-10.0, le=10.0, strict=True)] = 1.0
 
     @field_validator("stop")
     @classmethod
@@ -77,6 +83,25 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"keys must be token ids, got {key!r}")
         return bias
 
+    def beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
+        """With use_beam_search: its parameters; a 400 naming a field it cannot honour (the
+        search is greedy over the top logprobs, and not streamed)."""
+        if not max_tokens:
+            raise GatewayError(400, "max_tokens: required with use_beam_search",
+                               "invalid_request_error", "max_tokens")
+        fields = type(self).model_fields
+        refused = sorted(name for name in BEAM_SEARCH_REFUSES & fields.keys()
+                         if getattr(self, name) not in (fields[name].default, *(
+                             (0, 0.0) if name == "temperature" else ())))
+        if refused:
+            raise GatewayError(400, f"{refused[0]}: not supported with use_beam_search",
+                               "invalid_request_error", refused[0])
+        if self.n > MAX_LOGPROBS // 2:
+            raise GatewayError(400, f"n: {self.n} beams; use_beam_search takes at most "
+                               f"{MAX_LOGPROBS // 2}", "invalid_request_error", "n")
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
+                                ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
+
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -98,6 +123,14 @@ class SamplingFields(BaseModel):
             if value is not None:
                 setattr(params, name, value)
         return params
+
+
+# Fields that change sampling or the answer's shape, which beam search does not honour (set to
+# anything but their default; temperature 0 is what the search does).
+BEAM_SEARCH_REFUSES = frozenset({
+    "stream", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
+    "logprobs", "top_logprobs", "echo"})
 
 
 class CompletionRequest(SamplingFields):

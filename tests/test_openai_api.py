@@ -20,6 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pagedserve.beam_search import BeamSearchParams
+from pagedserve.offline import LLM
 from pagedserve.serving import free_ports
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.test_up import free_consecutive_ports
@@ -206,12 +208,35 @@ def post(stack, path, body) -> tuple[int, dict]:
     ({"prompt": [10**7]}, "prompt"),
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+    # beam search: what it cannot honour
+    ({"prompt": "x", "use_beam_search": True, "stream": True}, "stream"),
+    ({"prompt": "x", "use_beam_search": True, "temperature": 0.7}, "temperature"),
+    ({"prompt": "x", "use_beam_search": True, "stop": ["a"]}, "stop"),
+    ({"prompt": "x", "use_beam_search": True, "n": 11}, "n"),
+    ({"prompt": "x", "use_beam_search": True, "length_penalty": 1e300}, "length_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "use_beam_search": True}, "max_tokens"),
 ])
 def test_bad_requests_are_400_naming_the_field(stack, body, param):
-    status, reply = post(stack, "/v1/completions", body)
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    status, reply = post(stack, path, body)
     assert status == 400, reply
     assert reply["error"]["param"] == param
     assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+
+
+def test_beam_search_over_http_matches_the_offline_engine(client, tiny_llama_dir):
+    """vLLM's use_beam_search extension: the n best beams, best first, as the offline engine's
+    beam search (tested against transformers in test_beam_search.py) finds them."""
+    reply = client.completions.create(model=tiny_llama_dir.name, prompt="the cat", n=3,
+                                      max_tokens=4, temperature=0,
+                                      extra_body={"use_beam_search": True, "ignore_eos": True})
+    with LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01) as llm:
+        [expected] = llm.beam_search(["the cat"], BeamSearchParams(beam_width=3, max_tokens=4,
+                                                                   ignore_eos=True))
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == \
+        [beam.text for beam in expected.sequences]
+    assert {c.finish_reason for c in reply.choices} == {"length"}
+    assert reply.usage.completion_tokens == 12
 
 
 def test_malformed_json_and_unknown_model(stack):

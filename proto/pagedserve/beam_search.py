@@ -1,9 +1,10 @@
-"""Beam search for the offline engine (`LLM.beam_search`), built on the engine as vLLM builds
-its own: each step submits every live beam as a request for one token with the top
-2 x beam_width logprobs, and keeps the beam_width best extensions by cumulative logprob. The
-beams share their KV memory through the prefix cache: a beam's prompt + tokens so far is a
-prefix of what the step before computed, so each step computes only the blocks that changed
-(the last partial block and the new token), whatever the beam width.
+"""Beam search, built on the engine as vLLM builds its own: each step submits every live beam
+as a request for one token with the top 2 x beam_width logprobs, and keeps the beam_width best
+extensions by cumulative logprob. The beams share their KV memory through the prefix cache: a
+beam's prompt + tokens so far is a prefix of what the step before computed, so each step
+computes only the blocks that changed (the last partial block and the new token), whatever the
+beam width. `search` is the algorithm over any way of running a step: the offline engine
+(`LLM.beam_search`, here) and the gateway (`use_beam_search`, gateway/generation.py).
 
 Scores follow vLLM's `get_beam_search_score`: cumulative logprob / length ** length_penalty,
 the length counting prompt and generated tokens without a final EOS. A beam that samples EOS
@@ -12,7 +13,8 @@ the length counting prompt and generated tokens without a final EOS. A beam that
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,35 +66,55 @@ def score(beam: BeamSequence, eos_token_ids: Sequence[int], length_penalty: floa
     return beam.cum_logprob / (length ** length_penalty)
 
 
-def beam_search(llm: LLM, prompts: Sequence[Sequence[int]],
-                params: BeamSearchParams) -> list[BeamSearchOutput]:
-    params.check(llm.max_logprobs)
-    eos = set(llm.eos_token_ids)
-    step_params = common_pb2.SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
-                                            logprobs=2 * params.beam_width)
+# One step: for each sequence (token ids), the top logprobs of the position after it.
+Step = Callable[[list[list[int]]], Awaitable[list[common_pb2.PositionLogprobs]]]
+
+
+def step_sampling(params: BeamSearchParams) -> common_pb2.SamplingParams:
+    """What each beam is submitted with at each step."""
+    return common_pb2.SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
+                                     logprobs=2 * params.beam_width)
+
+
+async def search(step: Step, prompts: Sequence[Sequence[int]], params: BeamSearchParams,
+                 eos_token_ids: Sequence[int]) -> list[list[BeamSequence]]:
+    """The `params.beam_width` best beams of each prompt, best first."""
+    eos = set(eos_token_ids)
     live = [[BeamSequence(list(p), num_prompt_tokens=len(p))] for p in prompts]
     done: list[list[BeamSequence]] = [[] for _ in prompts]
     for _ in range(params.max_tokens):
         beams = [beam for group in live for beam in group]
         if not beams:
             break
-        outputs = llm.generate([beam.tokens for beam in beams], step_params)
-        extended = iter(_extensions(beam, output.outputs[0].logprobs[0], eos, params)
-                        for beam, output in zip(beams, outputs, strict=True))
+        positions = await step([beam.tokens for beam in beams])
+        extended = iter(_extensions(beam, position, eos, params)
+                        for beam, position in zip(beams, positions, strict=True))
         for i, group in enumerate(live):
             candidates = [c for _ in group for c in next(extended)]
             candidates.sort(key=lambda c: c.cum_logprob, reverse=True)
             kept = candidates[:params.beam_width]
             done[i] += [c for c in kept if c.finished]
             live[i] = [c for c in kept if not c.finished]
-    results = []
-    for finished, unfinished in zip(done, live, strict=True):
-        best = sorted(finished + unfinished, reverse=True,
-                      key=lambda b: score(b, eos, params.length_penalty))[:params.beam_width]
-        for beam in best:
+    return [sorted(finished + unfinished, reverse=True,
+                   key=lambda b: score(b, eos, params.length_penalty))[:params.beam_width]
+            for finished, unfinished in zip(done, live, strict=True)]
+
+
+def beam_search(llm: LLM, prompts: Sequence[Sequence[int]],
+                params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """`search` on the offline engine, one event loop for every step."""
+    params.check(llm.max_logprobs)
+    sampling = step_sampling(params)
+
+    async def step(sequences: list[list[int]]) -> list[common_pb2.PositionLogprobs]:
+        outputs = await llm._generate(sequences, [sampling] * len(sequences))
+        return [output.outputs[0].logprobs[0] for output in outputs]
+
+    results = asyncio.run(search(step, prompts, params, llm.eos_token_ids))
+    for beams in results:
+        for beam in beams:
             beam.text = llm.tokenizer.decode(beam.output_tokens, skip_special_tokens=True)
-        results.append(BeamSearchOutput(best))
-    return results
+    return [BeamSearchOutput(beams) for beams in results]
 
 
 def _extensions(beam: BeamSequence, position: common_pb2.PositionLogprobs, eos: set[int],
