@@ -87,8 +87,9 @@ class SamplingFields(BaseModel):
         """With use_beam_search: its parameters; a 400 naming a field it cannot honour (the
         search is greedy over the top logprobs, and not streamed)."""
         if not max_tokens:
-            raise GatewayError(400, "max_tokens: required with use_beam_search",
-                               "invalid_request_error", "max_tokens")
+            raise GatewayError(400, "use_beam_search: needs max_tokens (or "
+                               "max_completion_tokens), the length of the beams",
+                               "invalid_request_error", "use_beam_search")
         fields = type(self).model_fields
         refused = sorted(name for name in BEAM_SEARCH_REFUSES & fields.keys()
                          if getattr(self, name) not in (fields[name].default, *(

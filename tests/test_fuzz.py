@@ -37,6 +37,7 @@ RANGES = {
     "n": (1, 64, False), "max_tokens": (1, math.inf, False), "min_tokens": (0, math.inf, False),
     "logprobs": (0, 20, False), "top_logprobs": (0, 20, False),
     "max_completion_tokens": (1, math.inf, False), "seed": (0, 2**64 - 1, False),
+    "length_penalty": (-10.0, 10.0, False),
 }
 FUZZ_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                          suppress_health_check=[HealthCheck.too_slow])
@@ -117,6 +118,7 @@ VALID = {
     "model": st.just(MODEL), "stream": st.booleans(), "ignore_eos": st.booleans(),
     "skip_special_tokens": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "use_beam_search": st.booleans(), "length_penalty": st.floats(-2, 2),
 }
 COMPLETION = {
     "prompt": st.one_of(TEXT.filter(str.strip), st.lists(st.integers(0, 200), min_size=1,
@@ -170,7 +172,10 @@ def assert_completion(reply, body: dict, path: str) -> None:
         finished = [c for e in events for c in e["choices"] if c["finish_reason"]]
     else:
         finished = reply.json()["choices"]
-        assert reply.json()["usage"]["completion_tokens"] <= FAKE_TOKENS * len(finished)
+        # A beam search asks the (fake) scheduler for one token per beam and step.
+        per_choice = (body.get("max_tokens") or body.get("max_completion_tokens") or 16
+                      if body.get("use_beam_search") is True else FAKE_TOKENS)
+        assert reply.json()["usage"]["completion_tokens"] <= per_choice * len(finished)
     prompts = len(body["prompt"]) if path == "/v1/completions" and isinstance(
         body["prompt"], list) and isinstance(body["prompt"][0], list | str) else 1
     assert len(finished) == prompts * body.get("n", 1)

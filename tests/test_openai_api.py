@@ -214,7 +214,8 @@ def post(stack, path, body) -> tuple[int, dict]:
     ({"prompt": "x", "use_beam_search": True, "stop": ["a"]}, "stop"),
     ({"prompt": "x", "use_beam_search": True, "n": 11}, "n"),
     ({"prompt": "x", "use_beam_search": True, "length_penalty": 1e300}, "length_penalty"),
-    ({"messages": [{"role": "user", "content": "x"}], "use_beam_search": True}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "use_beam_search": True},
+     "use_beam_search"),  # and no max_tokens
 ])
 def test_bad_requests_are_400_naming_the_field(stack, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
