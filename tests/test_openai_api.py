@@ -226,8 +226,9 @@ def test_bad_requests_are_400_naming_the_field(stack, body, param):
 
 
 def test_beam_search_over_http_matches_the_offline_engine(client, tiny_llama_dir):
-    """vLLM's use_beam_search extension: the n best beams, best first, as the offline engine's
-    beam search (tested against transformers in test_beam_search.py) finds them."""
+    """vLLM's use_beam_search extension, completions and chat: the n best beams, best first,
+    as the offline engine's beam search (tested against transformers in test_beam_search.py)
+    finds them."""
     reply = client.completions.create(model=tiny_llama_dir.name, prompt="the cat", n=3,
                                       max_tokens=4, temperature=0,
                                       extra_body={"use_beam_search": True, "ignore_eos": True})
@@ -238,6 +239,20 @@ def test_beam_search_over_http_matches_the_offline_engine(client, tiny_llama_dir
         [beam.text for beam in expected.sequences]
     assert {c.finish_reason for c in reply.choices} == {"length"}
     assert reply.usage.completion_tokens == 12
+
+    messages = [{"role": "user", "content": "the cat"}]
+    chat = client.chat.completions.create(model=tiny_llama_dir.name, messages=messages, n=2,
+                                          max_tokens=3,
+                                          extra_body={"use_beam_search": True,
+                                                      "ignore_eos": True})
+    with LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01) as llm:
+        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        ids = llm.tokenizer(text, add_special_tokens=False).input_ids
+        [expected] = llm.beam_search([ids], BeamSearchParams(beam_width=2, max_tokens=3,
+                                                             ignore_eos=True))
+    assert [c.message.content for c in sorted(chat.choices, key=lambda c: c.index)] == \
+        [beam.text for beam in expected.sequences]
 
 
 def test_malformed_json_and_unknown_model(stack):
