@@ -51,6 +51,10 @@ class StepScheduler:
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        # Blocks each waiting sequence needs to start, as counted when it was queued, and their
+        # sum: kept as the queue changes, since routing reads it for every new request.
+        self._claims: dict[str, int] = {}
+        self._claimed_blocks = 0
         self.running: list[Sequence] = []  # in admission order
         self.by_id: dict[str, Sequence] = {}
         self.requests: dict[str, Request] = {}
@@ -102,6 +106,8 @@ class StepScheduler:
         """Every unfinished sequence, leaving this pool empty (its executor was lost)."""
         seqs = [s for s in self.by_id.values() if s.state is not SeqState.FINISHED]
         self.waiting.clear()
+        self._claims.clear()
+        self._claimed_blocks = 0
         self.running.clear()
         self.by_id.clear()
         self.requests.clear()
@@ -117,9 +123,7 @@ class StepScheduler:
         """Free blocks less those the waiting sequences need to start (their known tokens): the
         room a newly routed request finds. Requests that arrive together are queued before
         any step allocates for them; counting only free blocks sent them all to one executor."""
-        block_size = self.blocks.block_size
-        waiting = sum(-(-len(s.token_ids) // block_size) for s in self.waiting)
-        return self.blocks.num_free_blocks - waiting
+        return self.blocks.num_free_blocks - self._claimed_blocks
 
     @property
     def num_in_flight(self) -> int:
@@ -206,7 +210,7 @@ class StepScheduler:
             except NoFreeBlocks:
                 self.blocks.free(seq.seq_id)
                 break
-            self.waiting.pop(0)
+            self._unclaim(self.waiting.pop(0))
             if seq.index == 0 and not seq.request.first_delta_sent:
                 seq.request.num_cached_prompt_tokens = computed
             seq.state, seq.num_computed, seq.on_executor = SeqState.RUNNING, computed, True
@@ -298,6 +302,11 @@ class StepScheduler:
 
     def _enqueue(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+        claim = self._claims[seq.seq_id] = -(-len(seq.token_ids) // self.blocks.block_size)
+        self._claimed_blocks += claim
+
+    def _unclaim(self, seq: Sequence) -> None:
+        self._claimed_blocks -= self._claims.pop(seq.seq_id)
 
     # -- results ----------------------------------------------------------------------
 
@@ -343,6 +352,7 @@ class StepScheduler:
             self.running.remove(seq)
         elif seq.state is SeqState.WAITING:
             self.waiting.remove(seq)
+            self._unclaim(seq)
         if seq.on_executor:
             self._to_drop.append(seq.seq_id)
         seq.state, seq.on_executor = SeqState.FINISHED, False

@@ -83,3 +83,24 @@ def test_a_prefix_hit_wins_over_room():
         assert cluster.placement["hit"].executor_id == "cached"
         assert cluster.placement["miss"].executor_id == "roomy"
     run(test)
+
+
+def test_unclaimed_room_follows_the_queue():
+    """The room routing reads is the free blocks less what each waiting request needs to
+    start, counted independently here as the queue grows and shrinks."""
+    async def test(cluster):
+        cluster.register(registration("a", 40))
+        scheduler = cluster.pools["a"].scheduler
+        prompts = {f"r{i}": list(range(9 + 4 * i)) for i in range(4)}  # 9, 13, 17, 21 tokens
+        for request_id, prompt in prompts.items():
+            cluster.submit("m", submission(request_id, prompt), fail=lambda code, message: None)
+
+        def expected() -> int:
+            return 40 - sum(-(-len(prompts[r]) // BLOCK_SIZE) for r in prompts)
+        assert scheduler.num_unclaimed_free_blocks == expected() == 40 - (3 + 4 + 5 + 6)
+        cluster.finished("r1")  # aborted while waiting
+        del prompts["r1"]
+        assert scheduler.num_unclaimed_free_blocks == expected()
+        scheduler.take_all()  # its executor was lost
+        assert scheduler.num_unclaimed_free_blocks == 40
+    run(test)
