@@ -1,0 +1,82 @@
+"""One decode step of the default model on the CPU, and the paged-attention kernel's share of it.
+
+    python benchmarks/bench_decode_step.py [--batch 64] [--context 220] [--repeats 7]
+
+The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
+`--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
+one token: the model's forward pass and its logits, as the executor runs a decode step. The
+attention kernel is timed inside the forward pass (every call to
+`kernels.cpu_kernels.paged_decode_attention_cpu`), so its figure is what it costs between the
+matmuls, with the KV cache (30 layers) streamed from memory as in serving, not hot in cache as
+a kernel-only loop would have it. Prints the median over `--repeats` rounds of 5 steps.
+
+To compare two versions of the kernels, run this script from each checkout, alternating
+(`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
+builds its own kernel library (named by the hash of its sources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from executor_svc.batch import ScheduledSequence, build_flat_batch
+from executor_svc.kv_cache import allocate_kv_cache
+from executor_svc.model_files import default_cache_dir, resolve_model
+from executor_svc.models import load_model
+from executor_svc.models.layers import bind_kernels
+from kernels import cpu_kernels
+from kernels.dispatch import cpu_kernels as cpu_kernel_set
+
+STEPS_PER_ROUND = 5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=220)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args()
+
+    model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
+    bind_kernels(model, cpu_kernel_set())
+    blocks_per_seq = (args.context + 20) // args.block_size + 2
+    allocate_kv_cache(model, args.batch * blocks_per_seq, args.block_size, torch.bfloat16,
+                      torch.device("cpu"))
+    batch = build_flat_batch([
+        ScheduledSequence([5], args.context + i % 41 - 20,
+                          list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
+        for i in range(args.batch)], args.block_size)
+
+    attention_s = [0.0]
+    kernel = cpu_kernels.paged_decode_attention_cpu
+
+    def timed_kernel(*call_args, **kwargs):
+        start = time.perf_counter()
+        out = kernel(*call_args, **kwargs)
+        attention_s[0] += time.perf_counter() - start
+        return out
+    cpu_kernels.paged_decode_attention_cpu = timed_kernel
+
+    steps, attention = [], []
+    with torch.inference_mode():
+        for round_index in range(args.repeats + 1):  # round 0 warms up
+            attention_s[0] = 0.0
+            start = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                model.compute_logits(model(batch.input_ids, batch.positions, batch.meta))
+            if round_index:
+                steps.append((time.perf_counter() - start) / STEPS_PER_ROUND)
+                attention.append(attention_s[0] / STEPS_PER_ROUND)
+    print(f"batch {args.batch}, context ~{args.context}, threads {torch.get_num_threads()}: "
+          f"decode step {statistics.median(steps) * 1e3:.1f} ms, attention "
+          f"{statistics.median(attention) * 1e3:.1f} ms (medians of {args.repeats} x "
+          f"{STEPS_PER_ROUND} steps)")
+
+
+if __name__ == "__main__":
+    main()
