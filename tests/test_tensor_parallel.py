@@ -7,10 +7,12 @@ group lives and dies as one executor."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -220,8 +222,13 @@ def test_sizes_the_model_cannot_take_are_refused_before_anything_starts(model_di
         check_tensor_parallel(directory, 3)
     with pytest.raises(TensorParallelError, match=r"KV heads \(3\)"):
         TensorParallel(size=2).split_heads(6, 3)
+    rendezvous_before = set(pathlib.Path(tempfile.gettempdir()).glob("pagedserve-tp-*"))
+    children_before = set(_followers(os.getpid()))
     with pytest.raises(StartupError, match="--tensor-parallel-size: the number of attention"):
         LLM(str(directory), tensor_parallel_size=3, **ENGINE)
+    # Refused before any rank started: no child process, no rendezvous directory.
+    assert set(_followers(os.getpid())) == children_before
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("pagedserve-tp-*")) == rendezvous_before
     with pytest.raises(StartupError, match="--tensor-parallel-size must be at least 1, got 0"):
         LLM(str(directory), tensor_parallel_size=0, **ENGINE)
 
