@@ -7,12 +7,10 @@ group lives and dies as one executor."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -27,6 +25,7 @@ from executor_svc.models.layers import (
     VocabParallelEmbedding,
 )
 from executor_svc.parallel import TensorParallel, TensorParallelError
+from executor_svc.tp_group import Followers
 from pagedserve.offline import LLM
 from pagedserve.serving import StartupError
 from pagedserve.v1 import common_pb2
@@ -216,19 +215,21 @@ def test_head_splits(heads, kv_heads, size, expected):
 # -- errors ---------------------------------------------------------------------------------
 
 
-def test_sizes_the_model_cannot_take_are_refused_before_anything_starts(model_dirs):
+def _no_follower_may_start(*args, **kwargs):
+    raise AssertionError("a tensor-parallel rank was started")
+
+
+def test_sizes_the_model_cannot_take_are_refused_before_anything_starts(model_dirs,
+                                                                         monkeypatch):
     directory = model_dirs("llama-gqa-kv-split")  # 4 query heads, 2 KV heads
     with pytest.raises(TensorParallelError, match=r"attention heads \(4\).*tensor-parallel-size 3"):
         check_tensor_parallel(directory, 3)
     with pytest.raises(TensorParallelError, match=r"KV heads \(3\)"):
         TensorParallel(size=2).split_heads(6, 3)
-    rendezvous_before = set(pathlib.Path(tempfile.gettempdir()).glob("pagedserve-tp-*"))
-    children_before = set(_followers(os.getpid()))
+    # Refused before any rank is started: starting one here fails the test.
+    monkeypatch.setattr(Followers, "start", _no_follower_may_start)
     with pytest.raises(StartupError, match="--tensor-parallel-size: the number of attention"):
         LLM(str(directory), tensor_parallel_size=3, **ENGINE)
-    # Refused before any rank started: no child process, no rendezvous directory.
-    assert set(_followers(os.getpid())) == children_before
-    assert set(pathlib.Path(tempfile.gettempdir()).glob("pagedserve-tp-*")) == rendezvous_before
     with pytest.raises(StartupError, match="--tensor-parallel-size must be at least 1, got 0"):
         LLM(str(directory), tensor_parallel_size=0, **ENGINE)
 
