@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -44,8 +45,10 @@ log = structlog.get_logger(__name__)
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner, description: executor_pb2.DescribeResponse):
+    def __init__(self, runner: ModelRunner, description: executor_pb2.DescribeResponse,
+                 step_thread: ThreadPoolExecutor):
         self.runner = runner
+        self._step_thread = step_thread
         self.description = description
         # One Run stream at a time; a new one stops the previous one (see executor.proto).
         self._stream_lock = asyncio.Lock()
@@ -90,8 +93,9 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
         self._stream_lock.release()
 
     async def _execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
-        # In a thread: the event loop keeps answering health checks and heartbeats.
-        return await asyncio.to_thread(self.runner.step, plan)
+        # Off the event loop, which keeps answering health checks and heartbeats.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._step_thread, self.runner.step, plan)
 
 
 async def _next_or_stop(plans: AsyncIterator, stop: asyncio.Event):
@@ -138,12 +142,17 @@ async def serve(args: argparse.Namespace) -> None:
                                             args.served_model_name)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
-    runner = await asyncio.to_thread(build_runner, args, model_dir)
+    # The model is built and every step runs on this one thread: torch's OpenMP team belongs to
+    # the thread that calls it, so steps hopping between pool threads would each start a team
+    # (and keep its threads) on the first visit of a new thread.
+    step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+    runner = await asyncio.get_running_loop().run_in_executor(
+        step_thread, build_runner, args, model_dir)
     dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
     description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner, dtype)
 
     server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
-    service = ExecutorService(runner, description)
+    service = ExecutorService(runner, description, step_thread)
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server.server)
     await server.start([SERVICE_NAME])
     stop = asyncio.Event()
@@ -165,6 +174,7 @@ async def serve(args: argparse.Namespace) -> None:
     await service.drain(DRAIN_TIMEOUT_S)
     await server.stop()
     runner.close()
+    step_thread.shutdown()
 
 
 def main(args: argparse.Namespace) -> int:

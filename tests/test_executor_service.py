@@ -139,3 +139,53 @@ def test_registers_late_and_again_when_forgotten(executor):
     assert first.address == f"127.0.0.1:{port}"
     assert first.kv_cache == description.kv_cache and first.model == description.model
     assert fake.heartbeats >= 3
+
+
+class ThreadRecordingRunner:
+    def __init__(self):
+        self.threads: set[int] = set()
+
+    def reset(self):
+        pass
+
+    def step(self, plan):
+        self.threads.add(threading.get_ident())
+        return executor_pb2.StepResult(step_id=plan.step_id)
+
+
+class FakeContext:
+    def peer(self):
+        return "test"
+
+
+def test_every_step_runs_on_the_one_step_thread():
+    """torch's OpenMP team belongs to the calling thread: steps must not hop between threads,
+    even while other work keeps the event loop's default thread pool busy."""
+    import asyncio
+
+    from executor_svc.server import ExecutorService
+
+    async def scenario() -> set[int]:
+        runner = ThreadRecordingRunner()
+        with futures.ThreadPoolExecutor(max_workers=1) as step_thread:
+            service = ExecutorService(runner, executor_pb2.DescribeResponse(), step_thread)
+
+            # Blocking work beside the steps, each job taking the default pool's idle thread
+            # and holding it to the end: a step run in that pool would move to a new thread.
+            release, beside = threading.Event(), []
+            loop = asyncio.get_running_loop()
+
+            async def plans():
+                for step_id in range(50):
+                    if step_id < 3:
+                        await asyncio.sleep(0.02)  # the last step's thread is idle again
+                        beside.append(loop.run_in_executor(None, release.wait))
+                    yield executor_pb2.StepPlan(step_id=step_id)
+
+            results = [r.step_id async for r in service.Run(plans(), FakeContext())]
+            release.set()
+            await asyncio.gather(*beside)
+        assert results == list(range(50))
+        return runner.threads
+
+    assert len(asyncio.run(scenario())) == 1
