@@ -1,6 +1,7 @@
 """One decode step of the default model on the CPU, and the paged-attention kernel's share of it.
 
     python benchmarks/bench_decode_step.py [--batch 64] [--context 220] [--repeats 7]
+                                           [--block-order contiguous|scattered]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
@@ -9,6 +10,9 @@ attention kernel is timed inside the forward pass (every call to
 `kernels.cpu_kernels.paged_decode_attention_cpu`), so its figure is what it costs between the
 matmuls, with the KV cache (30 layers) streamed from memory as in serving, not hot in cache as
 a kernel-only loop would have it. Prints the median over `--repeats` rounds of 5 steps.
+Block tables are contiguous runs of blocks by default; `--block-order scattered` deals every
+sequence random blocks of the pool, as a serving pool's tables are once its blocks have been
+freed and reused a few times.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
@@ -18,6 +22,7 @@ builds its own kernel library (named by the hash of its sources).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -40,16 +45,21 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=220)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-order", choices=["contiguous", "scattered"],
+                        default="contiguous")
     args = parser.parse_args()
 
     model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
     bind_kernels(model, cpu_kernel_set())
     blocks_per_seq = (args.context + 20) // args.block_size + 2
-    allocate_kv_cache(model, args.batch * blocks_per_seq, args.block_size, torch.bfloat16,
-                      torch.device("cpu"))
+    num_blocks = args.batch * blocks_per_seq
+    allocate_kv_cache(model, num_blocks, args.block_size, torch.bfloat16, torch.device("cpu"))
+    blocks = list(range(num_blocks))
+    if args.block_order == "scattered":
+        random.Random(0).shuffle(blocks)
     batch = build_flat_batch([
         ScheduledSequence([5], args.context + i % 41 - 20,
-                          list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
+                          blocks[i * blocks_per_seq:(i + 1) * blocks_per_seq])
         for i in range(args.batch)], args.block_size)
 
     attention_s = [0.0]
@@ -72,7 +82,8 @@ def main() -> None:
             if round_index:
                 steps.append((time.perf_counter() - start) / STEPS_PER_ROUND)
                 attention.append(attention_s[0] / STEPS_PER_ROUND)
-    print(f"batch {args.batch}, context ~{args.context}, threads {torch.get_num_threads()}: "
+    print(f"batch {args.batch}, context ~{args.context}, {args.block_order} blocks, "
+          f"threads {torch.get_num_threads()}: "
           f"decode step {statistics.median(steps) * 1e3:.1f} ms, attention "
           f"{statistics.median(attention) * 1e3:.1f} ms (medians of {args.repeats} x "
           f"{STEPS_PER_ROUND} steps)")
