@@ -272,3 +272,25 @@ def test_abort_frees_blocks(make_llm):
         await handle.close()
 
     asyncio.run(run())
+
+
+def test_every_step_of_an_engine_runs_on_its_one_step_thread(tiny_llama_dir):
+    """torch's OpenMP team belongs to the calling thread: the offline engine's steps stay on
+    one thread across generate calls (before, each call opened a thread of its own); and a
+    closed engine says so."""
+    import threading
+
+    llm = LLM(str(tiny_llama_dir), max_num_seqs=4)
+    runner = llm.make_handle().runner
+    threads, step = set(), runner.step
+
+    def recording_step(plan):
+        threads.add(threading.current_thread())  # the objects: a dead thread's id is reused
+        return step(plan)
+    runner.step = recording_step
+    for _ in range(3):
+        llm.generate([[1, 2, 3]], greedy(3))
+    assert len(threads) == 1 and threading.current_thread() not in threads
+    llm.close()
+    with pytest.raises(RuntimeError, match="this LLM is closed"):
+        llm.generate([[1, 2, 3]], greedy(3))

@@ -55,12 +55,13 @@ class ExecutedCounters:
 
 
 class InProcessExecutorHandle:
-    """Runs plans on a ModelRunner in one worker thread, in the order they are sent."""
+    """Runs plans on a ModelRunner on the engine's step thread, in the order they are sent."""
 
-    def __init__(self, runner: ModelRunner, counters: ExecutedCounters | None = None):
+    def __init__(self, runner: ModelRunner, step_thread: ThreadPoolExecutor,
+                 counters: ExecutedCounters | None = None):
         self.runner = runner
         self.counters = ExecutedCounters() if counters is None else counters
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
+        self._thread = step_thread
         self._pending: deque[asyncio.Future] = deque()
 
     async def send(self, plan: executor_pb2.StepPlan) -> None:
@@ -75,8 +76,10 @@ class InProcessExecutorHandle:
 
     async def close(self) -> None:
         for future in self._pending:
-            future.cancel()
-        self._thread.shutdown(wait=True)
+            future.cancel()  # the steps not started yet
+        # The thread runs its work in order: once this no-op has run, the step in progress
+        # (if any) has ended, and the next handle starts from a quiet runner.
+        await asyncio.wrap_future(self._thread.submit(lambda: None))
 
 
 @dataclass
@@ -116,7 +119,17 @@ class LLM:
         args = engine_args(model=model, **engine_options)
         model_dir = resolve_model(args.model, args.model_cache_dir or default_cache_dir(),
                                   args.served_model_name)
-        runner = self._runner = build_runner(args, model_dir)
+        # The model is built and every step runs on this one thread, for the engine's life:
+        # torch's OpenMP team belongs to the calling thread (a thread per `generate` would start
+        # a team each time), and the ranks of a tensor-parallel group are killed when the
+        # thread that started them exits (PR_SET_PDEATHSIG is per thread).
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        try:
+            runner = self._runner = self._step_thread.submit(build_runner, args,
+                                                             model_dir).result()
+        except BaseException:
+            self._step_thread.shutdown()
+            raise
         self.executed = ExecutedCounters()
         self._attach(model_dir.path, executor_pb2.DescribeResponse(
             model=common_pb2.ModelInfo(max_model_len=runner.limits.max_model_len,
@@ -128,8 +141,12 @@ class LLM:
                 max_num_seqs=runner.limits.max_num_seqs,
                 max_num_batched_tokens=runner.limits.max_num_batched_tokens,
                 max_logprobs=runner.limits.max_logprobs)),
-            lambda: InProcessExecutorHandle(runner, self.executed), enable_prefix_caching,
-            overlap)
+            self._in_process_handle, enable_prefix_caching, overlap)
+
+    def _in_process_handle(self) -> InProcessExecutorHandle:
+        if self._runner is None:
+            raise RuntimeError("this LLM is closed")
+        return InProcessExecutorHandle(self._runner, self._step_thread, self.executed)
 
     def _attach(self, tokenizer_dir, executor: executor_pb2.DescribeResponse,
                 make_handle: Callable[[], ExecutorHandle], enable_prefix_caching: bool,
@@ -155,12 +172,14 @@ class LLM:
         self._ids = itertools.count()
 
     def close(self) -> None:
-        """Stops the tensor-parallel ranks this engine started (with tensor_parallel_size > 1;
-        they also stop when this process exits)."""
+        """Stops the engine's step thread and the tensor-parallel ranks it started (with
+        tensor_parallel_size > 1; they also stop when this process exits). The engine cannot
+        generate afterwards."""
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.close()
             self._runner = None
+            self._step_thread.shutdown()
 
     def __enter__(self) -> LLM:
         return self

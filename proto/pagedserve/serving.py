@@ -51,7 +51,8 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def die_with_parent() -> None:
     """A child process's `preexec_fn` (runs before exec): the kernel sends it SIGKILL when
-    the process that started it dies, so that no child outlives its parent."""
+    its parent dies, so that no child outlives it. Linux takes "parent" to be the thread that
+    started the child: start such children from a thread that lives as long as they should."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
