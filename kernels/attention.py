@@ -17,6 +17,10 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+# Query tokens per prefill tile (AttentionMetadata.prefill_tiles): each K/V row a tile reads
+# serves this many tokens.
+PREFILL_TILE_TOKENS = 16
+
 
 @dataclass
 class AttentionMetadata:
@@ -50,6 +54,22 @@ class AttentionMetadata:
         first_len = self.seq_lens - q_lens + 1  # context length of each request's first token
         lens = first_len[seq_index] + row - self.query_start_loc[:-1].long()[seq_index]
         return self.block_tables[seq_index], lens
+
+    @functools.cached_property
+    def prefill_tiles(self) -> torch.Tensor:
+        """The prefill tokens in tiles of up to PREFILL_TILE_TOKENS consecutive tokens of one
+        request, for kernels that attend a tile's queries together: [num_tiles, 4] int64 on the
+        host, each (request, first flat row, tokens, the first token's context length).
+        Computed once per step, on first use."""
+        tiles = []
+        starts = list(accumulate(self.query_lens, initial=0))
+        for request in range(self.num_decodes, len(self.query_lens)):
+            start, query_len = starts[request], self.query_lens[request]
+            first_len = self.seq_lens_host[request] - query_len + 1
+            for offset in range(0, query_len, PREFILL_TILE_TOKENS):
+                tiles.append((request, start + offset,
+                              min(PREFILL_TILE_TOKENS, query_len - offset), first_len + offset))
+        return torch.tensor(tiles, dtype=torch.int64).view(-1, 4)
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,

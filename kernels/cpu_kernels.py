@@ -85,9 +85,10 @@ def _library() -> ctypes.CDLL | None:
             return None
         log.info("built the CPU kernels", path=str(target))
     library = ctypes.CDLL(str(target))
-    library.paged_decode_attention.restype = ctypes.c_int
-    library.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [
-        ctypes.POINTER(_DecodeShape)]
+    for attention in (library.paged_decode_attention, library.paged_prefill_attention):
+        attention.restype = ctypes.c_int
+        attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(_DecodeShape)]
+    library.prefill_tiles_supported.argtypes = [ctypes.c_int64, ctypes.c_int64]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 8
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
@@ -101,6 +102,25 @@ def available() -> bool:
     return _library() is not None
 
 
+def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     tables: torch.Tensor, out: torch.Tensor, num_tasks: int, scale: float,
+                     sliding_window: int | None) -> _DecodeShape:
+    """The C kernels' view of the tensors, checked: `num_tasks` sequences (or tiles)."""
+    _, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert query.dtype in DTYPES and key_cache.dtype == query.dtype == value_cache.dtype
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0
+    assert out.dtype == query.dtype and out.stride(-1) == 1
+    return _DecodeShape(
+        num_seqs=num_tasks, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, table_stride=tables.stride(0), q_stride_s=query.stride(0),
+        q_stride_h=query.stride(1), o_stride_s=out.stride(0), o_stride_h=out.stride(1),
+        kv_stride_b=key_cache.stride(0), kv_stride_t=key_cache.stride(1),
+        kv_stride_h=key_cache.stride(2), bf16=DTYPES[query.dtype],
+        window=sliding_window or 0, scale=scale)
+
+
 def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
                                value_cache: torch.Tensor, block_tables: torch.Tensor,
                                seq_lens: torch.Tensor, scale: float,
@@ -110,28 +130,38 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
     `kernels.triton_attention.paged_attention_decode_triton` (float32 or bfloat16, CPU)."""
     library = _library()
     assert library is not None, "the CPU kernels are not available"
-    num_seqs, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
-    assert query.dtype in DTYPES and key_cache.dtype == query.dtype == value_cache.dtype
-    assert key_cache.is_contiguous() and value_cache.is_contiguous()
-    assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0
     if out is None:
         out = torch.empty_like(query)
-    assert out.dtype == query.dtype and out.stride(-1) == 1
     tables = block_tables.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
-    shape = _DecodeShape(
-        num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        block_size=block_size, table_stride=tables.stride(0), q_stride_s=query.stride(0),
-        q_stride_h=query.stride(1), o_stride_s=out.stride(0), o_stride_h=out.stride(1),
-        kv_stride_b=key_cache.stride(0), kv_stride_t=key_cache.stride(1),
-        kv_stride_h=key_cache.stride(2), bf16=DTYPES[query.dtype],
-        window=sliding_window or 0, scale=scale)
-    if num_seqs and library.paged_decode_attention(
+    shape = _attention_shape(query, key_cache, value_cache, tables, out, query.shape[0], scale,
+                             sliding_window)
+    if query.shape[0] and library.paged_decode_attention(
             out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             tables.data_ptr(), lens.data_ptr(), ctypes.byref(shape)):
         raise MemoryError("CPU decode attention: out of memory for its scratch buffers")
     return out
+
+
+def paged_prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
+                                value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                                sliding_window: int | None, out: torch.Tensor) -> None:
+    """The prefill tokens' attention into `out`, a tile of consecutive tokens of one request at
+    a time (`meta.prefill_tiles`); only where `prefill_tiles_supported`."""
+    tiles = meta.prefill_tiles
+    tables = meta.block_tables.to(torch.int64).contiguous()
+    shape = _attention_shape(query, key_cache, value_cache, tables, out, tiles.shape[0], scale,
+                             sliding_window)
+    if _library().paged_prefill_attention(
+            out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+            tables.data_ptr(), tiles.data_ptr(), ctypes.byref(shape)):
+        raise MemoryError("CPU prefill attention: out of memory for its scratch buffers")
+
+
+def prefill_tiles_supported(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether this machine's kernels attend prefills by tiles for this dtype and head size
+    (bfloat16 on AVX-512 BF16, head_dim a multiple of 32)."""
+    return bool(_library().prefill_tiles_supported(DTYPES[dtype], head_dim))
 
 
 def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -153,13 +183,24 @@ def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float,
                         sliding_window: int | None = None) -> torch.Tensor:
-    """Drop-in for `kernels.attention.paged_attention`: the whole batch through the C kernel,
-    each prefill token as a one-query request over its causal context (on the CPU this beats
-    scaled_dot_product_attention on a chunk, whose bfloat16 kernels reach about 30 GFLOP/s on
-    the default model's 256-token prompts)."""
-    tables, lens = meta.token_contexts
-    return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
-                                      sliding_window)
+    """Drop-in for `kernels.attention.paged_attention`: decodes one query per sequence; prefills
+    by tiles of consecutive tokens where the machine's kernels can
+    (`prefill_tiles_supported`), else each prefill token as a one-query request over its causal
+    context. (Both beat scaled_dot_product_attention on a chunk, whose bfloat16 kernels reach
+    about 30 GFLOP/s on the default model's 256-token prompts.)"""
+    if meta.num_decodes == len(meta.query_lens) or not prefill_tiles_supported(
+            query.dtype, query.shape[-1]):
+        tables, lens = meta.token_contexts
+        return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
+                                          sliding_window)
+    out = torch.empty_like(query)
+    decodes = meta.num_decodes
+    if decodes:
+        paged_decode_attention_cpu(query[:decodes], key_cache, value_cache,
+                                   meta.block_tables[:decodes], meta.seq_lens[:decodes], scale,
+                                   sliding_window, out=out[:decodes])
+    paged_prefill_attention_cpu(query, key_cache, value_cache, meta, scale, sliding_window, out)
+    return out
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

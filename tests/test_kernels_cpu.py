@@ -94,15 +94,30 @@ def test_kv_cache_write_matches_torch(dtype, tokens):
     assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_batch_matches_torch(dtype):
-    """Decodes through the C kernel and prefill chunks through the PyTorch path, one batch."""
-    gen = torch.Generator().manual_seed(600)
-    decodes, prefills = [BLOCK + 1, 1, 2 * BLOCK], [(0, 20), (BLOCK, 17), (2 * BLOCK + 3, 35)]
-    key_cache, value_cache, query, meta = mixed_batch(gen, dtype, 8, 2, 64, decodes, prefills)
-    out = cpu.paged_attention_cpu(query, key_cache, value_cache, meta, 0.125, None)
-    expected = _reference(query, key_cache, value_cache, meta, 0.125, None)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("with_decodes", [True, False])
+def test_mixed_batch_matches_torch(case, with_decodes):
+    """Decodes and prefill chunks in one batch. With bfloat16 on AVX-512 BF16 and head_dim a
+    multiple of 32, the prefills go by tiles of 16 tokens (chunks shorter than a tile, one tile
+    and a tail, several tiles; with and without a cached prefix, windows that cut into a tile);
+    else token by token."""
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(600 + case)
+    decodes = [BLOCK + 1, 1, 2 * BLOCK] if with_decodes else []
+    prefills = [(0, 20), (BLOCK, 17), (2 * BLOCK + 3, 35), (5, 3), (0, 1), (40, 48)]
+    key_cache, value_cache, query, meta = mixed_batch(gen, dtype, num_heads, num_kv_heads,
+                                                      head_dim, decodes, prefills)
+    scale = 1 / math.sqrt(head_dim)
+    out = cpu.paged_attention_cpu(query, key_cache, value_cache, meta, scale, window)
+    expected = _reference(query, key_cache, value_cache, meta, scale, window)
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_prefill_tiles_cover_every_prefill_token_once():
+    meta = AttentionMetadata.build(torch.zeros(0, dtype=torch.long), torch.zeros(4, 8),
+                                   [1, 1, 40, 5], [30, 7, 50, 5])
+    assert meta.prefill_tiles.tolist() == [
+        [2, 2, 16, 11], [2, 18, 16, 27], [2, 34, 8, 43], [3, 42, 5, 1]]
 
 
 def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):

@@ -225,6 +225,172 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     return failed ? -1 : 0;
 }
 
+/* Prefill attention by tiles: up to PREFILL_TILE consecutive query tokens of one sequence and
+ * one KV head per task, bfloat16 storage on CPUs with AVX-512 BF16, head_dim a multiple of 32.
+ * Token by token (as decodes), a prefill is bound by one horizontal reduction per (query row,
+ * position); here a tile of 16 positions is scored against every query row of the tile at once,
+ * vectorised over the positions (K transposed into dimension pairs, AVX-512 BF16 dot products,
+ * no reductions), and the weighted sum of V keeps blocks of query rows in registers across the
+ * positions. Each K and V row is read once per tile instead of once per query token. */
+#if defined(__AVX512BF16__)
+#define PREFILL_TILE 16
+
+/* acc[r] (+)= sum over the tile's positions p < count of probs[r][p] * vt[p], for RB rows from
+ * `r0`, over the 32 dimensions from `d0` (rows of acc and probs `dim` and `n` apart). */
+static inline __attribute__((always_inline)) void weigh_values(
+        float *acc, const float *probs, const float *vt, int64_t r0, int64_t d0, int64_t count,
+        int64_t dim, int64_t n, const int64_t rb) {
+    __m512 lo[8], hi[8];
+    for (int64_t i = 0; i < rb; i++) {
+        lo[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0);
+        hi[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0 + 16);
+    }
+    for (int64_t p = 0; p < count; p++) {
+        const __m512 v0 = _mm512_loadu_ps(vt + p * dim + d0);
+        const __m512 v1 = _mm512_loadu_ps(vt + p * dim + d0 + 16);
+        for (int64_t i = 0; i < rb; i++) {
+            const __m512 w = _mm512_set1_ps(probs[(r0 + i) * n + p]);
+            lo[i] = _mm512_fmadd_ps(w, v0, lo[i]);
+            hi[i] = _mm512_fmadd_ps(w, v1, hi[i]);
+        }
+    }
+    for (int64_t i = 0; i < rb; i++) {
+        _mm512_storeu_ps(acc + (r0 + i) * dim + d0, lo[i]);
+        _mm512_storeu_ps(acc + (r0 + i) * dim + d0 + 16, hi[i]);
+    }
+}
+
+/* sums[i] = the scores of query row r0 + i against the tile's 16 positions, for RB rows: RB
+ * independent chains of dot products, each K pair loaded once for all of them (one chain
+ * would wait on the dot product's latency at every step). */
+static inline __attribute__((always_inline)) void score_tile(
+        __m512 *sums, const uint32_t *qpairs, const uint32_t *kt, int64_t r0, int64_t pairs,
+        const int64_t rb) {
+    for (int64_t i = 0; i < rb; i++) sums[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < pairs; j++) {
+        const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + j * PREFILL_TILE);
+        for (int64_t i = 0; i < rb; i++)
+            sums[i] = _mm512_dpbf16_ps(
+                sums[i], (__m512bh)_mm512_set1_epi32((int)qpairs[(r0 + i) * pairs + j]), k);
+    }
+}
+
+/* `tokens` query tokens from flat row `row0`, the first with a context of `len0` positions (the
+ * next ones one more each), against KV head `h`; `work` as paged_prefill_attention sizes it. */
+static void attend_tile(void *out, const void *q, const void *k_cache, const void *v_cache,
+                        const int64_t *table, int64_t row0, int64_t tokens, int64_t len0,
+                        int64_t h, const DecodeShape *s, float *work) {
+    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim, pairs = dim / 2;
+    const int64_t rows = tokens * group;
+    const int64_t first = s->window > 0 && len0 > s->window ? len0 - s->window : 0;
+    const int64_t n = len0 + tokens - 1 - first;
+    float *acc = work, *vt = acc + rows * dim, *probs = vt + PREFILL_TILE * dim;
+    uint32_t *qpairs = (uint32_t *)(probs + rows * n), *kt = qpairs + rows * pairs;
+    const uint16_t *kc = k_cache, *vc = v_cache;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t g = 0; g < group; g++) {
+            const uint16_t *src = (const uint16_t *)q + (row0 + t) * s->q_stride_s
+                                  + (h * group + g) * s->q_stride_h;
+            memcpy(qpairs + (t * group + g) * pairs, src, dim * sizeof(uint16_t));
+        }
+    memset(acc, 0, sizeof(float) * rows * dim);
+    const __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(s->scale);
+    /* Scores: row r (token t, query head g) may attend relative positions [lo, hi). */
+    for (int64_t p0 = 0; p0 < n; p0 += PREFILL_TILE) {
+        const int64_t count = n - p0 < PREFILL_TILE ? n - p0 : PREFILL_TILE;
+        for (int64_t p = 0; p < PREFILL_TILE; p++) {
+            const uint32_t *krow = p < count ? (const uint32_t *)(
+                kc + slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h) : 0;
+            for (int64_t j = 0; j < pairs; j++) kt[j * PREFILL_TILE + p] = krow ? krow[j] : 0;
+        }
+        const __m512i position = _mm512_add_epi32(index, _mm512_set1_epi32((int)p0));
+        const __mmask16 stored = (__mmask16)((1u << count) - 1);
+        for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+            __m512 sums[8];
+            const int64_t rb = rows - r0 < 8 ? rows - r0 : 8;
+            if (rb == 8) score_tile(sums, qpairs, kt, r0, pairs, 8);
+            else
+                for (int64_t i = 0; i < rb; i++) score_tile(sums + i, qpairs, kt, r0 + i, pairs, 1);
+            for (int64_t i = 0; i < rb; i++) {
+                const int64_t t = (r0 + i) / group, hi = len0 + t - first;
+                const int64_t lo = s->window > 0 && len0 + t > s->window ? hi - s->window : 0;
+                const __mmask16 valid =
+                    _mm512_cmplt_epi32_mask(position, _mm512_set1_epi32((int)hi))
+                    & _mm512_cmpge_epi32_mask(position, _mm512_set1_epi32((int)lo));
+                _mm512_mask_storeu_ps(probs + (r0 + i) * n + p0, stored,
+                                      _mm512_mask_blend_ps(valid, minus_inf,
+                                                           _mm512_mul_ps(sums[i], scale)));
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *p = probs + r * n, max = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
+        for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
+        for (int64_t i = 0; i < n; i++) p[i] /= sum;
+    }
+    for (int64_t p0 = 0; p0 < n; p0 += PREFILL_TILE) {
+        const int64_t count = n - p0 < PREFILL_TILE ? n - p0 : PREFILL_TILE;
+        for (int64_t p = 0; p < count; p++)
+            load_row(vc, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, 1, dim,
+                     vt + p * dim);
+        for (int64_t d0 = 0; d0 < dim; d0 += 32) {
+            int64_t r0 = 0;
+            for (; r0 + 8 <= rows; r0 += 8)
+                weigh_values(acc, probs + p0, vt, r0, d0, count, dim, n, 8);
+            for (; r0 < rows; r0++)
+                weigh_values(acc, probs + p0, vt, r0, d0, count, dim, n, 1);
+        }
+    }
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t g = 0; g < group; g++)
+            store_row(out, (row0 + t) * s->o_stride_s + (h * group + g) * s->o_stride_h, 1, dim,
+                      acc + (t * group + g) * dim);
+}
+#endif
+
+/* 1 when `paged_prefill_attention` runs for this storage and head size (else prefill tokens
+ * go through `paged_decode_attention` one by one). */
+int prefill_tiles_supported(int64_t bf16, int64_t head_dim) {
+#if defined(__AVX512BF16__)
+    return bf16 && head_dim % 32 == 0;
+#else
+    (void)bf16; (void)head_dim;
+    return 0;
+#endif
+}
+
+/* tiles [num_tiles][4]: the block-table row, the first query row, the number of query tokens
+ * (consecutive positions of one sequence) and the first token's context length; s->num_seqs is
+ * the number of tiles. Returns 0; -1 when scratch memory could not be
+ * allocated; -2 when not supported (see prefill_tiles_supported). */
+int paged_prefill_attention(void *out, const void *q, const void *k_cache, const void *v_cache,
+                            const int64_t *block_tables, const int64_t *tiles,
+                            const DecodeShape *s) {
+#if defined(__AVX512BF16__)
+    if (!prefill_tiles_supported(s->bf16, s->head_dim)) return -2;
+    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic) reduction(|:failed)
+    for (int64_t task = 0; task < s->num_seqs * s->num_kv_heads; task++) {
+        const int64_t *tile = tiles + 4 * (task / s->num_kv_heads);
+        const int64_t tokens = tile[2], len0 = tile[3], rows = tokens * group;
+        const int64_t n = len0 + tokens;  /* at least the attended positions */
+        float *work = malloc(sizeof(float) * (rows * dim + PREFILL_TILE * dim + rows * n)
+                             + sizeof(uint32_t) * (rows + PREFILL_TILE) * (dim / 2));
+        if (!work) { failed = 1; continue; }
+        attend_tile(out, q, k_cache, v_cache, block_tables + tile[0] * s->table_stride,
+                    tile[1], tokens, len0, task % s->num_kv_heads, s, work);
+        free(work);
+    }
+    return failed ? -1 : 0;
+#else
+    (void)out; (void)q; (void)k_cache; (void)v_cache; (void)block_tables; (void)tiles; (void)s;
+    return -2;
+#endif
+}
+
 /* The step's new K and V rows ([tokens][kv_heads][head_dim], any token and head strides, unit
  * stride within a row) into their cache slots ([slots][kv_heads][head_dim], contiguous): one
  * call for both caches instead of two index_copy_ calls of ~27 us each in a decode step. */
