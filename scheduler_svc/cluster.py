@@ -89,6 +89,8 @@ class _Orphan:
     deadline: float
     submission: Submission | None = None
     seqs: list[Sequence] | None = None
+    # Sequences the gateway stopped while the request waited: stopped once it is placed.
+    stopped: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -183,6 +185,8 @@ class Cluster:
             else:
                 self.placement[orphan.request_id] = pool
                 pool.scheduler.requeue(orphan.seqs)
+                for seq_index in sorted(orphan.stopped):
+                    pool.scheduler.stop(orphan.request_id, seq_index)
                 pool.loop.notify()
 
     # -- requests -----------------------------------------------------------------------
@@ -219,13 +223,17 @@ class Cluster:
         self.orphans = [o for o in self.orphans if o.request_id != request_id]
 
     def stop_sequence(self, request_id: str, seq_index: int) -> None:
-        """One sequence of a placed request ends now (see StepScheduler.stop). A request
-        waiting for an executor (its own was lost) is left alone: its sequence resumes and
-        the gateway, which has ended that choice, ignores what it produces."""
+        """One sequence of a request ends now (see StepScheduler.stop); for a request waiting
+        for an executor (its own was lost), as soon as it is placed again, so the sequence is
+        not recomputed for nothing."""
         pool = self.placement.get(request_id)
         if pool is not None:
             pool.scheduler.stop(request_id, seq_index)
             pool.loop.notify()
+            return
+        for orphan in self.orphans:
+            if orphan.request_id == request_id:
+                orphan.stopped.add(seq_index)
 
     def _fail(self, request_id: str, code: str, message: str) -> None:
         fail = self.failures.pop(request_id, None)

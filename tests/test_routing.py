@@ -1,6 +1,7 @@
 """Routing in the scheduler's cluster (scheduler_svc/cluster.py): a prefix-cache hit wins over
 room, and a burst of requests that arrives before any step has allocated for them spreads over
-the executors by the room each has left."""
+the executors by the room each has left; a sequence stopped while its request waits for an
+executor (its own was lost) ends when the request is placed again."""
 
 import asyncio
 
@@ -103,4 +104,22 @@ def test_unclaimed_room_follows_the_queue():
         assert scheduler.num_unclaimed_free_blocks == expected()
         scheduler.take_all()  # its executor was lost
         assert scheduler.num_unclaimed_free_blocks == 40
+    run(test)
+
+
+def test_a_sequence_stopped_while_its_request_waits_is_not_recomputed():
+    async def test(cluster):
+        cluster.register(registration("a", 40))
+        deltas = []
+        cluster.submit("m", Submission("r", list(range(8)),
+                                       common_pb2.SamplingParams(max_tokens=4), 0,
+                                       emit=deltas.append), fail=lambda code, message: None)
+        cluster.pools["a"].lease_deadline = 0  # its heartbeats stopped: lost at the next check
+        cluster.expire()
+        assert [orphan.request_id for orphan in cluster.orphans] == ["r"]
+        cluster.stop_sequence("r", 0)  # the gateway matched a stop string meanwhile
+        cluster.register(registration("b", 40))
+        scheduler = cluster.pools["b"].scheduler
+        assert not cluster.orphans and not scheduler.has_work and "r" not in scheduler.requests
+        assert [delta.finish_reason for delta in deltas] == [common_pb2.FINISH_REASON_STOP]
     run(test)
