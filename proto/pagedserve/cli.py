@@ -5,6 +5,7 @@ measures a running server (`bench serve`) or the offline engine (`bench throughp
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 from pagedserve.flags import FlagParser
@@ -48,8 +49,27 @@ def add_engine_flags(parser) -> None:
     executor_flags.add_engine_arguments(parser)
 
 
+# What the commands that run the model import beyond the base install: the `executor` extra
+# (pyproject.toml), left out of the gateway and scheduler image.
+EXECUTOR_PACKAGES = ("torch", "safetensors", "gguf")
+
+
+def runs_the_model(args) -> bool:
+    return args.command in ("executor", "up") or getattr(args, "bench_command", "") == "throughput"
+
+
+def missing_executor_packages() -> list[str]:
+    return [name for name in EXECUTOR_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if runs_the_model(args) and (missing := missing_executor_packages()):
+        command = " ".join(filter(None, [args.command, getattr(args, "bench_command", None)]))
+        print(f"pagedserve {command}: runs the model, which needs the executor extra (not "
+              f"installed: {', '.join(missing)}): pip install 'pagedserve[executor]'",
+              file=sys.stderr)
+        return 2
     if args.command == "up":
         return importlib.import_module("pagedserve.launcher").run(args)
     if args.command == "bench":

@@ -71,7 +71,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* image reference: include with (dict "ctx" $ "variant" "cpu"|"cuda"). */}}
+{{/* image reference: include with (dict "ctx" $ "variant" "control"|"cpu"|"cuda"). */}}
 {{- define "pagedserve.image" -}}
 {{- $img := index .ctx.Values.images .variant }}
 {{- $tag := default (printf "%s-%s" .ctx.Chart.AppVersion .variant) $img.tag }}
