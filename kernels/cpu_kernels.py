@@ -88,7 +88,7 @@ def _library() -> ctypes.CDLL | None:
     for attention in (library.paged_decode_attention, library.paged_prefill_attention):
         attention.restype = ctypes.c_int
         attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(_DecodeShape)]
-    library.prefill_tiles_supported.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    library.prefill_tiles_supported.argtypes = [ctypes.c_int64]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 8
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
@@ -158,10 +158,10 @@ def paged_prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
         raise MemoryError("CPU prefill attention: out of memory for its scratch buffers")
 
 
-def prefill_tiles_supported(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether this machine's kernels attend prefills by tiles for this dtype and head size
-    (bfloat16 on AVX-512 BF16, head_dim a multiple of 32)."""
-    return bool(_library().prefill_tiles_supported(DTYPES[dtype], head_dim))
+def prefill_tiles_supported(head_dim: int) -> bool:
+    """Whether this machine's kernels attend prefills by tiles for this head size (AVX-512,
+    head_dim a multiple of 32)."""
+    return bool(_library().prefill_tiles_supported(head_dim))
 
 
 def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -189,7 +189,7 @@ def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     context. (Both beat scaled_dot_product_attention on a chunk, whose bfloat16 kernels reach
     about 30 GFLOP/s on the default model's 256-token prompts.)"""
     if meta.num_decodes == len(meta.query_lens) or not prefill_tiles_supported(
-            query.dtype, query.shape[-1]):
+            query.shape[-1]):
         tables, lens = meta.token_contexts
         return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
                                           sliding_window)

@@ -225,14 +225,15 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     return failed ? -1 : 0;
 }
 
-/* Prefill attention by tiles: up to PREFILL_TILE consecutive query tokens of one sequence and
- * one KV head per task, bfloat16 storage on CPUs with AVX-512 BF16, head_dim a multiple of 32.
- * Token by token (as decodes), a prefill is bound by one horizontal reduction per (query row,
- * position); here a tile of 16 positions is scored against every query row of the tile at once,
- * vectorised over the positions (K transposed into dimension pairs, AVX-512 BF16 dot products,
- * no reductions), and the weighted sum of V keeps blocks of query rows in registers across the
- * positions. Each K and V row is read once per tile instead of once per query token. */
-#if defined(__AVX512BF16__)
+/* Prefill attention by tiles: up to PREFILL_TILE_TOKENS (Python's) consecutive query tokens of
+ * one sequence and one KV head per task, on AVX-512 CPUs, head_dim a multiple of 32. Token by
+ * token (as decodes), a prefill is bound by one horizontal reduction per (query row, position);
+ * here a tile of 16 positions is scored against every query row of the tile at once, vectorised
+ * over the positions (K transposed, no reductions; AVX-512 BF16 dot products on dimension pairs
+ * for bfloat16 where the CPU has them, float32 FMAs otherwise), and the weighted sum of V keeps
+ * blocks of query rows in registers across the positions. Each K and V row is read once per
+ * tile instead of once per query token. */
+#if defined(__AVX512F__)
 #define PREFILL_TILE 16
 
 /* acc[r] (+)= sum over the tile's positions p < count of probs[r][p] * vt[p], for RB rows from
@@ -260,38 +261,56 @@ static inline __attribute__((always_inline)) void weigh_values(
     }
 }
 
-/* sums[i] = the scores of query row r0 + i against the tile's 16 positions, for RB rows: RB
- * independent chains of dot products, each K pair loaded once for all of them (one chain
- * would wait on the dot product's latency at every step). */
+/* sums[i] = the unscaled scores of query row r0 + i against the tile's 16 positions, for RB
+ * rows: RB independent chains, each K vector loaded once for all of them (one chain would wait
+ * on the instruction's latency at every step). kt holds K transposed: per dimension pair,
+ * 16 (bfloat16, bfloat16) dwords (dot_bf16), else per dimension 16 floats; q the query rows
+ * likewise (bfloat16 pairs, or floats). */
 static inline __attribute__((always_inline)) void score_tile(
-        __m512 *sums, const uint32_t *qpairs, const uint32_t *kt, int64_t r0, int64_t pairs,
-        const int64_t rb) {
+        __m512 *sums, const void *q, const void *kt, int64_t r0, int64_t dim, const int64_t rb,
+        const int64_t dot_bf16) {
     for (int64_t i = 0; i < rb; i++) sums[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < pairs; j++) {
-        const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + j * PREFILL_TILE);
+#if defined(__AVX512BF16__)
+    if (dot_bf16) {
+        const uint32_t *qp = q, *kp = kt;
+        for (int64_t j = 0; j < dim / 2; j++) {
+            const __m512bh k = (__m512bh)_mm512_loadu_si512(kp + j * PREFILL_TILE);
+            for (int64_t i = 0; i < rb; i++)
+                sums[i] = _mm512_dpbf16_ps(
+                    sums[i], (__m512bh)_mm512_set1_epi32((int)qp[(r0 + i) * dim / 2 + j]), k);
+        }
+        return;
+    }
+#endif
+    const float *qf = q, *kf = kt;
+    for (int64_t d = 0; d < dim; d++) {
+        const __m512 k = _mm512_loadu_ps(kf + d * PREFILL_TILE);
         for (int64_t i = 0; i < rb; i++)
-            sums[i] = _mm512_dpbf16_ps(
-                sums[i], (__m512bh)_mm512_set1_epi32((int)qpairs[(r0 + i) * pairs + j]), k);
+            sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(qf[(r0 + i) * dim + d]), k, sums[i]);
     }
 }
 
 /* `tokens` query tokens from flat row `row0`, the first with a context of `len0` positions (the
- * next ones one more each), against KV head `h`; `work` as paged_prefill_attention sizes it. */
-static void attend_tile(void *out, const void *q, const void *k_cache, const void *v_cache,
-                        const int64_t *table, int64_t row0, int64_t tokens, int64_t len0,
-                        int64_t h, const DecodeShape *s, float *work) {
-    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim, pairs = dim / 2;
-    const int64_t rows = tokens * group;
+ * next ones one more each), against KV head `h`; `work` as paged_prefill_attention sizes it.
+ * Inlined into one copy per (storage, dot product) pair, each with constant flags. */
+static inline __attribute__((always_inline)) void attend_tile(
+        void *out, const void *q, const void *k_cache, const void *v_cache,
+        const int64_t *table, int64_t row0, int64_t tokens, int64_t len0, int64_t h,
+        const DecodeShape *s, float *work, const int64_t bf16, const int64_t dot_bf16) {
+    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
+    const int64_t rows = tokens * group, size = bf16 ? 2 : 4;
     const int64_t first = s->window > 0 && len0 > s->window ? len0 - s->window : 0;
     const int64_t n = len0 + tokens - 1 - first;
-    float *acc = work, *vt = acc + rows * dim, *probs = vt + PREFILL_TILE * dim;
-    uint32_t *qpairs = (uint32_t *)(probs + rows * n), *kt = qpairs + rows * pairs;
-    const uint16_t *kc = k_cache, *vc = v_cache;
+    float *acc = work, *vt = acc + rows * dim, *kt = vt + PREFILL_TILE * dim;
+    float *qrows = kt + PREFILL_TILE * dim, *probs = qrows + rows * dim;
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t g = 0; g < group; g++) {
-            const uint16_t *src = (const uint16_t *)q + (row0 + t) * s->q_stride_s
-                                  + (h * group + g) * s->q_stride_h;
-            memcpy(qpairs + (t * group + g) * pairs, src, dim * sizeof(uint16_t));
+            const int64_t offset = (row0 + t) * s->q_stride_s + (h * group + g) * s->q_stride_h;
+            if (dot_bf16)  /* the stored bfloat16 row as it is: dot products on its pairs */
+                memcpy((uint16_t *)qrows + (t * group + g) * dim,
+                       (const uint16_t *)q + offset, dim * sizeof(uint16_t));
+            else
+                load_row(q, offset, bf16, dim, qrows + (t * group + g) * dim);
         }
     memset(acc, 0, sizeof(float) * rows * dim);
     const __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -300,18 +319,25 @@ static void attend_tile(void *out, const void *q, const void *k_cache, const voi
     for (int64_t p0 = 0; p0 < n; p0 += PREFILL_TILE) {
         const int64_t count = n - p0 < PREFILL_TILE ? n - p0 : PREFILL_TILE;
         for (int64_t p = 0; p < PREFILL_TILE; p++) {
-            const uint32_t *krow = p < count ? (const uint32_t *)(
-                kc + slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h) : 0;
-            for (int64_t j = 0; j < pairs; j++) kt[j * PREFILL_TILE + p] = krow ? krow[j] : 0;
+            const char *krow = p < count ? (const char *)k_cache + size * (
+                slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h) : 0;
+            if (dot_bf16)
+                for (int64_t j = 0; j < dim / 2; j++)
+                    ((uint32_t *)kt)[j * PREFILL_TILE + p] = krow ? ((const uint32_t *)krow)[j] : 0;
+            else
+                for (int64_t d = 0; d < dim; d++)
+                    kt[d * PREFILL_TILE + p] = krow ? load_one(krow, d, bf16) : 0.0f;
         }
         const __m512i position = _mm512_add_epi32(index, _mm512_set1_epi32((int)p0));
         const __mmask16 stored = (__mmask16)((1u << count) - 1);
         for (int64_t r0 = 0; r0 < rows; r0 += 8) {
             __m512 sums[8];
             const int64_t rb = rows - r0 < 8 ? rows - r0 : 8;
-            if (rb == 8) score_tile(sums, qpairs, kt, r0, pairs, 8);
+            if (rb == 8)
+                score_tile(sums, qrows, kt, r0, dim, 8, dot_bf16);
             else
-                for (int64_t i = 0; i < rb; i++) score_tile(sums + i, qpairs, kt, r0 + i, pairs, 1);
+                for (int64_t i = 0; i < rb; i++)
+                    score_tile(sums + i, qrows, kt, r0 + i, dim, 1, dot_bf16);
             for (int64_t i = 0; i < rb; i++) {
                 const int64_t t = (r0 + i) / group, hi = len0 + t - first;
                 const int64_t lo = s->window > 0 && len0 + t > s->window ? hi - s->window : 0;
@@ -333,8 +359,8 @@ static void attend_tile(void *out, const void *q, const void *k_cache, const voi
     for (int64_t p0 = 0; p0 < n; p0 += PREFILL_TILE) {
         const int64_t count = n - p0 < PREFILL_TILE ? n - p0 : PREFILL_TILE;
         for (int64_t p = 0; p < count; p++)
-            load_row(vc, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, 1, dim,
-                     vt + p * dim);
+            load_row(v_cache, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, bf16,
+                     dim, vt + p * dim);
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
             int64_t r0 = 0;
             for (; r0 + 8 <= rows; r0 += 8)
@@ -345,31 +371,48 @@ static void attend_tile(void *out, const void *q, const void *k_cache, const voi
     }
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t g = 0; g < group; g++)
-            store_row(out, (row0 + t) * s->o_stride_s + (h * group + g) * s->o_stride_h, 1, dim,
-                      acc + (t * group + g) * dim);
+            store_row(out, (row0 + t) * s->o_stride_s + (h * group + g) * s->o_stride_h, bf16,
+                      dim, acc + (t * group + g) * dim);
+}
+
+static void attend_tile_f32(void *out, const void *q, const void *k_cache, const void *v_cache,
+                            const int64_t *table, int64_t row0, int64_t tokens, int64_t len0,
+                            int64_t h, const DecodeShape *s, float *work) {
+    attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, 0, 0);
+}
+
+static void attend_tile_bf16(void *out, const void *q, const void *k_cache,
+                             const void *v_cache, const int64_t *table, int64_t row0,
+                             int64_t tokens, int64_t len0, int64_t h, const DecodeShape *s,
+                             float *work) {
+#if defined(__AVX512BF16__)
+    attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, 1, 1);
+#else
+    attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, 1, 0);
+#endif
 }
 #endif
 
-/* 1 when `paged_prefill_attention` runs for this storage and head size (else prefill tokens
- * go through `paged_decode_attention` one by one). */
-int prefill_tiles_supported(int64_t bf16, int64_t head_dim) {
-#if defined(__AVX512BF16__)
-    return bf16 && head_dim % 32 == 0;
+/* 1 when `paged_prefill_attention` runs for this head size (else prefill tokens go through
+ * `paged_decode_attention` one by one). */
+int prefill_tiles_supported(int64_t head_dim) {
+#if defined(__AVX512F__)
+    return head_dim % 32 == 0;
 #else
-    (void)bf16; (void)head_dim;
+    (void)head_dim;
     return 0;
 #endif
 }
 
 /* tiles [num_tiles][4]: the block-table row, the first query row, the number of query tokens
  * (consecutive positions of one sequence) and the first token's context length; s->num_seqs is
- * the number of tiles. Returns 0; -1 when scratch memory could not be
- * allocated; -2 when not supported (see prefill_tiles_supported). */
+ * the number of tiles. Returns 0; -1 when scratch memory could not be allocated; -2 when not
+ * supported (see prefill_tiles_supported). */
 int paged_prefill_attention(void *out, const void *q, const void *k_cache, const void *v_cache,
                             const int64_t *block_tables, const int64_t *tiles,
                             const DecodeShape *s) {
-#if defined(__AVX512BF16__)
-    if (!prefill_tiles_supported(s->bf16, s->head_dim)) return -2;
+#if defined(__AVX512F__)
+    if (!prefill_tiles_supported(s->head_dim)) return -2;
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     int failed = 0;
     #pragma omp parallel for schedule(dynamic) reduction(|:failed)
@@ -377,11 +420,13 @@ int paged_prefill_attention(void *out, const void *q, const void *k_cache, const
         const int64_t *tile = tiles + 4 * (task / s->num_kv_heads);
         const int64_t tokens = tile[2], len0 = tile[3], rows = tokens * group;
         const int64_t n = len0 + tokens;  /* at least the attended positions */
-        float *work = malloc(sizeof(float) * (rows * dim + PREFILL_TILE * dim + rows * n)
-                             + sizeof(uint32_t) * (rows + PREFILL_TILE) * (dim / 2));
+        /* acc, query rows [rows][dim]; V and K tiles [16][dim]; scores [rows][n] */
+        float *work = malloc(sizeof(float) * (2 * rows * dim + 2 * PREFILL_TILE * dim
+                                              + rows * n));
         if (!work) { failed = 1; continue; }
-        attend_tile(out, q, k_cache, v_cache, block_tables + tile[0] * s->table_stride,
-                    tile[1], tokens, len0, task % s->num_kv_heads, s, work);
+        (s->bf16 ? attend_tile_bf16 : attend_tile_f32)(
+            out, q, k_cache, v_cache, block_tables + tile[0] * s->table_stride, tile[1],
+            tokens, len0, task % s->num_kv_heads, s, work);
         free(work);
     }
     return failed ? -1 : 0;

@@ -14,6 +14,11 @@ static inline float bf16_to_f32(uint16_t x) {
     return v.f;
 }
 
+/* Element `i` of `base`, as float32. */
+static inline float load_one(const void *base, int64_t i, int64_t bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
 /* Row `offset` elements into `base`, as float32. */
 static inline void load_row(const void *base, int64_t offset, int64_t bf16, int64_t dim,
                             float *dst) {

@@ -17,10 +17,6 @@ static inline float stored(float x, int64_t bf16) {  /* x rounded to the storage
     return bf16 ? bf16_to_f32(to_bf16(x)) : x;
 }
 
-static inline float load_one(const void *base, int64_t i, int64_t bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
 static inline void store_one(void *base, int64_t i, int64_t bf16, float x) {
     if (bf16) ((uint16_t *)base)[i] = to_bf16(x);
     else ((float *)base)[i] = x;
