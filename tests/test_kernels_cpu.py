@@ -97,10 +97,10 @@ def test_kv_cache_write_matches_torch(dtype, tokens):
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("with_decodes", [True, False])
 def test_mixed_batch_matches_torch(case, with_decodes):
-    """Decodes and prefill chunks in one batch. With bfloat16 on AVX-512 BF16 and head_dim a
-    multiple of 32, the prefills go by tiles of 16 tokens (chunks shorter than a tile, one tile
-    and a tail, several tiles; with and without a cached prefix, windows that cut into a tile);
-    else token by token."""
+    """Decodes and prefill chunks in one batch. On AVX-512 CPUs with head_dim a multiple of 32,
+    the prefills go by tiles of 16 tokens (chunks shorter than a tile, one tile and a tail,
+    several tiles; with and without a cached prefix, windows that cut into a tile); else token
+    by token."""
     dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
     gen = torch.Generator().manual_seed(600 + case)
     decodes = [BLOCK + 1, 1, 2 * BLOCK] if with_decodes else []
