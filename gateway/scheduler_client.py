@@ -108,14 +108,18 @@ def load_tokenizer(directory: pathlib.Path):
     """The tokenizer in `directory`, of the class its tokenizer_config.json names, loaded
     without torch: transformers' AutoTokenizer reads the model config, whose module imports
     torch (+300 MB resident and +1.4 s for a gateway, measured with the default model), while a
-    tokenizer class's own module does not. AutoTokenizer where the file names no class
+    tokenizer class's own module does not. Its Fast variant where transformers has one, as
+    AutoTokenizer would choose. AutoTokenizer where the file names no class
     transformers has; an error where it names another kind of class (AutoTokenizer would
     instantiate it: a model class loads weights)."""
     import transformers  # heavy; only once per model
 
     config = directory / "tokenizer_config.json"
     name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    # the Fast class first, as AutoTokenizer picks it (transformers 4.x names the slow Python
+    # one plainly; 5.x makes both names one class)
+    cls = (getattr(transformers, name + "Fast", None) or getattr(transformers, name, None)) \
+        if isinstance(name, str) else None
     if cls is None:
         return transformers.AutoTokenizer.from_pretrained(directory)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):

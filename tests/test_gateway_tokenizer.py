@@ -24,6 +24,7 @@ def tokenizer_dir(request, tiny_llama_dir, default_model):
 
 def test_it_matches_auto_tokenizer(tokenizer_dir):
     ours, reference = load_tokenizer(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert ours.is_fast and reference.is_fast  # the Fast class, as AutoTokenizer picks
     for text in TEXTS:
         ids = reference(text).input_ids
         assert ours(text).input_ids == ids
@@ -54,10 +55,19 @@ def _with_tokenizer_class(source, target, tokenizer_class):
 
 @pytest.mark.parametrize("tokenizer_class", [None, "NoSuchTokenizer"])
 def test_a_config_naming_no_known_class_falls_back_to_auto(tmp_path, tiny_llama_dir,
-                                                           tokenizer_class):
+                                                           tokenizer_class, monkeypatch):
     directory = _with_tokenizer_class(tiny_llama_dir, tmp_path / "model", tokenizer_class)
-    assert load_tokenizer(directory)("Hello world").input_ids == \
-        AutoTokenizer.from_pretrained(tiny_llama_dir)("Hello world").input_ids
+    expected = AutoTokenizer.from_pretrained(tiny_llama_dir)("Hello world").input_ids
+    loaded_by_auto = []
+    from_pretrained = AutoTokenizer.from_pretrained
+
+    def recording(path, *args, **kwargs):
+        loaded_by_auto.append(path)
+        return from_pretrained(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", recording)
+    assert load_tokenizer(directory)("Hello world").input_ids == expected
+    assert loaded_by_auto == [directory]  # the fallback was taken
 
 
 def test_a_config_naming_another_kind_of_class_is_refused(tmp_path, tiny_llama_dir):
