@@ -84,7 +84,8 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
                              token_ids=list(delta.token_ids), logprobs=list(delta.logprobs))
         if detokenizer.stopped:
             choice.finish_reason, choice.stop_reason = "stop", detokenizer.stop_reason
-            if not all(finished[:i] + finished[i + 1:]):  # others go on: spare its steps
+            # others go on: spare its steps (unless the scheduler finished it with this delta)
+            if not delta.finish_reason and not all(finished[:i] + finished[i + 1:]):
                 client.stop_sequence(request_id, i)
         elif delta.finish_reason:
             choice.text += detokenizer.finish()

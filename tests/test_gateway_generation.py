@@ -1,7 +1,7 @@
 """gateway/generation.py over a scripted scheduler stream: when a stop string ends one choice of
 an n > 1 request, the scheduler is told to stop that sequence (and only that one) while the
-other choices go on; when the last choice stops, nothing is sent (leaving the stream aborts the
-whole request)."""
+other choices go on; when the last choice stops, or the scheduler finished that sequence with
+the same delta, nothing is sent (leaving the stream aborts the whole request)."""
 
 import asyncio
 
@@ -68,3 +68,12 @@ def test_the_last_choice_to_stop_sends_nothing():
     scheduler = ScriptedScheduler([delta(1, "b", length), delta(0, "a END"), delta(0, "x")])
     assert run(scheduler, n=2, stop=["END"]) == {1: ("b", "length"), 0: ("a ", "stop")}
     assert scheduler.stopped == []  # leaving the stream aborts the request instead
+
+
+def test_a_stop_string_in_the_scheduler_s_last_delta_sends_nothing():
+    """The scheduler finished that sequence already: there is nothing to stop."""
+    length = common_pb2.FINISH_REASON_LENGTH
+    scheduler = ScriptedScheduler([
+        delta(0, "a"), delta(1, "x"), delta(0, " END", length), delta(1, " y", length)])
+    assert run(scheduler, n=2, stop=["END"]) == {0: ("a ", "stop"), 1: ("x y", "length")}
+    assert scheduler.stopped == []
