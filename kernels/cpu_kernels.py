@@ -158,6 +158,7 @@ def paged_prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
         raise MemoryError("CPU prefill attention: out of memory for its scratch buffers")
 
 
+@functools.cache  # asked by every attention layer of every step; fixed by the machine's CPU
 def prefill_tiles_supported(head_dim: int) -> bool:
     """Whether this machine's kernels attend prefills by tiles for this head size (AVX-512,
     head_dim a multiple of 32)."""

@@ -2,6 +2,7 @@
 against the PyTorch path, and the "cpu" kernel set through a whole model."""
 
 import math
+import pathlib
 
 import pytest
 import torch
@@ -27,8 +28,8 @@ CASES = [
     (torch.float32, 4, 1, 128, 7),
     (torch.bfloat16, 2, 2, 80, BLOCK + 4),
     (torch.float32, 4, 4, 96, None),
-    # AVX-512 BF16 dot products (head_dim a multiple of 32): a window, GQA groups of 5 (one
-    # register block of 4 rows and one of 1), MQA
+    # AVX-512 BF16 dot products (head_dim a multiple of 32): a window, GQA groups of 5 (prefill
+    # tiles whose query rows are not a multiple of the kernel's 8-row blocks), MQA
     (torch.bfloat16, 10, 2, 128, 2 * BLOCK + 3),
     (torch.bfloat16, 8, 1, 256, None),
 ]
@@ -111,6 +112,15 @@ def test_mixed_batch_matches_torch(case, with_decodes):
     out = cpu.paged_attention_cpu(query, key_cache, value_cache, meta, scale, window)
     expected = _reference(query, key_cache, value_cache, meta, scale, window)
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_prefill_tiles_run_wherever_the_cpu_has_avx512():
+    """So that the mixed-batch tests above check the tiles on such a CPU, not only the
+    token-by-token path the kernel falls back to elsewhere."""
+    flags = next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("flags")).split()
+    assert cpu.prefill_tiles_supported(64) == ("avx512f" in flags)
+    assert not cpu.prefill_tiles_supported(80)
 
 
 def test_prefill_tiles_cover_every_prefill_token_once():

@@ -92,6 +92,19 @@ static inline void accumulate_row(const void *v, int64_t offset, int64_t bf16, i
     }
 }
 
+/* The first position a query with a context of `len` positions attends (its sliding window). */
+static inline int64_t window_start(int64_t len, const DecodeShape *s) {
+    return s->window > 0 && len > s->window ? len - s->window : 0;
+}
+
+/* p[0..n) = softmax(p[0..n)), exactly (max subtracted first); -inf entries become 0. */
+static inline void softmax_row(float *p, int64_t n) {
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
+    for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
+    for (int64_t i = 0; i < n; i++) p[i] /= sum;
+}
+
 /* Where position `pos` of a sequence starts in a KV cache (its first head), in elements. */
 static inline int64_t slot_offset(const int64_t *table, int64_t pos, const DecodeShape *s) {
     return table[pos / s->block_size] * s->kv_stride_b + (pos % s->block_size) * s->kv_stride_t;
@@ -120,7 +133,7 @@ static inline __attribute__((always_inline)) void attend(
         const DecodeShape *s, float *work, const int64_t bf16) {
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
-    const int64_t first = s->window > 0 && len > s->window ? len - s->window : 0;
+    const int64_t first = window_start(len, s);
     const int64_t n = len - first;
     float *qf = work, *acc = qf + rows * dim, *row = acc + rows * dim;
     float *scores = row + dim;  /* [rows][n] */
@@ -164,12 +177,9 @@ static inline __attribute__((always_inline)) void attend(
         }
     }
     for (int64_t r = 0; r < rows; r++) {
-        float *p = scores + r * n, max = -INFINITY, sum = 0.0f;
         if (dot_bf16)
-            for (int64_t i = 0; i < n; i++) p[i] *= s->scale;
-        for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
-        for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
-        for (int64_t i = 0; i < n; i++) p[i] /= sum;
+            for (int64_t i = 0; i < n; i++) scores[r * n + i] *= s->scale;
+        softmax_row(scores + r * n, n);
     }
     for (int64_t i = 0; i < n; i++) {
         const int64_t base = slot_offset(table, first + i, s);
@@ -215,7 +225,7 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
         float *work = malloc(sizeof(float) * (2 * rows * s->head_dim + s->head_dim
-                                              + rows * len));
+                                              + rows * (len - window_start(len, s))));
         if (!work) { failed = 1; continue; }
         (s->bf16 ? attend_bf16 : attend_f32)(out, q, k_cache, v_cache,
                                              block_tables + seq * s->table_stride, seq,
@@ -225,16 +235,18 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     return failed ? -1 : 0;
 }
 
-/* Prefill attention by tiles: up to PREFILL_TILE_TOKENS (Python's) consecutive query tokens of
- * one sequence and one KV head per task, on AVX-512 CPUs, head_dim a multiple of 32. Token by
- * token (as decodes), a prefill is bound by one horizontal reduction per (query row, position);
+/* Prefill attention by tiles: a tile of consecutive query tokens of one sequence (Python's
+ * PREFILL_TILE_TOKENS, any count here) and one KV head per task, on AVX-512 CPUs, head_dim a
+ * multiple of 32. Token by token (as decodes), a prefill is bound by one horizontal reduction
+ * per (query row, position);
  * here a tile of 16 positions is scored against every query row of the tile at once, vectorised
  * over the positions (K transposed, no reductions; AVX-512 BF16 dot products on dimension pairs
  * for bfloat16 where the CPU has them, float32 FMAs otherwise), and the weighted sum of V keeps
  * blocks of query rows in registers across the positions. Each K and V row is read once per
  * tile instead of once per query token. */
 #if defined(__AVX512F__)
-#define PREFILL_TILE 16
+/* Key positions scored at once: one per lane of a 512-bit float vector. */
+#define KEY_TILE 16
 
 /* acc[r] (+)= sum over the tile's positions p < count of probs[r][p] * vt[p], for RB rows from
  * `r0`, over the 32 dimensions from `d0` (rows of acc and probs `dim` and `n` apart). */
@@ -274,7 +286,7 @@ static inline __attribute__((always_inline)) void score_tile(
     if (dot_bf16) {
         const uint32_t *qp = q, *kp = kt;
         for (int64_t j = 0; j < dim / 2; j++) {
-            const __m512bh k = (__m512bh)_mm512_loadu_si512(kp + j * PREFILL_TILE);
+            const __m512bh k = (__m512bh)_mm512_loadu_si512(kp + j * KEY_TILE);
             for (int64_t i = 0; i < rb; i++)
                 sums[i] = _mm512_dpbf16_ps(
                     sums[i], (__m512bh)_mm512_set1_epi32((int)qp[(r0 + i) * dim / 2 + j]), k);
@@ -284,7 +296,7 @@ static inline __attribute__((always_inline)) void score_tile(
 #endif
     const float *qf = q, *kf = kt;
     for (int64_t d = 0; d < dim; d++) {
-        const __m512 k = _mm512_loadu_ps(kf + d * PREFILL_TILE);
+        const __m512 k = _mm512_loadu_ps(kf + d * KEY_TILE);
         for (int64_t i = 0; i < rb; i++)
             sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(qf[(r0 + i) * dim + d]), k, sums[i]);
     }
@@ -299,10 +311,10 @@ static inline __attribute__((always_inline)) void attend_tile(
         const DecodeShape *s, float *work, const int64_t bf16, const int64_t dot_bf16) {
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     const int64_t rows = tokens * group, size = bf16 ? 2 : 4;
-    const int64_t first = s->window > 0 && len0 > s->window ? len0 - s->window : 0;
+    const int64_t first = window_start(len0, s);
     const int64_t n = len0 + tokens - 1 - first;
-    float *acc = work, *vt = acc + rows * dim, *kt = vt + PREFILL_TILE * dim;
-    float *qrows = kt + PREFILL_TILE * dim, *probs = qrows + rows * dim;
+    float *acc = work, *vt = acc + rows * dim, *kt = vt + KEY_TILE * dim;
+    float *qrows = kt + KEY_TILE * dim, *probs = qrows + rows * dim;
     for (int64_t t = 0; t < tokens; t++)
         for (int64_t g = 0; g < group; g++) {
             const int64_t offset = (row0 + t) * s->q_stride_s + (h * group + g) * s->q_stride_h;
@@ -316,17 +328,17 @@ static inline __attribute__((always_inline)) void attend_tile(
     const __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(s->scale);
     /* Scores: row r (token t, query head g) may attend relative positions [lo, hi). */
-    for (int64_t p0 = 0; p0 < n; p0 += PREFILL_TILE) {
-        const int64_t count = n - p0 < PREFILL_TILE ? n - p0 : PREFILL_TILE;
-        for (int64_t p = 0; p < PREFILL_TILE; p++) {
+    for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
+        const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
+        for (int64_t p = 0; p < KEY_TILE; p++) {
             const char *krow = p < count ? (const char *)k_cache + size * (
                 slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h) : 0;
             if (dot_bf16)
                 for (int64_t j = 0; j < dim / 2; j++)
-                    ((uint32_t *)kt)[j * PREFILL_TILE + p] = krow ? ((const uint32_t *)krow)[j] : 0;
+                    ((uint32_t *)kt)[j * KEY_TILE + p] = krow ? ((const uint32_t *)krow)[j] : 0;
             else
                 for (int64_t d = 0; d < dim; d++)
-                    kt[d * PREFILL_TILE + p] = krow ? load_one(krow, d, bf16) : 0.0f;
+                    kt[d * KEY_TILE + p] = krow ? load_one(krow, d, bf16) : 0.0f;
         }
         const __m512i position = _mm512_add_epi32(index, _mm512_set1_epi32((int)p0));
         const __mmask16 stored = (__mmask16)((1u << count) - 1);
@@ -340,7 +352,7 @@ static inline __attribute__((always_inline)) void attend_tile(
                     score_tile(sums + i, qrows, kt, r0 + i, dim, 1, dot_bf16);
             for (int64_t i = 0; i < rb; i++) {
                 const int64_t t = (r0 + i) / group, hi = len0 + t - first;
-                const int64_t lo = s->window > 0 && len0 + t > s->window ? hi - s->window : 0;
+                const int64_t lo = window_start(len0 + t, s) - first;
                 const __mmask16 valid =
                     _mm512_cmplt_epi32_mask(position, _mm512_set1_epi32((int)hi))
                     & _mm512_cmpge_epi32_mask(position, _mm512_set1_epi32((int)lo));
@@ -350,14 +362,9 @@ static inline __attribute__((always_inline)) void attend_tile(
             }
         }
     }
-    for (int64_t r = 0; r < rows; r++) {
-        float *p = probs + r * n, max = -INFINITY, sum = 0.0f;
-        for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
-        for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
-        for (int64_t i = 0; i < n; i++) p[i] /= sum;
-    }
-    for (int64_t p0 = 0; p0 < n; p0 += PREFILL_TILE) {
-        const int64_t count = n - p0 < PREFILL_TILE ? n - p0 : PREFILL_TILE;
+    for (int64_t r = 0; r < rows; r++) softmax_row(probs + r * n, n);
+    for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
+        const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
         for (int64_t p = 0; p < count; p++)
             load_row(v_cache, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, bf16,
                      dim, vt + p * dim);
@@ -419,9 +426,10 @@ int paged_prefill_attention(void *out, const void *q, const void *k_cache, const
     for (int64_t task = 0; task < s->num_seqs * s->num_kv_heads; task++) {
         const int64_t *tile = tiles + 4 * (task / s->num_kv_heads);
         const int64_t tokens = tile[2], len0 = tile[3], rows = tokens * group;
-        const int64_t n = len0 + tokens;  /* at least the attended positions */
+        const int64_t first = window_start(len0, s);
+        const int64_t n = len0 + tokens - 1 - first;  /* the positions attend_tile scores */
         /* acc, query rows [rows][dim]; V and K tiles [16][dim]; scores [rows][n] */
-        float *work = malloc(sizeof(float) * (2 * rows * dim + 2 * PREFILL_TILE * dim
+        float *work = malloc(sizeof(float) * (2 * rows * dim + 2 * KEY_TILE * dim
                                               + rows * n));
         if (!work) { failed = 1; continue; }
         (s->bf16 ? attend_tile_bf16 : attend_tile_f32)(
