@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode_step.py [--batch 64] [--context 220] [--repeats 7]
                                            [--block-order contiguous|scattered]
+                                           [--prefills 2 --prefill-len 200]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
@@ -12,7 +13,9 @@ matmuls, with the KV cache (30 layers) streamed from memory as in serving, not h
 a kernel-only loop would have it. Prints the median over `--repeats` rounds of 5 steps.
 Block tables are contiguous runs of blocks by default; `--block-order scattered` deals every
 sequence random blocks of the pool, as a serving pool's tables are once its blocks have been
-freed and reused a few times.
+freed and reused a few times. `--prefills N` makes the last N sequences of the batch prompts of
+`--prefill-len` tokens computed in the step (a mixed step, as continuous batching runs them);
+the attention figure then covers their prefill attention too.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
@@ -47,30 +50,39 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--block-order", choices=["contiguous", "scattered"],
                         default="contiguous")
+    parser.add_argument("--prefills", type=int, default=0)
+    parser.add_argument("--prefill-len", type=int, default=200)
     args = parser.parse_args()
 
     model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
     bind_kernels(model, cpu_kernel_set())
-    blocks_per_seq = (args.context + 20) // args.block_size + 2
+    longest = max(args.context + 20, args.prefill_len if args.prefills else 0)
+    blocks_per_seq = longest // args.block_size + 2
     num_blocks = args.batch * blocks_per_seq
     allocate_kv_cache(model, num_blocks, args.block_size, torch.bfloat16, torch.device("cpu"))
     blocks = list(range(num_blocks))
     if args.block_order == "scattered":
         random.Random(0).shuffle(blocks)
+    decodes = args.batch - args.prefills
     batch = build_flat_batch([
-        ScheduledSequence([5], args.context + i % 41 - 20,
+        ScheduledSequence([5] if i < decodes else [5] * args.prefill_len,
+                          args.context + i % 41 - 20 if i < decodes else 0,
                           blocks[i * blocks_per_seq:(i + 1) * blocks_per_seq])
         for i in range(args.batch)], args.block_size)
 
     attention_s = [0.0]
-    kernel = cpu_kernels.paged_decode_attention_cpu
 
-    def timed_kernel(*call_args, **kwargs):
-        start = time.perf_counter()
-        out = kernel(*call_args, **kwargs)
-        attention_s[0] += time.perf_counter() - start
-        return out
-    cpu_kernels.paged_decode_attention_cpu = timed_kernel
+    def timed(kernel):
+        def timed_kernel(*call_args, **kwargs):
+            start = time.perf_counter()
+            out = kernel(*call_args, **kwargs)
+            attention_s[0] += time.perf_counter() - start
+            return out
+        return timed_kernel
+    # Decodes (and, token by token, prefills), and prefills by tiles where this checkout has it.
+    for name in ("paged_decode_attention_cpu", "paged_prefill_attention_cpu"):
+        if hasattr(cpu_kernels, name):
+            setattr(cpu_kernels, name, timed(getattr(cpu_kernels, name)))
 
     steps, attention = [], []
     with torch.inference_mode():
@@ -78,13 +90,15 @@ def main() -> None:
             attention_s[0] = 0.0
             start = time.perf_counter()
             for _ in range(STEPS_PER_ROUND):
-                model.compute_logits(model(batch.input_ids, batch.positions, batch.meta))
+                model.compute_logits(model(batch.input_ids, batch.positions,
+                                           batch.meta)[batch.last_token_rows])
             if round_index:
                 steps.append((time.perf_counter() - start) / STEPS_PER_ROUND)
                 attention.append(attention_s[0] / STEPS_PER_ROUND)
-    print(f"batch {args.batch}, context ~{args.context}, {args.block_order} blocks, "
+    print(f"batch {args.batch} ({args.prefills} prefills of {args.prefill_len} tokens), "
+          f"context ~{args.context}, {args.block_order} blocks, "
           f"threads {torch.get_num_threads()}: "
-          f"decode step {statistics.median(steps) * 1e3:.1f} ms, attention "
+          f"step {statistics.median(steps) * 1e3:.1f} ms, attention "
           f"{statistics.median(attention) * 1e3:.1f} ms (medians of {args.repeats} x "
           f"{STEPS_PER_ROUND} steps)")
 
