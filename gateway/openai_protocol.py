@@ -91,17 +91,24 @@ class SamplingFields(BaseModel):
                                "max_completion_tokens), the length of the beams",
                                "invalid_request_error", "use_beam_search")
         fields = type(self).model_fields
-        refused = sorted(name for name in BEAM_SEARCH_REFUSES & fields.keys()
-                         if getattr(self, name) not in (fields[name].default, *(
-                             (0, 0.0) if name == "temperature" else ())))
+        refused = {name for name in BEAM_SEARCH_REFUSES & fields.keys()
+                   if getattr(self, name) != fields[name].default}
+        if self.temperature:  # unset or 0 is what the search does
+            refused.add("temperature")
         if refused:
-            raise GatewayError(400, f"{refused[0]}: not supported with use_beam_search",
-                               "invalid_request_error", refused[0])
-        if self.n > MAX_LOGPROBS // 2:
-            raise GatewayError(400, f"n: {self.n} beams; use_beam_search takes at most "
-                               f"{MAX_LOGPROBS // 2}", "invalid_request_error", "n")
-        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
-                                ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
+            name = min(refused)
+            raise GatewayError(400, f"{name}: not supported with use_beam_search",
+                               "invalid_request_error", name)
+        params = BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
+                                  ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
+        try:
+            params.check(MAX_LOGPROBS)
+        except ValueError as error:  # named by the HTTP fields: beam_width is n
+            field, _, reason = str(error).partition(": ")
+            field = {"beam_width": "n"}.get(field, field)
+            raise GatewayError(400, f"{field}: {reason}", "invalid_request_error",
+                               field) from None
+        return params
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,9 +134,9 @@ class SamplingFields(BaseModel):
 
 
 # Fields that change sampling or the answer's shape, which beam search does not honour (set to
-# anything but their default; temperature 0 is what the search does).
+# anything but their default; temperature, refused unless 0, is checked on its own).
 BEAM_SEARCH_REFUSES = frozenset({
-    "stream", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "stream", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
     "logprobs", "top_logprobs", "echo"})
 
