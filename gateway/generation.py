@@ -63,9 +63,7 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
                                            .include_stop_str_in_output)
                     for _ in range(n)]
     finished = [False] * n
-    usage.prompt_tokens = len(prompt_token_ids)
-    METRICS.prompt_tokens.inc(len(prompt_token_ids))
-    started = time.monotonic()
+    started = _started(usage, prompt_token_ids)
     last_token_at: list[float | None] = [None] * n
     submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
                                          prompt_token_ids=prompt_token_ids, sampling=sampling,
@@ -94,12 +92,24 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
                 choice.stop_reason = delta.stop_token_id
         finished[i] = choice.finish_reason is not None
         if finished[i]:
-            METRICS.requests_finished.labels(choice.finish_reason).inc()
-            if all(finished):
-                METRICS.e2e_request_latency.observe(time.monotonic() - started)
+            _observe_finished(choice.finish_reason, started, last=all(finished))
         yield choice
         if all(finished):
             return  # leaving cancels the scheduler call: nothing keeps running
+
+
+def _started(usage: Usage, prompt_token_ids: list[int]) -> float:
+    """A request's start: its prompt counted (usage and metrics); the monotonic time."""
+    usage.prompt_tokens = len(prompt_token_ids)
+    METRICS.prompt_tokens.inc(len(prompt_token_ids))
+    return time.monotonic()
+
+
+def _observe_finished(finish_reason: str, started: float, last: bool) -> None:
+    """A choice finished; with the request's `last`, its end-to-end latency too."""
+    METRICS.requests_finished.labels(finish_reason).inc()
+    if last:
+        METRICS.e2e_request_latency.observe(time.monotonic() - started)
 
 
 def _observe_tokens(last_token_at: list[float | None], index: int, count: int,
@@ -125,12 +135,16 @@ async def beam_choices(client: SchedulerClient, served: ServedModel, request_id:
     batches them, and its prefix cache shares their blocks)."""
     sampling = step_sampling(params)
     ids = itertools.count()
+    started = _started(usage, prompt_token_ids)
 
     async def next_position(tokens: list[int]) -> common_pb2.PositionLogprobs:
+        number = next(ids)
         submit = scheduler_pb2.SubmitRequest(
-            request_id=f"{request_id}-{next(ids)}", model=served.info.model_id,
+            request_id=f"{request_id}-{number}", model=served.info.model_id,
             prompt_token_ids=tokens, sampling=sampling)
         async for delta in client.generate(submit, deadline):
+            if number == 0 and delta.num_prompt_tokens:  # the first step's: the prompt alone
+                usage.cached_tokens = delta.num_cached_prompt_tokens
             if delta.logprobs:
                 return delta.logprobs[0]
         raise GatewayError(500, "beam search: the scheduler returned no token",
@@ -140,10 +154,12 @@ async def beam_choices(client: SchedulerClient, served: ServedModel, request_id:
         return list(await asyncio.gather(*(next_position(tokens) for tokens in sequences)))
 
     [beams] = await search(step, [prompt_token_ids], params, served.info.eos_token_ids)
-    usage.prompt_tokens = len(prompt_token_ids)
     usage.completion_tokens = sum(len(beam.output_tokens) for beam in beams)
-    return [ChoiceDelta(index=i, token_ids=beam.output_tokens, logprobs=[],
-                        text=served.tokenizer.decode(beam.output_tokens,
-                                                     skip_special_tokens=True),
-                        finish_reason="stop" if beam.finished else "length")
-            for i, beam in enumerate(beams)]
+    choices = [ChoiceDelta(index=i, token_ids=beam.output_tokens, logprobs=[],
+                           text=served.tokenizer.decode(beam.output_tokens,
+                                                        skip_special_tokens=True),
+                           finish_reason="stop" if beam.finished else "length")
+               for i, beam in enumerate(beams)]
+    for choice in choices:
+        _observe_finished(choice.finish_reason, started, last=choice is choices[-1])
+    return choices

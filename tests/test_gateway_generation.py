@@ -1,12 +1,15 @@
 """gateway/generation.py over a scripted scheduler stream: when a stop string ends one choice of
 an n > 1 request, the scheduler is told to stop that sequence (and only that one) while the
 other choices go on; when the last choice stops, or the scheduler finished that sequence with
-the same delta, nothing is sent (leaving the stream aborts the whole request)."""
+the same delta, nothing is sent (leaving the stream aborts the whole request). Beam search
+(`beam_choices`) counts its request in the gateway's metrics and usage as `generate` does."""
 
 import asyncio
 
-from gateway.generation import Usage, generate
+from gateway.generation import Usage, beam_choices, generate
+from gateway.metrics import METRICS
 from gateway.scheduler_client import ServedModel
+from pagedserve.beam_search import BeamSearchParams
 from pagedserve.v1 import common_pb2, scheduler_pb2
 from tests.tiny_models import byte_level_tokenizer
 
@@ -77,3 +80,38 @@ def test_a_stop_string_in_the_scheduler_s_last_delta_sends_nothing():
         delta(0, "a"), delta(1, "x"), delta(0, " END", length), delta(1, " y", length)])
     assert run(scheduler, n=2, stop=["END"]) == {0: ("a ", "stop"), 1: ("x y", "length")}
     assert scheduler.stopped == []
+
+
+class BeamScheduler:
+    """Each step's submit: two candidate tokens; cached prompt tokens, all but the last."""
+
+    async def generate(self, submit, deadline):
+        top = [common_pb2.TokenLogprob(token_id=token, logprob=-rank, rank=rank)
+               for rank, token in enumerate(ids("ab"), 1)]
+        yield scheduler_pb2.TokenDelta(
+            seq_index=0, token_ids=[top[0].token_id],
+            logprobs=[common_pb2.PositionLogprobs(chosen=top[0], top=top)],
+            num_prompt_tokens=len(submit.prompt_token_ids),
+            num_cached_prompt_tokens=len(submit.prompt_token_ids) - 1,
+            finish_reason=common_pb2.FINISH_REASON_LENGTH)
+
+
+def test_beam_search_counts_its_request_as_generate_does():
+    served = ServedModel(info=common_pb2.ModelInfo(model_id="m"), tokenizer=TOKENIZER)
+    prompt = ids("hi")
+
+    def sample(name, **labels):
+        return METRICS.registry.get_sample_value(name, labels) or 0.0
+    before = (sample("pagedserve_prompt_tokens_total"),
+              sample("pagedserve_requests_finished_total", finish_reason="length"),
+              sample("pagedserve_e2e_request_latency_seconds_count"))
+    usage = Usage()
+    choices = asyncio.run(beam_choices(BeamScheduler(), served, "req-1", prompt,
+                                       BeamSearchParams(beam_width=2, max_tokens=3), usage))
+    assert [c.finish_reason for c in choices] == ["length", "length"]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), 6)
+    assert usage.cached_tokens == len(prompt) - 1  # the first step's, the prompt's own
+    after = (sample("pagedserve_prompt_tokens_total"),
+             sample("pagedserve_requests_finished_total", finish_reason="length"),
+             sample("pagedserve_e2e_request_latency_seconds_count"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [len(prompt), 2, 1]
