@@ -87,12 +87,17 @@ async def search(step: Step, prompts: Sequence[Sequence[int]], params: BeamSearc
         if not beams:
             break
         positions = await step([beam.tokens for beam in beams])
-        extended = iter(_extensions(beam, position, eos, params)
-                        for beam, position in zip(beams, positions, strict=True))
+        start = 0
         for i, group in enumerate(live):
-            candidates = [c for _ in group for c in next(extended)]
-            candidates.sort(key=lambda c: c.cum_logprob, reverse=True)
-            kept = candidates[:params.beam_width]
+            # (cumulative logprob, beam, token): only the kept ones become sequences
+            candidates = [(beam.cum_logprob + top.logprob, beam, top)
+                          for beam, position in zip(group, positions[start:start + len(group)],
+                                                    strict=True)
+                          for top in position.top]
+            start += len(group)
+            candidates.sort(key=lambda c: c[0], reverse=True)
+            kept = [_extension(beam, cum_logprob, top, eos, params)
+                    for cum_logprob, beam, top in candidates[:params.beam_width]]
             done[i] += [c for c in kept if c.finished]
             live[i] = [c for c in kept if not c.finished]
     return [sorted(finished + unfinished, reverse=True,
@@ -117,10 +122,8 @@ def beam_search(llm: LLM, prompts: Sequence[Sequence[int]],
     return [BeamSearchOutput(beams) for beams in results]
 
 
-def _extensions(beam: BeamSequence, position: common_pb2.PositionLogprobs, eos: set[int],
-                params: BeamSearchParams) -> list[BeamSequence]:
-    return [BeamSequence(beam.tokens + [top.token_id], beam.cum_logprob + top.logprob,
-                         beam.num_prompt_tokens,
-                         finished=top.token_id in eos and not params.ignore_eos,
-                         logprobs=beam.logprobs + [top.logprob])
-            for top in position.top]
+def _extension(beam: BeamSequence, cum_logprob: float, top: common_pb2.TokenLogprob,
+               eos: set[int], params: BeamSearchParams) -> BeamSequence:
+    return BeamSequence(beam.tokens + [top.token_id], cum_logprob, beam.num_prompt_tokens,
+                        finished=top.token_id in eos and not params.ignore_eos,
+                        logprobs=beam.logprobs + [top.logprob])
