@@ -185,7 +185,7 @@ class Cluster:
             else:
                 self.placement[orphan.request_id] = pool
                 pool.scheduler.requeue(orphan.seqs)
-                for seq_index in sorted(orphan.stopped):
+                for seq_index in orphan.stopped:
                     pool.scheduler.stop(orphan.request_id, seq_index)
                 pool.loop.notify()
 

@@ -274,23 +274,31 @@ def test_abort_frees_blocks(make_llm):
     asyncio.run(run())
 
 
-def test_every_step_of_an_engine_runs_on_its_one_step_thread(tiny_llama_dir):
-    """torch's OpenMP team belongs to the calling thread: the offline engine's steps stay on
-    one thread across generate calls (before, each call opened a thread of its own); and a
-    closed engine says so."""
+def test_every_step_of_an_engine_runs_on_its_one_step_thread(tiny_llama_dir, monkeypatch):
+    """torch's OpenMP team belongs to the calling thread: the offline engine builds its model
+    and runs every step on one thread, across generate calls (before, each call opened a thread
+    of its own); and a closed engine says so."""
     import threading
 
-    llm = LLM(str(tiny_llama_dir), max_num_seqs=4)
-    runner = llm.make_handle().runner
-    threads, step = set(), runner.step
+    import pagedserve.offline
 
-    def recording_step(plan):
-        threads.add(threading.current_thread())  # the objects: a dead thread's id is reused
-        return step(plan)
-    runner.step = recording_step
-    for _ in range(3):
-        llm.generate([[1, 2, 3]], greedy(3))
-    assert len(threads) == 1 and threading.current_thread() not in threads
-    llm.close()
+    threads = []  # the objects, not idents: a dead thread's ident is reused
+    build = pagedserve.offline.build_runner
+
+    def recording_build(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return build(*args, **kwargs)
+    monkeypatch.setattr(pagedserve.offline, "build_runner", recording_build)
+    with LLM(str(tiny_llama_dir), max_num_seqs=4) as llm:
+        step = llm._runner.step
+
+        def recording_step(plan):
+            threads.append(threading.current_thread())
+            return step(plan)
+        llm._runner.step = recording_step
+        for _ in range(3):
+            llm.generate([[1, 2, 3]], greedy(3))
+    assert len(threads) > 3 and len(set(threads)) == 1
+    assert threading.current_thread() not in threads
     with pytest.raises(RuntimeError, match="this LLM is closed"):
         llm.generate([[1, 2, 3]], greedy(3))
