@@ -14,6 +14,7 @@ from executor_svc.kv_cache import (
     GIB,
     KvCacheSizeError,
     allocate_kv_cache,
+    blocks_in,
     bytes_per_block,
     check_capacity,
     profile_cuda_blocks,
@@ -122,8 +123,8 @@ def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: tor
                                          args.max_num_batched_tokens,
                                          args.gpu_memory_utilization, max_model_len)
     else:
-        num_blocks = int(args.kv_cache_gib * GIB
-                         // bytes_per_block(model, args.block_size, dtype))
+        num_blocks = blocks_in(args.kv_cache_gib * GIB,
+                               bytes_per_block(model, args.block_size, dtype))
     try:
         # Block ids are shared by the ranks: the group holds what its smallest rank holds.
         num_blocks = check_capacity(tp.min_over_ranks(num_blocks), args.block_size,

@@ -27,6 +27,11 @@ def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> in
                (torch.Size(shape).numel() for shape in kv_cache_shape(model, 1, block_size)))
 
 
+def blocks_in(budget_bytes: float, per_block: int) -> int:
+    """How many whole blocks of `per_block` bytes a budget of `budget_bytes` holds."""
+    return int(budget_bytes // per_block)
+
+
 def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device) -> None:
     """Zeroed caches (stale slots must hold finite values: attention masks scores, and
@@ -79,4 +84,4 @@ def profile_cuda_blocks(model: nn.Module, block_size: int, dtype: torch.dtype,
     bind_kv_caches(model, [(None, None)] * len(kv_cache_shape(model, 1, block_size)))
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    return max(0, int((total * gpu_memory_utilization - peak) // per_block))
+    return max(0, blocks_in(total * gpu_memory_utilization - peak, per_block))

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start", rank=args.rank, error=str(exc))
         return 1
     follow(runner, sys.stdin.buffer)
-    dist.destroy_process_group()
+    runner.close()  # a follower holds no followers: this leaves the process group
     return 0
 
 

@@ -41,6 +41,15 @@ class KernelLayer(nn.Module):
     kernels: Kernels = TORCH_KERNELS
 
 
+def rows_padded(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows `start` .. `start + rows` of `tensor`, zero-padded to `rows` where it ends first
+    (the last rank's slice of a split that does not divide)."""
+    piece = tensor[start:start + rows]
+    if piece.shape[0] < rows:
+        piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *piece.shape[1:])])
+    return piece
+
+
 class Linear(KernelLayer):
     """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections.
 
@@ -91,9 +100,13 @@ class Linear(KernelLayer):
         self.weight.data = weight if self.packed is None or shared else weight.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ `bias`), by the packed weight when the kernel set repacked it."""
         if self.packed is not None:
-            return self.kernels.packed_linear(x, self.packed, self.bias)
-        return nn.functional.linear(x, self.weight, self.bias)
+            return self.kernels.packed_linear(x, self.packed, bias)
+        return nn.functional.linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(Linear):
@@ -119,11 +132,8 @@ class ColumnParallelLinear(Linear):
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         rows = self.part_sizes[part]
-        start = self.tp.rank * self.part_pieces[part] // self.tp.size * rows
-        piece = tensor[start:start + rows]
-        if piece.shape[0] < rows:
-            piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *piece.shape[1:])])
-        return piece
+        return rows_padded(tensor, self.tp.rank * self.part_pieces[part] // self.tp.size * rows,
+                           rows)
 
 
 class RowParallelLinear(Linear):
@@ -150,9 +160,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return super().forward(x)
-        y = (self.kernels.packed_linear(x, self.packed, None) if self.packed is not None
-             else nn.functional.linear(x, self.weight))
+            return self._matmul(x, self.bias)
+        y = self._matmul(x, None)
         if self.reduce:
             y = self.tp.all_reduce(y)
         elif not self.tp.is_first:
@@ -192,8 +201,7 @@ class VocabParallelEmbedding(nn.Module):
         if part or param_name != "weight" or tuple(tensor.shape) != expected:
             raise ValueError(f"{param_name}: checkpoint shape {tuple(tensor.shape)}, model "
                              f"expects weight {expected}")
-        piece = tensor[self.tp.rank * self.rows:(self.tp.rank + 1) * self.rows]
-        self.weight.data.zero_()[:piece.shape[0]].copy_(piece)
+        self.weight.data.copy_(rows_padded(tensor, self.tp.rank * self.rows, self.rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
