@@ -4,6 +4,7 @@ request reaches the scheduler."""
 from __future__ import annotations
 
 from gateway.scheduler_client import GatewayError, ServedModel
+from pagedserve import chat
 
 
 def check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
@@ -27,8 +28,6 @@ def check_length(served: ServedModel, num_prompt: int, max_tokens: int | None) -
             "invalid_request_error", "max_tokens" if max_tokens else "prompt")
 
 
-def chat_prompt_ids(served: ServedModel, messages: list[dict], add_generation_prompt: bool):
-    # Render to text, then tokenize without adding special tokens: the template wrote them.
-    text = served.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return served.tokenizer(text, add_special_tokens=False).input_ids
+def chat_prompt_ids(served: ServedModel, messages: list[dict],
+                    add_generation_prompt: bool) -> list[int]:
+    return chat.chat_prompt_ids(served.tokenizer, messages, add_generation_prompt)

@@ -31,6 +31,7 @@ from executor_svc.config import add_engine_arguments, add_model_arguments
 from executor_svc.model_files import default_cache_dir, resolve_model
 from executor_svc.runner import ModelRunner
 from pagedserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from pagedserve.chat import chat_prompt_ids
 from pagedserve.flags import long_options
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 from scheduler_svc.admission import PoolLimits, admit_request
@@ -215,11 +216,10 @@ class LLM:
         """A reply to each conversation (a list of {"role": ..., "content": ...} messages, or a
         list of such lists), its prompt rendered with the model's chat template, as vLLM's
         `LLM.chat`. The rendered text is tokenized without adding special tokens: the template
-        wrote them (as the gateway does)."""
+        wrote them (pagedserve/chat.py, as the gateway does)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer(self.tokenizer.apply_chat_template(
-            list(conversation), add_generation_prompt=add_generation_prompt, tokenize=False),
-            add_special_tokens=False).input_ids for conversation in conversations]
+        prompts = [chat_prompt_ids(self.tokenizer, conversation, add_generation_prompt)
+                   for conversation in conversations]
         return self.generate(prompts, sampling_params)
 
     def beam_search(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
