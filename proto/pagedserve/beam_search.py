@@ -34,7 +34,7 @@ class BeamSearchParams:
     def check(self, max_logprobs: int) -> None:
         if self.beam_width < 1 or 2 * self.beam_width > max_logprobs:
             raise ValueError(f"beam_width: {self.beam_width}, must be 1 to {max_logprobs // 2} "
-                             f"(twice it top logprobs per step; the engine's max_logprobs is "
+                             f"(each step asks for twice as many top logprobs; max_logprobs is "
                              f"{max_logprobs})")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens: {self.max_tokens}, must be at least 1")
