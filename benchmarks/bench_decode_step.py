@@ -8,8 +8,8 @@ The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batc
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
 one token: the model's forward pass and its logits, as the executor runs a decode step. The
 attention kernel is timed inside the forward pass (every call to
-`kernels.cpu_kernels.paged_decode_attention_cpu`), so its figure is what it costs between the
-matmuls, with the KV cache (30 layers) streamed from memory as in serving, not hot in cache as
+`pagedserve.kernels.cpu_kernels.paged_decode_attention_cpu`), so its figure is what it costs between
+the matmuls, with the KV cache (30 layers) streamed from memory as in serving, not hot in cache as
 a kernel-only loop would have it. Prints the median over `--repeats` rounds of 5 steps.
 Block tables are contiguous runs of blocks by default; `--block-order scattered` deals every
 sequence random blocks of the pool, as a serving pool's tables are once its blocks have been
@@ -31,13 +31,13 @@ import time
 
 import torch
 
-from executor_svc.batch import ScheduledSequence, build_flat_batch
-from executor_svc.kv_cache import allocate_kv_cache
-from executor_svc.model_files import default_cache_dir, resolve_model
-from executor_svc.models import load_model
-from executor_svc.models.layers import bind_kernels
-from kernels import cpu_kernels
-from kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.kv_cache import allocate_kv_cache
+from pagedserve.executor.model_files import default_cache_dir, resolve_model
+from pagedserve.executor.models import load_model
+from pagedserve.executor.models.layers import bind_kernels
+from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
 
 STEPS_PER_ROUND = 5
 

@@ -52,11 +52,11 @@ from machine_info import cpu_info
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from executor_svc.batch import ScheduledSequence, build_flat_batch
-from executor_svc.model_files import default_cache_dir, resolve_model
-from executor_svc.models import load_model
-from executor_svc.models.layers import bind_kv_caches, kv_cache_shape
-from pagedserve.log import configure_logging
+from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.model_files import default_cache_dir, resolve_model
+from pagedserve.executor.models import load_model
+from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape
+from pagedserve.runtime.log import configure_logging
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

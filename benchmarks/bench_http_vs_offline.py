@@ -3,8 +3,8 @@
 Both engines run the same model (default: the embedded SmolLM2-135M-Instruct, float32) on the
 same machine, in one run of this script:
 
-- **offline**: ``pagedserve.offline.LLM`` (scheduler and executor in this process, no gRPC).
-  ``LLM()`` is built once (not timed) and warmed up with the full workload on other prompts
+- **offline**: ``pagedserve.entrypoints.offline.LLM`` (scheduler and executor in this process, no
+  gRPC). ``LLM()`` is built once (not timed) and warmed up with the full workload on other prompts
   (not timed); then one ``generate`` call over all prompts is timed.
 - **HTTP**: ``pagedserve up`` as a subprocess (gateway -> scheduler -> executor, each its own
   process, on free loopback ports). Once the "pagedserve is up" line is printed and GET /ready
@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 from pagedserve.bench import serve, throughput
 from pagedserve.bench.datasets import BenchRequest, random_requests
-from pagedserve.serving import free_ports
+from pagedserve.runtime.serving import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 READY_LINE = "pagedserve is up"

@@ -42,14 +42,12 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
-from kernels.norm import add_rms_norm, rms_norm  # noqa: E402
-from kernels.rotary import apply_rotary  # noqa: E402
-from kernels.triton_activation import silu_and_mul_triton  # noqa: E402
-from kernels.triton_attention import (  # noqa: E402
+from pagedserve.kernels.activation import silu_and_mul
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from pagedserve.kernels.norm import add_rms_norm, rms_norm
+from pagedserve.kernels.rotary import apply_rotary
+from pagedserve.kernels.triton_activation import silu_and_mul_triton
+from pagedserve.kernels.triton_attention import (
     DECODE_TILES,
     Tiles,
     paged_attention_decode_triton,
@@ -58,8 +56,8 @@ from kernels.triton_attention import (  # noqa: E402
     prefill_tiles,
     write_kv_cache_triton,
 )
-from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
-from kernels.triton_rotary import apply_rotary_triton  # noqa: E402
+from pagedserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from pagedserve.kernels.triton_rotary import apply_rotary_triton
 
 BLOCK = 16
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -386,7 +384,7 @@ E2E_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
 def end_to_end(bench: Bench) -> dict:
     """The executor's own bootstrap (the offline engine) on a random LLaMA with each kernel set,
     each run in a process of its own (so each profiles the GPU's memory from a clean start)."""
-    from tests.tiny_models import save_tiny_llama
+    from pagedserve.testing.tiny_models import save_tiny_llama
 
     directory = save_tiny_llama(pathlib.Path(tempfile.mkdtemp()) / "llama",
                                 **({} if bench.smoke else E2E_LLAMA))
@@ -421,7 +419,7 @@ def end_to_end(bench: Bench) -> dict:
 
 def e2e_run(directory: str, dtype: str, backend: str, smoke: bool) -> None:
     """One end-to-end configuration; prints {"tokens", "tok_s"} as the last line."""
-    from pagedserve.offline import LLM
+    from pagedserve.entrypoints.offline import LLM
     from pagedserve.v1.common_pb2 import SamplingParams
 
     num_prompts, prompt_len, max_tokens = (2, 5, 4) if smoke else (64, 256, 128)

@@ -9,16 +9,16 @@ Three measurements (``--only plan|overlap|kv`` runs one of them):
    steps; each finished one is replaced by a new one (outside the timed calls). A fake executor
    answers each plan instantly, tracking every request as the model runner does: a request
    samples (one token) when a step computes its last known token. The loop is the pool loop's
-   (``scheduler_svc/pool_loop.py``), with overlap on (the default: a plan is made while the
-   previous one is in flight) and off. After a warm-up, ``schedule()`` and ``process(result)``
-   are timed separately, step by step; reported: median and p99 in ms.
-2. **overlap** - the real executor in this process (``pagedserve.offline.LLM``, default model:
-   the embedded SmolLM2-135M-Instruct, float32, on the CPU) generating for ``--overlap-requests``
-   requests (default 32, prompts of 32-256 random token ids, 64 output tokens, ignore_eos, greedy)
-   with overlap on and off. The in-process handle's ``runner.step`` is wrapped to record each
-   step's start and end on the executor thread: idle = start of step N+1 - end of step N.
-   Reported per setting: steps, mean step time, total idle / total step time, end-to-end output
-   tokens/s.
+   (``scheduler_svc/pagedserve/scheduler/pool_loop.py``), with overlap on (the default: a plan is
+   made while the previous one is in flight) and off. After a warm-up, ``schedule()`` and
+   ``process(result)`` are timed separately, step by step; reported: median and p99 in ms.
+2. **overlap** - the real executor in this process (``pagedserve.entrypoints.offline.LLM``, default
+   model: the embedded SmolLM2-135M-Instruct, float32, on the CPU) generating for
+   ``--overlap-requests`` requests (default 32, prompts of 32-256 random token ids, 64 output
+   tokens, ignore_eos, greedy) with overlap on and off. The in-process handle's ``runner.step`` is
+   wrapped to record each step's start and end on the executor thread: idle = start of step N+1 -
+   end of step N. Reported per setting: steps, mean step time, total idle / total step time,
+   end-to-end output tokens/s.
 3. **kv** - KV slot waste with paging. The offline ``LLM`` (block size 16, prefix caching off so
    no block is shared) keeps ``--kv-concurrency`` requests in flight (default 64; prompts of
    16-512 tokens, 16-256 output tokens), replacing each finished one, until
@@ -30,7 +30,7 @@ Three measurements (``--only plan|overlap|kv`` runs one of them):
    slots) when paged (at each request's final length, rounded up to whole blocks; and at the
    measured mean footprint of a running sequence) versus reserving max_model_len tokens per
    request. Only memory accounting matters here, so the default model is a tiny random-weight
-   LLaMA built in a temporary directory (``tests.tiny_models.save_tiny_llama``,
+   LLaMA built in a temporary directory (``pagedserve.testing.tiny_models.save_tiny_llama``,
    max_position_embeddings 2048).
 
 Run from the repository root (on an otherwise idle machine, for numbers worth keeping):
@@ -68,16 +68,15 @@ from typing import TYPE_CHECKING
 
 from machine_info import cpu_info
 
+from pagedserve.scheduler.admission import PoolLimits, admit_request
+from pagedserve.scheduler.block_manager import BlockManager
+from pagedserve.scheduler.pool_loop import PoolLoop
+from pagedserve.scheduler.step_scheduler import StepLimits, StepScheduler
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
-from scheduler_svc.admission import PoolLimits, admit_request
-from scheduler_svc.block_manager import BlockManager
-from scheduler_svc.pool_loop import PoolLoop
-from scheduler_svc.step_scheduler import StepLimits, StepScheduler
 
 if TYPE_CHECKING:  # imported inside the functions that build one
-    from pagedserve.offline import LLM
+    from pagedserve.entrypoints.offline import LLM
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("plan", "overlap", "kv")
 
 
@@ -423,7 +422,7 @@ def clocked_llm(model: str | None, overlap: bool,
                 model_note: list[str]) -> tuple[LLM, Callable[[], StepClock]]:
     """An offline LLM whose executor's runner.step is timed, and a getter of its clock (which
     exists once the first generate has opened a handle)."""
-    from pagedserve.offline import LLM
+    from pagedserve.entrypoints.offline import LLM
 
     llm = LLM(model, overlap=overlap, dtype="float32", device="cpu", kv_cache_gib=1.0)
     make_handle = llm.make_handle
@@ -511,15 +510,14 @@ class KvStats:
 
 
 def tiny_kv_model(directory: pathlib.Path) -> pathlib.Path:
-    sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
-    from tests.tiny_models import save_tiny_llama
+    from pagedserve.testing.tiny_models import save_tiny_llama
 
     return save_tiny_llama(directory, max_position_embeddings=2048)
 
 
 def run_kv(model_dir: str, sizes: Sizes, max_model_len: int | None, kv_cache_gib: float,
            seed: int) -> KvStats:
-    from pagedserve.offline import LLM
+    from pagedserve.entrypoints.offline import LLM
 
     options = {"max_model_len": max_model_len} if max_model_len else {}
     llm = LLM(model_dir, enable_prefix_caching=False, dtype="float32", device="cpu",
@@ -573,7 +571,7 @@ def bench_kv(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.kv_model or str(tiny_kv_model(pathlib.Path(tmp) / "tiny-llama"))
         result = run_kv(model, sizes, args.kv_max_model_len, args.kv_cache_gib, args.seed)
-        model_note = args.kv_model or "tiny random-weight LLaMA (tests.tiny_models)"
+        model_note = args.kv_model or "tiny random-weight LLaMA (pagedserve.testing.tiny_models)"
     print("done: kv", file=sys.stderr, flush=True)
     r, bs, budget = result, result.block_size, args.kv_budget_tokens
     mean_len = statistics.fmean(r.final_lengths)
@@ -637,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import transformers
 
-    from pagedserve.log import configure_logging
+    from pagedserve.runtime.log import configure_logging
 
     configure_logging("bench-scheduler", "warning", "console")  # stderr: stdout is the report
     transformers.utils.logging.disable_progress_bar()

@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def default_model_dir() -> pathlib.Path:
-    from executor_svc.model_files import default_cache_dir, resolve_model
+    from pagedserve.executor.model_files import default_cache_dir, resolve_model
 
     return resolve_model(None, default_cache_dir()).path
 

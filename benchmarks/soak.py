@@ -1,7 +1,8 @@
 """Load and soak: many concurrent streaming clients against `pagedserve up`, round after round,
 then checks that nothing leaked (issue 9).
 
-The script starts `pagedserve up` (a tiny random-weight LLaMA from tests/tiny_models.py unless
+The script starts `pagedserve up` (a tiny random-weight LLaMA from pagedserve/testing/tiny_models.py
+unless
 --model names one) on free loopback ports and warms it up with one full round. Each round,
 --clients clients start together; each streams one request (completions or chat, prompts of
 2-16 words, up to ~100 tokens, max_tokens 8-128, ignore_eos) over its own connection, and
@@ -42,12 +43,9 @@ from dataclasses import dataclass, field
 import aiohttp
 import psutil
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.tiny_models and tests.conftest, run from anywhere
-
-from pagedserve.serving import free_ports, sync_channel  # noqa: E402
-from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
-from tests.test_up import free_consecutive_ports  # noqa: E402
+from pagedserve.runtime.serving import free_ports, sync_channel
+from pagedserve.testing.processes import free_consecutive_ports
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 READY_LINE = "pagedserve is up"
 RSS_TOLERANCE = 0.05
@@ -318,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pagedserve-soak-") as tmp:
         model = args.model
         if model is None:
-            from tests.tiny_models import save_tiny_llama
+            from pagedserve.testing.tiny_models import save_tiny_llama
             model = str(save_tiny_llama(pathlib.Path(tmp) / "tiny-llama"))
         stack = start_stack(model, args.kv_cache_gib, pathlib.Path(tmp) / "stack.log")
         try:

@@ -13,11 +13,11 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.auth import OPEN_PATHS, ApiKeyInterceptor, require_api_key
-from gateway.grpc_api import GenerationService
-from gateway.http_api import create_app
-from gateway.scheduler_client import SchedulerClient
-from pagedserve.serving import GrpcServer, free_ports
+from pagedserve.gateway.auth import OPEN_PATHS, ApiKeyInterceptor, require_api_key
+from pagedserve.gateway.grpc_api import GenerationService
+from pagedserve.gateway.http_api import create_app
+from pagedserve.gateway.scheduler_client import SchedulerClient
+from pagedserve.runtime.serving import GrpcServer, free_ports
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
 KEY = "s3cret"

@@ -13,9 +13,9 @@ import urllib.request
 import grpc
 import pytest
 
-from gateway.http_api import MAX_BODY_BYTES
+from pagedserve.gateway.http_api import MAX_BODY_BYTES
+from pagedserve.testing.processes import running_stack
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.test_openai_api import running_stack
 
 pytestmark = pytest.mark.slow
 

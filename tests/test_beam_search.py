@@ -1,5 +1,5 @@
-"""Beam search in the offline engine (pagedserve/beam_search.py) against the same algorithm run
-on transformers' logits: the same beams with the same cumulative logprobs; the beams share KV
+"""Beam search in the offline engine (pagedserve/runtime/beam_search.py) against the same algorithm
+run on transformers' logits: the same beams with the same cumulative logprobs; the beams share KV
 blocks through the prefix cache; a beam that samples EOS completes and leaves the search; bad
 parameters name the field."""
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedserve.beam_search import BeamSearchParams
-from pagedserve.offline import LLM
-from tests.tiny_models import byte_level_tokenizer, save_tiny_model, tiny_llama_config
+from pagedserve.entrypoints.offline import LLM
+from pagedserve.runtime.beam_search import BeamSearchParams
+from pagedserve.testing.tiny_models import byte_level_tokenizer, save_tiny_model, tiny_llama_config
 
 PROMPTS = [list(range(30, 70)), [7, 8, 9]]  # 40 tokens: whole blocks for the cache to share
 

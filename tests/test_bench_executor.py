@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-from tests.tiny_models import save_tiny_llama
+from pagedserve.testing.tiny_models import save_tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_executor.py"

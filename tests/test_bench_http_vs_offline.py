@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.tiny_models import save_tiny_llama
+from pagedserve.testing.tiny_models import save_tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_http_vs_offline.py"

@@ -18,9 +18,9 @@ from aiohttp import web
 
 from pagedserve.bench import datasets, metrics
 from pagedserve.bench.cli import load_requests
-from pagedserve.cli import build_parser
-from pagedserve.cli import main as pagedserve_main
-from pagedserve.serving import free_ports
+from pagedserve.entrypoints.cli import build_parser
+from pagedserve.entrypoints.cli import main as pagedserve_main
+from pagedserve.runtime.serving import free_ports
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 # --- metrics --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ when written), and the same answer to a chat question."""
 
 import pytest
 
-from pagedserve.offline import LLM
+from pagedserve.entrypoints.offline import LLM
 from pagedserve.v1.common_pb2 import SamplingParams
 
 PROMPTS = [

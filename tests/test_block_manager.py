@@ -1,6 +1,6 @@
-"""The scheduler's KV block manager (DESIGN.md §3): allocation as tokens arrive, prefix caching,
-LRU eviction, forks with eager copy-on-write, and a stateful model check that no shared block is
-ever written and that every sequence's blocks hold its tokens."""
+"""The scheduler's KV block manager (docs/design.md §3): allocation as tokens arrive, prefix
+caching, LRU eviction, forks with eager copy-on-write, and a stateful model check that no shared
+block is ever written and that every sequence's blocks hold its tokens."""
 
 import copy
 import os
@@ -18,7 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from scheduler_svc.block_manager import (
+from pagedserve.scheduler.block_manager import (
     ROOT_HASH,
     BlockCopy,
     BlockManager,
@@ -365,7 +365,7 @@ def test_parallel_sampling_of_a_long_prompt_costs_one_prompt_and_eight_tails():
 
 
 CHAIN_SCRIPT = """
-from scheduler_svc.block_manager import ROOT_HASH, hash_block
+from pagedserve.scheduler.block_manager import ROOT_HASH, hash_block
 parent = ROOT_HASH
 for start in range(0, 48, 16):
     parent = hash_block(parent, list(range(start, start + 16)), b"model-x")

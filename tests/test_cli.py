@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pagedserve.cli import SERVICES
+from pagedserve.entrypoints.cli import SERVICES
 
 COMMANDS = ["up", *SERVICES]
 
@@ -47,7 +47,7 @@ def test_unknown_command_is_an_error():
 WITHOUT_TORCH = ("import sys\n"
                  "for name in ('torch', 'safetensors', 'gguf'):\n"
                  "    sys.modules[name] = None  # as on the control-plane image\n"
-                 "from pagedserve.cli import main\n"
+                 "from pagedserve.entrypoints.cli import main\n"
                  "sys.exit(main(sys.argv[1:]))\n")
 
 

@@ -29,7 +29,8 @@ import grpc
 import openai
 import pytest
 
-from pagedserve.serving import free_ports
+from pagedserve.runtime.serving import free_ports
+from pagedserve.testing.tiny_models import save_tiny_llama
 from pagedserve.v1 import (
     common_pb2,
     generation_pb2,
@@ -37,7 +38,6 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
-"""Incremental detokenization and stop strings (gateway/detokenizer.py), checked against the
-tokenizers' own full decode: a byte-level BPE tokenizer whose multi-byte characters are single
-byte tokens, the real SmolLM2 tokenizer of the default model, and two SentencePiece-style
+"""Incremental detokenization and stop strings (gateway/pagedserve/gateway/detokenizer.py), checked
+against the tokenizers' own full decode: a byte-level BPE tokenizer whose multi-byte characters are
+single byte tokens, the real SmolLM2 tokenizer of the default model, and two SentencePiece-style
 tokenizers with byte fallback (Llama's decoder chain with its leading-space strip, and Metaspace).
 
 The reference for a stream is what the generated ids add to the full decode of the prompt: the
@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from executor_svc.model_files import default_cache_dir, resolve_model
-from gateway.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
-from tests.tiny_models import byte_level_tokenizer
+from pagedserve.executor.model_files import default_cache_dir, resolve_model
+from pagedserve.gateway.detokenizer import PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from pagedserve.testing.tiny_models import byte_level_tokenizer
 
 FFFD = "\ufffd"
 TEXTS = [

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedserve.serving import free_ports
+from pagedserve.runtime.serving import free_ports
+from pagedserve.testing.processes import start_executor
 from pagedserve.v1 import (
     common_pb2,
     executor_pb2,
@@ -19,7 +20,6 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.conftest import start_executor
 
 pytestmark = pytest.mark.slow
 
@@ -163,7 +163,7 @@ def test_every_step_runs_on_the_one_step_thread():
     even while other work keeps the event loop's default thread pool busy."""
     import asyncio
 
-    from executor_svc.server import ExecutorService
+    from pagedserve.executor.server import ExecutorService
 
     async def scenario() -> set[int]:
         runner = ThreadRecordingRunner()

@@ -4,9 +4,9 @@ import pathlib
 
 import pytest
 
-from pagedserve.cli import build_parser
-from pagedserve.flags import FlagParser, env_var
-from pagedserve.serving import StartupError
+from pagedserve.entrypoints.cli import build_parser
+from pagedserve.runtime.flags import FlagParser, env_var
+from pagedserve.runtime.serving import StartupError
 
 
 def parser_with_flags() -> FlagParser:
@@ -62,7 +62,7 @@ def test_service_flags_read_the_environment(monkeypatch, tmp_path):
 
 
 def test_offline_engine_options_are_the_executor_flags():
-    from pagedserve.offline import engine_args
+    from pagedserve.entrypoints.offline import engine_args
 
     args = engine_args(dtype="bfloat16", kv_cache_gib=1.5)
     assert (args.dtype, args.kv_cache_gib, args.block_size) == ("bfloat16", 1.5, 16)
@@ -71,7 +71,7 @@ def test_offline_engine_options_are_the_executor_flags():
 
 
 def test_up_gives_each_executor_its_own_gpus():
-    from pagedserve.launcher import executor_gpus
+    from pagedserve.entrypoints.launcher import executor_gpus
 
     args = build_parser().parse_args(["up", "--executors", "2", "--tensor-parallel-size", "2"])
     assert executor_gpus(args, ["0", "1", "2", "3", "4"]) == ["0,1", "2,3"]
@@ -84,7 +84,7 @@ def test_up_gives_each_executor_its_own_gpus():
 
 
 def test_up_passes_model_and_engine_flags_to_executors():
-    from pagedserve.launcher import plan_children
+    from pagedserve.entrypoints.launcher import plan_children
 
     args = build_parser().parse_args(["up", "--dtype", "bfloat16", "--executors", "2"])
     executors = [c.argv for c in plan_children(args) if c.name.startswith("executor")]

@@ -1,17 +1,17 @@
-"""gateway/generation.py over a scripted scheduler stream: when a stop string ends one choice of
-an n > 1 request, the scheduler is told to stop that sequence (and only that one) while the
-other choices go on; when the last choice stops, or the scheduler finished that sequence with
-the same delta, nothing is sent (leaving the stream aborts the whole request). Beam search
+"""gateway/pagedserve/gateway/generation.py over a scripted scheduler stream: when a stop string
+ends one choice of an n > 1 request, the scheduler is told to stop that sequence (and only that one)
+while the other choices go on; when the last choice stops, or the scheduler finished that sequence
+with the same delta, nothing is sent (leaving the stream aborts the whole request). Beam search
 (`beam_choices`) counts its request in the gateway's metrics and usage as `generate` does."""
 
 import asyncio
 
-from gateway.generation import Usage, beam_choices, generate
-from gateway.metrics import METRICS
-from gateway.scheduler_client import ServedModel
-from pagedserve.beam_search import BeamSearchParams
+from pagedserve.gateway.generation import Usage, beam_choices, generate
+from pagedserve.gateway.metrics import METRICS
+from pagedserve.gateway.scheduler_client import ServedModel
+from pagedserve.runtime.beam_search import BeamSearchParams
+from pagedserve.testing.tiny_models import byte_level_tokenizer
 from pagedserve.v1 import common_pb2, scheduler_pb2
-from tests.tiny_models import byte_level_tokenizer
 
 TOKENIZER = byte_level_tokenizer()
 

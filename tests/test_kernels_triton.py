@@ -1,5 +1,6 @@
-"""The Triton kernels against the PyTorch path (kernels/attention.py, kernels/norm.py), run on
-CPU through Triton's interpreter. bf16 is left out: the interpreter's bf16 arithmetic is wrong."""
+"""The Triton kernels against the PyTorch path (kernels/pagedserve/kernels/attention.py,
+kernels/pagedserve/kernels/norm.py), run on CPU through Triton's interpreter. bf16 is left out: the
+interpreter's bf16 arithmetic is wrong."""
 
 import math
 
@@ -11,20 +12,20 @@ import torch
 triton = pytest.importorskip("triton", reason="triton cannot be imported; the Triton kernels "
                              "are not tested")
 
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
-from kernels.norm import add_rms_norm, rms_norm  # noqa: E402
-from kernels.rotary import apply_rotary  # noqa: E402
-from kernels.triton_activation import silu_and_mul_triton  # noqa: E402
-from kernels.triton_attention import (  # noqa: E402
+from pagedserve.kernels.activation import silu_and_mul  # noqa: E402
+from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
+from pagedserve.kernels.norm import add_rms_norm, rms_norm  # noqa: E402
+from pagedserve.kernels.rotary import apply_rotary  # noqa: E402
+from pagedserve.kernels.triton_activation import silu_and_mul_triton  # noqa: E402
+from pagedserve.kernels.triton_attention import (  # noqa: E402
     paged_attention_decode_triton,
     paged_attention_prefill_triton,
     paged_attention_triton,
     write_kv_cache_triton,
 )
-from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
-from kernels.triton_rotary import apply_rotary_triton  # noqa: E402
-from tests.paged_batches import BLOCK, build_batch, mixed_batch  # noqa: E402
+from pagedserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from pagedserve.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
+from pagedserve.testing.paged_batches import BLOCK, build_batch, mixed_batch  # noqa: E402
 
 # Context lengths (query token included) of a ragged decode batch: one token, a block but one,
 # a full block, one past a block, and a few blocks.
@@ -239,7 +240,7 @@ def test_silu_and_mul_matches_torch(dtype, d):
 def test_tiles_shrink_to_fit_shared_memory():
     """H200: 232,448 bytes. bf16, head size 128: 128 x 128 tiles fit as measured; float32 or
     head size 256 halve block_n (float32 at 128 needed 262,144 bytes there and failed)."""
-    from kernels.triton_attention import Tiles, fit_shared_memory
+    from pagedserve.kernels.triton_attention import Tiles, fit_shared_memory
 
     tiles = Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
     assert fit_shared_memory(tiles, 128, 2, 232448) == tiles

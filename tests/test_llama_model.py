@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from executor_svc.models import UnsupportedArchitectureError, load_model, model_class
-from tests.paged_run import PagedRun, assert_matches_transformers
+from pagedserve.executor.models import UnsupportedArchitectureError, load_model, model_class
+from pagedserve.testing.paged_run import PagedRun, assert_matches_transformers
 
 PROMPTS = [[5], [7, 8, 9], list(range(20, 27)), list(range(40, 52)), list(range(60, 77))]
 

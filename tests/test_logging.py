@@ -6,7 +6,7 @@ import sys
 
 SCRIPT = """
 import logging, structlog
-from pagedserve.log import configure_logging
+from pagedserve.runtime.log import configure_logging
 configure_logging("scheduler", "info", "{fmt}")
 structlog.get_logger("x").info("hello", n=1)
 structlog.contextvars.bind_contextvars(request_id="req-7")

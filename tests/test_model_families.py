@@ -10,16 +10,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from executor_svc.models import (
+from pagedserve.executor.models import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
     load_model,
     model_class,
 )
-from executor_svc.models.layers import bind_kernels, split_grouped_qkv
-from executor_svc.models.weights import WeightLoadError
-from tests.paged_run import PagedRun, assert_matches_transformers, prefill
-from tests.tiny_models import (
+from pagedserve.executor.models.layers import bind_kernels, split_grouped_qkv
+from pagedserve.executor.models.weights import WeightLoadError
+from pagedserve.testing.paged_run import PagedRun, assert_matches_transformers, prefill
+from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
     tiny_gpt_neox_config,
@@ -96,7 +96,7 @@ def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled
     on a GPU) and on the cpu set (C decode attention), chunked prefill then decodes, against
     transformers."""
-    from kernels import cpu_kernels, dispatch
+    from pagedserve.kernels import cpu_kernels, dispatch
 
     if kernel_set == "cpu" and not cpu_kernels.available():
         pytest.skip("no C compiler: the CPU kernel is not built")

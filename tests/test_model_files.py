@@ -12,15 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-import executor_svc.gguf_to_hf as gguf_to_hf
-from executor_svc.model_files import (
+import pagedserve.executor.gguf_to_hf as gguf_to_hf
+from pagedserve.executor.model_files import (
     DEFAULT_MODEL_NAME,
     ModelLoadError,
     embedded_gguf_path,
     resolve_model,
 )
-from tests.gguf_files import write_llama_gguf
-from tests.tiny_models import byte_level_tokenizer, tiny_llama_config
+from pagedserve.testing.gguf_files import write_llama_gguf
+from pagedserve.testing.tiny_models import byte_level_tokenizer, tiny_llama_config
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 

@@ -3,11 +3,8 @@ official `openai` client: completions and chat, streamed and not, n > 1, stop st
 logprobs, usage; greedy text equals what `transformers` generates; errors in OpenAI's shape;
 a disconnected stream frees its blocks."""
 
-import contextlib
 import json
-import pathlib
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -20,66 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pagedserve.beam_search import BeamSearchParams
-from pagedserve.offline import LLM
-from pagedserve.serving import free_ports
-from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.test_up import free_consecutive_ports
+from pagedserve.entrypoints.offline import LLM
+from pagedserve.runtime.beam_search import BeamSearchParams
+from pagedserve.runtime.serving import free_ports
+from pagedserve.testing.processes import running_stack
 
 pytestmark = pytest.mark.slow
-
-
-class Stack(str):
-    """The gateway's base URL, also knowing the scheduler's address."""
-
-    def __new__(cls, base: str, scheduler: str, grpc_address: str, log_path: pathlib.Path):
-        stack = super().__new__(cls, base)
-        stack.scheduler, stack.grpc, stack.log_path = scheduler, grpc_address, log_path
-        return stack
-
-    def stats(self) -> scheduler_pb2.SchedulerStats:
-        with grpc.insecure_channel(self.scheduler) as channel:
-            return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
-                scheduler_pb2.GetStatsRequest(), timeout=5)
-
-    def wait_until_all_blocks_free(self, timeout: float = 15) -> scheduler_pb2.SchedulerStats:
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.stats()
-            if all(e.free_blocks == e.total_blocks for e in stats.executors):
-                return stats
-            assert time.monotonic() < deadline, "an aborted request kept its blocks"
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None):
-    """`pagedserve up` on free ports, once ready; stopped on exit. With `ssl_context` (the
-    flags then carry certificates) readiness is checked over HTTPS."""
-    http, grpc_port, scheduler = free_ports(3)
-    executor = free_consecutive_ports(1)
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagedserve", "up", *model_flags,
-         "--http-port", str(http), "--grpc-port", str(grpc_port), "--scheduler-port",
-         str(scheduler), "--executor-port", str(executor), "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=log, text=True)
-    deadline = time.monotonic() + 180
-    while "pagedserve is up" not in process.stdout.readline():
-        assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
-    base = f"{'https' if ssl_context else 'http'}://127.0.0.1:{http}"
-    while True:  # ready once the executor registered
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=2, context=ssl_context):
-                break
-        except urllib.error.URLError:
-            assert time.monotonic() < deadline, "stack not ready"
-            time.sleep(0.2)
-    try:
-        yield Stack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}", log_path)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

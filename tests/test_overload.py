@@ -16,10 +16,10 @@ import grpc
 import psutil
 import pytest
 
-from gateway.http_api import TIMEOUT_HEADER, request_deadline
-from gateway.scheduler_client import RETRY_AFTER_S, GatewayError
+from pagedserve.gateway.http_api import TIMEOUT_HEADER, request_deadline
+from pagedserve.gateway.scheduler_client import RETRY_AFTER_S, GatewayError
+from pagedserve.testing.processes import running_stack
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-from tests.test_openai_api import running_stack
 
 pytestmark = pytest.mark.slow
 

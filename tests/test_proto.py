@@ -1,5 +1,5 @@
 """The v1 contract: committed stubs are fresh, messages round-trip, and the contract covers every
-RPC and message of DESIGN.md §2 and the SamplingParams fields the issues name."""
+RPC and message of docs/design.md §2 and the SamplingParams fields the issues name."""
 
 import pathlib
 import subprocess

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from executor_svc.models.rope import rotary_cos_sin_cache, rotary_inv_freq
+from pagedserve.executor.models.rope import rotary_cos_sin_cache, rotary_inv_freq
 
 HEAD_DIM = 64
 SCALED = [

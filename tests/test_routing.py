@@ -1,14 +1,14 @@
-"""Routing in the scheduler's cluster (scheduler_svc/cluster.py): a prefix-cache hit wins over
-room, and a burst of requests that arrives before any step has allocated for them spreads over
-the executors by the room each has left; a sequence stopped while its request waits for an
-executor (its own was lost) ends when the request is placed again."""
+"""Routing in the scheduler's cluster (scheduler_svc/pagedserve/scheduler/cluster.py): a
+prefix-cache hit wins over room, and a burst of requests that arrives before any step has allocated
+for them spreads over the executors by the room each has left; a sequence stopped while its request
+waits for an executor (its own was lost) ends when the request is placed again."""
 
 import asyncio
 
 import pytest
 
+from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
 from pagedserve.v1 import common_pb2, scheduler_pb2
-from scheduler_svc.cluster import Cluster, ClusterConfig, Submission
 
 BLOCK_SIZE = 4
 

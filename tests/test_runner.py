@@ -7,17 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from executor_svc.kv_cache import allocate_kv_cache
-from executor_svc.models import load_model
-from executor_svc.runner import ModelRunner, PlanError, RunnerLimits
-from pagedserve.v1 import common_pb2, executor_pb2
-from tests.tiny_models import (
+from pagedserve.executor.kv_cache import allocate_kv_cache
+from pagedserve.executor.models import load_model
+from pagedserve.executor.runner import ModelRunner, PlanError, RunnerLimits
+from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
     tiny_qwen2_config,
 )
+from pagedserve.v1 import common_pb2, executor_pb2
 
 BLOCK = 4
 LIMITS = RunnerLimits(num_blocks=128, block_size=BLOCK, max_num_seqs=16,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from executor_svc.sampler import (
+from pagedserve.executor.sampler import (
     Sampler,
     SequenceSamplingState,
     make_generator,

@@ -3,7 +3,7 @@
 import grpc
 import pytest
 
-from gateway.scheduler_client import from_rpc_error
+from pagedserve.gateway.scheduler_client import from_rpc_error
 
 
 @pytest.mark.parametrize("code, details, status, words", [

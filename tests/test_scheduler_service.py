@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedserve.serving import free_ports
+from pagedserve.runtime.serving import free_ports
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedserve.offline import LLM
+from pagedserve.entrypoints.offline import LLM
+from pagedserve.scheduler.admission import admit_request
+from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
+from pagedserve.testing.processes import start_executor
 from pagedserve.v1 import common_pb2, scheduler_pb2
-from scheduler_svc.admission import admit_request
-from scheduler_svc.executor_handle import GrpcExecutorHandle
-from tests.conftest import start_executor
 
 BLOCK = 4
 BYTES_PER_BLOCK = 2 * 2 * BLOCK * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x dim x f32
@@ -280,15 +280,15 @@ def test_every_step_of_an_engine_runs_on_its_one_step_thread(tiny_llama_dir, mon
     of its own); and a closed engine says so."""
     import threading
 
-    import pagedserve.offline
+    import pagedserve.entrypoints.offline
 
     threads = []  # the objects, not idents: a dead thread's ident is reused
-    build = pagedserve.offline.build_runner
+    build = pagedserve.entrypoints.offline.build_runner
 
     def recording_build(*args, **kwargs):
         threads.append(threading.current_thread())
         return build(*args, **kwargs)
-    monkeypatch.setattr(pagedserve.offline, "build_runner", recording_build)
+    monkeypatch.setattr(pagedserve.entrypoints.offline, "build_runner", recording_build)
     with LLM(str(tiny_llama_dir), max_num_seqs=4) as llm:
         step = llm._runner.step
 

@@ -3,7 +3,7 @@
 - no pickle (or marshal, shelve), eval, exec, compile or dynamic import of request data: the
   source tree is parsed and every such construct is either absent or on a short allow-list of
   imports whose module names come from constant tables;
-- every gRPC server and channel is built by pagedserve.serving, which sets the message-size
+- every gRPC server and channel is built by pagedserve.runtime.serving, which sets the message-size
   limits (and TLS), and those limits hold on the wire;
 - chat templates render in transformers' sandboxed Jinja environment: a template cannot reach
   Python internals or read files, and message content is data, never template code.
@@ -18,11 +18,11 @@ import jinja2.sandbox
 import pytest
 from transformers.utils import chat_template_utils
 
-from gateway.prompts import chat_prompt_ids
-from gateway.scheduler_client import ServedModel
-from pagedserve.serving import MAX_MESSAGE_BYTES, GrpcServer, aio_channel, free_ports
+from pagedserve.gateway.prompts import chat_prompt_ids
+from pagedserve.gateway.scheduler_client import ServedModel
+from pagedserve.runtime.serving import MAX_MESSAGE_BYTES, GrpcServer, aio_channel, free_ports
+from pagedserve.testing.tiny_models import byte_level_tokenizer
 from pagedserve.v1 import common_pb2
-from tests.tiny_models import byte_level_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ["gateway", "scheduler_svc", "executor_svc", "kernels", "proto/pagedserve",
@@ -31,12 +31,12 @@ FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill"
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 # module -> the constant table its dynamic imports read their module names from. Nothing else
 # may import by a computed name (and these tables are code, never request data).
-DYNAMIC_IMPORTS = {"proto/pagedserve/cli.py": "SERVICES",
-                   "executor_svc/models/__init__.py": "ARCHITECTURES"}
-# gRPC constructors that must only be called in pagedserve/serving.py.
+DYNAMIC_IMPORTS = {"pagedserve/entrypoints/cli.py": "SERVICES",
+                   "executor_svc/pagedserve/executor/models/__init__.py": "ARCHITECTURES"}
+# gRPC constructors that must only be called in pagedserve/runtime/serving.py.
 GRPC_FACTORIES = {"server", "insecure_channel", "secure_channel"}
 # Clients of the public API only (load generators), like any external client: not services.
-GRPC_CLIENT_TOOLS = {"proto/pagedserve/bench/serve.py"}
+GRPC_CLIENT_TOOLS = {"pagedserve/bench/serve.py"}
 
 
 def source_files() -> list[pathlib.Path]:
@@ -110,17 +110,17 @@ def test_the_scan_finds_what_it_forbids(tmp_path):
 
 
 def test_every_grpc_server_and_channel_is_built_by_serving():
-    """So every one of them has the message-size limits and TLS (pagedserve.serving)."""
+    """So every one of them has the message-size limits and TLS (pagedserve.runtime.serving)."""
     offenders = []
     for path in source_files():
-        if relative(path) in ("proto/pagedserve/serving.py", *GRPC_CLIENT_TOOLS):
+        if relative(path) in ("pagedserve/runtime/serving.py", *GRPC_CLIENT_TOOLS):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 name = dotted(node.func)
                 if name.startswith("grpc.") and name.rsplit(".", 1)[-1] in GRPC_FACTORIES:
                     offenders.append(f"{relative(path)}:{node.lineno}: {name}()")
-    assert not offenders, "build them with pagedserve.serving:\n" + "\n".join(offenders)
+    assert not offenders, "build them with pagedserve.runtime.serving:\n" + "\n".join(offenders)
 
 
 def test_message_limits_hold_on_the_wire():

@@ -19,21 +19,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from executor_svc.models import check_tensor_parallel
-from executor_svc.models.layers import (
+from pagedserve.entrypoints.offline import LLM
+from pagedserve.executor.models import check_tensor_parallel
+from pagedserve.executor.models.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from executor_svc.parallel import TensorParallel, TensorParallelError
-from executor_svc.tp_group import Followers
-from pagedserve.offline import LLM
-from pagedserve.serving import StartupError
-from pagedserve.v1 import common_pb2
-from scheduler_svc.executor_handle import GrpcExecutorHandle
-from tests.conftest import start_executor
-from tests.tiny_models import (
+from pagedserve.executor.parallel import TensorParallel, TensorParallelError
+from pagedserve.executor.tp_group import Followers
+from pagedserve.runtime.serving import StartupError
+from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
+from pagedserve.testing.processes import start_executor
+from pagedserve.testing.tiny_models import (
     byte_level_tokenizer,
     save_tiny_model,
     tiny_falcon_config,
@@ -42,6 +41,7 @@ from tests.tiny_models import (
     tiny_mistral_config,
     tiny_qwen2_config,
 )
+from pagedserve.v1 import common_pb2
 
 # 301: a vocabulary two ranks do not divide (the last rank's rows are padding).
 VOCAB = 301
@@ -331,7 +331,7 @@ def test_a_dead_follower_takes_the_executor_down(model_dirs, tmp_path):
 
 FAILING_RANK_0 = """
 import sys
-from pagedserve.offline import LLM
+from pagedserve.entrypoints.offline import LLM
 from pagedserve.v1.common_pb2 import SamplingParams
 
 llm = LLM(sys.argv[1], tensor_parallel_size=2, dtype="float32", kv_cache_gib=0.01,

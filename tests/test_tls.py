@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pagedserve.serving import TlsConfig, sync_channel
+from pagedserve.runtime.serving import TlsConfig, sync_channel
+from pagedserve.testing.processes import running_stack
 from pagedserve.v1 import (
     executor_pb2,
     executor_pb2_grpc,
@@ -31,7 +32,6 @@ from pagedserve.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from tests.test_openai_api import running_stack
 
 pytestmark = pytest.mark.slow
 

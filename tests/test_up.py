@@ -13,7 +13,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.serving import free_ports
+from pagedserve.runtime.serving import free_ports
+from pagedserve.testing.processes import free_consecutive_ports, port_is_free
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 
 READY_LINE = "pagedserve is up:"
@@ -50,31 +51,11 @@ class Stack:
         return psutil.Process(self.process.pid).children(recursive=True)
 
 
-def free_consecutive_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (executor i listens on base + i)."""
-    for base in free_ports(20):
-        if all(port_is_free(base + i) for i in range(1, count)):
-            return base
-    raise AssertionError("no consecutive free ports")
-
-
 def grpc_serving(port: int) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                            timeout=5)
     return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a new server could listen on it (servers set SO_REUSEADDR, so connections in
-    TIME_WAIT do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def assert_all_gone(pids: list[int], ports: list[int], timeout: float = 20) -> None:

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from executor_svc.models import load_model
-from executor_svc.models.weights import WeightLoadError
-from tests.tiny_models import save_tiny_llama
+from pagedserve.executor.models import load_model
+from pagedserve.executor.models.weights import WeightLoadError
+from pagedserve.testing.tiny_models import save_tiny_llama
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):

@@ -1,2 +1,0 @@
-"""The executor service: holds the model weights and the paged KV cache, runs exactly the step
-plans the scheduler sends, and samples on its device (DESIGN.md §1, §5)."""

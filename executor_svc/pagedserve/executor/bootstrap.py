@@ -1,0 +1,147 @@
+"""Building an executor's model runner from its flags: device and dtype, tensor-parallel group,
+weights, KV cache size. Shared by the executor service, the offline API and the followers of a
+tensor-parallel group."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import structlog
+import torch
+
+from pagedserve.executor.kv_cache import (
+    GIB,
+    KvCacheSizeError,
+    allocate_kv_cache,
+    blocks_in,
+    bytes_per_block,
+    check_capacity,
+    profile_cuda_blocks,
+)
+from pagedserve.executor.model_files import ModelDirectory
+from pagedserve.executor.models import (
+    UnsupportedArchitectureError,
+    check_tensor_parallel,
+    load_model,
+)
+from pagedserve.executor.models.layers import bind_kernels
+from pagedserve.executor.models.weights import WeightLoadError
+from pagedserve.executor.parallel import TensorParallel, TensorParallelError
+from pagedserve.executor.runner import ModelRunner, RunnerLimits
+from pagedserve.executor.tp_group import Followers, join_group, start_group
+from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
+from pagedserve.runtime.serving import StartupError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = structlog.get_logger(__name__)
+
+
+def pick_device(name: str, rank: int = 0, tensor_parallel_size: int = 1) -> torch.device:
+    """The device of tensor-parallel rank `rank` (cuda:rank on cuda)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise StartupError("--device cuda: no CUDA device is available")
+    if torch.cuda.device_count() < tensor_parallel_size:
+        raise StartupError(f"--tensor-parallel-size {tensor_parallel_size} needs one GPU per "
+                           f"rank; {torch.cuda.device_count()} visible")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where bfloat16
+    weights halve the memory traffic and oneDNN's bf16 matmuls run about 2.5x float32's."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" or cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise StartupError("--dtype float16 is not supported on cpu (use float32 or bfloat16)")
+    return DTYPES[name]
+
+
+def build_runner(args: argparse.Namespace, model_dir: ModelDirectory, rank: int = 0,
+                 init_method: str | None = None) -> ModelRunner:
+    """Load the weights, pick the kernels, size and allocate the KV cache. With
+    --tensor-parallel-size N, rank 0 (the default) starts ranks 1 .. N-1, which call this with
+    their rank and the group's `init_method` (executor_svc/pagedserve/executor/tp_group.py)."""
+    size = args.tensor_parallel_size
+    if size < 1:
+        raise StartupError(f"--tensor-parallel-size must be at least 1, got {size}")
+    device = pick_device(args.device, rank, size)
+    dtype = pick_dtype(args.dtype, device)
+    try:
+        kernels = select_kernels(args.attention_backend, device)
+    except KernelBackendError as exc:
+        raise StartupError(f"--attention-backend: {exc}") from None
+    try:
+        check_tensor_parallel(model_dir.path, size)
+    except TensorParallelError as exc:
+        raise StartupError(f"--tensor-parallel-size: {exc}") from None
+    except (UnsupportedArchitectureError, OSError) as exc:
+        raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    if rank == 0:
+        # The followers load the model this rank resolved (a GGUF is converted only once).
+        tp, followers = start_group(argparse.Namespace(**{**vars(args),
+                                                         "model": str(model_dir.path)}), device)
+    else:
+        tp, followers = join_group(rank, size, init_method, device), None
+    try:
+        return _build_rank(args, model_dir, device, dtype, kernels, tp, followers)
+    except BaseException:
+        if followers is not None:
+            followers.close()
+        raise
+
+
+def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: torch.device,
+                dtype: torch.dtype, kernels: Kernels, tp: TensorParallel,
+                followers: Followers | None) -> ModelRunner:
+    try:
+        model = load_model(model_dir.path, dtype, tp).to(device)
+    except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
+        raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    # Before the CUDA profiling pass, so that it measures the kernels that will run.
+    bind_kernels(model, kernels)
+    context_len = int(model_dir.config.get("max_position_embeddings", 0)) or 2048
+    max_model_len = args.max_model_len or context_len
+    if max_model_len > context_len:
+        raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
+                           f"length {context_len}")
+    if device.type == "cuda":
+        num_blocks = profile_cuda_blocks(model, args.block_size, dtype, device,
+                                         args.max_num_batched_tokens,
+                                         args.gpu_memory_utilization, max_model_len)
+    else:
+        num_blocks = blocks_in(args.kv_cache_gib * GIB,
+                               bytes_per_block(model, args.block_size, dtype))
+    try:
+        # Block ids are shared by the ranks: the group holds what its smallest rank holds.
+        num_blocks = check_capacity(tp.min_over_ranks(num_blocks), args.block_size,
+                                    max_model_len)
+    except KvCacheSizeError as exc:
+        raise StartupError(str(exc)) from None
+    allocate_kv_cache(model, num_blocks, args.block_size, dtype, device)
+    limits = RunnerLimits(num_blocks=num_blocks, block_size=args.block_size,
+                          max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=max_model_len, max_logprobs=args.max_logprobs)
+    log.info("model ready", model=str(model_dir.path), device=str(device),
+             dtype=str(dtype).removeprefix("torch."), kernels=kernels.name, kv_blocks=num_blocks,
+             block_size=args.block_size, tensor_parallel_rank=tp.rank,
+             tensor_parallel_size=tp.size)
+    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, tp, followers)

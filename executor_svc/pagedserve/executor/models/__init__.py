@@ -1,0 +1,57 @@
+"""Model families for the flat paged batch, and the registry from `config.architectures`."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from pagedserve.executor.models.layers import UnsupportedArchitectureError
+from pagedserve.executor.models.weights import iter_checkpoint, load_checkpoint
+from pagedserve.executor.parallel import SINGLE, TensorParallel
+
+__all__ = ["ARCHITECTURES", "UnsupportedArchitectureError", "check_tensor_parallel", "load_model",
+           "model_class"]
+
+# Hugging Face architecture name -> "module:class".
+ARCHITECTURES = {
+    "LlamaForCausalLM": "pagedserve.executor.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "pagedserve.executor.models.mistral:MistralForCausalLM",
+    "Qwen2ForCausalLM": "pagedserve.executor.models.qwen2:Qwen2ForCausalLM",
+    "GPTNeoXForCausalLM": "pagedserve.executor.models.gpt_neox:GPTNeoXForCausalLM",
+    "FalconForCausalLM": "pagedserve.executor.models.falcon:FalconForCausalLM",
+}
+
+
+def model_class(architectures: list[str] | None) -> type[nn.Module]:
+    for name in architectures or []:
+        if name in ARCHITECTURES:
+            module, _, cls = ARCHITECTURES[name].partition(":")
+            return getattr(importlib.import_module(module), cls)
+    raise UnsupportedArchitectureError(
+        f"architecture {', '.join(architectures or ['(none)'])} is not supported "
+        f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+
+
+def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
+               tp: TensorParallel = SINGLE) -> nn.Module:
+    """Build the model of a Hugging Face directory (this rank's slice of it) and load its
+    safetensors checkpoint."""
+    config = AutoConfig.from_pretrained(model_dir)
+    cls = model_class(config.architectures)
+    with torch.device("cpu"):
+        model = cls(config, dtype, tp)
+    load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES,
+                    transform=getattr(model, "checkpoint_tensors", None))
+    return model.eval()
+
+
+def check_tensor_parallel(model_dir: pathlib.Path, size: int) -> None:
+    """Raises TensorParallelError (or UnsupportedArchitectureError) if the model cannot be
+    split over `size` ranks: built on the meta device, so nothing is allocated or loaded."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model_class(config.architectures)(config, torch.float32, TensorParallel(size=size))

@@ -1,0 +1,348 @@
+"""Building blocks shared by the model families, written for the flat paged batch.
+
+A `Linear` may pack several checkpoint projections (q/k/v, gate/up) into one matmul, each
+loaded into its slice. A checkpoint that stores q/k/v fused and interleaved per head (GPT-NeoX,
+Falcon) is split at load time (`split_grouped_qkv`) so that every packed Linear holds its
+projections contiguously. Under tensor parallelism (executor_svc/pagedserve/executor/parallel.py)
+the model code names each projection's split: `ColumnParallelLinear` (each rank holds a slice of
+every projection's output rows), `RowParallelLinear` (a slice of the input columns; partial sums
+all-reduced), `VocabParallelEmbedding` and `ParallelLMHead` (vocabulary rows). Each layer cuts
+its own slice out of the whole checkpoint tensor as it loads (`load_part`), so checkpoints are
+the same for every tensor-parallel size.
+
+The layers that call the executor's kernels (`KernelLayer`: norms, rotary, SiLU-and-mul, paged
+attention) call them through `self.kernels`, the PyTorch set until `bind_kernels` gives the
+whole model the set chosen for its device (kernels/pagedserve/kernels/dispatch.py); model code never
+calls a kernel directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from pagedserve.executor.parallel import SINGLE, HeadSplit, TensorParallel
+from pagedserve.kernels.activation import gelu
+from pagedserve.kernels.attention import AttentionMetadata
+from pagedserve.kernels.dispatch import TORCH_KERNELS, Kernels
+from pagedserve.kernels.norm import layer_norm
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The checkpoint's architecture, or an option of its config, is not implemented."""
+
+
+class KernelLayer(nn.Module):
+    """A layer that runs one of the executor's kernels through `self.kernels`."""
+
+    kernels: Kernels = TORCH_KERNELS
+
+
+def rows_padded(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows `start` .. `start + rows` of `tensor`, zero-padded to `rows` where it ends first
+    (the last rank's slice of a split that does not divide)."""
+    piece = tensor[start:start + rows]
+    if piece.shape[0] < rows:
+        piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *piece.shape[1:])])
+    return piece
+
+
+class Linear(KernelLayer):
+    """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections.
+
+    A kernel set may repack W for its matmul (`Kernels.pack_linear`: oneDNN's blocked layout
+    on the CPU, 15-35 % faster bfloat16 matmuls measured on the default model's shapes); the
+    plain copy is then released, unless another module shares it (tied embeddings)."""
+
+    packed: torch.Tensor | None = None
+
+    def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.part_sizes = list(part_sizes)
+        out_features = sum(part_sizes)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
+        """Copy a whole checkpoint projection (`part` of the packed ones) into this layer's
+        share of it."""
+        param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
+        if param is None or part >= len(self.part_sizes):
+            raise ValueError(f"part {part}: the layer has no {param_name}")
+        expected = self.checkpoint_shape(part, param_name)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{param_name} part {part}: checkpoint shape {tuple(tensor.shape)}, "
+                             f"model expects {expected}")
+        start = sum(self.part_sizes[:part])
+        param.data[start:start + self.part_sizes[part]].copy_(
+            self.shard(part, param_name, tensor))
+
+    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
+        """The shape of projection `part`'s tensor in the checkpoint."""
+        rows = self.part_sizes[part]
+        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+
+    def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a checkpoint tensor of `checkpoint_shape` (all of it here)."""
+        return tensor
+
+    def use_kernels(self, kernels: Kernels, shared: bool) -> None:
+        weight = self.weight if self.packed is None else self.packed.to_dense()
+        self.kernels = kernels
+        self.packed = kernels.pack_linear(weight) if kernels.pack_linear else None
+        # The parameter stays (its dtype and name are read), empty while the packed copy serves.
+        self.weight.data = weight if self.packed is None or shared else weight.new_empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ `bias`), by the packed weight when the kernel set repacked it."""
+        if self.packed is not None:
+            return self.kernels.packed_linear(x, self.packed, bias)
+        return nn.functional.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(Linear):
+    """Each rank holds the slice `rank * pieces // size` of every projection's output rows, in
+    `pieces` slices (by default one per rank; fewer for replicated KV heads). The output stays
+    split: the next layer works on its slice (its heads, its intermediate features). A
+    projection that does not divide is zero-padded (the vocabulary of an LM head: the padded
+    logits are dropped); model code checks the splits that must be exact (heads, MLP)."""
+
+    def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
+                 dtype: torch.dtype, tp: TensorParallel = SINGLE,
+                 part_pieces: Sequence[int] | None = None):
+        self.checkpoint_part_sizes = list(part_sizes)
+        self.part_pieces = list(part_pieces or [tp.size] * len(part_sizes))
+        super().__init__(in_features, [-(-n // pieces) for n, pieces in
+                                       zip(part_sizes, self.part_pieces, strict=True)],
+                         bias, dtype)
+        self.tp = tp
+
+    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
+        rows = self.checkpoint_part_sizes[part]
+        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+
+    def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        rows = self.part_sizes[part]
+        return rows_padded(tensor, self.tp.rank * self.part_pieces[part] // self.tp.size * rows,
+                           rows)
+
+
+class RowParallelLinear(Linear):
+    """Each rank holds its slice of the input columns and computes a partial sum, all-reduced;
+    the bias is added once, after the sum. With `reduce=False` the caller all-reduces (a layer
+    whose attention and MLP outputs are summed reduces the sum once): the partial sum is
+    returned, the bias added on rank 0 alone so that the reduction counts it once."""
+
+    def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
+                 dtype: torch.dtype, tp: TensorParallel = SINGLE, reduce: bool = True):
+        super().__init__(tp.split(in_features, "a row-parallel layer's input size"),
+                         part_sizes, bias, dtype)
+        self.tp, self.reduce = tp, reduce
+
+    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
+        shape = super().checkpoint_shape(part, param_name)
+        return (shape[0], shape[1] * self.tp.size) if param_name == "weight" else shape
+
+    def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if param_name != "weight":
+            return tensor
+        columns = self.weight.shape[1]
+        return tensor[:, self.tp.rank * columns:(self.tp.rank + 1) * columns]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self._matmul(x, self.bias)
+        y = self._matmul(x, None)
+        if self.reduce:
+            y = self.tp.all_reduce(y)
+        elif not self.tp.is_first:
+            return y
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The output head, split by vocabulary rows (as `VocabParallelEmbedding`, so that a tied
+    head shares its weight)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
+        super().__init__(hidden_size, [vocab_size], False, dtype, tp)
+        self.vocab_size = vocab_size
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [rows, vocab_size] on rank 0, which samples; None on the others."""
+        logits = self.tp.gather_last_dim(self(hidden))
+        return None if logits is None else logits[:, :self.vocab_size].float()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embeddings, each rank holding ceil(vocab / size) rows (the last zero-padded): a
+    rank embeds the tokens in its rows, zeros the others, and the ranks' results are summed."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.vocab_size, self.tp = vocab_size, tp
+        self.rows = -(-vocab_size // tp.size)
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, dtype=dtype),
+                                   requires_grad=False)
+
+    def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
+        expected = (self.vocab_size, self.weight.shape[1])
+        if part or param_name != "weight" or tuple(tensor.shape) != expected:
+            raise ValueError(f"{param_name}: checkpoint shape {tuple(tensor.shape)}, model "
+                             f"expects weight {expected}")
+        self.weight.data.copy_(rows_padded(tensor, self.tp.rank * self.rows, self.rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.tp.rank * self.rows
+        outside = (local < 0) | (local >= self.rows)
+        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+
+def qkv_projection(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                   bias: bool, dtype: torch.dtype,
+                   tp: TensorParallel) -> tuple[ColumnParallelLinear, HeadSplit]:
+    """q, k and v packed into one column-parallel Linear, each rank holding its heads."""
+    heads = tp.split_heads(num_heads, num_kv_heads)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    return ColumnParallelLinear(hidden_size, [q_size, kv_size, kv_size], bias, dtype, tp,
+                                [tp.size, heads.kv_pieces, heads.kv_pieces]), heads
+
+
+def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
+    # Parameters that modules other than Linears hold too (a tied embedding) stay unpacked.
+    shared = {id(p) for m in model.modules() if not isinstance(m, Linear)
+              for p in m.parameters(recurse=False)}
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.use_kernels(kernels, shared=id(module.weight) in shared)
+        elif isinstance(module, KernelLayer):
+            module.kernels = kernels
+
+
+class RMSNorm(KernelLayer):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: the normed x. With it: (normed x + residual, x + residual)."""
+        if residual is None:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(size, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Rotary(KernelLayer):
+    """Rotary position embedding of q and k (neox style: rotate-half), on the first
+    cos_sin.shape[-1] channels of each head."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.kernels.apply_rotary(q, positions, cos_sin),
+                self.kernels.apply_rotary(k, positions, cos_sin))
+
+
+class SiluAndMul(KernelLayer):
+    """[..., 2 * d] (gate then up) -> silu(gate) * up."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.silu_and_mul(x)
+
+
+# Hugging Face activation names (`hidden_act`, `activation`) -> function. The tanh-approximated
+# variants differ from each other only in how they spell the same formula.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": gelu,
+    "gelu_new": partial(gelu, approximate="tanh"),
+    "gelu_fast": partial(gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(gelu, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise UnsupportedArchitectureError(
+            f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def split_grouped_qkv(fused: torch.Tensor, num_kv_heads: int,
+                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused q/k/v weight or bias whose rows are grouped per KV head (the group's query
+    heads, then its key head, then its value head) into q, k and v, each with its heads
+    contiguous. This one layout covers GPT-NeoX and multi-head Falcon ([heads, 3, head_dim]),
+    multi-query Falcon ([heads + 2, head_dim]) and Falcon's grouped decoder
+    ([kv_heads, heads / kv_heads + 2, head_dim])."""
+    rows = fused.shape[0]
+    group_rows = rows // num_kv_heads if num_kv_heads else 0
+    if not group_rows or rows % num_kv_heads or group_rows % head_dim \
+            or group_rows // head_dim < 3:
+        raise ValueError(f"fused q/k/v of {rows} rows does not split into {num_kv_heads} KV "
+                         f"groups of query, key and value heads of size {head_dim}")
+    grouped = fused.reshape(num_kv_heads, group_rows // head_dim, head_dim, *fused.shape[1:])
+    q = grouped[:, :-2].reshape(-1, *fused.shape[1:])
+    k = grouped[:, -2].reshape(-1, *fused.shape[1:])
+    v = grouped[:, -1].reshape(-1, *fused.shape[1:])
+    return q, k, v
+
+
+class PagedAttention(KernelLayer):
+    """Writes the step's K/V into this layer's paged cache, then attends through block tables.
+    The runner binds the cache tensors once, after allocating them (`bind_kv_caches`)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+        key_cache, value_cache = self.kv_cache
+        self.kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = self.kernels.paged_attention(q, key_cache, value_cache, meta, self.scale,
+                                           self.sliding_window)
+        return out.reshape(q.shape[0], -1)
+
+
+def bind_kv_caches(model: nn.Module, caches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    if len(layers) != len(caches):
+        raise ValueError(f"{len(caches)} KV caches for {len(layers)} attention layers")
+    for layer, cache in zip(layers, caches, strict=True):
+        layer.kv_cache = cache
+
+
+def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+    """Shape of each attention layer's K (and V) cache."""
+    return [(num_blocks, block_size, m.num_kv_heads, m.head_dim)
+            for m in model.modules() if isinstance(m, PagedAttention)]

@@ -1,0 +1,157 @@
+"""LLaMA family (LLaMA 1-3, SmolLM, and the checkpoints that share its layout), for the flat
+paged batch: GQA, rope scaling (linear, llama3), tied embeddings, optional attention bias.
+
+Families with the same layout (Mistral, Qwen2) subclass `LlamaForCausalLM` and override
+`attention_options`: which projections carry a bias and which layers attend through a sliding
+window, decided per family from its own config fields."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from pagedserve.executor.models.layers import (
+    ColumnParallelLinear,
+    PagedAttention,
+    ParallelLMHead,
+    RMSNorm,
+    Rotary,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+    qkv_projection,
+)
+from pagedserve.executor.models.rope import rotary_cos_sin_cache
+from pagedserve.executor.parallel import SINGLE, TensorParallel
+from pagedserve.kernels.attention import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What differs between the attention layers of the LLaMA-layout families."""
+
+    qkv_bias: bool
+    o_bias: bool
+    sliding_window: int | None  # tokens a query sees, itself included; None: all
+
+
+def llama_attention_options(config: PretrainedConfig, layer_idx: int) -> AttentionOptions:
+    """LLaMA: `attention_bias` on q/k/v and o alike; never a sliding window (transformers'
+    LLaMA ignores a `sliding_window` that a config may carry)."""
+    bias = getattr(config, "attention_bias", False)
+    return AttentionOptions(qkv_bias=bias, o_bias=bias, sliding_window=None)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
+                 tp: TensorParallel):
+        super().__init__()
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.qkv_proj, heads = qkv_projection(config.hidden_size, num_heads, num_kv_heads,
+                                              self.head_dim, options.qkv_bias, dtype, tp)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size],
+                                        options.o_bias, dtype, tp)
+        self.rotary = Rotary()
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   options.sliding_window)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_sizes, dim=-1)
+        num_tokens = x.shape[0]
+        q, k = self.rotary(q.view(num_tokens, self.num_heads, self.head_dim),
+                           k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
+        super().__init__()
+        size = config.intermediate_size
+        tp.split(size, "intermediate_size")
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, dtype,
+                                                 tp)
+        self.down_proj = RowParallelLinear(size, [config.hidden_size], bias, dtype, tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
+                 tp: TensorParallel):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, dtype, options, tp)
+        self.mlp = LlamaMLP(config, dtype, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, x, residual, positions, cos_sin, meta):
+        """Pre-norm block; the residual add is fused into the next norm."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 attention_options: Callable[[PretrainedConfig, int], AttentionOptions],
+                 tp: TensorParallel):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
+                                                   tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        head_dim = self.layers[0].self_attn.head_dim
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(
+            config.rope_parameters, head_dim, config.max_position_embeddings), persistent=False)
+
+    def forward(self, input_ids, positions, meta):
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint projection name -> (our packed module, part).
+    PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
+                      "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
+                      "up_proj": ("gate_up_proj", 1)}
+
+    attention_options = staticmethod(llama_attention_options)
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype, self.attention_options, tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of the flat batch."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
+        return self.lm_head.logits(hidden)

@@ -1,0 +1,126 @@
+"""Loading Hugging Face safetensors checkpoints (single file or sharded) into our models."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagedserve.executor.models.layers import Linear, split_grouped_qkv
+
+# A model's hook from one checkpoint tensor to the (name, tensor) pairs it loads: the same pair,
+# a rename, a fused tensor split into its projections, or none for a tensor the model ignores.
+TensorTransform = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not match the model (missing, unexpected or misshapen tensors)."""
+
+
+def checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / shard for shard in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(f"{model_dir}: no *.safetensors checkpoint")
+    return files
+
+
+def iter_checkpoint(model_dir: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def split_fused_qkv(name: str, tensor: torch.Tensor, num_kv_heads: int, head_dim: int,
+                    parts: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj"),
+                    ) -> list[tuple[str, torch.Tensor]]:
+    """`<parent>.<fused>.<weight|bias>` laid out per KV head (see `split_grouped_qkv`) ->
+    `<parent>.q_proj.<param>`, `<parent>.k_proj.<param>`, `<parent>.v_proj.<param>`, which
+    the model's PACKED_MODULES then place into the slices of its packed Linear."""
+    module_path, _, param_name = name.rpartition(".")
+    parent = module_path.rpartition(".")[0]
+    try:
+        tensors = split_grouped_qkv(tensor, num_kv_heads, head_dim)
+    except ValueError as exc:
+        raise WeightLoadError(f"{name}: {exc}") from None
+    return [(f"{parent}.{part}.{param_name}", t) for part, t in zip(parts, tensors, strict=True)]
+
+
+def load_checkpoint(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
+                    packed_modules: dict[str, tuple[str, int]],
+                    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",),
+                    transform: TensorTransform | None = None) -> None:
+    """Copy checkpoint tensors into `model` by name. `transform` (the model's
+    `checkpoint_tensors`, where it has one) first maps each checkpoint tensor to the pairs the
+    model takes. A projection listed in `packed_modules` goes into its slice of the packed
+    Linear; every parameter must be loaded exactly once. A checkpoint tensor naming a tied
+    parameter under its second name (a tied head stored anyway) is skipped."""
+    params = dict(model.named_parameters())  # tied weights appear once, under the first name
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    loaded: set[str] = set()
+    for checkpoint_name, checkpoint_tensor in weights:
+        if checkpoint_name.endswith(ignored_suffixes):
+            continue
+        pairs = (transform(checkpoint_name, checkpoint_tensor) if transform is not None
+                 else [(checkpoint_name, checkpoint_tensor)])
+        for name, tensor in pairs:
+            _load_tensor(model, params, aliases, packed_modules, name, tensor, loaded)
+    expected = set()
+    for name in params:
+        module_path, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        if isinstance(module, Linear) and len(module.part_sizes) > 1:
+            expected.update(f"{name}#{part}" for part in range(len(module.part_sizes)))
+        else:
+            expected.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise WeightLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set[str],
+                 packed_modules: dict[str, tuple[str, int]], name: str, tensor: torch.Tensor,
+                 loaded: set[str]) -> None:
+    module_path, _, param_name = name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    if leaf in packed_modules:
+        packed, part = packed_modules[leaf]
+        target_path = f"{parent}.{packed}" if parent else packed
+        try:
+            module = model.get_submodule(target_path)
+        except AttributeError:
+            raise WeightLoadError(f"unexpected tensor in checkpoint: {name}") from None
+        assert isinstance(module, Linear)
+        try:
+            with torch.no_grad():
+                module.load_part(part, param_name, tensor)
+        except ValueError as exc:
+            raise WeightLoadError(f"{name}: {exc}") from None
+        loaded.add(f"{target_path}.{param_name}#{part}")
+        return
+    if name not in params:
+        if name in aliases:
+            return  # a tied parameter's second name: loaded under its first
+        raise WeightLoadError(f"unexpected tensor in checkpoint: {name}")
+    module = model.get_submodule(module_path)
+    if hasattr(module, "load_part"):  # a layer that keeps its tensor-parallel slice
+        try:
+            with torch.no_grad():
+                module.load_part(0, param_name, tensor)
+        except ValueError as exc:
+            raise WeightLoadError(f"{name}: {exc}") from None
+    elif params[name].shape != tensor.shape:
+        raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model "
+                              f"expects {tuple(params[name].shape)}")
+    else:
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    loaded.add(name)

@@ -1,0 +1,67 @@
+"""Keeping an executor registered with its scheduler (docs/design.md §2, §6).
+
+Registers on start, retrying with backoff until the scheduler answers; then heartbeats at the
+interval the scheduler asked for. A heartbeat answered `registered: false` (the scheduler
+restarted or dropped us) or failing means: register again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import structlog
+
+from pagedserve.runtime.serving import NO_TLS, TlsConfig, aio_channel
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+RPC_TIMEOUT_S = 5.0
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 5.0
+DEFAULT_HEARTBEAT_S = 2.0
+
+log = structlog.get_logger(__name__)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def keep_registered(scheduler_address: str,
+                          registration: scheduler_pb2.RegisterExecutorRequest,
+                          stop: asyncio.Event, tls: TlsConfig = NO_TLS) -> None:
+    retry_s = FIRST_RETRY_S
+    while not stop.is_set():
+        # A fresh channel per attempt: a long-lived one would follow gRPC's own reconnect
+        # backoff (growing to 120 s, failing every call meanwhile), which would keep this
+        # executor away long after a restarted scheduler is back.
+        async with aio_channel(scheduler_address, tls) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            try:
+                reply = await stub.RegisterExecutor(registration, timeout=RPC_TIMEOUT_S)
+                log.info("registered with the scheduler", scheduler=scheduler_address,
+                         executor_id=registration.executor_id)
+                retry_s = FIRST_RETRY_S
+                await _heartbeat_until_forgotten(stub, registration.executor_id,
+                                                 reply.heartbeat_interval_s, stop)
+                continue
+            except grpc.aio.AioRpcError as exc:
+                log.warning("scheduler not reachable, retrying", scheduler=scheduler_address,
+                            code=exc.code().name, details=exc.details(), retry_in_s=retry_s)
+        await _sleep_unless(stop, retry_s)
+        retry_s = min(retry_s * 2, MAX_RETRY_S)
+
+
+async def _heartbeat_until_forgotten(stub: scheduler_pb2_grpc.SchedulerStub, executor_id: str,
+                                     interval_s: float, stop: asyncio.Event) -> None:
+    request = scheduler_pb2.HeartbeatRequest(executor_id=executor_id)
+    while not stop.is_set():
+        await _sleep_unless(stop, interval_s or DEFAULT_HEARTBEAT_S)
+        if stop.is_set():
+            return
+        reply = await stub.Heartbeat(request, timeout=RPC_TIMEOUT_S)
+        if not reply.registered:
+            log.warning("the scheduler does not know this executor; registering again")
+            return

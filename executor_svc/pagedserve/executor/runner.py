@@ -1,0 +1,319 @@
+"""The model runner: applies a step plan to the executor's mirror of each request, runs the
+forward pass over the flat batch, samples, and returns per-request results (docs/design.md §2, §5).
+
+Under tensor parallelism every rank runs a ModelRunner over its slice of the model: rank 0
+relays each plan to the others (`followers`) before running it, every rank applies it and runs
+the same forward pass, and rank 0 samples and broadcasts the sampled tokens so that every
+mirror appends the same ones (executor_svc/pagedserve/executor/tp_group.py). Only rank 0's results
+are sent.
+
+A plan is validated completely before anything changes: a malformed plan (unknown request,
+block id out of range, more tokens than the request holds, over the limits) raises PlanError
+naming the problem and leaves every mirror as it was, so the executor keeps serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+import torch
+from torch import nn
+
+from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.parallel import SINGLE, TensorParallel
+from pagedserve.executor.sampler import (
+    Sampler,
+    SamplerOutput,
+    SequenceSamplingState,
+    make_generator,
+    prompt_logprobs,
+)
+from pagedserve.v1 import common_pb2, executor_pb2
+
+if TYPE_CHECKING:
+    from pagedserve.executor.tp_group import Followers
+
+log = structlog.get_logger(__name__)
+
+
+class PlanError(ValueError):
+    """The step plan is malformed; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    max_logprobs: int
+
+
+@dataclass
+class RequestMirror:
+    """What the executor knows of one running request, kept up to date by the plans."""
+
+    token_ids: list[int]  # prompt + every generated token
+    num_prompt_tokens: int
+    num_computed: int  # leading tokens whose K/V are in the cache
+    block_ids: list[int]
+    seq_index: int
+    sampling: SequenceSamplingState
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
+                 device: torch.device, tp: TensorParallel = SINGLE,
+                 followers: Followers | None = None):
+        self.model = model
+        self.limits = limits
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = device
+        self.tp = tp
+        self.followers = followers
+        self.sampler = Sampler()
+        self.requests: dict[str, RequestMirror] = {}
+
+    def reset(self) -> None:
+        """Forget every request (a new scheduler stream starts from nothing)."""
+        if self.followers is not None:
+            self.followers.send_reset()
+        self.requests.clear()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel followers and leaves the group (nothing for one rank)."""
+        if self.followers is not None:
+            self.followers.close()
+        if self.tp.size > 1:
+            torch.distributed.destroy_process_group()
+
+    # -- plan application ---------------------------------------------------------------
+
+    def step(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        """`execute`, with a malformed plan answered as a StepResult carrying the error."""
+        if self.followers is not None:
+            self.followers.send_plan(plan)
+        try:
+            return self.execute(plan)
+        except PlanError as exc:
+            log.warning("malformed step plan", step_id=plan.step_id, error=str(exc))
+            return executor_pb2.StepResult(step_id=plan.step_id, error=str(exc))
+        except Exception:
+            if self.followers is not None:
+                log.exception("a step failed on rank 0", step_id=plan.step_id)
+                self.followers.abandon()
+            raise
+
+    def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        started = time.perf_counter()
+        self._validate(plan)
+        for request_id in plan.dropped_request_ids:
+            del self.requests[request_id]
+        for new in plan.new_requests:
+            self.requests[new.request_id] = self._mirror(new)
+        for work in plan.work:
+            self.requests[work.request_id].block_ids.extend(work.new_block_ids)
+        self._copy_blocks(plan.block_copies)
+        outputs = self._run(plan.work) if plan.work else []
+        return executor_pb2.StepResult(step_id=plan.step_id, outputs=outputs,
+                                       execute_seconds=time.perf_counter() - started)
+
+    def _mirror(self, new: executor_pb2.NewRequest) -> RequestMirror:
+        if new.fork_of:
+            parent = self.requests[new.fork_of]
+            token_ids, num_prompt = list(parent.token_ids), parent.num_prompt_tokens
+            params = parent.sampling.params
+        else:
+            token_ids, num_prompt, params = list(new.token_ids), new.num_prompt_tokens, new.sampling
+        sampling = SequenceSamplingState(
+            params=params, prompt_token_ids=token_ids[:num_prompt],
+            output_token_ids=token_ids[num_prompt:], eos_token_ids=self.eos_token_ids,
+            generator=make_generator(params, new.seq_index, self.device))
+        return RequestMirror(token_ids=token_ids, num_prompt_tokens=num_prompt,
+                             num_computed=new.num_computed_tokens, block_ids=list(new.block_ids),
+                             seq_index=new.seq_index, sampling=sampling)
+
+    def _copy_blocks(self, copies: Sequence[executor_pb2.BlockCopy]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c.src_block_id for c in copies], device=self.device)
+        dst = torch.tensor([c.dst_block_id for c in copies], device=self.device)
+        for module in self.model.modules():
+            cache = getattr(module, "kv_cache", None)
+            if cache is not None:
+                for tensor in cache:
+                    tensor[dst] = tensor[src]
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _validate(self, plan: executor_pb2.StepPlan) -> None:
+        """Check the whole plan against the state it will meet, without changing anything."""
+        limits = self.limits
+        # request id -> (known tokens, computed tokens, blocks) after drops and arrivals
+        state = {rid: (len(m.token_ids), m.num_computed, len(m.block_ids))
+                 for rid, m in self.requests.items()}
+        for rid in plan.dropped_request_ids:
+            if rid not in state:
+                raise PlanError(f"dropped_request_ids: unknown request {rid!r}")
+            del state[rid]
+        for new in plan.new_requests:
+            if new.request_id in state:
+                raise PlanError(f"new_requests: request {new.request_id!r} already exists")
+            if new.fork_of:
+                if new.fork_of not in state:
+                    raise PlanError(f"new_requests[{new.request_id!r}].fork_of: unknown "
+                                    f"request {new.fork_of!r}")
+                num_tokens = state[new.fork_of][0]
+            else:
+                num_tokens = len(new.token_ids)
+                if not num_tokens or new.num_prompt_tokens > num_tokens:
+                    raise PlanError(f"new_requests[{new.request_id!r}]: {num_tokens} token ids "
+                                    f"for {new.num_prompt_tokens} prompt tokens")
+                self._check_token_ids(f"new_requests[{new.request_id!r}].token_ids",
+                                      new.token_ids)
+                self._check_token_ids(f"new_requests[{new.request_id!r}].sampling.logit_bias",
+                                      new.sampling.logit_bias)
+                self._check_token_ids(
+                    f"new_requests[{new.request_id!r}].sampling.stop_token_ids",
+                    new.sampling.stop_token_ids)
+                if new.sampling.HasField("logprobs") and new.sampling.logprobs > \
+                        limits.max_logprobs:
+                    raise PlanError(f"new_requests[{new.request_id!r}].sampling.logprobs: "
+                                    f"{new.sampling.logprobs} > {limits.max_logprobs}")
+            if new.num_computed_tokens >= num_tokens:
+                raise PlanError(f"new_requests[{new.request_id!r}].num_computed_tokens: "
+                                f"{new.num_computed_tokens}, but it has {num_tokens} tokens")
+            self._check_blocks(f"new_requests[{new.request_id!r}].block_ids", new.block_ids)
+            state[new.request_id] = (num_tokens, new.num_computed_tokens, len(new.block_ids))
+        if len(plan.work) > limits.max_num_seqs:
+            raise PlanError(f"work: {len(plan.work)} requests > max_num_seqs "
+                            f"{limits.max_num_seqs}")
+        total, seen = 0, set()
+        for work in plan.work:
+            rid = work.request_id
+            if rid not in state:
+                raise PlanError(f"work: unknown request {rid!r}")
+            if rid in seen:
+                raise PlanError(f"work: request {rid!r} scheduled twice")
+            seen.add(rid)
+            known, computed, blocks = state[rid]
+            if work.num_tokens < 1 or computed + work.num_tokens > known:
+                raise PlanError(f"work[{rid!r}].num_tokens: {work.num_tokens}, but the request "
+                                f"has {known - computed} uncomputed tokens")
+            if computed + work.num_tokens > limits.max_model_len:
+                raise PlanError(f"work[{rid!r}]: {computed + work.num_tokens} tokens > "
+                                f"max_model_len {limits.max_model_len}")
+            self._check_blocks(f"work[{rid!r}].new_block_ids", work.new_block_ids)
+            blocks += len(work.new_block_ids)
+            if blocks * limits.block_size < computed + work.num_tokens:
+                raise PlanError(f"work[{rid!r}]: {blocks} blocks cannot hold "
+                                f"{computed + work.num_tokens} tokens")
+            total += work.num_tokens
+        if total > limits.max_num_batched_tokens:
+            raise PlanError(f"work: {total} tokens > max_num_batched_tokens "
+                            f"{limits.max_num_batched_tokens}")
+        for copy in plan.block_copies:
+            self._check_blocks("block_copies", [copy.src_block_id, copy.dst_block_id])
+
+    def _check_blocks(self, field: str, block_ids: Sequence[int]) -> None:
+        bad = [b for b in block_ids if b >= self.limits.num_blocks]
+        if bad:
+            raise PlanError(f"{field}: block id {bad[0]} out of range "
+                            f"(the pool has {self.limits.num_blocks} blocks)")
+
+    def _check_token_ids(self, field: str, token_ids: Iterable[int]) -> None:
+        vocab_size = self.model.config.vocab_size
+        bad = [t for t in token_ids if t >= vocab_size]
+        if bad:
+            raise PlanError(f"{field}: token id {bad[0]} out of the vocabulary "
+                            f"(size {vocab_size})")
+
+    # -- execution ----------------------------------------------------------------------
+
+    def _run(self, work: Sequence[executor_pb2.ScheduledWork]) -> list[executor_pb2.RequestOutput]:
+        # Decodes (one token) first: the attention path batches them.
+        ordered = sorted(work, key=lambda w: w.num_tokens != 1)
+        mirrors = [self.requests[w.request_id] for w in ordered]
+        seqs = [ScheduledSequence(m.token_ids[m.num_computed:m.num_computed + w.num_tokens],
+                                  m.num_computed, m.block_ids)
+                for m, w in zip(mirrors, ordered, strict=True)]
+        batch = build_flat_batch(seqs, self.limits.block_size, self.device)
+        with torch.inference_mode():
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            # A request samples when this step computes its last known token.
+            samples = [i for i, (m, w) in enumerate(zip(mirrors, ordered, strict=True))
+                       if m.num_computed + w.num_tokens == len(m.token_ids)]
+            sampled, token_ids = None, []
+            if samples:
+                logits = self.model.compute_logits(hidden[batch.last_token_rows[samples]])
+                if logits is not None:  # rank 0
+                    sampled = self.sampler(logits, [mirrors[i].sampling for i in samples])
+                    chosen = sampled.token_ids
+                else:
+                    chosen = torch.empty(len(samples), dtype=torch.long, device=self.device)
+                token_ids = self.tp.broadcast_from_first(chosen).tolist()
+            prompt_lps = self._prompt_logprobs(hidden, batch.last_token_rows, mirrors, ordered)
+        outputs = {}
+        for i, mirror in enumerate(mirrors):
+            mirror.num_computed += ordered[i].num_tokens
+            if i in prompt_lps:
+                outputs[i] = executor_pb2.RequestOutput(request_id=ordered[i].request_id,
+                                                        prompt_logprobs=prompt_lps[i])
+        for row, i in enumerate(samples):
+            mirrors[i].token_ids.append(token_ids[row])
+            mirrors[i].sampling.output_token_ids.append(token_ids[row])
+            output = outputs.setdefault(i, executor_pb2.RequestOutput(
+                request_id=ordered[i].request_id))
+            output.token_ids.append(token_ids[row])
+            if sampled is not None and mirrors[i].sampling.params.HasField("logprobs"):
+                output.logprobs.append(_position_logprobs(
+                    sampled, row, token_ids[row], mirrors[i].sampling.params.logprobs))
+        return [outputs[i] for i in sorted(outputs)]
+
+    def _prompt_logprobs(self, hidden, last_rows, mirrors, ordered) -> dict[int, list]:
+        """Logprobs of each prompt token computed this step (after the first), when asked."""
+        result = {}
+        for i, (mirror, work) in enumerate(zip(mirrors, ordered, strict=True)):
+            params = mirror.sampling.params
+            start = mirror.num_computed  # not yet advanced for this step
+            if not params.HasField("prompt_logprobs") or start >= mirror.num_prompt_tokens:
+                continue
+            # The row of position q predicts the token at q + 1; prompt positions 1 .. P-1 are
+            # predicted, so q runs over this chunk's positions up to P - 2.
+            predicting = range(start, min(start + work.num_tokens, mirror.num_prompt_tokens - 1))
+            entries = [common_pb2.PositionLogprobs()] if start == 0 else []  # token 0: none
+            if predicting:
+                first_row = int(last_rows[i]) - work.num_tokens + 1
+                rows = torch.arange(first_row, first_row + len(predicting))
+                logits = self.model.compute_logits(hidden[rows])
+                if logits is None:  # not rank 0: took part in gathering the logits, no more
+                    continue
+                targets = torch.tensor(mirror.token_ids[start + 1:predicting[-1] + 2])
+                chosen, ranks, top_ids, top_lps = prompt_logprobs(
+                    logits, targets.to(hidden.device), params.prompt_logprobs)
+                entries += [_logprob_entry(int(t), float(c), int(r), ti, tl)
+                            for t, c, r, ti, tl in zip(targets.tolist(), chosen.tolist(),
+                                                       ranks.tolist(), top_ids.tolist(),
+                                                       top_lps.tolist(), strict=True)]
+            result[i] = entries
+        return result
+
+
+def _logprob_entry(token_id: int, logprob: float, rank: int, top_ids: list[int],
+                   top_logprobs: list[float]) -> common_pb2.PositionLogprobs:
+    return common_pb2.PositionLogprobs(
+        chosen=common_pb2.TokenLogprob(token_id=token_id, logprob=logprob, rank=rank),
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=lp, rank=k + 1)
+             for k, (t, lp) in enumerate(zip(top_ids, top_logprobs, strict=True))])
+
+
+def _position_logprobs(sampled: SamplerOutput, row: int, token_id: int,
+                       num_top: int) -> common_pb2.PositionLogprobs:
+    return _logprob_entry(token_id, float(sampled.logprobs[row]), int(sampled.ranks[row]),
+                          sampled.top_ids[row, :num_top].tolist(),
+                          sampled.top_logprobs[row, :num_top].tolist())

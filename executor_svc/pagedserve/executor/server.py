@@ -1,0 +1,182 @@
+"""Entry point of `pagedserve executor`: loads the model, sizes and allocates the KV cache,
+serves the Executor service (one long-lived Run stream of step plans, Describe, health) and
+keeps itself registered with the scheduler.
+
+On SIGTERM it drains: it stops heartbeating (so it never re-registers), finishes the step it is
+running and ends its Run stream cleanly, which the scheduler takes as the executor handing its
+requests back (they are recomputed on the other executors); then it exits 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import structlog
+
+from pagedserve.executor.bootstrap import build_runner
+from pagedserve.executor.model_files import (
+    ModelDirectory,
+    ModelLoadError,
+    default_cache_dir,
+    resolve_model,
+)
+from pagedserve.executor.registration import keep_registered
+from pagedserve.executor.runner import ModelRunner
+from pagedserve.runtime.log import configure_logging
+from pagedserve.runtime.serving import (
+    GrpcServer,
+    StartupError,
+    TlsConfig,
+    run_service,
+    wait_for_stop_signal,
+)
+from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+# How long a draining executor waits for the step it is running before the server stops anyway.
+DRAIN_TIMEOUT_S = 20.0
+
+log = structlog.get_logger(__name__)
+
+
+class ExecutorService(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, runner: ModelRunner, description: executor_pb2.DescribeResponse,
+                 step_thread: ThreadPoolExecutor):
+        self.runner = runner
+        self._step_thread = step_thread
+        self.description = description
+        # One Run stream at a time; a new one stops the previous one (see executor.proto).
+        self._stream_lock = asyncio.Lock()
+        self._stop_current: asyncio.Event | None = None
+        self._draining = False
+
+    async def Describe(self, request, context) -> executor_pb2.DescribeResponse:
+        return self.description
+
+    async def Run(self, plans: AsyncIterator[executor_pb2.StepPlan],
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.StepResult]:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the executor is shutting down")
+        if self._stop_current is not None:
+            self._stop_current.set()
+        stop = self._stop_current = asyncio.Event()
+        async with self._stream_lock:
+            self.runner.reset()
+            log.info("scheduler stream opened", peer=context.peer())
+            plan_iter = aiter(plans)
+            while (plan := await _next_or_stop(plan_iter, stop)) is not None:
+                yield await self._execute(plan)
+            if stop.is_set() and not self._draining:
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    "superseded by a newer Run stream")
+            # Draining: a clean end of the stream hands every unfinished request back.
+            log.info("scheduler stream closed", draining=self._draining)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Ends the Run stream after the step in progress and waits until it has ended (at most
+        `timeout_s`), refusing new streams: the scheduler then recomputes this executor's
+        requests elsewhere, before the server stops and would cut the stream mid-step."""
+        self._draining = True
+        if self._stop_current is not None:
+            self._stop_current.set()
+        try:
+            await asyncio.wait_for(self._stream_lock.acquire(), timeout_s)
+        except TimeoutError:
+            log.warning("the step in progress did not end in time; stopping anyway",
+                        timeout_s=timeout_s)
+            return
+        self._stream_lock.release()
+
+    async def _execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
+        # Off the event loop, which keeps answering health checks and heartbeats.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._step_thread, self.runner.step, plan)
+
+
+async def _next_or_stop(plans: AsyncIterator, stop: asyncio.Event):
+    """The next plan; None when the stream ends or `stop` is set first."""
+    next_plan = asyncio.ensure_future(anext(plans))
+    # If `stop` wins, the read's outcome (a plan, or the stream's end) is of no interest.
+    next_plan.add_done_callback(lambda f: f.cancelled() or f.exception())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({next_plan, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if stop.is_set():
+        next_plan.cancel()
+        return None
+    try:
+        return next_plan.result()
+    except StopAsyncIteration:
+        return None
+
+
+def describe(executor_id: str, model_dir: ModelDirectory, runner: ModelRunner,
+             dtype: str) -> executor_pb2.DescribeResponse:
+    limits = runner.limits
+    return executor_pb2.DescribeResponse(
+        executor_id=executor_id,
+        model=common_pb2.ModelInfo(
+            model_id=model_dir.served_name, architecture=model_dir.architecture,
+            max_model_len=limits.max_model_len, vocab_size=runner.model.config.vocab_size,
+            eos_token_ids=model_dir.eos_token_ids(), dtype=dtype),
+        kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
+                                        block_size=limits.block_size),
+        limits=common_pb2.ExecutorLimits(max_num_seqs=limits.max_num_seqs,
+                                         max_num_batched_tokens=limits.max_num_batched_tokens,
+                                         max_logprobs=limits.max_logprobs),
+        parallel=common_pb2.ParallelLayout(tensor_parallel_size=runner.tp.size),
+        tokenizer=common_pb2.TokenizerFiles(files=model_dir.tokenizer_files()))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tls = TlsConfig.from_args(args)  # before the slow model load: a bad flag fails at once
+    cache_dir = args.model_cache_dir or default_cache_dir()
+    try:
+        # In threads: converting a GGUF on first start and loading weights take seconds.
+        model_dir = await asyncio.to_thread(resolve_model, args.model, cache_dir,
+                                            args.served_model_name)
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from None
+    # The model is built and every step runs on this one thread: torch's OpenMP team belongs to
+    # the thread that calls it, so steps hopping between pool threads would each start a team
+    # (and keep its threads) on the first visit of a new thread.
+    step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+    runner = await asyncio.get_running_loop().run_in_executor(
+        step_thread, build_runner, args, model_dir)
+    dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
+    description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner, dtype)
+
+    server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
+    service = ExecutorService(runner, description, step_thread)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(service, server.server)
+    await server.start([SERVICE_NAME])
+    stop = asyncio.Event()
+    registration = None
+    if args.scheduler_address:
+        registration = asyncio.create_task(keep_registered(
+            args.scheduler_address,
+            scheduler_pb2.RegisterExecutorRequest(
+                executor_id=description.executor_id,
+                address=args.advertise_address or f"{args.host}:{args.port}",
+                model=description.model, kv_cache=description.kv_cache,
+                limits=description.limits, parallel=description.parallel),
+            stop, tls))
+    await wait_for_stop_signal()
+    stop.set()  # no more heartbeats: the scheduler must not take this executor back
+    if registration is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await registration
+    await service.drain(DRAIN_TIMEOUT_S)
+    await server.stop()
+    runner.close()
+    step_thread.shutdown()
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging("executor", args.log_level, args.log_format)
+    return run_service("executor", lambda: serve(args))

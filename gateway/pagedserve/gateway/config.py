@@ -1,0 +1,41 @@
+"""Flags of `pagedserve gateway` (each also settable as a PAGEDSERVE_* variable)."""
+
+import argparse
+
+from pagedserve.runtime.flags import add_common_flags, positive_float
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 50051
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on for clients (HTTP and gRPC)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                        help="port of the OpenAI-compatible HTTP API")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
+                        help="port of the public gRPC Generation API")
+    parser.add_argument("--scheduler-address", default="127.0.0.1:50052",
+                        help="host:port of the scheduler")
+    add_api_key_argument(parser)
+    add_request_timeout_argument(parser)
+    parser.add_argument("--tokenizer", default=None,
+                        help="local tokenizer directory; unset: the tokenizer files the "
+                             "scheduler relays from an executor (no model volume needed)")
+    add_common_flags(parser)
+
+
+def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
+    """Shared with `pagedserve up`, which passes it on to the gateway."""
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer <key>` on every API route and gRPC "
+                             "method (health, readiness and metrics stay open); unset: no auth")
+
+
+def add_request_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """Shared with `pagedserve up`, which passes it on to the gateway."""
+    parser.add_argument("--request-timeout", type=positive_float, default=None,
+                        help="seconds an HTTP generation request may take, queueing included; "
+                             "past it the request is aborted (its KV blocks freed) and answered "
+                             "504. A client's X-Request-Timeout header may only shorten it; gRPC "
+                             "clients use their call deadline. Unset: no limit")

@@ -1,0 +1,436 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions and chat completions (streamed as
+server-sent events or not), models, tokenize / detokenize, liveness and readiness. Every error
+is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagedserve.gateway.generation import ChoiceDelta, Usage, beam_choices, generate
+from pagedserve.gateway.metrics import METRICS
+from pagedserve.gateway.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    SamplingFields,
+    TokenizeRequest,
+)
+from pagedserve.gateway.prompts import chat_prompt_ids, check_length, check_token_ids
+from pagedserve.gateway.scheduler_client import (
+    RETRY_AFTER_S,
+    Deadline,
+    GatewayError,
+    SchedulerClient,
+    ServedModel,
+    parse_timeout,
+)
+from pagedserve.v1 import common_pb2
+
+# Readiness: an executor that has work and returned nothing for this long is wedged.
+STALL_S = 60.0
+DISCONNECT_POLL_S = 0.05
+# Larger request bodies are refused with 413 before they are read (Content-Length) or as soon
+# as the streamed body passes it.
+MAX_BODY_BYTES = 16 * 2**20
+# Per-request timeout in seconds a client may send (OpenAI's API has no such body field); the
+# tighter of it and --request-timeout applies.
+TIMEOUT_HEADER = "X-Request-Timeout"
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+_ERROR_MEANINGS = {
+    400: "invalid request; `param` names the field",
+    401: "missing or invalid API key (only with --api-key)",
+    404: "the model is not served",
+    413: f"the body is over {MAX_BODY_BYTES} bytes",
+    429: "the scheduler's queue is full (--max-queue-len); retry after Retry-After seconds",
+    503: "the scheduler or every executor is unavailable",
+    504: "the request's timeout (--request-timeout, X-Request-Timeout) passed",
+}
+
+
+def documented_errors(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` for the error statuses a route answers, in OpenAI's shape."""
+    return {s: {"model": ErrorResponse, "description": _ERROR_MEANINGS[s]} for s in statuses}
+
+
+# Every route may answer these (unauthenticated, body too large).
+_ANY_ROUTE = (401, 413)
+_MODEL_ROUTE = (*_ANY_ROUTE, 400, 404, 503)
+_GENERATION_RESPONSES = {
+    200: {"description": "the completion, or with `stream: true` server-sent events",
+          "content": {"text/event-stream": {}}},
+    **documented_errors(*_MODEL_ROUTE, 429, 504)}
+
+log = structlog.get_logger(__name__)
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None):
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": error_type, "param": param, "code": status}})
+
+
+def _too_large() -> StarletteHTTPException:
+    return StarletteHTTPException(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies of at most MAX_BODY_BYTES."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            exc = _too_large()
+            response = error_response(exc.status_code, exc.detail, "invalid_request_error")
+            response.headers["Connection"] = "close"
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _too_large()  # FastAPI re-raises HTTPExceptions from body reading
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(client: SchedulerClient, request_timeout_s: float | None = None) -> FastAPI:
+    """The HTTP API over `client`; `request_timeout_s` (--request-timeout) bounds every
+    generation request, None: only a client's X-Request-Timeout does."""
+    app = FastAPI(title="pagedserve", summary="OpenAI-compatible LLM serving")
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # its location is a character offset, no field
+            return error_response(400, f"the body is not valid JSON: {first['ctx']['error']}",
+                                  "invalid_request_error")
+        # Without pydantic's union-member tags ("str", "list[int]", "function-after[...]").
+        location = [str(part) for part in first["loc"] if part != "body"
+                    and str(part) not in _UNION_TAGS and not any(c in str(part) for c in "[-")]
+        param = ".".join(location) or None
+        return error_response(400, f"{param or 'body'}: {first['msg']}",
+                              "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        # Bodies FastAPI cannot parse (bad UTF-8, nesting too deep), too large, unknown paths.
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return error_response(exc.status_code, message, kind)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_request: Request, exc: GatewayError):
+        response = error_response(exc.status, exc.message, exc.error_type, exc.param)
+        if exc.status == 429:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: the gateway process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", responses=documented_errors(503))
+    async def ready():
+        """Readiness: the scheduler answers, an executor is registered, none is wedged."""
+        try:
+            stats = await client.stats(timeout=2.0)
+        except GatewayError as exc:
+            return error_response(503, exc.message, "service_unavailable")
+        if not stats.executors:
+            return error_response(503, "no executor is registered", "service_unavailable")
+        stalled = [e.executor_id for e in stats.executors if e.seconds_since_progress > STALL_S]
+        if stalled:
+            return error_response(503, f"executors not progressing: {stalled}",
+                                  "service_unavailable")
+        return {"status": "ready", "executors": len(stats.executors)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus exposition: the gateway's metrics and the scheduler's state."""
+        try:
+            stats = await client.stats(timeout=2.0)
+        except GatewayError:
+            stats = None  # the gateway's own metrics are still worth scraping
+        return Response(METRICS.exposition(stats), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", responses=documented_errors(*_ANY_ROUTE, 404, 503))
+    async def models() -> dict:
+        served = await client.model()
+        return {"object": "list", "data": [{
+            "id": served.info.model_id, "object": "model", "created": 0,
+            "owned_by": "pagedserve", "max_model_len": served.info.max_model_len}]}
+
+    @app.post("/tokenize", responses=documented_errors(*_MODEL_ROUTE))
+    async def tokenize(body: TokenizeRequest) -> dict:
+        served = await client.model(body.model or "")
+        if body.messages is not None:
+            ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
+        elif body.prompt is not None:
+            ids = served.tokenizer(body.prompt,
+                                   add_special_tokens=body.add_special_tokens).input_ids
+        else:
+            raise GatewayError(400, "prompt or messages is required", "invalid_request_error",
+                               "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.info.max_model_len}
+
+    @app.post("/detokenize", responses=documented_errors(*_MODEL_ROUTE))
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        served = await client.model(body.model or "")
+        check_token_ids(served, body.tokens, "tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request):
+        served = await client.model(body.model or "")
+        prompts = [served.tokenizer(p).input_ids if isinstance(p, str) else p
+                   for p in body.prompts()]
+        for ids in prompts:
+            check_token_ids(served, ids, "prompt")
+            check_length(served, len(ids), body.max_tokens)
+        check_sampling_ids(served, body)
+        sampling = body.sampling_params(body.max_tokens, body.logprobs)
+        return await respond(request, body, served, CompletionFormat(served, body, prompts),
+                             prompts, sampling)
+
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        served = await client.model(body.model or "")
+        ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
+                              body.add_generation_prompt)
+        check_length(served, len(ids), body.max_output_tokens())
+        check_sampling_ids(served, body)
+        sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
+        return await respond(request, body, served, ChatFormat(served), [ids], sampling)
+
+    async def respond(request: Request, body: SamplingFields, served: ServedModel, fmt,
+                      prompts: list[list[int]], sampling: common_pb2.SamplingParams):
+        request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        deadline = request_deadline(request, request_timeout_s)
+        usages = [Usage() for _ in prompts]
+        n = max(1, sampling.n)
+
+        beam_params = (body.beam_search_params(sampling.max_tokens or None)
+                       if body.use_beam_search else None)
+
+        async def deltas() -> AsyncIterator[ChoiceDelta]:
+            # Several prompts: choices are numbered prompt by prompt (OpenAI's order).
+            for p, ids in enumerate(prompts):
+                if beam_params is not None:  # finished choices, at once
+                    for choice in await beam_choices(client, served, f"{request_id}-{p}", ids,
+                                                     beam_params, usages[p], deadline):
+                        choice.index += p * n
+                        yield choice
+                    continue
+                async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
+                                             usages[p], deadline=deadline):
+                    choice.index += p * n
+                    yield choice
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = await started(request, deltas())
+            if stream is None:
+                return client_gone()
+            return StreamingResponse(sse(fmt, request_id, stream, usages, include_usage),
+                                     media_type="text/event-stream")
+        collected = await until_disconnected(request, collect(deltas()))
+        if collected is None:
+            return client_gone()
+        return fmt.full_response(request_id, collected, total_usage(usages))
+
+    return app
+
+
+def request_deadline(request: Request, default_s: float | None) -> Deadline:
+    """The tighter of the gateway's --request-timeout and the client's X-Request-Timeout."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    client_s = None if raw is None else parse_timeout(raw, TIMEOUT_HEADER)
+    return Deadline.after(min((t for t in (default_s, client_s) if t is not None), default=None))
+
+
+def client_gone() -> JSONResponse:
+    log.info("client disconnected; request aborted")
+    return JSONResponse(status_code=499, content={})
+
+
+_END = object()
+
+
+async def started(request: Request, deltas: AsyncIterator[ChoiceDelta]
+                  ) -> AsyncIterator[ChoiceDelta] | None:
+    """`deltas` once its first delta is in, so that a refusal before any token (queue full,
+    deadline, admission) is still answered with its HTTP status rather than inside a 200
+    event stream; None (and the request aborted) if the client leaves first."""
+    first = await until_disconnected(request, anext(deltas, _END))
+    if first is None:
+        return None
+
+    async def resumed() -> AsyncIterator[ChoiceDelta]:
+        if first is not _END:
+            yield first
+            async for delta in deltas:
+                yield delta
+    return resumed()
+
+
+def check_sampling_ids(served: ServedModel, body: SamplingFields) -> None:
+    """Token ids in logit_bias and stop_token_ids must be in the vocabulary."""
+    check_token_ids(served, [int(k) for k in body.logit_bias or {}], "logit_bias")
+    check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
+
+
+async def until_disconnected(request: Request, work):
+    """The result of `work`, or None (with `work` cancelled) if the client goes away first:
+    a non-streamed request must not run on for nobody."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            return None
+    return task.result()
+
+
+async def collect(deltas: AsyncIterator[ChoiceDelta]) -> dict[int, ChoiceDelta]:
+    choices: dict[int, ChoiceDelta] = {}
+    async for delta in deltas:
+        choice = choices.setdefault(delta.index, ChoiceDelta(delta.index, "", [], []))
+        choice.text += delta.text
+        choice.token_ids += delta.token_ids
+        choice.logprobs += delta.logprobs
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+    return choices
+
+
+def total_usage(usages: list[Usage]) -> dict:
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)}}
+
+
+async def sse(fmt, request_id: str, deltas: AsyncIterator[ChoiceDelta], usages: list[Usage],
+              include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for delta in deltas:
+            yield f"data: {json.dumps(fmt.chunk(request_id, delta))}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps(fmt.usage_chunk(request_id, total_usage(usages)))}\n\n"
+    except GatewayError as exc:
+        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.error_type, 'param': exc.param, 'code': exc.status}})}\n\n"  # noqa: E501
+    yield "data: [DONE]\n\n"
+
+
+class CompletionFormat:
+    id_prefix = "cmpl"
+
+    def __init__(self, served: ServedModel, body: CompletionRequest, prompts: list[list[int]]):
+        self.served, self.body, self.prompts = served, body, prompts
+        self.created = int(time.time())
+
+    def _logprobs(self, choice: ChoiceDelta) -> dict | None:
+        if self.body.logprobs is None:
+            return None
+        decode = self.served.tokenizer.decode
+        return {"tokens": [decode([t]) for t in choice.token_ids],
+                "token_logprobs": [lp.chosen.logprob for lp in choice.logprobs],
+                "top_logprobs": [{decode([t.token_id]): t.logprob for t in lp.top}
+                                 for lp in choice.logprobs],
+                "text_offset": []}
+
+    def _text(self, choice: ChoiceDelta, first: bool) -> str:
+        if self.body.echo and first:
+            prompt = self.prompts[choice.index // max(1, self.body.n)]
+            return self.served.tokenizer.decode(prompt) + choice.text
+        return choice.text
+
+    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
+                      usage: dict) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": i, "text": self._text(c, True),
+                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
+                            for i, c in sorted(choices.items())],
+                "usage": usage}
+
+    def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": delta.index, "text": delta.text,
+                             "logprobs": self._logprobs(delta),
+                             "finish_reason": delta.finish_reason}]}
+
+    def usage_chunk(self, request_id: str, usage: dict) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": self.created,
+                "model": self.served.info.model_id, "choices": [], "usage": usage}
+
+
+class ChatFormat:
+    id_prefix = "chatcmpl"
+
+    def __init__(self, served: ServedModel):
+        self.served = served
+        self.created = int(time.time())
+        self._started: set[int] = set()
+
+    def _logprobs(self, choice: ChoiceDelta) -> dict | None:
+        if not choice.logprobs:
+            return None
+        decode = self.served.tokenizer.decode
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(lp.chosen.token_id, lp.chosen.logprob),
+                             "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
+                            for lp in choice.logprobs]}
+
+    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
+                      usage: dict) -> dict:
+        return {"id": request_id, "object": "chat.completion", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": i,
+                             "message": {"role": "assistant", "content": c.text},
+                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
+                            for i, c in sorted(choices.items())],
+                "usage": usage}
+
+    def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
+        message = {"content": delta.text}
+        if delta.index not in self._started:  # the first chunk of a choice names the role
+            self._started.add(delta.index)
+            message = {"role": "assistant", **message}
+        return {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.served.info.model_id,
+                "choices": [{"index": delta.index, "delta": message,
+                             "logprobs": self._logprobs(delta),
+                             "finish_reason": delta.finish_reason}]}
+
+    def usage_chunk(self, request_id: str, usage: dict) -> dict:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.served.info.model_id, "choices": [], "usage": usage}

@@ -1,0 +1,210 @@
+"""OpenAI-compatible request bodies, validated field by field, and their translation into the
+contract's SamplingParams. Limits (documented in the README) keep one request from costing the
+service more than a request should."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pagedserve.gateway.scheduler_client import GatewayError
+from pagedserve.runtime.beam_search import BeamSearchParams
+from pagedserve.v1 import common_pb2
+
+MAX_N = 64
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_LOGIT_BIAS = 300
+
+TokenId = Annotated[int, Field(ge=0, strict=True)]
+
+
+# JSON's true is not a number and 1 is not a boolean (the OpenAPI schema says so; the fuzzing
+# test holds the gateway to it); an integer is still a valid float.
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields completions and chat share (vLLM's extensions included)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, strict=True)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
+    top_k: Annotated[int, Field(ge=-1, strict=True)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, strict=True)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64, strict=True)] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] = 1
+    ignore_eos: StrictBool = False
+    min_tokens: Annotated[int, Field(ge=0, strict=True)] = 0
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    user: str | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's beam search extension: the n best beams (n at most MAX_LOGPROBS / 2), scored by
+    # cumulative logprob / length ** length_penalty.
+    use_beam_search: StrictBool = False
+    length_penalty: Annotated[float, Field(ge=-10.0, le=10.0, strict=True)] = 1.0
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop):
+        strings = [stop] if isinstance(stop, str) else (stop or [])
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in strings):
+            raise ValueError(f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, bias):
+        if bias is None:
+            return bias
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key in bias:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
+    def beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
+        """With use_beam_search: its parameters; a 400 naming a field it cannot honour (the
+        search is greedy over the top logprobs, and not streamed)."""
+        if not max_tokens:
+            raise GatewayError(400, "use_beam_search: needs max_tokens (or "
+                               "max_completion_tokens), the length of the beams",
+                               "invalid_request_error", "use_beam_search")
+        fields = type(self).model_fields
+        refused = {name for name in BEAM_SEARCH_REFUSES & fields.keys()
+                   if getattr(self, name) != fields[name].default}
+        if self.temperature:  # unset or 0 is what the search does
+            refused.add("temperature")
+        if refused:
+            name = min(refused)
+            raise GatewayError(400, f"{name}: not supported with use_beam_search",
+                               "invalid_request_error", name)
+        params = BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
+                                  ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
+        try:
+            params.check(MAX_LOGPROBS)
+        except ValueError as error:  # named by the HTTP fields: beam_width is n
+            field, _, reason = str(error).partition(": ")
+            field = {"beam_width": "n"}.get(field, field)
+            raise GatewayError(400, f"{field}: {reason}", "invalid_request_error",
+                               field) from None
+        return params
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> common_pb2.SamplingParams:
+        params = common_pb2.SamplingParams(
+            min_tokens=self.min_tokens, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            stop=self.stop_strings(), stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos, n=self.n,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens)
+        for name, value in (("max_tokens", max_tokens), ("temperature", self.temperature),
+                            ("top_p", self.top_p), ("repetition_penalty", self.repetition_penalty),
+                            ("seed", self.seed), ("logprobs", logprobs),
+                            ("prompt_logprobs", prompt_logprobs)):
+            if value is not None:
+                setattr(params, name, value)
+        return params
+
+
+# Fields that change sampling or the answer's shape, which beam search does not honour (set to
+# anything but their default; temperature, refused unless 0, is checked on its own).
+BEAM_SEARCH_REFUSES = frozenset({
+    "stream", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
+    "logprobs", "top_logprobs", "echo"})
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    # OpenAI's default for completions.
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    echo: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt list is empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], list) and not all(prompt):
+            raise ValueError("a token-id prompt is empty")
+        return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    add_generation_prompt: StrictBool = True
+
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, strict=True)]]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    # The request field (or header) at fault, when there is one.
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, which every refusal of the HTTP API uses (documented in the
+    OpenAPI spec so that clients and the schema fuzzer know every status it may answer)."""
+
+    error: ErrorDetail

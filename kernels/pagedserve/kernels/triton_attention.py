@@ -1,0 +1,576 @@
+"""Paged attention in Triton: the KV-cache write, a decode kernel and a prefill / chunked-prefill
+kernel (issue 6), and `paged_attention_triton`, a drop-in for `attention.paged_attention`.
+
+Same cache layout and semantics as the PyTorch path (`kernels/pagedserve/kernels/attention.py`, the
+reference these kernels are checked against): per layer, K and V each [num_blocks, block_size,
+num_kv_heads, head_dim], addressed through each request's block table.
+
+The decode kernel runs one program per (sequence, KV head[, partition]). The query heads that
+share the KV head are the rows of one tile, so each K/V position is read once for all of them
+and the scores and P @ V are tl.dot products. It walks the context through the block table,
+block_n positions at a time, and keeps an online softmax (running max, running sum and a
+float32 accumulator), so no context is ever gathered into a contiguous copy. For long contexts
+and few requests (split-K, flash-decoding) each context is cut into partitions read by programs
+of their own, whose softmax states a second kernel merges. Only positions inside the context and
+the sliding window are read; they are masked both when loading and in the scores, so unused
+cache slots (whatever they hold, NaN included) never reach the output.
+
+The prefill kernel runs one program per (sequence, query head, tile of BLOCK_M query rows of the
+sequence's chunk) and walks the context in tiles of BLOCK_N positions (each position's block
+looked up in the block table, so any power-of-two block size works), with the same online
+softmax per row (in the log2 domain: exp2), the scores and P @ V as tl.dot with float32 results
+(IEEE, not TF32, for float32 inputs). It reads only tiles up to its last row's position and,
+with a window, from its first row's window start; causality and the window are masked per
+(row, position), and only on the tiles that need it: a tile that every row of the program sees
+whole runs without masks.
+
+The executor runs these through kernels/pagedserve/kernels/dispatch.py. Tile shapes come from
+heuristics (`Tiles`), not @triton.autotune, which fails under TRITON_INTERPRET=1 (how these kernels
+are tested on CPU); benchmarks/bench_kernels_gpu.py measures candidate tiles on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.kernels.attention import AttentionMetadata
+
+
+@triton.jit
+def _write_kv_cache_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
+                           stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+                           head_dim,
+                           HEAD_DIM_P: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:  # a negative slot marks a padding token: nothing to store
+        offs = tl.arange(0, HEAD_DIM_P)
+        mask = offs < head_dim
+        k = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs, mask=mask)
+        v = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs, mask=mask)
+        tl.store(key_cache_ptr + slot * stride_kc_slot + head * stride_kc_h + offs, k, mask=mask)
+        tl.store(value_cache_ptr + slot * stride_vc_slot + head * stride_vc_h + offs, v,
+                 mask=mask)
+
+
+def write_kv_cache_triton(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                          value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots
+    (block_id * block_size + offset). Same semantics as `attention.write_kv_cache`;
+    a negative slot (padding) is skipped."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    assert value.shape == key.shape and slot_mapping.shape == (num_tokens,)
+    assert key_cache.shape[2:] == (num_kv_heads, head_dim) and value_cache.shape == key_cache.shape
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    if num_tokens == 0:
+        return
+    # A slot is (block, offset) flattened: with a contiguous cache its stride is that of offset.
+    _write_kv_cache_kernel[(num_tokens, num_kv_heads)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(1), key_cache.stride(2), value_cache.stride(1), value_cache.stride(2),
+        head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _paged_attention_decode_kernel(
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+        q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        scale, window, max_blocks,
+        stride_qs, stride_qh, stride_os, stride_oh,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_bt, head_dim, num_heads,
+        QUERIES_PER_KV: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+        NUM_PARTITIONS_P: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
+        IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+
+    # The query heads that share this KV head are the rows of one [GROUP_P, head_dim] tile
+    # (rows past QUERIES_PER_KV are padding: tl.dot needs at least 16 rows).
+    offs_g = tl.arange(0, GROUP_P)
+    mask_g = offs_g < QUERIES_PER_KV
+    heads = kv_head * QUERIES_PER_KV + offs_g
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    mask_d = offs_d < head_dim
+    mask_q = mask_g[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_q, other=0.0)
+
+    # The query sits at position seq_len - 1 and sees [first_pos, seq_len); this program reads
+    # the part of that inside its partition.
+    if USE_WINDOW:
+        first_pos = tl.maximum(seq_len - window, 0)
+    else:
+        first_pos = seq_len * 0
+    if SPLIT:
+        part_start = part * PARTITION_SIZE
+        part_end = tl.minimum(part_start + PARTITION_SIZE, seq_len)
+    else:
+        part_start = seq_len * 0
+        part_end = seq_len
+    lo = tl.maximum(part_start, (first_pos // BLOCK_N) * BLOCK_N)
+
+    # Its own loop rather than the prefill kernel's _attend_tile: a decode tile needs only a
+    # 1-D position mask, and sharing the prefill's 2-D causal step cost a quarter of the
+    # bandwidth on an H200 (64 x 4096: 96 % -> 71 % of copy bandwidth, benchmarks/results).
+    # Finite start: a tile whose scores are all masked leaves the state unchanged (no NaN).
+    m_i = tl.full([GROUP_P], -1e30, dtype=tl.float32)
+    l_i = tl.full([GROUP_P], 0.0, dtype=tl.float32)
+    acc = tl.full([GROUP_P, HEAD_DIM_P], 0.0, dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, part_end, BLOCK_N):
+        k_pos = n0 + offs_n
+        # Only positions inside the context (and window) are loaded: an unwritten slot or a
+        # padded table entry may hold anything, NaN included.
+        valid = (k_pos < part_end) & (k_pos >= first_pos) & (k_pos >= part_start)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=valid & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        offs_t = k_pos % BLOCK_SIZE
+        load_mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    if SPLIT:
+        # Unnormalised partial state; _paged_attention_reduce_kernel merges the partitions.
+        row = (seq * num_heads + heads).to(tl.int64) * NUM_PARTITIONS_P + part
+        tl.store(part_max_ptr + row, m_i, mask=mask_g)
+        tl.store(part_sum_ptr + row, l_i, mask=mask_g)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :], acc,
+                 mask=mask_g[:, None])
+    else:
+        out = acc / tl.where(mask_g, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_q)
+
+
+@triton.jit
+def _paged_attention_reduce_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+                                   stride_os, stride_oh, head_dim, num_heads, num_partitions,
+                                   HEAD_DIM_P: tl.constexpr, NUM_PARTITIONS_P: tl.constexpr):
+    """Merges the partitions' online-softmax states of one (sequence, query head). A partition
+    that saw no position (past a shorter sequence's end, or before its window) holds max -1e30
+    and sum 0, so its weight is 0."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_p = tl.arange(0, NUM_PARTITIONS_P)
+    mask_p = offs_p < num_partitions
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    row = (seq * num_heads + head).to(tl.int64) * NUM_PARTITIONS_P
+    m = tl.load(part_max_ptr + row + offs_p, mask=mask_p, other=-1e30)
+    s = tl.load(part_sum_ptr + row + offs_p, mask=mask_p, other=0.0)
+    acc = tl.load(part_acc_ptr + (row + offs_p)[:, None] * HEAD_DIM_P + offs_d[None, :],
+                  mask=mask_p[:, None], other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(s * weight, axis=0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+
+
+def _checked_output(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, num_seqs: int, sliding_window: int | None,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    """Checks what both attention kernels assume of their inputs; returns the output tensor."""
+    _, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    assert cache_head_dim == head_dim and value_cache.shape == key_cache.shape
+    assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    assert block_tables.shape[0] == num_seqs
+    assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
+    assert block_tables.stride(-1) == 1
+    assert sliding_window is None or sliding_window >= 1
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1
+    return out
+
+
+def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                          device: torch.device) -> int | None:
+    """Split-K (flash-decoding) for long contexts and few requests: with fewer (sequence, KV
+    head) programs than the GPU has multiprocessors x 2, each sequence's context is split into
+    partitions of DECODE_PARTITION_SIZE positions, read in parallel and merged after. None: no
+    split (many programs already, or a short context, or not a GPU).
+
+    Measured on an H200 (132 SMs; docs/performance.md): 16 x 8 programs over 4096 positions
+    read K/V 1.7x faster split, 64 x 8 programs 12 % slower split."""
+    if device.type != "cuda" or max_seq_len <= DECODE_PARTITION_SIZE:
+        return None
+    if num_seqs * num_kv_heads >= 2 * _multiprocessors(device):
+        return None
+    return DECODE_PARTITION_SIZE
+
+
+DECODE_PARTITION_SIZE = 512
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of an attention kernel: query rows per program (prefill), context positions
+    per step, warps and software-pipeline stages (the last two are ignored by the interpreter).
+    Chosen by heuristics rather than @triton.autotune, which fails under TRITON_INTERPRET=1;
+    benchmarks/bench_kernels_gpu.py measures the candidates on a GPU."""
+
+    block_m: int  # prefill only: decode's rows are the query heads of one KV head
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DECODE_TILES = Tiles(block_m=16, block_n=64)
+
+
+def prefill_tiles(max_query_len: int, device: torch.device) -> Tiles:
+    if device.type != "cuda":  # the interpreter: small tiles keep the checks fast
+        return Tiles(block_m=16 if max_query_len <= 16 else 32, block_n=32)
+    if max_query_len <= 16:
+        return Tiles(block_m=16, block_n=64)
+    if max_query_len <= 64:
+        return Tiles(block_m=64, block_n=64)
+    # The best of the candidates on an H200 for chunks of 512 to 4096 tokens, cached context
+    # or not (benchmarks/results/h200-run2.log).
+    return Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a program may use on this GPU (opt-in maximum)."""
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def fit_shared_memory(tiles: Tiles, head_dim_p: int, element_size: int,
+                      shared_memory: int) -> Tiles:
+    """`tiles` with block_n halved (then stages cut to 1) until the K and V tiles in flight,
+    num_stages x 2 x block_n x head_dim_p x element_size bytes (the figure Triton reported on
+    an H200), fit in `shared_memory`: 128 positions of float32 or of head size 256 do not."""
+    def needed(t: Tiles) -> int:
+        return t.num_stages * 2 * t.block_n * head_dim_p * element_size
+
+    while needed(tiles) > shared_memory and tiles.block_n > 16:
+        tiles = dataclasses.replace(tiles, block_n=tiles.block_n // 2)
+    if needed(tiles) > shared_memory:
+        tiles = dataclasses.replace(tiles, num_stages=1)
+    return tiles
+
+
+def _fitted(tiles: Tiles, head_dim_p: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    if device.type != "cuda":  # the interpreter has no shared-memory limit
+        return tiles
+    return fit_shared_memory(tiles, head_dim_p, dtype.itemsize, _shared_memory(device))
+
+
+def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
+                                  value_cache: torch.Tensor, block_tables: torch.Tensor,
+                                  seq_lens: torch.Tensor, scale: float,
+                                  sliding_window: int | None = None,
+                                  out: torch.Tensor | None = None,
+                                  max_seq_len: int | None = None,
+                                  partition_size: int | None = None,
+                                  tiles: Tiles = DECODE_TILES) -> torch.Tensor:
+    """Decode attention, one query token per request.
+
+    query [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
+    head_dim]; block_tables [num_seqs, max_blocks] (padded, only the first
+    ceil(seq_len / block_size) entries of a row are read); seq_lens [num_seqs], every one >= 1,
+    the context length including the query token. Query head h reads KV head
+    h // (num_heads // num_kv_heads). Returns the output, shaped and typed like query (written
+    into `out` when given).
+
+    One program per (sequence, KV head), its query heads as the rows of one tile, walking the
+    context tiles.block_n positions at a time. `partition_size` (a multiple of
+    tiles.block_n) splits each context into partitions read by programs of their own and
+    merged by a second kernel; by default `decode_partition_size` decides from `max_seq_len`
+    (the longest context; read from seq_lens, a device sync, when not given).
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert seq_lens.shape == (num_seqs,)
+    out = _checked_output(query, key_cache, value_cache, block_tables, num_seqs,
+                          sliding_window, out)
+    if num_seqs == 0:
+        return out
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    tiles = _fitted(tiles, max(16, triton.next_power_of_2(head_dim)), query.dtype, query.device)
+    if partition_size is None:
+        partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len, query.device)
+    split = partition_size is not None and max_seq_len > partition_size
+    if split:
+        assert partition_size % tiles.block_n == 0
+        num_partitions = triton.cdiv(max_seq_len, partition_size)
+    else:
+        num_partitions, partition_size = 1, tiles.block_n  # unused: no recompile per length
+    partitions_p = triton.next_power_of_2(num_partitions)
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    queries_per_kv = num_heads // num_kv_heads
+    if split:
+        rows = num_seqs * num_heads * partitions_p
+        part_acc = torch.empty(rows, head_dim_p, dtype=torch.float32, device=query.device)
+        part_max = torch.empty(rows, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_max = part_sum = out  # unused
+    _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        out, part_acc, part_max, part_sum,
+        query, key_cache, value_cache, block_tables, seq_lens,
+        float(scale), 0 if sliding_window is None else int(sliding_window),
+        block_tables.shape[1],
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), head_dim, num_heads,
+        QUERIES_PER_KV=queries_per_kv, GROUP_P=max(16, triton.next_power_of_2(queries_per_kv)),
+        BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_N=tiles.block_n,
+        PARTITION_SIZE=partition_size, NUM_PARTITIONS_P=partitions_p, SPLIT=split,
+        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if split:
+        _paged_attention_reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), head_dim,
+            num_heads, num_partitions, HEAD_DIM_P=head_dim_p, NUM_PARTITIONS_P=partitions_p)
+    return out
+
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
+    the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
+    tile is outside the context, after a row's own position or outside its window; unmasked
+    tiles (every position visible to every row) skip the masks."""
+    k_pos = n0 + offs_n
+    offs_t = k_pos % BLOCK_SIZE
+    if MASKED:
+        # Only positions inside the context are loaded (a padded table entry or an unwritten
+        # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
+        in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
+        block = tl.load(table_row + k_pos // BLOCK_SIZE,
+                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
+        load_mask = in_ctx[:, None] & mask_d[None, :]
+    else:
+        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
+        load_mask = mask_d[None, :]
+    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
+              + kv_head * stride_kh + offs_d[None, :])
+    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
+              + kv_head * stride_vh + offs_d[None, :])
+    if MASKED or not EVEN_D:
+        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * qk_scale
+    if MASKED:
+        allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    if MASKED or not EVEN_D:
+        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_attention_prefill_kernel(
+        out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        query_start_loc_ptr, qk_scale, window,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_bt, max_blocks, head_dim,
+        QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+        IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_block = tl.program_id(2)
+    kv_head = head // QUERIES_PER_KV
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+    if q_block * BLOCK_M >= q_len:  # the grid covers the longest chunk; shorter ones stop here
+        return
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    context_len = seq_len - q_len  # positions cached before this chunk
+
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    mask_d = offs_d < head_dim
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the chunk
+    mask_m = offs_m < q_len
+    q_pos = context_len + offs_m
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    # This block's rows see [first_pos, last_pos]: causal up to its last row, and with a window
+    # nothing at or before (its first row's position - window). Tiles that every row sees
+    # whole (before the first row's position, no window) run without masks.
+    first_row_pos = context_len + q_block * BLOCK_M
+    last_pos = tl.minimum(first_row_pos + BLOCK_M, seq_len) - 1
+    if USE_WINDOW:
+        first_pos = tl.maximum(first_row_pos - window + 1, 0)
+        start = (first_pos // BLOCK_N) * BLOCK_N
+        full_end = start
+    else:
+        first_pos = seq_len * 0
+        start = seq_len * 0
+        full_end = ((first_row_pos + 1) // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+            BLOCK_SIZE, False, HEAD_DIM_P == head_dim, USE_WINDOW, IEEE)
+    for n0 in range(full_end, last_pos + 1, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
+            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
+            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, USE_WINDOW, IEEE)
+
+    # Every valid row sees at least its own position, so l_i > 0 there; the others (past the
+    # chunk, never stored) may see nothing: divide them by 1, not 0.
+    out = acc / tl.where(mask_m, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
+                                   value_cache: torch.Tensor, block_tables: torch.Tensor,
+                                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                   scale: float, sliding_window: int | None = None,
+                                   out: torch.Tensor | None = None,
+                                   max_query_len: int | None = None,
+                                   tiles: Tiles | None = None) -> torch.Tensor:
+    """Prefill / chunked-prefill attention over a flat batch of query chunks.
+
+    query [num_tokens, num_heads, head_dim] holds each sequence's chunk back to back: sequence i
+    owns rows query_start_loc[i] .. query_start_loc[i + 1] - 1 (query_start_loc
+    [num_seqs + 1]; rows before query_start_loc[0], e.g. a batch's decodes, are not touched),
+    its q_len newest tokens, at positions
+    seq_lens[i] - q_len .. seq_lens[i] - 1. Their K/V must already be in the cache. Each row
+    attends causally to every position <= its own (and, with a window, > its own - window),
+    read through block_tables [num_seqs, max_blocks]. Query head h reads KV head
+    h // (num_heads // num_kv_heads). Returns the output, shaped and typed like query (written
+    into `out` when given). `max_query_len` (the longest chunk) sizes the grid; without it it is
+    read from query_start_loc, a device sync. `tiles` overrides `prefill_tiles`' choice.
+
+    One program per (sequence, query head, BLOCK_M query rows); online softmax over tiles of
+    BLOCK_N context positions in float32.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    num_seqs = seq_lens.shape[0]
+    assert query_start_loc.shape == (num_seqs + 1,)
+    out = _checked_output(query, key_cache, value_cache, block_tables, num_seqs,
+                          sliding_window, out)
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len == 0:
+        return out
+    tiles = tiles or _fitted(prefill_tiles(max_query_len, query.device),
+                             max(16, triton.next_power_of_2(head_dim)), query.dtype,
+                             query.device)
+    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, tiles.block_m))
+    _paged_attention_prefill_kernel[grid](
+        out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), block_tables.shape[1], head_dim,
+        QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
+        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
+        IEEE=query.dtype == torch.float32, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+    return out
+
+
+def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop-in for `attention.paged_attention`: the decode kernel on the first
+    meta.num_decodes rows (one token each), the prefill kernel on the chunks after them
+    (written into `out` when given)."""
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    nd = meta.num_decodes
+    if nd:
+        paged_attention_decode_triton(query[:nd], key_cache, value_cache,
+                                      meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                      sliding_window, out=out[:nd],
+                                      max_seq_len=max(meta.seq_lens_host[:nd]))
+    if nd < len(meta.query_lens):
+        # The prefill kernel reads its chunks' rows of the whole batch through
+        # query_start_loc, which counts from the batch's first row.
+        paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables[nd:],
+                                       meta.seq_lens[nd:], meta.query_start_loc[nd:], scale,
+                                       sliding_window, out=out,
+                                       max_query_len=max(meta.query_lens[nd:]))
+    return out

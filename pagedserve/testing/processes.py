@@ -1,0 +1,113 @@
+"""Services as processes on free loopback ports, for the tests and the benchmarks: a whole
+`pagedserve up` stack or one executor, each returned once it answers."""
+
+import contextlib
+import pathlib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+
+from pagedserve.runtime.serving import free_ports
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a new server could listen on it (servers set SO_REUSEADDR, so connections in
+    TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_consecutive_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (executor i listens on base + i)."""
+    for base in free_ports(20):
+        if all(port_is_free(base + i) for i in range(1, count)):
+            return base
+    raise AssertionError("no consecutive free ports")
+
+
+def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
+                   timeout: float = 120):
+    """`pagedserve executor` on a free port, once it answers Describe:
+    (process, address, description)."""
+    (port,) = free_ports(1)
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "executor", "--port", str(port), "--model",
+         str(model_dir), "--log-format", "json", *flags], stdout=log, stderr=log)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = executor_pb2_grpc.ExecutorStub(channel)
+        while True:
+            try:
+                return process, address, stub.Describe(executor_pb2.DescribeRequest(),
+                                                       timeout=2)
+            except grpc.RpcError:
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "executor did not start"
+                time.sleep(0.2)
+
+
+class RunningStack(str):
+    """The gateway's base URL, also knowing the scheduler's address."""
+
+    def __new__(cls, base: str, scheduler: str, grpc_address: str, log_path: pathlib.Path):
+        stack = super().__new__(cls, base)
+        stack.scheduler, stack.grpc, stack.log_path = scheduler, grpc_address, log_path
+        return stack
+
+    def stats(self) -> scheduler_pb2.SchedulerStats:
+        with grpc.insecure_channel(self.scheduler) as channel:
+            return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
+                scheduler_pb2.GetStatsRequest(), timeout=5)
+
+    def wait_until_all_blocks_free(self, timeout: float = 15) -> scheduler_pb2.SchedulerStats:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if all(e.free_blocks == e.total_blocks for e in stats.executors):
+                return stats
+            assert time.monotonic() < deadline, "an aborted request kept its blocks"
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None):
+    """`pagedserve up` on free ports, once ready; stopped on exit. With `ssl_context` (the
+    flags then carry certificates) readiness is checked over HTTPS."""
+    http, grpc_port, scheduler = free_ports(3)
+    executor = free_consecutive_ports(1)
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "up", *model_flags,
+         "--http-port", str(http), "--grpc-port", str(grpc_port), "--scheduler-port",
+         str(scheduler), "--executor-port", str(executor), "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.monotonic() + 180
+    while "pagedserve is up" not in process.stdout.readline():
+        assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
+    base = f"{'https' if ssl_context else 'http'}://127.0.0.1:{http}"
+    while True:  # ready once the executor registered
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=2, context=ssl_context):
+                break
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline, "stack not ready"
+            time.sleep(0.2)
+    try:
+        yield RunningStack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}", log_path)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,0 +1,69 @@
+"""Admission: a request that could never run is rejected before it is queued, with a message
+naming the field (docs/design.md §4); one arriving while the queue is full is refused at once, so
+overload shows up as a fast, retryable error instead of unbounded waiting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pagedserve.scheduler.sequence import Request
+from pagedserve.v1 import common_pb2, scheduler_pb2
+
+
+class AdmissionError(ValueError):
+    """The request can never fit; the message names the field and the numbers."""
+
+
+class QueueFull(Exception):
+    """Too many sequences wait already; the client should retry later (RESOURCE_EXHAUSTED)."""
+
+
+def check_queue_room(num_waiting: int, max_queue_len: int) -> None:
+    """Raises QueueFull when `max_queue_len` (0: no limit) sequences are waiting already.
+    Only new requests are refused: running and queued ones go on untouched."""
+    if max_queue_len and num_waiting >= max_queue_len:
+        raise QueueFull(f"the scheduler's queue is full ({num_waiting} sequences waiting, "
+                        f"--max-queue-len {max_queue_len}); retry later")
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """What one executor can hold (from its registration)."""
+
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    vocab_size: int
+
+
+def admit_request(request_id: str, prompt_token_ids: Sequence[int],
+                  sampling: common_pb2.SamplingParams, priority: int, limits: PoolLimits,
+                  emit: Callable[[scheduler_pb2.TokenDelta], None]) -> Request:
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise AdmissionError("prompt_token_ids: the prompt is empty")
+    bad = next((t for t in prompt_token_ids if t >= limits.vocab_size), None)
+    if bad is not None:
+        raise AdmissionError(f"prompt_token_ids: token id {bad} is outside the vocabulary "
+                             f"(size {limits.vocab_size})")
+    if num_prompt >= limits.max_model_len:
+        raise AdmissionError(f"prompt_token_ids: the prompt has {num_prompt} tokens, but the "
+                             f"model's context limit is {limits.max_model_len} (prompt + at "
+                             "least one output token)")
+    blocks = -(-(num_prompt + 1) // limits.block_size)
+    if blocks > limits.num_blocks:
+        raise AdmissionError(f"prompt_token_ids: the prompt needs {blocks} KV blocks, more "
+                             f"than the executor's whole pool ({limits.num_blocks})")
+    n = max(1, sampling.n)
+    if n > limits.max_num_seqs:
+        raise AdmissionError(f"sampling.n: {n} sequences exceed max_num_seqs "
+                             f"{limits.max_num_seqs}")
+    room = limits.max_model_len - num_prompt
+    max_output = min(sampling.max_tokens, room) if sampling.HasField("max_tokens") else room
+    if sampling.HasField("max_tokens") and sampling.max_tokens == 0:
+        raise AdmissionError("sampling.max_tokens: must be at least 1")
+    return Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                   sampling=sampling, max_output_tokens=max_output, priority=priority,
+                   emit=emit)

@@ -1,0 +1,99 @@
+"""Requests and the sequences they generate, as the scheduler tracks them.
+
+A request with n > 1 starts as one sequence (index 0) that prefills the prompt up to its last
+token; then n - 1 children fork from it, sharing its KV blocks, and every sequence computes the
+last prompt token itself, so each samples its own first token (docs/design.md §3, parallel
+sampling).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import common_pb2, scheduler_pb2
+
+_arrivals = itertools.count()
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"  # queued: new, or preempted and to be recomputed
+    RUNNING = "running"  # holds blocks on its executor
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    # Most output tokens per sequence (max_tokens, capped by the context limit).
+    max_output_tokens: int
+    priority: int
+    # Receives every TokenDelta of the request, in order.
+    emit: Callable[[scheduler_pb2.TokenDelta], None]
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    seqs: list[Sequence] = field(default_factory=list)
+    num_cached_prompt_tokens: int = 0
+    # Prompt logprobs gathered over prefill chunks; sent with the first token.
+    prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
+    first_delta_sent: bool = False
+    # Derived once (read on every step for every sequence).
+    n: int = field(init=False)
+    num_prompt_tokens: int = field(init=False)
+    # Whether sequence 0 stops its prefill one token short, to fork before sampling.
+    forks_first: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = max(1, self.sampling.n)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.forks_first = self.n > 1 and self.num_prompt_tokens > 1
+
+    @property
+    def finished(self) -> bool:
+        return all(s.state is SeqState.FINISHED for s in self.seqs) and \
+            len(self.seqs) == self.n
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int
+    # Prompt plus every token generated and accepted so far.
+    token_ids: list[int]
+    state: SeqState = SeqState.WAITING
+    # Tokens whose K/V are computed or scheduled to be (advanced when a step is planned).
+    num_computed: int = 0
+    # Samples planned but not yet returned (more than 0 only with overlapped steps).
+    num_in_flight: int = 0
+    # Whether the executor holds a mirror of it (to be dropped when it leaves).
+    on_executor: bool = False
+    forked: bool = False
+    seq_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        request = self.request
+        self.seq_id = request.request_id if request.n == 1 else \
+            f"{request.request_id}/{self.index}"
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens the executor will know at the next step: accepted plus in flight."""
+        return len(self.token_ids) + self.num_in_flight
+
+    def compute_target(self) -> int:
+        """Tokens this sequence should have computed before it can sample next."""
+        if self.index == 0 and self.request.forks_first and not self.forked:
+            return self.request.num_prompt_tokens - 1
+        return self.num_known_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        """Queue order: priority (lower first), then arrival, then sequence index."""
+        return (self.request.priority, self.request.arrival, self.index)

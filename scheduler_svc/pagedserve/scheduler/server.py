@@ -1,0 +1,179 @@
+"""Entry point of `pagedserve scheduler`: the Scheduler gRPC service over the cluster of
+registered executors (docs/design.md §2)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from pagedserve.runtime.log import configure_logging
+from pagedserve.runtime.serving import (
+    NO_TLS,
+    GrpcServer,
+    TlsConfig,
+    aio_channel,
+    run_service,
+    wait_for_stop_signal,
+)
+from pagedserve.scheduler.admission import AdmissionError, QueueFull, check_queue_room
+from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission, UnknownModel
+from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+EXPIRY_CHECK_S = 0.5
+
+log = structlog.get_logger(__name__)
+
+
+def num_waiting(cluster: Cluster) -> int:
+    """Sequences queued on every executor, plus requests waiting for an executor."""
+    return sum(len(p.scheduler.waiting) for p in cluster.pools.values()) + len(cluster.orphans)
+
+
+async def next_event(events: asyncio.Queue, deadline: float | None):
+    """The request's next event; None once its deadline (time.monotonic()) has passed."""
+    if deadline is None:
+        return await events.get()
+    try:
+        return await asyncio.wait_for(events.get(), deadline - time.monotonic())
+    except TimeoutError:
+        return None
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, cluster: Cluster, max_queue_len: int = 0, tls: TlsConfig = NO_TLS):
+        self.cluster = cluster
+        self.max_queue_len = max_queue_len
+        self.tls = tls
+
+    async def Submit(self, request: scheduler_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenDelta]:
+        request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.monotonic()
+        # The caller's gRPC deadline bounds the request's whole life, queueing included; the
+        # request is aborted here when it passes, not only abandoned by the caller.
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else started + remaining
+        events: asyncio.Queue = asyncio.Queue()
+        submission = Submission(request_id, list(request.prompt_token_ids), request.sampling,
+                                request.priority, events.put_nowait)
+        try:
+            check_queue_room(num_waiting(self.cluster), self.max_queue_len)
+            self.cluster.submit(request.model, submission,
+                                fail=lambda code, message: events.put_nowait((code, message)))
+        except QueueFull as exc:
+            log.warning("request refused: queue full", error=str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except AdmissionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownModel as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("request queued", prompt_tokens=len(request.prompt_token_ids))
+        unfinished = set(range(max(1, request.sampling.n)))
+        try:
+            while unfinished:
+                event = await next_event(events, deadline)
+                if event is None:
+                    log.info("deadline passed; request aborted")
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"the request's deadline passed after "
+                                        f"{time.monotonic() - started:.2f} s; it was aborted")
+                if isinstance(event, tuple):
+                    code, message = event
+                    await context.abort(getattr(grpc.StatusCode, code), message)
+                if event.finish_reason:
+                    unfinished.discard(event.seq_index)
+                yield event
+        finally:
+            # Completed, cancelled by the client, or failed: free what is left now.
+            self.cluster.finished(request_id)
+            log.info("request done", cancelled=bool(unfinished))
+
+    async def StopSequence(self, request: scheduler_pb2.StopSequenceRequest,
+                           context) -> scheduler_pb2.StopSequenceResponse:
+        structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        self.cluster.stop_sequence(request.request_id, request.seq_index)
+        log.info("sequence stopped by the gateway", seq_index=request.seq_index)
+        return scheduler_pb2.StopSequenceResponse()
+
+    async def GetStats(self, request, context) -> scheduler_pb2.SchedulerStats:
+        stats = scheduler_pb2.SchedulerStats()
+        for pool in self.cluster.pools.values():
+            scheduler, blocks = pool.scheduler, pool.scheduler.blocks
+            stats.num_running += len(scheduler.running)
+            stats.num_steps += scheduler.counters.steps
+            stats.num_preemptions += scheduler.counters.preemptions
+            stats.prefix_cache_queried_tokens += blocks.stats.queried_tokens
+            stats.prefix_cache_hit_tokens += blocks.stats.hit_tokens
+            stats.executors.add(
+                executor_id=pool.executor_id, address=pool.registration.address,
+                model_id=pool.model_id, total_blocks=blocks.num_blocks,
+                free_blocks=blocks.num_free_blocks,
+                cached_free_blocks=blocks.num_cached_free_blocks,
+                num_running=len(scheduler.running),
+                seconds_since_progress=pool.loop.seconds_since_progress())
+        stats.num_waiting = num_waiting(self.cluster)
+        return stats
+
+    async def GetModel(self, request, context) -> scheduler_pb2.GetModelResponse:
+        try:
+            model = self.cluster.resolve_model(request.model)
+        except UnknownModel as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        pool = next((p for p in self.cluster.pools.values() if p.model_id == model), None)
+        if pool is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor is registered")
+        async with aio_channel(pool.registration.address, self.tls) as channel:
+            description = await executor_pb2_grpc.ExecutorStub(channel).Describe(
+                executor_pb2.DescribeRequest(), timeout=10)
+        return scheduler_pb2.GetModelResponse(model=description.model,
+                                              tokenizer=description.tokenizer)
+
+    async def RegisterExecutor(self, request, context):
+        self.cluster.register(request)
+        return scheduler_pb2.RegisterExecutorResponse(
+            heartbeat_interval_s=self.cluster.config.heartbeat_interval_s)
+
+    async def Heartbeat(self, request, context):
+        return scheduler_pb2.HeartbeatResponse(
+            registered=self.cluster.heartbeat(request.executor_id))
+
+
+async def _expire_forever(cluster: Cluster) -> None:
+    while True:
+        await asyncio.sleep(EXPIRY_CHECK_S)
+        cluster.expire()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tls = TlsConfig.from_args(args)
+    cluster = Cluster(ClusterConfig(overlap=not args.no_overlap,
+                                    enable_prefix_caching=not args.no_prefix_caching,
+                                    heartbeat_interval_s=args.heartbeat_interval,
+                                    no_executor_timeout_s=args.no_executor_timeout),
+                      make_handle=functools.partial(GrpcExecutorHandle, tls=tls))
+    server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
+        SchedulerService(cluster, args.max_queue_len, tls), server.server)
+    await server.start([SERVICE_NAME])
+    expiry = asyncio.create_task(_expire_forever(cluster))
+    await wait_for_stop_signal()
+    expiry.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await expiry
+    await server.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging("scheduler", args.log_level, args.log_format)
+    return run_service("scheduler", lambda: serve(args))

@@ -1,0 +1,382 @@
+"""The step loop's decisions for one executor pool (docs/design.md §4): which tokens of which
+sequences run in each step, as StepPlan deltas, and what the results mean for each request.
+
+Each step has a token budget and a sequence limit. Running sequences go first (a decode is one
+token; a partial prefill continues in chunks), then waiting ones fill the rest of the budget
+(chunked prefill), in priority / arrival order. While several sequences prefill or wait, one
+prefill chunk takes at most a quarter of the budget, so a long prompt cannot hold back the
+short requests queued behind it (like vLLM's long_prefill_token_threshold). When blocks run
+out, the lowest-priority, latest-arrived running sequence is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed from prompt + generated
+tokens later. No new sequence is admitted in a step that had to preempt.
+
+Steps may overlap (plan N+1 sent before result N): a sequence's sampled-but-unseen tokens are
+counted in `num_in_flight`; when a result shows a sequence finished, whatever it sampled in a
+later step is discarded, never streamed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence as SequenceType
+from dataclasses import dataclass
+
+from pagedserve.scheduler.block_manager import BlockManager, NoFreeBlocks
+from pagedserve.scheduler.sequence import Request, SeqState, Sequence
+from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+    @property
+    def contended_prefill_chunk(self) -> int:
+        """Most tokens one prefill chunk may take while other sequences wait."""
+        return max(1, self.max_num_batched_tokens // 4)
+
+
+@dataclass
+class StepCounters:
+    steps: int = 0
+    preemptions: int = 0
+    scheduled_tokens: int = 0
+
+
+class StepScheduler:
+    def __init__(self, blocks: BlockManager, limits: StepLimits, eos_token_ids: SequenceType[int]):
+        self.blocks = blocks
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        # Blocks each waiting sequence needs to start, as counted when it was queued, and their
+        # sum: kept as the queue changes, since routing reads it for every new request.
+        self._claims: dict[str, int] = {}
+        self._claimed_blocks = 0
+        self.running: list[Sequence] = []  # in admission order
+        self.by_id: dict[str, Sequence] = {}
+        self.requests: dict[str, Request] = {}
+        self.counters = StepCounters()
+        self._to_drop: list[str] = []
+        self._step_id = 0
+
+    # -- requests in and out ------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a new request (its sequence 0, or all n when its prompt is one token)."""
+        self.requests[request.request_id] = request
+        first = 1 if request.forks_first else request.n
+        for index in range(first):
+            self._enqueue(self._new_sequence(request, index))
+
+    def requeue(self, seqs: SequenceType[Sequence]) -> None:
+        """Take over sequences from a lost executor: recompute them from scratch here."""
+        for seq in seqs:
+            self.requests[seq.request.request_id] = seq.request
+            seq.state, seq.num_computed, seq.num_in_flight, seq.on_executor = \
+                SeqState.WAITING, 0, 0, False
+            self.by_id[seq.seq_id] = seq
+            self._enqueue(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel: every sequence ends now and its blocks are freed (before the next plan)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.state is not SeqState.FINISHED:
+                self._finish(seq, common_pb2.FINISH_REASON_ABORT, emit=False)
+        self.requests.pop(request_id, None)  # its unforked children will never exist
+
+    def stop(self, request_id: str, seq_index: int) -> None:
+        """Sequence `seq_index` of the request ends now with STOP (a stop string the gateway
+        matched): its blocks are freed before the next plan, its final delta is emitted, and
+        the other sequences go on. Nothing happens for one that has finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.index == seq_index and seq.state is not SeqState.FINISHED:
+                self._finish(seq, common_pb2.FINISH_REASON_STOP, emit=True)
+                return
+
+    def take_all(self) -> list[Sequence]:
+        """Every unfinished sequence, leaving this pool empty (its executor was lost)."""
+        seqs = [s for s in self.by_id.values() if s.state is not SeqState.FINISHED]
+        self.waiting.clear()
+        self._claims.clear()
+        self._claimed_blocks = 0
+        self.running.clear()
+        self.by_id.clear()
+        self.requests.clear()
+        self._to_drop.clear()
+        return seqs
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._to_drop)
+
+    @property
+    def num_unclaimed_free_blocks(self) -> int:
+        """Free blocks less those the waiting sequences need to start (their known tokens): the
+        room a newly routed request finds. Requests that arrive together are queued before
+        any step allocates for them; counting only free blocks sent them all to one executor."""
+        return self.blocks.num_free_blocks - self._claimed_blocks
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(s.num_in_flight for s in self.running)
+
+    # -- planning ---------------------------------------------------------------------
+
+    def schedule(self) -> executor_pb2.StepPlan | None:
+        """The next step's plan, or None when there is nothing to send."""
+        plan = executor_pb2.StepPlan(dropped_request_ids=self._to_drop)
+        self._to_drop = []
+        budget = _Budget(self.limits.max_num_batched_tokens, self.limits.max_num_seqs)
+        preempted = self._schedule_running(plan, budget)
+        if not preempted:
+            self._schedule_waiting(plan, budget)
+        if not (plan.work or plan.new_requests or plan.dropped_request_ids
+                or plan.block_copies):
+            return None
+        for work in plan.work:
+            seq = self.by_id[work.request_id]
+            self.blocks.commit(seq.seq_id, seq.token_ids, min(seq.num_computed,
+                                                               len(seq.token_ids)))
+        self._step_id += 1
+        plan.step_id = self._step_id
+        self.counters.steps += 1
+        self.counters.scheduled_tokens += budget.used_tokens
+        return plan
+
+    def _schedule_running(self, plan: executor_pb2.StepPlan, budget: _Budget) -> bool:
+        """Continue running sequences, decodes first, then partial prefills; returns whether
+        any sequence had to be preempted."""
+        preempted = False
+        scheduled: set[int] = set()
+        decodes, prefills = [], []
+        for seq in self.running:
+            (decodes if seq.compute_target() - seq.num_computed == 1 else prefills).append(seq)
+        contended = len(prefills) + len(self.waiting) > 1
+        for seq in decodes + prefills:
+            if not budget.seqs_left:
+                break
+            if seq.state is not SeqState.RUNNING:
+                continue  # preempted earlier in this pass
+            if self._ready_to_fork(seq) and not self._fork(seq, plan, budget):
+                continue
+            num_tokens = min(seq.compute_target() - seq.num_computed,
+                             self._chunk_cap(budget, contended))
+            if num_tokens <= 0:
+                continue
+            new_blocks = None
+            while new_blocks is None:
+                try:
+                    new_blocks = self.blocks.allocate(seq.seq_id, seq.num_computed + num_tokens)
+                except NoFreeBlocks:
+                    victim = self._pick_victim(exclude=scheduled)
+                    self._preempt(victim, plan)
+                    preempted = True
+                    if victim is seq:
+                        break
+            if new_blocks is not None:
+                self._add_work(plan, seq, num_tokens, new_blocks, budget)
+                scheduled.add(id(seq))
+        return preempted
+
+    def _schedule_waiting(self, plan: executor_pb2.StepPlan, budget: _Budget) -> None:
+        while self.waiting and budget.seqs_left and budget.tokens_left:
+            seq = self.waiting[0]
+            if seq.num_in_flight:  # preempted while a sample was in flight: wait for it
+                break
+            # Prompt logprobs not yet sent need the whole prompt computed: a cached prefix has
+            # no logits to give (vLLM skips the cache for them too). Its blocks still fill it.
+            request = seq.request
+            recompute_prompt = (request.sampling.HasField("prompt_logprobs")
+                                and not request.first_delta_sent)
+            if recompute_prompt:
+                request.prompt_logprobs.clear()  # a preempted chunked prefill starts over
+            computed = self.blocks.admit(seq.seq_id, seq.token_ids,
+                                         use_cache=not recompute_prompt)
+            # 0 only for a parent whose hit covers all it computes before forking.
+            contended = len(self.waiting) > 1 or any(
+                s.compute_target() - s.num_computed > 1 for s in self.running)
+            num_tokens = min(seq.compute_target() - computed, self._chunk_cap(budget, contended))
+            try:
+                self.blocks.allocate(seq.seq_id, computed + num_tokens)
+            except NoFreeBlocks:
+                self.blocks.free(seq.seq_id)
+                break
+            self._unclaim(self.waiting.pop(0))
+            if seq.index == 0 and not seq.request.first_delta_sent:
+                seq.request.num_cached_prompt_tokens = computed
+            seq.state, seq.num_computed, seq.on_executor = SeqState.RUNNING, computed, True
+            self.running.append(seq)
+            plan.new_requests.add(
+                request_id=seq.seq_id, token_ids=seq.token_ids,
+                num_prompt_tokens=request.num_prompt_tokens, sampling=request.sampling,
+                seq_index=seq.index, block_ids=self.blocks.block_table(seq.seq_id),
+                num_computed_tokens=computed)
+            if num_tokens:
+                self._add_work(plan, seq, num_tokens, [], budget)
+
+    def _chunk_cap(self, budget: _Budget, contended: bool) -> int:
+        """Tokens a prefill chunk may take: a quarter of the budget when several sequences
+        prefill (or wait to), else all that is left."""
+        if contended:
+            return min(budget.tokens_left, self.limits.contended_prefill_chunk)
+        return budget.tokens_left
+
+    def _ready_to_fork(self, seq: Sequence) -> bool:
+        request = seq.request
+        return (seq.index == 0 and request.forks_first and not seq.forked
+                and seq.num_computed == request.num_prompt_tokens - 1
+                and seq.num_in_flight == 0)
+
+    def _fork(self, parent: Sequence, plan: executor_pb2.StepPlan, budget: _Budget) -> bool:
+        """Fork the n - 1 children of `parent`, sharing its computed prompt; False when this
+        step lacks the room (they fork in a later step)."""
+        request = parent.request
+        if budget.seqs_left < request.n or budget.tokens_left < request.n:
+            return False
+        computed = parent.num_computed
+        copies_before = len(plan.block_copies)
+        forked: list[Sequence] = []
+        try:
+            for index in range(1, request.n):
+                child = Sequence(request=request, index=index,
+                                 token_ids=list(request.prompt_token_ids))
+                copy = self.blocks.fork(parent.seq_id, child.seq_id, computed)
+                forked.append(child)
+                if copy is not None:
+                    plan.block_copies.add(src_block_id=copy.src, dst_block_id=copy.dst)
+        except NoFreeBlocks:
+            for child in forked:
+                self.blocks.free(child.seq_id)
+            del plan.block_copies[copies_before:]
+            return False
+        parent.forked = True
+        position = self.running.index(parent) + 1
+        for child in forked:
+            request.seqs.append(child)
+            self.by_id[child.seq_id] = child
+            child.state, child.num_computed, child.on_executor = SeqState.RUNNING, computed, True
+            plan.new_requests.add(request_id=child.seq_id, fork_of=parent.seq_id,
+                                  seq_index=child.index,
+                                  block_ids=self.blocks.block_table(child.seq_id),
+                                  num_computed_tokens=computed)
+        self.running[position:position] = forked
+        return True
+
+    def _add_work(self, plan, seq: Sequence, num_tokens: int, new_blocks: list[int],
+                  budget: _Budget) -> None:
+        plan.work.add(request_id=seq.seq_id, num_tokens=num_tokens, new_block_ids=new_blocks)
+        seq.num_computed += num_tokens
+        if seq.num_computed == seq.num_known_tokens:
+            seq.num_in_flight += 1  # this step computes its last known token: it samples
+        budget.take(num_tokens)
+
+    def _pick_victim(self, exclude: set[int]) -> Sequence:
+        """The lowest-priority, latest-arrived running sequence not yet planned this step
+        (planned ones cannot leave: the plan computes them). The sequence asking for blocks
+        is never planned yet, so there is always a candidate."""
+        return max((s for s in self.running if id(s) not in exclude), key=lambda s: s.sort_key)
+
+    def _preempt(self, seq: Sequence, plan: executor_pb2.StepPlan) -> None:
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        if seq.on_executor:  # dropped by this very plan, before its work runs
+            plan.dropped_request_ids.append(seq.seq_id)
+        seq.state, seq.num_computed, seq.on_executor = SeqState.WAITING, 0, False
+        self._enqueue(seq)
+        self.counters.preemptions += 1
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        seq = Sequence(request=request, index=index, token_ids=list(request.prompt_token_ids))
+        request.seqs.append(seq)
+        self.by_id[seq.seq_id] = seq
+        return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+        claim = self._claims[seq.seq_id] = -(-len(seq.token_ids) // self.blocks.block_size)
+        self._claimed_blocks += claim
+
+    def _unclaim(self, seq: Sequence) -> None:
+        self._claimed_blocks -= self._claims.pop(seq.seq_id)
+
+    # -- results ----------------------------------------------------------------------
+
+    def process(self, result: executor_pb2.StepResult) -> None:
+        """Apply one step's outputs: accept tokens, stream them, finish what stopped."""
+        for output in result.outputs:
+            seq = self.by_id.get(output.request_id)
+            if seq is None or seq.state is SeqState.FINISHED:
+                continue  # finished or aborted while this step ran: discard
+            request = seq.request
+            if output.prompt_logprobs:
+                request.prompt_logprobs.extend(output.prompt_logprobs)
+            if not output.token_ids:
+                continue
+            seq.num_in_flight -= 1
+            self._accept(seq, output)
+
+    def _accept(self, seq: Sequence, output: executor_pb2.RequestOutput) -> None:
+        request, params = seq.request, seq.request.sampling
+        delta = scheduler_pb2.TokenDelta(seq_index=seq.index)
+        for i, token in enumerate(output.token_ids):
+            min_tokens_done = seq.num_output_tokens >= params.min_tokens
+            if min_tokens_done and ((token in self.eos_token_ids and not params.ignore_eos)
+                                    or token in params.stop_token_ids):
+                delta.finish_reason = common_pb2.FINISH_REASON_STOP
+                delta.stop_token_id = token
+                break
+            seq.token_ids.append(token)
+            delta.token_ids.append(token)
+            if i < len(output.logprobs):
+                delta.logprobs.append(output.logprobs[i])
+            if (seq.num_output_tokens >= request.max_output_tokens
+                    or len(seq.token_ids) >= self.limits.max_model_len):
+                delta.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                break
+        if delta.finish_reason:
+            self._finish(seq, delta.finish_reason, emit=False)
+        self._emit(request, delta)
+
+    def _finish(self, seq: Sequence, reason: int, emit: bool) -> None:
+        if seq.state is SeqState.RUNNING:
+            self.blocks.free(seq.seq_id)
+            self.running.remove(seq)
+        elif seq.state is SeqState.WAITING:
+            self.waiting.remove(seq)
+            self._unclaim(seq)
+        if seq.on_executor:
+            self._to_drop.append(seq.seq_id)
+        seq.state, seq.on_executor = SeqState.FINISHED, False
+        del self.by_id[seq.seq_id]
+        if emit:
+            self._emit(seq.request, scheduler_pb2.TokenDelta(seq_index=seq.index,
+                                                             finish_reason=reason))
+        if seq.request.finished:
+            del self.requests[seq.request.request_id]
+
+    def _emit(self, request: Request, delta: scheduler_pb2.TokenDelta) -> None:
+        if not request.first_delta_sent:
+            request.first_delta_sent = True
+            delta.num_prompt_tokens = request.num_prompt_tokens
+            delta.num_cached_prompt_tokens = request.num_cached_prompt_tokens
+            delta.prompt_logprobs.extend(request.prompt_logprobs)
+        request.emit(delta)
+
+
+class _Budget:
+    def __init__(self, tokens: int, seqs: int):
+        self.tokens_left, self.seqs_left, self.used_tokens = tokens, seqs, 0
+
+    def take(self, tokens: int) -> None:
+        self.tokens_left -= tokens
+        self.seqs_left -= 1
+        self.used_tokens += tokens
