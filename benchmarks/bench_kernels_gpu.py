@@ -1,6 +1,9 @@
 """The Triton kernels on a GPU (issue 6): each checked against its PyTorch reference, then timed.
 
     python benchmarks/bench_kernels_gpu.py [--json results.json]
+    # on a machine where nothing can be installed, from the source tree (pagedserve/__init__.py):
+    PYTHONPATH=.:proto:gateway:scheduler_svc:executor_svc:kernels \
+        python3 benchmarks/bench_kernels_gpu.py
     python benchmarks/bench_kernels_gpu.py --smoke   # tiny shapes, CPU, Triton's interpreter
 
 1. Correctness: every kernel against the PyTorch path (kernels/), on the GPU, in float32,

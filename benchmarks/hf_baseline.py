@@ -1,10 +1,10 @@
 """Baseline: the `pagedserve bench` workload through transformers `generate`, static batching.
 
-What a user would run without a serving engine, measured the way `../shared/peers/bench_hf.py`
-measured it, so the figures compare with `../shared/peers/RESULTS.md`:
+What a user would run without a serving engine, measured the way `benchmarks/peers/bench_hf.py`
+measured it, so the figures compare with `benchmarks/peers/RESULTS.md`:
 
 - the workload (the same `--dataset` flags as `pagedserve bench`, e.g. `--dataset jsonl
-  --dataset-path ../shared/peers/workload.jsonl`) is cut into consecutive batches in its order
+  --dataset-path benchmarks/workloads/reference.jsonl`) is cut into consecutive batches in its order
   (no sorting: a serving engine does not get to sort its traffic either);
 - each batch is left-padded to its longest prompt and decoded greedily for its largest output
   length, with EOS disabled (`min_new_tokens` = `max_new_tokens`, no `eos_token_id`), so every
@@ -18,7 +18,7 @@ Run from the repository root (default model: the embedded SmolLM2-135M-Instruct 
 converts it, i.e. the Hugging Face directory every engine loads):
 
     .venv/bin/python benchmarks/hf_baseline.py --dataset jsonl \
-        --dataset-path ../shared/peers/workload.jsonl --dtype bfloat16
+        --dataset-path benchmarks/workloads/reference.jsonl --dtype bfloat16
     .venv/bin/python benchmarks/hf_baseline.py --num-prompts 16 --input-len 64 --output-len 32
 """
 

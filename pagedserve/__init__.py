@@ -24,6 +24,13 @@ loaded on first use, so the services, which import `pagedserve.*` modules, never
 """
 
 import importlib
+import pkgutil
+
+# Run from a source tree without installing it (a lent GPU machine installs nothing), each
+# part's folder on PYTHONPATH adds its pagedserve/<name> to this package, as in a
+# pkgutil-style namespace: PYTHONPATH=.:proto:gateway:scheduler_svc:executor_svc:kernels.
+# Installed, the wheel's one folder or the editable finder provides them and this adds nothing.
+__path__ = pkgutil.extend_path(__path__, __name__)
 
 _LAZY_EXPORTS = {
     "LLM": "pagedserve.entrypoints.offline",

@@ -2,7 +2,8 @@
 transformers >= 5.25 imports): built from this tree, installed into a fresh virtual environment
 next to `kernels`, both import, neither shares a file with the other, and uninstalling one
 leaves the other working. Also: the wheel carries every source file pyproject maps (a package
-missing from its list would install an engine without it)."""
+missing from its list would install an engine without it), and a source tree runs without
+being installed."""
 
 import importlib.metadata
 import json
@@ -19,7 +20,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
     "package-dir"]
 
-pytestmark = pytest.mark.slow
+SOURCE_PATH = [".", "proto", "gateway", "scheduler_svc", "executor_svc", "kernels"]
+
+
+def test_a_source_tree_runs_without_installing(tmp_path):
+    """As benchmarks run on a machine that installs nothing: the folders on PYTHONPATH, no
+    site-packages processing (so no editable finder), the dependencies found after them."""
+    path = [str(ROOT / folder) for folder in SOURCE_PATH] + site.getsitepackages()
+    code = ("import pagedserve.v1.common_pb2, pagedserve.kernels.attention, "
+            "pagedserve.executor.runner, pagedserve.gateway.http_api, pagedserve.scheduler.server, "
+            "pagedserve.entrypoints.offline\n"
+            "print(pagedserve.kernels.attention.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": ":".join(path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ROOT / "kernels/pagedserve/kernels/attention.py")
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +48,14 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_wheel_has_one_top_level_name(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"pagedserve"}
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_every_mapped_source_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = set()
@@ -59,6 +76,7 @@ def run_in(venv: pathlib.Path, code: str, cwd: pathlib.Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_installed_beside_pypi_kernels(wheel, tmp_path):
     kernels_version = importlib.metadata.version("kernels")
     venv = tmp_path / "venv"

@@ -1,7 +1,7 @@
 """Benchmark requests: random token ids, or a JSONL workload file.
 
-The JSONL format is the one of `../shared/peers/workload.jsonl` (one object per line): a prompt
-as `prompt_token_ids` (a list of ids) and/or `prompt` (text), and an output length as
+The JSONL format is the one of `benchmarks/workloads/reference.jsonl` (one object per line): a
+prompt as `prompt_token_ids` (a list of ids) and/or `prompt` (text), and an output length as
 `max_tokens` or `output_len`. Other fields (`id`, `prompt_len`) are ignored. Token ids are sent
 as they are when a backend accepts them, so every engine sees exactly the same prompt.
 """

@@ -13,7 +13,7 @@ import urllib.request
 
 import grpc
 
-from pagedserve.runtime.serving import free_ports
+from pagedserve.runtime.serving import free_ports, sync_channel
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -48,7 +48,7 @@ def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
          str(model_dir), "--log-format", "json", *flags], stdout=log, stderr=log)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address) as channel:
         stub = executor_pb2_grpc.ExecutorStub(channel)
         while True:
             try:
@@ -69,7 +69,7 @@ class RunningStack(str):
         return stack
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
-        with grpc.insecure_channel(self.scheduler) as channel:
+        with sync_channel(self.scheduler) as channel:
             return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
                 scheduler_pb2.GetStatsRequest(), timeout=5)
 
