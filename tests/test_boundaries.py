@@ -141,7 +141,8 @@ def test_the_repository_root_provides_only_pagedserve():
     assert importable_names(ROOT) == {"pagedserve"}
 
 
-@pytest.mark.parametrize("folder", ["benchmarks", "proto", "tests"])
+@pytest.mark.parametrize("folder", ["benchmarks", "benchmarks/peers", "benchmarks/workloads",
+                                    "proto", "tests"])
 def test_script_folders_shadow_no_installed_distribution(folder):
     """`python benchmarks/x.py` puts benchmarks/ first on sys.path (likewise proto/generate.py,
     and pytest's conftest folder): none of their names may be another distribution's."""

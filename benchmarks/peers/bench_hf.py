@@ -18,40 +18,26 @@ benchmarks/hf_baseline.py measures the same way from the project's own venv.
 import argparse
 import json
 import os
-import pathlib
 import platform
 import sys
-import tempfile
 import time
 
 import torch
 import transformers
+from peer_run import add_common_args, append_result, load_workload
 from transformers import AutoModelForCausalLM, GenerationConfig
-
-DEFAULT_MODEL_DIR = os.path.join(tempfile.gettempdir(), "models", "smollm2-135m")
-DEFAULT_WORKLOAD = pathlib.Path(__file__).resolve().parents[1] / "workloads" / "reference.jsonl"
-
-
-def load_workload(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR))
-    ap.add_argument("--workload", default=os.environ.get("WORKLOAD", str(DEFAULT_WORKLOAD)))
+    add_common_args(ap)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--limit", type=int, default=0, help="only the first N requests (smoke test)")
-    ap.add_argument("--out", default="", help="append the result as one JSON line to this file")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    reqs = load_workload(args.workload)
-    if args.limit:
-        reqs = reqs[: args.limit]
+    reqs = load_workload(args.workload, args.limit)
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -121,9 +107,7 @@ def main() -> None:
         "per_batch": per_batch,
     }
     print(json.dumps({k: v for k, v in res.items() if k != "per_batch"}, indent=1))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_result(args.out, res)
 
 
 if __name__ == "__main__":

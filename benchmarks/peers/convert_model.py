@@ -16,13 +16,12 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
+from peer_run import DEFAULT_MODEL_DIR
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-DEFAULT_MODEL_DIR = os.path.join(tempfile.gettempdir(), "models", "smollm2-135m")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
