@@ -116,7 +116,7 @@ lock:
 		--constraint $(LOCK_DIR)/torch-cpu.txt --output-file $(LOCK_DIR)/lock.txt pyproject.toml
 	@if grep -i -E '^(nvidia-|torch==|pagedserve==)' $(LOCK_DIR)/lock.txt; then \
 		echo "make lock: the lock holds the lines above: it needs a CPU $(TORCH_CPU)," \
-			"see README \"Installing torch\"" >&2; exit 1; \
+			"see README \"Installing\"" >&2; exit 1; \
 	fi
 	{ echo "# The versions \`make install\` installs into .venv, each with the sha256 of every"; \
 	  echo "# file of that version (pip install --require-hashes): pagedserve's dependencies"; \
