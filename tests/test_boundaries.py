@@ -163,3 +163,73 @@ def test_card_folders_hold_only_their_part_of_the_namespace():
                                                                 name.split(".")[1]), name
         assert not (ROOT / card_folder / "__init__.py").exists()
         assert not (ROOT / card_folder / "pagedserve" / "__init__.py").exists()
+
+
+def module_files() -> dict[str, pathlib.Path]:
+    """Every pagedserve module, by dotted name, from pyproject's package-dir table."""
+    modules = {}
+    for home, folder in PACKAGE_DIRS.items():
+        nested = [f for h, f in PACKAGE_DIRS.items() if h != home and f.is_relative_to(folder)]
+        for path in folder.rglob("*.py"):
+            if any(path.is_relative_to(n) for n in nested):
+                continue
+            parts = path.relative_to(folder).with_suffix("").parts
+            modules[".".join((home, *parts)).removesuffix(".__init__")] = path
+    return modules
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for target in edges:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph[target]))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        cycles.append(sorted(component))
+    return cycles
+
+
+def test_no_import_cycles():
+    """Every import statement counts, those inside functions and under TYPE_CHECKING too: a
+    cycle broken only by importing late is still two modules that cannot be read apart."""
+    modules = module_files()
+    graph = {name: {m for m in imported_modules(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"} - {"e"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []

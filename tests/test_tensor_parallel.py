@@ -336,7 +336,7 @@ from pagedserve.v1.common_pb2 import SamplingParams
 
 llm = LLM(sys.argv[1], tensor_parallel_size=2, dtype="float32", kv_cache_gib=0.01,
           max_model_len=128)
-print("follower pid", llm._runner.followers.processes[0].pid, flush=True)
+print("follower pid", llm._runner.group.followers.processes[0].pid, flush=True)
 
 def broken(*args):
     raise RuntimeError("injected failure on rank 0")

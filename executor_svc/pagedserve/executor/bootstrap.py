@@ -27,9 +27,9 @@ from pagedserve.executor.models import (
 )
 from pagedserve.executor.models.layers import bind_kernels
 from pagedserve.executor.models.weights import WeightLoadError
-from pagedserve.executor.parallel import TensorParallel, TensorParallelError
+from pagedserve.executor.parallel import TensorParallelError
 from pagedserve.executor.runner import ModelRunner, RunnerLimits
-from pagedserve.executor.tp_group import Followers, join_group, start_group
+from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
 from pagedserve.runtime.serving import StartupError
 
@@ -78,7 +78,7 @@ def build_runner(args: argparse.Namespace, model_dir: ModelDirectory, rank: int 
                  init_method: str | None = None) -> ModelRunner:
     """Load the weights, pick the kernels, size and allocate the KV cache. With
     --tensor-parallel-size N, rank 0 (the default) starts ranks 1 .. N-1, which call this with
-    their rank and the group's `init_method` (executor_svc/pagedserve/executor/tp_group.py)."""
+    their rank and the group's `init_method` (tp_follower.py)."""
     size = args.tensor_parallel_size
     if size < 1:
         raise StartupError(f"--tensor-parallel-size must be at least 1, got {size}")
@@ -96,21 +96,20 @@ def build_runner(args: argparse.Namespace, model_dir: ModelDirectory, rank: int 
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
     if rank == 0:
         # The followers load the model this rank resolved (a GGUF is converted only once).
-        tp, followers = start_group(argparse.Namespace(**{**vars(args),
-                                                         "model": str(model_dir.path)}), device)
+        group = start_group(argparse.Namespace(**{**vars(args), "model": str(model_dir.path)}),
+                            device)
     else:
-        tp, followers = join_group(rank, size, init_method, device), None
+        group = TensorParallelGroup(join_group(rank, size, init_method, device))
     try:
-        return _build_rank(args, model_dir, device, dtype, kernels, tp, followers)
+        return _build_rank(args, model_dir, device, dtype, kernels, group)
     except BaseException:
-        if followers is not None:
-            followers.close()
+        group.close()
         raise
 
 
 def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: torch.device,
-                dtype: torch.dtype, kernels: Kernels, tp: TensorParallel,
-                followers: Followers | None) -> ModelRunner:
+                dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup) -> ModelRunner:
+    tp = group.tp
     try:
         model = load_model(model_dir.path, dtype, tp).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
@@ -144,4 +143,4 @@ def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: tor
              dtype=str(dtype).removeprefix("torch."), kernels=kernels.name, kv_blocks=num_blocks,
              block_size=args.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
-    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, tp, followers)
+    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group)

@@ -2,9 +2,9 @@
 forward pass over the flat batch, samples, and returns per-request results (docs/design.md §2, §5).
 
 Under tensor parallelism every rank runs a ModelRunner over its slice of the model: rank 0
-relays each plan to the others (`followers`) before running it, every rank applies it and runs
-the same forward pass, and rank 0 samples and broadcasts the sampled tokens so that every
-mirror appends the same ones (executor_svc/pagedserve/executor/tp_group.py). Only rank 0's results
+relays each plan to the others through its `TensorParallelGroup` before running it, every rank
+applies it and runs the same forward pass, and rank 0 samples and broadcasts the sampled tokens
+so that every mirror appends the same ones (tp_group.py owns the group). Only rank 0's results
 are sent.
 
 A plan is validated completely before anything changes: a malformed plan (unknown request,
@@ -17,14 +17,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 import torch
 from torch import nn
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
-from pagedserve.executor.parallel import SINGLE, TensorParallel
 from pagedserve.executor.sampler import (
     Sampler,
     SamplerOutput,
@@ -32,10 +30,8 @@ from pagedserve.executor.sampler import (
     make_generator,
     prompt_logprobs,
 )
+from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
 from pagedserve.v1 import common_pb2, executor_pb2
-
-if TYPE_CHECKING:
-    from pagedserve.executor.tp_group import Followers
 
 log = structlog.get_logger(__name__)
 
@@ -68,45 +64,37 @@ class RequestMirror:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
-                 device: torch.device, tp: TensorParallel = SINGLE,
-                 followers: Followers | None = None):
+                 device: torch.device, group: TensorParallelGroup = NO_GROUP):
         self.model = model
         self.limits = limits
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = device
-        self.tp = tp
-        self.followers = followers
+        self.group = group
+        self.tp = group.tp
         self.sampler = Sampler()
         self.requests: dict[str, RequestMirror] = {}
 
     def reset(self) -> None:
         """Forget every request (a new scheduler stream starts from nothing)."""
-        if self.followers is not None:
-            self.followers.send_reset()
+        self.group.relay_reset()
         self.requests.clear()
 
     def close(self) -> None:
         """Stops the tensor-parallel followers and leaves the group (nothing for one rank)."""
-        if self.followers is not None:
-            self.followers.close()
-        if self.tp.size > 1:
-            torch.distributed.destroy_process_group()
+        self.group.close()
 
     # -- plan application ---------------------------------------------------------------
 
     def step(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         """`execute`, with a malformed plan answered as a StepResult carrying the error."""
-        if self.followers is not None:
-            self.followers.send_plan(plan)
+        self.group.relay_plan(plan)
         try:
             return self.execute(plan)
         except PlanError as exc:
             log.warning("malformed step plan", step_id=plan.step_id, error=str(exc))
             return executor_pb2.StepResult(step_id=plan.step_id, error=str(exc))
         except Exception:
-            if self.followers is not None:
-                log.exception("a step failed on rank 0", step_id=plan.step_id)
-                self.followers.abandon()
+            self.group.fail(plan.step_id)
             raise
 
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:

@@ -3,8 +3,8 @@ follow rank 0.
 
 Rank 0 is the executor the scheduler sees (one registration, one Run stream, one address). With
 `--tensor-parallel-size N` it starts ranks 1 .. N-1 itself, as child processes of the same
-host (`python -m pagedserve.executor.tp_group --rank R ...`, with rank 0's engine flags), so a group
-is one unit to deploy and to lose: one pod with N GPUs on Kubernetes. Ranks need a fast
+host (`python -m pagedserve.executor.tp_follower --rank R ...`, with rank 0's engine flags), so a
+group is one unit to deploy and to lose: one pod with N GPUs on Kubernetes. Ranks need a fast
 interconnect for two all-reduces per layer; a group spanning hosts is not supported.
 
 - Joining: the ranks meet through torch.distributed's file store in a private temporary
@@ -22,6 +22,11 @@ interconnect for two all-reduces per layer; a group spanning hosts is not suppor
   followers may be left waiting in a collective), takes rank 0 down at once (exit status 1,
   logged): the group cannot compute any more, and an executor that exits is what the scheduler
   (and Kubernetes) know how to replace: its requests are recomputed elsewhere.
+
+`TensorParallelGroup` owns all of this for one process, from `start_group` (rank 0) or
+`join_group` (a follower) to `close`; the model runner only calls it (relay a plan, relay a
+reset, fail, close) and reads its `tp` for the collectives. A follower's entry point and its
+loop are tp_follower.py.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import BinaryIO, NoReturn
 
@@ -43,8 +49,8 @@ import torch.distributed as dist
 
 from pagedserve.executor.config import add_engine_arguments, add_model_arguments
 from pagedserve.executor.parallel import SINGLE, TensorParallel
-from pagedserve.runtime.flags import add_common_flags, passed_on
-from pagedserve.runtime.serving import StartupError, die_with_parent
+from pagedserve.runtime.flags import passed_on
+from pagedserve.runtime.serving import die_with_parent
 from pagedserve.v1 import executor_pb2
 
 # A message to a follower: kind (one byte), payload length, payload.
@@ -123,6 +129,56 @@ class Followers:
             self.abandon()
 
 
+class TensorParallelGroup:
+    """This process's membership of its tensor-parallel group, and the one owner of the group's
+    lifecycle: rank 0 holds the followers it started, every rank of a group holds the process
+    group. A single rank (`NO_GROUP`) has neither and every call is a no-op."""
+
+    def __init__(self, tp: TensorParallel, followers: Followers | None = None):
+        self.tp = tp
+        self.followers = followers
+
+    def relay_plan(self, plan: executor_pb2.StepPlan) -> None:
+        """Rank 0: hands the plan to every follower before running it itself."""
+        if self.followers is not None:
+            self.followers.send_plan(plan)
+
+    def relay_reset(self) -> None:
+        if self.followers is not None:
+            self.followers.send_reset()
+
+    def fail(self, step_id: int) -> None:
+        """Rank 0's step failed: with followers the group cannot go on (see Followers.abandon,
+        which does not return); alone, the failure is the step's and the caller raises it."""
+        if self.followers is not None:
+            log.exception("a step failed on rank 0", step_id=step_id)
+            self.followers.abandon()
+
+    def close(self) -> None:
+        """Stops the followers (rank 0) and leaves the process group (every rank of a group)."""
+        if self.followers is not None:
+            self.followers.close()
+        if self.tp.size > 1:
+            dist.destroy_process_group()
+
+
+NO_GROUP = TensorParallelGroup(SINGLE)
+
+
+def read_messages(stream: BinaryIO) -> Iterator[executor_pb2.StepPlan | None]:
+    """A follower's side of the pipe Followers writes: each plan, or None for a reset, until
+    the pipe closes."""
+    while header := stream.read(_HEADER.size):
+        if len(header) < _HEADER.size:
+            return
+        kind, length = _HEADER.unpack(header)
+        payload = stream.read(length)
+        if kind == _RESET:
+            yield None
+        elif kind == _PLAN:
+            yield executor_pb2.StepPlan.FromString(payload)
+
+
 def rendezvous_method(rendezvous_dir: str) -> str:
     return f"file://{rendezvous_dir}/store"
 
@@ -130,13 +186,14 @@ def rendezvous_method(rendezvous_dir: str) -> str:
 def follower_argv(args: argparse.Namespace, rank: int, init_method: str) -> list[str]:
     log_flags = ["--log-level", getattr(args, "log_level", "info"),
                  "--log-format", getattr(args, "log_format", "auto")]
-    return [sys.executable, "-m", "pagedserve.executor.tp_group", "--rank", str(rank),
+    return [sys.executable, "-m", "pagedserve.executor.tp_follower", "--rank", str(rank),
             "--init-method", init_method, *log_flags,
             *passed_on(args, add_model_arguments, add_engine_arguments)]
 
 
 def join_group(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
-    """Joins the group's process group (blocks until every rank has)."""
+    """Joins the group's process group (blocks until every rank has): a follower's `tp`, and
+    rank 0's once it has started the followers (start_group)."""
     # The ranks share one host: their sockets stay on loopback unless the operator says
     # otherwise (gloo would otherwise listen on the address the host name resolves to).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -152,61 +209,17 @@ def join_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     return TensorParallel(rank=rank, size=size, group=dist.group.WORLD)
 
 
-def start_group(args: argparse.Namespace,
-                device: torch.device) -> tuple[TensorParallel, Followers | None]:
+def start_group(args: argparse.Namespace, device: torch.device) -> TensorParallelGroup:
     """Rank 0: starts the followers (with `args`, whose --model names the resolved model
     directory) and joins the group with them. One rank: no group at all."""
     size = args.tensor_parallel_size
     if size == 1:
-        return SINGLE, None
+        return NO_GROUP
     rendezvous_dir = tempfile.mkdtemp(prefix="pagedserve-tp-")  # mode 0700
     followers = Followers.start(args, rendezvous_dir)
     try:
-        return join_group(0, size, rendezvous_method(rendezvous_dir), device), followers
+        tp = join_group(0, size, rendezvous_method(rendezvous_dir), device)
     except Exception:
         followers.close()
         raise
-
-
-def follow(runner, stream: BinaryIO) -> None:
-    """A follower's life after loading: run each plan rank 0 sends, until its stdin closes."""
-    while header := stream.read(_HEADER.size):
-        if len(header) < _HEADER.size:
-            break
-        kind, length = _HEADER.unpack(header)
-        payload = stream.read(length)
-        if kind == _RESET:
-            runner.reset()
-        elif kind == _PLAN:
-            runner.step(executor_pb2.StepPlan.FromString(payload))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pagedserve.executor.bootstrap import build_runner
-    from pagedserve.executor.model_files import default_cache_dir, resolve_model
-    from pagedserve.runtime.log import configure_logging
-
-    parser = argparse.ArgumentParser(prog="pagedserve.executor.tp_group",
-                                     description="a follower rank of a tensor-parallel executor "
-                                                 "(started by rank 0, not by hand)")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--init-method", required=True)
-    add_model_arguments(parser)
-    add_engine_arguments(parser)
-    add_common_flags(parser)
-    args = parser.parse_args(argv)
-    configure_logging(f"executor-rank-{args.rank}", args.log_level, args.log_format)
-    try:
-        model_dir = resolve_model(args.model, args.model_cache_dir or default_cache_dir(),
-                                  args.served_model_name)
-        runner = build_runner(args, model_dir, rank=args.rank, init_method=args.init_method)
-    except StartupError as exc:
-        log.error("cannot start", rank=args.rank, error=str(exc))
-        return 1
-    follow(runner, sys.stdin.buffer)
-    runner.close()  # a follower holds no followers: this leaves the process group
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return TensorParallelGroup(tp, followers)
