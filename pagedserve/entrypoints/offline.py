@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pagedserve.executor.bootstrap import build_runner
+from pagedserve.executor.bootstrap import build_runner, describe
 from pagedserve.executor.config import add_engine_arguments, add_model_arguments
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.runner import ModelRunner
@@ -38,11 +38,10 @@ from pagedserve.runtime.beam_search import (
 )
 from pagedserve.runtime.chat import chat_prompt_ids
 from pagedserve.runtime.flags import long_options
-from pagedserve.scheduler.admission import PoolLimits, admit_request
-from pagedserve.scheduler.block_manager import BlockManager
+from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
+from pagedserve.scheduler.executor_pool import schedule_executor
 from pagedserve.scheduler.pool_loop import PoolLoop
-from pagedserve.scheduler.step_scheduler import StepLimits, StepScheduler
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -137,17 +136,8 @@ class LLM:
             self._step_thread.shutdown()
             raise
         self.executed = ExecutedCounters()
-        self._attach(model_dir.path, executor_pb2.DescribeResponse(
-            model=common_pb2.ModelInfo(max_model_len=runner.limits.max_model_len,
-                                       vocab_size=runner.model.config.vocab_size,
-                                       eos_token_ids=model_dir.eos_token_ids()),
-            kv_cache=common_pb2.KvCacheInfo(num_blocks=runner.limits.num_blocks,
-                                            block_size=runner.limits.block_size),
-            limits=common_pb2.ExecutorLimits(
-                max_num_seqs=runner.limits.max_num_seqs,
-                max_num_batched_tokens=runner.limits.max_num_batched_tokens,
-                max_logprobs=runner.limits.max_logprobs)),
-            self._in_process_handle, enable_prefix_caching, overlap)
+        self._attach(model_dir.path, describe("offline", model_dir, runner),
+                     self._in_process_handle, enable_prefix_caching, overlap)
 
     def _in_process_handle(self) -> InProcessExecutorHandle:
         if self._runner is None:
@@ -159,18 +149,10 @@ class LLM:
                 overlap: bool) -> None:
         """Set up the scheduler side for an executor described by `executor`, reached through
         the handles `make_handle` opens (in-process here; tests also plug in gRPC)."""
-        kv, limits, model = executor.kv_cache, executor.limits, executor.model
-        self.blocks = BlockManager(kv.num_blocks, kv.block_size, enable_prefix_caching)
-        self.scheduler = StepScheduler(
-            self.blocks, StepLimits(limits.max_num_seqs, limits.max_num_batched_tokens,
-                                    model.max_model_len),
-            model.eos_token_ids)
-        self.pool_limits = PoolLimits(
-            max_model_len=model.max_model_len, num_blocks=kv.num_blocks,
-            block_size=kv.block_size, max_num_seqs=limits.max_num_seqs,
-            vocab_size=model.vocab_size)
-        self.eos_token_ids = list(model.eos_token_ids)
-        self.max_logprobs = limits.max_logprobs
+        self.scheduler, self.pool_limits = schedule_executor(executor, enable_prefix_caching)
+        self.blocks = self.scheduler.blocks
+        self.eos_token_ids = list(executor.model.eos_token_ids)
+        self.max_logprobs = executor.limits.max_logprobs
         self.tokenizer_dir = tokenizer_dir
         self.make_handle = make_handle
         self.overlap = overlap

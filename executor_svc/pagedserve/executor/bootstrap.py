@@ -1,6 +1,6 @@
 """Building an executor's model runner from its flags: device and dtype, tensor-parallel group,
-weights, KV cache size. Shared by the executor service, the offline API and the followers of a
-tensor-parallel group."""
+weights, KV cache size; and describing what was built (`describe`). Shared by the executor
+service, the offline API and the followers of a tensor-parallel group."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from pagedserve.executor.runner import ModelRunner, RunnerLimits
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
 from pagedserve.runtime.serving import StartupError
+from pagedserve.v1 import common_pb2, executor_pb2
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,3 +145,24 @@ def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: tor
              block_size=args.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
     return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group)
+
+
+def describe(executor_id: str, model_dir: ModelDirectory,
+             runner: ModelRunner) -> executor_pb2.DescribeResponse:
+    """What this executor is and holds, as it registers and answers Describe (and as the
+    offline engine describes its in-process runner to its scheduler)."""
+    limits = runner.limits
+    dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
+    return executor_pb2.DescribeResponse(
+        executor_id=executor_id,
+        model=common_pb2.ModelInfo(
+            model_id=model_dir.served_name, architecture=model_dir.architecture,
+            max_model_len=limits.max_model_len, vocab_size=runner.model.config.vocab_size,
+            eos_token_ids=model_dir.eos_token_ids(), dtype=dtype),
+        kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
+                                        block_size=limits.block_size),
+        limits=common_pb2.ExecutorLimits(max_num_seqs=limits.max_num_seqs,
+                                         max_num_batched_tokens=limits.max_num_batched_tokens,
+                                         max_logprobs=limits.max_logprobs),
+        parallel=common_pb2.ParallelLayout(tensor_parallel_size=runner.tp.size),
+        tokenizer=common_pb2.TokenizerFiles(files=model_dir.tokenizer_files()))

@@ -18,9 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 
-from pagedserve.executor.bootstrap import build_runner
+from pagedserve.executor.bootstrap import build_runner, describe
 from pagedserve.executor.model_files import (
-    ModelDirectory,
     ModelLoadError,
     default_cache_dir,
     resolve_model,
@@ -35,7 +34,7 @@ from pagedserve.runtime.serving import (
     run_service,
     wait_for_stop_signal,
 )
-from pagedserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
 # How long a draining executor waits for the step it is running before the server stops anyway.
@@ -115,24 +114,6 @@ async def _next_or_stop(plans: AsyncIterator, stop: asyncio.Event):
         return None
 
 
-def describe(executor_id: str, model_dir: ModelDirectory, runner: ModelRunner,
-             dtype: str) -> executor_pb2.DescribeResponse:
-    limits = runner.limits
-    return executor_pb2.DescribeResponse(
-        executor_id=executor_id,
-        model=common_pb2.ModelInfo(
-            model_id=model_dir.served_name, architecture=model_dir.architecture,
-            max_model_len=limits.max_model_len, vocab_size=runner.model.config.vocab_size,
-            eos_token_ids=model_dir.eos_token_ids(), dtype=dtype),
-        kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
-                                        block_size=limits.block_size),
-        limits=common_pb2.ExecutorLimits(max_num_seqs=limits.max_num_seqs,
-                                         max_num_batched_tokens=limits.max_num_batched_tokens,
-                                         max_logprobs=limits.max_logprobs),
-        parallel=common_pb2.ParallelLayout(tensor_parallel_size=runner.tp.size),
-        tokenizer=common_pb2.TokenizerFiles(files=model_dir.tokenizer_files()))
-
-
 async def serve(args: argparse.Namespace) -> None:
     tls = TlsConfig.from_args(args)  # before the slow model load: a bad flag fails at once
     cache_dir = args.model_cache_dir or default_cache_dir()
@@ -148,8 +129,7 @@ async def serve(args: argparse.Namespace) -> None:
     step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
     runner = await asyncio.get_running_loop().run_in_executor(
         step_thread, build_runner, args, model_dir)
-    dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
-    description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner, dtype)
+    description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner)
 
     server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
     service = ExecutorService(runner, description, step_thread)

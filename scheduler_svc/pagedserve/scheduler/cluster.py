@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_request
-from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.executor_handle import ExecutorHandle
+from pagedserve.scheduler.executor_pool import schedule_executor
 from pagedserve.scheduler.pool_loop import PoolLoop
 from pagedserve.scheduler.sequence import Sequence
-from pagedserve.scheduler.step_scheduler import StepLimits, StepScheduler
+from pagedserve.scheduler.step_scheduler import StepScheduler
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 log = structlog.get_logger(__name__)
@@ -110,15 +110,8 @@ class Cluster:
         old = self.pools.get(registration.executor_id)
         if old is not None:
             self._lose(old, "registered again")
-        kv, limits, model = registration.kv_cache, registration.limits, registration.model
-        pool_limits = PoolLimits(max_model_len=model.max_model_len, num_blocks=kv.num_blocks,
-                                 block_size=kv.block_size, max_num_seqs=limits.max_num_seqs,
-                                 vocab_size=model.vocab_size)
-        scheduler = StepScheduler(
-            BlockManager(kv.num_blocks, kv.block_size, self.config.enable_prefix_caching,
-                         extra_key=model.model_id.encode()),
-            StepLimits(limits.max_num_seqs, limits.max_num_batched_tokens, model.max_model_len),
-            model.eos_token_ids)
+        scheduler, pool_limits = schedule_executor(registration,
+                                                   self.config.enable_prefix_caching)
         handle = self.make_handle(registration.address)
         pool = Pool(registration=registration, limits=pool_limits, scheduler=scheduler,
                     loop=None, handle=handle, lease_deadline=self._lease_deadline())
@@ -127,8 +120,8 @@ class Cluster:
         pool.task = asyncio.create_task(pool.loop.run())
         self.pools[registration.executor_id] = pool
         log.info("executor registered", executor_id=registration.executor_id,
-                 address=registration.address, model=model.model_id,
-                 kv_blocks=kv.num_blocks)
+                 address=registration.address, model=registration.model.model_id,
+                 kv_blocks=registration.kv_cache.num_blocks)
         self._adopt_orphans()
 
     def heartbeat(self, executor_id: str) -> bool:
