@@ -19,15 +19,11 @@ from hypothesis import HealthCheck, event, given, settings
 from schemathesis.checks import positive_data_acceptance
 from transformers import AutoTokenizer
 
+from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.grpc_api import chat_messages, check_sampling
 from pagedserve.gateway.http_api import create_app
 from pagedserve.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
-from pagedserve.gateway.scheduler_client import (
-    NO_DEADLINE,
-    GatewayError,
-    SchedulerClient,
-    ServedModel,
-)
+from pagedserve.gateway.scheduler_client import NO_DEADLINE, SchedulerClient, ServedModel
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 
 MODEL = "tiny"

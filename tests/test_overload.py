@@ -16,8 +16,8 @@ import grpc
 import psutil
 import pytest
 
+from pagedserve.gateway.errors import RETRY_AFTER_S, GatewayError
 from pagedserve.gateway.http_api import TIMEOUT_HEADER, request_deadline
-from pagedserve.gateway.scheduler_client import RETRY_AFTER_S, GatewayError
 from pagedserve.testing.processes import running_stack
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 

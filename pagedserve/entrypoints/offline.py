@@ -37,6 +37,7 @@ from pagedserve.runtime.beam_search import (
     step_sampling,
 )
 from pagedserve.runtime.chat import chat_prompt_ids
+from pagedserve.runtime.finish_reasons import openai_name
 from pagedserve.runtime.flags import long_options
 from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
@@ -44,8 +45,6 @@ from pagedserve.scheduler.executor_pool import schedule_executor
 from pagedserve.scheduler.pool_loop import PoolLoop
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
-FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                  common_pb2.FINISH_REASON_ABORT: "abort"}
 # vLLM's default when a request names no max_tokens.
 DEFAULT_MAX_TOKENS = 16
 
@@ -294,7 +293,7 @@ class _Collector:
 
     def output(self, tokenizer) -> RequestOutput:
         outputs = [CompletionOutput(index=i, text=tokenizer.decode(t, skip_special_tokens=True),
-                                    token_ids=t, finish_reason=FINISH_REASONS.get(f),
+                                    token_ids=t, finish_reason=openai_name(f),
                                     logprobs=lp)
                    for i, (t, f, lp) in enumerate(zip(self.tokens, self.finish, self.logprobs,
                                                       strict=True))]

@@ -10,6 +10,8 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from pagedserve.gateway.errors import error_body
+
 # HTTP paths and gRPC services reachable without a key.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 OPEN_GRPC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
@@ -26,9 +28,9 @@ def require_api_key(app: FastAPI, api_key: str) -> None:
         if request.url.path in OPEN_PATHS or key_matches(request.headers.get("authorization"),
                                                          api_key):
             return await call_next(request)
-        return JSONResponse(status_code=401, content={"error": {
-            "message": "missing or invalid API key (send Authorization: Bearer <key>)",
-            "type": "authentication_error", "param": None, "code": 401}})
+        return JSONResponse(status_code=401, content=error_body(
+            401, "missing or invalid API key (send Authorization: Bearer <key>)",
+            "authentication_error"))
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -12,19 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pagedserve.gateway.detokenizer import IncrementalDetokenizer
+from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.metrics import METRICS
-from pagedserve.gateway.scheduler_client import (
-    NO_DEADLINE,
-    Deadline,
-    GatewayError,
-    SchedulerClient,
-    ServedModel,
-)
+from pagedserve.gateway.scheduler_client import NO_DEADLINE, Deadline, SchedulerClient, ServedModel
 from pagedserve.runtime.beam_search import BeamSearchParams, search, step_sampling
+from pagedserve.runtime.finish_reasons import openai_name
 from pagedserve.v1 import common_pb2, scheduler_pb2
-
-FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                  common_pb2.FINISH_REASON_ABORT: "abort"}
 
 
 @dataclass
@@ -87,7 +80,7 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
                 client.stop_sequence(request_id, i)
         elif delta.finish_reason:
             choice.text += detokenizer.finish()
-            choice.finish_reason = FINISH_REASONS.get(delta.finish_reason, "stop")
+            choice.finish_reason = openai_name(delta.finish_reason) or "stop"
             if delta.HasField("stop_token_id"):
                 choice.stop_reason = delta.stop_token_id
         finished[i] = choice.finish_reason is not None

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from pagedserve.gateway.errors import RETRY_AFTER_S, GatewayError
 from pagedserve.gateway.generation import Usage, generate
 from pagedserve.gateway.openai_protocol import (
     MAX_LOGIT_BIAS,
@@ -19,19 +20,13 @@ from pagedserve.gateway.openai_protocol import (
     MAX_STOP_STRINGS,
 )
 from pagedserve.gateway.prompts import chat_prompt_ids, check_length, check_token_ids
-from pagedserve.gateway.scheduler_client import (
-    RETRY_AFTER_S,
-    Deadline,
-    GatewayError,
-    SchedulerClient,
-)
+from pagedserve.gateway.scheduler_client import Deadline, SchedulerClient
+from pagedserve.runtime.finish_reasons import from_openai_name
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
           504: grpc.StatusCode.DEADLINE_EXCEEDED}
-_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-           "abort": common_pb2.FINISH_REASON_ABORT}
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +115,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         reply.prompt_text = served.tokenizer.decode(prompt_ids)
                 reply.choices.add(index=choice.index, text=choice.text,
                                   token_ids=choice.token_ids, logprobs=choice.logprobs,
-                                  finish_reason=_FINISH.get(choice.finish_reason, 0),
+                                  finish_reason=from_openai_name(choice.finish_reason),
                                   stop_reason="" if choice.stop_reason is None
                                   else str(choice.stop_reason))
                 yield reply

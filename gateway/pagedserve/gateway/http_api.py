@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagedserve.gateway.errors import RETRY_AFTER_S, GatewayError, error_body
 from pagedserve.gateway.generation import ChoiceDelta, Usage, beam_choices, generate
 from pagedserve.gateway.metrics import METRICS
 from pagedserve.gateway.openai_protocol import (
@@ -29,9 +30,7 @@ from pagedserve.gateway.openai_protocol import (
 )
 from pagedserve.gateway.prompts import chat_prompt_ids, check_length, check_token_ids
 from pagedserve.gateway.scheduler_client import (
-    RETRY_AFTER_S,
     Deadline,
-    GatewayError,
     SchedulerClient,
     ServedModel,
     parse_timeout,
@@ -77,8 +76,7 @@ log = structlog.get_logger(__name__)
 
 
 def error_response(status: int, message: str, error_type: str, param: str | None = None):
-    return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": error_type, "param": param, "code": status}})
+    return JSONResponse(status_code=status, content=error_body(status, message, error_type, param))
 
 
 def _too_large() -> StarletteHTTPException:
@@ -341,7 +339,7 @@ async def sse(fmt, request_id: str, deltas: AsyncIterator[ChoiceDelta], usages: 
         if include_usage:
             yield f"data: {json.dumps(fmt.usage_chunk(request_id, total_usage(usages)))}\n\n"
     except GatewayError as exc:
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.error_type, 'param': exc.param, 'code': exc.status}})}\n\n"  # noqa: E501
+        yield f"data: {json.dumps(exc.body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pagedserve.gateway.scheduler_client import GatewayError
+from pagedserve.gateway.errors import GatewayError
 from pagedserve.runtime.beam_search import BeamSearchParams
 from pagedserve.v1 import common_pb2
 

@@ -3,7 +3,8 @@ request reaches the scheduler."""
 
 from __future__ import annotations
 
-from pagedserve.gateway.scheduler_client import GatewayError, ServedModel
+from pagedserve.gateway.errors import GatewayError
+from pagedserve.gateway.scheduler_client import ServedModel
 from pagedserve.runtime import chat
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from pagedserve.gateway.errors import GatewayError
 from pagedserve.runtime.serving import NO_TLS, TlsConfig, aio_channel
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -23,8 +24,6 @@ log = structlog.get_logger(__name__)
 
 # Seconds to wait for the scheduler to answer a unary call; a stream waits for its tokens.
 UNARY_TIMEOUT_S = 10.0
-# Seconds a client refused for overload (429 / RESOURCE_EXHAUSTED) is told to wait.
-RETRY_AFTER_S = 1
 
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -36,12 +35,6 @@ _STATUS = {
     grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
-
-
-class GatewayError(Exception):
-    def __init__(self, status: int, message: str, error_type: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.param = status, message, error_type, param
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
