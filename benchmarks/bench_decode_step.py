@@ -3,6 +3,7 @@
     python benchmarks/bench_decode_step.py [--batch 64] [--context 220] [--repeats 7]
                                            [--block-order contiguous|scattered]
                                            [--prefills 2 --prefill-len 200]
+                                           [--kernels cpu|torch]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
@@ -15,7 +16,9 @@ Block tables are contiguous runs of blocks by default; `--block-order scattered`
 sequence random blocks of the pool, as a serving pool's tables are once its blocks have been
 freed and reused a few times. `--prefills N` makes the last N sequences of the batch prompts of
 `--prefill-len` tokens computed in the step (a mixed step, as continuous batching runs them);
-the attention figure then covers their prefill attention too.
+the attention figure then covers their prefill attention too. `--kernels torch` runs the
+PyTorch path instead (the reference the C kernels replace on the CPU), its attention timed as
+one call of the set's `paged_attention` per layer.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
@@ -25,6 +28,7 @@ builds its own kernel library (named by the hash of its sources).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
@@ -37,6 +41,7 @@ from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.models import load_model
 from pagedserve.executor.models.layers import bind_kernels
 from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
 
 STEPS_PER_ROUND = 5
@@ -52,10 +57,10 @@ def main() -> None:
                         default="contiguous")
     parser.add_argument("--prefills", type=int, default=0)
     parser.add_argument("--prefill-len", type=int, default=200)
+    parser.add_argument("--kernels", choices=["cpu", "torch"], default="cpu")
     args = parser.parse_args()
 
     model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
-    bind_kernels(model, cpu_kernel_set())
     longest = max(args.context + 20, args.prefill_len if args.prefills else 0)
     blocks_per_seq = longest // args.block_size + 2
     num_blocks = args.batch * blocks_per_seq
@@ -79,10 +84,16 @@ def main() -> None:
             attention_s[0] += time.perf_counter() - start
             return out
         return timed_kernel
-    # Decodes (and, token by token, prefills), and prefills by tiles where this checkout has it.
-    for name in ("paged_decode_attention_cpu", "paged_prefill_attention_cpu"):
-        if hasattr(cpu_kernels, name):
-            setattr(cpu_kernels, name, timed(getattr(cpu_kernels, name)))
+    if args.kernels == "torch":
+        bind_kernels(model, dataclasses.replace(
+            TORCH_KERNELS, paged_attention=timed(TORCH_KERNELS.paged_attention)))
+    else:
+        # Decodes (and, token by token, prefills), and prefills by tiles where this checkout
+        # has it.
+        for name in ("paged_decode_attention_cpu", "paged_prefill_attention_cpu"):
+            if hasattr(cpu_kernels, name):
+                setattr(cpu_kernels, name, timed(getattr(cpu_kernels, name)))
+        bind_kernels(model, cpu_kernel_set())
 
     steps, attention = [], []
     with torch.inference_mode():
@@ -95,7 +106,8 @@ def main() -> None:
             if round_index:
                 steps.append((time.perf_counter() - start) / STEPS_PER_ROUND)
                 attention.append(attention_s[0] / STEPS_PER_ROUND)
-    print(f"batch {args.batch} ({args.prefills} prefills of {args.prefill_len} tokens), "
+    print(f"{args.kernels} kernels, batch {args.batch} ({args.prefills} prefills of "
+          f"{args.prefill_len} tokens), "
           f"context ~{args.context}, {args.block_order} blocks, "
           f"threads {torch.get_num_threads()}: "
           f"step {statistics.median(steps) * 1e3:.1f} ms, attention "

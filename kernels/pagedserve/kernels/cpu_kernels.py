@@ -4,10 +4,9 @@ embedding, each a drop-in for its PyTorch path (float32 or bfloat16 CPU tensors)
 
 Why C: on the CPU the PyTorch decode path gathers every sequence's K/V into a contiguous copy
 and runs scaled_dot_product_attention on one query row per head, dominated by per-call overhead
-rather than arithmetic (about 60 % of a 64-sequence decode step of the default model, measured
-with torch.profiler); its bfloat16 prefill attention reaches about 30 GFLOP/s; and the layers'
-elementwise work is a chain of small ops (a norm is seven) that each pass over memory. The C
-kernels do each in one pass, vectorised for the machine they are built on.
+rather than arithmetic, and the layers' elementwise work is a chain of small ops (a norm is
+seven) that each pass over memory. The C kernels do each in one pass, vectorised for the
+machine they are built on (the figures: docs/performance.md, "Why the CPU kernels are C").
 
 The library is compiled at first use with the machine's C compiler (`cc`, or $CC) into
 $XDG_CACHE_HOME/pagedserve/kernels (or ~/.cache/pagedserve/kernels), named by the hash of its

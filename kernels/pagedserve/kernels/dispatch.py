@@ -2,12 +2,12 @@
 `Kernels` set holds every operation the models call, with the same signatures in every set.
 
 `select_kernels` picks the set once, when the model is built: Triton on CUDA; on the CPU the
-"cpu" set (C kernels built at first use, kernels/pagedserve/kernels/cpu_kernels.py; the KV write
-stays PyTorch's) when a C compiler could build them, else the PyTorch path; `--attention-backend`
-forces one. The choice is per model (bound onto its layers by
-`pagedserve.executor.models.layers.bind_kernels`), not process-wide, so two models in one process
-(the tests, the offline API) may use different sets. The Triton modules are imported only when the
-Triton set is chosen: importing triton is slow, and the PyTorch path must not need it.
+"cpu" set (C kernels built at first use, cpu_kernels.py: the KV write, attention, norms, rotary,
+SiLU-and-mul, and the linears through oneDNN-packed weights) when a C compiler could build them,
+else the PyTorch path; `--attention-backend` forces one. The choice is per model (bound onto its
+layers by `pagedserve.executor.models.layers.bind_kernels`), not process-wide, so two models in one
+process (the tests, the offline API) may use different sets. The Triton modules are imported only
+when the Triton set is chosen: importing triton is slow, and the PyTorch path must not need it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Paged attention in Triton: the KV-cache write, a decode kernel and a prefill / chunked-prefill
-kernel (issue 6), and `paged_attention_triton`, a drop-in for `attention.paged_attention`.
+kernel, and `paged_attention_triton`, a drop-in for `attention.paged_attention`.
 
 Same cache layout and semantics as the PyTorch path (`kernels/pagedserve/kernels/attention.py`, the
 reference these kernels are checked against): per layer, K and V each [num_blocks, block_size,

@@ -54,8 +54,8 @@ class Linear(KernelLayer):
     """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections.
 
     A kernel set may repack W for its matmul (`Kernels.pack_linear`: oneDNN's blocked layout
-    on the CPU, 15-35 % faster bfloat16 matmuls measured on the default model's shapes); the
-    plain copy is then released, unless another module shares it (tied embeddings)."""
+    on the CPU, for faster bfloat16 matmuls; docs/performance.md has the figures); the plain
+    copy is then released, unless another module shares it (tied embeddings)."""
 
     packed: torch.Tensor | None = None
 

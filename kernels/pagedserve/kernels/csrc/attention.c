@@ -138,7 +138,7 @@ static inline __attribute__((always_inline)) void attend(
     float *qf = work, *acc = qf + rows * dim, *row = acc + rows * dim;
     float *scores = row + dim;  /* [rows][n] */
     /* AVX-512 BF16 dot products: the query rows stay bfloat16 (in qf's space) and the scale
-     * comes after the sums. 7 % faster than converting K to float32 in a model step. */
+     * comes after the sums, so K is never converted to float32. */
 #if defined(__AVX512BF16__)
     const int dot_bf16 = bf16 && dim % 32 == 0;
 #else
