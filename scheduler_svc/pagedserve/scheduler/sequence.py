@@ -93,6 +93,25 @@ class Sequence:
             return self.request.num_prompt_tokens - 1
         return self.num_known_tokens
 
+    # -- state changes: the only places `state` is written -----------------------------
+
+    def start_running(self, num_computed: int) -> None:
+        """Placed on its executor, its first `num_computed` tokens' K/V cached or computed."""
+        self.state, self.num_computed, self.on_executor = SeqState.RUNNING, num_computed, True
+
+    def preempt(self) -> None:
+        """Back to the queue without its blocks: recomputed from its tokens when it runs
+        again. A sample in flight still arrives (and is accepted) before it is rescheduled."""
+        self.state, self.num_computed, self.on_executor = SeqState.WAITING, 0, False
+
+    def move_to_new_executor(self) -> None:
+        """Its executor was lost: queued on another, from scratch, with nothing in flight."""
+        self.preempt()
+        self.num_in_flight = 0
+
+    def finish(self) -> None:
+        self.state, self.on_executor = SeqState.FINISHED, False
+
     @property
     def sort_key(self) -> tuple[int, int, int]:
         """Queue order: priority (lower first), then arrival, then sequence index."""

@@ -75,8 +75,7 @@ class StepScheduler:
         """Take over sequences from a lost executor: recompute them from scratch here."""
         for seq in seqs:
             self.requests[seq.request.request_id] = seq.request
-            seq.state, seq.num_computed, seq.num_in_flight, seq.on_executor = \
-                SeqState.WAITING, 0, 0, False
+            seq.move_to_new_executor()
             self.by_id[seq.seq_id] = seq
             self._enqueue(seq)
 
@@ -160,7 +159,7 @@ class StepScheduler:
         decodes, prefills = [], []
         for seq in self.running:
             (decodes if seq.compute_target() - seq.num_computed == 1 else prefills).append(seq)
-        contended = len(prefills) + len(self.waiting) > 1
+        contended = self._prefills_contend()
         for seq in decodes + prefills:
             if not budget.seqs_left:
                 break
@@ -202,9 +201,8 @@ class StepScheduler:
             computed = self.blocks.admit(seq.seq_id, seq.token_ids,
                                          use_cache=not recompute_prompt)
             # 0 only for a parent whose hit covers all it computes before forking.
-            contended = len(self.waiting) > 1 or any(
-                s.compute_target() - s.num_computed > 1 for s in self.running)
-            num_tokens = min(seq.compute_target() - computed, self._chunk_cap(budget, contended))
+            num_tokens = min(seq.compute_target() - computed,
+                             self._chunk_cap(budget, self._prefills_contend()))
             try:
                 self.blocks.allocate(seq.seq_id, computed + num_tokens)
             except NoFreeBlocks:
@@ -213,7 +211,7 @@ class StepScheduler:
             self._unclaim(self.waiting.pop(0))
             if seq.index == 0 and not seq.request.first_delta_sent:
                 seq.request.num_cached_prompt_tokens = computed
-            seq.state, seq.num_computed, seq.on_executor = SeqState.RUNNING, computed, True
+            seq.start_running(computed)
             self.running.append(seq)
             plan.new_requests.add(
                 request_id=seq.seq_id, token_ids=seq.token_ids,
@@ -223,9 +221,15 @@ class StepScheduler:
             if num_tokens:
                 self._add_work(plan, seq, num_tokens, [], budget)
 
+    def _prefills_contend(self) -> bool:
+        """Whether more than one sequence prefills or waits to: then each prefill chunk takes
+        at most a quarter of the budget, so that no one prompt holds the others back."""
+        prefilling = sum(1 for s in self.running if s.compute_target() - s.num_computed > 1)
+        return prefilling + len(self.waiting) > 1
+
     def _chunk_cap(self, budget: _Budget, contended: bool) -> int:
-        """Tokens a prefill chunk may take: a quarter of the budget when several sequences
-        prefill (or wait to), else all that is left."""
+        """Tokens a prefill chunk may take: a quarter of the budget when prefills contend
+        (`_prefills_contend`), else all that is left."""
         if contended:
             return min(budget.tokens_left, self.limits.contended_prefill_chunk)
         return budget.tokens_left
@@ -263,7 +267,7 @@ class StepScheduler:
         for child in forked:
             request.seqs.append(child)
             self.by_id[child.seq_id] = child
-            child.state, child.num_computed, child.on_executor = SeqState.RUNNING, computed, True
+            child.start_running(computed)
             plan.new_requests.add(request_id=child.seq_id, fork_of=parent.seq_id,
                                   seq_index=child.index,
                                   block_ids=self.blocks.block_table(child.seq_id),
@@ -290,7 +294,7 @@ class StepScheduler:
         self.running.remove(seq)
         if seq.on_executor:  # dropped by this very plan, before its work runs
             plan.dropped_request_ids.append(seq.seq_id)
-        seq.state, seq.num_computed, seq.on_executor = SeqState.WAITING, 0, False
+        seq.preempt()
         self._enqueue(seq)
         self.counters.preemptions += 1
 
@@ -355,7 +359,7 @@ class StepScheduler:
             self._unclaim(seq)
         if seq.on_executor:
             self._to_drop.append(seq.seq_id)
-        seq.state, seq.on_executor = SeqState.FINISHED, False
+        seq.finish()
         del self.by_id[seq.seq_id]
         if emit:
             self._emit(seq.request, scheduler_pb2.TokenDelta(seq_index=seq.index,
