@@ -19,8 +19,9 @@ Everything installs under this one namespace (docs/architecture.md, "One namespa
 - `pagedserve.testing` (pagedserve/testing): tiny models and process helpers shared by the
   tests and the benchmarks.
 
-The offline API is importable from here (`from pagedserve import LLM, SamplingParams`); it is
-loaded on first use, so the services, which import `pagedserve.*` modules, never pay for it.
+The offline API is importable from here (`from pagedserve import LLM, EngineConfig,
+SamplingParams`); it is loaded on first use, so the services, which import `pagedserve.*`
+modules, never pay for it.
 """
 
 import importlib
@@ -35,6 +36,7 @@ __path__ = pkgutil.extend_path(__path__, __name__)
 _LAZY_EXPORTS = {
     "LLM": "pagedserve.entrypoints.offline",
     "BeamSearchParams": "pagedserve.runtime.beam_search",
+    "EngineConfig": "pagedserve.entrypoints.offline",
     "SamplingParams": "pagedserve.v1.common_pb2",
 }
 __all__ = sorted(_LAZY_EXPORTS)

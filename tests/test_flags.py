@@ -1,11 +1,19 @@
 """Flags with PAGEDSERVE_* environment equivalents: precedence, conversion, clear errors."""
 
+import argparse
+import dataclasses
+import os
 import pathlib
 
 import pytest
 
 from pagedserve.entrypoints.cli import build_parser
-from pagedserve.runtime.flags import FlagParser, env_var
+from pagedserve.executor.config import (
+    EngineConfig,
+    add_engine_arguments,
+    add_model_arguments,
+)
+from pagedserve.runtime.flags import FlagParser, env_var, long_options
 from pagedserve.runtime.serving import StartupError
 
 
@@ -62,12 +70,31 @@ def test_service_flags_read_the_environment(monkeypatch, tmp_path):
 
 
 def test_offline_engine_options_are_the_executor_flags():
-    from pagedserve.entrypoints.offline import engine_args
-
-    args = engine_args(dtype="bfloat16", kv_cache_gib=1.5)
-    assert (args.dtype, args.kv_cache_gib, args.block_size) == ("bfloat16", 1.5, 16)
+    config = EngineConfig.from_options(dtype="bfloat16", kv_cache_gib=1.5)
+    assert (config.dtype, config.kv_cache_gib, config.block_size) == ("bfloat16", 1.5, 16)
     with pytest.raises(TypeError, match="unknown engine option.*'kv_cache_gb'"):
-        engine_args(kv_cache_gb=1)
+        EngineConfig.from_options(kv_cache_gb=1)
+
+
+def test_every_engine_option_is_a_flag_with_the_fields_default(monkeypatch):
+    """One place for each option: the flags are EngineConfig's fields, defaults included."""
+    for name in [n for n in os.environ if n.startswith("PAGEDSERVE_")]:
+        monkeypatch.delenv(name)  # the test session sets PAGEDSERVE_DTYPE
+    args = build_parser().parse_args(["executor"])
+    assert EngineConfig.from_args(args) == EngineConfig()
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_engine_arguments(parser)
+    assert set(long_options(parser)) == {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+def test_an_engine_config_survives_the_trip_to_a_child_process(tmp_path):
+    config = EngineConfig(model="/models/x", model_cache_dir=tmp_path, dtype="bfloat16",
+                          tensor_parallel_size=2, kv_cache_gib=0.5, max_model_len=512)
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_engine_arguments(parser)
+    assert EngineConfig.from_args(parser.parse_args(config.to_argv())) == config
 
 
 def test_up_gives_each_executor_its_own_gpus():

@@ -1,6 +1,7 @@
 """The CPU decode attention kernel (kernels/pagedserve/kernels/cpu.py, a C kernel built at first
 use) against the PyTorch path, and the "cpu" kernel set through a whole model."""
 
+import ctypes
 import math
 import pathlib
 
@@ -140,6 +141,55 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
         stamp = built[0].stat().st_mtime_ns
         cpu._library.cache_clear()
         assert cpu.available() and built[0].stat().st_mtime_ns == stamp
+    finally:
+        cpu._library.cache_clear()
+
+
+def test_the_ctypes_mirror_matches_the_c_struct():
+    size, fields = cpu._c_layout(cpu._library(), "decode_shape_layout")
+    assert [name for name, *_ in fields] == [name for name, _ in cpu._DecodeShape._fields_]
+    cpu.check_layout("DecodeShape", cpu._DecodeShape, size, fields)
+
+
+def _drifted(fields):
+    return type("_DecodeShape", (ctypes.Structure,), {"_fields_": fields})
+
+
+SHAPE_FIELDS = cpu._DecodeShape._fields_
+
+
+@pytest.mark.parametrize("fields, error", [
+    # a changed type that padding hides from every offset: only the field sizes tell
+    ([("num_seqs", ctypes.c_int32), *SHAPE_FIELDS[1:]],
+     "field 'num_seqs' is 8 bytes at offset 0 in C, 4 bytes at offset 0 in the mirror"),
+    ([*SHAPE_FIELDS[:-1], ("scale", ctypes.c_double)], "field 'scale' is 4 bytes at offset 120"),
+    # two fields of one type swapped: no offset moves, the names tell
+    ([SHAPE_FIELDS[1], SHAPE_FIELDS[0], *SHAPE_FIELDS[2:]],
+     "field 'num_seqs' is 8 bytes at offset 0 in C, 8 bytes at offset 8 in the mirror"),
+    ([("n_seqs", ctypes.c_int64), *SHAPE_FIELDS[1:]], "field 'num_seqs' is not in the mirror"),
+    (SHAPE_FIELDS[:-1], "16 fields in C, 15 in the mirror"),
+])
+def test_a_drifted_mirror_fails_naming_the_struct_and_field(fields, error):
+    size, c_fields = cpu._c_layout(cpu._library(), "decode_shape_layout")
+    with pytest.raises(RuntimeError, match="the C struct DecodeShape and its ctypes mirror "
+                                           "_DecodeShape .* disagree: " + error):
+        cpu.check_layout("DecodeShape", _drifted(fields), size, c_fields)
+
+
+def test_a_mirror_of_the_wrong_size_fails():
+    size, fields = cpu._c_layout(cpu._library(), "decode_shape_layout")
+    packed = type("_DecodeShape", (ctypes.Structure,), {"_pack_": 4, "_fields_": SHAPE_FIELDS})
+    with pytest.raises(RuntimeError, match="sizeof is 128 in C, 124 in the mirror"):
+        cpu.check_layout("DecodeShape", packed, size, fields)
+
+
+def test_a_drifted_mirror_fails_the_load(monkeypatch):
+    monkeypatch.setattr(cpu, "_DecodeShape",
+                        _drifted([("num_seqs", ctypes.c_int32), *SHAPE_FIELDS[1:]]))
+    cpu._library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="DecodeShape .* field 'num_seqs'"):
+            cpu.available()
     finally:
         cpu._library.cache_clear()
 

@@ -8,6 +8,7 @@ light modules at the top; the benchmark itself is imported by the command that r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -213,9 +214,10 @@ def run_serve(args: argparse.Namespace) -> tuple[dict, bool]:
 def run_throughput(args: argparse.Namespace) -> tuple[dict, bool]:
     """The offline benchmark the flags describe: (result JSON, True)."""
     from pagedserve.bench import throughput
-    from pagedserve.entrypoints.offline import engine_args
+    from pagedserve.entrypoints.offline import EngineConfig
 
-    engine_options = {k: getattr(args, k) for k in vars(engine_args()) if k != "model"}
+    engine_options = {k: v for k, v in dataclasses.asdict(EngineConfig.from_args(args)).items()
+                      if k != "model"}
     llm = throughput.build_llm(args.model, {**engine_options,
                                             "enable_prefix_caching": not args.no_prefix_caching,
                                             "overlap": not args.no_overlap})

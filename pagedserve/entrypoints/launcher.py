@@ -140,7 +140,7 @@ def executor_gpus(args: argparse.Namespace, gpus: list[str]) -> list[str]:
 
 def plan_children(args: argparse.Namespace) -> list[Child]:
     """The processes to start, in start order; raises StartupError for bad certificate flags."""
-    from pagedserve.executor.config import add_engine_arguments, add_model_arguments
+    from pagedserve.executor.config import EngineConfig
     from pagedserve.gateway.config import add_request_timeout_argument
     from pagedserve.scheduler.config import add_overload_arguments
 
@@ -148,7 +148,7 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format,
               *passed_on(args, add_tls_flags)]
     tls = TlsConfig.from_args(args)
-    executor_flags = passed_on(args, add_model_arguments, add_engine_arguments)
+    executor_flags = EngineConfig.from_args(args).to_argv()
 
     gpu_sets = executor_gpus(args, visible_gpus())
     scheduler = f"{args.host}:{args.scheduler_port}"

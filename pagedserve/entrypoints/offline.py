@@ -18,7 +18,6 @@ scheduling tests. This module is the one place that imports both services (docs/
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 from collections import deque
@@ -27,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pagedserve.executor.bootstrap import build_runner, describe
-from pagedserve.executor.config import add_engine_arguments, add_model_arguments
+from pagedserve.executor.config import EngineConfig
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.runner import ModelRunner
 from pagedserve.runtime.beam_search import (
@@ -38,7 +37,6 @@ from pagedserve.runtime.beam_search import (
 )
 from pagedserve.runtime.chat import chat_prompt_ids
 from pagedserve.runtime.finish_reasons import openai_name
-from pagedserve.runtime.flags import long_options
 from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import schedule_executor
@@ -104,32 +102,23 @@ class RequestOutput:
     prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
 
 
-def engine_args(**overrides) -> argparse.Namespace:
-    """The executor's flags with their defaults, overridden by keyword (dtype="bfloat16")."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_model_arguments(parser)
-    add_engine_arguments(parser)
-    known = set(long_options(parser))
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
-    parser.set_defaults(**overrides)
-    return parser.parse_args([])
-
-
 class LLM:
+    """The engine in this process. `engine_options` are EngineConfig's fields, the executor's
+    flags by their Python names (dtype="bfloat16", kv_cache_gib=8); an unknown one is a
+    TypeError naming it."""
+
     def __init__(self, model: str | None = None, *, enable_prefix_caching: bool = True,
                  overlap: bool = True, **engine_options):
-        args = engine_args(model=model, **engine_options)
-        model_dir = resolve_model(args.model, args.model_cache_dir or default_cache_dir(),
-                                  args.served_model_name)
+        config = EngineConfig.from_options(model=model, **engine_options)
+        model_dir = resolve_model(config.model, config.model_cache_dir or default_cache_dir(),
+                                  config.served_model_name)
         # The model is built and every step runs on this one thread, for the engine's life:
         # torch's OpenMP team belongs to the calling thread (a thread per `generate` would start
         # a team each time), and the ranks of a tensor-parallel group are killed when the
         # thread that started them exits (PR_SET_PDEATHSIG is per thread).
         self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         try:
-            runner = self._runner = self._step_thread.submit(build_runner, args,
+            runner = self._runner = self._step_thread.submit(build_runner, config,
                                                              model_dir).result()
         except BaseException:
             self._step_thread.shutdown()

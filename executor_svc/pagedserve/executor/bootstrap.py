@@ -4,12 +4,14 @@ service, the offline API and the followers of a tensor-parallel group."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
+from collections.abc import Sequence
 
 import structlog
 import torch
 
+from pagedserve.executor.config import EngineConfig
 from pagedserve.executor.kv_cache import (
     GIB,
     KvCacheSizeError,
@@ -75,18 +77,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_runner(args: argparse.Namespace, model_dir: ModelDirectory, rank: int = 0,
-                 init_method: str | None = None) -> ModelRunner:
+def build_runner(config: EngineConfig, model_dir: ModelDirectory, rank: int = 0,
+                 init_method: str | None = None,
+                 follower_log_flags: Sequence[str] = ()) -> ModelRunner:
     """Load the weights, pick the kernels, size and allocate the KV cache. With
     --tensor-parallel-size N, rank 0 (the default) starts ranks 1 .. N-1, which call this with
-    their rank and the group's `init_method` (tp_follower.py)."""
-    size = args.tensor_parallel_size
+    their rank and the group's `init_method` (tp_follower.py), logging as
+    `follower_log_flags` say."""
+    size = config.tensor_parallel_size
     if size < 1:
         raise StartupError(f"--tensor-parallel-size must be at least 1, got {size}")
-    device = pick_device(args.device, rank, size)
-    dtype = pick_dtype(args.dtype, device)
+    device = pick_device(config.device, rank, size)
+    dtype = pick_dtype(config.dtype, device)
     try:
-        kernels = select_kernels(args.attention_backend, device)
+        kernels = select_kernels(config.attention_backend, device)
     except KernelBackendError as exc:
         raise StartupError(f"--attention-backend: {exc}") from None
     try:
@@ -97,18 +101,18 @@ def build_runner(args: argparse.Namespace, model_dir: ModelDirectory, rank: int 
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
     if rank == 0:
         # The followers load the model this rank resolved (a GGUF is converted only once).
-        group = start_group(argparse.Namespace(**{**vars(args), "model": str(model_dir.path)}),
-                            device)
+        group = start_group(dataclasses.replace(config, model=str(model_dir.path)), device,
+                            follower_log_flags)
     else:
         group = TensorParallelGroup(join_group(rank, size, init_method, device))
     try:
-        return _build_rank(args, model_dir, device, dtype, kernels, group)
+        return _build_rank(config, model_dir, device, dtype, kernels, group)
     except BaseException:
         group.close()
         raise
 
 
-def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: torch.device,
+def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.device,
                 dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup) -> ModelRunner:
     tp = group.tp
     try:
@@ -118,31 +122,31 @@ def _build_rank(args: argparse.Namespace, model_dir: ModelDirectory, device: tor
     # Before the CUDA profiling pass, so that it measures the kernels that will run.
     bind_kernels(model, kernels)
     context_len = int(model_dir.config.get("max_position_embeddings", 0)) or 2048
-    max_model_len = args.max_model_len or context_len
+    max_model_len = config.max_model_len or context_len
     if max_model_len > context_len:
         raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
                            f"length {context_len}")
     if device.type == "cuda":
-        num_blocks = profile_cuda_blocks(model, args.block_size, dtype, device,
-                                         args.max_num_batched_tokens,
-                                         args.gpu_memory_utilization, max_model_len)
+        num_blocks = profile_cuda_blocks(model, config.block_size, dtype, device,
+                                         config.max_num_batched_tokens,
+                                         config.gpu_memory_utilization, max_model_len)
     else:
-        num_blocks = blocks_in(args.kv_cache_gib * GIB,
-                               bytes_per_block(model, args.block_size, dtype))
+        num_blocks = blocks_in(config.kv_cache_gib * GIB,
+                               bytes_per_block(model, config.block_size, dtype))
     try:
         # Block ids are shared by the ranks: the group holds what its smallest rank holds.
-        num_blocks = check_capacity(tp.min_over_ranks(num_blocks), args.block_size,
+        num_blocks = check_capacity(tp.min_over_ranks(num_blocks), config.block_size,
                                     max_model_len)
     except KvCacheSizeError as exc:
         raise StartupError(str(exc)) from None
-    allocate_kv_cache(model, num_blocks, args.block_size, dtype, device)
-    limits = RunnerLimits(num_blocks=num_blocks, block_size=args.block_size,
-                          max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=max_model_len, max_logprobs=args.max_logprobs)
+    allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
+    limits = RunnerLimits(num_blocks=num_blocks, block_size=config.block_size,
+                          max_num_seqs=config.max_num_seqs,
+                          max_num_batched_tokens=config.max_num_batched_tokens,
+                          max_model_len=max_model_len, max_logprobs=config.max_logprobs)
     log.info("model ready", model=str(model_dir.path), device=str(device),
              dtype=str(dtype).removeprefix("torch."), kernels=kernels.name, kv_blocks=num_blocks,
-             block_size=args.block_size, tensor_parallel_rank=tp.rank,
+             block_size=config.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
     return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group)
 

@@ -1,13 +1,71 @@
-"""Flags of `pagedserve executor` (each also settable as a PAGEDSERVE_* variable).
+"""The engine's configuration, `EngineConfig`, and the flags of `pagedserve executor` (each also
+settable as a PAGEDSERVE_* variable).
+
+Every option of the engine (which model, and how it runs) is a field of `EngineConfig`, with
+its default; the model and engine flags are generated from nowhere else: they take their
+defaults from the fields (tests/test_flags.py checks the two agree, field by field). A config
+is parsed once, from the flags (`from_args`) or from keyword arguments (`from_options`, the
+offline `LLM(**options)`), and passed on to child processes as flags (`to_argv`: tensor-parallel
+followers, and `pagedserve up`'s executors).
 
 Importing this module stays light (no torch), so `pagedserve --help` is fast."""
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
 import pathlib
 
-from pagedserve.runtime.flags import add_common_flags
+from pagedserve.runtime.flags import add_common_flags, long_options
 
 DEFAULT_PORT = 50053
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The model an executor serves and how it runs it (each field is the flag of its name)."""
+
+    model: str | None = None  # None: the embedded default model
+    served_model_name: str | None = None
+    model_cache_dir: pathlib.Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    block_size: int = 16
+    kv_cache_gib: float = 4.0
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # None: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_logprobs: int = 20
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """The config parsed flags hold (a namespace from a parser with the engine flags)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_options(cls, **options) -> EngineConfig:
+        """A config from keyword arguments (dtype="bfloat16"), naming any unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+    def to_argv(self) -> list[str]:
+        """The config as the flags of a child process that parses them back (`from_args`);
+        options left unset (None) are left out, and the child takes the same default."""
+        parser = argparse.ArgumentParser(add_help=False)
+        add_model_arguments(parser)
+        add_engine_arguments(parser)
+        flags = []
+        for dest, option in long_options(parser).items():
+            value = getattr(self, dest)
+            if value is not None:
+                flags += [option, str(value)]
+        return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,26 +86,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model flags, shared with `pagedserve up`, which passes them on to its executors."""
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=EngineConfig.model,
                         help="local Hugging Face model directory or .gguf file; unset: the "
                              "embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--served-model-name", default=None,
+    parser.add_argument("--served-model-name", default=EngineConfig.served_model_name,
                         help="name clients use in the `model` field; unset: the model "
                              "directory's name")
-    parser.add_argument("--model-cache-dir", type=pathlib.Path, default=None,
+    parser.add_argument("--model-cache-dir", type=pathlib.Path,
+                        default=EngineConfig.model_cache_dir,
                         help="where GGUF models are converted to, once; unset: "
                              "$XDG_CACHE_HOME/pagedserve or ~/.cache/pagedserve")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    parser.add_argument("--device", default=EngineConfig.device,
+                        choices=["auto", "cpu", "cuda"],
                         help="where the model runs; auto: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="auto",
+    parser.add_argument("--dtype", default=EngineConfig.dtype,
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype of weights and KV cache; auto: bfloat16 on cuda and "
                              "on CPUs with AVX-512 BF16 or AMX, else float32 (float16 is cuda "
                              "only)")
-    parser.add_argument("--attention-backend", default="auto",
+    parser.add_argument("--attention-backend", default=EngineConfig.attention_backend,
                         choices=["auto", "torch", "cpu", "triton"],
                         help="implementation of the executor's kernels (paged attention, KV "
                              "write, norms, rotary, SiLU-and-mul): triton = the Triton kernels, "
@@ -55,23 +115,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention in a C kernel built at first use; auto: triton on "
                              "cuda, cpu on cpu (torch when no C compiler is found; triton on "
                              "cpu runs under TRITON_INTERPRET=1: for checks only)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+    parser.add_argument("--tensor-parallel-size", type=int,
+                        default=EngineConfig.tensor_parallel_size,
                         help="split the model's layers over this many processes, one per GPU "
                              "(cuda:0 .. cuda:N-1; on cpu, N processes sharing the cores), "
                              "which this executor starts and serves as one")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--kv-cache-gib", type=float, default=4.0,
+    parser.add_argument("--block-size", type=int, default=EngineConfig.block_size,
+                        help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-gib", type=float, default=EngineConfig.kv_cache_gib,
                         help="KV cache size on cpu, in GiB")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    parser.add_argument("--gpu-memory-utilization", type=float,
+                        default=EngineConfig.gpu_memory_utilization,
                         help="fraction of the GPU's memory for weights, activations and KV "
                              "cache (cuda)")
-    parser.add_argument("--max-model-len", type=int, default=None,
+    parser.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len,
                         help="most tokens (prompt + output) per sequence; unset: the model's "
                              "context length")
-    parser.add_argument("--max-num-seqs", type=int, default=256,
+    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                         help="most sequences in one step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        default=EngineConfig.max_num_batched_tokens,
                         help="most tokens computed in one step (the GPU's KV capacity is "
                              "profiled at this budget)")
-    parser.add_argument("--max-logprobs", type=int, default=20,
+    parser.add_argument("--max-logprobs", type=int, default=EngineConfig.max_logprobs,
                         help="most top logprobs per position a request may ask for")

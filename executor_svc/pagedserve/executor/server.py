@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import grpc
 import structlog
 
 from pagedserve.executor.bootstrap import build_runner, describe
+from pagedserve.executor.config import EngineConfig
 from pagedserve.executor.model_files import (
     ModelLoadError,
     default_cache_dir,
@@ -116,11 +118,12 @@ async def _next_or_stop(plans: AsyncIterator, stop: asyncio.Event):
 
 async def serve(args: argparse.Namespace) -> None:
     tls = TlsConfig.from_args(args)  # before the slow model load: a bad flag fails at once
-    cache_dir = args.model_cache_dir or default_cache_dir()
+    config = EngineConfig.from_args(args)
+    cache_dir = config.model_cache_dir or default_cache_dir()
     try:
         # In threads: converting a GGUF on first start and loading weights take seconds.
-        model_dir = await asyncio.to_thread(resolve_model, args.model, cache_dir,
-                                            args.served_model_name)
+        model_dir = await asyncio.to_thread(resolve_model, config.model, cache_dir,
+                                            config.served_model_name)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     # The model is built and every step runs on this one thread: torch's OpenMP team belongs to
@@ -128,7 +131,9 @@ async def serve(args: argparse.Namespace) -> None:
     # (and keep its threads) on the first visit of a new thread.
     step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
     runner = await asyncio.get_running_loop().run_in_executor(
-        step_thread, build_runner, args, model_dir)
+        step_thread, functools.partial(
+            build_runner, config, model_dir,
+            follower_log_flags=["--log-level", args.log_level, "--log-format", args.log_format]))
     description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner)
 
     server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())

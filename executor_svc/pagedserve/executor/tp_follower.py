@@ -12,7 +12,7 @@ from typing import BinaryIO
 import structlog
 
 from pagedserve.executor.bootstrap import build_runner
-from pagedserve.executor.config import add_engine_arguments, add_model_arguments
+from pagedserve.executor.config import EngineConfig, add_engine_arguments, add_model_arguments
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.runner import ModelRunner
 from pagedserve.executor.tp_group import read_messages
@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     configure_logging(f"executor-rank-{args.rank}", args.log_level, args.log_format)
+    config = EngineConfig.from_args(args)
     try:
-        model_dir = resolve_model(args.model, args.model_cache_dir or default_cache_dir(),
-                                  args.served_model_name)
-        runner = build_runner(args, model_dir, rank=args.rank, init_method=args.init_method)
+        model_dir = resolve_model(config.model, config.model_cache_dir or default_cache_dir(),
+                                  config.served_model_name)
+        runner = build_runner(config, model_dir, rank=args.rank, init_method=args.init_method)
     except StartupError as exc:
         log.error("cannot start", rank=args.rank, error=str(exc))
         return 1

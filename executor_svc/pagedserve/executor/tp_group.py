@@ -31,7 +31,6 @@ loop are tp_follower.py.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import struct
@@ -39,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import BinaryIO, NoReturn
 
@@ -47,9 +46,8 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from pagedserve.executor.config import add_engine_arguments, add_model_arguments
+from pagedserve.executor.config import EngineConfig
 from pagedserve.executor.parallel import SINGLE, TensorParallel
-from pagedserve.runtime.flags import passed_on
 from pagedserve.runtime.serving import die_with_parent
 from pagedserve.v1 import executor_pb2
 
@@ -77,14 +75,15 @@ class Followers:
                              name=f"tp-rank-{rank}-watch").start()
 
     @classmethod
-    def start(cls, args: argparse.Namespace, rendezvous_dir: str) -> Followers:
+    def start(cls, config: EngineConfig, rendezvous_dir: str,
+              log_flags: Sequence[str] = ()) -> Followers:
         init_method = rendezvous_method(rendezvous_dir)
         # In a session of their own: a terminal's Ctrl-C (SIGINT to the foreground process
         # group) reaches rank 0 alone, which drains, then closes the followers.
-        processes = [subprocess.Popen(follower_argv(args, rank, init_method),
+        processes = [subprocess.Popen(follower_argv(config, rank, init_method, log_flags),
                                       stdin=subprocess.PIPE, preexec_fn=die_with_parent,
                                       start_new_session=True)
-                     for rank in range(1, args.tensor_parallel_size)]
+                     for rank in range(1, config.tensor_parallel_size)]
         return cls(processes, rendezvous_dir)
 
     def send_plan(self, plan: executor_pb2.StepPlan) -> None:
@@ -183,12 +182,10 @@ def rendezvous_method(rendezvous_dir: str) -> str:
     return f"file://{rendezvous_dir}/store"
 
 
-def follower_argv(args: argparse.Namespace, rank: int, init_method: str) -> list[str]:
-    log_flags = ["--log-level", getattr(args, "log_level", "info"),
-                 "--log-format", getattr(args, "log_format", "auto")]
+def follower_argv(config: EngineConfig, rank: int, init_method: str,
+                  log_flags: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "pagedserve.executor.tp_follower", "--rank", str(rank),
-            "--init-method", init_method, *log_flags,
-            *passed_on(args, add_model_arguments, add_engine_arguments)]
+            "--init-method", init_method, *log_flags, *config.to_argv()]
 
 
 def join_group(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
@@ -209,14 +206,15 @@ def join_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     return TensorParallel(rank=rank, size=size, group=dist.group.WORLD)
 
 
-def start_group(args: argparse.Namespace, device: torch.device) -> TensorParallelGroup:
-    """Rank 0: starts the followers (with `args`, whose --model names the resolved model
-    directory) and joins the group with them. One rank: no group at all."""
-    size = args.tensor_parallel_size
+def start_group(config: EngineConfig, device: torch.device,
+                log_flags: Sequence[str] = ()) -> TensorParallelGroup:
+    """Rank 0: starts the followers (with `config`, whose model is the resolved model
+    directory, and `log_flags`) and joins the group with them. One rank: no group at all."""
+    size = config.tensor_parallel_size
     if size == 1:
         return NO_GROUP
     rendezvous_dir = tempfile.mkdtemp(prefix="pagedserve-tp-")  # mode 0700
-    followers = Followers.start(args, rendezvous_dir)
+    followers = Followers.start(config, rendezvous_dir, log_flags)
     try:
         tp = join_group(0, size, rendezvous_method(rendezvous_dir), device)
     except Exception:

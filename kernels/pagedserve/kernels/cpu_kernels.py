@@ -11,7 +11,9 @@ machine they are built on (the figures: docs/performance.md, "Why the CPU kernel
 The library is compiled at first use with the machine's C compiler (`cc`, or $CC) into
 $XDG_CACHE_HOME/pagedserve/kernels (or ~/.cache/pagedserve/kernels), named by the hash of its
 source and flags, so later starts load it at once. With no compiler, `available()` is False and
-kernels/pagedserve/kernels/dispatch.py keeps the PyTorch path.
+kernels/pagedserve/kernels/dispatch.py keeps the PyTorch path. Loading checks the ctypes mirrors
+of the C structs against the layouts the library reports (`check_layout`) and raises where they
+disagree.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
+from typing import NoReturn
 
 import structlog
 import torch
@@ -47,6 +51,47 @@ class _DecodeShape(ctypes.Structure):
         "q_stride_s", "q_stride_h", "o_stride_s", "o_stride_h",
         "kv_stride_b", "kv_stride_t", "kv_stride_h", "bf16", "window")] + [
         ("scale", ctypes.c_float)]
+
+
+def check_layout(c_struct: str, mirror: type[ctypes.Structure], size: int,
+                 fields: Sequence[tuple[str, int, int]]) -> None:
+    """Raise RuntimeError, naming the struct and field, where the ctypes `mirror` of the C struct
+    `c_struct` disagrees with the layout the library reports: its `size` (sizeof) and `fields`
+    (each one's name, offset and size, from `_c_layout`).
+
+    Why: the mirrors are written by hand, and a C struct changed without its mirror (or the
+    reverse) makes the kernels read their arguments from the wrong bytes, silent memory
+    corruption. Checked when the library loads, such drift fails loudly instead. Fields are
+    matched by name (two of one type swapped move no offset in a positional check) and their
+    sizes compared too (padding can absorb a changed type without moving any offset)."""
+    def fail(what: str) -> NoReturn:
+        raise RuntimeError(f"the C struct {c_struct} and its ctypes mirror {mirror.__name__} in "
+                           f"{__name__} disagree: {what}; make the mirror match the C struct")
+
+    mirrored = {name for name, *_ in mirror._fields_}
+    if len(fields) != len(mirrored):
+        fail(f"{len(fields)} fields in C, {len(mirrored)} in the mirror")
+    for name, offset, field_size in fields:
+        if name not in mirrored:
+            fail(f"field {name!r} is not in the mirror")
+        field = getattr(mirror, name)
+        if (field.offset, field.size) != (offset, field_size):
+            fail(f"field {name!r} is {field_size} bytes at offset {offset} in C, {field.size} "
+                 f"bytes at offset {field.offset} in the mirror")
+    if ctypes.sizeof(mirror) != size:
+        fail(f"sizeof is {size} in C, {ctypes.sizeof(mirror)} in the mirror")
+
+
+def _c_layout(library: ctypes.CDLL, symbol: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """The layout the library's `const char *symbol(const int64_t **layout)` reports
+    (decode_shape_layout in attention.c): sizeof, and each field's name, offset and size."""
+    function = getattr(library, symbol)
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.POINTER(ctypes.POINTER(ctypes.c_int64))]
+    values = ctypes.POINTER(ctypes.c_int64)()
+    names = function(ctypes.byref(values)).decode().split()
+    return values[0], [(name, values[1 + 2 * i], values[2 + 2 * i])
+                       for i, name in enumerate(names)]
 
 
 def _cache_dir() -> pathlib.Path:
@@ -84,6 +129,7 @@ def _library() -> ctypes.CDLL | None:
             return None
         log.info("built the CPU kernels", path=str(target))
     library = ctypes.CDLL(str(target))
+    check_layout("DecodeShape", _DecodeShape, *_c_layout(library, "decode_shape_layout"))
     for attention in (library.paged_decode_attention, library.paged_prefill_attention):
         attention.restype = ctypes.c_int
         attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(_DecodeShape)]

@@ -14,6 +14,7 @@
  * scores (then an exact softmax), then the weighted sum of V. Positions outside the context or
  * the sliding window are never read.
  */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
@@ -28,6 +29,23 @@ typedef struct {
     int64_t window;                                          /* 0: no sliding window */
     float scale;
 } DecodeShape;
+
+/* DecodeShape's layout, for kernels/cpu_kernels.py to check its ctypes mirror of the struct at
+ * load: returns the field names (space-separated) and points `*layout` at sizeof, then each
+ * field's offset and size, in the same order. A field not listed here goes unchecked. */
+#define DECODE_SHAPE_FIELDS(F) F(num_seqs) F(num_heads) F(num_kv_heads) F(head_dim) F(block_size) \
+    F(table_stride) F(q_stride_s) F(q_stride_h) F(o_stride_s) F(o_stride_h) F(kv_stride_b)       \
+    F(kv_stride_t) F(kv_stride_h) F(bf16) F(window) F(scale)
+#define FIELD_NAME(field) #field " "
+#define FIELD_LAYOUT(field) offsetof(DecodeShape, field), sizeof(((DecodeShape *)0)->field),
+const char *decode_shape_layout(const int64_t **layout) {
+    static const int64_t values[] = {sizeof(DecodeShape), DECODE_SHAPE_FIELDS(FIELD_LAYOUT)};
+    *layout = values;
+    return DECODE_SHAPE_FIELDS(FIELD_NAME);
+}
+#undef DECODE_SHAPE_FIELDS
+#undef FIELD_NAME
+#undef FIELD_LAYOUT
 
 /* scores[g * stride] = qf[g] . (the K row at `offset`) for each query row g. */
 static inline void score_row(const void *k, int64_t offset, int64_t bf16, int64_t dim,
