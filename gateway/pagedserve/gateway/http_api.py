@@ -9,9 +9,10 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -113,153 +114,178 @@ class BodyLimit:
 
 def create_app(client: SchedulerClient, request_timeout_s: float | None = None) -> FastAPI:
     """The HTTP API over `client`; `request_timeout_s` (--request-timeout) bounds every
-    generation request, None: only a client's X-Request-Timeout does."""
+    generation request, None: only a client's X-Request-Timeout does. The table below routes to
+    this module's handlers, which reach the client and the timeout through the app's state
+    (`Scheduler`, `respond`)."""
     app = FastAPI(title="pagedserve", summary="OpenAI-compatible LLM serving")
+    app.state.client = client
+    app.state.request_timeout_s = request_timeout_s
     app.add_middleware(BodyLimit)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.get("/health")(health)
+    app.get("/ready", responses=documented_errors(503))(ready)
+    app.get("/metrics", response_class=PlainTextResponse)(metrics)
+    app.get("/v1/models", responses=documented_errors(*_ANY_ROUTE, 404, 503))(models)
+    app.post("/tokenize", responses=documented_errors(*_MODEL_ROUTE))(tokenize)
+    app.post("/detokenize", responses=documented_errors(*_MODEL_ROUTE))(detokenize)
+    app.post("/v1/completions", responses=_GENERATION_RESPONSES)(completions)
+    app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)(chat_completions)
+    return app
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":  # its location is a character offset, no field
-            return error_response(400, f"the body is not valid JSON: {first['ctx']['error']}",
-                                  "invalid_request_error")
-        # Without pydantic's union-member tags ("str", "list[int]", "function-after[...]").
-        location = [str(part) for part in first["loc"] if part != "body"
-                    and str(part) not in _UNION_TAGS and not any(c in str(part) for c in "[-")]
-        param = ".".join(location) or None
-        return error_response(400, f"{param or 'body'}: {first['msg']}",
-                              "invalid_request_error", param)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException):
-        # Bodies FastAPI cannot parse (bad UTF-8, nesting too deep), too large, unknown paths.
-        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        return error_response(exc.status_code, message, kind)
+def _scheduler(request: Request) -> SchedulerClient:
+    return request.app.state.client
 
-    @app.exception_handler(GatewayError)
-    async def gateway_error(_request: Request, exc: GatewayError):
-        response = error_response(exc.status, exc.message, exc.error_type, exc.param)
-        if exc.status == 429:
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return response
 
-    @app.get("/health")
-    async def health() -> dict:
-        """Liveness: the gateway process answers."""
-        return {"status": "ok"}
+# A route's scheduler client, from the app it serves (create_app).
+Scheduler = Annotated[SchedulerClient, Depends(_scheduler)]
 
-    @app.get("/ready", responses=documented_errors(503))
-    async def ready():
-        """Readiness: the scheduler answers, an executor is registered, none is wedged."""
-        try:
-            stats = await client.stats(timeout=2.0)
-        except GatewayError as exc:
-            return error_response(503, exc.message, "service_unavailable")
-        if not stats.executors:
-            return error_response(503, "no executor is registered", "service_unavailable")
-        stalled = [e.executor_id for e in stats.executors if e.seconds_since_progress > STALL_S]
-        if stalled:
-            return error_response(503, f"executors not progressing: {stalled}",
-                                  "service_unavailable")
-        return {"status": "ready", "executors": len(stats.executors)}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> Response:
-        """Prometheus exposition: the gateway's metrics and the scheduler's state."""
-        try:
-            stats = await client.stats(timeout=2.0)
-        except GatewayError:
-            stats = None  # the gateway's own metrics are still worth scraping
-        return Response(METRICS.exposition(stats), media_type=CONTENT_TYPE_LATEST)
+async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":  # its location is a character offset, no field
+        return error_response(400, f"the body is not valid JSON: {first['ctx']['error']}",
+                              "invalid_request_error")
+    # Without pydantic's union-member tags ("str", "list[int]", "function-after[...]").
+    location = [str(part) for part in first["loc"] if part != "body"
+                and str(part) not in _UNION_TAGS and not any(c in str(part) for c in "[-")]
+    param = ".".join(location) or None
+    return error_response(400, f"{param or 'body'}: {first['msg']}",
+                          "invalid_request_error", param)
 
-    @app.get("/v1/models", responses=documented_errors(*_ANY_ROUTE, 404, 503))
-    async def models() -> dict:
-        served = await client.model()
-        return {"object": "list", "data": [{
-            "id": served.info.model_id, "object": "model", "created": 0,
-            "owned_by": "pagedserve", "max_model_len": served.info.max_model_len}]}
 
-    @app.post("/tokenize", responses=documented_errors(*_MODEL_ROUTE))
-    async def tokenize(body: TokenizeRequest) -> dict:
-        served = await client.model(body.model or "")
-        if body.messages is not None:
-            ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
-        elif body.prompt is not None:
-            ids = served.tokenizer(body.prompt,
-                                   add_special_tokens=body.add_special_tokens).input_ids
-        else:
-            raise GatewayError(400, "prompt or messages is required", "invalid_request_error",
-                               "prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": served.info.max_model_len}
+async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Bodies FastAPI cannot parse (bad UTF-8, nesting too deep), too large, unknown paths.
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+    return error_response(exc.status_code, message, kind)
 
-    @app.post("/detokenize", responses=documented_errors(*_MODEL_ROUTE))
-    async def detokenize(body: DetokenizeRequest) -> dict:
-        served = await client.model(body.model or "")
-        check_token_ids(served, body.tokens, "tokens")
-        return {"prompt": served.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
-    async def completions(body: CompletionRequest, request: Request):
-        served = await client.model(body.model or "")
-        prompts = [served.tokenizer(p).input_ids if isinstance(p, str) else p
-                   for p in body.prompts()]
-        for ids in prompts:
-            check_token_ids(served, ids, "prompt")
-            check_length(served, len(ids), body.max_tokens)
-        check_sampling_ids(served, body)
-        sampling = body.sampling_params(body.max_tokens, body.logprobs)
-        return await respond(request, body, served, CompletionFormat(served, body, prompts),
-                             prompts, sampling)
+async def gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
+    response = error_response(exc.status, exc.message, exc.error_type, exc.param)
+    if exc.status == 429:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
-    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        served = await client.model(body.model or "")
-        ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
-                              body.add_generation_prompt)
-        check_length(served, len(ids), body.max_output_tokens())
-        check_sampling_ids(served, body)
-        sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
-        return await respond(request, body, served, ChatFormat(served), [ids], sampling)
 
-    async def respond(request: Request, body: SamplingFields, served: ServedModel, fmt,
-                      prompts: list[list[int]], sampling: common_pb2.SamplingParams):
-        request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        deadline = request_deadline(request, request_timeout_s)
-        usages = [Usage() for _ in prompts]
-        n = max(1, sampling.n)
+async def health() -> dict:
+    """Liveness: the gateway process answers."""
+    return {"status": "ok"}
 
-        beam_params = (body.beam_search_params(sampling.max_tokens or None)
-                       if body.use_beam_search else None)
 
-        async def deltas() -> AsyncIterator[ChoiceDelta]:
-            # Several prompts: choices are numbered prompt by prompt (OpenAI's order).
-            for p, ids in enumerate(prompts):
-                if beam_params is not None:  # finished choices, at once
-                    for choice in await beam_choices(client, served, f"{request_id}-{p}", ids,
-                                                     beam_params, usages[p], deadline):
-                        choice.index += p * n
-                        yield choice
-                    continue
-                async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
-                                             usages[p], deadline=deadline):
+async def ready(client: Scheduler):
+    """Readiness: the scheduler answers, an executor is registered, none is wedged."""
+    try:
+        stats = await client.stats(timeout=2.0)
+    except GatewayError as exc:
+        return error_response(503, exc.message, "service_unavailable")
+    if not stats.executors:
+        return error_response(503, "no executor is registered", "service_unavailable")
+    stalled = [e.executor_id for e in stats.executors if e.seconds_since_progress > STALL_S]
+    if stalled:
+        return error_response(503, f"executors not progressing: {stalled}",
+                              "service_unavailable")
+    return {"status": "ready", "executors": len(stats.executors)}
+
+
+async def metrics(client: Scheduler) -> Response:
+    """Prometheus exposition: the gateway's metrics and the scheduler's state."""
+    try:
+        stats = await client.stats(timeout=2.0)
+    except GatewayError:
+        stats = None  # the gateway's own metrics are still worth scraping
+    return Response(METRICS.exposition(stats), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(client: Scheduler) -> dict:
+    served = await client.model()
+    return {"object": "list", "data": [{
+        "id": served.info.model_id, "object": "model", "created": 0,
+        "owned_by": "pagedserve", "max_model_len": served.info.max_model_len}]}
+
+
+async def tokenize(body: TokenizeRequest, client: Scheduler) -> dict:
+    served = await client.model(body.model or "")
+    if body.messages is not None:
+        ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
+    elif body.prompt is not None:
+        ids = served.tokenizer(body.prompt,
+                               add_special_tokens=body.add_special_tokens).input_ids
+    else:
+        raise GatewayError(400, "prompt or messages is required", "invalid_request_error",
+                           "prompt")
+    return {"tokens": ids, "count": len(ids), "max_model_len": served.info.max_model_len}
+
+
+async def detokenize(body: DetokenizeRequest, client: Scheduler) -> dict:
+    served = await client.model(body.model or "")
+    check_token_ids(served, body.tokens, "tokens")
+    return {"prompt": served.tokenizer.decode(body.tokens)}
+
+
+async def completions(body: CompletionRequest, request: Request, client: Scheduler):
+    served = await client.model(body.model or "")
+    prompts = [served.tokenizer(p).input_ids if isinstance(p, str) else p
+               for p in body.prompts()]
+    for ids in prompts:
+        check_token_ids(served, ids, "prompt")
+        check_length(served, len(ids), body.max_tokens)
+    check_sampling_ids(served, body)
+    sampling = body.sampling_params(body.max_tokens, body.logprobs)
+    return await respond(request, client, body, served, CompletionFormat(served, body, prompts),
+                         prompts, sampling)
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request, client: Scheduler):
+    served = await client.model(body.model or "")
+    ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
+                          body.add_generation_prompt)
+    check_length(served, len(ids), body.max_output_tokens())
+    check_sampling_ids(served, body)
+    sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
+    return await respond(request, client, body, served, ChatFormat(served), [ids], sampling)
+
+
+async def respond(request: Request, client: SchedulerClient, body: SamplingFields,
+                  served: ServedModel, fmt, prompts: list[list[int]],
+                  sampling: common_pb2.SamplingParams):
+    """Runs the prompts' choices and answers: a stream of server-sent events, or one JSON."""
+    request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    deadline = request_deadline(request, request.app.state.request_timeout_s)
+    usages = [Usage() for _ in prompts]
+    n = max(1, sampling.n)
+
+    beam_params = (body.beam_search_params(sampling.max_tokens or None)
+                   if body.use_beam_search else None)
+
+    async def deltas() -> AsyncIterator[ChoiceDelta]:
+        # Several prompts: choices are numbered prompt by prompt (OpenAI's order).
+        for p, ids in enumerate(prompts):
+            if beam_params is not None:  # finished choices, at once
+                for choice in await beam_choices(client, served, f"{request_id}-{p}", ids,
+                                                 beam_params, usages[p], deadline):
                     choice.index += p * n
                     yield choice
+                continue
+            async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
+                                         usages[p], deadline=deadline):
+                choice.index += p * n
+                yield choice
 
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = await started(request, deltas())
-            if stream is None:
-                return client_gone()
-            return StreamingResponse(sse(fmt, request_id, stream, usages, include_usage),
-                                     media_type="text/event-stream")
-        collected = await until_disconnected(request, collect(deltas()))
-        if collected is None:
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = await started(request, deltas())
+        if stream is None:
             return client_gone()
-        return fmt.full_response(request_id, collected, total_usage(usages))
-
-    return app
+        return StreamingResponse(sse(fmt, request_id, stream, usages, include_usage),
+                                 media_type="text/event-stream")
+    collected = await until_disconnected(request, collect(deltas()))
+    if collected is None:
+        return client_gone()
+    return fmt.full_response(request_id, collected, total_usage(usages))
 
 
 def request_deadline(request: Request, default_s: float | None) -> Deadline:
