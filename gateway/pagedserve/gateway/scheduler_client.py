@@ -100,8 +100,8 @@ class ServedModel:
 def load_tokenizer(directory: pathlib.Path):
     """The tokenizer in `directory`, of the class its tokenizer_config.json names, loaded
     without torch: transformers' AutoTokenizer reads the model config, whose module imports
-    torch (+300 MB resident and +1.4 s for a gateway, measured with the default model), while a
-    tokenizer class's own module does not. Its Fast variant where transformers has one, as
+    torch (its cost for a gateway: docs/architecture.md, "The gateway"), while a tokenizer
+    class's own module does not. Its Fast variant where transformers has one, as
     AutoTokenizer would choose. AutoTokenizer where the file names no class
     transformers has; an error where it names another kind of class (AutoTokenizer would
     instantiate it: a model class loads weights)."""

@@ -232,8 +232,8 @@ def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     """Drop-in for `attention.paged_attention`: decodes one query per sequence; prefills
     by tiles of consecutive tokens where the machine's kernels can
     (`prefill_tiles_supported`), else each prefill token as a one-query request over its causal
-    context. (Both beat scaled_dot_product_attention on a chunk, whose bfloat16 kernels reach
-    about 30 GFLOP/s on the default model's 256-token prompts.)"""
+    context. (Both replace the PyTorch path's scaled_dot_product_attention over a gathered
+    copy of the context; docs/performance.md, "Why the CPU kernels are C", compares the sets.)"""
     if meta.num_decodes == len(meta.query_lens) or not prefill_tiles_supported(
             query.shape[-1]):
         tables, lens = meta.token_contexts
@@ -312,7 +312,7 @@ def pack_linear_cpu(weight: torch.Tensor) -> torch.Tensor | None:
     other dtypes (float32 matmuls go to MKL, which gains nothing from it) or without oneDNN."""
     if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
-    # The batch-size hint only tunes the layout; measured equal for 1 to 2048 rows.
+    # The batch-size hint only tunes the layout, not which batch sizes it serves.
     return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
 
 

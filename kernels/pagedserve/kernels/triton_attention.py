@@ -125,7 +125,7 @@ def _paged_attention_decode_kernel(
 
     # Its own loop rather than the prefill kernel's _attend_tile: a decode tile needs only a
     # 1-D position mask, and sharing the prefill's 2-D causal step cost a quarter of the
-    # bandwidth on an H200 (64 x 4096: 96 % -> 71 % of copy bandwidth, benchmarks/results).
+    # bandwidth on an H200 (docs/performance.md, "Triton kernels on a GPU").
     # Finite start: a tile whose scores are all masked leaves the state unchanged (no NaN).
     m_i = tl.full([GROUP_P], -1e30, dtype=tl.float32)
     l_i = tl.full([GROUP_P], 0.0, dtype=tl.float32)
@@ -223,8 +223,8 @@ def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     partitions of DECODE_PARTITION_SIZE positions, read in parallel and merged after. None: no
     split (many programs already, or a short context, or not a GPU).
 
-    Measured on an H200 (132 SMs; docs/performance.md): 16 x 8 programs over 4096 positions
-    read K/V 1.7x faster split, 64 x 8 programs 12 % slower split."""
+    The threshold comes from H200 measurements (docs/performance.md, "Triton kernels on a
+    GPU"): splitting pays with few programs and long contexts, and costs with many."""
     if device.type != "cuda" or max_seq_len <= DECODE_PARTITION_SIZE:
         return None
     if num_seqs * num_kv_heads >= 2 * _multiprocessors(device):
