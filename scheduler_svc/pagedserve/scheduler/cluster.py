@@ -107,11 +107,13 @@ class Cluster:
     # -- membership ---------------------------------------------------------------------
 
     def register(self, registration: scheduler_pb2.RegisterExecutorRequest) -> None:
+        """Adds the executor's pool; raises DescriptionError (before anything changes) for a
+        registration out of range."""
+        scheduler, pool_limits = schedule_executor(registration,
+                                                   self.config.enable_prefix_caching)
         old = self.pools.get(registration.executor_id)
         if old is not None:
             self._lose(old, "registered again")
-        scheduler, pool_limits = schedule_executor(registration,
-                                                   self.config.enable_prefix_caching)
         handle = self.make_handle(registration.address)
         pool = Pool(registration=registration, limits=pool_limits, scheduler=scheduler,
                     loop=None, handle=handle, lease_deadline=self._lease_deadline())

@@ -1,7 +1,12 @@
 """What the scheduler builds for one executor from the executor's own description (its
 registration, or its `Describe` answer in the offline engine): a step scheduler over a block
 pool of the executor's size, and the limits admission checks requests against. One function,
-so the scheduler service and the offline engine size their pools the same way."""
+so the scheduler service and the offline engine size their pools the same way.
+
+A registration comes from another process, so every number the scheduler sizes structures by
+is checked against a ceiling first (`check_description`): a block pool is a Python object per
+block, built on the scheduler's event loop, and 2^32 of them would stall it, then exhaust its
+memory."""
 
 from __future__ import annotations
 
@@ -10,13 +15,52 @@ from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.step_scheduler import StepLimits, StepScheduler
 from pagedserve.v1 import executor_pb2, scheduler_pb2
 
+# Ceilings far above any real executor: a 141 GB GPU serving a 135M-parameter model holds about
+# 400k blocks of 16 tokens; a million blocks cost the scheduler about 100 MB and a second.
+MAX_NUM_BLOCKS = 1 << 20
+MAX_BLOCK_SIZE = 1024
+MAX_MODEL_LEN = 1 << 24
+MAX_VOCAB_SIZE = 1 << 24
+MAX_NUM_SEQS = 1 << 16
+MAX_NUM_BATCHED_TOKENS = 1 << 24
+MAX_EOS_TOKEN_IDS = 64
+MAX_MODEL_ID_CHARS = 256
+
+
+class DescriptionError(ValueError):
+    """An executor described itself with a value out of range; the message names the field."""
+
+
+def check_description(description: scheduler_pb2.RegisterExecutorRequest
+                      | executor_pb2.DescribeResponse) -> None:
+    """Raises DescriptionError naming the first field out of its range."""
+    kv, limits, model = description.kv_cache, description.limits, description.model
+    ranges = [("kv_cache.num_blocks", kv.num_blocks, 1, MAX_NUM_BLOCKS),
+              ("kv_cache.block_size", kv.block_size, 1, MAX_BLOCK_SIZE),
+              ("model.max_model_len", model.max_model_len, 1, MAX_MODEL_LEN),
+              ("model.vocab_size", model.vocab_size, 1, MAX_VOCAB_SIZE),
+              ("limits.max_num_seqs", limits.max_num_seqs, 1, MAX_NUM_SEQS),
+              ("limits.max_num_batched_tokens", limits.max_num_batched_tokens, 1,
+               MAX_NUM_BATCHED_TOKENS),
+              ("limits.max_logprobs", limits.max_logprobs, 0, model.vocab_size),
+              ("model.eos_token_ids (count)", len(model.eos_token_ids), 0, MAX_EOS_TOKEN_IDS),
+              ("model.model_id (characters)", len(model.model_id), 0, MAX_MODEL_ID_CHARS)]
+    for field, value, low, high in ranges:
+        if not low <= value <= high:
+            raise DescriptionError(f"{field} is {value}, outside [{low}, {high}]")
+    outside = [i for i in model.eos_token_ids if i >= model.vocab_size]
+    if outside:
+        raise DescriptionError(f"model.eos_token_ids {outside} are not below model.vocab_size "
+                               f"{model.vocab_size}")
+
 
 def schedule_executor(description: scheduler_pb2.RegisterExecutorRequest
                       | executor_pb2.DescribeResponse,
                       enable_prefix_caching: bool) -> tuple[StepScheduler, PoolLimits]:
     """The step scheduler and admission limits for the executor `description` describes.
     Its prefix cache keys blocks by the served model too (docs/design.md §3), so two models'
-    identical prompts never share a block."""
+    identical prompts never share a block. Raises DescriptionError for a value out of range."""
+    check_description(description)
     kv, limits, model = description.kv_cache, description.limits, description.model
     blocks = BlockManager(kv.num_blocks, kv.block_size, enable_prefix_caching,
                           extra_key=model.model_id.encode())

@@ -26,6 +26,7 @@ from pagedserve.runtime.serving import (
 from pagedserve.scheduler.admission import AdmissionError, QueueFull, check_queue_room
 from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission, UnknownModel
 from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
+from pagedserve.scheduler.executor_pool import DescriptionError
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -140,7 +141,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                               tokenizer=description.tokenizer)
 
     async def RegisterExecutor(self, request, context):
-        self.cluster.register(request)
+        try:
+            self.cluster.register(request)
+        except DescriptionError as exc:
+            log.warning("registration refused", executor_id=request.executor_id[:64],
+                        error=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return scheduler_pb2.RegisterExecutorResponse(
             heartbeat_interval_s=self.cluster.config.heartbeat_interval_s)
 
