@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from pagedserve.runtime.capacity import MAX_KV_BLOCKS
 from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
 from pagedserve.scheduler.executor_pool import DescriptionError
 from pagedserve.v1 import common_pb2, scheduler_pb2
@@ -147,4 +148,19 @@ def test_a_registration_out_of_range_is_refused_and_evicts_nothing(field, change
         with pytest.raises(DescriptionError, match=named.replace(".", r"\.")):
             cluster.register(bad)
         assert cluster.pools["a"].limits.num_blocks == 40
+    run(test)
+
+
+def test_an_executor_sizes_its_pool_to_what_the_scheduler_accepts():
+    """The executor side of the ceiling: a pool that could hold more blocks holds the most a
+    registration may carry, so a small model with a large KV budget still registers."""
+    from pagedserve.executor.kv_cache import check_capacity
+
+    assert check_capacity(MAX_KV_BLOCKS + 5, 16, 64) == MAX_KV_BLOCKS
+    assert check_capacity(100, 16, 64) == 100
+    capped = registration("a", check_capacity(10 * MAX_KV_BLOCKS, 16, 64))
+
+    async def test(cluster):
+        cluster.register(capped)
+        assert cluster.pools["a"].limits.num_blocks == MAX_KV_BLOCKS
     run(test)

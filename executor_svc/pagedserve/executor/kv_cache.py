@@ -7,11 +7,15 @@ what is left of `--gpu-memory-utilization` of the device's memory.
 
 from __future__ import annotations
 
+import structlog
 import torch
 from torch import nn
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
 from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape
+from pagedserve.runtime.capacity import MAX_KV_BLOCKS
+
+log = structlog.get_logger(__name__)
 
 GIB = 1 << 30
 
@@ -43,7 +47,12 @@ def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype:
 
 
 def check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> int:
-    """`num_blocks`, if they hold one sequence of max_model_len tokens; else a clear error."""
+    """`num_blocks`, at most MAX_KV_BLOCKS (the scheduler's ceiling), if they hold one sequence
+    of max_model_len tokens; else a clear error."""
+    if num_blocks > MAX_KV_BLOCKS:
+        log.info("KV cache capped at the scheduler's most blocks", could_hold=num_blocks,
+                 kv_blocks=MAX_KV_BLOCKS)
+        num_blocks = MAX_KV_BLOCKS
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
         raise KvCacheSizeError(

@@ -10,14 +10,13 @@ memory."""
 
 from __future__ import annotations
 
+from pagedserve.runtime.capacity import MAX_KV_BLOCKS
 from pagedserve.scheduler.admission import PoolLimits
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.step_scheduler import StepLimits, StepScheduler
 from pagedserve.v1 import executor_pb2, scheduler_pb2
 
-# Ceilings far above any real executor: a 141 GB GPU serving a 135M-parameter model holds about
-# 400k blocks of 16 tokens; a million blocks cost the scheduler about 100 MB and a second.
-MAX_NUM_BLOCKS = 1 << 20
+# Ceilings far above any real executor (the block count's: runtime/capacity.py).
 MAX_BLOCK_SIZE = 1024
 MAX_MODEL_LEN = 1 << 24
 MAX_VOCAB_SIZE = 1 << 24
@@ -35,7 +34,7 @@ def check_description(description: scheduler_pb2.RegisterExecutorRequest
                       | executor_pb2.DescribeResponse) -> None:
     """Raises DescriptionError naming the first field out of its range."""
     kv, limits, model = description.kv_cache, description.limits, description.model
-    ranges = [("kv_cache.num_blocks", kv.num_blocks, 1, MAX_NUM_BLOCKS),
+    ranges = [("kv_cache.num_blocks", kv.num_blocks, 1, MAX_KV_BLOCKS),
               ("kv_cache.block_size", kv.block_size, 1, MAX_BLOCK_SIZE),
               ("model.max_model_len", model.max_model_len, 1, MAX_MODEL_LEN),
               ("model.vocab_size", model.vocab_size, 1, MAX_VOCAB_SIZE),
