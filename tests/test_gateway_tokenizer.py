@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagedserve.gateway.errors import GatewayError
-from pagedserve.gateway.scheduler_client import SchedulerClient, load_tokenizer
+from pagedserve.gateway.scheduler_client import load_tokenizer, tokenizer_from_files
 from pagedserve.runtime import tokenizer_files
 
 TEXTS = ["Hello world", " leading space", "émoji 🙂 and ünïcode", "<|im_start|>user\nhi<|im_end|>"]
@@ -91,9 +91,8 @@ def test_relayed_tokenizer_files_are_written_only_inside_their_directory(tmp_pat
     (tmp_path / "scratch").mkdir()
     target = tmp_path / "owned.json"
     name = str(target) if escape == "absolute" else "../../owned.json"
-    client = SchedulerClient("127.0.0.1:1")
     with pytest.raises(GatewayError, match="owned.json") as error:
-        client._load_tokenizer({name: b"{}"})
+        tokenizer_from_files({name: b"{}"})
     assert error.value.status == 500
     assert not target.exists()
 

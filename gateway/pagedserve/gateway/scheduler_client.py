@@ -122,6 +122,21 @@ def load_tokenizer(directory: pathlib.Path):
     return cls.from_pretrained(directory)
 
 
+def tokenizer_from_files(files: Mapping[str, bytes]):
+    """The tokenizer an executor relayed (file name to bytes), written to a temporary directory
+    and loaded from it. The names come from another process: they are checked before anything
+    is written (runtime/tokenizer_files.py)."""
+    try:
+        check_tokenizer_files(files)
+    except ValueError as exc:
+        raise GatewayError(500, f"the executor relayed an unusable tokenizer: {exc}",
+                           "internal_error") from None
+    with tempfile.TemporaryDirectory(prefix="pagedserve-tokenizer-") as directory:
+        for name, content in files.items():
+            (pathlib.Path(directory) / name).write_bytes(content)
+        return load_tokenizer(pathlib.Path(directory))
+
+
 class SchedulerClient:
     def __init__(self, address: str, tokenizer_path: str | None = None, tls: TlsConfig = NO_TLS):
         self.address = address
@@ -162,15 +177,7 @@ class SchedulerClient:
     def _load_tokenizer(self, files: Mapping[str, bytes]):
         if self.tokenizer_path:
             return load_tokenizer(pathlib.Path(self.tokenizer_path))
-        try:  # before anything is written: the names come from another process
-            check_tokenizer_files(files)
-        except ValueError as exc:
-            raise GatewayError(500, f"the executor relayed an unusable tokenizer: {exc}",
-                               "internal_error") from None
-        with tempfile.TemporaryDirectory(prefix="pagedserve-tokenizer-") as directory:
-            for name, content in files.items():
-                (pathlib.Path(directory) / name).write_bytes(content)
-            return load_tokenizer(pathlib.Path(directory))
+        return tokenizer_from_files(files)
 
     async def generate(self, request: scheduler_pb2.SubmitRequest,
                        deadline: Deadline = NO_DEADLINE
