@@ -74,11 +74,11 @@ def long_options(parser: argparse.ArgumentParser) -> dict[str, str]:
             if action.option_strings and action.dest != "help"}
 
 
-def passed_on(args: argparse.Namespace,
-              *adders: Callable[[argparse.ArgumentParser], None]) -> list[str]:
-    """The flags the `adders` define, as `args` has them (given or defaulted), as the argv of a
-    child process that takes the same flags (`pagedserve up`'s services, tensor-parallel
-    ranks). Flags whose value is None are left out: the child takes its own default."""
+def passed_on(args: object, *adders: Callable[[argparse.ArgumentParser], None]) -> list[str]:
+    """The flags the `adders` define, as `args` (a parsed namespace, or any object with an
+    attribute per flag, such as the executor's EngineConfig) has them, as the argv of a child
+    process that takes the same flags (`pagedserve up`'s services, tensor-parallel ranks).
+    Flags whose value is None are left out: the child takes its own default."""
     parser = argparse.ArgumentParser(add_help=False)
     for add in adders:
         add(parser)

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import pathlib
 
-from pagedserve.runtime.flags import add_common_flags, long_options
+from pagedserve.runtime.flags import add_common_flags, passed_on
 
 DEFAULT_PORT = 50053
 
@@ -57,15 +57,7 @@ class EngineConfig:
     def to_argv(self) -> list[str]:
         """The config as the flags of a child process that parses them back (`from_args`);
         options left unset (None) are left out, and the child takes the same default."""
-        parser = argparse.ArgumentParser(add_help=False)
-        add_model_arguments(parser)
-        add_engine_arguments(parser)
-        flags = []
-        for dest, option in long_options(parser).items():
-            value = getattr(self, dest)
-            if value is not None:
-                flags += [option, str(value)]
-        return flags
+        return passed_on(self, add_model_arguments, add_engine_arguments)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
