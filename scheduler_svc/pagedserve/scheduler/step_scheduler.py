@@ -18,6 +18,7 @@ later step is discarded, never streamed.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass
 
@@ -224,8 +225,11 @@ class StepScheduler:
     def _prefills_contend(self) -> bool:
         """Whether more than one sequence prefills or waits to: then each prefill chunk takes
         at most a quarter of the budget, so that no one prompt holds the others back."""
-        prefilling = sum(1 for s in self.running if s.compute_target() - s.num_computed > 1)
-        return prefilling + len(self.waiting) > 1
+        needed = 2 - len(self.waiting)  # prefilling sequences that make it more than one
+        if needed <= 0:
+            return True
+        prefilling = (s for s in self.running if s.compute_target() - s.num_computed > 1)
+        return len(list(itertools.islice(prefilling, needed))) == needed
 
     def _chunk_cap(self, budget: _Budget, contended: bool) -> int:
         """Tokens a prefill chunk may take: a quarter of the budget when prefills contend
