@@ -164,7 +164,7 @@ async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
-    response = error_response(exc.status, exc.message, exc.error_type, exc.param)
+    response = JSONResponse(status_code=exc.status, content=exc.body())
     if exc.status == 429:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
