@@ -13,11 +13,16 @@ engine): they are checked as text.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import http.server
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ VARIANTS = {
     "default": None,
     "cpu": CHART / "ci" / "cpu-values.yaml",
     "tls": CHART / "ci" / "tls-values.yaml",
+    "tls-per-role": CHART / "ci" / "tls-per-role-values.yaml",
     "autoscaling": CHART / "ci" / "autoscaling-values.yaml",
     "gpu-tp2": CHART / "ci" / "gpu-tp2-values.yaml",
 }
@@ -67,10 +73,32 @@ REFUSED = {
     "tp1-two-gpus": (["--set", "executor.resources.requests.nvidia\\.com/gpu=2"],
                      "executor.resources.requests.nvidia.com/gpu is 2 but "
                      "executor.tensorParallelSize is 1"),
+    "tls-without-secret": (["--set", "tls.enabled=true"],  # whichever role renders first
+                           ".existingSecret or tls.existingSecret is required when tls.enabled "
+                           "is true"),
+    "tls-role-without-secret": (["--set", "tls.enabled=true",
+                                 "--set", "tls.gateway.existingSecret=gw",
+                                 "--set", "tls.scheduler.existingSecret=sched"],
+                                "tls.executor.existingSecret or tls.existingSecret is required"),
+    "internal-secret-no-key": (["--set", "internalAuth.secretKey="],
+                               "internalAuth.secretKey must name the key"),
 }
-# What the TLS variant passes to every service: variable -> file in the mounted Secret.
+# What the TLS variants pass to every service: variable -> file in the mounted Secret.
 TLS_FILES = {"PAGEDSERVE_TLS_CERT_FILE": "tls.crt", "PAGEDSERVE_TLS_KEY_FILE": "tls.key",
              "PAGEDSERVE_TLS_CA_FILE": "ca.crt"}
+# The Secret each TLS variant mounts in each component's pods: one shared certificate, or one
+# per role (CN pagedserve-<role>, which binds the role).
+TLS_SECRETS = {
+    "tls": dict.fromkeys(("gateway", "scheduler", "executor"), "pagedserve-internal-tls"),
+    "tls-per-role": {c: f"pagedserve-{c}-tls" for c in ("gateway", "scheduler", "executor")},
+}
+# Internal authentication: the variable every service reads the shared secret from
+# (--internal-secret), the Secret the chart generates when internalAuth.existingSecret is empty,
+# and the one the variants that supply their own name.
+INTERNAL_SECRET_VAR = "PAGEDSERVE_INTERNAL_SECRET"
+GENERATED_INTERNAL_SECRET = f"{RELEASE}-pagedserve-internal-auth"
+OWN_INTERNAL_SECRET = {"tls-per-role": "pagedserve-internal-auth"}
+CHECKSUM_ANNOTATION = "checksum/internal-secret"
 # The flags of the command each container runs.
 SERVICE_FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "gateway": pagedserve.gateway.config.add_arguments,
@@ -278,7 +306,7 @@ def test_executors_advertise_an_address_the_scheduler_can_dial(variant):
     advertised = args_of(executor)["--advertise-address"]
     env = {e["name"]: e for e in executor["env"]}
     port = port_named(executor, "grpc")
-    if name == "tls":  # the pod's DNS name under the headless Service, for the certificate
+    if name in TLS_SECRETS:  # the pod's DNS name under the headless Service, for the certificate
         service = manifests.one("Service", "executor")
         assert service["spec"]["clusterIP"] == "None"
         statefulset = manifests.one("StatefulSet", "executor")
@@ -301,7 +329,7 @@ def test_gateway_probes_hit_the_gateways_routes(variant):
         get = gw[probe]["httpGet"]
         assert get["path"] == path and path in routes
         assert get["port"] == "http"
-        assert get["scheme"] == ("HTTPS" if name == "tls" else "HTTP")  # the gateway's TLS
+        assert get["scheme"] == ("HTTPS" if name in TLS_SECRETS else "HTTP")  # the gateway's TLS
 
 
 def test_internal_probes_use_grpc_health_or_tcp_with_tls(variant):
@@ -311,7 +339,7 @@ def test_internal_probes_use_grpc_health_or_tcp_with_tls(variant):
     for component, kinds in probes.items():
         container = manifests.container(component)
         for kind in kinds:
-            handler = "tcpSocket" if name == "tls" else "grpc"
+            handler = "tcpSocket" if name in TLS_SECRETS else "grpc"
             assert container[kind][handler]["port"] == port_named(container, "grpc"), kind
 
 
@@ -334,6 +362,60 @@ def test_network_policies_select_the_right_pods(variant):
                                       manifests.pod_labels(c))}
                 assert sources == allowed_from[target], f"{name}: {target} from {sources}"
 
+
+
+# Whom each component may dial (egress): the one peer it talks to, on that peer's gRPC port.
+EGRESS_TO = {"gateway": "scheduler", "executor": "scheduler", "scheduler": "executor"}
+KUBE_DNS = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
+                                                           "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+
+
+def variant_values(name: str) -> dict:
+    return yaml.safe_load(VARIANTS[name].read_text()) if VARIANTS[name] else {}
+
+
+def test_network_policies_restrict_egress_to_the_one_peer_and_dns(variant):
+    """Each pod may dial only its peer's gRPC port (the gateway and executors the scheduler's,
+    the scheduler the executors': not an address a registration names) and DNS: no rule open
+    to any destination or any port."""
+    name, manifests = variant
+    components = [c for c, _ in manifests.workloads()]
+    dns = {**KUBE_DNS, **variant_values(name).get("networkPolicy", {}).get("dns", {})}
+    for policy in manifests.of_kind("NetworkPolicy"):
+        source = policy["metadata"]["labels"]["app.kubernetes.io/component"]
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"], f"{name}/{source}"
+        peer_rule, dns_rule = spec["egress"]  # no extraEgress in the variants
+        assert dns_rule == dns, f"{name}/{source}: DNS {dns_rule}"
+        targets = {c for peer in peer_rule["to"] for c in components
+                   if set(peer) == {"podSelector"}
+                   and matches(peer["podSelector"]["matchLabels"], manifests.pod_labels(c))}
+        assert len(peer_rule["to"]) == 1 and targets == {EGRESS_TO[source]}, f"{name}/{source}"
+        target_port = port_named(manifests.container(EGRESS_TO[source]), "grpc")
+        assert peer_rule["ports"] == [{"port": target_port, "protocol": "TCP"}]
+
+
+def test_default_dns_egress_is_kube_dns_on_53_udp_and_tcp(helm):
+    (_, dns_rule) = Manifests(render(helm, None)).one("NetworkPolicy", "gateway")["spec"]["egress"]
+    assert dns_rule == KUBE_DNS
+
+
+def test_extra_egress_is_appended_per_component(helm, tmp_path):
+    """networkPolicy.extraEgress.<component>: rules added to that component's policy only,
+    after the chart's, and still valid NetworkPolicies."""
+    collector = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+                 "ports": [{"port": 4317, "protocol": "TCP"}]}
+    values = tmp_path / "extra-egress.yaml"
+    values.write_text(yaml.safe_dump({"networkPolicy": {"extraEgress": {"gateway": [collector],
+                                                                        "executor": [{}]}}}))
+    manifests = Manifests(render(helm, values))
+    for component, extra in (("gateway", [collector]), ("executor", [{}]), ("scheduler", [])):
+        policy = manifests.one("NetworkPolicy", component)
+        assert policy["spec"]["egress"][2:] == extra, component
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(policy, version, strict=True)
 
 def test_pdbs_and_hpa_target_the_workloads(variant):
     name, manifests = variant
@@ -495,10 +577,10 @@ def test_tls_secret_is_mounted_where_the_variables_point(variant):
         container = manifests.container(component)
         tls_vars = {k: v for k, v in env_of(container).items() if k in TLS_FILES}
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
-        if name != "tls":
+        if name not in TLS_SECRETS:
             assert not tls_vars and "tls" not in volumes
             continue
-        assert volumes["tls"]["secret"]["secretName"] == "pagedserve-internal-tls"
+        assert volumes["tls"]["secret"]["secretName"] == TLS_SECRETS[name][component]
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
         assert mount["readOnly"] is True
         assert tls_vars == {var: f"{mount['mountPath']}/{file}"
@@ -508,12 +590,206 @@ def test_tls_secret_is_mounted_where_the_variables_point(variant):
 def test_api_key_comes_from_the_secret_when_set(variant):
     name, manifests = variant
     env = {e["name"]: e for e in manifests.container("gateway")["env"]}
-    if name == "tls":
+    if name in TLS_SECRETS:
         ref = env["PAGEDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "pagedserve-api-key", "key": "api-key"}
     else:
         assert "PAGEDSERVE_API_KEY" not in env
 
+
+
+# -- internal authentication --------------------------------------------------------------
+
+
+def internal_secret_ref(container: dict) -> dict:
+    (var,) = [e for e in container["env"] if e["name"] == INTERNAL_SECRET_VAR]
+    assert set(var) == {"name", "valueFrom"}, "never a literal value in the pod spec"
+    return var["valueFrom"]["secretKeyRef"]
+
+
+def generated_secret_value(manifests: Manifests) -> str:
+    (secret,) = [d for d in manifests.of_kind("Secret")
+                 if d["metadata"]["name"] == GENERATED_INTERNAL_SECRET]
+    assert secret["type"] == "Opaque"
+    return base64.b64decode(secret["data"]["internal-secret"]).decode()
+
+
+def test_every_pod_reads_the_internal_secret(variant):
+    """Internal authentication is on in every render: gateway, scheduler and executor pods read
+    the shared secret from a Secret (the chart's, or the one internalAuth.existingSecret names,
+    in which case the chart creates none)."""
+    name, manifests = variant
+    expected = OWN_INTERNAL_SECRET.get(name, GENERATED_INTERNAL_SECRET)
+    for component, _ in manifests.workloads():
+        ref = internal_secret_ref(manifests.container(component))
+        assert ref == {"name": expected, "key": "internal-secret"}, f"{name}/{component}"
+    secrets = {d["metadata"]["name"] for d in manifests.of_kind("Secret")}
+    assert secrets == (set() if name in OWN_INTERNAL_SECRET else {GENERATED_INTERNAL_SECRET})
+
+
+def test_generated_internal_secret_is_long_random_and_rolls_the_pods(helm):
+    """The default render makes a random secret of at least 32 characters (the services'
+    minimum), and every pod carries its SHA-256, so a changed value restarts all of them. Without
+    a cluster (helm template) there is nothing to keep: each render makes a new one."""
+    first, second = (Manifests(render(helm, None)) for _ in range(2))
+    value = generated_secret_value(first)
+    assert len(value) >= 32 and value.isalnum()
+    assert value != generated_secret_value(second)
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    for component, workload in first.workloads():
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations[CHECKSUM_ANNOTATION] == digest, component
+        assert value not in json.dumps(workload)
+
+
+def test_own_internal_secret_gets_no_checksum_and_keeps_pod_annotations(helm):
+    manifests = Manifests(render(helm, None, "--set", "internalAuth.existingSecret=mine",
+                                 "--set", "internalAuth.secretKey=k",
+                                 "--set", "executor.podAnnotations.team=ml"))
+    assert not manifests.of_kind("Secret")
+    for component, workload in manifests.workloads():
+        assert internal_secret_ref(manifests.container(component)) == {"name": "mine", "key": "k"}
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations == ({"team": "ml"} if component == "executor" else {}), component
+
+
+class FakeKubeApi:
+    """Just enough of a Kubernetes API server for `helm template --dry-run=server` (what
+    `helm upgrade` does): discovery, and GET of the release's internal-auth Secret, which holds
+    `stored` and belongs to the release (as a previous install leaves it). Every other object
+    is absent; dry-run creates are echoed back."""
+
+    RESOURCES = {"v1": [("secrets", "Secret"), ("services", "Service"),
+                        ("serviceaccounts", "ServiceAccount")],
+                 "apps/v1": [("deployments", "Deployment"), ("statefulsets", "StatefulSet")],
+                 "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
+                 "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy")]}
+
+    def __init__(self, stored: str):
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                code, body = api.answer(self.path.split("?")[0])
+                self.reply(code, json.dumps(body).encode())
+
+            def do_POST(self):
+                self.reply(201, self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def reply(self, code: int, data: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.stored = stored
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, path: str) -> tuple[int, dict]:
+        groups = [gv for gv in self.RESOURCES if "/" in gv]
+        if path == "/version":
+            return 200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0"}
+        if path == "/api":
+            return 200, {"kind": "APIVersions", "versions": ["v1"]}
+        if path == "/apis":
+            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv,
+                                                         "version": gv.split("/")[1]}],
+                 "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}}
+                for gv in groups]}
+        gv = path.removeprefix("/api/").removeprefix("/apis/")
+        if gv in self.RESOURCES:
+            return 200, {"kind": "APIResourceList", "groupVersion": gv, "resources": [
+                {"name": plural, "singularName": plural[:-1], "namespaced": True, "kind": kind,
+                 "verbs": ["get", "create"]} for plural, kind in self.RESOURCES[gv]]}
+        if path == f"/api/v1/namespaces/{NAMESPACE}/secrets/{GENERATED_INTERNAL_SECRET}":
+            return 200, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {
+                "name": GENERATED_INTERNAL_SECRET, "namespace": NAMESPACE,
+                "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                "annotations": {"meta.helm.sh/release-name": RELEASE,
+                                "meta.helm.sh/release-namespace": NAMESPACE}},
+                "data": {"internal-secret": base64.b64encode(self.stored.encode()).decode()}}
+        return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                     "reason": "NotFound", "code": 404}
+
+    def kubeconfig(self, folder: Path) -> Path:
+        path = folder / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {
+                "server": f"http://127.0.0.1:{self.server.server_address[1]}"}}],
+            "users": [{"name": "fake", "user": {}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+        return path
+
+
+@pytest.mark.parametrize("stored, kept", [("x" * 40 + "0123456789abcdef", True),
+                                          ("too-short", False)])
+def test_generated_internal_secret_is_kept_across_upgrades(helm, tmp_path, monkeypatch, stored,
+                                                           kept):
+    """With a cluster (helm upgrade; here `helm template --dry-run=server` against a fake API
+    server) the chart reads its Secret back (lookup) and renders the same value and checksum,
+    so an upgrade restarts nothing and breaks no pod's authentication; a stored value the
+    services would refuse (under 32 characters) is replaced."""
+    api = FakeKubeApi(stored)
+    monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path)))
+    try:
+        manifests = Manifests(render(helm, None, "--dry-run=server",
+                                     "--disable-openapi-validation"))
+    finally:
+        api.server.shutdown()
+    value = generated_secret_value(manifests)
+    assert (value == stored) is kept and len(value) >= 32
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    for component, workload in manifests.workloads():
+        assert workload["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION] \
+            == digest, component
+
+
+
+def test_reuse_values_from_an_older_chart_is_refused_with_what_to_do(helm, tmp_path):
+    """`helm upgrade --reuse-values` renders with the previous release's chart defaults: from a
+    chart before internal authentication they lack internalAuth (and the per-role TLS and
+    egress keys). The render must stop and say so, not fail on a nil pointer nor render pods
+    without the secret. Emulated by this chart with those keys taken out of its values.yaml."""
+    chart = tmp_path / "pagedserve"
+    shutil.copytree(CHART, chart)
+    old = yaml.safe_load((CHART / "values.yaml").read_text())
+    del old["internalAuth"], old["networkPolicy"]["dns"], old["networkPolicy"]["extraEgress"]
+    for role in ("gateway", "scheduler", "executor"):
+        del old["tls"][role]
+    (chart / "values.yaml").write_text(yaml.safe_dump(old))
+    result = run_helm(helm, "template", RELEASE, str(chart))
+    assert result.returncode != 0
+    assert ("values lack internalAuth, tls.gateway, tls.scheduler, tls.executor, "
+            "networkPolicy.dns, networkPolicy.extraEgress, which this chart version added"
+            in result.stderr), result.stderr
+    assert "--reset-then-reuse-values" in result.stderr
+
+# -- per-role certificates ----------------------------------------------------------------
+
+
+def test_a_role_without_its_own_certificate_falls_back_to_the_shared_one(helm):
+    manifests = Manifests(render(helm, VARIANTS["tls"], "--set",
+                                 "tls.gateway.existingSecret=pagedserve-gateway-tls"))
+    expected = {"gateway": "pagedserve-gateway-tls", "scheduler": "pagedserve-internal-tls",
+                "executor": "pagedserve-internal-tls"}
+    for component, workload in manifests.workloads():
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == expected[component]
+
+
+def test_service_monitor_trusts_the_gateways_ca(helm):
+    manifests = Manifests(render(helm, VARIANTS["tls-per-role"], "--set",
+                                 "serviceMonitor.enabled=true"))
+    (endpoint,) = manifests.one("ServiceMonitor", "gateway")["spec"]["endpoints"]
+    assert endpoint["tlsConfig"]["ca"] == {"secret": {"name": "pagedserve-gateway-tls",
+                                                      "key": "ca.crt"}}
 
 # -- values.yaml, README, NOTES ------------------------------------------------------------
 
@@ -552,7 +828,8 @@ def test_values_documented_field_by_field():
         if indent == 0:
             parent = m.group(2)
         checked = indent == 0 or (
-            indent == 2 and parent in ("gateway", "scheduler", "executor", "apiKey", "tls")
+            indent == 2 and parent in ("gateway", "scheduler", "executor", "apiKey", "tls",
+                                       "internalAuth", "networkPolicy")
         )
         if checked and not lines[i - 1].lstrip().startswith("#"):
             undocumented.append(line)
@@ -569,6 +846,24 @@ def test_notes_and_chart_readme():
     assert "StatefulSet" in readme
     assert "--set executor.tensorParallelSize=2" in readme
     assert "Multi-node tensor parallelism is not supported" in " ".join(readme.split())
+
+
+def test_readmes_say_how_to_supply_rotate_and_bind_credentials():
+    """The chart README says how to bring your own internal secret and rotate it, what each
+    role's certificate must carry, and what the NetworkPolicies let out; values.yaml too."""
+    readme = " ".join((CHART / "README.md").read_text().replace("\\\n", " ").split())
+    values_text = (CHART / "values.yaml").read_text()
+    own = ("kubectl create secret generic pagedserve-internal-auth "
+           "--from-literal=internal-secret=$(openssl rand -hex 32)")
+    assert own in readme
+    assert own in " ".join(line.lstrip("# ").rstrip("\\ ") for line in values_text.splitlines())
+    assert "kubectl rollout restart" in readme and "kubectl rollout restart" in values_text
+    for role in ("gateway", "scheduler", "executor"):  # the per-role table: value, CN, names
+        assert f"| {role} | `tls.{role}.existingSecret` | `pagedserve-{role}` | `" in readme, role
+    assert "*.<release>-pagedserve-executor.<namespace>.svc" in readme
+    assert "networkPolicy.extraEgress" in readme and "networkPolicy.dns" in readme
+    k8s_readme = " ".join((ROOT / "k8s" / "README.md").read_text().split())
+    assert "internal" in k8s_readme and "egress" in k8s_readme.lower()
 
 
 # -- Dockerfiles ---------------------------------------------------------------------------

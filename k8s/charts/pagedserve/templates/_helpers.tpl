@@ -100,6 +100,7 @@ app.kubernetes.io/component: {{ .component }}
   value: /cache/huggingface
 - name: HF_HUB_OFFLINE
   value: "1"
+{{ include "pagedserve.internalAuthEnv" . }}
 {{- end }}
 
 {{/* Writable scratch volumes (the root filesystem is read-only). */}}
@@ -119,9 +120,82 @@ app.kubernetes.io/component: {{ .component }}
   mountPath: /cache
 {{- end }}
 
-{{/* TLS (values tls.*): the Secret's files as the --tls-cert-file / --tls-key-file /
---tls-ca-file flags of every service, the volume and its read-only mount. Each renders nothing
-while tls.enabled is false. */}}
+{{/* Values this chart version added. `helm upgrade --reuse-values` renders with the previous
+release's chart defaults instead of this values.yaml, so coming from an older chart they are
+absent: refuse, saying what to do, instead of failing on a nil pointer (or rendering without
+internal authentication). Include at the top of every template that reads them. */}}
+{{- define "pagedserve.checkValues" -}}
+{{- $missing := list }}
+{{- if not (hasKey .Values "internalAuth") }}
+{{- $missing = append $missing "internalAuth" }}
+{{- end }}
+{{- range $role := list "gateway" "scheduler" "executor" }}
+{{- if not (hasKey $.Values.tls $role) }}
+{{- $missing = append $missing (printf "tls.%s" $role) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "dns" "extraEgress" }}
+{{- if not (hasKey $.Values.networkPolicy $key) }}
+{{- $missing = append $missing (printf "networkPolicy.%s" $key) }}
+{{- end }}
+{{- end }}
+{{- with $missing }}
+{{- fail (printf "values lack %s, which this chart version added: `helm upgrade --reuse-values` keeps the previous chart's defaults; upgrade with --reset-then-reuse-values" (join ", " .)) }}
+{{- end }}
+{{- end }}
+
+{{/* Internal authentication (values internalAuth.*). The Secret every pod reads
+PAGEDSERVE_INTERNAL_SECRET from: internalAuth.existingSecret, else the one the chart manages. */}}
+{{- define "pagedserve.internalAuth.secretName" -}}
+{{- default (printf "%s-internal-auth" (include "pagedserve.fullname" . | trunc 49 | trimSuffix "-")) .Values.internalAuth.existingSecret }}
+{{- end }}
+
+{{/* The value of the chart-managed internal secret: the one already in the cluster (lookup:
+`helm upgrade` keeps it; `helm template` and `helm lint` see no cluster and get a fresh one),
+else 64 random letters and digits (crypto/rand, ~380 bits). Include with the top-level context:
+the value is chosen once per render and kept on it (every template of a render shares that
+map, and no value a user sets can reach it), so the Secret and the pods' checksum annotation
+agree. */}}
+{{- define "pagedserve.internalAuth.generatedValue" -}}
+{{- $memo := "pagedserveGeneratedInternalSecret" }}
+{{- if not (hasKey . $memo) }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pagedserve.internalAuth.secretName" .) }}
+{{- $value := dig "data" .Values.internalAuth.secretKey "" (default (dict) $existing) | b64dec }}
+{{- if lt (len $value) 32 }}
+{{- $value = randAlphaNum 64 }}
+{{- end }}
+{{- $_ := set . $memo $value }}
+{{- end }}
+{{- index . $memo }}
+{{- end }}
+
+{{/* The internal secret's variable (--internal-secret), for every container. */}}
+{{- define "pagedserve.internalAuthEnv" -}}
+- name: PAGEDSERVE_INTERNAL_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pagedserve.internalAuth.secretName" . }}
+      key: {{ required "internalAuth.secretKey must name the key holding the internal secret" .Values.internalAuth.secretKey }}
+{{- end }}
+
+{{/* Pod annotations: include with (dict "ctx" $ "extra" .Values.<component>.podAnnotations).
+With the chart-managed internal secret, checksum/internal-secret (a SHA-256 of its value, which
+is random, so the hash gives nothing away) restarts every pod together when the value changes:
+pods read it at start, and a partial restart would leave pods that refuse each other. A Secret
+you supply gets none (the chart cannot read it); restart the workloads when you rotate it. */}}
+{{- define "pagedserve.podAnnotations" -}}
+{{- $annotations := deepCopy (default (dict) .extra) }}
+{{- if not .ctx.Values.internalAuth.existingSecret }}
+{{- $_ := set $annotations "checksum/internal-secret" (include "pagedserve.internalAuth.generatedValue" .ctx | sha256sum) }}
+{{- end }}
+{{- with $annotations }}
+{{- dict "annotations" . | toYaml }}
+{{- end }}
+{{- end }}
+
+{{/* TLS (values tls.*): the role's Secret's files as the --tls-cert-file / --tls-key-file /
+--tls-ca-file flags, the volume and its read-only mount. Each renders nothing while
+tls.enabled is false. */}}
 {{- define "pagedserve.tlsEnv" -}}
 {{- if .Values.tls.enabled }}
 - name: PAGEDSERVE_TLS_CERT_FILE
@@ -133,11 +207,20 @@ while tls.enabled is false. */}}
 {{- end }}
 {{- end }}
 
+{{/* The Secret holding a role's certificate: include with (dict "ctx" $ "role" "gateway").
+tls.<role>.existingSecret (a certificate with CN pagedserve-<role>, which binds the role), else
+the shared tls.existingSecret. */}}
+{{- define "pagedserve.tls.secretName" -}}
+{{- $own := (index .ctx.Values.tls .role).existingSecret }}
+{{- required (printf "tls.%s.existingSecret or tls.existingSecret is required when tls.enabled is true" .role) (default .ctx.Values.tls.existingSecret $own) }}
+{{- end }}
+
+{{/* include with (dict "ctx" $ "role" "gateway"). */}}
 {{- define "pagedserve.tlsVolume" -}}
-{{- if .Values.tls.enabled }}
+{{- if .ctx.Values.tls.enabled }}
 - name: tls
   secret:
-    secretName: {{ required "tls.existingSecret is required when tls.enabled is true" .Values.tls.existingSecret }}
+    secretName: {{ include "pagedserve.tls.secretName" . }}
 {{- end }}
 {{- end }}
 
