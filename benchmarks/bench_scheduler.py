@@ -271,7 +271,7 @@ def make_plan_scheduler(sizes: Sizes) -> tuple[StepScheduler, PoolLimits]:
                                                  max_model_len), eos_token_ids=[2])
     limits = PoolLimits(max_model_len=max_model_len, num_blocks=num_blocks,
                         block_size=BLOCK_SIZE, max_num_seqs=sizes.plan_running,
-                        vocab_size=FAKE_VOCAB)
+                        vocab_size=FAKE_VOCAB, max_logprobs=0)
     return scheduler, limits
 
 

@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.gateway.auth import OPEN_PATHS, ApiKeyInterceptor, require_api_key
+from pagedserve.gateway.auth import OPEN_PATHS, ApiKeyInterceptor, ApiKeys, require_api_key
 from pagedserve.gateway.grpc_api import GenerationService
 from pagedserve.gateway.http_api import create_app
 from pagedserve.gateway.scheduler_client import SchedulerClient
@@ -28,7 +28,7 @@ def test_every_http_route_needs_the_key_unless_allow_listed():
     # ran asyncio.run before leaves none).
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = create_app(SchedulerClient("127.0.0.1:1"))  # no scheduler: auth answers first
-    require_api_key(app, KEY)
+    require_api_key(app, ApiKeys.parse(KEY))
     client = TestClient(app, raise_server_exceptions=False)  # past auth, no scheduler: 5xx
     routes = [(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods]
     assert ("POST", "/v1/chat/completions") in routes and len(routes) >= 7
@@ -50,7 +50,7 @@ def test_every_http_route_needs_the_key_unless_allow_listed():
 def test_grpc_methods_need_the_key_but_health_does_not(metadata, allowed):
     async def run():
         (port,) = free_ports(1)
-        server = GrpcServer(f"127.0.0.1:{port}", [ApiKeyInterceptor(KEY)])
+        server = GrpcServer(f"127.0.0.1:{port}", [ApiKeyInterceptor(ApiKeys.parse(KEY))])
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationService(SchedulerClient("127.0.0.1:1")), server.server)
         await server.start(["pagedserve.v1.Generation"])
@@ -91,7 +91,7 @@ def test_help_never_shows_the_key_from_the_environment(command):
 def test_a_refused_key_is_not_logged(caplog, capsys):
     app = FastAPI()
     app.post("/v1/completions")(lambda: {})
-    require_api_key(app, KEY)
+    require_api_key(app, ApiKeys.parse(KEY))
     client = TestClient(app)
     with caplog.at_level("DEBUG"):
         for header, status in ((f"Bearer {KEY}x", 401), (f"Bearer {KEY}", 200), (KEY, 401)):

@@ -20,15 +20,18 @@ from schemathesis.checks import positive_data_acceptance
 from transformers import AutoTokenizer
 
 from pagedserve.gateway.errors import GatewayError
-from pagedserve.gateway.grpc_api import chat_messages, check_sampling
+from pagedserve.gateway.grpc_api import chat_messages, sampling_param
 from pagedserve.gateway.http_api import create_app
 from pagedserve.gateway.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.gateway.prompts import check_sampling_rules
 from pagedserve.gateway.scheduler_client import NO_DEADLINE, SchedulerClient, ServedModel
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 256
 FAKE_TOKENS = 3  # tokens the fake scheduler generates per sequence, at most
+MAX_LOGPROBS = 20  # the fake executor's --max-logprobs (the executor's default)
+VOCAB = 300
 # field -> (lowest, highest, lowest excluded): the documented ranges of the numeric fields.
 RANGES = {
     "temperature": (0.0, math.inf, False), "top_p": (0.0, 1.0, True),
@@ -57,7 +60,8 @@ class FakeScheduler(SchedulerClient):
         # No SchedulerClient.__init__: there is nothing to dial, and a grpc.aio channel would
         # need an event loop at construction.
         self.served = ServedModel(common_pb2.ModelInfo(
-            model_id=MODEL, max_model_len=MAX_MODEL_LEN, vocab_size=len(tokenizer)), tokenizer)
+            model_id=MODEL, max_model_len=MAX_MODEL_LEN, vocab_size=len(tokenizer)), tokenizer,
+            common_pb2.ExecutorLimits(max_logprobs=MAX_LOGPROBS))
 
     async def model(self, name: str = "") -> ServedModel:
         if name not in ("", MODEL):
@@ -213,7 +217,7 @@ def sampling_messages() -> st.SearchStrategy[common_pb2.SamplingParams]:
 
 @FUZZ_SETTINGS
 @given(params=sampling_messages())
-def test_grpc_sampling_checks_match_the_documented_limits(params):
+def test_the_sampling_rules_match_the_documented_limits(params):
     violations = {f"sampling.{name}" for name in ("temperature", "top_p", "top_k", "min_p",
                                                   "repetition_penalty", "max_tokens",
                                                   "logprobs")
@@ -221,10 +225,13 @@ def test_grpc_sampling_checks_match_the_documented_limits(params):
     violations |= {"sampling.n"} if params.n > RANGES["n"][1] else set()
     if len(params.stop) > 16 or any(not 1 <= len(s) <= 256 for s in params.stop):
         violations.add("sampling.stop")
-    if len(params.logit_bias) > 300 or any(abs(v) > 100 for v in params.logit_bias.values()):
+    if len(params.logit_bias) > 300 or any(abs(v) > 100 for v in params.logit_bias.values()) \
+            or any(k >= VOCAB for k in params.logit_bias):
         violations.add("sampling.logit_bias")
+    served = ServedModel(common_pb2.ModelInfo(vocab_size=VOCAB), None,
+                         common_pb2.ExecutorLimits(max_logprobs=MAX_LOGPROBS))
     try:
-        check_sampling(params)
+        check_sampling_rules(served, params, sampling_param)
     except GatewayError as error:
         assert error.status == 400 and error.param in violations, (error.param, violations)
         assert error.param in error.message
@@ -251,25 +258,24 @@ def test_grpc_chat_prompts_are_checked_before_the_template(roles):
 
 @FUZZ_SETTINGS
 @given(body=bodies(COMPLETION, "prompt"))
-def test_what_http_accepts_the_grpc_checks_accept(body):
-    """The two APIs validate the same contract: an accepted HTTP body's SamplingParams pass the
-    gRPC API's checks (and the scheduler's contract) unchanged."""
+def test_what_http_parses_fits_the_contract(body):
+    """The ranges are the shared rules' (checked after parsing, as for gRPC); what the HTTP
+    models parse must fit the contract's fields, or building SamplingParams would raise."""
     try:
         request = CompletionRequest.model_validate(body)
     except ValueError:
         return
-    check_sampling(request.sampling_params(request.max_tokens, request.logprobs))
+    request.sampling_params(request.max_tokens, request.logprobs)
 
 
 @FUZZ_SETTINGS
 @given(body=bodies(CHAT, "messages"))
-def test_what_http_accepts_for_chat_the_grpc_checks_accept(body):
+def test_what_http_parses_for_chat_fits_the_contract(body):
     try:
         request = ChatCompletionRequest.model_validate(body)
     except ValueError:
         return
-    check_sampling(request.sampling_params(request.max_output_tokens(),
-                                           request.logprobs_count()))
+    request.sampling_params(request.max_output_tokens(), request.logprobs_count())
 
 
 @pytest.mark.slow

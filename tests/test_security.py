@@ -18,8 +18,8 @@ import jinja2.sandbox
 import pytest
 from transformers.utils import chat_template_utils
 
-from pagedserve.gateway.prompts import chat_prompt_ids
 from pagedserve.gateway.scheduler_client import ServedModel
+from pagedserve.runtime.chat import chat_prompt_ids
 from pagedserve.runtime.serving import MAX_MESSAGE_BYTES, GrpcServer, aio_channel, free_ports
 from pagedserve.testing.tiny_models import byte_level_tokenizer
 from pagedserve.v1 import common_pb2
@@ -160,7 +160,8 @@ def served(tmp_path) -> ServedModel:
 
 def render(served: ServedModel, template: str, content: str = "hi") -> str:
     served.tokenizer.chat_template = template
-    ids = chat_prompt_ids(served, [{"role": "user", "content": content}], True)
+    # The rendering itself (the gateway answers its errors with a 400 naming `messages`).
+    ids = chat_prompt_ids(served.tokenizer, [{"role": "user", "content": content}], True)
     return served.tokenizer.decode(ids)
 
 

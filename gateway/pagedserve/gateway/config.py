@@ -19,6 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host:port of the scheduler")
     add_api_key_argument(parser)
     add_request_timeout_argument(parser)
+    parser.add_argument("--allow-client-priority", action="store_true",
+                        help="honour a request's `priority` (lower runs first and is preempted "
+                             "last), within [-1000, 1000]; off: a non-zero priority is refused "
+                             "with 400 / INVALID_ARGUMENT")
+    parser.add_argument("--cache-salt-per-api-key", action="store_true",
+                        help="salt every request's prefix cache by its API key (needs "
+                             "--api-key, usually with one key per tenant): requests made with "
+                             "different keys never share cached blocks, so cached_tokens tells "
+                             "no tenant what another sent")
     parser.add_argument("--tokenizer", default=None,
                         help="local tokenizer directory; unset: the tokenizer files the "
                              "scheduler relays from an executor (no model volume needed)")
@@ -29,7 +38,8 @@ def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
     """Shared with `pagedserve up`, which passes it on to the gateway."""
     parser.add_argument("--api-key", default=None,
                         help="require `Authorization: Bearer <key>` on every API route and gRPC "
-                             "method (health, readiness and metrics stay open); unset: no auth")
+                             "method (health, readiness and metrics stay open); several keys, "
+                             "comma-separated, are each accepted; unset: no auth")
 
 
 def add_request_timeout_argument(parser: argparse.ArgumentParser) -> None:

@@ -40,8 +40,8 @@ class Usage:
 
 async def generate(client: SchedulerClient, served: ServedModel, request_id: str,
                    prompt_token_ids: list[int], sampling: common_pb2.SamplingParams,
-                   usage: Usage, priority: int = 0,
-                   deadline: Deadline = NO_DEADLINE) -> AsyncIterator[ChoiceDelta]:
+                   usage: Usage, priority: int = 0, deadline: Deadline = NO_DEADLINE,
+                   cache_salt: str = "") -> AsyncIterator[ChoiceDelta]:
     """Choice deltas of one prompt; `usage` is filled in as the stream goes. Ends when every
     choice has finished; a stop string ends its choice at once (the scheduler is told to stop
     that sequence; the rest of the request is aborted when the last choice is done). Past
@@ -60,7 +60,7 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
     last_token_at: list[float | None] = [None] * n
     submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
                                          prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                         priority=priority)
+                                         priority=priority, cache_salt=cache_salt)
     async for delta in client.generate(submit, deadline):
         if delta.num_prompt_tokens:
             usage.cached_tokens = delta.num_cached_prompt_tokens
@@ -122,7 +122,8 @@ def _observe_tokens(last_token_at: list[float | None], index: int, count: int,
 
 async def beam_choices(client: SchedulerClient, served: ServedModel, request_id: str,
                        prompt_token_ids: list[int], params: BeamSearchParams, usage: Usage,
-                       deadline: Deadline = NO_DEADLINE) -> list[ChoiceDelta]:
+                       deadline: Deadline = NO_DEADLINE, priority: int = 0,
+                       cache_salt: str = "") -> list[ChoiceDelta]:
     """The beam_width best beams of one prompt as finished choices, best first: the search of
     pagedserve/runtime/beam_search.py, each step's beams submitted to the scheduler together (it
     batches them, and its prefix cache shares their blocks)."""
@@ -134,7 +135,8 @@ async def beam_choices(client: SchedulerClient, served: ServedModel, request_id:
         number = next(ids)
         submit = scheduler_pb2.SubmitRequest(
             request_id=f"{request_id}-{number}", model=served.info.model_id,
-            prompt_token_ids=tokens, sampling=sampling)
+            prompt_token_ids=tokens, sampling=sampling, priority=priority,
+            cache_salt=cache_salt)
         async for delta in client.generate(submit, deadline):
             if number == 0 and delta.num_prompt_tokens:  # the first step's: the prompt alone
                 usage.cached_tokens = delta.num_cached_prompt_tokens

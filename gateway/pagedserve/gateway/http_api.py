@@ -29,7 +29,15 @@ from pagedserve.gateway.openai_protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-from pagedserve.gateway.prompts import chat_prompt_ids, check_length, check_token_ids
+from pagedserve.gateway.policy import DEFAULT_POLICY, ClientPolicy
+from pagedserve.gateway.prompts import (
+    chat_prompt_ids,
+    check_length,
+    check_sampling_rules,
+    check_token_ids,
+    decode,
+    text_prompt_ids,
+)
 from pagedserve.gateway.scheduler_client import (
     Deadline,
     SchedulerClient,
@@ -112,14 +120,16 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(client: SchedulerClient, request_timeout_s: float | None = None) -> FastAPI:
+def create_app(client: SchedulerClient, request_timeout_s: float | None = None,
+               policy: ClientPolicy = DEFAULT_POLICY) -> FastAPI:
     """The HTTP API over `client`; `request_timeout_s` (--request-timeout) bounds every
-    generation request, None: only a client's X-Request-Timeout does. The table below routes to
-    this module's handlers, which reach the client and the timeout through the app's state
-    (`Scheduler`, `respond`)."""
+    generation request, None: only a client's X-Request-Timeout does; `policy`: what clients
+    may set (priority, cache salts). The table below routes to this module's handlers, which
+    reach these through the app's state (`Scheduler`, `respond`)."""
     app = FastAPI(title="pagedserve", summary="OpenAI-compatible LLM serving")
     app.state.client = client
     app.state.request_timeout_s = request_timeout_s
+    app.state.policy = policy
     app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -152,8 +162,9 @@ async def invalid_request(_request: Request, exc: RequestValidationError) -> JSO
     location = [str(part) for part in first["loc"] if part != "body"
                 and str(part) not in _UNION_TAGS and not any(c in str(part) for c in "[-")]
     param = ".".join(location) or None
-    return error_response(400, f"{param or 'body'}: {first['msg']}",
-                          "invalid_request_error", param)
+    message = "not supported by this server" if first["type"] == "extra_forbidden" \
+        else first["msg"]
+    return error_response(400, f"{param or 'body'}: {message}", "invalid_request_error", param)
 
 
 async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -209,10 +220,9 @@ async def models(client: Scheduler) -> dict:
 async def tokenize(body: TokenizeRequest, client: Scheduler) -> dict:
     served = await client.model(body.model or "")
     if body.messages is not None:
-        ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
+        ids = await chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
     elif body.prompt is not None:
-        ids = served.tokenizer(body.prompt,
-                               add_special_tokens=body.add_special_tokens).input_ids
+        ids = await text_prompt_ids(served, body.prompt, "prompt", body.add_special_tokens)
     else:
         raise GatewayError(400, "prompt or messages is required", "invalid_request_error",
                            "prompt")
@@ -222,17 +232,16 @@ async def tokenize(body: TokenizeRequest, client: Scheduler) -> dict:
 async def detokenize(body: DetokenizeRequest, client: Scheduler) -> dict:
     served = await client.model(body.model or "")
     check_token_ids(served, body.tokens, "tokens")
-    return {"prompt": served.tokenizer.decode(body.tokens)}
+    return {"prompt": await decode(served, body.tokens)}
 
 
 async def completions(body: CompletionRequest, request: Request, client: Scheduler):
     served = await client.model(body.model or "")
-    prompts = [served.tokenizer(p).input_ids if isinstance(p, str) else p
+    prompts = [await text_prompt_ids(served, p, "prompt") if isinstance(p, str) else p
                for p in body.prompts()]
     for ids in prompts:
         check_token_ids(served, ids, "prompt")
         check_length(served, len(ids), body.max_tokens)
-    check_sampling_ids(served, body)
     sampling = body.sampling_params(body.max_tokens, body.logprobs)
     return await respond(request, client, body, served, CompletionFormat(served, body, prompts),
                          prompts, sampling)
@@ -240,10 +249,9 @@ async def completions(body: CompletionRequest, request: Request, client: Schedul
 
 async def chat_completions(body: ChatCompletionRequest, request: Request, client: Scheduler):
     served = await client.model(body.model or "")
-    ids = chat_prompt_ids(served, [m.model_dump() for m in body.messages],
-                          body.add_generation_prompt)
+    ids = await chat_prompt_ids(served, [m.model_dump() for m in body.messages],
+                                body.add_generation_prompt)
     check_length(served, len(ids), body.max_output_tokens())
-    check_sampling_ids(served, body)
     sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
     return await respond(request, client, body, served, ChatFormat(served), [ids], sampling)
 
@@ -251,14 +259,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, client
 async def respond(request: Request, client: SchedulerClient, body: SamplingFields,
                   served: ServedModel, fmt, prompts: list[list[int]],
                   sampling: common_pb2.SamplingParams):
-    """Runs the prompts' choices and answers: a stream of server-sent events, or one JSON."""
+    """Checks the request's rules, runs the prompts' choices and answers: a stream of
+    server-sent events, or one JSON."""
+    check_sampling_rules(served, sampling, body.param)
+    policy: ClientPolicy = request.app.state.policy
+    priority = policy.priority(body.priority)
+    cache_salt = policy.cache_salt(body.cache_salt or "", request.headers.get("authorization"))
     request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=request_id)
     deadline = request_deadline(request, request.app.state.request_timeout_s)
     usages = [Usage() for _ in prompts]
     n = max(1, sampling.n)
 
-    beam_params = (body.beam_search_params(sampling.max_tokens or None)
+    beam_params = (body.beam_search_params(sampling.max_tokens or None,
+                                           served.limits.max_logprobs)
                    if body.use_beam_search else None)
 
     async def deltas() -> AsyncIterator[ChoiceDelta]:
@@ -266,12 +280,13 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
         for p, ids in enumerate(prompts):
             if beam_params is not None:  # finished choices, at once
                 for choice in await beam_choices(client, served, f"{request_id}-{p}", ids,
-                                                 beam_params, usages[p], deadline):
+                                                 beam_params, usages[p], deadline, priority,
+                                                 cache_salt):
                     choice.index += p * n
                     yield choice
                 continue
             async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
-                                         usages[p], deadline=deadline):
+                                         usages[p], priority, deadline, cache_salt):
                 choice.index += p * n
                 yield choice
 
@@ -318,12 +333,6 @@ async def started(request: Request, deltas: AsyncIterator[ChoiceDelta]
             async for delta in deltas:
                 yield delta
     return resumed()
-
-
-def check_sampling_ids(served: ServedModel, body: SamplingFields) -> None:
-    """Token ids in logit_bias and stop_token_ids must be in the vocabulary."""
-    check_token_ids(served, [int(k) for k in body.logit_bias or {}], "logit_bias")
-    check_token_ids(served, body.stop_token_ids or [], "stop_token_ids")
 
 
 async def until_disconnected(request: Request, work):

@@ -1,6 +1,11 @@
 """OpenAI-compatible request bodies, validated field by field, and their translation into the
-contract's SamplingParams. Limits (documented in the README) keep one request from costing the
-service more than a request should."""
+contract's SamplingParams. Pydantic checks each field's shape and type, and that its value fits
+the contract's field (a uint32 cannot hold -1); the ranges and limits are the request rules
+both APIs share (runtime/request_rules.py, applied in prompts.check_sampling_rules).
+
+Every model refuses fields it does not define (`extra="forbid"`): a field the server does not
+honour (`response_format`, `tools`, `best_of`, ...) is a 400 naming it, never silently
+ignored, so a client that asked for JSON cannot take free text for it."""
 
 from __future__ import annotations
 
@@ -10,15 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.runtime.beam_search import BeamSearchParams
+from pagedserve.runtime.request_rules import MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS
 from pagedserve.v1 import common_pb2
 
-MAX_N = 64
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_LOGIT_BIAS = 300
-
-TokenId = Annotated[int, Field(ge=0, strict=True)]
+# What the contract's fields can hold: larger values are refused as the wrong type, before any
+# rule (and before protobuf would raise on them).
+UInt32 = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
+TokenId = UInt32
+Int32 = Annotated[int, Field(ge=-2**31, lt=2**31, strict=True)]
 
 
 # JSON's true is not a number and 1 is not a boolean (the OpenAPI schema says so; the fuzzing
@@ -26,31 +30,35 @@ TokenId = Annotated[int, Field(ge=0, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
 
-class StreamOptions(BaseModel):
+class Forbidding(BaseModel):
+    """Unknown fields are refused by name (see the module's docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Forbidding):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Forbidding):
     """Fields completions and chat share (vLLM's extensions included)."""
 
-    model_config = ConfigDict(extra="ignore")
-
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, strict=True)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
-    top_k: Annotated[int, Field(ge=-1, strict=True)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, strict=True)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]] | None = None
+    max_tokens: UInt32 | None = None
+    temperature: Annotated[float, Field(strict=True)] | None = None
+    top_p: Annotated[float, Field(strict=True)] | None = None
+    top_k: Int32 | None = None
+    min_p: Annotated[float, Field(strict=True)] | None = None
+    presence_penalty: Annotated[float, Field(strict=True)] | None = None
+    frequency_penalty: Annotated[float, Field(strict=True)] | None = None
+    repetition_penalty: Annotated[float, Field(strict=True)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(strict=True)]] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**64, strict=True)] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] = 1
+    stop_token_ids: list[TokenId] | None = None
+    n: Annotated[int, Field(ge=1, lt=2**32, strict=True)] = 1
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[int, Field(ge=0, strict=True)] = 0
+    min_tokens: UInt32 = 0
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     user: str | None = None
@@ -60,30 +68,30 @@ class SamplingFields(BaseModel):
     # cumulative logprob / length ** length_penalty.
     use_beam_search: StrictBool = False
     length_penalty: Annotated[float, Field(ge=-10.0, le=10.0, strict=True)] = 1.0
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_limits(cls, stop):
-        strings = [stop] if isinstance(stop, str) else (stop or [])
-        if len(strings) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in strings):
-            raise ValueError(f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters")
-        return stop
+    # vLLM's: lower runs first (the gateway's ClientPolicy decides whether a client may set it).
+    priority: Int32 = 0
+    # vLLM's: requests share prefix-cache blocks only with requests of the same salt.
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
 
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias_keys(cls, bias):
+        """Keys are decimal token ids (ASCII digits: "²" is a digit to str.isdigit, not to
+        int()); their count is checked first, so a huge map is not walked."""
         if bias is None:
             return bias
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
         for key in bias:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not (key.isascii() and key.isdigit() and int(key) < 2**32):
+                raise ValueError(f"keys must be token ids, got {key[:32]!r}")
         return bias
 
-    def beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
+    def param(self, field: str) -> str:
+        """The body field that sets SamplingParams field `field` (request_rules names these)."""
+        return field
+
+    def beam_search_params(self, max_tokens: int | None, max_logprobs: int) -> BeamSearchParams:
         """With use_beam_search: its parameters; a 400 naming a field it cannot honour (the
         search is greedy over the top logprobs, and not streamed)."""
         if not max_tokens:
@@ -102,7 +110,7 @@ class SamplingFields(BaseModel):
         params = BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
                                   ignore_eos=self.ignore_eos, length_penalty=self.length_penalty)
         try:
-            params.check(MAX_LOGPROBS)
+            params.check(max_logprobs)
         except ValueError as error:  # named by the HTTP fields: beam_width is n
             field, _, reason = str(error).partition(": ")
             field = {"beam_width": "n"}.get(field, field)
@@ -144,8 +152,8 @@ BEAM_SEARCH_REFUSES = frozenset({
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     # OpenAI's default for completions.
-    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    max_tokens: UInt32 | None = 16
+    logprobs: UInt32 | None = None
     echo: StrictBool = False
 
     @field_validator("prompt")
@@ -164,33 +172,41 @@ class CompletionRequest(SamplingFields):
         return list(self.prompt)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Forbidding):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_completion_tokens: UInt32 | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    top_logprobs: UInt32 | None = None
     add_generation_prompt: StrictBool = True
 
+    def param(self, field: str) -> str:
+        if field == "logprobs":
+            return "top_logprobs"
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return field
+
     def max_output_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens if self.max_completion_tokens is None \
+            else self.max_completion_tokens
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Forbidding):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Forbidding):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0, strict=True)]]
 

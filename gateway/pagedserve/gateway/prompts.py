@@ -1,11 +1,77 @@
-"""Turning a client's prompt into token ids, and the checks every API applies to them before a
-request reaches the scheduler."""
+"""Turning a client's prompt into token ids, and the checks every API applies before a request
+reaches the scheduler.
+
+Tokenizing and rendering a chat template are CPU work on inputs as large as a request body
+(16 MiB over HTTP, 64 MiB over gRPC): on the event loop they would stall every stream and probe
+the gateway serves meanwhile. So a prompt's length in characters is checked first, against
+what the model's context could ever hold, and the work then runs on the tokenizer thread."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import jinja2
 
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.scheduler_client import ServedModel
 from pagedserve.runtime import chat
+from pagedserve.runtime.request_rules import RuleError, SamplingLimits, check_sampling
+from pagedserve.v1 import common_pb2
+
+# A prompt longer than this many characters per token of the model's context can never fit:
+# it is refused before it is tokenized. A token is a few characters on average; only a text
+# made mostly of the longest tokens (long runs of one character) comes near this.
+MAX_CHARS_PER_TOKEN = 32
+# One thread: a huge prompt then delays other prompts' tokenization, never a stream, and a
+# transformers tokenizer is never used from two threads at once (its Rust core refuses some
+# concurrent uses with "Already borrowed").
+_TOKENIZER_THREAD = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[[], T]) -> T:
+    """`work()`, run on the tokenizer thread while the event loop serves everything else."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, work)
+
+
+def check_chars(served: ServedModel, num_chars: int, param: str) -> None:
+    limit = MAX_CHARS_PER_TOKEN * served.info.max_model_len
+    if num_chars > limit:
+        raise GatewayError(400, f"{param}: {num_chars} characters cannot fit this model's "
+                           f"context of {served.info.max_model_len} tokens (at most {limit} "
+                           "characters are read)", "invalid_request_error", param)
+
+
+async def text_prompt_ids(served: ServedModel, text: str, param: str,
+                          add_special_tokens: bool = True) -> list[int]:
+    check_chars(served, len(text), param)
+    return await off_loop(lambda: served.tokenizer(
+        text, add_special_tokens=add_special_tokens).input_ids)
+
+
+async def chat_prompt_ids(served: ServedModel, messages: list[dict], add_generation_prompt: bool,
+                          param: str = "messages") -> list[int]:
+    """The chat rendered with the model's template and tokenized; a 400 naming `param` for a
+    model without a template, or a conversation its template refuses (it raised)."""
+    check_chars(served, sum(len(m["content"]) for m in messages), param)
+    if not getattr(served.tokenizer, "chat_template", None):
+        raise GatewayError(400, f"{param}: model {served.info.model_id!r} has no chat template; "
+                           "use the completions API with a text prompt",
+                           "invalid_request_error", param)
+    try:
+        return await off_loop(lambda: chat.chat_prompt_ids(served.tokenizer, messages,
+                                                            add_generation_prompt))
+    except jinja2.TemplateError as exc:
+        raise GatewayError(400, f"{param}: the model's chat template refused the conversation: "
+                           f"{exc}", "invalid_request_error", param) from None
+
+
+async def decode(served: ServedModel, token_ids: list[int]) -> str:
+    return await off_loop(lambda: served.tokenizer.decode(token_ids))
 
 
 def check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
@@ -29,6 +95,13 @@ def check_length(served: ServedModel, num_prompt: int, max_tokens: int | None) -
             "invalid_request_error", "max_tokens" if max_tokens else "prompt")
 
 
-def chat_prompt_ids(served: ServedModel, messages: list[dict],
-                    add_generation_prompt: bool) -> list[int]:
-    return chat.chat_prompt_ids(served.tokenizer, messages, add_generation_prompt)
+def check_sampling_rules(served: ServedModel, sampling: common_pb2.SamplingParams,
+                         param: Callable[[str], str]) -> None:
+    """The request rules both APIs share (runtime/request_rules.py), against the limits the
+    scheduler relayed for the model; a 400 naming the field as `param` spells it for the API."""
+    try:
+        check_sampling(sampling, SamplingLimits(served.info.vocab_size,
+                                                served.limits.max_logprobs))
+    except RuleError as exc:
+        name = param(exc.field)
+        raise GatewayError(400, f"{name}: {exc.rule}", "invalid_request_error", name) from None

@@ -11,7 +11,7 @@ import pathlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -96,6 +96,8 @@ def parse_timeout(value: str, param: str) -> float:
 class ServedModel:
     info: common_pb2.ModelInfo
     tokenizer: object  # a transformers tokenizer
+    # The serving executor's limits (e.g. its --max-logprobs), which requests are checked against.
+    limits: common_pb2.ExecutorLimits = field(default_factory=common_pb2.ExecutorLimits)
 
 
 def load_tokenizer(directory: pathlib.Path):
@@ -171,7 +173,7 @@ class SchedulerClient:
                 error.param = "model"
             raise error from None
         tokenizer = await asyncio.to_thread(self._load_tokenizer, reply.tokenizer.files)
-        served = ServedModel(info=reply.model, tokenizer=tokenizer)
+        served = ServedModel(info=reply.model, tokenizer=tokenizer, limits=reply.limits)
         self._models[name] = self._models[reply.model.model_id] = served
 
     def _load_tokenizer(self, files: Mapping[str, bytes]):

@@ -8,9 +8,10 @@ import uvicorn
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from pagedserve.gateway.auth import ApiKeyInterceptor, require_api_key
+from pagedserve.gateway.auth import ApiKeyInterceptor, ApiKeys, require_api_key
 from pagedserve.gateway.grpc_api import GenerationService
 from pagedserve.gateway.http_api import create_app
+from pagedserve.gateway.policy import ClientPolicy
 from pagedserve.gateway.scheduler_client import SchedulerClient
 from pagedserve.runtime.log import configure_logging
 from pagedserve.runtime.serving import (
@@ -36,11 +37,16 @@ class _HttpServer(uvicorn.Server):
 async def serve(args: argparse.Namespace) -> None:
     tls = TlsConfig.from_args(args)
     client = SchedulerClient(args.scheduler_address, args.tokenizer, tls)
-    app = create_app(client, args.request_timeout)
+    try:
+        keys = ApiKeys.parse(args.api_key) if args.api_key else None
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    policy = ClientPolicy.from_args(args, keys)
+    app = create_app(client, args.request_timeout, policy)
     interceptors = []
-    if args.api_key:
-        require_api_key(app, args.api_key)
-        interceptors.append(ApiKeyInterceptor(args.api_key))
+    if keys is not None:
+        require_api_key(app, keys)
+        interceptors.append(ApiKeyInterceptor(keys))
     # Public endpoints: TLS with the gateway's certificate, no client certificates (API clients
     # authenticate with --api-key); the CA is for the internal channel to the scheduler.
     http = _HttpServer(uvicorn.Config(app, host=args.host, port=args.http_port,
@@ -48,7 +54,7 @@ async def serve(args: argparse.Namespace) -> None:
                                       ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file))
     grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}", interceptors,
                              tls.server_credentials(require_client_cert=False))
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(client),
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(client, policy),
                                                          grpc_server.server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

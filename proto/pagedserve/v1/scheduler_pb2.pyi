@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "priority")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "priority", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("seq_index", "token_ids", "logprobs", "finish_reason", "stop_token_id", "num_prompt_tokens", "num_cached_prompt_tokens", "prompt_logprobs")
@@ -102,28 +104,32 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("model", "tokenizer")
+    __slots__ = ("model", "tokenizer", "limits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     tokenizer: _common_pb2.TokenizerFiles
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., tokenizer: _Optional[_Union[_common_pb2.TokenizerFiles, _Mapping]] = ...) -> None: ...
+    limits: _common_pb2.ExecutorLimits
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., tokenizer: _Optional[_Union[_common_pb2.TokenizerFiles, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.ExecutorLimits, _Mapping]] = ...) -> None: ...
 
 class RegisterExecutorRequest(_message.Message):
-    __slots__ = ("executor_id", "address", "model", "kv_cache", "limits", "parallel")
+    __slots__ = ("executor_id", "address", "model", "kv_cache", "limits", "parallel", "session_token")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     address: str
     model: _common_pb2.ModelInfo
     kv_cache: _common_pb2.KvCacheInfo
     limits: _common_pb2.ExecutorLimits
     parallel: _common_pb2.ParallelLayout
-    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., kv_cache: _Optional[_Union[_common_pb2.KvCacheInfo, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.ExecutorLimits, _Mapping]] = ..., parallel: _Optional[_Union[_common_pb2.ParallelLayout, _Mapping]] = ...) -> None: ...
+    session_token: str
+    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., kv_cache: _Optional[_Union[_common_pb2.KvCacheInfo, _Mapping]] = ..., limits: _Optional[_Union[_common_pb2.ExecutorLimits, _Mapping]] = ..., parallel: _Optional[_Union[_common_pb2.ParallelLayout, _Mapping]] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class RegisterExecutorResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)
@@ -132,10 +138,12 @@ class RegisterExecutorResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("executor_id",)
+    __slots__ = ("executor_id", "session_token")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
-    def __init__(self, executor_id: _Optional[str] = ...) -> None: ...
+    session_token: str
+    def __init__(self, executor_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("registered",)

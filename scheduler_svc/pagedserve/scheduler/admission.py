@@ -1,12 +1,23 @@
 """Admission: a request that could never run is rejected before it is queued, with a message
 naming the field (docs/design.md §4); one arriving while the queue is full is refused at once, so
-overload shows up as a fast, retryable error instead of unbounded waiting."""
+overload shows up as a fast, retryable error instead of unbounded waiting.
+
+Admission also applies the gateway's request rules (runtime/request_rules.py) against the
+executor the request lands on, whoever called Submit: nothing admitted can make the executor
+refuse a plan (a refused plan costs the executor all its requests)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pagedserve.runtime.request_rules import (
+    RuleError,
+    SamplingLimits,
+    check_cache_salt,
+    check_priority,
+    check_sampling,
+)
 from pagedserve.scheduler.sequence import Request
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
@@ -36,11 +47,21 @@ class PoolLimits:
     block_size: int
     max_num_seqs: int
     vocab_size: int
+    max_logprobs: int
 
 
 def admit_request(request_id: str, prompt_token_ids: Sequence[int],
                   sampling: common_pb2.SamplingParams, priority: int, limits: PoolLimits,
-                  emit: Callable[[scheduler_pb2.TokenDelta], None]) -> Request:
+                  emit: Callable[[scheduler_pb2.TokenDelta], None], *,
+                  cache_salt: str = "") -> Request:
+    try:
+        check_sampling(sampling, SamplingLimits(limits.vocab_size, limits.max_logprobs,
+                                                max_n=limits.max_num_seqs))
+        check_priority(priority)
+        check_cache_salt(cache_salt)
+    except RuleError as exc:
+        field = exc.field if exc.field in ("priority", "cache_salt") else f"sampling.{exc.field}"
+        raise AdmissionError(f"{field}: {exc.rule}") from None
     num_prompt = len(prompt_token_ids)
     if num_prompt == 0:
         raise AdmissionError("prompt_token_ids: the prompt is empty")
@@ -56,14 +77,8 @@ def admit_request(request_id: str, prompt_token_ids: Sequence[int],
     if blocks > limits.num_blocks:
         raise AdmissionError(f"prompt_token_ids: the prompt needs {blocks} KV blocks, more "
                              f"than the executor's whole pool ({limits.num_blocks})")
-    n = max(1, sampling.n)
-    if n > limits.max_num_seqs:
-        raise AdmissionError(f"sampling.n: {n} sequences exceed max_num_seqs "
-                             f"{limits.max_num_seqs}")
     room = limits.max_model_len - num_prompt
     max_output = min(sampling.max_tokens, room) if sampling.HasField("max_tokens") else room
-    if sampling.HasField("max_tokens") and sampling.max_tokens == 0:
-        raise AdmissionError("sampling.max_tokens: must be at least 1")
     return Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                    sampling=sampling, max_output_tokens=max_output, priority=priority,
-                   emit=emit)
+                   emit=emit, cache_salt=cache_salt.encode())

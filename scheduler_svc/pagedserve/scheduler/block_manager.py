@@ -6,6 +6,10 @@ tokens gets a chain hash, sha256 over (parent hash, extra key, token ids) in a f
 encoding, so the same prefix hashes alike in every process and across restarts (Python's
 `hash()` is salted per process). The index hash -> block is the prefix cache; a new sequence
 attaches the longest chain of indexed full blocks of its tokens and computes only the rest.
+A request's cache salt (vLLM's `cache_salt`) gives its chains a root of their own
+(`chain_root`), so it is folded into the first block's hash and into every hash after it:
+requests with different salts never share a block, nor learn from a hit that the other's
+prompt was seen.
 
 Free blocks (ref count 0) live in one of two structures, both O(1) per block touched:
 
@@ -58,6 +62,12 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int], extra_key: bytes = b
     return digest.digest()
 
 
+def chain_root(salt: bytes = b"") -> BlockHash:
+    """The parent of the first block of a request salted with `salt`: ROOT_HASH without one.
+    A salted root hashes no tokens, which no real block does, so it is never a block's hash."""
+    return hash_block(ROOT_HASH, (), b"cache salt " + salt) if salt else ROOT_HASH
+
+
 class NoFreeBlocks(Exception):
     """Not enough free blocks (cached-free ones included) for the request; nothing changed."""
 
@@ -84,6 +94,8 @@ class _Block:
 
 @dataclass(slots=True)
 class _SeqBlocks:
+    # The parent of the first block's hash (chain_root of the request's cache salt).
+    root: BlockHash = ROOT_HASH
     table: list[int] = field(default_factory=list)
     # Chain hashes of this sequence's first len(hashes) full blocks, committed so far. Kept per
     # sequence, not read from the blocks: a duplicate block is not indexed and carries no hash,
@@ -132,12 +144,14 @@ class BlockManager:
 
     # -- prefix cache lookups -----------------------------------------------------------
 
-    def _cached_chain(self, token_ids: Sequence[int]) -> list[tuple[BlockHash, int]]:
-        """(hash, block id) of the longest indexed chain of full blocks of token_ids, leaving
-        at least one token to compute: the step that computes it produces the next logits."""
+    def _cached_chain(self, token_ids: Sequence[int],
+                      root: BlockHash) -> list[tuple[BlockHash, int]]:
+        """(hash, block id) of the longest indexed chain of full blocks of token_ids from
+        `root`, leaving at least one token to compute: the step that computes it produces the
+        next logits."""
         if not self.enable_prefix_caching:
             return []
-        chain, parent = [], ROOT_HASH
+        chain, parent = [], root
         max_blocks = (len(token_ids) - 1) // self.block_size
         for i in range(max_blocks):
             block_hash = hash_block(
@@ -149,22 +163,23 @@ class BlockManager:
             parent = block_hash
         return chain
 
-    def num_cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
-        """Tokens of the longest cached chain of full blocks of token_ids, without side effects
-        (for routing a request to the executor with the longest hit). Capped so at least one
-        token is left to compute."""
-        return len(self._cached_chain(token_ids)) * self.block_size
+    def num_cached_prefix_tokens(self, token_ids: Sequence[int], salt: bytes = b"") -> int:
+        """Tokens of the longest cached chain of full blocks of token_ids (under the cache
+        salt `salt`), without side effects (for routing a request to the executor with the
+        longest hit). Capped so at least one token is left to compute."""
+        return len(self._cached_chain(token_ids, chain_root(salt))) * self.block_size
 
     # -- sequence lifecycle -------------------------------------------------------------
 
-    def admit(self, seq_id: str, token_ids: Sequence[int], use_cache: bool = True) -> int:
-        """Start a sequence: attach the longest cached prefix (none without `use_cache`) and
-        return how many tokens are already computed (a multiple of block_size, < len(token_ids)
-        when token_ids is not empty). Allocates nothing else."""
+    def admit(self, seq_id: str, token_ids: Sequence[int], use_cache: bool = True,
+              salt: bytes = b"") -> int:
+        """Start a sequence: attach the longest cached prefix of its cache salt `salt` (none
+        without `use_cache`) and return how many tokens are already computed (a multiple of
+        block_size, < len(token_ids) when token_ids is not empty). Allocates nothing else."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
-        chain = self._cached_chain(token_ids) if use_cache else []
-        seq = _SeqBlocks()
+        seq = _SeqBlocks(root=chain_root(salt))
+        chain = self._cached_chain(token_ids, seq.root) if use_cache else []
         for block_hash, block_id in chain:
             self._take(block_id)
             seq.table.append(block_id)
@@ -204,7 +219,7 @@ class BlockManager:
                              f"{len(token_ids)} tokens or its {len(seq.table)} blocks")
         if not self.enable_prefix_caching:
             return
-        parent = seq.hashes[-1] if seq.hashes else ROOT_HASH
+        parent = seq.hashes[-1] if seq.hashes else seq.root
         for i in range(len(seq.hashes), num_computed_tokens // self.block_size):
             parent = hash_block(
                 parent, token_ids[i * self.block_size:(i + 1) * self.block_size], self.extra_key)
@@ -230,7 +245,8 @@ class BlockManager:
         num_full, partial = divmod(num_computed_tokens, self.block_size)
         if partial and not self.num_free_blocks:
             raise NoFreeBlocks(f"fork of {parent_id!r} needs a block for its partial block")
-        child = _SeqBlocks(table=parent.table[:num_full], hashes=parent.hashes[:num_full])
+        child = _SeqBlocks(root=parent.root, table=parent.table[:num_full],
+                           hashes=parent.hashes[:num_full])
         for block_id in child.table:
             self._blocks[block_id].ref_count += 1
         copy = None

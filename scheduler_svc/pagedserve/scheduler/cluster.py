@@ -39,6 +39,11 @@ class UnknownModel(Exception):
     pass
 
 
+class DuplicateRequest(Exception):
+    """A request id already in flight (ALREADY_EXISTS): two requests under one id would share a
+    stream and each other's sequences."""
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     overlap: bool = True
@@ -76,6 +81,7 @@ class Submission:
     sampling: common_pb2.SamplingParams
     priority: int
     emit: Callable[[scheduler_pb2.TokenDelta], None]
+    cache_salt: str = ""
 
 
 @dataclass(eq=False)
@@ -87,6 +93,8 @@ class _Orphan:
     request_id: str
     prompt_token_ids: list[int]
     deadline: float
+    # Routes it to the executor with the longest hit of its own cache namespace.
+    cache_salt: bytes = b""
     submission: Submission | None = None
     seqs: list[Sequence] | None = None
     # Sequences the gateway stopped while the request waited: stopped once it is placed.
@@ -100,7 +108,8 @@ class Cluster:
     pools: dict[str, Pool] = field(default_factory=dict)
     # request id -> the pool it lives on
     placement: dict[str, Pool] = field(default_factory=dict)
-    # request id -> called with (code name, message) when the request cannot go on
+    # request id -> called with (code name, message) when the request cannot go on; holds
+    # every request in flight, from `submit` until `finished`
     failures: dict[str, Callable[[str, str], None]] = field(default_factory=dict)
     orphans: list[_Orphan] = field(default_factory=list)
 
@@ -163,13 +172,14 @@ class Cluster:
         for request_id, seqs in by_request.items():
             del self.placement[request_id]
             self.orphans.append(_Orphan(pool.model_id, request_id,
-                                        seqs[0].request.prompt_token_ids, deadline, seqs=seqs))
+                                        seqs[0].request.prompt_token_ids, deadline,
+                                        cache_salt=seqs[0].request.cache_salt, seqs=seqs))
         self._adopt_orphans()
 
     def _adopt_orphans(self) -> None:
         waiting, self.orphans = self.orphans, []
         for orphan in waiting:
-            pool = self._route(orphan.model, orphan.prompt_token_ids)
+            pool = self._route(orphan.model, orphan.prompt_token_ids, orphan.cache_salt)
             if pool is None:
                 self.orphans.append(orphan)
             elif orphan.submission is not None:
@@ -188,14 +198,19 @@ class Cluster:
 
     def submit(self, model: str, submission: Submission,
                fail: Callable[[str, str], None]) -> None:
-        """Queue a request. Raises AdmissionError when it could never run on the executor it
-        is routed to, UnknownModel when no registered executor serves its model."""
+        """Queue a request. Raises, with nothing changed, DuplicateRequest for an id already in
+        flight, AdmissionError when it could never run on the executor it is routed to, and
+        UnknownModel when no registered executor serves its model."""
+        if submission.request_id in self.failures:
+            raise DuplicateRequest(f"request_id: {submission.request_id!r} is already in flight")
         model = self.resolve_model(model)
-        pool = self._route(model, submission.prompt_token_ids)
+        salt = submission.cache_salt.encode()
+        pool = self._route(model, submission.prompt_token_ids, salt)
         if pool is None:  # checked against the executor it lands on, later
             self.orphans.append(_Orphan(
                 model, submission.request_id, submission.prompt_token_ids,
-                time.monotonic() + self.config.no_executor_timeout_s, submission=submission))
+                time.monotonic() + self.config.no_executor_timeout_s, cache_salt=salt,
+                submission=submission))
         else:
             self._place(pool, submission)
         self.failures[submission.request_id] = fail
@@ -203,7 +218,7 @@ class Cluster:
     def _place(self, pool: Pool, submission: Submission) -> None:
         request = admit_request(submission.request_id, submission.prompt_token_ids,
                                 submission.sampling, submission.priority, pool.limits,
-                                submission.emit)
+                                submission.emit, cache_salt=submission.cache_salt)
         self.placement[request.request_id] = pool
         pool.scheduler.add(request)
         pool.loop.notify()
@@ -231,7 +246,8 @@ class Cluster:
                 orphan.stopped.add(seq_index)
 
     def _fail(self, request_id: str, code: str, message: str) -> None:
-        fail = self.failures.pop(request_id, None)
+        # Not popped: the id stays in flight until its stream ends (`finished`).
+        fail = self.failures.get(request_id)
         if fail is not None:
             fail(code, message)
 
@@ -246,12 +262,12 @@ class Cluster:
             raise UnknownModel(f"model: {model!r} is not served (served: {sorted(served)})")
         return model
 
-    def _route(self, model: str, prompt_token_ids: list[int]) -> Pool | None:
-        """Longest prefix-cache hit first, then most free blocks not claimed by waiting
-        requests."""
+    def _route(self, model: str, prompt_token_ids: list[int], salt: bytes) -> Pool | None:
+        """Longest prefix-cache hit (under the request's cache salt) first, then most free
+        blocks not claimed by waiting requests."""
         candidates = [p for p in self.pools.values() if not model or p.model_id == model]
         if not candidates:
             return None
         return max(candidates, key=lambda p: (
-            p.scheduler.blocks.num_cached_prefix_tokens(prompt_token_ids),
+            p.scheduler.blocks.num_cached_prefix_tokens(prompt_token_ids, salt),
             p.scheduler.num_unclaimed_free_blocks))

@@ -69,5 +69,5 @@ def schedule_executor(description: scheduler_pb2.RegisterExecutorRequest
         model.eos_token_ids)
     pool_limits = PoolLimits(max_model_len=model.max_model_len, num_blocks=kv.num_blocks,
                              block_size=kv.block_size, max_num_seqs=limits.max_num_seqs,
-                             vocab_size=model.vocab_size)
+                             vocab_size=model.vocab_size, max_logprobs=limits.max_logprobs)
     return scheduler, pool_limits

@@ -34,6 +34,8 @@ class Request:
     priority: int
     # Receives every TokenDelta of the request, in order.
     emit: Callable[[scheduler_pb2.TokenDelta], None]
+    # Prefix-cache namespace: blocks are shared only between requests of equal salts.
+    cache_salt: bytes = b""
     arrival: int = field(default_factory=lambda: next(_arrivals))
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_prompt_tokens: int = 0

@@ -15,6 +15,7 @@ import grpc
 import structlog
 
 from pagedserve.runtime.log import configure_logging
+from pagedserve.runtime.request_rules import RuleError, check_request_id
 from pagedserve.runtime.serving import (
     NO_TLS,
     GrpcServer,
@@ -24,7 +25,13 @@ from pagedserve.runtime.serving import (
     wait_for_stop_signal,
 )
 from pagedserve.scheduler.admission import AdmissionError, QueueFull, check_queue_room
-from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission, UnknownModel
+from pagedserve.scheduler.cluster import (
+    Cluster,
+    ClusterConfig,
+    DuplicateRequest,
+    Submission,
+    UnknownModel,
+)
 from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
 from pagedserve.scheduler.executor_pool import DescriptionError
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -50,6 +57,15 @@ async def next_event(events: asyncio.Queue, deadline: float | None):
         return None
 
 
+async def check_id(request_id: str, context: grpc.aio.ServicerContext) -> None:
+    """Aborts with INVALID_ARGUMENT unless `request_id` is a well-formed id (request_rules):
+    it keys the request's state and lands in every log line."""
+    try:
+        check_request_id(request_id)
+    except RuleError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, cluster: Cluster, max_queue_len: int = 0, tls: TlsConfig = NO_TLS):
         self.cluster = cluster
@@ -59,6 +75,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenDelta]:
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        await check_id(request_id, context)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.monotonic()
         # The caller's gRPC deadline bounds the request's whole life, queueing included; the
@@ -67,7 +84,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         deadline = None if remaining is None else started + remaining
         events: asyncio.Queue = asyncio.Queue()
         submission = Submission(request_id, list(request.prompt_token_ids), request.sampling,
-                                request.priority, events.put_nowait)
+                                request.priority, events.put_nowait, request.cache_salt)
         try:
             check_queue_room(num_waiting(self.cluster), self.max_queue_len)
             self.cluster.submit(request.model, submission,
@@ -79,6 +96,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UnknownModel as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except DuplicateRequest as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         log.info("request queued", prompt_tokens=len(request.prompt_token_ids))
         unfinished = set(range(max(1, request.sampling.n)))
         try:
@@ -102,6 +121,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def StopSequence(self, request: scheduler_pb2.StopSequenceRequest,
                            context) -> scheduler_pb2.StopSequenceResponse:
+        await check_id(request.request_id, context)
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
         self.cluster.stop_sequence(request.request_id, request.seq_index)
         log.info("sequence stopped by the gateway", seq_index=request.seq_index)
@@ -138,7 +158,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             description = await executor_pb2_grpc.ExecutorStub(channel).Describe(
                 executor_pb2.DescribeRequest(), timeout=10)
         return scheduler_pb2.GetModelResponse(model=description.model,
-                                              tokenizer=description.tokenizer)
+                                              tokenizer=description.tokenizer,
+                                              limits=pool.registration.limits)
 
     async def RegisterExecutor(self, request, context):
         try:

@@ -200,7 +200,8 @@ class StepScheduler:
             if recompute_prompt:
                 request.prompt_logprobs.clear()  # a preempted chunked prefill starts over
             computed = self.blocks.admit(seq.seq_id, seq.token_ids,
-                                         use_cache=not recompute_prompt)
+                                         use_cache=not recompute_prompt,
+                                         salt=request.cache_salt)
             # 0 only for a parent whose hit covers all it computes before forking.
             num_tokens = min(seq.compute_target() - computed,
                              self._chunk_cap(budget, self._prefills_contend()))

@@ -1,0 +1,61 @@
+"""What clients may ask of this gateway beyond the request rules, as its flags set it: whether
+they may order the queue (`priority`), and how their prefix-cache namespace is chosen
+(`cache_salt`, salted by API key)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.gateway.auth import ApiKeys, key_salt
+from pagedserve.gateway.errors import GatewayError
+from pagedserve.runtime.request_rules import RuleError, check_cache_salt, check_priority
+from pagedserve.runtime.serving import StartupError
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    # --allow-client-priority: a client's non-zero priority is honoured (within the rules'
+    # range); otherwise it is refused, since a low value runs first and is never preempted.
+    allow_client_priority: bool = False
+    # --cache-salt-per-api-key: every request's cache salt also names the key it came with, so
+    # no two keys' requests share prefix-cache blocks (or see each other's hits).
+    salt_keys: ApiKeys | None = None
+
+    @classmethod
+    def from_args(cls, args, keys: ApiKeys | None) -> ClientPolicy:
+        """From the gateway's flags and its API keys (None without --api-key)."""
+        if args.cache_salt_per_api_key and keys is None:
+            raise StartupError("--cache-salt-per-api-key needs --api-key")
+        return cls(allow_client_priority=args.allow_client_priority,
+                   salt_keys=keys if args.cache_salt_per_api_key else None)
+
+    def priority(self, priority: int) -> int:
+        """The priority to submit with; a 400 naming `priority` when the client may not set it."""
+        if priority and not self.allow_client_priority:
+            raise GatewayError(400, "priority: this gateway does not let clients set a priority "
+                               "(it runs with --allow-client-priority off)",
+                               "invalid_request_error", "priority")
+        _check(check_priority, priority)
+        return priority
+
+    def cache_salt(self, client_salt: str, authorization: str | None) -> str:
+        """The salt to submit with, from the client's (empty: none) and, when salting by key,
+        the API key of the `authorization` header (which auth has already matched)."""
+        _check(check_cache_salt, client_salt)
+        if self.salt_keys is None:
+            return client_salt
+        key = self.salt_keys.match(authorization)
+        if key is None:  # auth answers 401 first; reaching here is a wiring bug
+            raise GatewayError(401, "missing or invalid API key", "authentication_error")
+        return key_salt(key, client_salt)
+
+
+def _check(rule, value) -> None:
+    try:
+        rule(value)
+    except RuleError as exc:
+        raise GatewayError(400, str(exc), "invalid_request_error", exc.field) from None
+
+
+# The gateway's defaults: no client priorities, cache salts only as clients send them.
+DEFAULT_POLICY = ClientPolicy()
