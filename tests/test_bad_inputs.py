@@ -4,7 +4,9 @@ out-of-range or oversized request to the HTTP and gRPC APIs is refused at once w
 the next valid request normally."""
 
 import json
+import math
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -85,10 +87,15 @@ HTTP_CASES = [
     ("token-id-over-vocab", CMPL, {"prompt": [10**7]}, 400, "prompt"),
     ("token-id-negative", CMPL, {"prompt": [-1]}, 400, "prompt"),
     ("token-id-huge", CMPL, {"prompt": [[2**80]]}, 400, "prompt"),
-    ("prompt-over-context", CMPL, {"prompt": "the cat " * 5000, "max_tokens": 1}, 400,
+    ("prompt-over-context", CMPL, {"prompt": "the cat " * 100, "max_tokens": 1}, 400,
      "max_tokens"),
-    ("chat-over-context", CHAT, {"messages": [{"role": "user", "content": "cat " * 5000}]},
+    # more characters than the context could hold: refused before it is tokenized
+    ("prompt-over-context-chars", CMPL, {"prompt": "the cat " * 5000, "max_tokens": 1}, 400,
+     "prompt"),
+    ("chat-over-context", CHAT, {"messages": [{"role": "user", "content": "cat " * 100}]},
      400, "prompt"),
+    ("chat-over-context-chars", CHAT,
+     {"messages": [{"role": "user", "content": "cat " * 5000}]}, 400, "messages"),
     ("max_tokens-0", CMPL, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens-negative", CHAT, {"messages": MSG, "max_tokens": -5}, 400, "max_tokens"),
     ("max_tokens-huge", CMPL, {"prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
@@ -113,7 +120,43 @@ HTTP_CASES = [
      "logit_bias"),
     ("logit_bias-key-over-vocab", CMPL, {"prompt": "x", "logit_bias": {"99999999999": 1}}, 400,
      "logit_bias"),
-    ("logit_bias-value", CMPL, {"prompt": "x", "logit_bias": {"5": 1000}}, 400, "logit_bias.5"),
+    ("logit_bias-value", CMPL, {"prompt": "x", "logit_bias": {"5": 1000}}, 400, "logit_bias"),
+    ("logit_bias-key-superscript", CMPL, {"prompt": "x", "logit_bias": {"²": 1}}, 400,
+     "logit_bias"),
+    ("logit_bias-key-over-uint32", CHAT, {"messages": MSG, "logit_bias": {str(2**40): 1}}, 400,
+     "logit_bias"),
+    ("stop_token_ids-65", CMPL, {"prompt": "x", "stop_token_ids": [5] * 65}, 400,
+     "stop_token_ids"),
+    ("stop_token_ids-over-uint32", CMPL, {"prompt": "x", "stop_token_ids": [2**40]}, 400,
+     "stop_token_ids.0"),
+    ("top_k-over-int32", CMPL, {"prompt": "x", "top_k": 2**40}, 400, "top_k"),
+    ("min_tokens-over-max_tokens", CMPL, {"prompt": "x", "min_tokens": 5, "max_tokens": 4},
+     400, "min_tokens"),
+    ("presence_penalty-3", CHAT, {"messages": MSG, "presence_penalty": 3}, 400,
+     "presence_penalty"),
+    ("priority-not-allowed", CMPL, {"prompt": "x", "priority": -1}, 400, "priority"),
+    ("priority-not-allowed-chat", CHAT, {"messages": MSG, "priority": 5}, 400, "priority"),
+    ("cache_salt-empty", CHAT, {"messages": MSG, "cache_salt": ""}, 400, "cache_salt"),
+    ("cache_salt-257", CMPL, {"prompt": "x", "cache_salt": "s" * 257}, 400, "cache_salt"),
+    ("cache_salt-not-str", CMPL, {"prompt": "x", "cache_salt": 5}, 400, "cache_salt"),
+    # fields the server does not honour, refused by name
+    ("response_format", CHAT, {"messages": MSG, "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("tools", CHAT, {"messages": MSG, "tools": [{"type": "function",
+                                                   "function": {"name": "f"}}]}, 400, "tools"),
+    ("tool_choice", CHAT, {"messages": MSG, "tool_choice": "auto"}, 400, "tool_choice"),
+    ("best_of", CMPL, {"prompt": "x", "best_of": 2}, 400, "best_of"),
+    ("guided_json", CMPL, {"prompt": "x", "guided_json": {"type": "object"}}, 400,
+     "guided_json"),
+    ("prompt_logprobs-chat", CHAT, {"messages": MSG, "prompt_logprobs": 1}, 400,
+     "prompt_logprobs"),
+    ("prompt_logprobs-completions", CMPL, {"prompt": "x", "prompt_logprobs": 1}, 400,
+     "prompt_logprobs"),
+    ("message-name", CHAT, {"messages": [{"role": "user", "content": "x", "name": "n"}]}, 400,
+     "messages.0.name"),
+    ("stream_options-unknown", CMPL, {"prompt": "x", "stream": True,
+                                      "stream_options": {"continuous_usage_stats": True}}, 400,
+     "stream_options.continuous_usage_stats"),
     ("stop_token_ids-over-vocab", CHAT, {"messages": MSG, "stop_token_ids": [10**9]}, 400,
      "stop_token_ids"),
     ("stop-17", CMPL, {"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
@@ -240,8 +283,12 @@ GRPC_CASES = [
      grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ("token-id-over-vocab", {"token_ids": common_pb2.TokenIds(ids=[10**7])},
      grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
-    ("prompt-over-context", {"text": "the cat " * 5000}, grpc.StatusCode.INVALID_ARGUMENT,
+    ("prompt-over-context", {"text": "the cat " * 100}, grpc.StatusCode.INVALID_ARGUMENT,
      "context length"),
+    ("prompt-over-context-chars", {"text": "the cat " * 5000},
+     grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    ("chat-over-context-chars", {"chat": chat(("user", "cat " * 5000))},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.messages"),
     ("max_tokens-0", {"text": "x", "sampling": S(max_tokens=0)},
      grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
     ("max_tokens-huge", {"text": "x", "sampling": S(max_tokens=2**32 - 1)},
@@ -270,6 +317,32 @@ GRPC_CASES = [
      grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
     ("stop_token_ids-over-vocab", {"text": "x", "sampling": S(stop_token_ids=[10**9])},
      grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop_token_ids"),
+    ("stop_token_ids-65", {"text": "x", "sampling": S(stop_token_ids=[5] * 65)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop_token_ids"),
+    ("presence_penalty-3", {"text": "x", "sampling": S(presence_penalty=3)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.presence_penalty"),
+    ("frequency_penalty--3", {"text": "x", "sampling": S(frequency_penalty=-3)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.frequency_penalty"),
+    ("temperature-nan", {"text": "x", "sampling": S(temperature=math.nan)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ("temperature-inf", {"text": "x", "sampling": S(temperature=math.inf)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    ("repetition_penalty-nan", {"text": "x", "sampling": S(repetition_penalty=math.nan)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.repetition_penalty"),
+    ("logit_bias-nan", {"text": "x", "sampling": S(logit_bias={5: math.nan})},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.logit_bias"),
+    ("prompt_logprobs-over-vocab", {"text": "x", "sampling": S(prompt_logprobs=10**6)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.prompt_logprobs"),
+    ("prompt_logprobs-21", {"text": "x", "sampling": S(prompt_logprobs=21)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.prompt_logprobs"),
+    ("min_tokens-over-max_tokens", {"text": "x", "sampling": S(min_tokens=5, max_tokens=4)},
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_tokens"),
+    ("priority-min-int32", {"text": "x", "priority": -2**31}, grpc.StatusCode.INVALID_ARGUMENT,
+     "priority"),
+    ("cache_salt-257", {"text": "x", "cache_salt": "s" * 257},
+     grpc.StatusCode.INVALID_ARGUMENT, "cache_salt"),
+    ("request_id-257", {"text": "x", "request_id": "r" * 257},
+     grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     ("chat-empty", {"chat": chat()}, grpc.StatusCode.INVALID_ARGUMENT, "chat.messages"),
     ("chat-unknown-role", {"chat": chat(("wizard", "x"))}, grpc.StatusCode.INVALID_ARGUMENT,
      "chat.messages"),
@@ -311,6 +384,31 @@ def test_grpc_odd_but_valid_prompts_are_served(stack, kwargs):
             assert "prompt" in error.details()
         else:
             assert replies[-1].usage.completion_tokens == 2
+
+
+def test_two_grpc_clients_with_one_request_id_get_their_own_streams(stack):
+    """A client's request_id is a label: the same id sent twice at once (one with n=2, whose
+    sequences the scheduler keys "<id>/0", "<id>/1") yields two whole, separate answers."""
+    results: dict[int, list] = {}
+
+    def run(index: int, n: int, request_id: str) -> None:
+        with grpc.insecure_channel(stack.grpc) as channel:
+            results[index] = list(generation_pb2_grpc.GenerationStub(channel).Generate(
+                generation_pb2.GenerateRequest(request_id=request_id, text="the cat",
+                                               sampling=S(max_tokens=8, ignore_eos=True, n=n)),
+                timeout=60))
+    threads = [threading.Thread(target=run, args=args)
+               for args in ((0, 2, "a"), (1, 1, "a"), (2, 1, "a/0"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, n, label in ((0, 2, "a"), (1, 1, "a"), (2, 1, "a/0")):
+        replies = results[index]
+        assert {r.request_id for r in replies} == {label}
+        assert replies[-1].usage.completion_tokens == 8 * n
+        assert sum(len(c.token_ids) for r in replies for c in r.choices) == 8 * n
+    assert_serves(stack)
 
 
 def test_after_every_case_http_still_serves(stack):

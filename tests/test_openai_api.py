@@ -99,6 +99,23 @@ def test_n_seed_and_logprobs(client, tiny_llama_dir):
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)
 
 
+def test_cached_tokens_do_not_leak_across_cache_salts(client, tiny_llama_dir):
+    """`cached_tokens` tells whether a prompt's prefix was seen: only requests of the same
+    cache_salt share cached blocks (the unsalted ones included)."""
+    prompt = "a salted prefix of the cat and the hat, " * 3
+
+    def cached(**salt) -> int:
+        reply = client.completions.create(model=tiny_llama_dir.name, prompt=prompt,
+                                          max_tokens=1, extra_body=salt)
+        return reply.usage.prompt_tokens_details.cached_tokens
+    assert cached(cache_salt="alice") == 0
+    assert cached(cache_salt="alice") > 0  # the same salt hits
+    assert cached(cache_salt="bob") == 0
+    assert cached() == 0
+    assert cached() > 0
+    assert cached(cache_salt="carol") == 0
+
+
 def test_stop_string_ends_the_choice(client, reference, tiny_llama_dir):
     tokenizer, greedy = reference
     prompt = "the cat"
