@@ -44,8 +44,13 @@ from dataclasses import dataclass, field
 import aiohttp
 import psutil
 
-from pagedserve.runtime.serving import free_ports, sync_channel
-from pagedserve.testing.processes import free_consecutive_ports
+from pagedserve.runtime.internal_auth import Role
+from pagedserve.runtime.serving import free_ports
+from pagedserve.testing.processes import (
+    free_consecutive_ports,
+    internal_channel,
+    shared_internal_secret,
+)
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 READY_LINE = "pagedserve is up"
@@ -193,7 +198,7 @@ class Stack:
     children: dict[str, psutil.Process] = field(default_factory=dict)
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
-        with sync_channel(self.scheduler) as channel:
+        with internal_channel(self.scheduler, Role.GATEWAY) as channel:
             return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
                 scheduler_pb2.GetStatsRequest(), timeout=10)
 
@@ -213,6 +218,7 @@ class Stack:
 
 
 def start_stack(model: str, kv_cache_gib: str, log_path: pathlib.Path) -> Stack:
+    shared_internal_secret()  # `up` takes it from the environment; stats() calls with it
     http, grpc_port, scheduler = free_ports(3)
     executor = free_consecutive_ports(1)
     log = log_path.open("w")

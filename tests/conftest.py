@@ -15,7 +15,11 @@ import pathlib
 
 import pytest
 
+from pagedserve.testing.processes import shared_internal_secret
 from pagedserve.testing.tiny_models import save_tiny_llama
+
+# Every service a test starts inherits one internal secret (internal calls need a credential).
+shared_internal_secret()
 
 
 @pytest.fixture(scope="session")

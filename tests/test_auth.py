@@ -17,7 +17,9 @@ from pagedserve.gateway.auth import OPEN_PATHS, ApiKeyInterceptor, ApiKeys, requ
 from pagedserve.gateway.grpc_api import GenerationService
 from pagedserve.gateway.http_api import create_app
 from pagedserve.gateway.scheduler_client import SchedulerClient
+from pagedserve.runtime.internal_auth import Role
 from pagedserve.runtime.serving import GrpcServer, free_ports
+from pagedserve.testing.processes import internal_auth
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
 KEY = "s3cret"
@@ -27,7 +29,8 @@ def test_every_http_route_needs_the_key_unless_allow_listed():
     # grpc.aio channels bind to the current event loop: give this test its own (a test that
     # ran asyncio.run before leaves none).
     asyncio.set_event_loop(asyncio.new_event_loop())
-    app = create_app(SchedulerClient("127.0.0.1:1"))  # no scheduler: auth answers first
+    # No scheduler: auth answers first.
+    app = create_app(SchedulerClient("127.0.0.1:1", internal_auth(Role.GATEWAY)))
     require_api_key(app, ApiKeys.parse(KEY))
     client = TestClient(app, raise_server_exceptions=False)  # past auth, no scheduler: 5xx
     routes = [(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods]
@@ -52,7 +55,8 @@ def test_grpc_methods_need_the_key_but_health_does_not(metadata, allowed):
         (port,) = free_ports(1)
         server = GrpcServer(f"127.0.0.1:{port}", [ApiKeyInterceptor(ApiKeys.parse(KEY))])
         generation_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationService(SchedulerClient("127.0.0.1:1")), server.server)
+            GenerationService(SchedulerClient("127.0.0.1:1", internal_auth(Role.GATEWAY))),
+            server.server)
         await server.start(["pagedserve.v1.Generation"])
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

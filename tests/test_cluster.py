@@ -13,6 +13,7 @@ a clear error, and none may hang (every call has a timeout, and a timeout fails 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -29,7 +30,9 @@ import grpc
 import openai
 import pytest
 
-from pagedserve.runtime.serving import free_ports
+from pagedserve.runtime.internal_auth import Role
+from pagedserve.runtime.serving import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, free_ports
+from pagedserve.testing.processes import internal_auth, internal_channel
 from pagedserve.testing.tiny_models import save_tiny_llama
 from pagedserve.v1 import (
     common_pb2,
@@ -94,7 +97,7 @@ class Cluster:
         self.http_port, self.grpc_port, self.scheduler_port = free_ports(3)
         self.scheduler_address = f"127.0.0.1:{self.scheduler_port}"
         self.base_url = f"http://127.0.0.1:{self.http_port}"
-        self.channel = grpc.insecure_channel(self.scheduler_address)
+        self.channel = internal_channel(self.scheduler_address, Role.GATEWAY)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
     def _start(self, name: str, *argv: str) -> Service:
@@ -370,3 +373,37 @@ def test_executors_join_die_drain_and_the_scheduler_restarts_under_load(cluster,
     assert lost_reasons(scheduler, executors[1]) in (["the executor ended its Run stream "
                                                       "(shutting down)"],
                                                      ["INTERNAL: Internal error from Core"])
+
+
+def test_a_call_to_a_frozen_scheduler_fails_instead_of_hanging(cluster):
+    """A scheduler that stops answering without closing its connections (a dead node, here a
+    SIGSTOPped process) fails the calls waiting on it with UNAVAILABLE once a keepalive ping
+    goes unanswered, instead of leaving them hanging until TCP gives up (issue 17)."""
+    scheduler = cluster.start_scheduler()
+    wait_until(lambda: _answers(cluster), 60, "the scheduler to answer", 0.2)
+
+    async def submit_and_wait():
+        async with internal_auth(Role.GATEWAY).channel(cluster.scheduler_address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            # No executor is registered: the request waits in the scheduler, its stream idle.
+            call = stub.Submit(scheduler_pb2.SubmitRequest(prompt_token_ids=[1, 2, 3]))
+            await asyncio.sleep(1.0)
+            scheduler.signal(signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await asyncio.wait_for(call.read(), KEEPALIVE_S + KEEPALIVE_TIMEOUT_S + 20)
+            return error.value.code(), time.monotonic() - started
+    try:
+        code, waited = asyncio.run(submit_and_wait())
+    finally:
+        scheduler.signal(signal.SIGCONT)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert waited < KEEPALIVE_S + KEEPALIVE_TIMEOUT_S + 5
+
+
+def _answers(cluster) -> bool:
+    try:
+        cluster.stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=2)
+    except grpc.RpcError:
+        return False
+    return True

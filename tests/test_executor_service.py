@@ -1,7 +1,9 @@
 """`pagedserve executor` as a process: Describe, the Run stream (results match transformers, a
 malformed plan is answered with an error and the stream goes on, a newer stream supersedes an
-older one) and self-registration with a scheduler that starts late and later forgets it."""
+older one), self-registration with a scheduler that starts late and later forgets it, and the
+registration's session (heartbeats carry it; Run takes only the scheduler that holds it)."""
 
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -11,8 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.runtime.internal_auth import SESSION_HEADER, Role
 from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import start_executor
+from pagedserve.testing.processes import internal_channel, start_executor
 from pagedserve.v1 import (
     common_pb2,
     executor_pb2,
@@ -29,7 +32,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     def __init__(self, forget_after: int):
         self.registrations: list[scheduler_pb2.RegisterExecutorRequest] = []
-        self.heartbeats = 0
+        self.heartbeats: list[scheduler_pb2.HeartbeatRequest] = []
         self.forget_after = forget_after
         self.registered_twice = threading.Event()
 
@@ -40,22 +43,38 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.RegisterExecutorResponse(heartbeat_interval_s=0.1)
 
     def Heartbeat(self, request, context):
-        self.heartbeats += 1
-        return scheduler_pb2.HeartbeatResponse(registered=self.heartbeats < self.forget_after)
+        self.heartbeats.append(request)
+        return scheduler_pb2.HeartbeatResponse(
+            registered=len(self.heartbeats) < self.forget_after)
+
+
+@contextlib.contextmanager
+def _executor(model_dir, log_path, *flags):
+    """(stub calling as the scheduler, description, address)"""
+    process, address, description = start_executor(
+        model_dir, log_path, "--kv-cache-gib", "0.01", "--block-size", "4", *flags)
+    channel = internal_channel(address, Role.SCHEDULER)
+    yield executor_pb2_grpc.ExecutorStub(channel), description, address
+    channel.close()
+    process.terminate()
+    assert process.wait(timeout=30) == 0
 
 
 @pytest.fixture
 def executor(tiny_llama_dir, tmp_path):
+    """An executor that registers with no scheduler: the test drives Run as the scheduler."""
+    with _executor(tiny_llama_dir, tmp_path / "executor.log") as running:
+        yield running
+
+
+@pytest.fixture
+def registering_executor(tiny_llama_dir, tmp_path):
+    """An executor that registers with a scheduler at the port it also yields (nothing
+    listens there yet)."""
     (scheduler_port,) = free_ports(1)
-    process, address, description = start_executor(
-        tiny_llama_dir, tmp_path / "executor.log", "--kv-cache-gib", "0.01", "--block-size",
-        "4", "--scheduler-address", f"127.0.0.1:{scheduler_port}")
-    channel = grpc.insecure_channel(address)
-    stub = executor_pb2_grpc.ExecutorStub(channel)
-    yield stub, description, scheduler_port, int(address.rsplit(":", 1)[1])
-    channel.close()
-    process.terminate()
-    assert process.wait(timeout=30) == 0
+    with _executor(tiny_llama_dir, tmp_path / "executor.log", "--scheduler-address",
+                   f"127.0.0.1:{scheduler_port}") as (stub, description, address):
+        yield stub, description, address, scheduler_port
 
 
 def greedy_plans(prompt: list[int], steps: int):
@@ -72,7 +91,7 @@ def greedy_plans(prompt: list[int], steps: int):
 
 
 def test_describe_reports_model_capacity_and_limits(executor, tiny_llama_dir):
-    _, description, _, _ = executor
+    _, description, _ = executor
     assert description.model.model_id == tiny_llama_dir.name
     assert description.model.dtype == "float32"
     assert description.kv_cache.block_size == 4 and description.kv_cache.num_blocks > 100
@@ -81,7 +100,7 @@ def test_describe_reports_model_capacity_and_limits(executor, tiny_llama_dir):
 
 
 def test_run_stream_matches_transformers_and_survives_a_bad_plan(executor, tiny_llama_dir):
-    stub, _, _, _ = executor
+    stub, _, _ = executor
     prompt = list(range(40, 50))
     plans = list(greedy_plans(prompt, 5))
     bad = executor_pb2.StepPlan(step_id=3, work=[
@@ -101,7 +120,7 @@ def test_run_stream_matches_transformers_and_survives_a_bad_plan(executor, tiny_
 
 
 def test_a_new_stream_supersedes_the_old_one(executor):
-    stub, _, _, _ = executor
+    stub, _, _ = executor
     prompt = list(range(40, 50))
     first_plans = greedy_plans(prompt, 3)
     gate = threading.Event()
@@ -122,8 +141,8 @@ def test_a_new_stream_supersedes_the_old_one(executor):
     assert error.value.code() == grpc.StatusCode.ABORTED
 
 
-def test_registers_late_and_again_when_forgotten(executor):
-    _, description, scheduler_port, port = executor
+def test_registers_late_and_again_when_forgotten(registering_executor):
+    _, description, address, scheduler_port = registering_executor
     time.sleep(1.0)  # the executor is already retrying: no scheduler yet
     fake = FakeScheduler(forget_after=3)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -136,9 +155,35 @@ def test_registers_late_and_again_when_forgotten(executor):
         server.stop(None)
     first = fake.registrations[0]
     assert first.executor_id == description.executor_id
-    assert first.address == f"127.0.0.1:{port}"
+    assert first.address == address
     assert first.kv_cache == description.kv_cache and first.model == description.model
-    assert fake.heartbeats >= 3
+    assert len(fake.heartbeats) >= 3
+    assert len(first.session_token) >= 32
+    assert {h.session_token for h in fake.heartbeats} == {first.session_token}
+
+
+def test_a_registered_executor_runs_only_its_schedulers_stream(registering_executor):
+    stub, _, _, scheduler_port = registering_executor
+    fake = FakeScheduler(forget_after=10**6)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, server)
+    server.add_insecure_port(f"127.0.0.1:{scheduler_port}")
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.registrations:
+            assert time.monotonic() < deadline, "the executor did not register"
+            time.sleep(0.05)
+        token = fake.registrations[0].session_token
+        for presented in ([], [(SESSION_HEADER, "0" * 64)]):
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Run(greedy_plans([5, 6, 7], 1), timeout=30, metadata=presented))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        results = list(stub.Run(greedy_plans([5, 6, 7], 1), timeout=30,
+                                metadata=[(SESSION_HEADER, token)]))
+        assert results[0].outputs and not results[0].error
+    finally:
+        server.stop(None)
 
 
 class ThreadRecordingRunner:

@@ -120,3 +120,23 @@ def test_up_passes_model_and_engine_flags_to_executors():
         assert argv[argv.index("--dtype") + 1] == "bfloat16"
         assert argv[argv.index("--scheduler-address") + 1] == "127.0.0.1:50052"
         assert "--model" not in argv  # unset flags are not passed: the executor's default
+
+
+def test_up_passes_client_policy_switches_to_the_gateway_and_the_secret_in_the_environment():
+    from pagedserve.entrypoints.launcher import plan_children
+
+    def gateway(*argv: str):
+        (child,) = [c for c in plan_children(build_parser().parse_args(["up", *argv]))
+                    if c.name == "gateway"]
+        return child
+
+    on = gateway("--allow-client-priority", "--cache-salt-per-api-key", "--api-key", "k" * 16)
+    assert "--allow-client-priority" in on.argv and "--cache-salt-per-api-key" in on.argv
+    off = gateway()
+    assert "--allow-client-priority" not in off.argv
+    assert "--cache-salt-per-api-key" not in off.argv
+    children = plan_children(build_parser().parse_args(["up", "--executors", "2"]))
+    secrets = {c.env.get("PAGEDSERVE_INTERNAL_SECRET") for c in children}
+    (secret,) = secrets  # one secret, shared by every child
+    assert secret and len(secret) >= 32
+    assert not any(secret in arg for c in children for arg in c.argv)  # never on a command line

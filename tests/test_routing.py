@@ -8,7 +8,12 @@ import asyncio
 import pytest
 
 from pagedserve.runtime.capacity import MAX_KV_BLOCKS
-from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
+from pagedserve.scheduler.cluster import (
+    Cluster,
+    ClusterConfig,
+    RegistrationConflict,
+    Submission,
+)
 from pagedserve.scheduler.executor_pool import DescriptionError
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
@@ -28,9 +33,11 @@ class IdleHandle:
         pass
 
 
-def registration(executor_id: str, num_blocks: int) -> scheduler_pb2.RegisterExecutorRequest:
+def registration(executor_id: str, num_blocks: int,
+                 session: str = "s") -> scheduler_pb2.RegisterExecutorRequest:
     return scheduler_pb2.RegisterExecutorRequest(
-        executor_id=executor_id, address=executor_id,
+        executor_id=executor_id, address=f"{executor_id}:50053",
+        session_token=f"{executor_id}-{session}".ljust(32, "x"),
         model=common_pb2.ModelInfo(model_id="m", max_model_len=64, vocab_size=100),
         kv_cache=common_pb2.KvCacheInfo(num_blocks=num_blocks, block_size=BLOCK_SIZE),
         limits=common_pb2.ExecutorLimits(max_num_seqs=8, max_num_batched_tokens=64))
@@ -43,7 +50,7 @@ def submission(request_id: str, prompt: list[int]) -> Submission:
 
 def run(test) -> None:
     async def main():
-        cluster = Cluster(ClusterConfig(), make_handle=lambda address: IdleHandle())
+        cluster = Cluster(ClusterConfig(), make_handle=lambda address, session: IdleHandle())
         try:
             await test(cluster)
         finally:
@@ -137,6 +144,11 @@ def test_a_sequence_stopped_while_its_request_waits_is_not_recomputed():
     ("max_num_seqs", lambda r: setattr(r.limits, "max_num_seqs", 2**31), "limits.max_num_seqs"),
     ("max_logprobs", lambda r: setattr(r.limits, "max_logprobs", 101), "limits.max_logprobs"),
     ("eos", lambda r: r.model.eos_token_ids.append(100), "model.eos_token_ids"),
+    ("executor_id", lambda r: setattr(r, "executor_id", "a\n" + "x" * 200), "executor_id"),
+    ("address", lambda r: setattr(r, "address", "169.254.169.254"), "address"),
+    ("address", lambda r: setattr(r, "address", "a:99999"), "address"),
+    ("address", lambda r: setattr(r, "address", "a/b:1"), "address"),
+    ("session_token", lambda r: setattr(r, "session_token", "short"), "session_token"),
 ])
 def test_a_registration_out_of_range_is_refused_and_evicts_nothing(field, change, named):
     """An executor's registration sizes the scheduler's structures: a value past its ceiling
@@ -163,4 +175,25 @@ def test_an_executor_sizes_its_pool_to_what_the_scheduler_accepts():
     async def test(cluster):
         cluster.register(capped)
         assert cluster.pools["a"].limits.num_blocks == MAX_KV_BLOCKS
+    run(test)
+
+
+def test_an_id_held_by_another_session_is_refused_and_its_heartbeats_renew_nothing():
+    """An impostor registering a live executor's id (ids are public in /metrics) gets
+    ALREADY_EXISTS, not the executor's prompts; its heartbeats, which lack the session token,
+    keep nothing alive. The holder itself may register again (a reply it lost)."""
+    async def test(cluster):
+        cluster.register(registration("a", 40, session="real"))
+        real = cluster.pools["a"]
+        with pytest.raises(RegistrationConflict, match="another session"):
+            cluster.register(registration("a", 40, session="impostor"))
+        assert cluster.pools["a"] is real
+        impostor_token = registration("a", 40, session="impostor").session_token
+        lease = real.lease_deadline
+        assert not cluster.heartbeat("a", impostor_token)
+        assert real.lease_deadline == lease
+        assert cluster.heartbeat("a", real.registration.session_token)
+        assert real.lease_deadline > lease
+        cluster.register(registration("a", 40, session="real"))
+        assert cluster.pools["a"] is not real
     run(test)

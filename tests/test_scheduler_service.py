@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.runtime.internal_auth import Role
 from pagedserve.runtime.serving import free_ports
+from pagedserve.testing.processes import internal_channel
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -32,7 +34,7 @@ class Cluster:
             "executor", "--port", str(port), "--model", str(model_dir), "--block-size", "4",
             "--kv-cache-gib", "0.001", "--max-model-len", "128",
             "--scheduler-address", self.address) for port in ports[1:]]
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = internal_channel(self.address, Role.GATEWAY)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.wait_for_executors(executors)
 

@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve.entrypoints.offline import LLM
+from pagedserve.runtime.internal_auth import Role
 from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
-from pagedserve.testing.processes import start_executor
+from pagedserve.testing.processes import internal_auth, start_executor
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 BLOCK = 4
@@ -98,7 +99,8 @@ def _grpc_llm(model_dir, tmp_path_factory, processes, engine, overlap) -> LLM:
         model_dir, tmp_path_factory.mktemp("executor") / "log", *flags)
     processes.append(process)
     llm = LLM.__new__(LLM)
-    llm._attach(model_dir, description, lambda: GrpcExecutorHandle(address),
+    auth = internal_auth(Role.SCHEDULER)
+    llm._attach(model_dir, description, lambda: GrpcExecutorHandle(address, auth=auth),
                 enable_prefix_caching=True, overlap=overlap)
     return llm
 

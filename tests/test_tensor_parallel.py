@@ -29,9 +29,10 @@ from pagedserve.executor.models.layers import (
 )
 from pagedserve.executor.parallel import TensorParallel, TensorParallelError
 from pagedserve.executor.tp_group import Followers
+from pagedserve.runtime.internal_auth import Role
 from pagedserve.runtime.serving import StartupError
 from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
-from pagedserve.testing.processes import start_executor
+from pagedserve.testing.processes import internal_auth, start_executor
 from pagedserve.testing.tiny_models import (
     byte_level_tokenizer,
     save_tiny_model,
@@ -301,7 +302,8 @@ def test_a_two_rank_executor_serves_the_scheduler_and_stops_as_one(model_dirs, t
         assert description.parallel.tensor_parallel_size == 2
         (follower,) = _followers(process.pid)
         llm = LLM.__new__(LLM)
-        llm._attach(directory, description, lambda: GrpcExecutorHandle(address),
+        auth = internal_auth(Role.SCHEDULER)
+        llm._attach(directory, description, lambda: GrpcExecutorHandle(address, auth=auth),
                     enable_prefix_caching=True, overlap=True)
         outputs = llm.generate(PROMPTS, greedy())
         for output, (tokens, _) in zip(outputs, references(directory, PROMPTS), strict=True):

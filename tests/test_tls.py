@@ -5,8 +5,6 @@ refuse a plaintext client, a TLS client without a certificate and one whose cert
 CA signed; a client with a certificate of the right CA is served, and so is a completion
 through the whole stack over HTTPS."""
 
-import datetime
-import ipaddress
 import json
 import pathlib
 import ssl
@@ -17,13 +15,11 @@ import urllib.request
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pagedserve.runtime.internal_auth import Role
 from pagedserve.runtime.serving import TlsConfig, sync_channel
-from pagedserve.testing.processes import running_stack
+from pagedserve.testing.pki import make_ca, make_identity
+from pagedserve.testing.processes import internal_channel, running_stack
 from pagedserve.v1 import (
     executor_pb2,
     executor_pb2_grpc,
@@ -34,51 +30,6 @@ from pagedserve.v1 import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _builder(subject: str, issuer: str, public_key) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-            .public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)))
-
-
-def make_ca(directory: pathlib.Path, name: str) -> tuple[ec.EllipticCurvePrivateKey, pathlib.Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (_builder(name, name, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    path = directory / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key, path
-
-
-def make_identity(directory: pathlib.Path, name: str, ca_name: str,
-                  ca_key: ec.EllipticCurvePrivateKey) -> tuple[pathlib.Path, pathlib.Path]:
-    """A certificate for 127.0.0.1 / localhost, good as server and as client: (cert, key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (_builder(name, ca_name, key.public_key())
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(_pem_key(key))
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +61,7 @@ def stack(tiny_llama_dir, tmp_path_factory, pki):
 
 
 def executor_address(stack, tls: TlsConfig) -> str:
-    with sync_channel(stack.scheduler, tls) as channel:
+    with internal_channel(stack.scheduler, Role.GATEWAY, tls) as channel:
         stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
             scheduler_pb2.GetStatsRequest(), timeout=10)
     return stats.executors[0].address
@@ -153,9 +104,14 @@ def test_internal_services_serve_only_clients_with_a_certificate_of_the_ca(stack
     address = stack.scheduler if service == "scheduler" else executor_address(stack,
                                                                               pki["valid"])
     call = scheduler_call if service == "scheduler" else executor_call
-    with sync_channel(address, pki["valid"]) as channel:
+    role = Role.GATEWAY if service == "scheduler" else Role.SCHEDULER
+    with internal_channel(address, role, pki["valid"]) as channel:
         reply = call(channel)
     assert reply.executors if service == "scheduler" else reply.model.model_id
+    # A certificate of the CA is not a credential by itself: the call must prove its role.
+    with sync_channel(address, pki["valid"]) as channel, pytest.raises(grpc.RpcError) as error:
+        call(channel)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     refused = {"plaintext": grpc.insecure_channel(address),
                **{name: sync_channel(address, pki[name])
                   for name in ("no client certificate", "certificate of another CA", "rogue")}}
@@ -165,10 +121,15 @@ def test_internal_services_serve_only_clients_with_a_certificate_of_the_ca(stack
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE, (name, error.value)
 
 
-@pytest.mark.parametrize("command", ["scheduler", "up"])
-def test_incomplete_certificate_flags_fail_at_start(pki, command):
-    result = subprocess.run([sys.executable, "-m", "pagedserve", command,
-                             "--tls-cert-file", pki["valid"].cert_file],
+@pytest.mark.parametrize("given", [("cert",), ("cert", "key"), ("ca",), ("key", "ca")])
+@pytest.mark.parametrize("command", ["scheduler", "executor", "gateway", "up"])
+def test_incomplete_certificate_flags_fail_at_start(pki, command, given):
+    """Certificate and key without a CA would serve TLS to clients without certificates; a CA
+    alone would dial in plaintext: every partial set is refused before anything listens."""
+    files = {"cert": pki["valid"].cert_file, "key": pki["valid"].key_file,
+             "ca": pki["valid"].ca_file}
+    flags = [arg for name in given for arg in (f"--tls-{name}-file", files[name])]
+    result = subprocess.run([sys.executable, "-m", "pagedserve", command, *flags],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "--tls-key-file" in result.stderr, result.stderr
+    assert result.returncode == 2 and "go together" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

@@ -1,21 +1,26 @@
 """`pagedserve up`: starts gateway, scheduler and executors as separate processes, waits until
-each is healthy, and leaves no process or port behind however it is stopped."""
+each is healthy, restarts one that dies while the others keep serving, and leaves no process or
+port behind however it is stopped."""
 
+import concurrent.futures
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pagedserve.entrypoints.launcher import MAX_QUICK_EXITS, STABLE_S, RestartPolicy
+from pagedserve.runtime.internal_auth import Role
 from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import free_consecutive_ports, port_is_free
-from pagedserve.v1 import executor_pb2, executor_pb2_grpc
+from pagedserve.testing.processes import free_consecutive_ports, internal_channel, port_is_free
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 READY_LINE = "pagedserve is up:"
 pytestmark = pytest.mark.slow
@@ -81,7 +86,7 @@ def test_up_starts_every_process_and_stops_them_all(tiny_llama_dir, tmp_path, st
         assert len({c.pid for c in children}) == 4 and stack.process.pid not in names
         for port in (stack.grpc, stack.scheduler, *stack.executors):
             assert grpc_serving(port)
-        with grpc.insecure_channel(f"127.0.0.1:{stack.executors[1]}") as channel:
+        with internal_channel(f"127.0.0.1:{stack.executors[1]}", Role.SCHEDULER) as channel:
             description = executor_pb2_grpc.ExecutorStub(channel).Describe(
                 executor_pb2.DescribeRequest(), timeout=5)
         assert description.model.model_id == tiny_llama_dir.name
@@ -133,3 +138,77 @@ def test_a_port_in_use_is_reported():
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert any(line["event"] == "cannot start" and line["service"] == "scheduler"
                for line in lines)
+
+
+def test_restarts_back_off_and_a_crash_loop_gives_up():
+    policy = RestartPolicy()
+    quick = [policy.after_exit(ran_s=1.0) for _ in range(MAX_QUICK_EXITS + 1)]
+    assert quick == [1.0, 2.0, 4.0, 8.0, 16.0, None]
+    policy = RestartPolicy()
+    delays = [policy.after_exit(ran_s) for ran_s in (1.0, 1.0, 1.0, STABLE_S, 1.0)]
+    assert delays == [1.0, 2.0, 4.0, 1.0, 2.0]  # a stable run starts the backoff over
+
+
+def _stream_completion(base: str, prompt: str, max_tokens: int) -> list[dict]:
+    """The events of one streamed completion (usage included)."""
+    request = urllib.request.Request(
+        f"{base}/v1/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                         "stream": True, "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return [json.loads(line[len(b"data: "):]) for line in reply
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]"]
+
+
+def _child(stack: Stack, *words: str) -> psutil.Process:
+    (child,) = [c for c in stack.children()
+                if all(word in c.cmdline() for word in words) and "-m" in c.cmdline()]
+    return child
+
+
+def test_a_dead_child_is_restarted_while_the_others_keep_serving(tiny_llama_dir, tmp_path):
+    """The issue's case: `up --executors 2`, 8 streams, kill -9 of one executor. Every stream
+    completes (the lost executor's requests are recomputed on the other), the executor comes
+    back and registers again; a killed gateway comes back too."""
+    stack = Stack(tiny_llama_dir, tmp_path / "log", executors=2)
+    base = f"http://127.0.0.1:{stack.http}"
+    try:
+        stack.wait_until_up()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(_stream_completion, base, f"the cat {i}", 120)
+                       for i in range(8)]
+            with internal_channel(f"127.0.0.1:{stack.scheduler}", Role.GATEWAY) as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                deadline = time.monotonic() + 60
+                while not all(e.num_running for e in stub.GetStats(
+                        scheduler_pb2.GetStatsRequest(), timeout=5).executors):
+                    assert time.monotonic() < deadline, "the load never reached both executors"
+                    time.sleep(0.02)
+                victim = _child(stack, "executor", str(stack.executors[0]))
+                victim.kill()
+                events = [stream.result(timeout=120) for stream in streams]
+                for stream_events in events:
+                    assert not any("error" in event for event in stream_events), stream_events
+                    assert stream_events[-1]["usage"]["completion_tokens"] == 120
+                deadline = time.monotonic() + 120
+                while len(stub.GetStats(scheduler_pb2.GetStatsRequest(),
+                                        timeout=5).executors) < 2:
+                    assert time.monotonic() < deadline, "the executor did not come back"
+                    time.sleep(0.2)
+        assert _child(stack, "executor", str(stack.executors[0])).pid != victim.pid
+        gateway = _child(stack, "gateway")
+        gateway.kill()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                events = _stream_completion(base, "the dog", 4)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway did not come back"
+                time.sleep(0.2)
+        assert events[-1]["usage"]["completion_tokens"] == 4
+        assert _child(stack, "gateway").pid != gateway.pid
+        assert stack.process.poll() is None  # `up` itself never stopped
+    finally:
+        stack.process.send_signal(signal.SIGTERM)
+        stack.process.wait(timeout=60)

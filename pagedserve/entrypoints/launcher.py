@@ -2,9 +2,14 @@
 
 Starts the scheduler, N executors and the gateway (in that order) as child processes, waits until
 each reports SERVING on grpc.health.v1 (and the gateway answers HTTP /health), prints the URLs,
-then supervises: on SIGINT / SIGTERM, or when any child exits on its own, it stops every child
-(SIGTERM, then SIGKILL after a grace period) and exits. Children run in their own process group
+then supervises as Kubernetes would: a child that exits is restarted after a backoff while the
+others keep serving (a lost executor's requests are recomputed on the others; a restarted
+scheduler gets its executors back as they re-register). On SIGINT / SIGTERM, a child that fails
+while the stack starts, or one that crash-loops, it stops every child (SIGTERM, then SIGKILL after
+a grace period) and exits. Children run in their own process group
 and are killed by the kernel if `up` itself dies (PR_SET_PDEATHSIG), so no process is orphaned.
+The children share an internal secret (PAGEDSERVE_INTERNAL_SECRET, made fresh for the run unless
+given) through their environment: their internal ports answer no one else.
 """
 
 from __future__ import annotations
@@ -27,11 +32,20 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.runtime.flags import add_common_flags, add_tls_flags, passed_on
+from pagedserve.runtime.internal_auth import SECRET_ENV, check_secret, new_secret
 from pagedserve.runtime.log import configure_logging
 from pagedserve.runtime.serving import StartupError, TlsConfig, die_with_parent, sync_channel
 
 STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.2
+# Restarts, as Kubernetes restarts a crashed container: the first after RESTART_BACKOFF_S,
+# doubling up to MAX_RESTART_BACKOFF_S; a child that ran STABLE_S starts over from the first.
+# A child that exits more than MAX_QUICK_EXITS times in a row, each time within STABLE_S of its
+# start, is crash-looping: `up` reports it and stops.
+RESTART_BACKOFF_S = 1.0
+MAX_RESTART_BACKOFF_S = 30.0
+STABLE_S = 60.0
+MAX_QUICK_EXITS = 5
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULT_GRPC_PORT,
         DEFAULT_HTTP_PORT,
         add_api_key_argument,
+        add_client_policy_arguments,
         add_request_timeout_argument,
     )
     from pagedserve.scheduler.config import DEFAULT_PORT as SCHEDULER_PORT
@@ -67,8 +82,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     add_api_key_argument(parser)
     add_request_timeout_argument(parser)
+    add_client_policy_arguments(parser)
     add_overload_arguments(parser)
     add_common_flags(parser)
+
+
+@dataclass
+class RestartPolicy:
+    """When to restart a child that exited; see RESTART_BACKOFF_S."""
+
+    quick_exits: int = 0
+
+    def after_exit(self, ran_s: float) -> float | None:
+        """Seconds to wait before restarting a child that ran `ran_s`; None: it crash-loops."""
+        self.quick_exits = (0 if ran_s >= STABLE_S else self.quick_exits) + 1
+        if self.quick_exits > MAX_QUICK_EXITS:
+            return None
+        return min(RESTART_BACKOFF_S * 2 ** (self.quick_exits - 1), MAX_RESTART_BACKOFF_S)
 
 
 @dataclass
@@ -81,6 +111,16 @@ class Child:
     # Added to the inherited environment.
     env: dict[str, str] = field(default_factory=dict, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
+    started_at: float = 0.0
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    # time.monotonic() at which an exited child starts again; None while none is due.
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, process_group=0, preexec_fn=die_with_parent,
+                                        stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
+        self.started_at = time.monotonic()
+        log.info("started", process=self.name, pid=self.process.pid)
 
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
@@ -141,7 +181,10 @@ def executor_gpus(args: argparse.Namespace, gpus: list[str]) -> list[str]:
 def plan_children(args: argparse.Namespace) -> list[Child]:
     """The processes to start, in start order; raises StartupError for bad certificate flags."""
     from pagedserve.executor.config import EngineConfig
-    from pagedserve.gateway.config import add_request_timeout_argument
+    from pagedserve.gateway.config import (
+        add_client_policy_arguments,
+        add_request_timeout_argument,
+    )
     from pagedserve.scheduler.config import add_overload_arguments
 
     base = [sys.executable, "-m", "pagedserve"]
@@ -149,13 +192,18 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
               *passed_on(args, add_tls_flags)]
     tls = TlsConfig.from_args(args)
     executor_flags = EngineConfig.from_args(args).to_argv()
+    # Internal authentication is on in every stack: the children share a secret made for this
+    # run (or the one given), handed over in the environment, never on a command line.
+    secret = args.internal_secret or new_secret()
+    check_secret(secret)
+    internal = {SECRET_ENV: secret}
 
     gpu_sets = executor_gpus(args, visible_gpus())
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
                       [*base, "scheduler", *common, "--port", str(args.scheduler_port),
                        *passed_on(args, add_overload_arguments)],
-                      [grpc_health_probe(scheduler, tls)], scheduler)]
+                      [grpc_health_probe(scheduler, tls)], scheduler, env=internal)]
     for i in range(args.executors):
         port = args.executor_port + i
         address = f"{args.host}:{port}"
@@ -163,14 +211,16 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
                               [*base, "executor", *common, "--port", str(port),
                                "--scheduler-address", scheduler, *executor_flags],
                               [grpc_health_probe(address, tls)], address,
-                              env={"CUDA_VISIBLE_DEVICES": gpu_sets[i]} if gpu_sets else {}))
+                              env={**internal, **({"CUDA_VISIBLE_DEVICES": gpu_sets[i]}
+                                                  if gpu_sets else {})}))
     http_url = f"{'https' if tls.cert_file else 'http'}://{args.host}:{args.http_port}"
     grpc_address = f"{args.host}:{args.grpc_port}"
     gateway_argv = [*base, "gateway", *common, "--http-port", str(args.http_port),
                     "--grpc-port", str(args.grpc_port), "--scheduler-address", scheduler,
-                    *passed_on(args, add_request_timeout_argument)]
+                    *passed_on(args, add_request_timeout_argument,
+                               add_client_policy_arguments)]
     # The key travels in the environment, not on a command line that `ps` shows.
-    gateway_env = {"PAGEDSERVE_API_KEY": args.api_key} if args.api_key else {}
+    gateway_env = {**internal, **({"PAGEDSERVE_API_KEY": args.api_key} if args.api_key else {})}
     children.append(Child("gateway", gateway_argv,
                           [grpc_health_probe(grpc_address, tls),
                            http_health_probe(f"{http_url}/health", tls)],
@@ -178,12 +228,26 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     return children
 
 
-def start(children: list[Child]) -> None:
-    for child in children:
-        child.process = subprocess.Popen(child.argv, process_group=0, preexec_fn=die_with_parent,
-                                         stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **child.env})
-        log.info("started", process=child.name, pid=child.process.pid)
+def supervise(children: list[Child], stop: threading.Event) -> str | None:
+    """Restarts every child that exits, until `stop` is set; returns why it gave up (a child
+    crash-loops), or None when stopped."""
+    while not stop.wait(POLL_INTERVAL_S):
+        now = time.monotonic()
+        for child in children:
+            if child.restart_at is not None and now >= child.restart_at:
+                child.restart_at = None
+                child.start()
+            elif child.restart_at is None and child.exited():
+                status = child.process.returncode
+                delay = child.restarts.after_exit(now - child.started_at)
+                if delay is None:
+                    return (f"{child.name} exited {MAX_QUICK_EXITS + 1} times in a row, each "
+                            f"within {STABLE_S:.0f} s of starting (last status {status}); "
+                            "stopping the stack")
+                log.warning("exited; restarting", process=child.name, status=status,
+                            restart_in_s=delay)
+                child.restart_at = now + delay
+    return None
 
 
 def wait_healthy(children: list[Child], timeout_s: float, stop: threading.Event) -> str | None:
@@ -234,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pagedserve up: error: {exc}", file=sys.stderr)
         return 2
     try:
-        start(children)
+        for child in children:
+            child.start()
         failure = wait_healthy(children, args.startup_timeout, stop)
         if failure is not None:
             if stop.is_set():
@@ -243,12 +308,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print("pagedserve is up:", *(f"  {c.name:<12} {c.url}" for c in children),
               "Press Ctrl-C to stop.", sep="\n", flush=True)
-        while not stop.wait(POLL_INTERVAL_S):
-            for child in children:
-                if child.exited():
-                    print(f"pagedserve up: error: {child.name} exited with status "
-                          f"{child.process.returncode}; stopping the stack", file=sys.stderr)
-                    return 1
+        failure = supervise(children, stop)
+        if failure is not None:
+            print(f"pagedserve up: error: {failure}", file=sys.stderr)
+            return 1
         return 0
     finally:
         stop_all(children)

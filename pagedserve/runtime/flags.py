@@ -16,7 +16,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 # Options whose values are credentials: --help says a value is set (e.g. from the environment),
 # never the value, so that it shows up in no terminal or log.
-SECRET_OPTIONS = frozenset({"--api-key"})
+SECRET_OPTIONS = frozenset({"--api-key", "--internal-secret"})
 
 
 def env_var(option: str) -> str:
@@ -78,14 +78,17 @@ def passed_on(args: object, *adders: Callable[[argparse.ArgumentParser], None]) 
     """The flags the `adders` define, as `args` (a parsed namespace, or any object with an
     attribute per flag, such as the executor's EngineConfig) has them, as the argv of a child
     process that takes the same flags (`pagedserve up`'s services, tensor-parallel ranks).
-    Flags whose value is None are left out: the child takes its own default."""
+    Flags whose value is None, and switches that are off, are left out: the child takes its own
+    default."""
     parser = argparse.ArgumentParser(add_help=False)
     for add in adders:
         add(parser)
     flags = []
     for dest, option in long_options(parser).items():
         value = getattr(args, dest)
-        if value is not None:
+        if isinstance(value, bool):  # a switch: present or not
+            flags += [option] if value else []
+        elif value is not None:
             flags += [option, str(value)]
     return flags
 
@@ -98,6 +101,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"],
                         help="auto: readable on a terminal, one JSON object per line otherwise")
     add_tls_flags(parser)
+    parser.add_argument("--internal-secret", default=None,
+                        help="random value (at least 32 characters) shared by every process "
+                             "of the deployment, proving a caller's role on internal gRPC; set "
+                             "it in the environment, not on a command line that `ps` shows. "
+                             "`pagedserve up` makes one per run when unset")
 
 
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,28 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
+# Keepalive: a peer that stops answering (a dead node, a frozen process) would leave a call
+# waiting until TCP gives up, many minutes later. Channels ping every KEEPALIVE_S, also while a
+# stream carries no data (a request waiting in the queue), and drop the connection, failing its
+# calls with UNAVAILABLE, when a ping goes unanswered for KEEPALIVE_TIMEOUT_S (gRPC core enforces
+# that bound through its ping timeout; its keepalive timeout alone never fires, and the ping
+# timeout defaults to a minute). Servers accept pings that often (gRPC's default would answer
+# them with GOAWAY "too_many_pings").
+KEEPALIVE_S = 10
+KEEPALIVE_TIMEOUT_S = 10
+CHANNEL_OPTIONS = (
+    *GRPC_OPTIONS,
+    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+SERVER_OPTIONS = (
+    *GRPC_OPTIONS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+)
 # Seconds in-flight RPCs get to finish after a stop signal.
 STOP_GRACE_S = 5.0
 
@@ -64,8 +86,10 @@ class StartupError(Exception):
 class TlsConfig:
     """One process's certificate files. `cert_file` / `key_file`: its identity, served to the
     peers that dial it and presented as a client certificate when it dials. `ca_file`: the
-    authority every peer's certificate must chain to; given, internal servers also require a
-    client certificate from it (mutual TLS). None of them: plaintext (loopback, tests)."""
+    authority every peer's certificate must chain to; internal servers require a client
+    certificate from it (mutual TLS). A process takes all three or none (plaintext: loopback,
+    tests); a partial set would silently drop either encryption or client authentication.
+    Tests build partial sets directly, as the clients they play."""
 
     cert_file: str | None = None
     key_file: str | None = None
@@ -75,8 +99,11 @@ class TlsConfig:
     def from_args(cls, args: argparse.Namespace) -> TlsConfig:
         """From the common flags; raises StartupError for an incomplete or unreadable set."""
         tls = cls(args.tls_cert_file, args.tls_key_file, args.tls_ca_file)
-        if (tls.cert_file is None) != (tls.key_file is None):
-            raise StartupError("--tls-cert-file and --tls-key-file go together")
+        given = [path is not None for path in (tls.cert_file, tls.key_file, tls.ca_file)]
+        if any(given) and not all(given):
+            raise StartupError("--tls-cert-file, --tls-key-file and --tls-ca-file go together: "
+                               "a certificate without a CA would serve TLS to unauthenticated "
+                               "clients, a CA without a certificate would dial in plaintext")
         for flag, path in (("--tls-cert-file", tls.cert_file), ("--tls-key-file", tls.key_file),
                            ("--tls-ca-file", tls.ca_file)):
             if path is not None and not pathlib.Path(path).is_file():
@@ -86,6 +113,11 @@ class TlsConfig:
     @property
     def enabled(self) -> bool:
         return self.cert_file is not None or self.ca_file is not None
+
+    @property
+    def mutual(self) -> bool:
+        """Certificate, key and CA: servers require client certificates of the CA."""
+        return None not in (self.cert_file, self.key_file, self.ca_file)
 
     def _read(self, path: str | None) -> bytes | None:
         return None if path is None else pathlib.Path(path).read_bytes()
@@ -115,20 +147,24 @@ NO_TLS = TlsConfig()
 
 
 def aio_channel(address: str, tls: TlsConfig = NO_TLS,
-                options: Sequence[tuple[str, object]] = GRPC_OPTIONS) -> grpc.aio.Channel:
-    """An asyncio channel to `address`: TLS when `tls` is enabled, with the message limits."""
+                options: Sequence[tuple[str, object]] = CHANNEL_OPTIONS,
+                interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
+    """An asyncio channel to `address`: TLS when `tls` is enabled, with the message limits
+    (internal channels: InternalAuth.channel, which adds the caller's credentials)."""
     credentials = tls.channel_credentials()
     if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options,
+                                         interceptors=list(interceptors))
+    return grpc.aio.secure_channel(address, credentials, options=options,
+                                   interceptors=list(interceptors))
 
 
 def sync_channel(address: str, tls: TlsConfig = NO_TLS) -> grpc.Channel:
     """The blocking twin of aio_channel (probes, tools)."""
     credentials = tls.channel_credentials()
     if credentials is None:
-        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 class GrpcServer:
@@ -139,7 +175,7 @@ class GrpcServer:
                  credentials: grpc.ServerCredentials | None = None):
         self.address = address
         self.credentials = credentials
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

@@ -1,7 +1,9 @@
 """Services as processes on free loopback ports, for the tests and the benchmarks: a whole
-`pagedserve up` stack or one executor, each returned once it answers."""
+`pagedserve up` stack or one executor, each returned once it answers; and the credentials to
+call them as one of the internal roles."""
 
 import contextlib
+import os
 import pathlib
 import socket
 import ssl
@@ -13,8 +15,25 @@ import urllib.request
 
 import grpc
 
-from pagedserve.runtime.serving import free_ports, sync_channel
+from pagedserve.runtime.internal_auth import SECRET_ENV, InternalAuth, Role, new_secret
+from pagedserve.runtime.serving import NO_TLS, TlsConfig, free_ports
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+
+def shared_internal_secret() -> str:
+    """The internal secret of every service this process starts: made once and kept in its
+    environment, which each child inherits."""
+    return os.environ.setdefault(SECRET_ENV, new_secret())
+
+
+def internal_auth(role: Role, tls: TlsConfig = NO_TLS) -> InternalAuth:
+    """The credentials of `role` in the services this process starts."""
+    return InternalAuth(role, tls, shared_internal_secret())
+
+
+def internal_channel(address: str, role: Role, tls: TlsConfig = NO_TLS) -> grpc.Channel:
+    """A blocking channel to an internal service that calls as `role`."""
+    return internal_auth(role, tls).sync_channel(address)
 
 
 def port_is_free(port: int) -> bool:
@@ -41,6 +60,7 @@ def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
                    timeout: float = 120):
     """`pagedserve executor` on a free port, once it answers Describe:
     (process, address, description)."""
+    shared_internal_secret()
     (port,) = free_ports(1)
     log = log_path.open("w")
     process = subprocess.Popen(
@@ -48,7 +68,7 @@ def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
          str(model_dir), "--log-format", "json", *flags], stdout=log, stderr=log)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    with sync_channel(address) as channel:
+    with internal_channel(address, Role.SCHEDULER) as channel:
         stub = executor_pb2_grpc.ExecutorStub(channel)
         while True:
             try:
@@ -69,7 +89,7 @@ class RunningStack(str):
         return stack
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
-        with sync_channel(self.scheduler) as channel:
+        with internal_channel(self.scheduler, Role.GATEWAY) as channel:
             return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
                 scheduler_pb2.GetStatsRequest(), timeout=5)
 
@@ -87,6 +107,7 @@ class RunningStack(str):
 def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None):
     """`pagedserve up` on free ports, once ready; stopped on exit. With `ssl_context` (the
     flags then carry certificates) readiness is checked over HTTPS."""
+    shared_internal_secret()
     http, grpc_port, scheduler = free_ports(3)
     executor = free_consecutive_ports(1)
     log = log_path.open("w")

@@ -13,7 +13,7 @@ import contextlib
 import grpc
 import structlog
 
-from pagedserve.runtime.serving import NO_TLS, TlsConfig, aio_channel
+from pagedserve.runtime.internal_auth import InternalAuth
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 RPC_TIMEOUT_S = 5.0
@@ -31,21 +31,21 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def keep_registered(scheduler_address: str,
                           registration: scheduler_pb2.RegisterExecutorRequest,
-                          stop: asyncio.Event, tls: TlsConfig = NO_TLS) -> None:
+                          stop: asyncio.Event, auth: InternalAuth) -> None:
     retry_s = FIRST_RETRY_S
     while not stop.is_set():
         # A fresh channel per attempt: a long-lived one would follow gRPC's own reconnect
         # backoff (growing to 120 s, failing every call meanwhile), which would keep this
         # executor away long after a restarted scheduler is back.
-        async with aio_channel(scheduler_address, tls) as channel:
+        async with auth.channel(scheduler_address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             try:
                 reply = await stub.RegisterExecutor(registration, timeout=RPC_TIMEOUT_S)
                 log.info("registered with the scheduler", scheduler=scheduler_address,
                          executor_id=registration.executor_id)
                 retry_s = FIRST_RETRY_S
-                await _heartbeat_until_forgotten(stub, registration.executor_id,
-                                                 reply.heartbeat_interval_s, stop)
+                await _heartbeat_until_forgotten(stub, registration, reply.heartbeat_interval_s,
+                                                 stop)
                 continue
             except grpc.aio.AioRpcError as exc:
                 log.warning("scheduler not reachable, retrying", scheduler=scheduler_address,
@@ -54,9 +54,11 @@ async def keep_registered(scheduler_address: str,
         retry_s = min(retry_s * 2, MAX_RETRY_S)
 
 
-async def _heartbeat_until_forgotten(stub: scheduler_pb2_grpc.SchedulerStub, executor_id: str,
+async def _heartbeat_until_forgotten(stub: scheduler_pb2_grpc.SchedulerStub,
+                                     registration: scheduler_pb2.RegisterExecutorRequest,
                                      interval_s: float, stop: asyncio.Event) -> None:
-    request = scheduler_pb2.HeartbeatRequest(executor_id=executor_id)
+    request = scheduler_pb2.HeartbeatRequest(executor_id=registration.executor_id,
+                                             session_token=registration.session_token)
     while not stop.is_set():
         await _sleep_unless(stop, interval_s or DEFAULT_HEARTBEAT_S)
         if stop.is_set():

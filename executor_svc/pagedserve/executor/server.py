@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import hmac
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,17 +30,19 @@ from pagedserve.executor.model_files import (
 )
 from pagedserve.executor.registration import keep_registered
 from pagedserve.executor.runner import ModelRunner
+from pagedserve.runtime.internal_auth import SESSION_HEADER, InternalAuth, Role, caller_policy
 from pagedserve.runtime.log import configure_logging
 from pagedserve.runtime.serving import (
     GrpcServer,
     StartupError,
-    TlsConfig,
     run_service,
     wait_for_stop_signal,
 )
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+# Who may call what (runtime/internal_auth.py); every method of the service is listed.
+CALLERS = caller_policy(SERVICE_NAME, {"Run": [Role.SCHEDULER], "Describe": [Role.SCHEDULER]})
 # How long a draining executor waits for the step it is running before the server stops anyway.
 DRAIN_TIMEOUT_S = 20.0
 
@@ -46,12 +50,18 @@ log = structlog.get_logger(__name__)
 
 
 class ExecutorService(executor_pb2_grpc.ExecutorServicer):
+    """`session_token`: the one this executor registers with; Run takes only streams that
+    carry it (the scheduler it registered with). None for an executor that registers with no
+    scheduler (tests and benchmarks drive it directly, as the scheduler role)."""
+
     def __init__(self, runner: ModelRunner, description: executor_pb2.DescribeResponse,
-                 step_thread: ThreadPoolExecutor):
+                 step_thread: ThreadPoolExecutor, session_token: str | None = None):
         self.runner = runner
         self._step_thread = step_thread
         self.description = description
-        # One Run stream at a time; a new one stops the previous one (see executor.proto).
+        self._session_token = session_token
+        # One Run stream at a time; a new one of the same session stops the previous one (the
+        # scheduler reconnecting; see executor.proto).
         self._stream_lock = asyncio.Lock()
         self._stop_current: asyncio.Event | None = None
         self._draining = False
@@ -63,6 +73,12 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                   context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.StepResult]:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the executor is shutting down")
+        if not self._holds_session(context):
+            log.warning("Run refused: not this executor's scheduler session",
+                        peer=context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "Run takes only the scheduler this executor registered with "
+                                "(metadata x-pagedserve-session)")
         if self._stop_current is not None:
             self._stop_current.set()
         stop = self._stop_current = asyncio.Event()
@@ -77,6 +93,12 @@ class ExecutorService(executor_pb2_grpc.ExecutorServicer):
                                     "superseded by a newer Run stream")
             # Draining: a clean end of the stream hands every unfinished request back.
             log.info("scheduler stream closed", draining=self._draining)
+
+    def _holds_session(self, context: grpc.aio.ServicerContext) -> bool:
+        if self._session_token is None:
+            return True
+        presented = dict(context.invocation_metadata()).get(SESSION_HEADER, "")
+        return hmac.compare_digest(presented.encode(), self._session_token.encode())
 
     async def drain(self, timeout_s: float) -> None:
         """Ends the Run stream after the step in progress and waits until it has ended (at most
@@ -117,7 +139,8 @@ async def _next_or_stop(plans: AsyncIterator, stop: asyncio.Event):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    tls = TlsConfig.from_args(args)  # before the slow model load: a bad flag fails at once
+    # Before the slow model load: a bad flag fails at once.
+    auth = InternalAuth.from_args(args, Role.EXECUTOR)
     config = EngineConfig.from_args(args)
     cache_dir = config.model_cache_dir or default_cache_dir()
     try:
@@ -136,8 +159,10 @@ async def serve(args: argparse.Namespace) -> None:
             follower_log_flags=["--log-level", args.log_level, "--log-format", args.log_format]))
     description = describe(f"executor-{uuid.uuid4().hex[:12]}", model_dir, runner)
 
-    server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
-    service = ExecutorService(runner, description, step_thread)
+    server = GrpcServer(f"{args.host}:{args.port}", [auth.interceptor(CALLERS)],
+                        auth.server_credentials())
+    session_token = secrets.token_hex(32) if args.scheduler_address else None
+    service = ExecutorService(runner, description, step_thread, session_token)
     executor_pb2_grpc.add_ExecutorServicer_to_server(service, server.server)
     await server.start([SERVICE_NAME])
     stop = asyncio.Event()
@@ -149,8 +174,9 @@ async def serve(args: argparse.Namespace) -> None:
                 executor_id=description.executor_id,
                 address=args.advertise_address or f"{args.host}:{args.port}",
                 model=description.model, kv_cache=description.kv_cache,
-                limits=description.limits, parallel=description.parallel),
-            stop, tls))
+                limits=description.limits, parallel=description.parallel,
+                session_token=session_token),
+            stop, auth))
     await wait_for_stop_signal()
     stop.set()  # no more heartbeats: the scheduler must not take this executor back
     if registration is not None:

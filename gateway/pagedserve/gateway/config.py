@@ -19,6 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host:port of the scheduler")
     add_api_key_argument(parser)
     add_request_timeout_argument(parser)
+    add_client_policy_arguments(parser)
+    parser.add_argument("--tokenizer", default=None,
+                        help="local tokenizer directory; unset: the tokenizer files the "
+                             "scheduler relays from an executor (no model volume needed)")
+    add_common_flags(parser)
+
+
+def add_client_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """What clients may ask for; shared with `pagedserve up`, which passes them on."""
     parser.add_argument("--allow-client-priority", action="store_true",
                         help="honour a request's `priority` (lower runs first and is preempted "
                              "last), within [-1000, 1000]; off: a non-zero priority is refused "
@@ -28,10 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--api-key, usually with one key per tenant): requests made with "
                              "different keys never share cached blocks, so cached_tokens tells "
                              "no tenant what another sent")
-    parser.add_argument("--tokenizer", default=None,
-                        help="local tokenizer directory; unset: the tokenizer files the "
-                             "scheduler relays from an executor (no model volume needed)")
-    add_common_flags(parser)
 
 
 def add_api_key_argument(parser: argparse.ArgumentParser) -> None:

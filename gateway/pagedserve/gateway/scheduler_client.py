@@ -17,7 +17,7 @@ import grpc
 import structlog
 
 from pagedserve.gateway.errors import GatewayError
-from pagedserve.runtime.serving import NO_TLS, TlsConfig, aio_channel
+from pagedserve.runtime.internal_auth import InternalAuth
 from pagedserve.runtime.tokenizer_files import check_tokenizer_files
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -140,10 +140,10 @@ def tokenizer_from_files(files: Mapping[str, bytes]):
 
 
 class SchedulerClient:
-    def __init__(self, address: str, tokenizer_path: str | None = None, tls: TlsConfig = NO_TLS):
+    def __init__(self, address: str, auth: InternalAuth, tokenizer_path: str | None = None):
         self.address = address
         self.tokenizer_path = tokenizer_path
-        self._channel = aio_channel(address, tls)
+        self._channel = auth.channel(address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._models: dict[str, ServedModel] = {}
         self._loading = asyncio.Lock()

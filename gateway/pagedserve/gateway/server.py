@@ -13,11 +13,11 @@ from pagedserve.gateway.grpc_api import GenerationService
 from pagedserve.gateway.http_api import create_app
 from pagedserve.gateway.policy import ClientPolicy
 from pagedserve.gateway.scheduler_client import SchedulerClient
+from pagedserve.runtime.internal_auth import InternalAuth, Role
 from pagedserve.runtime.log import configure_logging
 from pagedserve.runtime.serving import (
     GrpcServer,
     StartupError,
-    TlsConfig,
     run_service,
     wait_for_stop_signal,
 )
@@ -35,8 +35,9 @@ class _HttpServer(uvicorn.Server):
 
 
 async def serve(args: argparse.Namespace) -> None:
-    tls = TlsConfig.from_args(args)
-    client = SchedulerClient(args.scheduler_address, args.tokenizer, tls)
+    auth = InternalAuth.from_args(args, Role.GATEWAY)
+    tls = auth.tls
+    client = SchedulerClient(args.scheduler_address, auth, args.tokenizer)
     try:
         keys = ApiKeys.parse(args.api_key) if args.api_key else None
     except ValueError as exc:

@@ -56,7 +56,10 @@ class ExecutorServicer:
         request's mirror itself. A malformed plan is answered by a StepResult with `error` set and
         the stream stays open; a failure of the executor itself ends the stream, and the scheduler
         then treats the executor as lost. Opening a new Run stream replaces the previous one and
-        drops every mirror (a restarted scheduler starts from nothing).
+        drops every mirror (a restarted scheduler starts from nothing). A registered executor takes
+        a stream only with its registration's session token in metadata `x-pagedserve-session`
+        (RegisterExecutorRequest.session_token); others get PERMISSION_DENIED. Only the scheduler
+        role may call this service (docs/design.md §6).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,6 +11,7 @@ or duplicate; with no executor left they wait, up to a timeout, then fail with U
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import structlog
 
 from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
-from pagedserve.scheduler.executor_pool import schedule_executor
+from pagedserve.scheduler.executor_pool import check_registration, schedule_executor
 from pagedserve.scheduler.pool_loop import PoolLoop
 from pagedserve.scheduler.sequence import Sequence
 from pagedserve.scheduler.step_scheduler import StepScheduler
@@ -42,6 +43,10 @@ class UnknownModel(Exception):
 class DuplicateRequest(Exception):
     """A request id already in flight (ALREADY_EXISTS): two requests under one id would share a
     stream and each other's sequences."""
+
+
+class RegistrationConflict(Exception):
+    """A registration under an executor id whose lease another session holds."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ class _Orphan:
 @dataclass
 class Cluster:
     config: ClusterConfig
-    make_handle: Callable[[str], ExecutorHandle]
+    # (address, session token) -> the executor's handle
+    make_handle: Callable[[str, str], ExecutorHandle]
     pools: dict[str, Pool] = field(default_factory=dict)
     # request id -> the pool it lives on
     placement: dict[str, Pool] = field(default_factory=dict)
@@ -116,14 +122,22 @@ class Cluster:
     # -- membership ---------------------------------------------------------------------
 
     def register(self, registration: scheduler_pb2.RegisterExecutorRequest) -> None:
-        """Adds the executor's pool; raises DescriptionError (before anything changes) for a
-        registration out of range."""
+        """Adds the executor's pool. Raises, before anything changes, DescriptionError for a
+        registration out of range and RegistrationConflict for an id whose lease another
+        session holds; the same session registering again (its reply was lost) replaces its
+        pool."""
+        check_registration(registration)
         scheduler, pool_limits = schedule_executor(registration,
                                                    self.config.enable_prefix_caching)
         old = self.pools.get(registration.executor_id)
+        if old is not None and not hmac.compare_digest(
+                old.registration.session_token.encode(), registration.session_token.encode()):
+            raise RegistrationConflict(
+                f"executor_id {registration.executor_id!r} is registered by another session; "
+                "its lease must lapse first")
         if old is not None:
             self._lose(old, "registered again")
-        handle = self.make_handle(registration.address)
+        handle = self.make_handle(registration.address, registration.session_token)
         pool = Pool(registration=registration, limits=pool_limits, scheduler=scheduler,
                     loop=None, handle=handle, lease_deadline=self._lease_deadline())
         pool.loop = PoolLoop(scheduler, handle, self.config.overlap,
@@ -135,9 +149,12 @@ class Cluster:
                  kv_blocks=registration.kv_cache.num_blocks)
         self._adopt_orphans()
 
-    def heartbeat(self, executor_id: str) -> bool:
+    def heartbeat(self, executor_id: str, session_token: str) -> bool:
+        """Renews the lease of the executor's registration; False (register again) for an id
+        not registered, or a session that does not hold it (which renews nothing)."""
         pool = self.pools.get(executor_id)
-        if pool is None:
+        if pool is None or not hmac.compare_digest(
+                pool.registration.session_token.encode(), session_token.encode()):
             return False
         pool.lease_deadline = self._lease_deadline()
         return True

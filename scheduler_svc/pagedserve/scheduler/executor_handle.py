@@ -9,7 +9,7 @@ from typing import Protocol
 
 import grpc
 
-from pagedserve.runtime.serving import NO_TLS, TlsConfig, aio_channel
+from pagedserve.runtime.internal_auth import SESSION_HEADER, InternalAuth
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 
 
@@ -29,13 +29,16 @@ class ExecutorHandle(Protocol):
 
 
 class GrpcExecutorHandle:
-    """The executor's `Run` stream: plans go out through a queue the stream reads."""
+    """The executor's `Run` stream: plans go out through a queue the stream reads.
+    `session_token`: the one the executor registered with ("" for an executor that did not
+    register, as in the tests that drive one directly)."""
 
-    def __init__(self, address: str, tls: TlsConfig = NO_TLS):
+    def __init__(self, address: str, session_token: str = "", *, auth: InternalAuth):
         self.address = address
-        self._channel = aio_channel(address, tls)
+        self._channel = auth.channel(address)
         self._plans: asyncio.Queue[executor_pb2.StepPlan | None] = asyncio.Queue()
-        self._call = executor_pb2_grpc.ExecutorStub(self._channel).Run(self._plan_stream())
+        self._call = executor_pb2_grpc.ExecutorStub(self._channel).Run(
+            self._plan_stream(), metadata=((SESSION_HEADER, session_token),))
 
     async def _plan_stream(self):
         while (plan := await self._plans.get()) is not None:

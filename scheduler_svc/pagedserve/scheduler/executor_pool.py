@@ -10,6 +10,8 @@ memory."""
 
 from __future__ import annotations
 
+import re
+
 from pagedserve.runtime.capacity import MAX_KV_BLOCKS
 from pagedserve.scheduler.admission import PoolLimits
 from pagedserve.scheduler.block_manager import BlockManager
@@ -24,6 +26,12 @@ MAX_NUM_SEQS = 1 << 16
 MAX_NUM_BATCHED_TOKENS = 1 << 24
 MAX_EOS_TOKEN_IDS = 64
 MAX_MODEL_ID_CHARS = 256
+MAX_EXECUTOR_ID_CHARS = 128
+MAX_ADDRESS_CHARS = 256
+SESSION_TOKEN_CHARS = (32, 128)
+# An executor id or address is a plain printable token: it lands in logs, metrics labels and
+# the scheduler's dial target.
+_PLAIN = re.compile(r"[A-Za-z0-9._:\[\]-]+")
 
 
 class DescriptionError(ValueError):
@@ -51,6 +59,24 @@ def check_description(description: scheduler_pb2.RegisterExecutorRequest
     if outside:
         raise DescriptionError(f"model.eos_token_ids {outside} are not below model.vocab_size "
                                f"{model.vocab_size}")
+
+
+def check_registration(registration: scheduler_pb2.RegisterExecutorRequest) -> None:
+    """What a registration adds to a description: who it is, where to dial it and the session
+    that holds its lease. Raises DescriptionError naming the field."""
+    executor_id, address = registration.executor_id, registration.address
+    if not (0 < len(executor_id) <= MAX_EXECUTOR_ID_CHARS and _PLAIN.fullmatch(executor_id)):
+        raise DescriptionError(f"executor_id must be 1 to {MAX_EXECUTOR_ID_CHARS} letters, "
+                               "digits or ._:-")
+    host, _, port = address.rpartition(":")
+    if not (len(address) <= MAX_ADDRESS_CHARS and host and _PLAIN.fullmatch(host)
+            and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise DescriptionError(f"address must be host:port (at most {MAX_ADDRESS_CHARS} "
+                               f"characters), got {address[:64]!r}")
+    low, high = SESSION_TOKEN_CHARS
+    if not low <= len(registration.session_token) <= high:
+        raise DescriptionError(f"session_token must have {low} to {high} characters (the "
+                               "executor makes a random one per process)")
 
 
 def schedule_executor(description: scheduler_pb2.RegisterExecutorRequest

@@ -14,21 +14,16 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from pagedserve.runtime.internal_auth import InternalAuth, Role, caller_policy
 from pagedserve.runtime.log import configure_logging
 from pagedserve.runtime.request_rules import RuleError, check_request_id
-from pagedserve.runtime.serving import (
-    NO_TLS,
-    GrpcServer,
-    TlsConfig,
-    aio_channel,
-    run_service,
-    wait_for_stop_signal,
-)
+from pagedserve.runtime.serving import GrpcServer, run_service, wait_for_stop_signal
 from pagedserve.scheduler.admission import AdmissionError, QueueFull, check_queue_room
 from pagedserve.scheduler.cluster import (
     Cluster,
     ClusterConfig,
     DuplicateRequest,
+    RegistrationConflict,
     Submission,
     UnknownModel,
 )
@@ -37,6 +32,11 @@ from pagedserve.scheduler.executor_pool import DescriptionError
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+# Who may call what (runtime/internal_auth.py); every method of the service is listed.
+CALLERS = caller_policy(SERVICE_NAME, {
+    "Submit": [Role.GATEWAY], "StopSequence": [Role.GATEWAY], "GetStats": [Role.GATEWAY],
+    "GetModel": [Role.GATEWAY], "RegisterExecutor": [Role.EXECUTOR],
+    "Heartbeat": [Role.EXECUTOR]})
 EXPIRY_CHECK_S = 0.5
 
 log = structlog.get_logger(__name__)
@@ -67,10 +67,10 @@ async def check_id(request_id: str, context: grpc.aio.ServicerContext) -> None:
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, cluster: Cluster, max_queue_len: int = 0, tls: TlsConfig = NO_TLS):
+    def __init__(self, cluster: Cluster, auth: InternalAuth, max_queue_len: int = 0):
         self.cluster = cluster
+        self.auth = auth
         self.max_queue_len = max_queue_len
-        self.tls = tls
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenDelta]:
@@ -154,7 +154,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         pool = next((p for p in self.cluster.pools.values() if p.model_id == model), None)
         if pool is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor is registered")
-        async with aio_channel(pool.registration.address, self.tls) as channel:
+        async with self.auth.channel(pool.registration.address) as channel:
             description = await executor_pb2_grpc.ExecutorStub(channel).Describe(
                 executor_pb2.DescribeRequest(), timeout=10)
         return scheduler_pb2.GetModelResponse(model=description.model,
@@ -164,16 +164,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def RegisterExecutor(self, request, context):
         try:
             self.cluster.register(request)
-        except DescriptionError as exc:
+        except (DescriptionError, RegistrationConflict) as exc:
             log.warning("registration refused", executor_id=request.executor_id[:64],
-                        error=str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                        peer=context.peer(), error=str(exc))
+            code = (grpc.StatusCode.ALREADY_EXISTS if isinstance(exc, RegistrationConflict)
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc))
         return scheduler_pb2.RegisterExecutorResponse(
             heartbeat_interval_s=self.cluster.config.heartbeat_interval_s)
 
     async def Heartbeat(self, request, context):
         return scheduler_pb2.HeartbeatResponse(
-            registered=self.cluster.heartbeat(request.executor_id))
+            registered=self.cluster.heartbeat(request.executor_id, request.session_token))
 
 
 async def _expire_forever(cluster: Cluster) -> None:
@@ -183,15 +185,16 @@ async def _expire_forever(cluster: Cluster) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    tls = TlsConfig.from_args(args)
+    auth = InternalAuth.from_args(args, Role.SCHEDULER)
     cluster = Cluster(ClusterConfig(overlap=not args.no_overlap,
                                     enable_prefix_caching=not args.no_prefix_caching,
                                     heartbeat_interval_s=args.heartbeat_interval,
                                     no_executor_timeout_s=args.no_executor_timeout),
-                      make_handle=functools.partial(GrpcExecutorHandle, tls=tls))
-    server = GrpcServer(f"{args.host}:{args.port}", credentials=tls.server_credentials())
+                      make_handle=functools.partial(GrpcExecutorHandle, auth=auth))
+    server = GrpcServer(f"{args.host}:{args.port}", [auth.interceptor(CALLERS)],
+                        auth.server_credentials())
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerService(cluster, args.max_queue_len, tls), server.server)
+        SchedulerService(cluster, auth, args.max_queue_len), server.server)
     await server.start([SERVICE_NAME])
     expiry = asyncio.create_task(_expire_forever(cluster))
     await wait_for_stop_signal()

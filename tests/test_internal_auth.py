@@ -1,0 +1,226 @@
+"""Internal authentication (issue 16): every internal RPC takes only the roles docs/design.md §6
+gives it, proven by the internal secret and, with per-role certificates, by the peer's
+certificate; a process without a credential does not start; `pagedserve up` makes a secret per
+run, so its scheduler and executors refuse any caller that does not hold it."""
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.executor.server import CALLERS as EXECUTOR_CALLERS
+from pagedserve.runtime.internal_auth import SECRET_ENV, InternalAuth, Role, new_secret
+from pagedserve.runtime.serving import NO_TLS, GrpcServer, StartupError, TlsConfig, free_ports
+from pagedserve.scheduler.server import CALLERS as SCHEDULER_CALLERS
+from pagedserve.testing.pki import make_ca, make_identity
+from pagedserve.testing.processes import free_consecutive_ports
+from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+GATEWAY, SCHEDULER, EXECUTOR = Role.GATEWAY, Role.SCHEDULER, Role.EXECUTOR
+# The issue's table, written out independently of the code's.
+EXPECTED_CALLERS = {
+    "/pagedserve.v1.Scheduler/Submit": {GATEWAY},
+    "/pagedserve.v1.Scheduler/StopSequence": {GATEWAY},
+    "/pagedserve.v1.Scheduler/GetStats": {GATEWAY},
+    "/pagedserve.v1.Scheduler/GetModel": {GATEWAY},
+    "/pagedserve.v1.Scheduler/RegisterExecutor": {EXECUTOR},
+    "/pagedserve.v1.Scheduler/Heartbeat": {EXECUTOR},
+    "/pagedserve.v1.Executor/Run": {SCHEDULER},
+    "/pagedserve.v1.Executor/Describe": {SCHEDULER},
+}
+POLICY = {**SCHEDULER_CALLERS, **EXECUTOR_CALLERS}
+SECRET = new_secret()
+
+
+def test_the_policies_are_the_documented_table_and_cover_every_method():
+    methods = {f"/{service.full_name}/{method.name}"
+               for module in (scheduler_pb2, executor_pb2)
+               for service in module.DESCRIPTOR.services_by_name.values()
+               for method in service.methods}
+    assert methods == set(EXPECTED_CALLERS)
+    assert {method: set(roles) for method, roles in POLICY.items()} == EXPECTED_CALLERS
+
+
+async def _serving(auth: InternalAuth) -> tuple[GrpcServer, str]:
+    """Both internal services, unimplemented (UNIMPLEMENTED is what a call that got past
+    authentication sees), behind `auth`'s interceptor and credentials."""
+    (port,) = free_ports(1)
+    server = GrpcServer(f"127.0.0.1:{port}", [auth.interceptor(POLICY)],
+                        auth.server_credentials())
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(scheduler_pb2_grpc.SchedulerServicer(),
+                                                       server.server)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(executor_pb2_grpc.ExecutorServicer(),
+                                                     server.server)
+    await server.start([])
+    return server, f"127.0.0.1:{port}"
+
+
+async def _call(channel: grpc.aio.Channel, method: str) -> grpc.StatusCode:
+    """The status of an empty call of `method` (its request, or stream of none, is empty)."""
+    try:
+        if method.endswith("/Run"):
+            async for _ in channel.stream_stream(method)(iter([]), timeout=5):
+                pass
+        elif method.endswith("/Submit"):
+            async for _ in channel.unary_stream(method)(b"", timeout=5):
+                pass
+        else:
+            await channel.unary_unary(method)(b"", timeout=5)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def _statuses(server_auth: InternalAuth, client_auths: dict[str, InternalAuth],
+              methods=tuple(EXPECTED_CALLERS)) -> dict[tuple[str, str], grpc.StatusCode]:
+    async def run():
+        server, address = await _serving(server_auth)
+        try:
+            statuses = {}
+            for name, auth in client_auths.items():
+                async with auth.channel(address) as channel:
+                    for method in methods:
+                        statuses[name, method] = await _call(channel, method)
+            return statuses
+        finally:
+            await server.stop()
+    return asyncio.run(run())
+
+
+def test_every_internal_method_takes_only_its_roles():
+    clients = {role.value: InternalAuth(role, secret=SECRET) for role in Role}
+    statuses = _statuses(InternalAuth(SCHEDULER, secret=SECRET), clients)
+    for (client, method), status in statuses.items():
+        allowed = Role(client) in EXPECTED_CALLERS[method]
+        assert status == (grpc.StatusCode.UNIMPLEMENTED if allowed
+                          else grpc.StatusCode.PERMISSION_DENIED), (client, method)
+
+
+def test_a_call_without_the_secret_is_unauthenticated_but_health_is_open():
+    no_role = InternalAuth(GATEWAY)  # no secret: sends its role without a token
+    wrong = InternalAuth(GATEWAY, secret=new_secret())
+    statuses = _statuses(InternalAuth(SCHEDULER, secret=SECRET),
+                         {"no token": no_role, "wrong secret": wrong})
+    assert set(statuses.values()) == {grpc.StatusCode.UNAUTHENTICATED}
+
+    async def health():
+        server, address = await _serving(InternalAuth(SCHEDULER, secret=SECRET))
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                return await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5)
+        finally:
+            await server.stop()
+    assert asyncio.run(health()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def role_certificates(tmp_path_factory) -> dict[str, TlsConfig]:
+    """Certificates of one CA: one per role (CN pagedserve-<role>) and one naming no role."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca_key, ca = make_ca(directory, "pagedserve-ca")
+    tls = {}
+    for name in [*(role.certificate_name for role in Role), "pagedserve"]:
+        cert, key = make_identity(directory, name, "pagedserve-ca", ca_key)
+        tls[name] = TlsConfig(str(cert), str(key), str(ca))
+    return tls
+
+
+REGISTER = "/pagedserve.v1.Scheduler/RegisterExecutor"
+SUBMIT = "/pagedserve.v1.Scheduler/Submit"
+
+
+def test_a_role_certificate_binds_its_holder_to_that_role(role_certificates):
+    """With the secret too: a gateway's certificate cannot claim the executor role, while a
+    certificate that names no role leaves the role to the secret."""
+    certs = role_certificates
+    clients = {"gateway as gateway": InternalAuth(GATEWAY, certs["pagedserve-gateway"], SECRET),
+               "gateway as executor": InternalAuth(EXECUTOR, certs["pagedserve-gateway"],
+                                                   SECRET),
+               "no role as executor": InternalAuth(EXECUTOR, certs["pagedserve"], SECRET)}
+    statuses = _statuses(InternalAuth(SCHEDULER, certs["pagedserve-scheduler"], SECRET),
+                         clients, (SUBMIT, REGISTER))
+    assert statuses["gateway as gateway", SUBMIT] == grpc.StatusCode.UNIMPLEMENTED
+    assert statuses["gateway as executor", REGISTER] == grpc.StatusCode.PERMISSION_DENIED
+    assert statuses["no role as executor", REGISTER] == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_without_the_secret_only_a_role_certificate_proves_a_role(role_certificates):
+    certs = role_certificates
+    clients = {"executor": InternalAuth(EXECUTOR, certs["pagedserve-executor"]),
+               "gateway as executor": InternalAuth(EXECUTOR, certs["pagedserve-gateway"]),
+               "no role": InternalAuth(EXECUTOR, certs["pagedserve"])}
+    statuses = _statuses(InternalAuth(SCHEDULER, certs["pagedserve-scheduler"]), clients,
+                         (REGISTER,))
+    assert statuses == {("executor", REGISTER): grpc.StatusCode.UNIMPLEMENTED,
+                        ("gateway as executor", REGISTER): grpc.StatusCode.PERMISSION_DENIED,
+                        ("no role", REGISTER): grpc.StatusCode.PERMISSION_DENIED}
+
+
+def _args(secret: str | None, tls: TlsConfig = NO_TLS) -> argparse.Namespace:
+    return argparse.Namespace(internal_secret=secret, tls_cert_file=tls.cert_file,
+                              tls_key_file=tls.key_file, tls_ca_file=tls.ca_file)
+
+
+def test_a_process_needs_a_credential_to_start(role_certificates):
+    with pytest.raises(StartupError, match=SECRET_ENV):
+        InternalAuth.from_args(_args(None), GATEWAY)
+    with pytest.raises(StartupError, match="at least 32"):
+        InternalAuth.from_args(_args("short"), GATEWAY)
+    assert InternalAuth.from_args(_args(SECRET), GATEWAY).secret == SECRET
+    mutual = InternalAuth.from_args(_args(None, role_certificates["pagedserve-gateway"]),
+                                    GATEWAY)
+    assert mutual.secret is None and mutual.tls.mutual
+
+
+@pytest.mark.parametrize("command", ["scheduler", "executor", "gateway"])
+def test_a_service_without_a_credential_refuses_to_start(command):
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    result = subprocess.run([sys.executable, "-m", "pagedserve", command], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert SECRET_ENV in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_up_makes_its_own_secret_and_its_internal_ports_refuse_strangers(tiny_llama_dir,
+                                                                        tmp_path):
+    """`up --api-key K` and no other security flag (the issue's case, on loopback): the API
+    works with the key, while the scheduler and the executor refuse callers without the run's
+    secret, even one holding another secret (this test's own)."""
+    http, grpc_port, scheduler = free_ports(3)
+    executor = free_consecutive_ports(1)
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "up", "--model", str(tiny_llama_dir),
+         "--kv-cache-gib", "0.01", "--api-key", "K" * 16, "--http-port", str(http),
+         "--grpc-port", str(grpc_port), "--scheduler-port", str(scheduler), "--executor-port",
+         str(executor), "--log-format", "json"],
+        env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "log").open("w"), text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "pagedserve is up" not in process.stdout.readline():
+            assert process.poll() is None and time.monotonic() < deadline, "no stack"
+        request = urllib.request.Request(f"http://127.0.0.1:{http}/v1/models",
+                                         headers={"Authorization": f"Bearer {'K' * 16}"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.status == 200
+        strangers = {"no credential": InternalAuth(GATEWAY),
+                     "another secret": InternalAuth(GATEWAY, secret=SECRET)}
+        for address, method in ((f"127.0.0.1:{scheduler}", "/pagedserve.v1.Scheduler/GetStats"),
+                                (f"127.0.0.1:{executor}", "/pagedserve.v1.Executor/Describe")):
+            for name, auth in strangers.items():
+                async def call(auth=auth, address=address, method=method):
+                    async with auth.channel(address) as channel:
+                        return await _call(channel, method)
+                assert asyncio.run(call()) == grpc.StatusCode.UNAUTHENTICATED, (name, method)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
