@@ -1,7 +1,8 @@
 """The scheduler's step loop driving a real executor, in process and over gRPC (the same tests
 for both handles), checked against `transformers` greedy generation: continuous batching of
 mixed requests, chunked prefill within the budget, preemption under memory pressure, prefix
-hits, parallel sampling, and aborts that free their blocks."""
+hits, parallel sampling, and aborts that free their blocks; and seeded sampling that a
+preemption or a lost executor leaves unchanged."""
 
 import asyncio
 
@@ -12,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from pagedserve.entrypoints.offline import LLM
 from pagedserve.runtime.internal_auth import Role
 from pagedserve.scheduler.admission import admit_request
-from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
+from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
+from pagedserve.scheduler.executor_handle import ExecutorLost, GrpcExecutorHandle
 from pagedserve.testing.processes import internal_auth, start_executor
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
@@ -131,6 +133,103 @@ def test_preemption_under_memory_pressure_changes_nothing(make_llm, hf_model):
                                          min_new_tokens=20, do_sample=False)[0, 10:].tolist()
         assert output.outputs[0].token_ids == expected
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+def seeded(max_tokens: int, seed: int, n: int = 1) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=1.2, top_p=0.95, max_tokens=max_tokens,
+                                     seed=seed, n=n, ignore_eos=True)
+
+
+def token_ids(outputs) -> list[list[list[int]]]:
+    return [[c.token_ids for c in output.outputs] for output in outputs]
+
+
+def test_preemption_leaves_seeded_sampling_unchanged(make_llm):
+    """A preempted sequence (forked children too) is recomputed from prompt + accepted tokens
+    and samples on as the undisturbed run, which an ample pool gives."""
+    prompts = [list(range(40 + i, 50 + i)) for i in range(6)]
+    params = [seeded(20, seed=100 + i, n=1 + i % 2) for i in range(6)]
+    ample = make_llm()
+    expected = token_ids(ample.generate(prompts, params))
+    assert ample.scheduler.counters.preemptions == 0
+    tight = make_llm(num_blocks=24, max_model_len=64)  # 96 slots for 9 sequences of 30 tokens
+    assert token_ids(tight.generate(prompts, params)) == expected
+    assert tight.scheduler.counters.preemptions > 0
+    assert tight.blocks.num_free_blocks == tight.blocks.num_blocks
+    assert all(len({tuple(c) for c in choices}) == len(choices) for choices in expected)
+
+
+class LosingHandle:
+    """A handle whose executor is lost (its stream breaks) after `results` step results;
+    counts the tokens those results carried."""
+
+    def __init__(self, inner, results: int):
+        self.inner, self.results_left, self.tokens = inner, results, 0
+
+    async def send(self, plan):
+        await self.inner.send(plan)
+
+    async def receive(self):
+        if not self.results_left:
+            raise ExecutorLost("the test broke the stream")
+        self.results_left -= 1
+        result = await self.inner.receive()
+        self.tokens += sum(len(output.token_ids) for output in result.outputs)
+        return result
+
+    async def close(self):
+        await self.inner.close()
+
+
+def registration(executor_id: str, llm: LLM) -> scheduler_pb2.RegisterExecutorRequest:
+    limits = llm.pool_limits
+    return scheduler_pb2.RegisterExecutorRequest(
+        executor_id=executor_id, address=f"{executor_id}:1", session_token="s" * 32,
+        model=common_pb2.ModelInfo(model_id="tiny", max_model_len=limits.max_model_len,
+                                   vocab_size=limits.vocab_size,
+                                   eos_token_ids=llm.eos_token_ids),
+        kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
+                                        block_size=limits.block_size),
+        limits=common_pb2.ExecutorLimits(
+            max_num_seqs=limits.max_num_seqs, max_logprobs=limits.max_logprobs,
+            max_num_batched_tokens=llm.scheduler.limits.max_num_batched_tokens))
+
+
+def test_a_lost_executor_leaves_seeded_sampling_unchanged(make_llm):
+    """Executor a is lost after a few steps; the cluster recomputes the request on b from its
+    prompt + accepted tokens, and the client sees what an undisturbed run gives."""
+    prompt, params = list(range(60, 72)), seeded(16, seed=5, n=2)
+    first, second = make_llm(), make_llm()
+    [undisturbed] = token_ids(second.generate([prompt], params))
+
+    async def run() -> list[list[int]]:
+        losing = LosingHandle(first.make_handle(), results=4)
+        handles = {"a:1": losing, "b:1": second.make_handle()}
+        cluster = Cluster(ClusterConfig(), lambda address, session: handles[address])
+        tokens, failures, done = [[], []], [], asyncio.Event()
+
+        def emit(delta: scheduler_pb2.TokenDelta) -> None:
+            tokens[delta.seq_index] += delta.token_ids
+            if all(len(t) == params.max_tokens for t in tokens):
+                done.set()
+
+        def fail(code: str, message: str) -> None:
+            failures.append(message)
+            done.set()
+        cluster.register(registration("a", first))
+        cluster.submit("tiny", Submission("r", prompt, params, 0, emit), fail)
+        cluster.register(registration("b", second))  # after: r is a's
+        await asyncio.wait_for(done.wait(), timeout=60)
+        assert not failures
+        assert "a" not in cluster.pools and 0 < losing.tokens < 2 * params.max_tokens
+        cluster.finished("r")
+        for pool in cluster.pools.values():
+            pool.task.cancel()
+            await pool.handle.close()
+        return tokens
+
+    assert asyncio.run(run()) == undisturbed
+    assert undisturbed[0] != undisturbed[1]
 
 
 def test_chunked_prefill_keeps_the_budget_and_short_requests_flowing(make_llm, hf_model):

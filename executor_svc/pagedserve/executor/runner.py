@@ -27,8 +27,8 @@ from pagedserve.executor.sampler import (
     Sampler,
     SamplerOutput,
     SequenceSamplingState,
-    make_generator,
     prompt_logprobs,
+    sequence_seed,
 )
 from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
 from pagedserve.v1 import common_pb2, executor_pb2
@@ -121,7 +121,7 @@ class ModelRunner:
         sampling = SequenceSamplingState(
             params=params, prompt_token_ids=token_ids[:num_prompt],
             output_token_ids=token_ids[num_prompt:], eos_token_ids=self.eos_token_ids,
-            generator=make_generator(params, new.seq_index, self.device))
+            seed=sequence_seed(params, new.seq_index))
         return RequestMirror(token_ids=token_ids, num_prompt_tokens=num_prompt,
                              num_computed=new.num_computed_tokens, block_ids=list(new.block_ids),
                              seq_index=new.seq_index, sampling=sampling)
