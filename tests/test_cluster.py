@@ -375,6 +375,109 @@ def test_executors_join_die_drain_and_the_scheduler_restarts_under_load(cluster,
                                                      ["INTERNAL: Internal error from Core"])
 
 
+@dataclass(frozen=True)
+class Streamed:
+    outcome: Outcome
+    # Seconds between the chunk the stream had when the scheduler was killed and the next.
+    pause_s: float
+    # Whether the stream had started, and not finished, when the scheduler was killed.
+    in_flight: bool
+
+
+class StreamingClient(threading.Thread):
+    """One streamed greedy completion of PROMPTS[prompt] (HTTP server-sent events or the gRPC
+    stream), recording when each chunk arrives."""
+
+    def __init__(self, clients: Clients, api: str, prompt: int, max_tokens: int):
+        super().__init__()
+        self.clients, self.api, self.prompt, self.max_tokens = clients, api, prompt, max_tokens
+        self.arrivals: list[float] = []
+        self.started = threading.Event()
+        self.outcome: Outcome | None = None
+
+    def run(self) -> None:
+        try:
+            self.outcome = self._http() if self.api == "http" else self._grpc()
+        except (openai.APIError, grpc.RpcError) as exc:
+            status = getattr(exc, "status_code", None) or getattr(exc, "code", lambda: "?")()
+            self.outcome = Outcome(self.api, self.prompt, status=str(status), error=str(exc))
+        finally:
+            self.started.set()
+
+    def _chunk(self) -> None:
+        self.arrivals.append(time.monotonic())
+        self.started.set()
+
+    def _http(self) -> Outcome:
+        text = ""
+        for chunk in self.clients.http.completions.create(
+                model=self.clients.model, prompt=PROMPTS[self.prompt], stream=True,
+                max_tokens=self.max_tokens, temperature=0, extra_body={"ignore_eos": True}):
+            self._chunk()
+            text += "".join(choice.text for choice in chunk.choices)
+        return Outcome("http", self.prompt, output=text)
+
+    def _grpc(self) -> Outcome:
+        request = generation_pb2.GenerateRequest(
+            model=self.clients.model, token_ids=common_pb2.TokenIds(ids=PROMPTS[self.prompt]),
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=self.max_tokens,
+                                               ignore_eos=True))
+        tokens = []
+        for response in self.clients.grpc.Generate(request, timeout=CLIENT_TIMEOUT_S * 2):
+            self._chunk()
+            tokens += [t for choice in response.choices for t in choice.token_ids]
+        return Outcome("grpc", self.prompt, output=tuple(tokens))
+
+    def streamed(self, killed_at: float) -> Streamed:
+        before = [t for t in self.arrivals if t <= killed_at]
+        after = [t for t in self.arrivals if t > killed_at]
+        pause = after[0] - before[-1] if before and after else 0.0
+        return Streamed(self.outcome, pause, bool(before and after))
+
+
+def test_a_scheduler_killed_mid_stream_loses_no_stream(cluster, clients):
+    """SIGKILL of the scheduler while streams run over both APIs, restarted on its address: the
+    gateway resubmits each request with what it streamed, and every stream ends with exactly
+    the tokens of an undisturbed run, with no error (issue 17)."""
+    max_tokens = 100  # long enough that every stream is still running when the kill lands
+    scheduler = cluster.start_scheduler()
+    cluster.start_executor(0)
+    cluster.start_gateway()
+    wait_until(lambda: len(cluster.executors()) == 1, 120, "the executor to register", 0.2)
+    wait_until(lambda: cluster.ready_status() == 200, 120, "the gateway to be ready", 0.2)
+    reference = {}
+    for api in API_NAMES:
+        for prompt in range(len(PROMPTS)):
+            client = StreamingClient(clients, api, prompt, max_tokens)
+            client.run()
+            assert client.outcome.error is None, client.outcome
+            reference[api, prompt] = client.outcome.output
+    assert len({reference["grpc", i] for i in range(len(PROMPTS))}) == len(PROMPTS)
+
+    streams = [StreamingClient(clients, api, prompt, max_tokens)
+               for api in API_NAMES for prompt in range(len(PROMPTS))]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.started.wait(60), "a stream did not start"
+    scheduler.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    scheduler.wait(timeout=10)
+    time.sleep(0.5)  # gone for a while, as a restart under a supervisor is
+    cluster.start_scheduler()
+    for stream in streams:
+        stream.join(timeout=CLIENT_TIMEOUT_S * 2)
+        assert not stream.is_alive(), "a client hung"
+    results = [stream.streamed(killed_at) for stream in streams]
+    assert_all_correct([r.outcome for r in results], reference, "scheduler SIGKILL")
+    cut = {r.outcome.api for r in results if r.in_flight}
+    assert cut == set(API_NAMES), "the kill should land mid-stream on both APIs"
+    longest = max(r.pause_s for r in results)
+    print(f"longest pause a client saw across the scheduler restart: {longest:.2f} s "
+          f"({sum(r.in_flight for r in results)} of {len(results)} streams cut mid-way)")
+    assert longest < CLIENT_TIMEOUT_S  # generous: the restart itself takes seconds
+
+
 def test_a_call_to_a_frozen_scheduler_fails_instead_of_hanging(cluster):
     """A scheduler that stops answering without closing its connections (a dead node, here a
     SIGSTOPped process) fails the calls waiting on it with UNAVAILABLE once a keepalive ping

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\xa3\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\"\xbe\x02\n\nTokenDelta\x12\x11\n\tseq_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x07 \x01(\r\x12\x38\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobsB\x10\n\x0e_stop_token_id\"<\n\x13StopSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tseq_index\x18\x02 \x01(\r\"\x16\n\x14StopSequenceResponse\"\x11\n\x0fGetStatsRequest\"\xdd\x01\n\x0eSchedulerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x04 \x01(\x04\x12#\n\x1bprefix_cache_queried_tokens\x18\x05 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12/\n\texecutors\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.ExecutorStats\"\xc3\x01\n\rExecutorStats\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1a\n\x12\x63\x61\x63hed_free_blocks\x18\x06 \x01(\r\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x1e\n\x16seconds_since_progress\x18\x08 \x01(\x01\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9c\x01\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12\x30\n\ttokenizer\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.TokenizerFiles\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\"\x8d\x02\n\x17RegisterExecutorRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12,\n\x08kv_cache\x18\x04 \x01(\x0b\x32\x1a.pagedserve.v1.KvCacheInfo\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\x12/\n\x08parallel\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.ParallelLayout\x12\x15\n\rsession_token\x18\x07 \x01(\t\"8\n\x18RegisterExecutorResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\">\n\x10HeartbeatRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\'\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x32\xf6\x03\n\tScheduler\x12\x43\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x19.pagedserve.v1.TokenDelta0\x01\x12W\n\x0cStopSequence\x12\".pagedserve.v1.StopSequenceRequest\x1a#.pagedserve.v1.StopSequenceResponse\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12K\n\x08GetModel\x12\x1e.pagedserve.v1.GetModelRequest\x1a\x1f.pagedserve.v1.GetModelResponse\x12\x63\n\x10RegisterExecutor\x12&.pagedserve.v1.RegisterExecutorRequest\x1a\'.pagedserve.v1.RegisterExecutorResponse\x12N\n\tHeartbeat\x12\x1f.pagedserve.v1.HeartbeatRequest\x1a .pagedserve.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\xde\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x39\n\x11resumed_sequences\x18\x07 \x03(\x0b\x32\x1e.pagedserve.v1.ResumedSequence\"=\n\x0fResumedSequence\x12\x18\n\x10output_token_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\xbe\x02\n\nTokenDelta\x12\x11\n\tseq_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x07 \x01(\r\x12\x38\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobsB\x10\n\x0e_stop_token_id\"<\n\x13StopSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tseq_index\x18\x02 \x01(\r\"\x16\n\x14StopSequenceResponse\"\x11\n\x0fGetStatsRequest\"\xdd\x01\n\x0eSchedulerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x04 \x01(\x04\x12#\n\x1bprefix_cache_queried_tokens\x18\x05 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12/\n\texecutors\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.ExecutorStats\"\xc3\x01\n\rExecutorStats\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1a\n\x12\x63\x61\x63hed_free_blocks\x18\x06 \x01(\r\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x1e\n\x16seconds_since_progress\x18\x08 \x01(\x01\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9c\x01\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12\x30\n\ttokenizer\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.TokenizerFiles\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\"\x8d\x02\n\x17RegisterExecutorRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12,\n\x08kv_cache\x18\x04 \x01(\x0b\x32\x1a.pagedserve.v1.KvCacheInfo\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\x12/\n\x08parallel\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.ParallelLayout\x12\x15\n\rsession_token\x18\x07 \x01(\t\"8\n\x18RegisterExecutorResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\">\n\x10HeartbeatRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\'\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x32\xf6\x03\n\tScheduler\x12\x43\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x19.pagedserve.v1.TokenDelta0\x01\x12W\n\x0cStopSequence\x12\".pagedserve.v1.StopSequenceRequest\x1a#.pagedserve.v1.StopSequenceResponse\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12K\n\x08GetModel\x12\x1e.pagedserve.v1.GetModelRequest\x1a\x1f.pagedserve.v1.GetModelResponse\x12\x63\n\x10RegisterExecutor\x12&.pagedserve.v1.RegisterExecutorRequest\x1a\'.pagedserve.v1.RegisterExecutorResponse\x12N\n\tHeartbeat\x12\x1f.pagedserve.v1.HeartbeatRequest\x1a .pagedserve.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.scheduler_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITREQUEST']._serialized_start=77
-  _globals['_SUBMITREQUEST']._serialized_end=240
-  _globals['_TOKENDELTA']._serialized_start=243
-  _globals['_TOKENDELTA']._serialized_end=561
-  _globals['_STOPSEQUENCEREQUEST']._serialized_start=563
-  _globals['_STOPSEQUENCEREQUEST']._serialized_end=623
-  _globals['_STOPSEQUENCERESPONSE']._serialized_start=625
-  _globals['_STOPSEQUENCERESPONSE']._serialized_end=647
-  _globals['_GETSTATSREQUEST']._serialized_start=649
-  _globals['_GETSTATSREQUEST']._serialized_end=666
-  _globals['_SCHEDULERSTATS']._serialized_start=669
-  _globals['_SCHEDULERSTATS']._serialized_end=890
-  _globals['_EXECUTORSTATS']._serialized_start=893
-  _globals['_EXECUTORSTATS']._serialized_end=1088
-  _globals['_GETMODELREQUEST']._serialized_start=1090
-  _globals['_GETMODELREQUEST']._serialized_end=1122
-  _globals['_GETMODELRESPONSE']._serialized_start=1125
-  _globals['_GETMODELRESPONSE']._serialized_end=1281
-  _globals['_REGISTEREXECUTORREQUEST']._serialized_start=1284
-  _globals['_REGISTEREXECUTORREQUEST']._serialized_end=1553
-  _globals['_REGISTEREXECUTORRESPONSE']._serialized_start=1555
-  _globals['_REGISTEREXECUTORRESPONSE']._serialized_end=1611
-  _globals['_HEARTBEATREQUEST']._serialized_start=1613
-  _globals['_HEARTBEATREQUEST']._serialized_end=1675
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1677
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1716
-  _globals['_SCHEDULER']._serialized_start=1719
-  _globals['_SCHEDULER']._serialized_end=2221
+  _globals['_SUBMITREQUEST']._serialized_end=299
+  _globals['_RESUMEDSEQUENCE']._serialized_start=301
+  _globals['_RESUMEDSEQUENCE']._serialized_end=362
+  _globals['_TOKENDELTA']._serialized_start=365
+  _globals['_TOKENDELTA']._serialized_end=683
+  _globals['_STOPSEQUENCEREQUEST']._serialized_start=685
+  _globals['_STOPSEQUENCEREQUEST']._serialized_end=745
+  _globals['_STOPSEQUENCERESPONSE']._serialized_start=747
+  _globals['_STOPSEQUENCERESPONSE']._serialized_end=769
+  _globals['_GETSTATSREQUEST']._serialized_start=771
+  _globals['_GETSTATSREQUEST']._serialized_end=788
+  _globals['_SCHEDULERSTATS']._serialized_start=791
+  _globals['_SCHEDULERSTATS']._serialized_end=1012
+  _globals['_EXECUTORSTATS']._serialized_start=1015
+  _globals['_EXECUTORSTATS']._serialized_end=1210
+  _globals['_GETMODELREQUEST']._serialized_start=1212
+  _globals['_GETMODELREQUEST']._serialized_end=1244
+  _globals['_GETMODELRESPONSE']._serialized_start=1247
+  _globals['_GETMODELRESPONSE']._serialized_end=1403
+  _globals['_REGISTEREXECUTORREQUEST']._serialized_start=1406
+  _globals['_REGISTEREXECUTORREQUEST']._serialized_end=1675
+  _globals['_REGISTEREXECUTORRESPONSE']._serialized_start=1677
+  _globals['_REGISTEREXECUTORRESPONSE']._serialized_end=1733
+  _globals['_HEARTBEATREQUEST']._serialized_start=1735
+  _globals['_HEARTBEATREQUEST']._serialized_end=1797
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1799
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1838
+  _globals['_SCHEDULER']._serialized_start=1841
+  _globals['_SCHEDULER']._serialized_end=2343
 # @@protoc_insertion_point(module_scope)

@@ -74,6 +74,11 @@ class SchedulerServicer:
         aborts the request; its blocks are freed in the same step. A request that can never fit
         (prompt over the context limit or over the executor's whole KV pool) fails with
         INVALID_ARGUMENT; with no executor for the model within the timeout, UNAVAILABLE.
+        Once the request is queued the call's initial metadata carries `x-pagedserve-queued: 1`
+        (before any token), and an error the scheduler itself ends it with carries trailing
+        metadata `x-pagedserve-final: 1` (pagedserve.runtime.resume). A stream that breaks after
+        the first without the second (UNAVAILABLE, CANCELLED) lost its scheduler: the gateway
+        resubmits it with `resumed_sequences` (docs/architecture.md, "Scheduler restart").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,10 @@ class PoolLimits:
 def admit_request(request_id: str, prompt_token_ids: Sequence[int],
                   sampling: common_pb2.SamplingParams, priority: int, limits: PoolLimits,
                   emit: Callable[[scheduler_pb2.TokenDelta], None], *,
-                  cache_salt: str = "") -> Request:
+                  cache_salt: str = "",
+                  resumed: Sequence[scheduler_pb2.ResumedSequence] = ()) -> Request:
+    """The request, checked against `limits`; `resumed` (a resubmission, scheduler.proto)
+    too: AdmissionError for anything that could never run there."""
     try:
         check_sampling(sampling, SamplingLimits(limits.vocab_size, limits.max_logprobs,
                                                 max_n=limits.max_num_seqs))
@@ -79,6 +82,36 @@ def admit_request(request_id: str, prompt_token_ids: Sequence[int],
                              f"than the executor's whole pool ({limits.num_blocks})")
     room = limits.max_model_len - num_prompt
     max_output = min(sampling.max_tokens, room) if sampling.HasField("max_tokens") else room
+    if resumed:
+        check_resumed(resumed, max(1, sampling.n), num_prompt, max_output, limits)
     return Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                    sampling=sampling, max_output_tokens=max_output, priority=priority,
                    emit=emit, cache_salt=cache_salt.encode())
+
+
+def check_resumed(resumed: Sequence[scheduler_pb2.ResumedSequence], n: int, num_prompt: int,
+                  max_output: int, limits: PoolLimits) -> None:
+    """A resubmission names each of the n sequences, and every unfinished one can go on here:
+    below its output budget (else it would have finished with LENGTH) and within the pool."""
+    if len(resumed) != n:
+        raise AdmissionError(f"resumed_sequences: {len(resumed)} entries, expected one per "
+                             f"sequence (n = {n})")
+    if all(entry.finished for entry in resumed):
+        raise AdmissionError("resumed_sequences: every sequence has finished; nothing to resume")
+    for index, entry in enumerate(resumed):
+        name = f"resumed_sequences[{index}]"
+        bad = next((t for t in entry.output_token_ids if t >= limits.vocab_size), None)
+        if bad is not None:
+            raise AdmissionError(f"{name}.output_token_ids: token id {bad} is outside the "
+                                 f"vocabulary (size {limits.vocab_size})")
+        num_output = len(entry.output_token_ids)
+        if entry.finished:
+            continue
+        if num_output >= max_output:
+            raise AdmissionError(f"{name}: {num_output} output tokens, but the request may "
+                                 f"generate at most {max_output} (max_tokens, context limit); "
+                                 "an unfinished sequence must be below it")
+        blocks = -(-(num_prompt + num_output + 1) // limits.block_size)
+        if blocks > limits.num_blocks:
+            raise AdmissionError(f"{name}: prompt and output tokens need {blocks} KV blocks, "
+                                 f"more than the executor's whole pool ({limits.num_blocks})")

@@ -22,7 +22,7 @@ from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_req
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import check_registration, schedule_executor
 from pagedserve.scheduler.pool_loop import PoolLoop
-from pagedserve.scheduler.sequence import Sequence
+from pagedserve.scheduler.sequence import Sequence, resumed_sequences
 from pagedserve.scheduler.step_scheduler import StepScheduler
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
@@ -87,6 +87,8 @@ class Submission:
     priority: int
     emit: Callable[[scheduler_pb2.TokenDelta], None]
     cache_salt: str = ""
+    # A resubmission: the output so far of each sequence (SubmitRequest.resumed_sequences).
+    resumed: tuple[scheduler_pb2.ResumedSequence, ...] = ()
 
 
 @dataclass(eq=False)
@@ -235,9 +237,13 @@ class Cluster:
     def _place(self, pool: Pool, submission: Submission) -> None:
         request = admit_request(submission.request_id, submission.prompt_token_ids,
                                 submission.sampling, submission.priority, pool.limits,
-                                submission.emit, cache_salt=submission.cache_salt)
+                                submission.emit, cache_salt=submission.cache_salt,
+                                resumed=submission.resumed)
         self.placement[request.request_id] = pool
-        pool.scheduler.add(request)
+        if submission.resumed:  # recomputed from prompt + output, as after an executor loss
+            pool.scheduler.requeue(resumed_sequences(request, submission.resumed))
+        else:
+            pool.scheduler.add(request)
         pool.loop.notify()
 
     def finished(self, request_id: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Callable
+from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, scheduler_pb2
@@ -118,3 +119,21 @@ class Sequence:
     def sort_key(self) -> tuple[int, int, int]:
         """Queue order: priority (lower first), then arrival, then sequence index."""
         return (self.request.priority, self.request.arrival, self.index)
+
+
+def resumed_sequences(request: Request,
+                      resumed: SequenceType[scheduler_pb2.ResumedSequence]) -> list[Sequence]:
+    """All n sequences of a resubmitted request (its scheduler went away mid-stream), each
+    holding the prompt plus the output tokens its client has received, like sequences taken
+    over from a lost executor; those the client saw end are made finished. Returns the
+    unfinished ones, for StepScheduler.requeue to recompute. Nothing forks: every sequence
+    exists already (sequence 0 counts as forked, so it computes the whole prompt itself)."""
+    request.first_delta_sent = True  # usage, cached and prompt logprobs were streamed
+    for index, entry in enumerate(resumed):
+        seq = Sequence(request=request, index=index,
+                       token_ids=[*request.prompt_token_ids, *entry.output_token_ids],
+                       forked=True)
+        request.seqs.append(seq)
+        if entry.finished:
+            seq.finish()
+    return [seq for seq in request.seqs if seq.state is not SeqState.FINISHED]

@@ -17,6 +17,7 @@ import structlog
 from pagedserve.runtime.internal_auth import InternalAuth, Role, caller_policy
 from pagedserve.runtime.log import configure_logging
 from pagedserve.runtime.request_rules import RuleError, check_request_id
+from pagedserve.runtime.resume import FINAL_METADATA, QUEUED_METADATA
 from pagedserve.runtime.serving import GrpcServer, run_service, wait_for_stop_signal
 from pagedserve.scheduler.admission import AdmissionError, QueueFull, check_queue_room
 from pagedserve.scheduler.cluster import (
@@ -83,10 +84,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else started + remaining
         events: asyncio.Queue = asyncio.Queue()
+        resumed = tuple(request.resumed_sequences)
         submission = Submission(request_id, list(request.prompt_token_ids), request.sampling,
-                                request.priority, events.put_nowait, request.cache_salt)
+                                request.priority, events.put_nowait, request.cache_salt,
+                                resumed)
         try:
-            check_queue_room(num_waiting(self.cluster), self.max_queue_len)
+            if not resumed:  # a resubmission was admitted once: refusing it breaks a stream
+                check_queue_room(num_waiting(self.cluster), self.max_queue_len)
             self.cluster.submit(request.model, submission,
                                 fail=lambda code, message: events.put_nowait((code, message)))
         except QueueFull as exc:
@@ -98,9 +102,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except DuplicateRequest as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        log.info("request queued", prompt_tokens=len(request.prompt_token_ids))
-        unfinished = set(range(max(1, request.sampling.n)))
+        log.info("request queued", prompt_tokens=len(request.prompt_token_ids),
+                 resumed_output_tokens=[len(r.output_token_ids) for r in resumed])
+        unfinished = set(range(max(1, request.sampling.n))) - {
+            i for i, entry in enumerate(resumed) if entry.finished}
         try:
+            # Queued: from now on a broken stream is resubmitted (runtime/resume.py).
+            await context.send_initial_metadata(QUEUED_METADATA)
             while unfinished:
                 event = await next_event(events, deadline)
                 if event is None:
@@ -108,9 +116,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"the request's deadline passed after "
                                         f"{time.monotonic() - started:.2f} s; it was aborted")
-                if isinstance(event, tuple):
+                if isinstance(event, tuple):  # the request's own end: not resubmitted
                     code, message = event
-                    await context.abort(getattr(grpc.StatusCode, code), message)
+                    await context.abort(getattr(grpc.StatusCode, code), message, FINAL_METADATA)
                 if event.finish_reason:
                     unfinished.discard(event.seq_index)
                 yield event
