@@ -4,6 +4,8 @@ older one), self-registration with a scheduler that starts late and later forget
 registration's session (heartbeats carry it; Run takes only the scheduler that holds it)."""
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -109,7 +111,9 @@ def test_run_stream_matches_transformers_and_survives_a_bad_plan(executor, tiny_
         plan.step_id = later
     results = list(stub.Run(iter([*plans[:2], bad, *plans[2:]]), timeout=60))
     assert [r.step_id for r in results] == [1, 2, 3, 4, 5, 6]
-    assert "unknown request 'ghost'" in results[2].error and not results[2].outputs
+    (refused,) = results[2].failed_requests  # the request is refused, not the stream
+    assert refused.request_id == "ghost" and "unknown request 'ghost'" in refused.message
+    assert not results[2].outputs and not results[2].error
     tokens = [t for r in results for o in r.outputs for t in o.token_ids]
 
     hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -234,3 +238,31 @@ def test_every_step_runs_on_the_one_step_thread():
         return runner.threads
 
     assert len(asyncio.run(scenario())) == 1
+
+
+class WedgedScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Refuses every registration as a scheduler does an executor it dropped as wedged."""
+
+    def RegisterExecutor(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"executor {request.executor_id} was dropped because a step ran past "
+                      "its bound; restart it")
+
+
+def test_an_executor_refused_as_wedged_exits_for_a_restart(tiny_llama_dir, tmp_path):
+    """Its supervisor (up, Kubernetes) then starts a fresh process under a new id."""
+    (scheduler_port,) = free_ports(1)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(WedgedScheduler(), server)
+    server.add_insecure_port(f"127.0.0.1:{scheduler_port}")
+    server.start()
+    (port,) = free_ports(1)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pagedserve", "executor", "--port", str(port), "--model",
+             str(tiny_llama_dir), "--kv-cache-gib", "0.01", "--scheduler-address",
+             f"127.0.0.1:{scheduler_port}"], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop(None)
+    assert done.returncode == 1, done.stderr
+    assert "refused this executor" in done.stderr + done.stdout

@@ -9,13 +9,15 @@ import pytest
 
 from pagedserve.runtime.capacity import MAX_KV_BLOCKS
 from pagedserve.scheduler.cluster import (
+    MAX_EXECUTOR_LOSSES,
     Cluster,
     ClusterConfig,
+    ExecutorWedged,
     RegistrationConflict,
     Submission,
 )
 from pagedserve.scheduler.executor_pool import DescriptionError
-from pagedserve.v1 import common_pb2, scheduler_pb2
+from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
 BLOCK_SIZE = 4
 
@@ -197,3 +199,103 @@ def test_an_id_held_by_another_session_is_refused_and_its_heartbeats_renew_nothi
         cluster.register(registration("a", 40, session="real"))
         assert cluster.pools["a"] is not real
     run(test)
+
+
+class HungHandle:
+    """An executor that takes plans and never answers one: a wedged step."""
+
+    def __init__(self):
+        self.plans = []
+
+    async def send(self, plan) -> None:
+        self.plans.append(plan)
+
+    async def receive(self):
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        pass
+
+
+class RefusingHandle(HungHandle):
+    """Answers each plan at once, refusing request "bad" and sampling token 7 for the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.results = asyncio.Queue()
+
+    async def send(self, plan) -> None:
+        await super().send(plan)
+        samples = [w.request_id for w in plan.work if w.request_id != "bad"]
+        self.results.put_nowait(executor_pb2.StepResult(
+            step_id=plan.step_id,
+            outputs=[executor_pb2.RequestOutput(request_id=r, token_ids=[7]) for r in samples],
+            failed_requests=[executor_pb2.RequestFailure(request_id="bad", message="poison")]
+            if any(w.request_id == "bad" for w in plan.work) else []))
+
+    async def receive(self):
+        return await self.results.get()
+
+
+def test_a_refused_request_fails_alone_and_the_executor_stays():
+    async def test():
+        cluster = Cluster(ClusterConfig(), make_handle=lambda address, session: RefusingHandle())
+        failures, deltas = {}, []
+        cluster.register(registration("a", 40))
+        for request_id in ("bad", "good"):
+            cluster.submit("m", Submission(request_id, [1, 2, 3],
+                                           common_pb2.SamplingParams(max_tokens=2), 0,
+                                           emit=deltas.append),
+                           fail=lambda code, message, r=request_id: failures.update(
+                               {r: (code, message)}))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+        assert failures == {"bad": ("INTERNAL", "the executor refused the request: poison")}
+        assert [d.token_ids[:] for d in deltas] == [[7], [7]]  # "good" ran to max_tokens
+        assert "a" in cluster.pools
+        cluster.pools["a"].task.cancel()
+    asyncio.run(test())
+
+
+def test_a_wedged_executor_is_dropped_its_requests_move_and_it_may_not_return():
+    """The step watchdog (a hung step, while heartbeats say the executor is alive)."""
+    async def test():
+        handles = {}
+        cluster = Cluster(ClusterConfig(step_timeout_s=0.1), make_handle=lambda address,
+                          session: handles.setdefault(address, HungHandle()))
+        failures = []
+        cluster.register(registration("a", 40))
+        cluster.submit("m", submission("r", [1, 2, 3]),
+                       fail=lambda code, message: failures.append((code, message)))
+        for _ in range(100):
+            if "a" not in cluster.pools:
+                break
+            await asyncio.sleep(0.01)
+        assert "a" not in cluster.pools and [o.request_id for o in cluster.orphans] == ["r"]
+        with pytest.raises(ExecutorWedged, match="restart it"):
+            cluster.register(registration("a", 40, session="restarted"))
+        cluster.register(registration("b", 40))
+        assert cluster.placement["r"].executor_id == "b" and not failures
+        for pool in cluster.pools.values():
+            pool.task.cancel()
+    asyncio.run(test())
+
+
+def test_a_request_that_keeps_losing_executors_fails_saying_so():
+    async def test():
+        cluster = Cluster(ClusterConfig(step_timeout_s=0.05),
+                          make_handle=lambda address, session: HungHandle())
+        failures = []
+        cluster.register(registration("e0", 40))
+        cluster.submit("m", submission("r", [1, 2, 3]),
+                       fail=lambda code, message: failures.append((code, message)))
+        for i in range(1, MAX_EXECUTOR_LOSSES + 1):
+            while f"e{i - 1}" in cluster.pools:
+                await asyncio.sleep(0.01)
+            cluster.register(registration(f"e{i}", 40))
+        ((code, message),) = failures
+        assert code == "INTERNAL" and f"lost {MAX_EXECUTOR_LOSSES} executors" in message
+        assert "r" not in cluster.placement and not cluster.orphans
+        for pool in cluster.pools.values():
+            pool.task.cancel()
+    asyncio.run(test())

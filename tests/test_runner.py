@@ -234,29 +234,81 @@ def test_logprobs_and_prompt_logprobs_match_transformers(runner, hf_model):
                                                                abs=1e-4)
 
 
-BAD_PLANS = {
+def _new(rid: str, tokens, blocks=(0,), **sampling) -> executor_pb2.NewRequest:
+    return executor_pb2.NewRequest(request_id=rid, token_ids=tokens, num_prompt_tokens=len(tokens),
+                                   block_ids=list(blocks),
+                                   sampling=common_pb2.SamplingParams(**sampling))
+
+
+# A request's part of a plan that the executor refuses, alone: (plan fields, refused request,
+# message).
+BAD_REQUESTS = {
     "unknown request": (dict(work=[executor_pb2.ScheduledWork(request_id="nope", num_tokens=1)]),
-                        "work: unknown request 'nope'"),
-    "block out of range": (dict(new_requests=[executor_pb2.NewRequest(
-        request_id="x", token_ids=[1, 2], num_prompt_tokens=2, block_ids=[LIMITS.num_blocks])],
-        work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=2)]),
-        f"block id {LIMITS.num_blocks} out of range"),
-    "too many tokens": (dict(new_requests=[executor_pb2.NewRequest(
-        request_id="x", token_ids=[1, 2], num_prompt_tokens=2, block_ids=[0])],
-        work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=3)]),
-        "num_tokens: 3, but the request has 2 uncomputed tokens"),
-    "too few blocks": (dict(new_requests=[executor_pb2.NewRequest(
-        request_id="x", token_ids=list(range(9)), num_prompt_tokens=9, block_ids=[0])],
-        work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=9)]),
-        "1 blocks cannot hold 9 tokens"),
-    "token out of vocabulary": (dict(new_requests=[executor_pb2.NewRequest(
-        request_id="x", token_ids=[10**6], num_prompt_tokens=1, block_ids=[0])]),
-        "token id 1000000 out of the vocabulary"),
-    "unknown drop": (dict(dropped_request_ids=["ghost"]), "unknown request 'ghost'"),
-    "logit bias out of vocabulary": (dict(new_requests=[executor_pb2.NewRequest(
-        request_id="x", token_ids=[1], num_prompt_tokens=1, block_ids=[0],
-        sampling=common_pb2.SamplingParams(logit_bias={10**6: 1.0}))]),
-        "sampling.logit_bias: token id 1000000 out of the vocabulary"),
+                        "nope", "work: unknown request 'nope'"),
+    "block out of range": (dict(new_requests=[_new("x", [1, 2], [LIMITS.num_blocks])],
+                                work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=2)]),
+                           "x", f"block id {LIMITS.num_blocks} out of range"),
+    "too many tokens": (dict(new_requests=[_new("x", [1, 2])],
+                             work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=3)]),
+                        "x", "num_tokens: 3, but the request has 2 uncomputed tokens"),
+    "too few blocks": (dict(new_requests=[_new("x", list(range(9)))],
+                            work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=9)]),
+                       "x", "1 blocks cannot hold 9 tokens"),
+    "token out of vocabulary": (dict(new_requests=[_new("x", [10**6])]),
+                                "x", "token id 1000000 out of the vocabulary"),
+    "unknown drop": (dict(dropped_request_ids=["ghost"]), "ghost", "unknown request 'ghost'"),
+    "logit bias out of vocabulary": (dict(new_requests=[_new("x", [1], logit_bias={10**6: 1.0})]),
+                                     "x", "sampling.logit_bias: keys must be token ids below"),
+    # Issue 17's poison request: it used to raise inside the sampler, costing the executor.
+    "prompt logprobs over the limit": (
+        dict(new_requests=[_new("x", [1, 2], prompt_logprobs=10**6)],
+             work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=2)]),
+        "x", "sampling.prompt_logprobs: must be <= 5"),
+    "NaN temperature": (dict(new_requests=[_new("x", [1, 2], temperature=float("nan"))],
+                             work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=2)]),
+                        "x", "sampling.temperature: must be a finite number"),
+    "fork of a refused request": (
+        dict(new_requests=[_new("x", [10**6]),
+                           executor_pb2.NewRequest(request_id="y", fork_of="x", block_ids=[1])]),
+        "y", "fork_of: unknown request 'x'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_a_malformed_request_is_refused_alone_and_the_step_runs(tiny_llama_dir, case):
+    """The request's part is refused with a message naming it; the request decoding in the
+    same step gets its token, and its output still matches transformers."""
+    runner = make_runner(tiny_llama_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("ok", PROMPTS[1])], work=[s.work("ok", len(PROMPTS[1]))])
+    fields, refused, message = BAD_REQUESTS[case]
+    s.step(new=fields.get("new_requests", ()), dropped=fields.get("dropped_request_ids", ()),
+           work=[s.work("ok", 1), *fields.get("work", ())])
+    failures = {f.request_id: f.message for f in s.results[-1].failed_requests}
+    assert refused in failures and message in failures[refused], failures
+    assert set(runner.requests) == {"ok"} and len(s.outputs["ok"]) == 2
+    while len(s.outputs["ok"]) < NEW_TOKENS:
+        s.decode_all(["ok"])
+    assert s.outputs["ok"] == hf_greedy(hf_model, PROMPTS[1])
+
+
+# Plans malformed as a whole (the scheduler's bug, no request's): refused with nothing applied.
+BAD_PLANS = {
+    "more requests than max_num_seqs": (
+        dict(new_requests=[_new(f"x{i}", [1], [i]) for i in range(LIMITS.max_num_seqs + 1)],
+             work=[executor_pb2.ScheduledWork(request_id=f"x{i}", num_tokens=1)
+                   for i in range(LIMITS.max_num_seqs + 1)]),
+        f"> max_num_seqs {LIMITS.max_num_seqs}"),
+    "more tokens than the budget": (
+        dict(new_requests=[_new("x", [1] * 200, range(50)), _new("y", [1] * 200, range(50, 100))],
+             work=[executor_pb2.ScheduledWork(request_id=r, num_tokens=200) for r in "xy"]),
+        f"400 tokens > max_num_batched_tokens {LIMITS.max_num_batched_tokens}"),
+    "scheduled twice": (dict(new_requests=[_new("x", [1, 2])],
+                             work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=1)] * 2),
+                        "request 'x' scheduled twice"),
+    "block copy out of range": (dict(block_copies=[executor_pb2.BlockCopy(
+        src_block_id=0, dst_block_id=LIMITS.num_blocks)]), "block_copies: block id"),
 }
 
 

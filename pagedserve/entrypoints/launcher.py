@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_request_timeout_argument,
     )
     from pagedserve.scheduler.config import DEFAULT_PORT as SCHEDULER_PORT
-    from pagedserve.scheduler.config import add_overload_arguments
+    from pagedserve.scheduler.config import add_overload_arguments, add_step_timeout_argument
 
     parser.add_argument("--host", default="127.0.0.1",
                         help="address every process listens on")
@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_request_timeout_argument(parser)
     add_client_policy_arguments(parser)
     add_overload_arguments(parser)
+    add_step_timeout_argument(parser)
     add_common_flags(parser)
 
 
@@ -185,7 +186,7 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
         add_client_policy_arguments,
         add_request_timeout_argument,
     )
-    from pagedserve.scheduler.config import add_overload_arguments
+    from pagedserve.scheduler.config import add_overload_arguments, add_step_timeout_argument
 
     base = [sys.executable, "-m", "pagedserve"]
     common = ["--host", args.host, "--log-level", args.log_level, "--log-format", args.log_format,
@@ -202,7 +203,7 @@ def plan_children(args: argparse.Namespace) -> list[Child]:
     scheduler = f"{args.host}:{args.scheduler_port}"
     children = [Child("scheduler",
                       [*base, "scheduler", *common, "--port", str(args.scheduler_port),
-                       *passed_on(args, add_overload_arguments)],
+                       *passed_on(args, add_overload_arguments, add_step_timeout_argument)],
                       [grpc_health_probe(scheduler, tls)], scheduler, env=internal)]
     for i in range(args.executors):
         port = args.executor_port + i

@@ -40,7 +40,7 @@ from pagedserve.runtime.finish_reasons import openai_name
 from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import schedule_executor
-from pagedserve.scheduler.pool_loop import PoolLoop
+from pagedserve.scheduler.pool_loop import PoolLoop, failures_into
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
 # vLLM's default when a request names no max_tokens.
@@ -235,7 +235,7 @@ class LLM:
                         params: list[common_pb2.SamplingParams]) -> list[RequestOutput]:
         handle = self.make_handle()
         lost: list[str] = []
-        loop = PoolLoop(self.scheduler, handle, self.overlap, on_lost=lost.append)
+        loop = PoolLoop(self.scheduler, handle, self.overlap, failures_into(lost))
         collectors = []
         for prompt, sampling in zip(prompts, params, strict=True):
             collector = _Collector(f"offline-{next(self._ids)}", prompt, max(1, sampling.n))

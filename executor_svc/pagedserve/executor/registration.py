@@ -2,7 +2,9 @@
 
 Registers on start, retrying with backoff until the scheduler answers; then heartbeats at the
 interval the scheduler asked for. A heartbeat answered `registered: false` (the scheduler
-restarted or dropped us) or failing means: register again.
+restarted or dropped us) or failing means: register again. A registration refused with
+FAILED_PRECONDITION (the scheduler dropped this executor as wedged) raises ExecutorRefused: only
+a new process may come back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ MAX_RETRY_S = 5.0
 DEFAULT_HEARTBEAT_S = 2.0
 
 log = structlog.get_logger(__name__)
+
+
+class ExecutorRefused(Exception):
+    """The scheduler will not take this executor back (it was dropped as wedged)."""
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -48,6 +54,8 @@ async def keep_registered(scheduler_address: str,
                                                  stop)
                 continue
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise ExecutorRefused(exc.details()) from None
                 log.warning("scheduler not reachable, retrying", scheduler=scheduler_address,
                             code=exc.code().name, details=exc.details(), retry_in_s=retry_s)
         await _sleep_unless(stop, retry_s)

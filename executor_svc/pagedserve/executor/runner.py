@@ -7,9 +7,12 @@ applies it and runs the same forward pass, and rank 0 samples and broadcasts the
 so that every mirror appends the same ones (tp_group.py owns the group). Only rank 0's results
 are sent.
 
-A plan is validated completely before anything changes: a malformed plan (unknown request,
-block id out of range, more tokens than the request holds, over the limits) raises PlanError
-naming the problem and leaves every mirror as it was, so the executor keeps serving.
+A plan is validated completely before anything changes, request by request: a request whose
+part is malformed (unknown request, token or block id out of range, more tokens than it holds,
+sampling values the executor cannot honour) is refused alone, its mirror dropped, and the rest
+of the step runs; the StepResult names it and why. A plan malformed as a whole (over the step's
+limits) raises PlanError and leaves every mirror as it was. Either way the executor keeps
+serving: one bad request costs that request, not the batch or the executor.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from pagedserve.executor.sampler import (
     sequence_seed,
 )
 from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
+from pagedserve.runtime.request_rules import RuleError, SamplingLimits, check_sampling
 from pagedserve.v1 import common_pb2, executor_pb2
 
 log = structlog.get_logger(__name__)
 
 
 class PlanError(ValueError):
-    """The step plan is malformed; the message names the problem."""
+    """The step plan, or one request's part of it, is malformed; the message names the
+    problem."""
 
 
 @dataclass(frozen=True)
@@ -99,17 +104,27 @@ class ModelRunner:
 
     def execute(self, plan: executor_pb2.StepPlan) -> executor_pb2.StepResult:
         started = time.perf_counter()
-        self._validate(plan)
+        refused = self._validate(plan)
+        for request_id in refused:
+            self.requests.pop(request_id, None)
         for request_id in plan.dropped_request_ids:
-            del self.requests[request_id]
+            if request_id not in refused:
+                del self.requests[request_id]
         for new in plan.new_requests:
-            self.requests[new.request_id] = self._mirror(new)
-        for work in plan.work:
-            self.requests[work.request_id].block_ids.extend(work.new_block_ids)
+            if new.request_id not in refused:
+                self.requests[new.request_id] = self._mirror(new)
+        work = [w for w in plan.work if w.request_id not in refused]
+        for w in work:
+            self.requests[w.request_id].block_ids.extend(w.new_block_ids)
         self._copy_blocks(plan.block_copies)
-        outputs = self._run(plan.work) if plan.work else []
-        return executor_pb2.StepResult(step_id=plan.step_id, outputs=outputs,
-                                       execute_seconds=time.perf_counter() - started)
+        outputs = self._run(work) if work else []
+        if refused:
+            log.warning("requests refused from a step plan", step_id=plan.step_id,
+                        refused=refused)
+        return executor_pb2.StepResult(
+            step_id=plan.step_id, outputs=outputs, execute_seconds=time.perf_counter() - started,
+            failed_requests=[executor_pb2.RequestFailure(request_id=r, message=m)
+                             for r, m in refused.items()])
 
     def _mirror(self, new: executor_pb2.NewRequest) -> RequestMirror:
         if new.fork_of:
@@ -139,74 +154,95 @@ class ModelRunner:
 
     # -- validation ---------------------------------------------------------------------
 
-    def _validate(self, plan: executor_pb2.StepPlan) -> None:
-        """Check the whole plan against the state it will meet, without changing anything."""
+    def _validate(self, plan: executor_pb2.StepPlan) -> dict[str, str]:
+        """Check the whole plan against the state it will meet, without changing anything:
+        the requests whose part is malformed, each with the reason; PlanError when the plan
+        as a whole is."""
         limits = self.limits
         # request id -> (known tokens, computed tokens, blocks) after drops and arrivals
         state = {rid: (len(m.token_ids), m.num_computed, len(m.block_ids))
                  for rid, m in self.requests.items()}
+        refused: dict[str, str] = {}
+
+        def refuse(request_id: str, error: PlanError) -> None:
+            refused.setdefault(request_id, str(error))
+            state.pop(request_id, None)
+
         for rid in plan.dropped_request_ids:
-            if rid not in state:
-                raise PlanError(f"dropped_request_ids: unknown request {rid!r}")
-            del state[rid]
-        for new in plan.new_requests:
-            if new.request_id in state:
-                raise PlanError(f"new_requests: request {new.request_id!r} already exists")
-            if new.fork_of:
-                if new.fork_of not in state:
-                    raise PlanError(f"new_requests[{new.request_id!r}].fork_of: unknown "
-                                    f"request {new.fork_of!r}")
-                num_tokens = state[new.fork_of][0]
+            if rid in state:
+                del state[rid]
             else:
-                num_tokens = len(new.token_ids)
-                if not num_tokens or new.num_prompt_tokens > num_tokens:
-                    raise PlanError(f"new_requests[{new.request_id!r}]: {num_tokens} token ids "
-                                    f"for {new.num_prompt_tokens} prompt tokens")
-                self._check_token_ids(f"new_requests[{new.request_id!r}].token_ids",
-                                      new.token_ids)
-                self._check_token_ids(f"new_requests[{new.request_id!r}].sampling.logit_bias",
-                                      new.sampling.logit_bias)
-                self._check_token_ids(
-                    f"new_requests[{new.request_id!r}].sampling.stop_token_ids",
-                    new.sampling.stop_token_ids)
-                if new.sampling.HasField("logprobs") and new.sampling.logprobs > \
-                        limits.max_logprobs:
-                    raise PlanError(f"new_requests[{new.request_id!r}].sampling.logprobs: "
-                                    f"{new.sampling.logprobs} > {limits.max_logprobs}")
-            if new.num_computed_tokens >= num_tokens:
-                raise PlanError(f"new_requests[{new.request_id!r}].num_computed_tokens: "
-                                f"{new.num_computed_tokens}, but it has {num_tokens} tokens")
-            self._check_blocks(f"new_requests[{new.request_id!r}].block_ids", new.block_ids)
-            state[new.request_id] = (num_tokens, new.num_computed_tokens, len(new.block_ids))
+                refuse(rid, PlanError(f"dropped_request_ids: unknown request {rid!r}"))
+        for new in plan.new_requests:
+            try:
+                state[new.request_id] = self._check_new(new, state)
+            except PlanError as exc:
+                refuse(new.request_id, exc)
         if len(plan.work) > limits.max_num_seqs:
             raise PlanError(f"work: {len(plan.work)} requests > max_num_seqs "
                             f"{limits.max_num_seqs}")
         total, seen = 0, set()
         for work in plan.work:
-            rid = work.request_id
-            if rid not in state:
-                raise PlanError(f"work: unknown request {rid!r}")
-            if rid in seen:
-                raise PlanError(f"work: request {rid!r} scheduled twice")
-            seen.add(rid)
-            known, computed, blocks = state[rid]
-            if work.num_tokens < 1 or computed + work.num_tokens > known:
-                raise PlanError(f"work[{rid!r}].num_tokens: {work.num_tokens}, but the request "
-                                f"has {known - computed} uncomputed tokens")
-            if computed + work.num_tokens > limits.max_model_len:
-                raise PlanError(f"work[{rid!r}]: {computed + work.num_tokens} tokens > "
-                                f"max_model_len {limits.max_model_len}")
-            self._check_blocks(f"work[{rid!r}].new_block_ids", work.new_block_ids)
-            blocks += len(work.new_block_ids)
-            if blocks * limits.block_size < computed + work.num_tokens:
-                raise PlanError(f"work[{rid!r}]: {blocks} blocks cannot hold "
-                                f"{computed + work.num_tokens} tokens")
+            if work.request_id in seen:
+                raise PlanError(f"work: request {work.request_id!r} scheduled twice")
+            seen.add(work.request_id)
             total += work.num_tokens
+            if work.request_id not in refused:
+                try:
+                    self._check_work(work, state)
+                except PlanError as exc:
+                    refuse(work.request_id, exc)
         if total > limits.max_num_batched_tokens:
             raise PlanError(f"work: {total} tokens > max_num_batched_tokens "
                             f"{limits.max_num_batched_tokens}")
         for copy in plan.block_copies:
             self._check_blocks("block_copies", [copy.src_block_id, copy.dst_block_id])
+        return refused
+
+    def _check_new(self, new: executor_pb2.NewRequest,
+                   state: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
+        """A new request's (known tokens, computed tokens, blocks); PlanError if malformed."""
+        name = f"new_requests[{new.request_id!r}]"
+        if new.request_id in state:
+            raise PlanError(f"{name}: the request already exists")
+        if new.fork_of:
+            if new.fork_of not in state:
+                raise PlanError(f"{name}.fork_of: unknown request {new.fork_of!r}")
+            num_tokens = state[new.fork_of][0]
+        else:
+            num_tokens = len(new.token_ids)
+            if not num_tokens or new.num_prompt_tokens > num_tokens:
+                raise PlanError(f"{name}: {num_tokens} token ids for {new.num_prompt_tokens} "
+                                "prompt tokens")
+            self._check_token_ids(f"{name}.token_ids", new.token_ids)
+            try:
+                check_sampling(new.sampling, SamplingLimits(self.model.config.vocab_size,
+                                                            self.limits.max_logprobs))
+            except RuleError as exc:
+                raise PlanError(f"{name}.sampling.{exc}") from None
+        if new.num_computed_tokens >= num_tokens:
+            raise PlanError(f"{name}.num_computed_tokens: {new.num_computed_tokens}, but it "
+                            f"has {num_tokens} tokens")
+        self._check_blocks(f"{name}.block_ids", new.block_ids)
+        return num_tokens, new.num_computed_tokens, len(new.block_ids)
+
+    def _check_work(self, work: executor_pb2.ScheduledWork,
+                    state: dict[str, tuple[int, int, int]]) -> None:
+        rid, limits = work.request_id, self.limits
+        if rid not in state:
+            raise PlanError(f"work: unknown request {rid!r}")
+        known, computed, blocks = state[rid]
+        if work.num_tokens < 1 or computed + work.num_tokens > known:
+            raise PlanError(f"work[{rid!r}].num_tokens: {work.num_tokens}, but the request has "
+                            f"{known - computed} uncomputed tokens")
+        if computed + work.num_tokens > limits.max_model_len:
+            raise PlanError(f"work[{rid!r}]: {computed + work.num_tokens} tokens > "
+                            f"max_model_len {limits.max_model_len}")
+        self._check_blocks(f"work[{rid!r}].new_block_ids", work.new_block_ids)
+        blocks += len(work.new_block_ids)
+        if blocks * limits.block_size < computed + work.num_tokens:
+            raise PlanError(f"work[{rid!r}]: {blocks} blocks cannot hold "
+                            f"{computed + work.num_tokens} tokens")
 
     def _check_blocks(self, field: str, block_ids: Sequence[int]) -> None:
         bad = [b for b in block_ids if b >= self.limits.num_blocks]

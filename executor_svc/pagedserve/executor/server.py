@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import os
 import secrets
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -177,7 +179,11 @@ async def serve(args: argparse.Namespace) -> None:
                 limits=description.limits, parallel=description.parallel,
                 session_token=session_token),
             stop, auth))
-    await wait_for_stop_signal()
+    stopping = asyncio.create_task(wait_for_stop_signal())
+    await asyncio.wait({stopping, registration} - {None}, return_when=asyncio.FIRST_COMPLETED)
+    if registration is not None and registration.done() and not stopping.done():
+        _exit_refused(registration)
+    stopping.cancel()
     stop.set()  # no more heartbeats: the scheduler must not take this executor back
     if registration is not None:
         with contextlib.suppress(asyncio.CancelledError):
@@ -186,6 +192,17 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop()
     runner.close()
     step_thread.shutdown()
+
+
+def _exit_refused(registration: asyncio.Task) -> None:
+    """The registration loop ended by itself: the scheduler refused this executor for good
+    (dropped as wedged; ExecutorRefused). Exit at once with status 1, without the graceful
+    shutdown, whose drain would wait on the stuck step thread: the supervisor (`up`,
+    Kubernetes) starts a fresh process, which registers under a new id."""
+    error = registration.exception()
+    log.error("the scheduler refused this executor; exiting for a restart", error=str(error))
+    print(f"pagedserve executor: error: {error}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@ from pagedserve.runtime.flags import add_common_flags, positive_float
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 50051
+# Every request ends by then, so that nothing a client forgot (or a stuck stream) holds KV
+# blocks for ever; long enough for a long generation on a CPU.
+DEFAULT_REQUEST_TIMEOUT_S = 1800.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +52,9 @@ def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_request_timeout_argument(parser: argparse.ArgumentParser) -> None:
     """Shared with `pagedserve up`, which passes it on to the gateway."""
-    parser.add_argument("--request-timeout", type=positive_float, default=None,
-                        help="seconds an HTTP generation request may take, queueing included; "
-                             "past it the request is aborted (its KV blocks freed) and answered "
-                             "504. A client's X-Request-Timeout header may only shorten it; gRPC "
-                             "clients use their call deadline. Unset: no limit")
+    parser.add_argument("--request-timeout", type=positive_float,
+                        default=DEFAULT_REQUEST_TIMEOUT_S,
+                        help="seconds a generation request may take, queueing included; past "
+                             "it the request is aborted (its KV blocks freed) and answered 504 "
+                             "/ DEADLINE_EXCEEDED. A client's X-Request-Timeout header or gRPC "
+                             "call deadline may only shorten it")

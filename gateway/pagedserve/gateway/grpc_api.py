@@ -73,17 +73,22 @@ def chat_messages(chat: generation_pb2.ChatPrompt) -> list[dict]:
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, client: SchedulerClient, policy: ClientPolicy = DEFAULT_POLICY):
+    """`request_timeout_s` (--request-timeout) bounds calls whose deadline is later or unset."""
+
+    def __init__(self, client: SchedulerClient, policy: ClientPolicy = DEFAULT_POLICY,
+                 request_timeout_s: float | None = None):
         self.client = client
         self.policy = policy
+        self.request_timeout_s = request_timeout_s
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         request_id = f"gen-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        # The client's call deadline travels on to the scheduler, which aborts the request.
-        deadline = Deadline.after(context.time_remaining())
+        # The tighter of the client's call deadline and the gateway's --request-timeout travels
+        # on to the scheduler, which aborts the request when it passes.
+        deadline = Deadline.after(context.time_remaining(), self.request_timeout_s)
         try:
             label = client_label(request.request_id) or request_id
             if request.request_id:

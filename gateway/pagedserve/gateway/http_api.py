@@ -187,7 +187,10 @@ async def health() -> dict:
 
 
 async def ready(client: Scheduler):
-    """Readiness: the scheduler answers, an executor is registered, none is wedged."""
+    """Readiness: whether this gateway can serve, i.e. the scheduler answers and at least one
+    executor makes progress. A wedged executor alone does not make it unready (the scheduler's
+    step watchdog replaces it): taking every gateway out of its Service for one stuck GPU would
+    turn it into an outage. The wedged ones are named in the answer."""
     try:
         stats = await client.stats(timeout=2.0)
     except GatewayError as exc:
@@ -195,10 +198,11 @@ async def ready(client: Scheduler):
     if not stats.executors:
         return error_response(503, "no executor is registered", "service_unavailable")
     stalled = [e.executor_id for e in stats.executors if e.seconds_since_progress > STALL_S]
-    if stalled:
-        return error_response(503, f"executors not progressing: {stalled}",
+    if len(stalled) == len(stats.executors):
+        return error_response(503, f"no executor is progressing: {stalled}",
                               "service_unavailable")
-    return {"status": "ready", "executors": len(stats.executors)}
+    return {"status": "ready", "executors": len(stats.executors) - len(stalled),
+            "stalled_executors": stalled}
 
 
 async def metrics(client: Scheduler) -> Response:
@@ -307,7 +311,7 @@ def request_deadline(request: Request, default_s: float | None) -> Deadline:
     """The tighter of the gateway's --request-timeout and the client's X-Request-Timeout."""
     raw = request.headers.get(TIMEOUT_HEADER)
     client_s = None if raw is None else parse_timeout(raw, TIMEOUT_HEADER)
-    return Deadline.after(min((t for t in (default_s, client_s) if t is not None), default=None))
+    return Deadline.after(default_s, client_s)
 
 
 def client_gone() -> JSONResponse:

@@ -82,7 +82,9 @@ class Deadline:
     timeout_s: float | None = None
 
     @classmethod
-    def after(cls, timeout_s: float | None) -> Deadline:
+    def after(cls, *timeouts_s: float | None) -> Deadline:
+        """The tightest of `timeouts_s` from now (None among them: no bound); none: never."""
+        timeout_s = min((t for t in timeouts_s if t is not None), default=None)
         if timeout_s is None:
             return cls()
         return cls(time.monotonic() + timeout_s, timeout_s)

@@ -55,8 +55,8 @@ async def serve(args: argparse.Namespace) -> None:
                                       ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file))
     grpc_server = GrpcServer(f"{args.host}:{args.grpc_port}", interceptors,
                              tls.server_credentials(require_client_cert=False))
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(client, policy),
-                                                         grpc_server.server)
+    generation_pb2_grpc.add_GenerationServicer_to_server(
+        GenerationService(client, policy, args.request_timeout), grpc_server.server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], grpc_server.server)

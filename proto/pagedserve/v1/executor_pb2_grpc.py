@@ -53,9 +53,10 @@ class ExecutorServicer:
         """One stream per executor, opened by the scheduler after RegisterExecutor. Plans are run in
         order; each yields one StepResult with the same step_id. The scheduler may send plan N+1
         before result N arrives: the executor appends the token it sampled in step N to the
-        request's mirror itself. A malformed plan is answered by a StepResult with `error` set and
-        the stream stays open; a failure of the executor itself ends the stream, and the scheduler
-        then treats the executor as lost. Opening a new Run stream replaces the previous one and
+        request's mirror itself. A request whose part of a plan is malformed is listed in the
+        StepResult's `failed_requests` and the rest of the step runs; a plan malformed as a whole
+        is answered by a StepResult with `error` set; either way the stream stays open. A failure
+        of the executor itself ends the stream, and the scheduler then treats the executor as lost. Opening a new Run stream replaces the previous one and
         drops every mirror (a restarted scheduler starts from nothing). A registered executor takes
         a stream only with its registration's session token in metadata `x-pagedserve-session`
         (RegisterExecutorRequest.session_token); others get PERMISSION_DENIED. Only the scheduler

@@ -21,7 +21,7 @@ import structlog
 from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import check_registration, schedule_executor
-from pagedserve.scheduler.pool_loop import PoolLoop
+from pagedserve.scheduler.pool_loop import LoopEvents, PoolLoop
 from pagedserve.scheduler.sequence import Sequence, resumed_sequences
 from pagedserve.scheduler.step_scheduler import StepScheduler
 from pagedserve.v1 import common_pb2, scheduler_pb2
@@ -30,6 +30,9 @@ log = structlog.get_logger(__name__)
 
 # A lease lapses after this many missed heartbeats.
 MISSED_HEARTBEATS = 3
+# A request is recomputed after losing its executor this many times less one; the next loss
+# fails it: a request that keeps bringing executors down must not loop through the cluster.
+MAX_EXECUTOR_LOSSES = 3
 
 
 class NoExecutor(Exception):
@@ -49,6 +52,11 @@ class RegistrationConflict(Exception):
     """A registration under an executor id whose lease another session holds."""
 
 
+class ExecutorWedged(Exception):
+    """A registration of an executor dropped for a step past its bound: the process is stuck
+    (its event loop still answers) and must be restarted to come back, under a new id."""
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     overlap: bool = True
@@ -56,6 +64,8 @@ class ClusterConfig:
     heartbeat_interval_s: float = 2.0
     # How long requests wait for an executor when none is left.
     no_executor_timeout_s: float = 30.0
+    # The step watchdog's base bound (pool_loop.PoolLoop).
+    step_timeout_s: float = 120.0
 
 
 @dataclass(eq=False)
@@ -120,15 +130,20 @@ class Cluster:
     # every request in flight, from `submit` until `finished`
     failures: dict[str, Callable[[str, str], None]] = field(default_factory=dict)
     orphans: list[_Orphan] = field(default_factory=list)
+    # Ids of executors dropped as wedged: they may not register again.
+    wedged: set[str] = field(default_factory=set)
 
     # -- membership ---------------------------------------------------------------------
 
     def register(self, registration: scheduler_pb2.RegisterExecutorRequest) -> None:
         """Adds the executor's pool. Raises, before anything changes, DescriptionError for a
-        registration out of range and RegistrationConflict for an id whose lease another
-        session holds; the same session registering again (its reply was lost) replaces its
-        pool."""
+        registration out of range, RegistrationConflict for an id whose lease another session
+        holds and ExecutorWedged for an executor dropped as wedged; the same session
+        registering again (its reply was lost) replaces its pool."""
         check_registration(registration)
+        if registration.executor_id in self.wedged:
+            raise ExecutorWedged(f"executor {registration.executor_id} was dropped because a "
+                                 "step ran past its bound; restart it")
         scheduler, pool_limits = schedule_executor(registration,
                                                    self.config.enable_prefix_caching)
         old = self.pools.get(registration.executor_id)
@@ -142,8 +157,11 @@ class Cluster:
         handle = self.make_handle(registration.address, registration.session_token)
         pool = Pool(registration=registration, limits=pool_limits, scheduler=scheduler,
                     loop=None, handle=handle, lease_deadline=self._lease_deadline())
-        pool.loop = PoolLoop(scheduler, handle, self.config.overlap,
-                             on_lost=lambda reason: self._lose(pool, reason))
+        pool.loop = PoolLoop(scheduler, handle, self.config.overlap, LoopEvents(
+            on_lost=lambda reason, wedged: self._lose(pool, reason, wedged),
+            on_refused=lambda request_id, reason: self._fail(
+                request_id, "INTERNAL", f"the executor refused the request: {reason}")),
+            self.config.step_timeout_s)
         pool.task = asyncio.create_task(pool.loop.run())
         self.pools[registration.executor_id] = pool
         log.info("executor registered", executor_id=registration.executor_id,
@@ -175,10 +193,14 @@ class Cluster:
                        f"no executor serves model {orphan.model!r} (waited "
                        f"{self.config.no_executor_timeout_s:.0f} s)")
 
-    def _lose(self, pool: Pool, reason: str) -> None:
+    def _lose(self, pool: Pool, reason: str, wedged: bool = False) -> None:
+        """Drops the executor and recomputes its requests elsewhere, each within its budget
+        of MAX_EXECUTOR_LOSSES."""
         if self.pools.get(pool.executor_id) is not pool:
             return
         del self.pools[pool.executor_id]
+        if wedged:
+            self.wedged.add(pool.executor_id)
         log.warning("executor lost; recomputing its requests elsewhere",
                     executor_id=pool.executor_id, reason=reason)
         if pool.task is not None and pool.task is not asyncio.current_task():
@@ -190,6 +212,14 @@ class Cluster:
         deadline = time.monotonic() + self.config.no_executor_timeout_s
         for request_id, seqs in by_request.items():
             del self.placement[request_id]
+            request = seqs[0].request
+            request.executor_losses += 1
+            if request.executor_losses >= MAX_EXECUTOR_LOSSES:
+                self._fail(request_id, "INTERNAL",
+                           f"the request lost {request.executor_losses} executors while it "
+                           f"ran (the last: {reason}); it is not retried again, since it may "
+                           "be what brings them down")
+                continue
             self.orphans.append(_Orphan(pool.model_id, request_id,
                                         seqs[0].request.prompt_token_ids, deadline,
                                         cache_salt=seqs[0].request.cache_salt, seqs=seqs))

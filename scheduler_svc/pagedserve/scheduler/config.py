@@ -2,7 +2,7 @@
 
 import argparse
 
-from pagedserve.runtime.flags import add_common_flags
+from pagedserve.runtime.flags import add_common_flags, positive_float
 
 DEFAULT_PORT = 50052
 # Sequences waiting for a step before new requests are refused (0: no limit).
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-executor-timeout", type=float, default=30.0,
                         help="seconds a request waits for an executor of its model before it "
                              "fails with UNAVAILABLE")
+    add_step_timeout_argument(parser)
     add_overload_arguments(parser)
     add_common_flags(parser)
 
@@ -34,3 +35,13 @@ def add_overload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most sequences waiting for a step (new and preempted); a request "
                              "arriving when the queue is full gets RESOURCE_EXHAUSTED (HTTP 429 "
                              "with Retry-After) at once; 0: no limit")
+
+
+def add_step_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """Shared with `pagedserve up`, which passes it on to the scheduler."""
+    parser.add_argument("--step-timeout", type=positive_float, default=120.0,
+                        help="seconds an executor gets for one step, twice that for a step of "
+                             "the whole token budget; past it the executor counts as wedged: "
+                             "its requests are recomputed elsewhere and it may not register "
+                             "again until restarted (a new process). Raise it for models whose "
+                             "steps are slow on their hardware")

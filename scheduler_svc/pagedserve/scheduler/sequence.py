@@ -43,6 +43,8 @@ class Request:
     # Prompt logprobs gathered over prefill chunks; sent with the first token.
     prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
     first_delta_sent: bool = False
+    # Executors lost while it ran on them (cluster.MAX_EXECUTOR_LOSSES bounds it).
+    executor_losses: int = 0
     # Derived once (read on every step for every sequence).
     n: int = field(init=False)
     num_prompt_tokens: int = field(init=False)

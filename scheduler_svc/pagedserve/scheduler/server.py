@@ -24,6 +24,7 @@ from pagedserve.scheduler.cluster import (
     Cluster,
     ClusterConfig,
     DuplicateRequest,
+    ExecutorWedged,
     RegistrationConflict,
     Submission,
     UnknownModel,
@@ -39,6 +40,11 @@ CALLERS = caller_policy(SERVICE_NAME, {
     "GetModel": [Role.GATEWAY], "RegisterExecutor": [Role.EXECUTOR],
     "Heartbeat": [Role.EXECUTOR]})
 EXPIRY_CHECK_S = 0.5
+# Why a registration is refused -> its status. FAILED_PRECONDITION tells a wedged executor to
+# exit, so that its supervisor (up, Kubernetes) restarts it (executor/registration.py).
+REGISTRATION_REFUSALS = {DescriptionError: grpc.StatusCode.INVALID_ARGUMENT,
+                         RegistrationConflict: grpc.StatusCode.ALREADY_EXISTS,
+                         ExecutorWedged: grpc.StatusCode.FAILED_PRECONDITION}
 
 log = structlog.get_logger(__name__)
 
@@ -172,12 +178,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def RegisterExecutor(self, request, context):
         try:
             self.cluster.register(request)
-        except (DescriptionError, RegistrationConflict) as exc:
+        except tuple(REGISTRATION_REFUSALS) as exc:
             log.warning("registration refused", executor_id=request.executor_id[:64],
                         peer=context.peer(), error=str(exc))
-            code = (grpc.StatusCode.ALREADY_EXISTS if isinstance(exc, RegistrationConflict)
-                    else grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(code, str(exc))
+            await context.abort(REGISTRATION_REFUSALS[type(exc)], str(exc))
         return scheduler_pb2.RegisterExecutorResponse(
             heartbeat_interval_s=self.cluster.config.heartbeat_interval_s)
 
@@ -197,7 +201,8 @@ async def serve(args: argparse.Namespace) -> None:
     cluster = Cluster(ClusterConfig(overlap=not args.no_overlap,
                                     enable_prefix_caching=not args.no_prefix_caching,
                                     heartbeat_interval_s=args.heartbeat_interval,
-                                    no_executor_timeout_s=args.no_executor_timeout),
+                                    no_executor_timeout_s=args.no_executor_timeout,
+                                    step_timeout_s=args.step_timeout),
                       make_handle=functools.partial(GrpcExecutorHandle, auth=auth))
     server = GrpcServer(f"{args.host}:{args.port}", [auth.interceptor(CALLERS)],
                         auth.server_credentials())

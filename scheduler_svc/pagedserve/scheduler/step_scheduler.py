@@ -319,8 +319,20 @@ class StepScheduler:
 
     # -- results ----------------------------------------------------------------------
 
-    def process(self, result: executor_pb2.StepResult) -> None:
-        """Apply one step's outputs: accept tokens, stream them, finish what stopped."""
+    def process(self, result: executor_pb2.StepResult) -> dict[str, str]:
+        """Apply one step's outputs: accept tokens, stream them, finish what stopped. Returns
+        the requests the executor refused (request id -> reason): they are aborted here (their
+        refused sequence has no mirror left to drop); failing their clients is the caller's.
+        A refusal of a sequence already gone (aborted, or refused in an overlapped step) is
+        no news and left out."""
+        refused = {}
+        for failure in result.failed_requests:
+            seq = self.by_id.get(failure.request_id)
+            if seq is None:
+                continue
+            seq.on_executor = False
+            refused[seq.request.request_id] = failure.message
+            self.abort(seq.request.request_id)
         for output in result.outputs:
             seq = self.by_id.get(output.request_id)
             if seq is None or seq.state is SeqState.FINISHED:
@@ -332,6 +344,7 @@ class StepScheduler:
                 continue
             seq.num_in_flight -= 1
             self._accept(seq, output)
+        return refused
 
     def _accept(self, seq: Sequence, output: executor_pb2.RequestOutput) -> None:
         request, params = seq.request, seq.request.sampling
