@@ -145,7 +145,9 @@ def create_app(client: SchedulerClient, request_timeout_s: float | None = None,
     return app
 
 
-def _scheduler(request: Request) -> SchedulerClient:
+async def _scheduler(request: Request) -> SchedulerClient:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, which cost every request
+    # a thread hop and grew the gateway by a thread per concurrent request (the soak saw it).
     return request.app.state.client
 
 
