@@ -115,3 +115,11 @@ def test_beam_search_counts_its_request_as_generate_does():
              sample("pagedserve_requests_finished_total", finish_reason="length"),
              sample("pagedserve_e2e_request_latency_seconds_count"))
     assert [b - a for a, b in zip(before, after, strict=True)] == [len(prompt), 2, 1]
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_the_sequence_ends_otherwise():
+    """A choice that ends by length while its text ends in a prefix of a stop string ("EN" of
+    "END") gets that tail: it was held back only in case the stop string followed (issue 18)."""
+    length = common_pb2.FINISH_REASON_LENGTH
+    scheduler = ScriptedScheduler([delta(0, "a b"), delta(0, " EN", length)])
+    assert run(scheduler, n=1, stop=["END"]) == {0: ("a b EN", "length")}

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -17,11 +18,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.executor.server import CALLERS as EXECUTOR_CALLERS
 from pagedserve.runtime.internal_auth import SECRET_ENV, InternalAuth, Role, new_secret
-from pagedserve.runtime.serving import NO_TLS, GrpcServer, StartupError, TlsConfig, free_ports
+from pagedserve.runtime.serving import (
+    NO_TLS,
+    GrpcServer,
+    StartupError,
+    TlsConfig,
+    free_ports,
+    sync_channel,
+)
 from pagedserve.scheduler.server import CALLERS as SCHEDULER_CALLERS
 from pagedserve.testing.pki import make_ca, make_identity
 from pagedserve.testing.processes import free_consecutive_ports
-from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.v1 import (
+    executor_pb2,
+    executor_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 GATEWAY, SCHEDULER, EXECUTOR = Role.GATEWAY, Role.SCHEDULER, Role.EXECUTOR
 # The issue's table, written out independently of the code's.
@@ -212,6 +227,18 @@ def test_up_makes_its_own_secret_and_its_internal_ports_refuse_strangers(tiny_ll
                                          headers={"Authorization": f"Bearer {'K' * 16}"})
         with urllib.request.urlopen(request, timeout=10) as reply:
             assert reply.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=10)
+        assert refused.value.code == 401
+        # The public gRPC API of the process users run needs the key too (issue 18: removing
+        # the gateway's interceptor was caught by no test).
+        with sync_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10,
+                                   metadata=[("authorization", f"Bearer {'K' * 16}")]).models
         strangers = {"no credential": InternalAuth(GATEWAY),
                      "another secret": InternalAuth(GATEWAY, secret=SECRET)}
         for address, method in ((f"127.0.0.1:{scheduler}", "/pagedserve.v1.Scheduler/GetStats"),

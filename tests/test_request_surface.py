@@ -228,6 +228,29 @@ def test_admission_bounds_what_any_caller_sends(kwargs, field):
                       emit=lambda delta: None, cache_salt=args.get("cache_salt", ""))
 
 
+# Each admission limit at its boundary: exactly at it admitted, one past it refused (issue 18).
+def _pool(**changes) -> PoolLimits:
+    return PoolLimits(**{"max_model_len": 64, "num_blocks": 64, "block_size": 4,
+                         "max_num_seqs": 4, "vocab_size": 100, "max_logprobs": MAX_LOGPROBS,
+                         **changes})
+
+
+@pytest.mark.parametrize("limits, at_limit, past_limit, field", [
+    # prompt + one output token must fit the context: 63 tokens do, 64 do not
+    (_pool(), ([1] * 63, S()), ([1] * 64, S()), "prompt_token_ids"),
+    # prompt + one token must fit the whole pool: 8 blocks of 4 hold 31 + 1, not 32 + 1
+    (_pool(num_blocks=8), ([1] * 31, S()), ([1] * 32, S()), "prompt_token_ids"),
+    # n sequences at most max_num_seqs
+    (_pool(), ([1, 2], S(n=4)), ([1, 2], S(n=5)), "sampling.n"),
+])
+def test_admission_limits_hold_exactly_at_their_boundary(limits, at_limit, past_limit, field):
+    prompt, sampling = at_limit
+    admit_request("r", prompt, sampling, 0, limits, emit=lambda delta: None)
+    prompt, sampling = past_limit
+    with pytest.raises(AdmissionError, match=field):
+        admit_request("r", prompt, sampling, 0, limits, emit=lambda delta: None)
+
+
 # -- ids --------------------------------------------------------------------------------
 
 def test_the_scheduler_never_sees_a_client_s_request_id():

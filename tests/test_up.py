@@ -83,7 +83,8 @@ def test_up_starts_every_process_and_stops_them_all(tiny_llama_dir, tmp_path, st
         children = stack.children()
         names = [" ".join(c.cmdline()[3:4]) for c in children]
         assert sorted(names) == ["executor", "executor", "gateway", "scheduler"]
-        assert len({c.pid for c in children}) == 4 and stack.process.pid not in names
+        pids = {c.pid for c in children}
+        assert len(pids) == 4 and stack.process.pid not in pids  # `up` is none of them
         for port in (stack.grpc, stack.scheduler, *stack.executors):
             assert grpc_serving(port)
         with internal_channel(f"127.0.0.1:{stack.executors[1]}", Role.SCHEDULER) as channel:
