@@ -33,6 +33,10 @@ def test_every_http_route_needs_the_key_unless_allow_listed():
     app = create_app(SchedulerClient("127.0.0.1:1", internal_auth(Role.GATEWAY)))
     require_api_key(app, ApiKeys.parse(KEY))
     client = TestClient(app, raise_server_exceptions=False)  # past auth, no scheduler: 5xx
+    # The reference: the same app without keys. With the key, every route must answer as it.
+    unguarded = TestClient(create_app(SchedulerClient("127.0.0.1:1",
+                                                      internal_auth(Role.GATEWAY))),
+                           raise_server_exceptions=False)
     routes = [(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods]
     assert ("POST", "/v1/chat/completions") in routes and len(routes) >= 7
     for method, path in routes:
@@ -44,7 +48,8 @@ def test_every_http_route_needs_the_key_unless_allow_listed():
                 assert reply.status_code == 401, (method, path, headers)
                 assert reply.json()["error"]["type"] == "authentication_error"
         reply = client.request(method, path, headers={"Authorization": f"Bearer {KEY}"})
-        assert reply.status_code != 401, (method, path)
+        assert reply.status_code == unguarded.request(method, path).status_code != 401, \
+            (method, path)
 
 
 @pytest.mark.parametrize("metadata, allowed", [((), False), ((("authorization", "Bearer x"),),
@@ -65,7 +70,11 @@ def test_grpc_methods_need_the_key_but_health_does_not(metadata, allowed):
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
                 stub = generation_pb2_grpc.GenerationStub(channel)
                 for call in (stub.ListModels(generation_pb2.ListModelsRequest(),
-                                             metadata=metadata, timeout=5),):
+                                             metadata=metadata, timeout=5),
+                             stub.Tokenize(generation_pb2.TokenizeRequest(text="x"),
+                                           metadata=metadata, timeout=5),
+                             stub.Detokenize(generation_pb2.DetokenizeRequest(token_ids=[1]),
+                                             metadata=metadata, timeout=5)):
                     with pytest.raises(grpc.aio.AioRpcError) as error:
                         await call
                     # Allowed calls get past auth and fail on the missing scheduler instead.
@@ -77,7 +86,8 @@ def test_grpc_methods_need_the_key_but_health_does_not(metadata, allowed):
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     async for _ in stream:
                         pass
-                assert (error.value.code() == grpc.StatusCode.UNAUTHENTICATED) != allowed
+                assert error.value.code() == (grpc.StatusCode.UNAVAILABLE if allowed
+                                              else grpc.StatusCode.UNAUTHENTICATED)
         finally:
             await server.stop()
     asyncio.run(run())

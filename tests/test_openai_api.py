@@ -94,6 +94,9 @@ def test_n_seed_and_logprobs(client, tiny_llama_dir):
     first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert len(first.choices) == 3 and first.usage.completion_tokens == 24
+    # Each of the n sequences samples on its own (seed + index): 8 tokens at temperature 1 over
+    # a random model's near-uniform distribution are not all alike by chance.
+    assert len({c.text for c in first.choices}) == 3, [c.text for c in first.choices]
     logprobs = first.choices[0].logprobs
     assert len(logprobs.token_logprobs) == 8 and all(lp <= 0 for lp in logprobs.token_logprobs)
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)

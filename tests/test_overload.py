@@ -148,7 +148,8 @@ def test_a_streamed_request_past_its_timeout_ends_with_an_error_event(stack):
                                {TIMEOUT_HEADER: f"{full_s / 3:.3f}"})
     assert status == 200  # headers went out with the first token
     events = reply["events"]
-    assert events[0]["choices"][0]["text"] is not None
+    # Tokens streamed before the deadline passed, then the error event.
+    assert any(c["text"] for e in events[:-1] for c in e.get("choices", [])), events
     assert_openai_error(events[-1], 504, "timeout")
     assert sum(len(e.get("choices", [])) for e in events) < LONG["max_tokens"]
     stack.wait_until_all_blocks_free(timeout=full_s / 2)
