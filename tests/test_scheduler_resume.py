@@ -19,6 +19,7 @@ from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_req
 from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
 from pagedserve.scheduler.server import SchedulerService
 from pagedserve.testing.processes import internal_auth
+from pagedserve.testing.registrations import registration
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 BLOCK = 4
@@ -33,20 +34,6 @@ def make_llm(tiny_llama_dir):
         return LLM(str(tiny_llama_dir), block_size=BLOCK, dtype="float32", max_model_len=128,
                    kv_cache_gib=512.5 * BYTES_PER_BLOCK / 2**30)
     return make
-
-
-def registration(executor_id: str, llm: LLM) -> scheduler_pb2.RegisterExecutorRequest:
-    limits = llm.pool_limits
-    return scheduler_pb2.RegisterExecutorRequest(
-        executor_id=executor_id, address=f"{executor_id}:1", session_token="s" * 32,
-        model=common_pb2.ModelInfo(model_id="tiny", max_model_len=limits.max_model_len,
-                                   vocab_size=limits.vocab_size,
-                                   eos_token_ids=llm.eos_token_ids),
-        kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
-                                        block_size=limits.block_size),
-        limits=common_pb2.ExecutorLimits(
-            max_num_seqs=limits.max_num_seqs, max_logprobs=limits.max_logprobs,
-            max_num_batched_tokens=llm.scheduler.limits.max_num_batched_tokens))
 
 
 async def stream(llm: LLM, request_id: str, params: common_pb2.SamplingParams,

@@ -16,6 +16,7 @@ from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.cluster import Cluster, ClusterConfig, Submission
 from pagedserve.scheduler.executor_handle import ExecutorLost, GrpcExecutorHandle
 from pagedserve.testing.processes import internal_auth, start_executor
+from pagedserve.testing.registrations import registration
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 BLOCK = 4
@@ -179,20 +180,6 @@ class LosingHandle:
 
     async def close(self):
         await self.inner.close()
-
-
-def registration(executor_id: str, llm: LLM) -> scheduler_pb2.RegisterExecutorRequest:
-    limits = llm.pool_limits
-    return scheduler_pb2.RegisterExecutorRequest(
-        executor_id=executor_id, address=f"{executor_id}:1", session_token="s" * 32,
-        model=common_pb2.ModelInfo(model_id="tiny", max_model_len=limits.max_model_len,
-                                   vocab_size=limits.vocab_size,
-                                   eos_token_ids=llm.eos_token_ids),
-        kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
-                                        block_size=limits.block_size),
-        limits=common_pb2.ExecutorLimits(
-            max_num_seqs=limits.max_num_seqs, max_logprobs=limits.max_logprobs,
-            max_num_batched_tokens=llm.scheduler.limits.max_num_batched_tokens))
 
 
 def test_a_lost_executor_leaves_seeded_sampling_unchanged(make_llm):
