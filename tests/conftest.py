@@ -16,7 +16,6 @@ import pathlib
 import pytest
 
 from pagedserve.testing.processes import shared_internal_secret
-from pagedserve.testing.tiny_models import save_tiny_llama
 
 # Every service a test starts inherits one internal secret (internal calls need a credential).
 shared_internal_secret()
@@ -25,6 +24,11 @@ shared_internal_secret()
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
     """A 2-layer LLaMA (GQA) with random weights, config and a byte-level BPE tokenizer."""
+    # Imported here, not at the top: torch and transformers take seconds to import, and test
+    # files that need neither (the scheduler's, the gateway's) should not pay for them; the
+    # mutation runs (`make mutation`) start pytest once per mutant.
+    from pagedserve.testing.tiny_models import save_tiny_llama
+
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models import load_model
-from pagedserve.executor.runner import ModelRunner, PlanError, RunnerLimits
+from pagedserve.executor.plan_checks import PlanError, RunnerLimits
+from pagedserve.executor.runner import ModelRunner
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,

@@ -30,7 +30,8 @@ from pagedserve.executor.models import (
 from pagedserve.executor.models.layers import bind_kernels
 from pagedserve.executor.models.weights import WeightLoadError
 from pagedserve.executor.parallel import TensorParallelError
-from pagedserve.executor.runner import ModelRunner, RunnerLimits
+from pagedserve.executor.plan_checks import RunnerLimits
+from pagedserve.executor.runner import ModelRunner
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
 from pagedserve.runtime.serving import StartupError

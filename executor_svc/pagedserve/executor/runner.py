@@ -7,18 +7,17 @@ applies it and runs the same forward pass, and rank 0 samples and broadcasts the
 so that every mirror appends the same ones (tp_group.py owns the group). Only rank 0's results
 are sent.
 
-A plan is validated completely before anything changes, request by request: a request whose
-part is malformed (unknown request, token or block id out of range, more tokens than it holds,
-sampling values the executor cannot honour) is refused alone, its mirror dropped, and the rest
-of the step runs; the StepResult names it and why. A plan malformed as a whole (over the step's
-limits) raises PlanError and leaves every mirror as it was. Either way the executor keeps
-serving: one bad request costs that request, not the batch or the executor.
+A plan is validated completely before anything changes (plan_checks.py): a request whose part
+is malformed is refused alone, its mirror dropped, and the rest of the step runs; the
+StepResult names it and why. A plan malformed as a whole raises PlanError and leaves every
+mirror as it was. Either way the executor keeps serving: one bad request costs that request,
+not the batch or the executor.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.plan_checks import PlanError, RunnerLimits, check_plan
 from pagedserve.executor.sampler import (
     Sampler,
     SamplerOutput,
@@ -34,25 +34,9 @@ from pagedserve.executor.sampler import (
     sequence_seed,
 )
 from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
-from pagedserve.runtime.request_rules import RuleError, SamplingLimits, check_sampling
 from pagedserve.v1 import common_pb2, executor_pb2
 
 log = structlog.get_logger(__name__)
-
-
-class PlanError(ValueError):
-    """The step plan, or one request's part of it, is malformed; the message names the
-    problem."""
-
-
-@dataclass(frozen=True)
-class RunnerLimits:
-    num_blocks: int
-    block_size: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    max_logprobs: int
 
 
 @dataclass
@@ -152,110 +136,10 @@ class ModelRunner:
                 for tensor in cache:
                     tensor[dst] = tensor[src]
 
-    # -- validation ---------------------------------------------------------------------
-
     def _validate(self, plan: executor_pb2.StepPlan) -> dict[str, str]:
-        """Check the whole plan against the state it will meet, without changing anything:
-        the requests whose part is malformed, each with the reason; PlanError when the plan
-        as a whole is."""
-        limits = self.limits
-        # request id -> (known tokens, computed tokens, blocks) after drops and arrivals
         state = {rid: (len(m.token_ids), m.num_computed, len(m.block_ids))
                  for rid, m in self.requests.items()}
-        refused: dict[str, str] = {}
-
-        def refuse(request_id: str, error: PlanError) -> None:
-            refused.setdefault(request_id, str(error))
-            state.pop(request_id, None)
-
-        for rid in plan.dropped_request_ids:
-            if rid in state:
-                del state[rid]
-            else:
-                refuse(rid, PlanError(f"dropped_request_ids: unknown request {rid!r}"))
-        for new in plan.new_requests:
-            try:
-                state[new.request_id] = self._check_new(new, state)
-            except PlanError as exc:
-                refuse(new.request_id, exc)
-        if len(plan.work) > limits.max_num_seqs:
-            raise PlanError(f"work: {len(plan.work)} requests > max_num_seqs "
-                            f"{limits.max_num_seqs}")
-        total, seen = 0, set()
-        for work in plan.work:
-            if work.request_id in seen:
-                raise PlanError(f"work: request {work.request_id!r} scheduled twice")
-            seen.add(work.request_id)
-            total += work.num_tokens
-            if work.request_id not in refused:
-                try:
-                    self._check_work(work, state)
-                except PlanError as exc:
-                    refuse(work.request_id, exc)
-        if total > limits.max_num_batched_tokens:
-            raise PlanError(f"work: {total} tokens > max_num_batched_tokens "
-                            f"{limits.max_num_batched_tokens}")
-        for copy in plan.block_copies:
-            self._check_blocks("block_copies", [copy.src_block_id, copy.dst_block_id])
-        return refused
-
-    def _check_new(self, new: executor_pb2.NewRequest,
-                   state: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
-        """A new request's (known tokens, computed tokens, blocks); PlanError if malformed."""
-        name = f"new_requests[{new.request_id!r}]"
-        if new.request_id in state:
-            raise PlanError(f"{name}: the request already exists")
-        if new.fork_of:
-            if new.fork_of not in state:
-                raise PlanError(f"{name}.fork_of: unknown request {new.fork_of!r}")
-            num_tokens = state[new.fork_of][0]
-        else:
-            num_tokens = len(new.token_ids)
-            if not num_tokens or new.num_prompt_tokens > num_tokens:
-                raise PlanError(f"{name}: {num_tokens} token ids for {new.num_prompt_tokens} "
-                                "prompt tokens")
-            self._check_token_ids(f"{name}.token_ids", new.token_ids)
-            try:
-                check_sampling(new.sampling, SamplingLimits(self.model.config.vocab_size,
-                                                            self.limits.max_logprobs))
-            except RuleError as exc:
-                raise PlanError(f"{name}.sampling.{exc}") from None
-        if new.num_computed_tokens >= num_tokens:
-            raise PlanError(f"{name}.num_computed_tokens: {new.num_computed_tokens}, but it "
-                            f"has {num_tokens} tokens")
-        self._check_blocks(f"{name}.block_ids", new.block_ids)
-        return num_tokens, new.num_computed_tokens, len(new.block_ids)
-
-    def _check_work(self, work: executor_pb2.ScheduledWork,
-                    state: dict[str, tuple[int, int, int]]) -> None:
-        rid, limits = work.request_id, self.limits
-        if rid not in state:
-            raise PlanError(f"work: unknown request {rid!r}")
-        known, computed, blocks = state[rid]
-        if work.num_tokens < 1 or computed + work.num_tokens > known:
-            raise PlanError(f"work[{rid!r}].num_tokens: {work.num_tokens}, but the request has "
-                            f"{known - computed} uncomputed tokens")
-        if computed + work.num_tokens > limits.max_model_len:
-            raise PlanError(f"work[{rid!r}]: {computed + work.num_tokens} tokens > "
-                            f"max_model_len {limits.max_model_len}")
-        self._check_blocks(f"work[{rid!r}].new_block_ids", work.new_block_ids)
-        blocks += len(work.new_block_ids)
-        if blocks * limits.block_size < computed + work.num_tokens:
-            raise PlanError(f"work[{rid!r}]: {blocks} blocks cannot hold "
-                            f"{computed + work.num_tokens} tokens")
-
-    def _check_blocks(self, field: str, block_ids: Sequence[int]) -> None:
-        bad = [b for b in block_ids if b >= self.limits.num_blocks]
-        if bad:
-            raise PlanError(f"{field}: block id {bad[0]} out of range "
-                            f"(the pool has {self.limits.num_blocks} blocks)")
-
-    def _check_token_ids(self, field: str, token_ids: Iterable[int]) -> None:
-        vocab_size = self.model.config.vocab_size
-        bad = [t for t in token_ids if t >= vocab_size]
-        if bad:
-            raise PlanError(f"{field}: token id {bad[0]} out of the vocabulary "
-                            f"(size {vocab_size})")
+        return check_plan(plan, state, self.limits, self.model.config.vocab_size)
 
     # -- execution ----------------------------------------------------------------------
 
