@@ -4,6 +4,7 @@
 #   make install      .venv from the lock (run by `make run`, `make test`, `make proto`)
 #   make lock         re-resolve requirements/*.txt to the newest versions pyproject.toml allows
 #   make test-latest  the suite in .venv-latest, on the newest versions (not the lock)
+#   make mutation     mutation testing of the core modules (tests/mutation/run.py; slow)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +20,12 @@ LOCK := requirements/lock.txt
 PIP_LOCK := requirements/pip.txt
 MODEL_LOCK := requirements/default-model.txt
 LOCKS := $(LOCK) $(PIP_LOCK) $(MODEL_LOCK)
+# The mutation tool, added to .venv only by `make mutation`, resolved against the lock.
+MUTMUT_VERSION ?= 3.8.1
+MUTATION_LOCK := requirements/mutation.txt
+MUTATION_STAMP := $(VENV)/.mutation-installed
+# Arguments for tests/mutation/run.py, e.g. MUTATION_ARGS="--module pagedserve.gateway.auth".
+MUTATION_ARGS ?=
 # torch is not in the lock: it is machine-specific. An already installed torch is kept (e.g.
 # your CUDA build). Otherwise, on a machine with an NVIDIA driver pip's default (CUDA) build is
 # installed, and elsewhere TORCH_CPU, a CPU build. Where pip's index serves only CUDA builds for
@@ -42,7 +49,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_PY) -m piptools compile
 	--no-config --no-header --generate-hashes --strip-extras --no-emit-options --newline lf \
 	--unsafe-package torch
 
-.PHONY: install run test proto clean lock install-latest test-latest
+.PHONY: install run test proto clean lock install-latest test-latest mutation
 
 install: $(STAMP) $(HELM)
 
@@ -97,6 +104,15 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+# mutmut over the modules of tests/mutation/config.toml, with their fast tests; fails when a
+# module scores below 85% (docs/reliability.md, "Mutation testing"). Tens of minutes on 2 cores.
+mutation: install $(MUTATION_STAMP)
+	$(PY) tests/mutation/run.py $(MUTATION_ARGS)
+
+$(MUTATION_STAMP): $(MUTATION_LOCK) $(STAMP)
+	$(PY) -m pip install --quiet --require-hashes -r $(MUTATION_LOCK)
+	touch $(MUTATION_STAMP)
+
 # Regenerate the committed stubs after editing proto/pagedserve/v1/*.proto.
 proto: install
 	$(PY) proto/generate.py
@@ -144,7 +160,13 @@ lock:
 	  for f in $$(ls $(LOCK_DIR)/model/* | LC_ALL=C sort); do \
 		$(LOCK_PY) -m pip hash $$f | sed -n 's/^--hash=/    --hash=/p'; \
 	  done | LC_ALL=C sort | sed '$$!s/$$/ \\/'; } > $(MODEL_LOCK)
-	@echo "make lock: wrote $(LOCKS)"
+	echo "mutmut==$(MUTMUT_VERSION)" > $(LOCK_DIR)/mutation.in
+	$(PIP_COMPILE) --constraint $(LOCK) --output-file $(LOCK_DIR)/mutation.txt \
+		$(LOCK_DIR)/mutation.in
+	{ echo "# The mutation tool \`make mutation\` adds to .venv, resolved against lock.txt (the"; \
+	  echo "# versions both files name are equal). Written by \`make lock\`; do not edit."; \
+	  echo "#"; cat $(LOCK_DIR)/mutation.txt; } > $(MUTATION_LOCK)
+	@echo "make lock: wrote $(LOCKS) $(MUTATION_LOCK)"
 
 # The newest versions pyproject.toml allows (not the lock) in $(LATEST_VENV), upgraded eagerly
 # on every run, torch by the same rule as `make install` and then held. What was installed goes

@@ -17,7 +17,8 @@
    (causal, contiguous K/V), candidate tile shapes swept.
 4. Norms, rotary, SiLU-and-mul: time and bandwidth beside the PyTorch path.
 5. End to end: the offline engine on a small random LLaMA on the GPU with the Triton and the
-   PyTorch kernel sets: greedy tokens (float32) equal, and generation throughput (bfloat16).
+   PyTorch kernel sets: greedy tokens equal in float32, first tokens agreeing on at least 90%
+   of the prompts in bfloat16 (checks), and generation throughput.
 
 --smoke runs every step on tiny shapes on the CPU (wall-clock medians, meaningless as speed),
 so the test suite keeps this script working without a GPU.
@@ -64,6 +65,10 @@ from pagedserve.kernels.triton_rotary import apply_rotary_triton
 
 BLOCK = 16
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# End to end in bfloat16, the share of prompts whose first greedy token may differ between the
+# Triton and the PyTorch kernel sets (near-ties of random weights; tests/test_bf16_parity.py
+# allows 2 of 16 between bfloat16 and float32 on the default model).
+BF16_FIRST_TOKEN_DISAGREEMENT = 0.1
 PREFILL_CANDIDATES = [Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 3), Tiles(64, 32, 4, 3),
                       Tiles(128, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 2),
                       Tiles(128, 128, 8, 3), Tiles(128, 64, 4, 3)]
@@ -414,9 +419,19 @@ def end_to_end(bench: Bench) -> dict:
         result[f"{dtype} token agreement"] = agree
         print(f"  e2e {dtype}: greedy tokens triton == torch: {agree == 1.0} ({agree:.1%} "
               "agree)", flush=True)
-    # float32 is the strict check; bf16 rounding may flip near-ties of random weights.
+    # float32 is the strict check; bf16 rounding may flip near-ties of random weights, and a
+    # flip changes the rest of that sequence, so bf16 (what a GPU serves) is held to its first
+    # tokens: Triton's interpreter cannot check bf16 at all, so this is its only end-to-end check.
     bench.checks.append(Check("end to end greedy tokens, triton == torch", "float32", 0.0, 0.0,
                               bool(result["float32 greedy tokens equal"])))
+    if "bfloat16" in dtypes:
+        first = [a[0] == b[0] for a, b in zip(tokens["bfloat16", "torch"],
+                                              tokens["bfloat16", "triton"], strict=True)]
+        disagree = 1 - sum(first) / len(first)
+        result["bfloat16 first token agreement"] = 1 - disagree
+        bench.checks.append(Check(
+            "end to end first tokens, triton == torch (share differing)", "bfloat16", disagree,
+            BF16_FIRST_TOKEN_DISAGREEMENT, disagree <= BF16_FIRST_TOKEN_DISAGREEMENT))
     return result
 
 
