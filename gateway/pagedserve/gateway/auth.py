@@ -13,10 +13,13 @@ import hmac
 from dataclasses import dataclass
 
 import grpc
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pagedserve.gateway.errors import error_body
+
+log = structlog.get_logger(__name__)
 
 # HTTP paths and gRPC services reachable without a key.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -65,6 +68,12 @@ def require_api_key(app: FastAPI, keys: ApiKeys) -> None:
     async def check_key(request: Request, call_next):
         if request.url.path in OPEN_PATHS or keys.match(request.headers.get("authorization")):
             return await call_next(request)
+        # What was refused and from where; never the token presented (a wrong key is often a
+        # right key of another deployment, or a typo of this one's).
+        log.warning("refused: missing or invalid API key", method=request.method,
+                    path=request.url.path,
+                    peer=f"{request.client.host}:{request.client.port}" if request.client
+                    else None)
         return JSONResponse(status_code=401, content=error_body(
             401, "missing or invalid API key (send Authorization: Bearer <key>)",
             "authentication_error"))
@@ -87,13 +96,19 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
+
+        async def deny(request, context):
+            # What was refused and from where, never the token presented (as over HTTP).
+            log.warning("refused: missing or invalid API key", method=details.method,
+                        peer=context.peer())
+            await self._deny(request, context)
         # The refusal never parses the request (no deserializer: its bytes stay bytes), so an
         # unauthenticated 64 MiB message costs no protobuf decoding.
         if handler.response_streaming:
             async def deny_stream(request, context):
-                await self._deny(request, context)
+                await deny(request, context)
                 yield  # pragma: no cover (abort raises)
             return grpc.unary_stream_rpc_method_handler(
                 deny_stream, response_serializer=handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(
-            self._deny, response_serializer=handler.response_serializer)
+            deny, response_serializer=handler.response_serializer)

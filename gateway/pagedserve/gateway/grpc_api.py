@@ -101,7 +101,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             check_token_ids(served, prompt_ids, "token_ids")
             sampling = request.sampling
             check_length(served, len(prompt_ids),
-                         sampling.max_tokens if sampling.HasField("max_tokens") else None)
+                         sampling.max_tokens if sampling.HasField("max_tokens") else None,
+                         sampling_param("max_tokens"))
             check_sampling_rules(served, sampling, sampling_param)
             usage = Usage()
             first = True

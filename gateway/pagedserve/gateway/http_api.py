@@ -257,7 +257,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, client
     served = await client.model(body.model or "")
     ids = await chat_prompt_ids(served, [m.model_dump() for m in body.messages],
                                 body.add_generation_prompt)
-    check_length(served, len(ids), body.max_output_tokens())
+    check_length(served, len(ids), body.max_output_tokens(), body.param("max_tokens"))
     sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
     return await respond(request, client, body, served, ChatFormat(served), [ids], sampling)
 

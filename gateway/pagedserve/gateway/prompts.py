@@ -18,7 +18,7 @@ import jinja2
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.scheduler_client import ServedModel
 from pagedserve.runtime import chat
-from pagedserve.runtime.request_rules import RuleError, SamplingLimits, check_sampling
+from pagedserve.runtime.request_rules import MAX_N, RuleError, SamplingLimits, check_sampling
 from pagedserve.v1 import common_pb2
 
 # A prompt longer than this many characters per token of the model's context can never fit:
@@ -81,7 +81,9 @@ def check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
                            f"{served.info.vocab_size})", "invalid_request_error", param)
 
 
-def check_length(served: ServedModel, num_prompt: int, max_tokens: int | None) -> None:
+def check_length(served: ServedModel, num_prompt: int, max_tokens: int | None,
+                 param: str = "max_tokens") -> None:
+    """Prompt + max_tokens (`param`, as the client's API names it) within the context."""
     limit = served.info.max_model_len
     if num_prompt == 0:
         raise GatewayError(400, "prompt: the prompt is empty", "invalid_request_error",
@@ -91,17 +93,20 @@ def check_length(served: ServedModel, num_prompt: int, max_tokens: int | None) -
         raise GatewayError(
             400, f"This model's maximum context length is {limit} tokens. However, you "
             f"requested {requested} tokens ({num_prompt} in the prompt, {max_tokens or 1} "
-            "for the completion). Please reduce the prompt or max_tokens.",
-            "invalid_request_error", "max_tokens" if max_tokens else "prompt")
+            f"for the completion). Please reduce the prompt or {param}.",
+            "invalid_request_error", param if max_tokens else "prompt")
 
 
 def check_sampling_rules(served: ServedModel, sampling: common_pb2.SamplingParams,
                          param: Callable[[str], str]) -> None:
     """The request rules both APIs share (runtime/request_rules.py), against the limits the
-    scheduler relayed for the model; a 400 naming the field as `param` spells it for the API."""
+    scheduler relayed for the model; a 400 naming the field as `param` spells it for the API.
+    n is bounded by the executor's --max-num-seqs too, as admission bounds it (refused there,
+    the error would name the scheduler's field, not the client's)."""
+    max_n = min(MAX_N, served.limits.max_num_seqs) if served.limits.max_num_seqs else MAX_N
     try:
         check_sampling(sampling, SamplingLimits(served.info.vocab_size,
-                                                served.limits.max_logprobs))
+                                                served.limits.max_logprobs, max_n=max_n))
     except RuleError as exc:
         name = param(exc.field)
         raise GatewayError(400, f"{name}: {exc.rule}", "invalid_request_error", name) from None
