@@ -5,7 +5,9 @@ run, so its scheduler and executors refuse any caller that does not hold it."""
 
 import argparse
 import asyncio
+import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,6 +33,7 @@ from pagedserve.scheduler.server import CALLERS as SCHEDULER_CALLERS
 from pagedserve.testing.pki import make_ca, make_identity
 from pagedserve.testing.processes import free_consecutive_ports
 from pagedserve.v1 import (
+    common_pb2,
     executor_pb2,
     executor_pb2_grpc,
     generation_pb2,
@@ -204,41 +208,43 @@ def test_a_service_without_a_credential_refuses_to_start(command):
     assert SECRET_ENV in result.stderr and "Traceback" not in result.stderr
 
 
+REFUSED = "refused: missing or invalid API key"  # the gateway's log event
+
+
 @pytest.mark.slow
-def test_up_makes_its_own_secret_and_its_internal_ports_refuse_strangers(tiny_llama_dir,
-                                                                        tmp_path):
+def test_up_keeps_key_and_secret_out_of_logs_and_command_lines_and_refuses_strangers(
+        tiny_llama_dir, tmp_path):
     """`up --api-key K` and no other security flag (the issue's case, on loopback): the API
-    works with the key, while the scheduler and the executor refuse callers without the run's
-    secret, even one holding another secret (this test's own)."""
+    works with the key and refuses a wrong one, while the scheduler and the executor refuse
+    callers without the run's secret, even one holding another secret (this test's own). The
+    key, a wrong key sent to it and the run's internal secret appear in no process's log and
+    on no child's command line (README: the key is never logged, and reaches the gateway
+    through the environment, not a command line `ps` shows)."""
+    key, wrong_key = f"right-{secrets.token_hex(16)}", f"wrong-{secrets.token_hex(16)}"
     http, grpc_port, scheduler = free_ports(3)
     executor = free_consecutive_ports(1)
     env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    log_path = tmp_path / "log"
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedserve", "up", "--model", str(tiny_llama_dir),
-         "--kv-cache-gib", "0.01", "--api-key", "K" * 16, "--http-port", str(http),
+         "--kv-cache-gib", "0.01", "--api-key", key, "--http-port", str(http),
          "--grpc-port", str(grpc_port), "--scheduler-port", str(scheduler), "--executor-port",
          str(executor), "--log-format", "json"],
-        env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "log").open("w"), text=True)
+        env=env, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
     try:
         deadline = time.monotonic() + 180
         while "pagedserve is up" not in process.stdout.readline():
             assert process.poll() is None and time.monotonic() < deadline, "no stack"
-        request = urllib.request.Request(f"http://127.0.0.1:{http}/v1/models",
-                                         headers={"Authorization": f"Bearer {'K' * 16}"})
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            assert reply.status == 200
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=10)
-        assert refused.value.code == 401
-        # The public gRPC API of the process users run needs the key too (issue 18: removing
-        # the gateway's interceptor was caught by no test).
-        with sync_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = generation_pb2_grpc.GenerationStub(channel)
-            with pytest.raises(grpc.RpcError) as error:
-                stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10)
-            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10,
-                                   metadata=[("authorization", f"Bearer {'K' * 16}")]).models
+        up_command_line = " ".join(psutil.Process(process.pid).cmdline())
+        children = psutil.Process(process.pid).children(recursive=True)
+        command_lines = {child.pid: " ".join(child.cmdline()) for child in children}
+        (run_secret,) = {child.environ().get(SECRET_ENV) for child in children}
+        assert run_secret and len(run_secret) >= 32 and run_secret != SECRET
+        (gateway,) = [c for c in children if " gateway " in command_lines[c.pid]]
+        assert gateway.environ().get("PAGEDSERVE_API_KEY") == key
+        assert len(children) == 3, command_lines  # scheduler, executor, gateway
+
+        _check_the_public_apis(http, grpc_port, key, wrong_key)
         strangers = {"no credential": InternalAuth(GATEWAY),
                      "another secret": InternalAuth(GATEWAY, secret=SECRET)}
         for address, method in ((f"127.0.0.1:{scheduler}", "/pagedserve.v1.Scheduler/GetStats"),
@@ -251,3 +257,60 @@ def test_up_makes_its_own_secret_and_its_internal_ports_refuse_strangers(tiny_ll
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+    log = log_path.read_text()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    refused = [e for e in events if e["event"] == REFUSED and e["service"] == "gateway"]
+    # Each refused request left a line (so the checks below read a log that has them): the
+    # HTTP ones name their path, the gRPC ones their method.
+    assert {e.get("path") for e in refused} >= {"/v1/models", "/v1/completions"}, refused
+    assert {e.get("method") for e in refused} >= {"/pagedserve.v1.Generation/ListModels",
+                                                  "/pagedserve.v1.Generation/Generate"}, refused
+    internal = {e["service"] for e in events if e["event"] == "internal call refused"}
+    assert internal == {"scheduler", "executor"}, events
+    assert {e["service"] for e in events} >= {"up", "scheduler", "executor", "gateway"}
+    # Command lines are read the way `ps` reads them: `up`'s own shows the key this test
+    # gave it, as a user's would; its children's must not.
+    assert key in up_command_line
+    for name, value in (("API key", key), ("wrong key", wrong_key),
+                        ("internal secret", run_secret), ("stranger's secret", SECRET)):
+        for shown in (value, value[:16]):  # whole, or cut short
+            assert shown not in log, f"the {name} is in the log"
+            for pid, command_line in command_lines.items():
+                assert shown not in command_line, f"the {name} is on {pid}'s command line"
+
+
+def _check_the_public_apis(http: int, grpc_port: int, key: str, wrong_key: str) -> None:
+    """With the key both APIs serve; without it, or with a wrong one, they refuse."""
+    base = f"http://127.0.0.1:{http}"
+    completion = json.dumps({"prompt": "the cat", "max_tokens": 2}).encode()
+    for path, data in (("/v1/models", None), ("/v1/completions", completion)):
+        served = urllib.request.Request(f"{base}{path}", data=data, headers={
+            "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(served, timeout=30) as reply:
+            assert reply.status == 200
+        for headers in ({}, {"Authorization": f"Bearer {wrong_key}"}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{base}{path}", data=data, headers={
+                        **headers, "Content-Type": "application/json"}), timeout=10)
+            assert refused.value.code == 401
+    # The public gRPC API of the process users run needs the key too (issue 18: removing
+    # the gateway's interceptor was caught by no test).
+    generate = generation_pb2.GenerateRequest(
+        text="the cat", sampling=common_pb2.SamplingParams(max_tokens=2))
+    with sync_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        calls = (lambda metadata: stub.ListModels(generation_pb2.ListModelsRequest(),
+                                                  timeout=10, metadata=metadata),
+                 lambda metadata: list(stub.Generate(generate, timeout=10, metadata=metadata)))
+        for metadata in ((), [("authorization", f"Bearer {wrong_key}")]):
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as error:
+                    call(metadata)
+                assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        right = [("authorization", f"Bearer {key}")]
+        assert stub.ListModels(generation_pb2.ListModelsRequest(), timeout=10,
+                               metadata=right).models
+        replies = list(stub.Generate(generate, timeout=30, metadata=right))
+        assert replies[-1].usage.completion_tokens == 2

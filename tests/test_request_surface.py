@@ -32,7 +32,7 @@ from pagedserve.gateway.http_api import create_app
 from pagedserve.gateway.policy import DEFAULT_POLICY, ClientPolicy
 from pagedserve.gateway.prompts import MAX_CHARS_PER_TOKEN
 from pagedserve.gateway.scheduler_client import ServedModel
-from pagedserve.runtime.request_rules import MAX_PRIORITY, MAX_STOP_TOKEN_IDS
+from pagedserve.runtime.request_rules import MAX_N, MAX_PRIORITY, MAX_STOP_TOKEN_IDS
 from pagedserve.runtime.serving import GrpcServer, free_ports
 from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_request
 from pagedserve.scheduler.block_manager import BlockManager
@@ -146,6 +146,24 @@ def test_logprobs_up_to_the_executor_limit_are_accepted():
     scheduler = ScriptedScheduler()
     assert post(CMPL, {"prompt": "x", "logprobs": MAX_LOGPROBS}, scheduler).status_code == 200
     assert scheduler.submitted[0].sampling.logprobs == MAX_LOGPROBS
+
+
+def test_n_up_to_the_fixed_cap_is_accepted_over_both_apis():
+    """n in 1-64 (request_rules.MAX_N) where the executor's --max-num-seqs would allow more:
+    64 is served over HTTP and gRPC, 65 refused naming the field (the --max-num-seqs bound
+    below it is checked through the processes: tests/test_limits.py)."""
+    scheduler = ScriptedScheduler()
+    scheduler.served.limits.max_num_seqs = 256
+    reply = post(CMPL, {"prompt": "x", "n": MAX_N}, scheduler)
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == MAX_N, reply.text
+    assert_refused(post(CHAT, {"messages": MSG, "n": MAX_N + 1}, scheduler), "n")
+
+    async def test(stub):
+        replies = await generate(stub, text="x", sampling=S(n=MAX_N))
+        assert {c.index for r in replies for c in r.choices} == set(range(MAX_N))
+        await assert_grpc_refused(stub, "sampling.n", text="x", sampling=S(n=MAX_N + 1))
+    serve_grpc(scheduler, ClientPolicy(), test)
+    assert [s.sampling.n for s in scheduler.submitted] == [MAX_N, MAX_N]
 
 
 GRPC_RULES = [
