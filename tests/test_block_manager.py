@@ -23,6 +23,7 @@ from pagedserve.scheduler.block_manager import (
     BlockCopy,
     BlockManager,
     NoFreeBlocks,
+    chain_root,
     hash_block,
 )
 
@@ -79,15 +80,30 @@ def test_allocation_failure_changes_nothing():
     bm.check_invariants()
 
 
-def test_misuse_is_reported():
+def test_misuse_is_reported_saying_what_is_wrong():
     bm = BlockManager(num_blocks=4, block_size=4)
     bm.admit("a", toks(6))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^sequence 'a' is already admitted$"):
         bm.admit("a", toks(6))
-    with pytest.raises(ValueError):  # no block holds those tokens yet
+    with pytest.raises(ValueError, match=r"^'a': 4 computed tokens exceed its 6 tokens or its "
+                       r"0 blocks$"):  # no block holds those tokens yet
         bm.commit("a", toks(6), 4)
+    with pytest.raises(NoFreeBlocks, match="^'a' needs 5 blocks, 4 free$"):
+        bm.allocate("a", 20)
+    bm.allocate("a", 6)
+    with pytest.raises(ValueError, match="^sequence 'a' is already admitted$"):
+        bm.fork("a", "a", 4)
+    with pytest.raises(ValueError, match="^'a' has no blocks for 9 tokens$"):
+        bm.fork("a", "b", 9)
     with pytest.raises(KeyError):
         bm.free("unknown")
+
+
+@pytest.mark.parametrize("num_blocks, block_size", [(0, 4), (4, 0), (-1, 4), (4, -1)])
+def test_a_pool_needs_at_least_one_block_of_at_least_one_token(num_blocks, block_size):
+    with pytest.raises(ValueError, match="^num_blocks and block_size must be positive$"):
+        BlockManager(num_blocks, block_size)
+    BlockManager(1, 1)  # the smallest pool there is
 
 
 # -- prefix caching -----------------------------------------------------------------------
@@ -382,6 +398,78 @@ def test_chain_hash_is_the_same_in_every_process():
         out = subprocess.run([sys.executable, "-c", CHAIN_SCRIPT], env=env, check=True,
                              capture_output=True, text=True).stdout.strip()
         assert out == parent.hex()
+
+
+# Chain hashes are a format: a prefix must hash alike across processes, restarts and versions
+# (docs: block_manager.py). Changing the encoding on purpose means changing ROOT_HASH's version
+# tag and these values.
+GOLDEN_HASHES = {
+    "root": "f09505637af66fee2d3075ffae41199593d64755315bd8a94a365db33cf46ac5",
+    "block [1, 2, 3, 4]": "e96d4ea1dd2efdb9887c92831308334191b00ddaa7a41e3bcaf664973a3c91fb",
+    "block [1, 2, 3, 4] salted tenant-a":
+        "72fbc1ae9cafb1374989f936b8b2252641f73b9a5fe575240dd266d059b55817",
+}
+
+
+def test_chain_hashes_do_not_change_between_versions():
+    assert {"root": ROOT_HASH.hex(),
+            "block [1, 2, 3, 4]": hash_block(ROOT_HASH, [1, 2, 3, 4]).hex(),
+            "block [1, 2, 3, 4] salted tenant-a":
+                hash_block(chain_root(b"tenant-a"), [1, 2, 3, 4]).hex()} == GOLDEN_HASHES
+    assert chain_root(b"") == ROOT_HASH and hash_block(ROOT_HASH, [1]) == \
+        hash_block(ROOT_HASH, [1], b"")  # no salt, no extra key: the plain chain
+
+
+def test_cache_salts_keep_chains_apart():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = toks(9)
+    bm.admit("a", prompt, salt=b"tenant-a")
+    bm.allocate("a", 9)
+    bm.commit("a", prompt, 9)
+    bm.free("a")
+    assert bm.num_cached_prefix_tokens(prompt, b"tenant-a") == 8
+    assert bm.num_cached_prefix_tokens(prompt, b"tenant-b") == 0
+    assert bm.num_cached_prefix_tokens(prompt) == 0
+    assert bm.admit("same salt", prompt, salt=b"tenant-a") == 8
+    assert bm.admit("other salt", prompt, salt=b"tenant-b") == 0
+    assert bm.admit("no salt", prompt) == 0
+    bm.check_invariants()
+
+
+def test_a_fork_inside_the_first_block_keeps_the_parent_s_salt():
+    """The child of a salted parent forked before any block is full chains its blocks from
+    the salted root: they never serve another salt's (or no salt's) requests."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.admit("parent", toks(3), salt=b"tenant-a")
+    bm.allocate("parent", 3)
+    bm.commit("parent", toks(3), 3)
+    bm.fork("parent", "child", 3)
+    child_tokens = [*toks(3), 7, 8]
+    bm.allocate("child", 5)
+    bm.commit("child", child_tokens, 5)
+    bm.free("child")
+    assert bm.num_cached_prefix_tokens(child_tokens, b"tenant-a") == 4
+    assert bm.num_cached_prefix_tokens(child_tokens) == 0
+
+
+def test_admit_without_the_cache_takes_no_cached_block():
+    """Prompt logprobs need every prompt position computed: such a sequence computes from its
+    first token even when its prefix is cached, and holds none of the cached blocks."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    compute(bm, "a", toks(9))
+    bm.free("a")
+    cached = bm.num_cached_free_blocks
+    assert bm.admit("b", toks(9), use_cache=False) == 0
+    assert bm.block_table("b") == [] and bm.num_cached_free_blocks == cached
+    assert bm.admit("c", toks(9)) == 8
+
+
+def test_an_extra_key_is_used_for_lookups_and_commits_alike():
+    """A manager's extra key (one per model) goes into every hash it indexes and looks up."""
+    bm = BlockManager(num_blocks=8, block_size=4, extra_key=b"model-x")
+    compute(bm, "a", toks(9))
+    bm.free("a")
+    assert bm.admit("b", toks(9)) == 8
 
 
 def test_chain_hash_covers_parent_tokens_and_extra_key():

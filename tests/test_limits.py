@@ -10,9 +10,8 @@ The tables below mirror the README's, row for row. Two rows are the bugs this fi
 for: a request over the executor's --max-logprobs passed the gateway and cost the executor all
 its requests, and gRPC took presence / frequency penalties of 1e6. Where a limit cannot be
 reached on its own, the test says which rule fires on each side of it (the prompt's character
-cap, logit_bias's 300 entries, the KV pool). One request the README's rules admit can never
-run (n sequences that cannot share the pool): its test is a strict xfail until admission
-refuses it."""
+cap, logit_bias's 300 entries, the KV pool). n sequences that could never share the pool are
+refused at once too (they used to wait for their timeout)."""
 
 from __future__ import annotations
 
@@ -530,14 +529,11 @@ def test_grpc_message_of_exactly_64_mib_is_read_and_one_byte_more_is_refused(sta
 
 # -- found on the way ----------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="admission checks that one sequence's prompt fits the "
-                   "pool, not that the n sequences it forks into do: such a request is queued "
-                   "and waits for its timeout (scheduler_svc, outside this change)")
 def test_n_sequences_that_can_never_share_the_pool_are_refused_at_once(stack):
     """n = 8 sequences of a 50-token prompt: the prompt (50 + 1 tokens, 13 blocks) fits the
     pool of 16, but forking copies each child's partly filled last block (12 shared blocks +
-    8 own > 16), so the request can never run. It is queued and ends with 504 at its timeout;
-    it should be refused at once, as a prompt over the pool is."""
+    8 own > 16), so the request can never run. It used to be queued and end with 504 at its
+    timeout; it is refused at once naming n, as a prompt over the pool is."""
     request = urllib.request.Request(
         f"{stack}{CMPL}", data=json.dumps({"prompt": token_prompt(50), "n": MAX_NUM_SEQS,
                                            "max_tokens": 1}).encode(),
@@ -548,7 +544,7 @@ def test_n_sequences_that_can_never_share_the_pool_are_refused_at_once(stack):
             status, body = reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
         status, body = error.code, json.loads(error.read())
-    assert status == 400 and body["error"]["param"] is not None, body
+    assert status == 400 and body["error"]["param"] == "n", body
     assert time.perf_counter() - start < FAST_S
 
 

@@ -260,6 +260,11 @@ def _pool(**changes) -> PoolLimits:
     (_pool(num_blocks=8), ([1] * 31, S()), ([1] * 32, S()), "prompt_token_ids"),
     # n sequences at most max_num_seqs
     (_pool(), ([1, 2], S(n=4)), ([1, 2], S(n=5)), "sampling.n"),
+    # n sequences must fit the pool together: a 50-token prompt forks after 49 tokens, sharing
+    # 12 full blocks of 4; each sequence owns 1 more (51 tokens in 13): 12 + 3 fit 15, 12 + 4
+    # do not (and the prompt alone, 13 blocks, fits either way)
+    (_pool(num_blocks=15, max_num_seqs=8), ([1] * 50, S(n=3)), ([1] * 50, S(n=4)),
+     "sampling.n"),
 ])
 def test_admission_limits_hold_exactly_at_their_boundary(limits, at_limit, past_limit, field):
     prompt, sampling = at_limit

@@ -9,8 +9,10 @@ of a module is killed / (mutants - equivalent), and each must reach MIN_SCORE.
 Why a staging folder: pagedserve is one import namespace spread over a folder per service
 (pyproject.toml's package-dir table), which mutmut, copying `source_paths` into `mutants/` and
 importing from there, cannot follow. The script assembles the namespace as one plain
-`pagedserve/` tree, with `tests/` beside it, under build/mutation/, and runs mutmut there; the
-checkout itself is never modified.
+`pagedserve/` tree, with `tests/` beside it, under build/mutation/<modules>/ (one folder per
+module selection, so runs of different modules can go on side by side), and runs mutmut there;
+the checkout itself is never modified. mutmut's progress goes to mutmut.log in that folder, and
+the scores to report.json.
 
 The modules and the equivalent mutants (each with the reason it cannot change behaviour) are
 in tests/mutation/config.toml; docs/reliability.md ("Mutation testing") has the last results.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = pathlib.Path(__file__).with_name("config.toml")
-STAGING = ROOT / "build" / "mutation"
+BUILD = ROOT / "build" / "mutation"
 MIN_SCORE = 0.85
 # mutmut's statuses (`mutmut results --all true`) that count as a killed mutant: a test
 # failed, or the mutant made a test run past its time limit.
@@ -77,18 +78,22 @@ def source_file(module: str) -> pathlib.Path:
     return pathlib.Path(*module.split(".")).with_suffix(".py")
 
 
-def stage(modules: list[str], tests: list[str]) -> None:
+def staging_dir(modules: list[str], every_module: bool) -> pathlib.Path:
+    return BUILD / ("all" if every_module else "+".join(m.rsplit(".", 1)[1] for m in modules))
+
+
+def stage(staging: pathlib.Path, modules: list[str], tests: list[str]) -> None:
     """The namespace as one `pagedserve/` tree plus tests/, and a pyproject.toml holding the
     project's pytest settings and mutmut's."""
-    if STAGING.exists():
-        shutil.rmtree(STAGING)
+    if staging.exists():
+        shutil.rmtree(staging)
     ignore = shutil.ignore_patterns("__pycache__", "*.so")
     dirs = package_dirs()
-    shutil.copytree(dirs.pop("pagedserve"), STAGING / "pagedserve", ignore=ignore)
+    shutil.copytree(dirs.pop("pagedserve"), staging / "pagedserve", ignore=ignore)
     for name, folder in dirs.items():
-        shutil.copytree(folder, STAGING / pathlib.Path(*name.split(".")), ignore=ignore,
+        shutil.copytree(folder, staging / pathlib.Path(*name.split(".")), ignore=ignore,
                         dirs_exist_ok=True)
-    shutil.copytree(ROOT / "tests", STAGING / "tests", ignore=ignore)
+    shutil.copytree(ROOT / "tests", staging / "tests", ignore=ignore)
     pytest_options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
     mutmut = {
         "source_paths": ["pagedserve"],
@@ -100,7 +105,7 @@ def stage(modules: list[str], tests: list[str]) -> None:
         # server process that has imported them and collected the tests, nothing more.
         "process_isolation": "forkserver",
     }
-    (STAGING / "pyproject.toml").write_text(
+    (staging / "pyproject.toml").write_text(
         toml_table("tool.pytest.ini_options", pytest_options["ini_options"])
         + toml_table("tool.mutmut", mutmut))
 
@@ -111,21 +116,20 @@ def toml_table(name: str, values: dict) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def run_mutmut(resume: bool) -> None:
-    """`mutmut run` in the staging folder; mutmut's progress goes to build/mutation.log."""
-    env = {**os.environ, "TERM": "dumb"}
-    log = ROOT / "build" / "mutation.log"
+def run_mutmut(staging: pathlib.Path, resume: bool) -> None:
+    """`mutmut run` in the staging folder, its progress into mutmut.log there."""
+    log = staging / "mutmut.log"
     with log.open("a" if resume else "w") as out:
-        code = subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=STAGING, env=env,
+        code = subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=staging,
                               stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
         sys.exit(f"mutmut run failed ({code}): see {log}")
 
 
-def results() -> dict[str, str]:
+def results(staging: pathlib.Path) -> dict[str, str]:
     """Every mutant's status, by name."""
     text = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
-                          cwd=STAGING, check=True, capture_output=True, text=True).stdout
+                          cwd=staging, check=True, capture_output=True, text=True).stdout
     return {m["name"]: m["status"] for m in map(RESULT_LINE.match, text.splitlines()) if m}
 
 
@@ -140,9 +144,9 @@ def scores(statuses: dict[str, str], modules: list[str],
     return list(by_module.values())
 
 
-def show(name: str) -> str:
+def show(staging: pathlib.Path, name: str) -> str:
     """The mutant's diff, as `mutmut show` prints it."""
-    return subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=STAGING,
+    return subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=staging,
                           capture_output=True, text=True).stdout
 
 
@@ -150,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", help="only this module (repeatable)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep build/mutation/ and test only mutants without a result")
+                        help="keep the staging folder and test only mutants without a result")
     args = parser.parse_args()
     config = tomllib.loads(CONFIG.read_text())
     modules = args.module or list(config["modules"])
@@ -158,10 +162,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"--module: {sorted(unknown)} not in {CONFIG}")
     tests = sorted({t for m in modules for t in config["modules"][m]})
+    staging = staging_dir(modules, every_module=not args.module)
     if not args.resume:
-        stage(modules, tests)
-    run_mutmut(args.resume)
-    statuses = results()
+        stage(staging, modules, tests)
+    run_mutmut(staging, args.resume)
+    statuses = results(staging)
     equivalent = config.get("equivalent", {})
     report = scores(statuses, modules, equivalent)
     stale = sorted(name for name in equivalent
@@ -171,13 +176,13 @@ def main() -> None:
     for s in report:
         print(f"{s.module:45} {s.total:8} {s.killed:7} {len(s.equivalent):7} "
               f"{len(s.survivors):9} {s.score:6.1%}")
-    (STAGING / "report.json").write_text(json.dumps(
+    (staging / "report.json").write_text(json.dumps(
         {s.module: {"mutants": s.total, "statuses": dict(s.statuses), "score": s.score,
                     "survivors": s.survivors, "equivalent": s.equivalent} for s in report},
         indent=1))
     for s in report:
         for name in s.survivors:
-            print(f"\nsurvived: {name}\n{show(name)}")
+            print(f"\nsurvived: {name}\n{show(staging, name)}")
     for name in stale:
         print(f"{CONFIG.name}: {name} is listed as equivalent but a test kills it: remove it")
     failing = [s.module for s in report if s.score < MIN_SCORE]

@@ -13,6 +13,7 @@ import json
 import math
 import pathlib
 import random
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -62,14 +63,23 @@ _STATUS = {
 }
 
 
+_SAMPLING_FIELD = re.compile(r"sampling\.(\w+):")
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> GatewayError:
     status, error_type = _STATUS.get(exc.code(), (500, "internal_error"))
     message = exc.details() or exc.code().name
+    param = None
     if exc.code() is grpc.StatusCode.UNAVAILABLE and "connect" in message.lower():
         message = f"the scheduler is unreachable ({message})"
     elif exc.code() is grpc.StatusCode.CANCELLED:
         message = f"the scheduler ended the request early ({message}); retry"
-    return GatewayError(status, message, error_type)
+    elif exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+        # Admission names the field by its path in SubmitRequest; a sampling field's name is
+        # the public APIs' name for it too.
+        field = _SAMPLING_FIELD.match(message)
+        param = field[1] if field else None
+    return GatewayError(status, message, error_type, param)
 
 
 @dataclass(frozen=True)

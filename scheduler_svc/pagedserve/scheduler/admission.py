@@ -80,6 +80,11 @@ def admit_request(request_id: str, prompt_token_ids: Sequence[int],
     if blocks > limits.num_blocks:
         raise AdmissionError(f"prompt_token_ids: the prompt needs {blocks} KV blocks, more "
                              f"than the executor's whole pool ({limits.num_blocks})")
+    together = _blocks_for_sequences(num_prompt, max(1, sampling.n), limits.block_size)
+    if together > limits.num_blocks:
+        raise AdmissionError(f"sampling.n: {sampling.n} sequences of a {num_prompt}-token "
+                             f"prompt need {together} KV blocks together, more than the "
+                             f"executor's whole pool ({limits.num_blocks})")
     room = limits.max_model_len - num_prompt
     max_output = min(sampling.max_tokens, room) if sampling.HasField("max_tokens") else room
     if resumed:
@@ -87,6 +92,15 @@ def admit_request(request_id: str, prompt_token_ids: Sequence[int],
     return Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                    sampling=sampling, max_output_tokens=max_output, priority=priority,
                    emit=emit, cache_salt=cache_salt.encode())
+
+
+def _blocks_for_sequences(num_prompt: int, n: int, block_size: int) -> int:
+    """Blocks the n sequences of a request hold together when each has its first output
+    token's slot. They fork once the prompt but its last token is computed (sequence.py): the
+    full blocks of those tokens are shared, and each sequence owns the rest (the fork copies
+    the partly filled block)."""
+    shared = (num_prompt - 1) // block_size
+    return shared + n * (-(-(num_prompt + 1) // block_size) - shared)
 
 
 def check_resumed(resumed: Sequence[scheduler_pb2.ResumedSequence], n: int, num_prompt: int,

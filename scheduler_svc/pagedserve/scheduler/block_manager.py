@@ -305,8 +305,9 @@ class BlockManager:
         self._blocks[block_id].ref_count = 1
         return block_id
 
-    def check_invariants(self) -> None:
-        """Assert the pool's invariants (O(pool); for tests), naming the one that breaks."""
+    def check_invariants(self) -> None:  # pragma: no mutate block
+        """Assert the pool's invariants (O(pool); for tests), naming the one that breaks. The
+        tests' oracle, so `make mutation` leaves it alone (the pragma)."""
         holders = Counter(b for seq in self._seqs.values() for b in seq.table)
         for block_id, block in enumerate(self._blocks):
             assert block.ref_count == holders[block_id], (
