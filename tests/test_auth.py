@@ -2,9 +2,11 @@
 method demand the key; the routes are enumerated from the app, so a new route is covered."""
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -52,44 +54,51 @@ def test_every_http_route_needs_the_key_unless_allow_listed():
             (method, path)
 
 
+@contextlib.asynccontextmanager
+async def guarded_generation_api() -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the public gRPC API behind the key check, with no scheduler behind it."""
+    (port,) = free_ports(1)
+    server = GrpcServer(f"127.0.0.1:{port}", [ApiKeyInterceptor(ApiKeys.parse(KEY))])
+    generation_pb2_grpc.add_GenerationServicer_to_server(
+        GenerationService(SchedulerClient("127.0.0.1:1", internal_auth(Role.GATEWAY))),
+        server.server)
+    await server.start(["pagedserve.v1.Generation"])
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop()
+
+
 @pytest.mark.parametrize("metadata, allowed", [((), False), ((("authorization", "Bearer x"),),
                                                              False),
                                                ((("authorization", f"Bearer {KEY}"),), True)])
 def test_grpc_methods_need_the_key_but_health_does_not(metadata, allowed):
     async def run():
-        (port,) = free_ports(1)
-        server = GrpcServer(f"127.0.0.1:{port}", [ApiKeyInterceptor(ApiKeys.parse(KEY))])
-        generation_pb2_grpc.add_GenerationServicer_to_server(
-            GenerationService(SchedulerClient("127.0.0.1:1", internal_auth(Role.GATEWAY))),
-            server.server)
-        await server.start(["pagedserve.v1.Generation"])
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                health = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=5)
-                assert health.status == health_pb2.HealthCheckResponse.SERVING
-                stub = generation_pb2_grpc.GenerationStub(channel)
-                for call in (stub.ListModels(generation_pb2.ListModelsRequest(),
-                                             metadata=metadata, timeout=5),
-                             stub.Tokenize(generation_pb2.TokenizeRequest(text="x"),
-                                           metadata=metadata, timeout=5),
-                             stub.Detokenize(generation_pb2.DetokenizeRequest(token_ids=[1]),
-                                             metadata=metadata, timeout=5)):
-                    with pytest.raises(grpc.aio.AioRpcError) as error:
-                        await call
-                    # Allowed calls get past auth and fail on the missing scheduler instead.
-                    expected = grpc.StatusCode.UNAVAILABLE if allowed \
-                        else grpc.StatusCode.UNAUTHENTICATED
-                    assert error.value.code() == expected
-                stream = stub.Generate(generation_pb2.GenerateRequest(text="x"),
-                                       metadata=metadata, timeout=5)
+        async with guarded_generation_api() as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            for call in (stub.ListModels(generation_pb2.ListModelsRequest(),
+                                         metadata=metadata, timeout=5),
+                         stub.Tokenize(generation_pb2.TokenizeRequest(text="x"),
+                                       metadata=metadata, timeout=5),
+                         stub.Detokenize(generation_pb2.DetokenizeRequest(token_ids=[1]),
+                                         metadata=metadata, timeout=5)):
                 with pytest.raises(grpc.aio.AioRpcError) as error:
-                    async for _ in stream:
-                        pass
-                assert error.value.code() == (grpc.StatusCode.UNAVAILABLE if allowed
-                                              else grpc.StatusCode.UNAUTHENTICATED)
-        finally:
-            await server.stop()
+                    await call
+                # Allowed calls get past auth and fail on the missing scheduler instead.
+                expected = grpc.StatusCode.UNAVAILABLE if allowed \
+                    else grpc.StatusCode.UNAUTHENTICATED
+                assert error.value.code() == expected
+            stream = stub.Generate(generation_pb2.GenerateRequest(text="x"),
+                                   metadata=metadata, timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in stream:
+                    pass
+            assert error.value.code() == (grpc.StatusCode.UNAVAILABLE if allowed
+                                          else grpc.StatusCode.UNAUTHENTICATED)
     asyncio.run(run())
 
 
@@ -113,3 +122,44 @@ def test_a_refused_key_is_not_logged(caplog, capsys):
                                ).status_code == status
     logged = caplog.text + "".join(capsys.readouterr())
     assert KEY not in logged
+
+
+# -- the key check itself ---------------------------------------------------------------------
+
+def test_a_key_matches_only_as_the_whole_bearer_token():
+    keys = ApiKeys.parse("k1, my key ,k3")
+    assert keys.keys == (b"k1", b"my key", b"k3")
+    assert keys.match("Bearer k1") == b"k1" and keys.match("bearer k3") == b"k3"
+    assert keys.match("Bearer my key") == b"my key"  # the token is all after the scheme
+    for wrong in (None, "", "k1", "Bearer", "Bearer k", "Bearer k1x", "Basic k1", "Bearer \udc80",
+                  "Bearer é"):
+        assert keys.match(wrong) is None, wrong  # never raises, never a falsy non-None
+
+
+@pytest.mark.parametrize("raw", ["", "k1,,k2", "k1, ", ","])
+def test_an_empty_key_is_refused_at_start(raw):
+    with pytest.raises(ValueError, match=r"^--api-key: an empty key \(keys are "
+                       r"comma-separated\)$"):
+        ApiKeys.parse(raw)
+
+
+def test_cache_salts_per_key_do_not_change_between_versions():
+    """--cache-salt-per-api-key: gateways of different versions behind one scheduler (a rolling
+    upgrade) must salt a key alike, or its cached prefixes stop hitting."""
+    from pagedserve.gateway.auth import key_salt
+
+    assert key_salt(b"k1", "") == \
+        "2158606c5d7a050a82516bb2124b2e1f59f2103e8dba8ed6dda0add76b301df3"
+    assert key_salt(b"k1", "s") == \
+        "e43a9ac675b2d13b57bd1ca8ffc20d81883decf47e805a0977996492c73dfc0d"
+
+
+def test_a_grpc_refusal_says_how_to_send_the_key():
+    async def run():
+        async with guarded_generation_api() as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await generation_pb2_grpc.GenerationStub(channel).ListModels(
+                    generation_pb2.ListModelsRequest(), timeout=5)
+            assert error.value.details() == \
+                "missing or invalid API key (metadata authorization: Bearer <key>)"
+    asyncio.run(run())
