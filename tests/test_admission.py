@@ -71,6 +71,11 @@ def test_n_sequences_boundary_message():
     admit([1] * 50, S(n=3), limits)
     refused("sampling.n: 4 sequences of a 50-token prompt need 16 KV blocks together, more "
             "than the executor's whole pool (15)", [1] * 50, S(n=4), limits)
+    # 51 tokens fork after 50: 12 full blocks shared, 52 tokens in 13 blocks, so 1 own each.
+    admit([1] * 51, S(n=2), PoolLimits(**{**vars(limits), "num_blocks": 14}))
+    refused("sampling.n: 2 sequences of a 51-token prompt need 14 KV blocks together, more "
+            "than the executor's whole pool (13)", [1] * 51, S(n=2),
+            PoolLimits(**{**vars(limits), "num_blocks": 13}))
     # A one-token prompt does not fork: each sequence holds its own block.
     admit([1], S(n=4), PoolLimits(**{**vars(LIMITS), "num_blocks": 4}))
     refused("sampling.n: 4 sequences of a 1-token prompt need 4 KV blocks together, more than "
