@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import structlog.testing
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -154,12 +155,19 @@ def test_cache_salts_per_key_do_not_change_between_versions():
         "e43a9ac675b2d13b57bd1ca8ffc20d81883decf47e805a0977996492c73dfc0d"
 
 
-def test_a_grpc_refusal_says_how_to_send_the_key():
+def test_a_grpc_refusal_says_how_to_send_the_key_and_is_logged_without_it():
     async def run():
         async with guarded_generation_api() as channel:
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await generation_pb2_grpc.GenerationStub(channel).ListModels(
-                    generation_pb2.ListModelsRequest(), timeout=5)
+                    generation_pb2.ListModelsRequest(), timeout=5,
+                    metadata=[("authorization", "Bearer wrong-key")])
             assert error.value.details() == \
                 "missing or invalid API key (metadata authorization: Bearer <key>)"
-    asyncio.run(run())
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run())
+    refusals = [e for e in logs if e["event"] == "refused: missing or invalid API key"]
+    assert len(refusals) == 1, logs
+    assert refusals[0]["method"] == "/pagedserve.v1.Generation/ListModels"
+    assert refusals[0]["peer"].startswith("ipv4:127.0.0.1:")
+    assert "wrong-key" not in repr(logs)
