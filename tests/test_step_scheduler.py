@@ -22,9 +22,11 @@ waiting sequences claim; no block is leaked once everything has finished).
 
 Random workloads come from a hypothesis state machine (derandomized: the same examples every
 run); explicit tests pin the exact boundaries (chunk caps, victims, stop rules, claims, overlap).
-Three bugs this found are documented by strict xfail tests ("known bugs" below); the random
-workloads step around them (an example that meets one ends there; prompt logprobs only with
-n = 1), so that they keep checking everything else.
+Three bugs this found: a child forked in a step could be preempted (dropped) by the same plan,
+and parents waiting to fork could hold the whole pool with nothing ever planned again (both
+fixed, each with its test); the prompt logprobs of n > 1 sequences recomputed side by side are
+sent twice (a strict xfail, "known bugs" below: the random workloads ask prompt logprobs only
+with n = 1).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, Phase, note, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -151,18 +153,6 @@ class Mirror:
             parent = self.keys[-1] if self.keys else salt_root(self.salt)
             self.keys.append(kv_key(parent, self.token_ids[len(self.keys)]))
         return self.keys[position]
-
-
-def _fail(message: str) -> None:
-    raise AssertionError(message)
-
-
-class KnownBug(Exception):
-    """A plan or stall showed a bug that one of the xfail tests below documents."""
-
-
-def _raise_known_bug(message: str) -> None:
-    raise KnownBug(message)
 
 
 def _waits_to_fork(seq: Sequence) -> bool:
@@ -357,10 +347,6 @@ class Harness:
         # Prefix hit of each admission of each sequence (every executor), in order.
         self.admission_hits: dict[str, list[int]] = defaultdict(list)
         self.plans: list[executor_pb2.StepPlan] = []
-        # Called with a description when a plan or a stall shows one of the known bugs
-        # (test_a_child_forked_in_a_step_is_not_dropped_by_it,
-        # test_parents_waiting_to_fork_do_not_deadlock_the_pool); fails by default.
-        self.on_known_bug: Callable[[str], None] = _fail
         self._new_pool()
 
     def _new_pool(self) -> None:
@@ -484,8 +470,8 @@ class Harness:
         else:
             raise AssertionError(f"no end after {max_turns} turns of the loop")
         running = self.scheduler.running
-        if running and all(_waits_to_fork(seq) for seq in running):
-            self.on_known_bug(f"deadlock: {[s.seq_id for s in running]} all wait to fork")
+        assert not (running and all(_waits_to_fork(seq) for seq in running)), \
+            f"deadlock: {[s.seq_id for s in running]} all wait to fork"
         assert not self.scheduler.has_work, "stalled: work left, yet nothing was planned"
 
     # -- checks -------------------------------------------------------------------------
@@ -494,8 +480,8 @@ class Harness:
         scheduler, limits = self.scheduler, self.limits
         forked_and_dropped = {new.request_id for new in plan.new_requests if new.fork_of} & set(
             plan.dropped_request_ids)
-        if forked_and_dropped:
-            self.on_known_bug(f"step {plan.step_id} forks and drops {sorted(forked_and_dropped)}")
+        assert not forked_and_dropped, \
+            f"step {plan.step_id} forks and drops {sorted(forked_and_dropped)}"
         tokens = sum(w.num_tokens for w in plan.work)
         assert tokens <= limits.max_num_batched_tokens
         assert len(plan.work) <= limits.max_num_seqs
@@ -1240,13 +1226,9 @@ def test_a_fork_waits_for_budget_for_all_n_sequences():
 
 
 
-# -- known bugs (reported, not fixed here: this file only tests) -------------------------------
+# -- bugs this file found ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: _pick_victim may choose a child forked earlier in the same _schedule_running pass; "
-    "the plan then both creates it (new_requests, fork_of) and drops it, and the executor, "
-    "which applies drops first, refuses the request"))
 def test_a_child_forked_in_a_step_is_not_dropped_by_it():
     h = harness(num_blocks=8, block_size=4, max_num_batched_tokens=16)
     sampling = sampling_params(max_tokens=3, ignore_eos=True)
@@ -1264,9 +1246,6 @@ def test_a_child_forked_in_a_step_is_not_dropped_by_it():
     h.check_outcomes()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: a fork that finds no free block for its copy is skipped without preempting anyone; "
-    "when every running sequence is such a parent, nothing is ever planned again"))
 def test_parents_waiting_to_fork_do_not_deadlock_the_pool():
     h = harness(num_blocks=6, block_size=4, max_num_batched_tokens=16)
     h.submit(prompt_of(10), sampling_params(n=2, max_tokens=2))
@@ -1330,17 +1309,6 @@ class StepSchedulerMachine(RuleBasedStateMachine):
         super().__init__()
         self.h: Harness | None = None
         self.prompts: list[list[int]] = []  # to share prefixes with
-        self.met_known_bug = False
-
-    def _guarded(self, action: Callable[[], object]) -> None:
-        """Run `action` unless the example met the known bug; if it does now, stop there."""
-        if self.met_known_bug:
-            return
-        try:
-            action()
-        except KnownBug as exc:
-            note(f"ends at the known bug: {exc}")
-            self.met_known_bug = True
 
     @initialize(data=st.data(), block_size=st.sampled_from([1, 2, 4]),
                 max_model_len=st.integers(6, 28), max_num_seqs=st.integers(MAX_N, 8),
@@ -1353,9 +1321,6 @@ class StepSchedulerMachine(RuleBasedStateMachine):
         num_blocks = data.draw(st.integers(per_seq + MAX_N, 2 * per_seq + MAX_N))
         self.h = Harness(Config(num_blocks, block_size, max_num_seqs, budget, max_model_len,
                                 caching, overlap))
-        # Not a failure here (see test_a_child_forked_in_a_step_is_not_dropped_by_it): the
-        # example ends where it meets that bug.
-        self.h.on_known_bug = _raise_known_bug
         self.prompts = [data.draw(st.lists(TOKENS, min_size=max_model_len - 1,
                                            max_size=max_model_len - 1))]
 
@@ -1372,11 +1337,11 @@ class StepSchedulerMachine(RuleBasedStateMachine):
             priority = data.draw(st.sampled_from([0, 0, 0, 1, -1, 2]))
             salt = data.draw(st.sampled_from([b"", b"", b"", b"other"]))
             self.h.submit(prompt, data.draw(sampling_strategy()), priority, salt)
-        self._guarded(lambda: self._turn(turns))
+        self._turn(turns)
 
     @rule(turns=st.integers(1, 10))
     def advance(self, turns):
-        self._guarded(lambda: self._turn(turns))
+        self._turn(turns)
 
     def _turn(self, turns: int) -> None:
         for _ in range(turns):
@@ -1395,8 +1360,6 @@ class StepSchedulerMachine(RuleBasedStateMachine):
     def disrupt(self, data, event):
         """Now and then: a client aborts, a stop string matches, the executor is lost."""
         h = self.h
-        if self.met_known_bug:
-            return
         if event == "abort":
             h.abort(data.draw(st.sampled_from(sorted(h.submitted))))
         elif event == "stop" and self._stoppable():
@@ -1406,15 +1369,14 @@ class StepSchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def blocks_are_accounted_for(self):
-        if self.h is not None and not self.met_known_bug:
+        if self.h is not None:
             self.h.check_blocks()
 
     def teardown(self):
         if self.h is None:
             return
-        self._guarded(self.h.run)
-        if not self.met_known_bug:
-            self.h.check_outcomes()
+        self.h.run()
+        self.h.check_outcomes()
 
 
 TestStepSchedulerStateful = StepSchedulerMachine.TestCase

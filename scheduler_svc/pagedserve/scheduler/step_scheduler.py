@@ -166,8 +166,14 @@ class StepScheduler:
                 break
             if seq.state is not SeqState.RUNNING:
                 continue  # preempted earlier in this pass
-            if self._ready_to_fork(seq) and not self._fork(seq, plan, budget):
-                continue
+            if self._ready_to_fork(seq):
+                forked, made_room = self._fork_making_room(seq, plan, budget, scheduled)
+                preempted |= made_room
+                if not forked:
+                    continue
+                # A fork's parent and children cannot leave the plan that forks them: the
+                # executor applies drops before forks.
+                scheduled.update(id(s) for s in (seq, *forked))
             num_tokens = min(seq.compute_target() - seq.num_computed,
                              self._chunk_cap(budget, contended))
             if num_tokens <= 0:
@@ -178,6 +184,8 @@ class StepScheduler:
                     new_blocks = self.blocks.allocate(seq.seq_id, seq.num_computed + num_tokens)
                 except NoFreeBlocks:
                     victim = self._pick_victim(exclude=scheduled)
+                    if victim is None:  # only this step's fork is left: it computes later
+                        break
                     self._preempt(victim, plan)
                     preempted = True
                     if victim is seq:
@@ -245,12 +253,32 @@ class StepScheduler:
                 and seq.num_computed == request.num_prompt_tokens - 1
                 and seq.num_in_flight == 0)
 
-    def _fork(self, parent: Sequence, plan: executor_pb2.StepPlan, budget: _Budget) -> bool:
-        """Fork the n - 1 children of `parent`, sharing its computed prompt; False when this
-        step lacks the room (they fork in a later step)."""
+    def _fork_making_room(self, parent: Sequence, plan: executor_pb2.StepPlan, budget: _Budget,
+                          scheduled: set[int]) -> tuple[list[Sequence], bool]:
+        """`_fork`, preempting victims as allocation does while the copies of the parent's
+        partial block find no free block (parents waiting to fork could otherwise hold the
+        whole pool, and nothing would ever run again); a parent that would be its own victim
+        waits instead. Returns the children ([] when this step lacks the budget or the blocks)
+        and whether anyone was preempted."""
+        preempted = False
+        while True:
+            try:
+                return self._fork(parent, plan, budget), preempted
+            except NoFreeBlocks:
+                victim = self._pick_victim(exclude=scheduled)  # the parent at the latest
+                if victim is parent:  # it waits for blocks others free (admission made sure
+                    return [], preempted  # the pool holds its n sequences together)
+                self._preempt(victim, plan)
+                preempted = True
+
+    def _fork(self, parent: Sequence, plan: executor_pb2.StepPlan,
+              budget: _Budget) -> list[Sequence]:
+        """Fork the n - 1 children of `parent`, sharing its computed prompt; [] when this step
+        lacks the budget (they fork in a later step). NoFreeBlocks, with nothing changed, when
+        a copy of the partial block finds no free block."""
         request = parent.request
         if budget.seqs_left < request.n or budget.tokens_left < request.n:
-            return False
+            return []
         computed = parent.num_computed
         copies_before = len(plan.block_copies)
         forked: list[Sequence] = []
@@ -266,7 +294,7 @@ class StepScheduler:
             for child in forked:
                 self.blocks.free(child.seq_id)
             del plan.block_copies[copies_before:]
-            return False
+            raise
         parent.forked = True
         position = self.running.index(parent) + 1
         for child in forked:
@@ -278,7 +306,7 @@ class StepScheduler:
                                   block_ids=self.blocks.block_table(child.seq_id),
                                   num_computed_tokens=computed)
         self.running[position:position] = forked
-        return True
+        return forked
 
     def _add_work(self, plan, seq: Sequence, num_tokens: int, new_blocks: list[int],
                   budget: _Budget) -> None:
@@ -288,11 +316,12 @@ class StepScheduler:
             seq.num_in_flight += 1  # this step computes its last known token: it samples
         budget.take(num_tokens)
 
-    def _pick_victim(self, exclude: set[int]) -> Sequence:
+    def _pick_victim(self, exclude: set[int]) -> Sequence | None:
         """The lowest-priority, latest-arrived running sequence not yet planned this step
-        (planned ones cannot leave: the plan computes them). The sequence asking for blocks
-        is never planned yet, so there is always a candidate."""
-        return max((s for s in self.running if id(s) not in exclude), key=lambda s: s.sort_key)
+        (planned ones cannot leave: the plan computes or forks them). None only when the
+        sequence asking for blocks is a parent that forked in this step."""
+        return max((s for s in self.running if id(s) not in exclude), key=lambda s: s.sort_key,
+                   default=None)
 
     def _preempt(self, seq: Sequence, plan: executor_pb2.StepPlan) -> None:
         self.blocks.free(seq.seq_id)
