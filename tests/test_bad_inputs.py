@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from pagedserve.gateway.http_api import MAX_BODY_BYTES
-from pagedserve.testing.processes import running_stack
+from pagedserve.testing.processes import post_json, running_stack
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -36,15 +36,7 @@ def stack(tiny_llama_dir, tmp_path_factory):
 
 
 def post(stack, path, data: bytes) -> tuple[int, dict, float]:
-    request = urllib.request.Request(f"{stack}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            status, raw = reply.status, reply.read()
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read()
-    return status, json.loads(raw), time.perf_counter() - start
+    return post_json(f"{stack}{path}", data, timeout=30)
 
 
 def assert_error(status, reply, elapsed, expected_status, param, case):

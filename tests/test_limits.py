@@ -31,7 +31,7 @@ import pytest
 
 from pagedserve.gateway.http_api import MAX_BODY_BYTES
 from pagedserve.runtime.serving import MAX_MESSAGE_BYTES
-from pagedserve.testing.processes import RunningStack, running_stack
+from pagedserve.testing.processes import RunningStack, post_json, running_stack
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -90,16 +90,8 @@ def stub(stack) -> Iterator[generation_pb2_grpc.GenerationStub]:
 
 def post(stack: str, path: str, body: dict | bytes) -> tuple[int, dict, float]:
     """(status, JSON reply, seconds). NaN travels as JSON's common NaN literal."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{stack}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            status, raw = reply.status, reply.read()
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read()
-    return status, json.loads(raw), time.perf_counter() - start
+    return post_json(f"{stack}{path}",
+                     body if isinstance(body, bytes) else json.dumps(body).encode())
 
 
 def http_body(path: str, fields: dict) -> dict:

@@ -3,6 +3,7 @@
 call them as one of the internal roles."""
 
 import contextlib
+import json
 import os
 import pathlib
 import socket
@@ -132,3 +133,15 @@ def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | Non
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def post_json(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict, float]:
+    """POST a JSON body: (status, JSON reply, seconds), error statuses included."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            status, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    return status, json.loads(raw), time.perf_counter() - start
