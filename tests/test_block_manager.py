@@ -345,7 +345,7 @@ def test_fork_without_a_free_block_for_the_copy_changes_nothing():
     bm = BlockManager(num_blocks=3, block_size=4)
     compute(bm, "p", toks(10))
     before = state(bm)
-    with pytest.raises(NoFreeBlocks):
+    with pytest.raises(NoFreeBlocks, match="^fork of 'p' needs a block for its partial block$"):
         bm.fork("p", "c", 10)
     assert state(bm) == before
     assert bm.fork("p", "c", 8) is None  # sharing full blocks needs no free block

@@ -90,9 +90,13 @@ def test_more_than_300_logit_bias_entries_are_refused_before_their_keys_are_read
 
 def test_unset_fields_take_their_defaults():
     """Unset optional fields are not zeros: no max_tokens is no limit, temperature and top_p
-    default to 1, repetition_penalty to 1."""
+    default to 1, repetition_penalty to 1, and no logprobs asked is none, which an executor
+    started with --max-logprobs 0 serves."""
     check_sampling(S(min_tokens=50), LIMITS)
     check_sampling(S(), LIMITS)
+    no_logprobs = SamplingLimits(vocab_size=100, max_logprobs=0)
+    check_sampling(S(logprobs=0, prompt_logprobs=0), no_logprobs)
+    check_sampling(S(), no_logprobs)
 
 
 def test_priority_bounds():
