@@ -83,6 +83,13 @@ def test_n_sequences_boundary_message():
             PoolLimits(**{**vars(LIMITS), "num_blocks": 3}))
 
 
+def test_n_is_capped_at_64_even_when_the_executor_runs_more_sequences():
+    """The fixed cap holds for every caller of Submit, not only behind the gateway."""
+    roomy = PoolLimits(**{**vars(LIMITS), "max_num_seqs": 256, "num_blocks": 1024})
+    admit([1], S(n=64), roomy)
+    refused("sampling.n: must be <= 64", [1], S(n=65), roomy)
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"sampling": S(logprobs=6)}, "sampling.logprobs"),
     ({"priority": 1001}, "priority"),

@@ -50,6 +50,14 @@ class SamplingLimits:
     max_logprobs: int
     max_n: int = MAX_N
 
+    @classmethod
+    def for_executor(cls, vocab_size: int, max_logprobs: int,
+                     max_num_seqs: int) -> SamplingLimits:
+        """The limits of an executor that runs at most `max_num_seqs` sequences a step (0:
+        not known): n stays within both that and MAX_N, for every caller alike."""
+        return cls(vocab_size, max_logprobs,
+                   min(MAX_N, max_num_seqs) if max_num_seqs else MAX_N)
+
 
 def check_sampling(params: common_pb2.SamplingParams, limits: SamplingLimits) -> None:
     """Raises RuleError naming the first field of `params` out of its range (NaN and infinities

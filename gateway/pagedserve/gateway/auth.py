@@ -83,12 +83,6 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys):
         self.keys = keys
 
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid API key (metadata authorization: "
-                                "Bearer <key>)")
-        self._deny = deny
-
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_GRPC_SERVICES) or self.keys.match(
                 dict(details.invocation_metadata).get("authorization")):
@@ -101,7 +95,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             # What was refused and from where, never the token presented (as over HTTP).
             log.warning("refused: missing or invalid API key", method=details.method,
                         peer=context.peer())
-            await self._deny(request, context)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid API key (metadata authorization: "
+                                "Bearer <key>)")
         # The refusal never parses the request (no deserializer: its bytes stay bytes), so an
         # unauthenticated 64 MiB message costs no protobuf decoding.
         if handler.response_streaming:

@@ -18,7 +18,7 @@ import jinja2
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.scheduler_client import ServedModel
 from pagedserve.runtime import chat
-from pagedserve.runtime.request_rules import MAX_N, RuleError, SamplingLimits, check_sampling
+from pagedserve.runtime.request_rules import RuleError, SamplingLimits, check_sampling
 from pagedserve.v1 import common_pb2
 
 # A prompt longer than this many characters per token of the model's context can never fit:
@@ -103,10 +103,9 @@ def check_sampling_rules(served: ServedModel, sampling: common_pb2.SamplingParam
     scheduler relayed for the model; a 400 naming the field as `param` spells it for the API.
     n is bounded by the executor's --max-num-seqs too, as admission bounds it (refused there,
     the error would name the scheduler's field, not the client's)."""
-    max_n = min(MAX_N, served.limits.max_num_seqs) if served.limits.max_num_seqs else MAX_N
     try:
-        check_sampling(sampling, SamplingLimits(served.info.vocab_size,
-                                                served.limits.max_logprobs, max_n=max_n))
+        check_sampling(sampling, SamplingLimits.for_executor(
+            served.info.vocab_size, served.limits.max_logprobs, served.limits.max_num_seqs))
     except RuleError as exc:
         name = param(exc.field)
         raise GatewayError(400, f"{name}: {exc.rule}", "invalid_request_error", name) from None

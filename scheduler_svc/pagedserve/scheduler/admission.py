@@ -58,8 +58,8 @@ def admit_request(request_id: str, prompt_token_ids: Sequence[int],
     """The request, checked against `limits`; `resumed` (a resubmission, scheduler.proto)
     too: AdmissionError for anything that could never run there."""
     try:
-        check_sampling(sampling, SamplingLimits(limits.vocab_size, limits.max_logprobs,
-                                                max_n=limits.max_num_seqs))
+        check_sampling(sampling, SamplingLimits.for_executor(
+            limits.vocab_size, limits.max_logprobs, limits.max_num_seqs))
         check_priority(priority)
         check_cache_salt(cache_salt)
     except RuleError as exc:
