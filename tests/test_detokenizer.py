@@ -195,14 +195,25 @@ def test_invalid_bytes_are_released_as_the_full_decode_has_them():
         assert stream(IncrementalDetokenizer(tokenizer, []), [[i] for i in generated]) == deltas
 
 
-def test_first_token_decodes_in_the_prompts_context():
+@pytest.mark.parametrize("prompt_text", ["Say", "a"])
+def test_first_token_decodes_in_the_prompts_context(prompt_text):
     """Llama's decoder strips a text's leading space: alone, "▁hello" decodes to "hello", but
-    after a prompt the answer starts with a space."""
+    after a prompt the answer starts with a space, even after a prompt of one token ("▁a")."""
     tokenizer = TOKENIZERS["sentencepiece-llama"]()
-    prompt, generated = encode(tokenizer, "Say"), encode(tokenizer, "hello there")
+    prompt, generated = encode(tokenizer, prompt_text), encode(tokenizer, "hello there")
     assert tokenizer.decode(generated) == "hello there"
     assert "".join(stream(IncrementalDetokenizer(tokenizer, prompt), [[i] for i in generated])) \
         == " hello there"
+    assert len(encode(tokenizer, "a")) == 1
+
+
+def test_special_tokens_are_skipped_unless_asked_for():
+    tokenizer = TOKENIZERS["byte-level"]()
+    generated = encode(tokenizer, "hi") + [tokenizer.eos_token_id]
+    for detokenizer, text in [(IncrementalDetokenizer(tokenizer, []), "hi"),
+                              (IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False),
+                               "hi" + tokenizer.eos_token)]:
+        assert "".join(stream(detokenizer, [[i] for i in generated])) == text
 
 
 def test_tokenization_space_clean_up_is_never_applied():
@@ -281,7 +292,15 @@ def test_held_back_text_is_released_when_it_stops_matching_and_at_finish():
     assert stopped_at is None
     assert deltas == ["", "", "ST ", "", "", "STA", "L", "L", " ", "", ""]
     assert detokenizer.finish() == "ST"
-    assert detokenizer.text == "ST STALL ST" and not detokenizer.stopped
+    assert detokenizer.text == "ST STALL ST" and detokenizer.stopped is False
+    assert detokenizer.stop_reason is None
+
+
+def test_a_stop_string_whose_beginning_repeats_is_held_back_whole():
+    """Of "aab", the tail "aa" is a beginning (not only "a"): both are held back, so the stop
+    string still fires when "b" comes."""
+    detokenizer, deltas, stopped_at = byte_level_stream("xaab", ["aab"])
+    assert (deltas, stopped_at, detokenizer.text) == (["x", "", "", ""], 3, "x")
 
 
 @pytest.mark.parametrize("stop", [["world", "lo"], ["lo", "world"]])
@@ -302,7 +321,7 @@ def test_overlapping_stop_strings_resolve_alike_however_tokens_arrive():
 
 
 def test_empty_stop_strings_are_refused():
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^stop strings must not be empty$"):
         IncrementalDetokenizer(TOKENIZERS["byte-level"](), [], stop=["ok", ""])
 
 

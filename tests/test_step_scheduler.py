@@ -22,11 +22,10 @@ waiting sequences claim; no block is leaked once everything has finished).
 
 Random workloads come from a hypothesis state machine (derandomized: the same examples every
 run); explicit tests pin the exact boundaries (chunk caps, victims, stop rules, claims, overlap).
-Three bugs this found: a child forked in a step could be preempted (dropped) by the same plan,
-and parents waiting to fork could hold the whole pool with nothing ever planned again (both
-fixed, each with its test); the prompt logprobs of n > 1 sequences recomputed side by side are
-sent twice (a strict xfail, "known bugs" below: the random workloads ask prompt logprobs only
-with n = 1).
+Three bugs this found, each fixed with its test ("bugs this file found" below): a child forked
+in a step could be preempted (dropped) by the same plan; parents waiting to fork could hold the
+whole pool with nothing ever planned again; the prompt logprobs of an n > 1 request whose
+executor was lost between its fork and its first token were sent twice.
 """
 
 from __future__ import annotations
@@ -1259,19 +1258,26 @@ def test_parents_waiting_to_fork_do_not_deadlock_the_pool():
     h.check_outcomes()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: when several sequences of an n > 1 request recompute the prompt before its first "
-    "token (after a lost executor, or both preempted), each one's prompt logprobs are "
-    "gathered into request.prompt_logprobs: the first delta carries them interleaved"))
-def test_prompt_logprobs_of_n_sequences_recomputed_together_are_sent_once():
+def test_prompt_logprobs_of_a_fork_lost_before_its_first_token_are_sent_once():
+    """The executor is lost after the fork, before any token: the request starts over as new
+    (sequence 0 prefills, then forks), so the prompt logprobs are gathered once. Before the
+    fix both sequences recomputed the prompt side by side and the first delta carried the
+    prompt logprobs twice, interleaved."""
     h = harness(block_size=4, max_num_batched_tokens=8)
-    h.submit(prompt_of(6), sampling_params(n=2, max_tokens=2, prompt_logprobs=0))
+    rid = h.submit(prompt_of(6), sampling_params(n=2, max_tokens=2, prompt_logprobs=0))
     h.schedule()  # the parent prefills 5 tokens
     h.process_next()
     plan = h.schedule()  # the fork; its result (the first token) never comes back
     assert any(new.fork_of for new in plan.new_requests)
     h.lose_executor()
-    h.run()  # both recompute the prompt in 2-token chunks, side by side
+    assert [s.seq_id for s in h.scheduler.waiting] == [f"{rid}/0"]
+    plan = h.schedule()
+    assert [(n.request_id, n.fork_of) for n in plan.new_requests] == [(f"{rid}/0", "")]
+    assert work_tokens(plan) == {f"{rid}/0": 5}
+    h.process_next()
+    assert [n.fork_of for n in h.schedule().new_requests] == [f"{rid}/0"]
+    h.process_next()
+    h.run()
     h.check_outcomes()
 
 # -- random workloads ----------------------------------------------------------------------------
@@ -1293,8 +1299,7 @@ def sampling_strategy(draw) -> common_pb2.SamplingParams:
     logprobs = draw(st.sampled_from([None, None, 0]))
     if logprobs is not None:
         params.logprobs = logprobs
-    # Only with n = 1: see test_prompt_logprobs_of_n_sequences_recomputed_together_are_sent_once.
-    if params.n == 1 and draw(st.integers(0, 4)) == 0:
+    if draw(st.integers(0, 4)) == 0:
         params.prompt_logprobs = 0
     return params
 

@@ -73,9 +73,17 @@ class StepScheduler:
             self._enqueue(self._new_sequence(request, index))
 
     def requeue(self, seqs: SequenceType[Sequence]) -> None:
-        """Take over sequences from a lost executor: recompute them from scratch here."""
+        """Take over sequences from a lost executor: recompute them from scratch here. A
+        forked request that has streamed nothing starts over as new: its children hold the
+        prompt alone, so sequence 0 forks them again (recomputed side by side, each would
+        gather the prompt logprobs, and a child could sample before sequence 0 had them)."""
         for seq in seqs:
-            self.requests[seq.request.request_id] = seq.request
+            request = seq.request
+            self.requests[request.request_id] = request
+            if request.forks_first and not request.first_delta_sent:
+                if seq.index:
+                    continue  # forked again by sequence 0
+                seq.forked, request.seqs[:] = False, [seq]
             seq.move_to_new_executor()
             self.by_id[seq.seq_id] = seq
             self._enqueue(seq)
