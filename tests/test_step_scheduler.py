@@ -708,6 +708,54 @@ def test_the_waiting_queue_runs_in_priority_then_arrival_order():
     h.check_outcomes()
 
 
+def test_a_decode_goes_before_a_prefill_admitted_earlier():
+    h = harness(max_num_batched_tokens=8)
+    a = h.submit(prompt_of(40), sampling_params(max_tokens=1))
+    assert work_tokens(h.schedule()) == {a: 8}
+    h.process_next()
+    b = h.submit(prompt_of(2, start=9), sampling_params(max_tokens=4, ignore_eos=True))
+    assert work_tokens(h.schedule()) == {a: 2, b: 2}  # contended: a quarter each
+    h.process_next()
+    plan = h.schedule()  # b decodes first, though a runs ahead of it; a has the rest
+    assert [(w.request_id, w.num_tokens) for w in plan.work] == [(b, 1), (a, 7)]
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+def test_a_running_prefill_with_two_tokens_left_contends():
+    h = harness(max_num_batched_tokens=16)
+    a = h.submit(prompt_of(10), sampling_params(max_tokens=1))
+    b = h.submit(prompt_of(40, start=7), sampling_params(max_tokens=1))
+    for a_chunk in (4, 4, 2):  # a quarter each, as long as a has two tokens left to compute
+        assert work_tokens(h.schedule()) == {a: a_chunk, b: 4}
+        h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+def test_decodes_that_spend_the_budget_leave_a_prefill_for_the_next_step():
+    """A fork of n = 4 makes four decodes for a 4-token budget: the running prefill gets no
+    work in that step (not work of 0 tokens, which the executor refuses), then goes on."""
+    h = harness(max_num_batched_tokens=4)
+    r = h.submit(prompt_of(3), sampling_params(n=4, max_tokens=2, ignore_eos=True))
+    p = h.submit(prompt_of(20, start=5), sampling_params(max_tokens=1))
+    for _ in range(2):  # r/0 prefills the prompt but its last token, 1 a step
+        assert work_tokens(h.schedule()) == {f"{r}/0": 1, p: 3}
+        h.process_next()
+    plan = h.schedule()  # r/0 forks and computes its last prompt token
+    assert [n.fork_of for n in plan.new_requests] == [f"{r}/0"] * 3
+    assert work_tokens(plan) == {f"{r}/0": 1, p: 3}
+    h.process_next()
+    assert work_tokens(h.schedule()) == {f"{r}/{i}": 1 for i in range(4)}
+    h.process_next()
+    assert p in work_tokens(h.schedule())
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+
 # -- preemption ------------------------------------------------------------------------------
 
 
@@ -799,6 +847,29 @@ def test_the_sequence_asking_for_a_block_preempts_itself_when_it_sorts_last():
     h.process_next()
     h.run()
     h.check_outcomes()
+
+
+def test_a_sequence_preempted_earlier_in_a_step_leaves_the_rest_of_it():
+    """x's next token needs a block, and the pool is full: v (priority 1) is preempted. The
+    loop then passes v and goes on to z's prefill chunk, which fits in z's block."""
+    h = harness(num_blocks=3, block_size=4, max_num_batched_tokens=3)
+    sampling = sampling_params(max_tokens=8, ignore_eos=True)
+    x = h.submit(prompt_of(3), sampling)
+    v = h.submit(prompt_of(2, start=5), sampling, priority=1)
+    assert work_tokens(h.schedule()) == {x: 1, v: 1}
+    h.process_next()
+    assert work_tokens(h.schedule()) == {v: 1, x: 2}
+    h.process_next()
+    z = h.submit(prompt_of(8, start=7), sampling_params(max_tokens=1))
+    assert work_tokens(h.schedule()) == {x: 1, v: 1, z: 1}
+    h.process_next()
+    plan = h.schedule()
+    assert list(plan.dropped_request_ids) == [v]
+    assert work_tokens(plan) == {x: 1, z: 2}
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
 
 
 # -- what a result means: stop rules, limits, several tokens ----------------------------------
@@ -1028,7 +1099,8 @@ def test_a_refused_request_is_aborted_and_the_others_go_on():
     scheduler.add(make_request("b", prompt_of(5, start=8), sampling, deltas_b))
     scheduler.schedule()
     result = executor_pb2.StepResult(
-        step_id=1, failed_requests=[executor_pb2.RequestFailure(request_id="a", message="bad")],
+        step_id=1, failed_requests=[executor_pb2.RequestFailure(request_id="gone", message="?"),
+                                    executor_pb2.RequestFailure(request_id="a", message="bad")],
         outputs=[executor_pb2.RequestOutput(request_id="b", token_ids=[9])])
     assert scheduler.process(result) == {"a": "bad"}
     assert "a" not in scheduler.requests and not deltas_a
@@ -1219,6 +1291,58 @@ def test_a_fork_waits_for_budget_for_all_n_sequences():
     h.process_next()
     plan = h.schedule()
     assert [n.fork_of for n in plan.new_requests] == [f"{rid}/0"] * 2
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+
+def test_children_are_placed_right_after_their_parent():
+    """The running order (admission order, children with their parent) is the order a step
+    serves sequences in when its budget runs short."""
+    h = harness(max_num_batched_tokens=32)
+    sampling = sampling_params(max_tokens=8, ignore_eos=True)
+    x = h.submit(prompt_of(2), sampling)
+    r = h.submit(prompt_of(5, start=3), sampling_params(n=2, max_tokens=4, ignore_eos=True))
+    y = h.submit(prompt_of(2, start=9), sampling)
+    assert work_tokens(h.schedule()) == {x: 2, f"{r}/0": 4, y: 2}
+    h.process_next()
+    assert [n.fork_of for n in h.schedule().new_requests] == [f"{r}/0"]
+    h.process_next()
+    plan = h.schedule()
+    assert [w.request_id for w in plan.work] == [x, f"{r}/0", f"{r}/1", y]
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+def test_a_fork_step_admits_what_fits():
+    """A fork is no preemption: the waiting request that fits starts in the same step."""
+    h = harness(block_size=4)
+    r = h.submit(prompt_of(6), sampling_params(n=2, max_tokens=2, ignore_eos=True))
+    h.schedule()
+    h.process_next()
+    w = h.submit(prompt_of(3, start=8), sampling_params(max_tokens=2))
+    plan = h.schedule()
+    assert [(n.request_id, n.fork_of) for n in plan.new_requests] == [
+        (f"{r}/1", f"{r}/0"), (w, "")]
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+def test_a_parent_that_cannot_fork_yet_lets_the_others_run():
+    h = harness(max_num_seqs=4, max_num_batched_tokens=32)
+    sampling = sampling_params(max_tokens=6, ignore_eos=True)
+    x, y = h.submit(prompt_of(2), sampling), h.submit(prompt_of(2, start=1), sampling)
+    h.schedule()
+    h.process_next()
+    r = h.submit(prompt_of(6, start=5), sampling_params(n=3, max_tokens=3))
+    z = h.submit(prompt_of(40, start=9), sampling_params(max_tokens=1))
+    assert work_tokens(h.schedule()) == {x: 1, y: 1, f"{r}/0": 5, z: 25}
+    h.process_next()
+    plan = h.schedule()  # two places left, three needed: r waits; z's prefill goes on
+    assert not plan.new_requests and work_tokens(plan) == {x: 1, y: 1, z: 15}
     h.process_next()
     h.run()
     h.check_outcomes()

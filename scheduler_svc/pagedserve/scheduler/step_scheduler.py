@@ -95,7 +95,7 @@ class StepScheduler:
             return
         for seq in request.seqs:
             if seq.state is not SeqState.FINISHED:
-                self._finish(seq, common_pb2.FINISH_REASON_ABORT, emit=False)
+                self._finish(seq)
         self.requests.pop(request_id, None)  # its unforked children will never exist
 
     def stop(self, request_id: str, seq_index: int) -> None:
@@ -107,7 +107,7 @@ class StepScheduler:
             return
         for seq in request.seqs:
             if seq.index == seq_index and seq.state is not SeqState.FINISHED:
-                self._finish(seq, common_pb2.FINISH_REASON_STOP, emit=True)
+                self._finish(seq, final_reason=common_pb2.FINISH_REASON_STOP)
                 return
 
     def take_all(self) -> list[Sequence]:
@@ -144,8 +144,9 @@ class StepScheduler:
         plan = executor_pb2.StepPlan(dropped_request_ids=self._to_drop)
         self._to_drop = []
         budget = _Budget(self.limits.max_num_batched_tokens, self.limits.max_num_seqs)
-        preempted = self._schedule_running(plan, budget)
-        if not preempted:
+        preemptions = self.counters.preemptions
+        self._schedule_running(plan, budget)
+        if self.counters.preemptions == preemptions:  # a step that preempts admits nothing
             self._schedule_waiting(plan, budget)
         if not (plan.work or plan.new_requests or plan.dropped_request_ids
                 or plan.block_copies):
@@ -160,23 +161,22 @@ class StepScheduler:
         self.counters.scheduled_tokens += budget.used_tokens
         return plan
 
-    def _schedule_running(self, plan: executor_pb2.StepPlan, budget: _Budget) -> bool:
-        """Continue running sequences, decodes first, then partial prefills; returns whether
-        any sequence had to be preempted."""
-        preempted = False
+    def _schedule_running(self, plan: executor_pb2.StepPlan, budget: _Budget) -> None:
+        """Continue running sequences, decodes first, then partial prefills, preempting the
+        lowest-priority ones when blocks run out. Every running sequence has a token to compute
+        (after its last known one it has a sample in flight), but a parent waiting to fork."""
         scheduled: set[int] = set()
         decodes, prefills = [], []
         for seq in self.running:
             (decodes if seq.compute_target() - seq.num_computed == 1 else prefills).append(seq)
         contended = self._prefills_contend()
         for seq in decodes + prefills:
-            if not budget.seqs_left:
+            if not (budget.seqs_left and budget.tokens_left):
                 break
             if seq.state is not SeqState.RUNNING:
                 continue  # preempted earlier in this pass
             if self._ready_to_fork(seq):
-                forked, made_room = self._fork_making_room(seq, plan, budget, scheduled)
-                preempted |= made_room
+                forked = self._fork_making_room(seq, plan, budget, scheduled)
                 if not forked:
                     continue
                 # A fork's parent and children cannot leave the plan that forks them: the
@@ -184,8 +184,6 @@ class StepScheduler:
                 scheduled.update(id(s) for s in (seq, *forked))
             num_tokens = min(seq.compute_target() - seq.num_computed,
                              self._chunk_cap(budget, contended))
-            if num_tokens <= 0:
-                continue
             new_blocks = None
             while new_blocks is None:
                 try:
@@ -195,13 +193,11 @@ class StepScheduler:
                     if victim is None:  # only this step's fork is left: it computes later
                         break
                     self._preempt(victim, plan)
-                    preempted = True
                     if victim is seq:
                         break
             if new_blocks is not None:
                 self._add_work(plan, seq, num_tokens, new_blocks, budget)
                 scheduled.add(id(seq))
-        return preempted
 
     def _schedule_waiting(self, plan: executor_pb2.StepPlan, budget: _Budget) -> None:
         while self.waiting and budget.seqs_left and budget.tokens_left:
@@ -242,9 +238,7 @@ class StepScheduler:
     def _prefills_contend(self) -> bool:
         """Whether more than one sequence prefills or waits to: then each prefill chunk takes
         at most a quarter of the budget, so that no one prompt holds the others back."""
-        needed = 2 - len(self.waiting)  # prefilling sequences that make it more than one
-        if needed <= 0:
-            return True
+        needed = max(0, 2 - len(self.waiting))  # prefilling sequences that make it more than one
         prefilling = (s for s in self.running if s.compute_target() - s.num_computed > 1)
         return len(list(itertools.islice(prefilling, needed))) == needed
 
@@ -262,22 +256,20 @@ class StepScheduler:
                 and seq.num_in_flight == 0)
 
     def _fork_making_room(self, parent: Sequence, plan: executor_pb2.StepPlan, budget: _Budget,
-                          scheduled: set[int]) -> tuple[list[Sequence], bool]:
+                          scheduled: set[int]) -> list[Sequence]:
         """`_fork`, preempting victims as allocation does while the copies of the parent's
         partial block find no free block (parents waiting to fork could otherwise hold the
         whole pool, and nothing would ever run again); a parent that would be its own victim
-        waits instead. Returns the children ([] when this step lacks the budget or the blocks)
-        and whether anyone was preempted."""
-        preempted = False
+        waits instead. Returns the children ([] when this step lacks the budget or the
+        blocks)."""
         while True:
             try:
-                return self._fork(parent, plan, budget), preempted
+                return self._fork(parent, plan, budget)
             except NoFreeBlocks:
                 victim = self._pick_victim(exclude=scheduled)  # the parent at the latest
                 if victim is parent:  # it waits for blocks others free (admission made sure
-                    return [], preempted  # the pool holds its n sequences together)
+                    return []  # the pool holds its n sequences together)
                 self._preempt(victim, plan)
-                preempted = True
 
     def _fork(self, parent: Sequence, plan: executor_pb2.StepPlan,
               budget: _Budget) -> list[Sequence]:
@@ -402,10 +394,12 @@ class StepScheduler:
                 delta.finish_reason = common_pb2.FINISH_REASON_LENGTH
                 break
         if delta.finish_reason:
-            self._finish(seq, delta.finish_reason, emit=False)
+            self._finish(seq)  # the delta below is its final one
         self._emit(request, delta)
 
-    def _finish(self, seq: Sequence, reason: int, emit: bool) -> None:
+    def _finish(self, seq: Sequence, final_reason: int | None = None) -> None:
+        """The sequence ends: its blocks are freed and the executor drops its mirror at the
+        next plan. With `final_reason`, a final delta carrying it is emitted."""
         if seq.state is SeqState.RUNNING:
             self.blocks.free(seq.seq_id)
             self.running.remove(seq)
@@ -416,9 +410,9 @@ class StepScheduler:
             self._to_drop.append(seq.seq_id)
         seq.finish()
         del self.by_id[seq.seq_id]
-        if emit:
+        if final_reason is not None:
             self._emit(seq.request, scheduler_pb2.TokenDelta(seq_index=seq.index,
-                                                             finish_reason=reason))
+                                                             finish_reason=final_reason))
         if seq.request.finished:
             del self.requests[seq.request.request_id]
 
