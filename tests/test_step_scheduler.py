@@ -872,6 +872,25 @@ def test_a_sequence_preempted_earlier_in_a_step_leaves_the_rest_of_it():
 
 
 
+def test_a_sequence_that_preempts_itself_leaves_the_rest_of_the_step():
+    """s (priority 1) runs ahead of z but sorts after it: when s's next token finds no block,
+    s gives its own back, and z, after it in the pass, still decodes."""
+    h = harness(num_blocks=2, block_size=4)
+    sampling = sampling_params(max_tokens=4, ignore_eos=True)
+    s = h.submit(prompt_of(3), sampling, priority=1)
+    h.schedule()
+    h.process_next()
+    z = h.submit(prompt_of(2, start=5), sampling)
+    assert work_tokens(h.schedule()) == {s: 1, z: 2}
+    h.process_next()
+    plan = h.schedule()
+    assert list(plan.dropped_request_ids) == [s] and work_tokens(plan) == {z: 1}
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+
 # -- what a result means: stop rules, limits, several tokens ----------------------------------
 
 
@@ -1349,6 +1368,33 @@ def test_a_parent_that_cannot_fork_yet_lets_the_others_run():
 
 
 
+def test_a_fork_that_runs_out_of_blocks_keeps_the_copies_of_an_earlier_fork():
+    """Two parents fork in one step with two blocks free: r's child takes one for its copy;
+    q's two children find one, so q waits, and only q's copies leave the plan."""
+    h = harness(num_blocks=6, block_size=4)
+    r = h.submit(prompt_of(6), sampling_params(n=2, max_tokens=2, ignore_eos=True))
+    q = h.submit(prompt_of(6, start=7), sampling_params(n=3, max_tokens=2, ignore_eos=True))
+    assert work_tokens(h.schedule()) == {f"{r}/0": 5, f"{q}/0": 5}
+    h.process_next()
+    plan = h.schedule()
+    assert [(n.request_id, n.fork_of) for n in plan.new_requests] == [(f"{r}/1", f"{r}/0")]
+    assert [c.dst_block_id for c in plan.block_copies] == h.blocks.block_table(f"{r}/1")[-1:]
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+def test_aborting_a_request_before_it_forks_forgets_it():
+    h = harness(max_num_batched_tokens=4)
+    r = h.submit(prompt_of(10), sampling_params(n=3, max_tokens=2))
+    h.schedule()
+    h.process_next()
+    h.abort(r)  # asserts the request is gone, though its children never existed
+    h.run()
+    h.check_outcomes()
+
+
+
 # -- bugs this file found ------------------------------------------------------------------------
 
 
@@ -1393,13 +1439,13 @@ def test_prompt_logprobs_of_a_fork_lost_before_its_first_token_are_sent_once():
     h.process_next()
     plan = h.schedule()  # the fork; its result (the first token) never comes back
     assert any(new.fork_of for new in plan.new_requests)
+    other = h.submit(prompt_of(3, start=9), sampling_params(max_tokens=2))  # after the fork
     h.lose_executor()
-    assert [s.seq_id for s in h.scheduler.waiting] == [f"{rid}/0"]
+    assert [s.seq_id for s in h.scheduler.waiting] == [f"{rid}/0", other]
     plan = h.schedule()
-    assert [(n.request_id, n.fork_of) for n in plan.new_requests] == [(f"{rid}/0", "")]
-    assert work_tokens(plan) == {f"{rid}/0": 5}
-    h.process_next()
-    assert [n.fork_of for n in h.schedule().new_requests] == [f"{rid}/0"]
+    assert [(n.request_id, n.fork_of) for n in plan.new_requests] == [
+        (f"{rid}/0", ""), (other, "")]
+    assert work_tokens(plan) == {f"{rid}/0": 2, other: 2}  # contended: a quarter each
     h.process_next()
     h.run()
     h.check_outcomes()
