@@ -118,6 +118,19 @@ def test_a_field_the_server_does_not_honour_is_refused_by_name(path, field, valu
     assert_refused(post(path, {**body, field: value}), field)
 
 
+def test_top_logprobs_without_logprobs_is_refused_by_name():
+    """OpenAI: `logprobs` must be true to use `top_logprobs` (vLLM refuses a count above 0
+    without it). Ignored, it was never checked against the executor's limit either."""
+    for extra in ({"top_logprobs": MAX_LOGPROBS + 1}, {"logprobs": False, "top_logprobs": 1}):
+        assert_refused(post(CHAT, {"messages": MSG, **extra}), "top_logprobs")
+    scheduler = ScriptedScheduler()  # 0 asks for no alternatives: nothing to ignore
+    assert post(CHAT, {"messages": MSG, "top_logprobs": 0}, scheduler).status_code == 200
+    assert post(CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 2},
+                scheduler).status_code == 200
+    assert [s.sampling.HasField("logprobs") for s in scheduler.submitted] == [False, True]
+    assert scheduler.submitted[1].sampling.logprobs == 2
+
+
 def test_an_unknown_field_inside_a_message_is_refused_by_name():
     assert_refused(post(CHAT, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}),
                    "messages.0.name")

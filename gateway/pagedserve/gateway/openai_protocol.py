@@ -184,6 +184,15 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: UInt32 | None = None
     add_generation_prompt: StrictBool = True
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top_logprobs, info):
+        """The count of alternatives `logprobs: true` returns (OpenAI's rule; vLLM's too, which
+        lets 0 pass): without it, a count would be ignored, and never checked."""
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top_logprobs
+
     def param(self, field: str) -> str:
         if field == "logprobs":
             return "top_logprobs"
