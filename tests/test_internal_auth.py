@@ -5,6 +5,10 @@ run, so its scheduler and executors refuse any caller that does not hold it."""
 
 import argparse
 import asyncio
+import collections
+import contextlib
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -17,10 +21,20 @@ import urllib.request
 import grpc
 import psutil
 import pytest
+import structlog.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.executor.server import CALLERS as EXECUTOR_CALLERS
-from pagedserve.runtime.internal_auth import SECRET_ENV, InternalAuth, Role, new_secret
+from pagedserve.runtime.internal_auth import (
+    SECRET_ENV,
+    InternalAuth,
+    Role,
+    _SyncMetadata,
+    caller_policy,
+    check_secret,
+    new_secret,
+    role_token,
+)
 from pagedserve.runtime.serving import (
     NO_TLS,
     GrpcServer,
@@ -314,3 +328,322 @@ def _check_the_public_apis(http: int, grpc_port: int, key: str, wrong_key: str) 
                                metadata=right).models
         replies = list(stub.Generate(generate, timeout=30, metadata=right))
         assert replies[-1].usage.completion_tokens == 2
+
+
+# The credentials as docs/design.md §6 and README ("Limits and security") give them, written out
+# independently of the code's constants.
+DOCUMENTED_ENV = "PAGEDSERVE_INTERNAL_SECRET"
+ROLE_KEY, TOKEN_KEY = "x-pagedserve-role", "x-pagedserve-token"
+
+
+def _hmac(secret: str, role: str) -> str:
+    return hmac.new(secret.encode(), role.encode(), hashlib.sha256).hexdigest()
+
+
+def test_a_call_carries_its_role_and_the_hmac_of_the_role_never_the_secret():
+    assert SECRET_ENV == DOCUMENTED_ENV
+    tokens = set()
+    for role in Role:
+        token = _hmac(SECRET, role.value)
+        tokens.add(token)
+        assert role_token(SECRET, role) == token
+        assert InternalAuth(role, secret=SECRET).metadata() == ((ROLE_KEY, role.value),
+                                                                (TOKEN_KEY, token))
+        assert InternalAuth(role).metadata() == ((ROLE_KEY, role.value),)
+        assert role.certificate_name == f"pagedserve-{role.value}"
+    assert len(tokens) == len(Role)  # one role's token proves no other role
+
+
+def test_a_fresh_secret_is_like_openssl_rand_hex_32():
+    """`up` makes the secret the start-up errors tell users to make: 32 random bytes in hex."""
+    first, second = new_secret(), new_secret()
+    assert len(first) == 64 and set(first) <= set("0123456789abcdef")
+    assert first != second
+    check_secret(first)
+
+
+def test_a_secret_needs_32_characters_and_a_refusal_never_shows_it():
+    check_secret("s" * 32)
+    short = "x7-short-internal-secret-value"  # 30 characters
+    for refuse in (lambda: check_secret(short),
+                   lambda: InternalAuth.from_args(_args(short), GATEWAY)):
+        with pytest.raises(StartupError) as error:
+            refuse()
+        assert str(error.value) == (
+            f"--internal-secret ({DOCUMENTED_ENV}) has 30 characters; use at least 32 random "
+            "ones (e.g. `openssl rand -hex 32`)")
+        assert short not in str(error.value)
+    with pytest.raises(StartupError, match="has 31 characters"):
+        check_secret("s" * 31)
+
+
+def test_from_args_keeps_the_role_and_reads_an_empty_secret_as_none():
+    for role in Role:
+        auth = InternalAuth.from_args(_args(SECRET), role)
+        assert (auth.role, auth.secret, auth.tls) == (role, SECRET, NO_TLS)
+    with pytest.raises(StartupError) as error:
+        InternalAuth.from_args(_args(""), EXECUTOR)
+    assert str(error.value) == (
+        f"internal calls need a credential: set {DOCUMENTED_ENV} (or --internal-secret) to the "
+        "same random value in every service (e.g. `openssl rand -hex 32`), or give "
+        "--tls-cert-file, --tls-key-file and --tls-ca-file with a certificate per role (CN "
+        "pagedserve-<role>); `pagedserve up` makes a secret itself")
+
+
+def test_caller_policy_qualifies_each_method_by_its_service():
+    assert caller_policy("a.v1.B", {"M": [GATEWAY, EXECUTOR], "N": [SCHEDULER], "O": []}) == {
+        "/a.v1.B/M": frozenset({GATEWAY, EXECUTOR}), "/a.v1.B/N": frozenset({SCHEDULER}),
+        "/a.v1.B/O": frozenset()}
+
+
+ECHO = "pagedserve.test.Echo"
+SHAPES = ("UnaryUnary", "UnaryStream", "StreamUnary", "StreamStream")
+# The gateway may call every shape; "Unlisted" is served but in no policy.
+ECHO_POLICY = caller_policy(ECHO, {shape: [GATEWAY] for shape in SHAPES})
+
+
+class _Echo:
+    """A service of every call shape answering what reached it: the requests as its
+    deserializer parsed them, and the caller's x- metadata. It records every request parsed."""
+
+    def __init__(self):
+        self.parsed: list[bytes] = []
+
+    def _parse(self, data: bytes) -> str:
+        self.parsed.append(data)
+        return f"parsed {data.decode()}"
+
+    @staticmethod
+    def _reply(requests: list[str], context) -> dict:
+        return {"requests": requests, "metadata": sorted(
+            [key, value] for key, value in context.invocation_metadata()
+            if key.startswith("x-"))}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        async def unary_unary(request, context):
+            return self._reply([request], context)
+
+        async def unary_stream(request, context):
+            yield self._reply([request], context)
+
+        async def stream_unary(requests, context):
+            return self._reply([r async for r in requests], context)
+
+        async def stream_stream(requests, context):
+            yield self._reply([r async for r in requests], context)
+
+        def encode(reply: dict) -> bytes:  # replies are dicts: a handler without it fails
+            return json.dumps(reply).encode()
+        return grpc.method_handlers_generic_handler(ECHO, {
+            "UnaryUnary": grpc.unary_unary_rpc_method_handler(unary_unary, self._parse, encode),
+            "UnaryStream": grpc.unary_stream_rpc_method_handler(unary_stream, self._parse,
+                                                                encode),
+            "StreamUnary": grpc.stream_unary_rpc_method_handler(stream_unary, self._parse,
+                                                                encode),
+            "StreamStream": grpc.stream_stream_rpc_method_handler(stream_stream, self._parse,
+                                                                  encode),
+            "Unlisted": grpc.unary_unary_rpc_method_handler(unary_unary, self._parse, encode)})
+
+
+@contextlib.asynccontextmanager
+async def _echo_server(auth: InternalAuth):
+    echo = _Echo()
+    (port,) = free_ports(1)
+    server = GrpcServer(f"127.0.0.1:{port}", [auth.interceptor(ECHO_POLICY)],
+                        auth.server_credentials())
+    server.server.add_generic_rpc_handlers((echo.handler(),))
+    await server.start([])
+    try:
+        yield echo, f"127.0.0.1:{port}"
+    finally:
+        await server.stop()
+
+
+async def _echo(channel: grpc.aio.Channel, shape: str, metadata=None,
+                stream=(b"one", b"two")) -> dict:
+    """One call of `shape` sending b"one" (streams: `stream`); its single reply."""
+    method, shapes = f"/{ECHO}/{shape}", {"UnaryUnary": channel.unary_unary,
+                                          "UnaryStream": channel.unary_stream,
+                                          "StreamUnary": channel.stream_unary,
+                                          "StreamStream": channel.stream_stream}
+    call = shapes.get(shape, channel.unary_unary)(method, response_deserializer=json.loads)
+    request = iter(stream) if shape.startswith("Stream") else b"one"
+    if shape.endswith("Stream"):
+        (reply,) = [r async for r in call(request, metadata=metadata, timeout=5)]
+        return reply
+    return await call(request, metadata=metadata, timeout=5)
+
+
+def _expected(shape: str, role: Role, secret: str | None = SECRET) -> dict:
+    requests = ["parsed one", "parsed two"] if shape.startswith("Stream") else ["parsed one"]
+    metadata = [["x-extra", "kept"], [ROLE_KEY, role.value]]
+    if secret is not None:
+        metadata.append([TOKEN_KEY, _hmac(secret, role.value)])
+    return {"requests": requests, "metadata": sorted(metadata)}
+
+
+def test_an_internal_channel_adds_the_credentials_to_every_call_shape_and_keeps_the_rest():
+    """Each shape: the request and the caller's own metadata arrive as sent, the role and token
+    beside them, and the reply comes back through the handler's serializer."""
+    async def run():
+        async with (_echo_server(InternalAuth(SCHEDULER, secret=SECRET)) as (echo, address),
+                    InternalAuth(GATEWAY, secret=SECRET).channel(address) as channel):
+            return {shape: await _echo(channel, shape, (("x-extra", "kept"),))
+                    for shape in SHAPES}, echo.parsed
+    replies, parsed = asyncio.run(run())
+    assert replies == {shape: _expected(shape, GATEWAY) for shape in SHAPES}
+    assert parsed == [b"one", b"one", b"one", b"two", b"one", b"two"]
+
+
+def _sync_echo(channel: grpc.Channel, shape: str) -> dict:
+    method, metadata = f"/{ECHO}/{shape}", (("x-extra", "kept"),)
+    call = {"UnaryUnary": channel.unary_unary, "UnaryStream": channel.unary_stream,
+            "StreamUnary": channel.stream_unary, "StreamStream": channel.stream_stream}[shape](
+        method, response_deserializer=json.loads)
+    request = iter([b"one", b"two"]) if shape.startswith("Stream") else b"one"
+    if shape.endswith("Stream"):
+        (reply,) = call(request, metadata=metadata, timeout=5)
+        return reply
+    return call(request, metadata=metadata, timeout=5)
+
+
+def test_a_blocking_internal_channel_adds_the_credentials_to_every_call_shape(
+        role_certificates):
+    """In plaintext with the secret, and over mutual TLS with a role certificate alone."""
+    certs = role_certificates
+    cases = {"secret": (InternalAuth(SCHEDULER, secret=SECRET),
+                        InternalAuth(GATEWAY, secret=SECRET)),
+             "tls": (InternalAuth(SCHEDULER, certs["pagedserve-scheduler"]),
+                     InternalAuth(GATEWAY, certs["pagedserve-gateway"]))}
+
+    def calls(auth: InternalAuth, address: str) -> dict:
+        with auth.sync_channel(address) as channel:
+            return {shape: _sync_echo(channel, shape) for shape in SHAPES}
+
+    async def run(server_auth, client_auth):
+        async with _echo_server(server_auth) as (_, address):
+            return await asyncio.to_thread(calls, client_auth, address)
+    for name, (server_auth, client_auth) in cases.items():
+        replies = asyncio.run(run(server_auth, client_auth))
+        assert replies == {shape: _expected(shape, GATEWAY, client_auth.secret)
+                           for shape in SHAPES}, name
+
+
+def test_a_blocking_channel_passes_every_call_detail_on_and_adds_the_credentials():
+    Details = collections.namedtuple("Details", ("method", "timeout", "metadata", "credentials",
+                                                 "wait_for_ready", "compression"))
+    credentials = grpc.access_token_call_credentials("call-token")
+    added = InternalAuth(GATEWAY, secret=SECRET).metadata()
+    interceptor = _SyncMetadata(added)
+    for own_metadata, expected in (((("x-extra", "kept"),), (("x-extra", "kept"), *added)),
+                                   (None, added)):
+        made = Details("/a.v1.B/C", 7.5, own_metadata, credentials, True,
+                       grpc.Compression.Gzip)
+        for shape in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            passed = []
+
+            def continuation(details, request, passed=passed):
+                passed.append((details, request))
+                return "the call"
+            assert getattr(interceptor, f"intercept_{shape}")(continuation, made,
+                                                               "request") == "the call"
+            ((details, request),) = passed
+            assert request == "request" and isinstance(details, grpc.ClientCallDetails)
+            assert (details.method, details.timeout, tuple(details.metadata),
+                    details.credentials, details.wait_for_ready, details.compression) == (
+                "/a.v1.B/C", 7.5, expected, credentials, True, grpc.Compression.Gzip), shape
+
+
+def _refusals(logs: list[dict]) -> list[dict]:
+    return [e for e in logs if e["event"] == "internal call refused"]
+
+
+UNARY = f"/{ECHO}/UnaryUnary"
+STREAMS = f"/{ECHO}/StreamStream"
+UNLISTED = f"/{ECHO}/Unlisted"
+NO_ROLE = ": internal call without a pagedserve role (metadata x-pagedserve-role)"
+
+
+def _wrong_credential(role: str) -> str:
+    return (f": missing or wrong internal credential for role {role} (is {DOCUMENTED_ENV} the "
+            "same in every service?)")
+
+
+def test_each_refusal_says_why_with_its_status_parses_nothing_and_is_logged_without_secrets():
+    other_secret = new_secret()
+    gateway_token = _hmac(SECRET, "gateway")
+    cases = [  # (method, metadata sent, status, details)
+        (UNARY, (), grpc.StatusCode.UNAUTHENTICATED, UNARY + NO_ROLE),
+        (STREAMS, (), grpc.StatusCode.UNAUTHENTICATED, STREAMS + NO_ROLE),
+        (UNARY, ((ROLE_KEY, "admin"), (TOKEN_KEY, _hmac(SECRET, "admin"))),
+         grpc.StatusCode.UNAUTHENTICATED, UNARY + NO_ROLE),
+        (UNARY, ((ROLE_KEY, "gateway"),), grpc.StatusCode.UNAUTHENTICATED,
+         UNARY + _wrong_credential("gateway")),
+        (UNARY, ((ROLE_KEY, "gateway"), (TOKEN_KEY, _hmac(other_secret, "gateway"))),
+         grpc.StatusCode.UNAUTHENTICATED, UNARY + _wrong_credential("gateway")),
+        # The gateway's own token cannot claim another role.
+        (UNARY, ((ROLE_KEY, "executor"), (TOKEN_KEY, gateway_token)),
+         grpc.StatusCode.UNAUTHENTICATED, UNARY + _wrong_credential("executor")),
+        (UNARY, ((ROLE_KEY, "executor"), (TOKEN_KEY, _hmac(SECRET, "executor"))),
+         grpc.StatusCode.PERMISSION_DENIED, f"{UNARY}: the executor role may not call it"),
+        # A served method that no policy lists is refused to every role.
+        (UNLISTED, ((ROLE_KEY, "gateway"), (TOKEN_KEY, gateway_token)),
+         grpc.StatusCode.PERMISSION_DENIED, f"{UNLISTED}: the gateway role may not call it"),
+    ]
+
+    async def run():
+        async with (_echo_server(InternalAuth(SCHEDULER, secret=SECRET)) as (echo, address),
+                    grpc.aio.insecure_channel(address) as channel):
+            results = []
+            for method, metadata, _, _ in cases:
+                # A refused stream sends nothing: grpc.aio reports a write that loses the race
+                # with the server's status as INTERNAL instead (grpc/grpc#36066).
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await _echo(channel, method.rsplit("/", 1)[1], metadata, stream=())
+                results.append((error.value.code(), error.value.details()))
+            return results, echo.parsed
+    with structlog.testing.capture_logs() as logs:
+        results, parsed = asyncio.run(run())
+    assert results == [(code, details) for _, _, code, details in cases]
+    assert parsed == []  # refused before the request was parsed
+    refusals = _refusals(logs)
+    assert [e["reason"] for e in refusals] == [details for _, _, _, details in cases], logs
+    assert all(e["peer"].startswith("ipv4:127.0.0.1:") for e in refusals), refusals
+    for secret in (SECRET, other_secret, gateway_token, _hmac(SECRET, "executor")):
+        assert secret not in repr(logs) and secret[:16] not in repr(results)
+
+
+def test_a_certificate_refusal_names_the_certificate_and_the_role_and_is_logged(
+        role_certificates):
+    certs = role_certificates
+    cases = {  # client: (its certificate, the role it claims, the refusal's details)
+        "executor as gateway": (
+            "pagedserve-executor", GATEWAY,
+            "the client certificate belongs to role executor, but the call claims role "
+            "gateway"),
+        "no role": (
+            "pagedserve", GATEWAY,
+            "no internal secret is set, so the client certificate must name the role: its "
+            "Common Name must be pagedserve-gateway"),
+        "gateway": ("pagedserve-gateway", GATEWAY, None)}
+
+    async def run():
+        results = {}
+        async with _echo_server(InternalAuth(SCHEDULER, certs["pagedserve-scheduler"])) as (
+                _, address):
+            for name, (cert, role, _) in cases.items():
+                async with InternalAuth(role, certs[cert]).channel(address) as channel:
+                    try:
+                        results[name] = await _echo(channel, "UnaryUnary",
+                                                    (("x-extra", "kept"),))
+                    except grpc.aio.AioRpcError as error:
+                        results[name] = (error.code(), error.details())
+        return results
+    with structlog.testing.capture_logs() as logs:
+        results = asyncio.run(run())
+    assert results == {
+        name: (grpc.StatusCode.PERMISSION_DENIED, details) if details else
+        _expected("UnaryUnary", GATEWAY, None) for name, (_, _, details) in cases.items()}
+    refusals = _refusals(logs)
+    assert [e["reason"] for e in refusals] == [d for _, _, d in cases.values() if d], logs
+    assert all(e["peer"].startswith("ipv4:127.0.0.1:") for e in refusals), refusals

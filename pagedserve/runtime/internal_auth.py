@@ -202,7 +202,7 @@ class _CallerCheck(grpc.aio.ServerInterceptor):
         return _checking_certificate(handler, role, requires_certificate=self._secret is None)
 
     def _claimed_role(self, method: str, metadata: Mapping[str, str]) -> Role:
-        claimed = metadata.get(ROLE_HEADER, "")
+        claimed = metadata.get(ROLE_HEADER)
         if claimed not in Role.__members__.values():
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED,
                            f"{method}: internal call without a pagedserve role "
@@ -236,7 +236,8 @@ def _wrap(handler: grpc.RpcMethodHandler,
           guard: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
           parse: bool = True) -> grpc.RpcMethodHandler:
     """`handler` with `guard(context)` awaited before its behaviour runs (the guard aborts to
-    refuse). parse=False leaves the request unparsed (it is refused anyway)."""
+    refuse). parse=False leaves the request unparsed: its behaviour would get the bytes as they
+    came, but it is refused anyway."""
     name, factory = _SHAPES[handler.request_streaming, handler.response_streaming]
     behaviour = getattr(handler, name)
     if handler.response_streaming:
@@ -248,7 +249,7 @@ def _wrap(handler: grpc.RpcMethodHandler,
         async def guarded(request, context):
             await guard(context)
             return await behaviour(request, context)
-    deserializer = handler.request_deserializer if parse else (lambda _: None)
+    deserializer = handler.request_deserializer if parse else None
     return factory(guarded, deserializer, handler.response_serializer)
 
 
