@@ -5,10 +5,15 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pagedserve.executor.sampler import (
     Sampler,
     SequenceSamplingState,
+    _apply_top_k_top_p,
+    _mix64,
+    draw_seed,
     process_logits,
     prompt_logprobs,
     sequence_seed,
@@ -103,6 +108,8 @@ DISABLED = dict(top_k=-1, top_p=1.0, min_p=0.0, temperature=1.0)
     dict(temperature=0.5, top_k=3),
     dict(temperature=1.5, top_k=5, top_p=0.9, min_p=0.2),
     dict(min_p=0.3),
+    # Top-k on top-p's sort: the k-th token stays (the nucleus needs both).
+    dict(top_k=2, top_p=0.95),
     DISABLED,
 ])
 def test_empirical_distribution_matches_reference(params):
@@ -329,6 +336,10 @@ def test_input_logits_are_left_unchanged():
     (dict(repetition_penalty=4.0), (0,)),
     (dict(presence_penalty=2.0), (0,)),
     (dict(frequency_penalty=2.0), (0,)),
+    # Each penalty at the value another one is disabled at: still a change.
+    (dict(repetition_penalty=2.0), (0,)),
+    (dict(presence_penalty=1.0), (0,)),
+    (dict(frequency_penalty=1.0), (0,)),
 ])
 def test_each_logit_change_reaches_an_all_greedy_batch(params, output):
     """A batch of greedy rows whose only change is one of these takes the processed argmax,
@@ -336,3 +347,162 @@ def test_each_logit_change_reaches_an_all_greedy_batch(params, output):
     logits = torch.tensor([[3.0, 2.5, -1.0, -2.0]])  # raw argmax: token 0 (= EOS below)
     state = seq(prompt=(3,), output=output, eos=(0,), temperature=0.0, **params)
     assert sample(logits, [state]).token_ids.tolist() == [1]
+
+
+def test_min_p_one_keeps_exactly_the_tokens_as_likely_as_the_top_one():
+    """min_p drops probability < min_p * top (strictly less): at min_p 1 the ties with the top
+    token stay, the rest go."""
+    assert set(draws([1.0, 3.0, 3.0, 2.9], 2000, min_p=1.0).tolist()) == {1, 2}
+
+
+def test_min_p_threshold_is_each_rows_own():
+    """The threshold is relative to the row's own top token, not the batch's."""
+    high = [10.0, 9.0, 0.0, -5.0]  # probabilities relative to the top: 1, .37, 5e-5, 3e-7
+    low = [0.0, -1.0, -10.0, -15.0]  # the same shape, 10 lower
+    logits = torch.tensor([high, low] * 1000)
+    tokens = sample(logits, [seq(min_p=0.2) for _ in range(2000)]).token_ids
+    assert set(tokens[0::2].tolist()) == set(tokens[1::2].tolist()) == {0, 1}
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p():
+    """Four equally likely tokens (exactly .25 each in float32): top_p .5 is reached by two, so
+    the third, with exactly .5 before it, goes (the smallest set with mass >= top_p)."""
+    tokens = draws([0.0] * 4, 2000, top_p=0.5)
+    assert len(set(tokens.tolist())) == 2
+    assert total_variation(empirical(tokens, 4), reference_probs([0.0] * 4, top_p=0.5)) < 0.03
+
+
+def test_top_p_one_keeps_a_tail_the_cumulative_sum_rounds_past():
+    """Row 0's top token has probability 1 - 4e-9, which float32 rounds to 1: its cumulative
+    mass reaches top_p 1 before the tail, yet top_p 1 must keep every token (row 1, with
+    top_p < 1, makes the batch take the top-p path)."""
+    logits = torch.tensor([[0.0, -20.0, -20.0], [0.0, -20.0, -20.0]])
+    _apply_top_k_top_p(logits, [0, 0], [1.0, 0.5])
+    assert logits[0].tolist() == [0.0, -20.0, -20.0]
+    assert logits[1].tolist() == [0.0, -math.inf, -math.inf]
+
+
+def test_top_k_in_a_batch_smaller_than_k():
+    """top_k is bounded by the vocabulary, not by the number of rows; top_k 1 is the argmax, and
+    a batch whose only top-k row has k = 1 leaves its other rows alone."""
+    logits = torch.tensor([[0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2]] * 2)
+    top1, top3, free = set(), set(), set()
+    for _ in range(150):
+        a, b = sample(logits, [seq(top_k=1, temperature=5.0), seq(temperature=5.0)]).token_ids
+        c, _ = sample(logits, [seq(top_k=3, temperature=5.0), seq()]).token_ids
+        top1.add(a.item())
+        free.add(b.item())
+        top3.add(c.item())
+    assert (top1, top3, free) == ({0}, {0, 1, 2}, set(range(8)))
+
+
+def test_presence_and_frequency_penalties_of_exactly_one():
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]] * 2)
+    seqs = [seq(output=[1, 3, 3], presence_penalty=1.0),
+            seq(output=[1, 3, 3], frequency_penalty=1.0)]
+    expected = torch.tensor([[1.0, 1.0, -1.0, -0.5], [1.0, 1.0, -1.0, -1.5]])
+    torch.testing.assert_close(process_logits(logits, seqs), expected)
+
+
+def test_changes_with_nothing_to_index_leave_the_logits_alone():
+    """A presence penalty before any output, and min_tokens with EOS ignored and no stop ids,
+    have no token to act on."""
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]] * 3)
+    seqs = [seq(presence_penalty=1.5, frequency_penalty=0.5),
+            seq(min_tokens=4, ignore_eos=True),
+            seq(min_tokens=4, eos=())]
+    assert torch.equal(process_logits(logits, seqs), logits)
+    for s in seqs:
+        s.params.temperature = 0.0
+    assert sample(logits, seqs).token_ids.tolist() == [1, 1, 1]
+
+
+def test_plain_greedy_batch_reports_logprobs():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(6))
+    out = sample(logits, [seq(temperature=0.0, logprobs=2) for _ in range(3)])
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+    assert out.ranks.tolist() == [1, 1, 1]
+    torch.testing.assert_close(out.logprobs.double(), reference.max(dim=-1).values)
+    torch.testing.assert_close(out.top_logprobs.double(), reference.topk(2).values)
+
+
+def test_bfloat16_logits_are_processed_and_reported_in_float32():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(7)).bfloat16()
+    processed = process_logits(logits, [seq() for _ in range(3)])
+    assert processed.dtype == torch.float32
+    assert torch.equal(processed, logits.float())
+    next_ids = torch.tensor([4, 0, 29])
+    chosen, _, _, top_logprobs = prompt_logprobs(logits, next_ids, 3)
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    assert chosen.dtype == top_logprobs.dtype == torch.float32
+    torch.testing.assert_close(chosen.double(), reference[torch.arange(3), next_ids])
+    torch.testing.assert_close(top_logprobs.double(), reference.topk(3).values)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.bfloat16])
+def test_processing_does_not_depend_on_torchs_default_dtype(default_dtype):
+    """A model loader may set torch's default dtype to the model's (vLLM's does): the sampler's
+    own tensors (biases, penalties, counts) must still be float32, as the logits are."""
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]], dtype=torch.float32)
+    state = seq(prompt=[0], output=[2, 3, 3], logit_bias={1: 0.3}, repetition_penalty=1.3,
+                presence_penalty=0.3, frequency_penalty=0.3)
+    # Bias on token 1; repetition over {0, 2, 3}; presence/frequency over {2: 1, 3: 2}.
+    expected = [1.0 / 1.3, 2.0 + 0.3, -1.0 * 1.3 - 0.3 - 0.3, 0.5 / 1.3 - 0.3 - 2 * 0.3]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        processed = process_logits(logits, [state])
+    finally:
+        torch.set_default_dtype(previous)
+    torch.testing.assert_close(processed, torch.tensor([expected], dtype=torch.float32))
+
+
+class OneDevicePerOp(TorchDispatchMode):
+    """Fails any operation whose (non-scalar) tensors are on more than one device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = {t.device for t in tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor) and t.dim() > 0}
+        assert len(devices) <= 1, f"{func} mixes {devices}"
+        return func(*args, **kwargs)
+
+
+def test_every_operation_stays_on_the_logits_device():
+    """On an accelerator, every tensor the sampler makes must be on the logits' device (a stray
+    CPU tensor fails there, or costs a copy per operation). The CPU-only tests use the meta
+    device (shapes, no data) as the accelerator; seeded rows are left out, as meta has no
+    generator."""
+    full = dict(temperature=0.8, top_k=3, top_p=0.9, min_p=0.1, logit_bias={1: 2.0},
+                min_tokens=5, stop_token_ids=[2], repetition_penalty=1.3,
+                presence_penalty=0.5, frequency_penalty=0.2, logprobs=2)
+    batches = [
+        [seq(output=(1, 2), **full), seq(temperature=0.0, logit_bias={2: 1.0}), seq(top_k=2),
+         seq(min_p=0.2)],
+        [seq(top_k=2), seq(temperature=0.0, presence_penalty=1.0, output=(3,)), seq(), seq()],
+        [seq(temperature=0.0, logprobs=1) for _ in range(4)],
+    ]
+    logits = torch.empty(4, 10, device="meta")
+    with OneDevicePerOp():
+        for seqs in batches:
+            out = sample(logits, seqs)
+            assert out.token_ids.device == logits.device and out.token_ids.shape == (4,)
+            assert out.top_ids.device == logits.device if out.top_ids is not None else True
+
+
+def test_draw_seed_is_splitmix64s_finalizer_applied_twice():
+    """The mixer against SplitMix64's published outputs (its state advances by the golden gamma
+    and each output is the finalizer of the state)."""
+    gamma, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+
+    def outputs(seed: int, n: int) -> list[int]:
+        return [_mix64((seed + i * gamma) & mask) for i in range(1, n + 1)]
+
+    assert outputs(0, 2) == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    assert outputs(1234567, 5) == [6457827717110365317, 3203168211198807973,
+                                   9817491932198370423, 4593380528125082431,
+                                   16408922859458223821]
+    # draw_seed(seed, position) = mix(mix(seed) ^ position): with seed gamma, the position that
+    # turns mix(gamma) into 2 gamma gives mix(2 gamma).
+    assert draw_seed(gamma, 0xE220A8397B1DCDAF ^ (2 * gamma & mask)) == 0x6E789E6AA1B965F4
