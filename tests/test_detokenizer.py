@@ -301,6 +301,9 @@ def test_a_stop_string_whose_beginning_repeats_is_held_back_whole():
     string still fires when "b" comes."""
     detokenizer, deltas, stopped_at = byte_level_stream("xaab", ["aab"])
     assert (deltas, stopped_at, detokenizer.text) == (["x", "", "", ""], 3, "x")
+    # Of "abab" after "zaab", the tail "aab" is no beginning but "ab" is: it is held back.
+    detokenizer, deltas, stopped_at = byte_level_stream("zaabab", ["abab"])
+    assert (deltas, stopped_at, detokenizer.text) == (["z", "", "a", "", "", ""], 5, "za")
 
 
 @pytest.mark.parametrize("stop", [["world", "lo"], ["lo", "world"]])
