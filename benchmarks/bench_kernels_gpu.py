@@ -18,7 +18,8 @@
 4. Norms, rotary, SiLU-and-mul: time and bandwidth beside the PyTorch path.
 5. End to end: the offline engine on a small random LLaMA on the GPU with the Triton and the
    PyTorch kernel sets: greedy tokens equal in float32, first tokens agreeing on at least 90%
-   of the prompts in bfloat16 (checks), and generation throughput.
+   of the prompts in bfloat16, seeded sampling reproducing within each engine (its generators
+   live on the GPU) (checks), and generation throughput.
 
 --smoke runs every step on tiny shapes on the CPU (wall-clock medians, meaningless as speed),
 so the test suite keeps this script working without a GPU.
@@ -410,6 +411,8 @@ def end_to_end(bench: Bench) -> dict:
             run = json.loads(done.stdout.strip().splitlines()[-1])
             tokens[dtype, backend] = run["tokens"]
             result[f"{dtype} {backend} output tok/s"] = run["tok_s"]
+            bench.checks.append(Check(f"end to end seeded sampling reproducible, {backend}",
+                                      dtype, 0.0, 0.0, run["seeded_reproducible"]))
             print(f"  e2e {dtype:<9} {backend:<7} {run['tok_s']:9.1f} output tok/s", flush=True)
     for dtype in dtypes:
         pairs = [(a, b) for ta, tb in zip(tokens[dtype, "torch"], tokens[dtype, "triton"],
@@ -454,8 +457,15 @@ def e2e_run(directory: str, dtype: str, backend: str, smoke: bool) -> None:
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
+    # Seeded sampling twice: each seeded row draws from a generator on the logits' device, so
+    # the runs must agree token for token (a generator on the wrong device fails here).
+    seeded = [SamplingParams(max_tokens=8, temperature=1.0, seed=i, ignore_eos=True)
+              for i in range(min(8, num_prompts))]
+    draws = [[list(o.outputs[0].token_ids) for o in llm.generate(prompts[:len(seeded)], seeded)]
+             for _ in range(2)]
     print(json.dumps(dict(tokens=[list(o.outputs[0].token_ids) for o in outs],
-                          tok_s=num_prompts * max_tokens / seconds)))
+                          tok_s=num_prompts * max_tokens / seconds,
+                          seeded_reproducible=draws[0] == draws[1])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_
 @pytest.mark.slow
 def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
     out = tmp_path / "results.json"
-    # The end-to-end section starts four engines; tests/test_kernel_dispatch.py covers it.
+    # The end-to-end section starts engines: test_smoke_end_to_end below runs it alone.
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--skip", "e2e",
                            "--json", str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -30,3 +30,19 @@ def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
                                                         "sdpa contiguous"}
     assert any(r["variant"] == "sdpa contiguous causal" for r in results["prefill"])
     assert len(results["layer_kernels"]) == 4
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end_agrees_and_reproduces_seeded_sampling(tmp_path):
+    """The end-to-end section (float32 only on the CPU): greedy tokens equal with the Triton and
+    torch kernel sets, and seeded sampling reproduces within each engine."""
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--skip",
+                           "checks,decode,prefill,layers", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {c["kernel"]: c["passed"] for c in json.loads(out.read_text())["checks"]}
+    assert checks == {"end to end greedy tokens, triton == torch": True,
+                      "end to end seeded sampling reproducible, torch": True,
+                      "end to end seeded sampling reproducible, triton": True}
