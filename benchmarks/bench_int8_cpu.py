@@ -1,0 +1,118 @@
+"""Which int8 matmul PyTorch already gives on CPU is fastest for weight-only int8 (issue 19):
+the default model's (SmolLM2-135M) linear layers of one decode step, per variant, alternated
+round by round in one process, each against bf16's F.linear (what the engine runs today).
+
+    python benchmarks/bench_int8_cpu.py [--batch 1 16 64] [--rounds 15] [--json out.json]
+
+Variants, all with per-output-channel symmetric int8 weights (W8A16 unless said):
+- bf16 / fp32: F.linear on float weights (the baseline, and the float32 path);
+- int8pack bf16 / fp32: aten._weight_int8pack_mm (int8 weights, float activations, the scale
+  applied to the output; what gpt-fast's int8 mode runs);
+- dynamic W8A8: torch.ao's dynamically quantized Linear (fbgemm / oneDNN: activations quantized
+  per step to int8 too; a different accuracy class, timed for comparison).
+
+Each figure is the median over rounds of the summed time of every linear layer of one step
+(30 layers of q, k, v, o, gate, up, down; the LM head once), plus the max error of each
+variant's layer outputs against a float64 reference on the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+# SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocabulary 49152.
+LAYER_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+                "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+NUM_LAYERS = 30
+LM_HEAD = (49152, 576)
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: weight ~= q * scale[:, None]."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def variants(weight: torch.Tensor) -> dict[str, tuple]:
+    """Each variant's callable on activations x (float32 [M, K]) and the dtype it takes."""
+    q, scale = quantize_per_channel(weight)
+    dequantized = q.float() * scale[:, None]
+    bf16_w, fp32_w = dequantized.bfloat16(), dequantized
+    scale_bf16 = scale.bfloat16()
+    dynamic = torch.ao.nn.quantized.dynamic.Linear(weight.shape[1], weight.shape[0],
+                                                   bias_=False, dtype=torch.qint8)
+    dynamic.set_weight_bias(torch.quantize_per_channel(
+        dequantized, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+        torch.qint8), None)
+    return {
+        "bf16": (lambda x: F.linear(x, bf16_w), torch.bfloat16),
+        "fp32": (lambda x: F.linear(x, fp32_w), torch.float32),
+        "int8pack bf16": (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale_bf16),
+                          torch.bfloat16),
+        "int8pack fp32": (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale),
+                          torch.float32),
+        "dynamic W8A8": (dynamic, torch.float32),
+    }, dequantized
+
+
+def measure(batch: int, rounds: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [shape for shape in LAYER_SHAPES.values()] + [LM_HEAD]
+    layers = []
+    for n, k in shapes:
+        weight = torch.randn(n, k, generator=gen) / k ** 0.5
+        fns, dequantized = variants(weight)
+        x = torch.randn(batch, k, generator=gen)
+        reference = x.double() @ dequantized.double().T
+        errors = {name: ((fn(x.to(dtype)).double() - reference).abs().max()
+                         / reference.abs().max()).item() for name, (fn, dtype) in fns.items()}
+        inputs = {dtype: x.to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+        layers.append((fns, inputs, errors))
+    counts = [NUM_LAYERS] * len(LAYER_SHAPES) + [1]
+    names = list(layers[0][0])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for round_ in range(rounds + 2):  # two warm-up rounds
+            for name in (names if round_ % 2 else names[::-1]):  # alternate the order
+                total = 0.0
+                for (fns, inputs, _), count in zip(layers, counts, strict=True):
+                    fn, dtype = fns[name]
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        fn(inputs[dtype])
+                    total += time.perf_counter() - start
+                if round_ >= 2:
+                    times[name].append(total)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {name: {"step_ms": medians[name] * 1e3,
+                   "vs_bf16": medians[name] / medians["bf16"],
+                   "max_rel_err": max(errors[name] for _, _, errors in layers)}
+            for name in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batches": {}}
+    for batch in args.batch:
+        figures = measure(batch, args.rounds)
+        results["batches"][batch] = figures
+        for name, f in figures.items():
+            print(f"batch {batch:3}  {name:14} {f['step_ms']:8.2f} ms/step  "
+                  f"{f['vs_bf16']:5.2f}x bf16  max rel err {f['max_rel_err']:.1e}", flush=True)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
