@@ -337,10 +337,11 @@ def test_http_body_of_exactly_16_mib_is_read_and_one_byte_more_is_413(stack, chu
 # -- gRPC ----------------------------------------------------------------------------------
 
 def grpc_request(fields: dict) -> generation_pb2.GenerateRequest:
-    """A Generate request of a one-token prompt and one output token, with `fields` (those
-    under "sampling" are SamplingParams')."""
+    """A Generate request of a one-token prompt and one output token per sequence, with
+    `fields` (those under "sampling" are SamplingParams'). EOS is ignored: each of n sampled
+    sequences may draw it first, and the test counts one token per sequence."""
     fields = dict(fields)
-    sampling = S(**{"max_tokens": 1, **fields.pop("sampling", {})})
+    sampling = S(**{"max_tokens": 1, "ignore_eos": True, **fields.pop("sampling", {})})
     if not {"text", "token_ids", "chat"} & fields.keys():
         fields["text"] = "x"
     return generation_pb2.GenerateRequest(**fields, sampling=sampling)
