@@ -485,10 +485,12 @@ def test_every_operation_stays_on_the_logits_device():
     ]
     logits = torch.empty(4, 10, device="meta")
     with OneDevicePerOp():
-        for seqs in batches:
+        for seqs, asks_logprobs in zip(batches, [True, False, True], strict=True):
             out = sample(logits, seqs)
             assert out.token_ids.device == logits.device and out.token_ids.shape == (4,)
-            assert out.top_ids.device == logits.device if out.top_ids is not None else True
+            assert (out.top_ids is not None) == asks_logprobs
+            if asks_logprobs:
+                assert out.top_ids.device == logits.device
 
 
 def test_draw_seed_is_splitmix64s_finalizer_applied_twice():
