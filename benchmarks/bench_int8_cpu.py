@@ -9,7 +9,11 @@ Variants, all with per-output-channel symmetric int8 weights (W8A16 unless said)
 - int8pack bf16 / fp32: aten._weight_int8pack_mm (int8 weights, float activations, the scale
   applied to the output; what gpt-fast's int8 mode runs);
 - dynamic W8A8: torch.ao's dynamically quantized Linear (fbgemm / oneDNN: activations quantized
-  per step to int8 too; a different accuracy class, timed for comparison).
+  per step to int8 too; a different accuracy class, timed for comparison);
+- bf16 packed: the bf16 weight in oneDNN's blocked layout (`pack_linear_cpu`: what the engine's
+  cpu kernel set runs for a bf16 model);
+- C W8A16 / C W8A8: pagedserve's own int8 kernel (kernels/pagedserve/kernels/csrc/int8_linear.c),
+  what `--quantization int8` / `w8a8_int8` run on the CPU.
 
 Each figure is the median over rounds of the summed time of every linear layer of one step
 (30 layers of q, k, v, o, gate, up, down; the LM head once), plus the max error of each
@@ -25,6 +29,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.quantization import Int8Weight
 
 # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocabulary 49152.
 LAYER_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
@@ -50,8 +57,15 @@ def variants(weight: torch.Tensor) -> dict[str, tuple]:
     dynamic.set_weight_bias(torch.quantize_per_channel(
         dequantized, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
         torch.qint8), None)
+    bf16_packed = cpu_kernels.pack_linear_cpu(bf16_w)
+    w8a16, w8a8 = (cpu_kernels.pack_int8_cpu(Int8Weight(q, scale, dynamic_activations))
+                   for dynamic_activations in (False, True))
     return {
         "bf16": (lambda x: F.linear(x, bf16_w), torch.bfloat16),
+        "bf16 packed": (lambda x: cpu_kernels.packed_linear_cpu(x, bf16_packed, None),
+                        torch.bfloat16),
+        "C W8A16": (lambda x: cpu_kernels.int8_linear_cpu(x, w8a16, None), torch.bfloat16),
+        "C W8A8": (lambda x: cpu_kernels.int8_linear_cpu(x, w8a8, None), torch.bfloat16),
         "fp32": (lambda x: F.linear(x, fp32_w), torch.float32),
         "int8pack bf16": (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale_bf16),
                           torch.bfloat16),

@@ -19,6 +19,7 @@ disagree.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -33,11 +34,12 @@ import structlog
 import torch
 
 from pagedserve.kernels.attention import AttentionMetadata
+from pagedserve.kernels.quantization import Int8Weight, int8_linear
 
 log = structlog.get_logger(__name__)
 
 SOURCE_DIR = pathlib.Path(__file__).parent / "csrc"
-SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c"]
+SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c", SOURCE_DIR / "int8_linear.c"]
 # Reassociation lets the dot products over head_dim vectorise; finite-math is left off, since
 # the kernel relies on -inf (masked softmax) and NaN (bf16 rounding).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
@@ -139,6 +141,8 @@ def _library() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
     library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
+    library.int8_linear_w8a8.argtypes = [ptr] * 6 + [i64] * 5
+    library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
     return library
 
 
@@ -320,3 +324,71 @@ def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) with W from `pack_linear_cpu`."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# Output channels per group of the packed int8 layout (GROUP in int8_linear.c).
+INT8_GROUP = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedInt8Weight:
+    """An `Int8Weight` in int8_linear.c's layout: `data` [ceil(N/16)][K4/4][16][4] int8 (K4: K
+    rounded up to 4), `scales` float32 and `offsets` int32 (128 * each channel's sum, for
+    vpdpbusd's unsigned activations), both padded to ceil(N/16) * 16."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    out_features: int
+    in_features: int
+    dynamic_activations: bool
+
+    def plain(self) -> Int8Weight:
+        k4 = self.data.shape[1] * 4
+        rows = self.data.permute(0, 2, 1, 3).reshape(-1, k4)
+        return Int8Weight(rows[:self.out_features, :self.in_features].contiguous(),
+                          self.scales[:self.out_features].clone(), self.dynamic_activations)
+
+
+def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
+    """`weight` in the C kernel's layout (see PackedInt8Weight)."""
+    qweight = weight.qweight
+    n, k = qweight.shape
+    groups, k4 = -(-n // INT8_GROUP), -(-k // 4) * 4
+    padded = torch.zeros(groups * INT8_GROUP, k4, dtype=torch.int8)
+    padded[:n, :k] = qweight
+    data = padded.view(groups, INT8_GROUP, k4 // 4, 4).permute(0, 2, 1, 3).contiguous()
+    scales = torch.zeros(groups * INT8_GROUP, dtype=torch.float32)
+    scales[:n] = weight.scales
+    offsets = 128 * padded.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    return PackedInt8Weight(data, scales, offsets, n, k, weight.dynamic_activations)
+
+
+def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """As `quantization.int8_linear`, by the C kernel (int8_linear.c): W8A8 for float32 or
+    bfloat16 x; W8A16 for bfloat16 x (float32 x runs the PyTorch path: the kernel sums
+    bfloat16 products)."""
+    if not isinstance(weight, PackedInt8Weight) or (
+            not weight.dynamic_activations and x.dtype != torch.bfloat16):
+        return int8_linear(x, weight.plain(), bias)
+    assert x.dtype in DTYPES and x.shape[-1] == weight.in_features
+    assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
+    rows = _rows(x)
+    if not weight.dynamic_activations and weight.in_features % 4:
+        rows = torch.nn.functional.pad(rows, (0, 4 - weight.in_features % 4))
+    out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
+    bias_ptr = 0 if bias is None else bias.data_ptr()
+    common = (weight.data.data_ptr(), weight.scales.data_ptr())
+    if weight.dynamic_activations:
+        failed = _library().int8_linear_w8a8(
+            out.data_ptr(), rows.data_ptr(), *common, weight.offsets.data_ptr(), bias_ptr,
+            rows.shape[0], weight.out_features, weight.in_features, rows.stride(0),
+            DTYPES[x.dtype])
+    else:
+        failed = _library().int8_linear_w8a16(
+            out.data_ptr(), rows.data_ptr(), *common, bias_ptr, rows.shape[0],
+            weight.out_features, rows.shape[1], rows.stride(0))
+    if failed:
+        raise MemoryError("CPU int8 linear: out of memory for its scratch buffers")
+    return out.view(*x.shape[:-1], weight.out_features)

@@ -1,0 +1,368 @@
+/* Int8 linear layers: out = x W^T (+ bias), W int8 [N, K] with one float32 scale per output
+ * channel (row of W), in two forms that read the same packed W:
+ *  - W8A8 (`int8_linear_w8a8`): each row of x (a token) is quantized to int8 with its own scale
+ *    (dynamic, symmetric: amax / 127), and the products are summed in int32 by AVX-512 VNNI's
+ *    vpdpbusd, 64 multiply-adds per instruction where bfloat16's vdpbf16ps does 32. Where a
+ *    decode step at batch 64 is bound by arithmetic, this is what makes int8 faster than bf16
+ *    (docs/performance.md).
+ *  - W8A16 (`int8_linear_w8a16`): x stays bfloat16; W's int8 values are converted to bfloat16
+ *    (exactly: every int8 is a bfloat16) and summed in float32 by vdpbf16ps. It halves the
+ *    weight bytes a small batch streams, and keeps bf16's arithmetic.
+ * Either way the scales are applied once per output, after the sum:
+ *   W8A8:  out[m, n] = float(sum_k q[m, k] w[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]
+ *   W8A16: out[m, n] = (sum_k x[m, k] w[n, k]) * w_scale[n] + bias[n]
+ *
+ * vpdpbusd multiplies unsigned by signed bytes, so the quantized activations are stored as
+ * q + 128 (0..255) and 128 * sum_k w[n, k] (`offsets`, made when W is packed) is subtracted
+ * from each sum.
+ *
+ * Packed W (made by kernels/cpu_kernels.py, pack_int8_cpu): [G][K4 / 4][16][4] int8 with
+ * G = ceil(N / 16) groups of 16 output channels and K4 = K rounded up to a multiple of 4, zero
+ * padded: one 64-byte vector holds 4 consecutive k of 16 channels, the operand vpdpbusd takes.
+ * w_scale and offsets are padded to G * 16.
+ *
+ * Work: the threads split the groups evenly; each walks its groups 4 at a time (64 channels,
+ * a weight strip that stays in L2) and, for each strip, the rows of x 6 at a time, the tile
+ * of 6 x 64 outputs held in 24 of the 32 vector registers over all of K.
+ *
+ * Without AVX-512 VNNI and BF16 the same functions run plain loops (same results; slow).
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define INT8_SIMD 1
+#else
+#define INT8_SIMD 0
+#endif
+
+enum { GROUP = 16, STRIP_GROUPS = 4, TILE_ROWS = 6, ROW_BLOCK = 192 };
+
+int int8_linear_simd(void) { return INT8_SIMD; }
+
+typedef struct {
+    int64_t rows, n, k, k4, x_stride, bf16;
+} Int8Shape;
+
+/* The groups [first, last) of thread `t` of `threads`. */
+static inline void thread_groups(int64_t groups, int64_t *first, int64_t *last) {
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    *first = groups * t / threads;
+    *last = groups * (t + 1) / threads;
+}
+
+/* Row `m` of x quantized: u8[k] = round(x[k] * 127 / amax) + 128 for k < K, 128 (zero) up to K4;
+ * returns the row's scale amax / 127 (0 for a row of zeros). Rounding is to nearest even, as
+ * torch.round. */
+static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, uint8_t *u8) {
+    float amax = 0.0f;
+    int64_t i = 0;
+#if INT8_SIMD
+    __m512 vmax = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x, i, bf16)));
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; i < k; i++) {
+        const float v = fabsf(load_one(x, i, bf16));
+        amax = v > amax ? v : amax;
+    }
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    i = 0;
+#if INT8_SIMD
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i bias = _mm512_set1_epi32(128);
+    for (; i + 16 <= k; i += 16) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, i, bf16), vinv));
+        q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), bias);
+        _mm_storeu_si128((__m128i *)(u8 + i), _mm512_cvtepi32_epi8(q));
+    }
+#endif
+    for (; i < k; i++) {
+        long q = lrintf(load_one(x, i, bf16) * inv);
+        q = q < -127 ? -127 : q > 127 ? 127 : q;
+        u8[i] = (uint8_t)(q + 128);
+    }
+    for (; i < k4; i++) u8[i] = 128;
+    return amax / 127.0f;
+}
+
+/* Weight element (n, k) of the packed layout. */
+static inline int8_t packed_at(const int8_t *w, int64_t k4, int64_t n, int64_t k) {
+    return w[((n / GROUP) * (k4 / 4) + k / 4) * 64 + (n % GROUP) * 4 + k % 4];
+}
+
+static inline void store_out(void *out, int64_t bf16, int64_t i, float y) {
+    if (bf16) ((uint16_t *)out)[i] = to_bf16(y);
+    else ((float *)out)[i] = y;
+}
+
+#if INT8_SIMD
+#define TILE static inline __attribute__((always_inline)) void
+
+/* Lanes of group `g` of a strip starting at channel n0 that are inside N. */
+static inline __mmask16 lanes(int64_t n, int64_t n0, int64_t g) {
+    const int64_t left = n - n0 - g * GROUP;
+    return left >= GROUP ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+/* y (16 outputs of row `out_row` at channel n0 + 16 g) + bias, stored in the output dtype. */
+static inline void store16(void *out_row, const void *bias, int64_t bf16, int64_t n, int64_t n0,
+                           int64_t g, __m512 y) {
+    const int64_t at = n0 + g * GROUP;
+    const __mmask16 mask = lanes(n, n0, g);
+    if (bias) {
+        const __m512 b = bf16
+            ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                  _mm256_maskz_loadu_epi16(mask, (const uint16_t *)bias + at)), 16))
+            : _mm512_maskz_loadu_ps(mask, (const float *)bias + at);
+        y = _mm512_add_ps(y, b);
+    }
+    if (bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)out_row + at, mask,
+                                 (__m256i)_mm512_cvtneps_pbh(y));
+    else
+        _mm512_mask_storeu_ps((float *)out_row + at, mask, y);
+}
+
+/* Every (row, group) of a tile, as the names of its accumulator: the tiles keep them in named
+ * variables, not an array, which GCC spills to the stack instead of keeping in registers. */
+#define EACH_GROUP(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
+#define EACH_CELL(X) EACH_GROUP(X, 0) EACH_GROUP(X, 1) EACH_GROUP(X, 2) EACH_GROUP(X, 3) \
+    EACH_GROUP(X, 4) EACH_GROUP(X, 5)
+#define EACH_ROW(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define EACH_VECTOR(X) X(0) X(1) X(2) X(3)
+
+/* acc += a (unsigned bytes) . w (signed bytes), by groups of 4. In asm because GCC 12 copies each accumulator of the intrinsics to another register and
+ * back (and spills one) on every iteration, which made the tiles a third slower. */
+static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
+    __asm__("vpdpbusd %[w], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [w] "v"(w));
+    return acc;
+}
+
+/* acc += w . (the bfloat16 pair at `pair`, broadcast): the broadcast is the instruction's
+ * memory operand, so that the rows' pairs take no registers. */
+static inline __m512 dpbf16(__m512 acc, const uint16_t *pair, __m512i w) {
+    __asm__("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]"
+            : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*(const int32_t *)pair));
+    return acc;
+}
+
+/* W8A8: `rows` x `nv` groups of outputs (both constants where it is inlined), summed over all
+ * of K. `a` is the first row's quantized activations (rows K4 bytes apart), `w` the strip's
+ * first group. */
+TILE w8a8_tile(const int64_t rows, const int64_t nv, const uint8_t *a, const int8_t *w,
+               const int64_t k4, const float *x_scale, const float *w_scale,
+               const int32_t *offsets, const void *bias, void *out, const Int8Shape *s,
+               int64_t n0, int64_t out_stride) {
+#define ZERO(r, g) __m512i acc##r##g = _mm512_setzero_si512();
+    EACH_CELL(ZERO)
+#undef ZERO
+    const int64_t group_stride = k4 * GROUP;
+    for (int64_t k = 0; k < k4; k += 4) {
+#define LOAD(g) const __m512i w##g = g < nv ? \
+            _mm512_loadu_si512(w + g * group_stride + k * GROUP) : _mm512_setzero_si512();
+        EACH_VECTOR(LOAD)
+#undef LOAD
+#define BROADCAST(r) const __m512i a##r = r < rows ? \
+            _mm512_set1_epi32(*(const int32_t *)(a + r * k4 + k)) : _mm512_setzero_si512();
+        EACH_ROW(BROADCAST)
+#undef BROADCAST
+#define MAC(r, g) if (r < rows && g < nv) acc##r##g = dpbusd(acc##r##g, a##r, w##g);
+        EACH_CELL(MAC)
+#undef MAC
+    }
+#define STORE(r, g) if (r < rows && g < nv) { \
+        const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32( \
+            acc##r##g, _mm512_loadu_si512(offsets + n0 + g * GROUP))); \
+        const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(w_scale + n0 + g * GROUP), \
+                                           _mm512_set1_ps(x_scale[r])); \
+        store16((char *)out + r * out_stride, bias, s->bf16, s->n, n0, g, \
+                _mm512_mul_ps(sum, scale)); }
+    EACH_CELL(STORE)
+#undef STORE
+}
+
+/* W8A16: as w8a8_tile with bfloat16 x (rows x_stride elements apart) and the strip converted
+ * to bfloat16 pairs in `wb`: [nv][K4 / 2][16 channels][2 k]. */
+TILE w8a16_tile(const int64_t rows, const int64_t nv, const uint16_t *x, const uint16_t *wb,
+                const int64_t k4, const float *w_scale, const void *bias, void *out,
+                const Int8Shape *s, int64_t n0, int64_t out_stride) {
+#define ZERO(r, g) __m512 acc##r##g = _mm512_setzero_ps();
+    EACH_CELL(ZERO)
+#undef ZERO
+    const int64_t group_stride = k4 * GROUP;  /* bf16 elements per converted group */
+    for (int64_t k = 0; k < k4; k += 2) {
+#define LOAD(g) const __m512i w##g = g < nv ? \
+            _mm512_loadu_si512(wb + g * group_stride + k * GROUP) : _mm512_setzero_si512();
+        EACH_VECTOR(LOAD)
+#undef LOAD
+#define MAC(r, g) if (r < rows && g < nv) \
+            acc##r##g = dpbf16(acc##r##g, x + r * s->x_stride + k, w##g);
+        EACH_CELL(MAC)
+#undef MAC
+    }
+#define STORE(r, g) if (r < rows && g < nv) \
+        store16((char *)out + r * out_stride, bias, s->bf16, s->n, n0, g, \
+                _mm512_mul_ps(acc##r##g, _mm512_loadu_ps(w_scale + n0 + g * GROUP)));
+    EACH_CELL(STORE)
+#undef STORE
+}
+
+/* Byte `byte` (0..3) of each dword of v, sign-extended, as float32. */
+static inline __m512 byte_as_float(__m512i v, int byte) {
+    const __m512i shifted = byte == 3 ? v : _mm512_slli_epi32(v, 24 - 8 * byte);
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(shifted, 24));
+}
+
+/* Two floats' bfloat16 (exact for int8 values: the low 16 bits are zero) as one pair per dword:
+ * lo in the low half, hi in the high half. */
+static inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+    return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
+                           _mm512_and_si512(_mm512_castps_si512(hi),
+                                            _mm512_set1_epi32((int32_t)0xffff0000)));
+}
+
+/* The strip's nv groups (from `w`) as bfloat16 pairs into `wb` (layout of w8a16_tile). */
+static void convert_strip(const int8_t *w, int64_t nv, int64_t k4, uint16_t *wb) {
+    for (int64_t g = 0; g < nv; g++) {
+        const int8_t *src = w + g * k4 * GROUP;
+        uint16_t *dst = wb + g * k4 * GROUP;
+        for (int64_t k = 0; k < k4; k += 4) {
+            const __m512i v = _mm512_loadu_si512(src + k * GROUP);
+            _mm512_storeu_si512(dst + k * GROUP,
+                                bf16_pairs(byte_as_float(v, 0), byte_as_float(v, 1)));
+            _mm512_storeu_si512(dst + (k + 2) * GROUP,
+                                bf16_pairs(byte_as_float(v, 2), byte_as_float(v, 3)));
+        }
+    }
+}
+
+/* One call of a tile function with `rows` and `nv` as constants, so that it unrolls into
+ * registers. */
+#define TILE_CASE(r, v, call) case (r) * 8 + (v): call(r, v); break;
+#define TILE_SWITCH(rows, nv, call) switch ((rows) * 8 + (nv)) { \
+    TILE_CASE(1, 1, call) TILE_CASE(1, 2, call) TILE_CASE(1, 3, call) TILE_CASE(1, 4, call) \
+    TILE_CASE(2, 1, call) TILE_CASE(2, 2, call) TILE_CASE(2, 3, call) TILE_CASE(2, 4, call) \
+    TILE_CASE(3, 1, call) TILE_CASE(3, 2, call) TILE_CASE(3, 3, call) TILE_CASE(3, 4, call) \
+    TILE_CASE(4, 1, call) TILE_CASE(4, 2, call) TILE_CASE(4, 3, call) TILE_CASE(4, 4, call) \
+    TILE_CASE(5, 1, call) TILE_CASE(5, 2, call) TILE_CASE(5, 3, call) TILE_CASE(5, 4, call) \
+    TILE_CASE(6, 1, call) TILE_CASE(6, 2, call) TILE_CASE(6, 3, call) TILE_CASE(6, 4, call) }
+#endif
+
+/* Quantized activations [rows][K4] and their scales, or NULL when out of memory. */
+static uint8_t *quantize_rows(const void *x, const Int8Shape *s, float *x_scale) {
+    uint8_t *a = malloc((size_t)(s->rows * s->k4));
+    if (!a) return NULL;
+    const int64_t size = s->bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static) if (s->rows > 1)
+    for (int64_t m = 0; m < s->rows; m++)
+        x_scale[m] = quantize_row((const char *)x + m * s->x_stride * size, s->bf16, s->k,
+                                  s->k4, a + m * s->k4);
+    return a;
+}
+
+/* W8A8 (see the top of the file): x [rows][K] (float32 or bfloat16, rows x_stride apart),
+ * out [rows][N] contiguous, of x's dtype; bias NULL or [N] of that dtype. Returns 0, or 1 when
+ * out of memory for the quantized activations. */
+int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_scale,
+                     const int32_t *offsets, const void *bias, int64_t rows, int64_t n,
+                     int64_t k, int64_t x_stride, int64_t bf16) {
+    const Int8Shape s = {rows, n, k, (k + 3) / 4 * 4, x_stride, bf16};
+    float *x_scale = malloc((size_t)rows * sizeof(float));
+    uint8_t *a = x_scale ? quantize_rows(x, &s, x_scale) : NULL;
+    if (!a) {
+        free(x_scale);
+        return 1;
+    }
+    const int64_t groups = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
+    #pragma omp parallel
+    {
+        int64_t first, last;
+        thread_groups(groups, &first, &last);
+        for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK)
+            for (int64_t g0 = first; g0 < last; g0 += STRIP_GROUPS) {
+                const int64_t nv = last - g0 < STRIP_GROUPS ? last - g0 : STRIP_GROUPS;
+                const int8_t *strip = w + g0 * s.k4 * GROUP;
+                const int64_t m_end = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+                for (int64_t m = m0; m < m_end; m += TILE_ROWS) {
+                    const int64_t tile_rows = m_end - m < TILE_ROWS ? m_end - m : TILE_ROWS;
+                    char *o = (char *)out + m * out_stride;
+#if INT8_SIMD
+#define W8A8(r, v) w8a8_tile(r, v, a + m * s.k4, strip, s.k4, x_scale + m, w_scale, offsets, \
+                             bias, o, &s, g0 * GROUP, out_stride)
+                    TILE_SWITCH(tile_rows, nv, W8A8)
+#undef W8A8
+#else
+                    for (int64_t r = 0; r < tile_rows; r++)
+                        for (int64_t c = g0 * GROUP; c < (g0 + nv) * GROUP && c < n; c++) {
+                            int32_t sum = 0;
+                            for (int64_t i = 0; i < s.k4; i++)
+                                sum += (int32_t)a[(m + r) * s.k4 + i] * packed_at(w, s.k4, c, i);
+                            float y = (float)(sum - offsets[c]) * (w_scale[c] * x_scale[m + r]);
+                            if (bias) y += load_one(bias, c, bf16);
+                            store_out(o + r * out_stride, bf16, c, y);
+                        }
+                    (void)strip;
+#endif
+                }
+            }
+    }
+    free(a);
+    free(x_scale);
+    return 0;
+}
+
+/* W8A16 (see the top of the file): x bfloat16 [rows][K] with K a multiple of 4 (rows x_stride
+ * apart), out bfloat16 [rows][N] contiguous, bias NULL or bfloat16 [N]. Returns 0, or 1 when
+ * out of memory for a thread's converted strip. */
+int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float *w_scale,
+                      const void *bias, int64_t rows, int64_t n, int64_t k, int64_t x_stride) {
+    const Int8Shape s = {rows, n, k, k, x_stride, 1};
+    const int64_t groups = (n + GROUP - 1) / GROUP, out_stride = n * 2;
+    int failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+        int64_t first, last;
+        thread_groups(groups, &first, &last);
+        uint16_t *wb = malloc((size_t)(STRIP_GROUPS * s.k4 * GROUP) * sizeof(uint16_t));
+        failed = wb == NULL;
+        for (int64_t m0 = 0; m0 < rows && wb; m0 += ROW_BLOCK)
+            for (int64_t g0 = first; g0 < last; g0 += STRIP_GROUPS) {
+                const int64_t nv = last - g0 < STRIP_GROUPS ? last - g0 : STRIP_GROUPS;
+                const int8_t *strip = w + g0 * s.k4 * GROUP;
+                const int64_t m_end = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+#if INT8_SIMD
+                convert_strip(strip, nv, s.k4, wb);
+#endif
+                for (int64_t m = m0; m < m_end; m += TILE_ROWS) {
+                    const int64_t tile_rows = m_end - m < TILE_ROWS ? m_end - m : TILE_ROWS;
+                    char *o = (char *)out + m * out_stride;
+#if INT8_SIMD
+#define W8A16(r, v) w8a16_tile(r, v, x + m * x_stride, wb, s.k4, w_scale, bias, o, &s, \
+                               g0 * GROUP, out_stride)
+                    TILE_SWITCH(tile_rows, nv, W8A16)
+#undef W8A16
+#else
+                    for (int64_t r = 0; r < tile_rows; r++)
+                        for (int64_t c = g0 * GROUP; c < (g0 + nv) * GROUP && c < n; c++) {
+                            float sum = 0.0f;
+                            for (int64_t i = 0; i < k; i++)
+                                sum += bf16_to_f32(x[(m + r) * x_stride + i])
+                                       * (float)packed_at(w, s.k4, c, i);
+                            float y = sum * w_scale[c];
+                            if (bias) y += bf16_to_f32(((const uint16_t *)bias)[c]);
+                            store_out(o + r * out_stride, 1, c, y);
+                        }
+                    (void)strip;
+#endif
+                }
+            }
+        free(wb);
+    }
+    return failed;
+}
