@@ -4,6 +4,7 @@
                                            [--block-order contiguous|scattered]
                                            [--prefills 2 --prefill-len 200]
                                            [--kernels cpu|torch]
+                                           [--quantization none int8 w8a8_int8]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
@@ -19,6 +20,11 @@ freed and reused a few times. `--prefills N` makes the last N sequences of the b
 the attention figure then covers their prefill attention too. `--kernels torch` runs the
 PyTorch path instead (the reference the C kernels replace on the CPU), its attention timed as
 one call of the set's `paged_attention` per layer.
+
+`--quantization` names one or more modes (none: bf16 weights; int8, w8a8_int8: the linear
+layers quantized as `--quantization` does it); each mode gets its own copy of the model over
+the same batch, and the modes are timed alternately, round by round, in one process, so that
+their figures share the machine's state.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
@@ -39,10 +45,11 @@ from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.models import load_model
-from pagedserve.executor.models.layers import bind_kernels
+from pagedserve.executor.models.layers import bind_kernels, quantize_linears
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.kernels.quantization import SCHEMES
 
 STEPS_PER_ROUND = 5
 
@@ -58,13 +65,13 @@ def main() -> None:
     parser.add_argument("--prefills", type=int, default=0)
     parser.add_argument("--prefill-len", type=int, default=200)
     parser.add_argument("--kernels", choices=["cpu", "torch"], default="cpu")
+    parser.add_argument("--quantization", nargs="+", default=["none"],
+                        choices=["none", *SCHEMES])
     args = parser.parse_args()
 
-    model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
     longest = max(args.context + 20, args.prefill_len if args.prefills else 0)
     blocks_per_seq = longest // args.block_size + 2
     num_blocks = args.batch * blocks_per_seq
-    allocate_kv_cache(model, num_blocks, args.block_size, torch.bfloat16, torch.device("cpu"))
     blocks = list(range(num_blocks))
     if args.block_order == "scattered":
         random.Random(0).shuffle(blocks)
@@ -85,34 +92,51 @@ def main() -> None:
             return out
         return timed_kernel
     if args.kernels == "torch":
-        bind_kernels(model, dataclasses.replace(
-            TORCH_KERNELS, paged_attention=timed(TORCH_KERNELS.paged_attention)))
+        kernels = dataclasses.replace(TORCH_KERNELS,
+                                      paged_attention=timed(TORCH_KERNELS.paged_attention))
     else:
         # Decodes (and, token by token, prefills), and prefills by tiles where this checkout
         # has it.
         for name in ("paged_decode_attention_cpu", "paged_prefill_attention_cpu"):
             if hasattr(cpu_kernels, name):
                 setattr(cpu_kernels, name, timed(getattr(cpu_kernels, name)))
-        bind_kernels(model, cpu_kernel_set())
+        kernels = cpu_kernel_set()
 
-    steps, attention = [], []
+    models = {}
+    for mode in args.quantization:
+        model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
+        if mode != "none":
+            quantize_linears(model, mode)
+        allocate_kv_cache(model, num_blocks, args.block_size, torch.bfloat16,
+                          torch.device("cpu"))
+        bind_kernels(model, kernels)
+        models[mode] = model
+
+    steps = {mode: [] for mode in models}
+    attention = {mode: [] for mode in models}
     with torch.inference_mode():
         for round_index in range(args.repeats + 1):  # round 0 warms up
-            attention_s[0] = 0.0
-            start = time.perf_counter()
-            for _ in range(STEPS_PER_ROUND):
-                model.compute_logits(model(batch.input_ids, batch.positions,
-                                           batch.meta)[batch.last_token_rows])
-            if round_index:
-                steps.append((time.perf_counter() - start) / STEPS_PER_ROUND)
-                attention.append(attention_s[0] / STEPS_PER_ROUND)
-    print(f"{args.kernels} kernels, batch {args.batch} ({args.prefills} prefills of "
-          f"{args.prefill_len} tokens), "
-          f"context ~{args.context}, {args.block_order} blocks, "
-          f"threads {torch.get_num_threads()}: "
-          f"step {statistics.median(steps) * 1e3:.1f} ms, attention "
-          f"{statistics.median(attention) * 1e3:.1f} ms (medians of {args.repeats} x "
-          f"{STEPS_PER_ROUND} steps)")
+            order = list(models) if round_index % 2 else list(models)[::-1]
+            for mode in order:
+                model = models[mode]
+                attention_s[0] = 0.0
+                start = time.perf_counter()
+                for _ in range(STEPS_PER_ROUND):
+                    model.compute_logits(model(batch.input_ids, batch.positions,
+                                               batch.meta)[batch.last_token_rows])
+                if round_index:
+                    steps[mode].append((time.perf_counter() - start) / STEPS_PER_ROUND)
+                    attention[mode].append(attention_s[0] / STEPS_PER_ROUND)
+    baseline = statistics.median(steps[args.quantization[0]])
+    for mode in models:
+        step = statistics.median(steps[mode])
+        print(f"{args.kernels} kernels, quantization {mode}, batch {args.batch} "
+              f"({args.prefills} prefills of {args.prefill_len} tokens), "
+              f"context ~{args.context}, {args.block_order} blocks, "
+              f"threads {torch.get_num_threads()}: "
+              f"step {step * 1e3:.1f} ms ({step / baseline:.2f}x {args.quantization[0]}), "
+              f"attention {statistics.median(attention[mode]) * 1e3:.1f} ms "
+              f"(medians of {args.repeats} x {STEPS_PER_ROUND} steps)")
 
 
 if __name__ == "__main__":

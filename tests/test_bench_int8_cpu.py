@@ -12,7 +12,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_
 # Largest error relative to the output's largest value: bf16 activations (8 bits of mantissa)
 # for bf16 and W8A16, int8 activations too for W8A8.
 TOLERANCE = {"bf16": 1e-2, "fp32": 1e-5, "int8pack bf16": 1e-2, "int8pack fp32": 1e-5,
-             "dynamic W8A8": 5e-2}
+             "dynamic W8A8": 5e-2, "bf16 packed": 1e-2, "C W8A16": 1e-2, "C W8A8": 5e-2}
 
 
 def test_every_variant_computes_the_dequantized_product(tmp_path):

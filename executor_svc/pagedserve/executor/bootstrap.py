@@ -27,7 +27,7 @@ from pagedserve.executor.models import (
     check_tensor_parallel,
     load_model,
 )
-from pagedserve.executor.models.layers import bind_kernels
+from pagedserve.executor.models.layers import bind_kernels, quantize_linears, weight_bytes
 from pagedserve.executor.models.weights import WeightLoadError
 from pagedserve.executor.parallel import TensorParallelError
 from pagedserve.executor.plan_checks import RunnerLimits
@@ -120,6 +120,8 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
         model = load_model(model_dir.path, dtype, tp).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    if config.quantization:
+        quantize_linears(model, config.quantization)
     # Before the CUDA profiling pass, so that it measures the kernels that will run.
     bind_kernels(model, kernels)
     context_len = int(model_dir.config.get("max_position_embeddings", 0)) or 2048
@@ -146,7 +148,8 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
                           max_num_batched_tokens=config.max_num_batched_tokens,
                           max_model_len=max_model_len, max_logprobs=config.max_logprobs)
     log.info("model ready", model=str(model_dir.path), device=str(device),
-             dtype=str(dtype).removeprefix("torch."), kernels=kernels.name, kv_blocks=num_blocks,
+             dtype=str(dtype).removeprefix("torch."), quantization=config.quantization,
+             weight_bytes=weight_bytes(model), kernels=kernels.name, kv_blocks=num_blocks,
              block_size=config.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
     return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group)

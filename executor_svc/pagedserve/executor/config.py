@@ -30,6 +30,7 @@ class EngineConfig:
     model_cache_dir: pathlib.Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str | None = None  # None: the weights keep the dtype
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     block_size: int = 16
@@ -99,6 +100,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype of weights and KV cache; auto: bfloat16 on cuda and "
                              "on CPUs with AVX-512 BF16 or AMX, else float32 (float16 is cuda "
                              "only)")
+    parser.add_argument("--quantization", default=EngineConfig.quantization,
+                        choices=["int8", "w8a8_int8"],
+                        help="quantize the linear layers' weights to int8 per output channel "
+                             "as the model loads (docs/quantization.md): int8 = weight-only "
+                             "(activations keep --dtype); w8a8_int8 = activations quantized "
+                             "per token too, faster where matmuls are bound by arithmetic "
+                             "(large batches on a CPU with AVX-512 VNNI); unset: no "
+                             "quantization")
     parser.add_argument("--attention-backend", default=EngineConfig.attention_backend,
                         choices=["auto", "torch", "cpu", "triton"],
                         help="implementation of the executor's kernels (paged attention, KV "

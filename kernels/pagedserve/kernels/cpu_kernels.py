@@ -34,7 +34,7 @@ import structlog
 import torch
 
 from pagedserve.kernels.attention import AttentionMetadata
-from pagedserve.kernels.quantization import Int8Weight, int8_linear
+from pagedserve.kernels.quantization import Int8Weight, int8_linear, tensor_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -342,6 +342,10 @@ class PackedInt8Weight:
     out_features: int
     in_features: int
     dynamic_activations: bool
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data, self.scales, self.offsets)
 
     def plain(self) -> Int8Weight:
         k4 = self.data.shape[1] * 4

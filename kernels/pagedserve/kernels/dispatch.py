@@ -3,11 +3,12 @@
 
 `select_kernels` picks the set once, when the model is built: Triton on CUDA; on the CPU the
 "cpu" set (C kernels built at first use, cpu_kernels.py: the KV write, attention, norms, rotary,
-SiLU-and-mul, and the linears through oneDNN-packed weights) when a C compiler could build them,
-else the PyTorch path; `--attention-backend` forces one. The choice is per model (bound onto its
-layers by `pagedserve.executor.models.layers.bind_kernels`), not process-wide, so two models in one
-process (the tests, the offline API) may use different sets. The Triton modules are imported only
-when the Triton set is chosen: importing triton is slow, and the PyTorch path must not need it.
+SiLU-and-mul, int8 linears, and the bf16 linears through oneDNN-packed weights) when a C
+compiler could build them, else the PyTorch path; `--attention-backend` forces one. The choice
+is per model (bound onto its layers by `pagedserve.executor.models.layers.bind_kernels`), not
+process-wide, so two models in one process (the tests, the offline API) may use different sets.
+The Triton modules are imported only when the Triton set is chosen: importing triton is slow,
+and the PyTorch path must not need it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.kernels import activation, attention, norm, rotary
+from pagedserve.kernels import activation, attention, norm, quantization, rotary
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -37,6 +38,10 @@ class Kernels:
     # is), and the matmul on a packed weight: packed_linear(x, packed, bias).
     pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
     packed_linear: Callable[..., torch.Tensor] | None = None
+    # An int8 weight (quantization.Int8Weight) repacked for this set's int8 matmul (None: it
+    # stays as it is), and that matmul: int8_linear(x, weight, bias).
+    pack_int8: Callable[[quantization.Int8Weight], object] | None = None
+    int8_linear: Callable[..., torch.Tensor] = quantization.int8_linear
 
 
 TORCH_KERNELS = Kernels(
@@ -65,7 +70,8 @@ def cpu_kernels() -> Kernels:
         paged_attention=cpu.paged_attention_cpu,
         rms_norm=cpu.rms_norm_cpu, add_rms_norm=cpu.add_rms_norm_cpu,
         apply_rotary=cpu.apply_rotary_cpu, silu_and_mul=cpu.silu_and_mul_cpu,
-        pack_linear=cpu.pack_linear_cpu, packed_linear=cpu.packed_linear_cpu)
+        pack_linear=cpu.pack_linear_cpu, packed_linear=cpu.packed_linear_cpu,
+        pack_int8=cpu.pack_int8_cpu, int8_linear=cpu.int8_linear_cpu)
 
 
 class KernelBackendError(ValueError):

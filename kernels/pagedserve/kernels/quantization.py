@@ -36,8 +36,16 @@ class Int8Weight:
         """This weight as qweight and scales (a kernel set's packed form gives them back)."""
         return self
 
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.qweight, self.scales)
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def quantize_int8(weight: torch.Tensor, dynamic_activations: bool) -> Int8Weight:

@@ -29,6 +29,7 @@ from pagedserve.kernels.activation import gelu
 from pagedserve.kernels.attention import AttentionMetadata
 from pagedserve.kernels.dispatch import TORCH_KERNELS, Kernels
 from pagedserve.kernels.norm import layer_norm
+from pagedserve.kernels.quantization import SCHEMES, Int8Weight, quantize_int8, tensor_bytes
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -55,9 +56,15 @@ class Linear(KernelLayer):
 
     A kernel set may repack W for its matmul (`Kernels.pack_linear`: oneDNN's blocked layout
     on the CPU, for faster bfloat16 matmuls; docs/performance.md has the figures); the plain
-    copy is then released, unless another module shares it (tied embeddings)."""
+    copy is then released, unless another module shares it (tied embeddings).
+
+    `quantize` replaces W by int8 values and a scale per output channel
+    (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too
+    (`Kernels.pack_int8`)."""
 
     packed: torch.Tensor | None = None
+    # The int8 weight once quantized, in the form the bound kernel set multiplies by.
+    int8: Int8Weight | None = None
 
     def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
                  dtype: torch.dtype):
@@ -92,9 +99,20 @@ class Linear(KernelLayer):
         """This rank's slice of a checkpoint tensor of `checkpoint_shape` (all of it here)."""
         return tensor
 
+    def quantize(self, dynamic_activations: bool, shared: bool) -> None:
+        """W to int8 per output channel (W8A8 if `dynamic_activations`, else W8A16); the float
+        copy is released unless another module shares it. Call before `use_kernels`."""
+        self.int8 = quantize_int8(self.weight.data, dynamic_activations)
+        if not shared:
+            self.weight.data = self.weight.data.new_empty(0)
+
     def use_kernels(self, kernels: Kernels, shared: bool) -> None:
-        weight = self.weight if self.packed is None else self.packed.to_dense()
         self.kernels = kernels
+        if self.int8 is not None:
+            plain = self.int8.plain()
+            self.int8 = kernels.pack_int8(plain) if kernels.pack_int8 else plain
+            return
+        weight = self.weight if self.packed is None else self.packed.to_dense()
         self.packed = kernels.pack_linear(weight) if kernels.pack_linear else None
         # The parameter stays (its dtype and name are read), empty while the packed copy serves.
         self.weight.data = weight if self.packed is None or shared else weight.new_empty(0)
@@ -103,7 +121,10 @@ class Linear(KernelLayer):
         return self._matmul(x, self.bias)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x W^T (+ `bias`), by the packed weight when the kernel set repacked it."""
+        """x W^T (+ `bias`), by the int8 weight when quantized, by the packed weight when the
+        kernel set repacked it."""
+        if self.int8 is not None:
+            return self.kernels.int8_linear(x, self.int8, bias)
         if self.packed is not None:
             return self.kernels.packed_linear(x, self.packed, bias)
         return nn.functional.linear(x, self.weight, bias)
@@ -222,15 +243,46 @@ def qkv_projection(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim
                                 [tp.size, heads.kv_pieces, heads.kv_pieces]), heads
 
 
+def _shared_with_other_modules(model: nn.Module) -> set[int]:
+    """ids of the parameters that modules other than Linears hold too (a tied embedding)."""
+    return {id(p) for m in model.modules() if not isinstance(m, Linear)
+            for p in m.parameters(recurse=False)}
+
+
 def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
-    # Parameters that modules other than Linears hold too (a tied embedding) stay unpacked.
-    shared = {id(p) for m in model.modules() if not isinstance(m, Linear)
-              for p in m.parameters(recurse=False)}
+    # A weight another module shares stays as it is beside its packed copy.
+    shared = _shared_with_other_modules(model)
     for module in model.modules():
         if isinstance(module, Linear):
             module.use_kernels(kernels, shared=id(module.weight) in shared)
         elif isinstance(module, KernelLayer):
             module.kernels = kernels
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes the model's weights take as they serve: parameters, the kernel set's packed
+    copies and int8 weights (a tensor held twice counted once)."""
+    tensors = {id(t): t for t in model.parameters()}
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.int8 is not None:
+            total += module.int8.nbytes
+        elif isinstance(module, Linear) and module.packed is not None:
+            tensors[id(module.packed)] = module.packed
+    return total + tensor_bytes(*tensors.values())
+
+
+def quantize_linears(model: nn.Module, scheme: str) -> None:
+    """Every Linear's weight, the LM head's included, to int8 per output channel under
+    `scheme` (a name of quantization.SCHEMES, as --quantization takes it); embeddings and norms
+    keep the model's dtype. Call before `bind_kernels`. Under tensor parallelism each rank
+    quantizes its own slice (a row-parallel layer's scales cover the rank's columns)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization {scheme!r} is not one of {', '.join(SCHEMES)}")
+    shared = _shared_with_other_modules(model)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.quantize(SCHEMES[scheme], shared=id(module.weight) in shared)
 
 
 class RMSNorm(KernelLayer):
