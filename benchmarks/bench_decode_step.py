@@ -5,6 +5,7 @@
                                            [--prefills 2 --prefill-len 200]
                                            [--kernels cpu|torch]
                                            [--quantization none int8 w8a8_int8]
+                                           [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
@@ -21,10 +22,12 @@ the attention figure then covers their prefill attention too. `--kernels torch` 
 PyTorch path instead (the reference the C kernels replace on the CPU), its attention timed as
 one call of the set's `paged_attention` per layer.
 
-`--quantization` names one or more modes (none: bf16 weights; int8, w8a8_int8: the linear
-layers quantized as `--quantization` does it); each mode gets its own copy of the model over
-the same batch, and the modes are timed alternately, round by round, in one process, so that
-their figures share the machine's state.
+`--quantization` names one or more weight modes (none: bf16 weights; int8, w8a8_int8: the
+linear layers quantized as `--quantization` does it) and `--kv-cache-dtype` one or more cache
+dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of them is a mode with its own copy of the
+model and cache over the same batch, and the modes are timed alternately, round by round, in
+one process, so that their figures share the machine's state. The first mode is the baseline
+the others are reported against.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import random
 import statistics
 import time
@@ -42,11 +46,13 @@ import time
 import torch
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.bootstrap import pick_kv_dtype
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.models import load_model
 from pagedserve.executor.models.layers import bind_kernels, quantize_linears
 from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
 from pagedserve.kernels.quantization import SCHEMES
@@ -67,6 +73,8 @@ def main() -> None:
     parser.add_argument("--kernels", choices=["cpu", "torch"], default="cpu")
     parser.add_argument("--quantization", nargs="+", default=["none"],
                         choices=["none", *SCHEMES])
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
+                        choices=["auto", *FP8_DTYPES])
     args = parser.parse_args()
 
     longest = max(args.context + 20, args.prefill_len if args.prefills else 0)
@@ -103,14 +111,15 @@ def main() -> None:
         kernels = cpu_kernel_set()
 
     models = {}
-    for mode in args.quantization:
+    for quantization, kv_cache_dtype in itertools.product(args.quantization,
+                                                          args.kv_cache_dtype):
         model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
-        if mode != "none":
-            quantize_linears(model, mode)
-        allocate_kv_cache(model, num_blocks, args.block_size, torch.bfloat16,
-                          torch.device("cpu"))
+        if quantization != "none":
+            quantize_linears(model, quantization)
+        allocate_kv_cache(model, num_blocks, args.block_size,
+                          pick_kv_dtype(kv_cache_dtype, torch.bfloat16), torch.device("cpu"))
         bind_kernels(model, kernels)
-        models[mode] = model
+        models[f"quantization {quantization}, kv {kv_cache_dtype}"] = model
 
     steps = {mode: [] for mode in models}
     attention = {mode: [] for mode in models}
@@ -127,16 +136,18 @@ def main() -> None:
                 if round_index:
                     steps[mode].append((time.perf_counter() - start) / STEPS_PER_ROUND)
                     attention[mode].append(attention_s[0] / STEPS_PER_ROUND)
-    baseline = statistics.median(steps[args.quantization[0]])
+    first = next(iter(models))
+    step_base = statistics.median(steps[first])
+    attention_base = statistics.median(attention[first])
     for mode in models:
-        step = statistics.median(steps[mode])
-        print(f"{args.kernels} kernels, quantization {mode}, batch {args.batch} "
+        step, attended = statistics.median(steps[mode]), statistics.median(attention[mode])
+        print(f"{args.kernels} kernels, {mode}, batch {args.batch} "
               f"({args.prefills} prefills of {args.prefill_len} tokens), "
               f"context ~{args.context}, {args.block_order} blocks, "
               f"threads {torch.get_num_threads()}: "
-              f"step {step * 1e3:.1f} ms ({step / baseline:.2f}x {args.quantization[0]}), "
-              f"attention {statistics.median(attention[mode]) * 1e3:.1f} ms "
-              f"(medians of {args.repeats} x {STEPS_PER_ROUND} steps)")
+              f"step {step * 1e3:.1f} ms ({step / step_base:.2f}x), "
+              f"attention {attended * 1e3:.1f} ms ({attended / attention_base:.2f}x) "
+              f"(medians of {args.repeats} x {STEPS_PER_ROUND} steps; ratios to {first})")
 
 
 if __name__ == "__main__":

@@ -19,21 +19,25 @@ def test_the_decode_step_benchmark_reports_step_and_attention(kernels):
                            "--prefill-len", "20", "--kernels", kernels],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"{kernels} kernels, quantization none, batch 2 (1 prefills of 20 tokens)" \
+    assert f"{kernels} kernels, quantization none, kv auto, batch 2 (1 prefills of 20 tokens)" \
         in done.stdout
     assert "scattered blocks" in done.stdout
-    match = re.search(r"step ([\d.]+) ms \(1.00x none\), attention ([\d.]+) ms", done.stdout)
+    match = re.search(r"step ([\d.]+) ms \(1.00x\), attention ([\d.]+) ms", done.stdout)
     assert match, done.stdout
     step, attention = map(float, match.groups())
     assert 0 < attention <= step
 
 
-def test_each_quantization_mode_gets_its_report():
+def test_each_mode_gets_its_report():
+    """Every (weights, KV cache) pair, the first the baseline."""
     done = subprocess.run([sys.executable, str(SCRIPT), "--batch", "2", "--context", "40",
-                           "--repeats", "1", "--quantization", "none", "w8a8_int8"],
+                           "--repeats", "1", "--quantization", "none", "w8a8_int8",
+                           "--kv-cache-dtype", "auto", "fp8_e4m3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    reports = re.findall(r"quantization (\S+), .* step ([\d.]+) ms \(([\d.]+)x none\)",
+    reports = re.findall(r"quantization (\S+), kv (\S+), .* step ([\d.]+) ms \(([\d.]+)x\)",
                          done.stdout)
-    assert [mode for mode, *_ in reports] == ["none", "w8a8_int8"], done.stdout
-    assert reports[0][2] == "1.00" and float(reports[1][1]) > 0
+    assert [tuple(r[:2]) for r in reports] == [
+        ("none", "auto"), ("none", "fp8_e4m3"), ("w8a8_int8", "auto"),
+        ("w8a8_int8", "fp8_e4m3")], done.stdout
+    assert reports[0][3] == "1.00" and all(float(r[2]) > 0 for r in reports)

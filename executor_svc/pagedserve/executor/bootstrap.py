@@ -33,6 +33,7 @@ from pagedserve.executor.parallel import TensorParallelError
 from pagedserve.executor.plan_checks import RunnerLimits
 from pagedserve.executor.runner import ModelRunner
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
+from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
 from pagedserve.runtime.serving import StartupError
 from pagedserve.v1 import common_pb2, executor_pb2
@@ -76,6 +77,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "float16" and device.type == "cpu":
         raise StartupError("--dtype float16 is not supported on cpu (use float32 or bfloat16)")
     return DTYPES[name]
+
+
+def pick_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: the model's dtype (auto), or fp8 (`fp8` is e4m3, as in vLLM)."""
+    if name == "auto":
+        return dtype
+    return FP8_DTYPES["fp8_e4m3" if name == "fp8" else name]
 
 
 def build_runner(config: EngineConfig, model_dir: ModelDirectory, rank: int = 0,
@@ -129,26 +137,28 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     if max_model_len > context_len:
         raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
                            f"length {context_len}")
+    kv_dtype = pick_kv_dtype(config.kv_cache_dtype, dtype)
     if device.type == "cuda":
-        num_blocks = profile_cuda_blocks(model, config.block_size, dtype, device,
+        num_blocks = profile_cuda_blocks(model, config.block_size, kv_dtype, device,
                                          config.max_num_batched_tokens,
                                          config.gpu_memory_utilization, max_model_len)
     else:
         num_blocks = blocks_in(config.kv_cache_gib * GIB,
-                               bytes_per_block(model, config.block_size, dtype))
+                               bytes_per_block(model, config.block_size, kv_dtype))
     try:
         # Block ids are shared by the ranks: the group holds what its smallest rank holds.
         num_blocks = check_capacity(tp.min_over_ranks(num_blocks), config.block_size,
                                     max_model_len)
     except KvCacheSizeError as exc:
         raise StartupError(str(exc)) from None
-    allocate_kv_cache(model, num_blocks, config.block_size, dtype, device)
+    allocate_kv_cache(model, num_blocks, config.block_size, kv_dtype, device)
     limits = RunnerLimits(num_blocks=num_blocks, block_size=config.block_size,
                           max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens,
                           max_model_len=max_model_len, max_logprobs=config.max_logprobs)
     log.info("model ready", model=str(model_dir.path), device=str(device),
              dtype=str(dtype).removeprefix("torch."), quantization=config.quantization,
+             kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
              weight_bytes=weight_bytes(model), kernels=kernels.name, kv_blocks=num_blocks,
              block_size=config.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)

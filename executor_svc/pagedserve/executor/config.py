@@ -34,6 +34,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
     kv_cache_gib: float = 4.0
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # None: the model's context length
@@ -123,6 +124,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "which this executor starts and serves as one")
     parser.add_argument("--block-size", type=int, default=EngineConfig.block_size,
                         help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype,
+                        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                        help="dtype of the KV cache: auto = the model's --dtype; fp8 "
+                             "(= fp8_e4m3: 3 mantissa bits, values up to 448) or fp8_e5m2 (2 "
+                             "bits, up to 57344) store one byte per value, twice the tokens "
+                             "of bfloat16 in the same memory (docs/quantization.md)")
     parser.add_argument("--kv-cache-gib", type=float, default=EngineConfig.kv_cache_gib,
                         help="KV cache size on cpu, in GiB")
     parser.add_argument("--gpu-memory-utilization", type=float,

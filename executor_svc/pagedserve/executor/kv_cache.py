@@ -2,7 +2,9 @@
 
 CPU: the pool is a configured number of GiB (`--kv-cache-gib`). CUDA: after the weights load,
 a profiling forward pass at the full token budget measures peak activation memory; the pool gets
-what is left of `--gpu-memory-utilization` of the device's memory.
+what is left of `--gpu-memory-utilization` of the device's memory. Either way the blocks are
+counted in the cache's own dtype (`--kv-cache-dtype`: an fp8 cache holds twice the blocks of a
+bfloat16 one in the same bytes).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ class KvCacheSizeError(ValueError):
     pass
 
 
-def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype) -> int:
     """K and V of one block, summed over every attention layer."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = kv_dtype.itemsize
     return sum(2 * n * itemsize for n in
                (torch.Size(shape).numel() for shape in kv_cache_shape(model, 1, block_size)))
 
@@ -36,12 +38,12 @@ def blocks_in(budget_bytes: float, per_block: int) -> int:
     return int(budget_bytes // per_block)
 
 
-def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> None:
+def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int,
+                      kv_dtype: torch.dtype, device: torch.device) -> None:
     """Zeroed caches (stale slots must hold finite values: attention masks scores, and
     0 * NaN would leak into the output), bound to the model's attention layers."""
-    caches = [(torch.zeros(shape, dtype=dtype, device=device),
-               torch.zeros(shape, dtype=dtype, device=device))
+    caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
+               torch.zeros(shape, dtype=kv_dtype, device=device))
               for shape in kv_cache_shape(model, num_blocks, block_size)]
     bind_kv_caches(model, caches)
 
@@ -63,12 +65,12 @@ def check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> int:
     return num_blocks
 
 
-def profile_cuda_blocks(model: nn.Module, block_size: int, dtype: torch.dtype,
+def profile_cuda_blocks(model: nn.Module, block_size: int, kv_dtype: torch.dtype,
                         device: torch.device, max_num_batched_tokens: int,
                         gpu_memory_utilization: float, max_model_len: int) -> int:
     """Blocks that fit in the device memory left after weights and peak activations (not
     checked against max_model_len: see `check_capacity`)."""
-    per_block = bytes_per_block(model, block_size, dtype)
+    per_block = bytes_per_block(model, block_size, kv_dtype)
     # The full token budget as prompts of at most max_model_len tokens, over a throw-away
     # cache just large enough for them.
     lengths = [max_model_len] * (max_num_batched_tokens // max_model_len)
@@ -81,7 +83,7 @@ def profile_cuda_blocks(model: nn.Module, block_size: int, dtype: torch.dtype,
                                       list(range(next_block, next_block + num_blocks))))
         next_block += num_blocks
     profile_blocks = next_block
-    allocate_kv_cache(model, profile_blocks, block_size, dtype, device)
+    allocate_kv_cache(model, profile_blocks, block_size, kv_dtype, device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     batch = build_flat_batch(seqs, block_size, device)

@@ -6,6 +6,11 @@ ordered decodes first (one query token each), then prefills (a chunk of one or m
 tokens that attends to the request's cached context and, causally, to itself). K/V live in
 per-layer caches shaped [num_blocks, block_size, num_kv_heads, head_dim] and are addressed
 through each request's block table.
+
+A cache holds the model's dtype, or fp8 (`FP8_DTYPES`, `--kv-cache-dtype`) with one scale per
+cache: stored = K / k_scale, rounded to nearest even and saturated at the format's largest
+finite value (as the C kernels write it); read back, K = stored * k_scale. The scales are folded
+where they cost nothing: k_scale into the softmax scale, v_scale into the output.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import torch.nn.functional as F
 # Query tokens per prefill tile (AttentionMetadata.prefill_tiles): each K/V row a tile reads
 # serves this many tokens.
 PREFILL_TILE_TOKENS = 16
+
+# fp8 cache dtypes (as --kv-cache-dtype names them) and each one's largest finite value.
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 @dataclass
@@ -85,21 +94,42 @@ class AttentionMetadata:
                    query_lens=query_lens, seq_lens_host=seq_lens, num_decodes=num_decodes)
 
 
+def to_cache_format(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as a cache of `cache_dtype` stores it: as it is for the model's dtype; for fp8,
+    x / scale saturated at the format's largest value and rounded to nearest even."""
+    if cache_dtype not in FP8_MAX:
+        return x
+    limit = FP8_MAX[cache_dtype]
+    return (x.to(torch.float32) / scale).clamp(-limit, limit).to(cache_dtype)
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> None:
     """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots."""
     num_kv_heads, head_dim = key_cache.shape[2:]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    for new, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
+        stored = to_cache_format(new, cache.dtype, scale)
+        # fp8 through a byte view: index_copy_ has no fp8 kernel on the CPU.
+        _bytes_if_fp8(cache).view(-1, num_kv_heads, head_dim).index_copy_(
+            0, slot_mapping, _bytes_if_fp8(stored))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[..., max_blocks] block ids -> [..., num_kv_heads, max_blocks * block_size, head_dim].
+def _bytes_if_fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.uint8) if x.dtype in FP8_MAX else x
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """[..., max_blocks] block ids -> [..., num_kv_heads, max_blocks * block_size, head_dim], in
+    `dtype` (an fp8 cache's values converted exactly, not yet scaled).
 
     index_select on the flattened table: several times faster on CPU than advanced indexing
     (`cache[block_table]`) for the same copy."""
     _, block_size, kv_heads, head_dim = cache.shape
-    blocks = cache.index_select(0, block_table.reshape(-1))
+    blocks = _bytes_if_fp8(cache).index_select(0, block_table.reshape(-1))
+    if cache.dtype in FP8_MAX:
+        blocks = blocks.view(cache.dtype).to(dtype)
     *lead, max_blocks = block_table.shape
     return blocks.view(*lead, max_blocks * block_size, kv_heads, head_dim).transpose(-3, -2)
 
@@ -114,8 +144,8 @@ def _window_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, seq_len: torch.
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """query [num_tokens, num_heads, head_dim] -> output of the same shape.
 
     Decodes run as one batched attention over their gathered contexts; each prefill runs on its
@@ -124,12 +154,13 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """
     out = torch.empty_like(query)
     nd = meta.num_decodes
+    scale *= k_scale
     if nd:
         out[:nd] = paged_decode_attention(query[:nd], key_cache, value_cache,
                                           meta.block_tables[:nd], meta.seq_lens[:nd],
                                           max(meta.seq_lens_host[:nd]), scale, sliding_window)
     paged_prefill_attention(query, key_cache, value_cache, meta, scale, sliding_window, out)
-    return out
+    return out if v_scale == 1.0 else out.mul_(v_scale)
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
@@ -137,11 +168,13 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            seq_lens: torch.Tensor, max_seq_len: int, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence (query [num_seqs, num_heads, head_dim]), all sequences in
-    one masked attention over their gathered contexts."""
+    one masked attention over their gathered contexts (an fp8 cache's values unscaled: the
+    caller folds its scales in)."""
     nd = query.shape[0]
     max_blocks = -(-max_seq_len // key_cache.shape[1])
     tables = block_tables[:, :max_blocks]
-    keys, values = _gather_context(key_cache, tables), _gather_context(value_cache, tables)
+    keys = _gather_context(key_cache, tables, query.dtype)
+    values = _gather_context(value_cache, tables, query.dtype)
     seq_lens = seq_lens[:, None]
     key_pos = torch.arange(keys.shape[-2], device=query.device)
     mask = _window_mask(key_pos, seq_lens - 1, seq_lens, sliding_window)
@@ -164,8 +197,8 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         q_len, seq_len = meta.query_lens[i], meta.seq_lens_host[i]
         num_blocks = -(-seq_len // key_cache.shape[1])
         table = meta.block_tables[i, :num_blocks]
-        keys = _gather_context(key_cache, table)[:, :seq_len]
-        values = _gather_context(value_cache, table)[:, :seq_len]
+        keys = _gather_context(key_cache, table, query.dtype)[:, :seq_len]
+        values = _gather_context(value_cache, table, query.dtype)[:, :seq_len]
         query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
         key_pos = torch.arange(seq_len, device=query.device)
         mask = _window_mask(key_pos, query_pos, torch.tensor(seq_len), sliding_window)

@@ -45,14 +45,16 @@ SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c", SOURCE_DIR / "in
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# A KV cache's storage formats (FORMAT_* in csrc/common.h): the queries' dtype, or fp8.
+KV_FORMATS = {**DTYPES, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 
 
 class _DecodeShape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "num_seqs", "num_heads", "num_kv_heads", "head_dim", "block_size", "table_stride",
         "q_stride_s", "q_stride_h", "o_stride_s", "o_stride_h",
-        "kv_stride_b", "kv_stride_t", "kv_stride_h", "bf16", "window")] + [
-        ("scale", ctypes.c_float)]
+        "kv_stride_b", "kv_stride_t", "kv_stride_h", "bf16", "kv_format", "window")] + [
+        (name, ctypes.c_float) for name in ("scale", "k_scale", "v_scale")]
 
 
 def check_layout(c_struct: str, mirror: type[ctypes.Structure], size: int,
@@ -137,7 +139,7 @@ def _library() -> ctypes.CDLL | None:
         attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(_DecodeShape)]
     library.prefill_tiles_supported.argtypes = [ctypes.c_int64]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 8
+    library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 9 + [ctypes.c_float] * 2
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
     library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
@@ -153,11 +155,13 @@ def available() -> bool:
 
 def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      tables: torch.Tensor, out: torch.Tensor, num_tasks: int, scale: float,
-                     sliding_window: int | None) -> _DecodeShape:
+                     sliding_window: int | None, k_scale: float,
+                     v_scale: float) -> _DecodeShape:
     """The C kernels' view of the tensors, checked: `num_tasks` sequences (or tiles)."""
     _, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
-    assert query.dtype in DTYPES and key_cache.dtype == query.dtype == value_cache.dtype
+    assert query.dtype in DTYPES and key_cache.dtype == value_cache.dtype
+    assert key_cache.dtype in (query.dtype, torch.float8_e4m3fn, torch.float8_e5m2)
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     assert query.stride(-1) == 1 and num_heads % num_kv_heads == 0
     assert out.dtype == query.dtype and out.stride(-1) == 1
@@ -167,16 +171,19 @@ def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         q_stride_h=query.stride(1), o_stride_s=out.stride(0), o_stride_h=out.stride(1),
         kv_stride_b=key_cache.stride(0), kv_stride_t=key_cache.stride(1),
         kv_stride_h=key_cache.stride(2), bf16=DTYPES[query.dtype],
-        window=sliding_window or 0, scale=scale)
+        kv_format=KV_FORMATS[key_cache.dtype], window=sliding_window or 0, scale=scale,
+        k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
                                value_cache: torch.Tensor, block_tables: torch.Tensor,
                                seq_lens: torch.Tensor, scale: float,
                                sliding_window: int | None = None,
-                               out: torch.Tensor | None = None) -> torch.Tensor:
+                               out: torch.Tensor | None = None, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
     """Decode attention, one query token per sequence; the arguments and result as
-    `triton_attention.paged_attention_decode_triton` (float32 or bfloat16, CPU)."""
+    `triton_attention.paged_attention_decode_triton` (float32 or bfloat16 queries, a cache of
+    their dtype or of fp8 with its scales, CPU)."""
     library = _library()
     assert library is not None, "the CPU kernels are not available"
     if out is None:
@@ -184,7 +191,7 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
     tables = block_tables.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
     shape = _attention_shape(query, key_cache, value_cache, tables, out, query.shape[0], scale,
-                             sliding_window)
+                             sliding_window, k_scale, v_scale)
     if query.shape[0] and library.paged_decode_attention(
             out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             tables.data_ptr(), lens.data_ptr(), ctypes.byref(shape)):
@@ -194,13 +201,14 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
 
 def paged_prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
                                 value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                                sliding_window: int | None, out: torch.Tensor) -> None:
+                                sliding_window: int | None, out: torch.Tensor,
+                                k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """The prefill tokens' attention into `out`, a tile of consecutive tokens of one request at
     a time (`meta.prefill_tiles`); only where `prefill_tiles_supported`."""
     tiles = meta.prefill_tiles
     tables = meta.block_tables.to(torch.int64).contiguous()
     shape = _attention_shape(query, key_cache, value_cache, tables, out, tiles.shape[0], scale,
-                             sliding_window)
+                             sliding_window, k_scale, v_scale)
     if _library().paged_prefill_attention(
             out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             tables.data_ptr(), tiles.data_ptr(), ctypes.byref(shape)):
@@ -215,11 +223,14 @@ def prefill_tiles_supported(head_dim: int) -> bool:
 
 
 def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                       value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """As `attention.write_kv_cache` (key / value may be strided views, as the q/k/v
     split leaves them, with unit stride within a head)."""
     num_kv_heads, head_dim = key_cache.shape[2:]
-    assert key.dtype == value.dtype == key_cache.dtype == value_cache.dtype
+    assert key.dtype == value.dtype and key.dtype in DTYPES
+    assert key_cache.dtype == value_cache.dtype and key_cache.dtype in (
+        key.dtype, torch.float8_e4m3fn, torch.float8_e5m2)
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     assert key.shape == value.shape == (slot_mapping.shape[0], num_kv_heads, head_dim)
     assert key.stride(-1) == 1 and value.stride(-1) == 1
@@ -227,12 +238,14 @@ def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
     _library().write_kv_cache(
         key_cache.data_ptr(), value_cache.data_ptr(), key.data_ptr(), value.data_ptr(),
         slots.data_ptr(), key.shape[0], num_kv_heads, head_dim, key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1), key.element_size())
+        value.stride(0), value.stride(1), DTYPES[key.dtype], KV_FORMATS[key_cache.dtype],
+        k_scale, v_scale)
 
 
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float,
-                        sliding_window: int | None = None) -> torch.Tensor:
+                        sliding_window: int | None = None, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
     """Drop-in for `attention.paged_attention`: decodes one query per sequence; prefills
     by tiles of consecutive tokens where the machine's kernels can
     (`prefill_tiles_supported`), else each prefill token as a one-query request over its causal
@@ -242,14 +255,16 @@ def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cach
             query.shape[-1]):
         tables, lens = meta.token_contexts
         return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
-                                          sliding_window)
+                                          sliding_window, k_scale=k_scale, v_scale=v_scale)
     out = torch.empty_like(query)
     decodes = meta.num_decodes
     if decodes:
         paged_decode_attention_cpu(query[:decodes], key_cache, value_cache,
                                    meta.block_tables[:decodes], meta.seq_lens[:decodes], scale,
-                                   sliding_window, out=out[:decodes])
-    paged_prefill_attention_cpu(query, key_cache, value_cache, meta, scale, sliding_window, out)
+                                   sliding_window, out=out[:decodes], k_scale=k_scale,
+                                   v_scale=v_scale)
+    paged_prefill_attention_cpu(query, key_cache, value_cache, meta, scale, sliding_window, out,
+                                k_scale, v_scale)
     return out
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.attention import AttentionMetadata
+from pagedserve.kernels.attention import FP8_MAX, AttentionMetadata, to_cache_format
 
 
 @triton.jit
@@ -62,10 +62,17 @@ def _write_kv_cache_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, s
 
 
 def write_kv_cache_triton(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                          value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                          value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots
     (block_id * block_size + offset). Same semantics as `attention.write_kv_cache`;
-    a negative slot (padding) is skipped."""
+    a negative slot (padding) is skipped. For an fp8 cache the new rows are converted first,
+    by `attention.to_cache_format` (Triton's own fp8 conversion rounds differently in its
+    interpreter), and the kernel stores their bytes."""
+    if key_cache.dtype in FP8_MAX:
+        key = to_cache_format(key, key_cache.dtype, k_scale).view(torch.uint8)
+        value = to_cache_format(value, value_cache.dtype, v_scale).view(torch.uint8)
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape and slot_mapping.shape == (num_tokens,)
     assert key_cache.shape[2:] == (num_kv_heads, head_dim) and value_cache.shape == key_cache.shape
@@ -141,8 +148,10 @@ def _paged_attention_decode_kernel(
                         mask=valid & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
         offs_t = k_pos % BLOCK_SIZE
         load_mask = valid[:, None] & mask_d[None, :]
+        # An fp8 cache's values, exactly in the queries' dtype (its scale is in `scale`).
         k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
+                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask,
+                    other=0.0).to(q.dtype)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -152,7 +161,8 @@ def _paged_attention_decode_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
+                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask,
+                    other=0.0).to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -397,10 +407,11 @@ def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row
               + kv_head * stride_kh + offs_d[None, :])
     v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
               + kv_head * stride_vh + offs_d[None, :])
+    # An fp8 cache's values, exactly in the queries' dtype (its scale is in qk_scale).
     if MASKED or not EVEN_D:
-        k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=load_mask, other=0.0).to(q.dtype)
     else:
-        k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs).to(q.dtype)
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -415,9 +426,9 @@ def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
     if MASKED or not EVEN_D:
-        v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=load_mask, other=0.0).to(q.dtype)
     else:
-        v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs).to(q.dtype)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -553,10 +564,13 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
 def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                            sliding_window: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """Drop-in for `attention.paged_attention`: the decode kernel on the first
     meta.num_decodes rows (one token each), the prefill kernel on the chunks after them
-    (written into `out` when given)."""
+    (written into `out` when given). An fp8 cache's scales: k_scale joins the softmax scale,
+    v_scale multiplies the output."""
+    scale *= k_scale
     if out is None:
         out = torch.empty_like(query)
     assert out.shape == query.shape and out.dtype == query.dtype
@@ -573,4 +587,4 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                        meta.seq_lens[nd:], meta.query_start_loc[nd:], scale,
                                        sliding_window, out=out,
                                        max_query_len=max(meta.query_lens[nd:]))
-    return out
+    return out if v_scale == 1.0 else out.mul_(v_scale)

@@ -366,7 +366,12 @@ def split_grouped_qkv(fused: torch.Tensor, num_kv_heads: int,
 
 class PagedAttention(KernelLayer):
     """Writes the step's K/V into this layer's paged cache, then attends through block tables.
-    The runner binds the cache tensors once, after allocating them (`bind_kv_caches`)."""
+    The runner binds the cache tensors once, after allocating them (`bind_kv_caches`). An fp8
+    cache stores K / k_scale and V / v_scale (kernels/pagedserve/kernels/attention.py); the
+    scales are 1 unless a checkpoint gives them."""
+
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  sliding_window: int | None = None):
@@ -380,9 +385,11 @@ class PagedAttention(KernelLayer):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
         key_cache, value_cache = self.kv_cache
-        self.kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        self.kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping,
+                                    k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.kernels.paged_attention(q, key_cache, value_cache, meta, self.scale,
-                                           self.sliding_window)
+                                           self.sliding_window, k_scale=self.k_scale,
+                                           v_scale=self.v_scale)
         return out.reshape(q.shape[0], -1)
 
 

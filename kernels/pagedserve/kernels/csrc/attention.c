@@ -1,7 +1,9 @@
 /* Paged decode attention for the CPU: one query token per sequence, K/V read in place through
- * the block table (no gathered copy), bfloat16 or float32 storage, float32 arithmetic (with
- * bfloat16 storage on CPUs with AVX-512 BF16, the q.K products are bfloat16 dot products
- * accumulated in float32, which is exact for the products).
+ * the block table (no gathered copy), bfloat16 or float32 queries, a KV cache of the queries'
+ * dtype or of fp8 (e4m3 or e5m2, each cache with one scale: K = stored * k_scale), float32
+ * arithmetic (with bfloat16 queries and cache on CPUs with AVX-512 BF16, the q.K products are
+ * bfloat16 dot products accumulated in float32, which is exact for the products). The scales
+ * cost nothing per element: k_scale joins the softmax scale, v_scale multiplies the output.
  *
  * Built at first use by kernels/cpu_kernels.py with the machine's C compiler
  * (-O3 -march=native -fopenmp: the loops over head_dim vectorise to the CPU's widest SIMD) and
@@ -25,9 +27,10 @@ typedef struct {
     int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, table_stride;
     int64_t q_stride_s, q_stride_h, o_stride_s, o_stride_h;  /* in elements */
     int64_t kv_stride_b, kv_stride_t, kv_stride_h;           /* same for the K and V caches */
-    int64_t bf16;                                            /* 1: bfloat16, 0: float32 */
-    int64_t window;                                          /* 0: no sliding window */
-    float scale;
+    int64_t bf16;                      /* queries and output: 1: bfloat16, 0: float32 */
+    int64_t kv_format;                 /* the caches' FORMAT_* (common.h) */
+    int64_t window;                    /* 0: no sliding window */
+    float scale, k_scale, v_scale;
 } DecodeShape;
 
 /* DecodeShape's layout, for kernels/cpu_kernels.py to check its ctypes mirror of the struct at
@@ -35,7 +38,7 @@ typedef struct {
  * field's offset and size, in the same order. A field not listed here goes unchecked. */
 #define DECODE_SHAPE_FIELDS(F) F(num_seqs) F(num_heads) F(num_kv_heads) F(head_dim) F(block_size) \
     F(table_stride) F(q_stride_s) F(q_stride_h) F(o_stride_s) F(o_stride_h) F(kv_stride_b)       \
-    F(kv_stride_t) F(kv_stride_h) F(bf16) F(window) F(scale)
+    F(kv_stride_t) F(kv_stride_h) F(bf16) F(kv_format) F(window) F(scale) F(k_scale) F(v_scale)
 #define FIELD_NAME(field) #field " "
 #define FIELD_LAYOUT(field) offsetof(DecodeShape, field), sizeof(((DecodeShape *)0)->field),
 const char *decode_shape_layout(const int64_t **layout) {
@@ -48,7 +51,7 @@ const char *decode_shape_layout(const int64_t **layout) {
 #undef FIELD_LAYOUT
 
 /* scores[g * stride] = qf[g] . (the K row at `offset`) for each query row g. */
-static inline void score_row(const void *k, int64_t offset, int64_t bf16, int64_t dim,
+static inline void score_row(const void *k, int64_t offset, int64_t format, int64_t dim,
                              int64_t group, const float *qf, float *row, float *scores,
                              int64_t stride) {
 #if defined(__AVX512F__)
@@ -56,14 +59,14 @@ static inline void score_row(const void *k, int64_t offset, int64_t bf16, int64_
         for (int64_t g = 0; g < group; g++) {
             __m512 sum = _mm512_setzero_ps();
             for (int64_t d = 0; d < dim; d += 16)
-                sum = _mm512_fmadd_ps(load16(k, offset + d, bf16),
+                sum = _mm512_fmadd_ps(load16(k, offset + d, format),
                                       _mm512_loadu_ps(qf + g * dim + d), sum);
             scores[g * stride] = _mm512_reduce_add_ps(sum);
         }
         return;
     }
 #endif
-    load_row(k, offset, bf16, dim, row);
+    load_row(k, offset, format, dim, row);
     for (int64_t g = 0; g < group; g++) {
         float dot = 0.0f;
         for (int64_t d = 0; d < dim; d++) dot += qf[g * dim + d] * row[d];
@@ -87,13 +90,13 @@ static inline void score_row_bf16(const uint16_t *k, const uint16_t *qb, int64_t
 #endif
 
 /* acc[g] += p[g * stride] * (the V row at `offset`) for each query row g. */
-static inline void accumulate_row(const void *v, int64_t offset, int64_t bf16, int64_t dim,
+static inline void accumulate_row(const void *v, int64_t offset, int64_t format, int64_t dim,
                                   int64_t group, const float *p, int64_t stride, float *row,
                                   float *acc) {
 #if defined(__AVX512F__)
     if (dim % 16 == 0) {
         for (int64_t d = 0; d < dim; d += 16) {
-            const __m512 value = load16(v, offset + d, bf16);
+            const __m512 value = load16(v, offset + d, format);
             for (int64_t g = 0; g < group; g++) {
                 float *a = acc + g * dim + d;
                 _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride]), value,
@@ -103,7 +106,7 @@ static inline void accumulate_row(const void *v, int64_t offset, int64_t bf16, i
         return;
     }
 #endif
-    load_row(v, offset, bf16, dim, row);
+    load_row(v, offset, format, dim, row);
     for (int64_t g = 0; g < group; g++) {
         const float weight = p[g * stride];
         for (int64_t d = 0; d < dim; d++) acc[g * dim + d] += weight * row[d];
@@ -134,21 +137,31 @@ static inline int64_t slot_offset(const int64_t *table, int64_t pos, const Decod
  * its attention at half the speed of one with contiguous tables). */
 #define PREFETCH_AHEAD 8
 
-/* Brings `bytes` bytes from `offset` elements into `cache` towards the L1 cache. */
-static inline void prefetch_bytes(const void *cache, int64_t offset, int64_t bf16,
+/* Brings `bytes` bytes from `offset` elements (of `format`) into `cache` towards the L1 cache. */
+static inline void prefetch_bytes(const void *cache, int64_t offset, int64_t format,
                                   int64_t bytes) {
-    const char *start = (const char *)cache + offset * (bf16 ? 2 : 4);
+    const char *start = (const char *)cache + offset * format_size(format);
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(start + b, 0, 3);
+}
+
+/* acc's `rows` rows of `dim` times the V cache's scale (when it has one), then stored. */
+static inline void store_rows(void *out, int64_t offset, int64_t stride, int64_t bf16,
+                              int64_t rows, int64_t dim, float *acc, float v_scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        if (v_scale != 1.0f)
+            for (int64_t d = 0; d < dim; d++) acc[r * dim + d] *= v_scale;
+        store_row(out, offset + r * stride, bf16, dim, acc + r * dim);
+    }
 }
 
 /* One sequence's KV heads [kv_first, kv_last). Position by position, the K (then V) rows of
  * those heads sit next to each other in the cache, so a task reads them as one stream.
- * Inlined into a float32 and a bfloat16 copy (`bf16` a constant in each), so that neither
- * carries the other's branch through its loops. */
+ * Inlined into one copy per (query dtype, cache format) pair (`bf16` and `kv` constants in
+ * each), so that none carries another's branches through its loops. */
 static inline __attribute__((always_inline)) void attend(
         void *out, const void *q, const void *k_cache, const void *v_cache,
         const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
-        const DecodeShape *s, float *work, const int64_t bf16) {
+        const DecodeShape *s, float *work, const int64_t bf16, const int64_t kv) {
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
     const int64_t first = window_start(len, s);
@@ -158,10 +171,11 @@ static inline __attribute__((always_inline)) void attend(
     /* AVX-512 BF16 dot products: the query rows stay bfloat16 (in qf's space) and the scale
      * comes after the sums, so K is never converted to float32. */
 #if defined(__AVX512BF16__)
-    const int dot_bf16 = bf16 && dim % 32 == 0;
+    const int dot_bf16 = bf16 && kv == FORMAT_BF16 && dim % 32 == 0;
 #else
     const int dot_bf16 = 0;
 #endif
+    const float scale = s->scale * s->k_scale;
     uint16_t *qb = (uint16_t *)qf;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t offset = seq * s->q_stride_s + (head0 + r) * s->q_stride_h;
@@ -169,18 +183,18 @@ static inline __attribute__((always_inline)) void attend(
             for (int64_t d = 0; d < dim; d++) qb[r * dim + d] = ((const uint16_t *)q)[offset + d];
         } else {
             load_row(q, offset, bf16, dim, qf + r * dim);
-            for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= s->scale;
+            for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
         }
         for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
     }
     /* The bytes of one position's rows for this task's heads. */
-    const int64_t row_bytes = ((kv_last - kv_first - 1) * s->kv_stride_h + dim) * (bf16 ? 2 : 4);
+    const int64_t row_bytes = ((kv_last - kv_first - 1) * s->kv_stride_h + dim) * format_size(kv);
     const int64_t head_offset = kv_first * s->kv_stride_h;
     for (int64_t i = 0; i < n; i++) {
         const int64_t base = slot_offset(table, first + i, s);
         if (i + PREFETCH_AHEAD < n)
             prefetch_bytes(k_cache, slot_offset(table, first + i + PREFETCH_AHEAD, s)
-                           + head_offset, bf16, row_bytes);
+                           + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
 #if defined(__AVX512BF16__)
@@ -190,41 +204,56 @@ static inline __attribute__((always_inline)) void attend(
                 continue;
             }
 #endif
-            score_row(k_cache, base + h * s->kv_stride_h, bf16, dim, group, qf + r * dim, row,
+            score_row(k_cache, base + h * s->kv_stride_h, kv, dim, group, qf + r * dim, row,
                       scores + r * n + i, n);
         }
     }
     for (int64_t r = 0; r < rows; r++) {
         if (dot_bf16)
-            for (int64_t i = 0; i < n; i++) scores[r * n + i] *= s->scale;
+            for (int64_t i = 0; i < n; i++) scores[r * n + i] *= scale;
         softmax_row(scores + r * n, n);
     }
     for (int64_t i = 0; i < n; i++) {
         const int64_t base = slot_offset(table, first + i, s);
         if (i + PREFETCH_AHEAD < n)
             prefetch_bytes(v_cache, slot_offset(table, first + i + PREFETCH_AHEAD, s)
-                           + head_offset, bf16, row_bytes);
+                           + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
-            accumulate_row(v_cache, base + h * s->kv_stride_h, bf16, dim, group,
+            accumulate_row(v_cache, base + h * s->kv_stride_h, kv, dim, group,
                            scores + r * n + i, n, row, acc + r * dim);
         }
     }
-    for (int64_t r = 0; r < rows; r++)
-        store_row(out, seq * s->o_stride_s + (head0 + r) * s->o_stride_h, bf16, dim,
-                  acc + r * dim);
+    store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, bf16, rows, dim,
+               acc, s->v_scale);
 }
 
-static void attend_f32(void *out, const void *q, const void *k_cache, const void *v_cache,
-                       const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last,
-                       int64_t len, const DecodeShape *s, float *work) {
-    attend(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work, 0);
-}
+typedef void (*AttendFunction)(void *, const void *, const void *, const void *,
+                               const int64_t *, int64_t, int64_t, int64_t, int64_t,
+                               const DecodeShape *, float *);
 
-static void attend_bf16(void *out, const void *q, const void *k_cache, const void *v_cache,
-                        const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last,
-                        int64_t len, const DecodeShape *s, float *work) {
-    attend(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work, 1);
+/* attend_<query dtype>_<cache format>: `attend` with both constant. */
+#define ATTEND_COPY(name, bf16, kv)                                                            \
+    static void name(void *out, const void *q, const void *k_cache, const void *v_cache,      \
+                     const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last,    \
+                     int64_t len, const DecodeShape *s, float *work) {                        \
+        attend(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work, bf16,   \
+               kv);                                                                            \
+    }
+ATTEND_COPY(attend_f32_f32, 0, FORMAT_F32)
+ATTEND_COPY(attend_f32_e4m3, 0, FORMAT_E4M3)
+ATTEND_COPY(attend_f32_e5m2, 0, FORMAT_E5M2)
+ATTEND_COPY(attend_bf16_bf16, 1, FORMAT_BF16)
+ATTEND_COPY(attend_bf16_e4m3, 1, FORMAT_E4M3)
+ATTEND_COPY(attend_bf16_e5m2, 1, FORMAT_E5M2)
+
+/* The copy of `attend` for the shape's query dtype and cache format (a cache of the queries'
+ * dtype, or fp8). */
+static AttendFunction attend_for(const DecodeShape *s) {
+    static const AttendFunction copies[2][4] = {
+        {attend_f32_f32, 0, attend_f32_e4m3, attend_f32_e5m2},
+        {0, attend_bf16_bf16, attend_bf16_e4m3, attend_bf16_e5m2}};
+    return copies[s->bf16][s->kv_format];
 }
 
 /* Returns 0, or -1 when a task's scratch memory could not be allocated (out is then partly
@@ -245,9 +274,8 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         float *work = malloc(sizeof(float) * (2 * rows * s->head_dim + s->head_dim
                                               + rows * (len - window_start(len, s))));
         if (!work) { failed = 1; continue; }
-        (s->bf16 ? attend_bf16 : attend_f32)(out, q, k_cache, v_cache,
-                                             block_tables + seq * s->table_stride, seq,
-                                             kv_first, kv_first + heads_per_task, len, s, work);
+        attend_for(s)(out, q, k_cache, v_cache, block_tables + seq * s->table_stride, seq,
+                      kv_first, kv_first + heads_per_task, len, s, work);
         free(work);
     }
     return failed ? -1 : 0;
@@ -322,13 +350,15 @@ static inline __attribute__((always_inline)) void score_tile(
 
 /* `tokens` query tokens from flat row `row0`, the first with a context of `len0` positions (the
  * next ones one more each), against KV head `h`; `work` as paged_prefill_attention sizes it.
- * Inlined into one copy per (storage, dot product) pair, each with constant flags. */
+ * Inlined into one copy per (query dtype, cache format, dot product) triple, each with constant
+ * flags. */
 static inline __attribute__((always_inline)) void attend_tile(
         void *out, const void *q, const void *k_cache, const void *v_cache,
         const int64_t *table, int64_t row0, int64_t tokens, int64_t len0, int64_t h,
-        const DecodeShape *s, float *work, const int64_t bf16, const int64_t dot_bf16) {
+        const DecodeShape *s, float *work, const int64_t bf16, const int64_t kv,
+        const int64_t dot_bf16) {
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
-    const int64_t rows = tokens * group, size = bf16 ? 2 : 4;
+    const int64_t rows = tokens * group, size = format_size(kv);
     const int64_t first = window_start(len0, s);
     const int64_t n = len0 + tokens - 1 - first;
     float *acc = work, *vt = acc + rows * dim, *kt = vt + KEY_TILE * dim;
@@ -344,7 +374,8 @@ static inline __attribute__((always_inline)) void attend_tile(
         }
     memset(acc, 0, sizeof(float) * rows * dim);
     const __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(s->scale);
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    const __m512 scale = _mm512_set1_ps(s->scale * s->k_scale);
     /* Scores: row r (token t, query head g) may attend relative positions [lo, hi). */
     for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
         const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
@@ -356,7 +387,7 @@ static inline __attribute__((always_inline)) void attend_tile(
                     ((uint32_t *)kt)[j * KEY_TILE + p] = krow ? ((const uint32_t *)krow)[j] : 0;
             else
                 for (int64_t d = 0; d < dim; d++)
-                    kt[d * KEY_TILE + p] = krow ? load_one(krow, d, bf16) : 0.0f;
+                    kt[d * KEY_TILE + p] = krow ? load_one(krow, d, kv) : 0.0f;
         }
         const __m512i position = _mm512_add_epi32(index, _mm512_set1_epi32((int)p0));
         const __mmask16 stored = (__mmask16)((1u << count) - 1);
@@ -384,7 +415,7 @@ static inline __attribute__((always_inline)) void attend_tile(
     for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
         const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
         for (int64_t p = 0; p < count; p++)
-            load_row(v_cache, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, bf16,
+            load_row(v_cache, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, kv,
                      dim, vt + p * dim);
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
             int64_t r0 = 0;
@@ -395,26 +426,40 @@ static inline __attribute__((always_inline)) void attend_tile(
         }
     }
     for (int64_t t = 0; t < tokens; t++)
-        for (int64_t g = 0; g < group; g++)
-            store_row(out, (row0 + t) * s->o_stride_s + (h * group + g) * s->o_stride_h, bf16,
-                      dim, acc + (t * group + g) * dim);
+        store_rows(out, (row0 + t) * s->o_stride_s + h * group * s->o_stride_h, s->o_stride_h,
+                   bf16, group, dim, acc + t * group * dim, s->v_scale);
 }
 
-static void attend_tile_f32(void *out, const void *q, const void *k_cache, const void *v_cache,
-                            const int64_t *table, int64_t row0, int64_t tokens, int64_t len0,
-                            int64_t h, const DecodeShape *s, float *work) {
-    attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, 0, 0);
-}
+typedef void (*AttendTileFunction)(void *, const void *, const void *, const void *,
+                                   const int64_t *, int64_t, int64_t, int64_t, int64_t,
+                                   const DecodeShape *, float *);
 
-static void attend_tile_bf16(void *out, const void *q, const void *k_cache,
-                             const void *v_cache, const int64_t *table, int64_t row0,
-                             int64_t tokens, int64_t len0, int64_t h, const DecodeShape *s,
-                             float *work) {
 #if defined(__AVX512BF16__)
-    attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, 1, 1);
+#define DOT_BF16 1
 #else
-    attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, 1, 0);
+#define DOT_BF16 0
 #endif
+
+/* attend_tile_<query dtype>_<cache format>: `attend_tile` with its flags constant. */
+#define ATTEND_TILE_COPY(name, bf16, kv, dot_bf16)                                             \
+    static void name(void *out, const void *q, const void *k_cache, const void *v_cache,      \
+                     const int64_t *table, int64_t row0, int64_t tokens, int64_t len0,        \
+                     int64_t h, const DecodeShape *s, float *work) {                          \
+        attend_tile(out, q, k_cache, v_cache, table, row0, tokens, len0, h, s, work, bf16,    \
+                    kv, dot_bf16);                                                             \
+    }
+ATTEND_TILE_COPY(attend_tile_f32_f32, 0, FORMAT_F32, 0)
+ATTEND_TILE_COPY(attend_tile_f32_e4m3, 0, FORMAT_E4M3, 0)
+ATTEND_TILE_COPY(attend_tile_f32_e5m2, 0, FORMAT_E5M2, 0)
+ATTEND_TILE_COPY(attend_tile_bf16_bf16, 1, FORMAT_BF16, DOT_BF16)
+ATTEND_TILE_COPY(attend_tile_bf16_e4m3, 1, FORMAT_E4M3, 0)
+ATTEND_TILE_COPY(attend_tile_bf16_e5m2, 1, FORMAT_E5M2, 0)
+
+static AttendTileFunction attend_tile_for(const DecodeShape *s) {
+    static const AttendTileFunction copies[2][4] = {
+        {attend_tile_f32_f32, 0, attend_tile_f32_e4m3, attend_tile_f32_e5m2},
+        {0, attend_tile_bf16_bf16, attend_tile_bf16_e4m3, attend_tile_bf16_e5m2}};
+    return copies[s->bf16][s->kv_format];
 }
 #endif
 
@@ -450,9 +495,8 @@ int paged_prefill_attention(void *out, const void *q, const void *k_cache, const
         float *work = malloc(sizeof(float) * (2 * rows * dim + 2 * KEY_TILE * dim
                                               + rows * n));
         if (!work) { failed = 1; continue; }
-        (s->bf16 ? attend_tile_bf16 : attend_tile_f32)(
-            out, q, k_cache, v_cache, block_tables + tile[0] * s->table_stride, tile[1],
-            tokens, len0, task % s->num_kv_heads, s, work);
+        attend_tile_for(s)(out, q, k_cache, v_cache, block_tables + tile[0] * s->table_stride,
+                           tile[1], tokens, len0, task % s->num_kv_heads, s, work);
         free(work);
     }
     return failed ? -1 : 0;
@@ -462,24 +506,43 @@ int paged_prefill_attention(void *out, const void *q, const void *k_cache, const
 #endif
 }
 
-/* The step's new K and V rows ([tokens][kv_heads][head_dim], any token and head strides, unit
- * stride within a row) into their cache slots ([slots][kv_heads][head_dim], contiguous): one
- * call for both caches instead of two index_copy_ calls of ~27 us each in a decode step. */
+/* One row of `dim` elements of `src_format` into the cache's `kv_format`: copied as it is when
+ * the formats agree, else divided by the cache's scale and rounded to fp8 (saturating). */
+static inline void store_kv_row(char *dst, const char *src, int64_t dim, int64_t src_format,
+                                int64_t kv_format, float scale) {
+    if (kv_format == src_format) {
+        memcpy(dst, src, dim * format_size(src_format));
+        return;
+    }
+    const float inverse = 1.0f / scale;
+    for (int64_t d = 0; d < dim; d++) {
+        const float x = load_one(src, d, src_format) * inverse;
+        dst[d] = (char)(kv_format == FORMAT_E4M3 ? f32_to_fp8(x, 3, 7, 448.0f)
+                                                : f32_to_fp8(x, 2, 15, 57344.0f));
+    }
+}
+
+/* The step's new K and V rows ([tokens][kv_heads][head_dim] of `src_format`, any token and head
+ * strides, unit stride within a row) into their cache slots ([slots][kv_heads][head_dim] of
+ * `kv_format`, contiguous): one call for both caches instead of two index_copy_ calls of
+ * ~27 us each in a decode step. */
 void write_kv_cache(void *key_cache, void *value_cache, const void *key, const void *value,
                     const int64_t *slots, int64_t tokens, int64_t kv_heads, int64_t head_dim,
                     int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
-                    int64_t v_stride_h, int64_t element_size) {
-    const int64_t row_bytes = head_dim * element_size;
+                    int64_t v_stride_h, int64_t src_format, int64_t kv_format, float k_scale,
+                    float v_scale) {
+    const int64_t src_size = format_size(src_format);
+    const int64_t row_bytes = head_dim * format_size(kv_format);
     char *kc = key_cache, *vc = value_cache;
     const char *k = key, *v = value;
     #pragma omp parallel for schedule(static) if (tokens > 256)
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t slot = slots[t] * kv_heads * row_bytes;
         for (int64_t h = 0; h < kv_heads; h++) {
-            memcpy(kc + slot + h * row_bytes, k + (t * k_stride_t + h * k_stride_h) * element_size,
-                   row_bytes);
-            memcpy(vc + slot + h * row_bytes, v + (t * v_stride_t + h * v_stride_h) * element_size,
-                   row_bytes);
+            store_kv_row(kc + slot + h * row_bytes, k + (t * k_stride_t + h * k_stride_h) * src_size,
+                         head_dim, src_format, kv_format, k_scale);
+            store_kv_row(vc + slot + h * row_bytes, v + (t * v_stride_t + h * v_stride_h) * src_size,
+                         head_dim, src_format, kv_format, v_scale);
         }
     }
 }

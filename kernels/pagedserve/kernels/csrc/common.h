@@ -1,5 +1,8 @@
-/* Helpers shared by the CPU kernels: bfloat16 <-> float32 rows and a vectorisable exp.
- * bfloat16 is stored as uint16_t; every kernel computes in float32. */
+/* Helpers shared by the CPU kernels: rows of the storage formats <-> float32, and a
+ * vectorisable exp. Every kernel computes in float32. A storage format is one of FORMAT_*:
+ * float32, bfloat16 (stored as uint16_t), and the two fp8 formats a KV cache may hold (one byte:
+ * e4m3 as PyTorch's float8_e4m3fn, finite only, at most 448; e5m2, at most 57344). The functions
+ * that take a `format` were written for bfloat16 or not (0 / 1), which the codes keep. */
 #ifndef PAGEDSERVE_COMMON_H
 #define PAGEDSERVE_COMMON_H
 
@@ -9,34 +12,101 @@
 #include <immintrin.h>
 #endif
 
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v = { .u = (uint32_t)x << 16 };
+enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_E4M3 = 2, FORMAT_E5M2 = 3 };
+
+static inline int64_t format_size(int64_t format) {
+    return format == FORMAT_F32 ? 4 : format == FORMAT_BF16 ? 2 : 1;
+}
+
+static inline float bits_to_f32(uint32_t bits) {
+    union { uint32_t u; float f; } v = { .u = bits };
     return v.f;
 }
 
+static inline float bf16_to_f32(uint16_t x) { return bits_to_f32((uint32_t)x << 16); }
+
+/* fp8 -> float32, exactly. e4m3: the 7 magnitude bits placed at float32's exponent and
+ * mantissa (bit 20 up) read as a float32 of exponent bias 127 instead of 7, hence the 2^120
+ * (a subnormal e4m3 becomes a float32 subnormal, which the product makes normal). e5m2: the
+ * upper byte of a float16. */
+static inline float e4m3_to_f32(uint8_t x) {
+    const float magnitude = bits_to_f32((uint32_t)(x & 0x7f) << 20) * 0x1p120f;
+    return x & 0x80 ? -magnitude : magnitude;
+}
+
+static inline float e5m2_to_f32(uint8_t x) {
+    const uint32_t sign = (uint32_t)(x & 0x80) << 24, exponent = (x >> 2) & 0x1f;
+    const uint32_t mantissa = x & 3;
+    if (exponent == 0) {  /* subnormal: mantissa * 2^-16 */
+        const float magnitude = (float)mantissa * 0x1p-16f;
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 0x1f) return bits_to_f32(sign | 0x7f800000u | (mantissa << 21));
+    return bits_to_f32(sign | ((exponent + 112) << 23) | (mantissa << 21));
+}
+
+/* float32 -> fp8 with `mantissa_bits` and exponent `bias`, rounded to nearest even and
+ * saturated at `max` (NaN stays NaN): as PyTorch's .to(float8_*) of a value clamped first. */
+static inline uint8_t f32_to_fp8(float f, int mantissa_bits, int bias, float max) {
+    /* The sign from the bits: the kernels build with -fno-signed-zeros, under which signbit()
+     * may call -0 positive, where PyTorch stores it negative. */
+    union { float f; uint32_t u; } bits = { .f = f };
+    const uint8_t sign = bits.u >> 31 ? 0x80 : 0;
+    float a = fabsf(f);
+    if (a != a) return sign | 0x7f;  /* a NaN in both formats */
+    a = a > max ? max : a;
+    const float min_normal = ldexpf(1.0f, 1 - bias);
+    if (a < min_normal)  /* subnormal (or rounding up to the smallest normal: same encoding) */
+        return sign | (uint8_t)rintf(ldexpf(a, bias - 1 + mantissa_bits));
+    union { float f; uint32_t u; } v = { .f = a };
+    const int drop = 23 - mantissa_bits;
+    v.u += ((1u << (drop - 1)) - 1) + ((v.u >> drop) & 1u);
+    const uint32_t exponent = (v.u >> 23) - 127 + bias, mantissa = (v.u >> drop)
+                              & ((1u << mantissa_bits) - 1);
+    return sign | (uint8_t)((exponent << mantissa_bits) | mantissa);
+}
+
 /* Element `i` of `base`, as float32. */
-static inline float load_one(const void *base, int64_t i, int64_t bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+static inline float load_one(const void *base, int64_t i, int64_t format) {
+    switch (format) {
+    case FORMAT_BF16: return bf16_to_f32(((const uint16_t *)base)[i]);
+    case FORMAT_E4M3: return e4m3_to_f32(((const uint8_t *)base)[i]);
+    case FORMAT_E5M2: return e5m2_to_f32(((const uint8_t *)base)[i]);
+    default: return ((const float *)base)[i];
+    }
 }
 
 /* Row `offset` elements into `base`, as float32. */
-static inline void load_row(const void *base, int64_t offset, int64_t bf16, int64_t dim,
+static inline void load_row(const void *base, int64_t offset, int64_t format, int64_t dim,
                             float *dst) {
-    if (bf16) {
-        const uint16_t *src = (const uint16_t *)base + offset;
-        for (int64_t d = 0; d < dim; d++) dst[d] = bf16_to_f32(src[d]);
-    } else {
+    if (format == FORMAT_F32) {
         const float *src = (const float *)base + offset;
         for (int64_t d = 0; d < dim; d++) dst[d] = src[d];
+    } else {
+        for (int64_t d = 0; d < dim; d++) dst[d] = load_one(base, offset + d, format);
     }
 }
 
 #if defined(__AVX512F__)
-/* 16 elements `offset` into `base`, as float32 (bfloat16: the 16 bits moved up). */
-static inline __m512 load16(const void *base, int64_t offset, int64_t bf16) {
-    if (bf16) {
+/* 16 elements `offset` into `base`, as float32 (bfloat16: the 16 bits moved up; fp8: as
+ * e4m3_to_f32 and e5m2_to_f32, lane by lane). */
+static inline __m512 load16(const void *base, int64_t offset, int64_t format) {
+    if (format == FORMAT_BF16) {
         const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    if (format == FORMAT_E4M3 || format == FORMAT_E5M2) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)((const uint8_t *)base + offset));
+        if (format == FORMAT_E5M2)
+            return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(raw), 8));
+        const __m512i bytes = _mm512_cvtepu8_epi32(raw);
+        const __m512 magnitude = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_and_si512(bytes, _mm512_set1_epi32(0x7f)), 20)),
+            _mm512_set1_ps(0x1p120f));
+        return _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(magnitude),
+            _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)), 24)));
     }
     return _mm512_loadu_ps((const float *)base + offset);
 }
