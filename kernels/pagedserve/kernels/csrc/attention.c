@@ -50,6 +50,20 @@ const char *decode_shape_layout(const int64_t **layout) {
 #undef FIELD_NAME
 #undef FIELD_LAYOUT
 
+#if FP8_TABLES
+Fp8Table fp8_tables[2];
+
+__attribute__((constructor)) static void fill_fp8_tables(void) {
+    for (int i = 0; i < 128; i++)
+        for (int f = 0; f < 2; f++) {
+            const float value = f ? e5m2_to_f32((uint8_t)i) : e4m3_to_f32((uint8_t)i);
+            union { float f; uint32_t u; } bits = { .f = value };
+            fp8_tables[f].low[i] = (uint8_t)(bits.u >> 16);
+            fp8_tables[f].high[i] = (uint8_t)(bits.u >> 24);
+        }
+}
+#endif
+
 /* scores[g * stride] = qf[g] . (the K row at `offset`) for each query row g. */
 static inline void score_row(const void *k, int64_t offset, int64_t format, int64_t dim,
                              int64_t group, const float *qf, float *row, float *scores,
@@ -168,10 +182,17 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t n = len - first;
     float *qf = work, *acc = qf + rows * dim, *row = acc + rows * dim;
     float *scores = row + dim;  /* [rows][n] */
+    uint16_t *converted = (uint16_t *)(scores + rows * n);  /* an fp8 row as bfloat16 [dim] */
     /* AVX-512 BF16 dot products: the query rows stay bfloat16 (in qf's space) and the scale
-     * comes after the sums, so K is never converted to float32. */
+     * comes after the sums, so K is never converted to float32. An fp8 cache's rows are
+     * converted to bfloat16 first (fp8_row_to_bf16), V's too. */
+#if FP8_TABLES
+    const int fp8_rows = bf16 && (kv == FORMAT_E4M3 || kv == FORMAT_E5M2) && dim % 32 == 0;
+#else
+    const int fp8_rows = 0;
+#endif
 #if defined(__AVX512BF16__)
-    const int dot_bf16 = bf16 && kv == FORMAT_BF16 && dim % 32 == 0;
+    const int dot_bf16 = bf16 && (kv == FORMAT_BF16 || fp8_rows) && dim % 32 == 0;
 #else
     const int dot_bf16 = 0;
 #endif
@@ -197,6 +218,14 @@ static inline __attribute__((always_inline)) void attend(
                            + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
+#if FP8_TABLES
+            if (fp8_rows) {
+                fp8_row_to_bf16((const uint8_t *)k_cache + base + h * s->kv_stride_h, dim, kv,
+                                converted);
+                score_row_bf16(converted, qb + r * dim, dim, group, scores + r * n + i, n);
+                continue;
+            }
+#endif
 #if defined(__AVX512BF16__)
             if (dot_bf16) {
                 score_row_bf16((const uint16_t *)k_cache + base + h * s->kv_stride_h,
@@ -220,6 +249,15 @@ static inline __attribute__((always_inline)) void attend(
                            + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
+#if FP8_TABLES
+            if (fp8_rows) {
+                fp8_row_to_bf16((const uint8_t *)v_cache + base + h * s->kv_stride_h, dim, kv,
+                                converted);
+                accumulate_row(converted, 0, FORMAT_BF16, dim, group, scores + r * n + i, n,
+                               row, acc + r * dim);
+                continue;
+            }
+#endif
             accumulate_row(v_cache, base + h * s->kv_stride_h, kv, dim, group,
                            scores + r * n + i, n, row, acc + r * dim);
         }
@@ -271,7 +309,7 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     for (int64_t task = 0; task < s->num_seqs * chunks; task++) {
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
-        float *work = malloc(sizeof(float) * (2 * rows * s->head_dim + s->head_dim
+        float *work = malloc(sizeof(float) * (2 * rows * s->head_dim + 2 * s->head_dim
                                               + rows * (len - window_start(len, s))));
         if (!work) { failed = 1; continue; }
         attend_for(s)(out, q, k_cache, v_cache, block_tables + seq * s->table_stride, seq,
