@@ -565,6 +565,20 @@ def test_tensor_parallel_renders(helm, args, tp, gpus):
     assert shm_size(manifests) == f"{tp}Gi"
 
 
+def test_quantization_and_kv_cache_dtype_reach_the_executor(helm):
+    """The values become the executor's PAGEDSERVE_QUANTIZATION and PAGEDSERVE_KV_CACHE_DTYPE
+    (the variables of its --quantization and --kv-cache-dtype); unset, no quantization."""
+    from pagedserve.runtime.flags import env_var
+
+    default = env_of(Manifests(render(helm, None)).container("executor"))
+    assert env_var("--quantization") not in default
+    assert default[env_var("--kv-cache-dtype")] == "auto"
+    env = env_of(Manifests(render(helm, None, "--set", "executor.quantization=w8a8_int8",
+                                  "--set", "executor.kvCacheDtype=fp8")).container("executor"))
+    assert env[env_var("--quantization")] == "w8a8_int8"
+    assert env[env_var("--kv-cache-dtype")] == "fp8"
+
+
 def test_shm_size_limit_overrides_the_per_rank_default(helm):
     manifests = Manifests(render(helm, VARIANTS["gpu-tp2"], "--set",
                                  "executor.shmSizeLimit=16Gi"))
