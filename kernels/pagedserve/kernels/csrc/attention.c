@@ -14,7 +14,9 @@
  * share a KV head are its rows, so each K/V row is read and converted once for all of them, and
  * a task reads its context's blocks as contiguous streams. Two passes over the context:
  * scores (then an exact softmax), then the weighted sum of V. Positions outside the context or
- * the sliding window are never read.
+ * the sliding window are never read. With bfloat16 queries (the CPU default) and head_dim a
+ * multiple of 32, the passes go by tiles of 16 positions (attend_tiles_bf16: no horizontal sum
+ * per score, V's accumulators in registers); otherwise position by position (attend).
  */
 #include <stddef.h>
 #include <stdlib.h>
@@ -88,21 +90,6 @@ static inline void score_row(const void *k, int64_t offset, int64_t format, int6
     }
 }
 
-#if defined(__AVX512BF16__)
-/* score_row for bfloat16 K and query rows, head_dim a multiple of 32: AVX-512 BF16 dot
- * products on the stored rows (no conversion to float32), unscaled. */
-static inline void score_row_bf16(const uint16_t *k, const uint16_t *qb, int64_t dim,
-                                  int64_t group, float *scores, int64_t stride) {
-    for (int64_t g = 0; g < group; g++) {
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t d = 0; d < dim; d += 32)
-            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(k + d),
-                                   (__m512bh)_mm512_loadu_si512(qb + g * dim + d));
-        scores[g * stride] = _mm512_reduce_add_ps(sum);
-    }
-}
-#endif
-
 /* acc[g] += p[g * stride] * (the V row at `offset`) for each query row g. */
 static inline void accumulate_row(const void *v, int64_t offset, int64_t format, int64_t dim,
                                   int64_t group, const float *p, int64_t stride, float *row,
@@ -135,7 +122,14 @@ static inline int64_t window_start(int64_t len, const DecodeShape *s) {
 /* p[0..n) = softmax(p[0..n)), exactly (max subtracted first); -inf entries become 0. */
 static inline void softmax_row(float *p, int64_t n) {
     float max = -INFINITY, sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    /* The compiler keeps a scalar loop for the max (its NaN rules); this one is vectorised. */
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p + i));
+    max = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; i < n; i++) max = p[i] > max ? p[i] : max;
     for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
     for (int64_t i = 0; i < n; i++) p[i] /= sum;
 }
@@ -168,6 +162,162 @@ static inline void store_rows(void *out, int64_t offset, int64_t stride, int64_t
     }
 }
 
+#if defined(__AVX512F__)
+/* Key positions scored at once: one per lane of a 512-bit float vector. */
+#define KEY_TILE 16
+
+/* acc[r] (+)= sum over the tile's positions p < count of probs[r][p] * V[p], for RB rows from
+ * `r0`, over the 32 dimensions from `d0` (rows of acc and probs `dim` and `n` apart). V[p] is
+ * vt + p * dim (float32), or with `bf16_rows` the bfloat16 row vrows[p]. */
+static inline __attribute__((always_inline)) void weigh_values(
+        float *acc, const float *probs, const float *vt, const uint16_t *const *vrows,
+        int64_t r0, int64_t d0, int64_t count, int64_t dim, int64_t n, const int64_t rb,
+        const int64_t bf16_rows) {
+    __m512 lo[8], hi[8];
+    for (int64_t i = 0; i < rb; i++) {
+        lo[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0);
+        hi[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0 + 16);
+    }
+    for (int64_t p = 0; p < count; p++) {
+        const __m512 v0 = bf16_rows ? load16(vrows[p], d0, FORMAT_BF16)
+                                    : _mm512_loadu_ps(vt + p * dim + d0);
+        const __m512 v1 = bf16_rows ? load16(vrows[p], d0 + 16, FORMAT_BF16)
+                                    : _mm512_loadu_ps(vt + p * dim + d0 + 16);
+        for (int64_t i = 0; i < rb; i++) {
+            const __m512 w = _mm512_set1_ps(probs[(r0 + i) * n + p]);
+            lo[i] = _mm512_fmadd_ps(w, v0, lo[i]);
+            hi[i] = _mm512_fmadd_ps(w, v1, hi[i]);
+        }
+    }
+    for (int64_t i = 0; i < rb; i++) {
+        _mm512_storeu_ps(acc + (r0 + i) * dim + d0, lo[i]);
+        _mm512_storeu_ps(acc + (r0 + i) * dim + d0 + 16, hi[i]);
+    }
+}
+
+/* weigh_values over bfloat16 rows for the `rows` rows from r0, 8 at a time, each call with its
+ * row count constant (so that its accumulators stay in registers). */
+static inline void weigh_rows(float *acc, const float *probs, const uint16_t *const *vrows,
+                              int64_t r0, int64_t rows, int64_t d0, int64_t count, int64_t dim,
+                              int64_t n) {
+    for (; rows > 0; r0 += 8, rows -= 8) {
+        switch (rows < 8 ? rows : 8) {
+#define WEIGH(rb) case rb: \
+            weigh_values(acc, probs, 0, vrows, r0, d0, count, dim, n, rb, 1); break;
+        WEIGH(1) WEIGH(2) WEIGH(3) WEIGH(4) WEIGH(5) WEIGH(6) WEIGH(7) WEIGH(8)
+#undef WEIGH
+        }
+    }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+/* The lane sums of v[0..16) as the lanes of one vector, in order: a tree of lane permutes and
+ * adds (45 operations for 16 sums, where one horizontal sum alone takes about 10). Level by
+ * level, each vector holds the partial sums of twice as many inputs in half as many lanes. */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
+    static const int32_t pick[4][2][16] = {
+        {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+         {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+        {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+         {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+        {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+         {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+        {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+         {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+    __m512 level[16];
+    for (int i = 0; i < 16; i++) level[i] = v[i];
+    for (int l = 0, count = 16; l < 4; l++, count /= 2) {
+        const __m512i a = _mm512_loadu_si512(pick[l][0]), b = _mm512_loadu_si512(pick[l][1]);
+        for (int i = 0; i < count / 2; i++)
+            level[i] = _mm512_add_ps(_mm512_permutex2var_ps(level[2 * i], a, level[2 * i + 1]),
+                                     _mm512_permutex2var_ps(level[2 * i], b, level[2 * i + 1]));
+    }
+    return level[0];
+}
+
+/* q . k over `dim` (a multiple of 32) bfloat16 values, as a vector of partial sums. */
+static inline __m512 dot_bf16_partial(const uint16_t *k, const uint16_t *q, int64_t dim) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 32)
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(k + d),
+                               (__m512bh)_mm512_loadu_si512(q + d));
+    return sum;
+}
+
+/* Decode attention by tiles of 16 positions, for bfloat16 queries over a bfloat16 cache (or an
+ * fp8 one, its rows converted to bfloat16 first), head_dim a multiple of 32. Per tile and KV
+ * head: each query row's 16 scores come from bfloat16 dot products summed by one sum16 (no
+ * horizontal sum per score), and the weighted sum of V runs over the tile's rows, converted
+ * to float32 once, with the accumulators of up to 8 query rows in registers (weigh_values)
+ * instead of loaded and stored at every position. `work` as paged_decode_attention sizes it. */
+static inline __attribute__((always_inline)) void attend_tiles_bf16(
+        void *out, const void *q, const void *k_cache, const void *v_cache,
+        const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
+        const DecodeShape *s, float *work, const int64_t kv) {
+    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
+    const int64_t heads = kv_last - kv_first, rows = heads * group, head0 = kv_first * group;
+    const int64_t first = window_start(len, s), n = len - first;
+    float *acc = work, *scores = acc + rows * dim;
+    uint16_t *qb = (uint16_t *)(scores + rows * n), *kt = qb + rows * dim;
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(qb + r * dim, (const uint16_t *)q + seq * s->q_stride_s
+               + (head0 + r) * s->q_stride_h, dim * sizeof(uint16_t));
+    memset(acc, 0, sizeof(float) * rows * dim);
+    const __m512 scale = _mm512_set1_ps(s->scale * s->k_scale);
+    const int64_t row_bytes = ((heads - 1) * s->kv_stride_h + dim) * format_size(kv);
+    const int64_t head_offset = kv_first * s->kv_stride_h;
+    const uint16_t *rows_of[2][KEY_TILE * 8];  /* [K, V][head * KEY_TILE + position] */
+    for (int pass = 0; pass < 2; pass++) {
+        const void *cache = pass ? v_cache : k_cache;
+        for (int64_t i0 = 0; i0 < n; i0 += KEY_TILE) {
+            const int64_t count = n - i0 < KEY_TILE ? n - i0 : KEY_TILE;
+            /* The tile's rows, position by position (the order they lie in memory): fp8 ones
+             * converted into kt [head][position][dim], bfloat16 ones read in place. */
+            for (int64_t p = 0; p < count; p++) {
+                const int64_t base = slot_offset(table, first + i0 + p, s);
+                if (i0 + KEY_TILE + p < n)
+                    prefetch_bytes(cache, slot_offset(table, first + i0 + KEY_TILE + p, s)
+                                   + head_offset, kv, row_bytes);
+                for (int64_t h = 0; h < heads; h++) {
+                    const int64_t at = base + (kv_first + h) * s->kv_stride_h;
+                    const uint16_t **row = &rows_of[pass][h * KEY_TILE + p];
+                    *row = (const uint16_t *)cache + at;
+#if FP8_TABLES
+                    if (kv != FORMAT_BF16) {
+                        *row = kt + (h * KEY_TILE + p) * dim;
+                        fp8_row_to_bf16((const uint8_t *)cache + at, dim, kv, (uint16_t *)*row);
+                    }
+#endif
+                }
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                const uint16_t *const *tile_rows = rows_of[pass] + h * KEY_TILE;
+                if (pass) {
+                    for (int64_t d0 = 0; d0 < dim; d0 += 32)
+                        weigh_rows(acc, scores + i0, tile_rows, h * group, group, d0, count,
+                                   dim, n);
+                    continue;
+                }
+                for (int64_t r = h * group; r < (h + 1) * group; r++) {
+                    __m512 partial[KEY_TILE];
+                    for (int64_t p = 0; p < KEY_TILE; p++)
+                        partial[p] = p < count ? dot_bf16_partial(tile_rows[p], qb + r * dim, dim)
+                                               : _mm512_setzero_ps();
+                    _mm512_mask_storeu_ps(scores + r * n + i0, (__mmask16)((1u << count) - 1),
+                                          _mm512_mul_ps(sum16(partial), scale));
+                }
+            }
+        }
+        if (!pass)
+            for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n);
+    }
+    store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, 1, rows, dim,
+               acc, s->v_scale);
+}
+#endif
+
+
 /* One sequence's KV heads [kv_first, kv_last). Position by position, the K (then V) rows of
  * those heads sit next to each other in the cache, so a task reads them as one stream.
  * Inlined into one copy per (query dtype, cache format) pair (`bf16` and `kv` constants in
@@ -176,36 +326,23 @@ static inline __attribute__((always_inline)) void attend(
         void *out, const void *q, const void *k_cache, const void *v_cache,
         const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
         const DecodeShape *s, float *work, const int64_t bf16, const int64_t kv) {
+#if defined(__AVX512BF16__)
+    if (bf16 && s->head_dim % 32 == 0 && (kv == FORMAT_BF16 || (FP8_TABLES && kv != FORMAT_F32))) {
+        attend_tiles_bf16(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work,
+                          kv);
+        return;
+    }
+#endif
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
     const int64_t first = window_start(len, s);
     const int64_t n = len - first;
     float *qf = work, *acc = qf + rows * dim, *row = acc + rows * dim;
     float *scores = row + dim;  /* [rows][n] */
-    uint16_t *converted = (uint16_t *)(scores + rows * n);  /* an fp8 row as bfloat16 [dim] */
-    /* AVX-512 BF16 dot products: the query rows stay bfloat16 (in qf's space) and the scale
-     * comes after the sums, so K is never converted to float32. An fp8 cache's rows are
-     * converted to bfloat16 first (fp8_row_to_bf16), V's too. */
-#if FP8_TABLES
-    const int fp8_rows = bf16 && (kv == FORMAT_E4M3 || kv == FORMAT_E5M2) && dim % 32 == 0;
-#else
-    const int fp8_rows = 0;
-#endif
-#if defined(__AVX512BF16__)
-    const int dot_bf16 = bf16 && (kv == FORMAT_BF16 || fp8_rows) && dim % 32 == 0;
-#else
-    const int dot_bf16 = 0;
-#endif
     const float scale = s->scale * s->k_scale;
-    uint16_t *qb = (uint16_t *)qf;
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t offset = seq * s->q_stride_s + (head0 + r) * s->q_stride_h;
-        if (dot_bf16) {
-            for (int64_t d = 0; d < dim; d++) qb[r * dim + d] = ((const uint16_t *)q)[offset + d];
-        } else {
-            load_row(q, offset, bf16, dim, qf + r * dim);
-            for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
-        }
+        load_row(q, seq * s->q_stride_s + (head0 + r) * s->q_stride_h, bf16, dim, qf + r * dim);
+        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
         for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
     }
     /* The bytes of one position's rows for this task's heads. */
@@ -218,30 +355,11 @@ static inline __attribute__((always_inline)) void attend(
                            + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
-#if FP8_TABLES
-            if (fp8_rows) {
-                fp8_row_to_bf16((const uint8_t *)k_cache + base + h * s->kv_stride_h, dim, kv,
-                                converted);
-                score_row_bf16(converted, qb + r * dim, dim, group, scores + r * n + i, n);
-                continue;
-            }
-#endif
-#if defined(__AVX512BF16__)
-            if (dot_bf16) {
-                score_row_bf16((const uint16_t *)k_cache + base + h * s->kv_stride_h,
-                               qb + r * dim, dim, group, scores + r * n + i, n);
-                continue;
-            }
-#endif
             score_row(k_cache, base + h * s->kv_stride_h, kv, dim, group, qf + r * dim, row,
                       scores + r * n + i, n);
         }
     }
-    for (int64_t r = 0; r < rows; r++) {
-        if (dot_bf16)
-            for (int64_t i = 0; i < n; i++) scores[r * n + i] *= scale;
-        softmax_row(scores + r * n, n);
-    }
+    for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n);
     for (int64_t i = 0; i < n; i++) {
         const int64_t base = slot_offset(table, first + i, s);
         if (i + PREFETCH_AHEAD < n)
@@ -249,15 +367,6 @@ static inline __attribute__((always_inline)) void attend(
                            + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
-#if FP8_TABLES
-            if (fp8_rows) {
-                fp8_row_to_bf16((const uint8_t *)v_cache + base + h * s->kv_stride_h, dim, kv,
-                                converted);
-                accumulate_row(converted, 0, FORMAT_BF16, dim, group, scores + r * n + i, n,
-                               row, acc + r * dim);
-                continue;
-            }
-#endif
             accumulate_row(v_cache, base + h * s->kv_stride_h, kv, dim, group,
                            scores + r * n + i, n, row, acc + r * dim);
         }
@@ -309,7 +418,9 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     for (int64_t task = 0; task < s->num_seqs * chunks; task++) {
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
-        float *work = malloc(sizeof(float) * (2 * rows * s->head_dim + 2 * s->head_dim
+        /* The larger of attend's needs (2 rows + 2 rows of head_dim, the scores) and
+         * attend_tiles_bf16's (1.5 rows, 8 rows per KV head of head_dim, the scores). */
+        float *work = malloc(sizeof(float) * ((2 * rows + 2 + 8 * heads_per_task) * s->head_dim
                                               + rows * (len - window_start(len, s))));
         if (!work) { failed = 1; continue; }
         attend_for(s)(out, q, k_cache, v_cache, block_tables + seq * s->table_stride, seq,
@@ -329,34 +440,6 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
  * blocks of query rows in registers across the positions. Each K and V row is read once per
  * tile instead of once per query token. */
 #if defined(__AVX512F__)
-/* Key positions scored at once: one per lane of a 512-bit float vector. */
-#define KEY_TILE 16
-
-/* acc[r] (+)= sum over the tile's positions p < count of probs[r][p] * vt[p], for RB rows from
- * `r0`, over the 32 dimensions from `d0` (rows of acc and probs `dim` and `n` apart). */
-static inline __attribute__((always_inline)) void weigh_values(
-        float *acc, const float *probs, const float *vt, int64_t r0, int64_t d0, int64_t count,
-        int64_t dim, int64_t n, const int64_t rb) {
-    __m512 lo[8], hi[8];
-    for (int64_t i = 0; i < rb; i++) {
-        lo[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0);
-        hi[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0 + 16);
-    }
-    for (int64_t p = 0; p < count; p++) {
-        const __m512 v0 = _mm512_loadu_ps(vt + p * dim + d0);
-        const __m512 v1 = _mm512_loadu_ps(vt + p * dim + d0 + 16);
-        for (int64_t i = 0; i < rb; i++) {
-            const __m512 w = _mm512_set1_ps(probs[(r0 + i) * n + p]);
-            lo[i] = _mm512_fmadd_ps(w, v0, lo[i]);
-            hi[i] = _mm512_fmadd_ps(w, v1, hi[i]);
-        }
-    }
-    for (int64_t i = 0; i < rb; i++) {
-        _mm512_storeu_ps(acc + (r0 + i) * dim + d0, lo[i]);
-        _mm512_storeu_ps(acc + (r0 + i) * dim + d0 + 16, hi[i]);
-    }
-}
-
 /* sums[i] = the unscaled scores of query row r0 + i against the tile's 16 positions, for RB
  * rows: RB independent chains, each K vector loaded once for all of them (one chain would wait
  * on the instruction's latency at every step). kt holds K transposed: per dimension pair,
@@ -458,9 +541,9 @@ static inline __attribute__((always_inline)) void attend_tile(
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
             int64_t r0 = 0;
             for (; r0 + 8 <= rows; r0 += 8)
-                weigh_values(acc, probs + p0, vt, r0, d0, count, dim, n, 8);
+                weigh_values(acc, probs + p0, vt, 0, r0, d0, count, dim, n, 8, 0);
             for (; r0 < rows; r0++)
-                weigh_values(acc, probs + p0, vt, r0, d0, count, dim, n, 1);
+                weigh_values(acc, probs + p0, vt, 0, r0, d0, count, dim, n, 1, 0);
         }
     }
     for (int64_t t = 0; t < tokens; t++)
