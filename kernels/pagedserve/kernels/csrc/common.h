@@ -139,6 +139,8 @@ static inline void fp8_row_to_bf16(const uint8_t *src, int64_t dim, int64_t form
             _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(high)), 8)));
     }
 }
+#else
+#define FP8_TABLES 0
 #endif
 
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer
