@@ -287,6 +287,19 @@ def test_metrics_cover_gateway_and_scheduler(stack, client, tiny_llama_dir):
     generated = next(line for line in text.splitlines()
                      if line.startswith("pagedserve_generation_tokens_total"))
     assert float(generated.split()[-1]) >= 3
+    # What sizes the executor's memory: its weights, and a KV pool of total blocks x the bytes
+    # of a block (2 layers x K and V x 16 tokens x 2 KV heads x 16 dims in the cache's dtype).
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    executor = next(name for name in samples if name.startswith("pagedserve_kv_blocks_total"))
+    label = executor.removeprefix("pagedserve_kv_blocks_total")
+    info = next(name for name in samples if name.startswith("pagedserve_executor_info"))
+    assert 'quantization="none"' in info and samples[info] == 1
+    itemsize = 2 if 'kv_cache_dtype="bfloat16"' in info else 4
+    assert 'kv_cache_dtype="float32"' in info or itemsize == 2
+    assert samples["pagedserve_kv_cache_bytes" + label] == \
+        samples[executor] * 2 * 2 * 16 * 2 * 16 * itemsize
+    assert samples["pagedserve_weight_bytes" + label] > 0
 
 
 def test_scheduler_unreachable_is_503_at_once(tmp_path):

@@ -255,3 +255,23 @@ def test_the_engine_option_quantizes_what_it_serves(family_dirs):
         out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0,
                                                      ignore_eos=True))
     assert out[0].outputs[0].token_ids == expected
+
+
+def test_metrics_show_what_sizes_each_executors_memory():
+    """/metrics (the gateway's, from the scheduler's stats): weight and KV pool bytes per
+    executor, and the quantization and cache dtype that size them."""
+    from pagedserve.gateway.metrics import GatewayMetrics
+    from pagedserve.v1 import scheduler_pb2
+
+    stats = scheduler_pb2.SchedulerStats(executors=[
+        scheduler_pb2.ExecutorStats(executor_id="a", total_blocks=10, weight_bytes=1234,
+                                    kv_cache_bytes=20480, quantization="w8a8_int8",
+                                    kv_cache_dtype="float8_e4m3fn"),
+        scheduler_pb2.ExecutorStats(executor_id="b", total_blocks=5, kv_cache_dtype="bfloat16")])
+    text = GatewayMetrics().exposition(stats).decode()
+    assert 'pagedserve_weight_bytes{executor="a"} 1234.0' in text
+    assert 'pagedserve_kv_cache_bytes{executor="a"} 20480.0' in text
+    assert ('pagedserve_executor_info{executor="a",kv_cache_dtype="float8_e4m3fn",'
+            'quantization="w8a8_int8"} 1.0') in text
+    assert ('pagedserve_executor_info{executor="b",kv_cache_dtype="bfloat16",'
+            'quantization="none"} 1.0') in text

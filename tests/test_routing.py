@@ -151,6 +151,10 @@ def test_a_sequence_stopped_while_its_request_waits_is_not_recomputed():
     ("address", lambda r: setattr(r, "address", "a:99999"), "address"),
     ("address", lambda r: setattr(r, "address", "a/b:1"), "address"),
     ("session_token", lambda r: setattr(r, "session_token", "short"), "session_token"),
+    # Labels of /metrics: short plain tokens only.
+    ("quantization", lambda r: setattr(r.model, "quantization", 'int8"} 1\nfake'),
+     "model.quantization"),
+    ("kv dtype", lambda r: setattr(r.kv_cache, "dtype", "x" * 33), "kv_cache.dtype"),
 ])
 def test_a_registration_out_of_range_is_refused_and_evicts_nothing(field, change, named):
     """An executor's registration sizes the scheduler's structures: a value past its ceiling

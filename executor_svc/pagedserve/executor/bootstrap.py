@@ -31,7 +31,7 @@ from pagedserve.executor.models.layers import bind_kernels, quantize_linears, we
 from pagedserve.executor.models.weights import WeightLoadError
 from pagedserve.executor.parallel import TensorParallelError
 from pagedserve.executor.plan_checks import RunnerLimits
-from pagedserve.executor.runner import ModelRunner
+from pagedserve.executor.runner import ModelRunner, RunnerMemory
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
@@ -152,33 +152,39 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     except KvCacheSizeError as exc:
         raise StartupError(str(exc)) from None
     allocate_kv_cache(model, num_blocks, config.block_size, kv_dtype, device)
+    memory = RunnerMemory(quantization=config.quantization or "",
+                          weight_bytes=weight_bytes(model),
+                          kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+                          kv_bytes_per_block=bytes_per_block(model, config.block_size, kv_dtype))
     limits = RunnerLimits(num_blocks=num_blocks, block_size=config.block_size,
                           max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens,
                           max_model_len=max_model_len, max_logprobs=config.max_logprobs)
     log.info("model ready", model=str(model_dir.path), device=str(device),
-             dtype=str(dtype).removeprefix("torch."), quantization=config.quantization,
-             kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
-             weight_bytes=weight_bytes(model), kernels=kernels.name, kv_blocks=num_blocks,
+             dtype=str(dtype).removeprefix("torch."), **dataclasses.asdict(memory),
+             kernels=kernels.name, kv_blocks=num_blocks,
              block_size=config.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
-    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group)
+    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group, memory)
 
 
 def describe(executor_id: str, model_dir: ModelDirectory,
              runner: ModelRunner) -> executor_pb2.DescribeResponse:
     """What this executor is and holds, as it registers and answers Describe (and as the
     offline engine describes its in-process runner to its scheduler)."""
-    limits = runner.limits
+    limits, memory = runner.limits, runner.memory
     dtype = str(next(runner.model.parameters()).dtype).removeprefix("torch.")
     return executor_pb2.DescribeResponse(
         executor_id=executor_id,
         model=common_pb2.ModelInfo(
             model_id=model_dir.served_name, architecture=model_dir.architecture,
             max_model_len=limits.max_model_len, vocab_size=runner.model.config.vocab_size,
-            eos_token_ids=model_dir.eos_token_ids(), dtype=dtype),
+            eos_token_ids=model_dir.eos_token_ids(), dtype=dtype,
+            quantization=memory.quantization, weight_bytes=memory.weight_bytes),
         kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
-                                        block_size=limits.block_size),
+                                        block_size=limits.block_size,
+                                        dtype=memory.kv_cache_dtype,
+                                        bytes_per_block=memory.kv_bytes_per_block),
         limits=common_pb2.ExecutorLimits(max_num_seqs=limits.max_num_seqs,
                                          max_num_batched_tokens=limits.max_num_batched_tokens,
                                          max_logprobs=limits.max_logprobs),

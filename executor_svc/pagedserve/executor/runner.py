@@ -39,6 +39,18 @@ from pagedserve.v1 import common_pb2, executor_pb2
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class RunnerMemory:
+    """What the runner's model holds in memory on this rank, as the executor describes it (and
+    /metrics shows it): quantization ("" for none) and weight bytes, KV cache dtype and bytes
+    per block."""
+
+    quantization: str = ""
+    weight_bytes: int = 0
+    kv_cache_dtype: str = ""
+    kv_bytes_per_block: int = 0
+
+
 @dataclass
 class RequestMirror:
     """What the executor knows of one running request, kept up to date by the plans."""
@@ -53,9 +65,11 @@ class RequestMirror:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
-                 device: torch.device, group: TensorParallelGroup = NO_GROUP):
+                 device: torch.device, group: TensorParallelGroup = NO_GROUP,
+                 memory: RunnerMemory = RunnerMemory()):
         self.model = model
         self.limits = limits
+        self.memory = memory
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = device
         self.group = group

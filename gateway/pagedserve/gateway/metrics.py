@@ -64,11 +64,24 @@ class _SchedulerCollector:
         cached = GaugeMetricFamily("pagedserve_kv_blocks_cached_free",
                                    "Free KV blocks still in the prefix cache",
                                    labels=["executor"])
+        weights = GaugeMetricFamily("pagedserve_weight_bytes",
+                                    "Bytes the model's weights take on one rank of the executor",
+                                    labels=["executor"])
+        kv_bytes = GaugeMetricFamily("pagedserve_kv_cache_bytes",
+                                     "Bytes of the KV pool on one rank of the executor",
+                                     labels=["executor"])
+        info = GaugeMetricFamily("pagedserve_executor_info",
+                                 "1 per executor, labelled with what sizes its memory",
+                                 labels=["executor", "quantization", "kv_cache_dtype"])
         for executor in stats.executors:
             total.add_metric([executor.executor_id], executor.total_blocks)
             free.add_metric([executor.executor_id], executor.free_blocks)
             cached.add_metric([executor.executor_id], executor.cached_free_blocks)
-        yield from (total, free, cached)
+            weights.add_metric([executor.executor_id], executor.weight_bytes)
+            kv_bytes.add_metric([executor.executor_id], executor.kv_cache_bytes)
+            info.add_metric([executor.executor_id, executor.quantization or "none",
+                             executor.kv_cache_dtype], 1)
+        yield from (total, free, cached, weights, kv_bytes, info)
         for name, doc, value in (
                 ("pagedserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
                  "prefix cache", stats.prefix_cache_queried_tokens),

@@ -88,7 +88,7 @@ class SchedulerStats(_message.Message):
     def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., executors: _Optional[_Iterable[_Union[ExecutorStats, _Mapping]]] = ...) -> None: ...
 
 class ExecutorStats(_message.Message):
-    __slots__ = ("executor_id", "address", "model_id", "total_blocks", "free_blocks", "cached_free_blocks", "num_running", "seconds_since_progress")
+    __slots__ = ("executor_id", "address", "model_id", "total_blocks", "free_blocks", "cached_free_blocks", "num_running", "seconds_since_progress", "weight_bytes", "kv_cache_bytes", "quantization", "kv_cache_dtype")
     EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,10 @@ class ExecutorStats(_message.Message):
     CACHED_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     executor_id: str
     address: str
     model_id: str
@@ -105,7 +109,11 @@ class ExecutorStats(_message.Message):
     cached_free_blocks: int
     num_running: int
     seconds_since_progress: float
-    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., cached_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., seconds_since_progress: _Optional[float] = ...) -> None: ...
+    weight_bytes: int
+    kv_cache_bytes: int
+    quantization: str
+    kv_cache_dtype: str
+    def __init__(self, executor_id: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., cached_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., seconds_since_progress: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)

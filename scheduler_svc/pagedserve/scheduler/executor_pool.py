@@ -28,6 +28,7 @@ MAX_EOS_TOKEN_IDS = 64
 MAX_MODEL_ID_CHARS = 256
 MAX_EXECUTOR_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 256
+MAX_LABEL_CHARS = 32
 SESSION_TOKEN_CHARS = (32, 128)
 # An executor id or address is a plain printable token: it lands in logs, metrics labels and
 # the scheduler's dial target.
@@ -55,6 +56,13 @@ def check_description(description: scheduler_pb2.RegisterExecutorRequest
     for field, value, low, high in ranges:
         if not low <= value <= high:
             raise DescriptionError(f"{field} is {value}, outside [{low}, {high}]")
+    # Reported as they are in logs and /metrics labels: short plain tokens, as the executor
+    # writes them ("int8", "float8_e4m3fn"), or empty.
+    for field, value in (("model.quantization", model.quantization),
+                         ("kv_cache.dtype", kv.dtype), ("model.dtype", model.dtype)):
+        if value and not (len(value) <= MAX_LABEL_CHARS and _PLAIN.fullmatch(value)):
+            raise DescriptionError(f"{field} must be at most {MAX_LABEL_CHARS} letters, digits "
+                                   "or ._:-")
     outside = [i for i in model.eos_token_ids if i >= model.vocab_size]
     if outside:
         raise DescriptionError(f"model.eos_token_ids {outside} are not below model.vocab_size "

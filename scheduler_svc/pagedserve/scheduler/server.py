@@ -156,7 +156,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 free_blocks=blocks.num_free_blocks,
                 cached_free_blocks=blocks.num_cached_free_blocks,
                 num_running=len(scheduler.running),
-                seconds_since_progress=pool.loop.seconds_since_progress())
+                seconds_since_progress=pool.loop.seconds_since_progress(),
+                weight_bytes=pool.registration.model.weight_bytes,
+                kv_cache_bytes=blocks.num_blocks * pool.registration.kv_cache.bytes_per_block,
+                quantization=pool.registration.model.quantization,
+                kv_cache_dtype=pool.registration.kv_cache.dtype)
         stats.num_waiting = num_waiting(self.cluster)
         return stats
 
