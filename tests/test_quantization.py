@@ -63,18 +63,25 @@ def test_weights_are_rounded_per_output_channel():
     w[7] = 0
     q = quantize_int8(w, dynamic_activations=False)
     assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.float32
-    torch.testing.assert_close(q.scales, w.abs().amax(dim=1) / 127)
-    assert q.qweight.abs().amax(dim=1)[torch.arange(40) != 7].eq(127).all()
+    torch.testing.assert_close(q.scales, w.abs().amax(dim=1) / 127.5)
+    # The largest magnitude of a row lands on 127 (clamped from 127.5) or -128 (or +-127 where
+    # the float32 product falls just below 127.5).
+    largest = q.qweight.to(torch.int32).gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
+    assert (largest.abs() >= 127)[torch.arange(40) != 7].all()
     assert q.qweight[7].eq(0).all() and q.scales[7] == 0
-    # Each value within half a step of its channel's scale.
-    assert ((q.dequantized(torch.float32) - w).abs() <= q.scales[:, None] / 2 * 1.0001).all()
+    # Each value within half a step of its channel's scale (the largest ones within one).
+    assert ((q.dequantized(torch.float32) - w).abs() <= q.scales[:, None] * 1.0001).all()
+    inner = w.abs() < w.abs().amax(dim=1, keepdim=True)
+    assert ((q.dequantized(torch.float32) - w).abs()[inner]
+            <= (q.scales[:, None] / 2 * 1.0001).expand_as(w)[inner]).all()
 
 
 def test_activations_are_rounded_per_token_to_nearest_even():
-    x = torch.tensor([[127.0, 0.5, 1.5, -2.5, 0.0], [0.0] * 5])
+    """compressed-tensors' symmetric int8: amax / 127.5, clamped to [-128, 127]."""
+    x = torch.tensor([[127.5, 0.5, 1.5, -2.5, 0.0], [-127.5, 3.0, 0, 0, 0], [0.0] * 5])
     q, scales = quantize_per_token(x)
-    assert q.tolist() == [[127, 0, 2, -2, 0], [0] * 5]
-    assert scales.tolist() == [1.0, 0.0]
+    assert q.tolist() == [[127, 0, 2, -2, 0], [-128, 3, 0, 0, 0], [0] * 5]
+    assert scales.tolist() == [1.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["w8a16", "w8a8"])
@@ -109,14 +116,18 @@ def test_c_int8_linear_against_float64(shape, dtype, dynamic):
 
 @needs_c
 def test_c_w8a8_sums_exactly_in_integers():
-    """Activations that quantize to themselves (integers, max 127) and unit scales: the
-    float32 output is the exact integer product."""
+    """Activations that quantize to themselves (integers, and -127.5 as the largest, which
+    quantizes to -128: scale 1) and unit weight scales: the float32 output is the exact integer
+    product, the extreme values of both included."""
     gen = torch.Generator().manual_seed(2)
     qx = torch.randint(-127, 128, (9, 40), generator=gen)
-    qx[:, 0] = 127
-    qw = torch.randint(-127, 128, (21, 40), generator=gen, dtype=torch.int8)
+    qw = torch.randint(-128, 128, (21, 40), generator=gen, dtype=torch.int8)
+    qw[:, 1] = -128
+    x = qx.to(torch.float32)
+    x[:, 0] = -127.5
+    qx[:, 0] = -128
     packed = cpu_kernels.pack_int8_cpu(Int8Weight(qw, torch.ones(21), dynamic_activations=True))
-    y = cpu_kernels.int8_linear_cpu(qx.to(torch.float32), packed, None)
+    y = cpu_kernels.int8_linear_cpu(x, packed, None)
     assert torch.equal(y.to(torch.int64), qx @ qw.to(torch.int64).T)
 
 
@@ -197,10 +208,10 @@ def test_every_family_quantized_matches_transformers_on_the_same_int8_weights(
     # W8A8: an activation within the last bit of a rounding boundary may round the other way
     # in one of the two paths (their float32 inputs differ in the last bit), moving an output
     # by one quantum, which the layers after it carry on: measured when written, most cases
-    # agree within 5e-5 and one (qwen2, torch set) differs by 0.035 of logits up to 2.3. The
-    # exact arithmetic is the kernel tests' (test_c_int8_linear_against_float64); this test
-    # checks the wiring, where a wrong scale or layout is off by far more.
-    tol = 5e-2 if SCHEMES[scheme] else 1e-4
+    # agree within 5e-5, and two differ by 0.035 and 0.061 on logits up to 2.5. The exact
+    # arithmetic is the kernel tests' (test_c_int8_linear_against_float64); this test checks
+    # the wiring, where a wrong scale or layout is off by far more.
+    tol = 1e-1 if SCHEMES[scheme] else 1e-4
     assert_matches_transformers(model, quantized_transformers(directory, SCHEMES[scheme]),
                                 PROMPTS, chunk=5, decode_steps=3, tol=tol)
 

@@ -2,13 +2,14 @@
 activations per token, and the PyTorch matmuls on them, which every device can run.
 
 A linear layer's weight W [N, K] becomes `Int8Weight`: int8 values q [N, K] and one float32
-scale per output channel, s[n] = max_k |W[n, k]| / 127, with q = round(W / s). Two schemes
-use it (`SCHEMES`, the names of `--quantization`):
+scale per output channel, s[n] = max_k |W[n, k]| / 127.5, with q = clamp(round(W / s), -128,
+127): the symmetric int8 of compressed-tensors (and so of llm-compressor's checkpoints, which
+load into the same form). Two schemes use it (`SCHEMES`, the names of `--quantization`):
 - `int8`: weight-only (W8A16). Activations stay in the model's dtype; y = (x q^T) s.
 - `w8a8_int8` (SGLang's name): activations are quantized too, per token, at run time
-  (dynamic): x[m] -> qx[m] = round(x[m] / t[m]), t[m] = max_k |x[m, k]| / 127, and
-  y = (qx q^T) t s, the sum in integers. Faster where matmuls are bound by arithmetic (a CPU
-  with AVX-512 VNNI at large batches); less exact.
+  (dynamic), the same way: x[m] -> qx[m] = clamp(round(x[m] / t[m]), -128, 127),
+  t[m] = max_k |x[m, k]| / 127.5, and y = (qx q^T) t s, the sum in integers. Faster where
+  matmuls are bound by arithmetic (a CPU with AVX-512 VNNI at large batches); less exact.
 
 The kernel sets (dispatch.py) may repack an Int8Weight for their own matmul (`pack_int8`: the
 CPU C kernels' VNNI layout); `int8_linear` here is the PyTorch set's.
@@ -49,28 +50,30 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 
 def quantize_int8(weight: torch.Tensor, dynamic_activations: bool) -> Int8Weight:
-    """Symmetric int8 per output channel (row): scale = amax / 127, rounded to nearest even;
-    a row of zeros gets scale 0."""
+    """Symmetric int8 per output channel (row), as `_symmetric_int8_rows`; a row of zeros gets
+    scale 0."""
     qweight, scales = _symmetric_int8_rows(weight)
     return Int8Weight(qweight, scales, dynamic_activations)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, K] -> (int8 [rows, K], float32 scales [rows]), each row symmetric:
-    round(x * (127 / amax)), rounded to nearest even, in float32 (as the C kernel computes
-    it, so that the two agree exactly)."""
+    """x [rows, K] -> (int8 [rows, K], float32 scales [rows]), each row as
+    `_symmetric_int8_rows` (in float32, as the C kernel computes it, so that the two agree
+    exactly)."""
     return _symmetric_int8_rows(x)
 
 
 def _symmetric_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of x as int8 round(x * (127 / amax)) and its scale amax / 127, in float32."""
+    """Each row of x as int8 clamp(round(x * (127.5 / amax)), -128, 127), rounded to nearest
+    even, and its scale amax / 127.5, in float32."""
     x = x.to(torch.float32)
     amax = x.abs().amax(dim=-1)
-    # A true division: `127 / amax` is computed as 127 * (1 / amax), which rounds differently
-    # from the kernel's 127.0f / amax and moves some values across a rounding boundary.
-    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)
-    q = torch.round(x * inverse[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, amax / 127
+    # A true division: `127.5 / amax` is computed as 127.5 * (1 / amax), which rounds
+    # differently from the kernel's 127.5f / amax and moves some values across a rounding
+    # boundary.
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.5) / amax, 0.0)
+    q = torch.round(x * inverse[..., None]).clamp(-128, 127).to(torch.int8)
+    return q, amax / 127.5
 
 
 def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 /* Int8 linear layers: out = x W^T (+ bias), W int8 [N, K] with one float32 scale per output
  * channel (row of W), in two forms that read the same packed W:
  *  - W8A8 (`int8_linear_w8a8`): each row of x (a token) is quantized to int8 with its own scale
- *    (dynamic, symmetric: amax / 127), and the products are summed in int32 by AVX-512 VNNI's
+ *    (dynamic, symmetric: amax / 127.5, values in [-128, 127], as compressed-tensors defines
+ *    it), and the products are summed in int32 by AVX-512 VNNI's
  *    vpdpbusd, 64 multiply-adds per instruction where bfloat16's vdpbf16ps does 32. Where a
  *    decode step at batch 64 is bound by arithmetic, this is what makes int8 faster than bf16
  *    (docs/performance.md).
@@ -55,9 +56,9 @@ static inline void thread_groups(int64_t groups, int64_t *first, int64_t *last) 
     *last = groups * (t + 1) / threads;
 }
 
-/* Row `m` of x quantized: u8[k] = round(x[k] * 127 / amax) + 128 for k < K, 128 (zero) up to K4;
- * returns the row's scale amax / 127 (0 for a row of zeros). Rounding is to nearest even, as
- * torch.round. */
+/* Row `m` of x quantized: u8[k] = clamp(round(x[k] * 127.5 / amax), -128, 127) + 128 for
+ * k < K, 128 (zero) up to K4; returns the row's scale amax / 127.5 (0 for a row of zeros).
+ * Rounding is to nearest even, as torch.round. */
 static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, uint8_t *u8) {
     float amax = 0.0f;
     int64_t i = 0;
@@ -70,11 +71,11 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, ui
         const float v = fabsf(load_one(x, i, bf16));
         amax = v > amax ? v : amax;
     }
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float inv = amax > 0.0f ? 127.5f / amax : 0.0f;
     i = 0;
 #if INT8_SIMD
     const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
     const __m512i bias = _mm512_set1_epi32(128);
     for (; i + 16 <= k; i += 16) {
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, i, bf16), vinv));
@@ -84,11 +85,11 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, ui
 #endif
     for (; i < k; i++) {
         long q = lrintf(load_one(x, i, bf16) * inv);
-        q = q < -127 ? -127 : q > 127 ? 127 : q;
+        q = q < -128 ? -128 : q > 127 ? 127 : q;
         u8[i] = (uint8_t)(q + 128);
     }
     for (; i < k4; i++) u8[i] = 128;
-    return amax / 127.0f;
+    return amax / 127.5f;
 }
 
 /* Weight element (n, k) of the packed layout. */
