@@ -3,6 +3,8 @@ PyTorch matmul against a float64 product on the dequantized weights (same math),
 model family quantized against transformers running the same dequantized weights (and, for
 W8A8, the same per-token activation quantization)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -43,7 +45,7 @@ def reference(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) ->
     quantize_per_token makes them)."""
     rows = x.to(torch.float64)
     if weight.dynamic_activations:
-        q, scales = quantize_per_token(x)
+        q, scales = quantize_per_token(x, weight.activation_levels)
         rows = q.to(torch.float64) * scales.to(torch.float64)[:, None]
     y = rows @ (weight.qweight.to(torch.float64) * weight.scales.to(torch.float64)[:, None]).T
     return y if bias is None else y + bias.to(torch.float64)
@@ -63,23 +65,22 @@ def test_weights_are_rounded_per_output_channel():
     w[7] = 0
     q = quantize_int8(w, dynamic_activations=False)
     assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.float32
-    torch.testing.assert_close(q.scales, w.abs().amax(dim=1) / 127.5)
-    # The largest magnitude of a row lands on 127 (clamped from 127.5) or -128 (or +-127 where
-    # the float32 product falls just below 127.5).
-    largest = q.qweight.to(torch.int32).gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
-    assert (largest.abs() >= 127)[torch.arange(40) != 7].all()
+    torch.testing.assert_close(q.scales, w.abs().amax(dim=1) / 127)
+    assert q.qweight.abs().amax(dim=1)[torch.arange(40) != 7].eq(127).all()
+    assert q.qweight.min() >= -127
     assert q.qweight[7].eq(0).all() and q.scales[7] == 0
-    # Each value within half a step of its channel's scale (the largest ones within one).
-    assert ((q.dequantized(torch.float32) - w).abs() <= q.scales[:, None] * 1.0001).all()
-    inner = w.abs() < w.abs().amax(dim=1, keepdim=True)
-    assert ((q.dequantized(torch.float32) - w).abs()[inner]
-            <= (q.scales[:, None] / 2 * 1.0001).expand_as(w)[inner]).all()
+    # Each value within half a step of its channel's scale.
+    assert ((q.dequantized(torch.float32) - w).abs() <= q.scales[:, None] / 2 * 1.0001).all()
 
 
 def test_activations_are_rounded_per_token_to_nearest_even():
-    """compressed-tensors' symmetric int8: amax / 127.5, clamped to [-128, 127]."""
-    x = torch.tensor([[127.5, 0.5, 1.5, -2.5, 0.0], [-127.5, 3.0, 0, 0, 0], [0.0] * 5])
+    """127 levels (ours, as vLLM's) in [-127, 127]; 127.5 (compressed-tensors') in [-128, 127]."""
+    x = torch.tensor([[127.0, 0.5, 1.5, -2.5, 0.0], [-127.0, 3.0, 0, 0, 0], [0.0] * 5])
     q, scales = quantize_per_token(x)
+    assert q.tolist() == [[127, 0, 2, -2, 0], [-127, 3, 0, 0, 0], [0] * 5]
+    assert scales.tolist() == [1.0, 1.0, 0.0]
+    x[:, 0] *= 127.5 / 127  # the largest magnitudes 127.5: scale 1 again
+    q, scales = quantize_per_token(x, levels=127.5)
     assert q.tolist() == [[127, 0, 2, -2, 0], [-128, 3, 0, 0, 0], [0] * 5]
     assert scales.tolist() == [1.0, 1.0, 0.0]
 
@@ -99,11 +100,13 @@ def test_pytorch_int8_linear_against_float64(dynamic, dtype):
 @needs_c
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dynamic", [False, True], ids=["w8a16", "w8a8"])
-def test_c_int8_linear_against_float64(shape, dtype, dynamic):
+@pytest.mark.parametrize("dynamic, levels", [(False, 127.0), (True, 127.0), (True, 127.5)],
+                         ids=["w8a16", "w8a8", "w8a8-compressed-tensors"])
+def test_c_int8_linear_against_float64(shape, dtype, dynamic, levels):
     rows, n, k = shape
     gen = torch.Generator().manual_seed(rows * n + k)
-    weight = quantize_int8(torch.randn(n, k, generator=gen), dynamic)
+    weight = dataclasses.replace(quantize_int8(torch.randn(n, k, generator=gen), dynamic),
+                                 activation_levels=levels)
     packed = cpu_kernels.pack_int8_cpu(weight)
     # Strided rows (a view into wider rows, as a q/k/v split leaves them), with and without bias.
     x = torch.randn(rows, k + 8, generator=gen).to(dtype)[:, 3:3 + k]
@@ -117,8 +120,8 @@ def test_c_int8_linear_against_float64(shape, dtype, dynamic):
 @needs_c
 def test_c_w8a8_sums_exactly_in_integers():
     """Activations that quantize to themselves (integers, and -127.5 as the largest, which
-    quantizes to -128: scale 1) and unit weight scales: the float32 output is the exact integer
-    product, the extreme values of both included."""
+    quantizes to -128 with compressed-tensors' 127.5 levels: scale 1) and unit weight scales:
+    the float32 output is the exact integer product, the extreme values of both included."""
     gen = torch.Generator().manual_seed(2)
     qx = torch.randint(-127, 128, (9, 40), generator=gen)
     qw = torch.randint(-128, 128, (21, 40), generator=gen, dtype=torch.int8)
@@ -126,7 +129,8 @@ def test_c_w8a8_sums_exactly_in_integers():
     x = qx.to(torch.float32)
     x[:, 0] = -127.5
     qx[:, 0] = -128
-    packed = cpu_kernels.pack_int8_cpu(Int8Weight(qw, torch.ones(21), dynamic_activations=True))
+    packed = cpu_kernels.pack_int8_cpu(Int8Weight(qw, torch.ones(21), dynamic_activations=True,
+                                                  activation_levels=127.5))
     y = cpu_kernels.int8_linear_cpu(x, packed, None)
     assert torch.equal(y.to(torch.int64), qx @ qw.to(torch.int64).T)
 

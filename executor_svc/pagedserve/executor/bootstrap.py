@@ -129,6 +129,10 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
     if config.quantization:
+        if model.quantization:
+            raise StartupError(f"--quantization {config.quantization}: {model_dir.path} is a "
+                               f"quantized checkpoint already ({model.quantization}); the flag "
+                               "quantizes float checkpoints")
         quantize_linears(model, config.quantization)
     # Before the CUDA profiling pass, so that it measures the kernels that will run.
     bind_kernels(model, kernels)
@@ -152,7 +156,7 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     except KvCacheSizeError as exc:
         raise StartupError(str(exc)) from None
     allocate_kv_cache(model, num_blocks, config.block_size, kv_dtype, device)
-    memory = RunnerMemory(quantization=config.quantization or "",
+    memory = RunnerMemory(quantization=model.quantization or "",
                           weight_bytes=weight_bytes(model),
                           kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
                           kv_bytes_per_block=bytes_per_block(model, config.block_size, kv_dtype))

@@ -143,7 +143,7 @@ def _library() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
     library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
-    library.int8_linear_w8a8.argtypes = [ptr] * 6 + [i64] * 5
+    library.int8_linear_w8a8.argtypes = [ptr] * 6 + [i64] * 5 + [ctypes.c_float]
     library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
     return library
 
@@ -357,6 +357,7 @@ class PackedInt8Weight:
     out_features: int
     in_features: int
     dynamic_activations: bool
+    activation_levels: float
 
     @property
     def nbytes(self) -> int:
@@ -366,7 +367,8 @@ class PackedInt8Weight:
         k4 = self.data.shape[1] * 4
         rows = self.data.permute(0, 2, 1, 3).reshape(-1, k4)
         return Int8Weight(rows[:self.out_features, :self.in_features].contiguous(),
-                          self.scales[:self.out_features].clone(), self.dynamic_activations)
+                          self.scales[:self.out_features].clone(), self.dynamic_activations,
+                          self.activation_levels)
 
 
 def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
@@ -380,7 +382,8 @@ def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
     scales = torch.zeros(groups * INT8_GROUP, dtype=torch.float32)
     scales[:n] = weight.scales
     offsets = 128 * padded.to(torch.int32).sum(dim=1, dtype=torch.int32)
-    return PackedInt8Weight(data, scales, offsets, n, k, weight.dynamic_activations)
+    return PackedInt8Weight(data, scales, offsets, n, k, weight.dynamic_activations,
+                            weight.activation_levels)
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
@@ -403,7 +406,7 @@ def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
         failed = _library().int8_linear_w8a8(
             out.data_ptr(), rows.data_ptr(), *common, weight.offsets.data_ptr(), bias_ptr,
             rows.shape[0], weight.out_features, weight.in_features, rows.stride(0),
-            DTYPES[x.dtype])
+            DTYPES[x.dtype], weight.activation_levels)
     else:
         failed = _library().int8_linear_w8a16(
             out.data_ptr(), rows.data_ptr(), *common, bias_ptr, rows.shape[0],

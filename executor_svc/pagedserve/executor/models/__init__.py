@@ -9,8 +9,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pagedserve.executor.models.layers import UnsupportedArchitectureError
-from pagedserve.executor.models.weights import iter_checkpoint, load_checkpoint
+from pagedserve.executor.models.layers import (
+    Linear,
+    UnsupportedArchitectureError,
+    release_int8_float_weights,
+)
+from pagedserve.executor.models.quantized_checkpoints import checkpoint_quantization, unpack_int8
+from pagedserve.executor.models.weights import TensorTransform, iter_checkpoint, load_checkpoint
 from pagedserve.executor.parallel import SINGLE, TensorParallel
 
 __all__ = ["ARCHITECTURES", "UnsupportedArchitectureError", "check_tensor_parallel", "load_model",
@@ -39,14 +44,30 @@ def model_class(architectures: list[str] | None) -> type[nn.Module]:
 def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
                tp: TensorParallel = SINGLE) -> nn.Module:
     """Build the model of a Hugging Face directory (this rank's slice of it) and load its
-    safetensors checkpoint."""
+    safetensors checkpoint; a quantized one (quantized_checkpoints.py) loads its int8 layers as
+    int8, their float weights released."""
     config = AutoConfig.from_pretrained(model_dir)
     cls = model_class(config.architectures)
+    quantization = checkpoint_quantization(config)
     with torch.device("cpu"):
         model = cls(config, dtype, tp)
-    load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES,
-                    transform=getattr(model, "checkpoint_tensors", None))
+    transform = getattr(model, "checkpoint_tensors", None)
+    if quantization is not None:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.checkpoint_int8 = quantization.dynamic_activations
+        transform = _chained(unpack_int8, transform)
+    load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES, transform=transform)
+    if quantization is not None:
+        release_int8_float_weights(model)
+    model.quantization = quantization.scheme if quantization else None
     return model.eval()
+
+
+def _chained(first: TensorTransform, then: TensorTransform | None) -> TensorTransform:
+    if then is None:
+        return first
+    return lambda name, tensor: [pair for n, t in first(name, tensor) for pair in then(n, t)]
 
 
 def check_tensor_parallel(model_dir: pathlib.Path, size: int) -> None:

@@ -60,16 +60,21 @@ class Linear(KernelLayer):
 
     `quantize` replaces W by int8 values and a scale per output channel
     (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too
-    (`Kernels.pack_int8`)."""
+    (`Kernels.pack_int8`). A quantized checkpoint loads into that form directly: with
+    `checkpoint_int8` set (whether its activations are quantized too), an int8 `weight` and
+    its `weight_scale` ([rows] or [rows, 1]) load part by part (models/quantized_checkpoints.py)."""
 
     packed: torch.Tensor | None = None
     # The int8 weight once quantized, in the form the bound kernel set multiplies by.
     int8: Int8Weight | None = None
+    # A quantized checkpoint's scheme (True: W8A8, False: W8A16); None: a float checkpoint.
+    checkpoint_int8: bool | None = None
 
     def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
                  dtype: torch.dtype):
         super().__init__()
         self.part_sizes = list(part_sizes)
+        self.in_features = in_features
         out_features = sum(part_sizes)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                    requires_grad=False)
@@ -79,21 +84,46 @@ class Linear(KernelLayer):
     def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
         """Copy a whole checkpoint projection (`part` of the packed ones) into this layer's
         share of it."""
-        param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
-        if param is None or part >= len(self.part_sizes):
+        if param_name == "weight_scale" and tensor.dim() == 2 and tensor.shape[1] == 1:
+            tensor = tensor[:, 0]  # compressed-tensors stores per-channel scales as [rows, 1]
+        target = self._int8_target(param_name, tensor)
+        if target is None:
+            param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
+            target = None if param is None else param.data
+        if target is None or part >= len(self.part_sizes):
             raise ValueError(f"part {part}: the layer has no {param_name}")
         expected = self.checkpoint_shape(part, param_name)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{param_name} part {part}: checkpoint shape {tuple(tensor.shape)}, "
                              f"model expects {expected}")
         start = sum(self.part_sizes[:part])
-        param.data[start:start + self.part_sizes[part]].copy_(
-            self.shard(part, param_name, tensor))
+        target[start:start + self.part_sizes[part]].copy_(self.shard(part, param_name, tensor))
+
+    def _int8_target(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Where a quantized checkpoint's int8 weight or its scales go (the int8 storage made
+        on the first of them); None for the tensors of a float layer."""
+        quantized = param_name == "weight_scale" or (param_name == "weight"
+                                                     and tensor.dtype == torch.int8)
+        if not quantized:
+            if self.int8 is not None and param_name == "weight":
+                raise ValueError(f"weight of dtype {tensor.dtype} in a layer whose other "
+                                 "projections are int8")
+            return None
+        if self.checkpoint_int8 is None:
+            raise ValueError(f"{param_name} of dtype {tensor.dtype}: int8 tensors in a checkpoint "
+                             "whose config.json has no quantization_config")
+        if self.int8 is None:
+            rows = sum(self.part_sizes)
+            # compressed-tensors quantizes activations with 127.5 levels (quantization.py).
+            self.int8 = Int8Weight(torch.zeros(rows, self.in_features, dtype=torch.int8),
+                                   torch.zeros(rows, dtype=torch.float32), self.checkpoint_int8,
+                                   activation_levels=127.5)
+        return self.int8.qweight if param_name == "weight" else self.int8.scales
 
     def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
         """The shape of projection `part`'s tensor in the checkpoint."""
         rows = self.part_sizes[part]
-        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+        return (rows, self.in_features) if param_name == "weight" else (rows,)
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a checkpoint tensor of `checkpoint_shape` (all of it here)."""
@@ -149,7 +179,7 @@ class ColumnParallelLinear(Linear):
 
     def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
         rows = self.checkpoint_part_sizes[part]
-        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+        return (rows, self.in_features) if param_name == "weight" else (rows,)
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         rows = self.part_sizes[part]
@@ -174,9 +204,11 @@ class RowParallelLinear(Linear):
         return (shape[0], shape[1] * self.tp.size) if param_name == "weight" else shape
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Its columns of the weight; the bias and the per-row scales whole (each rank's partial
+        sum is scaled by its rows' scales, so the sum of them is the whole layer's)."""
         if param_name != "weight":
             return tensor
-        columns = self.weight.shape[1]
+        columns = self.in_features
         return tensor[:, self.tp.rank * columns:(self.tp.rank + 1) * columns]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,6 +304,16 @@ def weight_bytes(model: nn.Module) -> int:
     return total + tensor_bytes(*tensors.values())
 
 
+def release_int8_float_weights(model: nn.Module) -> None:
+    """The float weights of the Linears that loaded int8 from a checkpoint, unless another
+    module shares them (a tied embedding)."""
+    shared = _shared_with_other_modules(model)
+    for module in model.modules():
+        if isinstance(module, Linear) and module.int8 is not None \
+                and id(module.weight) not in shared:
+            module.weight.data = module.weight.data.new_empty(0)
+
+
 def quantize_linears(model: nn.Module, scheme: str) -> None:
     """Every Linear's weight, the LM head's included, to int8 per output channel under
     `scheme` (a name of quantization.SCHEMES, as --quantization takes it); embeddings and norms
@@ -283,6 +325,7 @@ def quantize_linears(model: nn.Module, scheme: str) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             module.quantize(SCHEMES[scheme], shared=id(module.weight) in shared)
+    model.quantization = scheme
 
 
 class RMSNorm(KernelLayer):

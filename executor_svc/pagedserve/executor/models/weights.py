@@ -61,7 +61,8 @@ def load_checkpoint(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]
     """Copy checkpoint tensors into `model` by name. `transform` (the model's
     `checkpoint_tensors`, where it has one) first maps each checkpoint tensor to the pairs the
     model takes. A projection listed in `packed_modules` goes into its slice of the packed
-    Linear; every parameter must be loaded exactly once. A checkpoint tensor naming a tied
+    Linear; every parameter must be loaded exactly once, and a Linear that loaded an int8
+    weight (a quantized checkpoint) its `weight_scale` too. A checkpoint tensor naming a tied
     parameter under its second name (a tied head stored anyway) is skipped."""
     params = dict(model.named_parameters())  # tied weights appear once, under the first name
     aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(params)
@@ -77,10 +78,13 @@ def load_checkpoint(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]
     for name in params:
         module_path, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_path)
+        names = [name]
+        if isinstance(module, Linear) and module.int8 is not None and param_name == "weight":
+            names.append(f"{module_path}.weight_scale")
         if isinstance(module, Linear) and len(module.part_sizes) > 1:
-            expected.update(f"{name}#{part}" for part in range(len(module.part_sizes)))
+            expected.update(f"{n}#{part}" for n in names for part in range(len(module.part_sizes)))
         else:
-            expected.add(name)
+            expected.update(names)
     missing = sorted(expected - loaded)
     if missing:
         raise WeightLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -106,7 +110,8 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
             raise WeightLoadError(f"{name}: {exc}") from None
         loaded.add(f"{target_path}.{param_name}#{part}")
         return
-    if name not in params:
+    if name not in params and not (param_name == "weight_scale"
+                                   and f"{module_path}.weight" in params):
         if name in aliases:
             return  # a tied parameter's second name: loaded under its first
         raise WeightLoadError(f"unexpected tensor in checkpoint: {name}")

@@ -1,8 +1,8 @@
 /* Int8 linear layers: out = x W^T (+ bias), W int8 [N, K] with one float32 scale per output
  * channel (row of W), in two forms that read the same packed W:
  *  - W8A8 (`int8_linear_w8a8`): each row of x (a token) is quantized to int8 with its own scale
- *    (dynamic, symmetric: amax / 127.5, values in [-128, 127], as compressed-tensors defines
- *    it), and the products are summed in int32 by AVX-512 VNNI's
+ *    (dynamic, symmetric: amax / levels, levels 127 (values in [-127, 127], as vLLM does) or
+ *    127.5 (values in [-128, 127], as compressed-tensors defines it), and the products are summed in int32 by AVX-512 VNNI's
  *    vpdpbusd, 64 multiply-adds per instruction where bfloat16's vdpbf16ps does 32. Where a
  *    decode step at batch 64 is bound by arithmetic, this is what makes int8 faster than bf16
  *    (docs/performance.md).
@@ -56,10 +56,12 @@ static inline void thread_groups(int64_t groups, int64_t *first, int64_t *last) 
     *last = groups * (t + 1) / threads;
 }
 
-/* Row `m` of x quantized: u8[k] = clamp(round(x[k] * 127.5 / amax), -128, 127) + 128 for
- * k < K, 128 (zero) up to K4; returns the row's scale amax / 127.5 (0 for a row of zeros).
- * Rounding is to nearest even, as torch.round. */
-static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, uint8_t *u8) {
+/* Row `m` of x quantized: u8[k] = clamp(round(x[k] * levels / amax), lowest, 127) + 128 for
+ * k < K, 128 (zero) up to K4, lowest = -128 for levels 127.5, else -127; returns the row's
+ * scale amax / levels (0 for a row of zeros). Rounding is to nearest even, as torch.round. */
+static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, float levels,
+                          uint8_t *u8) {
+    const int lowest = levels > 127.0f ? -128 : -127;
     float amax = 0.0f;
     int64_t i = 0;
 #if INT8_SIMD
@@ -71,11 +73,11 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, ui
         const float v = fabsf(load_one(x, i, bf16));
         amax = v > amax ? v : amax;
     }
-    const float inv = amax > 0.0f ? 127.5f / amax : 0.0f;
+    const float inv = amax > 0.0f ? levels / amax : 0.0f;
     i = 0;
 #if INT8_SIMD
     const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+    const __m512i lo = _mm512_set1_epi32(lowest), hi = _mm512_set1_epi32(127);
     const __m512i bias = _mm512_set1_epi32(128);
     for (; i + 16 <= k; i += 16) {
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, i, bf16), vinv));
@@ -85,11 +87,11 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, ui
 #endif
     for (; i < k; i++) {
         long q = lrintf(load_one(x, i, bf16) * inv);
-        q = q < -128 ? -128 : q > 127 ? 127 : q;
+        q = q < lowest ? lowest : q > 127 ? 127 : q;
         u8[i] = (uint8_t)(q + 128);
     }
     for (; i < k4; i++) u8[i] = 128;
-    return amax / 127.5f;
+    return amax / levels;
 }
 
 /* Weight element (n, k) of the packed layout. */
@@ -256,26 +258,26 @@ static void convert_strip(const int8_t *w, int64_t nv, int64_t k4, uint16_t *wb)
 #endif
 
 /* Quantized activations [rows][K4] and their scales, or NULL when out of memory. */
-static uint8_t *quantize_rows(const void *x, const Int8Shape *s, float *x_scale) {
+static uint8_t *quantize_rows(const void *x, const Int8Shape *s, float levels, float *x_scale) {
     uint8_t *a = malloc((size_t)(s->rows * s->k4));
     if (!a) return NULL;
     const int64_t size = s->bf16 ? 2 : 4;
     #pragma omp parallel for schedule(static) if (s->rows > 1)
     for (int64_t m = 0; m < s->rows; m++)
         x_scale[m] = quantize_row((const char *)x + m * s->x_stride * size, s->bf16, s->k,
-                                  s->k4, a + m * s->k4);
+                                  s->k4, levels, a + m * s->k4);
     return a;
 }
 
 /* W8A8 (see the top of the file): x [rows][K] (float32 or bfloat16, rows x_stride apart),
- * out [rows][N] contiguous, of x's dtype; bias NULL or [N] of that dtype. Returns 0, or 1 when
- * out of memory for the quantized activations. */
+ * quantized with `levels` (127 or 127.5); out [rows][N] contiguous, of x's dtype; bias NULL or
+ * [N] of that dtype. Returns 0, or 1 when out of memory for the quantized activations. */
 int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_scale,
                      const int32_t *offsets, const void *bias, int64_t rows, int64_t n,
-                     int64_t k, int64_t x_stride, int64_t bf16) {
+                     int64_t k, int64_t x_stride, int64_t bf16, float levels) {
     const Int8Shape s = {rows, n, k, (k + 3) / 4 * 4, x_stride, bf16};
     float *x_scale = malloc((size_t)rows * sizeof(float));
-    uint8_t *a = x_scale ? quantize_rows(x, &s, x_scale) : NULL;
+    uint8_t *a = x_scale ? quantize_rows(x, &s, levels, x_scale) : NULL;
     if (!a) {
         free(x_scale);
         return 1;

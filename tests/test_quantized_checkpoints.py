@@ -1,0 +1,165 @@
+"""Quantized checkpoints as the Hub ships them: compressed-tensors int8 (W8A8 and W8A16, the
+int8 and the int32-packed on-disk formats), made by compressed-tensors' own code from tiny
+transformers models, loaded into int8 layers and checked against transformers running the same
+checkpoint (which decompresses it, and quantizes activations per token for W8A8, with
+compressed-tensors); and what is not supported, refused by name."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pagedserve.executor.models import UnsupportedArchitectureError, load_model
+from pagedserve.executor.models.layers import Linear, bind_kernels, weight_bytes
+from pagedserve.executor.models.quantized_checkpoints import checkpoint_quantization
+from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.dispatch import TORCH_KERNELS
+from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.testing.compressed_tensors_files import save_compressed, scheme
+from pagedserve.testing.paged_run import assert_matches_transformers
+from pagedserve.testing.tiny_models import (
+    randomize_weights,
+    tiny_gpt_neox_config,
+    tiny_llama_config,
+    tiny_qwen2_config,
+)
+
+VOCAB = 300
+PROMPTS = [[5], [7, 8, 9], list(range(20, 27)), list(range(40, 52))]
+FAMILIES = {
+    "llama-tied": lambda: tiny_llama_config(VOCAB),
+    "llama": lambda: tiny_llama_config(VOCAB, tie_word_embeddings=False),
+    "qwen2-bias": lambda: tiny_qwen2_config(VOCAB),
+    # A fused q/k/v checkpoint tensor: its int8 rows and their scales are split per head.
+    "gpt-neox": lambda: tiny_gpt_neox_config(VOCAB),
+}
+SCHEMES = {"w8a8": ("w8a8", None), "w8a16-packed": ("w8a16", None),
+           "w8a16-int8": ("w8a16", "naive-quantized")}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    cache = {}
+
+    def get(family, scheme_name):
+        key = (family, scheme_name)
+        if key not in cache:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32)
+            randomize_weights(model)
+            name, fmt = SCHEMES[scheme_name]
+            ignore = ("embed_out",) if family == "gpt-neox" else ("lm_head",)
+            cache[key] = save_compressed(model, scheme(name, fmt=fmt),
+                                         tmp_path_factory.mktemp(f"{family}-{scheme_name}"),
+                                         ignore=ignore)
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("kernel_set", ["cpu", "torch"])
+@pytest.mark.parametrize("scheme_name", list(SCHEMES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_compressed_tensors_checkpoint_matches_transformers(checkpoints, family, scheme_name,
+                                                              kernel_set):
+    if kernel_set == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    directory = checkpoints(family, scheme_name)
+    model = load_model(directory, torch.float32)
+    assert model.quantization == ("w8a8_int8" if scheme_name == "w8a8" else "int8")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    head = "embed_out" if family == "gpt-neox" else "lm_head"
+    # Every projection is int8 with its float weight released; the head as the checkpoint has
+    # it (compressed-tensors' `ignore` matched transformers' name for the LLaMA and Qwen2
+    # heads, not GPT-NeoX's).
+    with safe_open(directory / "model.safetensors", framework="pt") as checkpoint:
+        head_int8 = f"{head}.weight_scale" in checkpoint.keys()
+    assert head_int8 == (family == "gpt-neox")
+    assert (linears.pop(head).int8 is not None) == head_int8
+    assert all(m.int8 is not None and m.weight.numel() == 0 for m in linears.values())
+    assert all(m.int8.dynamic_activations == (scheme_name == "w8a8") for m in linears.values())
+    bind_kernels(model, cpu_kernel_set() if kernel_set == "cpu" else TORCH_KERNELS)
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    # W8A8: an activation within the last bit of a rounding boundary may round the other way
+    # in one of the two implementations (see tests/test_quantization.py).
+    tol = 1e-1 if scheme_name == "w8a8" else 1e-4
+    assert_matches_transformers(model, reference, PROMPTS, chunk=5, decode_steps=3, tol=tol)
+
+
+def test_the_int8_layers_hold_the_checkpoints_values(checkpoints):
+    """The loaded int8 values and scales are the checkpoint's, packed q/k/v included (the
+    int32-packed format unpacked)."""
+    from safetensors.torch import load_file
+
+    directory = checkpoints("llama", "w8a16-packed")
+    model = load_model(directory, torch.float32)
+    tensors = load_file(directory / "model.safetensors")
+    packed = tensors["model.layers.0.self_attn.k_proj.weight_packed"]
+    expected = (packed.view(torch.uint8).to(torch.int16) - 128).to(torch.int8)
+    qkv = model.model.layers[0].self_attn.qkv_proj.int8
+    q_rows, k_rows = 64, 32  # 4 query heads and 2 KV heads of 16
+    assert torch.equal(qkv.qweight[q_rows:q_rows + k_rows], expected)
+    assert torch.equal(qkv.scales[q_rows:q_rows + k_rows],
+                       tensors["model.layers.0.self_attn.k_proj.weight_scale"][:, 0])
+
+
+def test_a_quantized_checkpoint_takes_its_int8_bytes(checkpoints):
+    directory = checkpoints("llama", "w8a8")
+    config = AutoConfig.from_pretrained(directory)
+    float_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    linear_params = sum(m.weight.numel() for name, m in float_model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    float_bytes = sum(p.numel() * 4 for p in float_model.parameters())
+    # int8 values (a quarter of float32) plus one float32 scale per output row.
+    scale_bytes = sum(m.weight.shape[0] * 4 for name, m in float_model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert weight_bytes(load_model(directory, torch.float32)) == \
+        float_bytes - linear_params * 3 + scale_bytes
+
+
+def _config_with(directory, tmp_path, change):
+    quantization = json.loads((directory / "config.json").read_text())["quantization_config"]
+    change(quantization)
+    return type("Config", (), {"quantization_config": quantization})()
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda q: q.update(quant_method="awq"), "quantization_config.quant_method 'awq'"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group",
+                                                                group_size=128),
+     "config_groups.group_0.weights.strategy 'group'"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4),
+     "config_groups.group_0.weights.num_bits 4"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"),
+     "config_groups.group_0.weights.type 'float'"),
+    (lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False),
+     "config_groups.group_0.input_activations.dynamic False"),
+    (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
+     "config_groups.group_0.format 'float-quantized'"),
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}),
+     "quantization_config.kv_cache_scheme"),
+])
+def test_what_is_not_supported_is_refused_by_name(checkpoints, tmp_path, change, named):
+    config = _config_with(checkpoints("llama", "w8a8"), tmp_path, change)
+    with pytest.raises(UnsupportedArchitectureError, match=f"{named}.* is not supported"):
+        checkpoint_quantization(config)
+
+
+def test_an_fp8_checkpoint_is_refused_at_load(tmp_path):
+    """compressed-tensors' FP8_DYNAMIC (fp8 weights): the load names the field, before any
+    tensor is read."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB), dtype=torch.float32)
+    directory = save_compressed(model, scheme("fp8"), tmp_path / "fp8")
+    with pytest.raises(UnsupportedArchitectureError, match="format 'float-quantized'"):
+        load_model(directory, torch.float32)
+
+
+def test_quantization_flag_on_a_quantized_checkpoint_is_refused(checkpoints):
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.runtime.serving import StartupError
+
+    with pytest.raises(StartupError, match="quantized checkpoint already \\(w8a8_int8\\)"):
+        LLM(str(checkpoints("llama", "w8a8")), dtype="float32", quantization="int8",
+            kv_cache_gib=0.01)
