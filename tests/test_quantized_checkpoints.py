@@ -163,3 +163,16 @@ def test_quantization_flag_on_a_quantized_checkpoint_is_refused(checkpoints):
     with pytest.raises(StartupError, match="quantized checkpoint already \\(w8a8_int8\\)"):
         LLM(str(checkpoints("llama", "w8a8")), dtype="float32", quantization="int8",
             kv_cache_gib=0.01)
+
+
+def test_moving_the_model_moves_its_int8_weights(checkpoints):
+    """The executor loads on the CPU, then moves the model to its device: the int8 values and
+    scales loaded from the checkpoint go along (they are no parameters), the scales float32."""
+    model = load_model(checkpoints("llama", "w8a8"), torch.float32)
+    layer = model.model.layers[0].self_attn.qkv_proj
+    values = layer.int8.qweight.clone()
+    model.to(torch.device("meta"))
+    assert layer.int8.qweight.device.type == "meta" and layer.int8.scales.device.type == "meta"
+    model = load_model(checkpoints("llama", "w8a8"), torch.float32).to(torch.bfloat16)
+    layer = model.model.layers[0].self_attn.qkv_proj
+    assert torch.equal(layer.int8.qweight, values) and layer.int8.scales.dtype == torch.float32

@@ -18,6 +18,7 @@ calls a kernel directly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -128,6 +129,16 @@ class Linear(KernelLayer):
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a checkpoint tensor of `checkpoint_shape` (all of it here)."""
         return tensor
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)` and the like move the int8 weight too (a plain attribute, which
+        nn.Module does not see); its scales stay float32, as the kernels read them."""
+        super()._apply(fn, recurse)
+        if self.int8 is not None:
+            plain = self.int8.plain()
+            self.int8 = dataclasses.replace(plain, qweight=fn(plain.qweight),
+                                            scales=fn(plain.scales).to(torch.float32))
+        return self
 
     def quantize(self, dynamic_activations: bool, shared: bool) -> None:
         """W to int8 per output channel (W8A8 if `dynamic_activations`, else W8A16); the float
