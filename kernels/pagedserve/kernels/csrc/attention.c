@@ -503,12 +503,21 @@ static inline __attribute__((always_inline)) void attend_tile(
         for (int64_t p = 0; p < KEY_TILE; p++) {
             const char *krow = p < count ? (const char *)k_cache + size * (
                 slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h) : 0;
+            int64_t row_format = kv;
+#if FP8_TABLES
+            uint16_t converted[dim];  /* an fp8 row as bfloat16 (exactly) */
+            if (krow && kv != FORMAT_BF16 && kv != FORMAT_F32) {
+                fp8_row_to_bf16((const uint8_t *)krow, dim, kv, converted);
+                krow = (const char *)converted;
+                row_format = FORMAT_BF16;
+            }
+#endif
             if (dot_bf16)
                 for (int64_t j = 0; j < dim / 2; j++)
                     ((uint32_t *)kt)[j * KEY_TILE + p] = krow ? ((const uint32_t *)krow)[j] : 0;
             else
                 for (int64_t d = 0; d < dim; d++)
-                    kt[d * KEY_TILE + p] = krow ? load_one(krow, d, kv) : 0.0f;
+                    kt[d * KEY_TILE + p] = krow ? load_one(krow, d, row_format) : 0.0f;
         }
         const __m512i position = _mm512_add_epi32(index, _mm512_set1_epi32((int)p0));
         const __mmask16 stored = (__mmask16)((1u << count) - 1);
@@ -535,9 +544,18 @@ static inline __attribute__((always_inline)) void attend_tile(
     for (int64_t r = 0; r < rows; r++) softmax_row(probs + r * n, n);
     for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
         const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
-        for (int64_t p = 0; p < count; p++)
-            load_row(v_cache, slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h, kv,
-                     dim, vt + p * dim);
+        for (int64_t p = 0; p < count; p++) {
+            const int64_t at = slot_offset(table, first + p0 + p, s) + h * s->kv_stride_h;
+#if FP8_TABLES
+            if (kv != FORMAT_BF16 && kv != FORMAT_F32) {
+                uint16_t converted[dim];
+                fp8_row_to_bf16((const uint8_t *)v_cache + at, dim, kv, converted);
+                load_row(converted, 0, FORMAT_BF16, dim, vt + p * dim);
+                continue;
+            }
+#endif
+            load_row(v_cache, at, kv, dim, vt + p * dim);
+        }
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
             int64_t r0 = 0;
             for (; r0 + 8 <= rows; r0 += 8)
@@ -573,8 +591,9 @@ ATTEND_TILE_COPY(attend_tile_f32_f32, 0, FORMAT_F32, 0)
 ATTEND_TILE_COPY(attend_tile_f32_e4m3, 0, FORMAT_E4M3, 0)
 ATTEND_TILE_COPY(attend_tile_f32_e5m2, 0, FORMAT_E5M2, 0)
 ATTEND_TILE_COPY(attend_tile_bf16_bf16, 1, FORMAT_BF16, DOT_BF16)
-ATTEND_TILE_COPY(attend_tile_bf16_e4m3, 1, FORMAT_E4M3, 0)
-ATTEND_TILE_COPY(attend_tile_bf16_e5m2, 1, FORMAT_E5M2, 0)
+/* fp8 rows are converted to bfloat16 first where the CPU has the tables (FP8_TABLES). */
+ATTEND_TILE_COPY(attend_tile_bf16_e4m3, 1, FORMAT_E4M3, FP8_TABLES)
+ATTEND_TILE_COPY(attend_tile_bf16_e5m2, 1, FORMAT_E5M2, FP8_TABLES)
 
 static AttendTileFunction attend_tile_for(const DecodeShape *s) {
     static const AttendTileFunction copies[2][4] = {
