@@ -57,7 +57,7 @@ static inline uint8_t f32_to_fp8(float f, int mantissa_bits, int bias, float max
     a = a > max ? max : a;
     const float min_normal = ldexpf(1.0f, 1 - bias);
     if (a < min_normal)  /* subnormal (or rounding up to the smallest normal: same encoding) */
-        return sign | (uint8_t)rintf(ldexpf(a, bias - 1 + mantissa_bits));
+        return sign | (uint8_t)__builtin_rintf(a * ldexpf(1.0f, bias - 1 + mantissa_bits));
     union { float f; uint32_t u; } v = { .f = a };
     const int drop = 23 - mantissa_bits;
     v.u += ((1u << (drop - 1)) - 1) + ((v.u >> drop) & 1u);
