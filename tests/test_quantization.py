@@ -35,9 +35,11 @@ from pagedserve.testing.tiny_models import (
 needs_c = pytest.mark.skipif(not cpu_kernels.available(),
                              reason="no C compiler: the CPU kernels are not built")
 
-# (rows, out features, in features): one token; tails of every kind (N not a multiple of 16,
-# K not of 4 or 16); more rows than a tile (6) and than a row block (192).
-SHAPES = [(1, 64, 64), (5, 33, 20), (7, 100, 36), (13, 49, 9), (64, 96, 128), (200, 17, 64)]
+# (rows, out features, in features): one to four tokens (W8A16's small-batch path); tails of
+# every kind (N not a multiple of 16, K not of 4 or 16); more rows than a tile (6) and than a
+# row block (192).
+SHAPES = [(1, 64, 64), (2, 40, 36), (3, 17, 8), (4, 100, 128), (5, 33, 20), (7, 100, 36),
+          (13, 49, 9), (64, 96, 128), (200, 17, 64)]
 
 
 def reference(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:

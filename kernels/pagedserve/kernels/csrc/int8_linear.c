@@ -41,7 +41,7 @@
 #define INT8_SIMD 0
 #endif
 
-enum { GROUP = 16, STRIP_GROUPS = 4, TILE_ROWS = 6, ROW_BLOCK = 192 };
+enum { GROUP = 16, STRIP_GROUPS = 4, TILE_ROWS = 6, ROW_BLOCK = 192, SMALL_ROWS = 4 };
 
 int int8_linear_simd(void) { return INT8_SIMD; }
 
@@ -245,6 +245,51 @@ static void convert_strip(const int8_t *w, int64_t nv, int64_t k4, uint16_t *wb)
     }
 }
 
+/* W8A16 for at most 4 rows (a decode step of a few sequences), one group of 16 channels: no
+ * strip is converted to bf16 first (at such batches that pass cost what the halved weight
+ * bytes save). Each 16-byte quarter of a packed vector (4 channels x 4 k) is sign-extended to
+ * float32 and multiplied by the row's 4 activations of those k, broadcast (`xf`: the rows in
+ * float32, K apart); accumulator j of a row holds channel 4j + lane / 4's partial sums over
+ * k = lane % 4, added up at the end. */
+#define EACH_SMALL_ROW(X) X(0) X(1) X(2) X(3)
+#define EACH_QUARTER(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
+#define EACH_SMALL_CELL(X) EACH_QUARTER(X, 0) EACH_QUARTER(X, 1) EACH_QUARTER(X, 2) \
+    EACH_QUARTER(X, 3)
+
+TILE w8a16_small_group(const int64_t rows, const float *xf, const int8_t *w, const int64_t k4,
+                       const int64_t k, const float *w_scale, const void *bias, void *out,
+                       const Int8Shape *s, int64_t n0, int64_t out_stride) {
+#define ZERO(r, j) __m512 acc##r##j = _mm512_setzero_ps();
+    EACH_SMALL_CELL(ZERO)
+#undef ZERO
+    for (int64_t i = 0; i < k4; i += 4) {
+#define QUARTER(j) const __m512 w##j = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32( \
+            _mm_loadu_si128((const __m128i *)(w + i * GROUP + 16 * j))));
+        EACH_VECTOR(QUARTER)
+#undef QUARTER
+#define BROADCAST(r) const __m512 x##r = r < rows \
+            ? _mm512_broadcast_f32x4(_mm_loadu_ps(xf + r * k4 + i)) : _mm512_setzero_ps();
+        EACH_SMALL_ROW(BROADCAST)
+#undef BROADCAST
+#define MAC(r, j) if (r < rows) acc##r##j = _mm512_fmadd_ps(w##j, x##r, acc##r##j);
+        EACH_SMALL_CELL(MAC)
+#undef MAC
+    }
+    (void)k;
+    float partial[4][64], sums[GROUP];
+#define SPILL(r, j) if (r < rows) _mm512_storeu_ps(partial[r] + 16 * j, acc##r##j);
+    EACH_SMALL_CELL(SPILL)
+#undef SPILL
+    const __m512 ws = _mm512_loadu_ps(w_scale + n0);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int c = 0; c < GROUP; c++)
+            sums[c] = (partial[r][4 * c] + partial[r][4 * c + 1])
+                      + (partial[r][4 * c + 2] + partial[r][4 * c + 3]);
+        store16((char *)out + r * out_stride, bias, s->bf16, s->n, n0, 0,
+                _mm512_mul_ps(_mm512_loadu_ps(sums), ws));
+    }
+}
+
 /* One call of a tile function with `rows` and `nv` as constants, so that it unrolls into
  * registers. */
 #define TILE_CASE(r, v, call) case (r) * 8 + (v): call(r, v); break;
@@ -328,6 +373,27 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
     const Int8Shape s = {rows, n, k, k, x_stride, 1};
     const int64_t groups = (n + GROUP - 1) / GROUP, out_stride = n * 2;
     int failed = 0;
+#if INT8_SIMD
+    if (rows <= SMALL_ROWS) {  /* the rows in float32, then one group of channels at a time */
+        float *xf = malloc((size_t)(rows * k) * sizeof(float));
+        if (!xf) return 1;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_f32(x[r * x_stride + i]);
+        #pragma omp parallel
+        {
+            int64_t first, last;
+            thread_groups(groups, &first, &last);
+            for (int64_t g = first; g < last; g++) {
+#define SMALL(r) case r: w8a16_small_group(r, xf, w + g * k * GROUP, k, k, w_scale, bias, out, \
+                                           &s, g * GROUP, out_stride); break;
+                switch (rows) { SMALL(1) SMALL(2) SMALL(3) SMALL(4) }
+#undef SMALL
+            }
+        }
+        free(xf);
+        return 0;
+    }
+#endif
     #pragma omp parallel reduction(|:failed)
     {
         int64_t first, last;
