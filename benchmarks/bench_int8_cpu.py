@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.kernels import cpu_kernels
-from pagedserve.kernels.quantization import Int8Weight
+from pagedserve.kernels.quantization import Int8Weight, quantize_int8
 
 # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocabulary 49152.
 LAYER_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
@@ -40,15 +40,10 @@ NUM_LAYERS = 30
 LM_HEAD = (49152, 576)
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: weight ~= q * scale[:, None]."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
 def variants(weight: torch.Tensor) -> dict[str, tuple]:
     """Each variant's callable on activations x (float32 [M, K]) and the dtype it takes."""
-    q, scale = quantize_per_channel(weight)
+    weight_int8 = quantize_int8(weight, dynamic_activations=False)  # what --quantization makes
+    q, scale = weight_int8.qweight, weight_int8.scales
     dequantized = q.float() * scale[:, None]
     bf16_w, fp32_w = dequantized.bfloat16(), dequantized
     scale_bf16 = scale.bfloat16()

@@ -15,10 +15,11 @@ other in this process, with the kernels the engine picks on this machine. Per mo
   sent as a prompt with `prompt_logprobs=1`: exp of minus the mean logprob the engine returns
   for every token of a window after its first. Beside it, the text's top-1 agreement with a
   reference mode: the share of those positions whose most likely next token is the reference's.
-- greedy agreement: the first `--prompts` of PROMPTS (the 16 of tests/test_bf16_parity.py,
-  then 16 more), `--max-tokens` tokens each, temperature 0, ignore_eos, all in one batch;
-  against a reference mode, how many prompts start with the reference's first token and the
-  mean length of the common prefix of the two outputs (in tokens, out of `--max-tokens`).
+- greedy agreement: the first `--prompts` of PROMPTS (the 16 of pagedserve/testing/prompts.py,
+  which tests/test_bf16_parity.py uses, then 16 more), `--max-tokens` tokens each,
+  temperature 0, ignore_eos, all in one batch; against a reference mode, how many prompts
+  start with the reference's first token and the mean length of the common prefix of the two
+  outputs (in tokens, out of `--max-tokens`).
 
 Prints a table per reference (bf16, float32) and writes every figure to `--json`.
 """
@@ -37,22 +38,14 @@ from machine_info import cpu_info
 
 from pagedserve.entrypoints.offline import LLM
 from pagedserve.kernels.dispatch import select_kernels
+from pagedserve.testing.prompts import GREEDY_PROMPTS
 from pagedserve.v1.common_pb2 import SamplingParams
 
 TEXT = pathlib.Path(__file__).resolve().parent / "workloads" / "quality_text.txt"
 # mode -> (dtype, quantization)
 MODES = {"float32": ("float32", None), "bf16": ("bfloat16", None),
          "int8": ("bfloat16", "int8"), "w8a8_int8": ("bfloat16", "w8a8_int8")}
-PROMPTS = [
-    # tests/test_bf16_parity.py
-    "The capital of France is", "Water boils at a temperature of",
-    "The largest planet in our solar system is", "To make a cup of tea, first",
-    "In 1969, the first person to walk on the moon was", "The chemical symbol for gold is",
-    "A haiku about autumn:", "def fibonacci(n):", "The three primary colors are",
-    "Photosynthesis is the process by which", "The quick brown fox",
-    "Once upon a time, in a small village,", "The speed of light is approximately",
-    "My favourite recipe for pancakes needs", "The tallest mountain on Earth is",
-    "import numpy as np\n",
+PROMPTS = GREEDY_PROMPTS + [
     # more of the same kinds: facts, instructions, stories, code, lists
     "The main causes of the First World War were", "A good night's sleep helps because",
     "The Pacific Ocean is", "Dear Sir or Madam, I am writing to",

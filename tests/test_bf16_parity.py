@@ -7,18 +7,8 @@ when written), and the same answer to a chat question."""
 import pytest
 
 from pagedserve.entrypoints.offline import LLM
+from pagedserve.testing.prompts import GREEDY_PROMPTS
 from pagedserve.v1.common_pb2 import SamplingParams
-
-PROMPTS = [
-    "The capital of France is", "Water boils at a temperature of",
-    "The largest planet in our solar system is", "To make a cup of tea, first",
-    "In 1969, the first person to walk on the moon was", "The chemical symbol for gold is",
-    "A haiku about autumn:", "def fibonacci(n):", "The three primary colors are",
-    "Photosynthesis is the process by which", "The quick brown fox",
-    "Once upon a time, in a small village,", "The speed of light is approximately",
-    "My favourite recipe for pancakes needs", "The tallest mountain on Earth is",
-    "import numpy as np\n",
-]
 
 
 def _matching_prefix(a: list[int], b: list[int]) -> int:
@@ -34,7 +24,7 @@ def test_bfloat16_greedy_follows_float32(default_model):
     outputs, answers = {}, {}
     for dtype in ("float32", "bfloat16"):
         llm = LLM(str(default_model.path), dtype=dtype, kv_cache_gib=0.25, max_model_len=512)
-        outputs[dtype] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        outputs[dtype] = [o.outputs[0].token_ids for o in llm.generate(GREEDY_PROMPTS, params)]
         chat = llm.tokenizer.apply_chat_template(
             [{"role": "user",
               "content": "What is the capital of France? Answer in one sentence."}],
