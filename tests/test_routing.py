@@ -155,6 +155,10 @@ def test_a_sequence_stopped_while_its_request_waits_is_not_recomputed():
     ("quantization", lambda r: setattr(r.model, "quantization", 'int8"} 1\nfake'),
      "model.quantization"),
     ("kv dtype", lambda r: setattr(r.kv_cache, "dtype", "x" * 33), "kv_cache.dtype"),
+    # Memory sizes reach the stats' uint64 product total_blocks x bytes_per_block.
+    ("bytes per block", lambda r: setattr(r.kv_cache, "bytes_per_block", 2**63),
+     "kv_cache.bytes_per_block"),
+    ("weight bytes", lambda r: setattr(r.model, "weight_bytes", 2**63), "model.weight_bytes"),
 ])
 def test_a_registration_out_of_range_is_refused_and_evicts_nothing(field, change, named):
     """An executor's registration sizes the scheduler's structures: a value past its ceiling

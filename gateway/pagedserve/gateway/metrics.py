@@ -46,6 +46,20 @@ class GatewayMetrics:
         return text
 
 
+# Gauges labelled by executor: (name, help, the ExecutorStats field).
+_PER_EXECUTOR = [
+    ("pagedserve_kv_blocks_total", "KV blocks in the pool", "total_blocks"),
+    ("pagedserve_kv_blocks_free", "KV blocks no request holds (cached ones included)",
+     "free_blocks"),
+    ("pagedserve_kv_blocks_cached_free", "Free KV blocks still in the prefix cache",
+     "cached_free_blocks"),
+    ("pagedserve_weight_bytes", "Bytes the model's weights take on one rank of the executor",
+     "weight_bytes"),
+    ("pagedserve_kv_cache_bytes", "Bytes of the KV pool on one rank of the executor",
+     "kv_cache_bytes"),
+]
+
+
 class _SchedulerCollector:
     def __init__(self, stats: scheduler_pb2.SchedulerStats):
         self.stats = stats
@@ -56,32 +70,18 @@ class _SchedulerCollector:
                                 value=stats.num_running)
         yield GaugeMetricFamily("pagedserve_requests_waiting", "Sequences queued",
                                 value=stats.num_waiting)
-        total = GaugeMetricFamily("pagedserve_kv_blocks_total", "KV blocks in the pool",
-                                  labels=["executor"])
-        free = GaugeMetricFamily("pagedserve_kv_blocks_free",
-                                 "KV blocks no request holds (cached ones included)",
-                                 labels=["executor"])
-        cached = GaugeMetricFamily("pagedserve_kv_blocks_cached_free",
-                                   "Free KV blocks still in the prefix cache",
-                                   labels=["executor"])
-        weights = GaugeMetricFamily("pagedserve_weight_bytes",
-                                    "Bytes the model's weights take on one rank of the executor",
-                                    labels=["executor"])
-        kv_bytes = GaugeMetricFamily("pagedserve_kv_cache_bytes",
-                                     "Bytes of the KV pool on one rank of the executor",
-                                     labels=["executor"])
+        per_executor = [(GaugeMetricFamily(name, doc, labels=["executor"]), field)
+                        for name, doc, field in _PER_EXECUTOR]
         info = GaugeMetricFamily("pagedserve_executor_info",
                                  "1 per executor, labelled with what sizes its memory",
                                  labels=["executor", "quantization", "kv_cache_dtype"])
         for executor in stats.executors:
-            total.add_metric([executor.executor_id], executor.total_blocks)
-            free.add_metric([executor.executor_id], executor.free_blocks)
-            cached.add_metric([executor.executor_id], executor.cached_free_blocks)
-            weights.add_metric([executor.executor_id], executor.weight_bytes)
-            kv_bytes.add_metric([executor.executor_id], executor.kv_cache_bytes)
+            for family, field in per_executor:
+                family.add_metric([executor.executor_id], getattr(executor, field))
             info.add_metric([executor.executor_id, executor.quantization or "none",
                              executor.kv_cache_dtype], 1)
-        yield from (total, free, cached, weights, kv_bytes, info)
+        yield from (family for family, _ in per_executor)
+        yield info
         for name, doc, value in (
                 ("pagedserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
                  "prefix cache", stats.prefix_cache_queried_tokens),

@@ -29,6 +29,8 @@ MAX_MODEL_ID_CHARS = 256
 MAX_EXECUTOR_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 256
 MAX_LABEL_CHARS = 32
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+MAX_BLOCK_BYTES = 1 << 30  # 1 GiB per block (MAX_KV_BLOCKS of them stay below 2^64)
 SESSION_TOKEN_CHARS = (32, 128)
 # An executor id or address is a plain printable token: it lands in logs, metrics labels and
 # the scheduler's dial target.
@@ -52,7 +54,11 @@ def check_description(description: scheduler_pb2.RegisterExecutorRequest
                MAX_NUM_BATCHED_TOKENS),
               ("limits.max_logprobs", limits.max_logprobs, 0, model.vocab_size),
               ("model.eos_token_ids (count)", len(model.eos_token_ids), 0, MAX_EOS_TOKEN_IDS),
-              ("model.model_id (characters)", len(model.model_id), 0, MAX_MODEL_ID_CHARS)]
+              ("model.model_id (characters)", len(model.model_id), 0, MAX_MODEL_ID_CHARS),
+              # Reported in /metrics: bounded so that total_blocks x bytes_per_block (the
+              # pool's bytes in the stats) stays within uint64.
+              ("model.weight_bytes", model.weight_bytes, 0, MAX_MEMORY_BYTES),
+              ("kv_cache.bytes_per_block", kv.bytes_per_block, 0, MAX_BLOCK_BYTES)]
     for field, value, low, high in ranges:
         if not low <= value <= high:
             raise DescriptionError(f"{field} is {value}, outside [{low}, {high}]")
