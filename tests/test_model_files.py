@@ -59,10 +59,13 @@ def test_float_gguf_converts_to_the_same_model(tmp_path, tie):
 
 
 def test_quantized_gguf_dequantizes_exactly(tmp_path):
+    """--gguf-dequantize: transformers reads the float32 directory (the native form, which
+    keeps the values quantized, is tests/test_gguf_native.py's)."""
     source = tiny_model(tie=True)
     write_llama_gguf(source, byte_level_tokenizer(), tmp_path / "tiny.gguf", quant=Q8_0)
     converted = AutoModelForCausalLM.from_pretrained(
-        resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache").path,
+        resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache",
+                      gguf_dequantize=True).path,
         dtype=torch.float32)
     for name, tensor in source.state_dict().items():
         expected = tensor.numpy()
@@ -76,7 +79,7 @@ def test_conversion_runs_once_then_the_cache_is_reused(tmp_path, monkeypatch):
     write_llama_gguf(tiny_model(tie=True), byte_level_tokenizer(), tmp_path / "tiny.gguf")
     calls = []
     real_convert = gguf_to_hf.convert_gguf
-    monkeypatch.setattr(gguf_to_hf, "convert_gguf", lambda *a: (calls.append(a), real_convert(*a)))
+    monkeypatch.setattr(gguf_to_hf, "convert_gguf", lambda *a, **k: (calls.append(a), real_convert(*a, **k)))
     first = resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache")
     second = resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache")
     assert len(calls) == 1 and first.path == second.path

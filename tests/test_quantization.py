@@ -208,9 +208,9 @@ def test_every_family_quantized_matches_transformers_on_the_same_int8_weights(
     quantize_linears(model, scheme)
     bind_kernels(model, cpu_kernel_set() if kernel_set == "cpu" else TORCH_KERNELS)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.int8 is not None for m in linears)
+    assert linears and all(m.quantized is not None for m in linears)
     if kernel_set == "cpu":
-        assert all(isinstance(m.int8, cpu_kernels.PackedInt8Weight) for m in linears)
+        assert all(isinstance(m.quantized, cpu_kernels.PackedInt8Weight) for m in linears)
     # W8A8: an activation within the last bit of a rounding boundary may round the other way
     # in one of the two paths (their float32 inputs differ in the last bit), moving an output
     # by one quantum, which the layers after it carry on: measured when written, most cases
@@ -235,7 +235,7 @@ def test_quantized_weights_take_about_a_quarter_of_float32(family_dirs):
     assert after < before
     # int8 values (a quarter of float32) plus one float32 scale per output row.
     expected = before - linear_bytes + linear_bytes // 4 + sum(
-        m.int8.scales.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+        m.quantized.scales.numel() * 4 for m in model.modules() if isinstance(m, Linear))
     assert after == expected
     assert embedding.numel() > 0
 
@@ -245,7 +245,7 @@ def test_a_tied_embedding_keeps_its_float_weight(family_dirs):
     embedding = model.model.embed_tokens.weight.clone()
     quantize_linears(model, "w8a8_int8")
     assert torch.equal(model.model.embed_tokens.weight, embedding)
-    assert model.lm_head.int8 is not None
+    assert model.lm_head.quantized is not None
 
 
 def test_an_unknown_scheme_is_refused_by_name(family_dirs):
@@ -267,7 +267,7 @@ def test_the_engine_option_quantizes_what_it_serves(family_dirs):
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
     with LLM(str(directory), dtype="float32", quantization="int8", kv_cache_gib=0.01) as llm:
-        assert all(m.int8 is not None for m in llm._runner.model.modules()
+        assert all(m.quantized is not None for m in llm._runner.model.modules()
                    if isinstance(m, Linear))
         out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0,
                                                      ignore_eos=True))

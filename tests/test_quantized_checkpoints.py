@@ -76,9 +76,9 @@ def test_a_compressed_tensors_checkpoint_matches_transformers(checkpoints, famil
     with safe_open(directory / "model.safetensors", framework="pt") as checkpoint:
         head_int8 = f"{head}.weight_scale" in checkpoint.keys()
     assert head_int8 == (family == "gpt-neox")
-    assert (linears.pop(head).int8 is not None) == head_int8
-    assert all(m.int8 is not None and m.weight.numel() == 0 for m in linears.values())
-    assert all(m.int8.dynamic_activations == (scheme_name == "w8a8") for m in linears.values())
+    assert (linears.pop(head).quantized is not None) == head_int8
+    assert all(m.quantized is not None and m.weight.numel() == 0 for m in linears.values())
+    assert all(m.quantized.dynamic_activations == (scheme_name == "w8a8") for m in linears.values())
     bind_kernels(model, cpu_kernel_set() if kernel_set == "cpu" else TORCH_KERNELS)
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     # W8A8: an activation within the last bit of a rounding boundary may round the other way
@@ -97,7 +97,7 @@ def test_the_int8_layers_hold_the_checkpoints_values(checkpoints):
     tensors = load_file(directory / "model.safetensors")
     packed = tensors["model.layers.0.self_attn.k_proj.weight_packed"]
     expected = (packed.view(torch.uint8).to(torch.int16) - 128).to(torch.int8)
-    qkv = model.model.layers[0].self_attn.qkv_proj.int8
+    qkv = model.model.layers[0].self_attn.qkv_proj.quantized
     q_rows, k_rows = 64, 32  # 4 query heads and 2 KV heads of 16
     assert torch.equal(qkv.qweight[q_rows:q_rows + k_rows], expected)
     assert torch.equal(qkv.scales[q_rows:q_rows + k_rows],
@@ -170,9 +170,9 @@ def test_moving_the_model_moves_its_int8_weights(checkpoints):
     scales loaded from the checkpoint go along (they are no parameters), the scales float32."""
     model = load_model(checkpoints("llama", "w8a8"), torch.float32)
     layer = model.model.layers[0].self_attn.qkv_proj
-    values = layer.int8.qweight.clone()
+    values = layer.quantized.qweight.clone()
     model.to(torch.device("meta"))
-    assert layer.int8.qweight.device.type == "meta" and layer.int8.scales.device.type == "meta"
+    assert layer.quantized.qweight.device.type == "meta" and layer.quantized.scales.device.type == "meta"
     model = load_model(checkpoints("llama", "w8a8"), torch.float32).to(torch.bfloat16)
     layer = model.model.layers[0].self_attn.qkv_proj
-    assert torch.equal(layer.int8.qweight, values) and layer.int8.scales.dtype == torch.float32
+    assert torch.equal(layer.quantized.qweight, values) and layer.quantized.scales.dtype == torch.float32

@@ -220,8 +220,8 @@ def test_each_rank_quantizes_its_own_slice():
         layer.quantize(dynamic_activations=False, shared=False)
         columns = weight[:, rank * 4:(rank + 1) * 4]
         expected = quantize_int8(columns, dynamic_activations=False)
-        assert torch.equal(layer.int8.qweight, expected.qweight)
-        assert torch.equal(layer.int8.scales, expected.scales)
+        assert torch.equal(layer.quantized.qweight, expected.qweight)
+        assert torch.equal(layer.quantized.scales, expected.scales)
         total = total + layer(x[:, rank * 4:(rank + 1) * 4])
     halves = [quantize_int8(weight[:, half], False).dequantized(torch.float32)
               for half in (slice(0, 4), slice(4, 8))]

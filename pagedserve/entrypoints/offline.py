@@ -111,7 +111,7 @@ class LLM:
                  overlap: bool = True, **engine_options):
         config = EngineConfig.from_options(model=model, **engine_options)
         model_dir = resolve_model(config.model, config.model_cache_dir or default_cache_dir(),
-                                  config.served_model_name)
+                                  config.served_model_name, config.gguf_dequantize)
         # The model is built and every step runs on this one thread, for the engine's life:
         # torch's OpenMP team belongs to the calling thread (a thread per `generate` would start
         # a team each time), and the ranks of a tensor-parallel group are killed when the

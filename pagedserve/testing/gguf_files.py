@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -34,10 +35,33 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[rest]}"
 
 
+Q = gguf.GGMLQuantizationType
+# Formats the gguf package can quantize to (it only dequantizes the K formats).
+QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+
+
+def random_blocks(rows: int, columns: int, qtype: Q, seed: int) -> np.ndarray:
+    """A [rows, columns] tensor of random `qtype` blocks (a K format, which the gguf package
+    cannot quantize to: the model's weights are replaced, not rounded) whose float16 factors are
+    small, so that the weights stay about the size of a random model's."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows * columns // block_size, type_size), dtype=np.uint8)
+    factors = rng.uniform(2e-5, 1e-4, (blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q4_K:  # d and dmin lead the block
+        blocks[:, :4] = factors
+    elif qtype == Q.Q6_K:  # d ends it
+        blocks[:, -2:] = factors[:, :2]
+    else:
+        raise ValueError(f"random blocks of {qtype.name} are not written here")
+    return blocks.reshape(rows, -1)
+
+
 def write_llama_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
-                     path: pathlib.Path,
-                     quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> None:
-    """Matrices are stored as `quant` (norms stay F32, as llama.cpp does)."""
+                     path: pathlib.Path, quant: Q | Callable[[str], Q] = Q.F32) -> None:
+    """Matrices are stored as `quant` (norms stay F32, as llama.cpp does), or as the format
+    `quant(gguf tensor name)` names: quantized by the gguf package where it can
+    (QUANTIZABLE), random blocks (`random_blocks`) for the K formats."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(cfg.num_hidden_layers)
@@ -65,7 +89,7 @@ def write_llama_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
-    for name, tensor in model.state_dict().items():
+    for seed, (name, tensor) in enumerate(model.state_dict().items()):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         array = tensor.float().numpy()
@@ -73,8 +97,12 @@ def write_llama_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
             array = llama_cpp_permute(array, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, cfg.num_key_value_heads)
-        if array.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, quant), raw_dtype=quant)
+        qtype = quant(gguf_name(name)) if callable(quant) else quant
+        if array.ndim == 2 and qtype in QUANTIZABLE:
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        elif array.ndim == 2 and qtype != Q.F32:
+            writer.add_tensor(gguf_name(name), random_blocks(*array.shape, qtype, seed),
+                              raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name(name), array)
     writer.write_header_to_file()

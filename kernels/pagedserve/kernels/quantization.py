@@ -17,8 +17,16 @@ Why 127 for what we quantize: 127.5 rounds each row's largest positive value dow
 128 steps, and those largest values matter most. On the default model the weights quantized
 with 127.5 gave +0.72% perplexity against bf16, with 127 +0.03% (docs/performance.md).
 
-The kernel sets (dispatch.py) may repack an Int8Weight for their own matmul (`pack_int8`: the
-CPU C kernels' VNNI layout); `int8_linear` here is the PyTorch set's.
+A weight quantized in groups along K, as GGUF's block formats, AWQ and GPTQ store them, is a
+`GroupedWeight`: W[n, k] = scales[n, k // g] * q[n, k] + offsets[n, k // g], with int8 values
+q (one per byte here, whatever their width in the file: 4-bit, 6-bit or 8-bit) and float32
+scales and offsets per group of g consecutive k (offsets None for symmetric formats). For every
+GGUF format we run, float32 holds the scale and offset exactly and s * q is exact too, so
+`dequantized` gives the very values the `gguf` package's dequantize gives (docs/quantization.md).
+Only weight-only (A16) matmuls run on it.
+
+The kernel sets (dispatch.py) may repack a quantized weight for their own matmul
+(`pack_quantized`: the CPU C kernels' layouts); `quantized_linear` here is the PyTorch set's.
 """
 
 from __future__ import annotations
@@ -50,6 +58,41 @@ class Int8Weight:
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+
+
+@dataclass(frozen=True)
+class GroupedWeight:
+    """W ~ qweight * scales + offsets, each scale and offset repeated over its group of
+    `group_size` columns: qweight int8 [N, K], scales and offsets float32 [N, K / group_size]
+    (offsets None: zero)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None = None
+
+    def plain(self) -> GroupedWeight:
+        return self
+
+    @property
+    def group_size(self) -> int:
+        return self.qweight.shape[1] // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.qweight, self.scales,
+                            *(() if self.offsets is None else (self.offsets,)))
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """s * q + o in float32 (s * q is exact for the formats we load, so this rounds once,
+        as a fused multiply-add would), then cast to `dtype`."""
+        g = self.group_size
+        w = self.qweight.to(torch.float32) * self.scales.repeat_interleave(g, dim=1)
+        if self.offsets is not None:
+            w = w + self.offsets.repeat_interleave(g, dim=1)
+        return w.to(dtype)
+
+
+QuantizedWeight = Int8Weight | GroupedWeight
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -84,6 +127,23 @@ def _symmetric_int8_rows(x: torch.Tensor, levels: float) -> tuple[torch.Tensor, 
     lowest = -128 if levels > 127 else -127
     q = torch.round(x * inverse[..., None]).clamp(lowest, 127).to(torch.int8)
     return q, amax / levels
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) in x's dtype, summed and scaled in float32 (any device)."""
+    if isinstance(weight, GroupedWeight):
+        return grouped_linear(x, weight, bias)
+    return int8_linear(x, weight, bias)
+
+
+def grouped_linear(x: torch.Tensor, weight: GroupedWeight,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) by the dequantized weight, in float32 (any device; a dequantized copy per
+    call: the fallback where no kernel reads the groups)."""
+    y = torch.nn.functional.linear(x.to(torch.float32), weight.dequantized(torch.float32),
+                                   None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)
 
 
 def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ calls a kernel directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -30,7 +31,17 @@ from pagedserve.kernels.activation import gelu
 from pagedserve.kernels.attention import AttentionMetadata
 from pagedserve.kernels.dispatch import TORCH_KERNELS, Kernels
 from pagedserve.kernels.norm import layer_norm
-from pagedserve.kernels.quantization import SCHEMES, Int8Weight, quantize_int8, tensor_bytes
+from pagedserve.kernels.quantization import (
+    SCHEMES,
+    GroupedWeight,
+    Int8Weight,
+    QuantizedWeight,
+    quantize_int8,
+    tensor_bytes,
+)
+
+# A quantized checkpoint's tensors beside its int8 `weight`.
+QUANTIZATION_TENSORS = ("weight_scale", "weight_offset")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -61,15 +72,21 @@ class Linear(KernelLayer):
 
     `quantize` replaces W by int8 values and a scale per output channel
     (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too
-    (`Kernels.pack_int8`). A quantized checkpoint loads into that form directly: with
+    (`Kernels.pack_quantized`). A quantized checkpoint loads into that form directly: with
     `checkpoint_int8` set (whether its activations are quantized too), an int8 `weight` and
-    its `weight_scale` ([rows] or [rows, 1]) load part by part (models/quantized_checkpoints.py)."""
+    its `weight_scale` load part by part (models/quantized_checkpoints.py). A scale of shape
+    [rows] or [rows, 1] is per output channel (`Int8Weight`); [rows, K / g] is per group of g
+    columns, with `weight_offset` of the same shape where the format has offsets
+    (`GroupedWeight`: GGUF's block formats). Parts quantized in different group sizes (a GGUF
+    whose v projection is Q6_K, groups of 16, and q and k Q4_K, groups of 32) share the finest."""
 
     packed: torch.Tensor | None = None
-    # The int8 weight once quantized, in the form the bound kernel set multiplies by.
-    int8: Int8Weight | None = None
-    # A quantized checkpoint's scheme (True: W8A8, False: W8A16); None: a float checkpoint.
+    # The quantized weight, in the form the bound kernel set multiplies by.
+    quantized: QuantizedWeight | None = None
+    # A quantized checkpoint's scheme (True: W8A8, False: weight-only); None: a float checkpoint.
     checkpoint_int8: bool | None = None
+    # Whether a float weight part was loaded (a layer's parts are all float or all quantized).
+    _float_weight_loaded: bool = False
 
     def __init__(self, in_features: int, part_sizes: Sequence[int], bias: bool,
                  dtype: torch.dtype):
@@ -82,17 +99,29 @@ class Linear(KernelLayer):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
                      if bias else None)
 
+    @property
+    def checkpoint_in_features(self) -> int:
+        """The input size of the whole projection in the checkpoint."""
+        return self.in_features
+
     def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
         """Copy a whole checkpoint projection (`part` of the packed ones) into this layer's
         share of it."""
-        if param_name == "weight_scale" and tensor.dim() == 2 and tensor.shape[1] == 1:
-            tensor = tensor[:, 0]  # compressed-tensors stores per-channel scales as [rows, 1]
-        target = self._int8_target(param_name, tensor)
-        if target is None:
+        if part >= len(self.part_sizes):
+            raise ValueError(f"part {part}: the layer has {len(self.part_sizes)} parts")
+        if param_name in QUANTIZATION_TENSORS or (param_name == "weight"
+                                                  and tensor.dtype == torch.int8):
+            target, tensor = self._quantized_target(param_name, tensor)
+        else:
             param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
-            target = None if param is None else param.data
-        if target is None or part >= len(self.part_sizes):
-            raise ValueError(f"part {part}: the layer has no {param_name}")
+            if param is None:
+                raise ValueError(f"part {part}: the layer has no {param_name}")
+            if param_name == "weight":
+                if self.quantized is not None:
+                    raise ValueError(f"weight of dtype {tensor.dtype} in a layer whose other "
+                                     "projections are int8")
+                self._float_weight_loaded = True
+            target = param.data
         expected = self.checkpoint_shape(part, param_name)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{param_name} part {part}: checkpoint shape {tuple(tensor.shape)}, "
@@ -100,31 +129,77 @@ class Linear(KernelLayer):
         start = sum(self.part_sizes[:part])
         target[start:start + self.part_sizes[part]].copy_(self.shard(part, param_name, tensor))
 
-    def _int8_target(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor | None:
-        """Where a quantized checkpoint's int8 weight or its scales go (the int8 storage made
-        on the first of them); None for the tensors of a float layer."""
-        quantized = param_name == "weight_scale" or (param_name == "weight"
-                                                     and tensor.dtype == torch.int8)
-        if not quantized:
-            if self.int8 is not None and param_name == "weight":
-                raise ValueError(f"weight of dtype {tensor.dtype} in a layer whose other "
-                                 "projections are int8")
-            return None
+    def _quantized_target(self, param_name: str, tensor: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a quantized checkpoint's int8 weight, its scales or offsets go (the storage made
+        on the first of them), and the tensor in that storage's group size."""
         if self.checkpoint_int8 is None:
             raise ValueError(f"{param_name} of dtype {tensor.dtype}: int8 tensors in a checkpoint "
                              "whose config.json has no quantization_config")
-        if self.int8 is None:
+        if self._float_weight_loaded:
+            raise ValueError(f"{param_name}: a quantized tensor in a layer whose other "
+                             "projections are float")
+        if self.quantized is None:
             rows = sum(self.part_sizes)
             # compressed-tensors quantizes activations with 127.5 levels (quantization.py).
-            self.int8 = Int8Weight(torch.zeros(rows, self.in_features, dtype=torch.int8),
-                                   torch.zeros(rows, dtype=torch.float32), self.checkpoint_int8,
-                                   activation_levels=127.5)
-        return self.int8.qweight if param_name == "weight" else self.int8.scales
+            self.quantized = Int8Weight(torch.zeros(rows, self.in_features, dtype=torch.int8),
+                                        torch.zeros(rows, dtype=torch.float32),
+                                        self.checkpoint_int8, activation_levels=127.5)
+        if param_name == "weight":
+            return self.quantized.qweight, tensor
+        if tensor.dim() == 2 and tensor.shape[1] == 1:
+            tensor = tensor[:, 0]  # compressed-tensors stores per-channel scales as [rows, 1]
+        if tensor.dim() == 2 or param_name == "weight_offset":
+            tensor = self._in_groups(param_name, tensor)
+        elif isinstance(self.quantized, GroupedWeight):
+            tensor = self._in_groups(param_name, tensor[:, None])
+        if param_name == "weight_offset":
+            if self.quantized.offsets is None:
+                self.quantized = dataclasses.replace(
+                    self.quantized, offsets=torch.zeros_like(self.quantized.scales))
+            return self.quantized.offsets, tensor
+        return self.quantized.scales, tensor.to(torch.float32)
+
+    def _in_groups(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's per-group `tensor` [rows, groups] as the layer's groups: the storage
+        turns grouped (per-channel scales become groups of one value each) and finer where
+        `tensor`'s groups are, and `tensor` is repeated to the storage's group size."""
+        columns = self.checkpoint_in_features
+        if tensor.dim() != 2 or not tensor.shape[1] or columns % tensor.shape[1]:
+            raise ValueError(f"{param_name} of shape {tuple(tensor.shape)}: expected [rows] or "
+                             f"[rows, groups] with the groups dividing {columns} columns")
+        group = columns // tensor.shape[1]
+        current = self.quantized
+        held = columns if isinstance(current, Int8Weight) else current.group_size
+        finest = math.gcd(group, held)
+        if self.in_features % finest:
+            raise ValueError(f"{param_name}: groups of {finest} columns do not divide this "
+                             f"rank's {self.in_features} columns")
+        if isinstance(current, Int8Weight):
+            if current.dynamic_activations:
+                raise ValueError(f"{param_name}: group scales with quantized activations")
+            self.quantized = GroupedWeight(
+                current.qweight, current.scales[:, None].repeat(1, self.in_features // finest))
+        elif finest != current.group_size:
+            repeat = current.group_size // finest
+            self.quantized = GroupedWeight(
+                current.qweight, current.scales.repeat_interleave(repeat, dim=1),
+                None if current.offsets is None
+                else current.offsets.repeat_interleave(repeat, dim=1))
+        return tensor.to(torch.float32).repeat_interleave(group // finest, dim=1)
 
     def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
-        """The shape of projection `part`'s tensor in the checkpoint."""
-        rows = self.part_sizes[part]
-        return (rows, self.in_features) if param_name == "weight" else (rows,)
+        """The shape of projection `part`'s tensor in the checkpoint (group scales and offsets
+        once in the layer's group size)."""
+        rows = self.checkpoint_rows(part)
+        if param_name == "weight":
+            return rows, self.checkpoint_in_features
+        if param_name in QUANTIZATION_TENSORS and isinstance(self.quantized, GroupedWeight):
+            return rows, self.checkpoint_in_features // self.quantized.group_size
+        return (rows,)
+
+    def checkpoint_rows(self, part: int) -> int:
+        return self.part_sizes[part]
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a checkpoint tensor of `checkpoint_shape` (all of it here)."""
@@ -134,24 +209,27 @@ class Linear(KernelLayer):
         """`.to(device)` and the like move the int8 weight too (a plain attribute, which
         nn.Module does not see); its scales stay float32, as the kernels read them."""
         super()._apply(fn, recurse)
-        if self.int8 is not None:
-            plain = self.int8.plain()
-            self.int8 = dataclasses.replace(plain, qweight=fn(plain.qweight),
-                                            scales=fn(plain.scales).to(torch.float32))
+        if self.quantized is not None:
+            plain = self.quantized.plain()
+            moved = {"qweight": fn(plain.qweight), "scales": fn(plain.scales).to(torch.float32)}
+            if isinstance(plain, GroupedWeight) and plain.offsets is not None:
+                moved["offsets"] = fn(plain.offsets).to(torch.float32)
+            self.quantized = dataclasses.replace(plain, **moved)
         return self
 
     def quantize(self, dynamic_activations: bool, shared: bool) -> None:
         """W to int8 per output channel (W8A8 if `dynamic_activations`, else W8A16); the float
         copy is released unless another module shares it. Call before `use_kernels`."""
-        self.int8 = quantize_int8(self.weight.data, dynamic_activations)
+        self.quantized = quantize_int8(self.weight.data, dynamic_activations)
         if not shared:
             self.weight.data = self.weight.data.new_empty(0)
 
     def use_kernels(self, kernels: Kernels, shared: bool) -> None:
         self.kernels = kernels
-        if self.int8 is not None:
-            plain = self.int8.plain()
-            self.int8 = kernels.pack_int8(plain) if kernels.pack_int8 else plain
+        if self.quantized is not None:
+            plain = self.quantized.plain()
+            self.quantized = (kernels.pack_quantized(plain) if kernels.pack_quantized
+                              else plain)
             return
         weight = self.weight if self.packed is None else self.packed.to_dense()
         self.packed = kernels.pack_linear(weight) if kernels.pack_linear else None
@@ -164,8 +242,8 @@ class Linear(KernelLayer):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x W^T (+ `bias`), by the int8 weight when quantized, by the packed weight when the
         kernel set repacked it."""
-        if self.int8 is not None:
-            return self.kernels.int8_linear(x, self.int8, bias)
+        if self.quantized is not None:
+            return self.kernels.quantized_linear(x, self.quantized, bias)
         if self.packed is not None:
             return self.kernels.packed_linear(x, self.packed, bias)
         return nn.functional.linear(x, self.weight, bias)
@@ -188,9 +266,8 @@ class ColumnParallelLinear(Linear):
                          bias, dtype)
         self.tp = tp
 
-    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
-        rows = self.checkpoint_part_sizes[part]
-        return (rows, self.in_features) if param_name == "weight" else (rows,)
+    def checkpoint_rows(self, part: int) -> int:
+        return self.checkpoint_part_sizes[part]
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         rows = self.part_sizes[part]
@@ -210,16 +287,17 @@ class RowParallelLinear(Linear):
                          part_sizes, bias, dtype)
         self.tp, self.reduce = tp, reduce
 
-    def checkpoint_shape(self, part: int, param_name: str) -> tuple[int, ...]:
-        shape = super().checkpoint_shape(part, param_name)
-        return (shape[0], shape[1] * self.tp.size) if param_name == "weight" else shape
+    @property
+    def checkpoint_in_features(self) -> int:
+        return self.in_features * self.tp.size
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Its columns of the weight; the bias and the per-row scales whole (each rank's partial
-        sum is scaled by its rows' scales, so the sum of them is the whole layer's)."""
-        if param_name != "weight":
+        """Its columns of the weight and of group scales and offsets; the bias and the per-row
+        scales whole (each rank's partial sum is scaled by its rows' scales, so the sum of them
+        is the whole layer's)."""
+        if tensor.dim() == 1:
             return tensor
-        columns = self.in_features
+        columns = tensor.shape[1] // self.tp.size
         return tensor[:, self.tp.rank * columns:(self.tp.rank + 1) * columns]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,8 +386,8 @@ def weight_bytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in model.parameters()}
     total = 0
     for module in model.modules():
-        if isinstance(module, Linear) and module.int8 is not None:
-            total += module.int8.nbytes
+        if isinstance(module, Linear) and module.quantized is not None:
+            total += module.quantized.nbytes
         elif isinstance(module, Linear) and module.packed is not None:
             tensors[id(module.packed)] = module.packed
     return total + tensor_bytes(*tensors.values())
@@ -320,7 +398,7 @@ def release_int8_float_weights(model: nn.Module) -> None:
     module shares them (a tied embedding)."""
     shared = _shared_with_other_modules(model)
     for module in model.modules():
-        if isinstance(module, Linear) and module.int8 is not None \
+        if isinstance(module, Linear) and module.quantized is not None \
                 and id(module.weight) not in shared:
             module.weight.data = module.weight.data.new_empty(0)
 

@@ -7,6 +7,9 @@ per-token int8 activations (W8A8). These are exactly the two schemes of `--quant
 (`int8`, `w8a8_int8`, kernels/pagedserve/kernels/quantization.py), so such a checkpoint loads
 straight into the int8 form our own quantization makes and runs on the same kernels.
 
+A GGUF converted in its native form (executor/gguf_to_hf.py) says `quant_method: "gguf"`:
+its int8 values come with group scales and offsets, which the layers load as GroupedWeight.
+
 Which layers are int8 is read from the tensors themselves: an int8 `weight` (with its
 `weight_scale`) makes its Linear int8 (`Linear.checkpoint_int8`), a float one leaves it float.
 That covers the config's `ignore` list (the LM head, typically) without matching its names,
@@ -41,7 +44,7 @@ INT8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "sy
 class CheckpointQuantization:
     """A quantized checkpoint's scheme, under its --quantization name."""
 
-    scheme: str  # "int8" (W8A16) or "w8a8_int8"
+    scheme: str  # "int8" (W8A16), "w8a8_int8" or "gguf" (group scales, weight-only)
 
     @property
     def dynamic_activations(self) -> bool:
@@ -57,6 +60,8 @@ def checkpoint_quantization(config: Any) -> CheckpointQuantization | None:
     if not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     method = quantization.get("quant_method")
+    if method == "gguf":
+        return CheckpointQuantization("gguf")
     if method != "compressed-tensors":
         _refuse(f"quantization_config.quant_method {method!r}")
     for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):

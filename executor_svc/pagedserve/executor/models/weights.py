@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pagedserve.executor.models.layers import Linear, split_grouped_qkv
+from pagedserve.executor.models.layers import QUANTIZATION_TENSORS, Linear, split_grouped_qkv
 
 # A model's hook from one checkpoint tensor to the (name, tensor) pairs it loads: the same pair,
 # a rename, a fused tensor split into its projections, or none for a tensor the model ignores.
@@ -62,7 +62,8 @@ def load_checkpoint(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]
     `checkpoint_tensors`, where it has one) first maps each checkpoint tensor to the pairs the
     model takes. A projection listed in `packed_modules` goes into its slice of the packed
     Linear; every parameter must be loaded exactly once, and a Linear that loaded an int8
-    weight (a quantized checkpoint) its `weight_scale` too. A checkpoint tensor naming a tied
+    weight (a quantized checkpoint) its `weight_scale` too (and `weight_offset` where the
+    format has one: it is optional). A checkpoint tensor naming a tied
     parameter under its second name (a tied head stored anyway) is skipped."""
     params = dict(model.named_parameters())  # tied weights appear once, under the first name
     aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(params)
@@ -79,7 +80,7 @@ def load_checkpoint(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]
         module_path, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_path)
         names = [name]
-        if isinstance(module, Linear) and module.int8 is not None and param_name == "weight":
+        if isinstance(module, Linear) and module.quantized is not None and param_name == "weight":
             names.append(f"{module_path}.weight_scale")
         if isinstance(module, Linear) and len(module.part_sizes) > 1:
             expected.update(f"{n}#{part}" for n in names for part in range(len(module.part_sizes)))
@@ -110,7 +111,7 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
             raise WeightLoadError(f"{name}: {exc}") from None
         loaded.add(f"{target_path}.{param_name}#{part}")
         return
-    if name not in params and not (param_name == "weight_scale"
+    if name not in params and not (param_name in QUANTIZATION_TENSORS
                                    and f"{module_path}.weight" in params):
         if name in aliases:
             return  # a tied parameter's second name: loaded under its first

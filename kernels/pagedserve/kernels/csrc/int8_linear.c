@@ -435,3 +435,225 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
     }
     return failed;
 }
+
+/* Grouped weights (quantization.GroupedWeight: GGUF's block formats): out = x W^T (+ bias) with
+ *   W[n, k] = scales[n, k / G] * q[n, k] + offsets[n, k / G]
+ * for groups of G consecutive k (G a multiple of 8; offsets NULL: zero). Weight-only: x keeps
+ * its dtype (float32 or bfloat16).
+ *  - At most 4 rows (a decode step of a few sequences), or float32 x: the products q x are
+ *    summed in float32 per group, then scaled: y += s * sum(q x) + o * sum(x). The weights
+ *    stream once per 4 rows, in their packed bytes.
+ *  - More rows of bfloat16 x (prefill, large batches): a strip of 64 channels is dequantized
+ *    to bfloat16 (s * q + o by one fused multiply-add, then rounded: the weights a bf16 model
+ *    dequantized at load holds) and multiplied by w8a16_tile, scales 1.
+ *
+ * Packed (kernels/cpu_kernels.py, pack_grouped_cpu), per block of 16 output channels, k-major
+ * so that 16 bytes are one k of the block's 16 channels:
+ *  - 8-bit values: int8 [K][16];
+ *  - 4-bit values (0..15): uint8 [K / 2][16], k = 2i in the low nibble of byte (i, c) and
+ *    2i + 1 in the high one;
+ *  - scales and offsets: float32 [K / G][16].
+ * The threads split the channel blocks. */
+
+/* Value (c, k) of a packed channel block `w` (16 channels). */
+static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t c, int64_t k) {
+    if (bits == 8) return ((const int8_t *)w)[k * GROUP + c];
+    const uint8_t byte = w[(k / 2) * GROUP + c];
+    return k % 2 ? byte >> 4 : byte & 15;
+}
+
+#if INT8_SIMD
+/* The values of k = i .. i + 3 of a channel block (i a multiple of 4), as float32 vectors of
+ * its 16 channels. */
+static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t i, __m512 q[4]) {
+    if (bits == 8) {
+        for (int j = 0; j < 4; j++)
+            q[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(w + (i + j) * GROUP))));
+        return;
+    }
+    const __m512i nibble = _mm512_set1_epi32(15);
+    for (int j = 0; j < 2; j++) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128((const __m128i *)(w + (i / 2 + j) * GROUP)));
+        q[2 * j] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble));
+        q[2 * j + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    }
+}
+
+#define EACH_J(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
+#define EACH_GROUPED_CELL(X) EACH_J(X, 0) EACH_J(X, 1) EACH_J(X, 2) EACH_J(X, 3)
+
+/* `rows` (at most 4) rows of float32 x (K apart; `xsum` their sums per group, K / G apart)
+ * times one channel block: 16 outputs per row into `y`. Accumulator (r, j) sums row r's q x
+ * of k = j (mod 4) within a group: four independent chains per row. */
+TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const int64_t k,
+                  const uint8_t *w, const int64_t bits, const float *scales,
+                  const float *offsets, const int64_t group, __m512 *y) {
+#define ZERO(r) __m512 total##r = _mm512_setzero_ps();
+    EACH_SMALL_ROW(ZERO)
+#undef ZERO
+    const int64_t groups = k / group;
+    for (int64_t g = 0; g < groups; g++) {
+#define ZERO(r, j) __m512 acc##r##j = _mm512_setzero_ps();
+        EACH_GROUPED_CELL(ZERO)
+#undef ZERO
+        for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+            __m512 q[4];
+            grouped_values(w, bits, i, q);
+#define MAC(r, j) if (r < rows) acc##r##j = _mm512_fmadd_ps( \
+                q[j], _mm512_set1_ps(xf[r * k + i + j]), acc##r##j);
+            EACH_GROUPED_CELL(MAC)
+#undef MAC
+        }
+        const __m512 s = _mm512_loadu_ps(scales + g * GROUP);
+#define SCALE(r) if (r < rows) total##r = _mm512_fmadd_ps(_mm512_add_ps( \
+            _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, total##r);
+        EACH_SMALL_ROW(SCALE)
+#undef SCALE
+        if (offsets) {
+            const __m512 o = _mm512_loadu_ps(offsets + g * GROUP);
+#define OFFSET(r) if (r < rows) total##r = _mm512_fmadd_ps( \
+                o, _mm512_set1_ps(xsum[r * groups + g]), total##r);
+            EACH_SMALL_ROW(OFFSET)
+#undef OFFSET
+        }
+    }
+#define RESULT(r) if (r < rows) y[r] = total##r;
+    EACH_SMALL_ROW(RESULT)
+#undef RESULT
+}
+
+/* The strip's nv channel blocks (from `w`, `block_bytes` apart; scales and offsets
+ * `block_groups` floats apart) dequantized to bfloat16 pairs in `wb`, w8a16_tile's layout
+ * [nv][K / 2][16][2]. */
+static void dequantize_strip(const uint8_t *w, int64_t bits, const float *scales,
+                             const float *offsets, int64_t group, int64_t nv, int64_t k,
+                             int64_t block_bytes, int64_t block_groups, uint16_t *wb) {
+    for (int64_t b = 0; b < nv; b++) {
+        const uint8_t *src = w + b * block_bytes;
+        uint16_t *dst = wb + b * k * GROUP;
+        for (int64_t i = 0; i < k; i += 4) {
+            const int64_t at = b * block_groups + i / group * GROUP;
+            const __m512 s = _mm512_loadu_ps(scales + at);
+            const __m512 o = offsets ? _mm512_loadu_ps(offsets + at) : _mm512_setzero_ps();
+            __m512 q[4];
+            grouped_values(src, bits, i, q);
+            for (int j = 0; j < 4; j += 2) {
+                const __m512i lo = _mm512_cvtepu16_epi32(
+                    (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q[j], s, o)));
+                const __m512i hi = _mm512_cvtepu16_epi32(
+                    (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q[j + 1], s, o)));
+                _mm512_storeu_si512(dst + (i + j) * GROUP,
+                                    _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            }
+        }
+    }
+}
+#endif
+
+/* x in float32 [rows][K] and its sums per group [rows][K / G], in one allocation (NULL when out
+ * of memory). */
+static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_stride,
+                             int64_t bf16, int64_t group) {
+    const int64_t groups = k / group;
+    float *xf = malloc((size_t)(rows * (k + groups)) * sizeof(float));
+    if (!xf) return NULL;
+    float *xsum = xf + rows * k;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float sum = 0.0f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                xf[r * k + i] = load_one(x, r * x_stride + i, bf16);
+                sum += xf[r * k + i];
+            }
+            xsum[r * groups + g] = sum;
+        }
+    return xf;
+}
+
+/* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
+ * of x's dtype, bias NULL or [N] of that dtype; `bits` 4 or 8. Returns 0, or 1 when out of
+ * memory for its scratch buffers. */
+int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
+                   const float *scales, const float *offsets, int64_t group, const void *bias,
+                   int64_t rows, int64_t n, int64_t k, int64_t x_stride, int64_t bf16) {
+    const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
+    const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
+    int failed = 0;
+#if INT8_SIMD
+    if (bf16 && rows > SMALL_ROWS) {
+        float *ones = malloc((size_t)(blocks * GROUP) * sizeof(float));
+        if (!ones) return 1;
+        for (int64_t c = 0; c < blocks * GROUP; c++) ones[c] = 1.0f;
+        const Int8Shape s = {rows, n, k, k, x_stride, 1};
+        #pragma omp parallel reduction(|:failed)
+        {
+            int64_t first, last;
+            thread_groups(blocks, &first, &last);
+            uint16_t *wb = malloc((size_t)(STRIP_GROUPS * k * GROUP) * sizeof(uint16_t));
+            failed = wb == NULL;
+            for (int64_t b0 = first; b0 < last && wb; b0 += STRIP_GROUPS) {
+                const int64_t nv = last - b0 < STRIP_GROUPS ? last - b0 : STRIP_GROUPS;
+                dequantize_strip(w + b0 * block_bytes, bits, scales + b0 * block_groups,
+                                 offsets ? offsets + b0 * block_groups : NULL, group, nv, k,
+                                 block_bytes, block_groups, wb);
+                for (int64_t m = 0; m < rows; m += TILE_ROWS) {
+                    const int64_t tile_rows = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
+                    char *o = (char *)out + m * out_stride;
+#define TILE16(r, v) w8a16_tile(r, v, (const uint16_t *)x + m * x_stride, wb, k, ones, bias, \
+                                o, &s, b0 * GROUP, out_stride)
+                    TILE_SWITCH(tile_rows, nv, TILE16)
+#undef TILE16
+                }
+            }
+            free(wb);
+        }
+        free(ones);
+        return failed;
+    }
+#endif
+    float *xf = grouped_inputs(x, rows, k, x_stride, bf16, group);
+    if (!xf) return 1;
+    const float *xsum = xf + rows * k;
+    const int64_t groups = k / group;
+    #pragma omp parallel
+    {
+        int64_t first, last;
+        thread_groups(blocks, &first, &last);
+        for (int64_t b = first; b < last; b++) {
+            const uint8_t *wb = w + b * block_bytes;
+            const float *sb = scales + b * block_groups;
+            const float *ob = offsets ? offsets + b * block_groups : NULL;
+            for (int64_t m = 0; m < rows; m += SMALL_ROWS) {
+                const int64_t chunk = rows - m < SMALL_ROWS ? rows - m : SMALL_ROWS;
+                char *o = (char *)out + m * out_stride;
+#if INT8_SIMD
+                __m512 y[SMALL_ROWS];
+#define ROWS(r) case r: grouped_rows(r, xf + m * k, xsum + m * groups, k, wb, bits, sb, ob, \
+                                     group, y); break;
+                switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+#undef ROWS
+                for (int64_t r = 0; r < chunk; r++)
+                    store16(o + r * out_stride, bias, bf16, n, b * GROUP, 0, y[r]);
+#else
+                for (int64_t r = 0; r < chunk; r++)
+                    for (int64_t c = 0; c < GROUP && b * GROUP + c < n; c++) {
+                        float sum = 0.0f;
+                        for (int64_t g = 0; g < groups; g++) {
+                            float part = 0.0f;
+                            for (int64_t i = g * group; i < (g + 1) * group; i++)
+                                part += (float)grouped_at(wb, bits, c, i) * xf[(m + r) * k + i];
+                            sum += part * sb[g * GROUP + c];
+                            if (ob) sum += ob[g * GROUP + c] * xsum[(m + r) * groups + g];
+                        }
+                        if (bias) sum += load_one(bias, b * GROUP + c, bf16);
+                        store_out(o + r * out_stride, bf16, b * GROUP + c, sum);
+                    }
+#endif
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}

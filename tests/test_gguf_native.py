@@ -1,0 +1,210 @@
+"""GGUF run natively: the block formats unpack to what the `gguf` package dequantizes (exactly),
+the grouped kernels against a float64 product on the dequantized weights, and tiny LLaMA GGUFs
+of every format run quantized as transformers runs their dequantized conversion."""
+
+import itertools
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from pagedserve.executor.gguf_blocks import GROUPED_FORMATS, grouped
+from pagedserve.executor.model_files import ModelLoadError, resolve_model
+from pagedserve.executor.models import load_model
+from pagedserve.executor.models.layers import Linear, bind_kernels, weight_bytes
+from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.dispatch import TORCH_KERNELS
+from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.kernels.quantization import GroupedWeight, grouped_linear
+from pagedserve.testing.gguf_files import QUANTIZABLE, random_blocks, write_llama_gguf
+from pagedserve.testing.paged_run import assert_matches_transformers
+from pagedserve.testing.tiny_models import byte_level_tokenizer, tiny_llama_config
+
+Q = gguf.GGMLQuantizationType
+needs_c = pytest.mark.skipif(not cpu_kernels.available(),
+                             reason="no C compiler: the CPU kernels are not built")
+PROMPTS = [[5], [7, 8, 9], list(range(20, 27)), list(range(40, 52))]
+
+
+def grouped_weight(raw: np.ndarray, qtype: Q, columns: int) -> GroupedWeight:
+    values, scales, offsets = grouped(raw, qtype, columns)
+    return GroupedWeight(torch.from_numpy(values), torch.from_numpy(scales),
+                         None if offsets is None else torch.from_numpy(offsets))
+
+
+@pytest.mark.parametrize("qtype", GROUPED_FORMATS, ids=lambda q: q.name)
+def test_each_format_unpacks_to_the_values_gguf_dequantizes(qtype):
+    rows, columns = 5, 512
+    if qtype in QUANTIZABLE:
+        weights = np.random.default_rng(0).standard_normal((rows, columns)).astype(np.float32)
+        raw = gguf.quants.quantize(weights, qtype)
+    else:
+        raw = random_blocks(rows, columns, qtype, seed=0)
+    weight = grouped_weight(raw, qtype, columns)
+    expected = gguf.quants.dequantize(raw, qtype)
+    np.testing.assert_array_equal(weight.dequantized(torch.float32).numpy(), expected)
+    assert weight.qweight.dtype == torch.int8
+    assert weight.group_size == (16 if qtype == Q.Q6_K else 32)
+
+
+def reference(x: torch.Tensor, weight: GroupedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.to(torch.float64) @ weight.dequantized(torch.float64).T
+    return y if bias is None else y + bias.to(torch.float64)
+
+
+def random_grouped(n: int, k: int, group: int, four_bit: bool, offsets: bool,
+                   seed: int) -> GroupedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    low, high = (0, 16) if four_bit else (-128, 128)
+    return GroupedWeight(torch.randint(low, high, (n, k), generator=gen, dtype=torch.int8),
+                         torch.rand(n, k // group, generator=gen) / 16,
+                         torch.randn(n, k // group, generator=gen) / 8 if offsets else None)
+
+
+def assert_close_to(y: torch.Tensor, expected: torch.Tensor, weights_in_bf16: bool) -> None:
+    """Within float32 sums, or bfloat16's rounding where the output (and, on the kernel's path
+    for more than 4 bf16 rows, the dequantized weights) are bfloat16."""
+    rel = 2.0 ** -7 if weights_in_bf16 else 2.0 ** -8 if y.dtype == torch.bfloat16 else 1e-5
+    scale = expected.abs().max()
+    assert ((y.to(torch.float64) - expected).abs() <= rel * (expected.abs() + scale)).all()
+
+
+@needs_c
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("four_bit, offsets, group", [
+    (True, True, 32), (False, False, 32), (False, False, 16), (True, False, 128),
+    (False, True, 8)], ids=["q4-offsets", "q8", "q6k-groups", "q4-g128", "q8-offsets-g8"])
+def test_c_grouped_linear_against_float64(rows, dtype, four_bit, offsets, group):
+    n, k = 37, 256  # N not a multiple of 16
+    weight = random_grouped(n, k, group, four_bit, offsets, seed=rows * group)
+    packed = cpu_kernels.pack_grouped_cpu(weight)
+    assert packed.bits == (4 if four_bit else 8)
+    plain = packed.plain()
+    assert torch.equal(plain.qweight, weight.qweight)
+    assert torch.equal(plain.scales, weight.scales)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k + 8, generator=gen).to(dtype)[:, 3:3 + k]  # strided rows
+    bias = torch.randn(n, generator=gen).to(dtype)
+    for b in (bias, None):
+        y = cpu_kernels.quantized_linear_cpu(x, packed, b)
+        assert y.shape == (rows, n) and y.dtype == dtype
+        assert_close_to(y, reference(x, weight, b),
+                        weights_in_bf16=dtype == torch.bfloat16 and rows > 4)
+    # The PyTorch set's matmul, for every device.
+    assert_close_to(grouped_linear(x, weight, bias), reference(x, weight, bias), False)
+
+
+def test_groups_the_kernel_cannot_take_stay_on_the_pytorch_path():
+    weight = random_grouped(16, 48, 12, four_bit=False, offsets=False, seed=0)
+    assert cpu_kernels.pack_grouped_cpu(weight) is weight
+
+
+# Formats per GGUF tensor: one format everywhere, or Q4_K with Q6_K where llama.cpp's Q4_K_M
+# puts it (v and the output head), so that one packed q/k/v layer mixes groups of 32 and 16.
+def q4_k_m(name: str) -> Q:
+    return Q.Q6_K if name.endswith(("attn_v.weight", "output.weight", "token_embd.weight")) \
+        else Q.Q4_K
+
+
+FORMATS = {"Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q4_K_M": q4_k_m}
+
+
+def tiny_gguf(tmp_path, fmt: str, tie: bool):
+    """A tiny LLaMA as a GGUF of `fmt`, and the directories of its two conversions."""
+    k_format = fmt == "Q4_K_M"  # K formats' super-blocks need rows of 256
+    sizes = dict(hidden_size=256, intermediate_size=512, head_dim=64) if k_format else {}
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()),
+                                               tie_word_embeddings=tie, **sizes)).eval()
+    path = tmp_path / f"tiny-{fmt}.gguf"
+    write_llama_gguf(model, byte_level_tokenizer(), path, quant=FORMATS[fmt])
+    native = resolve_model(str(path), tmp_path / "cache")
+    dequantized = resolve_model(str(path), tmp_path / "cache", gguf_dequantize=True)
+    return native, dequantized
+
+
+@pytest.mark.parametrize("kernel_set", ["cpu", "torch"])
+@pytest.mark.parametrize("fmt, tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True),
+                                      ("Q4_K_M", False)])
+def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
+        tmp_path, fmt, tie, kernel_set):
+    if kernel_set == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    native, dequantized = tiny_gguf(tmp_path, fmt, tie)
+    assert native.path != dequantized.path
+    assert native.config["quantization_config"] == {"quant_method": "gguf"}
+    model = load_model(native.path, torch.float32)
+    assert model.quantization == "gguf"
+    bind_kernels(model, cpu_kernel_set() if kernel_set == "cpu" else TORCH_KERNELS)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    # Every linear layer quantized, the LM head too (a tied one gets its own copy), and their
+    # float weights released.
+    assert linears and all(m.quantized is not None and m.weight.numel() == 0 for m in linears)
+    if kernel_set == "cpu":
+        kinds = {type(m.quantized) for m in linears}
+        assert kinds == {cpu_kernels.PackedGroupedWeight}
+        bits = {m.quantized.bits for m in linears}
+        assert bits == ({8} if fmt == "Q8_0" else {4, 8} if fmt == "Q4_K_M" else {4})
+    if fmt == "Q4_K_M":  # q and k in groups of 32, v of 16: the layer holds groups of 16
+        qkv = model.model.layers[0].self_attn.qkv_proj.quantized.plain()
+        assert qkv.group_size == 16
+    hf = AutoModelForCausalLM.from_pretrained(dequantized.path, dtype=torch.float32).eval()
+    assert_matches_transformers(model, hf, PROMPTS, chunk=5, decode_steps=3, tol=1e-4)
+
+
+def test_native_weights_take_what_the_formats_hold(tmp_path):
+    """Int8 values (one byte each, 4-bit ones packed two to a byte by the CPU kernels) with two
+    float32 factors per group of 32: far less than the float32 conversion."""
+    native, dequantized = tiny_gguf(tmp_path, "Q4_1", tie=False)
+    float_model = load_model(dequantized.path, torch.float32)
+    model = load_model(native.path, torch.float32)
+    linear_values = sum(m.quantized.qweight.numel() for m in model.modules()
+                        if isinstance(m, Linear))
+    float_bytes, native_bytes = weight_bytes(float_model), weight_bytes(model)
+    assert native_bytes == float_bytes - linear_values * 4 + linear_values + linear_values // 4
+    if cpu_kernels.available():  # two values per byte, channels padded to 16
+        shapes = [m.quantized.qweight.shape for m in model.modules() if isinstance(m, Linear)]
+        padded = [(-(-n // 16) * 16, k) for n, k in shapes]
+        bind_kernels(model, cpu_kernel_set())
+        assert weight_bytes(model) == native_bytes - linear_values + sum(
+            p * k // 2 + (p - n) * (k // 32) * 8 for (n, k), (p, _) in zip(shapes, padded))
+
+
+def test_a_format_that_does_not_run_natively_is_refused_by_name(tmp_path):
+    """A linear layer's, that is: a token embedding is dequantized for lookups in any format."""
+    model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()))).eval()
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(model, byte_level_tokenizer(), path, quant=Q.Q5_0)
+    with pytest.raises(ModelLoadError, match=r"blk\.0\.\w+\.weight: GGUF format Q5_0 does not "
+                                             r"run natively .*--gguf-dequantize loads it"):
+        resolve_model(str(path), tmp_path / "cache")
+    assert resolve_model(str(path), tmp_path / "cache", gguf_dequantize=True).config.get(
+        "quantization_config") is None
+
+
+@pytest.mark.parametrize("size", [2])
+def test_row_parallel_ranks_take_their_columns_of_the_groups(size):
+    """A row-parallel rank loads its column slice of the values and of the group scales and
+    offsets, and the ranks' partial sums add up to the whole layer."""
+    from pagedserve.executor.models.layers import RowParallelLinear
+    from pagedserve.executor.parallel import TensorParallel
+
+    weight = random_grouped(5, 128, 32, four_bit=True, offsets=True, seed=1)
+    x = torch.randn(3, 128)
+    total = 0
+    for rank in range(size):
+        layer = RowParallelLinear(128, [5], False, torch.float32,
+                                  TensorParallel(rank=rank, size=size), reduce=False)
+        layer.checkpoint_int8 = False
+        for name, tensor in itertools.product(["weight"], [weight.qweight]):
+            layer.load_part(0, name, tensor)
+        layer.load_part(0, "weight_scale", weight.scales)
+        layer.load_part(0, "weight_offset", weight.offsets)
+        columns = slice(rank * 64, (rank + 1) * 64)
+        assert torch.equal(layer.quantized.qweight, weight.qweight[:, columns])
+        assert torch.equal(layer.quantized.scales, weight.scales[:, rank * 2:(rank + 1) * 2])
+        total = total + layer(x[:, columns])
+    torch.testing.assert_close(total, x @ weight.dequantized(torch.float32).T)
