@@ -170,7 +170,8 @@ def test_native_weights_take_what_the_formats_hold(tmp_path):
         padded = [(-(-n // 16) * 16, k) for n, k in shapes]
         bind_kernels(model, cpu_kernel_set())
         assert weight_bytes(model) == native_bytes - linear_values + sum(
-            p * k // 2 + (p - n) * (k // 32) * 8 for (n, k), (p, _) in zip(shapes, padded))
+            p * k // 2 + (p - n) * (k // 32) * 8
+            for (n, k), (p, _) in zip(shapes, padded, strict=True))
 
 
 def test_a_format_that_does_not_run_natively_is_refused_by_name(tmp_path):

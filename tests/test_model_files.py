@@ -79,7 +79,8 @@ def test_conversion_runs_once_then_the_cache_is_reused(tmp_path, monkeypatch):
     write_llama_gguf(tiny_model(tie=True), byte_level_tokenizer(), tmp_path / "tiny.gguf")
     calls = []
     real_convert = gguf_to_hf.convert_gguf
-    monkeypatch.setattr(gguf_to_hf, "convert_gguf", lambda *a, **k: (calls.append(a), real_convert(*a, **k)))
+    monkeypatch.setattr(gguf_to_hf, "convert_gguf",
+                        lambda *a, **k: (calls.append(a), real_convert(*a, **k)))
     first = resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache")
     second = resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache")
     assert len(calls) == 1 and first.path == second.path

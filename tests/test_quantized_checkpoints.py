@@ -172,7 +172,9 @@ def test_moving_the_model_moves_its_int8_weights(checkpoints):
     layer = model.model.layers[0].self_attn.qkv_proj
     values = layer.quantized.qweight.clone()
     model.to(torch.device("meta"))
-    assert layer.quantized.qweight.device.type == "meta" and layer.quantized.scales.device.type == "meta"
+    weight = layer.quantized
+    assert weight.qweight.device.type == "meta" and weight.scales.device.type == "meta"
     model = load_model(checkpoints("llama", "w8a8"), torch.float32).to(torch.bfloat16)
     layer = model.model.layers[0].self_attn.qkv_proj
-    assert torch.equal(layer.quantized.qweight, values) and layer.quantized.scales.dtype == torch.float32
+    weight = layer.quantized
+    assert torch.equal(weight.qweight, values) and weight.scales.dtype == torch.float32

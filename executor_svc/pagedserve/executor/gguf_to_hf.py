@@ -9,14 +9,17 @@ forms (docs/quantization.md):
   `quantization_config: {"quant_method": "gguf"}`, so the layers load as
   quantization.GroupedWeight and the kernels read the groups. The token embedding is stored
   dequantized (lookups take rows); where the output head shares it (no `output.weight`), the
-  head gets its own quantized copy and the config unties them. Another quantized format is
-  refused, naming the tensor: `--gguf-dequantize` loads it.
+  head gets its own quantized copy and the config unties them. A linear layer in another
+  quantized format is refused, naming the tensor: `--gguf-dequantize` loads it.
 - dequantized (`--gguf-dequantize`): every weight is dequantized with the `gguf` package and
   stored as float32. A Q4_1 or Q8_0 value is `scale * q + min` with float16 scale and min,
   which float32 holds exactly and bfloat16 does not, so the converted model computes the same
-  function as the GGUF (the executor casts to its compute dtype on load). llama.cpp's converter permutes the rows of the Q and K projections (interleaved
-rotary pairs); we undo that so the weights follow the Hugging Face (rotate-half) layout.
-The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
+  function as the GGUF (the executor casts to its compute dtype on load).
+
+llama.cpp's converter permutes the rows of the Q and K projections (interleaved rotary pairs);
+we undo that (on the values, scales and offsets alike) so the weights follow the Hugging Face
+(rotate-half) layout. Another quantized format of the token embedding is fine: it is
+dequantized, and a head that shares it stays float. The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
 
 from __future__ import annotations
