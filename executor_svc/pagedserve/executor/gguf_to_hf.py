@@ -19,7 +19,8 @@ forms (docs/quantization.md):
 llama.cpp's converter permutes the rows of the Q and K projections (interleaved rotary pairs);
 we undo that (on the values, scales and offsets alike) so the weights follow the Hugging Face
 (rotate-half) layout. Another quantized format of the token embedding is fine: it is
-dequantized, and a head that shares it stays float. The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
+dequantized, and a head that shares it stays float. The tokenizer and chat template are
+rebuilt from the GGUF metadata by `transformers`.
 """
 
 from __future__ import annotations
