@@ -4,7 +4,7 @@
                                            [--block-order contiguous|scattered]
                                            [--prefills 2 --prefill-len 200]
                                            [--kernels cpu|torch]
-                                           [--quantization none int8 w8a8_int8]
+                                           [--quantization none int8 w8a8_int8 gguf]
                                            [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
@@ -22,11 +22,12 @@ the attention figure then covers their prefill attention too. `--kernels torch` 
 PyTorch path instead (the reference the C kernels replace on the CPU), its attention timed as
 one call of the set's `paged_attention` per layer.
 
-`--quantization` names one or more weight modes (none: bf16 weights; int8, w8a8_int8: the
-linear layers quantized as `--quantization` does it) and `--kv-cache-dtype` one or more cache
-dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of them is a mode with its own copy of the
-model and cache over the same batch, and the modes are timed alternately, round by round, in
-one process, so that their figures share the machine's state. The first mode is the baseline
+`--quantization` names one or more weight modes (none: bf16 weights, the GGUF dequantized at
+load; int8, w8a8_int8: those linear layers quantized as `--quantization` does it; gguf: the
+GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default model) and
+`--kv-cache-dtype` one or more cache dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of
+them is a mode with its own copy of the model and cache over the same batch, and the modes are
+timed alternately, round by round, in one process, so that their figures share the machine's state. The first mode is the baseline
 the others are reported against.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=200)
     parser.add_argument("--kernels", choices=["cpu", "torch"], default="cpu")
     parser.add_argument("--quantization", nargs="+", default=["none"],
-                        choices=["none", *SCHEMES])
+                        choices=["none", *SCHEMES, "gguf"])
     parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
                         choices=["auto", *FP8_DTYPES])
     args = parser.parse_args()
@@ -113,8 +114,10 @@ def main() -> None:
     models = {}
     for quantization, kv_cache_dtype in itertools.product(args.quantization,
                                                           args.kv_cache_dtype):
-        model = load_model(resolve_model(None, default_cache_dir()).path, torch.bfloat16)
-        if quantization != "none":
+        model_dir = resolve_model(None, default_cache_dir(),
+                                  gguf_dequantize=quantization != "gguf")
+        model = load_model(model_dir.path, torch.bfloat16)
+        if quantization in SCHEMES:
             quantize_linears(model, quantization)
         allocate_kv_cache(model, num_blocks, args.block_size,
                           pick_kv_dtype(kv_cache_dtype, torch.bfloat16), torch.device("cpu"))

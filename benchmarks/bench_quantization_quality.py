@@ -1,13 +1,16 @@
-"""What `--quantization` costs in quality on the default model (issue 19): perplexity on a fixed
-text and greedy agreement on fixed prompts, int8 (W8A16) and w8a8_int8 (dynamic per-token
-W8A8) against bfloat16, and every row against float32 (the more exact reference).
+"""What quantization costs in quality on the default model (issue 19): perplexity on a fixed
+text and greedy agreement on fixed prompts, int8 (W8A16), w8a8_int8 (dynamic per-token W8A8)
+and the GGUF run natively against bfloat16, and every row against float32 (the more exact
+reference).
 
-    python benchmarks/bench_quantization_quality.py [--modes float32 bf16 int8 w8a8_int8]
+    python benchmarks/bench_quantization_quality.py [--modes float32 bf16 int8 w8a8_int8 gguf]
         [--prompts 32] [--max-tokens 32] [--text-tokens 0] [--window 1024] [--json out.json]
 
-Each mode loads the embedded SmolLM2-135M-Instruct through the offline `LLM` (float32; bf16 =
-dtype bfloat16; int8 and w8a8_int8 = dtype bfloat16 with that `quantization`), one after the
-other in this process, with the kernels the engine picks on this machine. Per mode:
+Each mode loads the embedded SmolLM2-135M-Instruct through the offline `LLM` (float32 and bf16:
+its GGUF dequantized at load, `gguf_dequantize`, in that dtype; int8 and w8a8_int8: that
+dequantized model in bfloat16 with that `quantization`; gguf: its Q4_1 and Q8_0 weights run
+natively, dtype bfloat16), one after the other in this process, with the kernels the engine
+picks on this machine. Per mode:
 
 - perplexity: benchmarks/workloads/quality_text.txt (prose written for this benchmark, so no
   model has seen it; about 4,400 tokens), tokenized without special tokens (first
@@ -42,9 +45,10 @@ from pagedserve.testing.prompts import GREEDY_PROMPTS
 from pagedserve.v1.common_pb2 import SamplingParams
 
 TEXT = pathlib.Path(__file__).resolve().parent / "workloads" / "quality_text.txt"
-# mode -> (dtype, quantization)
-MODES = {"float32": ("float32", None), "bf16": ("bfloat16", None),
-         "int8": ("bfloat16", "int8"), "w8a8_int8": ("bfloat16", "w8a8_int8")}
+# mode -> (dtype, quantization, the GGUF dequantized at load)
+MODES = {"float32": ("float32", None, True), "bf16": ("bfloat16", None, True),
+         "int8": ("bfloat16", "int8", True), "w8a8_int8": ("bfloat16", "w8a8_int8", True),
+         "gguf": ("bfloat16", None, False)}
 PROMPTS = GREEDY_PROMPTS + [
     # more of the same kinds: facts, instructions, stories, code, lists
     "The main causes of the First World War were", "A good night's sleep helps because",
@@ -69,10 +73,10 @@ def run_mode(mode: str, windows: list[list[int]], prompts: list[str], max_tokens
              window: int) -> dict:
     """One mode's text logprobs and argmaxes (every window position after the first) and its
     greedy outputs."""
-    dtype, quantization = MODES[mode]
+    dtype, quantization, dequantize = MODES[mode]
     start = time.perf_counter()
-    llm = LLM(dtype=dtype, quantization=quantization, kv_cache_gib=0.5,
-              max_model_len=max(window, 256) + max_tokens)
+    llm = LLM(dtype=dtype, quantization=quantization, gguf_dequantize=dequantize,
+              kv_cache_gib=0.5, max_model_len=max(window, 256) + max_tokens)
     try:
         scored = llm.generate(windows, SamplingParams(max_tokens=1, temperature=0,
                                                       prompt_logprobs=1))
@@ -148,7 +152,8 @@ def main() -> None:
                  "window": args.window, "windows": len(windows),
                  "scored_tokens": len(runs["bf16"]["logprobs"])},
         "prompts": len(prompts), "max_tokens": args.max_tokens,
-        "modes": {mode: {"dtype": MODES[mode][0], "quantization": MODES[mode][1] or "none",
+        "modes": {mode: {"dtype": MODES[mode][0],
+                         "quantization": MODES[mode][1] or ("none" if MODES[mode][2] else "gguf"),
                          "perplexity": perplexity(run), "seconds": run["seconds"],
                          "vs": {ref: compare(run, runs[ref]) for ref in refs}}
                   for mode, run in runs.items()},

@@ -63,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def default_model_dir() -> pathlib.Path:
     from pagedserve.executor.model_files import default_cache_dir, resolve_model
 
-    return resolve_model(None, default_cache_dir()).path
+    # transformers runs the float conversion (it does not read our native GGUF directory).
+    return resolve_model(None, default_cache_dir(), gguf_dequantize=True).path
 
 
 def token_prompts(requests: Sequence[BenchRequest], model_dir: pathlib.Path) -> list[list[int]]:

@@ -34,10 +34,20 @@ def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def default_model(tmp_path_factory):
-    """The embedded default model, converted once per test session into a fresh cache."""
+    """The embedded default model, converted once per test session into a fresh cache (its
+    GGUF's quantized weights kept, as the engine serves it)."""
     from pagedserve.executor.model_files import resolve_model
 
     return resolve_model(None, tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def default_model_float(tmp_path_factory):
+    """The embedded default model dequantized to float32 (`--gguf-dequantize`), as transformers
+    reads it."""
+    from pagedserve.executor.model_files import resolve_model
+
+    return resolve_model(None, tmp_path_factory.mktemp("model-cache"), gguf_dequantize=True)
 
 
 #END

@@ -31,7 +31,7 @@ def test_the_quality_figures_are_sane(tmp_path):
                                "tokens": TEXT_TOKENS, "window": WINDOW, "windows": windows,
                                "scored_tokens": TEXT_TOKENS - windows}
     modes = results["modes"]
-    assert set(modes) == {"float32", "bf16", "int8", "w8a8_int8"}
+    assert set(modes) == {"float32", "bf16", "int8", "w8a8_int8", "gguf"}
     for mode, figures in modes.items():
         assert math.isfinite(figures["perplexity"]) and figures["perplexity"] > 1, mode
         assert figures["perplexity"] < 1.25 * modes["bf16"]["perplexity"], mode

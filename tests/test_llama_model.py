@@ -24,7 +24,9 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 @pytest.mark.slow
-def test_default_model_greedy_chat_matches_transformers(default_model):
+def test_default_model_greedy_chat_matches_transformers(default_model, default_model_float):
+    """The engine runs the GGUF's quantized weights natively; transformers runs their float32
+    dequantization: the same function."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model.path)
@@ -32,7 +34,7 @@ def test_default_model_greedy_chat_matches_transformers(default_model):
         [{"role": "user", "content": "Name three colours."}], add_generation_prompt=True)
     if not isinstance(prompt, list):
         prompt = prompt["input_ids"]
-    hf_model = AutoModelForCausalLM.from_pretrained(default_model.path,
+    hf_model = AutoModelForCausalLM.from_pretrained(default_model_float.path,
                                                     dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16,

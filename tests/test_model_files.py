@@ -96,7 +96,7 @@ def test_unsupported_gguf_architecture_is_a_clear_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(gguf_to_hf.GGUFConversionError, match="'mamba' is not supported"):
+    with pytest.raises(ModelLoadError, match="'mamba' is not supported"):
         resolve_model(str(tmp_path / "x.gguf"), tmp_path / "cache")
 
 

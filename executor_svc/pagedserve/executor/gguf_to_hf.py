@@ -37,7 +37,6 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pagedserve.executor.gguf_blocks import GROUPED_FORMATS, grouped
-from pagedserve.executor.model_files import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -60,7 +59,7 @@ _GLOBAL_TENSORS = {
 }
 
 
-class GGUFConversionError(ModelLoadError):
+class GGUFConversionError(ValueError):
     """The GGUF file cannot be converted (unsupported architecture or tensor)."""
 
 

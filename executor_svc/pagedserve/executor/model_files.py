@@ -109,7 +109,8 @@ def converted_gguf_dir(gguf_path: pathlib.Path, cache_dir: pathlib.Path,
                        dequantize: bool = False) -> pathlib.Path:
     """The Hugging Face directory for `gguf_path` (quantized as in the file, or `dequantize`d
     to float32), converting it on the first call."""
-    from pagedserve.executor.gguf_to_hf import convert_gguf  # imports torch; only when converting
+    # Imports torch: only when converting.
+    from pagedserve.executor.gguf_to_hf import GGUFConversionError, convert_gguf
 
     name = gguf_path.name.split(".")[0]
     form = "-float" if dequantize else ""
@@ -121,7 +122,10 @@ def converted_gguf_dir(gguf_path: pathlib.Path, cache_dir: pathlib.Path,
         if not (out_dir / "config.json").is_file():  # another process may have converted it
             log.info("converting GGUF once into the cache", source=str(gguf_path),
                      path=str(out_dir))
-            convert_gguf(gguf_path, out_dir, native=not dequantize)
+            try:
+                convert_gguf(gguf_path, out_dir, native=not dequantize)
+            except GGUFConversionError as exc:
+                raise ModelLoadError(str(exc)) from None
     return out_dir
 
 
