@@ -27,8 +27,8 @@ load; int8, w8a8_int8: those linear layers quantized as `--quantization` does it
 GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default model) and
 `--kv-cache-dtype` one or more cache dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of
 them is a mode with its own copy of the model and cache over the same batch, and the modes are
-timed alternately, round by round, in one process, so that their figures share the machine's state. The first mode is the baseline
-the others are reported against.
+timed alternately, round by round, in one process, so that their figures share the machine's
+state. The first mode is the baseline the others are reported against.
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
