@@ -155,31 +155,40 @@ def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
     assert_matches_transformers(model, hf, PROMPTS, chunk=5, decode_steps=3, tol=1e-4)
 
 
-def test_native_weights_take_what_the_formats_hold(tmp_path):
-    """Int8 values (one byte each, 4-bit ones packed two to a byte by the CPU kernels) with two
-    float32 factors per group of 32: far less than the float32 conversion."""
-    native, dequantized = tiny_gguf(tmp_path, "Q4_1", tie=False)
-    float_model = load_model(dequantized.path, torch.float32)
+@pytest.mark.parametrize("tie", [True, False])
+def test_native_weights_take_what_the_formats_hold(tmp_path, tie):
+    """Int8 values (one byte each; 4-bit ones packed two to a byte by the CPU kernels) with two
+    float32 factors per group of 32, in place of every float32 matrix, the embedding's
+    included: a tied head and its embedding hold one weight."""
+    native, dequantized = tiny_gguf(tmp_path, "Q4_1", tie)
+    float_bytes = weight_bytes(load_model(dequantized.path, torch.float32))
     model = load_model(native.path, torch.float32)
-    linear_values = sum(m.quantized.qweight.numel() for m in model.modules()
-                        if isinstance(m, Linear))
-    float_bytes, native_bytes = weight_bytes(float_model), weight_bytes(model)
-    assert native_bytes == float_bytes - linear_values * 4 + linear_values + linear_values // 4
-    if cpu_kernels.available():  # two values per byte, channels padded to 16
-        shapes = [m.quantized.qweight.shape for m in model.modules() if isinstance(m, Linear)]
-        padded = [(-(-n // 16) * 16, k) for n, k in shapes]
+    embedding = model.model.embed_tokens
+    assert embedding.weight.numel() == 0
+    assert (embedding.tied_head is model.lm_head) == tie
+    assert (embedding.quantized is None) == tie
+    weights = {id(m.quantized): m.quantized for m in model.modules()
+               if getattr(m, "quantized", None) is not None}
+    values = sum(w.qweight.numel() for w in weights.values())
+    assert weight_bytes(model) == float_bytes - values * 4 + values + values // 32 * 8
+    if cpu_kernels.available():  # the Linears' values two to a byte, channels padded to 16
+        linears = [m.quantized.qweight.shape for m in model.modules() if isinstance(m, Linear)]
+        before = weight_bytes(model)
         bind_kernels(model, cpu_kernel_set())
-        assert weight_bytes(model) == native_bytes - linear_values + sum(
-            p * k // 2 + (p - n) * (k // 32) * 8
-            for (n, k), (p, _) in zip(shapes, padded, strict=True))
+        padded = sum(-(-n // 16) * 16 * k // 2 + (-(-n // 16) * 16 - n) * (k // 32) * 8
+                     for n, k in linears)
+        assert weight_bytes(model) == before - sum(n * k for n, k in linears) + padded
+        # The embedding reads its rows from the packed head.
+        ids = torch.tensor([0, 5, 17, 200])
+        hf = AutoModelForCausalLM.from_pretrained(dequantized.path, dtype=torch.float32)
+        torch.testing.assert_close(embedding(ids), hf.model.embed_tokens(ids), rtol=0, atol=0)
 
 
 def test_a_format_that_does_not_run_natively_is_refused_by_name(tmp_path):
-    """A linear layer's, that is: a token embedding is dequantized for lookups in any format."""
     model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()))).eval()
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(model, byte_level_tokenizer(), path, quant=Q.Q5_0)
-    with pytest.raises(ModelLoadError, match=r"blk\.0\.\w+\.weight: GGUF format Q5_0 does not "
+    with pytest.raises(ModelLoadError, match=r"token_embd\.weight: GGUF format Q5_0 does not "
                                              r"run natively .*--gguf-dequantize loads it"):
         resolve_model(str(path), tmp_path / "cache")
     assert resolve_model(str(path), tmp_path / "cache", gguf_dequantize=True).config.get(

@@ -7,10 +7,10 @@ forms (docs/quantization.md):
   or Q6_K tensor is stored as its int8 values (`<name>.weight`) with float32 scales and offsets
   per group (`weight_scale`, `weight_offset`; gguf_blocks.py), and config.json says
   `quantization_config: {"quant_method": "gguf"}`, so the layers load as
-  quantization.GroupedWeight and the kernels read the groups. The token embedding is stored
-  dequantized (lookups take rows); where the output head shares it (no `output.weight`), the
-  head gets its own quantized copy and the config unties them. A linear layer in another
-  quantized format is refused, naming the tensor: `--gguf-dequantize` loads it.
+  quantization.GroupedWeight and the kernels read the groups. The token embedding too: lookups
+  dequantize the rows they take, and an output head that shares it (no `output.weight`)
+  multiplies by the same quantized weight. Another quantized format is refused, naming the
+  tensor: `--gguf-dequantize` loads it.
 - dequantized (`--gguf-dequantize`): every weight is dequantized with the `gguf` package and
   stored as float32. A Q4_1 or Q8_0 value is `scale * q + min` with float16 scale and min,
   which float32 holds exactly and bfloat16 does not, so the converted model computes the same
@@ -18,8 +18,7 @@ forms (docs/quantization.md):
 
 llama.cpp's converter permutes the rows of the Q and K projections (interleaved rotary pairs);
 we undo that (on the values, scales and offsets alike) so the weights follow the Hugging Face
-(rotate-half) layout. Another quantized format of the token embedding is fine: it is
-dequantized, and a head that shares it stays float. The tokenizer and chat template are
+(rotate-half) layout. The tokenizer and chat template are
 rebuilt from the GGUF metadata by `transformers`.
 """
 
@@ -121,7 +120,7 @@ FLOAT_FORMATS = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                  gguf.GGMLQuantizationType.BF16)
 
 
-def _converted_tensors(reader: gguf.GGUFReader, config: dict, has_output: bool,
+def _converted_tensors(reader: gguf.GGUFReader, config: dict,
                        native: bool) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: every weight as float32, or (`native`) the linear layers'
     quantized weights as int8 values with group scales and offsets."""
@@ -142,22 +141,18 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, has_output: bool,
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         qtype = tensor.tensor_type
-        embedding = name == "model.embed_tokens.weight"  # dequantized for lookups anyway
-        if native and not embedding and qtype not in FLOAT_FORMATS + GROUPED_FORMATS:
+        if native and qtype not in FLOAT_FORMATS + GROUPED_FORMATS:
             raise GGUFConversionError(
                 f"{tensor.name}: GGUF format {qtype.name} does not run natively (natively: "
                 f"{', '.join(t.name for t in GROUPED_FORMATS)}); --gguf-dequantize loads it "
                 "as float")
         if native and qtype in GROUPED_FORMATS and len(shape) == 2:
-            if not (embedding and has_output):  # a tied head: its own quantized copy
-                linear = "lm_head.weight" if embedding else name
-                values, scales, offsets = grouped(tensor.data, qtype, shape[1])
-                add(linear, values)
-                add(f"{linear}_scale", scales)
-                if offsets is not None:
-                    add(f"{linear}_offset", offsets)
-            if not embedding:
-                continue
+            values, scales, offsets = grouped(tensor.data, qtype, shape[1])
+            add(name, values)
+            add(f"{name}_scale", scales)
+            if offsets is not None:
+                add(f"{name}_offset", offsets)
+            continue
         array = gguf.quants.dequantize(tensor.data, qtype).reshape(shape)
         add(name, array.astype(np.float32))
     return tensors
@@ -177,10 +172,9 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, native: bool = 
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     config = llama_config(reader, has_output)
-    tensors = _converted_tensors(reader, config, has_output, native)
+    tensors = _converted_tensors(reader, config, native)
     if native and any(name.endswith("_scale") for name in tensors):
         config["quantization_config"] = {"quant_method": "gguf"}
-        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

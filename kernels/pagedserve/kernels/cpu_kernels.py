@@ -38,6 +38,7 @@ from pagedserve.kernels.quantization import (
     GroupedWeight,
     Int8Weight,
     QuantizedWeight,
+    dequantize_groups,
     grouped_linear,
     int8_linear,
     tensor_bytes,
@@ -427,6 +428,21 @@ class PackedGroupedWeight:
         rows = values.reshape(blocks, k, INT8_GROUP).permute(0, 2, 1).reshape(-1, k)
         return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n),
                              None if self.offsets is None else _unblocked(self.offsets, n))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of W, dequantized (a tied embedding's lookup), read in the packed layout."""
+        block, lane = ids // INT8_GROUP, ids % INT8_GROUP
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.view(t.shape[0], -1, INT8_GROUP)[block, :, lane]
+
+        values = take(self.data)
+        if self.bits == 4:
+            packed = values.view(torch.uint8)
+            values = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(
+                len(ids), -1).to(torch.int8)
+        return dequantize_groups(values, take(self.scales),
+                                 None if self.offsets is None else take(self.offsets), dtype)
 
 
 def _blocked(rows: torch.Tensor, blocks: int) -> torch.Tensor:

@@ -83,13 +83,23 @@ class GroupedWeight:
                             *(() if self.offsets is None else (self.offsets,)))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """s * q + o in float32 (s * q is exact for the formats we load, so this rounds once,
-        as a fused multiply-add would), then cast to `dtype`."""
-        g = self.group_size
-        w = self.qweight.to(torch.float32) * self.scales.repeat_interleave(g, dim=1)
-        if self.offsets is not None:
-            w = w + self.offsets.repeat_interleave(g, dim=1)
-        return w.to(dtype)
+        return dequantize_groups(self.qweight, self.scales, self.offsets, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of W, dequantized (an embedding's lookup)."""
+        return dequantize_groups(self.qweight[ids], self.scales[ids],
+                                 None if self.offsets is None else self.offsets[ids], dtype)
+
+
+def dequantize_groups(values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """s * q + o per group, in float32 (s * q is exact for the formats we load, so this rounds
+    once, as a fused multiply-add would), then cast to `dtype`."""
+    g = values.shape[1] // scales.shape[1]
+    w = values.to(torch.float32) * scales.repeat_interleave(g, dim=1)
+    if offsets is not None:
+        w = w + offsets.repeat_interleave(g, dim=1)
+    return w.to(dtype)
 
 
 QuantizedWeight = Int8Weight | GroupedWeight

@@ -12,7 +12,8 @@ from transformers import AutoConfig
 from pagedserve.executor.models.layers import (
     Linear,
     UnsupportedArchitectureError,
-    release_int8_float_weights,
+    VocabParallelEmbedding,
+    finish_quantized_loading,
 )
 from pagedserve.executor.models.quantized_checkpoints import checkpoint_quantization, unpack_int8
 from pagedserve.executor.models.weights import TensorTransform, iter_checkpoint, load_checkpoint
@@ -54,12 +55,12 @@ def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
     transform = getattr(model, "checkpoint_tensors", None)
     if quantization is not None:
         for module in model.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, VocabParallelEmbedding)):
                 module.checkpoint_int8 = quantization.dynamic_activations
         transform = _chained(unpack_int8, transform)
     load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES, transform=transform)
     if quantization is not None:
-        release_int8_float_weights(model)
+        finish_quantized_loading(model)
     model.quantization = quantization.scheme if quantization else None
     return model.eval()
 

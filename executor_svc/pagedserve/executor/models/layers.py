@@ -210,11 +210,7 @@ class Linear(KernelLayer):
         nn.Module does not see); its scales stay float32, as the kernels read them."""
         super()._apply(fn, recurse)
         if self.quantized is not None:
-            plain = self.quantized.plain()
-            moved = {"qweight": fn(plain.qweight), "scales": fn(plain.scales).to(torch.float32)}
-            if isinstance(plain, GroupedWeight) and plain.offsets is not None:
-                moved["offsets"] = fn(plain.offsets).to(torch.float32)
-            self.quantized = dataclasses.replace(plain, **moved)
+            self.quantized = _moved(self.quantized, fn)
         return self
 
     def quantize(self, dynamic_activations: bool, shared: bool) -> None:
@@ -326,9 +322,30 @@ class ParallelLMHead(ColumnParallelLinear):
         return None if logits is None else logits[:, :self.vocab_size].float()
 
 
+def _moved(weight: QuantizedWeight, fn) -> QuantizedWeight:
+    """`weight` (its plain form) with every tensor through `fn` (a device move), the scales
+    and offsets kept float32, as the kernels read them."""
+    plain = weight.plain()
+    moved = {"qweight": fn(plain.qweight), "scales": fn(plain.scales).to(torch.float32)}
+    if isinstance(plain, GroupedWeight) and plain.offsets is not None:
+        moved["offsets"] = fn(plain.offsets).to(torch.float32)
+    return dataclasses.replace(plain, **moved)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Token embeddings, each rank holding ceil(vocab / size) rows (the last zero-padded): a
-    rank embeds the tokens in its rows, zeros the others, and the ranks' results are summed."""
+    rank embeds the tokens in its rows, zeros the others, and the ranks' results are summed.
+
+    A quantized checkpoint's int8 embedding (a GGUF run natively) keeps its values and group
+    factors: `quantized`, this rank's rows, assembled once loaded (`finish_quantized_loading`),
+    whose looked-up rows are dequantized. A tied output head then multiplies by that same
+    weight, and the embedding reads its rows from the head (`tied_head`, in whatever form the
+    kernel set packed it), so the weight is held once."""
+
+    quantized: GroupedWeight | None = None
+    tied_head: Linear | None = None
+    # As Linear.checkpoint_int8: set where the checkpoint may hold int8 tensors.
+    checkpoint_int8: bool | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
                  tp: TensorParallel = SINGLE):
@@ -337,20 +354,60 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = -(-vocab_size // tp.size)
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, dtype=dtype),
                                    requires_grad=False)
+        # A quantized checkpoint's tensors by name, this rank's rows, until assembled.
+        self._quantized_parts: dict[str, torch.Tensor] = {}
 
     def load_part(self, part: int, param_name: str, tensor: torch.Tensor) -> None:
-        expected = (self.vocab_size, self.weight.shape[1])
-        if part or param_name != "weight" or tuple(tensor.shape) != expected:
+        quantized = param_name in QUANTIZATION_TENSORS or tensor.dtype == torch.int8
+        columns = self.weight.shape[1]
+        if part or param_name not in ("weight", *QUANTIZATION_TENSORS) or tensor.dim() != 2 \
+                or tensor.shape[0] != self.vocab_size \
+                or (param_name == "weight" and tensor.shape[1] != columns):
             raise ValueError(f"{param_name}: checkpoint shape {tuple(tensor.shape)}, model "
-                             f"expects weight {expected}")
-        self.weight.data.copy_(rows_padded(tensor, self.tp.rank * self.rows, self.rows))
+                             f"expects weight {(self.vocab_size, columns)}")
+        piece = rows_padded(tensor, self.tp.rank * self.rows, self.rows)
+        if not quantized:
+            self.weight.data.copy_(piece)
+        elif self.checkpoint_int8 is None:
+            raise ValueError(f"{param_name} of dtype {tensor.dtype}: int8 tensors in a checkpoint "
+                             "whose config.json has no quantization_config")
+        else:
+            self._quantized_parts[param_name] = piece
+
+    def assemble_quantized(self) -> bool:
+        """The loaded int8 values and group factors as `quantized`; False if none loaded."""
+        parts, self._quantized_parts = self._quantized_parts, {}
+        if not parts:
+            return False
+        scales = parts.get("weight_scale")
+        if "weight" not in parts or scales is None or self.weight.shape[1] % scales.shape[1]:
+            raise ValueError(f"a quantized embedding needs int8 weight and weight_scale [rows, "
+                             f"groups dividing {self.weight.shape[1]}], got {sorted(parts)}")
+        offsets = parts.get("weight_offset")
+        self.quantized = GroupedWeight(parts["weight"], scales.to(torch.float32),
+                                       None if offsets is None else offsets.to(torch.float32))
+        return True
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.quantized is not None:
+            self.quantized = _moved(self.quantized, fn)
+        return self
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (of this rank's) of the embedding."""
+        if self.tied_head is not None:
+            return self.tied_head.quantized.rows(ids, self.weight.dtype)
+        if self.quantized is not None:
+            return self.quantized.rows(ids, self.weight.dtype)
+        return nn.functional.embedding(ids, self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return nn.functional.embedding(input_ids, self.weight)
+            return self._embed(input_ids)
         local = input_ids - self.tp.rank * self.rows
         outside = (local < 0) | (local >= self.rows)
-        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        x = self._embed(local.masked_fill(outside, 0))
         return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
 
@@ -386,16 +443,26 @@ def weight_bytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in model.parameters()}
     total = 0
     for module in model.modules():
-        if isinstance(module, Linear) and module.quantized is not None:
+        if isinstance(module, (Linear, VocabParallelEmbedding)) and module.quantized is not None:
             total += module.quantized.nbytes
         elif isinstance(module, Linear) and module.packed is not None:
             tensors[id(module.packed)] = module.packed
     return total + tensor_bytes(*tensors.values())
 
 
-def release_int8_float_weights(model: nn.Module) -> None:
-    """The float weights of the Linears that loaded int8 from a checkpoint, unless another
-    module shares them (a tied embedding)."""
+def finish_quantized_loading(model: nn.Module) -> None:
+    """Once a quantized checkpoint has loaded: each quantized embedding assembles its weight and
+    hands it to the output head that shares it (tied), and the float weights of quantized
+    layers are released, unless another module still uses them (a float tied embedding)."""
+    heads = {id(m.weight): m for m in model.modules() if isinstance(m, Linear)}
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and module.assemble_quantized():
+            head = heads.get(id(module.weight))
+            if head is not None:
+                head.quantized, module.quantized = module.quantized, None
+                # A plain attribute, not a submodule: the head is the model's, not this one's.
+                object.__setattr__(module, "tied_head", head)
+            module.weight.data = module.weight.data.new_empty(0)
     shared = _shared_with_other_modules(model)
     for module in model.modules():
         if isinstance(module, Linear) and module.quantized is not None \
