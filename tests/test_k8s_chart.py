@@ -572,11 +572,14 @@ def test_quantization_and_kv_cache_dtype_reach_the_executor(helm):
 
     default = env_of(Manifests(render(helm, None)).container("executor"))
     assert env_var("--quantization") not in default
+    assert env_var("--gguf-dequantize") not in default  # a GGUF runs natively
     assert default[env_var("--kv-cache-dtype")] == "auto"
     env = env_of(Manifests(render(helm, None, "--set", "executor.quantization=w8a8_int8",
-                                  "--set", "executor.kvCacheDtype=fp8")).container("executor"))
+                                  "--set", "executor.kvCacheDtype=fp8",
+                                  "--set", "executor.ggufDequantize=true")).container("executor"))
     assert env[env_var("--quantization")] == "w8a8_int8"
     assert env[env_var("--kv-cache-dtype")] == "fp8"
+    assert env[env_var("--gguf-dequantize")] == "true"
 
 
 def test_shm_size_limit_overrides_the_per_rank_default(helm):

@@ -120,20 +120,34 @@ def test_executor_with_a_missing_model_exits_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_default_model_converts_and_answers(default_model):
+def test_embedded_default_model_converts_and_answers(default_model, default_model_float):
+    """Both conversions: transformers answers on the float one, and the engine on the native
+    one (its Q4_1 and Q8_0 weights kept) gives the same answer."""
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.v1.common_pb2 import SamplingParams
+
     assert embedded_gguf_path().is_file()
     model = default_model
     assert model.served_name == DEFAULT_MODEL_NAME
     assert model.config["num_hidden_layers"] == 30 and model.config["tie_word_embeddings"]
+    assert model.config["quantization_config"] == {"quant_method": "gguf"}
     cache_dir = model.path.parent.parent
     assert resolve_model(None, cache_dir).path == model.path  # cached
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    hf_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(default_model_float.path,
+                                                    dtype=torch.float32).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = hf_model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = out[0, prompt["input_ids"].shape[1]:].tolist()
+    answer = tokenizer.decode(expected, skip_special_tokens=True)
     assert "Paris" in answer
+    with LLM(str(model.path), dtype="float32", kv_cache_gib=0.05, max_model_len=512) as llm:
+        native = llm.generate([prompt["input_ids"][0].tolist()],
+                              SamplingParams(max_tokens=len(expected), temperature=0))
+    # transformers keeps the end-of-sequence token it stopped at; the engine's output ends before.
+    assert native[0].outputs[0].token_ids == expected[:len(expected) - (
+        expected[-1] in model.eos_token_ids())]
