@@ -1,5 +1,6 @@
 """Quantized checkpoints as the Hub ships them: compressed-tensors int8 (W8A8 and W8A16, the
-int8 and the int32-packed on-disk formats), made by compressed-tensors' own code from tiny
+int8 and the int32-packed on-disk formats) and, weight-only, 4-bit values, group scales and
+zero points (W4A16, W8A16 per group), made by compressed-tensors' own code from tiny
 transformers models, loaded into int8 layers and checked against transformers running the same
 checkpoint (which decompresses it, and quantizes activations per token for W8A8, with
 compressed-tensors); and what is not supported, refused by name."""
@@ -17,7 +18,11 @@ from pagedserve.executor.models.quantized_checkpoints import checkpoint_quantiza
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
-from pagedserve.testing.compressed_tensors_files import save_compressed, scheme
+from pagedserve.testing.compressed_tensors_files import (
+    decompressed_model,
+    save_compressed,
+    scheme,
+)
 from pagedserve.testing.paged_run import assert_matches_transformers
 from pagedserve.testing.tiny_models import (
     randomize_weights,
@@ -131,6 +136,12 @@ def _config_with(directory, tmp_path, change):
      "config_groups.group_0.weights.strategy 'group'"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4),
      "config_groups.group_0.weights.num_bits 4"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=2),
+     "config_groups.group_0.weights.num_bits 2"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="tensor"),
+     "config_groups.group_0.weights.strategy 'tensor'"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(actorder="group"),
+     "config_groups.group_0.weights.actorder 'group'"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"),
      "config_groups.group_0.weights.type 'float'"),
     (lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False),
@@ -178,3 +189,53 @@ def test_moving_the_model_moves_its_int8_weights(checkpoints):
     layer = model.model.layers[0].self_attn.qkv_proj
     weight = layer.quantized
     assert torch.equal(weight.qweight, values) and weight.scales.dtype == torch.float32
+
+
+# Weight-only schemes with group scales, 4-bit values or zero points (GroupedWeight), in
+# groups of 32 (the tiny models' rows are 64 and 128 wide; llm-compressor's default is 128).
+GROUPED = {
+    "w4a16": ("W4A16", {"group_size": 32}),
+    "w4a16-asym": ("W4A16_ASYM", {"group_size": 32}),
+    "w4a16-channel": ("W4A16", {"strategy": "channel", "group_size": None}),
+    "w8a16-group": ("W8A16", {"group_size": 32}),
+    "w8a16-asym": ("W8A16", {"group_size": 32, "symmetric": False}),
+}
+
+
+@pytest.mark.parametrize("kernel_set", ["cpu", "torch"])
+@pytest.mark.parametrize("scheme_name, family", [
+    (name, family) for name in GROUPED for family in ("llama-tied", "gpt-neox")
+    # decompressed_model (the zero points' reference) reads LLaMA's tensor names; GPT-NeoX's
+    # fused q/k/v split with offsets is the 4-bit symmetric cases'.
+    if family == "llama-tied" or not name.endswith("asym")])
+def test_group_and_4bit_checkpoints_match_transformers(tmp_path, scheme_name, family,
+                                                       kernel_set):
+    """compressed-tensors' own writers; transformers decompresses the same checkpoint, except
+    with zero points, which transformers (5.x) does not load from pack-quantized checkpoints
+    (it warns of a size mismatch and leaves them random): compressed-tensors' own compressor
+    decompresses those."""
+    if kernel_set == "cpu" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    preset, weights = GROUPED[scheme_name]
+    quantization = preset_name_to_scheme(preset, ["Linear"])
+    quantization.weights = quantization.weights.model_copy(update=weights)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32)
+    randomize_weights(model)
+    ignore = ("embed_out",) if family == "gpt-neox" else ("lm_head",)
+    directory = save_compressed(model, quantization, tmp_path / scheme_name, ignore=ignore)
+    ours = load_model(directory, torch.float32)
+    assert ours.quantization == ("w4a16" if scheme_name.startswith("w4") else "int8")
+    bind_kernels(ours, cpu_kernel_set() if kernel_set == "cpu" else TORCH_KERNELS)
+    linears = [m for n, m in ours.named_modules() if isinstance(m, Linear)
+               and not n.endswith(("lm_head", "embed_out"))]
+    assert linears and all(m.quantized is not None and m.weight.numel() == 0 for m in linears)
+    if kernel_set == "cpu":
+        assert {m.quantized.bits for m in linears} == {4 if scheme_name.startswith("w4") else 8}
+    if scheme_name.endswith("asym"):
+        reference = decompressed_model(directory)
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    assert_matches_transformers(ours, reference, PROMPTS, chunk=5, decode_steps=3, tol=1e-4)

@@ -75,3 +75,44 @@ def save_compressed(model: PreTrainedModel, quantization: QuantizationScheme,
     model.save_pretrained(directory)
     compressor.update_config(str(directory))
     return directory
+
+
+@torch.no_grad()
+def decompressed_model(directory: pathlib.Path) -> PreTrainedModel:
+    """The checkpoint in `directory` as a float32 transformers model whose quantized Linears
+    hold what compressed-tensors' own compressor decompresses (its `decompress` on each
+    module's stored tensors). A reference where transformers' loading falls short: it does not
+    load pack-quantized zero points (packed along rows) into their modules. For checkpoints
+    whose tensor names are the model's (LLaMA's)."""
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quantization = json.loads((directory / "config.json").read_text())["quantization_config"]
+    (group,) = quantization["config_groups"].values()
+    scheme = QuantizationScheme.model_validate(group)
+    compressor = BaseCompressor.get_value_from_registry(group.get("format")
+                                                        or quantization["format"])
+    config = AutoConfig.from_pretrained(directory)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        for name in f.keys():
+            module, _, local = name.rpartition(".")
+            modules.setdefault(module, {})[local] = f.get_tensor(name)
+    state = {}
+    for module, parts in modules.items():
+        if "weight_scale" in parts:
+            parts = {"weight": compressor.decompress(parts, scheme)["weight"]}
+        state.update({f"{module}.{local}": t.to(torch.float32) for local, t in parts.items()})
+    loaded = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if loaded.unexpected_keys or set(loaded.missing_keys) != tied:
+        raise ValueError(f"{directory}: unexpected {loaded.unexpected_keys}, missing "
+                         f"{loaded.missing_keys}")
+    if tied:
+        model.tie_weights()
+    return model

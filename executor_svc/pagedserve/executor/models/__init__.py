@@ -15,7 +15,10 @@ from pagedserve.executor.models.layers import (
     VocabParallelEmbedding,
     finish_quantized_loading,
 )
-from pagedserve.executor.models.quantized_checkpoints import checkpoint_quantization, unpack_int8
+from pagedserve.executor.models.quantized_checkpoints import (
+    checkpoint_quantization,
+    checkpoint_transform,
+)
 from pagedserve.executor.models.weights import TensorTransform, iter_checkpoint, load_checkpoint
 from pagedserve.executor.parallel import SINGLE, TensorParallel
 
@@ -57,7 +60,9 @@ def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
         for module in model.modules():
             if isinstance(module, (Linear, VocabParallelEmbedding)):
                 module.checkpoint_int8 = quantization.dynamic_activations
-        transform = _chained(unpack_int8, transform)
+        unpack = checkpoint_transform(quantization)
+        if unpack is not None:
+            transform = _chained(unpack, transform)
     load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES, transform=transform)
     if quantization is not None:
         finish_quantized_loading(model)

@@ -149,10 +149,10 @@ class Linear(KernelLayer):
             return self.quantized.qweight, tensor
         if tensor.dim() == 2 and tensor.shape[1] == 1:
             tensor = tensor[:, 0]  # compressed-tensors stores per-channel scales as [rows, 1]
-        if tensor.dim() == 2 or param_name == "weight_offset":
+        if tensor.dim() == 2:
             tensor = self._in_groups(param_name, tensor)
-        elif isinstance(self.quantized, GroupedWeight):
-            tensor = self._in_groups(param_name, tensor[:, None])
+        elif param_name == "weight_offset" or isinstance(self.quantized, GroupedWeight):
+            tensor = self._in_groups(param_name, tensor[:, None])  # per channel: one group
         if param_name == "weight_offset":
             if self.quantized.offsets is None:
                 self.quantized = dataclasses.replace(

@@ -1,21 +1,28 @@
 """Quantized checkpoints as the Hub ships them (docs/quantization.md): the method a config.json's
 `quantization_config` names, read as vLLM reads it, and the tensors to reshape before they load.
 
-Supported: compressed-tensors (the format llm-compressor writes) with int8 weights, symmetric,
-one scale per output channel, and either no activation quantization (W8A16) or dynamic
-per-token int8 activations (W8A8). These are exactly the two schemes of `--quantization`
-(`int8`, `w8a8_int8`, kernels/pagedserve/kernels/quantization.py), so such a checkpoint loads
-straight into the int8 form our own quantization makes and runs on the same kernels.
+Supported: compressed-tensors (the format llm-compressor writes) with int weights of 8 or 4
+bits, one scale per output channel or per group of columns, symmetric or with zero points, and
+- no activation quantization: W8A16 (`int8`) and W4A16 (`w4a16`, llm-compressor's most common
+  4-bit scheme, group 128);
+- or dynamic per-token int8 activations with symmetric per-channel int8 weights (W8A8,
+  `w8a8_int8`).
+Per-channel symmetric int8 is exactly what `--quantization int8` / `w8a8_int8` make
+(kernels/pagedserve/kernels/quantization.py: Int8Weight), and runs on the same kernels. Group
+scales, 4-bit values and zero points load as GroupedWeight (W = s · u + o per group), which
+GGUF's formats use too: 4-bit values are kept unsigned, u = q + 8, with o = -s · (8 + zero),
+so that they pack two to a byte; 8-bit ones are q, with o = -s · zero where there are zero
+points.
 
 A GGUF converted in its native form (executor/gguf_to_hf.py) says `quant_method: "gguf"`:
-its int8 values come with group scales and offsets, which the layers load as GroupedWeight.
+its int8 values come with group scales and offsets already.
 
-Which layers are int8 is read from the tensors themselves: an int8 `weight` (with its
-`weight_scale`) makes its Linear int8 (`Linear.checkpoint_int8`), a float one leaves it float.
-That covers the config's `ignore` list (the LM head, typically) without matching its names,
-which are transformers' module names, against ours. Anything else in a quantization_config
-(another method, group scales, 4-bit, fp8, a KV cache scheme, sparsity) is refused at load,
-naming the field.
+Which layers are quantized is read from the tensors themselves: an int8 `weight` (with its
+`weight_scale`) makes its Linear quantized (`Linear.checkpoint_int8`), a float one leaves it
+float. That covers the config's `ignore` list (the LM head, typically) without matching its
+names, which are transformers' module names, against ours. Anything else in a
+quantization_config (another method, 2-bit or 16-bit ints, fp8, static activation scales,
+a KV cache scheme, sparsity) is refused at load, naming the field.
 """
 
 from __future__ import annotations
@@ -27,24 +34,30 @@ from typing import Any
 import torch
 
 from pagedserve.executor.models.layers import UnsupportedArchitectureError
-from pagedserve.executor.models.weights import WeightLoadError
+from pagedserve.executor.models.weights import TensorTransform, WeightLoadError
 
-SUPPORTED = ("compressed-tensors with int8 weights per output channel, symmetric, and no "
-             "activation quantization (W8A16) or dynamic per-token int8 activations (W8A8)")
-# compressed-tensors formats of 8-bit int weights: int8 tensors as they are, or int8 values
-# packed four to an int32 (pack-quantized).
+SUPPORTED = ("compressed-tensors with int weights of 8 or 4 bits, per channel or per group, "
+             "symmetric or with zero points, and no activation quantization (W8A16, W4A16) or, "
+             "for symmetric per-channel int8 weights, dynamic per-token int8 activations "
+             "(W8A8)")
+# compressed-tensors formats of int weights: int8 tensors as they are, or values packed into
+# int32s (pack-quantized, the only one for 4 bits).
 FORMATS = ("int-quantized", "naive-quantized", "pack-quantized")
-INT8_WEIGHTS = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True,
-                "dynamic": False, "group_size": None}
+INT_WEIGHTS = {"type": "int", "dynamic": False}
+# What W8A8 needs of its weights (the int8 kernels' scheme) and of its activations.
+W8A8_WEIGHTS = {"num_bits": 8, "strategy": "channel", "symmetric": True}
 INT8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
                           "dynamic": True}
 
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
-    """A quantized checkpoint's scheme, under its --quantization name."""
+    """A quantized checkpoint's scheme: its name (`--quantization`'s for the two it shares),
+    and how compressed-tensors stores its weights."""
 
-    scheme: str  # "int8" (W8A16), "w8a8_int8" or "gguf" (group scales, weight-only)
+    scheme: str  # "int8" (W8A16), "w4a16", "w8a8_int8" or "gguf"
+    num_bits: int = 8
+    symmetric: bool = True
 
     @property
     def dynamic_activations(self) -> bool:
@@ -73,22 +86,35 @@ def checkpoint_quantization(config: Any) -> CheckpointQuantization | None:
     schemes = {_group_scheme(f"quantization_config.config_groups.{name}", group,
                              quantization.get("format")) for name, group in groups.items()}
     if len(schemes) > 1:
-        _refuse(f"config groups of different schemes ({', '.join(sorted(schemes))})")
-    return CheckpointQuantization(schemes.pop())
+        _refuse(f"config groups of different schemes ({', '.join(map(str, schemes))})")
+    return schemes.pop()
 
 
-def _group_scheme(where: str, group: dict, default_format: str | None) -> str:
+def _group_scheme(where: str, group: dict, default_format: str | None) -> CheckpointQuantization:
     fmt = group.get("format") or default_format
     if fmt not in FORMATS:
         _refuse(f"{where}.format {fmt!r}")
-    _expect(f"{where}.weights", group.get("weights") or {}, INT8_WEIGHTS)
+    weights = group.get("weights") or {}
+    _expect(f"{where}.weights", weights, INT_WEIGHTS)
+    bits, strategy = weights.get("num_bits"), weights.get("strategy")
+    if bits not in (4, 8) or (bits == 4 and fmt != "pack-quantized"):
+        _refuse(f"{where}.weights.num_bits {bits!r} (needs 8, or 4 pack-quantized)")
+    if strategy not in ("channel", "group"):
+        _refuse(f"{where}.weights.strategy {strategy!r} (needs 'channel' or 'group')")
+    size = weights.get("group_size")
+    if strategy == "group" and not (isinstance(size, int) and size > 0):
+        _refuse(f"{where}.weights.group_size {size!r}")
+    if weights.get("actorder") not in (None, "static"):  # "group": columns reordered
+        _refuse(f"{where}.weights.actorder {weights['actorder']!r}")
     if group.get("output_activations"):
         _refuse(f"{where}.output_activations")
+    symmetric = bool(weights.get("symmetric", True))
     activations = group.get("input_activations")
     if activations is None:
-        return "int8"
+        return CheckpointQuantization("w4a16" if bits == 4 else "int8", bits, symmetric)
+    _expect(f"{where}.weights", weights, W8A8_WEIGHTS)
     _expect(f"{where}.input_activations", activations, INT8_TOKEN_ACTIVATIONS)
-    return "w8a8_int8"
+    return CheckpointQuantization("w8a8_int8")
 
 
 def _expect(where: str, args: dict, wanted: dict) -> None:
@@ -101,17 +127,72 @@ def _refuse(what: str) -> None:
     raise UnsupportedArchitectureError(f"{what} is not supported (supported: {SUPPORTED})")
 
 
-def unpack_int8(name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
-    """pack-quantized tensors as the Linears load them: `weight_packed` (int32 [rows, cols / 4],
-    each int32 four values + 128 as little-endian bytes, the columns in order) becomes the int8
-    `weight` [rows, cols]; `weight_shape` (the unpacked shape, which the layer checks anyway) is
-    dropped. Other tensors pass as they are."""
-    if name.endswith(".weight_shape"):
-        return []
-    if name.endswith(".weight_packed"):
-        if tensor.dtype != torch.int32:
-            raise WeightLoadError(f"{name}: dtype {tensor.dtype}, expected int32 (8-bit "
-                                  "values packed four to one)")
-        values = tensor.contiguous().view(torch.uint8).to(torch.int16) - 128
-        return [(name.removesuffix("_packed"), values.to(torch.int8))]
-    return [(name, tensor)]
+def checkpoint_transform(quantization: CheckpointQuantization) -> TensorTransform | None:
+    """What the checkpoint's tensors need before the layers load them (None: nothing)."""
+    if quantization.scheme == "gguf":
+        return None
+    return CompressedTensorsUnpacker(quantization.num_bits, quantization.symmetric)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, name: str) -> torch.Tensor:
+    """int32 words [rows, words], values densely packed along each row from bit 0, each value
+    + 2^(bits - 1) -> the values [rows, words * 32 / bits] as int8: unsigned (0..15) for 4 bits,
+    signed for 8."""
+    if packed.dtype != torch.int32:
+        raise WeightLoadError(f"{name}: dtype {packed.dtype}, expected int32 (values packed "
+                              f"{32 // bits} to one)")
+    data = packed.contiguous().view(torch.uint8)
+    if bits == 8:
+        return (data.to(torch.int16) - 128).to(torch.int8)
+    return torch.stack([data & 15, data >> 4], dim=-1).reshape(data.shape[0], -1).to(torch.int8)
+
+
+class CompressedTensorsUnpacker:
+    """compressed-tensors' tensors as the Linears load them:
+    - `weight_packed` (int32 [rows, cols * bits / 32]) becomes the int8 `weight` [rows, cols]
+      (unsigned 4-bit values, signed 8-bit ones); `weight_shape` is dropped (the layer checks
+      the shape anyway);
+    - `weight_scale` passes, with a `weight_offset` of the same shape where the values are
+      4-bit or have zero points: o = -s · (bias + zero), bias 8 for 4-bit values. A module's
+      scale is held until its `weight_zero_point` (packed along rows for pack-quantized) has
+      come too, whichever comes first.
+    Other tensors pass as they are."""
+
+    def __init__(self, bits: int, symmetric: bool):
+        self.bits, self.symmetric = bits, symmetric
+        self.held: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        module, _, param = name.rpartition(".")
+        if param == "weight_shape":
+            return []
+        if param == "weight_packed":
+            return [(f"{module}.weight", _unpack_rows(tensor, self.bits, name))]
+        if param not in ("weight_scale", "weight_zero_point") or (
+                self.bits == 8 and self.symmetric):
+            return [(name, tensor)]
+        parts = self.held.setdefault(module, {})
+        parts[param] = tensor
+        if "weight_scale" not in parts or (not self.symmetric
+                                           and "weight_zero_point" not in parts):
+            return []
+        del self.held[module]
+        scale = parts["weight_scale"].to(torch.float32)
+        zero = torch.full_like(scale, 8.0 if self.bits == 4 else 0.0)
+        if not self.symmetric:
+            zero = zero + self._zero_points(f"{module}.weight_zero_point",
+                                            parts["weight_zero_point"], scale.shape)
+        return [(f"{module}.weight_scale", scale), (f"{module}.weight_offset", -scale * zero)]
+
+    def _zero_points(self, name: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Zero points as float32 of the scales' shape: int8 as they are, or int32 words packed
+        along the rows (pack-quantized; the last word padded)."""
+        if tensor.dtype == torch.int32:
+            values = _unpack_rows(tensor.T, self.bits, name).T
+            values = values[:shape[0]] - (8 if self.bits == 4 else 0)  # back to signed
+        else:
+            values = tensor
+        if values.shape != shape:
+            raise WeightLoadError(f"{name}: shape {tuple(tensor.shape)} does not match the "
+                                  f"scales' {tuple(shape)}")
+        return values.to(torch.float32)
