@@ -97,6 +97,28 @@ def test_c_grouped_linear_against_float64(rows, dtype, four_bit, offsets, group)
     assert_close_to(grouped_linear(x, weight, bias), reference(x, weight, bias), False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, group, offsets", [(1, 16, False), (5, 32, True),
+                                                  (17, 128, True), (3, 256, False)])
+def test_triton_grouped_linear_against_float64(rows, group, offsets, dtype):
+    """Under TRITON_INTERPRET=1 here (float16: its interpreter gets bfloat16 products wrong);
+    compiled on a GPU. Group 256 is one group per row: a weight-only Int8Weight's case."""
+    from pagedserve.kernels.triton_quantization import quantized_linear_triton
+
+    n, k = 70, 256  # N not a multiple of the 64-channel tile
+    weight = random_grouped(n, k, group, four_bit=True, offsets=offsets, seed=rows)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k + 8, generator=gen).to(dtype)[:, 3:3 + k]
+    bias = torch.randn(n, generator=gen).to(dtype)
+    y = quantized_linear_triton(x, weight, bias)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    expected = reference(x, weight, bias)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    else:  # the dequantized weights and the output rounded to float16
+        assert ((y.double() - expected).abs() <= 2e-3 * expected.abs().max()).all()
+
+
 def test_groups_the_kernel_cannot_take_stay_on_the_pytorch_path():
     weight = random_grouped(16, 48, 12, four_bit=False, offsets=False, seed=0)
     assert cpu_kernels.pack_grouped_cpu(weight) is weight
@@ -126,7 +148,14 @@ def tiny_gguf(tmp_path, fmt: str, tie: bool):
     return native, dequantized
 
 
-@pytest.mark.parametrize("kernel_set", ["cpu", "torch"])
+def kernel_set_named(name: str):
+    if name == "triton":
+        from pagedserve.kernels.dispatch import triton_kernels
+        return triton_kernels()
+    return cpu_kernel_set() if name == "cpu" else TORCH_KERNELS
+
+
+@pytest.mark.parametrize("kernel_set", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("fmt, tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True),
                                       ("Q4_K_M", False)])
 def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
@@ -138,7 +167,7 @@ def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
     assert native.config["quantization_config"] == {"quant_method": "gguf"}
     model = load_model(native.path, torch.float32)
     assert model.quantization == "gguf"
-    bind_kernels(model, cpu_kernel_set() if kernel_set == "cpu" else TORCH_KERNELS)
+    bind_kernels(model, kernel_set_named(kernel_set))
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     # Every linear layer quantized, the LM head too (a tied one gets its own copy), and their
     # float weights released.

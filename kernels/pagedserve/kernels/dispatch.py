@@ -52,14 +52,21 @@ TORCH_KERNELS = Kernels(
 
 
 def triton_kernels() -> Kernels:
-    from pagedserve.kernels import triton_activation, triton_attention, triton_norm, triton_rotary
+    from pagedserve.kernels import (
+        triton_activation,
+        triton_attention,
+        triton_norm,
+        triton_quantization,
+        triton_rotary,
+    )
 
     return Kernels(
         name="triton", write_kv_cache=triton_attention.write_kv_cache_triton,
         paged_attention=triton_attention.paged_attention_triton,
         rms_norm=triton_norm.rms_norm_triton, add_rms_norm=triton_norm.add_rms_norm_triton,
         apply_rotary=triton_rotary.apply_rotary_triton,
-        silu_and_mul=triton_activation.silu_and_mul_triton)
+        silu_and_mul=triton_activation.silu_and_mul_triton,
+        quantized_linear=triton_quantization.quantized_linear_triton)
 
 
 def cpu_kernels() -> Kernels:
