@@ -54,13 +54,18 @@ def reference(x: torch.Tensor, weight: GroupedWeight, bias: torch.Tensor | None)
     return y if bias is None else y + bias.to(torch.float64)
 
 
-def random_grouped(n: int, k: int, group: int, four_bit: bool, offsets: bool,
-                   seed: int) -> GroupedWeight:
+def random_grouped(n: int, k: int, group: int, four_bit: bool, offsets: bool, seed: int,
+                   half_factors: bool = False) -> GroupedWeight:
+    """Random values and factors; `half_factors`: factors that float16 holds exactly (as
+    GGUF's Q8_0, Q4_0 and Q4_1 store them), else float32 ones it does not."""
     gen = torch.Generator().manual_seed(seed)
     low, high = (0, 16) if four_bit else (-128, 128)
+    factors = [torch.rand(n, k // group, generator=gen) / 16,
+               torch.randn(n, k // group, generator=gen) / 8 if offsets else None]
+    if half_factors:
+        factors = [None if f is None else f.half().float() for f in factors]
     return GroupedWeight(torch.randint(low, high, (n, k), generator=gen, dtype=torch.int8),
-                         torch.rand(n, k // group, generator=gen) / 16,
-                         torch.randn(n, k // group, generator=gen) / 8 if offsets else None)
+                         *factors)
 
 
 def assert_close_to(y: torch.Tensor, expected: torch.Tensor, weights_in_bf16: bool) -> None:
@@ -74,14 +79,17 @@ def assert_close_to(y: torch.Tensor, expected: torch.Tensor, weights_in_bf16: bo
 @needs_c
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("four_bit, offsets, group", [
-    (True, True, 32), (False, False, 32), (False, False, 16), (True, False, 128),
-    (False, True, 8)], ids=["q4-offsets", "q8", "q6k-groups", "q4-g128", "q8-offsets-g8"])
-def test_c_grouped_linear_against_float64(rows, dtype, four_bit, offsets, group):
+@pytest.mark.parametrize("four_bit, offsets, group, half", [
+    (True, True, 32, True), (True, True, 32, False), (False, False, 32, True),
+    (False, False, 16, False), (True, False, 128, False), (False, True, 8, False)],
+    ids=["q4_1", "q4-offsets", "q8_0", "q6k-groups", "q4-g128", "q8-offsets-g8"])
+def test_c_grouped_linear_against_float64(rows, dtype, four_bit, offsets, group, half):
     n, k = 37, 256  # N not a multiple of 16
-    weight = random_grouped(n, k, group, four_bit, offsets, seed=rows * group)
+    weight = random_grouped(n, k, group, four_bit, offsets, seed=rows * group,
+                            half_factors=half)
     packed = cpu_kernels.pack_grouped_cpu(weight)
     assert packed.bits == (4 if four_bit else 8)
+    assert packed.scales.dtype == (torch.float16 if half else torch.float32)
     plain = packed.plain()
     assert torch.equal(plain.qweight, weight.qweight)
     assert torch.equal(plain.scales, weight.scales)
@@ -204,7 +212,8 @@ def test_native_weights_take_what_the_formats_hold(tmp_path, tie):
         linears = [m.quantized.qweight.shape for m in model.modules() if isinstance(m, Linear)]
         before = weight_bytes(model)
         bind_kernels(model, cpu_kernel_set())
-        padded = sum(-(-n // 16) * 16 * k // 2 + (-(-n // 16) * 16 - n) * (k // 32) * 8
+        # Q4_1's factors are float16 in the file: two bytes each once packed.
+        padded = sum(-(-n // 16) * 16 * (k // 2 + k // 32 * 4) - n * k // 32 * 8
                      for n, k in linears)
         assert weight_bytes(model) == before - sum(n * k for n, k in linears) + padded
         # The embedding reads its rows from the packed head.

@@ -153,7 +153,7 @@ def _library() -> ctypes.CDLL | None:
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
     library.int8_linear_w8a8.argtypes = [ptr] * 6 + [i64] * 5 + [ctypes.c_float]
     library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
-    library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64, ptr] + [i64] * 5
+    library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 5
     return library
 
 
@@ -400,8 +400,9 @@ class PackedGroupedWeight:
     """A `GroupedWeight` in int8_linear.c's grouped layout, per block of 16 output channels,
     k-major: `data` int8 [K][16] for 8-bit values, or two 4-bit values (0..15) per byte,
     [K/2][16] (k = 2i low nibble, 2i + 1 high), for weights whose values all fit (GGUF's 4-bit
-    formats); `scales` and `offsets` float32 [K/G][16]. Channels are padded to a multiple of
-    16 with zeros."""
+    formats); `scales` and `offsets` [K/G][16], float16 where every factor is one exactly
+    (GGUF's Q8_0, Q4_0 and Q4_1), else float32. Channels are padded to a multiple of 16 with
+    zeros."""
 
     data: torch.Tensor
     bits: int
@@ -426,8 +427,9 @@ class PackedGroupedWeight:
             packed = values.view(torch.uint8)
             values = torch.stack([packed & 15, packed >> 4], dim=2).to(torch.int8)
         rows = values.reshape(blocks, k, INT8_GROUP).permute(0, 2, 1).reshape(-1, k)
-        return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n),
-                             None if self.offsets is None else _unblocked(self.offsets, n))
+        return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n).float(),
+                             None if self.offsets is None
+                             else _unblocked(self.offsets, n).float())
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W, dequantized (a tied embedding's lookup), read in the packed layout."""
@@ -441,8 +443,8 @@ class PackedGroupedWeight:
             packed = values.view(torch.uint8)
             values = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(
                 len(ids), -1).to(torch.int8)
-        return dequantize_groups(values, take(self.scales),
-                                 None if self.offsets is None else take(self.offsets), dtype)
+        return dequantize_groups(values, take(self.scales).float(), None if self.offsets is None
+                                 else take(self.offsets).float(), dtype)
 
 
 def _blocked(rows: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -470,9 +472,12 @@ def pack_grouped_cpu(weight: GroupedWeight) -> PackedGroupedWeight | GroupedWeig
     if bits == 4:
         pairs = data.view(torch.uint8).view(blocks, k // 2, 2, INT8_GROUP)
         data = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(blocks, -1)
-    return PackedGroupedWeight(data, bits, _blocked(weight.scales, blocks),
-                               None if weight.offsets is None
-                               else _blocked(weight.offsets, blocks), n, k)
+    factors = [t for t in (weight.scales, weight.offsets) if t is not None]
+    dtype = torch.float16 if all(torch.equal(t.half().float(), t) for t in factors) \
+        else torch.float32
+    scales, offsets = (None if t is None else _blocked(t.to(dtype), blocks)
+                       for t in (weight.scales, weight.offsets))
+    return PackedGroupedWeight(data, bits, scales, offsets, n, k)
 
 
 def pack_quantized_cpu(weight: QuantizedWeight) -> object:
@@ -503,7 +508,8 @@ def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
     failed = _library().grouped_linear(
         out.data_ptr(), rows.data_ptr(), weight.data.data_ptr(), weight.bits,
         weight.scales.data_ptr(), 0 if weight.offsets is None else weight.offsets.data_ptr(),
-        weight.group_size, 0 if bias is None else bias.data_ptr(), rows.shape[0],
+        weight.scales.dtype == torch.float16, weight.group_size,
+        0 if bias is None else bias.data_ptr(), rows.shape[0],
         weight.out_features, weight.in_features, rows.stride(0), DTYPES[x.dtype])
     if failed:
         raise MemoryError("CPU grouped linear: out of memory for its scratch buffers")

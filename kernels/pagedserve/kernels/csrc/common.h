@@ -25,6 +25,18 @@ static inline float bits_to_f32(uint32_t bits) {
 
 static inline float bf16_to_f32(uint16_t x) { return bits_to_f32((uint32_t)x << 16); }
 
+/* float16 -> float32, exactly (subnormals, infinities and NaN included). */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f;
+    const uint32_t mantissa = h & 0x3ff;
+    if (exponent == 0) {  /* subnormal: mantissa * 2^-24 */
+        const float magnitude = (float)mantissa * 0x1p-24f;
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 0x1f) return bits_to_f32(sign | 0x7f800000u | (mantissa << 13));
+    return bits_to_f32(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
 /* fp8 -> float32, exactly. e4m3: the 7 magnitude bits placed at float32's exponent and
  * mantissa (bit 20 up) read as a float32 of exponent bias 127 instead of 7, hence the 2^120
  * (a subnormal e4m3 becomes a float32 subnormal, which the product makes normal). e5m2: the
@@ -34,16 +46,7 @@ static inline float e4m3_to_f32(uint8_t x) {
     return x & 0x80 ? -magnitude : magnitude;
 }
 
-static inline float e5m2_to_f32(uint8_t x) {
-    const uint32_t sign = (uint32_t)(x & 0x80) << 24, exponent = (x >> 2) & 0x1f;
-    const uint32_t mantissa = x & 3;
-    if (exponent == 0) {  /* subnormal: mantissa * 2^-16 */
-        const float magnitude = (float)mantissa * 0x1p-16f;
-        return sign ? -magnitude : magnitude;
-    }
-    if (exponent == 0x1f) return bits_to_f32(sign | 0x7f800000u | (mantissa << 21));
-    return bits_to_f32(sign | ((exponent + 112) << 23) | (mantissa << 21));
-}
+static inline float e5m2_to_f32(uint8_t x) { return f16_to_f32((uint16_t)(x << 8)); }
 
 /* float32 -> fp8 with `mantissa_bits` and exponent `bias`, rounded to nearest even and
  * saturated at `max` (NaN stays NaN): as PyTorch's .to(float8_*) of a value clamped first. */

@@ -452,8 +452,14 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *  - 8-bit values: int8 [K][16];
  *  - 4-bit values (0..15): uint8 [K / 2][16], k = 2i in the low nibble of byte (i, c) and
  *    2i + 1 in the high one;
- *  - scales and offsets: float32 [K / G][16].
+ *  - scales and offsets: [K / G][16], float32, or float16 (`half`) where every factor is one
+ *    exactly (GGUF's Q8_0, Q4_0 and Q4_1 store them so): 2 bytes a group instead of 4.
  * The threads split the channel blocks. */
+
+/* Factor `i` of scales or offsets (float32, or float16 when `half`). */
+static inline float factor_at(const void *factors, int64_t i, int64_t half) {
+    return half ? f16_to_f32(((const uint16_t *)factors)[i]) : ((const float *)factors)[i];
+}
 
 /* Value (c, k) of a packed channel block `w` (16 channels). */
 static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t c, int64_t k) {
@@ -463,6 +469,13 @@ static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t c, int64_t 
 }
 
 #if INT8_SIMD
+/* Factors i .. i + 15 (a group's 16 channels) as float32. */
+static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)factors
+                                                                       + i)))
+                : _mm512_loadu_ps((const float *)factors + i);
+}
+
 /* The values of k = i .. i + 3 of a channel block (i a multiple of 4), as float32 vectors of
  * its 16 channels. */
 static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t i, __m512 q[4]) {
@@ -488,8 +501,8 @@ static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t i, __m
  * times one channel block: 16 outputs per row into `y`. Accumulator (r, j) sums row r's q x
  * of k = j (mod 4) within a group: four independent chains per row. */
 TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const int64_t k,
-                  const uint8_t *w, const int64_t bits, const float *scales,
-                  const float *offsets, const int64_t group, __m512 *y) {
+                  const uint8_t *w, const int64_t bits, const void *scales,
+                  const void *offsets, const int64_t half, const int64_t group, __m512 *y) {
 #define ZERO(r) __m512 total##r = _mm512_setzero_ps();
     EACH_SMALL_ROW(ZERO)
 #undef ZERO
@@ -506,13 +519,13 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
             EACH_GROUPED_CELL(MAC)
 #undef MAC
         }
-        const __m512 s = _mm512_loadu_ps(scales + g * GROUP);
+        const __m512 s = load_factors(scales, g * GROUP, half);
 #define SCALE(r) if (r < rows) total##r = _mm512_fmadd_ps(_mm512_add_ps( \
             _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, total##r);
         EACH_SMALL_ROW(SCALE)
 #undef SCALE
         if (offsets) {
-            const __m512 o = _mm512_loadu_ps(offsets + g * GROUP);
+            const __m512 o = load_factors(offsets, g * GROUP, half);
 #define OFFSET(r) if (r < rows) total##r = _mm512_fmadd_ps( \
                 o, _mm512_set1_ps(xsum[r * groups + g]), total##r);
             EACH_SMALL_ROW(OFFSET)
@@ -527,16 +540,17 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
 /* The strip's nv channel blocks (from `w`, `block_bytes` apart; scales and offsets
  * `block_groups` floats apart) dequantized to bfloat16 pairs in `wb`, w8a16_tile's layout
  * [nv][K / 2][16][2]. */
-static void dequantize_strip(const uint8_t *w, int64_t bits, const float *scales,
-                             const float *offsets, int64_t group, int64_t nv, int64_t k,
-                             int64_t block_bytes, int64_t block_groups, uint16_t *wb) {
+static void dequantize_strip(const uint8_t *w, int64_t bits, const void *scales,
+                             const void *offsets, int64_t half, int64_t group, int64_t nv,
+                             int64_t k, int64_t block_bytes, int64_t block_groups,
+                             uint16_t *wb) {
     for (int64_t b = 0; b < nv; b++) {
         const uint8_t *src = w + b * block_bytes;
         uint16_t *dst = wb + b * k * GROUP;
         for (int64_t i = 0; i < k; i += 4) {
             const int64_t at = b * block_groups + i / group * GROUP;
-            const __m512 s = _mm512_loadu_ps(scales + at);
-            const __m512 o = offsets ? _mm512_loadu_ps(offsets + at) : _mm512_setzero_ps();
+            const __m512 s = load_factors(scales, at, half);
+            const __m512 o = offsets ? load_factors(offsets, at, half) : _mm512_setzero_ps();
             __m512 q[4];
             grouped_values(src, bits, i, q);
             for (int j = 0; j < 4; j += 2) {
@@ -573,13 +587,15 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
 }
 
 /* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
- * of x's dtype, bias NULL or [N] of that dtype; `bits` 4 or 8. Returns 0, or 1 when out of
- * memory for its scratch buffers. */
+ * of x's dtype, bias NULL or [N] of that dtype; `bits` 4 or 8; scales and offsets float16
+ * when `half`, else float32. Returns 0, or 1 when out of memory for its scratch buffers. */
 int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
-                   const float *scales, const float *offsets, int64_t group, const void *bias,
-                   int64_t rows, int64_t n, int64_t k, int64_t x_stride, int64_t bf16) {
+                   const void *scales, const void *offsets, int64_t half, int64_t group,
+                   const void *bias, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
+                   int64_t bf16) {
     const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
     const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
+    const int64_t factor_size = half ? 2 : 4;
     int failed = 0;
 #if INT8_SIMD
     if (bf16 && rows > SMALL_ROWS) {
@@ -595,9 +611,10 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
             failed = wb == NULL;
             for (int64_t b0 = first; b0 < last && wb; b0 += STRIP_GROUPS) {
                 const int64_t nv = last - b0 < STRIP_GROUPS ? last - b0 : STRIP_GROUPS;
-                dequantize_strip(w + b0 * block_bytes, bits, scales + b0 * block_groups,
-                                 offsets ? offsets + b0 * block_groups : NULL, group, nv, k,
-                                 block_bytes, block_groups, wb);
+                const int64_t at = b0 * block_groups * factor_size;
+                dequantize_strip(w + b0 * block_bytes, bits, (const char *)scales + at,
+                                 offsets ? (const char *)offsets + at : NULL, half, group, nv,
+                                 k, block_bytes, block_groups, wb);
                 for (int64_t m = 0; m < rows; m += TILE_ROWS) {
                     const int64_t tile_rows = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
                     char *o = (char *)out + m * out_stride;
@@ -623,15 +640,16 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
         thread_groups(blocks, &first, &last);
         for (int64_t b = first; b < last; b++) {
             const uint8_t *wb = w + b * block_bytes;
-            const float *sb = scales + b * block_groups;
-            const float *ob = offsets ? offsets + b * block_groups : NULL;
+            const char *sb = (const char *)scales + b * block_groups * factor_size;
+            const char *ob = offsets ? (const char *)offsets + b * block_groups * factor_size
+                                     : NULL;
             for (int64_t m = 0; m < rows; m += SMALL_ROWS) {
                 const int64_t chunk = rows - m < SMALL_ROWS ? rows - m : SMALL_ROWS;
                 char *o = (char *)out + m * out_stride;
 #if INT8_SIMD
                 __m512 y[SMALL_ROWS];
 #define ROWS(r) case r: grouped_rows(r, xf + m * k, xsum + m * groups, k, wb, bits, sb, ob, \
-                                     group, y); break;
+                                     half, group, y); break;
                 switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
 #undef ROWS
                 for (int64_t r = 0; r < chunk; r++)
@@ -644,8 +662,10 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                             float part = 0.0f;
                             for (int64_t i = g * group; i < (g + 1) * group; i++)
                                 part += (float)grouped_at(wb, bits, c, i) * xf[(m + r) * k + i];
-                            sum += part * sb[g * GROUP + c];
-                            if (ob) sum += ob[g * GROUP + c] * xsum[(m + r) * groups + g];
+                            sum += part * factor_at(sb, g * GROUP + c, half);
+                            if (ob)
+                                sum += factor_at(ob, g * GROUP + c, half)
+                                       * xsum[(m + r) * groups + g];
                         }
                         if (bias) sum += load_one(bias, b * GROUP + c, bf16);
                         store_out(o + r * out_stride, bf16, b * GROUP + c, sum);
