@@ -48,10 +48,12 @@ def random_blocks(rows: int, columns: int, qtype: Q, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (rows * columns // block_size, type_size), dtype=np.uint8)
     factors = rng.uniform(2e-5, 1e-4, (blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q4_K:  # d and dmin lead the block
+    if qtype in (Q.Q4_K, Q.Q5_K):  # d and dmin lead the block
         blocks[:, :4] = factors
-    elif qtype == Q.Q6_K:  # d ends it
+    elif qtype in (Q.Q6_K, Q.Q3_K):  # d ends it
         blocks[:, -2:] = factors[:, :2]
+    elif qtype == Q.Q2_K:  # d and dmin end it
+        blocks[:, -4:] = factors
     else:
         raise ValueError(f"random blocks of {qtype.name} are not written here")
     return blocks.reshape(rows, -1)

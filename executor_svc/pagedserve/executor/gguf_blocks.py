@@ -11,11 +11,15 @@ the `gguf` package's dequantize (tests/test_gguf_native.py checks it on every fo
 | Q8_0   | 32    | int8          | d         | none         |
 | Q4_0   | 32    | 0..15         | d         | -8 d         |
 | Q4_1   | 32    | 0..15         | d         | m            |
+| Q5_0   | 32    | 0..31         | d         | -16 d        |
+| Q5_1   | 32    | 0..31         | d         | m            |
 | Q4_K   | 32    | 0..15         | d * sc[i] | -dmin * m[i] |
+| Q5_K   | 32    | 0..31         | d * sc[i] | -dmin * m[i] |
 | Q6_K   | 16    | -32..31       | d * sc[i] | none         |
 
-(Q4_K and Q6_K are super-blocks of 256 values with 6-bit or 8-bit sub-block factors, which is
-why their groups are the sub-blocks.) A tensor's rows are whole numbers of blocks, so rows can be
+(The K formats are super-blocks of 256 values with 6-bit or 8-bit sub-block factors, which is
+why their groups are the sub-blocks. 5-bit values keep a byte each: the kernels pack only 4-bit
+ones tighter.) A tensor's rows are whole numbers of blocks, so rows can be
 permuted and split as the float weights are.
 """
 
@@ -60,16 +64,47 @@ def _q4_1(blocks: np.ndarray) -> Grouped:
     return _nibbles(qs, 32), _half(d)[:, None], _half(m)[:, None]
 
 
-def _q4_k(blocks: np.ndarray) -> Grouped:
-    d, dmin, packed, qs = np.hsplit(blocks, [2, 4, 16])
-    # 12 bytes of eight 6-bit scales and mins: bytes 0-3 hold scales 0-3 (low 6 bits) and the
-    # top bits of scales 4-7; bytes 4-7 mins 0-3 and the top bits of mins 4-7; bytes 8-11 the
-    # low 4 bits of scales 4-7 (low nibble) and mins 4-7 (high nibble).
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[blocks, 4] bytes -> the fifth bit of each of 32 values (bit i of the little-endian
+    word), shifted into place."""
+    return np.unpackbits(qh, axis=1, bitorder="little").astype(np.int8) << 4
+
+
+def _q5_0(blocks: np.ndarray) -> Grouped:
+    d, qh, qs = np.hsplit(blocks, [2, 6])
+    scale = _half(d)[:, None]
+    return _nibbles(qs, 32) | _fifth_bits(qh), scale, -16 * scale
+
+
+def _q5_1(blocks: np.ndarray) -> Grouped:
+    d, m, qh, qs = np.hsplit(blocks, [2, 4, 8])
+    return _nibbles(qs, 32) | _fifth_bits(qh), _half(d)[:, None], _half(m)[:, None]
+
+
+def _k_factors(d: np.ndarray, dmin: np.ndarray,
+               packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's eight sub-block scales and offsets. 12 bytes hold eight 6-bit scales
+    and mins: bytes 0-3 scales 0-3 (low 6 bits) and the top bits of scales 4-7; bytes 4-7 mins
+    0-3 and the top bits of mins 4-7; bytes 8-11 the low 4 bits of scales 4-7 (low nibble) and
+    of mins 4-7 (high nibble)."""
     low_scales, low_mins, rest = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
     sc = np.concatenate([low_scales & 63, (rest & 15) | ((low_scales >> 6) << 4)], axis=1)
     mins = np.concatenate([low_mins & 63, (rest >> 4) | ((low_mins >> 6) << 4)], axis=1)
-    return (_nibbles(qs, 64), _half(d)[:, None] * sc.astype(np.float32),
+    return (_half(d)[:, None] * sc.astype(np.float32),
             -_half(dmin)[:, None] * mins.astype(np.float32))
+
+
+def _q4_k(blocks: np.ndarray) -> Grouped:
+    d, dmin, packed, qs = np.hsplit(blocks, [2, 4, 16])
+    return (_nibbles(qs, 64), *_k_factors(d, dmin, packed))
+
+
+def _q5_k(blocks: np.ndarray) -> Grouped:
+    d, dmin, packed, qh, qs = np.hsplit(blocks, [2, 4, 16, 48])
+    # Bit j of qh[l] is the fifth bit of value l of sub-block j.
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    values = _nibbles(qs, 64) | (high.reshape(blocks.shape[0], 256).astype(np.int8) << 4)
+    return (values, *_k_factors(d, dmin, packed))
 
 
 def _q6_k(blocks: np.ndarray) -> Grouped:
@@ -83,7 +118,8 @@ def _q6_k(blocks: np.ndarray) -> Grouped:
 
 
 _DECODERS: dict[Q, Callable[[np.ndarray], Grouped]] = {
-    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q4_K: _q4_k, Q.Q6_K: _q6_k}
+    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 GROUPED_FORMATS = tuple(_DECODERS)
 
 
