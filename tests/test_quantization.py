@@ -17,8 +17,12 @@ from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
 from pagedserve.kernels.quantization import (
     SCHEMES,
+    Fp8Weight,
     Int8Weight,
+    fp8_linear,
     int8_linear,
+    scaled_mm,
+    quantize_fp8,
     quantize_int8,
     quantize_per_token,
 )
@@ -292,3 +296,95 @@ def test_metrics_show_what_sizes_each_executors_memory():
             'quantization="w8a8_int8"} 1.0') in text
     assert ('pagedserve_executor_info{executor="b",kv_cache_dtype="bfloat16",'
             'quantization="none"} 1.0') in text
+
+
+def fp8_reference(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product in float64 of the e4m3 operands as the scheme makes them: x quantized per
+    token (amax / 448), W per channel."""
+    rows = quantize_fp8(x).dequantized(torch.float64)  # per row, as a weight's
+    y = rows @ weight.dequantized(torch.float64).T
+    return y if bias is None else y + bias.to(torch.float64)
+
+
+def test_fp8_weights_are_e4m3_per_output_channel():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 32, generator=gen) * torch.logspace(-3, 2, 40)[:, None]
+    w[3] = 0
+    q = quantize_fp8(w)
+    assert q.qweight.dtype == torch.float8_e4m3fn and q.scales.dtype == torch.float32
+    torch.testing.assert_close(q.scales, w.abs().amax(dim=1) / 448)
+    assert q.qweight.to(torch.float32).abs().amax(dim=1)[torch.arange(40) != 3].eq(448).all()
+    assert q.qweight[3].to(torch.float32).eq(0).all() and q.scales[3] == 0
+    # e4m3 keeps 3 mantissa bits: each value within 2^-4 of itself (relative), or the
+    # subnormal step.
+    error = (q.dequantized(torch.float32) - w).abs()
+    assert (error <= w.abs() * 2.0 ** -4 + q.scales[:, None] * 2.0 ** -9).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_against_float64(dtype):
+    """The PyTorch path off a GPU: the scheme's quantized operands, dequantized."""
+    gen = torch.Generator().manual_seed(3)
+    weight = quantize_fp8(torch.randn(40, 36, generator=gen))
+    x = torch.randn(5, 36, generator=gen).to(dtype)
+    bias = torch.randn(40, generator=gen).to(dtype)
+    y = fp8_linear(x, weight, bias)
+    assert y.shape == (5, 40) and y.dtype == dtype
+    assert_close_to(y, fp8_reference(x.float(), weight, bias))
+
+
+def test_scaled_mm_takes_the_scales_per_token_and_per_channel():
+    """What a GPU runs (`scaled_mm`: torch._scaled_mm on fp8 tensor cores), here on the CPU's
+    reference implementation, which rounds the scaled operands to bfloat16: within that, the
+    product of the dequantized operands (a wrong layout or scale would be off by the values
+    themselves)."""
+    gen = torch.Generator().manual_seed(4)
+    weight = quantize_fp8(torch.randn(48, 64, generator=gen) * torch.logspace(-2, 1, 48)[:, None])
+    x = torch.randn(3, 64, generator=gen) * torch.tensor([[0.01], [1.0], [30.0]])
+    q, token_scales = quantize_fp8(x).qweight, quantize_fp8(x).scales
+    y = scaled_mm(q, token_scales, weight)
+    expected = fp8_reference(x, weight, None)
+    bound = 2.0 ** -6 * expected.abs().amax(dim=1, keepdim=True)  # per token's magnitude
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
+class _Fp8Linear(nn.Module):
+    """transformers' nn.Linear as `--quantization fp8` computes it (float64 reference)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = quantize_fp8(linear.weight.data)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        return fp8_reference(rows, self.weight, self.bias).to(x.dtype).reshape(
+            *x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_in_fp8_matches_transformers_on_the_same_fp8_operands(family_dirs, family):
+    """The PyTorch set (the scheme's math on any device; a GPU runs the same _scaled_mm on its
+    fp8 tensor cores). As for W8A8, an activation at a rounding boundary may round the other
+    way in one of the two paths, moving an output by one e4m3 step: hence the tolerance."""
+    directory = family_dirs(family)
+    model = load_model(directory, torch.float32)
+    quantize_linears(model, "fp8")
+    bind_kernels(model, cpu_kernel_set() if cpu_kernels.available() else TORCH_KERNELS)
+    assert all(isinstance(m.quantized, Fp8Weight) for m in model.modules()
+               if isinstance(m, Linear))
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for module in list(hf.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, _Fp8Linear(child))
+    assert_matches_transformers(model, hf, PROMPTS, chunk=5, decode_steps=3, tol=1e-1)
+
+
+def test_fp8_is_refused_where_no_fp8_tensor_cores_are(family_dirs):
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.runtime.serving import StartupError
+
+    with pytest.raises(StartupError, match=r"--quantization fp8 needs a CUDA GPU with fp8 "
+                                           r"tensor cores .* cpu has none: use int8"):
+        LLM(str(family_dirs("llama")), quantization="fp8", device="cpu", kv_cache_gib=0.01)

@@ -217,7 +217,7 @@ def test_each_rank_quantizes_its_own_slice():
         layer = RowParallelLinear(8, [5], False, torch.float32,
                                   TensorParallel(rank=rank, size=2), reduce=False)
         layer.load_part(0, "weight", weight)
-        layer.quantize(dynamic_activations=False, shared=False)
+        layer.quantize("int8", shared=False)
         columns = weight[:, rank * 4:(rank + 1) * 4]
         expected = quantize_int8(columns, dynamic_activations=False)
         assert torch.equal(layer.quantized.qweight, expected.qweight)

@@ -35,6 +35,7 @@ from pagedserve.executor.runner import ModelRunner, RunnerMemory
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
+from pagedserve.kernels.quantization import fp8_supported
 from pagedserve.runtime.serving import StartupError
 from pagedserve.v1 import common_pb2, executor_pb2
 
@@ -124,6 +125,10 @@ def build_runner(config: EngineConfig, model_dir: ModelDirectory, rank: int = 0,
 def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.device,
                 dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup) -> ModelRunner:
     tp = group.tp
+    if config.quantization == "fp8" and not fp8_supported(device):  # before the slow load
+        raise StartupError(f"--quantization fp8 needs a CUDA GPU with fp8 tensor cores "
+                           f"(compute capability 8.9+: Ada, Hopper); {device} has none: use "
+                           "int8 or w8a8_int8")
     try:
         model = load_model(model_dir.path, dtype, tp).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:

@@ -109,13 +109,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "on CPUs with AVX-512 BF16 or AMX, else float32 (float16 is cuda "
                              "only)")
     parser.add_argument("--quantization", default=EngineConfig.quantization,
-                        choices=["int8", "w8a8_int8"],
-                        help="quantize the linear layers' weights to int8 per output channel "
-                             "as the model loads (docs/quantization.md): int8 = weight-only "
+                        choices=["int8", "w8a8_int8", "fp8"],
+                        help="quantize the linear layers' weights per output channel as the "
+                             "model loads (docs/quantization.md): int8 = int8 weight-only "
                              "(activations keep --dtype); w8a8_int8 = activations quantized "
                              "per token too, faster where matmuls are bound by arithmetic "
-                             "(large batches on a CPU with AVX-512 VNNI); unset: no "
-                             "quantization")
+                             "(large batches on a CPU with AVX-512 VNNI); fp8 = e4m3 weights "
+                             "and per-token activations on fp8 tensor cores (CUDA compute "
+                             "capability 8.9+); unset: no quantization")
     parser.add_argument("--attention-backend", default=EngineConfig.attention_backend,
                         choices=["auto", "torch", "cpu", "triton"],
                         help="implementation of the executor's kernels (paged attention, KV "

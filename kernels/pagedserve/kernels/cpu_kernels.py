@@ -39,8 +39,8 @@ from pagedserve.kernels.quantization import (
     Int8Weight,
     QuantizedWeight,
     dequantize_groups,
-    grouped_linear,
     int8_linear,
+    quantized_linear,
     tensor_bytes,
 )
 
@@ -481,10 +481,13 @@ def pack_grouped_cpu(weight: GroupedWeight) -> PackedGroupedWeight | GroupedWeig
 
 
 def pack_quantized_cpu(weight: QuantizedWeight) -> object:
-    """A quantized weight in the C kernels' layout for its kind."""
+    """A quantized weight in the C kernels' layout for its kind (an fp8 one as it is: no C
+    kernel multiplies fp8)."""
     if isinstance(weight, GroupedWeight):
         return pack_grouped_cpu(weight)
-    return pack_int8_cpu(weight)
+    if isinstance(weight, Int8Weight):
+        return pack_int8_cpu(weight)
+    return weight
 
 
 def quantized_linear_cpu(x: torch.Tensor, weight: object,
@@ -493,9 +496,9 @@ def quantized_linear_cpu(x: torch.Tensor, weight: object,
     kernels could not pack)."""
     if isinstance(weight, PackedGroupedWeight):
         return grouped_linear_cpu(x, weight, bias)
-    if isinstance(weight, GroupedWeight):
-        return grouped_linear(x, weight, bias)
-    return int8_linear_cpu(x, weight, bias)
+    if isinstance(weight, (PackedInt8Weight, Int8Weight)):
+        return int8_linear_cpu(x, weight, bias)
+    return quantized_linear(x, weight, bias)
 
 
 def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,

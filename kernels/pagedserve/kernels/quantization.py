@@ -25,6 +25,12 @@ GGUF format we run, float32 holds the scale and offset exactly and s * q is exac
 `dequantized` gives the very values the `gguf` package's dequantize gives (docs/quantization.md).
 Only weight-only (A16) matmuls run on it.
 
+`--quantization fp8` makes an `Fp8Weight`: e4m3 values with one float32 scale per output
+channel (amax / 448), activations quantized to e4m3 per token at run time, and the product by
+`torch._scaled_mm`, which fp8 tensor cores run (CUDA compute capability 8.9 and up: Ada,
+Hopper); vLLM's and compressed-tensors' FP8_DYNAMIC scheme. Elsewhere `_scaled_mm` is a slow
+reference: the engine refuses fp8 on such devices (`fp8_supported`).
+
 The kernel sets (dispatch.py) may repack a quantized weight for their own matmul
 (`pack_quantized`: the CPU C kernels' layouts); `quantized_linear` here is the PyTorch set's.
 """
@@ -35,8 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
-# --quantization name -> whether activations are quantized too (W8A8).
+# The int8 --quantization names -> whether activations are quantized too (W8A8).
 SCHEMES = {"int8": False, "w8a8_int8": True}
+# Every --quantization name.
+METHODS = (*SCHEMES, "fp8")
+FP8_MAX = 448.0  # the largest float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,54 @@ def dequantize_groups(values: torch.Tensor, scales: torch.Tensor, offsets: torch
     return w.to(dtype)
 
 
-QuantizedWeight = Int8Weight | GroupedWeight
+@dataclass(frozen=True)
+class Fp8Weight:
+    """W ~ qweight * scales[:, None]: qweight float8_e4m3fn [N, K], scales float32 [N];
+    activations quantized per token at run time (`fp8_linear`)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def plain(self) -> Fp8Weight:
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.qweight, self.scales)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+
+
+QuantizedWeight = Int8Weight | GroupedWeight | Fp8Weight
+
+
+def quantize_weight(weight: torch.Tensor, method: str) -> QuantizedWeight:
+    """`weight` quantized as `--quantization method` does it (a name of METHODS)."""
+    if method == "fp8":
+        return quantize_fp8(weight)
+    return quantize_int8(weight, SCHEMES[method])
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Whether `device` multiplies fp8 in hardware (what `--quantization fp8` needs)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
+    """Each row of `weight` as e4m3 with its scale amax / 448 (rounded to nearest even, as
+    PyTorch converts); a row of zeros gets scale 0."""
+    qweight, scales = _fp8_rows(weight)
+    return Fp8Weight(qweight, scales)
+
+
+def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x as float8_e4m3fn x / s, s = amax / 448, and s (float32)."""
+    x = x.to(torch.float32)
+    amax = x.abs().amax(dim=-1)
+    inverse = torch.where(amax > 0, torch.full_like(amax, FP8_MAX) / amax, 0.0)
+    q = (x * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, amax / FP8_MAX
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -144,7 +200,34 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
     """x W^T (+ bias) in x's dtype, summed and scaled in float32 (any device)."""
     if isinstance(weight, GroupedWeight):
         return grouped_linear(x, weight, bias)
+    if isinstance(weight, Fp8Weight):
+        return fp8_linear(x, weight, bias)
     return int8_linear(x, weight, bias)
+
+
+def fp8_linear(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) with x quantized to e4m3 per token (dynamic, amax / 448): on a GPU by
+    `scaled_mm` where its shapes fit (K and N multiples of 16), else by the same quantized
+    operands dequantized, in float32 (CPU's _scaled_mm is a slow reference that rounds the
+    scaled operands to bfloat16)."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, token_scales = _fp8_rows(rows)
+    n, k = weight.qweight.shape
+    if x.device.type == "cuda" and k % 16 == 0 and n % 16 == 0:
+        y = scaled_mm(q, token_scales, weight)
+    else:
+        y = (q.to(torch.float32) * token_scales[:, None]) @ weight.dequantized(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def scaled_mm(q: torch.Tensor, token_scales: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
+    """(q · token_scales) (W)^T in float32 by torch._scaled_mm: e4m3 operands, scaled per row
+    and per output channel, bfloat16 results (what fp8 tensor cores take)."""
+    return torch._scaled_mm(q, weight.qweight.T, scale_a=token_scales[:, None],
+                            scale_b=weight.scales[None, :],
+                            out_dtype=torch.bfloat16).to(torch.float32)
 
 
 def grouped_linear(x: torch.Tensor, weight: GroupedWeight,

@@ -8,8 +8,9 @@ per step. The int8 values are dequantized in float32 by one multiply-add, cast t
 and multiplied by tl.dot (float32 results; IEEE, not TF32, for float32 x): the arithmetic of
 the CPU kernel's path for more than 4 rows. W stays one int8 per value in memory.
 
-The activation-quantized scheme (W8A8) and shapes whose groups no BLOCK_K divides run the
-PyTorch path (`quantization.quantized_linear`).
+The activation-quantized schemes (W8A8 int8; fp8, whose `torch._scaled_mm` runs on the fp8
+tensor cores) and shapes whose groups no BLOCK_K divides run the PyTorch path
+(`quantization.quantized_linear`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.kernels.quantization import (
+    Fp8Weight,
     GroupedWeight,
     Int8Weight,
     QuantizedWeight,
@@ -65,6 +67,8 @@ def _block_k(group: int) -> int | None:
 def quantized_linear_triton(x: torch.Tensor, weight: QuantizedWeight,
                             bias: torch.Tensor | None) -> torch.Tensor:
     """As `quantization.quantized_linear`, by the Triton kernel where it applies."""
+    if isinstance(weight, Fp8Weight):
+        return quantized_linear(x, weight, bias)  # torch._scaled_mm: fp8 tensor cores
     if isinstance(weight, Int8Weight):
         if weight.dynamic_activations:
             return quantized_linear(x, weight, bias)

@@ -32,11 +32,11 @@ from pagedserve.kernels.attention import AttentionMetadata
 from pagedserve.kernels.dispatch import TORCH_KERNELS, Kernels
 from pagedserve.kernels.norm import layer_norm
 from pagedserve.kernels.quantization import (
-    SCHEMES,
+    METHODS,
     GroupedWeight,
     Int8Weight,
     QuantizedWeight,
-    quantize_int8,
+    quantize_weight,
     tensor_bytes,
 )
 
@@ -213,10 +213,11 @@ class Linear(KernelLayer):
             self.quantized = _moved(self.quantized, fn)
         return self
 
-    def quantize(self, dynamic_activations: bool, shared: bool) -> None:
-        """W to int8 per output channel (W8A8 if `dynamic_activations`, else W8A16); the float
-        copy is released unless another module shares it. Call before `use_kernels`."""
-        self.quantized = quantize_int8(self.weight.data, dynamic_activations)
+    def quantize(self, method: str, shared: bool) -> None:
+        """W quantized per output channel as `--quantization method` does it (int8, w8a8_int8,
+        fp8); the float copy is released unless another module shares it. Call before
+        `use_kernels`."""
+        self.quantized = quantize_weight(self.weight.data, method)
         if not shared:
             self.weight.data = self.weight.data.new_empty(0)
 
@@ -471,16 +472,16 @@ def finish_quantized_loading(model: nn.Module) -> None:
 
 
 def quantize_linears(model: nn.Module, scheme: str) -> None:
-    """Every Linear's weight, the LM head's included, to int8 per output channel under
-    `scheme` (a name of quantization.SCHEMES, as --quantization takes it); embeddings and norms
+    """Every Linear's weight, the LM head's included, quantized per output channel under
+    `scheme` (a name of quantization.METHODS, as --quantization takes it); embeddings and norms
     keep the model's dtype. Call before `bind_kernels`. Under tensor parallelism each rank
     quantizes its own slice (a row-parallel layer's scales cover the rank's columns)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantization {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme not in METHODS:
+        raise ValueError(f"quantization {scheme!r} is not one of {', '.join(METHODS)}")
     shared = _shared_with_other_modules(model)
     for module in model.modules():
         if isinstance(module, Linear):
-            module.quantize(SCHEMES[scheme], shared=id(module.weight) in shared)
+            module.quantize(scheme, shared=id(module.weight) in shared)
     model.quantization = scheme
 
 
