@@ -46,7 +46,7 @@ def test_each_format_unpacks_to_the_values_gguf_dequantizes(qtype):
     expected = gguf.quants.dequantize(raw, qtype)
     np.testing.assert_array_equal(weight.dequantized(torch.float32).numpy(), expected)
     assert weight.qweight.dtype == torch.int8
-    assert weight.group_size == (16 if qtype == Q.Q6_K else 32)
+    assert weight.group_size == (16 if qtype in (Q.Q2_K, Q.Q3_K, Q.Q6_K) else 32)
     assert int(weight.qweight.min()) >= -128 and int(weight.qweight.max()) <= 127
 
 
@@ -144,13 +144,18 @@ def q5_k_m(name: str) -> Q:
     return Q.Q6_K if name.endswith(("attn_v.weight", "output.weight")) else Q.Q5_K
 
 
+def q3_k_m(name: str) -> Q:
+    return Q.Q4_K if name.endswith("attn_v.weight") else Q.Q6_K \
+        if name.endswith("token_embd.weight") else Q.Q3_K
+
+
 FORMATS = {"Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0, "Q5_1": Q.Q5_1,
-           "Q4_K_M": q4_k_m, "Q5_K_M": q5_k_m}
+           "Q2_K": Q.Q2_K, "Q3_K_M": q3_k_m, "Q4_K_M": q4_k_m, "Q5_K_M": q5_k_m}
 
 
 def tiny_gguf(tmp_path, fmt: str, tie: bool):
     """A tiny LLaMA as a GGUF of `fmt`, and the directories of its two conversions."""
-    k_format = fmt.endswith("_K_M")  # K formats' super-blocks need rows of 256
+    k_format = "_K" in fmt  # K formats' super-blocks need rows of 256
     sizes = dict(hidden_size=256, intermediate_size=512, head_dim=64) if k_format else {}
     torch.manual_seed(3)
     model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()),
@@ -171,8 +176,8 @@ def kernel_set_named(name: str):
 
 @pytest.mark.parametrize("kernel_set", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("fmt, tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True),
-                                      ("Q5_0", True), ("Q5_1", False), ("Q4_K_M", False),
-                                      ("Q5_K_M", True)])
+                                      ("Q5_0", True), ("Q5_1", False), ("Q2_K", False),
+                                      ("Q3_K_M", True), ("Q4_K_M", False), ("Q5_K_M", True)])
 def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
         tmp_path, fmt, tie, kernel_set):
     if kernel_set == "cpu" and not cpu_kernels.available():
@@ -191,8 +196,8 @@ def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
         kinds = {type(m.quantized) for m in linears}
         assert kinds == {cpu_kernels.PackedGroupedWeight}
         bits = {m.quantized.bits for m in linears}
-        assert bits == ({4} if fmt in ("Q4_0", "Q4_1") else {4, 8} if fmt == "Q4_K_M"
-                        else {8})
+        assert bits == ({4} if fmt in ("Q4_0", "Q4_1", "Q2_K") else {4, 8}
+                        if fmt in ("Q3_K_M", "Q4_K_M") else {8})
     if fmt == "Q4_K_M":  # q and k in groups of 32, v of 16: the layer holds groups of 16
         qkv = model.model.layers[0].self_attn.qkv_proj.quantized.plain()
         assert qkv.group_size == 16
@@ -234,8 +239,8 @@ def test_a_format_that_does_not_run_natively_is_refused_by_name(tmp_path):
     model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()), hidden_size=256,
                                                intermediate_size=512, head_dim=64)).eval()
     path = tmp_path / "tiny.gguf"
-    write_llama_gguf(model, byte_level_tokenizer(), path, quant=Q.Q2_K)
-    with pytest.raises(ModelLoadError, match=r"token_embd\.weight: GGUF format Q2_K does not "
+    write_llama_gguf(model, byte_level_tokenizer(), path, quant=Q.TQ2_0)
+    with pytest.raises(ModelLoadError, match=r"token_embd\.weight: GGUF format TQ2_0 does not "
                                              r"run natively .*--gguf-dequantize loads it"):
         resolve_model(str(path), tmp_path / "cache")
     assert resolve_model(str(path), tmp_path / "cache", gguf_dequantize=True).config.get(

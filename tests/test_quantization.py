@@ -21,10 +21,10 @@ from pagedserve.kernels.quantization import (
     Int8Weight,
     fp8_linear,
     int8_linear,
-    scaled_mm,
     quantize_fp8,
     quantize_int8,
     quantize_per_token,
+    scaled_mm,
 )
 from pagedserve.testing.paged_run import assert_matches_transformers
 from pagedserve.testing.tiny_models import (

@@ -37,7 +37,7 @@ def gguf_name(hf_name: str) -> str:
 
 Q = gguf.GGMLQuantizationType
 # Formats the gguf package can quantize to (it only dequantizes the K formats).
-QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.TQ2_0)
 
 
 def random_blocks(rows: int, columns: int, qtype: Q, seed: int) -> np.ndarray:

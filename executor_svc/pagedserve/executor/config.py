@@ -95,7 +95,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         default=EngineConfig.gguf_dequantize,
                         help="load a GGUF model's weights dequantized to float (then cast to "
                              "--dtype) instead of running its quantized formats (Q8_0, Q4_0, "
-                             "Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) natively "
+                             "Q4_1, Q5_0, Q5_1, Q2_K to Q6_K) natively "
                              "(docs/quantization.md)")
 
 

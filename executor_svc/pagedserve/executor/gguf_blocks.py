@@ -13,14 +13,16 @@ the `gguf` package's dequantize (tests/test_gguf_native.py checks it on every fo
 | Q4_1   | 32    | 0..15         | d         | m            |
 | Q5_0   | 32    | 0..31         | d         | -16 d        |
 | Q5_1   | 32    | 0..31         | d         | m            |
+| Q2_K   | 16    | 0..3          | d * sc[i] | -dmin * m[i] |
+| Q3_K   | 16    | 0..7          | d * sc[i] | -4 d * sc[i] |
 | Q4_K   | 32    | 0..15         | d * sc[i] | -dmin * m[i] |
 | Q5_K   | 32    | 0..31         | d * sc[i] | -dmin * m[i] |
 | Q6_K   | 16    | -32..31       | d * sc[i] | none         |
 
 (The K formats are super-blocks of 256 values with 6-bit or 8-bit sub-block factors, which is
-why their groups are the sub-blocks. 5-bit values keep a byte each: the kernels pack only 4-bit
-ones tighter.) A tensor's rows are whole numbers of blocks, so rows can be
-permuted and split as the float weights are.
+why their groups are the sub-blocks; Q3_K's values are -4..3, held + 4. 5-bit values keep a
+byte each: the kernels pack only values of 4 bits and fewer tighter.) A tensor's rows are whole
+numbers of blocks, so rows can be permuted and split as the float weights are.
 """
 
 from __future__ import annotations
@@ -107,6 +109,37 @@ def _q5_k(blocks: np.ndarray) -> Grouped:
     return (values, *_k_factors(d, dmin, packed))
 
 
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """[blocks, 64] bytes -> 256 2-bit values: each half of 32 bytes holds 128 values, bits
+    0-1 of its bytes first, then bits 2-3, 4-5 and 6-7."""
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return ((qs.reshape(qs.shape[0], 2, 1, 32) >> shifts) & 3).reshape(qs.shape[0], 256)
+
+
+def _q2_k(blocks: np.ndarray) -> Grouped:
+    factors, qs, d, dmin = np.hsplit(blocks, [16, 80, 82])
+    # Each sub-block's byte: its 4-bit scale low, its 4-bit min high.
+    return (_crumbs(qs).astype(np.int8), _half(d)[:, None] * (factors & 15).astype(np.float32),
+            -_half(dmin)[:, None] * (factors >> 4).astype(np.float32))
+
+
+def _q3_k(blocks: np.ndarray) -> Grouped:
+    hmask, qs, packed, d = np.hsplit(blocks, [32, 96, 108])
+    count = blocks.shape[0]
+    # Sixteen 6-bit scales, stored minus 32: the low 4 bits in bytes 0-7 (scales 0-7 in the low
+    # nibbles, 8-15 in the high ones), the top 2 bits in bytes 8-11 (scale i in bits
+    # 2 (i // 4) .. of byte 8 + i % 4).
+    low = (packed[:, :8].reshape(count, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)) & 15
+    high = (packed[:, 8:].reshape(count, 1, 4)
+            >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 3
+    sc = (low.reshape(count, 16) | (high.reshape(count, 16) << 4)).astype(np.float32) - 32
+    # A value is its 2 low bits, minus 4 where its hmask bit is clear: held + 4, 0..7.
+    hbits = (hmask.reshape(count, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    values = _crumbs(qs) | (hbits.reshape(count, 256) << 2)
+    scale = _half(d)[:, None] * sc
+    return values.astype(np.int8), scale, -4 * scale
+
+
 def _q6_k(blocks: np.ndarray) -> Grouped:
     ql, qh, sc, d = np.hsplit(blocks, [128, 192, 208])
     count = blocks.shape[0]
@@ -118,8 +151,8 @@ def _q6_k(blocks: np.ndarray) -> Grouped:
 
 
 _DECODERS: dict[Q, Callable[[np.ndarray], Grouped]] = {
-    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q4_K: _q4_k,
-    Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
+    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q2_K: _q2_k,
+    Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 GROUPED_FORMATS = tuple(_DECODERS)
 
 

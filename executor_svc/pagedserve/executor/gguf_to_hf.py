@@ -4,7 +4,7 @@ The executor's general loading path is a local Hugging Face directory; a GGUF fi
 default model among them) is converted into one once and the directory is reused after. Two
 forms (docs/quantization.md):
 - native (the default): the linear layers' weights stay quantized. Each tensor in one of
-  gguf_blocks.GROUPED_FORMATS (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) is stored as
+  gguf_blocks.GROUPED_FORMATS (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to Q6_K) is stored as
   its int8 values (`<name>.weight`) with float32 scales and offsets per group (`weight_scale`,
   `weight_offset`; gguf_blocks.py), and config.json says
   `quantization_config: {"quant_method": "gguf"}`, so the layers load as
