@@ -18,6 +18,7 @@ from pagedserve.executor.models.quantized_checkpoints import checkpoint_quantiza
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.kernels.quantization import Fp8Weight, quantize_fp8
 from pagedserve.testing.compressed_tensors_files import (
     decompressed_model,
     save_compressed,
@@ -146,8 +147,8 @@ def _config_with(directory, tmp_path, change):
      "config_groups.group_0.weights.type 'float'"),
     (lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False),
      "config_groups.group_0.input_activations.dynamic False"),
-    (lambda q: q["config_groups"]["group_0"].update(format="float-quantized"),
-     "config_groups.group_0.format 'float-quantized'"),
+    (lambda q: q["config_groups"]["group_0"].update(format="marlin-24"),
+     "config_groups.group_0.format 'marlin-24'"),
     (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}),
      "quantization_config.kv_cache_scheme"),
 ])
@@ -157,14 +158,49 @@ def test_what_is_not_supported_is_refused_by_name(checkpoints, tmp_path, change,
         checkpoint_quantization(config)
 
 
-def test_an_fp8_checkpoint_is_refused_at_load(tmp_path):
-    """compressed-tensors' FP8_DYNAMIC (fp8 weights): the load names the field, before any
-    tensor is read."""
+@pytest.mark.parametrize("family", ["llama-tied", "gpt-neox"])
+def test_an_fp8_checkpoint_runs_as_its_scheme_computes(tmp_path, family):
+    """compressed-tensors' FP8_DYNAMIC: the e4m3 weights and their scales load into Fp8Weight
+    (the form `--quantization fp8` makes), and the model runs as transformers runs the
+    checkpoint's decompressed weights with each Linear's activations quantized to e4m3 per
+    token (which transformers leaves out); within 0.1, as for W8A8. On the PyTorch path: a
+    device with fp8 tensor cores takes torch._scaled_mm (tests/test_quantization.py)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB), dtype=torch.float32)
-    directory = save_compressed(model, scheme("fp8"), tmp_path / "fp8")
-    with pytest.raises(UnsupportedArchitectureError, match="format 'float-quantized'"):
-        load_model(directory, torch.float32)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32)
+    randomize_weights(model)
+    ignore = ("embed_out",) if family == "gpt-neox" else ("lm_head",)
+    directory = save_compressed(model, scheme("fp8"), tmp_path / "fp8", ignore=ignore)
+    ours = load_model(directory, torch.float32)
+    assert ours.quantization == "fp8"
+    bind_kernels(ours, TORCH_KERNELS)
+    linears = {n: m for n, m in ours.named_modules() if isinstance(m, Linear)}
+    # transformers 5 names GPT-NeoX's head lm_head, which `ignore` does not match: quantized.
+    assert (linears.pop("lm_head" if family != "gpt-neox" else "embed_out").quantized
+            is None) == (family != "gpt-neox")
+    assert all(isinstance(m.quantized, Fp8Weight) for m in linears.values())
+
+    class Fp8Reference(torch.nn.Module):
+        """A Linear of the checkpoint as transformers keeps it (e4m3 weight, its scales), times
+        the activations quantized to e4m3 per token, in float64."""
+
+        def __init__(self, linear):
+            super().__init__()
+            self.weight = linear.weight.double() * linear.weight_scale.double()
+            self.bias = linear.bias
+
+        def forward(self, x):
+            rows = quantize_fp8(x.reshape(-1, x.shape[-1])).dequantized(torch.float64)
+            y = rows @ self.weight.T
+            if self.bias is not None:
+                y = y + self.bias.double()
+            return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for module in list(hf.modules()):
+        for child_name, child in list(module.named_children()):
+            if getattr(child, "quantization_scheme", None) is not None:
+                setattr(module, child_name, Fp8Reference(child))
+    assert_matches_transformers(ours, hf, PROMPTS, chunk=5, decode_steps=3, tol=1e-1)
 
 
 def test_quantization_flag_on_a_quantized_checkpoint_is_refused(checkpoints):
@@ -239,3 +275,15 @@ def test_group_and_4bit_checkpoints_match_transformers(tmp_path, scheme_name, fa
     else:
         reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     assert_matches_transformers(ours, reference, PROMPTS, chunk=5, decode_steps=3, tol=1e-4)
+
+
+def test_an_fp8_checkpoint_is_refused_where_no_fp8_tensor_cores_are(tmp_path):
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.runtime.serving import StartupError
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB), dtype=torch.float32)
+    directory = save_compressed(model, scheme("fp8"), tmp_path / "fp8")
+    with pytest.raises(StartupError, match=r"is an fp8 checkpoint: it needs a CUDA GPU with fp8 "
+                                           r"tensor cores .* cpu has none"):
+        LLM(str(directory), device="cpu", kv_cache_gib=0.01)

@@ -133,6 +133,10 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
         model = load_model(model_dir.path, dtype, tp).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
+    if model.quantization == "fp8" and not fp8_supported(device):
+        raise StartupError(f"{model_dir.path} is an fp8 checkpoint: it needs a CUDA GPU with fp8 "
+                           f"tensor cores (compute capability 8.9+: Ada, Hopper); {device} has "
+                           "none")
     if config.quantization:
         if model.quantization:
             raise StartupError(f"--quantization {config.quantization}: {model_dir.path} is a "

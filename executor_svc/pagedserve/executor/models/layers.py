@@ -33,6 +33,7 @@ from pagedserve.kernels.dispatch import TORCH_KERNELS, Kernels
 from pagedserve.kernels.norm import layer_norm
 from pagedserve.kernels.quantization import (
     METHODS,
+    Fp8Weight,
     GroupedWeight,
     Int8Weight,
     QuantizedWeight,
@@ -40,8 +41,9 @@ from pagedserve.kernels.quantization import (
     tensor_bytes,
 )
 
-# A quantized checkpoint's tensors beside its int8 `weight`.
+# A quantized checkpoint's tensors beside its `weight`, and the dtypes of quantized weights.
 QUANTIZATION_TENSORS = ("weight_scale", "weight_offset")
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -109,8 +111,10 @@ class Linear(KernelLayer):
         share of it."""
         if part >= len(self.part_sizes):
             raise ValueError(f"part {part}: the layer has {len(self.part_sizes)} parts")
+        if param_name == "weight_scale" and tensor.numel() == 1:  # one for the whole tensor
+            tensor = tensor.reshape(1).expand(self.checkpoint_rows(part))
         if param_name in QUANTIZATION_TENSORS or (param_name == "weight"
-                                                  and tensor.dtype == torch.int8):
+                                                  and tensor.dtype in QUANTIZED_DTYPES):
             target, tensor = self._quantized_target(param_name, tensor)
         else:
             param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
@@ -145,6 +149,12 @@ class Linear(KernelLayer):
             self.quantized = Int8Weight(torch.zeros(rows, self.in_features, dtype=torch.int8),
                                         torch.zeros(rows, dtype=torch.float32),
                                         self.checkpoint_int8, activation_levels=127.5)
+        if tensor.dtype == torch.float8_e4m3fn and not isinstance(self.quantized, Fp8Weight):
+            # fp8 values: the storage becomes fp8 (its scales kept: a checkpoint's layers are
+            # all of one scheme).
+            self.quantized = Fp8Weight(torch.zeros_like(self.quantized.qweight,
+                                                        dtype=torch.float8_e4m3fn),
+                                       self.quantized.scales)
         if param_name == "weight":
             return self.quantized.qweight, tensor
         if tensor.dim() == 2 and tensor.shape[1] == 1:
@@ -165,6 +175,8 @@ class Linear(KernelLayer):
         turns grouped (per-channel scales become groups of one value each) and finer where
         `tensor`'s groups are, and `tensor` is repeated to the storage's group size."""
         columns = self.checkpoint_in_features
+        if isinstance(self.quantized, Fp8Weight):
+            raise ValueError(f"{param_name}: fp8 weights take one scale per channel or tensor")
         if tensor.dim() != 2 or not tensor.shape[1] or columns % tensor.shape[1]:
             raise ValueError(f"{param_name} of shape {tuple(tensor.shape)}: expected [rows] or "
                              f"[rows, groups] with the groups dividing {columns} columns")

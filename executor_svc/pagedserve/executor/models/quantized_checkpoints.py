@@ -6,7 +6,10 @@ bits, one scale per output channel or per group of columns, symmetric or with ze
 - no activation quantization: W8A16 (`int8`) and W4A16 (`w4a16`, llm-compressor's most common
   4-bit scheme, group 128);
 - or dynamic per-token int8 activations with symmetric per-channel int8 weights (W8A8,
-  `w8a8_int8`).
+  `w8a8_int8`);
+- or fp8 (e4m3) weights per channel (or one scale per tensor) with dynamic per-token fp8
+  activations (FP8_DYNAMIC, format `float-quantized`: `fp8`, as `--quantization fp8` makes,
+  and refused where it is: on devices without fp8 tensor cores).
 Per-channel symmetric int8 is exactly what `--quantization int8` / `w8a8_int8` make
 (kernels/pagedserve/kernels/quantization.py: Int8Weight), and runs on the same kernels. Group
 scales, 4-bit values and zero points load as GroupedWeight (W = s · u + o per group), which
@@ -39,7 +42,7 @@ from pagedserve.executor.models.weights import TensorTransform, WeightLoadError
 SUPPORTED = ("compressed-tensors with int weights of 8 or 4 bits, per channel or per group, "
              "symmetric or with zero points, and no activation quantization (W8A16, W4A16) or, "
              "for symmetric per-channel int8 weights, dynamic per-token int8 activations "
-             "(W8A8)")
+             "(W8A8); or fp8 weights with dynamic per-token fp8 activations (FP8_DYNAMIC)")
 # compressed-tensors formats of int weights: int8 tensors as they are, or values packed into
 # int32s (pack-quantized, the only one for 4 bits).
 FORMATS = ("int-quantized", "naive-quantized", "pack-quantized")
@@ -48,6 +51,9 @@ INT_WEIGHTS = {"type": "int", "dynamic": False}
 W8A8_WEIGHTS = {"num_bits": 8, "strategy": "channel", "symmetric": True}
 INT8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
                           "dynamic": True}
+# FP8_DYNAMIC: e4m3 weights, one scale per channel or per tensor, and per-token activations.
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+FP8_TOKEN_ACTIVATIONS = {**INT8_TOKEN_ACTIVATIONS, "type": "float"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class CheckpointQuantization:
     """A quantized checkpoint's scheme: its name (`--quantization`'s for the two it shares),
     and how compressed-tensors stores its weights."""
 
-    scheme: str  # "int8" (W8A16), "w4a16", "w8a8_int8" or "gguf"
+    scheme: str  # "int8" (W8A16), "w4a16", "w8a8_int8", "fp8" or "gguf"
     num_bits: int = 8
     symmetric: bool = True
 
@@ -92,9 +98,11 @@ def checkpoint_quantization(config: Any) -> CheckpointQuantization | None:
 
 def _group_scheme(where: str, group: dict, default_format: str | None) -> CheckpointQuantization:
     fmt = group.get("format") or default_format
+    weights = group.get("weights") or {}
+    if fmt == "float-quantized":
+        return _fp8_scheme(where, group, weights)
     if fmt not in FORMATS:
         _refuse(f"{where}.format {fmt!r}")
-    weights = group.get("weights") or {}
     _expect(f"{where}.weights", weights, INT_WEIGHTS)
     bits, strategy = weights.get("num_bits"), weights.get("strategy")
     if bits not in (4, 8) or (bits == 4 and fmt != "pack-quantized"):
@@ -117,6 +125,18 @@ def _group_scheme(where: str, group: dict, default_format: str | None) -> Checkp
     return CheckpointQuantization("w8a8_int8")
 
 
+def _fp8_scheme(where: str, group: dict, weights: dict) -> CheckpointQuantization:
+    _expect(f"{where}.weights", weights, FP8_WEIGHTS)
+    if weights.get("strategy") not in ("channel", "tensor"):
+        _refuse(f"{where}.weights.strategy {weights.get('strategy')!r} (fp8 needs 'channel' or "
+                "'tensor')")
+    if group.get("output_activations"):
+        _refuse(f"{where}.output_activations")
+    _expect(f"{where}.input_activations", group.get("input_activations") or {},
+            FP8_TOKEN_ACTIVATIONS)
+    return CheckpointQuantization("fp8")
+
+
 def _expect(where: str, args: dict, wanted: dict) -> None:
     for key, value in wanted.items():
         if args.get(key) != value:
@@ -129,7 +149,7 @@ def _refuse(what: str) -> None:
 
 def checkpoint_transform(quantization: CheckpointQuantization) -> TensorTransform | None:
     """What the checkpoint's tensors need before the layers load them (None: nothing)."""
-    if quantization.scheme == "gguf":
+    if quantization.scheme in ("gguf", "fp8"):
         return None
     return CompressedTensorsUnpacker(quantization.num_bits, quantization.symmetric)
 
