@@ -49,15 +49,13 @@ FP8_MAX = 448.0  # the largest float8_e4m3fn
 
 
 @dataclass(frozen=True)
-class Int8Weight:
-    """W ~ qweight * scales[:, None]: qweight int8 [N, K], scales float32 [N]."""
+class PerChannelWeight:
+    """W ~ qweight * scales[:, None]: quantized values [N, K], float32 scales [N]."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
-    dynamic_activations: bool
-    activation_levels: float = 127.0
 
-    def plain(self) -> Int8Weight:
+    def plain(self) -> PerChannelWeight:
         """This weight as qweight and scales (a kernel set's packed form gives them back)."""
         return self
 
@@ -67,6 +65,14 @@ class Int8Weight:
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int8Weight(PerChannelWeight):
+    """int8 values; activations quantized per token too where `dynamic_activations`."""
+
+    dynamic_activations: bool = False
+    activation_levels: float = 127.0
 
 
 @dataclass(frozen=True)
@@ -112,22 +118,8 @@ def dequantize_groups(values: torch.Tensor, scales: torch.Tensor, offsets: torch
 
 
 @dataclass(frozen=True)
-class Fp8Weight:
-    """W ~ qweight * scales[:, None]: qweight float8_e4m3fn [N, K], scales float32 [N];
-    activations quantized per token at run time (`fp8_linear`)."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-
-    def plain(self) -> Fp8Weight:
-        return self
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.qweight, self.scales)
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.qweight.to(torch.float32) * self.scales[:, None]).to(dtype)
+class Fp8Weight(PerChannelWeight):
+    """float8_e4m3fn values; activations quantized per token at run time (`fp8_linear`)."""
 
 
 QuantizedWeight = Int8Weight | GroupedWeight | Fp8Weight
