@@ -240,9 +240,9 @@ GROUPED = {
 
 @pytest.mark.parametrize("kernel_set", ["cpu", "torch"])
 @pytest.mark.parametrize("scheme_name, family", [
-    (name, family) for name in GROUPED for family in ("llama-tied", "gpt-neox")
-    # decompressed_model (the zero points' reference) reads LLaMA's tensor names; GPT-NeoX's
-    # fused q/k/v split with offsets is the 4-bit symmetric cases'.
+    (name, family) for name in GROUPED for family in FAMILIES
+    # decompressed_model (the zero points' reference) reads LLaMA's tensor names; the other
+    # families' layers with offsets are the 4-bit symmetric cases'.
     if family == "llama-tied" or not name.endswith("asym")])
 def test_group_and_4bit_checkpoints_match_transformers(tmp_path, scheme_name, family,
                                                        kernel_set):
