@@ -16,6 +16,11 @@
 3. Prefill attention: TFLOP/s (causal: the attended pairs only) beside scaled_dot_product_attention
    (causal, contiguous K/V), candidate tile shapes swept.
 4. Norms, rotary, SiLU-and-mul: time and bandwidth beside the PyTorch path.
+4b. Quantized linears (docs/quantization.md): the Triton grouped matmul (4-bit values, groups
+   of 32 and 128, with offsets) against the PyTorch path in every dtype, and fp8's
+   torch._scaled_mm against the dequantized operands where the card has fp8 tensor cores
+   (checks); their time beside bf16's torch matmul and the weight bytes each streams, at batch
+   1, 16 and 256 on LLaMA-8B-shaped layers.
 5. End to end: the offline engine on a small random LLaMA on the GPU with the Triton and the
    PyTorch kernel sets: greedy tokens equal in float32, first tokens agreeing on at least 90%
    of the prompts in bfloat16, seeded sampling reproducing within each engine (its generators
@@ -43,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import triton
@@ -50,6 +56,14 @@ import triton
 from pagedserve.kernels.activation import silu_and_mul
 from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from pagedserve.kernels.norm import add_rms_norm, rms_norm
+from pagedserve.kernels.quantization import (
+    GroupedWeight,
+    fp8_linear,
+    fp8_supported,
+    quantize_fp8,
+    quantized_linear,
+    scaled_mm,
+)
 from pagedserve.kernels.rotary import apply_rotary
 from pagedserve.kernels.triton_activation import silu_and_mul_triton
 from pagedserve.kernels.triton_attention import (
@@ -62,6 +76,7 @@ from pagedserve.kernels.triton_attention import (
     write_kv_cache_triton,
 )
 from pagedserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+from pagedserve.kernels.triton_quantization import quantized_linear_triton
 from pagedserve.kernels.triton_rotary import apply_rotary_triton
 
 BLOCK = 16
@@ -230,6 +245,31 @@ def check_layer_kernels(bench: Bench, dtype: torch.dtype) -> None:
     bench.check("silu_and_mul", dtype, silu_and_mul_triton(gate_up), silu_and_mul(gate_up))
 
 
+def check_quantized_linears(bench: Bench, dtype: torch.dtype) -> None:
+    rows, n, k = (5, 70, 256) if bench.smoke else (300, 4096, 4096)
+    x = bench.randn(rows, k, dtype=dtype)
+    for group in (32, 128):
+        weight = grouped_on_device(bench, n, k, group)
+        bench.check(f"grouped linear 4-bit g={group}", dtype,
+                    quantized_linear_triton(x, weight, None),
+                    quantized_linear(x, weight, None))
+    if fp8_supported(bench.device):
+        fp8 = quantize_fp8(bench.randn(n, k))
+        q, token_scales = (quantize_fp8(x).qweight, quantize_fp8(x).scales)
+        expected = (q.float() * token_scales[:, None]) @ fp8.dequantized(torch.float32).T
+        bench.check("fp8 scaled_mm", dtype, scaled_mm(q, token_scales, fp8).to(dtype),
+                    expected)
+
+
+def grouped_on_device(bench: Bench, n: int, k: int, group: int) -> GroupedWeight:
+    """Random 4-bit values (held one per byte) with scales and offsets per group."""
+    values = torch.randint(0, 16, (n, k), generator=bench.gen, dtype=torch.int8)
+    scales = torch.rand(n, k // group, generator=bench.gen) / 64
+    offsets = -8 * scales
+    return GroupedWeight(values.to(bench.device), scales.to(bench.device),
+                         offsets.to(bench.device))
+
+
 # ---------------------------------------------------------------------------------------------
 # Timings
 
@@ -385,6 +425,36 @@ def bench_layer_kernels(bench: Bench) -> list[dict]:
     return rows
 
 
+def bench_quantized_linears(bench: Bench, copy_bw: float) -> list[dict]:
+    """Per layer shape and batch: bf16 matmul, the Triton grouped matmul (groups of 128), fp8
+    scaled_mm where the card has it; ms, and the weight bytes each streams per ms beside half
+    the copy bandwidth (a read's share of it)."""
+    dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
+    shapes = [(64, 128)] if bench.smoke else [(4096, 4096), (14336, 4096), (4096, 14336)]
+    batches = [1, 5] if bench.smoke else [1, 16, 256]
+    rows = []
+    for n, k in shapes:
+        dense = bench.randn(n, k, dtype=dtype)
+        grouped = grouped_on_device(bench, n, k, 128)
+        fp8 = quantize_fp8(dense) if fp8_supported(bench.device) else None
+        for batch in batches:
+            x = bench.randn(batch, k, dtype=dtype)
+            cases = {"bf16 matmul": (partial(torch.matmul, x, dense.T),
+                                     dense.numel() * dense.element_size()),
+                     "triton grouped (values 1 byte)": (
+                         partial(quantized_linear_triton, x, grouped, None), grouped.nbytes)}
+            if fp8 is not None:
+                cases["fp8 scaled_mm"] = (partial(fp8_linear, x, fp8, None), fp8.nbytes)
+            for name, (fn, nbytes) in cases.items():
+                ms = bench.time_ms(fn)
+                rows.append(dict(kernel=name, n=n, k=k, batch=batch, ms=ms,
+                                 weight_gbps=nbytes / ms / 1e6,
+                                 read_bound_share=nbytes / ms / 1e6 / (copy_bw / 2e9)))
+                print(f"  {name:<32} {n}x{k} batch {batch:<4} {ms:8.3f} ms  weights "
+                      f"{rows[-1]['weight_gbps']:6.0f} GB/s", flush=True)
+    return rows
+
+
 E2E_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                  num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                  max_position_embeddings=2048)
@@ -474,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes on the CPU under Triton's interpreter")
     parser.add_argument("--json", type=pathlib.Path, help="write every figure here")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                        "checks,decode,prefill,layers,e2e")
+                        "checks,decode,prefill,layers,quantized,e2e")
     parser.add_argument("--e2e-run", nargs=3, metavar=("MODEL_DIR", "DTYPE", "BACKEND"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -494,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in dtypes:
             check_attention(bench, dtype)
             check_layer_kernels(bench, dtype)
+            check_quantized_linears(bench, dtype)
     copy_bw = copy_bandwidth(bench)
     bench.results["copy_bandwidth_gbps"] = copy_bw / 1e9
     print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s", flush=True)
@@ -503,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.results["prefill"] = bench_prefill(bench)
     if "layers" not in skip:
         bench.results["layer_kernels"] = bench_layer_kernels(bench)
+    if "quantized" not in skip:
+        bench.results["quantized_linears"] = bench_quantized_linears(bench, copy_bw)
     if "e2e" not in skip:
         bench.results["end_to_end"] = end_to_end(bench)
     bench.results["checks"] = [asdict(c) for c in bench.checks]
