@@ -331,12 +331,13 @@ def test_scheduler_unreachable_is_503_at_once(tmp_path):
         gateway.wait(timeout=30)
 
 
-def test_default_model_chat_matches_transformers(default_model, tmp_path):
-    """The embedded SmolLM2 through `up` (converted into this session's cache) answers a chat
-    greedily exactly as transformers does on the same converted weights."""
+def test_default_model_chat_matches_transformers(default_model, default_model_float, tmp_path):
+    """The embedded SmolLM2 through `up` (converted into this session's cache, its GGUF weights
+    kept quantized) answers a chat greedily exactly as transformers does on their float32
+    dequantization."""
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     tokenizer = AutoTokenizer.from_pretrained(default_model.path)
-    model = AutoModelForCausalLM.from_pretrained(default_model.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(default_model_float.path, dtype=torch.float32)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
