@@ -189,3 +189,73 @@ def test_an_engine_on_an_fp8_cache_holds_twice_the_blocks(tiny_llama_dir, kv_cac
             assert [o.token_ids for o in forked] == [outputs[cache][1][:6]] * 2
     assert blocks[kv_cache_dtype] == 2 * blocks["auto"]
     assert outputs[kv_cache_dtype] == outputs["auto"]
+
+
+def with_kv_scales(source, directory, scales: dict[str, torch.Tensor]):
+    """A copy of the model directory `source` whose checkpoint also holds `scales` (tensors
+    named as llm-compressor names a calibrated checkpoint's KV scales)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, directory)
+    tensors = load_file(directory / "model.safetensors")
+    save_file({**tensors, **scales}, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def test_a_checkpoints_kv_scales_serve_an_fp8_cache(tiny_llama_dir, tmp_path):
+    """`<layer>.self_attn.k_scale` / `v_scale` load into that layer's attention; an fp8 cache
+    then stores PyTorch's rounding of K / k_scale and V / v_scale, and a cache of the model's
+    dtype ignores them (K and V as they are)."""
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.executor.models import load_model
+    from pagedserve.executor.models.layers import PagedAttention, bind_kv_caches, kv_cache_shape
+    from pagedserve.testing.paged_run import NUM_BLOCKS, PagedRun
+    from pagedserve.v1.common_pb2 import SamplingParams
+
+    scales = {f"model.layers.{i}.self_attn.{name}": torch.tensor(value)
+              for i in range(2) for name, value in (("k_scale", 0.5), ("v_scale", 0.25))}
+    directory = with_kv_scales(tiny_llama_dir, tmp_path / "scaled", scales)
+    model = load_model(directory, torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    assert [(m.checkpoint_k_scale, m.checkpoint_v_scale) for m in layers] == [(0.5, 0.25)] * 2
+    run = PagedRun(model)  # float32 caches: the scales unused
+    assert [(m.k_scale, m.v_scale) for m in layers] == [(1.0, 1.0)] * 2
+    bind_kv_caches(model, [(torch.zeros(shape, dtype=torch.float8_e4m3fn),
+                            torch.zeros(shape, dtype=torch.float8_e4m3fn))
+                           for shape in kv_cache_shape(model, NUM_BLOCKS, BLOCK)])
+    assert [(m.k_scale, m.v_scale) for m in layers] == [(0.5, 0.25)] * 2
+    written = []
+    layers[0].register_forward_pre_hook(lambda _, args: written.append(args))
+    run.step([([], [5, 9, 23, 40], 0)])
+    (_, key, value, meta), = written
+    key_cache, value_cache = layers[0].kv_cache
+    slots = meta.slot_mapping
+    stored = [cache.view(-1, *cache.shape[2:])[slots] for cache in (key_cache, value_cache)]
+    assert torch.equal(stored[0].view(torch.uint8),
+                       to_cache_format(key, torch.float8_e4m3fn, 0.5).view(torch.uint8))
+    assert torch.equal(stored[1].view(torch.uint8),
+                       to_cache_format(value, torch.float8_e4m3fn, 0.25).view(torch.uint8))
+    # The engine on a float cache ignores the scales: it answers as the model without them.
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    answers = []
+    for model_dir in (directory, tiny_llama_dir):
+        with LLM(str(model_dir), dtype="float32", kv_cache_gib=0.01) as llm:
+            answers.append(llm.generate([[5, 9, 23]], params)[0].outputs[0].token_ids)
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("name, value, error", [
+    ("model.layers.0.self_attn.k_scale", torch.tensor(-1.0), "one positive finite number"),
+    ("model.layers.0.self_attn.v_scale", torch.tensor([0.5, 0.5]), "one positive finite"),
+    ("model.layers.0.mlp.k_scale", torch.tensor(0.5), "not under one attention layer"),
+    ("model.layers.9.self_attn.k_scale", torch.tensor(0.5), "unexpected tensor"),
+])
+def test_a_bad_kv_scale_is_refused_by_name(tiny_llama_dir, tmp_path, name, value, error):
+    from pagedserve.executor.models import load_model
+    from pagedserve.executor.models.weights import WeightLoadError
+
+    directory = with_kv_scales(tiny_llama_dir, tmp_path / "bad", {name: value})
+    with pytest.raises(WeightLoadError, match=error):
+        load_model(directory, torch.float32)

@@ -23,12 +23,13 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import structlog
 import torch
 from torch import nn
 
 from pagedserve.executor.parallel import SINGLE, HeadSplit, TensorParallel
 from pagedserve.kernels.activation import gelu
-from pagedserve.kernels.attention import AttentionMetadata
+from pagedserve.kernels.attention import FP8_DTYPES, AttentionMetadata
 from pagedserve.kernels.dispatch import TORCH_KERNELS, Kernels
 from pagedserve.kernels.norm import layer_norm
 from pagedserve.kernels.quantization import (
@@ -44,6 +45,9 @@ from pagedserve.kernels.quantization import (
 # A quantized checkpoint's tensors beside its `weight`, and the dtypes of quantized weights.
 QUANTIZATION_TENSORS = ("weight_scale", "weight_offset")
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+log = structlog.get_logger(__name__)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -584,6 +588,9 @@ class PagedAttention(KernelLayer):
 
     k_scale: float = 1.0
     v_scale: float = 1.0
+    # A calibrated checkpoint's scales (models/weights.py), used once an fp8 cache is bound.
+    checkpoint_k_scale: float = 1.0
+    checkpoint_v_scale: float = 1.0
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  sliding_window: int | None = None):
@@ -609,8 +616,17 @@ def bind_kv_caches(model: nn.Module, caches: Sequence[tuple[torch.Tensor, torch.
     layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
     if len(layers) != len(caches):
         raise ValueError(f"{len(caches)} KV caches for {len(layers)} attention layers")
+    fp8 = caches and caches[0][0].dtype in FP8_DTYPES.values()
+    ignored = 0
     for layer, cache in zip(layers, caches, strict=True):
         layer.kv_cache = cache
+        # A checkpoint's KV scales are for an fp8 cache; others store K and V as they are.
+        scales = (layer.checkpoint_k_scale, layer.checkpoint_v_scale)
+        layer.k_scale, layer.v_scale = scales if fp8 else (1.0, 1.0)
+        ignored += not fp8 and scales != (1.0, 1.0)
+    if ignored:
+        log.warning("the checkpoint's KV cache scales apply to an fp8 cache only: unused",
+                    layers=ignored, kv_cache_dtype=str(caches[0][0].dtype))
 
 
 def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from collections.abc import Callable, Iterable, Iterator
 
@@ -10,7 +11,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pagedserve.executor.models.layers import QUANTIZATION_TENSORS, Linear, split_grouped_qkv
+from pagedserve.executor.models.layers import (
+    QUANTIZATION_TENSORS,
+    Linear,
+    PagedAttention,
+    split_grouped_qkv,
+)
 
 # A model's hook from one checkpoint tensor to the (name, tensor) pairs it loads: the same pair,
 # a rename, a fused tensor split into its projections, or none for a tensor the model ignores.
@@ -52,6 +58,29 @@ def split_fused_qkv(name: str, tensor: torch.Tensor, num_kv_heads: int, head_dim
     except ValueError as exc:
         raise WeightLoadError(f"{name}: {exc}") from None
     return [(f"{parent}.{part}.{param_name}", t) for part, t in zip(parts, tensors, strict=True)]
+
+
+# A calibrated checkpoint's KV cache scales (llm-compressor writes them under the attention
+# module: `<layer>.self_attn.k_scale`), one float each.
+KV_SCALES = ("k_scale", "v_scale")
+
+
+def _load_kv_scale(model: nn.Module, module_path: str, param_name: str, name: str,
+                   tensor: torch.Tensor) -> None:
+    """The scale into the one PagedAttention under `module_path`: a positive finite scalar."""
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise WeightLoadError(f"unexpected tensor in checkpoint: {name}") from None
+    attention = [m for m in module.modules() if isinstance(m, PagedAttention)]
+    if len(attention) != 1:
+        raise WeightLoadError(f"unexpected tensor in checkpoint: {name} (not under one "
+                              "attention layer)")
+    value = float(tensor.reshape(-1)[0]) if tensor.numel() == 1 else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise WeightLoadError(f"{name}: a KV cache scale must be one positive finite number, "
+                              f"got shape {tuple(tensor.shape)} {tensor.flatten()[:4].tolist()}")
+    setattr(attention[0], f"checkpoint_{param_name}", value)
 
 
 def load_checkpoint(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
@@ -110,6 +139,9 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
         except ValueError as exc:
             raise WeightLoadError(f"{name}: {exc}") from None
         loaded.add(f"{target_path}.{param_name}#{part}")
+        return
+    if param_name in KV_SCALES:
+        _load_kv_scale(model, module_path, param_name, name, tensor)
         return
     if name not in params and not (param_name in QUANTIZATION_TENSORS
                                    and f"{module_path}.weight" in params):
