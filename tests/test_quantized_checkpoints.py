@@ -287,3 +287,31 @@ def test_an_fp8_checkpoint_is_refused_where_no_fp8_tensor_cores_are(tmp_path):
     with pytest.raises(StartupError, match=r"is an fp8 checkpoint: it needs a CUDA GPU with fp8 "
                                            r"tensor cores .* cpu has none"):
         LLM(str(directory), device="cpu", kv_cache_gib=0.01)
+
+
+def test_a_static_fp8_kv_cache_scheme_loads_its_scales(checkpoints, tmp_path):
+    """A compressed-tensors checkpoint with a static per-tensor fp8 `kv_cache_scheme` (its
+    config and `self_attn.k_scale` / `v_scale` tensors, as llm-compressor writes them after
+    calibrating) loads: the weights as their scheme says, the scales into each attention."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pagedserve.executor.models.layers import PagedAttention
+
+    directory = tmp_path / "kv"
+    shutil.copytree(checkpoints("llama", "w8a16-packed"), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+        "symmetric": True}
+    (directory / "config.json").write_text(json.dumps(config))
+    tensors = load_file(directory / "model.safetensors")
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5 + i)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.25)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(directory, torch.float32)
+    assert model.quantization == "int8"
+    assert [(m.checkpoint_k_scale, m.checkpoint_v_scale) for m in model.modules()
+            if isinstance(m, PagedAttention)] == [(0.5, 0.25), (1.5, 0.25)]

@@ -24,8 +24,10 @@ Which layers are quantized is read from the tensors themselves: an int8 `weight`
 `weight_scale`) makes its Linear quantized (`Linear.checkpoint_int8`), a float one leaves it
 float. That covers the config's `ignore` list (the LM head, typically) without matching its
 names, which are transformers' module names, against ours. Anything else in a
-quantization_config (another method, 2-bit or 16-bit ints, fp8, static activation scales,
-a KV cache scheme, sparsity) is refused at load, naming the field.
+quantization_config (another method, 2-bit or 16-bit ints, static activation scales, a KV
+cache scheme other than static per-tensor fp8, sparsity) is refused at load, naming the field.
+A static fp8 `kv_cache_scheme` is accepted: its scales are tensors that load with any
+checkpoint (`<layer>.self_attn.k_scale`, models/weights.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ INT8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "sy
 # FP8_DYNAMIC: e4m3 weights, one scale per channel or per tensor, and per-token activations.
 FP8_WEIGHTS = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
 FP8_TOKEN_ACTIVATIONS = {**INT8_TOKEN_ACTIVATIONS, "type": "float"}
+# A calibrated fp8 KV cache: one static scale for K and one for V per layer.
+FP8_KV_SCALES = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                 "symmetric": True}
 
 
 @dataclass(frozen=True)
@@ -83,11 +88,16 @@ def checkpoint_quantization(config: Any) -> CheckpointQuantization | None:
         return CheckpointQuantization("gguf")
     if method != "compressed-tensors":
         _refuse(f"quantization_config.quant_method {method!r}")
-    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+    for field in ("sparsity_config", "transform_config"):
         if quantization.get(field):
             _refuse(f"quantization_config.{field}")
+    kv_scheme = quantization.get("kv_cache_scheme")
+    if kv_scheme:  # its scales are tensors, which load wherever they are (models/weights.py)
+        _expect("quantization_config.kv_cache_scheme", kv_scheme, FP8_KV_SCALES)
     groups = quantization.get("config_groups") or {}
     if not groups:
+        if kv_scheme:
+            return None  # float weights, calibrated KV scales
         _refuse("a quantization_config without config_groups")
     schemes = {_group_scheme(f"quantization_config.config_groups.{name}", group,
                              quantization.get("format")) for name, group in groups.items()}
