@@ -191,7 +191,8 @@ TILE w8a8_tile(const int64_t rows, const int64_t nv, const uint8_t *a, const int
 }
 
 /* W8A16: as w8a8_tile with bfloat16 x (rows x_stride elements apart) and the strip converted
- * to bfloat16 pairs in `wb`: [nv][K4 / 2][16 channels][2 k]. */
+ * to bfloat16 pairs in `wb`: [nv][K4 / 2][16 channels][2 k]; `w_scale` NULL: no scales (a
+ * strip dequantized already). */
 TILE w8a16_tile(const int64_t rows, const int64_t nv, const uint16_t *x, const uint16_t *wb,
                 const int64_t k4, const float *w_scale, const void *bias, void *out,
                 const Int8Shape *s, int64_t n0, int64_t out_stride) {
@@ -210,8 +211,9 @@ TILE w8a16_tile(const int64_t rows, const int64_t nv, const uint16_t *x, const u
 #undef MAC
     }
 #define STORE(r, g) if (r < rows && g < nv) \
-        store16((char *)out + r * out_stride, bias, s->bf16, s->n, n0, g, \
-                _mm512_mul_ps(acc##r##g, _mm512_loadu_ps(w_scale + n0 + g * GROUP)));
+        store16((char *)out + r * out_stride, bias, s->bf16, s->n, n0, g, w_scale \
+                ? _mm512_mul_ps(acc##r##g, _mm512_loadu_ps(w_scale + n0 + g * GROUP)) \
+                : acc##r##g);
     EACH_CELL(STORE)
 #undef STORE
 }
@@ -445,7 +447,7 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *    stream once per 4 rows, in their packed bytes.
  *  - More rows of bfloat16 x (prefill, large batches): a strip of 64 channels is dequantized
  *    to bfloat16 (s * q + o by one fused multiply-add, then rounded: the weights a bf16 model
- *    dequantized at load holds) and multiplied by w8a16_tile, scales 1.
+ *    dequantized at load holds) and multiplied by w8a16_tile, without scales.
  *
  * Packed (kernels/cpu_kernels.py, pack_grouped_cpu), per block of 16 output channels, k-major
  * so that 16 bytes are one k of the block's 16 channels:
@@ -599,9 +601,6 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
     int failed = 0;
 #if INT8_SIMD
     if (bf16 && rows > SMALL_ROWS) {
-        float *ones = malloc((size_t)(blocks * GROUP) * sizeof(float));
-        if (!ones) return 1;
-        for (int64_t c = 0; c < blocks * GROUP; c++) ones[c] = 1.0f;
         const Int8Shape s = {rows, n, k, k, x_stride, 1};
         #pragma omp parallel reduction(|:failed)
         {
@@ -618,7 +617,7 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                 for (int64_t m = 0; m < rows; m += TILE_ROWS) {
                     const int64_t tile_rows = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
                     char *o = (char *)out + m * out_stride;
-#define TILE16(r, v) w8a16_tile(r, v, (const uint16_t *)x + m * x_stride, wb, k, ones, bias, \
+#define TILE16(r, v) w8a16_tile(r, v, (const uint16_t *)x + m * x_stride, wb, k, NULL, bias, \
                                 o, &s, b0 * GROUP, out_stride)
                     TILE_SWITCH(tile_rows, nv, TILE16)
 #undef TILE16
@@ -626,7 +625,6 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
             }
             free(wb);
         }
-        free(ones);
         return failed;
     }
 #endif
