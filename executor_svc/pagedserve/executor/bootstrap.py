@@ -122,21 +122,25 @@ def build_runner(config: EngineConfig, model_dir: ModelDirectory, rank: int = 0,
         raise
 
 
+def _require_fp8(device: torch.device, what: str, instead: str) -> None:
+    """StartupError unless `device` multiplies fp8 in hardware."""
+    if not fp8_supported(device):
+        raise StartupError(f"{what} needs a CUDA GPU with fp8 tensor cores (compute capability "
+                           f"8.9+: Ada, Hopper); {device} has none" + (f": {instead}"
+                                                                        if instead else ""))
+
+
 def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.device,
                 dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup) -> ModelRunner:
     tp = group.tp
-    if config.quantization == "fp8" and not fp8_supported(device):  # before the slow load
-        raise StartupError(f"--quantization fp8 needs a CUDA GPU with fp8 tensor cores "
-                           f"(compute capability 8.9+: Ada, Hopper); {device} has none: use "
-                           "int8 or w8a8_int8")
+    if config.quantization == "fp8":  # before the slow load
+        _require_fp8(device, "--quantization fp8", "use int8 or w8a8_int8")
     try:
         model = load_model(model_dir.path, dtype, tp).to(device)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
-    if model.quantization == "fp8" and not fp8_supported(device):
-        raise StartupError(f"{model_dir.path} is an fp8 checkpoint: it needs a CUDA GPU with fp8 "
-                           f"tensor cores (compute capability 8.9+: Ada, Hopper); {device} has "
-                           "none")
+    if model.quantization == "fp8":
+        _require_fp8(device, f"{model_dir.path} is an fp8 checkpoint: it", "")
     if config.quantization:
         if model.quantization:
             raise StartupError(f"--quantization {config.quantization}: {model_dir.path} is a "

@@ -145,12 +145,10 @@ def quantize_fp8(weight: torch.Tensor) -> Fp8Weight:
 
 
 def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of x as float8_e4m3fn x / s, s = amax / 448, and s (float32)."""
-    x = x.to(torch.float32)
-    amax = x.abs().amax(dim=-1)
-    inverse = torch.where(amax > 0, torch.full_like(amax, FP8_MAX) / amax, 0.0)
-    q = (x * inverse[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, amax / FP8_MAX
+    """Each row of x as float8_e4m3fn x / s, s = amax / 448 (rounded to nearest even by the
+    conversion), and s."""
+    scaled, scales = _scaled_rows(x, FP8_MAX)
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -176,15 +174,21 @@ def _symmetric_int8_rows(x: torch.Tensor, levels: float) -> tuple[torch.Tensor, 
     """Each row of x as int8 clamp(round(x * (levels / amax)), lowest, 127), rounded to nearest
     even, and its scale amax / levels, in float32; lowest is -128 for 127.5 levels (as
     compressed-tensors), else -127."""
+    scaled, scales = _scaled_rows(x, levels)
+    lowest = -128 if levels > 127 else -127
+    return torch.round(scaled).clamp(lowest, 127).to(torch.int8), scales
+
+
+def _scaled_rows(x: torch.Tensor, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x in float32 times levels / amax (0 for a row of zeros), and its scale
+    amax / levels."""
     x = x.to(torch.float32)
     amax = x.abs().amax(dim=-1)
     # A true division: `levels / amax` is computed as levels * (1 / amax), which rounds
     # differently from the kernel's levels / amax and moves some values across a rounding
     # boundary.
     inverse = torch.where(amax > 0, torch.full_like(amax, levels) / amax, 0.0)
-    lowest = -128 if levels > 127 else -127
-    q = torch.round(x * inverse[..., None]).clamp(lowest, 127).to(torch.int8)
-    return q, amax / levels
+    return x * inverse[..., None], amax / levels
 
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
