@@ -59,7 +59,7 @@ def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
     if quantization is not None:
         for module in model.modules():
             if isinstance(module, (Linear, VocabParallelEmbedding)):
-                module.checkpoint_int8 = quantization.dynamic_activations
+                module.checkpoint_w8a8 = quantization.dynamic_activations
         unpack = checkpoint_transform(quantization)
         if unpack is not None:
             transform = _chained(unpack, transform)

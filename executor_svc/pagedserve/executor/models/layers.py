@@ -79,9 +79,10 @@ class Linear(KernelLayer):
     `quantize` replaces W by int8 values and a scale per output channel
     (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too
     (`Kernels.pack_quantized`). A quantized checkpoint loads into that form directly: with
-    `checkpoint_int8` set (whether its activations are quantized too), an int8 `weight` and
-    its `weight_scale` load part by part (models/quantized_checkpoints.py). A scale of shape
-    [rows] or [rows, 1] is per output channel (`Int8Weight`); [rows, K / g] is per group of g
+    `checkpoint_w8a8` set (not None: the checkpoint is quantized; True: its activations too),
+    an int8 (or fp8) `weight` and its `weight_scale` load part by part
+    (models/quantized_checkpoints.py). A scale of shape [rows] or [rows, 1] is per output
+    channel (`Int8Weight`); [rows, K / g] is per group of g
     columns, with `weight_offset` of the same shape where the format has offsets
     (`GroupedWeight`: GGUF's block formats). Parts quantized in different group sizes (a GGUF
     whose v projection is Q6_K, groups of 16, and q and k Q4_K, groups of 32) share the finest."""
@@ -90,7 +91,7 @@ class Linear(KernelLayer):
     # The quantized weight, in the form the bound kernel set multiplies by.
     quantized: QuantizedWeight | None = None
     # A quantized checkpoint's scheme (True: W8A8, False: weight-only); None: a float checkpoint.
-    checkpoint_int8: bool | None = None
+    checkpoint_w8a8: bool | None = None
     # Whether a float weight part was loaded (a layer's parts are all float or all quantized).
     _float_weight_loaded: bool = False
 
@@ -141,7 +142,7 @@ class Linear(KernelLayer):
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Where a quantized checkpoint's int8 weight, its scales or offsets go (the storage made
         on the first of them), and the tensor in that storage's group size."""
-        if self.checkpoint_int8 is None:
+        if self.checkpoint_w8a8 is None:
             raise ValueError(f"{param_name} of dtype {tensor.dtype}: int8 tensors in a checkpoint "
                              "whose config.json has no quantization_config")
         if self._float_weight_loaded:
@@ -152,7 +153,7 @@ class Linear(KernelLayer):
             # compressed-tensors quantizes activations with 127.5 levels (quantization.py).
             self.quantized = Int8Weight(torch.zeros(rows, self.in_features, dtype=torch.int8),
                                         torch.zeros(rows, dtype=torch.float32),
-                                        self.checkpoint_int8, activation_levels=127.5)
+                                        self.checkpoint_w8a8, activation_levels=127.5)
         if tensor.dtype == torch.float8_e4m3fn and not isinstance(self.quantized, Fp8Weight):
             # fp8 values: the storage becomes fp8 (its scales kept: a checkpoint's layers are
             # all of one scheme).
@@ -361,8 +362,8 @@ class VocabParallelEmbedding(nn.Module):
 
     quantized: GroupedWeight | None = None
     tied_head: Linear | None = None
-    # As Linear.checkpoint_int8: set where the checkpoint may hold int8 tensors.
-    checkpoint_int8: bool | None = None
+    # As Linear.checkpoint_w8a8: not None where the checkpoint may hold int8 tensors.
+    checkpoint_w8a8: bool | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
                  tp: TensorParallel = SINGLE):
@@ -385,7 +386,7 @@ class VocabParallelEmbedding(nn.Module):
         piece = rows_padded(tensor, self.tp.rank * self.rows, self.rows)
         if not quantized:
             self.weight.data.copy_(piece)
-        elif self.checkpoint_int8 is None:
+        elif self.checkpoint_w8a8 is None:
             raise ValueError(f"{param_name} of dtype {tensor.dtype}: int8 tensors in a checkpoint "
                              "whose config.json has no quantization_config")
         else:

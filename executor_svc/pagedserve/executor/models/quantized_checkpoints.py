@@ -21,7 +21,7 @@ A GGUF converted in its native form (executor/gguf_to_hf.py) says `quant_method:
 its int8 values come with group scales and offsets already.
 
 Which layers are quantized is read from the tensors themselves: an int8 `weight` (with its
-`weight_scale`) makes its Linear quantized (`Linear.checkpoint_int8`), a float one leaves it
+`weight_scale`) makes its Linear quantized (`Linear.checkpoint_w8a8`), a float one leaves it
 float. That covers the config's `ignore` list (the LM head, typically) without matching its
 names, which are transformers' module names, against ours. Anything else in a
 quantization_config (another method, 2-bit or 16-bit ints, static activation scales, a KV
