@@ -14,8 +14,8 @@ from pagedserve.executor.model_files import ModelLoadError, resolve_model
 from pagedserve.executor.models import load_model
 from pagedserve.executor.models.layers import Linear, bind_kernels, weight_bytes
 from pagedserve.kernels import cpu_kernels
-from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.kernels.dispatch import select_kernels
 from pagedserve.kernels.quantization import GroupedWeight, grouped_linear
 from pagedserve.testing.gguf_files import QUANTIZABLE, random_blocks, write_llama_gguf
 from pagedserve.testing.paged_run import assert_matches_transformers
@@ -173,13 +173,6 @@ def tiny_gguf(tmp_path, fmt: str, tie: bool):
     return native, dequantized
 
 
-def kernel_set_named(name: str):
-    if name == "triton":
-        from pagedserve.kernels.dispatch import triton_kernels
-        return triton_kernels()
-    return cpu_kernel_set() if name == "cpu" else TORCH_KERNELS
-
-
 @pytest.mark.parametrize("kernel_set", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("fmt, tie", [("Q8_0", True), ("Q4_0", False), ("Q4_1", True),
                                       ("Q5_0", True), ("Q5_1", False), ("Q2_K", False),
@@ -193,7 +186,7 @@ def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
     assert native.config["quantization_config"] == {"quant_method": "gguf"}
     model = load_model(native.path, torch.float32)
     assert model.quantization == "gguf"
-    bind_kernels(model, kernel_set_named(kernel_set))
+    bind_kernels(model, select_kernels(kernel_set, torch.device("cpu")))
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     # Every linear layer quantized, the LM head too (a tied one gets its own copy), and their
     # float weights released.

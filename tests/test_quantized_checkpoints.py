@@ -131,7 +131,8 @@ def _config_with(directory, tmp_path, change):
 
 
 @pytest.mark.parametrize("change, named", [
-    (lambda q: q.update(quant_method="awq"), "quantization_config.quant_method 'awq'"),
+    (lambda q: q.update(quant_method="bitsandbytes"),
+     "quantization_config.quant_method 'bitsandbytes'"),
     (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group",
                                                                 group_size=128),
      "config_groups.group_0.weights.strategy 'group'"),

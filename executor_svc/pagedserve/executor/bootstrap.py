@@ -130,6 +130,15 @@ def _require_fp8(device: torch.device, what: str, instead: str) -> None:
                                                                         if instead else ""))
 
 
+# --quantization values that name a quantized checkpoint's own method (as vLLM takes them):
+# the checkpoint must be one, and it loads as it is.
+CHECKPOINT_METHODS = ("gptq", "awq")
+
+
+def _checkpoint_kind(quantization: str | None) -> str:
+    return f"a quantized checkpoint ({quantization})" if quantization else "a float checkpoint"
+
+
 def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.device,
                 dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup) -> ModelRunner:
     tp = group.tp
@@ -141,7 +150,12 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
     if model.quantization == "fp8":
         _require_fp8(device, f"{model_dir.path} is an fp8 checkpoint: it", "")
-    if config.quantization:
+    if config.quantization in CHECKPOINT_METHODS:
+        if model.quantization != config.quantization:
+            raise StartupError(f"--quantization {config.quantization}: {model_dir.path} is "
+                               f"{_checkpoint_kind(model.quantization)}: the flag names "
+                               "the checkpoint's own method")
+    elif config.quantization:
         if model.quantization:
             raise StartupError(f"--quantization {config.quantization}: {model_dir.path} is a "
                                f"quantized checkpoint already ({model.quantization}); the flag "

@@ -109,14 +109,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "on CPUs with AVX-512 BF16 or AMX, else float32 (float16 is cuda "
                              "only)")
     parser.add_argument("--quantization", default=EngineConfig.quantization,
-                        choices=["int8", "w8a8_int8", "fp8"],
+                        choices=["int8", "w8a8_int8", "fp8", "gptq", "awq"],
                         help="quantize the linear layers' weights per output channel as the "
                              "model loads (docs/quantization.md): int8 = int8 weight-only "
                              "(activations keep --dtype); w8a8_int8 = activations quantized "
                              "per token too, faster where matmuls are bound by arithmetic "
                              "(large batches on a CPU with AVX-512 VNNI); fp8 = e4m3 weights "
                              "and per-token activations on fp8 tensor cores (CUDA compute "
-                             "capability 8.9+); unset: no quantization")
+                             "capability 8.9+); gptq, awq: the model is a checkpoint of that "
+                             "method (refused otherwise), which loads as it is; unset: a "
+                             "quantized checkpoint loads as its config.json says, a float one "
+                             "in --dtype")
     parser.add_argument("--attention-backend", default=EngineConfig.attention_backend,
                         choices=["auto", "torch", "cpu", "triton"],
                         help="implementation of the executor's kernels (paged attention, KV "

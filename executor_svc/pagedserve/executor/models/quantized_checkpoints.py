@@ -20,6 +20,17 @@ points.
 A GGUF converted in its native form (executor/gguf_to_hf.py) says `quant_method: "gguf"`:
 its int8 values come with group scales and offsets already.
 
+GPTQ (`quant_method: "gptq"`, AutoGPTQ's and GPTQModel's format) and AWQ (`"awq"`, AutoAWQ's
+GEMM format) checkpoints hold, per Linear, unsigned values packed eight (4-bit) or four
+(8-bit, GPTQ) to an int32, `qweight` [in, out] (GPTQ packs along the input, AWQ along the
+output in its interleaved order), zero points `qzeros` packed along the output, and float16
+`scales` [in / group, out]: W = s · (u - z). They load as GroupedWeight too: 4-bit values
+as they are (0..15, packed two to a byte by the kernels), 8-bit ones less 128, with
+o = -s · (z - that bias). GPTQ's original format stores z - 1 (`checkpoint_format` "gptq";
+GPTQModel's "gptq_v2" stores z). Act-order checkpoints (`desc_act`), whose `g_idx` puts the
+input columns in groups out of order, are refused naming the tensor: groups must be
+contiguous columns here (serving them needs a permutation of every input, left for later).
+
 Which layers are quantized is read from the tensors themselves: an int8 `weight` (with its
 `weight_scale`) makes its Linear quantized (`Linear.checkpoint_w8a8`), a float one leaves it
 float. That covers the config's `ignore` list (the LM head, typically) without matching its
@@ -44,7 +55,9 @@ from pagedserve.executor.models.weights import TensorTransform, WeightLoadError
 SUPPORTED = ("compressed-tensors with int weights of 8 or 4 bits, per channel or per group, "
              "symmetric or with zero points, and no activation quantization (W8A16, W4A16) or, "
              "for symmetric per-channel int8 weights, dynamic per-token int8 activations "
-             "(W8A8); or fp8 weights with dynamic per-token fp8 activations (FP8_DYNAMIC)")
+             "(W8A8); or fp8 weights with dynamic per-token fp8 activations (FP8_DYNAMIC); "
+             "GPTQ of 4 or 8 bits without act-order; AWQ GEMM of 4 bits with zero points; "
+             "GGUF")
 # compressed-tensors formats of int weights: int8 tensors as they are, or values packed into
 # int32s (pack-quantized, the only one for 4 bits).
 FORMATS = ("int-quantized", "naive-quantized", "pack-quantized")
@@ -66,9 +79,13 @@ class CheckpointQuantization:
     """A quantized checkpoint's scheme: its name (`--quantization`'s for the two it shares),
     and how compressed-tensors stores its weights."""
 
-    scheme: str  # "int8" (W8A16), "w4a16", "w8a8_int8", "fp8" or "gguf"
+    scheme: str  # "int8" (W8A16), "w4a16", "w8a8_int8", "fp8", "gguf", "gptq" or "awq"
     num_bits: int = 8
     symmetric: bool = True
+    # GPTQ and AWQ: input columns per group (-1: one group per row), and what the stored zero
+    # points lack (1 in GPTQ's original format).
+    group_size: int = -1
+    zero_point_shift: int = 0
 
     @property
     def dynamic_activations(self) -> bool:
@@ -86,6 +103,10 @@ def checkpoint_quantization(config: Any) -> CheckpointQuantization | None:
     method = quantization.get("quant_method")
     if method == "gguf":
         return CheckpointQuantization("gguf")
+    if method == "gptq":
+        return _gptq_scheme(quantization)
+    if method == "awq":
+        return _awq_scheme(quantization)
     if method != "compressed-tensors":
         _refuse(f"quantization_config.quant_method {method!r}")
     for field in ("sparsity_config", "transform_config"):
@@ -147,6 +168,40 @@ def _fp8_scheme(where: str, group: dict, weights: dict) -> CheckpointQuantizatio
     return CheckpointQuantization("fp8")
 
 
+def _gptq_scheme(config: dict) -> CheckpointQuantization:
+    bits = config.get("bits")
+    if bits not in (4, 8):
+        _refuse(f"quantization_config.bits {bits!r} (GPTQ needs 4 or 8)")
+    if config.get("dynamic"):  # GPTQModel's per-module overrides of bits and group size
+        _refuse("quantization_config.dynamic")
+    fmt = config.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        _refuse(f"quantization_config.checkpoint_format {fmt!r} (needs 'gptq' or 'gptq_v2')")
+    return CheckpointQuantization("gptq", bits, bool(config.get("sym", True)),
+                                  _group_size(config, "group_size"),
+                                  zero_point_shift=1 if fmt == "gptq" else 0)
+
+
+def _awq_scheme(config: dict) -> CheckpointQuantization:
+    bits = config.get("bits", config.get("w_bit"))
+    if bits != 4:
+        _refuse(f"quantization_config.bits {bits!r} (AWQ needs 4)")
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        _refuse(f"quantization_config.version {config.get('version')!r} (needs 'gemm')")
+    if not config.get("zero_point", True):
+        _refuse("quantization_config.zero_point false")
+    key = "group_size" if "group_size" in config else "q_group_size"
+    return CheckpointQuantization("awq", 4, False, _group_size(config, key))
+
+
+def _group_size(config: dict, key: str) -> int:
+    size = config.get(key)
+    if not isinstance(size, int) or isinstance(size, bool) or not (size > 0 or size == -1):
+        _refuse(f"quantization_config.{key} {size!r} (needs a positive int, or -1)")
+    return size
+
+
 def _expect(where: str, args: dict, wanted: dict) -> None:
     for key, value in wanted.items():
         if args.get(key) != value:
@@ -161,6 +216,8 @@ def checkpoint_transform(quantization: CheckpointQuantization) -> TensorTransfor
     """What the checkpoint's tensors need before the layers load them (None: nothing)."""
     if quantization.scheme in ("gguf", "fp8"):
         return None
+    if quantization.scheme in ("gptq", "awq"):
+        return PackedGroupsUnpacker(quantization)
     return CompressedTensorsUnpacker(quantization.num_bits, quantization.symmetric)
 
 
@@ -226,3 +283,96 @@ class CompressedTensorsUnpacker:
             raise WeightLoadError(f"{name}: shape {tuple(tensor.shape)} does not match the "
                                   f"scales' {tuple(shape)}")
         return values.to(torch.float32)
+
+
+def _unpack_words(words: torch.Tensor, bits: int, dim: int, name: str) -> torch.Tensor:
+    """int32 words holding 32 / bits unsigned values each, from bit 0 up, packed along `dim`
+    (0: a word holds consecutive rows; 1: consecutive columns) -> the values as int16."""
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise WeightLoadError(f"{name}: {words.dtype} of shape {tuple(words.shape)}, expected "
+                              "a 2-d int32 tensor (packed values)")
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    mask = (1 << bits) - 1
+    if dim == 0:
+        values = (words.unsqueeze(1) >> shifts[:, None]) & mask  # [rows, per word, cols]
+    else:
+        values = (words.unsqueeze(2) >> shifts) & mask  # [rows, cols, per word]
+    shape = list(words.shape)
+    shape[dim] *= len(shifts)
+    return values.reshape(shape).to(torch.int16)
+
+
+# AWQ's GEMM format puts column 8c + ORDER[i] in the i-th 4 bits of word c; AWQ_COLUMNS is
+# the inverse: which 4 bits of its word hold each column.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_COLUMNS = tuple(AWQ_ORDER.index(column) for column in range(8))
+GPTQ_AWQ_TENSORS = ("qweight", "qzeros", "scales")
+
+
+class PackedGroupsUnpacker:
+    """GPTQ's and AWQ's tensors as the Linears load them: a module's `qweight`, `qzeros` and
+    `scales` (held until all three have come) become `weight` (int8 [out, in]),
+    `weight_scale` and `weight_offset` (float32 [out, groups]); GPTQ's `g_idx` is checked to
+    put each group's columns together, and dropped. Other tensors pass as they are."""
+
+    def __init__(self, quantization: CheckpointQuantization):
+        self.quantization = quantization
+        # Values are stored less this, so that 8-bit ones fit an int8.
+        self.bias = 0 if quantization.num_bits == 4 else 128
+        self.held: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        module, _, param = name.rpartition(".")
+        if param == "g_idx" and self.quantization.scheme == "gptq":
+            self._check_group_index(name, tensor)
+            return []
+        if param not in GPTQ_AWQ_TENSORS:
+            return [(name, tensor)]
+        parts = self.held.setdefault(module, {})
+        parts[param] = tensor
+        if len(parts) < len(GPTQ_AWQ_TENSORS):
+            return []
+        del self.held[module]
+        values, zeros = self._values(module, parts)
+        scales = parts["scales"].to(torch.float32)
+        if values.shape[1] != scales.shape[1] or zeros.shape != scales.shape:
+            raise WeightLoadError(
+                f"{module}: qweight unpacks to {tuple(values.shape)} and qzeros to "
+                f"{tuple(zeros.shape)}, which do not fit scales {tuple(scales.shape)}")
+        self._check_group_count(module, values.shape[0], scales.shape[0])
+        zeros = zeros.to(torch.float32) + self.quantization.zero_point_shift - self.bias
+        weight = (f"{module}.weight", (values - self.bias).to(torch.int8).T.contiguous())
+        if scales.shape[0] == 1 and not zeros.any():
+            # Symmetric 8-bit values per channel: what `--quantization int8` makes, which the
+            # int8 kernels run (per-channel scales, no offsets).
+            return [weight, (f"{module}.weight_scale", scales[0])]
+        return [weight, (f"{module}.weight_scale", scales.T.contiguous()),
+                (f"{module}.weight_offset", (-scales * zeros).T.contiguous())]
+
+    def _values(self, module: str, parts: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values [in, out] and the zero points [groups, out], unpacked."""
+        bits = self.quantization.num_bits
+        zeros = _unpack_words(parts["qzeros"], bits, 1, f"{module}.qzeros")
+        if self.quantization.scheme == "gptq":
+            return _unpack_words(parts["qweight"], bits, 0, f"{module}.qweight"), zeros
+        values = _unpack_words(parts["qweight"], bits, 1, f"{module}.qweight")
+        columns = list(AWQ_COLUMNS)
+        return (values.unflatten(1, (-1, 8))[:, :, columns].flatten(1),
+                zeros.unflatten(1, (-1, 8))[:, :, columns].flatten(1))
+
+    def _check_group_count(self, module: str, columns: int, groups: int) -> None:
+        size = self.quantization.group_size
+        expected = 1 if size == -1 else -(-columns // size)
+        if groups != expected:
+            raise WeightLoadError(f"{module}: {groups} groups of scales for {columns} input "
+                                  f"columns, where group_size {size} makes {expected}")
+
+    def _check_group_index(self, name: str, g_idx: torch.Tensor) -> None:
+        size = self.quantization.group_size
+        columns = torch.arange(g_idx.numel(), dtype=torch.int64)
+        expected = torch.zeros_like(columns) if size == -1 else columns // size
+        if g_idx.dim() != 1 or not torch.equal(g_idx.to(torch.int64), expected):
+            raise UnsupportedArchitectureError(
+                f"{name}: input columns in groups out of order (act-order, desc_act) are not "
+                f"supported (supported: {SUPPORTED})")
