@@ -246,11 +246,32 @@ def test_a_checkpoints_kv_scales_serve_an_fp8_cache(tiny_llama_dir, tmp_path):
     assert answers[0] == answers[1]
 
 
+@pytest.mark.parametrize("spelling, expected", [
+    (("kv_scale",), (0.5, 0.5)),  # AutoFP8: one for both
+    (("k_proj.output_scale", "v_proj.output_scale"), (0.5, 0.25)),  # older llm-compressor
+    (("k_proj.k_scale", "v_proj.v_scale"), (0.5, 0.25)),  # ModelOpt
+])
+def test_older_spellings_of_the_kv_scales_load_as_vllm_reads_them(tiny_llama_dir, tmp_path,
+                                                                  spelling, expected):
+    from pagedserve.executor.models import load_model
+    from pagedserve.executor.models.layers import PagedAttention
+
+    scales = {f"model.layers.{i}.self_attn.{name}": torch.tensor(value)
+              for i in range(2)
+              for name, value in zip(spelling, (0.5, 0.25)[:len(spelling)], strict=True)}
+    model = load_model(with_kv_scales(tiny_llama_dir, tmp_path / "scaled", scales),
+                       torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    assert [(m.checkpoint_k_scale, m.checkpoint_v_scale) for m in layers] == [expected] * 2
+
+
 @pytest.mark.parametrize("name, value, error", [
     ("model.layers.0.self_attn.k_scale", torch.tensor(-1.0), "one positive finite number"),
     ("model.layers.0.self_attn.v_scale", torch.tensor([0.5, 0.5]), "one positive finite"),
     ("model.layers.0.mlp.k_scale", torch.tensor(0.5), "not under one attention layer"),
     ("model.layers.9.self_attn.k_scale", torch.tensor(0.5), "unexpected tensor"),
+    ("model.layers.0.self_attn.k_proj.output_scale", torch.tensor(0.0), "one positive finite"),
+    ("model.layers.0.self_attn.q_proj.output_scale", torch.tensor(0.5), "q_proj.output_scale"),
 ])
 def test_a_bad_kv_scale_is_refused_by_name(tiny_llama_dir, tmp_path, name, value, error):
     from pagedserve.executor.models import load_model

@@ -65,6 +65,22 @@ def split_fused_qkv(name: str, tensor: torch.Tensor, num_kv_heads: int, head_dim
 KV_SCALES = ("k_scale", "v_scale")
 
 
+def kv_scale_targets(module_path: str, param_name: str) -> list[tuple[str, str]]:
+    """The (attention module, `k_scale` or `v_scale`) pairs a checkpoint tensor sets; [] for a
+    tensor that is no KV cache scale. Older spellings, as vLLM reads them: one `kv_scale` for
+    both (AutoFP8), and the K and V projections' `output_scale` (older llm-compressor) or
+    `k_scale` / `v_scale` under them (ModelOpt)."""
+    parent, _, projection = module_path.rpartition(".")
+    scale = {"k_proj": "k_scale", "v_proj": "v_scale"}.get(projection)
+    if scale is not None and param_name in ("output_scale", scale):
+        return [(parent, scale)]
+    if param_name in KV_SCALES:
+        return [(module_path, param_name)]
+    if param_name == "kv_scale":
+        return [(module_path, name) for name in KV_SCALES]
+    return []
+
+
 def _load_kv_scale(model: nn.Module, module_path: str, param_name: str, name: str,
                    tensor: torch.Tensor) -> None:
     """The scale into the one PagedAttention under `module_path`: a positive finite scalar."""
@@ -124,6 +140,11 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
                  packed_modules: dict[str, tuple[str, int]], name: str, tensor: torch.Tensor,
                  loaded: set[str]) -> None:
     module_path, _, param_name = name.rpartition(".")
+    kv_scales = kv_scale_targets(module_path, param_name)
+    for attention_path, scale in kv_scales:
+        _load_kv_scale(model, attention_path, scale, name, tensor)
+    if kv_scales:
+        return
     parent, _, leaf = module_path.rpartition(".")
     if leaf in packed_modules:
         packed, part = packed_modules[leaf]
@@ -139,9 +160,6 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
         except ValueError as exc:
             raise WeightLoadError(f"{name}: {exc}") from None
         loaded.add(f"{target_path}.{param_name}#{part}")
-        return
-    if param_name in KV_SCALES:
-        _load_kv_scale(model, module_path, param_name, name, tensor)
         return
     if name not in params and not (param_name in QUANTIZATION_TENSORS
                                    and f"{module_path}.weight" in params):
