@@ -1,0 +1,85 @@
+"""Speculative decoding's pieces that stand alone (executor/speculative.py): the configuration
+as vLLM's `--speculative-config` takes it, the n-gram proposer against a brute-force search of
+every suffix, and the acceptance of proposals."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedserve.executor.speculative import (
+    SpeculativeConfig,
+    SpeculativeConfigError,
+    accepted_length,
+    parse_speculative_config,
+    propose_ngram,
+)
+
+
+def brute_force_ngram(tokens: list[int], k: int, low: int, high: int) -> list[int]:
+    """Prompt lookup by its definition: for n from high down to low, the latest earlier
+    occurrence of the last n tokens that has a token after it."""
+    for n in range(high, low - 1, -1):
+        if len(tokens) < n + 1:
+            continue
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+@settings(max_examples=400, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), max_size=40), k=st.integers(1, 6),
+       low=st.integers(1, 4), extra=st.integers(0, 3))
+def test_the_proposer_finds_what_a_search_of_every_suffix_finds(tokens, k, low, extra):
+    high = low + extra
+    proposed = propose_ngram(np.array(tokens, dtype=np.int64), k, low, high)
+    assert proposed.tolist() == brute_force_ngram(tokens, k, low, high)
+
+
+def test_the_proposer_copies_what_followed_the_latest_longest_match():
+    tokens = [7, 1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 1, 2, 3]
+    # 1 2 3 occurs at 1 and 6: the latest (6) is followed by 4 5 1 ...
+    assert propose_ngram(np.array(tokens), 3, 2, 3).tolist() == [4, 5, 1]
+    assert propose_ngram(np.array(tokens), 3, 4, 5).tolist() == []  # 9 1 2 3 / 5 1 2 3 differ
+    assert propose_ngram(np.array([5, 6]), 3, 1, 1).tolist() == []
+
+
+@pytest.mark.parametrize("drafts, sampled, expected", [
+    ([4, 5, 6], [4, 5, 6, 7], 3),  # all confirmed, then the bonus token
+    ([4, 5, 6], [4, 9, 6, 7], 1),  # the second differs: the target's draw replaces it
+    ([4, 5, 6], [8, 5, 6, 7], 0),
+    ([], [3], 0),
+])
+def test_proposals_are_kept_while_the_targets_draws_agree(drafts, sampled, expected):
+    assert accepted_length(drafts, sampled) == expected
+
+
+def test_the_config_takes_vllms_keys_and_defaults():
+    assert parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 4}') == \
+        SpeculativeConfig("ngram", 4, 5, 5, None)
+    assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 3,
+                                     "prompt_lookup_max": 4, "disable_by_batch_size": 32}) == \
+        SpeculativeConfig("ngram", 3, 4, 4, 32)
+    assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 3,
+                                     "prompt_lookup_min": 2, "prompt_lookup_max": 4}) == \
+        SpeculativeConfig("ngram", 3, 2, 4, None)
+
+
+@pytest.mark.parametrize("text, named", [
+    ("{", "not JSON"),
+    ("[1]", "must be a JSON object"),
+    ('{"method": "eagle", "num_speculative_tokens": 2}', "method 'eagle' is not supported"),
+    ('{"method": "ngram"}', "num_speculative_tokens must be a positive integer, got None"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be"),
+    ('{"method": "ngram", "num_speculative_tokens": true}', "num_speculative_tokens must be"),
+    ('{"method": "ngram", "num_speculative_tokens": 17}', "num_speculative_tokens 17 exceeds"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, '
+     '"prompt_lookup_max": 2}', "prompt_lookup_min 4 exceeds prompt_lookup_max 2"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}',
+     "unsupported key\\(s\\) draft_tensor_parallel_size"),
+])
+def test_a_bad_config_is_refused_naming_the_key(text, named):
+    with pytest.raises(SpeculativeConfigError, match=named):
+        parse_speculative_config(text)
