@@ -3,6 +3,8 @@ every model family: staggered arrival, chunked prefill, prefix-cache hits, forks
 copy-on-write, preemption by recompute, logprobs; and malformed plans that leave the executor
 serving."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,6 +13,7 @@ from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models import load_model
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits
 from pagedserve.executor.runner import ModelRunner
+from pagedserve.executor.speculative import SpeculativeConfig
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
@@ -50,10 +53,13 @@ def hf_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_runner(directory) -> ModelRunner:
+def make_runner(directory, speculative: SpeculativeConfig | None = None) -> ModelRunner:
     model = load_model(directory, torch.float32)
     allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
-    return ModelRunner(model, LIMITS, eos_token_ids=[2], device=torch.device("cpu"))
+    limits = LIMITS if speculative is None else dataclasses.replace(
+        LIMITS, max_lookahead_tokens=speculative.num_speculative_tokens)
+    return ModelRunner(model, limits, eos_token_ids=[2], device=torch.device("cpu"),
+                       speculative=speculative)
 
 
 @pytest.fixture
@@ -92,13 +98,15 @@ class MiniScheduler:
             num_prompt_tokens=len(prompt) if num_prompt is None else num_prompt,
             sampling=sampling, block_ids=list(blocks), num_computed_tokens=computed)
 
-    def work(self, rid, num_tokens):
-        needed = -(-(self.computed[rid] + num_tokens) // BLOCK) - len(self.blocks[rid])
+    def work(self, rid, num_tokens, lookahead=0):
+        """`lookahead`: proposals the decode may verify (slots allocated for them)."""
+        needed = -(-(self.computed[rid] + num_tokens + lookahead) // BLOCK) - len(self.blocks[rid])
         new_blocks = [self.free.pop() for _ in range(max(0, needed))]
         self.blocks[rid] += new_blocks
         self.computed[rid] += num_tokens
         return executor_pb2.ScheduledWork(request_id=rid, num_tokens=num_tokens,
-                                          new_block_ids=new_blocks)
+                                          new_block_ids=new_blocks,
+                                          num_lookahead_tokens=lookahead)
 
     def step(self, new=(), work=(), dropped=(), copies=()):
         self.step_id += 1
@@ -109,6 +117,8 @@ class MiniScheduler:
         for output in result.outputs:
             self.outputs[output.request_id] += output.token_ids
             self.known[output.request_id] += len(output.token_ids)
+            # Accepted proposals (all but the last token of a verifying decode) were computed.
+            self.computed[output.request_id] += max(0, len(output.token_ids) - 1)
         self.results.append(result)
         return result
 
@@ -326,3 +336,95 @@ def test_malformed_plans_are_rejected_without_side_effects(tiny_llama_dir, case)
     while len(s.outputs["ok"]) < NEW_TOKENS:
         s.decode_all(["ok"])
     assert s.outputs["ok"] == hf_greedy(hf_model, PROMPTS[1])
+
+
+# Speculative decoding at the runner (docs/speculative_decoding.md): n-gram proposals verified in
+# the decode's forward pass. A prompt that repeats itself, so that prompt lookup proposes.
+REPEATING = [5, 6, 7, 8, 9] * 3 + [5, 6]
+NGRAM = SpeculativeConfig("ngram", num_speculative_tokens=3, prompt_lookup_min=1,
+                          prompt_lookup_max=3)
+
+
+def speculative_run(runner: ModelRunner, sampling, lookahead: int, new_tokens: int = 48):
+    """`new_tokens` (or a few more) generated one decode at a time, each verifying up to
+    `lookahead` proposals; returns the scheduler, whose results hold the outputs."""
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("r", REPEATING, sampling)], work=[s.work("r", len(REPEATING))])
+    while len(s.outputs["r"]) < new_tokens:
+        s.step(work=[s.work("r", 1, lookahead)])
+    return s
+
+
+@pytest.mark.parametrize("sampling", [
+    GREEDY,
+    # Low temperatures and mild penalties, so that the tiny random models still fall into the
+    # loops that prompt lookup predicts.
+    common_pb2.SamplingParams(temperature=0.1, seed=7, logprobs=2),
+    # Penalties and min_tokens see the proposals before each position.
+    common_pb2.SamplingParams(temperature=0.1, seed=3, repetition_penalty=1.02,
+                              presence_penalty=0.05, min_tokens=12),
+], ids=["greedy", "seeded", "seeded-penalties"])
+def test_verified_proposals_give_the_tokens_decoding_gives(model_dir, sampling):
+    """Greedy and seeded sequences draw each position's token as without speculation: the
+    tokens, and their logprobs, are the same; and proposals were accepted (steps returned
+    several tokens), so the comparison covers verification."""
+    plain = speculative_run(make_runner(model_dir), sampling, lookahead=0)
+    spec = speculative_run(make_runner(model_dir, NGRAM), sampling, lookahead=3)
+    n = min(len(plain.outputs["r"]), len(spec.outputs["r"]))
+    assert spec.outputs["r"][:n] == plain.outputs["r"][:n]
+    assert max(len(o.token_ids) for r in spec.results for o in r.outputs) > 1
+    assert len(spec.results) < len(plain.results)
+    # The logprobs of the same tokens, to float rounding (a verifying decode runs its
+    # positions as a multi-token query, not the one-token decode path).
+    ids, lps = zip(*[([e.chosen.token_id for e in entries], [e.chosen.logprob for e in entries])
+                     for entries in ([e for r in run.results for o in r.outputs
+                                      for e in o.logprobs][:n] for run in (plain, spec))],
+                   strict=True)
+    assert ids[0] == ids[1]
+    assert lps[1] == pytest.approx(lps[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("prompt, max_tokens, blocks, model_len, expected", [
+    (REPEATING, None, 6, 256, [7, 8, 9]),  # the budget, 3, of what followed the last "5 6"
+    (REPEATING, 3, 6, 256, [7, 8]),  # 3 tokens to go: 2 proposals, then the token after them
+    (REPEATING, 1, 6, 256, []),
+    (REPEATING + [7], None, 5, 256, [8, 9]),  # 20 slots for 18 known tokens: 2 proposals
+    (REPEATING + [7, 8, 9], None, 5, 256, []),  # no slot left
+    (REPEATING, None, 6, len(REPEATING) + 2, [7]),  # 1 proposal, then the token after it
+])
+def test_proposals_stay_within_max_tokens_the_blocks_and_the_model_length(
+        tiny_llama_dir, prompt, max_tokens, blocks, model_len, expected):
+    runner = make_runner(tiny_llama_dir, NGRAM)
+    runner.limits = dataclasses.replace(runner.limits, max_model_len=model_len)
+    s = MiniScheduler(runner)
+    sampling = common_pb2.SamplingParams(temperature=0.0)
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    # All but the last token cached: the next step decodes it.
+    s.step(new=[s.new("r", prompt, sampling, blocks=range(blocks), computed=len(prompt) - 1)])
+    work = executor_pb2.ScheduledWork(request_id="r", num_tokens=1, num_lookahead_tokens=3)
+    assert runner._propose(runner.requests["r"], work) == expected
+
+
+@pytest.mark.parametrize("work, error", [
+    (executor_pb2.ScheduledWork(request_id="r", num_tokens=2, num_lookahead_tokens=1),
+     "only a decode of the request's last known token"),
+    (executor_pb2.ScheduledWork(request_id="r", num_tokens=1, num_lookahead_tokens=4),
+     "num_lookahead_tokens: 4 > this executor's 3"),
+])
+def test_lookahead_the_executor_cannot_verify_is_refused(tiny_llama_dir, work, error):
+    runner = make_runner(tiny_llama_dir, NGRAM)
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("r", REPEATING[:6], blocks=[0, 1, 2, 3])], work=[s.work("r", 4)])
+    result = runner.execute(executor_pb2.StepPlan(step_id=9, work=[work]))
+    assert [f.request_id for f in result.failed_requests] == ["r"]
+    assert error in result.failed_requests[0].message
+
+
+def test_an_executor_without_speculation_refuses_lookahead(tiny_llama_dir):
+    runner = make_runner(tiny_llama_dir)
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("r", REPEATING[:4], blocks=[0, 1])], work=[s.work("r", 4)])
+    result = runner.execute(executor_pb2.StepPlan(step_id=9, work=[
+        executor_pb2.ScheduledWork(request_id="r", num_tokens=1, num_lookahead_tokens=1)]))
+    assert "num_lookahead_tokens: 1 > this executor's 0" in result.failed_requests[0].message

@@ -32,6 +32,8 @@ class RunnerLimits:
     max_num_batched_tokens: int
     max_model_len: int
     max_logprobs: int
+    # Proposals a decode may verify (--speculative-config's num_speculative_tokens; 0: none).
+    max_lookahead_tokens: int = 0
 
 
 # A request as a plan meets it: (known tokens, computed tokens, blocks).
@@ -119,6 +121,13 @@ def _check_work(work: executor_pb2.ScheduledWork, state: Mapping[str, RequestSta
     if computed + work.num_tokens > limits.max_model_len:
         raise PlanError(f"work[{rid!r}]: {computed + work.num_tokens} tokens > "
                         f"max_model_len {limits.max_model_len}")
+    if work.num_lookahead_tokens > limits.max_lookahead_tokens:
+        raise PlanError(f"work[{rid!r}].num_lookahead_tokens: {work.num_lookahead_tokens} > "
+                        f"this executor's {limits.max_lookahead_tokens} (its speculative "
+                        "num_speculative_tokens)")
+    if work.num_lookahead_tokens and not (work.num_tokens == 1 and computed + 1 == known):
+        raise PlanError(f"work[{rid!r}].num_lookahead_tokens: only a decode of the request's "
+                        "last known token verifies proposals")
     _check_blocks(f"work[{rid!r}].new_block_ids", work.new_block_ids, limits)
     blocks += len(work.new_block_ids)
     if blocks * limits.block_size < computed + work.num_tokens:

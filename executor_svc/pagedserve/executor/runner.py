@@ -16,10 +16,12 @@ not the batch or the executor.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import structlog
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from pagedserve.executor.sampler import (
     prompt_logprobs,
     sequence_seed,
 )
+from pagedserve.executor.speculative import SpeculativeConfig, accepted_length, propose_ngram
 from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
 from pagedserve.v1 import common_pb2, executor_pb2
 
@@ -66,8 +69,10 @@ class RequestMirror:
 class ModelRunner:
     def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
                  device: torch.device, group: TensorParallelGroup = NO_GROUP,
-                 memory: RunnerMemory = RunnerMemory()):
+                 memory: RunnerMemory = RunnerMemory(),
+                 speculative: SpeculativeConfig | None = None):
         self.model = model
+        self.speculative = speculative
         self.limits = limits
         self.memory = memory
         self.eos_token_ids = tuple(eos_token_ids)
@@ -158,26 +163,38 @@ class ModelRunner:
     # -- execution ----------------------------------------------------------------------
 
     def _run(self, work: Sequence[executor_pb2.ScheduledWork]) -> list[executor_pb2.RequestOutput]:
-        # Decodes (one token) first: the attention path batches them.
-        ordered = sorted(work, key=lambda w: w.num_tokens != 1)
+        proposals = {w.request_id: self._propose(self.requests[w.request_id], w)
+                     for w in work if w.num_lookahead_tokens}
+        # Single-token queries (decodes without proposals) first: the attention path batches
+        # them.
+        ordered = sorted(work, key=lambda w: w.num_tokens + len(proposals.get(w.request_id, ()))
+                         != 1)
         mirrors = [self.requests[w.request_id] for w in ordered]
-        seqs = [ScheduledSequence(m.token_ids[m.num_computed:m.num_computed + w.num_tokens],
-                                  m.num_computed, m.block_ids)
-                for m, w in zip(mirrors, ordered, strict=True)]
+        drafts = [proposals.get(w.request_id, []) for w in ordered]
+        seqs = [ScheduledSequence(
+                    m.token_ids[m.num_computed:m.num_computed + w.num_tokens] + d,
+                    m.num_computed, m.block_ids)
+                for m, w, d in zip(mirrors, ordered, drafts, strict=True)]
         batch = build_flat_batch(seqs, self.limits.block_size, self.device)
+        last_rows = batch.last_token_rows.tolist()
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-            # A request samples when this step computes its last known token.
+            # A request samples when this step computes its last known token; with proposals,
+            # at the proposals' positions too (what the target draws there verifies them).
             samples = [i for i, (m, w) in enumerate(zip(mirrors, ordered, strict=True))
                        if m.num_computed + w.num_tokens == len(m.token_ids)]
+            rows = [row for i in samples
+                    for row in range(last_rows[i] - len(drafts[i]), last_rows[i] + 1)]
             sampled, token_ids = None, []
             if samples:
-                logits = self.model.compute_logits(hidden[batch.last_token_rows[samples]])
+                logits = self.model.compute_logits(hidden[torch.tensor(rows)])
                 if logits is not None:  # rank 0
-                    sampled = self.sampler(logits, [mirrors[i].sampling for i in samples])
+                    states = [state for i in samples
+                              for state in _verification_states(mirrors[i].sampling, drafts[i])]
+                    sampled = self.sampler(logits, states)
                     chosen = sampled.token_ids
                 else:
-                    chosen = torch.empty(len(samples), dtype=torch.long, device=self.device)
+                    chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
                 token_ids = self.tp.broadcast_from_first(chosen).tolist()
             prompt_lps = self._prompt_logprobs(hidden, batch.last_token_rows, mirrors, ordered)
         outputs = {}
@@ -186,16 +203,39 @@ class ModelRunner:
             if i in prompt_lps:
                 outputs[i] = executor_pb2.RequestOutput(request_id=ordered[i].request_id,
                                                         prompt_logprobs=prompt_lps[i])
-        for row, i in enumerate(samples):
-            mirrors[i].token_ids.append(token_ids[row])
-            mirrors[i].sampling.output_token_ids.append(token_ids[row])
+        row = 0
+        for i in samples:
+            mirror, draft = mirrors[i], drafts[i]
+            drawn = token_ids[row:row + len(draft) + 1]
+            accepted = accepted_length(draft, drawn)
+            mirror.num_computed += accepted  # the accepted proposals' K/V were computed
             output = outputs.setdefault(i, executor_pb2.RequestOutput(
                 request_id=ordered[i].request_id))
-            output.token_ids.append(token_ids[row])
-            if sampled is not None and mirrors[i].sampling.params.HasField("logprobs"):
-                output.logprobs.append(_position_logprobs(
-                    sampled, row, token_ids[row], mirrors[i].sampling.params.logprobs))
+            for j, token in enumerate(drawn[:accepted + 1]):
+                mirror.token_ids.append(token)
+                mirror.sampling.output_token_ids.append(token)
+                output.token_ids.append(token)
+                if sampled is not None and mirror.sampling.params.HasField("logprobs"):
+                    output.logprobs.append(_position_logprobs(
+                        sampled, row + j, token, mirror.sampling.params.logprobs))
+            row += len(draft) + 1
         return [outputs[i] for i in sorted(outputs)]
+
+    def _propose(self, mirror: RequestMirror, work: executor_pb2.ScheduledWork) -> list[int]:
+        """Proposals to verify after the request's last known token: at most the plan's budget,
+        and no more than its blocks hold, its max_tokens leave or the model length allows."""
+        known = len(mirror.token_ids)
+        params = mirror.sampling.params
+        room = min(work.num_lookahead_tokens,
+                   len(mirror.block_ids) * self.limits.block_size - known,
+                   self.limits.max_model_len - known - 1)
+        if params.HasField("max_tokens"):
+            room = min(room, params.max_tokens - len(mirror.sampling.output_token_ids) - 1)
+        if room < 1:
+            return []
+        config = self.speculative
+        return propose_ngram(np.asarray(mirror.token_ids), room, config.prompt_lookup_min,
+                             config.prompt_lookup_max).tolist()
 
     def _prompt_logprobs(self, hidden, last_rows, mirrors, ordered) -> dict[int, list]:
         """Logprobs of each prompt token computed this step (after the first), when asked."""
@@ -224,6 +264,15 @@ class ModelRunner:
                                                        top_lps.tolist(), strict=True)]
             result[i] = entries
         return result
+
+
+def _verification_states(state: SequenceSamplingState,
+                         drafts: list[int]) -> list[SequenceSamplingState]:
+    """The sampling state of each position a sequence draws at this step: after its known
+    tokens, then after each proposal in turn (penalties, min_tokens and the seed's position
+    see the proposals before it)."""
+    return [state, *(dataclasses.replace(state, output_token_ids=state.output_token_ids
+                                         + drafts[:j]) for j in range(1, len(drafts) + 1))]
 
 
 def _logprob_entry(token_id: int, logprob: float, rank: int, top_ids: list[int],
