@@ -582,6 +582,25 @@ def test_quantization_and_kv_cache_dtype_reach_the_executor(helm):
     assert env[env_var("--gguf-dequantize")] == "true"
 
 
+def test_a_speculative_config_map_reaches_the_executor_as_json(helm):
+    """executor.speculativeConfig, vLLM's keys as a map, becomes --speculative-config's JSON,
+    which the executor parses back to the same config; unset, no speculation."""
+    import json
+
+    from pagedserve.executor.speculative import SpeculativeConfig, parse_speculative_config
+    from pagedserve.runtime.flags import env_var
+
+    default = env_of(Manifests(render(helm, None)).container("executor"))
+    assert env_var("--speculative-config") not in default
+    env = env_of(Manifests(render(
+        helm, None, "--set-json", 'executor.speculativeConfig={"method": "ngram", '
+        '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "disable_by_batch_size": 16}'
+    )).container("executor"))
+    text = env[env_var("--speculative-config")]
+    assert json.loads(text)["method"] == "ngram"
+    assert parse_speculative_config(text) == SpeculativeConfig("ngram", 3, 4, 4, 16)
+
+
 def test_shm_size_limit_overrides_the_per_rank_default(helm):
     manifests = Manifests(render(helm, VARIANTS["gpu-tp2"], "--set",
                                  "executor.shmSizeLimit=16Gi"))

@@ -73,10 +73,12 @@ def make_llm(request, tiny_llama_dir, tmp_path_factory):
     processes = []
 
     def make(num_blocks: int = 2048, max_num_batched_tokens: int = 2048, overlap: bool = True,
-             max_model_len: int = 256) -> LLM:
+             max_model_len: int = 256, speculative: bool = False) -> LLM:
         engine = dict(kv_cache_gib=(num_blocks + 0.5) * BYTES_PER_BLOCK / 2**30,
                       block_size=BLOCK, max_num_batched_tokens=max_num_batched_tokens,
                       max_model_len=max_model_len, dtype="float32")
+        if speculative:
+            engine["speculative_config"] = NGRAM
         if request.param == "in-process":
             llm = LLM(str(tiny_llama_dir), overlap=overlap, **engine)
         else:
@@ -108,6 +110,10 @@ def _grpc_llm(model_dir, tmp_path_factory, processes, engine, overlap) -> LLM:
     return llm
 
 
+# Speculative decoding (docs/speculative_decoding.md): n-gram proposals of up to 3 tokens.
+NGRAM = ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, '
+         '"prompt_lookup_max": 3}')
+
 MIXED = [(list(range(30, 30 + n)), max_tokens)
          for n, max_tokens in [(1, 5), (2, 1), (3, 9), (5, 2), (8, 7), (13, 3), (21, 10),
                                (34, 4), (55, 6), (89, 8)]]
@@ -120,6 +126,30 @@ def test_concurrent_mixed_requests_match_transformers(make_llm, hf_model, overla
     for (prompt, max_tokens), output in zip(MIXED, outputs, strict=True):
         tokens, reason = reference(hf_model, prompt, max_tokens)
         assert (output.outputs[0].token_ids, output.outputs[0].finish_reason) == (tokens, reason)
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+REPEATING = [5, 6, 7, 8, 9] * 3 + [5, 6]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_speculation_changes_no_token(make_llm, hf_model, overlap):
+    """Greedy requests (transformers' tokens), seeded ones with n > 1 and a stop token: the
+    same with n-gram speculation as without, in fewer steps, every block back."""
+    prompts = [p for p, _ in MIXED] + [REPEATING, REPEATING[2:]]
+    params = [greedy(m) for _, m in MIXED] + [
+        common_pb2.SamplingParams(temperature=0.1, seed=9, n=2, max_tokens=30),
+        greedy(30, stop_token_ids=[7])]
+    plain = make_llm(overlap=overlap)
+    expected = token_ids(plain.generate(prompts, params))
+    llm = make_llm(overlap=overlap, speculative=True)
+    outputs = llm.generate(prompts, params)
+    assert token_ids(outputs) == expected
+    for (prompt, max_tokens), output in zip(MIXED, outputs[:len(MIXED)], strict=True):
+        assert output.outputs[0].token_ids == reference(hf_model, prompt, max_tokens)[0]
+    counters = llm.scheduler.counters
+    assert 0 < counters.accepted_tokens <= counters.draft_tokens
+    assert counters.steps < plain.scheduler.counters.steps
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
 
@@ -145,17 +175,21 @@ def token_ids(outputs) -> list[list[list[int]]]:
     return [[c.token_ids for c in output.outputs] for output in outputs]
 
 
-def test_preemption_leaves_seeded_sampling_unchanged(make_llm):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_preemption_leaves_seeded_sampling_unchanged(make_llm, speculative):
     """A preempted sequence (forked children too) is recomputed from prompt + accepted tokens
-    and samples on as the undisturbed run, which an ample pool gives."""
+    and samples on as the undisturbed run, which an ample pool without speculation gives;
+    with speculation, its lookahead slots go back with its blocks."""
     prompts = [list(range(40 + i, 50 + i)) for i in range(6)]
     params = [seeded(20, seed=100 + i, n=1 + i % 2) for i in range(6)]
     ample = make_llm()
     expected = token_ids(ample.generate(prompts, params))
     assert ample.scheduler.counters.preemptions == 0
-    tight = make_llm(num_blocks=24, max_model_len=64)  # 96 slots for 9 sequences of 30 tokens
+    # 96 slots for 9 sequences of 30 tokens
+    tight = make_llm(num_blocks=24, max_model_len=64, speculative=speculative)
     assert token_ids(tight.generate(prompts, params)) == expected
     assert tight.scheduler.counters.preemptions > 0
+    assert (tight.scheduler.counters.speculative_decodes > 0) == speculative
     assert tight.blocks.num_free_blocks == tight.blocks.num_blocks
     assert all(len({tuple(c) for c in choices}) == len(choices) for choices in expected)
 
@@ -182,12 +216,14 @@ class LosingHandle:
         await self.inner.close()
 
 
-def test_a_lost_executor_leaves_seeded_sampling_unchanged(make_llm):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_lost_executor_leaves_seeded_sampling_unchanged(make_llm, speculative):
     """Executor a is lost after a few steps; the cluster recomputes the request on b from its
-    prompt + accepted tokens, and the client sees what an undisturbed run gives."""
+    prompt + accepted tokens, and the client sees what an undisturbed run (without
+    speculation) gives."""
     prompt, params = list(range(60, 72)), seeded(16, seed=5, n=2)
-    first, second = make_llm(), make_llm()
-    [undisturbed] = token_ids(second.generate([prompt], params))
+    first, second = make_llm(speculative=speculative), make_llm(speculative=speculative)
+    [undisturbed] = token_ids(make_llm().generate([prompt], params))
 
     async def run() -> list[list[int]]:
         losing = LosingHandle(first.make_handle(), results=4)

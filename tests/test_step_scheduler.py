@@ -25,7 +25,16 @@ run); explicit tests pin the exact boundaries (chunk caps, victims, stop rules, 
 Three bugs this found, each fixed with its test ("bugs this file found" below): a child forked
 in a step could be preempted (dropped) by the same plan; parents waiting to fork could hold the
 whole pool with nothing ever planned again; the prompt logprobs of an n > 1 request whose
-executor was lost between its fork and its first token were sent twice.
+executor was lost between its fork and its first token were sent twice. A fourth, found by the
+state machine once speculation joined its draws: an n > 1 request whose sequences were both
+preempted after the fork and before the first token gathered its prompt logprobs again from
+both, and cleared them when one was readmitted, so its first token came with none
+(Request.prompt_logprobs_complete).
+
+With speculation (`num_speculative_tokens`), the simulated executor proposes the toy model's
+tokens with every third or so off by one, and verifies them as the runner does: the streams
+must still be the reference's, and the mirrors run ahead of the scheduler by the proposals
+accepted in results not yet applied.
 """
 
 from __future__ import annotations
@@ -204,15 +213,32 @@ class SimExecutor:
         self._check_shared_blocks_are_full(holders, step)
 
         assert len(plan.work) <= self.limits.max_num_seqs, f"step {step}: too many sequences"
-        assert sum(w.num_tokens for w in plan.work) <= self.limits.max_num_batched_tokens, (
-            f"step {step}: over the token budget")
+        assert sum(w.num_tokens + w.num_lookahead_tokens for w in plan.work) <= \
+            self.limits.max_num_batched_tokens, f"step {step}: over the token budget"
         assert len({w.request_id for w in plan.work}) == len(plan.work), "scheduled twice"
         result = executor_pb2.StepResult(step_id=step)
         for work in plan.work:
-            output = self._compute(work, holders, step)
+            output = self._compute(work, holders, result, step)
             if output is not None:
                 result.outputs.append(output)
         return result
+
+    def _propose(self, mirror: Mirror, work: executor_pb2.ScheduledWork) -> list[int]:
+        """Speculative proposals as the runner bounds them (its blocks, max_tokens, the model
+        length), each the toy model's next token but every third or so off by one, so that
+        proposals are accepted and rejected."""
+        known = len(mirror.token_ids)
+        room = min(work.num_lookahead_tokens, len(mirror.block_ids) * self.block_size - known,
+                   self.limits.max_model_len - known - 1)
+        if mirror.sampling.HasField("max_tokens"):
+            room = min(room, mirror.sampling.max_tokens - (known - mirror.num_prompt_tokens) - 1)
+        drafts: list[int] = []
+        for j in range(max(0, room)):
+            token = self.model(mirror.token_ids + drafts, mirror.num_prompt_tokens,
+                               mirror.seq_index)
+            wrong = (known + j + 3 * mirror.seq_index) % 3 == 0
+            drafts.append((token + 1) % VOCAB if wrong else token)
+        return drafts
 
     def _create(self, new: executor_pb2.NewRequest, step: int) -> None:
         assert new.request_id not in self.mirrors, f"step {step}: {new.request_id} exists"
@@ -255,7 +281,8 @@ class SimExecutor:
                     f"for {seq_id}")
 
     def _compute(self, work: executor_pb2.ScheduledWork, holders: dict[int, set[str]],
-                 step: int) -> executor_pb2.RequestOutput | None:
+                 result: executor_pb2.StepResult, step: int
+                 ) -> executor_pb2.RequestOutput | None:
         seq_id, bs = work.request_id, self.block_size
         mirror = self.mirrors[seq_id]
         for block_id in work.new_block_ids:
@@ -267,13 +294,23 @@ class SimExecutor:
         assert end <= len(mirror.token_ids), f"step {step}: {seq_id} computes unknown tokens"
         assert end <= self.limits.max_model_len
         assert len(mirror.block_ids) * bs >= end, f"step {step}: {seq_id} lacks blocks"
+        assert work.num_lookahead_tokens <= self.limits.num_speculative_tokens
+        drafts = []
+        if work.num_lookahead_tokens:
+            assert work.num_tokens == 1 and end == len(mirror.token_ids), (
+                f"step {step}: {seq_id} has a lookahead but does not decode its last token")
+            drafts = self._propose(mirror, work)
+            result.num_draft_tokens += len(drafts)
         self._check_prefix(seq_id, start, step)
-        for position in range(start, end):
+        keys = [mirror.key(position) for position in range(start, end)]
+        for draft in drafts:  # the proposals' K/V, after the known tokens'
+            keys.append(kv_key(keys[-1], draft))
+        for position, key in enumerate(keys, start=start):
             block_id = mirror.block_ids[position // bs]
             assert holders[block_id] == {seq_id}, (
                 f"step {step}: {seq_id} writes block {block_id}, held by "
                 f"{sorted(holders[block_id])}")
-            self.kv.setdefault(block_id, [None] * bs)[position % bs] = mirror.key(position)
+            self.kv.setdefault(block_id, [None] * bs)[position % bs] = key
         mirror.num_computed = end
         output = executor_pb2.RequestOutput(request_id=seq_id)
         wants_prompt_logprobs = (mirror.sampling.HasField("prompt_logprobs")
@@ -284,12 +321,18 @@ class SimExecutor:
             for q in range(start, min(end, mirror.num_prompt_tokens - 1)):
                 output.prompt_logprobs.append(prompt_logprob(q + 1, mirror.token_ids[q + 1]))
         if end == len(mirror.token_ids):  # computed its last known token: samples
-            token = self.model(mirror.token_ids, mirror.num_prompt_tokens, mirror.seq_index)
-            mirror.token_ids.append(token)
-            output.token_ids.append(token)
-            if mirror.sampling.HasField("logprobs"):
-                output.logprobs.add(chosen=common_pb2.TokenLogprob(token_id=token,
-                                                                   logprob=-0.5, rank=1))
+            # At its position and after each proposal; kept while they agree (runner.py).
+            for j in range(len(drafts) + 1):
+                token = self.model(mirror.token_ids, mirror.num_prompt_tokens,
+                                   mirror.seq_index)
+                mirror.token_ids.append(token)
+                output.token_ids.append(token)
+                if mirror.sampling.HasField("logprobs"):
+                    output.logprobs.add(chosen=common_pb2.TokenLogprob(token_id=token,
+                                                                       logprob=-0.5, rank=1))
+                if j == len(drafts) or token != drafts[j]:
+                    break
+                mirror.num_computed += 1  # the accepted proposal's K/V were computed
         elif not wants_prompt_logprobs:
             return None
         return output
@@ -307,6 +350,9 @@ class Config:
     max_model_len: int
     enable_prefix_caching: bool = True
     overlap: bool = False
+    # Speculative decoding: proposals per decode (0: none) and the batch-size threshold.
+    num_speculative_tokens: int = 0
+    speculative_disable_by_batch_size: int = 0
 
 
 @dataclass
@@ -338,7 +384,8 @@ class Harness:
         self.config = config
         self.model = model
         self.limits = StepLimits(config.max_num_seqs, config.max_num_batched_tokens,
-                                 config.max_model_len)
+                                 config.max_model_len, config.num_speculative_tokens,
+                                 config.speculative_disable_by_batch_size)
         self.salts: dict[str, bytes] = {}
         self.submitted: dict[str, Submitted] = {}
         # Tokens each queued sequence had when it was queued: the blocks it claims.
@@ -481,8 +528,12 @@ class Harness:
             plan.dropped_request_ids)
         assert not forked_and_dropped, \
             f"step {plan.step_id} forks and drops {sorted(forked_and_dropped)}"
-        tokens = sum(w.num_tokens for w in plan.work)
+        tokens = sum(w.num_tokens + w.num_lookahead_tokens for w in plan.work)
         assert tokens <= limits.max_num_batched_tokens
+        threshold = limits.speculative_disable_by_batch_size
+        if threshold and len(running_before) > threshold:
+            assert not any(w.num_lookahead_tokens for w in plan.work), (
+                f"step {plan.step_id} speculates with {len(running_before)} running")
         assert len(plan.work) <= limits.max_num_seqs
         self.num_plans += 1
         self.num_scheduled_tokens += tokens
@@ -521,13 +572,19 @@ class Harness:
         """The executor's mirrors are the running sequences, with the scheduler's tables."""
         running = {s.seq_id: s for s in self.scheduler.running}
         assert set(self.executor.mirrors) == set(running)
+        # Proposals accepted in steps whose results the scheduler has not applied yet: the
+        # executor has computed and appended them, the scheduler does not know them yet.
+        pending: dict[str, int] = defaultdict(int)
+        for result in self.in_flight:
+            for output in result.outputs:
+                pending[output.request_id] += max(0, len(output.token_ids) - 1)
         for seq_id, seq in running.items():
             mirror = self.executor.mirrors[seq_id]
             assert mirror.block_ids == self.blocks.block_table(seq_id), seq_id
-            assert mirror.num_computed == seq.num_computed, seq_id
+            assert mirror.num_computed == seq.num_computed + pending[seq_id], seq_id
             # Known to the executor: the accepted tokens plus those sampled in steps whose
             # results have not been applied yet.
-            assert len(mirror.token_ids) == seq.num_known_tokens, seq_id
+            assert len(mirror.token_ids) == seq.num_known_tokens + pending[seq_id], seq_id
             assert mirror.token_ids[:len(seq.token_ids)] == seq.token_ids, seq_id
 
     def check_blocks(self) -> None:
@@ -604,9 +661,11 @@ def sampling_params(**fields) -> common_pb2.SamplingParams:
 def harness(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
             max_num_batched_tokens: int = 64, max_model_len: int = 64,
             enable_prefix_caching: bool = True, overlap: bool = False,
-            model: Model = toy_model) -> Harness:
+            model: Model = toy_model, speculative: int = 0,
+            disable_by_batch_size: int = 0) -> Harness:
     return Harness(Config(num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
-                          max_model_len, enable_prefix_caching, overlap), model)
+                          max_model_len, enable_prefix_caching, overlap, speculative,
+                          disable_by_batch_size), model)
 
 
 def prompt_of(length: int, start: int = 2) -> list[int]:
@@ -1488,14 +1547,16 @@ class StepSchedulerMachine(RuleBasedStateMachine):
     @initialize(data=st.data(), block_size=st.sampled_from([1, 2, 4]),
                 max_model_len=st.integers(6, 28), max_num_seqs=st.integers(MAX_N, 8),
                 budget=st.integers(3, 40), caching=st.sampled_from([True, True, True, False]),
-                overlap=st.booleans())
-    def setup(self, data, block_size, max_model_len, max_num_seqs, budget, caching, overlap):
+                overlap=st.booleans(), speculative=st.sampled_from([0, 0, 1, 3]),
+                disable_by_batch_size=st.sampled_from([0, 0, 2]))
+    def setup(self, data, block_size, max_model_len, max_num_seqs, budget, caching, overlap,
+              speculative, disable_by_batch_size):
         # Room for one sequence at full length plus a fork's block copies, so that every
         # request can finish, and not much more: concurrent requests must preempt each other.
         per_seq = -(-max_model_len // block_size)
         num_blocks = data.draw(st.integers(per_seq + MAX_N, 2 * per_seq + MAX_N))
         self.h = Harness(Config(num_blocks, block_size, max_num_seqs, budget, max_model_len,
-                                caching, overlap))
+                                caching, overlap, speculative, disable_by_batch_size))
         self.prompts = [data.draw(st.lists(TOKENS, min_size=max_model_len - 1,
                                            max_size=max_model_len - 1))]
 
@@ -1561,3 +1622,46 @@ TestStepSchedulerStateful = StepSchedulerMachine.TestCase
 TestStepSchedulerStateful.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None, derandomize=True,
     phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- speculative decoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_speculation_keeps_every_stream_and_gives_every_block_back(overlap):
+    """Proposals accepted and rejected, on a pool small enough to preempt, with a request
+    aborted and the executor lost midway: every stream is the reference's, nothing leaks."""
+    h = harness(num_blocks=40, block_size=2, max_model_len=24, overlap=overlap, speculative=3)
+    ids = [h.submit(prompt_of(5 + i), sampling_params(max_tokens=15 + i)) for i in range(4)]
+    ids.append(h.submit(prompt_of(6, start=3), sampling_params(n=2, prompt_logprobs=1)))
+    ids.append(h.submit(prompt_of(4), sampling_params(logprobs=1, stop_token_ids=[5])))
+    for _ in range(3):
+        h.advance()
+    h.abort(ids[1])
+    h.advance()
+    before = h.scheduler.counters  # the lost pool's
+    h.lose_executor()
+    h.run()
+    h.check_outcomes()
+    accepted, drafts = (before.accepted_tokens + h.scheduler.counters.accepted_tokens,
+                        before.draft_tokens + h.scheduler.counters.draft_tokens)
+    assert 0 < accepted < drafts
+    assert before.speculative_decodes > 0 and h.scheduler.counters.speculative_decodes > 0
+
+
+def test_no_proposals_above_the_batch_size_threshold():
+    h = harness(speculative=2, disable_by_batch_size=2)
+    h.submit(prompt_of(4), sampling_params(max_tokens=6))
+    h.run()
+    alone = [w.num_lookahead_tokens for p in h.plans for w in p.work]
+    assert alone[0] == 0 and max(alone) == 2  # the prefill, then decodes that speculate
+    h = harness(speculative=2, disable_by_batch_size=2)
+    for i in range(3):
+        h.submit(prompt_of(4 + i), sampling_params(max_tokens=6))
+    h.schedule()
+    h.process_next()
+    plan = h.schedule()
+    assert len(h.scheduler.running) == 3
+    assert [w.num_lookahead_tokens for w in plan.work] == [0, 0, 0]
+    h.run()
+    h.check_outcomes()

@@ -30,6 +30,10 @@ class EngineCounters:
     preemptions: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
+    # Speculative decoding: decodes planned with proposals, proposals verified and accepted.
+    spec_decode_drafts: int = 0
+    spec_decode_draft_tokens: int = 0
+    spec_decode_accepted_tokens: int = 0
 
     @classmethod
     def of(cls, llm) -> EngineCounters:
@@ -38,7 +42,10 @@ class EngineCounters:
                    scheduled_tokens=scheduler.scheduled_tokens,
                    preemptions=scheduler.preemptions,
                    prefix_queried_tokens=prefix.queried_tokens,
-                   prefix_hit_tokens=prefix.hit_tokens)
+                   prefix_hit_tokens=prefix.hit_tokens,
+                   spec_decode_drafts=scheduler.speculative_decodes,
+                   spec_decode_draft_tokens=scheduler.draft_tokens,
+                   spec_decode_accepted_tokens=scheduler.accepted_tokens)
 
     def __sub__(self, other: EngineCounters) -> EngineCounters:
         return EngineCounters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
@@ -48,7 +55,14 @@ class EngineCounters:
                 "mean_batch_size": self.sequences / self.steps if self.steps else 0.0,
                 "mean_tokens_per_step": self.scheduled_tokens / self.steps if self.steps else 0.0,
                 "prefix_hit_rate": (self.prefix_hit_tokens / self.prefix_queried_tokens
-                                    if self.prefix_queried_tokens else 0.0)}
+                                    if self.prefix_queried_tokens else 0.0),
+                "spec_decode_acceptance_rate": (
+                    self.spec_decode_accepted_tokens / self.spec_decode_draft_tokens
+                    if self.spec_decode_draft_tokens else 0.0),
+                # Tokens per decode that could speculate: 1 + the proposals it accepted.
+                "spec_decode_mean_accepted_length": (
+                    1 + self.spec_decode_accepted_tokens / self.spec_decode_drafts
+                    if self.spec_decode_drafts else 0.0)}
 
 
 @dataclass(frozen=True)
@@ -121,5 +135,8 @@ def format_result(result: ThroughputResult) -> str:
             ("Mean tokens per step", f"{d['mean_tokens_per_step']:.1f}"),
             ("Preemptions", d["preemptions"]),
             ("Prefix cache hit rate", f"{d['prefix_hit_rate']:.1%}")]
+    if d["spec_decode_drafts"]:
+        rows += [("Draft acceptance rate", f"{d['spec_decode_acceptance_rate']:.1%}"),
+                 ("Mean accepted length", f"{d['spec_decode_mean_accepted_length']:.2f}")]
     return "\n".join([" Offline Throughput Result ".center(50, "="),
                       *(f"{name + ':':<40}{value!s:>10}" for name, value in rows), "=" * 50])

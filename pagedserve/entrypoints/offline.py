@@ -235,7 +235,8 @@ class LLM:
                         params: list[common_pb2.SamplingParams]) -> list[RequestOutput]:
         handle = self.make_handle()
         lost: list[str] = []
-        loop = PoolLoop(self.scheduler, handle, self.overlap, failures_into(lost))
+        failed = asyncio.Event()
+        loop = PoolLoop(self.scheduler, handle, self.overlap, failures_into(lost, failed))
         collectors = []
         for prompt, sampling in zip(prompts, params, strict=True):
             collector = _Collector(f"offline-{next(self._ids)}", prompt, max(1, sampling.n))
@@ -247,7 +248,8 @@ class LLM:
         loop.notify()
         try:
             for collector in collectors:
-                await asyncio.wait({asyncio.ensure_future(collector.done.wait()), task},
+                await asyncio.wait({asyncio.ensure_future(collector.done.wait()), task,
+                                    asyncio.ensure_future(failed.wait())},
                                    return_when=asyncio.FIRST_COMPLETED)
                 if lost:
                     raise RuntimeError(f"the in-process executor failed: {lost[0]}")

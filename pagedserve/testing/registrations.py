@@ -22,4 +22,7 @@ def registration(executor_id: str, llm: LLM) -> scheduler_pb2.RegisterExecutorRe
                                         block_size=limits.block_size),
         limits=common_pb2.ExecutorLimits(
             max_num_seqs=limits.max_num_seqs, max_logprobs=limits.max_logprobs,
-            max_num_batched_tokens=llm.scheduler.limits.max_num_batched_tokens))
+            max_num_batched_tokens=llm.scheduler.limits.max_num_batched_tokens,
+            num_speculative_tokens=llm.scheduler.limits.num_speculative_tokens,
+            speculative_disable_by_batch_size=(
+                llm.scheduler.limits.speculative_disable_by_batch_size)))

@@ -32,6 +32,11 @@ from pagedserve.executor.models.weights import WeightLoadError
 from pagedserve.executor.parallel import TensorParallelError
 from pagedserve.executor.plan_checks import RunnerLimits
 from pagedserve.executor.runner import ModelRunner, RunnerMemory
+from pagedserve.executor.speculative import (
+    SpeculativeConfig,
+    SpeculativeConfigError,
+    parse_speculative_config,
+)
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
@@ -103,6 +108,7 @@ def build_runner(config: EngineConfig, model_dir: ModelDirectory, rank: int = 0,
         kernels = select_kernels(config.attention_backend, device)
     except KernelBackendError as exc:
         raise StartupError(f"--attention-backend: {exc}") from None
+    speculative = _speculative(config)  # before the slow load
     try:
         check_tensor_parallel(model_dir.path, size)
     except TensorParallelError as exc:
@@ -116,10 +122,19 @@ def build_runner(config: EngineConfig, model_dir: ModelDirectory, rank: int = 0,
     else:
         group = TensorParallelGroup(join_group(rank, size, init_method, device))
     try:
-        return _build_rank(config, model_dir, device, dtype, kernels, group)
+        return _build_rank(config, model_dir, device, dtype, kernels, group, speculative)
     except BaseException:
         group.close()
         raise
+
+
+def _speculative(config: EngineConfig) -> SpeculativeConfig | None:
+    if config.speculative_config is None:
+        return None
+    try:
+        return parse_speculative_config(config.speculative_config)
+    except SpeculativeConfigError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _require_fp8(device: torch.device, what: str, instead: str) -> None:
@@ -140,7 +155,8 @@ def _checkpoint_kind(quantization: str | None) -> str:
 
 
 def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.device,
-                dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup) -> ModelRunner:
+                dtype: torch.dtype, kernels: Kernels, group: TensorParallelGroup,
+                speculative: SpeculativeConfig | None) -> ModelRunner:
     tp = group.tp
     if config.quantization == "fp8":  # before the slow load
         _require_fp8(device, "--quantization fp8", "use int8 or w8a8_int8")
@@ -190,13 +206,16 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     limits = RunnerLimits(num_blocks=num_blocks, block_size=config.block_size,
                           max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens,
-                          max_model_len=max_model_len, max_logprobs=config.max_logprobs)
+                          max_model_len=max_model_len, max_logprobs=config.max_logprobs,
+                          max_lookahead_tokens=speculative.num_speculative_tokens
+                          if speculative else 0)
     log.info("model ready", model=str(model_dir.path), device=str(device),
              dtype=str(dtype).removeprefix("torch."), **dataclasses.asdict(memory),
              kernels=kernels.name, kv_blocks=num_blocks,
              block_size=config.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
-    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group, memory)
+    return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group, memory,
+                       speculative)
 
 
 def describe(executor_id: str, model_dir: ModelDirectory,
@@ -216,8 +235,12 @@ def describe(executor_id: str, model_dir: ModelDirectory,
                                         block_size=limits.block_size,
                                         dtype=memory.kv_cache_dtype,
                                         bytes_per_block=memory.kv_bytes_per_block),
-        limits=common_pb2.ExecutorLimits(max_num_seqs=limits.max_num_seqs,
-                                         max_num_batched_tokens=limits.max_num_batched_tokens,
-                                         max_logprobs=limits.max_logprobs),
+        limits=common_pb2.ExecutorLimits(
+            max_num_seqs=limits.max_num_seqs,
+            max_num_batched_tokens=limits.max_num_batched_tokens,
+            max_logprobs=limits.max_logprobs,
+            num_speculative_tokens=limits.max_lookahead_tokens,
+            speculative_disable_by_batch_size=(runner.speculative.disable_by_batch_size or 0)
+            if runner.speculative else 0),
         parallel=common_pb2.ParallelLayout(tensor_parallel_size=runner.tp.size),
         tokenizer=common_pb2.TokenizerFiles(files=model_dir.tokenizer_files()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 
 from pagedserve.runtime.flags import add_common_flags, passed_on
@@ -42,6 +43,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_logprobs: int = 20
+    # vLLM's --speculative-config JSON (executor/speculative.py); None: no speculation. The
+    # offline LLM takes a dict too (from_options writes it as JSON).
+    speculative_config: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -55,6 +59,8 @@ class EngineConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        if isinstance(options.get("speculative_config"), dict):
+            options["speculative_config"] = json.dumps(options["speculative_config"])
         return cls(**options)
 
     def to_argv(self) -> list[str]:
@@ -158,3 +164,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "profiled at this budget)")
     parser.add_argument("--max-logprobs", type=int, default=EngineConfig.max_logprobs,
                         help="most top logprobs per position a request may ask for")
+    parser.add_argument("--speculative-config", default=EngineConfig.speculative_config,
+                        help="speculative decoding, as vLLM's JSON: {\"method\": \"ngram\", "
+                             "\"num_speculative_tokens\": 3, \"prompt_lookup_max\": 4, "
+                             "\"prompt_lookup_min\": 2, \"disable_by_batch_size\": 16}; "
+                             "greedy and seeded outputs stay token for token what they are "
+                             "without it (docs/speculative_decoding.md); unset: none")

@@ -68,7 +68,7 @@ def check_plan(plan: executor_pb2.StepPlan, requests: Mapping[str, RequestState]
         if work.request_id in seen:
             raise PlanError(f"work: request {work.request_id!r} scheduled twice")
         seen.add(work.request_id)
-        total += work.num_tokens
+        total += work.num_tokens + work.num_lookahead_tokens  # proposals are computed too
         if work.request_id not in refused:
             try:
                 _check_work(work, state, limits)

@@ -120,12 +120,13 @@ class ModelRunner:
         for w in work:
             self.requests[w.request_id].block_ids.extend(w.new_block_ids)
         self._copy_blocks(plan.block_copies)
-        outputs = self._run(work) if work else []
+        outputs, num_drafts = self._run(work) if work else ([], 0)
         if refused:
             log.warning("requests refused from a step plan", step_id=plan.step_id,
                         refused=refused)
         return executor_pb2.StepResult(
             step_id=plan.step_id, outputs=outputs, execute_seconds=time.perf_counter() - started,
+            num_draft_tokens=num_drafts,
             failed_requests=[executor_pb2.RequestFailure(request_id=r, message=m)
                              for r, m in refused.items()])
 
@@ -162,7 +163,9 @@ class ModelRunner:
 
     # -- execution ----------------------------------------------------------------------
 
-    def _run(self, work: Sequence[executor_pb2.ScheduledWork]) -> list[executor_pb2.RequestOutput]:
+    def _run(self, work: Sequence[executor_pb2.ScheduledWork]
+             ) -> tuple[list[executor_pb2.RequestOutput], int]:
+        """The step's outputs, and how many proposals it verified."""
         proposals = {w.request_id: self._propose(self.requests[w.request_id], w)
                      for w in work if w.num_lookahead_tokens}
         # Single-token queries (decodes without proposals) first: the attention path batches
@@ -219,7 +222,7 @@ class ModelRunner:
                     output.logprobs.append(_position_logprobs(
                         sampled, row + j, token, mirror.sampling.params.logprobs))
             row += len(draft) + 1
-        return [outputs[i] for i in sorted(outputs)]
+        return [outputs[i] for i in sorted(outputs)], sum(map(len, drafts))
 
     def _propose(self, mirror: RequestMirror, work: executor_pb2.ScheduledWork) -> list[int]:
         """Proposals to verify after the request's last known token: at most the plan's budget,

@@ -88,7 +88,13 @@ class _SchedulerCollector:
                 ("pagedserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                  stats.prefix_cache_hit_tokens),
                 ("pagedserve_preemptions", "Sequences preempted", stats.num_preemptions),
-                ("pagedserve_scheduler_steps", "Steps planned", stats.num_steps)):
+                ("pagedserve_scheduler_steps", "Steps planned", stats.num_steps),
+                ("pagedserve_spec_decode_num_drafts", "Decodes planned with speculative "
+                 "proposals", stats.spec_decode_num_drafts),
+                ("pagedserve_spec_decode_num_draft_tokens", "Speculative proposals verified",
+                 stats.spec_decode_num_draft_tokens),
+                ("pagedserve_spec_decode_num_accepted_tokens", "Speculative proposals accepted",
+                 stats.spec_decode_num_accepted_tokens)):
             yield CounterMetricFamily(name, doc, value=value)
 
 

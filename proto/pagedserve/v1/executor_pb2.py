@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagedserve/v1/executor.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\xc5\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12/\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x19.pagedserve.v1.NewRequest\x12*\n\x04work\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.ScheduledWork\x12\x1b\n\x13\x64ropped_request_ids\x18\x04 \x03(\t\x12.\n\x0c\x62lock_copies\x18\x05 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\"\xd3\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x0f\n\x07\x66ork_of\x18\x04 \x01(\t\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x11\n\tseq_index\x18\x06 \x01(\r\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x08 \x01(\r\"l\n\rScheduledWork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x1c\n\x14num_lookahead_tokens\x18\x04 \x01(\r\"7\n\tBlockCopy\x12\x14\n\x0csrc_block_id\x18\x01 \x01(\r\x12\x14\n\x0c\x64st_block_id\x18\x02 \x01(\r\"\xac\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.RequestOutput\x12\x17\n\x0f\x65xecute_seconds\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x36\n\x0f\x66\x61iled_requests\x18\x05 \x03(\x0b\x32\x1d.pagedserve.v1.RequestFailure\"5\n\x0eRequestFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa3\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x38\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\"\x11\n\x0f\x44\x65scribeRequest\"\x90\x02\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12,\n\x08kv_cache\x18\x03 \x01(\x0b\x32\x1a.pagedserve.v1.KvCacheInfo\x12-\n\x06limits\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\x12/\n\x08parallel\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.ParallelLayout\x12\x30\n\ttokenizer\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.TokenizerFiles2\x96\x01\n\x08\x45xecutor\x12=\n\x03Run\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12K\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1f.pagedserve.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagedserve/v1/executor.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\xc5\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12/\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x19.pagedserve.v1.NewRequest\x12*\n\x04work\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.ScheduledWork\x12\x1b\n\x13\x64ropped_request_ids\x18\x04 \x03(\t\x12.\n\x0c\x62lock_copies\x18\x05 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\"\xd3\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x0f\n\x07\x66ork_of\x18\x04 \x01(\t\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x11\n\tseq_index\x18\x06 \x01(\r\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x08 \x01(\r\"l\n\rScheduledWork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x1c\n\x14num_lookahead_tokens\x18\x04 \x01(\r\"7\n\tBlockCopy\x12\x14\n\x0csrc_block_id\x18\x01 \x01(\r\x12\x14\n\x0c\x64st_block_id\x18\x02 \x01(\r\"\xc6\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.pagedserve.v1.RequestOutput\x12\x17\n\x0f\x65xecute_seconds\x18\x03 \x01(\x01\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x36\n\x0f\x66\x61iled_requests\x18\x05 \x03(\x0b\x32\x1d.pagedserve.v1.RequestFailure\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\"5\n\x0eRequestFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa3\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x38\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\"\x11\n\x0f\x44\x65scribeRequest\"\x90\x02\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12,\n\x08kv_cache\x18\x03 \x01(\x0b\x32\x1a.pagedserve.v1.KvCacheInfo\x12-\n\x06limits\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\x12/\n\x08parallel\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.ParallelLayout\x12\x30\n\ttokenizer\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.TokenizerFiles2\x96\x01\n\x08\x45xecutor\x12=\n\x03Run\x12\x17.pagedserve.v1.StepPlan\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x12K\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x1f.pagedserve.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKCOPY']._serialized_start=599
   _globals['_BLOCKCOPY']._serialized_end=654
   _globals['_STEPRESULT']._serialized_start=657
-  _globals['_STEPRESULT']._serialized_end=829
-  _globals['_REQUESTFAILURE']._serialized_start=831
-  _globals['_REQUESTFAILURE']._serialized_end=884
-  _globals['_REQUESTOUTPUT']._serialized_start=887
-  _globals['_REQUESTOUTPUT']._serialized_end=1050
-  _globals['_DESCRIBEREQUEST']._serialized_start=1052
-  _globals['_DESCRIBEREQUEST']._serialized_end=1069
-  _globals['_DESCRIBERESPONSE']._serialized_start=1072
-  _globals['_DESCRIBERESPONSE']._serialized_end=1344
-  _globals['_EXECUTOR']._serialized_start=1347
-  _globals['_EXECUTOR']._serialized_end=1497
+  _globals['_STEPRESULT']._serialized_end=855
+  _globals['_REQUESTFAILURE']._serialized_start=857
+  _globals['_REQUESTFAILURE']._serialized_end=910
+  _globals['_REQUESTOUTPUT']._serialized_start=913
+  _globals['_REQUESTOUTPUT']._serialized_end=1076
+  _globals['_DESCRIBEREQUEST']._serialized_start=1078
+  _globals['_DESCRIBEREQUEST']._serialized_end=1095
+  _globals['_DESCRIBERESPONSE']._serialized_start=1098
+  _globals['_DESCRIBERESPONSE']._serialized_end=1370
+  _globals['_EXECUTOR']._serialized_start=1373
+  _globals['_EXECUTOR']._serialized_end=1523
 # @@protoc_insertion_point(module_scope)

@@ -62,18 +62,20 @@ class BlockCopy(_message.Message):
     def __init__(self, src_block_id: _Optional[int] = ..., dst_block_id: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "outputs", "execute_seconds", "error", "failed_requests")
+    __slots__ = ("step_id", "outputs", "execute_seconds", "error", "failed_requests", "num_draft_tokens")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     outputs: _containers.RepeatedCompositeFieldContainer[RequestOutput]
     execute_seconds: float
     error: str
     failed_requests: _containers.RepeatedCompositeFieldContainer[RequestFailure]
-    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestOutput, _Mapping]]] = ..., execute_seconds: _Optional[float] = ..., error: _Optional[str] = ..., failed_requests: _Optional[_Iterable[_Union[RequestFailure, _Mapping]]] = ...) -> None: ...
+    num_draft_tokens: int
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestOutput, _Mapping]]] = ..., execute_seconds: _Optional[float] = ..., error: _Optional[str] = ..., failed_requests: _Optional[_Iterable[_Union[RequestFailure, _Mapping]]] = ..., num_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class RequestFailure(_message.Message):
     __slots__ = ("request_id", "message")

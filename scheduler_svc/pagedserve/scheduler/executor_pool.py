@@ -31,6 +31,7 @@ MAX_ADDRESS_CHARS = 256
 MAX_LABEL_CHARS = 32
 MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
 MAX_BLOCK_BYTES = 1 << 30  # 1 GiB per block (MAX_KV_BLOCKS of them stay below 2^64)
+MAX_SPECULATIVE_TOKENS = 64
 SESSION_TOKEN_CHARS = (32, 128)
 # An executor id or address is a plain printable token: it lands in logs, metrics labels and
 # the scheduler's dial target.
@@ -53,6 +54,10 @@ def check_description(description: scheduler_pb2.RegisterExecutorRequest
               ("limits.max_num_batched_tokens", limits.max_num_batched_tokens, 1,
                MAX_NUM_BATCHED_TOKENS),
               ("limits.max_logprobs", limits.max_logprobs, 0, model.vocab_size),
+              ("limits.num_speculative_tokens", limits.num_speculative_tokens, 0,
+               MAX_SPECULATIVE_TOKENS),
+              ("limits.speculative_disable_by_batch_size",
+               limits.speculative_disable_by_batch_size, 0, MAX_NUM_SEQS),
               ("model.eos_token_ids (count)", len(model.eos_token_ids), 0, MAX_EOS_TOKEN_IDS),
               ("model.model_id (characters)", len(model.model_id), 0, MAX_MODEL_ID_CHARS),
               # Reported in /metrics: bounded so that total_blocks x bytes_per_block (the
@@ -105,7 +110,8 @@ def schedule_executor(description: scheduler_pb2.RegisterExecutorRequest
                           extra_key=model.model_id.encode())
     scheduler = StepScheduler(
         blocks, StepLimits(limits.max_num_seqs, limits.max_num_batched_tokens,
-                           model.max_model_len),
+                           model.max_model_len, limits.num_speculative_tokens,
+                           limits.speculative_disable_by_batch_size),
         model.eos_token_ids)
     pool_limits = PoolLimits(max_model_len=model.max_model_len, num_blocks=kv.num_blocks,
                              block_size=kv.block_size, max_num_seqs=limits.max_num_seqs,

@@ -40,11 +40,17 @@ class LoopEvents:
     on_refused: Callable[[str, str], None]
 
 
-def failures_into(failures: list[str]) -> LoopEvents:
-    """Events that record every failure in `failures` (one in-process executor: the caller
-    raises on the first)."""
-    return LoopEvents(on_lost=lambda reason, wedged: failures.append(reason),
-                      on_refused=lambda request_id, reason: failures.append(
+def failures_into(failures: list[str], failed: asyncio.Event | None = None) -> LoopEvents:
+    """Events that record every failure in `failures`, and set `failed` (one in-process
+    executor: the caller raises on the first; a refused request ends no loop, so a caller
+    waiting for its output needs the event to wake)."""
+    def record(failure: str) -> None:
+        failures.append(failure)
+        if failed is not None:
+            failed.set()
+
+    return LoopEvents(on_lost=lambda reason, wedged: record(reason),
+                      on_refused=lambda request_id, reason: record(
                           f"the executor refused request {request_id}: {reason}"))
 
 

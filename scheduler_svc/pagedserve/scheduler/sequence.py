@@ -57,6 +57,12 @@ class Request:
         self.forks_first = self.n > 1 and self.num_prompt_tokens > 1
 
     @property
+    def prompt_logprobs_complete(self) -> bool:
+        """All of them gathered (one per prompt token): a sequence that computes the prompt
+        again (preempted, or a fork's child recomputed) adds none and clears none."""
+        return len(self.prompt_logprobs) == self.num_prompt_tokens
+
+    @property
     def finished(self) -> bool:
         return all(s.state is SeqState.FINISHED for s in self.seqs) and \
             len(self.seqs) == self.n

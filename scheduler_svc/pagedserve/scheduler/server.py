@@ -148,6 +148,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             stats.num_running += len(scheduler.running)
             stats.num_steps += scheduler.counters.steps
             stats.num_preemptions += scheduler.counters.preemptions
+            stats.spec_decode_num_drafts += scheduler.counters.speculative_decodes
+            stats.spec_decode_num_draft_tokens += scheduler.counters.draft_tokens
+            stats.spec_decode_num_accepted_tokens += scheduler.counters.accepted_tokens
             stats.prefix_cache_queried_tokens += blocks.stats.queried_tokens
             stats.prefix_cache_hit_tokens += blocks.stats.hit_tokens
             stats.executors.add(

@@ -13,6 +13,11 @@ tokens later. No new sequence is admitted in a step that had to preempt.
 Steps may overlap (plan N+1 sent before result N): a sequence's sampled-but-unseen tokens are
 counted in `num_in_flight`; when a result shows a sequence finished, whatever it sampled in a
 later step is discarded, never streamed.
+
+Speculative decoding (docs/speculative_decoding.md): where the executor speculates, a decode
+may verify up to `num_speculative_tokens` proposals the executor makes itself; the plan gives
+it that lookahead and the blocks for it, also for what a step in flight may accept before this
+one runs. A result of m tokens accepted m - 1 proposals, whose K/V that step computed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ class StepLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # The executor's speculative decoding: proposals per decode (0: none), and the running
+    # sequences above which a step verifies none (0: no limit).
+    num_speculative_tokens: int = 0
+    speculative_disable_by_batch_size: int = 0
 
     @property
     def contended_prefill_chunk(self) -> int:
@@ -44,6 +53,11 @@ class StepCounters:
     steps: int = 0
     preemptions: int = 0
     scheduled_tokens: int = 0
+    # Speculative decoding: decodes planned with a lookahead, proposals the executor verified,
+    # and those it accepted.
+    speculative_decodes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class StepScheduler:
@@ -170,6 +184,7 @@ class StepScheduler:
         for seq in self.running:
             (decodes if seq.compute_target() - seq.num_computed == 1 else prefills).append(seq)
         contended = self._prefills_contend()
+        lookahead = self._step_lookahead()
         for seq in decodes + prefills:
             if not (budget.seqs_left and budget.tokens_left):
                 break
@@ -184,11 +199,16 @@ class StepScheduler:
                 scheduled.update(id(s) for s in (seq, *forked))
             num_tokens = min(seq.compute_target() - seq.num_computed,
                              self._chunk_cap(budget, contended))
+            proposals = self._lookahead(seq, num_tokens, lookahead, budget)
             new_blocks = None
             while new_blocks is None:
                 try:
-                    new_blocks = self.blocks.allocate(seq.seq_id, seq.num_computed + num_tokens)
+                    new_blocks = self.blocks.allocate(
+                        seq.seq_id, self._slots_needed(seq, num_tokens, proposals))
                 except NoFreeBlocks:
+                    if proposals:  # speculation never preempts: the decode goes without
+                        proposals = 0
+                        continue
                     victim = self._pick_victim(exclude=scheduled)
                     if victim is None:  # only this step's fork is left: it computes later
                         break
@@ -196,8 +216,33 @@ class StepScheduler:
                     if victim is seq:
                         break
             if new_blocks is not None:
-                self._add_work(plan, seq, num_tokens, new_blocks, budget)
+                self._add_work(plan, seq, num_tokens, new_blocks, budget, proposals)
                 scheduled.add(id(seq))
+
+    def _step_lookahead(self) -> int:
+        """Proposals a decode may verify this step: none above the batch-size threshold."""
+        limit = self.limits.speculative_disable_by_batch_size
+        if limit and len(self.running) > limit:
+            return 0
+        return self.limits.num_speculative_tokens
+
+    def _lookahead(self, seq: Sequence, num_tokens: int, lookahead: int,
+                   budget: _Budget) -> int:
+        """A sequence's lookahead: only on a decode of its last known token, and no more than
+        its max_tokens, the model length (as far as known here) and the step's token budget
+        leave room for."""
+        if not lookahead or num_tokens != 1 or seq.num_computed + 1 != seq.num_known_tokens:
+            return 0
+        left = min(seq.request.max_output_tokens - seq.num_output_tokens,
+                   self.limits.max_model_len - len(seq.token_ids)) - seq.num_in_flight - 1
+        return max(0, min(lookahead, left, budget.tokens_left - 1))
+
+    def _slots_needed(self, seq: Sequence, num_tokens: int, proposals: int) -> int:
+        """Positions the sequence's blocks must hold for this step: its tokens, its proposals
+        and those a step in flight may have accepted before this one runs; never past the
+        model length (the executor proposes no more than the blocks hold)."""
+        slots = seq.num_computed + num_tokens + proposals * (1 + seq.num_in_flight)
+        return min(slots, max(self.limits.max_model_len, seq.num_computed + num_tokens))
 
     def _schedule_waiting(self, plan: executor_pb2.StepPlan, budget: _Budget) -> None:
         while self.waiting and budget.seqs_left and budget.tokens_left:
@@ -209,7 +254,7 @@ class StepScheduler:
             request = seq.request
             recompute_prompt = (request.sampling.HasField("prompt_logprobs")
                                 and not request.first_delta_sent)
-            if recompute_prompt:
+            if recompute_prompt and not request.prompt_logprobs_complete:
                 request.prompt_logprobs.clear()  # a preempted chunked prefill starts over
             computed = self.blocks.admit(seq.seq_id, seq.token_ids,
                                          use_cache=not recompute_prompt,
@@ -309,12 +354,14 @@ class StepScheduler:
         return forked
 
     def _add_work(self, plan, seq: Sequence, num_tokens: int, new_blocks: list[int],
-                  budget: _Budget) -> None:
-        plan.work.add(request_id=seq.seq_id, num_tokens=num_tokens, new_block_ids=new_blocks)
+                  budget: _Budget, lookahead: int = 0) -> None:
+        plan.work.add(request_id=seq.seq_id, num_tokens=num_tokens, new_block_ids=new_blocks,
+                      num_lookahead_tokens=lookahead)
         seq.num_computed += num_tokens
         if seq.num_computed == seq.num_known_tokens:
             seq.num_in_flight += 1  # this step computes its last known token: it samples
-        budget.take(num_tokens)
+        budget.take(num_tokens + lookahead)  # proposals are computed too
+        self.counters.speculative_decodes += lookahead > 0
 
     def _pick_victim(self, exclude: set[int]) -> Sequence | None:
         """The lowest-priority, latest-arrived running sequence not yet planned this step
@@ -355,6 +402,7 @@ class StepScheduler:
         A refusal of a sequence already gone (aborted, or refused in an overlapped step) is
         no news and left out."""
         refused = {}
+        self.counters.draft_tokens += result.num_draft_tokens
         for failure in result.failed_requests:
             seq = self.by_id.get(failure.request_id)
             if seq is None:
@@ -367,11 +415,15 @@ class StepScheduler:
             if seq is None or seq.state is SeqState.FINISHED:
                 continue  # finished or aborted while this step ran: discard
             request = seq.request
-            if output.prompt_logprobs:
+            if output.prompt_logprobs and not request.prompt_logprobs_complete:
                 request.prompt_logprobs.extend(output.prompt_logprobs)
             if not output.token_ids:
                 continue
             seq.num_in_flight -= 1
+            accepted = len(output.token_ids) - 1  # proposals, computed by that step
+            self.counters.accepted_tokens += accepted
+            if seq.state is SeqState.RUNNING:  # a preempted one recomputes from scratch
+                seq.num_computed += accepted
             self._accept(seq, output)
         return refused
 
