@@ -426,3 +426,19 @@ def test_every_step_of_an_engine_runs_on_its_one_step_thread(tiny_llama_dir, mon
     assert threading.current_thread() not in threads
     with pytest.raises(RuntimeError, match="this LLM is closed"):
         llm.generate([[1, 2, 3]], greedy(3))
+
+
+def test_a_refused_request_fails_the_offline_call_instead_of_hanging(tiny_llama_dir,
+                                                                     monkeypatch):
+    """The executor refusing a request (a plan it finds malformed) ends `generate` with the
+    reason: the engine waits on the refusal too, not only on the request's last token."""
+    import pagedserve.executor.runner as runner_module
+
+    def refuse_all(plan, state, limits, vocab_size):
+        return {w.request_id: "refused by the test" for w in plan.work}
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01)
+    monkeypatch.setattr(runner_module, "check_plan", refuse_all)
+    with llm, pytest.raises(RuntimeError, match="refused request offline-0: refused by the "
+                                                "test"):
+        llm.generate([[5, 6, 7]], greedy(4))
