@@ -174,3 +174,16 @@ def test_sampled_tokens_follow_the_distribution_they_follow_without_speculation(
     noise = distance(plain, other_plain)  # two samples without speculation: 0.26 measured
     # Measured 0.27 with speculation; accepting every proposal instead gives 0.35.
     assert distance(spec, other_plain) < noise + 0.04
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_ranks_speculate_as_one(tiny_llama_dir):
+    """Every rank proposes from its own mirror of the same tokens, so the ranks run the same
+    verification batch: two ranks give one rank's greedy tokens, with and without speculation."""
+    from pagedserve.v1 import common_pb2
+
+    params = common_pb2.SamplingParams(max_tokens=32, temperature=0.0)
+    single, _ = generate(tiny_llama_dir, [REPEATING, REPEATING[4:]], params)
+    split, counters = generate(tiny_llama_dir, [REPEATING, REPEATING[4:]], params,
+                               tensor_parallel_size=2, speculative_config=SPECULATIVE)
+    assert split == single and counters.accepted_tokens > 0

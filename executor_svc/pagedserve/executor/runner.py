@@ -17,6 +17,7 @@ not the batch or the executor.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,7 +180,8 @@ class ModelRunner:
                     m.num_computed, m.block_ids)
                 for m, w, d in zip(mirrors, ordered, drafts, strict=True)]
         batch = build_flat_batch(seqs, self.limits.block_size, self.device)
-        last_rows = batch.last_token_rows.tolist()
+        # Each sequence's last row, counted on the host (reading the batch's would sync).
+        last_rows = [end - 1 for end in itertools.accumulate(len(s.token_ids) for s in seqs)]
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)
             # A request samples when this step computes its last known token; with proposals,
@@ -190,7 +192,8 @@ class ModelRunner:
                     for row in range(last_rows[i] - len(drafts[i]), last_rows[i] + 1)]
             sampled, token_ids = None, []
             if samples:
-                logits = self.model.compute_logits(hidden[torch.tensor(rows)])
+                logits = self.model.compute_logits(
+                    hidden[torch.tensor(rows, device=hidden.device)])
                 if logits is not None:  # rank 0
                     states = [state for i in samples
                               for state in _verification_states(mirrors[i].sampling, drafts[i])]
