@@ -31,7 +31,9 @@ import urllib.request
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = REPO / "benchmarks" / "workloads"
 PAGEDSERVE = [sys.executable, "-m", "pagedserve"]
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+# 3 proposals: a verifying decode of 4 rows stays on the grouped kernel's few-rows path,
+# which 4 proposals (5 rows) leave (docs/performance.md, "Speculative decoding").
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
 
 
