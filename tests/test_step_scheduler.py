@@ -981,8 +981,10 @@ def test_how_a_sequence_ends(outputs, fields, max_model_len, streamed, reason, s
     assert final.HasField("stop_token_id") == (stop is not None)
 
 
-def standalone(num_blocks: int = 16, max_model_len: int = 64) -> StepScheduler:
-    return StepScheduler(BlockManager(num_blocks, 4), StepLimits(4, 64, max_model_len), [EOS])
+def standalone(num_blocks: int = 16, max_model_len: int = 64,
+               speculative: int = 0) -> StepScheduler:
+    return StepScheduler(BlockManager(num_blocks, 4),
+                         StepLimits(4, 64, max_model_len, speculative), [EOS])
 
 
 def make_request(request_id: str, prompt: list[int], sampling: common_pb2.SamplingParams,
@@ -1007,7 +1009,7 @@ def several_tokens(request_id: str, tokens: list[int]) -> executor_pb2.StepResul
     (dict(), [5, 6, 7], [5, 6, 7], UNFINISHED),
 ])
 def test_several_tokens_in_one_output_are_cut_at_the_end(fields, tokens, streamed, reason):
-    scheduler, deltas = standalone(max_model_len=64), []
+    scheduler, deltas = standalone(max_model_len=64, speculative=3), []
     scheduler.add(make_request("r", prompt_of(3), sampling_params(**fields, logprobs=0),
                                deltas))
     scheduler.schedule()
@@ -1019,7 +1021,7 @@ def test_several_tokens_in_one_output_are_cut_at_the_end(fields, tokens, streame
 
 
 def test_several_tokens_stop_at_the_context_limit():
-    scheduler, deltas = standalone(max_model_len=5), []
+    scheduler, deltas = standalone(max_model_len=5, speculative=2), []
     scheduler.add(make_request("r", prompt_of(3), sampling_params(), deltas))
     scheduler.schedule()
     scheduler.process(several_tokens("r", [5, 6, 7]))
@@ -1665,3 +1667,23 @@ def test_no_proposals_above_the_batch_size_threshold():
     assert [w.num_lookahead_tokens for w in plan.work] == [0, 0, 0]
     h.run()
     h.check_outcomes()
+
+
+@pytest.mark.parametrize("speculative", [0, 2])
+def test_more_tokens_than_a_step_can_verify_fail_the_request(speculative):
+    """An executor returning more tokens for a sequence than 1 + its proposals allow is
+    wrong: that request fails, naming it, and the others go on."""
+    h = harness(speculative=speculative)
+    bad, good = h.submit(prompt_of(4)), h.submit(prompt_of(5))
+    h.schedule()
+    result = h.in_flight.popleft()
+    output = next(o for o in result.outputs if o.request_id == bad)
+    output.token_ids.extend([3] * (speculative + 1))
+    refused = h.scheduler.process(result)
+    assert list(refused) == [bad]
+    assert f"returned {speculative + 2} tokens in one step" in refused[bad]
+    assert bad not in h.scheduler.requests and good in h.scheduler.requests
+    h.submitted[bad].aborted = True
+    h.run()
+    assert h.submitted[good].finish(0) is not None
+    assert h.blocks.num_used_blocks == 0

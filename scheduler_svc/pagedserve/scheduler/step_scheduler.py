@@ -421,6 +421,13 @@ class StepScheduler:
                 continue
             seq.num_in_flight -= 1
             accepted = len(output.token_ids) - 1  # proposals, computed by that step
+            if accepted > self.limits.num_speculative_tokens:  # the executor is wrong
+                refused[request.request_id] = (
+                    f"the executor returned {len(output.token_ids)} tokens in one step for "
+                    f"{seq.seq_id}, where at most {1 + self.limits.num_speculative_tokens} "
+                    "can be")
+                self.abort(request.request_id)
+                continue
             self.counters.accepted_tokens += accepted
             if seq.state is SeqState.RUNNING:  # a preempted one recomputes from scratch
                 seq.num_computed += accepted
