@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
+
+from pagedserve.testing.processes import running_stack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = REPO / "benchmarks" / "workloads"
@@ -35,12 +35,6 @@ PAGEDSERVE = [sys.executable, "-m", "pagedserve"]
 # which 4 proposals (5 rows) leave (docs/performance.md, "Speculative decoding").
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(base_url: str) -> dict[str, float]:
@@ -54,27 +48,9 @@ def metrics(base_url: str) -> dict[str, float]:
             if line.startswith(name + " ")}
 
 
-def start_stack(model: str | None, speculative: dict | None,
-                log: pathlib.Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [*PAGEDSERVE, "up", "--http-port", str(port), "--grpc-port", str(free_port()),
-               "--scheduler-port", str(free_port()), "--executor-port", str(free_port())]
-    command += ["--model", model] if model else ["--max-model-len", "2048"]
-    if speculative:
-        command += ["--speculative-config", json.dumps(speculative)]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base_url}/ready", timeout=2):
-                return process, base_url
-        except OSError:
-            if process.poll() is not None:
-                raise SystemExit(f"pagedserve up exited: see {log}") from None
-            time.sleep(1)
-    process.kill()
-    raise SystemExit(f"pagedserve up not ready in 600 s: see {log}")
+def stack_flags(model: str | None, speculative: dict | None) -> list[str]:
+    flags = ["--model", model] if model else ["--max-model-len", "2048"]
+    return flags + (["--speculative-config", json.dumps(speculative)] if speculative else [])
 
 
 def bench(base_url: str, workload: str, concurrency: int, num_prompts: int | None,
@@ -123,14 +99,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, config in (("off", None), ("ngram", speculative)):
                 log = scratch / f"{workload}-{concurrency}-{name}-{round_}.log"
-                process, base_url = start_stack(args.model, config, log)
-                try:
+                with running_stack(log, *stack_flags(args.model, config)) as base_url:
                     result = bench(base_url, workload, concurrency, args.num_prompts,
                                    args.input_grounded, scratch / "result.json")
                     counters = metrics(base_url)
-                finally:
-                    process.terminate()
-                    process.wait(timeout=60)
                 run = {"workload": workload, "concurrency": concurrency, "config": name,
                        "round": round_, "output_throughput": result["output_throughput"],
                        "mean_ttft_ms": result["mean_ttft_ms"],
