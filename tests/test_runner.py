@@ -4,11 +4,13 @@ copy-on-write, preemption by recompute, logprobs; and malformed plans that leave
 serving."""
 
 import dataclasses
+import pathlib
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models import load_model
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits
@@ -58,13 +60,30 @@ def make_runner(directory, speculative: SpeculativeConfig | None = None) -> Mode
     allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
     limits = LIMITS if speculative is None else dataclasses.replace(
         LIMITS, max_lookahead_tokens=speculative.num_speculative_tokens)
+    draft = None
+    if speculative is not None and speculative.method == "draft_model":
+        draft_model = load_model(pathlib.Path(speculative.model), torch.float32)
+        allocate_kv_cache(draft_model, LIMITS.num_blocks, BLOCK, torch.float32,
+                          torch.device("cpu"))
+        draft = DraftModel(draft_model, BLOCK, torch.device("cpu"), model.config.vocab_size)
     return ModelRunner(model, limits, eos_token_ids=[2], device=torch.device("cpu"),
-                       speculative=speculative)
+                       speculative=speculative, draft=draft)
 
 
-@pytest.fixture
-def runner(model_dir):
-    return make_runner(model_dir)
+def self_draft(directory) -> SpeculativeConfig:
+    """The model as its own draft (loaded twice: each copy has its own cache). Greedy, in
+    float32, the target then accepts every proposal: a draft cache that lost or misplaced a
+    token's K/V (after a chunk, a prefix hit, a fork's copy, a rejection) shows as a rejected
+    proposal."""
+    return SpeculativeConfig("draft_model", 3, model=str(directory))
+
+
+@pytest.fixture(params=["plain", "self-draft"])
+def runner(request, model_dir):
+    """The runner without speculation, and with the model as its own draft (its decodes then
+    verify 3 proposals each)."""
+    return make_runner(model_dir, self_draft(model_dir) if request.param == "self-draft"
+                       else None)
 
 
 def hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
@@ -86,6 +105,9 @@ class MiniScheduler:
         self.blocks: dict[str, list[int]] = {}
         self.outputs: dict[str, list[int]] = {}
         self.results: list[executor_pb2.StepResult] = []
+        # decode_all's proposals per decode: the most the runner verifies.
+        self.lookahead = runner.limits.max_lookahead_tokens
+        self.drafted = self.accepted = 0
 
     def new(self, rid, prompt, sampling=GREEDY, blocks=(), computed=0, fork_of="",
             num_prompt=None):
@@ -119,11 +141,21 @@ class MiniScheduler:
             self.known[output.request_id] += len(output.token_ids)
             # Accepted proposals (all but the last token of a verifying decode) were computed.
             self.computed[output.request_id] += max(0, len(output.token_ids) - 1)
+            self.accepted += max(0, len(output.token_ids) - 1)
+        self.drafted += result.num_draft_tokens
         self.results.append(result)
         return result
 
     def decode_all(self, rids):
-        return self.step(work=[self.work(r, 1) for r in rids])
+        return self.step(work=[self.work(r, 1, self.lookahead) for r in rids])
+
+    def check_self_draft(self):
+        """With the model as its own draft (greedy), every proposal was accepted; and the
+        draft's cache trails the model's by one token at most (the draft does not recompute)."""
+        if self.runner.draft is not None:
+            assert self.accepted == self.drafted > 0
+            for mirror in self.runner.requests.values():
+                assert mirror.num_computed - 1 <= mirror.num_draft_cached <= mirror.num_computed
 
 
 def test_staggered_arrivals_match_transformers(runner, hf_model):
@@ -141,6 +173,7 @@ def test_staggered_arrivals_match_transformers(runner, hf_model):
         s.decode_all([r for r in rids if len(s.outputs[r]) < NEW_TOKENS])
     for rid, prompt in zip(rids, PROMPTS, strict=True):
         assert s.outputs[rid][:NEW_TOKENS] == hf_greedy(hf_model, prompt), rid
+    s.check_self_draft()
 
 
 def test_chunked_prefill_and_prefix_hit_give_the_same_tokens(runner, hf_model):
@@ -166,9 +199,10 @@ def test_chunked_prefill_and_prefix_hit_give_the_same_tokens(runner, hf_model):
             hf_model(torch.tensor([prompt + expected])).logits[0], dim=-1)
     b_logprobs = [e.chosen.logprob for r in s.results for o in r.outputs
                   if o.request_id == "b" for e in o.logprobs]
-    for i, logprob in enumerate(b_logprobs):
+    for i, logprob in enumerate(b_logprobs[:NEW_TOKENS]):
         assert logprob == pytest.approx(float(reference[len(prompt) - 1 + i, expected[i]]),
                                         abs=1e-4)
+    s.check_self_draft()
 
 
 def test_forks_share_the_prompt_and_copy_the_partial_block(runner, hf_model):
@@ -186,16 +220,17 @@ def test_forks_share_the_prompt_and_copy_the_partial_block(runner, hf_model):
         s.decode_all(["p", "p.1"])
     expected = hf_greedy(hf_model, prompt)
     assert s.outputs["p"][:NEW_TOKENS] == expected
-    assert s.outputs["p.1"] == expected[1:len(s.outputs["p.1"]) + 1]
+    assert s.outputs["p.1"][:NEW_TOKENS - 1] == expected[1:]
     # Logprobs are continuous: they expose a fork that read a stale or missing block.
     with torch.no_grad():
         reference = torch.log_softmax(
             hf_model(torch.tensor([prompt + expected])).logits[0], dim=-1)
     fork_logprobs = [e.chosen.logprob for r in s.results for o in r.outputs
                      if o.request_id == "p.1" for e in o.logprobs]
-    for i, logprob in enumerate(fork_logprobs, start=1):
+    for i, logprob in enumerate(fork_logprobs[:NEW_TOKENS - 1], start=1):
         assert logprob == pytest.approx(float(reference[len(prompt) - 1 + i, expected[i]]),
                                         abs=1e-4)
+    s.check_self_draft()
 
 
 def test_preempted_request_recomputes_and_continues(runner, hf_model):
@@ -212,6 +247,7 @@ def test_preempted_request_recomputes_and_continues(runner, hf_model):
     while len(s.outputs["r"]) < NEW_TOKENS:
         s.decode_all(["r"])
     assert s.outputs["r"][:NEW_TOKENS] == hf_greedy(hf_model, prompt)
+    s.check_self_draft()
 
 
 def test_logprobs_and_prompt_logprobs_match_transformers(runner, hf_model):
@@ -235,7 +271,8 @@ def test_logprobs_and_prompt_logprobs_match_transformers(runner, hf_model):
         assert [t.token_id for t in entry.top] == reference[pos - 1].topk(2).indices.tolist()
 
     sampled = [e for r in s.results for o in r.outputs for e in o.logprobs]
-    assert len(sampled) == len(s.outputs["r"]) == 2
+    # One token from the prompt's last chunk, one from the decode, and its accepted proposals.
+    assert len(sampled) == len(s.outputs["r"]) == 2 + s.accepted
     for i, entry in enumerate(sampled):
         row = reference[len(prompt) - 1 + i]
         assert entry.chosen.token_id == s.outputs["r"][i] == int(row.argmax())
@@ -243,6 +280,7 @@ def test_logprobs_and_prompt_logprobs_match_transformers(runner, hf_model):
         assert entry.chosen.logprob == pytest.approx(float(row.max()), abs=1e-4)
         assert [t.logprob for t in entry.top] == pytest.approx(row.topk(3).values.tolist(),
                                                                abs=1e-4)
+    s.check_self_draft()
 
 
 def _new(rid: str, tokens, blocks=(0,), **sampling) -> executor_pb2.NewRequest:
@@ -338,8 +376,9 @@ def test_malformed_plans_are_rejected_without_side_effects(tiny_llama_dir, case)
     assert s.outputs["ok"] == hf_greedy(hf_model, PROMPTS[1])
 
 
-# Speculative decoding at the runner (docs/speculative_decoding.md): n-gram proposals verified in
-# the decode's forward pass. A prompt that repeats itself, so that prompt lookup proposes.
+# Speculative decoding at the runner (docs/speculative_decoding.md): n-gram or draft-model
+# proposals verified in the decode's forward pass. A prompt that repeats itself, so that prompt
+# lookup proposes.
 REPEATING = [5, 6, 7, 8, 9] * 3 + [5, 6]
 NGRAM = SpeculativeConfig("ngram", num_speculative_tokens=3, prompt_lookup_min=1,
                           prompt_lookup_max=3)
@@ -364,12 +403,15 @@ def speculative_run(runner: ModelRunner, sampling, lookahead: int, new_tokens: i
     common_pb2.SamplingParams(temperature=0.1, seed=3, repetition_penalty=1.02,
                               presence_penalty=0.05, min_tokens=12),
 ], ids=["greedy", "seeded", "seeded-penalties"])
-def test_verified_proposals_give_the_tokens_decoding_gives(model_dir, sampling):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_verified_proposals_give_the_tokens_decoding_gives(model_dir, sampling, method):
     """Greedy and seeded sequences draw each position's token as without speculation: the
     tokens, and their logprobs, are the same; and proposals were accepted (steps returned
-    several tokens), so the comparison covers verification."""
+    several tokens), so the comparison covers verification. The draft model is the model
+    itself (its argmax proposals then meet seeded draws at temperature 0.1 too)."""
     plain = speculative_run(make_runner(model_dir), sampling, lookahead=0)
-    spec = speculative_run(make_runner(model_dir, NGRAM), sampling, lookahead=3)
+    spec = speculative_run(make_runner(model_dir, NGRAM if method == "ngram"
+                                       else self_draft(model_dir)), sampling, lookahead=3)
     n = min(len(plain.outputs["r"]), len(spec.outputs["r"]))
     assert spec.outputs["r"][:n] == plain.outputs["r"][:n]
     assert max(len(o.token_ids) for r in spec.results for o in r.outputs) > 1
@@ -382,6 +424,22 @@ def test_verified_proposals_give_the_tokens_decoding_gives(model_dir, sampling):
                    strict=True)
     assert ids[0] == ids[1]
     assert lps[1] == pytest.approx(lps[0], abs=1e-4)
+
+
+def test_a_draft_model_unlike_the_model_changes_no_token(model_dir, tmp_path):
+    """Another model of the family (one layer, other weights) proposes what the model rarely
+    draws: greedy and seeded outputs stay the model's own, proposal after rejected proposal."""
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):  # Qwen2's per-layer attention kinds
+        config.layer_types = config.layer_types[:1]
+    draft = SpeculativeConfig("draft_model", 3, model=str(save_tiny_model(tmp_path, config, 1)))
+    for sampling in (GREEDY, common_pb2.SamplingParams(temperature=0.8, seed=11)):
+        plain = speculative_run(make_runner(model_dir), sampling, lookahead=0, new_tokens=24)
+        spec = speculative_run(make_runner(model_dir, draft), sampling, lookahead=3,
+                               new_tokens=24)
+        assert spec.drafted > spec.accepted
+        assert spec.outputs["r"][:24] == plain.outputs["r"][:24]
 
 
 @pytest.mark.parametrize("prompt, max_tokens, blocks, model_len, expected", [
@@ -403,7 +461,7 @@ def test_proposals_stay_within_max_tokens_the_blocks_and_the_model_length(
     # All but the last token cached: the next step decodes it.
     s.step(new=[s.new("r", prompt, sampling, blocks=range(blocks), computed=len(prompt) - 1)])
     work = executor_pb2.ScheduledWork(request_id="r", num_tokens=1, num_lookahead_tokens=3)
-    assert runner._propose(runner.requests["r"], work) == expected
+    assert runner._propose([work]).get("r", []) == expected
 
 
 @pytest.mark.parametrize("work, error", [

@@ -65,6 +65,13 @@ def test_the_config_takes_vllms_keys_and_defaults():
     assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": 3,
                                      "prompt_lookup_min": 2, "prompt_lookup_max": 4}) == \
         SpeculativeConfig("ngram", 3, 2, 4, None)
+    # A model and no method: a draft model, as in vLLM.
+    assert parse_speculative_config({"model": "/m", "num_speculative_tokens": 2}) == \
+        SpeculativeConfig("draft_model", 2, model="/m")
+    assert parse_speculative_config({"method": "draft_model", "model": "/m",
+                                     "num_speculative_tokens": 2,
+                                     "disable_by_batch_size": 8}) == \
+        SpeculativeConfig("draft_model", 2, disable_by_batch_size=8, model="/m")
 
 
 @pytest.mark.parametrize("text, named", [
@@ -79,6 +86,13 @@ def test_the_config_takes_vllms_keys_and_defaults():
      '"prompt_lookup_max": 2}', "prompt_lookup_min 4 exceeds prompt_lookup_max 2"),
     ('{"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}',
      "unsupported key\\(s\\) draft_tensor_parallel_size"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "model: method 'draft_model' "
+     "needs the draft's local directory"),
+    ('{"model": "", "num_speculative_tokens": 2}', "model: method 'draft_model' needs"),
+    ('{"model": "/m", "num_speculative_tokens": 2, "prompt_lookup_max": 3}',
+     "prompt_lookup_max does not apply to method 'draft_model'"),
+    ('{"method": "ngram", "model": "/m", "num_speculative_tokens": 2}',
+     "model does not apply to method 'ngram'"),
 ])
 def test_a_bad_config_is_refused_naming_the_key(text, named):
     with pytest.raises(SpeculativeConfigError, match=named):
@@ -104,8 +118,17 @@ def generate(model_dir, prompts, params, overlap=True, **engine):
             counters
 
 
+def speculation(method: str, model_dir) -> dict:
+    """Each method's config: prompt lookup, or the model as its own draft."""
+    if method == "ngram":
+        return SPECULATIVE
+    return {"model": str(model_dir), "num_speculative_tokens": 3}
+
+
 @pytest.mark.parametrize("overlap", [True, False])
-def test_the_engine_speculates_and_gives_the_tokens_it_gives_without(tiny_llama_dir, overlap):
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_the_engine_speculates_and_gives_the_tokens_it_gives_without(tiny_llama_dir, overlap,
+                                                                     method):
     """Greedy, seeded and n > 1 requests, with stop tokens and max_tokens in the middle of a
     run of accepted proposals: the same tokens and finish reasons as without speculation, in
     fewer steps, and no block left behind."""
@@ -118,7 +141,7 @@ def test_the_engine_speculates_and_gives_the_tokens_it_gives_without(tiny_llama_
               common_pb2.SamplingParams(max_tokens=23, temperature=0.0)]
     plain, plain_counters = generate(tiny_llama_dir, prompts, params, overlap)
     spec, counters = generate(tiny_llama_dir, prompts, params, overlap,
-                              speculative_config=SPECULATIVE)
+                              speculative_config=speculation(method, tiny_llama_dir))
     assert spec == plain
     assert counters.speculative_decodes > 0 and counters.draft_tokens > 0
     assert 0 < counters.accepted_tokens <= counters.draft_tokens
@@ -132,6 +155,61 @@ def test_a_bad_speculative_config_stops_the_start_naming_the_key(tiny_llama_dir)
     with pytest.raises(StartupError, match="num_speculative_tokens must be a positive"):
         LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01,
             speculative_config={"method": "ngram", "num_speculative_tokens": 0})
+
+
+def other_tokenizer(directory):
+    """A tokenizer like the tiny models' with two tokens' ids swapped."""
+    import json
+
+    from pagedserve.testing.tiny_models import byte_level_tokenizer
+
+    byte_level_tokenizer().save_pretrained(directory)
+    data = json.loads((directory / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case, error", [
+    ("missing", "--speculative-config.model .*/missing: no such file or directory"),
+    ("short", "its context length 64 is shorter than --max-model-len 128"),
+    ("tokenizer", "its tokenizer's vocabulary differs from"),
+])
+def test_a_draft_that_cannot_stand_in_for_the_model_is_refused_naming_it(
+        tiny_llama_dir, tmp_path, case, error):
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.runtime.serving import StartupError
+    from pagedserve.testing.tiny_models import save_tiny_llama
+
+    draft = tmp_path / case
+    if case == "short":
+        save_tiny_llama(draft, max_position_embeddings=64)
+    elif case == "tokenizer":
+        save_tiny_llama(draft)
+        other_tokenizer(draft)
+    with pytest.raises(StartupError, match=error):
+        LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01, max_model_len=128,
+            speculative_config={"model": str(draft), "num_speculative_tokens": 2})
+
+
+def test_a_draft_models_blocks_hold_both_caches(tiny_llama_dir, tmp_path):
+    """The same memory holds fewer blocks with a draft: each block holds the draft's K/V too;
+    the executor describes the sum, and the weights of both."""
+    from pagedserve.executor.bootstrap import build_runner, describe
+    from pagedserve.executor.config import EngineConfig
+    from pagedserve.executor.model_files import resolve_model
+    from pagedserve.testing.tiny_models import save_tiny_llama
+
+    draft = save_tiny_llama(tmp_path / "draft", num_hidden_layers=1)
+    model_dir = resolve_model(str(tiny_llama_dir), tmp_path)
+    alone, paired = (describe("e", model_dir, build_runner(EngineConfig(
+        model=str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01,
+        speculative_config=config), model_dir))
+        for config in (None, f'{{"model": "{draft}", "num_speculative_tokens": 2}}'))
+    # The draft has 1 of the model's 2 layers: a block costs 1.5x.
+    assert paired.kv_cache.bytes_per_block == alone.kv_cache.bytes_per_block * 3 // 2
+    assert paired.kv_cache.num_blocks == alone.kv_cache.num_blocks * 2 // 3
+    assert paired.model.weight_bytes > alone.model.weight_bytes
 
 
 def test_sampled_tokens_follow_the_distribution_they_follow_without_speculation(
@@ -177,13 +255,16 @@ def test_sampled_tokens_follow_the_distribution_they_follow_without_speculation(
 
 
 @pytest.mark.slow
-def test_two_tensor_parallel_ranks_speculate_as_one(tiny_llama_dir):
-    """Every rank proposes from its own mirror of the same tokens, so the ranks run the same
-    verification batch: two ranks give one rank's greedy tokens, with and without speculation."""
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_two_tensor_parallel_ranks_speculate_as_one(tiny_llama_dir, method):
+    """Every rank proposes from its own mirror of the same tokens (n-gram), or rank 0's draft
+    model proposes for all, so the ranks run the same verification batch: two ranks give one
+    rank's greedy tokens, with and without speculation."""
     from pagedserve.v1 import common_pb2
 
     params = common_pb2.SamplingParams(max_tokens=32, temperature=0.0)
     single, _ = generate(tiny_llama_dir, [REPEATING, REPEATING[4:]], params)
     split, counters = generate(tiny_llama_dir, [REPEATING, REPEATING[4:]], params,
-                               tensor_parallel_size=2, speculative_config=SPECULATIVE)
+                               tensor_parallel_size=2,
+                               speculative_config=speculation(method, tiny_llama_dir))
     assert split == single and counters.accepted_tokens > 0

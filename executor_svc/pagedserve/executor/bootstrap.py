@@ -5,13 +5,16 @@ service, the offline API and the followers of a tensor-parallel group."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Sequence
 
 import structlog
 import torch
+from torch import nn
 
 from pagedserve.executor.config import EngineConfig
+from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.kv_cache import (
     GIB,
     KvCacheSizeError,
@@ -21,7 +24,12 @@ from pagedserve.executor.kv_cache import (
     check_capacity,
     profile_cuda_blocks,
 )
-from pagedserve.executor.model_files import ModelDirectory
+from pagedserve.executor.model_files import (
+    ModelDirectory,
+    ModelLoadError,
+    default_cache_dir,
+    resolve_model,
+)
 from pagedserve.executor.models import (
     UnsupportedArchitectureError,
     check_tensor_parallel,
@@ -29,7 +37,7 @@ from pagedserve.executor.models import (
 )
 from pagedserve.executor.models.layers import bind_kernels, quantize_linears, weight_bytes
 from pagedserve.executor.models.weights import WeightLoadError
-from pagedserve.executor.parallel import TensorParallelError
+from pagedserve.executor.parallel import SINGLE, TensorParallelError
 from pagedserve.executor.plan_checks import RunnerLimits
 from pagedserve.executor.runner import ModelRunner, RunnerMemory
 from pagedserve.executor.speculative import (
@@ -179,19 +187,25 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
         quantize_linears(model, config.quantization)
     # Before the CUDA profiling pass, so that it measures the kernels that will run.
     bind_kernels(model, kernels)
-    context_len = int(model_dir.config.get("max_position_embeddings", 0)) or 2048
+    context_len = _context_length(model_dir)
     max_model_len = config.max_model_len or context_len
     if max_model_len > context_len:
         raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
                            f"length {context_len}")
+    draft = None
+    if speculative is not None and speculative.method == "draft_model" and tp.is_first:
+        draft = _load_draft(config, speculative.model, model_dir, dtype, kernels, device,
+                            max_model_len)
     kv_dtype = pick_kv_dtype(config.kv_cache_dtype, dtype)
+    per_block = bytes_per_block(model, config.block_size, kv_dtype)
+    draft_per_block = bytes_per_block(draft, config.block_size, kv_dtype) if draft else 0
     if device.type == "cuda":
         num_blocks = profile_cuda_blocks(model, config.block_size, kv_dtype, device,
                                          config.max_num_batched_tokens,
-                                         config.gpu_memory_utilization, max_model_len)
+                                         config.gpu_memory_utilization, max_model_len,
+                                         draft_per_block)
     else:
-        num_blocks = blocks_in(config.kv_cache_gib * GIB,
-                               bytes_per_block(model, config.block_size, kv_dtype))
+        num_blocks = blocks_in(config.kv_cache_gib * GIB, per_block + draft_per_block)
     try:
         # Block ids are shared by the ranks: the group holds what its smallest rank holds.
         num_blocks = check_capacity(tp.min_over_ranks(num_blocks), config.block_size,
@@ -199,10 +213,13 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     except KvCacheSizeError as exc:
         raise StartupError(str(exc)) from None
     allocate_kv_cache(model, num_blocks, config.block_size, kv_dtype, device)
+    if draft is not None:
+        # The draft's own pool, addressed by the same block ids (draft_model.py).
+        allocate_kv_cache(draft, num_blocks, config.block_size, kv_dtype, device)
     memory = RunnerMemory(quantization=model.quantization or "",
-                          weight_bytes=weight_bytes(model),
+                          weight_bytes=weight_bytes(model) + (weight_bytes(draft) if draft else 0),
                           kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
-                          kv_bytes_per_block=bytes_per_block(model, config.block_size, kv_dtype))
+                          kv_bytes_per_block=per_block + draft_per_block)
     limits = RunnerLimits(num_blocks=num_blocks, block_size=config.block_size,
                           max_num_seqs=config.max_num_seqs,
                           max_num_batched_tokens=config.max_num_batched_tokens,
@@ -215,7 +232,45 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
              block_size=config.block_size, tensor_parallel_rank=tp.rank,
              tensor_parallel_size=tp.size)
     return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group, memory,
-                       speculative)
+                       speculative, draft and DraftModel(draft, config.block_size, device,
+                                                         model.config.vocab_size))
+
+
+def _context_length(model_dir: ModelDirectory) -> int:
+    return int(model_dir.config.get("max_position_embeddings", 0)) or 2048
+
+
+DRAFT_FLAG = "--speculative-config.model"
+
+
+def _load_draft(config: EngineConfig, path: str, model_dir: ModelDirectory, dtype: torch.dtype,
+                kernels: Kernels, device: torch.device, max_model_len: int) -> nn.Module:
+    """The draft model of method draft_model, whole on this rank, in the model's dtype and
+    kernels (a quantized checkpoint as its config says); refused, naming the key, when it
+    cannot stand in for the model: another tokenizer, or a shorter context."""
+    try:
+        draft_dir = resolve_model(path, config.model_cache_dir or default_cache_dir(),
+                                  gguf_dequantize=config.gguf_dequantize, flag=DRAFT_FLAG)
+        draft = load_model(draft_dir.path, dtype, SINGLE).to(device)
+    except (ModelLoadError, UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
+        raise StartupError(f"cannot load the draft model: {exc}") from None
+    if _context_length(draft_dir) < max_model_len:
+        raise StartupError(f"{DRAFT_FLAG} {path}: its context length {_context_length(draft_dir)} "
+                           f"is shorter than --max-model-len {max_model_len}")
+    vocabularies = _vocabulary(draft_dir), _vocabulary(model_dir)
+    if None not in vocabularies and vocabularies[0] != vocabularies[1]:
+        raise StartupError(f"{DRAFT_FLAG} {path}: its tokenizer's vocabulary differs from "
+                           f"{model_dir.path}'s: a draft proposes the model's token ids")
+    bind_kernels(draft, kernels)
+    log.info("draft model ready", model=str(draft_dir.path), weight_bytes=weight_bytes(draft))
+    return draft
+
+
+def _vocabulary(model_dir: ModelDirectory) -> dict | None:
+    """The token -> id map of the directory's tokenizer.json (None without one: then the
+    vocabularies are not compared)."""
+    data = model_dir.tokenizer_files().get("tokenizer.json")
+    return json.loads(data)["model"].get("vocab") if data else None
 
 
 def describe(executor_id: str, model_dir: ModelDirectory,

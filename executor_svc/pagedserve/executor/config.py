@@ -167,6 +167,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", default=EngineConfig.speculative_config,
                         help="speculative decoding, as vLLM's JSON: {\"method\": \"ngram\", "
                              "\"num_speculative_tokens\": 3, \"prompt_lookup_max\": 4, "
-                             "\"prompt_lookup_min\": 2, \"disable_by_batch_size\": 16}; "
+                             "\"prompt_lookup_min\": 2, \"disable_by_batch_size\": 16}, or a "
+                             "draft model with the model's tokenizer: {\"model\": "
+                             "\"/path/to/draft\", \"num_speculative_tokens\": 3}; "
                              "greedy and seeded outputs stay token for token what they are "
                              "without it (docs/speculative_decoding.md); unset: none")

@@ -67,9 +67,11 @@ def check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> int:
 
 def profile_cuda_blocks(model: nn.Module, block_size: int, kv_dtype: torch.dtype,
                         device: torch.device, max_num_batched_tokens: int,
-                        gpu_memory_utilization: float, max_model_len: int) -> int:
-    """Blocks that fit in the device memory left after weights and peak activations (not
-    checked against max_model_len: see `check_capacity`)."""
+                        gpu_memory_utilization: float, max_model_len: int,
+                        draft_bytes_per_block: int = 0) -> int:
+    """Blocks that fit in the device memory left after weights (a draft model's included,
+    loaded before) and peak activations, each block also holding `draft_bytes_per_block` of
+    the draft's cache (not checked against max_model_len: see `check_capacity`)."""
     per_block = bytes_per_block(model, block_size, kv_dtype)
     # The full token budget as prompts of at most max_model_len tokens, over a throw-away
     # cache just large enough for them.
@@ -95,4 +97,5 @@ def profile_cuda_blocks(model: nn.Module, block_size: int, kv_dtype: torch.dtype
     bind_kv_caches(model, [(None, None)] * len(kv_cache_shape(model, 1, block_size)))
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    return max(0, blocks_in(total * gpu_memory_utilization - peak, per_block))
+    return max(0, blocks_in(total * gpu_memory_utilization - peak,
+                            per_block + draft_bytes_per_block))

@@ -141,9 +141,10 @@ def _read_config(path: pathlib.Path) -> dict:
 
 
 def resolve_model(model: str | None, cache_dir: pathlib.Path, served_name: str | None = None,
-                  gguf_dequantize: bool = False) -> ModelDirectory:
+                  gguf_dequantize: bool = False, flag: str = "--model") -> ModelDirectory:
     """The model directory for `--model` (None: the embedded default model); a GGUF file's
-    weights quantized as in the file, or dequantized to float32 (`gguf_dequantize`)."""
+    weights quantized as in the file, or dequantized to float32 (`gguf_dequantize`). Errors
+    name `flag`, the option that gave the path."""
     if model is None:
         path = converted_gguf_dir(embedded_gguf_path(), cache_dir, gguf_dequantize)
         default_name = DEFAULT_MODEL_NAME
@@ -154,9 +155,9 @@ def resolve_model(model: str | None, cache_dir: pathlib.Path, served_name: str |
         elif source.is_dir():
             path = source
         elif source.exists():
-            raise ModelLoadError(f"--model {model}: expected a model directory or a .gguf file")
+            raise ModelLoadError(f"{flag} {model}: expected a model directory or a .gguf file")
         else:
-            raise ModelLoadError(f"--model {model}: no such file or directory "
+            raise ModelLoadError(f"{flag} {model}: no such file or directory "
                                  "(models are loaded from local paths only)")
         default_name = source.name.removesuffix(".gguf")
     return ModelDirectory(path=path, served_name=served_name or default_name,

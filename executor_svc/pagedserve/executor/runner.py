@@ -7,6 +7,10 @@ applies it and runs the same forward pass, and rank 0 samples and broadcasts the
 so that every mirror appends the same ones (tp_group.py owns the group). Only rank 0's results
 are sent.
 
+With speculative decoding (speculative.py) a decode may verify proposals in its forward pass:
+n-gram ones each rank finds in its own mirror, or a draft model's (draft_model.py), which rank
+0 runs and broadcasts.
+
 A plan is validated completely before anything changes (plan_checks.py): a request whose part
 is malformed is refused alone, its mirror dropped, and the rest of the step runs; the
 StepResult names it and why. A plan malformed as a whole raises PlanError and leaves every
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.draft_model import DraftModel, DraftSequence
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits, check_plan
 from pagedserve.executor.sampler import (
     Sampler,
@@ -65,15 +70,19 @@ class RequestMirror:
     block_ids: list[int]
     seq_index: int
     sampling: SequenceSamplingState
+    # Leading tokens whose K/V are in the draft model's cache (draft_model.py), when there is
+    # one: num_computed or one less.
+    num_draft_cached: int = 0
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
                  device: torch.device, group: TensorParallelGroup = NO_GROUP,
                  memory: RunnerMemory = RunnerMemory(),
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, draft: DraftModel | None = None):
         self.model = model
         self.speculative = speculative
+        self.draft = draft  # rank 0's, for method draft_model
         self.limits = limits
         self.memory = memory
         self.eos_token_ids = tuple(eos_token_ids)
@@ -132,10 +141,13 @@ class ModelRunner:
                              for r, m in refused.items()])
 
     def _mirror(self, new: executor_pb2.NewRequest) -> RequestMirror:
+        # A cached prefix was computed by the draft too, all but maybe a fork's last token.
+        num_draft_cached = new.num_computed_tokens
         if new.fork_of:
             parent = self.requests[new.fork_of]
             token_ids, num_prompt = list(parent.token_ids), parent.num_prompt_tokens
             params = parent.sampling.params
+            num_draft_cached = min(num_draft_cached, parent.num_draft_cached)
         else:
             token_ids, num_prompt, params = list(new.token_ids), new.num_prompt_tokens, new.sampling
         sampling = SequenceSamplingState(
@@ -144,14 +156,16 @@ class ModelRunner:
             seed=sequence_seed(params, new.seq_index))
         return RequestMirror(token_ids=token_ids, num_prompt_tokens=num_prompt,
                              num_computed=new.num_computed_tokens, block_ids=list(new.block_ids),
-                             seq_index=new.seq_index, sampling=sampling)
+                             seq_index=new.seq_index, sampling=sampling,
+                             num_draft_cached=num_draft_cached)
 
     def _copy_blocks(self, copies: Sequence[executor_pb2.BlockCopy]) -> None:
         if not copies:
             return
         src = torch.tensor([c.src_block_id for c in copies], device=self.device)
         dst = torch.tensor([c.dst_block_id for c in copies], device=self.device)
-        for module in self.model.modules():
+        models = [self.model] + ([self.draft.model] if self.draft else [])
+        for module in (m for model in models for m in model.modules()):
             cache = getattr(module, "kv_cache", None)
             if cache is not None:
                 for tensor in cache:
@@ -167,8 +181,7 @@ class ModelRunner:
     def _run(self, work: Sequence[executor_pb2.ScheduledWork]
              ) -> tuple[list[executor_pb2.RequestOutput], int]:
         """The step's outputs, and how many proposals it verified."""
-        proposals = {w.request_id: self._propose(self.requests[w.request_id], w)
-                     for w in work if w.num_lookahead_tokens}
+        proposals = self._propose(work)
         # Single-token queries (decodes without proposals) first: the attention path batches
         # them.
         ordered = sorted(work, key=lambda w: w.num_tokens + len(proposals.get(w.request_id, ()))
@@ -206,6 +219,7 @@ class ModelRunner:
         outputs = {}
         for i, mirror in enumerate(mirrors):
             mirror.num_computed += ordered[i].num_tokens
+            mirror.num_draft_cached = mirror.num_computed
             if i in prompt_lps:
                 outputs[i] = executor_pb2.RequestOutput(request_id=ordered[i].request_id,
                                                         prompt_logprobs=prompt_lps[i])
@@ -215,6 +229,8 @@ class ModelRunner:
             drawn = token_ids[row:row + len(draft) + 1]
             accepted = accepted_length(draft, drawn)
             mirror.num_computed += accepted  # the accepted proposals' K/V were computed
+            # The draft ran every proposal but the last.
+            mirror.num_draft_cached += min(accepted, max(len(draft) - 1, 0))
             output = outputs.setdefault(i, executor_pb2.RequestOutput(
                 request_id=ordered[i].request_id))
             for j, token in enumerate(drawn[:accepted + 1]):
@@ -227,9 +243,32 @@ class ModelRunner:
             row += len(draft) + 1
         return [outputs[i] for i in sorted(outputs)], sum(map(len, drafts))
 
-    def _propose(self, mirror: RequestMirror, work: executor_pb2.ScheduledWork) -> list[int]:
-        """Proposals to verify after the request's last known token: at most the plan's budget,
-        and no more than its blocks hold, its max_tokens leave or the model length allows."""
+    def _propose(self, work: Sequence[executor_pb2.ScheduledWork]) -> dict[str, list[int]]:
+        """The proposals each request verifies this step."""
+        rooms = {w.request_id: self._room(self.requests[w.request_id], w)
+                 for w in work if w.num_lookahead_tokens}
+        config = self.speculative
+        if config is None:
+            return {}
+        if config.method == "ngram":
+            return {rid: propose_ngram(np.asarray(self.requests[rid].token_ids), room,
+                                       config.prompt_lookup_min,
+                                       config.prompt_lookup_max).tolist()
+                    for rid, room in rooms.items() if room > 0}
+        proposed = []
+        if self.draft is not None:
+            # Every request runs through the draft, keeping its cache up to date.
+            proposed = self.draft.propose([self._draft_sequence(w, rooms.get(w.request_id, 0))
+                                           for w in work])
+        if not any(room > 0 for room in rooms.values()):
+            return {}
+        proposed = self._from_first_rank(proposed, len(work))
+        return {w.request_id: p for w, p in zip(work, proposed, strict=True) if p}
+
+    def _room(self, mirror: RequestMirror, work: executor_pb2.ScheduledWork) -> int:
+        """How many proposals a request may verify after its last known token: at most the
+        plan's budget, and no more than its blocks hold, its max_tokens leave or the model
+        length allows (0 or less: none)."""
         known = len(mirror.token_ids)
         params = mirror.sampling.params
         room = min(work.num_lookahead_tokens,
@@ -237,11 +276,23 @@ class ModelRunner:
                    self.limits.max_model_len - known - 1)
         if params.HasField("max_tokens"):
             room = min(room, params.max_tokens - len(mirror.sampling.output_token_ids) - 1)
-        if room < 1:
-            return []
-        config = self.speculative
-        return propose_ngram(np.asarray(mirror.token_ids), room, config.prompt_lookup_min,
-                             config.prompt_lookup_max).tolist()
+        return room
+
+    def _draft_sequence(self, work: executor_pb2.ScheduledWork, room: int) -> DraftSequence:
+        mirror = self.requests[work.request_id]
+        return DraftSequence(mirror.token_ids, mirror.num_draft_cached,
+                             mirror.num_computed + work.num_tokens, mirror.block_ids,
+                             max(room, 0))
+
+    def _from_first_rank(self, proposed: list[list[int]], num_work: int) -> list[list[int]]:
+        """Rank 0's proposals on every rank (as they are with one rank)."""
+        if self.tp.size == 1:
+            return proposed
+        table = torch.full((num_work, self.limits.max_lookahead_tokens), -1, dtype=torch.long)
+        for row, tokens in enumerate(proposed):
+            table[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        table = self.tp.broadcast_from_first(table.to(self.device)).tolist()
+        return [[t for t in row if t >= 0] for row in table]
 
     def _prompt_logprobs(self, hidden, last_rows, mirrors, ordered) -> dict[int, list]:
         """Logprobs of each prompt token computed this step (after the first), when asked."""

@@ -1,14 +1,15 @@
 """Speculative decoding (docs/speculative_decoding.md): the `--speculative-config` the executor
-takes (vLLM's JSON keys and method names), and the n-gram proposer (prompt lookup).
+takes (vLLM's JSON keys and method names), and the n-gram proposer (prompt lookup); the
+draft-model proposer is draft_model.py.
 
 How a proposal is verified is decided by what the proposer gives: one token per position (a
 point mass), never a distribution. Then rejection sampling reduces to drawing the target's own
 token at each proposed position and keeping the proposal while the two agree (`accepted_length`):
 a proposal d is kept with probability p(d), and on a mismatch the target's draw, which is a draw
 from p given that it is not d, is the corrected token, exactly what rejection sampling with a
-point-mass proposal gives. And since a seeded draw depends only on the sequence's seed and
-position (sampler.py), a seeded or greedy sequence gets the tokens it gets without speculation,
-token for token.
+point-mass proposal gives (a draft model proposes its argmax, for that reason). And since a
+seeded draw depends only on the sequence's seed and position (sampler.py), a seeded or greedy
+sequence gets the tokens it gets without speculation, token for token.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # vLLM's defaults for prompt lookup when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
+# Each key and the method it applies to ("": every method).
+KEYS = {"method": "", "num_speculative_tokens": "", "disable_by_batch_size": "",
+        "prompt_lookup_min": "ngram", "prompt_lookup_max": "ngram", "model": "draft_model"}
 # More proposals per step than this cost a verification forward more than they can save.
 MAX_SPECULATIVE_TOKENS = 16
 
@@ -38,6 +42,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
     # Steps with more running sequences than this verify no proposals (None: never off).
     disable_by_batch_size: int | None = None
+    # draft_model: the draft's local directory or GGUF file.
+    model: str | None = None
 
 
 def parse_speculative_config(text: str | dict[str, Any]) -> SpeculativeConfig:
@@ -52,21 +58,32 @@ def parse_speculative_config(text: str | dict[str, Any]) -> SpeculativeConfig:
         values = dict(text)
     if not isinstance(values, dict):
         raise SpeculativeConfigError("--speculative-config must be a JSON object")
-    known = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-             "disable_by_batch_size"}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise SpeculativeConfigError(f"--speculative-config: unsupported key(s) "
                                      f"{', '.join(unknown)} (supported: "
-                                     f"{', '.join(sorted(known))})")
-    method = values.get("method")
+                                     f"{', '.join(sorted(KEYS))})")
+    # As vLLM: a model and no method means a draft model.
+    method = values.get("method", "draft_model" if "model" in values else None)
     if method not in METHODS:
         raise SpeculativeConfigError(f"--speculative-config.method {method!r} is not supported "
                                      f"(supported: {', '.join(METHODS)})")
+    misplaced = sorted(key for key in values if KEYS[key] not in ("", method))
+    if misplaced:
+        raise SpeculativeConfigError(f"--speculative-config.{misplaced[0]} does not apply to "
+                                     f"method {method!r}")
     tokens = _positive_int(values, "num_speculative_tokens", required=True)
     if tokens > MAX_SPECULATIVE_TOKENS:
         raise SpeculativeConfigError(f"--speculative-config.num_speculative_tokens {tokens} "
                                      f"exceeds {MAX_SPECULATIVE_TOKENS}")
+    disable_by_batch_size = _positive_int(values, "disable_by_batch_size")
+    if method == "draft_model":
+        model = values.get("model")
+        if not isinstance(model, str) or not model:
+            raise SpeculativeConfigError("--speculative-config.model: method 'draft_model' "
+                                         "needs the draft's local directory or .gguf file")
+        return SpeculativeConfig(method, tokens, model=model,
+                                 disable_by_batch_size=disable_by_batch_size)
     low = _positive_int(values, "prompt_lookup_min")
     high = _positive_int(values, "prompt_lookup_max")
     if low is None and high is None:
@@ -75,8 +92,8 @@ def parse_speculative_config(text: str | dict[str, Any]) -> SpeculativeConfig:
     if low > high:
         raise SpeculativeConfigError(f"--speculative-config.prompt_lookup_min {low} exceeds "
                                      f"prompt_lookup_max {high}")
-    return SpeculativeConfig(method, tokens, low, high,
-                             _positive_int(values, "disable_by_batch_size"))
+    return SpeculativeConfig(method, tokens, prompt_lookup_min=low, prompt_lookup_max=high,
+                             disable_by_batch_size=disable_by_batch_size)
 
 
 def _positive_int(values: dict[str, Any], key: str, required: bool = False) -> int | None:
