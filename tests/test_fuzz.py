@@ -121,7 +121,7 @@ VALID = {
     "logit_bias": st.dictionaries(st.integers(0, 200).map(str), st.floats(-100, 100),
                                   max_size=3),
     "model": st.just(MODEL), "stream": st.booleans(), "ignore_eos": st.booleans(),
-    "skip_special_tokens": st.booleans(),
+    "skip_special_tokens": st.booleans(), "disable_spec_decode": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "use_beam_search": st.booleans(), "length_penalty": st.floats(-2, 2),
 }

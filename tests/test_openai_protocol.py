@@ -47,13 +47,14 @@ def test_every_sampling_field_reaches_the_contract():
         min_tokens=2, top_k=5, min_p=0.125, presence_penalty=0.5, frequency_penalty=-0.25,
         logit_bias={"7": 1.5, "9": -2}, stop=["a", "bc"], stop_token_ids=[3, 4],
         ignore_eos=True, n=2, include_stop_str_in_output=True, skip_special_tokens=False,
-        temperature=0.75, top_p=0.875, repetition_penalty=1.25, seed=42)
+        temperature=0.75, top_p=0.875, repetition_penalty=1.25, seed=42,
+        disable_spec_decode=True)
     assert request.sampling_params(8, 3, 1) == S(
         max_tokens=8, min_tokens=2, temperature=0.75, top_p=0.875, top_k=5, min_p=0.125,
         repetition_penalty=1.25, presence_penalty=0.5, frequency_penalty=-0.25,
         logit_bias={7: 1.5, 9: -2.0}, seed=42, stop=["a", "bc"], stop_token_ids=[3, 4],
         ignore_eos=True, logprobs=3, prompt_logprobs=1, n=2, include_stop_str_in_output=True,
-        skip_special_tokens=False)
+        skip_special_tokens=False, disable_spec_decode=True)
 
 
 @pytest.mark.parametrize("make", [completion, chat])
@@ -197,7 +198,8 @@ def test_beam_search_refuses_what_it_cannot_honour_by_name(make, field, value):
     (chat, {"logprobs": False, "temperature": 0.0, "top_logprobs": None, "top_k": None}),
     # fields beam search honours or that do not change sampling
     (completion, {"ignore_eos": True, "skip_special_tokens": False, "user": "u",
-                  "include_stop_str_in_output": True, "priority": 0, "cache_salt": "s"}),
+                  "include_stop_str_in_output": True, "priority": 0, "cache_salt": "s",
+                  "disable_spec_decode": True}),
 ])
 def test_beam_search_accepts_fields_at_their_default(make, fields):
     request = make(use_beam_search=True, n=2, **fields)

@@ -148,6 +148,21 @@ def test_the_engine_speculates_and_gives_the_tokens_it_gives_without(tiny_llama_
     assert counters.steps < plain_counters.steps
 
 
+def test_requests_that_turn_speculation_off_verify_nothing(tiny_llama_dir):
+    """disable_spec_decode on each request: no step of theirs verifies a proposal, the draft
+    model (which still keeps its cache up to date) proposes nothing, and the tokens are the
+    same."""
+    from pagedserve.v1 import common_pb2
+
+    params = common_pb2.SamplingParams(max_tokens=24, temperature=0.0)
+    off = common_pb2.SamplingParams(max_tokens=24, temperature=0.0, disable_spec_decode=True)
+    plain, _ = generate(tiny_llama_dir, [REPEATING] * 2, params)
+    spec, counters = generate(tiny_llama_dir, [REPEATING] * 2, off,
+                              speculative_config=speculation("draft_model", tiny_llama_dir))
+    assert spec == plain
+    assert counters.speculative_decodes == counters.draft_tokens == 0
+
+
 def test_a_bad_speculative_config_stops_the_start_naming_the_key(tiny_llama_dir):
     from pagedserve.entrypoints.offline import LLM
     from pagedserve.runtime.serving import StartupError

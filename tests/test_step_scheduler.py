@@ -299,6 +299,8 @@ class SimExecutor:
         if work.num_lookahead_tokens:
             assert work.num_tokens == 1 and end == len(mirror.token_ids), (
                 f"step {step}: {seq_id} has a lookahead but does not decode its last token")
+            assert not mirror.sampling.disable_spec_decode, (
+                f"step {step}: {seq_id} has a lookahead but turned speculation off")
             drafts = self._propose(mirror, work)
             result.num_draft_tokens += len(drafts)
         self._check_prefix(seq_id, start, step)
@@ -1523,7 +1525,8 @@ def sampling_strategy(draw) -> common_pb2.SamplingParams:
         n=draw(st.sampled_from([1, 1, 1, 2, MAX_N])),
         min_tokens=draw(st.sampled_from([0, 0, 0, 1, 3])),
         ignore_eos=draw(st.sampled_from([False, False, True])),
-        stop_token_ids=draw(st.sampled_from([[], [], [2], [2, 3]])))
+        stop_token_ids=draw(st.sampled_from([[], [], [2], [2, 3]])),
+        disable_spec_decode=draw(st.sampled_from([False, False, True])))
     max_tokens = draw(st.none() | st.integers(1, 10))
     if max_tokens is not None:
         params.max_tokens = max_tokens
@@ -1666,6 +1669,18 @@ def test_no_proposals_above_the_batch_size_threshold():
     assert len(h.scheduler.running) == 3
     assert [w.num_lookahead_tokens for w in plan.work] == [0, 0, 0]
     h.run()
+    h.check_outcomes()
+
+
+def test_a_request_that_turns_speculation_off_verifies_no_proposals():
+    """disable_spec_decode: that request's decodes get no lookahead; the others' still do."""
+    h = harness(speculative=2)
+    off = h.submit(prompt_of(4), sampling_params(max_tokens=8, disable_spec_decode=True))
+    on = h.submit(prompt_of(5), sampling_params(max_tokens=8))
+    h.run()
+    lookahead = {rid: [w.num_lookahead_tokens for p in h.plans for w in p.work
+                       if w.request_id.startswith(rid)] for rid in (off, on)}
+    assert not any(lookahead[off]) and max(lookahead[on]) == 2
     h.check_outcomes()
 
 

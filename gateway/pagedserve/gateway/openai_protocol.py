@@ -70,6 +70,8 @@ class SamplingFields(Forbidding):
     length_penalty: Annotated[float, Field(ge=-10.0, le=10.0, strict=True)] = 1.0
     # vLLM's: lower runs first (the gateway's ClientPolicy decides whether a client may set it).
     priority: Int32 = 0
+    # Speculative decoding off for this request (the name of vLLM's proposed field).
+    disable_spec_decode: StrictBool = False
     # vLLM's: requests share prefix-cache blocks only with requests of the same salt.
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
 
@@ -129,7 +131,7 @@ class SamplingFields(Forbidding):
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             stop=self.stop_strings(), stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos, n=self.n,
+            ignore_eos=self.ignore_eos, n=self.n, disable_spec_decode=self.disable_spec_decode,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens)
         for name, value in (("max_tokens", max_tokens), ("temperature", self.temperature),

@@ -228,10 +228,11 @@ class StepScheduler:
 
     def _lookahead(self, seq: Sequence, num_tokens: int, lookahead: int,
                    budget: _Budget) -> int:
-        """A sequence's lookahead: only on a decode of its last known token, and no more than
-        its max_tokens, the model length (as far as known here) and the step's token budget
-        leave room for."""
-        if not lookahead or num_tokens != 1 or seq.num_computed + 1 != seq.num_known_tokens:
+        """A sequence's lookahead: only on a decode of its last known token, unless its request
+        turned speculation off, and no more than its max_tokens, the model length (as far as
+        known here) and the step's token budget leave room for."""
+        if (not lookahead or num_tokens != 1 or seq.num_computed + 1 != seq.num_known_tokens
+                or seq.request.sampling.disable_spec_decode):
             return 0
         left = min(seq.request.max_output_tokens - seq.num_output_tokens,
                    self.limits.max_model_len - len(seq.token_ids)) - seq.num_in_flight - 1
