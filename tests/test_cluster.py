@@ -490,7 +490,7 @@ def test_speculating_executors_stream_what_plain_ones_do_through_a_kill(cluster,
     ends with exactly the tokens a plain executor streamed, and the drafting executor, left
     alone with them, accepted proposals (issue 20)."""
     max_tokens = 60
-    cluster.start_scheduler()
+    scheduler = cluster.start_scheduler()
     plain = cluster.start_executor(0)
     cluster.start_gateway()
     wait_until(lambda: len(cluster.executors()) == 1, 120, "the executor to register", 0.2)
@@ -515,6 +515,7 @@ def test_speculating_executors_stream_what_plain_ones_do_through_a_kill(cluster,
         stream.join(timeout=CLIENT_TIMEOUT_S * 2)
         assert not stream.is_alive(), "a client hung"
     assert_all_correct([stream.outcome for stream in streams], reference, "speculation")
+    assert len(lost_reasons(scheduler, looking_up)) == 1  # its requests were recomputed
     stats = cluster.stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
     assert 0 < stats.spec_decode_num_accepted_tokens <= stats.spec_decode_num_draft_tokens
 
