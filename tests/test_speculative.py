@@ -148,6 +148,37 @@ def test_the_engine_speculates_and_gives_the_tokens_it_gives_without(tiny_llama_
     assert counters.steps < plain_counters.steps
 
 
+FAMILIES = ("mistral", "qwen2", "gpt_neox", "falcon")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    """A tiny random model of each family beside LLaMA, with the tiny models' tokenizer."""
+    from pagedserve.testing import tiny_models
+
+    tokenizer = tiny_models.byte_level_tokenizer()
+    config = getattr(tiny_models, f"tiny_{request.param}_config")(len(tokenizer))
+    directory = tiny_models.save_tiny_model(tmp_path_factory.mktemp(request.param), config)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_every_family_speculates_and_gives_the_tokens_it_gives_without(family_dir, method):
+    """Greedy and seeded n > 1 requests through the engine: the same tokens with either
+    method, proposals accepted."""
+    from pagedserve.v1 import common_pb2
+
+    prompts = [REPEATING, list(range(30, 45))]
+    params = [common_pb2.SamplingParams(max_tokens=32, temperature=0.0),
+              common_pb2.SamplingParams(max_tokens=32, temperature=0.8, seed=3, n=2)]
+    plain, _ = generate(family_dir, prompts, params)
+    spec, counters = generate(family_dir, prompts, params,
+                              speculative_config=speculation(method, family_dir))
+    assert spec == plain
+    assert counters.accepted_tokens > 0
+
+
 def test_requests_that_turn_speculation_off_verify_nothing(tiny_llama_dir):
     """disable_spec_decode on each request: no step of theirs verifies a proposal, the draft
     model (which still keeps its cache up to date) proposes nothing, and the tokens are the
