@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from pagedserve.runtime.grammars import GrammarError, check_spec
 from pagedserve.v1 import common_pb2
 
 # Request-size ceilings: far above what a real request needs, low enough that checking and
@@ -65,6 +66,11 @@ def check_sampling(params: common_pb2.SamplingParams, limits: SamplingLimits) ->
     for field, broken, rule in _rules(params, limits):
         if broken():
             raise RuleError(field, rule)
+    if params.HasField("structured_output"):
+        try:
+            check_spec(params.structured_output)
+        except GrammarError as exc:
+            raise RuleError(exc.field, exc.reason) from None
 
 
 def _rules(p: common_pb2.SamplingParams, limits: SamplingLimits):

@@ -45,6 +45,7 @@ from pagedserve.executor.speculative import (
     SpeculativeConfigError,
     parse_speculative_config,
 )
+from pagedserve.executor.structured_output import GrammarCompiler
 from pagedserve.executor.tp_group import TensorParallelGroup, join_group, start_group
 from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import KernelBackendError, Kernels, select_kernels
@@ -233,7 +234,21 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
              tensor_parallel_size=tp.size)
     return ModelRunner(model, limits, model_dir.eos_token_ids(), device, group, memory,
                        speculative, draft and DraftModel(draft, config.block_size, device,
-                                                         model.config.vocab_size))
+                                                         model.config.vocab_size),
+                       _grammar_compiler(model_dir, model.config.vocab_size) if tp.is_first
+                       else None)
+
+
+def _grammar_compiler(model_dir: ModelDirectory, vocab_size: int) -> GrammarCompiler:
+    """Structured output's compiler (rank 0 samples), its tokenizer built in its own thread
+    from the model's (seconds: started now, not at the first request that needs it)."""
+    def tokenizer():
+        import llguidance.hf
+        from transformers import AutoTokenizer
+
+        return llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(model_dir.path),
+                                            n_vocab=vocab_size)
+    return GrammarCompiler(tokenizer)
 
 
 def _context_length(model_dir: ModelDirectory) -> int:

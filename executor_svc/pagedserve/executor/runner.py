@@ -42,7 +42,13 @@ from pagedserve.executor.sampler import (
     sequence_seed,
 )
 from pagedserve.executor.speculative import SpeculativeConfig, accepted_length, propose_ngram
+from pagedserve.executor.structured_output import (
+    GrammarCompiler,
+    SequenceGrammar,
+    new_bitmask,
+)
 from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
+from pagedserve.runtime.grammars import GrammarError
 from pagedserve.v1 import common_pb2, executor_pb2
 
 log = structlog.get_logger(__name__)
@@ -73,14 +79,18 @@ class RequestMirror:
     # Leading tokens whose K/V are in the draft model's cache (draft_model.py), when there is
     # one: num_computed or one less.
     num_draft_cached: int = 0
+    # Structured output's matcher (rank 0, which samples; None without a grammar).
+    grammar: SequenceGrammar | None = None
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, limits: RunnerLimits, eos_token_ids: Sequence[int],
                  device: torch.device, group: TensorParallelGroup = NO_GROUP,
                  memory: RunnerMemory = RunnerMemory(),
-                 speculative: SpeculativeConfig | None = None, draft: DraftModel | None = None):
+                 speculative: SpeculativeConfig | None = None, draft: DraftModel | None = None,
+                 grammars: GrammarCompiler | None = None):
         self.model = model
+        self.grammars = grammars  # rank 0's
         self.speculative = speculative
         self.draft = draft  # rank 0's, for method draft_model
         self.limits = limits
@@ -100,6 +110,8 @@ class ModelRunner:
     def close(self) -> None:
         """Stops the tensor-parallel followers and leaves the group (nothing for one rank)."""
         self.group.close()
+        if self.grammars is not None:
+            self.grammars.close()
 
     # -- plan application ---------------------------------------------------------------
 
@@ -130,7 +142,7 @@ class ModelRunner:
         for w in work:
             self.requests[w.request_id].block_ids.extend(w.new_block_ids)
         self._copy_blocks(plan.block_copies)
-        outputs, num_drafts = self._run(work) if work else ([], 0)
+        outputs, num_drafts = self._run(work, refused) if work else ([], 0)
         if refused:
             log.warning("requests refused from a step plan", step_id=plan.step_id,
                         refused=refused)
@@ -148,8 +160,14 @@ class ModelRunner:
             token_ids, num_prompt = list(parent.token_ids), parent.num_prompt_tokens
             params = parent.sampling.params
             num_draft_cached = min(num_draft_cached, parent.num_draft_cached)
+            grammar = parent.grammar and parent.grammar.fork()
         else:
             token_ids, num_prompt, params = list(new.token_ids), new.num_prompt_tokens, new.sampling
+            grammar = None
+            if params.HasField("structured_output") and self.grammars is not None:
+                # Checked with the plan; compiles in a thread while the prompt is computed.
+                grammar = SequenceGrammar(self.grammars.compile(params.structured_output),
+                                          token_ids[num_prompt:])
         sampling = SequenceSamplingState(
             params=params, prompt_token_ids=token_ids[:num_prompt],
             output_token_ids=token_ids[num_prompt:], eos_token_ids=self.eos_token_ids,
@@ -157,7 +175,7 @@ class ModelRunner:
         return RequestMirror(token_ids=token_ids, num_prompt_tokens=num_prompt,
                              num_computed=new.num_computed_tokens, block_ids=list(new.block_ids),
                              seq_index=new.seq_index, sampling=sampling,
-                             num_draft_cached=num_draft_cached)
+                             num_draft_cached=num_draft_cached, grammar=grammar)
 
     def _copy_blocks(self, copies: Sequence[executor_pb2.BlockCopy]) -> None:
         if not copies:
@@ -178,9 +196,10 @@ class ModelRunner:
 
     # -- execution ----------------------------------------------------------------------
 
-    def _run(self, work: Sequence[executor_pb2.ScheduledWork]
+    def _run(self, work: Sequence[executor_pb2.ScheduledWork], failed: dict[str, str]
              ) -> tuple[list[executor_pb2.RequestOutput], int]:
-        """The step's outputs, and how many proposals it verified."""
+        """The step's outputs, and how many proposals it verified; requests that fail while it
+        runs (a grammar that did not compile) go into `failed`, their mirrors dropped."""
         proposals = self._propose(work)
         # Single-token queries (decodes without proposals) first: the attention path batches
         # them.
@@ -210,6 +229,9 @@ class ModelRunner:
                 if logits is not None:  # rank 0
                     states = [state for i in samples
                               for state in _verification_states(mirrors[i].sampling, drafts[i])]
+                    self._mask_by_grammars(
+                        states, [(ordered[i].request_id, mirrors[i], drafts[i]) for i in samples],
+                        logits.shape[-1], failed)
                     sampled = self.sampler(logits, states)
                     chosen = sampled.token_ids
                 else:
@@ -233,6 +255,8 @@ class ModelRunner:
             mirror.num_draft_cached += min(accepted, max(len(draft) - 1, 0))
             output = outputs.setdefault(i, executor_pb2.RequestOutput(
                 request_id=ordered[i].request_id))
+            if mirror.grammar is not None:
+                mirror.grammar.consume(drawn[:accepted + 1])
             for j, token in enumerate(drawn[:accepted + 1]):
                 mirror.token_ids.append(token)
                 mirror.sampling.output_token_ids.append(token)
@@ -241,7 +265,33 @@ class ModelRunner:
                     output.logprobs.append(_position_logprobs(
                         sampled, row + j, token, mirror.sampling.params.logprobs))
             row += len(draft) + 1
-        return [outputs[i] for i in sorted(outputs)], sum(map(len, drafts))
+        for request_id in failed:
+            self.requests.pop(request_id, None)
+        return [outputs[i] for i in sorted(outputs) if ordered[i].request_id not in failed], \
+            sum(map(len, drafts))
+
+    def _mask_by_grammars(self, states: list[SequenceSamplingState],
+                          sampling: list[tuple[str, RequestMirror, list[int]]], vocab_size: int,
+                          failed: dict[str, str]) -> None:
+        """Gives the sampling rows of sequences with a grammar its masks (states are per row,
+        each sequence's k + 1 rows in turn); a grammar that failed to compile fails its
+        request."""
+        if not any(mirror.grammar for _, mirror, _ in sampling):
+            return
+        bitmask = new_bitmask(len(states), vocab_size)
+        row = 0
+        for request_id, mirror, drafts in sampling:
+            rows = range(row, row + len(drafts) + 1)
+            row = rows.stop
+            if mirror.grammar is None:
+                continue
+            try:
+                mirror.grammar.fill_masks(bitmask, rows.start, drafts)
+            except GrammarError as exc:
+                failed[request_id] = str(exc)
+                continue
+            for r in rows:
+                states[r] = dataclasses.replace(states[r], token_mask=bitmask[r])
 
     def _propose(self, work: Sequence[executor_pb2.ScheduledWork]) -> dict[str, list[int]]:
         """The proposals each request verifies this step."""

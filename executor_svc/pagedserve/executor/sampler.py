@@ -1,8 +1,9 @@
 """Batched sampling on the device (docs/design.md §5): one pass over the [S, V] logits of the
 sequences that sample this step, each row with its own parameters.
 
-Processing order (vLLM's): logit bias, min_tokens masking, repetition / presence / frequency
-penalties, temperature, top-k, top-p, min-p, then the draw. Python loops run over sequences only,
+Processing order (vLLM's): the structured-output grammar's mask, logit bias, min_tokens
+masking, repetition / presence / frequency penalties, temperature, top-k, top-p, min-p, then
+the draw. Python loops run over sequences only,
 to build per-row parameter tensors and to draw the noise of seeded rows; work the batch does not
 need (penalty tensors, the top-p sort, any randomness for an all-greedy batch) is skipped.
 
@@ -24,6 +25,7 @@ from itertools import chain
 
 import torch
 
+from pagedserve.executor.structured_output import apply_bitmask
 from pagedserve.v1 import common_pb2
 
 # Temperatures below this are greedy: dividing by them would overflow the logits.
@@ -43,6 +45,9 @@ class SequenceSamplingState:
     eos_token_ids: tuple[int, ...]
     # seed + sequence index (`sequence_seed`); None draws from the global generator.
     seed: int | None
+    # Structured output: the tokens its grammar allows at this row, one bit each (int32
+    # words, structured_output.py); None: every token.
+    token_mask: torch.Tensor | None = None
 
     @property
     def position(self) -> int:
@@ -115,6 +120,7 @@ def process_logits(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) 
     """A float32 copy of logits [S, V] with logit bias, min_tokens masking and penalties applied:
     what greedy takes the argmax of and what temperature then scales."""
     processed = logits.to(torch.float32, copy=True)
+    _mask_by_grammar(processed, seqs)
     _add_logit_bias(processed, seqs)
     _mask_min_tokens(processed, seqs)
     _apply_repetition_penalty(processed, seqs)
@@ -125,7 +131,8 @@ def process_logits(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) 
 def _changes_logits(seq: SequenceSamplingState) -> bool:
     """Whether process_logits changes this row (bias, min_tokens masking or a penalty)."""
     params = seq.params
-    return bool(params.logit_bias) or len(seq.output_token_ids) < params.min_tokens \
+    return seq.token_mask is not None or bool(params.logit_bias) \
+        or len(seq.output_token_ids) < params.min_tokens \
         or _repetition_penalty(params) != 1.0 or params.presence_penalty != 0.0 \
         or params.frequency_penalty != 0.0
 
@@ -172,6 +179,12 @@ def _token_counts(logits: torch.Tensor, rows: list[int],
     ones = torch.ones(len(col_index), dtype=logits.dtype, device=logits.device)
     counts.index_put_((row_index, col_index), ones, accumulate=True)
     return counts
+
+
+def _mask_by_grammar(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) -> None:
+    rows = [i for i, s in enumerate(seqs) if s.token_mask is not None]
+    if rows:
+        apply_bitmask(logits, rows, torch.stack([seqs[i].token_mask for i in rows]))
 
 
 def _add_logit_bias(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) -> None:

@@ -4,11 +4,16 @@ the contract's field (a uint32 cannot hold -1); the ranges and limits are the re
 both APIs share (runtime/request_rules.py, applied in prompts.check_sampling_rules).
 
 Every model refuses fields it does not define (`extra="forbid"`): a field the server does not
-honour (`response_format`, `tools`, `best_of`, ...) is a 400 naming it, never silently
-ignored, so a client that asked for JSON cannot take free text for it."""
+honour (`tools`, `best_of`, ...) is a 400 naming it, never silently ignored, so a client that
+asked for something cannot take something else for it.
+
+Structured output comes as OpenAI's `response_format` or vLLM's `structured_outputs`, at most
+one of them and one kind; both become the contract's `StructuredOutput`, whose grammar the
+request rules check (pagedserve/runtime/grammars.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,6 +43,50 @@ class Forbidding(BaseModel):
 
 class StreamOptions(Forbidding):
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(Forbidding):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    # `schema` would shadow pydantic's BaseModel.schema.
+    json_schema: dict | None = Field(default=None, alias="schema")
+    # Answers always follow the schema here; `strict` changes nothing.
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Forbidding):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Forbidding):
+    """vLLM's structured_outputs: exactly one kind."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # `json` would shadow pydantic's BaseModel.json.
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+
+    def spec(self) -> common_pb2.StructuredOutput:
+        kinds = [name for name in ("json_", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            raise GatewayError(400, "structured_outputs: set exactly one of json, regex, "
+                               "choice, grammar, json_object", "invalid_request_error",
+                               "structured_outputs")
+        kind = kinds[0]
+        if kind == "json_":
+            schema = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)
+            return common_pb2.StructuredOutput(json_schema=schema)
+        if kind == "choice":
+            return common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=self.choice))
+        return common_pb2.StructuredOutput(**{kind: getattr(self, kind)})
 
 
 class SamplingFields(Forbidding):
@@ -72,6 +121,8 @@ class SamplingFields(Forbidding):
     priority: Int32 = 0
     # Speculative decoding off for this request (the name of vLLM's proposed field).
     disable_spec_decode: StrictBool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # vLLM's: requests share prefix-cache blocks only with requests of the same salt.
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
 
@@ -91,7 +142,36 @@ class SamplingFields(Forbidding):
 
     def param(self, field: str) -> str:
         """The body field that sets SamplingParams field `field` (request_rules names these)."""
+        if field.startswith("structured_output"):
+            return self._structured_output_field()
         return field
+
+    def _structured_output_field(self) -> str:
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        if self.response_format and self.response_format.type == "json_schema":
+            return "response_format.json_schema.schema"
+        return "response_format"
+
+    def structured_output(self) -> common_pb2.StructuredOutput | None:
+        """The contract's spec of response_format or structured_outputs (a 400 naming the
+        field when both are set, or a json_schema format lacks its schema)."""
+        fmt = self.response_format
+        wants_format = fmt is not None and fmt.type != "text"
+        if wants_format and self.structured_outputs is not None:
+            raise GatewayError(400, "structured_outputs: not with response_format (set one)",
+                               "invalid_request_error", "structured_outputs")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.spec()
+        if not wants_format:
+            return None
+        if fmt.type == "json_object":
+            return common_pb2.StructuredOutput(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise GatewayError(400, "response_format.json_schema.schema: required with type "
+                               "json_schema", "invalid_request_error",
+                               "response_format.json_schema.schema")
+        return common_pb2.StructuredOutput(json_schema=json.dumps(fmt.json_schema.json_schema))
 
     def beam_search_params(self, max_tokens: int | None, max_logprobs: int) -> BeamSearchParams:
         """With use_beam_search: its parameters; a 400 naming a field it cannot honour (the
@@ -140,6 +220,9 @@ class SamplingFields(Forbidding):
                             ("prompt_logprobs", prompt_logprobs)):
             if value is not None:
                 setattr(params, name, value)
+        spec = self.structured_output()
+        if spec is not None:
+            params.structured_output.CopyFrom(spec)
         return params
 
 
@@ -148,7 +231,7 @@ class SamplingFields(Forbidding):
 BEAM_SEARCH_REFUSES = frozenset({
     "stream", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
-    "logprobs", "top_logprobs", "echo"})
+    "logprobs", "top_logprobs", "echo", "response_format", "structured_outputs"})
 
 
 class CompletionRequest(SamplingFields):
@@ -200,7 +283,7 @@ class ChatCompletionRequest(SamplingFields):
             return "top_logprobs"
         if field == "max_tokens" and self.max_completion_tokens is not None:
             return "max_completion_tokens"
-        return field
+        return super().param(field)
 
     def max_output_tokens(self) -> int | None:
         return self.max_tokens if self.max_completion_tokens is None \
