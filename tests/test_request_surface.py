@@ -103,7 +103,6 @@ def assert_refused(reply: httpx.Response, param: str, status: int = 400) -> None
 # -- unsupported fields -------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, field, value", [
-    (CHAT, "response_format", {"type": "json_object"}),
     (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}]),
     (CHAT, "tool_choice", "auto"),
     (CMPL, "best_of", 2),
