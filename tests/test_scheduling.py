@@ -5,6 +5,7 @@ hits, parallel sampling, and aborts that free their blocks; and seeded sampling 
 preemption or a lost executor leaves unchanged."""
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -166,22 +167,33 @@ def test_preemption_under_memory_pressure_changes_nothing(make_llm, hf_model):
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
 
-def seeded(max_tokens: int, seed: int, n: int = 1) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(temperature=1.2, top_p=0.95, max_tokens=max_tokens,
-                                     seed=seed, n=n, ignore_eos=True)
+# Structured output that never ends within max_tokens: a letter, a digit, and again.
+PATTERN = "([a-m][0-9])+"
+
+
+def seeded(max_tokens: int, seed: int, n: int = 1, grammar: bool = False
+           ) -> common_pb2.SamplingParams:
+    """With `grammar`, PATTERN: a recomputed sequence's matcher must replay its tokens."""
+    params = common_pb2.SamplingParams(temperature=1.2, top_p=0.95, max_tokens=max_tokens,
+                                       seed=seed, n=n, ignore_eos=True)
+    if grammar:
+        params.structured_output.regex = PATTERN
+    return params
 
 
 def token_ids(outputs) -> list[list[list[int]]]:
     return [[c.token_ids for c in output.outputs] for output in outputs]
 
 
+@pytest.mark.parametrize("grammar", [False, True], ids=["free", "grammar"])
 @pytest.mark.parametrize("speculative", [False, True])
-def test_preemption_leaves_seeded_sampling_unchanged(make_llm, speculative):
+def test_preemption_leaves_seeded_sampling_unchanged(make_llm, speculative, grammar):
     """A preempted sequence (forked children too) is recomputed from prompt + accepted tokens
     and samples on as the undisturbed run, which an ample pool without speculation gives;
-    with speculation, its lookahead slots go back with its blocks."""
+    with speculation, its lookahead slots go back with its blocks; with a grammar, its
+    matcher replays the tokens (the answers then match it)."""
     prompts = [list(range(40 + i, 50 + i)) for i in range(6)]
-    params = [seeded(20, seed=100 + i, n=1 + i % 2) for i in range(6)]
+    params = [seeded(20, seed=100 + i, n=1 + i % 2, grammar=grammar) for i in range(6)]
     ample = make_llm()
     expected = token_ids(ample.generate(prompts, params))
     assert ample.scheduler.counters.preemptions == 0
@@ -192,6 +204,10 @@ def test_preemption_leaves_seeded_sampling_unchanged(make_llm, speculative):
     assert (tight.scheduler.counters.speculative_decodes > 0) == speculative
     assert tight.blocks.num_free_blocks == tight.blocks.num_blocks
     assert all(len({tuple(c) for c in choices}) == len(choices) for choices in expected)
+    if grammar:
+        texts = [c.text for output in tight.generate(prompts[:1], params[:1])
+                 for c in output.outputs]
+        assert all(re.fullmatch(PATTERN, text) for text in texts), texts
 
 
 class LosingHandle:
@@ -216,12 +232,13 @@ class LosingHandle:
         await self.inner.close()
 
 
+@pytest.mark.parametrize("grammar", [False, True], ids=["free", "grammar"])
 @pytest.mark.parametrize("speculative", [False, True])
-def test_a_lost_executor_leaves_seeded_sampling_unchanged(make_llm, speculative):
+def test_a_lost_executor_leaves_seeded_sampling_unchanged(make_llm, speculative, grammar):
     """Executor a is lost after a few steps; the cluster recomputes the request on b from its
     prompt + accepted tokens, and the client sees what an undisturbed run (without
-    speculation) gives."""
-    prompt, params = list(range(60, 72)), seeded(16, seed=5, n=2)
+    speculation) gives; with a grammar, b's matchers replay the tokens a sampled."""
+    prompt, params = list(range(60, 72)), seeded(16, seed=5, n=2, grammar=grammar)
     first, second = make_llm(speculative=speculative), make_llm(speculative=speculative)
     [undisturbed] = token_ids(make_llm().generate([prompt], params))
 
