@@ -29,12 +29,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 
 from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import running_stack
+from pagedserve.testing.processes import running_stack, wait_until_answers
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = REPO / "benchmarks" / "workloads"
@@ -79,15 +77,7 @@ def vllm_server(log_path: pathlib.Path, vllm_python: str, model_dir: str,
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 1200
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve did not start: {log_path}") from None
-                time.sleep(2)
+        wait_until_answers(f"{base}/health", 1200, process)
         yield base
     finally:
         process.terminate()

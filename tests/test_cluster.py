@@ -447,12 +447,7 @@ def test_a_scheduler_killed_mid_stream_loses_no_stream(cluster, clients):
     wait_until(lambda: cluster.ready_status() == 200, 120, "the gateway to be ready", 0.2)
     reference = streamed_reference(clients, max_tokens)
 
-    streams = [StreamingClient(clients, api, prompt, max_tokens)
-               for api in API_NAMES for prompt in range(len(PROMPTS))]
-    for stream in streams:
-        stream.start()
-    for stream in streams:
-        assert stream.started.wait(60), "a stream did not start"
+    streams = started_streams(clients, max_tokens)
     scheduler.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     scheduler.wait(timeout=10)
@@ -484,6 +479,17 @@ def streamed_reference(clients: Clients, max_tokens: int) -> dict[tuple[str, int
     return reference
 
 
+def started_streams(clients: Clients, max_tokens: int) -> list[StreamingClient]:
+    """A stream of each prompt through each API, each under way."""
+    streams = [StreamingClient(clients, api, prompt, max_tokens)
+               for api in API_NAMES for prompt in range(len(PROMPTS))]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.started.wait(60), "a stream did not start"
+    return streams
+
+
 def test_speculating_executors_stream_what_plain_ones_do_through_a_kill(cluster, clients):
     """Streams over both APIs from two speculating executors, one by prompt lookup and one
     with the model as its own draft, while the first is SIGKILLed mid-stream: every stream
@@ -504,12 +510,7 @@ def test_speculating_executors_stream_what_plain_ones_do_through_a_kill(cluster,
     looking_up = cluster.start_executor(1, "--speculative-config", ngram)
     cluster.start_executor(2, "--speculative-config", draft)
     wait_until(lambda: len(cluster.executors()) == 2, 120, "two executors to register", 0.2)
-    streams = [StreamingClient(clients, api, prompt, max_tokens)
-               for api in API_NAMES for prompt in range(len(PROMPTS))]
-    for stream in streams:
-        stream.start()
-    for stream in streams:
-        assert stream.started.wait(60), "a stream did not start"
+    streams = started_streams(clients, max_tokens)
     kill_while_busy(cluster, looking_up, signal.SIGKILL)
     for stream in streams:
         stream.join(timeout=CLIENT_TIMEOUT_S * 2)

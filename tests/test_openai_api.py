@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pagedserve.entrypoints.offline import LLM
 from pagedserve.runtime.beam_search import BeamSearchParams
 from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import running_stack
+from pagedserve.testing.processes import running_stack, wait_until_answers
 
 pytestmark = pytest.mark.slow
 
@@ -314,14 +314,7 @@ def test_scheduler_unreachable_is_503_at_once(tmp_path):
         stdout=log, stderr=log)
     base = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except urllib.error.URLError:
-                assert time.monotonic() < deadline, "gateway did not start"
-                time.sleep(0.2)
+        wait_until_answers(f"{base}/health", 60, gateway)
         started = time.monotonic()
         status, reply = post(base, "/v1/completions", {"prompt": "hello"})
         assert status == 503 and "unreachable" in reply["error"]["message"]

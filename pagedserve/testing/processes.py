@@ -104,6 +104,21 @@ class RunningStack(str):
             time.sleep(0.05)
 
 
+def wait_until_answers(url: str, timeout: float, process: subprocess.Popen | None = None,
+                       ssl_context: ssl.SSLContext | None = None) -> None:
+    """Polls `url` until it answers 200; AssertionError after `timeout` seconds, or as soon as
+    `process` (the server, when given) has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ssl_context):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            assert process is None or process.poll() is None, f"the server of {url} exited"
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f} s"
+            time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None):
     """`pagedserve up` on free ports, once ready; stopped on exit. With `ssl_context` (the
@@ -121,13 +136,8 @@ def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | Non
     while "pagedserve is up" not in process.stdout.readline():
         assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
     base = f"{'https' if ssl_context else 'http'}://127.0.0.1:{http}"
-    while True:  # ready once the executor registered
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=2, context=ssl_context):
-                break
-        except urllib.error.URLError:
-            assert time.monotonic() < deadline, "stack not ready"
-            time.sleep(0.2)
+    # Ready once the executor registered.
+    wait_until_answers(f"{base}/ready", deadline - time.monotonic(), ssl_context=ssl_context)
     try:
         yield RunningStack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}", log_path)
     finally:
