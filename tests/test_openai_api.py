@@ -73,6 +73,46 @@ def test_completion_matches_transformers_streamed_or_not(client, reference, tiny
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_prompt_logprobs_match_transformers(client, tiny_llama_dir):
+    """vLLM's prompt_logprobs over HTTP: per prompt position (None for the first), the prompt
+    token's logprob and rank and the top alternatives, as transformers computes them; in each
+    completion choice (its own prompt's), and at the top of a chat response."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    prompts = [[5, 17, 42, 99, 7, 63], [8, 9, 10]]
+
+    def expected(prompt: list[int]) -> list:
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+        rows = []
+        for position in range(1, len(prompt)):
+            row = logprobs[position - 1]
+            token = prompt[position]
+            top = row.topk(2).indices.tolist()
+            rows.append({t: (float(row[t]), int((row > row[t]).sum()) + 1)
+                         for t in [token, *top]})
+        return [None, *rows]
+
+    reply = client.completions.create(model=tiny_llama_dir.name, prompt=prompts, max_tokens=2,
+                                      n=2, extra_body={"prompt_logprobs": 2})
+    chat = client.chat.completions.create(
+        model=tiny_llama_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+        extra_body={"prompt_logprobs": 1})
+    answers = [(choice.prompt_logprobs, prompts[choice.index // 2]) for choice in reply.choices]
+    assert len(answers) == 4
+    for got, prompt in answers:
+        assert got[0] is None and len(got) == len(prompt)
+        for entries, want in zip(got[1:], expected(prompt)[1:], strict=True):
+            assert {int(t) for t in entries} == set(want)
+            for token, (logprob, rank) in want.items():
+                assert entries[str(token)]["logprob"] == pytest.approx(logprob, abs=1e-4)
+                assert entries[str(token)]["rank"] == rank
+    assert chat.prompt_logprobs[0] is None and all(chat.prompt_logprobs[1:])
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=tiny_llama_dir.name, prompt="x", max_tokens=2,
+                                  stream=True, extra_body={"prompt_logprobs": 1})
+    assert error.value.body["param"] == "prompt_logprobs"
+
+
 def test_chat_streamed_equals_not_streamed(client, tiny_llama_dir):
     messages = [{"role": "user", "content": "héllo 😀 世界"}]
     reply = client.chat.completions.create(model=tiny_llama_dir.name, messages=messages,

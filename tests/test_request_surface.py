@@ -108,8 +108,6 @@ def assert_refused(reply: httpx.Response, param: str, status: int = 400) -> None
     (CMPL, "best_of", 2),
     (CMPL, "guided_json", {"type": "object"}),
     (CHAT, "guided_json", {"type": "object"}),
-    (CHAT, "prompt_logprobs", 1),
-    (CMPL, "prompt_logprobs", 1),
     (CMPL, "suffix", "x"),
 ])
 def test_a_field_the_server_does_not_honour_is_refused_by_name(path, field, value):

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import llguidance
 import torch
 
-from pagedserve.runtime.grammars import LIMITS, GrammarError, check_spec
+from pagedserve.runtime.grammars import LIMITS, GrammarError, grammar_of
 from pagedserve.v1 import common_pb2
 
 # Compiled grammars kept (a few hundred KB each for large JSON schemas at most).
@@ -41,9 +41,8 @@ class GrammarCompiler:
         self.cache: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
 
     def compile(self, spec: common_pb2.StructuredOutput) -> Future[llguidance.LLMatcher]:
-        """The compiled grammar of `spec`, when it is done; GrammarError at once for a spec
-        that cannot compile."""
-        grammar = check_spec(spec)
+        """The compiled grammar of `spec` (checked with the plan), when it is done."""
+        grammar = grammar_of(spec)
         future = self.cache.pop(grammar, None) or self.pool.submit(self._compile, grammar)
         self.cache[grammar] = future
         while len(self.cache) > CACHED_GRAMMARS:

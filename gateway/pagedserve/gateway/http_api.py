@@ -248,7 +248,7 @@ async def completions(body: CompletionRequest, request: Request, client: Schedul
     for ids in prompts:
         check_token_ids(served, ids, "prompt")
         check_length(served, len(ids), body.max_tokens)
-    sampling = body.sampling_params(body.max_tokens, body.logprobs)
+    sampling = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
     return await respond(request, client, body, served, CompletionFormat(served, body, prompts),
                          prompts, sampling)
 
@@ -258,8 +258,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, client
     ids = await chat_prompt_ids(served, [m.model_dump() for m in body.messages],
                                 body.add_generation_prompt)
     check_length(served, len(ids), body.max_output_tokens(), body.param("max_tokens"))
-    sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count())
-    return await respond(request, client, body, served, ChatFormat(served), [ids], sampling)
+    sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count(),
+                                    body.prompt_logprobs)
+    return await respond(request, client, body, served, ChatFormat(served, body), [ids],
+                         sampling)
 
 
 async def respond(request: Request, client: SchedulerClient, body: SamplingFields,
@@ -268,6 +270,7 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
     """Checks the request's rules, runs the prompts' choices and answers: a stream of
     server-sent events, or one JSON."""
     check_sampling_rules(served, sampling, body.param)
+    body.check_prompt_logprobs()
     policy: ClientPolicy = request.app.state.policy
     priority = policy.priority(body.priority)
     cache_salt = policy.cache_salt(body.cache_salt or "", request.headers.get("authorization"))
@@ -306,7 +309,7 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
     collected = await until_disconnected(request, collect(deltas()))
     if collected is None:
         return client_gone()
-    return fmt.full_response(request_id, collected, total_usage(usages))
+    return fmt.full_response(request_id, collected, usages)
 
 
 def request_deadline(request: Request, default_s: float | None) -> Deadline:
@@ -364,6 +367,19 @@ async def collect(deltas: AsyncIterator[ChoiceDelta]) -> dict[int, ChoiceDelta]:
     return choices
 
 
+def prompt_logprobs_json(served: ServedModel,
+                         positions: list[common_pb2.PositionLogprobs]) -> list[dict | None]:
+    """vLLM's shape: per prompt position, None for the first, else the prompt token's and the
+    top alternatives' {"logprob", "rank", "decoded_token"} by token id."""
+    decode = served.tokenizer.decode
+
+    def entry(token: common_pb2.TokenLogprob) -> tuple[str, dict]:
+        return str(token.token_id), {"logprob": token.logprob, "rank": token.rank,
+                                     "decoded_token": decode([token.token_id])}
+    return [dict([entry(p.chosen), *map(entry, p.top)]) if p.HasField("chosen") else None
+            for p in positions]
+
+
 def total_usage(usages: list[Usage]) -> dict:
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
@@ -408,13 +424,17 @@ class CompletionFormat:
         return choice.text
 
     def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
-                      usage: dict) -> dict:
+                      usages: list[Usage]) -> dict:
+        n = max(1, self.body.n)
+        answers = [{"index": i, "text": self._text(c, True), "logprobs": self._logprobs(c),
+                    "finish_reason": c.finish_reason} for i, c in sorted(choices.items())]
+        if self.body.prompt_logprobs is not None:
+            for answer in answers:  # each choice carries its own prompt's
+                answer["prompt_logprobs"] = prompt_logprobs_json(
+                    self.served, usages[answer["index"] // n].prompt_logprobs)
         return {"id": request_id, "object": "text_completion", "created": self.created,
-                "model": self.served.info.model_id,
-                "choices": [{"index": i, "text": self._text(c, True),
-                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
-                            for i, c in sorted(choices.items())],
-                "usage": usage}
+                "model": self.served.info.model_id, "choices": answers,
+                "usage": total_usage(usages)}
 
     def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
         return {"id": request_id, "object": "text_completion", "created": self.created,
@@ -431,8 +451,8 @@ class CompletionFormat:
 class ChatFormat:
     id_prefix = "chatcmpl"
 
-    def __init__(self, served: ServedModel):
-        self.served = served
+    def __init__(self, served: ServedModel, body: ChatCompletionRequest):
+        self.served, self.body = served, body
         self.created = int(time.time())
         self._started: set[int] = set()
 
@@ -450,14 +470,19 @@ class ChatFormat:
                             for lp in choice.logprobs]}
 
     def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
-                      usage: dict) -> dict:
-        return {"id": request_id, "object": "chat.completion", "created": self.created,
-                "model": self.served.info.model_id,
-                "choices": [{"index": i,
-                             "message": {"role": "assistant", "content": c.text},
-                             "logprobs": self._logprobs(c), "finish_reason": c.finish_reason}
-                            for i, c in sorted(choices.items())],
-                "usage": usage}
+                      usages: list[Usage]) -> dict:
+        response = {"id": request_id, "object": "chat.completion", "created": self.created,
+                    "model": self.served.info.model_id,
+                    "choices": [{"index": i,
+                                 "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": self._logprobs(c),
+                                 "finish_reason": c.finish_reason}
+                                for i, c in sorted(choices.items())],
+                    "usage": total_usage(usages)}
+        if self.body.prompt_logprobs is not None:  # vLLM's place for them: the response's
+            response["prompt_logprobs"] = prompt_logprobs_json(self.served,
+                                                               usages[0].prompt_logprobs)
+        return response
 
     def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
         message = {"content": delta.text}

@@ -123,6 +123,9 @@ class SamplingFields(Forbidding):
     disable_spec_decode: StrictBool = False
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's: the logprob of each prompt token after the first, with this many alternatives
+    # (non-streamed answers).
+    prompt_logprobs: UInt32 | None = None
     # vLLM's: requests share prefix-cache blocks only with requests of the same salt.
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = None
 
@@ -152,6 +155,12 @@ class SamplingFields(Forbidding):
         if self.response_format and self.response_format.type == "json_schema":
             return "response_format.json_schema.schema"
         return "response_format"
+
+    def check_prompt_logprobs(self) -> None:
+        """prompt_logprobs come with the whole answer, not streamed."""
+        if self.prompt_logprobs is not None and self.stream:
+            raise GatewayError(400, "prompt_logprobs: not supported with stream",
+                               "invalid_request_error", "prompt_logprobs")
 
     def structured_output(self) -> common_pb2.StructuredOutput | None:
         """The contract's spec of response_format or structured_outputs (a 400 naming the
@@ -231,7 +240,8 @@ class SamplingFields(Forbidding):
 BEAM_SEARCH_REFUSES = frozenset({
     "stream", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
-    "logprobs", "top_logprobs", "echo", "response_format", "structured_outputs"})
+    "logprobs", "top_logprobs", "echo", "response_format", "structured_outputs",
+    "prompt_logprobs"})
 
 
 class CompletionRequest(SamplingFields):
