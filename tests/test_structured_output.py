@@ -174,3 +174,21 @@ def test_speculation_keeps_the_grammar_and_the_tokens(tiny_llama_dir, speculativ
                 assert re.fullmatch("[0-9]{3}-[a-c]+", text)
             elif finish == "stop":
                 jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_ranks_follow_the_grammar_as_one(tiny_llama_dir):
+    """Rank 0 alone holds the matchers and masks (it samples); the followers compute their
+    slices of the same logits: the answers are one rank's."""
+    from pagedserve.entrypoints.offline import LLM
+
+    params = [common_pb2.SamplingParams(max_tokens=32, temperature=t, seed=3,
+                                        structured_output=common_pb2.StructuredOutput(
+                                            json_schema=json.dumps(SCHEMA)))
+              for t in (0.0, 1.0)]
+    runs = []
+    for size in (1, 2):
+        with LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01, max_model_len=128,
+                 tensor_parallel_size=size) as llm:
+            runs.append([out.outputs[0].token_ids for out in llm.generate(["x"] * 2, params)])
+    assert runs[0] == runs[1]
