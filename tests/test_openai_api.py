@@ -404,3 +404,33 @@ def test_a_non_streamed_request_whose_client_left_is_aborted(stack):
     stats = stack.wait_until_all_blocks_free()
     # Alone, its 200 tokens take at least 200 steps; it was stopped well before.
     assert stats.num_steps - steps_before < 150
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_streamed_or_not(client, tiny_llama_dir):
+    """OpenAI's echo: the prompt's text before the answer's, and with logprobs the prompt's
+    tokens first (None for the first, which nothing predicts; then as transformers computes
+    them), in the whole answer and in a stream's first chunk of each choice."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = [5, 17, 42, 99, 7]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+    fields = dict(model=tiny_llama_dir.name, prompt=prompt, max_tokens=3, temperature=0,
+                  logprobs=2, echo=True, n=2)
+    reply = client.completions.create(**fields)
+    chunks = list(client.completions.create(**fields, stream=True))
+    streamed = {i: [c.choices[0] for c in chunks if c.choices[0].index == i] for i in (0, 1)}
+    for choice, parts in zip(reply.choices, streamed.values(), strict=True):
+        assert choice.text.startswith(tokenizer.decode(prompt))
+        assert "".join(p.text for p in parts) == choice.text
+        logprobs = choice.logprobs
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert len(logprobs.tokens) == len(prompt) + 3
+        for position in range(1, len(prompt)):
+            assert logprobs.token_logprobs[position] == pytest.approx(
+                float(expected[position - 1, prompt[position]]), abs=1e-4)
+            assert len(logprobs.top_logprobs[position]) <= 2
+        first = parts[0].logprobs
+        assert first.tokens[:len(prompt)] == logprobs.tokens[:len(prompt)]
+        assert first.token_logprobs[1:len(prompt)] == pytest.approx(
+            logprobs.token_logprobs[1:len(prompt)], abs=1e-6)

@@ -249,7 +249,11 @@ async def completions(body: CompletionRequest, request: Request, client: Schedul
         check_token_ids(served, ids, "prompt")
         check_length(served, len(ids), body.max_tokens)
     sampling = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
-    return await respond(request, client, body, served, CompletionFormat(served, body, prompts),
+    if body.echo and body.logprobs is not None:
+        # An echoed prompt comes with its tokens' logprobs (the first has none), OpenAI's way.
+        sampling.prompt_logprobs = max(body.logprobs, body.prompt_logprobs or 0)
+    return await respond(request, client, body, served,
+                         CompletionFormat(served, body, prompts, [Usage() for _ in prompts]),
                          prompts, sampling)
 
 
@@ -260,8 +264,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, client
     check_length(served, len(ids), body.max_output_tokens(), body.param("max_tokens"))
     sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count(),
                                     body.prompt_logprobs)
-    return await respond(request, client, body, served, ChatFormat(served, body), [ids],
-                         sampling)
+    return await respond(request, client, body, served, ChatFormat(served, body, [Usage()]),
+                         [ids], sampling)
 
 
 async def respond(request: Request, client: SchedulerClient, body: SamplingFields,
@@ -277,7 +281,7 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
     request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=request_id)
     deadline = request_deadline(request, request.app.state.request_timeout_s)
-    usages = [Usage() for _ in prompts]
+    usages = fmt.usages  # one per prompt, filled in as the answers come
     n = max(1, sampling.n)
 
     beam_params = (body.beam_search_params(sampling.max_tokens or None,
@@ -309,7 +313,7 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
     collected = await until_disconnected(request, collect(deltas()))
     if collected is None:
         return client_gone()
-    return fmt.full_response(request_id, collected, usages)
+    return fmt.full_response(request_id, collected)
 
 
 def request_deadline(request: Request, default_s: float | None) -> Deadline:
@@ -367,17 +371,17 @@ async def collect(deltas: AsyncIterator[ChoiceDelta]) -> dict[int, ChoiceDelta]:
     return choices
 
 
-def prompt_logprobs_json(served: ServedModel,
-                         positions: list[common_pb2.PositionLogprobs]) -> list[dict | None]:
+def prompt_logprobs_json(served: ServedModel, positions: list[common_pb2.PositionLogprobs],
+                         num_top: int) -> list[dict | None]:
     """vLLM's shape: per prompt position, None for the first, else the prompt token's and the
-    top alternatives' {"logprob", "rank", "decoded_token"} by token id."""
+    `num_top` top alternatives' {"logprob", "rank", "decoded_token"} by token id."""
     decode = served.tokenizer.decode
 
     def entry(token: common_pb2.TokenLogprob) -> tuple[str, dict]:
         return str(token.token_id), {"logprob": token.logprob, "rank": token.rank,
                                      "decoded_token": decode([token.token_id])}
-    return [dict([entry(p.chosen), *map(entry, p.top)]) if p.HasField("chosen") else None
-            for p in positions]
+    return [dict([entry(p.chosen), *map(entry, p.top[:num_top])]) if p.HasField("chosen")
+            else None for p in positions]
 
 
 def total_usage(usages: list[Usage]) -> dict:
@@ -403,45 +407,59 @@ async def sse(fmt, request_id: str, deltas: AsyncIterator[ChoiceDelta], usages: 
 class CompletionFormat:
     id_prefix = "cmpl"
 
-    def __init__(self, served: ServedModel, body: CompletionRequest, prompts: list[list[int]]):
-        self.served, self.body, self.prompts = served, body, prompts
+    def __init__(self, served: ServedModel, body: CompletionRequest, prompts: list[list[int]],
+                 usages: list[Usage]):
+        self.served, self.body, self.prompts, self.usages = served, body, prompts, usages
         self.created = int(time.time())
+        self._started: set[int] = set()  # streamed choices that sent their first chunk
 
-    def _logprobs(self, choice: ChoiceDelta) -> dict | None:
+    def _prompt_of(self, choice: ChoiceDelta) -> int:
+        return choice.index // max(1, self.body.n)
+
+    def _logprobs(self, choice: ChoiceDelta, echo: bool) -> dict | None:
         if self.body.logprobs is None:
             return None
         decode = self.served.tokenizer.decode
-        return {"tokens": [decode([t]) for t in choice.token_ids],
-                "token_logprobs": [lp.chosen.logprob for lp in choice.logprobs],
-                "top_logprobs": [{decode([t.token_id]): t.logprob for t in lp.top}
-                                 for lp in choice.logprobs],
+        tokens = [decode([t]) for t in choice.token_ids]
+        chosen: list[float | None] = [lp.chosen.logprob for lp in choice.logprobs]
+        top: list[dict | None] = [{decode([t.token_id]): t.logprob for t in lp.top}
+                                  for lp in choice.logprobs]
+        if echo:  # the prompt's first: None where nothing predicts a token (the first)
+            positions = self.usages[self._prompt_of(choice)].prompt_logprobs
+            tokens = [decode([t]) for t in self.prompts[self._prompt_of(choice)]] + tokens
+            chosen = [p.chosen.logprob if p.HasField("chosen") else None
+                      for p in positions] + chosen
+            top = [{decode([t.token_id]): t.logprob for t in p.top[:self.body.logprobs]}
+                   if p.HasField("chosen") else None for p in positions] + top
+        return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": top,
                 "text_offset": []}
 
-    def _text(self, choice: ChoiceDelta, first: bool) -> str:
-        if self.body.echo and first:
-            prompt = self.prompts[choice.index // max(1, self.body.n)]
-            return self.served.tokenizer.decode(prompt) + choice.text
-        return choice.text
+    def _answer(self, choice: ChoiceDelta, first: bool) -> dict:
+        """A choice's JSON; the echoed prompt goes with its first part."""
+        echo = self.body.echo and first
+        text = choice.text
+        if echo:
+            text = self.served.tokenizer.decode(self.prompts[self._prompt_of(choice)]) + text
+        return {"index": choice.index, "text": text, "logprobs": self._logprobs(choice, echo),
+                "finish_reason": choice.finish_reason}
 
-    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
-                      usages: list[Usage]) -> dict:
-        n = max(1, self.body.n)
-        answers = [{"index": i, "text": self._text(c, True), "logprobs": self._logprobs(c),
-                    "finish_reason": c.finish_reason} for i, c in sorted(choices.items())]
-        if self.body.prompt_logprobs is not None:
-            for answer in answers:  # each choice carries its own prompt's
-                answer["prompt_logprobs"] = prompt_logprobs_json(
-                    self.served, usages[answer["index"] // n].prompt_logprobs)
+    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta]) -> dict:
+        answers = []
+        for _, choice in sorted(choices.items()):
+            answers.append(self._answer(choice, first=True))
+            if self.body.prompt_logprobs is not None:  # each choice carries its prompt's
+                answers[-1]["prompt_logprobs"] = prompt_logprobs_json(
+                    self.served, self.usages[self._prompt_of(choice)].prompt_logprobs,
+                    self.body.prompt_logprobs)
         return {"id": request_id, "object": "text_completion", "created": self.created,
                 "model": self.served.info.model_id, "choices": answers,
-                "usage": total_usage(usages)}
+                "usage": total_usage(self.usages)}
 
     def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
+        first = delta.index not in self._started
+        self._started.add(delta.index)
         return {"id": request_id, "object": "text_completion", "created": self.created,
-                "model": self.served.info.model_id,
-                "choices": [{"index": delta.index, "text": delta.text,
-                             "logprobs": self._logprobs(delta),
-                             "finish_reason": delta.finish_reason}]}
+                "model": self.served.info.model_id, "choices": [self._answer(delta, first)]}
 
     def usage_chunk(self, request_id: str, usage: dict) -> dict:
         return {"id": request_id, "object": "text_completion", "created": self.created,
@@ -451,8 +469,8 @@ class CompletionFormat:
 class ChatFormat:
     id_prefix = "chatcmpl"
 
-    def __init__(self, served: ServedModel, body: ChatCompletionRequest):
-        self.served, self.body = served, body
+    def __init__(self, served: ServedModel, body: ChatCompletionRequest, usages: list[Usage]):
+        self.served, self.body, self.usages = served, body, usages
         self.created = int(time.time())
         self._started: set[int] = set()
 
@@ -469,8 +487,8 @@ class ChatFormat:
                              "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
                             for lp in choice.logprobs]}
 
-    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta],
-                      usages: list[Usage]) -> dict:
+    def full_response(self, request_id: str, choices: dict[int, ChoiceDelta]) -> dict:
+        usages = self.usages
         response = {"id": request_id, "object": "chat.completion", "created": self.created,
                     "model": self.served.info.model_id,
                     "choices": [{"index": i,
@@ -480,8 +498,8 @@ class ChatFormat:
                                 for i, c in sorted(choices.items())],
                     "usage": total_usage(usages)}
         if self.body.prompt_logprobs is not None:  # vLLM's place for them: the response's
-            response["prompt_logprobs"] = prompt_logprobs_json(self.served,
-                                                               usages[0].prompt_logprobs)
+            response["prompt_logprobs"] = prompt_logprobs_json(
+                self.served, usages[0].prompt_logprobs, self.body.prompt_logprobs)
         return response
 
     def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
