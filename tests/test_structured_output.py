@@ -192,3 +192,20 @@ def test_two_tensor_parallel_ranks_follow_the_grammar_as_one(tiny_llama_dir):
                  tensor_parallel_size=size) as llm:
             runs.append([out.outputs[0].token_ids for out in llm.generate(["x"] * 2, params)])
     assert runs[0] == runs[1]
+
+
+def test_an_answer_the_grammar_ended_stays_ended_under_min_tokens(tiny_llama_dir):
+    """When the grammar allows only EOS and min_tokens forbids it, the grammar wins: the answer
+    is the grammar's, padded with EOS (which min_tokens keeps from ending it), never a token
+    the grammar refuses."""
+    from pagedserve.entrypoints.offline import LLM
+
+    with LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01, max_model_len=128) as llm:
+        eos = llm.eos_token_ids
+        for temperature in (0.0, 1.0):
+            [out] = llm.generate(["x"], common_pb2.SamplingParams(
+                max_tokens=10, min_tokens=6, temperature=temperature, seed=1,
+                structured_output=common_pb2.StructuredOutput(regex="ab")))
+            output = out.outputs[0]
+            assert output.text == "ab" and output.finish_reason == "stop"
+            assert set(output.token_ids[2:]) <= set(eos) and len(output.token_ids) == 6

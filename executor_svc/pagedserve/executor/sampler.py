@@ -123,6 +123,7 @@ def process_logits(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) 
     _mask_by_grammar(processed, seqs)
     _add_logit_bias(processed, seqs)
     _mask_min_tokens(processed, seqs)
+    _let_grammars_end(processed, seqs)
     _apply_repetition_penalty(processed, seqs)
     _apply_presence_frequency_penalties(processed, seqs)
     return processed
@@ -213,6 +214,21 @@ def _mask_min_tokens(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]
     row_index, col_index = _index_tensors(rows, [_stop_ids(seqs[i]) for i in rows],
                                           logits.device)
     logits[row_index, col_index] = -math.inf
+
+
+def _let_grammars_end(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState]) -> None:
+    """A grammar whose answer is complete allows only EOS, which min_tokens forbids: the
+    grammar wins (EOS allowed again), rather than a row with nothing left to sample."""
+    rows = [i for i, s in enumerate(seqs)
+            if s.token_mask is not None and len(s.output_token_ids) < s.params.min_tokens]
+    if not rows:
+        return
+    ended = [row for row, dead in zip(rows, torch.isneginf(logits[rows]).all(dim=-1).tolist(),
+                                       strict=True) if dead]
+    if ended:
+        row_index, col_index = _index_tensors(ended, [_stop_ids(seqs[i]) for i in ended],
+                                              logits.device)
+        logits[row_index, col_index] = 0.0
 
 
 def _apply_repetition_penalty(logits: torch.Tensor,
