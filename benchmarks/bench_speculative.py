@@ -62,14 +62,14 @@ def metrics(base_url: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def vllm_server(log_path: pathlib.Path, vllm_python: str, model_dir: str,
+def vllm_server(log_path: pathlib.Path, vllm_python: str, model_dir: str, max_model_len: int,
                 speculative: dict | None):
     """`vllm serve` on a free loopback port until the block ends (peers/run_vllm_serve.sh's
     settings: both cores bound, bfloat16, 4 GiB of KV cache)."""
     (port,) = free_ports(1)
     argv = [vllm_python, str(REPO / "benchmarks" / "peers" / "vllm_cli.py"), "serve",
             model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-            "--max-model-len", "2048", "--seed", "0"]
+            "--max-model-len", str(max_model_len), "--seed", "0"]
     if speculative:
         argv += ["--speculative-config", json.dumps(speculative)]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -84,8 +84,8 @@ def vllm_server(log_path: pathlib.Path, vllm_python: str, model_dir: str,
         process.wait(timeout=60)
 
 
-def stack_flags(model: str | None, speculative: dict | None) -> list[str]:
-    flags = (["--model", model] if model else []) + ["--max-model-len", "2048"]
+def stack_flags(model: str | None, max_model_len: int, speculative: dict | None) -> list[str]:
+    flags = (["--model", model] if model else []) + ["--max-model-len", str(max_model_len)]
     return flags + (["--speculative-config", json.dumps(speculative)] if speculative else [])
 
 
@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--speculative-config", default=json.dumps(NGRAM))
     parser.add_argument("--model", default=None,
                         help="model directory or GGUF; unset: the default model")
+    parser.add_argument("--max-model-len", type=int, default=2048,
+                        help="both engines' --max-model-len")
     parser.add_argument("--input-grounded", type=pathlib.Path,
                         default=WORKLOADS / "input_grounded.jsonl",
                         help="the input-grounded workload (another JSONL of chat prompts)")
@@ -142,9 +144,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, config in (("off", None), ("ngram", speculative)):
                 log = scratch / f"{workload}-{concurrency}-{name}-{round_}.log"
-                server = (vllm_server(log, args.vllm_python, args.model, config)
-                          if args.engine == "vllm"
-                          else running_stack(log, *stack_flags(args.model, config)))
+                server = (vllm_server(log, args.vllm_python, args.model, args.max_model_len,
+                                      config) if args.engine == "vllm"
+                          else running_stack(log, *stack_flags(args.model, args.max_model_len,
+                                                               config)))
                 with server as base_url:
                     result = bench(base_url, workload, concurrency, args.num_prompts,
                                    args.input_grounded, scratch / "result.json")

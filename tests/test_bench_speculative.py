@@ -25,8 +25,8 @@ def test_a_quick_run_reports_both_configurations(tmp_path):
     out = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "benchmarks/bench_speculative.py", "--model", str(model_dir),
-         "--input-grounded", str(workload), "--concurrency", "2", "--rounds", "1",
-         "--skip-reference", "--out", str(out)],
+         "--max-model-len", "256", "--input-grounded", str(workload), "--concurrency", "2",
+         "--rounds", "1", "--skip-reference", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads(out.read_text())
