@@ -11,9 +11,9 @@ import llguidance
 
 from pagedserve.v1 import common_pb2
 
-# The most characters a spec may hold (a JSON schema, a grammar, the choices together): far
-# above real tool and extraction schemas, low enough that compiling one costs little.
-MAX_SPEC_CHARS = 128 * 1024
+# The most bytes a spec may hold (a JSON schema, a grammar, the choices together): far above
+# real tool and extraction schemas, low enough that compiling one costs little.
+MAX_SPEC_BYTES = 128 * 1024
 MAX_CHOICES = 1024
 # What compiling and running one request's grammar may cost (llguidance counts it).
 LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, verbose_errors=True)
@@ -61,8 +61,8 @@ def check_spec(spec: common_pb2.StructuredOutput) -> str:
     field = f"structured_output.{kind}"
     if kind == "choice" and not 0 < len(spec.choice.choices) <= MAX_CHOICES:
         raise GrammarError(field, f"1 to {MAX_CHOICES} strings")
-    if kind is not None and spec.ByteSize() > MAX_SPEC_CHARS:
-        raise GrammarError(field, f"at most {MAX_SPEC_CHARS} characters")
+    if kind is not None and spec.ByteSize() > MAX_SPEC_BYTES:
+        raise GrammarError(field, f"at most {MAX_SPEC_BYTES} bytes")
     grammar = grammar_of(spec)
     error = llguidance.LLMatcher.validate_grammar(grammar, limits=LIMITS)
     if error:

@@ -295,11 +295,11 @@ class ModelRunner:
 
     def _propose(self, work: Sequence[executor_pb2.ScheduledWork]) -> dict[str, list[int]]:
         """The proposals each request verifies this step."""
-        rooms = {w.request_id: self._room(self.requests[w.request_id], w)
-                 for w in work if w.num_lookahead_tokens}
         config = self.speculative
         if config is None:
             return {}
+        rooms = {w.request_id: self._room(self.requests[w.request_id], w)
+                 for w in work if w.num_lookahead_tokens}
         if config.method == "ngram":
             return {rid: propose_ngram(np.asarray(self.requests[rid].token_ids), room,
                                        config.prompt_lookup_min,
