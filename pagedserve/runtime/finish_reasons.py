@@ -5,12 +5,14 @@ from pagedserve.v1 import common_pb2
 
 OPENAI_NAMES = {common_pb2.FINISH_REASON_STOP: "stop",
                 common_pb2.FINISH_REASON_LENGTH: "length",
-                common_pb2.FINISH_REASON_ABORT: "abort"}
+                common_pb2.FINISH_REASON_ABORT: "abort",
+                common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 _FROM_OPENAI = {name: reason for reason, name in OPENAI_NAMES.items()}
 
 
 def openai_name(reason: int) -> str | None:
-    """"stop", "length" or "abort"; None for FINISH_REASON_UNSPECIFIED (not finished)."""
+    """"stop", "length", "abort" or "tool_calls"; None for FINISH_REASON_UNSPECIFIED (not
+    finished)."""
     return OPENAI_NAMES.get(reason)
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 
+from pagedserve.gateway.tool_calls import PARSERS
 from pagedserve.runtime.flags import add_common_flags, positive_float
 
 DEFAULT_HTTP_PORT = 8000
@@ -40,6 +41,16 @@ def add_client_policy_arguments(parser: argparse.ArgumentParser) -> None:
                              "--api-key, usually with one key per tenant): requests made with "
                              "different keys never share cached blocks, so cached_tokens tells "
                              "no tenant what another sent")
+
+
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let chat requests use tool_choice "auto" (the default when they '
+                             "send tools): the model decides whether to call, and its answer is "
+                             "read with --tool-call-parser")
+    parser.add_argument("--tool-call-parser", choices=sorted(PARSERS), default=None,
+                        help="the format the model writes tool calls in: hermes "
+                             "(<tool_call>{...}</tool_call>: Hermes, Qwen), llama3_json (a JSON "
+                             "object: Llama 3.1+), mistral ([TOOL_CALLS][...])")
 
 
 def add_api_key_argument(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from pagedserve.gateway.detokenizer import IncrementalDetokenizer
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.metrics import METRICS
 from pagedserve.gateway.scheduler_client import NO_DEADLINE, Deadline, SchedulerClient, ServedModel
+from pagedserve.gateway.tool_calls import ToolCallDelta
 from pagedserve.runtime.beam_search import BeamSearchParams, search, step_sampling
 from pagedserve.runtime.finish_reasons import openai_name
 from pagedserve.v1 import common_pb2, scheduler_pb2
@@ -28,6 +29,8 @@ class ChoiceDelta:
     logprobs: list[common_pb2.PositionLogprobs]
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # Calls read from the text (tool_calls.read_tool_calls), which then holds only content.
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass

@@ -22,9 +22,19 @@ from pagedserve.gateway.prompts import (
     check_sampling_rules,
     check_token_ids,
     decode,
+    json_object,
+    template_message,
     text_prompt_ids,
 )
 from pagedserve.gateway.scheduler_client import Deadline, SchedulerClient, ServedModel
+from pagedserve.gateway.tool_calls import (
+    NO_TOOLS,
+    Tool,
+    ToolChoice,
+    ToolPlan,
+    plan_tools,
+    read_tool_calls,
+)
 from pagedserve.runtime.finish_reasons import from_openai_name
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -60,16 +70,31 @@ def client_label(request_id: str) -> str:
 
 
 def chat_messages(chat: generation_pb2.ChatPrompt) -> list[dict]:
-    """The chat's messages for the template: at least one, each of a known role (the HTTP
-    API's ChatMessage rules)."""
+    """The chat's messages for the template: at least one, each following its role's rules
+    (those of the HTTP API's messages)."""
     if not chat.messages:
         raise GatewayError(400, "chat.messages: empty", "invalid_request_error",
                            "chat.messages")
-    bad = [m.role for m in chat.messages if m.role not in ("system", "user", "assistant")]
-    if bad:
-        raise GatewayError(400, f"chat.messages: unknown role {bad[0]!r}",
-                           "invalid_request_error", "chat.messages")
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+    return [template_message(m.role, m.content, f"chat.messages.{i}", name=m.name,
+                             tool_calls=[(c.id, c.name, c.arguments) for c in m.tool_calls],
+                             tool_call_id=m.tool_call_id)
+            for i, m in enumerate(chat.messages)]
+
+
+_MODES = {generation_pb2.ToolChoice.MODE_NONE: "none",
+          generation_pb2.ToolChoice.MODE_AUTO: "auto",
+          generation_pb2.ToolChoice.MODE_REQUIRED: "required"}
+
+
+def chat_tools(chat: generation_pb2.ChatPrompt) -> tuple[list[Tool], ToolChoice | None]:
+    tools = [Tool(t.name, t.description or None,
+                  json_object(t.parameters, f"chat.tools.{i}.parameters") if t.parameters
+                  else None) for i, t in enumerate(chat.tools)]
+    which = chat.tool_choice.WhichOneof("choice")
+    if which == "function":
+        return tools, ToolChoice("named", chat.tool_choice.function)
+    mode = _MODES.get(chat.tool_choice.mode) if which == "mode" else None
+    return tools, ToolChoice(mode) if mode else None
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -97,17 +122,23 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             cache_salt = self.policy.cache_salt(
                 request.cache_salt, dict(context.invocation_metadata()).get("authorization"))
             served = await self.client.model(request.model)
+            tools = self._tool_plan(request)
             prompt_ids = await self._prompt_ids(served, request)
             check_token_ids(served, prompt_ids, "token_ids")
             sampling = request.sampling
             check_length(served, len(prompt_ids),
                          sampling.max_tokens if sampling.HasField("max_tokens") else None,
                          sampling_param("max_tokens"))
-            check_sampling_rules(served, sampling, sampling_param)
+            tools.adapt(sampling, served.tokenizer, "chat.tool_choice")
+            check_sampling_rules(served, sampling, lambda field: "chat.tools"
+                                 if tools.structured_output is not None
+                                 and field.startswith("structured_output")
+                                 else sampling_param(field))
             usage = Usage()
             first = True
-            async for choice in generate(self.client, served, request_id, prompt_ids, sampling,
-                                         usage, priority, deadline, cache_salt):
+            async for choice in read_tool_calls(
+                    generate(self.client, served, request_id, prompt_ids, sampling, usage,
+                             priority, deadline, cache_salt), tools):
                 reply = generation_pb2.GenerateResponse(request_id=label)
                 if first:
                     first = False
@@ -119,13 +150,25 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                                   token_ids=choice.token_ids, logprobs=choice.logprobs,
                                   finish_reason=from_openai_name(choice.finish_reason),
                                   stop_reason="" if choice.stop_reason is None
-                                  else str(choice.stop_reason))
+                                  else str(choice.stop_reason),
+                                  tool_calls=[generation_pb2.ToolCallDelta(
+                                      index=call.index, id=call.id or "",
+                                      name=call.name or "", arguments=call.arguments)
+                                      for call in choice.tool_calls])
                 yield reply
             yield generation_pb2.GenerateResponse(request_id=label, usage=common_pb2.Usage(
                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                 cached_prompt_tokens=usage.cached_tokens))
         except GatewayError as exc:
             await abort(context, exc)
+
+    def _tool_plan(self, request: generation_pb2.GenerateRequest) -> ToolPlan:
+        if request.WhichOneof("prompt") != "chat":
+            return NO_TOOLS
+        tools, choice = chat_tools(request.chat)
+        parallel = request.chat.parallel_tool_calls \
+            if request.chat.HasField("parallel_tool_calls") else True
+        return plan_tools(tools, choice, parallel, self.policy.auto_tool_parser, "chat.tools")
 
     @staticmethod
     async def _prompt_ids(served: ServedModel, request: generation_pb2.GenerateRequest
@@ -138,8 +181,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         if which == "chat":
             add = request.chat.add_generation_prompt \
                 if request.chat.HasField("add_generation_prompt") else True
+            tools, _ = chat_tools(request.chat)
             return await chat_prompt_ids(served, chat_messages(request.chat), add,
-                                         "chat.messages")
+                                         "chat.messages", [t.template_json() for t in tools]
+                                         or None)
         raise GatewayError(400, "prompt: set one of text, token_ids or chat",
                            "invalid_request_error", "prompt")
 
@@ -147,8 +192,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             served = await self.client.model(request.model)
             if request.WhichOneof("prompt") == "chat":
+                tools, _ = chat_tools(request.chat)
                 ids = await chat_prompt_ids(served, chat_messages(request.chat), True,
-                                            "chat.messages")
+                                            "chat.messages", [t.template_json() for t in tools]
+                                            or None)
             else:
                 add = request.add_special_tokens if request.HasField("add_special_tokens") \
                     else True

@@ -44,6 +44,14 @@ from pagedserve.gateway.scheduler_client import (
     ServedModel,
     parse_timeout,
 )
+from pagedserve.gateway.tool_calls import (
+    NO_TOOLS,
+    ToolCallDelta,
+    ToolPlan,
+    merge_calls,
+    plan_tools,
+    read_tool_calls,
+)
 from pagedserve.v1 import common_pb2
 
 # Readiness: an executor that has work and returned nothing for this long is wedged.
@@ -225,8 +233,10 @@ async def models(client: Scheduler) -> dict:
 
 async def tokenize(body: TokenizeRequest, client: Scheduler) -> dict:
     served = await client.model(body.model or "")
-    if body.messages is not None:
-        ids = await chat_prompt_ids(served, [m.model_dump() for m in body.messages], True)
+    conversation = body.conversation()
+    if conversation is not None:
+        ids = await chat_prompt_ids(served, conversation.template_messages(), True,
+                                    tools=conversation.template_tools())
     elif body.prompt is not None:
         ids = await text_prompt_ids(served, body.prompt, "prompt", body.add_special_tokens)
     else:
@@ -259,20 +269,24 @@ async def completions(body: CompletionRequest, request: Request, client: Schedul
 
 async def chat_completions(body: ChatCompletionRequest, request: Request, client: Scheduler):
     served = await client.model(body.model or "")
-    ids = await chat_prompt_ids(served, [m.model_dump() for m in body.messages],
-                                body.add_generation_prompt)
+    policy: ClientPolicy = request.app.state.policy
+    tools = plan_tools(body.tool_list(), body.choice(), body.parallel_tool_calls,
+                       policy.auto_tool_parser)
+    ids = await chat_prompt_ids(served, body.template_messages(), body.add_generation_prompt,
+                                tools=body.template_tools())
     check_length(served, len(ids), body.max_output_tokens(), body.param("max_tokens"))
     sampling = body.sampling_params(body.max_output_tokens(), body.logprobs_count(),
                                     body.prompt_logprobs)
+    tools.adapt(sampling, served.tokenizer)
     return await respond(request, client, body, served, ChatFormat(served, body, [Usage()]),
-                         [ids], sampling)
+                         [ids], sampling, tools)
 
 
 async def respond(request: Request, client: SchedulerClient, body: SamplingFields,
                   served: ServedModel, fmt, prompts: list[list[int]],
-                  sampling: common_pb2.SamplingParams):
-    """Checks the request's rules, runs the prompts' choices and answers: a stream of
-    server-sent events, or one JSON."""
+                  sampling: common_pb2.SamplingParams, tools: ToolPlan = NO_TOOLS):
+    """Checks the request's rules, runs the prompts' choices (their answers read for calls as
+    `tools` says) and answers: a stream of server-sent events, or one JSON."""
     check_sampling_rules(served, sampling, body.param)
     body.check_prompt_logprobs()
     policy: ClientPolicy = request.app.state.policy
@@ -298,8 +312,9 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
                     choice.index += p * n
                     yield choice
                 continue
-            async for choice in generate(client, served, f"{request_id}-{p}", ids, sampling,
-                                         usages[p], priority, deadline, cache_salt):
+            async for choice in read_tool_calls(
+                    generate(client, served, f"{request_id}-{p}", ids, sampling, usages[p],
+                             priority, deadline, cache_salt), tools):
                 choice.index += p * n
                 yield choice
 
@@ -368,6 +383,7 @@ async def collect(deltas: AsyncIterator[ChoiceDelta]) -> dict[int, ChoiceDelta]:
         choice.token_ids += delta.token_ids
         choice.logprobs += delta.logprobs
         choice.finish_reason = delta.finish_reason or choice.finish_reason
+        merge_calls(delta.tool_calls, choice.tool_calls)
     return choices
 
 
@@ -491,8 +507,7 @@ class ChatFormat:
         usages = self.usages
         response = {"id": request_id, "object": "chat.completion", "created": self.created,
                     "model": self.served.info.model_id,
-                    "choices": [{"index": i,
-                                 "message": {"role": "assistant", "content": c.text},
+                    "choices": [{"index": i, "message": self._message(c),
                                  "logprobs": self._logprobs(c),
                                  "finish_reason": c.finish_reason}
                                 for i, c in sorted(choices.items())],
@@ -502,8 +517,21 @@ class ChatFormat:
                 self.served, usages[0].prompt_logprobs, self.body.prompt_logprobs)
         return response
 
+    @staticmethod
+    def _message(choice: ChoiceDelta) -> dict:
+        """A whole answer; with calls, content is what came before them (None if blank)."""
+        if not choice.tool_calls:
+            return {"role": "assistant", "content": choice.text}
+        return {"role": "assistant", "content": choice.text if choice.text.strip() else None,
+                "tool_calls": [{"id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}}
+                               for call in choice.tool_calls]}
+
     def chunk(self, request_id: str, delta: ChoiceDelta) -> dict:
-        message = {"content": delta.text}
+        message: dict = {"content": delta.text}
+        if delta.tool_calls:  # OpenAI's: the call's id, type and name in its first delta
+            message = {"content": delta.text or None,
+                       "tool_calls": [call_chunk(call) for call in delta.tool_calls]}
         if delta.index not in self._started:  # the first chunk of a choice names the role
             self._started.add(delta.index)
             message = {"role": "assistant", **message}
@@ -516,3 +544,10 @@ class ChatFormat:
     def usage_chunk(self, request_id: str, usage: dict) -> dict:
         return {"id": request_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.served.info.model_id, "choices": [], "usage": usage}
+
+
+def call_chunk(call: ToolCallDelta) -> dict:
+    if call.id is None:
+        return {"index": call.index, "function": {"arguments": call.arguments}}
+    return {"index": call.index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}

@@ -4,7 +4,7 @@ the contract's field (a uint32 cannot hold -1); the ranges and limits are the re
 both APIs share (runtime/request_rules.py, applied in prompts.check_sampling_rules).
 
 Every model refuses fields it does not define (`extra="forbid"`): a field the server does not
-honour (`tools`, `best_of`, ...) is a 400 naming it, never silently ignored, so a client that
+honour (`best_of`, `functions`, ...) is a 400 naming it, never silently ignored, so a client that
 asked for something cannot take something else for it.
 
 Structured output comes as OpenAI's `response_format` or vLLM's `structured_outputs`, at most
@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pagedserve.gateway.errors import GatewayError
+from pagedserve.gateway.prompts import CHAT_ROLES, template_message
+from pagedserve.gateway.tool_calls import FUNCTION_NAME, Tool, ToolChoice
 from pagedserve.runtime.beam_search import BeamSearchParams
 from pagedserve.runtime.request_rules import MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS
 from pagedserve.v1 import common_pb2
@@ -241,7 +243,7 @@ BEAM_SEARCH_REFUSES = frozenset({
     "stream", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "min_tokens",
     "logprobs", "top_logprobs", "echo", "response_format", "structured_outputs",
-    "prompt_logprobs"})
+    "prompt_logprobs", "tools"})
 
 
 class CompletionRequest(SamplingFields):
@@ -267,14 +269,98 @@ class CompletionRequest(SamplingFields):
         return list(self.prompt)
 
 
+class TextPart(Forbidding):
+    """A part of a message's content: text (no other kind is served)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(Forbidding):
+    name: str
+    # JSON text, as the model wrote it (OpenAI's shape).
+    arguments: str
+
+
+class MessageToolCall(Forbidding):
+    """A call an assistant message made, as a client sends the conversation back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Forbidding):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One turn; its role's rules are checked with the gRPC API's (prompts.template_message):
+    a tool turn answers a call (`tool_call_id`), an assistant turn may carry the calls it made
+    and then needs no content."""
+
+    role: Literal[CHAT_ROLES]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def template_message(self, param: str) -> dict:
+        """The message as chat templates read it (`param`: this message's place)."""
+        text = self.content if not isinstance(self.content, list) \
+            else "\n".join(part.text for part in self.content)
+        calls = [(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or []]
+        return template_message(self.role, text, param, name=self.name, tool_calls=calls,
+                                tool_call_id=self.tool_call_id)
 
 
-class ChatCompletionRequest(SamplingFields):
+# OpenAI's rule for function names.
+FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME.pattern)]
+
+
+class FunctionDefinition(Forbidding):
+    name: FunctionName
+    description: str | None = None
+    # The arguments' JSON schema.
+    parameters: dict | None = None
+    # Calls always follow the schema when the answer is constrained (`required`, a named
+    # function); `strict` changes nothing.
+    strict: StrictBool | None = None
+
+
+class ToolDefinition(Forbidding):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Forbidding):
+    name: FunctionName
+
+
+class NamedToolChoice(Forbidding):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class Conversation(Forbidding):
+    """A chat and the tools its template renders (chat completions and /tokenize)."""
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[ToolDefinition] | None = None
+
+    def template_messages(self) -> list[dict]:
+        return [m.template_message(f"messages.{i}") for i, m in enumerate(self.messages)]
+
+    def tool_list(self) -> list[Tool]:
+        return [Tool(t.function.name, t.function.description, t.function.parameters)
+                for t in self.tools or []]
+
+    def template_tools(self) -> list[dict] | None:
+        return [tool.template_json() for tool in self.tool_list()] if self.tools else None
+
+
+class ChatCompletionRequest(Conversation, SamplingFields):
     max_completion_tokens: UInt32 | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # False: at most one call per answer (where the answer is constrained; a parser reads
+    # whatever the model wrote).
+    parallel_tool_calls: StrictBool = True
     logprobs: StrictBool = False
     top_logprobs: UInt32 | None = None
     add_generation_prompt: StrictBool = True
@@ -289,6 +375,9 @@ class ChatCompletionRequest(SamplingFields):
         return top_logprobs
 
     def param(self, field: str) -> str:
+        if field.startswith("structured_output") and self.tool_choice not in (None, "none",
+                                                                              "auto"):
+            return "tools"  # the tools' schemas set it (ToolPlan.adapt refuses the client's)
         if field == "logprobs":
             return "top_logprobs"
         if field == "max_tokens" and self.max_completion_tokens is not None:
@@ -302,12 +391,24 @@ class ChatCompletionRequest(SamplingFields):
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def choice(self) -> ToolChoice | None:
+        if self.tool_choice is None:
+            return None
+        if isinstance(self.tool_choice, str):
+            return ToolChoice(self.tool_choice)
+        return ToolChoice("named", self.tool_choice.function.name)
+
 
 class TokenizeRequest(Forbidding):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[ToolDefinition] | None = None
     add_special_tokens: StrictBool = True
+
+    def conversation(self) -> Conversation | None:
+        return None if self.messages is None \
+            else Conversation(messages=self.messages, tools=self.tools)
 
 
 class DetokenizeRequest(Forbidding):

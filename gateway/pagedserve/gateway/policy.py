@@ -1,6 +1,7 @@
 """What clients may ask of this gateway beyond the request rules, as its flags set it: whether
-they may order the queue (`priority`), and how their prefix-cache namespace is chosen
-(`cache_salt`, salted by API key)."""
+they may order the queue (`priority`), how their prefix-cache namespace is chosen
+(`cache_salt`, salted by API key), and whether the model may decide to call tools
+(`tool_choice: "auto"`, read with the --tool-call-parser)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,22 @@ class ClientPolicy:
     # --cache-salt-per-api-key: every request's cache salt also names the key it came with, so
     # no two keys' requests share prefix-cache blocks (or see each other's hits).
     salt_keys: ApiKeys | None = None
+    # --enable-auto-tool-choice: the --tool-call-parser that reads answers to tool_choice
+    # "auto"; None: "auto" is refused.
+    auto_tool_parser: str | None = None
 
     @classmethod
     def from_args(cls, args, keys: ApiKeys | None) -> ClientPolicy:
         """From the gateway's flags and its API keys (None without --api-key)."""
         if args.cache_salt_per_api_key and keys is None:
             raise StartupError("--cache-salt-per-api-key needs --api-key")
+        if args.enable_auto_tool_choice and args.tool_call_parser is None:
+            raise StartupError("--enable-auto-tool-choice needs --tool-call-parser (the format "
+                               "the model writes calls in)")
         return cls(allow_client_priority=args.allow_client_priority,
-                   salt_keys=keys if args.cache_salt_per_api_key else None)
+                   salt_keys=keys if args.cache_salt_per_api_key else None,
+                   auto_tool_parser=args.tool_call_parser if args.enable_auto_tool_choice
+                   else None)
 
     def priority(self, priority: int) -> int:
         """The priority to submit with; a 400 naming `priority` when the client may not set it."""

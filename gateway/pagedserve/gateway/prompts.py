@@ -9,7 +9,8 @@ what the model's context could ever hold, and the work then runs on the tokenize
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -54,20 +55,70 @@ async def text_prompt_ids(served: ServedModel, text: str, param: str,
 
 
 async def chat_prompt_ids(served: ServedModel, messages: list[dict], add_generation_prompt: bool,
-                          param: str = "messages") -> list[int]:
-    """The chat rendered with the model's template and tokenized; a 400 naming `param` for a
-    model without a template, or a conversation its template refuses (it raised)."""
-    check_chars(served, sum(len(m["content"]) for m in messages), param)
+                          param: str = "messages", tools: list[dict] | None = None) -> list[int]:
+    """The chat (with the functions it may call, `tools`) rendered with the model's template
+    and tokenized; a 400 naming `param` for a model without a template, or a conversation its
+    template refuses (it raised)."""
+    check_chars(served, len(json.dumps([messages, tools])), param)
     if not getattr(served.tokenizer, "chat_template", None):
         raise GatewayError(400, f"{param}: model {served.info.model_id!r} has no chat template; "
                            "use the completions API with a text prompt",
                            "invalid_request_error", param)
     try:
         return await off_loop(lambda: chat.chat_prompt_ids(served.tokenizer, messages,
-                                                            add_generation_prompt))
+                                                            add_generation_prompt, tools))
     except jinja2.TemplateError as exc:
         raise GatewayError(400, f"{param}: the model's chat template refused the conversation: "
                            f"{exc}", "invalid_request_error", param) from None
+
+
+# Chat roles; `developer` is OpenAI's newer name for `system`, which templates know.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _invalid(param: str, reason: str) -> GatewayError:
+    return GatewayError(400, f"{param}: {reason}", "invalid_request_error", param)
+
+
+def template_message(role: str, content: str | None, param: str, *, name: str | None = None,
+                     tool_calls: Sequence[tuple[str, str, str]] = (),
+                     tool_call_id: str | None = None) -> dict:
+    """A chat turn as templates read it, from either API (`param`: where the turn is in the
+    request); a 400 naming the field a turn gets wrong. `tool_calls`: an assistant turn's calls
+    as (id, name, arguments JSON); a tool turn answers the call `tool_call_id`."""
+    if role not in CHAT_ROLES:
+        raise _invalid(f"{param}.role", f"unknown role {role!r}")
+    if content is None and not (role == "assistant" and tool_calls):
+        raise _invalid(f"{param}.content", f"required in a {role} message (only an assistant "
+                       "message with tool_calls may leave it out)")
+    if tool_calls and role != "assistant":
+        raise _invalid(f"{param}.tool_calls", "only in assistant messages")
+    if role == "tool" and not tool_call_id:
+        raise _invalid(f"{param}.tool_call_id", "required in a tool message")
+    message = {"role": "system" if role == "developer" else role, "content": content or ""}
+    if name:
+        message["name"] = name
+    if tool_call_id:
+        message["tool_call_id"] = tool_call_id
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": call_id, "type": "function", "function": {
+                "name": call_name, "arguments": json_object(
+                    arguments, f"{param}.tool_calls.{j}.function.arguments")}}
+            for j, (call_id, call_name, arguments) in enumerate(tool_calls)]
+    return message
+
+
+def json_object(text: str, param: str) -> dict:
+    """A JSON object sent as text (call arguments, a gRPC tool's schema): templates and
+    grammars read the object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _invalid(param, f"not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise _invalid(param, "must be a JSON object")
+    return value
 
 
 async def decode(served: ServedModel, token_ids: list[int]) -> str:

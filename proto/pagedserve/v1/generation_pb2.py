@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"x\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x8c\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x19.pagedserve.v1.ChatPromptH\x00\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x0c\n\x04\x65\x63ho\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x12\n\ncache_salt\x18\t \x01(\tB\x08\n\x06prompt\"\xb9\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\"\xe1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.ChoiceDelta\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12\x38\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.pagedserve.v1.Usage\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.pagedserve.v1.ChatPromptH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"5\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.ModelInfo2\xce\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .pagedserve.v1.DetokenizeRequest\x1a!.pagedserve.v1.DetokenizeResponse\x12Q\n\nListModels\x12 .pagedserve.v1.ListModelsRequest\x1a!.pagedserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.pagedserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\xa9\x01\n\nToolChoice\x12.\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.pagedserve.v1.ToolChoice.ModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\"M\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x86\x02\n\nChatPrompt\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x05tools\x18\x03 \x03(\x0b\x32\x13.pagedserve.v1.Tool\x12.\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x19.pagedserve.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x16\n\x14_parallel_tool_calls\"\x8c\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x17.pagedserve.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x19.pagedserve.v1.ChatPromptH\x00\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x0c\n\x04\x65\x63ho\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x12\n\ncache_salt\x18\t \x01(\tB\x08\n\x06prompt\"\xeb\x01\n\x0b\x43hoiceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x30\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xe1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07\x63hoices\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.ChoiceDelta\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12\x38\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.pagedserve.v1.Usage\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x19.pagedserve.v1.ChatPromptH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"5\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.pagedserve.v1.ModelInfo2\xce\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .pagedserve.v1.DetokenizeRequest\x1a!.pagedserve.v1.DetokenizeResponse\x12Q\n\nListModels\x12 .pagedserve.v1.ListModelsRequest\x1a!.pagedserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagedserve.v1.generation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATMESSAGE']._serialized_start=77
-  _globals['_CHATMESSAGE']._serialized_end=121
-  _globals['_CHATPROMPT']._serialized_start=123
-  _globals['_CHATPROMPT']._serialized_end=243
-  _globals['_GENERATEREQUEST']._serialized_start=246
-  _globals['_GENERATEREQUEST']._serialized_end=514
-  _globals['_CHOICEDELTA']._serialized_start=517
-  _globals['_CHOICEDELTA']._serialized_end=702
-  _globals['_GENERATERESPONSE']._serialized_start=705
-  _globals['_GENERATERESPONSE']._serialized_end=930
-  _globals['_TOKENIZEREQUEST']._serialized_start=933
-  _globals['_TOKENIZEREQUEST']._serialized_end=1090
-  _globals['_TOKENIZERESPONSE']._serialized_start=1092
-  _globals['_TOKENIZERESPONSE']._serialized_end=1152
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1154
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1207
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1209
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1243
-  _globals['_LISTMODELSREQUEST']._serialized_start=1245
-  _globals['_LISTMODELSREQUEST']._serialized_end=1264
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1266
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1328
-  _globals['_GENERATION']._serialized_start=1331
-  _globals['_GENERATION']._serialized_end=1665
+  _globals['_CHATMESSAGE']._serialized_end=202
+  _globals['_TOOL']._serialized_start=204
+  _globals['_TOOL']._serialized_end=265
+  _globals['_TOOLCHOICE']._serialized_start=268
+  _globals['_TOOLCHOICE']._serialized_end=437
+  _globals['_TOOLCHOICE_MODE']._serialized_start=350
+  _globals['_TOOLCHOICE_MODE']._serialized_end=427
+  _globals['_TOOLCALL']._serialized_start=439
+  _globals['_TOOLCALL']._serialized_end=494
+  _globals['_CHATPROMPT']._serialized_start=497
+  _globals['_CHATPROMPT']._serialized_end=759
+  _globals['_GENERATEREQUEST']._serialized_start=762
+  _globals['_GENERATEREQUEST']._serialized_end=1030
+  _globals['_CHOICEDELTA']._serialized_start=1033
+  _globals['_CHOICEDELTA']._serialized_end=1268
+  _globals['_TOOLCALLDELTA']._serialized_start=1270
+  _globals['_TOOLCALLDELTA']._serialized_end=1345
+  _globals['_GENERATERESPONSE']._serialized_start=1348
+  _globals['_GENERATERESPONSE']._serialized_end=1573
+  _globals['_TOKENIZEREQUEST']._serialized_start=1576
+  _globals['_TOKENIZEREQUEST']._serialized_end=1733
+  _globals['_TOKENIZERESPONSE']._serialized_start=1735
+  _globals['_TOKENIZERESPONSE']._serialized_end=1795
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1797
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1850
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1852
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1886
+  _globals['_LISTMODELSREQUEST']._serialized_start=1888
+  _globals['_LISTMODELSREQUEST']._serialized_end=1907
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1909
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1971
+  _globals['_GENERATION']._serialized_start=1974
+  _globals['_GENERATION']._serialized_end=2308
 # @@protoc_insertion_point(module_scope)
