@@ -240,20 +240,24 @@ def test_the_sampling_rules_match_the_documented_limits(params):
 
 
 @FUZZ_SETTINGS
-@given(roles=st.lists(st.sampled_from(["system", "user", "assistant", "tool", "", "USER"]),
-                      max_size=3))
+@given(roles=st.lists(st.sampled_from(["system", "developer", "user", "assistant", "tool", "",
+                                       "USER"]), max_size=3))
 def test_grpc_chat_prompts_are_checked_before_the_template(roles):
-    """Generate and Tokenize alike: an empty chat or an unknown role is a 400 naming
-    chat.messages (an empty chat once reached the template and failed with a 500)."""
+    """Generate and Tokenize alike: an empty chat, an unknown role or a tool message that
+    answers no call is a 400 naming the message's field (an empty chat once reached the
+    template and failed with a 500)."""
     chat = generation_pb2.ChatPrompt(messages=[generation_pb2.ChatMessage(role=r, content="x")
                                                for r in roles])
-    valid = bool(roles) and set(roles) <= {"system", "user", "assistant"}
+    valid = bool(roles) and set(roles) <= {"system", "developer", "user", "assistant"}
     try:
         messages = chat_messages(chat)
     except GatewayError as error:
-        assert not valid and error.status == 400 and error.param == "chat.messages"
+        assert not valid and error.status == 400 and error.param.startswith("chat.messages")
+        assert error.param == "chat.messages" or roles[int(error.param.split(".")[2])] \
+            not in ("system", "developer", "user", "assistant")
     else:
-        assert valid and [m["role"] for m in messages] == roles
+        assert valid and [m["role"] for m in messages] == [
+            "system" if r == "developer" else r for r in roles]
 
 
 @FUZZ_SETTINGS

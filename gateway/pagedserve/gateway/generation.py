@@ -1,7 +1,8 @@
 """One prompt through the scheduler, as the client sees it: token deltas become text deltas per
 choice (incremental detokenization, stop strings), with the usage counts at the end. Shared by
 the HTTP API and the public gRPC API. Also beam search over the scheduler (`beam_choices`, the
-HTTP API's `use_beam_search`)."""
+HTTP API's `use_beam_search`), and each choice's text read for tool calls (`read_tool_calls`,
+with pagedserve/gateway/tool_calls.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pagedserve.gateway.detokenizer import IncrementalDetokenizer
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.metrics import METRICS
 from pagedserve.gateway.scheduler_client import NO_DEADLINE, Deadline, SchedulerClient, ServedModel
-from pagedserve.gateway.tool_calls import ToolCallDelta
+from pagedserve.gateway.tool_calls import CallReader, NamedCallReader, ToolCallDelta, ToolPlan
 from pagedserve.runtime.beam_search import BeamSearchParams, search, step_sampling
 from pagedserve.runtime.finish_reasons import openai_name
 from pagedserve.v1 import common_pb2, scheduler_pb2
@@ -92,6 +93,28 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
         yield choice
         if all(finished):
             return  # leaving cancels the scheduler call: nothing keeps running
+
+
+async def read_tool_calls(deltas: AsyncIterator[ChoiceDelta], plan: ToolPlan
+                          ) -> AsyncIterator[ChoiceDelta]:
+    """Each choice's deltas with its text read for calls: content and `tool_calls` (the
+    deltas' tokens and logprobs unchanged); a choice that called and stopped finishes with
+    the plan's finish_reason."""
+    if plan.new_reader is None:
+        async for delta in deltas:
+            yield delta
+        return
+    readers: dict[int, CallReader | NamedCallReader] = {}
+    async for delta in deltas:
+        reader = readers.setdefault(delta.index, plan.new_reader())
+        content, calls = reader.feed(delta.text)
+        finish_reason = delta.finish_reason
+        if finish_reason is not None:
+            rest, last = reader.finish()
+            content, calls = content + rest, calls + last
+            if reader.called and finish_reason == "stop":
+                finish_reason = plan.finish_reason
+        yield replace(delta, text=content, tool_calls=calls, finish_reason=finish_reason)
 
 
 def _started(usage: Usage, prompt_token_ids: list[int]) -> float:

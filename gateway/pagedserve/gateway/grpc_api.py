@@ -14,7 +14,7 @@ import grpc
 import structlog
 
 from pagedserve.gateway.errors import RETRY_AFTER_S, GatewayError
-from pagedserve.gateway.generation import Usage, generate
+from pagedserve.gateway.generation import Usage, generate, read_tool_calls
 from pagedserve.gateway.policy import DEFAULT_POLICY, ClientPolicy
 from pagedserve.gateway.prompts import (
     chat_prompt_ids,
@@ -33,7 +33,6 @@ from pagedserve.gateway.tool_calls import (
     ToolChoice,
     ToolPlan,
     plan_tools,
-    read_tool_calls,
 )
 from pagedserve.runtime.finish_reasons import from_openai_name
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc

@@ -19,7 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve.gateway.errors import RETRY_AFTER_S, GatewayError, error_body
-from pagedserve.gateway.generation import ChoiceDelta, Usage, beam_choices, generate
+from pagedserve.gateway.generation import (
+    ChoiceDelta,
+    Usage,
+    beam_choices,
+    generate,
+    read_tool_calls,
+)
 from pagedserve.gateway.metrics import METRICS
 from pagedserve.gateway.openai_protocol import (
     ChatCompletionRequest,
@@ -50,7 +56,6 @@ from pagedserve.gateway.tool_calls import (
     ToolPlan,
     merge_calls,
     plan_tools,
-    read_tool_calls,
 )
 from pagedserve.v1 import common_pb2
 

@@ -29,15 +29,12 @@ import json
 import re
 import secrets
 import string
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.v1 import common_pb2
-
-if TYPE_CHECKING:
-    from pagedserve.gateway.generation import ChoiceDelta
 
 ChoiceMode = Literal["none", "auto", "required", "named"]
 # OpenAI's rule for function names.
@@ -405,28 +402,6 @@ def plan_tools(tools: list[Tool], choice: ToolChoice | None, parallel: bool,
     if choice.mode == "named":
         return ToolPlan(output, lambda: NamedCallReader(choice.name), finish_reason="stop")
     return ToolPlan(output, lambda: CallReader(REQUIRED_SYNTAX))
-
-
-async def read_tool_calls(deltas: AsyncIterator[ChoiceDelta], plan: ToolPlan
-                          ) -> AsyncIterator[ChoiceDelta]:
-    """Each choice's deltas with its text read for calls: content and `tool_calls` (the
-    deltas' tokens and logprobs unchanged); a choice that called and stopped finishes with
-    the plan's finish_reason."""
-    if plan.new_reader is None:
-        async for delta in deltas:
-            yield delta
-        return
-    readers: dict[int, CallReader | NamedCallReader] = {}
-    async for delta in deltas:
-        reader = readers.setdefault(delta.index, plan.new_reader())
-        content, calls = reader.feed(delta.text)
-        finish_reason = delta.finish_reason
-        if finish_reason is not None:
-            rest, last = reader.finish()
-            content, calls = content + rest, calls + last
-            if reader.called and finish_reason == "stop":
-                finish_reason = plan.finish_reason
-        yield replace(delta, text=content, tool_calls=calls, finish_reason=finish_reason)
 
 
 def merge_calls(calls: Iterable[ToolCallDelta], into: list[ToolCallDelta]) -> None:
