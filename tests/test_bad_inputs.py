@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 BOUND_S = 1.0  # asserted; the target is 100 ms (the slowest is printed)
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
+TOOL = [{"type": "function", "function": {"name": "f"}}]
 _timings: list[tuple[float, str]] = []
 
 
@@ -142,9 +143,27 @@ HTTP_CASES = [
     ("structured_outputs-two-kinds", CMPL,
      {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}, 400,
      "structured_outputs"),
-    ("tools", CHAT, {"messages": MSG, "tools": [{"type": "function",
-                                                   "function": {"name": "f"}}]}, 400, "tools"),
-    ("tool_choice", CHAT, {"messages": MSG, "tool_choice": "auto"}, 400, "tool_choice"),
+    ("tools-auto-without-parser", CHAT, {"messages": MSG, "tools": TOOL}, 400, "tool_choice"),
+    ("tool_choice-without-tools", CHAT, {"messages": MSG, "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ("tool_choice-unknown-function", CHAT, {"messages": MSG, "tools": TOOL, "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ("tool_choice-required-with-response_format", CHAT, {
+        "messages": MSG, "tools": TOOL, "tool_choice": "required",
+        "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ("tools-name-with-space", CHAT, {"messages": MSG, "tool_choice": "none", "tools": [
+        {"type": "function", "function": {"name": "f g"}}]}, 400, "tools.0.function.name"),
+    ("tools-same-name-twice", CHAT, {"messages": MSG, "tool_choice": "none",
+                                     "tools": TOOL * 2}, 400, "tools"),
+    ("tools-schema-not-compiling", CHAT, {"messages": MSG, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "strung"}}}]},
+     400, "tools"),
+    ("tool-message-without-call-id", CHAT, {"messages": [*MSG, {"role": "tool", "content": "x"}]},
+     400, "messages.1.tool_call_id"),
+    ("call-arguments-not-json", CHAT, {"messages": [*MSG, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, 400,
+     "messages.1.tool_calls.0.function.arguments"),
+    ("functions", CHAT, {"messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
     ("best_of", CMPL, {"prompt": "x", "best_of": 2}, 400, "best_of"),
     ("guided_json", CMPL, {"prompt": "x", "guided_json": {"type": "object"}}, 400,
      "guided_json"),
@@ -154,8 +173,8 @@ HTTP_CASES = [
      400, "prompt_logprobs"),
     ("prompt_logprobs-negative", CMPL, {"prompt": "x", "prompt_logprobs": -1}, 400,
      "prompt_logprobs"),
-    ("message-name", CHAT, {"messages": [{"role": "user", "content": "x", "name": "n"}]}, 400,
-     "messages.0.name"),
+    ("message-unknown-field", CHAT, {"messages": [{"role": "user", "content": "x", "audio": 1}]},
+     400, "messages.0.audio"),
     ("stream_options-unknown", CMPL, {"prompt": "x", "stream": True,
                                       "stream_options": {"continuous_usage_stats": True}}, 400,
      "stream_options.continuous_usage_stats"),
@@ -353,7 +372,28 @@ GRPC_CASES = [
      grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     ("chat-empty", {"chat": chat()}, grpc.StatusCode.INVALID_ARGUMENT, "chat.messages"),
     ("chat-unknown-role", {"chat": chat(("wizard", "x"))}, grpc.StatusCode.INVALID_ARGUMENT,
-     "chat.messages"),
+     "chat.messages.0.role"),
+    ("chat-tool-message-without-call-id", {"chat": chat(("user", "x"), ("tool", "y"))},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.messages.1.tool_call_id"),
+    ("chat-call-arguments-not-an-object", {"chat": generation_pb2.ChatPrompt(messages=[
+        generation_pb2.ChatMessage(role="assistant", tool_calls=[
+            generation_pb2.ToolCall(id="c", name="f", arguments="[1]")])])},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.messages.0.tool_calls.0.function.arguments"),
+    ("chat-tool-parameters-not-json", {"chat": generation_pb2.ChatPrompt(
+        messages=chat(("user", "x")).messages,
+        tools=[generation_pb2.Tool(name="f", parameters="{")])},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.tools.0.parameters"),
+    ("chat-tool-name-with-space", {"chat": generation_pb2.ChatPrompt(
+        messages=chat(("user", "x")).messages, tools=[generation_pb2.Tool(name="f g")])},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.tools.0.name"),
+    ("chat-tool_choice-auto-without-parser", {"chat": generation_pb2.ChatPrompt(
+        messages=chat(("user", "x")).messages, tools=[generation_pb2.Tool(name="f")])},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.tool_choice"),
+    ("chat-required-schema-not-compiling", {"chat": generation_pb2.ChatPrompt(
+        messages=chat(("user", "x")).messages,
+        tools=[generation_pb2.Tool(name="f", parameters='{"type": "strung"}')],
+        tool_choice=generation_pb2.ToolChoice(mode=generation_pb2.ToolChoice.MODE_REQUIRED))},
+     grpc.StatusCode.INVALID_ARGUMENT, "chat.tools"),
 ]
 
 

@@ -73,8 +73,9 @@ def test_each_parser_reads_the_calls_however_the_text_is_cut(parser, piece):
     content = "" if syntax.at_start else "Let me look that up. "
     got, calls = read(CallReader(syntax), written(parser, content), piece)
     assert got == content
-    assert [(c.index, c.name, json.loads(c.arguments)) for c in calls] == \
-        [(i, name, arguments) for i, (name, arguments) in enumerate(CALLS)]
+    # The arguments are the model's text of the value, to the character.
+    assert [(c.index, c.name, c.arguments) for c in calls] == \
+        [(i, name, json.dumps(arguments)) for i, (name, arguments) in enumerate(CALLS)]
     assert len({c.id for c in calls}) == 2
     if parser == "mistral":  # its templates accept no other ids
         assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)
@@ -440,3 +441,21 @@ def test_grpc_chat_calls_tools_as_http_does(served):
         tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert http.choices[0].message.tool_calls[0].function.arguments == arguments
     assert deltas[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+@pytest.mark.slow
+def test_the_offline_engine_renders_tools_as_transformers_does(default_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.testing.tool_templates import save_tool_calling_model
+
+    model = save_tool_calling_model(tmp_path / "hermes", default_model.path, "hermes")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = tokenizer.apply_chat_template(QUESTION, tools=OPENAI_TOOLS, tokenize=False,
+                                         add_generation_prompt=True)
+    with LLM(str(model), dtype="float32", kv_cache_gib=0.05) as llm:
+        [reply] = llm.chat(QUESTION, common_pb2.SamplingParams(max_tokens=2),
+                           tools=OPENAI_TOOLS)
+    assert "get_weather" in text
+    assert reply.prompt_token_ids == tokenizer(text, add_special_tokens=False).input_ids

@@ -187,13 +187,15 @@ class LLM:
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: common_pb2.SamplingParams
              | Sequence[common_pb2.SamplingParams] | None = None, *,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True,
+             tools: Sequence[dict] | None = None) -> list[RequestOutput]:
         """A reply to each conversation (a list of {"role": ..., "content": ...} messages, or a
         list of such lists), its prompt rendered with the model's chat template, as vLLM's
-        `LLM.chat`. The rendered text is tokenized without adding special tokens: the template
-        wrote them (runtime/chat.py, as the gateway does)."""
+        `LLM.chat`; `tools` (OpenAI's shape) are rendered too, and the replies are the model's
+        text, calls unread (as vLLM's). The rendered text is tokenized without adding special
+        tokens: the template wrote them (runtime/chat.py, as the gateway does)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [chat_prompt_ids(self.tokenizer, conversation, add_generation_prompt)
+        prompts = [chat_prompt_ids(self.tokenizer, conversation, add_generation_prompt, tools)
                    for conversation in conversations]
         return self.generate(prompts, sampling_params)
 
