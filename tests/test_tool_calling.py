@@ -106,6 +106,12 @@ def test_text_that_is_no_call_is_content_whole(parser, text):
         assert not reader.called
 
 
+def test_bad_escapes_and_raw_newlines_in_a_call_are_read_as_written():
+    text = '<tool_call>{"name": "get\\q", "arguments": "{\\"a\\": \n1}"}</tool_call>'
+    content, [call] = read(CallReader(PARSERS["hermes"]), text, 3)
+    assert (content, call.name, call.arguments) == ("", "get\\q", '{"a": \n1}')
+
+
 def test_a_named_choice_reads_the_whole_answer_as_arguments():
     reader = NamedCallReader("get_time")
     content, [call] = read(reader, '{"zone": "UTC"}', 3)

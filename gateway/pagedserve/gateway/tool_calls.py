@@ -156,6 +156,15 @@ def constrained_output(tools: list[Tool], choice: ToolChoice,
     return common_pb2.StructuredOutput(json_schema=json.dumps(schema))
 
 
+def string_value(raw: str) -> str:
+    """A JSON string's value from the text between its quotes; a model's bad escape (`\\q`)
+    or raw control character is read as written rather than failing the answer."""
+    try:
+        return json.loads(f'"{raw}"', strict=False)
+    except json.JSONDecodeError:
+        return raw
+
+
 class _CallObject:
     """One call object, read character by character: its name, once complete, and the raw text
     of its arguments' value as it grows."""
@@ -202,7 +211,7 @@ class _CallObject:
         elif char == '"':
             self.in_string = False
             if top:
-                self._top_string_ended(json.loads(f'"{"".join(self.top_string)}"'))
+                self._top_string_ended(string_value("".join(self.top_string)))
             return
         if top:
             self.top_string.append(char)
@@ -222,7 +231,7 @@ class _CallObject:
         if not (final and self.done):
             return ""
         try:
-            value = json.loads(text)
+            value = json.loads(text, strict=False)
         except json.JSONDecodeError:
             return text
         return value if isinstance(value, str) else text
