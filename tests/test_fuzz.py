@@ -303,32 +303,3 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(app, mode
             case.call_and_validate(excluded_checks=[positive_data_acceptance])
         check()
 
-
-@FUZZ_SETTINGS
-@given(opening=st.sampled_from(["", "ok ", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>",
-                                 "<tool", " {"]),
-       pieces=st.lists(st.sampled_from([
-           '{"name": "', '"f"', '", "arguments": ', '"parameters": ', '"', "\\", "\\q",
-           '\\"', "\\u12", "{", "}", "[", "]", ",", ";", ":", " ", "\n", "a", "é",
-           "</tool_call>\n<tool_call>", "[TOOL"]), max_size=24),
-       parser=st.sampled_from(["hermes", "llama3_json", "mistral"]), cut=st.integers(1, 7))
-def test_a_tool_call_reader_reads_any_text_the_same_however_it_is_cut(opening, pieces, parser,
-                                                                     cut):
-    """Whatever a model writes, cut into deltas of any size: the same content and calls as the
-    text read whole, nothing raised, and content is a part of the text, in order."""
-    from pagedserve.gateway.tool_calls import PARSERS, CallReader, merge_calls
-
-    text = opening + "".join(pieces)
-    answers = []
-    for size in (cut, max(1, len(text))):
-        reader, content, calls = CallReader(PARSERS[parser]), "", []
-        for start in range(0, len(text), size):
-            new, deltas = reader.feed(text[start:start + size])
-            content += new
-            merge_calls(deltas, calls)
-        new, deltas = reader.finish()
-        merge_calls(deltas, calls)
-        answers.append((content + new, [(c.index, c.name, c.arguments) for c in calls]))
-    assert answers[0] == answers[1]
-    content, calls = answers[0]
-    assert text.startswith(content) if calls else content == text

@@ -7,9 +7,11 @@ answers with a tool message, the model replies), streamed and not, over HTTP and
 import json
 
 import grpc
+import hypothesis.strategies as st
 import jsonschema
 import openai
 import pytest
+from hypothesis import given, settings
 
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.gateway.openai_protocol import ChatCompletionRequest
@@ -79,6 +81,27 @@ def test_each_parser_reads_the_calls_however_the_text_is_cut(parser, piece):
     assert len({c.id for c in calls}) == 2
     if parser == "mistral":  # its templates accept no other ids
         assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(opening=st.sampled_from(["", "ok ", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>",
+                                 "<tool", " {"]),
+       pieces=st.lists(st.sampled_from([
+           '{"name": "', '"f"', '", "arguments": ', '"parameters": ', '"', "\\", "\\q",
+           '\\"', "\\u12", "{", "}", "[", "]", ",", ";", ":", " ", "\n", "a", "é",
+           "</tool_call>\n<tool_call>", "[TOOL"]), max_size=24),
+       parser=st.sampled_from(["hermes", "llama3_json", "mistral"]), cut=st.integers(1, 7))
+def test_a_tool_call_reader_reads_any_text_the_same_however_it_is_cut(opening, pieces, parser,
+                                                                     cut):
+    """Whatever a model writes, cut into deltas of any size: the same content and calls as the
+    text read whole, nothing raised, and content is a part of the text, in order."""
+    text = opening + "".join(pieces)
+    answers = [read(CallReader(PARSERS[parser]), text, size) for size in (cut, len(text) or 1)]
+    answers = [(content, [(c.index, c.name, c.arguments) for c in calls])
+               for content, calls in answers]
+    assert answers[0] == answers[1]
+    content, calls = answers[0]
+    assert text.startswith(content) if calls else content == text
 
 
 def test_arguments_stream_as_fragments_after_the_name():
