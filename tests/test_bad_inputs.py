@@ -163,6 +163,9 @@ HTTP_CASES = [
     ("call-arguments-not-json", CHAT, {"messages": [*MSG, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, 400,
      "messages.1.tool_calls.0.function.arguments"),
+    ("tools-over-context-chars", CHAT, {"messages": MSG, "tool_choice": "none", "tools": [
+        {"type": "function", "function": {"name": "f", "description": "x" * 300_000}}]},
+     400, "messages"),
     ("functions", CHAT, {"messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
     ("best_of", CMPL, {"prompt": "x", "best_of": 2}, 400, "best_of"),
     ("guided_json", CMPL, {"prompt": "x", "guided_json": {"type": "object"}}, 400,

@@ -54,12 +54,21 @@ async def text_prompt_ids(served: ServedModel, text: str, param: str,
         text, add_special_tokens=add_special_tokens).input_ids)
 
 
+def conversation_chars(messages: list[dict], tools: list[dict] | None) -> int:
+    """What a chat sends the template, in characters: its turns' content, their calls'
+    arguments and the tools' definitions."""
+    arguments = sum(len(json.dumps(call["function"]["arguments"]))
+                    for m in messages for call in m.get("tool_calls", ()))
+    return sum(len(m["content"]) for m in messages) + arguments \
+        + (len(json.dumps(tools)) if tools else 0)
+
+
 async def chat_prompt_ids(served: ServedModel, messages: list[dict], add_generation_prompt: bool,
                           param: str = "messages", tools: list[dict] | None = None) -> list[int]:
     """The chat (with the functions it may call, `tools`) rendered with the model's template
     and tokenized; a 400 naming `param` for a model without a template, or a conversation its
     template refuses (it raised)."""
-    check_chars(served, len(json.dumps([messages, tools])), param)
+    check_chars(served, conversation_chars(messages, tools), param)
     if not getattr(served.tokenizer, "chat_template", None):
         raise GatewayError(400, f"{param}: model {served.info.model_id!r} has no chat template; "
                            "use the completions API with a text prompt",
