@@ -117,6 +117,9 @@ def _rules(p: common_pb2.SamplingParams, limits: SamplingLimits):
         yield (name, lambda name=name: optional(name, 0) > limits.max_logprobs,
                f"must be <= {limits.max_logprobs} (the executor's --max-logprobs)")
     yield ("n", lambda: p.n > limits.max_n, f"must be <= {limits.max_n}")
+    yield ("pooling.type", lambda: p.HasField("pooling") and p.pooling.type not in
+           (common_pb2.Pooling.TYPE_LAST, common_pb2.Pooling.TYPE_MEAN), "must be LAST or MEAN")
+    yield ("pooling", lambda: p.HasField("pooling") and p.n > 1, "needs n = 1")
 
 
 def _finite(value: float, low: float, inclusive: bool) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pagedserve.runtime.request_rules import RuleError, SamplingLimits, check_sampling
-from pagedserve.v1 import executor_pb2
+from pagedserve.v1 import common_pb2, executor_pb2
 
 
 class PlanError(ValueError):
@@ -105,6 +105,9 @@ def _check_new(new: executor_pb2.NewRequest, state: Mapping[str, RequestState],
     if new.num_computed_tokens >= num_tokens:
         raise PlanError(f"{name}.num_computed_tokens: {new.num_computed_tokens}, but it "
                         f"has {num_tokens} tokens")
+    if new.sampling.pooling.type == common_pb2.Pooling.TYPE_MEAN and new.num_computed_tokens:
+        raise PlanError(f"{name}.num_computed_tokens: {new.num_computed_tokens}, but a mean "
+                        "pooling needs every prompt position computed")
     _check_blocks(f"{name}.block_ids", new.block_ids, limits)
     return num_tokens, new.num_computed_tokens, len(new.block_ids)
 

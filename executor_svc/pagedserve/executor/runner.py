@@ -81,6 +81,8 @@ class RequestMirror:
     num_draft_cached: int = 0
     # Structured output's matcher (rank 0, which samples; None without a grammar).
     grammar: SequenceGrammar | None = None
+    # Mean pooling: the sum of the prompt's final hidden states computed so far (float32).
+    pooled_sum: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -237,14 +239,19 @@ class ModelRunner:
                 else:
                     chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
                 token_ids = self.tp.broadcast_from_first(chosen).tolist()
-            prompt_lps = self._prompt_logprobs(hidden, batch.last_token_rows, mirrors, ordered)
+            # Each sequence's first row: its rows are its tokens, then its proposals.
+            first_rows = [last - len(d) - w.num_tokens + 1
+                          for last, d, w in zip(last_rows, drafts, ordered, strict=True)]
+            prompt_lps = self._prompt_logprobs(hidden, first_rows, mirrors, ordered)
+            pooled = self._pool(hidden, first_rows, mirrors, ordered)
         outputs = {}
         for i, mirror in enumerate(mirrors):
             mirror.num_computed += ordered[i].num_tokens
             mirror.num_draft_cached = mirror.num_computed
-            if i in prompt_lps:
+            if i in prompt_lps or i in pooled:
                 outputs[i] = executor_pb2.RequestOutput(request_id=ordered[i].request_id,
-                                                        prompt_logprobs=prompt_lps[i])
+                                                        prompt_logprobs=prompt_lps.get(i, ()),
+                                                        embedding=pooled.get(i, ()))
         row = 0
         for i in samples:
             mirror, draft = mirrors[i], drafts[i]
@@ -344,7 +351,19 @@ class ModelRunner:
         table = self.tp.broadcast_from_first(table.to(self.device)).tolist()
         return [[t for t in row if t >= 0] for row in table]
 
-    def _prompt_logprobs(self, hidden, last_rows, mirrors, ordered) -> dict[int, list]:
+    def _pool(self, hidden, first_rows, mirrors, ordered) -> dict[int, list[float]]:
+        """The pooled prompts (sampling.pooling) completed this step, by position in
+        `ordered`."""
+        result = {}
+        for i, (mirror, work) in enumerate(zip(mirrors, ordered, strict=True)):
+            start = mirror.num_computed  # not yet advanced for this step
+            if mirror.sampling.params.HasField("pooling") and start < mirror.num_prompt_tokens:
+                vector = _pooled(hidden, first_rows[i], mirror, start, work.num_tokens)
+                if vector is not None:
+                    result[i] = vector
+        return result
+
+    def _prompt_logprobs(self, hidden, first_rows, mirrors, ordered) -> dict[int, list]:
         """Logprobs of each prompt token computed this step (after the first), when asked."""
         result = {}
         for i, (mirror, work) in enumerate(zip(mirrors, ordered, strict=True)):
@@ -357,8 +376,7 @@ class ModelRunner:
             predicting = range(start, min(start + work.num_tokens, mirror.num_prompt_tokens - 1))
             entries = [common_pb2.PositionLogprobs()] if start == 0 else []  # token 0: none
             if predicting:
-                first_row = int(last_rows[i]) - work.num_tokens + 1
-                rows = torch.arange(first_row, first_row + len(predicting))
+                rows = torch.arange(first_rows[i], first_rows[i] + len(predicting))
                 logits = self.model.compute_logits(hidden[rows])
                 if logits is None:  # not rank 0: took part in gathering the logits, no more
                     continue
@@ -371,6 +389,25 @@ class ModelRunner:
                                                        top_lps.tolist(), strict=True)]
             result[i] = entries
         return result
+
+
+def _pooled(hidden: torch.Tensor, first_row: int, mirror: RequestMirror, start: int,
+            num_tokens: int) -> list[float] | None:
+    """A pooling request's part of a step: a mean's sum grows by the prompt rows computed; the
+    vector once the step computes the prompt's last position (None before)."""
+    pooling = mirror.sampling.params.pooling
+    end = min(start + num_tokens, mirror.num_prompt_tokens)
+    if pooling.type == common_pb2.Pooling.TYPE_MEAN:
+        chunk = hidden[first_row:first_row + end - start].float().sum(dim=0)
+        mirror.pooled_sum = chunk if mirror.pooled_sum is None else mirror.pooled_sum + chunk
+    if end < mirror.num_prompt_tokens:
+        return None
+    vector = mirror.pooled_sum / mirror.num_prompt_tokens \
+        if pooling.type == common_pb2.Pooling.TYPE_MEAN \
+        else hidden[first_row + end - start - 1].float()
+    if pooling.normalize:
+        vector = torch.nn.functional.normalize(vector, dim=0)
+    return vector.tolist()
 
 
 def _verification_states(state: SequenceSamplingState,

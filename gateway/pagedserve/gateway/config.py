@@ -52,6 +52,11 @@ def add_client_policy_arguments(parser: argparse.ArgumentParser) -> None:
                              "(<tool_call>{...}</tool_call>: Hermes, Qwen), llama3_json (a JSON "
                              "object: Llama 3.1+), mistral ([TOOL_CALLS][...])")
 
+    parser.add_argument("--pooler-config", default=None,
+                        help='how /v1/embeddings pools a prompt\'s final hidden states, as '
+                             'vLLM\'s JSON: {"pooling_type": "LAST" or "MEAN", "normalize": '
+                             'true or false}; unset: LAST, normalized')
+
 
 def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
     """Shared with `pagedserve up`, which passes it on to the gateway."""

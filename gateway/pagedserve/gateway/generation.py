@@ -1,8 +1,8 @@
 """One prompt through the scheduler, as the client sees it: token deltas become text deltas per
 choice (incremental detokenization, stop strings), with the usage counts at the end. Shared by
 the HTTP API and the public gRPC API. Also beam search over the scheduler (`beam_choices`, the
-HTTP API's `use_beam_search`), and each choice's text read for tool calls (`read_tool_calls`,
-with pagedserve/gateway/tool_calls.py)."""
+HTTP API's `use_beam_search`), each choice's text read for tool calls (`read_tool_calls`,
+with pagedserve/gateway/tool_calls.py), and a prompt's embedding (`embed`)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,23 @@ async def read_tool_calls(deltas: AsyncIterator[ChoiceDelta], plan: ToolPlan
             if reader.called and finish_reason == "stop":
                 finish_reason = plan.finish_reason
         yield replace(delta, text=content, tool_calls=calls, finish_reason=finish_reason)
+
+
+async def embed(client: SchedulerClient, served: ServedModel, request_id: str,
+                prompt_token_ids: list[int], pooling: common_pb2.Pooling,
+                deadline: Deadline = NO_DEADLINE) -> list[float]:
+    """The prompt pooled as `pooling` says. The scheduler computes the prompt as for a
+    generation of one token (chunked prefill, preemption and executor loss alike) and sends
+    the vector with that token, which is dropped: leaving the call aborts the request."""
+    _started(Usage(), prompt_token_ids)
+    sampling = common_pb2.SamplingParams(max_tokens=1, temperature=0.0,
+                                         disable_spec_decode=True, pooling=pooling)
+    submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
+                                         prompt_token_ids=prompt_token_ids, sampling=sampling)
+    async for delta in client.generate(submit, deadline):
+        if delta.embedding:
+            return list(delta.embedding)
+    raise GatewayError(500, "embeddings: the scheduler returned no vector", "internal_error")
 
 
 def _started(usage: Usage, prompt_token_ids: list[int]) -> float:

@@ -1,11 +1,13 @@
 """The OpenAI-compatible HTTP API (FastAPI): completions and chat completions (streamed as
-server-sent events or not), models, tokenize / detokenize, liveness and readiness. Every error
-is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}."""
+server-sent events or not), embeddings, models, tokenize / detokenize, liveness and readiness.
+Every error is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +25,7 @@ from pagedserve.gateway.generation import (
     ChoiceDelta,
     Usage,
     beam_choices,
+    embed,
     generate,
     read_tool_calls,
 )
@@ -31,6 +34,7 @@ from pagedserve.gateway.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ErrorResponse,
     SamplingFields,
     TokenizeRequest,
@@ -155,6 +159,7 @@ def create_app(client: SchedulerClient, request_timeout_s: float | None = None,
     app.post("/detokenize", responses=documented_errors(*_MODEL_ROUTE))(detokenize)
     app.post("/v1/completions", responses=_GENERATION_RESPONSES)(completions)
     app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)(chat_completions)
+    app.post("/v1/embeddings", responses=documented_errors(*_MODEL_ROUTE, 429, 504))(embeddings)
     return app
 
 
@@ -285,6 +290,39 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, client
     tools.adapt(sampling, served.tokenizer)
     return await respond(request, client, body, served, ChatFormat(served, body, [Usage()]),
                          [ids], sampling, tools)
+
+
+async def embeddings(body: EmbeddingRequest, request: Request, client: Scheduler):
+    """OpenAI's embeddings: each input's final hidden states pooled as the gateway's
+    --pooler-config says; the inputs run through the scheduler together."""
+    served = await client.model(body.model or "")
+    prompts = [await text_prompt_ids(served, p, "input", body.add_special_tokens)
+               if isinstance(p, str) else p for p in body.prompts()]
+    for ids in prompts:
+        check_token_ids(served, ids, "input")
+        check_length(served, len(ids), None, prompt_param="input")
+    request_id = f"embd-{uuid.uuid4().hex}"
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    deadline = request_deadline(request, request.app.state.request_timeout_s)
+    pooling = request.app.state.policy.pooling
+    vectors = await until_disconnected(request, asyncio.gather(*(
+        embed(client, served, f"{request_id}-{i}", ids, pooling, deadline)
+        for i, ids in enumerate(prompts))))
+    if vectors is None:
+        return client_gone()
+    tokens = sum(map(len, prompts))
+    return {"object": "list", "model": served.info.model_id,
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": encoded(vector, body.encoding_format)}
+                     for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def encoded(vector: list[float], encoding_format: str) -> list[float] | str:
+    """OpenAI's encodings: the floats, or base64 of their little-endian float32 bytes."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 async def respond(request: Request, client: SchedulerClient, body: SamplingFields,

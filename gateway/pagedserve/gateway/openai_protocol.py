@@ -246,27 +246,52 @@ BEAM_SEARCH_REFUSES = frozenset({
     "prompt_logprobs", "tools"})
 
 
+Prompts = str | list[str] | list[TokenId] | list[list[TokenId]]
+
+
+def _non_empty(prompt: Prompts) -> Prompts:
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("the prompt list is empty")
+    if isinstance(prompt, list) and isinstance(prompt[0], list) and not all(prompt):
+        raise ValueError("a token-id prompt is empty")
+    return prompt
+
+
+def prompt_list(prompt: Prompts) -> list[str | list[int]]:
+    """One entry per prompt: text or token ids."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Prompts
     # OpenAI's default for completions.
     max_tokens: UInt32 | None = 16
     logprobs: UInt32 | None = None
     echo: StrictBool = False
 
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, prompt):
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("the prompt list is empty")
-        if isinstance(prompt, list) and isinstance(prompt[0], list) and not all(prompt):
-            raise ValueError("a token-id prompt is empty")
-        return prompt
+    _prompt_not_empty = field_validator("prompt")(_non_empty)
 
     def prompts(self) -> list[str | list[int]]:
-        """One entry per prompt: text or token ids."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        return prompt_list(self.prompt)
+
+
+class EmbeddingRequest(Forbidding):
+    """OpenAI's embeddings request (`dimensions` is refused by name: the model's whole vector
+    is returned)."""
+
+    model: str | None = None
+    input: Prompts
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+    # vLLM's: add the tokenizer's special tokens (e.g. BOS) to text inputs.
+    add_special_tokens: StrictBool = True
+
+    _input_not_empty = field_validator("input")(_non_empty)
+
+    def prompts(self) -> list[str | list[int]]:
+        return prompt_list(self.input)
 
 
 class TextPart(Forbidding):

@@ -1,16 +1,19 @@
 """What clients may ask of this gateway beyond the request rules, as its flags set it: whether
 they may order the queue (`priority`), how their prefix-cache namespace is chosen
-(`cache_salt`, salted by API key), and whether the model may decide to call tools
-(`tool_choice: "auto"`, read with the --tool-call-parser)."""
+(`cache_salt`, salted by API key), whether the model may decide to call tools
+(`tool_choice: "auto"`, read with the --tool-call-parser), and how their embeddings are pooled
+(--pooler-config)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 from pagedserve.gateway.auth import ApiKeys, key_salt
 from pagedserve.gateway.errors import GatewayError
 from pagedserve.runtime.request_rules import RuleError, check_cache_salt, check_priority
 from pagedserve.runtime.serving import StartupError
+from pagedserve.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class ClientPolicy:
     # --enable-auto-tool-choice: the --tool-call-parser that reads answers to tool_choice
     # "auto"; None: "auto" is refused.
     auto_tool_parser: str | None = None
+    # --pooler-config: how /v1/embeddings pools (vLLM's default for decoder models: the last
+    # token's hidden state, normalized).
+    pooling: common_pb2.Pooling = field(default_factory=lambda: common_pb2.Pooling(
+        type=common_pb2.Pooling.TYPE_LAST, normalize=True))
 
     @classmethod
     def from_args(cls, args, keys: ApiKeys | None) -> ClientPolicy:
@@ -36,7 +43,7 @@ class ClientPolicy:
         return cls(allow_client_priority=args.allow_client_priority,
                    salt_keys=keys if args.cache_salt_per_api_key else None,
                    auto_tool_parser=args.tool_call_parser if args.enable_auto_tool_choice
-                   else None)
+                   else None, pooling=pooling_config(args.pooler_config))
 
     def priority(self, priority: int) -> int:
         """The priority to submit with; a 400 naming `priority` when the client may not set it."""
@@ -57,6 +64,35 @@ class ClientPolicy:
         if key is None:  # auth answers 401 first; reaching here is a wiring bug
             raise GatewayError(401, "missing or invalid API key", "authentication_error")
         return key_salt(key, client_salt)
+
+
+POOLING_TYPES = {"LAST": common_pb2.Pooling.TYPE_LAST, "MEAN": common_pb2.Pooling.TYPE_MEAN}
+
+
+def pooling_config(raw: str | None) -> common_pb2.Pooling:
+    """--pooler-config's JSON as the contract's Pooling; StartupError naming what is wrong."""
+    config = {} if raw is None else _json_object(raw)
+    unknown = set(config) - {"pooling_type", "normalize"}
+    if unknown:
+        raise StartupError(f"--pooler-config: unknown key {sorted(unknown)[0]!r} (pooling_type "
+                           "and normalize are read)")
+    kind = config.get("pooling_type", "LAST")
+    if kind not in POOLING_TYPES:
+        raise StartupError(f"--pooler-config.pooling_type: {kind!r}; LAST or MEAN")
+    normalize = config.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise StartupError(f"--pooler-config.normalize: {normalize!r}; true or false")
+    return common_pb2.Pooling(type=POOLING_TYPES[kind], normalize=normalize)
+
+
+def _json_object(raw: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StartupError(f"--pooler-config: not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise StartupError("--pooler-config: must be a JSON object")
+    return value
 
 
 def _check(rule, value) -> None:

@@ -142,19 +142,20 @@ def check_token_ids(served: ServedModel, ids: list[int], param: str) -> None:
 
 
 def check_length(served: ServedModel, num_prompt: int, max_tokens: int | None,
-                 param: str = "max_tokens") -> None:
-    """Prompt + max_tokens (`param`, as the client's API names it) within the context."""
+                 param: str = "max_tokens", prompt_param: str = "prompt") -> None:
+    """Prompt + max_tokens within the context (`param` and `prompt_param`: the fields as the
+    client's API names them)."""
     limit = served.info.max_model_len
     if num_prompt == 0:
-        raise GatewayError(400, "prompt: the prompt is empty", "invalid_request_error",
-                           "prompt")
+        raise GatewayError(400, f"{prompt_param}: the prompt is empty", "invalid_request_error",
+                           prompt_param)
     requested = num_prompt + (max_tokens or 1)
     if requested > limit:
         raise GatewayError(
             400, f"This model's maximum context length is {limit} tokens. However, you "
             f"requested {requested} tokens ({num_prompt} in the prompt, {max_tokens or 1} "
             f"for the completion). Please reduce the prompt or {param}.",
-            "invalid_request_error", param if max_tokens else "prompt")
+            "invalid_request_error", param if max_tokens else prompt_param)
 
 
 def check_sampling_rules(served: ServedModel, sampling: common_pb2.SamplingParams,

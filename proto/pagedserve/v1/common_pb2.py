@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/common.proto\x12\rpagedserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x81\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12@\n\nlogit_bias\x18\n \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\t\n\x01n\x18\x11 \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x07\x88\x01\x01\x12\x1b\n\x13\x64isable_spec_decode\x18\x14 \x01(\x08\x12:\n\x11structured_output\x18\x15 \x01(\x0b\x32\x1f.pagedserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.pagedserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\"i\n\x10PositionLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xb0\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\"w\n\x0eTokenizerFiles\x12\x37\n\x05\x66iles\x18\x01 \x03(\x0b\x32(.pagedserve.v1.TokenizerFiles.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"]\n\x0bKvCacheInfo\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x17\n\x0f\x62ytes_per_block\x18\x04 \x01(\x04\"\xa7\x01\n\x0e\x45xecutorLimits\x12\x14\n\x0cmax_num_seqs\x18\x01 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x03 \x01(\r\x12\x1e\n\x16num_speculative_tokens\x18\x04 \x01(\r\x12)\n!speculative_disable_by_batch_size\x18\x05 \x01(\r\".\n\x0eParallelLayout\x12\x1c\n\x14tensor_parallel_size\x18\x01 \x01(\r*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/common.proto\x12\rpagedserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xaa\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12@\n\nlogit_bias\x18\n \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12\t\n\x01n\x18\x11 \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\x07\x88\x01\x01\x12\x1b\n\x13\x64isable_spec_decode\x18\x14 \x01(\x08\x12:\n\x11structured_output\x18\x15 \x01(\x0b\x32\x1f.pagedserve.v1.StructuredOutput\x12\'\n\x07pooling\x18\x16 \x01(\x0b\x32\x16.pagedserve.v1.Pooling\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\x83\x01\n\x07Pooling\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.pagedserve.v1.Pooling.Type\x12\x11\n\tnormalize\x18\x02 \x01(\x08\":\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_LAST\x10\x01\x12\r\n\tTYPE_MEAN\x10\x02\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.pagedserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\"i\n\x10PositionLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.pagedserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xb0\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\"w\n\x0eTokenizerFiles\x12\x37\n\x05\x66iles\x18\x01 \x03(\x0b\x32(.pagedserve.v1.TokenizerFiles.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"]\n\x0bKvCacheInfo\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x17\n\x0f\x62ytes_per_block\x18\x04 \x01(\x04\"\xa7\x01\n\x0e\x45xecutorLimits\x12\x14\n\x0cmax_num_seqs\x18\x01 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x03 \x01(\r\x12\x1e\n\x16num_speculative_tokens\x18\x04 \x01(\r\x12)\n!speculative_disable_by_batch_size\x18\x05 \x01(\r\".\n\x0eParallelLayout\x12\x1c\n\x14tensor_parallel_size\x18\x01 \x01(\r*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIZERFILES_FILESENTRY']._loaded_options = None
   _globals['_TOKENIZERFILES_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1898
-  _globals['_FINISHREASON']._serialized_end=2073
+  _globals['_FINISHREASON']._serialized_start=2073
+  _globals['_FINISHREASON']._serialized_end=2248
   _globals['_TOKENIDS']._serialized_start=45
   _globals['_TOKENIDS']._serialized_end=68
   _globals['_SAMPLINGPARAMS']._serialized_start=71
-  _globals['_SAMPLINGPARAMS']._serialized_end=840
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=662
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=710
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=843
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=993
-  _globals['_CHOICES']._serialized_start=995
-  _globals['_CHOICES']._serialized_end=1021
-  _globals['_TOKENLOGPROB']._serialized_start=1023
-  _globals['_TOKENLOGPROB']._serialized_end=1086
-  _globals['_POSITIONLOGPROBS']._serialized_start=1088
-  _globals['_POSITIONLOGPROBS']._serialized_end=1193
-  _globals['_USAGE']._serialized_start=1195
-  _globals['_USAGE']._serialized_end=1282
-  _globals['_MODELINFO']._serialized_start=1285
-  _globals['_MODELINFO']._serialized_end=1461
-  _globals['_TOKENIZERFILES']._serialized_start=1463
-  _globals['_TOKENIZERFILES']._serialized_end=1582
-  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_start=1538
-  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_end=1582
-  _globals['_KVCACHEINFO']._serialized_start=1584
-  _globals['_KVCACHEINFO']._serialized_end=1677
-  _globals['_EXECUTORLIMITS']._serialized_start=1680
-  _globals['_EXECUTORLIMITS']._serialized_end=1847
-  _globals['_PARALLELLAYOUT']._serialized_start=1849
-  _globals['_PARALLELLAYOUT']._serialized_end=1895
+  _globals['_SAMPLINGPARAMS']._serialized_end=881
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=703
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=751
+  _globals['_POOLING']._serialized_start=884
+  _globals['_POOLING']._serialized_end=1015
+  _globals['_POOLING_TYPE']._serialized_start=957
+  _globals['_POOLING_TYPE']._serialized_end=1015
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1018
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1168
+  _globals['_CHOICES']._serialized_start=1170
+  _globals['_CHOICES']._serialized_end=1196
+  _globals['_TOKENLOGPROB']._serialized_start=1198
+  _globals['_TOKENLOGPROB']._serialized_end=1261
+  _globals['_POSITIONLOGPROBS']._serialized_start=1263
+  _globals['_POSITIONLOGPROBS']._serialized_end=1368
+  _globals['_USAGE']._serialized_start=1370
+  _globals['_USAGE']._serialized_end=1457
+  _globals['_MODELINFO']._serialized_start=1460
+  _globals['_MODELINFO']._serialized_end=1636
+  _globals['_TOKENIZERFILES']._serialized_start=1638
+  _globals['_TOKENIZERFILES']._serialized_end=1757
+  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_start=1713
+  _globals['_TOKENIZERFILES_FILESENTRY']._serialized_end=1757
+  _globals['_KVCACHEINFO']._serialized_start=1759
+  _globals['_KVCACHEINFO']._serialized_end=1852
+  _globals['_EXECUTORLIMITS']._serialized_start=1855
+  _globals['_EXECUTORLIMITS']._serialized_end=2022
+  _globals['_PARALLELLAYOUT']._serialized_start=2024
+  _globals['_PARALLELLAYOUT']._serialized_end=2070
 # @@protoc_insertion_point(module_scope)

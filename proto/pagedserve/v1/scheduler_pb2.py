@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\xde\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x39\n\x11resumed_sequences\x18\x07 \x03(\x0b\x32\x1e.pagedserve.v1.ResumedSequence\"=\n\x0fResumedSequence\x12\x18\n\x10output_token_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\xbe\x02\n\nTokenDelta\x12\x11\n\tseq_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x07 \x01(\r\x12\x38\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobsB\x10\n\x0e_stop_token_id\"<\n\x13StopSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tseq_index\x18\x02 \x01(\r\"\x16\n\x14StopSequenceResponse\"\x11\n\x0fGetStatsRequest\"\xcc\x02\n\x0eSchedulerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x04 \x01(\x04\x12#\n\x1bprefix_cache_queried_tokens\x18\x05 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12/\n\texecutors\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.ExecutorStats\x12\x1e\n\x16spec_decode_num_drafts\x18\x08 \x01(\x04\x12$\n\x1cspec_decode_num_draft_tokens\x18\t \x01(\x04\x12\'\n\x1fspec_decode_num_accepted_tokens\x18\n \x01(\x04\"\x9f\x02\n\rExecutorStats\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1a\n\x12\x63\x61\x63hed_free_blocks\x18\x06 \x01(\r\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x1e\n\x16seconds_since_progress\x18\x08 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x04\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x0c \x01(\t\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9c\x01\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12\x30\n\ttokenizer\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.TokenizerFiles\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\"\x8d\x02\n\x17RegisterExecutorRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12,\n\x08kv_cache\x18\x04 \x01(\x0b\x32\x1a.pagedserve.v1.KvCacheInfo\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\x12/\n\x08parallel\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.ParallelLayout\x12\x15\n\rsession_token\x18\x07 \x01(\t\"8\n\x18RegisterExecutorResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\">\n\x10HeartbeatRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\'\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x32\xf6\x03\n\tScheduler\x12\x43\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x19.pagedserve.v1.TokenDelta0\x01\x12W\n\x0cStopSequence\x12\".pagedserve.v1.StopSequenceRequest\x1a#.pagedserve.v1.StopSequenceResponse\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12K\n\x08GetModel\x12\x1e.pagedserve.v1.GetModelRequest\x1a\x1f.pagedserve.v1.GetModelResponse\x12\x63\n\x10RegisterExecutor\x12&.pagedserve.v1.RegisterExecutorRequest\x1a\'.pagedserve.v1.RegisterExecutorResponse\x12N\n\tHeartbeat\x12\x1f.pagedserve.v1.HeartbeatRequest\x1a .pagedserve.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\xde\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x39\n\x11resumed_sequences\x18\x07 \x03(\x0b\x32\x1e.pagedserve.v1.ResumedSequence\"=\n\x0fResumedSequence\x12\x18\n\x10output_token_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\xd1\x02\n\nTokenDelta\x12\x11\n\tseq_index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12 \n\x18num_cached_prompt_tokens\x18\x07 \x01(\r\x12\x38\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1f.pagedserve.v1.PositionLogprobs\x12\x11\n\tembedding\x18\t \x03(\x02\x42\x10\n\x0e_stop_token_id\"<\n\x13StopSequenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tseq_index\x18\x02 \x01(\r\"\x16\n\x14StopSequenceResponse\"\x11\n\x0fGetStatsRequest\"\xcc\x02\n\x0eSchedulerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x04 \x01(\x04\x12#\n\x1bprefix_cache_queried_tokens\x18\x05 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12/\n\texecutors\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.ExecutorStats\x12\x1e\n\x16spec_decode_num_drafts\x18\x08 \x01(\x04\x12$\n\x1cspec_decode_num_draft_tokens\x18\t \x01(\x04\x12\'\n\x1fspec_decode_num_accepted_tokens\x18\n \x01(\x04\"\x9f\x02\n\rExecutorStats\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\r\x12\x1a\n\x12\x63\x61\x63hed_free_blocks\x18\x06 \x01(\r\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x1e\n\x16seconds_since_progress\x18\x08 \x01(\x01\x12\x14\n\x0cweight_bytes\x18\t \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x04\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x0c \x01(\t\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9c\x01\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12\x30\n\ttokenizer\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.TokenizerFiles\x12-\n\x06limits\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\"\x8d\x02\n\x17RegisterExecutorRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12,\n\x08kv_cache\x18\x04 \x01(\x0b\x32\x1a.pagedserve.v1.KvCacheInfo\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.ExecutorLimits\x12/\n\x08parallel\x18\x06 \x01(\x0b\x32\x1d.pagedserve.v1.ParallelLayout\x12\x15\n\rsession_token\x18\x07 \x01(\t\"8\n\x18RegisterExecutorResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\">\n\x10HeartbeatRequest\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\'\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x32\xf6\x03\n\tScheduler\x12\x43\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x19.pagedserve.v1.TokenDelta0\x01\x12W\n\x0cStopSequence\x12\".pagedserve.v1.StopSequenceRequest\x1a#.pagedserve.v1.StopSequenceResponse\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12K\n\x08GetModel\x12\x1e.pagedserve.v1.GetModelRequest\x1a\x1f.pagedserve.v1.GetModelResponse\x12\x63\n\x10RegisterExecutor\x12&.pagedserve.v1.RegisterExecutorRequest\x1a\'.pagedserve.v1.RegisterExecutorResponse\x12N\n\tHeartbeat\x12\x1f.pagedserve.v1.HeartbeatRequest\x1a .pagedserve.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESUMEDSEQUENCE']._serialized_start=301
   _globals['_RESUMEDSEQUENCE']._serialized_end=362
   _globals['_TOKENDELTA']._serialized_start=365
-  _globals['_TOKENDELTA']._serialized_end=683
-  _globals['_STOPSEQUENCEREQUEST']._serialized_start=685
-  _globals['_STOPSEQUENCEREQUEST']._serialized_end=745
-  _globals['_STOPSEQUENCERESPONSE']._serialized_start=747
-  _globals['_STOPSEQUENCERESPONSE']._serialized_end=769
-  _globals['_GETSTATSREQUEST']._serialized_start=771
-  _globals['_GETSTATSREQUEST']._serialized_end=788
-  _globals['_SCHEDULERSTATS']._serialized_start=791
-  _globals['_SCHEDULERSTATS']._serialized_end=1123
-  _globals['_EXECUTORSTATS']._serialized_start=1126
-  _globals['_EXECUTORSTATS']._serialized_end=1413
-  _globals['_GETMODELREQUEST']._serialized_start=1415
-  _globals['_GETMODELREQUEST']._serialized_end=1447
-  _globals['_GETMODELRESPONSE']._serialized_start=1450
-  _globals['_GETMODELRESPONSE']._serialized_end=1606
-  _globals['_REGISTEREXECUTORREQUEST']._serialized_start=1609
-  _globals['_REGISTEREXECUTORREQUEST']._serialized_end=1878
-  _globals['_REGISTEREXECUTORRESPONSE']._serialized_start=1880
-  _globals['_REGISTEREXECUTORRESPONSE']._serialized_end=1936
-  _globals['_HEARTBEATREQUEST']._serialized_start=1938
-  _globals['_HEARTBEATREQUEST']._serialized_end=2000
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2002
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2041
-  _globals['_SCHEDULER']._serialized_start=2044
-  _globals['_SCHEDULER']._serialized_end=2546
+  _globals['_TOKENDELTA']._serialized_end=702
+  _globals['_STOPSEQUENCEREQUEST']._serialized_start=704
+  _globals['_STOPSEQUENCEREQUEST']._serialized_end=764
+  _globals['_STOPSEQUENCERESPONSE']._serialized_start=766
+  _globals['_STOPSEQUENCERESPONSE']._serialized_end=788
+  _globals['_GETSTATSREQUEST']._serialized_start=790
+  _globals['_GETSTATSREQUEST']._serialized_end=807
+  _globals['_SCHEDULERSTATS']._serialized_start=810
+  _globals['_SCHEDULERSTATS']._serialized_end=1142
+  _globals['_EXECUTORSTATS']._serialized_start=1145
+  _globals['_EXECUTORSTATS']._serialized_end=1432
+  _globals['_GETMODELREQUEST']._serialized_start=1434
+  _globals['_GETMODELREQUEST']._serialized_end=1466
+  _globals['_GETMODELRESPONSE']._serialized_start=1469
+  _globals['_GETMODELRESPONSE']._serialized_end=1625
+  _globals['_REGISTEREXECUTORREQUEST']._serialized_start=1628
+  _globals['_REGISTEREXECUTORREQUEST']._serialized_end=1897
+  _globals['_REGISTEREXECUTORRESPONSE']._serialized_start=1899
+  _globals['_REGISTEREXECUTORRESPONSE']._serialized_end=1955
+  _globals['_HEARTBEATREQUEST']._serialized_start=1957
+  _globals['_HEARTBEATREQUEST']._serialized_end=2019
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2021
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2060
+  _globals['_SCHEDULER']._serialized_start=2063
+  _globals['_SCHEDULER']._serialized_end=2565
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,8 @@ class Request:
     num_cached_prompt_tokens: int = 0
     # Prompt logprobs gathered over prefill chunks; sent with the first token.
     prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
+    # The pooled prompt (sampling.pooling); sent with the first token.
+    embedding: list[float] = field(default_factory=list)
     first_delta_sent: bool = False
     # Executors lost while it ran on them (cluster.MAX_EXECUTOR_LOSSES bounds it).
     executor_losses: int = 0

@@ -251,9 +251,11 @@ class StepScheduler:
             if seq.num_in_flight:  # preempted while a sample was in flight: wait for it
                 break
             # Prompt logprobs not yet sent need the whole prompt computed: a cached prefix has
-            # no logits to give (vLLM skips the cache for them too). Its blocks still fill it.
+            # no logits to give (vLLM skips the cache for them too), nor hidden states for a
+            # mean. Its blocks still fill it.
             request = seq.request
-            recompute_prompt = (request.sampling.HasField("prompt_logprobs")
+            recompute_prompt = ((request.sampling.HasField("prompt_logprobs")
+                                 or request.sampling.pooling.type == common_pb2.Pooling.TYPE_MEAN)
                                 and not request.first_delta_sent)
             if recompute_prompt and not request.prompt_logprobs_complete:
                 request.prompt_logprobs.clear()  # a preempted chunked prefill starts over
@@ -418,6 +420,8 @@ class StepScheduler:
             request = seq.request
             if output.prompt_logprobs and not request.prompt_logprobs_complete:
                 request.prompt_logprobs.extend(output.prompt_logprobs)
+            if output.embedding:
+                request.embedding = list(output.embedding)
             if not output.token_ids:
                 continue
             seq.num_in_flight -= 1
@@ -482,6 +486,7 @@ class StepScheduler:
             delta.num_prompt_tokens = request.num_prompt_tokens
             delta.num_cached_prompt_tokens = request.num_cached_prompt_tokens
             delta.prompt_logprobs.extend(request.prompt_logprobs)
+            delta.embedding.extend(request.embedding)
         request.emit(delta)
 
 

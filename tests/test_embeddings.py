@@ -1,0 +1,98 @@
+"""/v1/embeddings (docs/embeddings.md): the stock `openai` client's embeddings, float and base64,
+text and token ids, against the model's final hidden states as transformers computes them,
+pooled by the last token or the mean, normalized or not; through chunked prefill and the prefix
+cache (which a mean must not use); the flag's and the request's refusals."""
+
+import base64
+import json
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from pagedserve.gateway.policy import pooling_config
+from pagedserve.runtime.serving import StartupError
+from pagedserve.v1 import common_pb2
+
+TEXTS = ["the cat in a hat", "a much longer text, of more than sixteen tokens, which the "
+         "scheduler computes in chunks of a few tokens each"]
+
+
+def reference(model_dir, ids: list[int], pooling: str, normalize: bool) -> list[float]:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids])).last_hidden_state[0]
+    vector = hidden[-1] if pooling == "LAST" else hidden.mean(dim=0)
+    return (torch.nn.functional.normalize(vector, dim=0) if normalize else vector).tolist()
+
+
+@pytest.fixture(scope="module", params=[("LAST", True), ("MEAN", False)],
+                ids=["last-normalized", "mean"])
+def served(request, tiny_llama_dir, tmp_path_factory):
+    """A stack per pooling; 8 tokens per step, so the longer text is computed in chunks."""
+    from pagedserve.testing.processes import running_stack
+
+    pooling, normalize = request.param
+    config = json.dumps({"pooling_type": pooling, "normalize": normalize})
+    with running_stack(tmp_path_factory.mktemp("embed") / "log", "--model", str(tiny_llama_dir),
+                       "--kv-cache-gib", "0.01", "--max-num-batched-tokens", "8",
+                       "--pooler-config", config) as stack:
+        with openai.OpenAI(base_url=f"{stack}/v1", api_key="unused", max_retries=0) as client:
+            yield pooling, normalize, client
+
+
+@pytest.mark.slow
+def test_embeddings_are_the_pooled_hidden_states_of_transformers(served, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    pooling, normalize, client = served
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = [tokenizer(text).input_ids for text in TEXTS]
+    expected = [reference(tiny_llama_dir, i, pooling, normalize) for i in ids]
+    # Twice: the second time the prompts' blocks are cached (a mean computes them again).
+    for _ in range(2):
+        # Unset, the SDK asks for base64 and decodes it; "base64" asked for is left to us.
+        for encoding in ("float", openai.NOT_GIVEN, "base64"):
+            reply = client.embeddings.create(model=tiny_llama_dir.name, input=TEXTS,
+                                             encoding_format=encoding)
+            assert [d.index for d in reply.data] == [0, 1]
+            for got, want in zip(reply.data, expected, strict=True):
+                vector = got.embedding if encoding != "base64" \
+                    else np.frombuffer(base64.b64decode(got.embedding), dtype="<f4").tolist()
+                assert vector == pytest.approx(want, abs=2e-5)
+            assert reply.usage.prompt_tokens == sum(map(len, ids))
+    by_ids = client.embeddings.create(model=tiny_llama_dir.name, input=ids[1])
+    assert by_ids.data[0].embedding == pytest.approx(expected[1], abs=2e-5)
+
+
+@pytest.mark.slow
+def test_bad_embedding_requests_are_400s_naming_the_field(served, tiny_llama_dir):
+    _, _, client = served
+    for fields, param in (({"input": []}, "input"), ({"input": [[10**7]]}, "input"),
+                          ({"input": "x", "dimensions": 8}, "dimensions"),
+                          ({"input": [[5] * 300]}, "input")):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.embeddings.create(model=tiny_llama_dir.name, **fields)
+        assert error.value.body["param"] == param
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, common_pb2.Pooling(type=common_pb2.Pooling.TYPE_LAST, normalize=True)),
+    ('{"pooling_type": "MEAN"}', common_pb2.Pooling(type=common_pb2.Pooling.TYPE_MEAN,
+                                                    normalize=True)),
+    ('{"normalize": false}', common_pb2.Pooling(type=common_pb2.Pooling.TYPE_LAST)),
+])
+def test_the_pooler_config_flag(raw, expected):
+    assert pooling_config(raw) == expected
+
+
+@pytest.mark.parametrize("raw, says", [
+    ("{", "not JSON"), ("[]", "JSON object"), ('{"pooling_type": "CLS"}', "pooling_type"),
+    ('{"normalize": 1}', "normalize"), ('{"softmax": true}', "softmax"),
+])
+def test_a_pooler_config_that_cannot_be_honoured_stops_the_start(raw, says):
+    with pytest.raises(StartupError, match=says):
+        pooling_config(raw)
