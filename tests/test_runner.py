@@ -283,6 +283,31 @@ def test_logprobs_and_prompt_logprobs_match_transformers(runner, hf_model):
     s.check_self_draft()
 
 
+@pytest.mark.parametrize("pooling", [common_pb2.Pooling.TYPE_LAST, common_pb2.Pooling.TYPE_MEAN],
+                         ids=["last", "mean"])
+def test_pooling_and_prompt_logprobs_read_the_prompts_rows(runner, hf_model, pooling):
+    """The prompt in chunks, its last token alone in a step that verifies proposals after it
+    (with a draft): the pooled vector is transformers' final hidden states pooled, and the
+    last prompt position's logprob is read at its row, not at a proposal's."""
+    prompt = PROMPTS[3]
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0,
+                                         pooling=common_pb2.Pooling(type=pooling))
+    s = MiniScheduler(runner)
+    s.step(new=[s.new("r", prompt, sampling)], work=[s.work("r", 7)])
+    s.step(work=[s.work("r", len(prompt) - 8)])
+    s.step(work=[s.work("r", 1, s.lookahead)])
+    with torch.no_grad():
+        hidden = hf_model.base_model(torch.tensor([prompt])).last_hidden_state[0]
+        reference = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0], dim=-1)
+    [embedding] = [list(o.embedding) for r in s.results for o in r.outputs if o.embedding]
+    expected = hidden[-1] if pooling == common_pb2.Pooling.TYPE_LAST else hidden.mean(dim=0)
+    assert embedding == pytest.approx(expected.tolist(), abs=1e-4)
+    entries = [e for r in s.results for o in r.outputs for e in o.prompt_logprobs]
+    assert [e.chosen.logprob for e in entries[1:]] == pytest.approx(
+        [float(reference[q - 1, prompt[q]]) for q in range(1, len(prompt))], abs=1e-4)
+    s.check_self_draft()
+
+
 def _new(rid: str, tokens, blocks=(0,), **sampling) -> executor_pb2.NewRequest:
     return executor_pb2.NewRequest(request_id=rid, token_ids=tokens, num_prompt_tokens=len(tokens),
                                    block_ids=list(blocks),
