@@ -41,14 +41,14 @@ def served(request, tiny_llama_dir, tmp_path_factory):
                        "--kv-cache-gib", "0.01", "--max-num-batched-tokens", "8",
                        "--pooler-config", config) as stack:
         with openai.OpenAI(base_url=f"{stack}/v1", api_key="unused", max_retries=0) as client:
-            yield pooling, normalize, client
+            yield pooling, normalize, client, stack
 
 
 @pytest.mark.slow
 def test_embeddings_are_the_pooled_hidden_states_of_transformers(served, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    pooling, normalize, client = served
+    pooling, normalize, client, _ = served
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     ids = [tokenizer(text).input_ids for text in TEXTS]
     expected = [reference(tiny_llama_dir, i, pooling, normalize) for i in ids]
@@ -70,7 +70,7 @@ def test_embeddings_are_the_pooled_hidden_states_of_transformers(served, tiny_ll
 
 @pytest.mark.slow
 def test_bad_embedding_requests_are_400s_naming_the_field(served, tiny_llama_dir):
-    _, _, client = served
+    _, _, client, _ = served
     for fields, param in (({"input": []}, "input"), ({"input": [[10**7]]}, "input"),
                           ({"input": "x", "dimensions": 8}, "dimensions"),
                           ({"input": [[5] * 300]}, "input")):
@@ -96,3 +96,32 @@ def test_the_pooler_config_flag(raw, expected):
 def test_a_pooler_config_that_cannot_be_honoured_stops_the_start(raw, says):
     with pytest.raises(StartupError, match=says):
         pooling_config(raw)
+
+
+@pytest.mark.slow
+def test_grpc_generate_returns_the_pooled_prompt_as_http_does(served, tiny_llama_dir):
+    import grpc
+
+    from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+
+    pooling, normalize, client, stack = served
+    sampling = common_pb2.SamplingParams(max_tokens=2, pooling=common_pb2.Pooling(
+        type=pooling_config(json.dumps({"pooling_type": pooling})).type, normalize=normalize))
+    with grpc.insecure_channel(stack.grpc) as channel:
+        replies = list(generation_pb2_grpc.GenerationStub(channel).Generate(
+            generation_pb2.GenerateRequest(model=tiny_llama_dir.name, text=TEXTS[0],
+                                           sampling=sampling)))
+    http = client.embeddings.create(model=tiny_llama_dir.name, input=TEXTS[0],
+                                    encoding_format="float")
+    assert list(replies[0].embedding) == pytest.approx(http.data[0].embedding, abs=1e-6)
+    assert not any(r.embedding for r in replies[1:])
+    for bad, field in ((common_pb2.SamplingParams(n=2, pooling=sampling.pooling),
+                        "sampling.pooling"),
+                       (common_pb2.SamplingParams(pooling=common_pb2.Pooling()),
+                        "sampling.pooling.type")):
+        with grpc.insecure_channel(stack.grpc) as channel, pytest.raises(grpc.RpcError) as error:
+            list(generation_pb2_grpc.GenerationStub(channel).Generate(
+                generation_pb2.GenerateRequest(model=tiny_llama_dir.name, text="x",
+                                               sampling=bad)))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.value.details()

@@ -345,6 +345,19 @@ BAD_REQUESTS = {
         dict(new_requests=[_new("x", [10**6]),
                            executor_pb2.NewRequest(request_id="y", fork_of="x", block_ids=[1])]),
         "y", "fork_of: unknown request 'x'"),
+    # A mean over positions it never computes would be wrong, silently.
+    "mean pooling over a cached prefix": (
+        dict(new_requests=[executor_pb2.NewRequest(
+            request_id="x", token_ids=[1, 2, 3], num_prompt_tokens=3, block_ids=[0],
+            num_computed_tokens=2, sampling=common_pb2.SamplingParams(
+                pooling=common_pb2.Pooling(type=common_pb2.Pooling.TYPE_MEAN)))],
+             work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=1)]),
+        "x", "a mean pooling needs every prompt position computed"),
+    "pooling of n sequences": (
+        dict(new_requests=[_new("x", [1, 2], n=2, pooling=common_pb2.Pooling(
+            type=common_pb2.Pooling.TYPE_LAST))],
+             work=[executor_pb2.ScheduledWork(request_id="x", num_tokens=2)]),
+        "x", "sampling.pooling: needs n = 1"),
 }
 
 

@@ -40,6 +40,8 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
+    # The pooled prompt, when sampling.pooling was set.
+    embedding: list[float] = field(default_factory=list)
 
 
 async def generate(client: SchedulerClient, served: ServedModel, request_id: str,
@@ -69,6 +71,7 @@ async def generate(client: SchedulerClient, served: ServedModel, request_id: str
         if delta.num_prompt_tokens:
             usage.cached_tokens = delta.num_cached_prompt_tokens
             usage.prompt_logprobs = list(delta.prompt_logprobs)
+            usage.embedding = list(delta.embedding)
         i = delta.seq_index
         if finished[i]:
             continue

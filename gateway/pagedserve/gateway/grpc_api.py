@@ -142,6 +142,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 if first:
                     first = False
                     reply.prompt_logprobs.extend(usage.prompt_logprobs)
+                    reply.embedding.extend(usage.embedding)
                     if request.echo:
                         reply.prompt_token_ids.extend(prompt_ids)
                         reply.prompt_text = await decode(served, prompt_ids)
