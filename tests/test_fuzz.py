@@ -54,7 +54,8 @@ def in_range(field: str, value) -> bool:
 
 class FakeScheduler(SchedulerClient):
     """The scheduler as the gateway sees it, without one: one model, and FAKE_TOKENS tokens
-    per sequence (fewer when max_tokens says so)."""
+    per sequence (fewer when max_tokens says so), the first with a vector when pooling is
+    asked for."""
 
     def __init__(self, tokenizer):
         # No SchedulerClient.__init__: there is nothing to dial, and a grpc.aio channel would
@@ -84,6 +85,8 @@ class FakeScheduler(SchedulerClient):
                 yield scheduler_pb2.TokenDelta(
                     seq_index=seq, token_ids=[token], logprobs=logprobs,
                     num_prompt_tokens=len(request.prompt_token_ids) if seq == i == 0 else 0,
+                    embedding=[0.6, 0.8] if seq == i == 0 and sampling.HasField("pooling")
+                    else [],
                     finish_reason=common_pb2.FINISH_REASON_LENGTH if i == count - 1 else 0)
             await asyncio.sleep(0)
 

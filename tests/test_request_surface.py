@@ -50,7 +50,8 @@ S = common_pb2.SamplingParams
 
 class ScriptedScheduler:
     """Stands in for SchedulerClient: serves one model (its executor allows MAX_LOGPROBS) and
-    answers every Submit with one token per sequence, recording what was submitted."""
+    answers every Submit with one token per sequence (and a vector, when it asks for pooling),
+    recording what was submitted."""
 
     def __init__(self, tokenizer=None):
         tokenizer = tokenizer or byte_level_tokenizer()
@@ -69,9 +70,10 @@ class ScriptedScheduler:
     async def generate(self, submit, deadline):
         self.submitted.append(submit)
         for i in range(max(1, submit.sampling.n)):
-            yield scheduler_pb2.TokenDelta(seq_index=i, token_ids=[70],
-                                           finish_reason=common_pb2.FINISH_REASON_LENGTH,
-                                           num_prompt_tokens=len(submit.prompt_token_ids))
+            yield scheduler_pb2.TokenDelta(
+                seq_index=i, token_ids=[70], finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                num_prompt_tokens=len(submit.prompt_token_ids),
+                embedding=[1.0, 0.0] if submit.sampling.HasField("pooling") else [])
 
     def stop_sequence(self, request_id: str, seq_index: int) -> None:
         pass
