@@ -3,6 +3,7 @@ text and token ids, against the model's final hidden states as transformers comp
 pooled by the last token or the mean, normalized or not; through chunked prefill and the prefix
 cache (which a mean must not use); the flag's and the request's refusals."""
 
+import asyncio
 import base64
 import json
 
@@ -125,3 +126,54 @@ def test_grpc_generate_returns_the_pooled_prompt_as_http_does(served, tiny_llama
                                                sampling=bad)))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in error.value.details()
+
+
+class OneRefused:
+    """A scheduler whose second input is refused for overload while the first waits."""
+
+    def __init__(self):
+        from pagedserve.gateway.scheduler_client import ServedModel
+        from pagedserve.testing.tiny_models import byte_level_tokenizer
+
+        tokenizer = byte_level_tokenizer()
+        self.served = ServedModel(common_pb2.ModelInfo(model_id="m", max_model_len=64,
+                                                       vocab_size=len(tokenizer)), tokenizer,
+                                  common_pb2.ExecutorLimits(max_logprobs=5))
+        self.submits = []
+        self.abandoned = False  # the waiting input's stream was closed
+
+    async def model(self, name: str = ""):
+        return self.served
+
+    async def generate(self, submit, deadline):
+        from pagedserve.gateway.errors import GatewayError
+
+        self.submits.append(submit)
+        if submit.request_id.endswith("-1"):
+            raise GatewayError(429, "the queue is full", "rate_limit_error")
+        try:
+            await asyncio.sleep(60)
+            yield
+        finally:
+            self.abandoned = True
+
+
+def test_an_input_refused_ends_the_request_and_stops_the_other_inputs():
+    import httpx2 as httpx
+
+    from pagedserve.gateway.http_api import create_app
+
+    async def run() -> tuple[httpx.Response, bool]:
+        transport = httpx.ASGITransport(create_app(scheduler))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            reply = await client.post("/v1/embeddings", json={"input": ["a", "b"]})
+        await asyncio.sleep(0.1)  # a cancelled input has closed its stream by now
+        return reply, scheduler.abandoned  # read before asyncio.run cancels what is left
+
+    scheduler = OneRefused()
+    reply, abandoned = asyncio.run(run())
+    assert reply.status_code == 429, reply.text
+    assert abandoned
+    assert all(s.sampling.pooling.type == common_pb2.Pooling.TYPE_LAST and
+               s.sampling.pooling.normalize and s.sampling.max_tokens == 1
+               for s in scheduler.submits)

@@ -122,7 +122,7 @@ async def read_tool_calls(deltas: AsyncIterator[ChoiceDelta], plan: ToolPlan
 
 async def embed(client: SchedulerClient, served: ServedModel, request_id: str,
                 prompt_token_ids: list[int], pooling: common_pb2.Pooling,
-                deadline: Deadline = NO_DEADLINE) -> list[float]:
+                deadline: Deadline = NO_DEADLINE, cache_salt: str = "") -> list[float]:
     """The prompt pooled as `pooling` says. The scheduler computes the prompt as for a
     generation of one token (chunked prefill, preemption and executor loss alike) and sends
     the vector with that token, which is dropped: leaving the call aborts the request."""
@@ -130,7 +130,8 @@ async def embed(client: SchedulerClient, served: ServedModel, request_id: str,
     sampling = common_pb2.SamplingParams(max_tokens=1, temperature=0.0,
                                          disable_spec_decode=True, pooling=pooling)
     submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
-                                         prompt_token_ids=prompt_token_ids, sampling=sampling)
+                                         prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                         cache_salt=cache_salt)
     async for delta in client.generate(submit, deadline):
         if delta.embedding:
             return list(delta.embedding)

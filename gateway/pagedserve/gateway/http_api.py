@@ -304,10 +304,20 @@ async def embeddings(body: EmbeddingRequest, request: Request, client: Scheduler
     request_id = f"embd-{uuid.uuid4().hex}"
     structlog.contextvars.bind_contextvars(request_id=request_id)
     deadline = request_deadline(request, request.app.state.request_timeout_s)
-    pooling = request.app.state.policy.pooling
-    vectors = await until_disconnected(request, asyncio.gather(*(
-        embed(client, served, f"{request_id}-{i}", ids, pooling, deadline)
-        for i, ids in enumerate(prompts))))
+    policy: ClientPolicy = request.app.state.policy
+    cache_salt = policy.cache_salt("", request.headers.get("authorization"))
+
+    async def every_input() -> list[list[float]]:
+        tasks = [asyncio.ensure_future(embed(client, served, f"{request_id}-{i}", ids,
+                                             policy.pooling, deadline, cache_salt))
+                 for i, ids in enumerate(prompts)]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:  # one input refused (queue full, deadline): the others stop with it
+            for task in tasks:
+                task.cancel()
+
+    vectors = await until_disconnected(request, every_input())
     if vectors is None:
         return client_gone()
     tokens = sum(map(len, prompts))
