@@ -28,10 +28,8 @@ from pagedserve.gateway.prompts import (
 )
 from pagedserve.gateway.scheduler_client import Deadline, SchedulerClient, ServedModel
 from pagedserve.gateway.tool_calls import (
-    NO_TOOLS,
     Tool,
     ToolChoice,
-    ToolPlan,
     plan_tools,
 )
 from pagedserve.runtime.finish_reasons import from_openai_name
@@ -96,6 +94,13 @@ def chat_tools(chat: generation_pb2.ChatPrompt) -> tuple[list[Tool], ToolChoice 
     return tools, ToolChoice(mode) if mode else None
 
 
+async def chat_ids(served: ServedModel, chat: generation_pb2.ChatPrompt,
+                   add_generation_prompt: bool, tools: list[Tool]) -> list[int]:
+    """The chat prompt's token ids, its tools rendered by the template."""
+    return await chat_prompt_ids(served, chat_messages(chat), add_generation_prompt,
+                                 "chat.messages", [t.template_json() for t in tools] or None)
+
+
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     """`request_timeout_s` (--request-timeout) bounds calls whose deadline is later or unset."""
 
@@ -121,8 +126,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             cache_salt = self.policy.cache_salt(
                 request.cache_salt, dict(context.invocation_metadata()).get("authorization"))
             served = await self.client.model(request.model)
-            tools = self._tool_plan(request)
-            prompt_ids = await self._prompt_ids(served, request)
+            tool_list, choice = chat_tools(request.chat) \
+                if request.WhichOneof("prompt") == "chat" else ([], None)
+            parallel = request.chat.parallel_tool_calls \
+                if request.chat.HasField("parallel_tool_calls") else True
+            tools = plan_tools(tool_list, choice, parallel, self.policy.auto_tool_parser,
+                               "chat.tools")
+            prompt_ids = await self._prompt_ids(served, request, tool_list)
             check_token_ids(served, prompt_ids, "token_ids")
             sampling = request.sampling
             check_length(served, len(prompt_ids),
@@ -162,17 +172,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except GatewayError as exc:
             await abort(context, exc)
 
-    def _tool_plan(self, request: generation_pb2.GenerateRequest) -> ToolPlan:
-        if request.WhichOneof("prompt") != "chat":
-            return NO_TOOLS
-        tools, choice = chat_tools(request.chat)
-        parallel = request.chat.parallel_tool_calls \
-            if request.chat.HasField("parallel_tool_calls") else True
-        return plan_tools(tools, choice, parallel, self.policy.auto_tool_parser, "chat.tools")
-
     @staticmethod
-    async def _prompt_ids(served: ServedModel, request: generation_pb2.GenerateRequest
-                          ) -> list[int]:
+    async def _prompt_ids(served: ServedModel, request: generation_pb2.GenerateRequest,
+                          tools: list[Tool]) -> list[int]:
         which = request.WhichOneof("prompt")
         if which == "text":
             return await text_prompt_ids(served, request.text, "text")
@@ -181,10 +183,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         if which == "chat":
             add = request.chat.add_generation_prompt \
                 if request.chat.HasField("add_generation_prompt") else True
-            tools, _ = chat_tools(request.chat)
-            return await chat_prompt_ids(served, chat_messages(request.chat), add,
-                                         "chat.messages", [t.template_json() for t in tools]
-                                         or None)
+            return await chat_ids(served, request.chat, add, tools)
         raise GatewayError(400, "prompt: set one of text, token_ids or chat",
                            "invalid_request_error", "prompt")
 
@@ -192,10 +191,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         try:
             served = await self.client.model(request.model)
             if request.WhichOneof("prompt") == "chat":
-                tools, _ = chat_tools(request.chat)
-                ids = await chat_prompt_ids(served, chat_messages(request.chat), True,
-                                            "chat.messages", [t.template_json() for t in tools]
-                                            or None)
+                ids = await chat_ids(served, request.chat, True, chat_tools(request.chat)[0])
             else:
                 add = request.add_special_tokens if request.HasField("add_special_tokens") \
                     else True
