@@ -163,6 +163,7 @@ def test_required_constrains_to_calls_of_the_tools():
     ([], ToolChoice("required"), "hermes", "tool_choice"),
     (TOOLS, ToolChoice("named", "launch"), "hermes", "tool_choice"),
     ([TOOLS[0], TOOLS[0]], ToolChoice("required"), "hermes", "tools"),
+    ([Tool("get_time\n")], ToolChoice("required"), "hermes", "tools.0.name"),
 ])
 def test_tool_requests_that_cannot_be_served_are_a_400_naming_the_field(tools, choice, parser,
                                                                         param):

@@ -336,7 +336,7 @@ class ChatMessage(Forbidding):
 
 
 # OpenAI's rule for function names.
-FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME.pattern)]
+FunctionName = Annotated[str, Field(pattern=f"^{FUNCTION_NAME.pattern}$")]
 
 
 class FunctionDefinition(Forbidding):

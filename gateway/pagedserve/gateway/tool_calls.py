@@ -37,8 +37,8 @@ from pagedserve.gateway.errors import GatewayError
 from pagedserve.v1 import common_pb2
 
 ChoiceMode = Literal["none", "auto", "required", "named"]
-# OpenAI's rule for function names.
-FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# OpenAI's rule for function names (whole names: fullmatch).
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Parameters of a function that declares none: an object with any members.
 ANY_PARAMETERS = {"type": "object"}
 
@@ -114,7 +114,7 @@ PARSERS = {
                               argument_keys=("parameters", "arguments")),
     "mistral": CallSyntax(markers=("[TOOL_CALLS]",), id_length=9),
 }
-# What `required` constrains the answer to (required_schema): a list of calls.
+# What `required` constrains the answer to (constrained_output): a list of calls.
 REQUIRED_SYNTAX = CallSyntax(markers=("[",), at_start=True, argument_keys=("parameters",))
 
 
@@ -122,12 +122,14 @@ def check_tools(tools: list[Tool], choice: ToolChoice | None, param: str = "tool
     """Names unique; a choice that names a function names one of them; `param` names the
     request's list (`tool_choice` sits beside it)."""
     names = [tool.name for tool in tools]
-    bad = next((i for i, name in enumerate(names) if not FUNCTION_NAME.match(name)), None)
+    bad = next((i for i, name in enumerate(names) if not FUNCTION_NAME.fullmatch(name)), None)
     if bad is not None:
         raise bad_request(f"{param}.{bad}.name", "1 to 64 letters, digits, '_', '.' or '-'")
-    duplicate = next((name for name in names if names.count(name) > 1), None)
-    if duplicate is not None:
-        raise bad_request(param, f"the function name {duplicate!r} is used twice")
+    seen: set[str] = set()
+    for name in names:  # one pass: a request may send very many tools
+        if name in seen:
+            raise bad_request(param, f"the function name {name!r} is used twice")
+        seen.add(name)
     choice_param = param.replace("tools", "tool_choice")
     if choice is not None and choice.mode != "none" and not tools:
         raise bad_request(choice_param, "needs tools")
