@@ -80,6 +80,23 @@ def test_bad_embedding_requests_are_400s_naming_the_field(served, tiny_llama_dir
         assert error.value.body["param"] == param
 
 
+@pytest.mark.parametrize("config", [None, {"pooling_type": "MEAN", "normalize": False}])
+def test_the_offline_engine_embeds_as_transformers_pools(tiny_llama_dir, config):
+    from transformers import AutoTokenizer
+
+    from pagedserve.entrypoints.offline import LLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    pooling, normalize = ("LAST", True) if config is None else ("MEAN", False)
+    with LLM(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.01,
+             max_num_batched_tokens=8) as llm:
+        vectors = llm.embed(TEXTS, config)
+        assert llm.blocks.num_used_blocks == 0
+    for vector, text in zip(vectors, TEXTS, strict=True):
+        want = reference(tiny_llama_dir, tokenizer(text).input_ids, pooling, normalize)
+        assert vector == pytest.approx(want, abs=2e-5)
+
+
 @pytest.mark.parametrize("raw, expected", [
     (None, common_pb2.Pooling(type=common_pb2.Pooling.TYPE_LAST, normalize=True)),
     ('{"pooling_type": "MEAN"}', common_pb2.Pooling(type=common_pb2.Pooling.TYPE_MEAN,

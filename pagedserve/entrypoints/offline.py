@@ -37,6 +37,7 @@ from pagedserve.runtime.beam_search import (
 )
 from pagedserve.runtime.chat import chat_prompt_ids
 from pagedserve.runtime.finish_reasons import openai_name
+from pagedserve.runtime.pooling import embedding_sampling, pooling_from_config
 from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import schedule_executor
@@ -100,6 +101,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
     prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)
+    # The pooled prompt, when sampling.pooling was set (what `LLM.embed` returns).
+    embedding: list[float] = field(default_factory=list)
 
 
 class LLM:
@@ -183,6 +186,14 @@ class LLM:
                              f"{len(token_prompts)} prompts")
         params = [self._with_defaults(p) for p in sampling_params]
         return asyncio.run(self._generate(token_prompts, params))
+
+    def embed(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+              pooler_config: dict | None = None) -> list[list[float]]:
+        """Each prompt's embedding, as vLLM's `LLM.embed`: its final hidden states pooled as
+        `pooler_config` says (vLLM's {"pooling_type": "LAST" or "MEAN", "normalize": bool};
+        None: LAST, normalized; docs/embeddings.md)."""
+        sampling = embedding_sampling(pooling_from_config(pooler_config))
+        return [output.embedding for output in self.generate(prompts, sampling)]
 
     def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
              sampling_params: common_pb2.SamplingParams
@@ -271,12 +282,14 @@ class _Collector:
         self.finish: list[int] = [0] * n
         self.cached = 0
         self.prompt_logprobs: list = []
+        self.embedding: list[float] = []
         self.done = asyncio.Event()
 
     def on_delta(self, delta: scheduler_pb2.TokenDelta) -> None:
         if delta.num_prompt_tokens:
             self.cached = delta.num_cached_prompt_tokens
             self.prompt_logprobs = list(delta.prompt_logprobs)
+            self.embedding = list(delta.embedding)
         self.tokens[delta.seq_index] += delta.token_ids
         self.logprobs[delta.seq_index] += delta.logprobs
         if delta.finish_reason:
@@ -292,4 +305,4 @@ class _Collector:
                                                       strict=True))]
         return RequestOutput(request_id=self.request_id, prompt_token_ids=self.prompt,
                              outputs=outputs, num_cached_tokens=self.cached,
-                             prompt_logprobs=self.prompt_logprobs)
+                             prompt_logprobs=self.prompt_logprobs, embedding=self.embedding)

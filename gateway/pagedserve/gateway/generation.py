@@ -19,6 +19,7 @@ from pagedserve.gateway.scheduler_client import NO_DEADLINE, Deadline, Scheduler
 from pagedserve.gateway.tool_calls import CallReader, NamedCallReader, ToolCallDelta, ToolPlan
 from pagedserve.runtime.beam_search import BeamSearchParams, search, step_sampling
 from pagedserve.runtime.finish_reasons import openai_name
+from pagedserve.runtime.pooling import embedding_sampling
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 
@@ -127,10 +128,9 @@ async def embed(client: SchedulerClient, served: ServedModel, request_id: str,
     generation of one token (chunked prefill, preemption and executor loss alike) and sends
     the vector with that token, which is dropped: leaving the call aborts the request."""
     _started(Usage(), prompt_token_ids)
-    sampling = common_pb2.SamplingParams(max_tokens=1, temperature=0.0,
-                                         disable_spec_decode=True, pooling=pooling)
     submit = scheduler_pb2.SubmitRequest(request_id=request_id, model=served.info.model_id,
-                                         prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                         prompt_token_ids=prompt_token_ids,
+                                         sampling=embedding_sampling(pooling),
                                          cache_salt=cache_salt)
     async for delta in client.generate(submit, deadline):
         if delta.embedding:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.gateway.auth import ApiKeys, key_salt
 from pagedserve.gateway.errors import GatewayError
+from pagedserve.runtime.pooling import pooling_from_config
 from pagedserve.runtime.request_rules import RuleError, check_cache_salt, check_priority
 from pagedserve.runtime.serving import StartupError
 from pagedserve.v1 import common_pb2
@@ -29,8 +30,7 @@ class ClientPolicy:
     auto_tool_parser: str | None = None
     # --pooler-config: how /v1/embeddings pools (vLLM's default for decoder models: the last
     # token's hidden state, normalized).
-    pooling: common_pb2.Pooling = field(default_factory=lambda: common_pb2.Pooling(
-        type=common_pb2.Pooling.TYPE_LAST, normalize=True))
+    pooling: common_pb2.Pooling = field(default_factory=lambda: pooling_from_config(None))
 
     @classmethod
     def from_args(cls, args, keys: ApiKeys | None) -> ClientPolicy:
@@ -66,33 +66,18 @@ class ClientPolicy:
         return key_salt(key, client_salt)
 
 
-POOLING_TYPES = {"LAST": common_pb2.Pooling.TYPE_LAST, "MEAN": common_pb2.Pooling.TYPE_MEAN}
-
-
 def pooling_config(raw: str | None) -> common_pb2.Pooling:
     """--pooler-config's JSON as the contract's Pooling; StartupError naming what is wrong."""
-    config = {} if raw is None else _json_object(raw)
-    unknown = set(config) - {"pooling_type", "normalize"}
-    if unknown:
-        raise StartupError(f"--pooler-config: unknown key {sorted(unknown)[0]!r} (pooling_type "
-                           "and normalize are read)")
-    kind = config.get("pooling_type", "LAST")
-    if kind not in POOLING_TYPES:
-        raise StartupError(f"--pooler-config.pooling_type: {kind!r}; LAST or MEAN")
-    normalize = config.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise StartupError(f"--pooler-config.normalize: {normalize!r}; true or false")
-    return common_pb2.Pooling(type=POOLING_TYPES[kind], normalize=normalize)
-
-
-def _json_object(raw: str) -> dict:
     try:
-        value = json.loads(raw)
+        config = None if raw is None else json.loads(raw)
     except json.JSONDecodeError as exc:
         raise StartupError(f"--pooler-config: not JSON ({exc.msg})") from None
-    if not isinstance(value, dict):
+    if config is not None and not isinstance(config, dict):
         raise StartupError("--pooler-config: must be a JSON object")
-    return value
+    try:
+        return pooling_from_config(config)
+    except ValueError as exc:
+        raise StartupError(f"--pooler-config.{exc}") from None
 
 
 def _check(rule, value) -> None:
