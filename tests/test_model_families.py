@@ -1,4 +1,4 @@
-"""Mistral, Qwen2, GPT-NeoX and Falcon for the flat paged batch against `transformers` on the
+"""Mistral, Qwen2, Qwen3, GPT-NeoX and Falcon for the flat paged batch against `transformers` on the
 same random weights (biases and norms included): prompts of different lengths in one flat batch,
 whole and chunked, then batched decode steps; plus the per-family sliding-window rules, the
 fused q/k/v split and the errors for what is not supported."""
@@ -25,6 +25,7 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt_neox_config,
     tiny_mistral_config,
     tiny_qwen2_config,
+    tiny_qwen3_config,
 )
 
 VOCAB = 300
@@ -38,6 +39,11 @@ VARIANTS = {
     "qwen2": lambda: tiny_qwen2_config(VOCAB),
     # Window on the layers from max_window_layers (1) on: layer 0 full, layer 1 windowed.
     "qwen2-window": lambda: tiny_qwen2_config(VOCAB, use_sliding_window=True),
+    # q/k normed per head, heads wider than hidden / heads, no bias; then with a window, and
+    # with attention_bias (q/k/v and o).
+    "qwen3": lambda: tiny_qwen3_config(VOCAB),
+    "qwen3-window-bias": lambda: tiny_qwen3_config(VOCAB, use_sliding_window=True,
+                                                   attention_bias=True),
     "gpt-neox-parallel": lambda: tiny_gpt_neox_config(VOCAB),
     "gpt-neox-sequential": lambda: tiny_gpt_neox_config(
         VOCAB, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new",
@@ -88,9 +94,10 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
     assert_matches_transformers(model, _reference(directory), PROMPTS, chunk)
 
 
-# One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA.
+# One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA,
+# per-head q/k norms over a head wider than hidden / heads.
 @pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
-                                     "falcon-multi-query-parallel"])
+                                     "falcon-multi-query-parallel", "qwen3-window-bias"])
 @pytest.mark.parametrize("kernel_set", ["triton", "cpu"])
 def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled

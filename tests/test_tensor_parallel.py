@@ -42,6 +42,7 @@ from pagedserve.testing.tiny_models import (
     tiny_llama_config,
     tiny_mistral_config,
     tiny_qwen2_config,
+    tiny_qwen3_config,
 )
 from pagedserve.v1 import common_pb2
 
@@ -50,6 +51,7 @@ VOCAB = 301
 VARIANTS = {
     "llama-gqa-kv-split": lambda: tiny_llama_config(VOCAB, tie_word_embeddings=False),
     "qwen2-bias-tied": lambda: tiny_qwen2_config(VOCAB),
+    "qwen3-qk-norm": lambda: tiny_qwen3_config(VOCAB),
     "mistral-window": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
     "gpt-neox-parallel-residual": lambda: tiny_gpt_neox_config(VOCAB),
     "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 CHAT_TEMPLATE = (
@@ -81,6 +82,18 @@ def tiny_qwen2_config(vocab_size: int, **overrides) -> Qwen2Config:
                   tie_word_embeddings=True)
     values.update(overrides)
     return Qwen2Config(**values)
+
+
+def tiny_qwen3_config(vocab_size: int, **overrides) -> Qwen3Config:
+    """head_dim 32 over 4 heads of a 64-wide model (Qwen3's heads are wider than
+    hidden / heads, as in the released checkpoints)."""
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, use_sliding_window=False, sliding_window=8,
+                  max_window_layers=1, tie_word_embeddings=True)
+    values.update(overrides)
+    return Qwen3Config(**values)
 
 
 def tiny_gpt_neox_config(vocab_size: int, **overrides) -> GPTNeoXConfig:

@@ -30,6 +30,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "pagedserve.executor.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "pagedserve.executor.models.mistral:MistralForCausalLM",
     "Qwen2ForCausalLM": "pagedserve.executor.models.qwen2:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "pagedserve.executor.models.qwen3:Qwen3ForCausalLM",
     "GPTNeoXForCausalLM": "pagedserve.executor.models.gpt_neox:GPTNeoXForCausalLM",
     "FalconForCausalLM": "pagedserve.executor.models.falcon:FalconForCausalLM",
 }

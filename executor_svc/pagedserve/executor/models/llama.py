@@ -1,9 +1,10 @@
 """LLaMA family (LLaMA 1-3, SmolLM, and the checkpoints that share its layout), for the flat
 paged batch: GQA, rope scaling (linear, llama3), tied embeddings, optional attention bias.
 
-Families with the same layout (Mistral, Qwen2) subclass `LlamaForCausalLM` and override
-`attention_options`: which projections carry a bias and which layers attend through a sliding
-window, decided per family from its own config fields."""
+Families with the same layout (Mistral, Qwen2, Qwen3) subclass `LlamaForCausalLM` and override
+`attention_options`: which projections carry a bias, which layers attend through a sliding
+window and whether q and k are normed per head, decided per family from its own config
+fields."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class AttentionOptions:
     qkv_bias: bool
     o_bias: bool
     sliding_window: int | None  # tokens a query sees, itself included; None: all
+    # Qwen3: each head's q and k RMS-normed (weights over head_dim) before rope.
+    qk_norm: bool = False
 
 
 def llama_attention_options(config: PretrainedConfig, layer_idx: int) -> AttentionOptions:
@@ -58,6 +61,10 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, [config.hidden_size],
                                         options.o_bias, dtype, tp)
+        self.q_norm = self.k_norm = None
+        if options.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    options.sliding_window)
@@ -66,8 +73,12 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_sizes, dim=-1)
         num_tokens = x.shape[0]
-        q, k = self.rotary(q.view(num_tokens, self.num_heads, self.head_dim),
-                           k.view(num_tokens, self.num_kv_heads, self.head_dim), positions, cos_sin)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head: rows of head_dim
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self.rotary(q, k, positions, cos_sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
