@@ -22,6 +22,7 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt_neox_config,
     tiny_mistral_config,
     tiny_qwen2_config,
+    tiny_qwen3_config,
 )
 from pagedserve.v1 import common_pb2, executor_pb2
 
@@ -38,6 +39,7 @@ VOCAB = 300
 FAMILIES = {
     "mistral": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
     "qwen2": lambda: tiny_qwen2_config(VOCAB, use_sliding_window=True),
+    "qwen3": lambda: tiny_qwen3_config(VOCAB),
     "gpt-neox": lambda: tiny_gpt_neox_config(VOCAB),
     "falcon": lambda: tiny_falcon_config(VOCAB),
 }
