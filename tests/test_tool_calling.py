@@ -188,7 +188,8 @@ def test_the_choice_constrains_the_answer_and_refuses_the_clients_own(tiny_token
     sampling = body.sampling_params(8, None)
     plan.adapt(sampling, tiny_tokenizer)
     assert json.loads(sampling.structured_output.json_schema) == TIME
-    assert body.param("structured_output.json_schema") == "tools"
+    assert plan.param("structured_output.json_schema", body.param) == "tools"
+    assert plan.param("temperature", body.param) == "temperature"
     sampling = chat_request(structured_outputs={"regex": "a"}).sampling_params(8, None)
     with pytest.raises(GatewayError) as error:
         plan.adapt(sampling, tiny_tokenizer)

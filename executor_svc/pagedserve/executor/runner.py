@@ -357,7 +357,7 @@ class ModelRunner:
         result = {}
         for i, (mirror, work) in enumerate(zip(mirrors, ordered, strict=True)):
             start = mirror.num_computed  # not yet advanced for this step
-            if mirror.sampling.params.HasField("pooling") and start < mirror.num_prompt_tokens:
+            if start < mirror.num_prompt_tokens and mirror.sampling.params.HasField("pooling"):
                 vector = _pooled(hidden, first_rows[i], mirror, start, work.num_tokens)
                 if vector is not None:
                     result[i] = vector

@@ -139,10 +139,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                          sampling.max_tokens if sampling.HasField("max_tokens") else None,
                          sampling_param("max_tokens"))
             tools.adapt(sampling, served.tokenizer, "chat.tool_choice")
-            check_sampling_rules(served, sampling, lambda field: "chat.tools"
-                                 if tools.structured_output is not None
-                                 and field.startswith("structured_output")
-                                 else sampling_param(field))
+            check_sampling_rules(served, sampling,
+                                 lambda field: tools.param(field, sampling_param))
             usage = Usage()
             first = True
             async for choice in read_tool_calls(

@@ -340,7 +340,7 @@ async def respond(request: Request, client: SchedulerClient, body: SamplingField
                   sampling: common_pb2.SamplingParams, tools: ToolPlan = NO_TOOLS):
     """Checks the request's rules, runs the prompts' choices (their answers read for calls as
     `tools` says) and answers: a stream of server-sent events, or one JSON."""
-    check_sampling_rules(served, sampling, body.param)
+    check_sampling_rules(served, sampling, lambda field: tools.param(field, body.param))
     body.check_prompt_logprobs()
     policy: ClientPolicy = request.app.state.policy
     priority = policy.priority(body.priority)

@@ -400,9 +400,6 @@ class ChatCompletionRequest(Conversation, SamplingFields):
         return top_logprobs
 
     def param(self, field: str) -> str:
-        if field.startswith("structured_output") and self.tool_choice not in (None, "none",
-                                                                              "auto"):
-            return "tools"  # the tools' schemas set it (ToolPlan.adapt refuses the client's)
         if field == "logprobs":
             return "top_logprobs"
         if field == "max_tokens" and self.max_completion_tokens is not None:

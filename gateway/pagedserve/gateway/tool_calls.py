@@ -367,6 +367,15 @@ class ToolPlan:
     finish_reason: str = "tool_calls"
     # The markers the reader looks for: kept in the text where they are special tokens.
     markers: tuple[str, ...] = ()
+    # The request's tools field, as its API spells it (the structured output comes from it).
+    tools_param: str = "tools"
+
+    def param(self, field: str, otherwise: Callable[[str], str]) -> str:
+        """How the request names SamplingParams field `field`: its tools where their schemas
+        set the structured output, else as `otherwise` says."""
+        if self.structured_output is not None and field.startswith("structured_output"):
+            return self.tools_param
+        return otherwise(field)
 
     def adapt(self, sampling: common_pb2.SamplingParams, tokenizer,
               choice_param: str = "tool_choice") -> None:
@@ -411,8 +420,9 @@ def plan_tools(tools: list[Tool], choice: ToolChoice | None, parallel: bool,
         return ToolPlan(new_reader=lambda: CallReader(syntax), markers=syntax.markers)
     output = constrained_output(tools, choice, parallel)
     if choice.mode == "named":
-        return ToolPlan(output, lambda: NamedCallReader(choice.name), finish_reason="stop")
-    return ToolPlan(output, lambda: CallReader(REQUIRED_SYNTAX))
+        return ToolPlan(output, lambda: NamedCallReader(choice.name), finish_reason="stop",
+                        tools_param=param)
+    return ToolPlan(output, lambda: CallReader(REQUIRED_SYNTAX), tools_param=param)
 
 
 def merge_calls(calls: Iterable[ToolCallDelta], into: list[ToolCallDelta]) -> None:
