@@ -36,6 +36,7 @@ from pagedserve.executor.models import (
     load_model,
 )
 from pagedserve.executor.models.layers import bind_kernels, quantize_linears, weight_bytes
+from pagedserve.executor.models.rope import context_length
 from pagedserve.executor.models.weights import WeightLoadError
 from pagedserve.executor.parallel import SINGLE, TensorParallelError
 from pagedserve.executor.plan_checks import RunnerLimits
@@ -188,7 +189,7 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
         quantize_linears(model, config.quantization)
     # Before the CUDA profiling pass, so that it measures the kernels that will run.
     bind_kernels(model, kernels)
-    context_len = _context_length(model_dir)
+    context_len = context_length(model.config)
     max_model_len = config.max_model_len or context_len
     if max_model_len > context_len:
         raise StartupError(f"--max-model-len {max_model_len} exceeds the model's context "
@@ -251,10 +252,6 @@ def _grammar_compiler(model_dir: ModelDirectory, vocab_size: int) -> GrammarComp
     return GrammarCompiler(tokenizer)
 
 
-def _context_length(model_dir: ModelDirectory) -> int:
-    return int(model_dir.config.get("max_position_embeddings", 0)) or 2048
-
-
 DRAFT_FLAG = "--speculative-config.model"
 
 
@@ -269,9 +266,10 @@ def _load_draft(config: EngineConfig, path: str, model_dir: ModelDirectory, dtyp
         draft = load_model(draft_dir.path, dtype, SINGLE).to(device)
     except (ModelLoadError, UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load the draft model: {exc}") from None
-    if _context_length(draft_dir) < max_model_len:
-        raise StartupError(f"{DRAFT_FLAG} {path}: its context length {_context_length(draft_dir)} "
-                           f"is shorter than --max-model-len {max_model_len}")
+    if context_length(draft.config) < max_model_len:
+        raise StartupError(f"{DRAFT_FLAG} {path}: its context length "
+                           f"{context_length(draft.config)} is shorter than --max-model-len "
+                           f"{max_model_len}")
     vocabularies = _vocabulary(draft_dir), _vocabulary(model_dir)
     if None not in vocabularies and vocabularies[0] != vocabularies[1]:
         raise StartupError(f"{DRAFT_FLAG} {path}: its tokenizer's vocabulary differs from "

@@ -125,8 +125,8 @@ class FalconModel(nn.Module):
                                for _ in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon, dtype)
         head_dim = self.h[0].self_attention.head_dim
-        self.register_buffer("cos_sin", rotary_cos_sin_cache(
-            config.rope_parameters, head_dim, config.max_position_embeddings), persistent=False)
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(config, head_dim),
+                             persistent=False)
 
     def forward(self, input_ids, positions, meta):
         x = self.word_embeddings(input_ids)

@@ -98,8 +98,8 @@ class GPTNeoXModel(nn.Module):
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype)
         head_dim = self.layers[0].attention.head_dim
         rotary_dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-        self.register_buffer("cos_sin", rotary_cos_sin_cache(
-            config.rope_parameters, rotary_dim, config.max_position_embeddings), persistent=False)
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(config, rotary_dim),
+                             persistent=False)
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_in(input_ids)

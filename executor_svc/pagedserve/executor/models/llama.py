@@ -130,8 +130,8 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         head_dim = self.layers[0].self_attn.head_dim
-        self.register_buffer("cos_sin", rotary_cos_sin_cache(
-            config.rope_parameters, head_dim, config.max_position_embeddings), persistent=False)
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(config, head_dim),
+                             persistent=False)
 
     def forward(self, input_ids, positions, meta):
         x, residual = self.embed_tokens(input_ids), None

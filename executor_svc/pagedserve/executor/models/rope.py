@@ -1,12 +1,36 @@
-"""Rotary embedding tables from a Hugging Face config's rope parameters."""
+"""Rotary embedding tables from a Hugging Face config's rope parameters, as transformers
+computes them (`transformers.modeling_rope_utils`), for every position the model serves.
+
+One table per model, indexed by position, serves every kernel: the scaling types that change
+the angles (linear, llama3, YaRN) or scale cos and sin (YaRN's attention factor) are folded in
+once, at load.
+
+Dynamic NTK is the one type whose angles depend on the sequence's length: transformers
+recomputes the base for the current length `s` once it exceeds the trained length
+`max_position_embeddings`, and keeps the keys it has cached. With a KV cache, each position is
+therefore rotated with the base of the length at which it was computed, and that is what the
+table holds: position p uses the base for `s = max(p + 1, max_position_embeddings)`. This equals
+transformers' token-by-token generation exactly and makes a position's rotation independent
+of the batch, the chunking and the prefix cache. (transformers' single forward of a prompt
+longer than the trained length rotates all of it with the prompt's base instead, a result that
+no KV cache can reproduce; vLLM instead fixes one base for the longest length, which changes
+every position, short prompts included.)
+
+The context length (`context_length`) is `max_position_embeddings`, extended where the scaling
+type defines itself against the trained length: dynamic NTK to `factor` times it, YaRN to
+`factor` times `original_max_position_embeddings`. Linear and llama3 configs declare their
+extended length in `max_position_embeddings` already."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from transformers import PretrainedConfig
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from pagedserve.executor.models.layers import UnsupportedArchitectureError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
@@ -20,24 +44,98 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rotary_inv_freq(rope_parameters: dict, rotary_dim: int) -> torch.Tensor:
-    """[rotary_dim / 2] angle per position of each channel pair (float64)."""
-    rope_type = rope_parameters.get("rope_type", "default")
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(inv_freq: torch.Tensor, params: dict, base: float,
+          rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): channels that turn fewer than `beta_slow` times over the trained
+    length are interpolated (slowed by `factor`), those that turn more than `beta_fast` times
+    are kept, a linear ramp between; cos and sin are scaled by the attention factor."""
+    factor = params["factor"]
+    trained = params["original_max_position_embeddings"]
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+
+    def channel(turns: float) -> float:  # the channel pair that turns `turns` times
+        return rotary_dim * math.log(trained / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = channel(params.get("beta_fast") or 32), channel(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
+
+
+def _rope_type(params: dict) -> str:
+    rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_type {rope_type!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    base = rope_parameters["rope_theta"]
+        raise UnsupportedArchitectureError(
+            f"rope_parameters.rope_type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    return rope_type
+
+
+def rotary_frequencies(params: dict, rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """[rotary_dim / 2] angle per position of each channel pair (float64), and the factor cos
+    and sin are scaled by. Dynamic NTK's are those of its trained length (see the module
+    docstring for the longer ones)."""
+    rope_type = _rope_type(params)
+    base = params["rope_theta"]
     inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
     if rope_type == "linear":
-        inv_freq = inv_freq / rope_parameters["factor"]
-    elif rope_type == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, rope_parameters)
-    return inv_freq
+        return inv_freq / params["factor"], 1.0
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, params), 1.0
+    if rope_type == "yarn":
+        return _yarn(inv_freq, params, base, rotary_dim)
+    return inv_freq, 1.0
 
 
-def rotary_cos_sin_cache(rope_parameters: dict, rotary_dim: int,
-                         max_positions: int) -> torch.Tensor:
-    """[max_positions, rotary_dim]: cos of every position x frequency, then sin (float32)."""
-    inv_freq = rotary_inv_freq(rope_parameters, rotary_dim)
-    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq
-    return torch.cat((angles.cos(), angles.sin()), dim=-1).float()
+def _dynamic_ntk_angles(params: dict, rotary_dim: int, trained: int,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """[positions, rotary_dim / 2]: each position rotated with the NTK base of the length at
+    which it is computed, `max(p + 1, trained)` (transformers' formula)."""
+    factor = params["factor"]
+    length = (positions + 1).clamp(min=trained)
+    base = params["rope_theta"] * (factor * length / trained - (factor - 1)) \
+        ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    return positions[:, None] / base[:, None] ** exponents
+
+
+def context_length(config: PretrainedConfig, params: dict | None = None) -> int:
+    """Positions the model serves (module docstring); `params`: one layer type's rope
+    parameters where they differ per layer type, else the config's."""
+    trained = getattr(config, "max_position_embeddings", None) or 2048
+    params = params if params is not None else getattr(config, "rope_parameters", None)
+    if not params:
+        return trained
+    rope_type = _rope_type(params)
+    if rope_type == "dynamic":
+        return int(trained * params["factor"])
+    if rope_type == "yarn":
+        return max(trained, int(params["original_max_position_embeddings"] * params["factor"]))
+    return trained
+
+
+def rotary_cos_sin_cache(config: PretrainedConfig, rotary_dim: int,
+                         params: dict | None = None) -> torch.Tensor:
+    """[context_length, rotary_dim]: cos of every position x frequency, then sin, scaled by the
+    attention factor (float32). `params` as for `context_length`."""
+    params = params if params is not None else config.rope_parameters
+    positions = torch.arange(context_length(config, params), dtype=torch.float64)
+    inv_freq, scale = rotary_frequencies(params, rotary_dim)
+    if params.get("rope_type") == "dynamic":
+        angles = _dynamic_ntk_angles(params, rotary_dim, config.max_position_embeddings,
+                                     positions)
+    else:
+        angles = positions[:, None] * inv_freq
+    return (torch.cat((angles.cos(), angles.sin()), dim=-1) * scale).float()
