@@ -1,7 +1,7 @@
-"""Mistral, Qwen2, Qwen3, GPT-NeoX and Falcon for the flat paged batch against `transformers` on the
-same random weights (biases and norms included): prompts of different lengths in one flat batch,
-whole and chunked, then batched decode steps; plus the per-family sliding-window rules, the
-fused q/k/v split and the errors for what is not supported."""
+"""Mistral, Qwen2, Qwen3, GPT-NeoX, Falcon and GPT-2 for the flat paged batch against
+`transformers` on the same random weights (biases and norms included): prompts of different
+lengths in one flat batch, whole and chunked, then batched decode steps; plus the per-family
+sliding-window rules, the fused q/k/v split and the errors for what is not supported."""
 
 import json
 import shutil
@@ -22,6 +22,7 @@ from pagedserve.testing.paged_run import PagedRun, assert_matches_transformers, 
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
+    tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
     tiny_qwen2_config,
@@ -48,6 +49,12 @@ VARIANTS = {
     "gpt-neox-sequential": lambda: tiny_gpt_neox_config(
         VOCAB, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new",
         tie_word_embeddings=True),
+    # Learned positions, Conv1D weights, fused q/k/v in thirds, tied head; then an untied
+    # head, a 96-wide MLP and the attention scale divided by the layer's index + 1.
+    "gpt2": lambda: tiny_gpt2_config(VOCAB),
+    "gpt2-untied-inner-scaled": lambda: tiny_gpt2_config(
+        VOCAB, tie_word_embeddings=False, n_inner=96, scale_attn_by_inverse_layer_idx=True,
+        activation_function="gelu"),
     "falcon-new-arch": lambda: tiny_falcon_config(VOCAB),
     "falcon-new-arch-one-norm-bias": lambda: tiny_falcon_config(
         VOCAB, num_ln_in_parallel_attn=1, bias=True, tie_word_embeddings=False),
@@ -95,9 +102,10 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
 
 
 # One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA,
-# per-head q/k norms over a head wider than hidden / heads.
+# per-head q/k norms over a head wider than hidden / heads, no rotary and a scale per layer.
 @pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
-                                     "falcon-multi-query-parallel", "qwen3-window-bias"])
+                                     "falcon-multi-query-parallel", "qwen3-window-bias",
+                                     "gpt2-untied-inner-scaled"])
 @pytest.mark.parametrize("kernel_set", ["triton", "cpu"])
 def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled
@@ -195,6 +203,31 @@ def test_a_tied_head_stored_anyway_is_skipped(tmp_path):
     assert torch.equal(model.lm_head.weight, weights["transformer.word_embeddings.weight"])
 
 
+def test_gpt2_loads_checkpoints_saved_without_the_base_model_prefix(tiny_dirs, tmp_path):
+    """As the original GPT-2 checkpoints are stored: `h.0.attn.c_attn.weight`, no
+    `transformer.`, and the causal mask buffers `attn.bias` / `attn.masked_bias`."""
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(tiny_dirs("gpt2"), tmp_path / "old")
+    weights = load_file(directory / "model.safetensors")
+    old = {name.removeprefix("transformer."): t for name, t in weights.items()}
+    for layer in range(2):
+        old[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+        old[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    assert not any(name.startswith("transformer.") for name in old)
+    save_file(old, directory / "model.safetensors", metadata={"format": "pt"})
+    assert_matches_transformers(load_model(directory, torch.float32),
+                                _reference(tiny_dirs("gpt2")), PROMPTS, chunk=None,
+                                decode_steps=1)
+
+
+def test_gpt2_with_cross_attention_is_refused(tmp_path):
+    config = tiny_gpt2_config(VOCAB, add_cross_attention=True,
+                              architectures=["GPT2LMHeadModel"])
+    with pytest.raises(UnsupportedArchitectureError, match="add_cross_attention"):
+        model_class(config.architectures)(config, torch.float32)
+
+
 def test_falcon_alibi_is_a_clear_error(tmp_path):
     directory = save_tiny_model(tmp_path, tiny_falcon_config(
         VOCAB, alibi=True, new_decoder_architecture=False, multi_query=False, num_kv_heads=4))
@@ -206,5 +239,6 @@ def test_unsupported_architecture_names_every_supported_one():
     with pytest.raises(UnsupportedArchitectureError) as info:
         model_class(["MambaForCausalLM"])
     for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                 "GPTNeoXForCausalLM", "FalconForCausalLM"):
+                 "Qwen3ForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM",
+                 "GPT2LMHeadModel"):
         assert name in ARCHITECTURES and name in str(info.value)

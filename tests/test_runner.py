@@ -19,6 +19,7 @@ from pagedserve.executor.speculative import SpeculativeConfig
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
+    tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
     tiny_qwen2_config,
@@ -42,6 +43,7 @@ FAMILIES = {
     "qwen3": lambda: tiny_qwen3_config(VOCAB),
     "gpt-neox": lambda: tiny_gpt_neox_config(VOCAB),
     "falcon": lambda: tiny_falcon_config(VOCAB),
+    "gpt2": lambda: tiny_gpt2_config(VOCAB),
 }
 
 

@@ -38,6 +38,7 @@ from pagedserve.testing.tiny_models import (
     byte_level_tokenizer,
     save_tiny_model,
     tiny_falcon_config,
+    tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_llama_config,
     tiny_mistral_config,
@@ -54,6 +55,7 @@ VARIANTS = {
     "qwen3-qk-norm": lambda: tiny_qwen3_config(VOCAB),
     "mistral-window": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
     "gpt-neox-parallel-residual": lambda: tiny_gpt_neox_config(VOCAB),
+    "gpt2-learned-positions": lambda: tiny_gpt2_config(VOCAB),
     "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(
         VOCAB, new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
 }

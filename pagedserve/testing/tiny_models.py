@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
+    GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -112,6 +113,14 @@ def tiny_falcon_config(vocab_size: int, **overrides) -> FalconConfig:
                   parallel_attn=True, bias=False, alibi=False, tie_word_embeddings=True)
     values.update(overrides)
     return FalconConfig(**values)
+
+
+def tiny_gpt2_config(vocab_size: int, **overrides) -> GPT2Config:
+    values = dict(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                  layer_norm_epsilon=1e-5, activation_function="gelu_new",
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    values.update(overrides)
+    return GPT2Config(**values)
 
 
 def randomize_weights(model: PreTrainedModel, std: float = 0.1) -> None:

@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "pagedserve.executor.models.qwen3:Qwen3ForCausalLM",
     "GPTNeoXForCausalLM": "pagedserve.executor.models.gpt_neox:GPTNeoXForCausalLM",
     "FalconForCausalLM": "pagedserve.executor.models.falcon:FalconForCausalLM",
+    "GPT2LMHeadModel": "pagedserve.executor.models.gpt2:GPT2LMHeadModel",
 }
 
 

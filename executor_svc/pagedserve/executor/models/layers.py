@@ -594,10 +594,10 @@ class PagedAttention(KernelLayer):
     checkpoint_v_scale: float = 1.0
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, scale: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale  # of q . k
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
