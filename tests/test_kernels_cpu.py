@@ -115,6 +115,25 @@ def test_mixed_batch_matches_torch(case, with_decodes):
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("case", [0, 3, 5])  # float32; bfloat16; bfloat16 dot-product tiles
+def test_soft_capped_scores_match_torch(case):
+    """Gemma 2's cap (0.5: it changes every score) on decodes and prefills, windows included;
+    the capped output differs from the uncapped one."""
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(650 + case)
+    key_cache, value_cache, query, meta = mixed_batch(
+        gen, dtype, num_heads, num_kv_heads, head_dim, [BLOCK + 1, 1, 2 * BLOCK],
+        [(0, 20), (2 * BLOCK + 3, 35), (40, 48)])
+    scale = 1 / math.sqrt(head_dim)
+    out = cpu.paged_attention_cpu(query, key_cache, value_cache, meta, scale, window,
+                                  softcap=0.5)
+    expected = paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0),
+                               meta, scale, window, softcap=0.5)
+    torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+    uncapped = _reference(query, key_cache, value_cache, meta, scale, window)
+    assert (out.float() - uncapped.float()).abs().max() > 10 * TOL[dtype]
+
+
 def test_prefill_tiles_run_wherever_the_cpu_has_avx512():
     """So that the mixed-batch tests above check the tiles on such a CPU, not only the
     token-by-token path the kernel falls back to elsewhere."""

@@ -147,6 +147,29 @@ def test_paged_attention_mixed_batch_matches_torch(case):
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("case", [0, 3])
+@pytest.mark.parametrize("partition_size", [None, 64])
+def test_soft_capped_scores_match_torch(case, partition_size):
+    """Gemma 2's cap (0.5: it changes every score) in the decode kernel, whole and split-K,
+    and in the prefill kernel; the capped output differs from the uncapped one."""
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(260 + case)
+    key_cache, value_cache, query, meta = mixed_batch(
+        gen, dtype, num_heads, num_kv_heads, head_dim, [1, 2 * BLOCK, 129], PREFILLS)
+    scale = 1 / math.sqrt(head_dim)
+    out = paged_attention_triton(query, key_cache, value_cache, meta, scale, window,
+                                 softcap=0.5)
+    nd = meta.num_decodes
+    paged_attention_decode_triton(query[:nd], key_cache, value_cache, meta.block_tables[:nd],
+                                  meta.seq_lens[:nd], scale, window, out=out[:nd],
+                                  partition_size=partition_size, softcap=0.5)
+    expected = paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0),
+                               meta, scale, window, softcap=0.5)
+    torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+    uncapped = reference(query, key_cache, value_cache, meta, scale, window)
+    assert (out.float() - uncapped.float()).abs().max() > 10 * TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype, window", [(torch.float32, None), (torch.float16, 9)])
 def test_paged_attention_prefill_writes_out(dtype, window):
     """The prefill kernel alone (no decodes), into a NaN-poisoned `out`, its grid sized from

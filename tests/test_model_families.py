@@ -22,6 +22,9 @@ from pagedserve.testing.paged_run import PagedRun, assert_matches_transformers, 
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
+    tiny_gemma2_config,
+    tiny_gemma3_config,
+    tiny_gemma_config,
     tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
@@ -55,6 +58,17 @@ VARIANTS = {
     "gpt2-untied-inner-scaled": lambda: tiny_gpt2_config(
         VOCAB, tie_word_embeddings=False, n_inner=96, scale_attn_by_inverse_layer_idx=True,
         activation_function="gelu"),
+    # GeGLU, scaled embeddings, norms as offsets from one, multi-query; a tanh-approximated
+    # gate spelled "gelu" (old configs), untied.
+    "gemma": lambda: tiny_gemma_config(VOCAB),
+    "gemma-untied": lambda: tiny_gemma_config(VOCAB, hidden_act="gelu", tie_word_embeddings=False),
+    # Sandwich norms, query_pre_attn_scalar, a window on layer 0, attention scores and final
+    # logits soft-capped (caps small enough to bite); then without the caps.
+    "gemma2": lambda: tiny_gemma2_config(VOCAB),
+    "gemma2-no-caps": lambda: tiny_gemma2_config(VOCAB, attn_logit_softcapping=None,
+                                                 final_logit_softcapping=None),
+    # q/k norms, local and global rope tables, a final cap.
+    "gemma3": lambda: tiny_gemma3_config(VOCAB, final_logit_softcapping=3.0),
     "falcon-new-arch": lambda: tiny_falcon_config(VOCAB),
     "falcon-new-arch-one-norm-bias": lambda: tiny_falcon_config(
         VOCAB, num_ln_in_parallel_attn=1, bias=True, tie_word_embeddings=False),
@@ -102,10 +116,11 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
 
 
 # One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA,
-# per-head q/k norms over a head wider than hidden / heads, no rotary and a scale per layer.
+# per-head q/k norms over a head wider than hidden / heads, no rotary and a scale per layer,
+# soft-capped scores with a window and a custom scale, two rope tables.
 @pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
                                      "falcon-multi-query-parallel", "qwen3-window-bias",
-                                     "gpt2-untied-inner-scaled"])
+                                     "gpt2-untied-inner-scaled", "gemma2", "gemma3"])
 @pytest.mark.parametrize("kernel_set", ["triton", "cpu"])
 def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled

@@ -19,6 +19,8 @@ from pagedserve.executor.speculative import SpeculativeConfig
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
+    tiny_gemma2_config,
+    tiny_gemma3_config,
     tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
@@ -44,6 +46,8 @@ FAMILIES = {
     "gpt-neox": lambda: tiny_gpt_neox_config(VOCAB),
     "falcon": lambda: tiny_falcon_config(VOCAB),
     "gpt2": lambda: tiny_gpt2_config(VOCAB),
+    "gemma2": lambda: tiny_gemma2_config(VOCAB),
+    "gemma3": lambda: tiny_gemma3_config(VOCAB),
 }
 
 

@@ -38,6 +38,8 @@ from pagedserve.testing.tiny_models import (
     byte_level_tokenizer,
     save_tiny_model,
     tiny_falcon_config,
+    tiny_gemma2_config,
+    tiny_gemma3_config,
     tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_llama_config,
@@ -56,6 +58,8 @@ VARIANTS = {
     "mistral-window": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
     "gpt-neox-parallel-residual": lambda: tiny_gpt_neox_config(VOCAB),
     "gpt2-learned-positions": lambda: tiny_gpt2_config(VOCAB),
+    "gemma2-capped-windowed": lambda: tiny_gemma2_config(VOCAB),
+    "gemma3-two-rope-tables": lambda: tiny_gemma3_config(VOCAB),
     "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(
         VOCAB, new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True),
 }

@@ -8,6 +8,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -121,6 +124,43 @@ def tiny_gpt2_config(vocab_size: int, **overrides) -> GPT2Config:
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     values.update(overrides)
     return GPT2Config(**values)
+
+
+def tiny_gemma_config(vocab_size: int, **overrides) -> GemmaConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                  head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return GemmaConfig(**values)
+
+
+def tiny_gemma2_config(vocab_size: int, **overrides) -> Gemma2Config:
+    """Layer 0 windowed (8), layer 1 full; caps small enough to change tiny random logits."""
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, query_pre_attn_scalar=24, sliding_window=8,
+                  attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return Gemma2Config(**values)
+
+
+def tiny_gemma3_config(vocab_size: int, **overrides) -> Gemma3TextConfig:
+    """Layer 0 local (window 8, base 10k), layer 1 global (base 1M, linear scaling x2)."""
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  query_pre_attn_scalar=24, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                      "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                         "rope_theta": 1000000.0}},
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return Gemma3TextConfig(**values)
 
 
 def randomize_weights(model: PreTrainedModel, std: float = 0.1) -> None:

@@ -143,10 +143,26 @@ def _window_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, seq_len: torch.
     return mask
 
 
+def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """softmax(scale q k^T, masked) v, query heads [..., H, L, D] over KV heads
+    [..., H / group, S, D]; soft-capped scores written out (SDPA has no cap)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+    group = query.shape[-3] // keys.shape[-3]
+    keys, values = (t.repeat_interleave(group, dim=-3) for t in (keys, values))
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), values.float()).to(query.dtype)
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """query [num_tokens, num_heads, head_dim] -> output of the same shape.
+                    k_scale: float = 1.0, v_scale: float = 1.0,
+                    softcap: float | None = None) -> torch.Tensor:
+    """query [num_tokens, num_heads, head_dim] -> output of the same shape. `softcap` (Gemma
+    2): scaled scores s become softcap * tanh(s / softcap) before the softmax.
 
     Decodes run as one batched attention over their gathered contexts; each prefill runs on its
     own (prefills are few and large, so the loop costs nothing next to their matmuls, while
@@ -158,15 +174,18 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if nd:
         out[:nd] = paged_decode_attention(query[:nd], key_cache, value_cache,
                                           meta.block_tables[:nd], meta.seq_lens[:nd],
-                                          max(meta.seq_lens_host[:nd]), scale, sliding_window)
-    paged_prefill_attention(query, key_cache, value_cache, meta, scale, sliding_window, out)
+                                          max(meta.seq_lens_host[:nd]), scale, sliding_window,
+                                          softcap)
+    paged_prefill_attention(query, key_cache, value_cache, meta, scale, sliding_window, out,
+                            softcap)
     return out if v_scale == 1.0 else out.mul_(v_scale)
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, max_seq_len: int, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """One query token per sequence (query [num_seqs, num_heads, head_dim]), all sequences in
     one masked attention over their gathered contexts (an fp8 cache's values unscaled: the
     caller folds its scales in)."""
@@ -182,14 +201,14 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
     # expansion to all query heads (query head h reads KV head h // group).
     num_kv_heads = keys.shape[1]
     grouped = query.view(nd, num_kv_heads, -1, query.shape[-1])
-    return F.scaled_dot_product_attention(
-        grouped, keys, values, attn_mask=mask[:, None, None, :],
-        scale=scale).reshape(nd, -1, query.shape[-1])
+    return _attention(grouped, keys, values, mask[:, None, None, :], scale,
+                      softcap).reshape(nd, -1, query.shape[-1])
 
 
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                            sliding_window: int | None, out: torch.Tensor) -> None:
+                            sliding_window: int | None, out: torch.Tensor,
+                            softcap: float | None = None) -> None:
     """The prefill chunks of the batch (the requests after its meta.num_decodes decodes), each
     causal over its cached context and itself, written into their rows of `out`."""
     start = meta.num_decodes
@@ -203,6 +222,6 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
         key_pos = torch.arange(seq_len, device=query.device)
         mask = _window_mask(key_pos, query_pos, torch.tensor(seq_len), sliding_window)
         q = query[start:start + q_len].transpose(0, 1)  # [num_heads, q_len, head_dim]
-        out[start:start + q_len] = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1)
+        out[start:start + q_len] = _attention(q, keys, values, mask, scale,
+                                              softcap).transpose(0, 1)
         start += q_len

@@ -62,7 +62,7 @@ class _DecodeShape(ctypes.Structure):
         "num_seqs", "num_heads", "num_kv_heads", "head_dim", "block_size", "table_stride",
         "q_stride_s", "q_stride_h", "o_stride_s", "o_stride_h",
         "kv_stride_b", "kv_stride_t", "kv_stride_h", "bf16", "kv_format", "window")] + [
-        (name, ctypes.c_float) for name in ("scale", "k_scale", "v_scale")]
+        (name, ctypes.c_float) for name in ("scale", "k_scale", "v_scale", "softcap")]
 
 
 def check_layout(c_struct: str, mirror: type[ctypes.Structure], size: int,
@@ -164,8 +164,8 @@ def available() -> bool:
 
 def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      tables: torch.Tensor, out: torch.Tensor, num_tasks: int, scale: float,
-                     sliding_window: int | None, k_scale: float,
-                     v_scale: float) -> _DecodeShape:
+                     sliding_window: int | None, k_scale: float, v_scale: float,
+                     softcap: float | None) -> _DecodeShape:
     """The C kernels' view of the tensors, checked: `num_tasks` sequences (or tiles)."""
     _, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -181,7 +181,7 @@ def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         kv_stride_b=key_cache.stride(0), kv_stride_t=key_cache.stride(1),
         kv_stride_h=key_cache.stride(2), bf16=DTYPES[query.dtype],
         kv_format=KV_FORMATS[key_cache.dtype], window=sliding_window or 0, scale=scale,
-        k_scale=k_scale, v_scale=v_scale)
+        k_scale=k_scale, v_scale=v_scale, softcap=softcap or 0.0)
 
 
 def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
@@ -189,7 +189,8 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
                                seq_lens: torch.Tensor, scale: float,
                                sliding_window: int | None = None,
                                out: torch.Tensor | None = None, k_scale: float = 1.0,
-                               v_scale: float = 1.0) -> torch.Tensor:
+                               v_scale: float = 1.0,
+                               softcap: float | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence; the arguments and result as
     `triton_attention.paged_attention_decode_triton` (float32 or bfloat16 queries, a cache of
     their dtype or of fp8 with its scales, CPU)."""
@@ -200,7 +201,7 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
     tables = block_tables.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
     shape = _attention_shape(query, key_cache, value_cache, tables, out, query.shape[0], scale,
-                             sliding_window, k_scale, v_scale)
+                             sliding_window, k_scale, v_scale, softcap)
     if query.shape[0] and library.paged_decode_attention(
             out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             tables.data_ptr(), lens.data_ptr(), ctypes.byref(shape)):
@@ -211,13 +212,14 @@ def paged_decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
 def paged_prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
                                 value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                                 sliding_window: int | None, out: torch.Tensor,
-                                k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                                k_scale: float = 1.0, v_scale: float = 1.0,
+                                softcap: float | None = None) -> None:
     """The prefill tokens' attention into `out`, a tile of consecutive tokens of one request at
     a time (`meta.prefill_tiles`); only where `prefill_tiles_supported`."""
     tiles = meta.prefill_tiles
     tables = meta.block_tables.to(torch.int64).contiguous()
     shape = _attention_shape(query, key_cache, value_cache, tables, out, tiles.shape[0], scale,
-                             sliding_window, k_scale, v_scale)
+                             sliding_window, k_scale, v_scale, softcap)
     if _library().paged_prefill_attention(
             out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             tables.data_ptr(), tiles.data_ptr(), ctypes.byref(shape)):
@@ -254,7 +256,7 @@ def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float,
                         sliding_window: int | None = None, k_scale: float = 1.0,
-                        v_scale: float = 1.0) -> torch.Tensor:
+                        v_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Drop-in for `attention.paged_attention`: decodes one query per sequence; prefills
     by tiles of consecutive tokens where the machine's kernels can
     (`prefill_tiles_supported`), else each prefill token as a one-query request over its causal
@@ -264,16 +266,17 @@ def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cach
             query.shape[-1]):
         tables, lens = meta.token_contexts
         return paged_decode_attention_cpu(query, key_cache, value_cache, tables, lens, scale,
-                                          sliding_window, k_scale=k_scale, v_scale=v_scale)
+                                          sliding_window, k_scale=k_scale, v_scale=v_scale,
+                                          softcap=softcap)
     out = torch.empty_like(query)
     decodes = meta.num_decodes
     if decodes:
         paged_decode_attention_cpu(query[:decodes], key_cache, value_cache,
                                    meta.block_tables[:decodes], meta.seq_lens[:decodes], scale,
                                    sliding_window, out=out[:decodes], k_scale=k_scale,
-                                   v_scale=v_scale)
+                                   v_scale=v_scale, softcap=softcap)
     paged_prefill_attention_cpu(query, key_cache, value_cache, meta, scale, sliding_window, out,
-                                k_scale, v_scale)
+                                k_scale, v_scale, softcap)
     return out
 
 

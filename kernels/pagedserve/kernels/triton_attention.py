@@ -88,18 +88,29 @@ def write_kv_cache_triton(key: torch.Tensor, value: torch.Tensor, key_cache: tor
         head_dim, HEAD_DIM_P=triton.next_power_of_2(head_dim))
 
 
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softcapped(scores, softcap):
+    """softcap * tanh(scores / softcap) (Gemma 2), tanh from exp: finite for any score."""
+    e = tl.exp(-2.0 * tl.abs(scores / softcap))
+    capped = softcap * (1.0 - e) / (1.0 + e)
+    return tl.where(scores >= 0, capped, -capped)
+
+
 @triton.jit
 def _paged_attention_decode_kernel(
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
         q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        scale, window, max_blocks,
+        scale, window, softcap, max_blocks,
         stride_qs, stride_qh, stride_os, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, head_dim, num_heads,
         QUERIES_PER_KV: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
         NUM_PARTITIONS_P: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
-        IEEE: tl.constexpr):
+        SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -156,7 +167,10 @@ def _paged_attention_decode_kernel(
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        scores = scores * scale
+        if SOFTCAP:
+            scores = _softcapped(scores, softcap)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
@@ -313,7 +327,8 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                   out: torch.Tensor | None = None,
                                   max_seq_len: int | None = None,
                                   partition_size: int | None = None,
-                                  tiles: Tiles = DECODE_TILES) -> torch.Tensor:
+                                  tiles: Tiles = DECODE_TILES,
+                                  softcap: float | None = None) -> torch.Tensor:
     """Decode attention, one query token per request.
 
     query [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads,
@@ -361,7 +376,7 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         out, part_acc, part_max, part_sum,
         query, key_cache, value_cache, block_tables, seq_lens,
         float(scale), 0 if sliding_window is None else int(sliding_window),
-        block_tables.shape[1],
+        float(softcap or 0.0), block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -369,8 +384,9 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         QUERIES_PER_KV=queries_per_kv, GROUP_P=max(16, triton.next_power_of_2(queries_per_kv)),
         BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_N=tiles.block_n,
         PARTITION_SIZE=partition_size, NUM_PARTITIONS_P=partitions_p, SPLIT=split,
-        USE_WINDOW=sliding_window is not None, IEEE=query.dtype == torch.float32,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
+        IEEE=query.dtype == torch.float32, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     if split:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_max, part_sum, out.stride(0), out.stride(1), head_dim,
@@ -378,19 +394,18 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
     return out
 
 
-LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
                  kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                  offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
-                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                 USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+                 softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+                 EVEN_D: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                 IEEE: tl.constexpr):
     """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
     the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
     tile is outside the context, after a row's own position or outside its window; unmasked
-    tiles (every position visible to every row) skip the masks."""
+    tiles (every position visible to every row) skip the masks. SOFTCAP: capped in the log2
+    domain, by `softcap` * log2(e), which equals capping the natural scores by `softcap`."""
     k_pos = n0 + offs_n
     offs_t = k_pos % BLOCK_SIZE
     if MASKED:
@@ -417,6 +432,8 @@ def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row
     else:
         scores = tl.dot(q, tl.trans(k))
     scores = scores * qk_scale
+    if SOFTCAP:
+        scores = _softcapped(scores, softcap)
     if MASKED:
         allowed = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -441,13 +458,13 @@ def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row
 @triton.jit
 def _paged_attention_prefill_kernel(
         out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
-        query_start_loc_ptr, qk_scale, window,
+        query_start_loc_ptr, qk_scale, window, softcap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, max_blocks, head_dim,
         QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-        IEEE: tl.constexpr):
+        SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_block = tl.program_id(2)
@@ -491,14 +508,14 @@ def _paged_attention_prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
             kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
-            BLOCK_SIZE, False, HEAD_DIM_P == head_dim, USE_WINDOW, IEEE)
+            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale, softcap,
+            BLOCK_SIZE, False, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE)
     for n0 in range(full_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
             kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
-            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, USE_WINDOW, IEEE)
+            offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale, softcap,
+            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE)
 
     # Every valid row sees at least its own position, so l_i > 0 there; the others (past the
     # chunk, never stored) may see nothing: divide them by 1, not 0.
@@ -513,7 +530,8 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                    scale: float, sliding_window: int | None = None,
                                    out: torch.Tensor | None = None,
                                    max_query_len: int | None = None,
-                                   tiles: Tiles | None = None) -> torch.Tensor:
+                                   tiles: Tiles | None = None,
+                                   softcap: float | None = None) -> torch.Tensor:
     """Prefill / chunked-prefill attention over a flat batch of query chunks.
 
     query [num_tokens, num_heads, head_dim] holds each sequence's chunk back to back: sequence i
@@ -549,6 +567,7 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     _paged_attention_prefill_kernel[grid](
         out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
         float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
+        float(softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -556,7 +575,8 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
-        IEEE=query.dtype == torch.float32, num_warps=tiles.num_warps,
+        SOFTCAP=softcap is not None, IEEE=query.dtype == torch.float32,
+        num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
     return out
 
@@ -565,7 +585,7 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                            sliding_window: int | None = None,
                            out: torch.Tensor | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Drop-in for `attention.paged_attention`: the decode kernel on the first
     meta.num_decodes rows (one token each), the prefill kernel on the chunks after them
     (written into `out` when given). An fp8 cache's scales: k_scale joins the softmax scale,
@@ -579,12 +599,12 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
         paged_attention_decode_triton(query[:nd], key_cache, value_cache,
                                       meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                                       sliding_window, out=out[:nd],
-                                      max_seq_len=max(meta.seq_lens_host[:nd]))
+                                      max_seq_len=max(meta.seq_lens_host[:nd]), softcap=softcap)
     if nd < len(meta.query_lens):
         # The prefill kernel reads its chunks' rows of the whole batch through
         # query_start_loc, which counts from the batch's first row.
         paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables[nd:],
                                        meta.seq_lens[nd:], meta.query_start_loc[nd:], scale,
                                        sliding_window, out=out,
-                                       max_query_len=max(meta.query_lens[nd:]))
+                                       max_query_len=max(meta.query_lens[nd:]), softcap=softcap)
     return out if v_scale == 1.0 else out.mul_(v_scale)

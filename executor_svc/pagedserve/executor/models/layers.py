@@ -544,6 +544,18 @@ class SiluAndMul(KernelLayer):
         return self.kernels.silu_and_mul(x)
 
 
+class ActAndMul(nn.Module):
+    """[..., 2 * d] (gate then up) -> act(gate) * up, for gates other than SiLU (GeGLU)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.act = activation(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
 # Hugging Face activation names (`hidden_act`, `activation`) -> function. The tanh-approximated
 # variants differ from each other only in how they spell the same formula.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -594,10 +606,12 @@ class PagedAttention(KernelLayer):
     checkpoint_v_scale: float = 1.0
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None = None, scale: float | None = None):
+                 sliding_window: int | None = None, scale: float | None = None,
+                 softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale  # of q . k
+        self.softcap = softcap  # scaled scores s become softcap * tanh(s / softcap)
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -609,7 +623,7 @@ class PagedAttention(KernelLayer):
                                     k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.kernels.paged_attention(q, key_cache, value_cache, meta, self.scale,
                                            self.sliding_window, k_scale=self.k_scale,
-                                           v_scale=self.v_scale)
+                                           v_scale=self.v_scale, softcap=self.softcap)
         return out.reshape(q.shape[0], -1)
 
 

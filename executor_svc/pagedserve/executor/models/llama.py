@@ -38,8 +38,10 @@ class AttentionOptions:
     qkv_bias: bool
     o_bias: bool
     sliding_window: int | None  # tokens a query sees, itself included; None: all
-    # Qwen3: each head's q and k RMS-normed (weights over head_dim) before rope.
+    # Qwen3, Gemma 3: each head's q and k RMS-normed (weights over head_dim) before rope.
     qk_norm: bool = False
+    scale: float | None = None  # of q . k; None: head_dim ** -0.5
+    softcap: float | None = None  # Gemma 2: scores become softcap * tanh(scores / softcap)
 
 
 def llama_attention_options(config: PretrainedConfig, layer_idx: int) -> AttentionOptions:
@@ -67,7 +69,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         self.rotary = Rotary()
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
-                                   options.sliding_window)
+                                   options.sliding_window, options.scale, options.softcap)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -84,7 +86,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel):
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU unless `act_and_mul` says otherwise."""
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                 act_and_mul: nn.Module | None = None):
         super().__init__()
         size = config.intermediate_size
         tp.split(size, "intermediate_size")
@@ -92,7 +97,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, dtype,
                                                  tp)
         self.down_proj = RowParallelLinear(size, [config.hidden_size], bias, dtype, tp)
-        self.act = SiluAndMul()
+        self.act = act_and_mul or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -153,10 +158,16 @@ class LlamaForCausalLM(nn.Module):
                  tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype, self.attention_options, tp)
+        self.model = self.build_model(config, dtype, tp)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
+                    tp: TensorParallel) -> nn.Module:
+        """The decoder stack (`model.*` in the checkpoint); families with other blocks on this
+        layout (Gemma) build theirs."""
+        return LlamaModel(config, dtype, self.attention_options, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -111,13 +111,17 @@ def _dynamic_ntk_angles(params: dict, rotary_dim: int, trained: int,
     return positions[:, None] / base[:, None] ** exponents
 
 
-def context_length(config: PretrainedConfig, params: dict | None = None) -> int:
-    """Positions the model serves (module docstring); `params`: one layer type's rope
-    parameters where they differ per layer type, else the config's."""
-    trained = getattr(config, "max_position_embeddings", None) or 2048
-    params = params if params is not None else getattr(config, "rope_parameters", None)
-    if not params:
-        return trained
+def rope_parameter_sets(config: PretrainedConfig) -> dict[str | None, dict]:
+    """The config's rope parameters by layer type (Gemma 3: `full_attention` and
+    `sliding_attention` each have their own), or {None: them} where all layers share one set;
+    {} for a model without rope."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params and all(isinstance(value, dict) for value in params.values()):
+        return dict(params)
+    return {None: params} if params else {}
+
+
+def _extended_length(params: dict, trained: int) -> int:
     rope_type = _rope_type(params)
     if rope_type == "dynamic":
         return int(trained * params["factor"])
@@ -126,12 +130,21 @@ def context_length(config: PretrainedConfig, params: dict | None = None) -> int:
     return trained
 
 
+def context_length(config: PretrainedConfig) -> int:
+    """Positions the model serves (module docstring): the longest any of its rope parameter
+    sets extends to (a layer type with default rope serves any position)."""
+    trained = getattr(config, "max_position_embeddings", None) or 2048
+    return max([_extended_length(params, trained)
+                for params in rope_parameter_sets(config).values()], default=trained)
+
+
 def rotary_cos_sin_cache(config: PretrainedConfig, rotary_dim: int,
                          params: dict | None = None) -> torch.Tensor:
     """[context_length, rotary_dim]: cos of every position x frequency, then sin, scaled by the
-    attention factor (float32). `params` as for `context_length`."""
+    attention factor (float32). `params`: one layer type's set (`rope_parameter_sets`); by
+    default the config's one set."""
     params = params if params is not None else config.rope_parameters
-    positions = torch.arange(context_length(config, params), dtype=torch.float64)
+    positions = torch.arange(context_length(config), dtype=torch.float64)
     inv_freq, scale = rotary_frequencies(params, rotary_dim)
     if params.get("rope_type") == "dynamic":
         angles = _dynamic_ntk_angles(params, rotary_dim, config.max_position_embeddings,

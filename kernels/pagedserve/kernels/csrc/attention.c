@@ -33,6 +33,7 @@ typedef struct {
     int64_t kv_format;                 /* the caches' FORMAT_* (common.h) */
     int64_t window;                    /* 0: no sliding window */
     float scale, k_scale, v_scale;
+    float softcap;                     /* 0: none; else scores become softcap tanh(s / softcap) */
 } DecodeShape;
 
 /* DecodeShape's layout, for kernels/cpu_kernels.py to check its ctypes mirror of the struct at
@@ -40,7 +41,8 @@ typedef struct {
  * field's offset and size, in the same order. A field not listed here goes unchecked. */
 #define DECODE_SHAPE_FIELDS(F) F(num_seqs) F(num_heads) F(num_kv_heads) F(head_dim) F(block_size) \
     F(table_stride) F(q_stride_s) F(q_stride_h) F(o_stride_s) F(o_stride_h) F(kv_stride_b)       \
-    F(kv_stride_t) F(kv_stride_h) F(bf16) F(kv_format) F(window) F(scale) F(k_scale) F(v_scale)
+    F(kv_stride_t) F(kv_stride_h) F(bf16) F(kv_format) F(window) F(scale) F(k_scale) F(v_scale)  \
+    F(softcap)
 #define FIELD_NAME(field) #field " "
 #define FIELD_LAYOUT(field) offsetof(DecodeShape, field), sizeof(((DecodeShape *)0)->field),
 const char *decode_shape_layout(const int64_t **layout) {
@@ -132,6 +134,22 @@ static inline void softmax_row(float *p, int64_t n) {
     for (; i < n; i++) max = p[i] > max ? p[i] : max;
     for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
     for (int64_t i = 0; i < n; i++) p[i] /= sum;
+}
+
+/* Gemma 2's soft-capping of a row of scaled scores: softcap * tanh(score / softcap), with tanh
+ * from exp_nonpositive (no libm); masked scores (-inf) stay masked. */
+static inline void softcap_row(float *p, int64_t n, float softcap) {
+    for (int64_t i = 0; i < n; i++) {
+        if (p[i] == -INFINITY) continue;
+        const float x = p[i] / softcap, e = exp_nonpositive(-2.0f * fabsf(x));
+        p[i] = copysignf(softcap * (1.0f - e) / (1.0f + e), x);
+    }
+}
+
+/* A row of scaled scores into attention weights, in place. */
+static inline void weigh_row(float *p, int64_t n, const DecodeShape *s) {
+    if (s->softcap > 0.0f) softcap_row(p, n, s->softcap);
+    softmax_row(p, n);
 }
 
 /* Where position `pos` of a sequence starts in a KV cache (its first head), in elements. */
@@ -310,7 +328,7 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
             }
         }
         if (!pass)
-            for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n);
+            for (int64_t r = 0; r < rows; r++) weigh_row(scores + r * n, n, s);
     }
     store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, 1, rows, dim,
                acc, s->v_scale);
@@ -359,7 +377,7 @@ static inline __attribute__((always_inline)) void attend(
                       scores + r * n + i, n);
         }
     }
-    for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n);
+    for (int64_t r = 0; r < rows; r++) weigh_row(scores + r * n, n, s);
     for (int64_t i = 0; i < n; i++) {
         const int64_t base = slot_offset(table, first + i, s);
         if (i + PREFETCH_AHEAD < n)
@@ -541,7 +559,7 @@ static inline __attribute__((always_inline)) void attend_tile(
             }
         }
     }
-    for (int64_t r = 0; r < rows; r++) softmax_row(probs + r * n, n);
+    for (int64_t r = 0; r < rows; r++) weigh_row(probs + r * n, n, s);
     for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
         const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
         for (int64_t p = 0; p < count; p++) {
