@@ -28,6 +28,7 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
+    tiny_phi3_config,
     tiny_qwen2_config,
     tiny_qwen3_config,
 )
@@ -48,6 +49,12 @@ VARIANTS = {
     "qwen3": lambda: tiny_qwen3_config(VOCAB),
     "qwen3-window-bias": lambda: tiny_qwen3_config(VOCAB, use_sliding_window=True,
                                                    attention_bias=True),
+    # Fused qkv_proj and gate_up_proj split at load; then with a window on every layer and
+    # rotary on half of each head (Phi-4-mini's partial_rotary_factor).
+    "phi3": lambda: tiny_phi3_config(VOCAB),
+    "phi3-window-partial-rotary": lambda: tiny_phi3_config(
+        VOCAB, sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                  "partial_rotary_factor": 0.5}),
     "gpt-neox-parallel": lambda: tiny_gpt_neox_config(VOCAB),
     "gpt-neox-sequential": lambda: tiny_gpt_neox_config(
         VOCAB, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new",

@@ -15,7 +15,7 @@ from pagedserve.executor.models.rope import (
     rotary_frequencies,
 )
 from pagedserve.testing.paged_run import PagedRun, assert_matches_transformers, prefill
-from pagedserve.testing.tiny_models import save_tiny_model, tiny_llama_config
+from pagedserve.testing.tiny_models import save_tiny_model, tiny_llama_config, tiny_phi3_config
 
 HEAD_DIM = 64
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -47,15 +47,42 @@ def test_scaled_frequencies_match_transformers(variant):
     params = SCALED[variant]
     config = _config(params)
     expected, expected_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
-    inv_freq, factor = rotary_frequencies(config.rope_parameters, HEAD_DIM)
+    inv_freq, factor = rotary_frequencies(config.rope_parameters, HEAD_DIM, 512)
     # transformers computes in float32.
     torch.testing.assert_close(inv_freq.float(), expected.float(), rtol=1e-6, atol=0)
     assert factor == pytest.approx(expected_factor, rel=1e-12)
 
 
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "original_max_position_embeddings": 128,
+            "short_factor": [1.0 + i / 64 for i in range(HEAD_DIM // 2)],
+            "long_factor": [1.0 + i / 4 for i in range(HEAD_DIM // 2)]}
+
+
+@pytest.mark.parametrize("max_positions, expected_seq_len", [
+    (512, 129),  # served past the trained 128: the long factors, for every position
+    (128, None),  # served within it: the short ones
+])
+def test_longrope_frequencies_match_transformers(max_positions, expected_seq_len):
+    config = _config(LONGROPE, max_position_embeddings=max_positions)
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu",
+                                                                seq_len=expected_seq_len)
+    inv_freq, factor = rotary_frequencies(config.rope_parameters, HEAD_DIM, max_positions)
+    torch.testing.assert_close(inv_freq.float(), expected.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor, rel=1e-12)
+    assert (factor > 1) == (max_positions > 128)
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused_naming_the_field():
+    config = _config({**LONGROPE, "long_factor": [1.0] * 3})
+    with pytest.raises(UnsupportedArchitectureError, match="rope_parameters.long_factor has 3 "
+                                                           "values"):
+        rotary_cos_sin_cache(config, HEAD_DIM)
+
+
 def test_yarn_scales_cos_and_sin_by_its_attention_factor():
     config = _config(YARN)
-    inv_freq, factor = rotary_frequencies(config.rope_parameters, HEAD_DIM)
+    inv_freq, factor = rotary_frequencies(config.rope_parameters, HEAD_DIM, 512)
     assert factor > 1.1  # 0.1 ln 4 + 1
     angles = torch.arange(512, dtype=torch.float64)[:, None] * inv_freq
     expected = (torch.cat((angles.cos(), angles.sin()), dim=-1) * factor).float()
@@ -128,6 +155,24 @@ def test_a_yarn_model_matches_transformers_past_its_trained_length(tmp_path, chu
                              max_position_embeddings=64)
     prompts = [[5], list(range(20, 27)), list(range(60, 83))]
     assert_matches_transformers(model, reference, prompts, chunk)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_a_longrope_phi3_matches_transformers_past_its_trained_length(tmp_path, chunk):
+    """Trained on 8 positions, served to 64, rotary on half of each head: prompts of 9 to 23
+    tokens and 6 decodes, each longer than the trained length (where transformers uses the
+    long factors too)."""
+    half = 4  # rotary_dim 8 of head_dim 16: 4 channel pairs
+    config = tiny_phi3_config(VOCAB, max_position_embeddings=64,
+                              original_max_position_embeddings=8, rope_parameters={
+                                  "rope_type": "longrope", "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 0.5,
+                                  "short_factor": [1.0, 1.1, 1.3, 1.6][:half],
+                                  "long_factor": [1.0, 2.0, 5.0, 11.0][:half]})
+    directory = save_tiny_model(tmp_path, config)
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    prompts = [list(range(20, 29)), list(range(40, 52)), list(range(60, 83))]
+    assert_matches_transformers(load_model(directory, torch.float32), reference, prompts, chunk)
 
 
 def test_a_dynamic_ntk_model_matches_transformers_generation_past_its_trained_length(tmp_path):

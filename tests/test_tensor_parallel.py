@@ -44,6 +44,7 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt_neox_config,
     tiny_llama_config,
     tiny_mistral_config,
+    tiny_phi3_config,
     tiny_qwen2_config,
     tiny_qwen3_config,
 )
@@ -58,6 +59,7 @@ VARIANTS = {
     "mistral-window": lambda: tiny_mistral_config(VOCAB, sliding_window=8),
     "gpt-neox-parallel-residual": lambda: tiny_gpt_neox_config(VOCAB),
     "gpt2-learned-positions": lambda: tiny_gpt2_config(VOCAB),
+    "phi3-fused-qkv-gate-up": lambda: tiny_phi3_config(VOCAB),
     "gemma2-capped-windowed": lambda: tiny_gemma2_config(VOCAB),
     "gemma3-two-rope-tables": lambda: tiny_gemma3_config(VOCAB),
     "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(

@@ -16,6 +16,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -161,6 +162,16 @@ def tiny_gemma3_config(vocab_size: int, **overrides) -> Gemma3TextConfig:
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     values.update(overrides)
     return Gemma3TextConfig(**values)
+
+
+def tiny_phi3_config(vocab_size: int, **overrides) -> Phi3Config:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, original_max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    values.update(overrides)
+    return Phi3Config(**values)
 
 
 def randomize_weights(model: PreTrainedModel, std: float = 0.1) -> None:

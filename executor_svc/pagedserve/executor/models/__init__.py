@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "GPTNeoXForCausalLM": "pagedserve.executor.models.gpt_neox:GPTNeoXForCausalLM",
     "FalconForCausalLM": "pagedserve.executor.models.falcon:FalconForCausalLM",
     "GPT2LMHeadModel": "pagedserve.executor.models.gpt2:GPT2LMHeadModel",
+    "Phi3ForCausalLM": "pagedserve.executor.models.phi3:Phi3ForCausalLM",
     "GemmaForCausalLM": "pagedserve.executor.models.gemma:GemmaForCausalLM",
     "Gemma2ForCausalLM": "pagedserve.executor.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "pagedserve.executor.models.gemma:Gemma3ForCausalLM",

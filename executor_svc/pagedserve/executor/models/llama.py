@@ -105,10 +105,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
-                 tp: TensorParallel):
+                 tp: TensorParallel, act_and_mul: nn.Module | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(config, dtype, options, tp)
-        self.mlp = LlamaMLP(config, dtype, tp)
+        self.mlp = LlamaMLP(config, dtype, tp, act_and_mul)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -126,16 +126,18 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
                  attention_options: Callable[[PretrainedConfig, int], AttentionOptions],
-                 tp: TensorParallel):
+                 tp: TensorParallel, act_and_mul: nn.Module | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
                                                    tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp)
+            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp, act_and_mul)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         head_dim = self.layers[0].self_attn.head_dim
-        self.register_buffer("cos_sin", rotary_cos_sin_cache(config, head_dim),
+        # Rotary on the first channels of each head only where a family says (Phi-4-mini).
+        rotary_dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        self.register_buffer("cos_sin", rotary_cos_sin_cache(config, rotary_dim),
                              persistent=False)
 
     def forward(self, input_ids, positions, meta):

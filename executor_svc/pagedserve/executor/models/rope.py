@@ -18,8 +18,18 @@ every position, short prompts included.)
 
 The context length (`context_length`) is `max_position_embeddings`, extended where the scaling
 type defines itself against the trained length: dynamic NTK to `factor` times it, YaRN to
-`factor` times `original_max_position_embeddings`. Linear and llama3 configs declare their
-extended length in `max_position_embeddings` already."""
+`factor` times `original_max_position_embeddings`. Linear, llama3 and LongRoPE configs declare
+their extended length in `max_position_embeddings` already.
+
+LongRoPE (Phi-3) has two sets of per-channel factors: transformers uses the short ones while a
+sequence is within `original_max_position_embeddings` and, once it grows past, recomputes the
+whole sequence's KV with the long ones (Phi3ForCausalLM drops its cache at that point). A
+paged cache shared through the prefix cache cannot be recomputed per sequence, so the choice
+is per model: where it serves past the trained length (`max_position_embeddings` beyond
+`original_max_position_embeddings`, as every long-context Phi-3 declares) every position uses
+the long factors. That is transformers exactly for every sequence longer than the trained
+length, the ones a long-context model is served for; a shorter one is rotated with the long
+factors where transformers would use the short ones."""
 
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ from transformers import PretrainedConfig
 
 from pagedserve.executor.models.layers import UnsupportedArchitectureError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
@@ -74,6 +84,26 @@ def _yarn(inv_freq: torch.Tensor, params: dict, base: float,
     return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
 
 
+def _longrope(inv_freq: torch.Tensor, params: dict,
+              max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): each channel pair's wavelength stretched by its own factor, the long
+    ones where the model serves past its trained length (module docstring), cos and sin scaled
+    by sqrt(1 + ln(factor) / ln(trained length))."""
+    trained = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_position_embeddings / trained
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(trained)) \
+            if factor > 1 else 1.0
+    key = "long_factor" if max_position_embeddings > trained else "short_factor"
+    factors = torch.tensor(params[key], dtype=torch.float64)
+    if factors.shape != inv_freq.shape:
+        raise UnsupportedArchitectureError(
+            f"rope_parameters.{key} has {factors.numel()} values; the rotary dimension "
+            f"{2 * inv_freq.numel()} needs {inv_freq.numel()}")
+    return inv_freq / factors, float(attention_factor)
+
+
 def _rope_type(params: dict) -> str:
     rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -83,7 +113,8 @@ def _rope_type(params: dict) -> str:
     return rope_type
 
 
-def rotary_frequencies(params: dict, rotary_dim: int) -> tuple[torch.Tensor, float]:
+def rotary_frequencies(params: dict, rotary_dim: int,
+                       max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """[rotary_dim / 2] angle per position of each channel pair (float64), and the factor cos
     and sin are scaled by. Dynamic NTK's are those of its trained length (see the module
     docstring for the longer ones)."""
@@ -96,6 +127,8 @@ def rotary_frequencies(params: dict, rotary_dim: int) -> tuple[torch.Tensor, flo
         return _llama3_inv_freq(inv_freq, params), 1.0
     if rope_type == "yarn":
         return _yarn(inv_freq, params, base, rotary_dim)
+    if rope_type == "longrope":
+        return _longrope(inv_freq, params, max_position_embeddings)
     return inv_freq, 1.0
 
 
@@ -145,7 +178,7 @@ def rotary_cos_sin_cache(config: PretrainedConfig, rotary_dim: int,
     default the config's one set."""
     params = params if params is not None else config.rope_parameters
     positions = torch.arange(context_length(config), dtype=torch.float64)
-    inv_freq, scale = rotary_frequencies(params, rotary_dim)
+    inv_freq, scale = rotary_frequencies(params, rotary_dim, config.max_position_embeddings)
     if params.get("rope_type") == "dynamic":
         angles = _dynamic_ntk_angles(params, rotary_dim, config.max_position_embeddings,
                                      positions)
