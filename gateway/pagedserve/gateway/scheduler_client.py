@@ -9,12 +9,10 @@ resubmitted with what its caller has received, and the stream goes on where it w
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import pathlib
 import random
 import re
-import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -23,9 +21,9 @@ import grpc
 import structlog
 
 from pagedserve.gateway.errors import GatewayError
+from pagedserve.gateway.tokenizer import load_tokenizer, tokenizer_from_files
 from pagedserve.runtime.internal_auth import InternalAuth
 from pagedserve.runtime.resume import FINAL_HEADER, QUEUED_HEADER
-from pagedserve.runtime.tokenizer_files import check_tokenizer_files
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -134,45 +132,6 @@ class ServedModel:
     tokenizer: object  # a transformers tokenizer
     # The serving executor's limits (e.g. its --max-logprobs), which requests are checked against.
     limits: common_pb2.ExecutorLimits = field(default_factory=common_pb2.ExecutorLimits)
-
-
-def load_tokenizer(directory: pathlib.Path):
-    """The tokenizer in `directory`, of the class its tokenizer_config.json names, loaded
-    without torch: transformers' AutoTokenizer reads the model config, whose module imports
-    torch (its cost for a gateway: docs/architecture.md, "The gateway"), while a tokenizer
-    class's own module does not. Its Fast variant where transformers has one, as
-    AutoTokenizer would choose. AutoTokenizer where the file names no class
-    transformers has; an error where it names another kind of class (AutoTokenizer would
-    instantiate it: a model class loads weights)."""
-    import transformers  # heavy; only once per model
-
-    config = directory / "tokenizer_config.json"
-    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    # the Fast class first, as AutoTokenizer picks it (transformers 4.x names the slow Python
-    # one plainly; 5.x makes both names one class)
-    cls = (getattr(transformers, name + "Fast", None) or getattr(transformers, name, None)) \
-        if isinstance(name, str) else None
-    if cls is None:
-        return transformers.AutoTokenizer.from_pretrained(directory)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
-        raise ValueError(f"tokenizer_config.json: tokenizer_class {name!r} is not a tokenizer "
-                         "class")
-    return cls.from_pretrained(directory)
-
-
-def tokenizer_from_files(files: Mapping[str, bytes]):
-    """The tokenizer an executor relayed (file name to bytes), written to a temporary directory
-    and loaded from it. The names come from another process: they are checked before anything
-    is written (runtime/tokenizer_files.py)."""
-    try:
-        check_tokenizer_files(files)
-    except ValueError as exc:
-        raise GatewayError(500, f"the executor relayed an unusable tokenizer: {exc}",
-                           "internal_error") from None
-    with tempfile.TemporaryDirectory(prefix="pagedserve-tokenizer-") as directory:
-        for name, content in files.items():
-            (pathlib.Path(directory) / name).write_bytes(content)
-        return load_tokenizer(pathlib.Path(directory))
 
 
 @dataclass
