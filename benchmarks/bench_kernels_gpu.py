@@ -21,6 +21,10 @@
    torch._scaled_mm against the dequantized operands where the card has fp8 tensor cores
    (checks); their time beside bf16's torch matmul and the weight bytes each streams, at batch
    1, 16 and 256 on LLaMA-8B-shaped layers.
+4c. Mixture of experts (issue 22): the Triton grouped GEMM against the PyTorch loop over
+   experts in every dtype (checks), and both timed on a Mixtral-8x7B-shaped and a
+   Qwen3-30B-A3B-shaped layer at 1, 16, 64 and 512 tokens, with the bytes of the experts hit
+   read per ms.
 5. End to end: the offline engine on a small random LLaMA on the GPU with the Triton and the
    PyTorch kernel sets: greedy tokens equal in float32, first tokens agreeing on at least 90%
    of the prompts in bfloat16, seeded sampling reproducing within each engine (its generators
@@ -55,6 +59,7 @@ import triton
 
 from pagedserve.kernels.activation import silu_and_mul
 from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from pagedserve.kernels.moe import fused_moe
 from pagedserve.kernels.norm import add_rms_norm, rms_norm
 from pagedserve.kernels.quantization import (
     GroupedWeight,
@@ -75,6 +80,7 @@ from pagedserve.kernels.triton_attention import (
     prefill_tiles,
     write_kv_cache_triton,
 )
+from pagedserve.kernels.triton_moe import fused_moe_triton
 from pagedserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 from pagedserve.kernels.triton_quantization import quantized_linear_triton
 from pagedserve.kernels.triton_rotary import apply_rotary_triton
@@ -455,6 +461,54 @@ def bench_quantized_linears(bench: Bench, copy_bw: float) -> list[dict]:
     return rows
 
 
+def moe_inputs(bench: Bench, dtype: torch.dtype, tokens: int, experts: int, top_k: int,
+               hidden: int, intermediate: int):
+    x = bench.randn(tokens, hidden, dtype=dtype)
+    w13 = bench.randn(experts, 2 * intermediate, hidden, dtype=dtype, scale=hidden ** -0.5)
+    w2 = bench.randn(experts, hidden, intermediate, dtype=dtype, scale=intermediate ** -0.5)
+    weights, ids = bench.randn(tokens, experts).softmax(-1).topk(top_k, dim=-1)
+    return x, w13, w2, weights, ids
+
+
+def check_moe(bench: Bench, dtype: torch.dtype) -> None:
+    shapes = [(5, 4, 2, 64, 48), (70, 8, 2, 64, 96)] if bench.smoke else [
+        (3, 8, 2, 4096, 1024), (700, 8, 2, 4096, 1024), (300, 64, 8, 2048, 768)]
+    for tokens, experts, top_k, hidden, inter in shapes:
+        args = moe_inputs(bench, dtype, tokens, experts, top_k, hidden, inter)
+        bench.check(f"fused_moe tokens={tokens} experts={experts} top_k={top_k}", dtype,
+                    fused_moe_triton(*args, silu_and_mul_triton), fused_moe(*args, silu_and_mul))
+
+
+def bench_moe(bench: Bench, copy_bw: float) -> list[dict]:
+    """A Mixtral-8x7B-shaped MoE layer (8 experts of 14336, top 2, hidden 4096) and a
+    Qwen3-30B-A3B-shaped one (128 experts of 768, top 8, hidden 2048): the Triton grouped GEMM
+    against the PyTorch loop over experts, ms per call, and for decode batches the bytes of
+    the experts read (those hit) per ms."""
+    dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
+    shapes = {"tiny": (4, 2, 64, 48)} if bench.smoke else {
+        "mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768)}
+    batches = [1, 6] if bench.smoke else [1, 16, 64, 512]
+    rows = []
+    for name, (experts, top_k, hidden, inter) in shapes.items():
+        for tokens in batches:
+            x, w13, w2, weights, ids = moe_inputs(bench, dtype, tokens, experts, top_k, hidden,
+                                                  inter)
+            hit = int(ids.unique().numel())
+            nbytes = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size()
+            for variant, fn in (("triton grouped", partial(fused_moe_triton, x, w13, w2,
+                                                             weights, ids, silu_and_mul_triton)),
+                                ("torch loop", partial(fused_moe, x, w13, w2, weights, ids,
+                                                       silu_and_mul))):
+                ms = bench.time_ms(fn)
+                rows.append(dict(shape=name, variant=variant, tokens=tokens, ms=ms,
+                                 experts_hit=hit, weight_gbps=nbytes / ms / 1e6,
+                                 read_bound_share=nbytes / ms / 1e6 / (copy_bw / 2e9)))
+                print(f"  moe {name:<14} {variant:<15} tokens {tokens:<4} {ms:8.3f} ms  "
+                      f"experts read {rows[-1]['weight_gbps']:6.0f} GB/s", flush=True)
+            del x, w13, w2
+    return rows
+
+
 E2E_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                  num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                  max_position_embeddings=2048)
@@ -544,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes on the CPU under Triton's interpreter")
     parser.add_argument("--json", type=pathlib.Path, help="write every figure here")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                        "checks,decode,prefill,layers,quantized,e2e")
+                        "checks,decode,prefill,layers,quantized,moe,e2e")
     parser.add_argument("--e2e-run", nargs=3, metavar=("MODEL_DIR", "DTYPE", "BACKEND"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -565,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             check_attention(bench, dtype)
             check_layer_kernels(bench, dtype)
             check_quantized_linears(bench, dtype)
+            check_moe(bench, dtype)
     copy_bw = copy_bandwidth(bench)
     bench.results["copy_bandwidth_gbps"] = copy_bw / 1e9
     print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s", flush=True)
@@ -576,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.results["layer_kernels"] = bench_layer_kernels(bench)
     if "quantized" not in skip:
         bench.results["quantized_linears"] = bench_quantized_linears(bench, copy_bw)
+    if "moe" not in skip:
+        bench.results["moe"] = bench_moe(bench, copy_bw)
     if "e2e" not in skip:
         bench.results["end_to_end"] = end_to_end(bench)
     bench.results["checks"] = [asdict(c) for c in bench.checks]

@@ -24,7 +24,7 @@ def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
     results = json.loads(out.read_text())
     kernels = {c["kernel"].split(" ")[0] for c in results["checks"]}
     assert {"write_kv_cache", "decode", "mixed", "rms_norm", "add_rms_norm", "rotary",
-            "silu_and_mul", "grouped"} <= kernels
+            "silu_and_mul", "grouped", "fused_moe"} <= kernels
     assert all(c["passed"] for c in results["checks"])
     assert {r["variant"] for r in results["decode"]} >= {"triton auto", "triton split 128",
                                                         "sdpa contiguous"}
@@ -34,6 +34,8 @@ def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
     assert {(r["kernel"], r["batch"]) for r in results["quantized_linears"]} == {
         (kernel, batch) for kernel in ("bf16 matmul", "triton grouped (values 1 byte)")
         for batch in (1, 5)}
+    assert {(r["variant"], r["tokens"]) for r in results["moe"]} == {
+        (variant, tokens) for variant in ("triton grouped", "torch loop") for tokens in (1, 6)}
 
 
 @pytest.mark.slow
@@ -42,7 +44,7 @@ def test_smoke_end_to_end_agrees_and_reproduces_seeded_sampling(tmp_path):
     torch kernel sets, and seeded sampling reproduces within each engine."""
     out = tmp_path / "results.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--skip",
-                           "checks,decode,prefill,layers,quantized", "--json", str(out)],
+                           "checks,decode,prefill,layers,quantized,moe", "--json", str(out)],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stdout + done.stderr

@@ -28,9 +28,12 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
+    tiny_mixtral_config,
     tiny_phi3_config,
     tiny_qwen2_config,
+    tiny_qwen2_moe_config,
     tiny_qwen3_config,
+    tiny_qwen3_moe_config,
 )
 
 VOCAB = 300
@@ -55,6 +58,14 @@ VARIANTS = {
     "phi3-window-partial-rotary": lambda: tiny_phi3_config(
         VOCAB, sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                   "partial_rotary_factor": 0.5}),
+    # Top-2 of 4 experts renormalised, a window on every layer.
+    "mixtral-window": lambda: tiny_mixtral_config(VOCAB, sliding_window=8),
+    # A dense layer, then top-2 of 6 experts not renormalised, a sigmoid-gated shared expert.
+    "qwen2-moe": lambda: tiny_qwen2_moe_config(VOCAB),
+    # Top-3 of 8 renormalised, q/k norms; then every second layer sparse (decoder_sparse_step).
+    "qwen3-moe": lambda: tiny_qwen3_moe_config(VOCAB),
+    "qwen3-moe-sparse-step": lambda: tiny_qwen3_moe_config(VOCAB, decoder_sparse_step=2,
+                                                           norm_topk_prob=False),
     "gpt-neox-parallel": lambda: tiny_gpt_neox_config(VOCAB),
     "gpt-neox-sequential": lambda: tiny_gpt_neox_config(
         VOCAB, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu_new",
@@ -124,10 +135,11 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
 
 # One variant per kernel feature: GQA + sliding window, partial rotary + GELU (no SiLU), MQA,
 # per-head q/k norms over a head wider than hidden / heads, no rotary and a scale per layer,
-# soft-capped scores with a window and a custom scale, two rope tables.
+# soft-capped scores with a window and a custom scale, two rope tables, routed experts.
 @pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
                                      "falcon-multi-query-parallel", "qwen3-window-bias",
-                                     "gpt2-untied-inner-scaled", "gemma2", "gemma3"])
+                                     "gpt2-untied-inner-scaled", "gemma2", "gemma3",
+                                     "qwen2-moe"])
 @pytest.mark.parametrize("kernel_set", ["triton", "cpu"])
 def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled
@@ -250,6 +262,51 @@ def test_gpt2_with_cross_attention_is_refused(tmp_path):
         model_class(config.architectures)(config, torch.float32)
 
 
+def test_moe_experts_load_from_the_stacked_form_too(tiny_dirs, tmp_path):
+    """transformers 5's in-memory form (`experts.gate_up_proj` [experts, 2 * intermediate,
+    hidden], `experts.down_proj`) loads as the per-expert tensors do."""
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(tiny_dirs("mixtral-window"), tmp_path / "stacked")
+    weights = load_file(directory / "model.safetensors")
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+        experts = [[weights.pop(f"{prefix}.{e}.{w}.weight") for w in ("w1", "w3", "w2")]
+                   for e in range(4)]
+        weights[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([gate, up]) for gate, up, _ in experts])
+        weights[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [down for _, _, down in experts])
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    assert_matches_transformers(load_model(directory, torch.float32),
+                                _reference(tiny_dirs("mixtral-window")), PROMPTS, chunk=None,
+                                decode_steps=1)
+
+
+@pytest.mark.parametrize("change, error", [
+    ("drop", r"checkpoint lacks 1 tensors, e.g. \['model.layers.1.mlp.experts.w2'\]"),
+    ("misshape", "model.layers.1.block_sparse_moe.experts: the experts' w2 tensors do not "
+                 "stack"),
+    ("extra", "model.layers.1.block_sparse_moe.experts.4.w2.weight: expert 4, but the config "
+              "has 4"),
+])
+def test_a_bad_expert_tensor_is_refused_naming_it(tiny_dirs, tmp_path, change, error):
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(tiny_dirs("mixtral-window"), tmp_path / change)
+    weights = load_file(directory / "model.safetensors")
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    if change == "drop":
+        del weights[name]
+    elif change == "misshape":
+        weights[name] = weights[name][:, :-8].contiguous()
+    else:
+        weights[name.replace("experts.2", "experts.4")] = weights[name].clone()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightLoadError, match=error):
+        load_model(directory, torch.float32)
+
+
 def test_falcon_alibi_is_a_clear_error(tmp_path):
     directory = save_tiny_model(tmp_path, tiny_falcon_config(
         VOCAB, alibi=True, new_decoder_architecture=False, multi_query=False, num_kv_heads=4))
@@ -262,5 +319,6 @@ def test_unsupported_architecture_names_every_supported_one():
         model_class(["MambaForCausalLM"])
     for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                  "Qwen3ForCausalLM", "GPTNeoXForCausalLM", "FalconForCausalLM",
-                 "GPT2LMHeadModel"):
+                 "GPT2LMHeadModel", "Gemma2ForCausalLM", "Phi3ForCausalLM",
+                 "MixtralForCausalLM", "Qwen3MoeForCausalLM"):
         assert name in ARCHITECTURES and name in str(info.value)

@@ -24,9 +24,11 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt2_config,
     tiny_gpt_neox_config,
     tiny_mistral_config,
+    tiny_mixtral_config,
     tiny_phi3_config,
     tiny_qwen2_config,
     tiny_qwen3_config,
+    tiny_qwen3_moe_config,
 )
 from pagedserve.v1 import common_pb2, executor_pb2
 
@@ -47,6 +49,8 @@ FAMILIES = {
     "gpt-neox": lambda: tiny_gpt_neox_config(VOCAB),
     "falcon": lambda: tiny_falcon_config(VOCAB),
     "gpt2": lambda: tiny_gpt2_config(VOCAB),
+    "mixtral": lambda: tiny_mixtral_config(VOCAB),
+    "qwen3-moe": lambda: tiny_qwen3_moe_config(VOCAB),
     "phi3": lambda: tiny_phi3_config(VOCAB, rope_parameters={
         "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
     "gemma2": lambda: tiny_gemma2_config(VOCAB),

@@ -44,8 +44,10 @@ from pagedserve.testing.tiny_models import (
     tiny_gpt_neox_config,
     tiny_llama_config,
     tiny_mistral_config,
+    tiny_mixtral_config,
     tiny_phi3_config,
     tiny_qwen2_config,
+    tiny_qwen2_moe_config,
     tiny_qwen3_config,
 )
 from pagedserve.v1 import common_pb2
@@ -60,6 +62,8 @@ VARIANTS = {
     "gpt-neox-parallel-residual": lambda: tiny_gpt_neox_config(VOCAB),
     "gpt2-learned-positions": lambda: tiny_gpt2_config(VOCAB),
     "phi3-fused-qkv-gate-up": lambda: tiny_phi3_config(VOCAB),
+    "mixtral-experts-split": lambda: tiny_mixtral_config(VOCAB),
+    "qwen2-moe-shared-expert": lambda: tiny_qwen2_moe_config(VOCAB),
     "gemma2-capped-windowed": lambda: tiny_gemma2_config(VOCAB),
     "gemma3-two-rope-tables": lambda: tiny_gemma3_config(VOCAB),
     "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(

@@ -16,12 +16,15 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 CHAT_TEMPLATE = (
@@ -172,6 +175,39 @@ def tiny_phi3_config(vocab_size: int, **overrides) -> Phi3Config:
                   pad_token_id=0)
     values.update(overrides)
     return Phi3Config(**values)
+
+
+def tiny_mixtral_config(vocab_size: int, **overrides) -> MixtralConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return MixtralConfig(**values)
+
+
+def tiny_qwen2_moe_config(vocab_size: int, **overrides) -> Qwen2MoeConfig:
+    """Layer 0 dense (mlp_only_layers), layer 1 sparse with a shared expert."""
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  num_experts=6, num_experts_per_tok=2, mlp_only_layers=[0],
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return Qwen2MoeConfig(**values)
+
+
+def tiny_qwen3_moe_config(vocab_size: int, **overrides) -> Qwen3MoeConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, num_experts=8, num_experts_per_tok=3,
+                  norm_topk_prob=True, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return Qwen3MoeConfig(**values)
 
 
 def randomize_weights(model: PreTrainedModel, std: float = 0.1) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.kernels import activation, attention, norm, quantization, rotary
+from pagedserve.kernels import activation, attention, moe, norm, quantization, rotary
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -42,6 +42,8 @@ class Kernels:
     # matmul (None: it stays as it is), and that matmul: quantized_linear(x, weight, bias).
     pack_quantized: Callable[[quantization.QuantizedWeight], object] | None = None
     quantized_linear: Callable[..., torch.Tensor] = quantization.quantized_linear
+    # Mixture-of-experts feed-forward: fused_moe(x, w13, w2, weights, ids, act_and_mul).
+    fused_moe: Callable[..., torch.Tensor] = moe.fused_moe
 
 
 TORCH_KERNELS = Kernels(
@@ -55,6 +57,7 @@ def triton_kernels() -> Kernels:
     from pagedserve.kernels import (
         triton_activation,
         triton_attention,
+        triton_moe,
         triton_norm,
         triton_quantization,
         triton_rotary,
@@ -66,7 +69,8 @@ def triton_kernels() -> Kernels:
         rms_norm=triton_norm.rms_norm_triton, add_rms_norm=triton_norm.add_rms_norm_triton,
         apply_rotary=triton_rotary.apply_rotary_triton,
         silu_and_mul=triton_activation.silu_and_mul_triton,
-        quantized_linear=triton_quantization.quantized_linear_triton)
+        quantized_linear=triton_quantization.quantized_linear_triton,
+        fused_moe=triton_moe.fused_moe_triton)
 
 
 def cpu_kernels() -> Kernels:

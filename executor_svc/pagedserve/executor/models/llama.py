@@ -86,13 +86,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU unless `act_and_mul` says otherwise."""
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU unless `act_and_mul` says otherwise;
+    `config.intermediate_size` wide unless `size_field` names another field (an MoE's shared
+    expert)."""
 
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
-                 act_and_mul: nn.Module | None = None):
+                 act_and_mul: nn.Module | None = None, size_field: str = "intermediate_size"):
         super().__init__()
-        size = config.intermediate_size
-        tp.split(size, "intermediate_size")
+        size = getattr(config, size_field)
+        tp.split(size, size_field)
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, dtype,
                                                  tp)
@@ -105,10 +107,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
-                 tp: TensorParallel, act_and_mul: nn.Module | None = None):
+                 tp: TensorParallel, mlp: nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, dtype, options, tp)
-        self.mlp = LlamaMLP(config, dtype, tp, act_and_mul)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -126,12 +128,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
                  attention_options: Callable[[PretrainedConfig, int], AttentionOptions],
-                 tp: TensorParallel, act_and_mul: nn.Module | None = None):
+                 tp: TensorParallel, build_mlp: Callable[[int], nn.Module]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
                                                    tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp, act_and_mul)
+            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp, build_mlp(i))
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         head_dim = self.layers[0].self_attn.head_dim
@@ -169,7 +171,14 @@ class LlamaForCausalLM(nn.Module):
                     tp: TensorParallel) -> nn.Module:
         """The decoder stack (`model.*` in the checkpoint); families with other blocks on this
         layout (Gemma) build theirs."""
-        return LlamaModel(config, dtype, self.attention_options, tp)
+        return LlamaModel(config, dtype, self.attention_options, tp,
+                          lambda layer_idx: self.build_mlp(config, dtype, tp, layer_idx))
+
+    def build_mlp(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                  layer_idx: int) -> nn.Module:
+        """Layer `layer_idx`'s feed-forward; families override it (Phi-3's activation, the
+        MoE families' experts)."""
+        return LlamaMLP(config, dtype, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

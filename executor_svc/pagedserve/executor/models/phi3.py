@@ -12,11 +12,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedserve.executor.models.layers import ActAndMul
-from pagedserve.executor.models.llama import (
-    AttentionOptions,
-    LlamaForCausalLM,
-    LlamaModel,
-)
+from pagedserve.executor.models.llama import AttentionOptions, LlamaForCausalLM, LlamaMLP
 from pagedserve.executor.parallel import TensorParallel
 
 
@@ -28,10 +24,10 @@ def phi3_attention_options(config: PretrainedConfig, layer_idx: int) -> Attentio
 class Phi3ForCausalLM(LlamaForCausalLM):
     attention_options = staticmethod(phi3_attention_options)
 
-    def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
-                    tp: TensorParallel) -> nn.Module:
+    def build_mlp(self, config: PretrainedConfig, dtype: torch.dtype, tp: TensorParallel,
+                  layer_idx: int) -> nn.Module:
         act_and_mul = None if config.hidden_act == "silu" else ActAndMul(config.hidden_act)
-        return LlamaModel(config, dtype, self.attention_options, tp, act_and_mul)
+        return LlamaMLP(config, dtype, tp, act_and_mul)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         module_path, _, param_name = name.rpartition(".")
