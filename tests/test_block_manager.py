@@ -389,6 +389,56 @@ print(parent.hex())
 """
 
 
+def test_a_sliding_window_releases_the_blocks_wholly_before_it():
+    """Window 6, blocks of 4: a query at position 20 sees 15..20, so blocks 0-2 (positions
+    0-11) go back to the pool; the table keeps their positions (as block 0 for the executor,
+    which never reads them) and grows after them."""
+    bm = BlockManager(16, 4, sliding_window=6)
+    compute(bm, "a", toks(20))
+    table = bm.block_table("a")
+    free = bm.num_free_blocks
+    assert bm.release_outside_window("a", 20) == 3
+    assert bm.block_table("a") == [0, 0, 0, *table[3:]]
+    assert bm.num_free_blocks == free + 3 and bm.num_held_blocks("a") == 2
+    assert bm.release_outside_window("a", 20) == 0
+    assert bm.release_outside_window("a", 16) == 0  # never takes back
+    assert len(bm.allocate("a", 21)) == 1 and len(bm.block_table("a")) == 6
+    bm.check_invariants()
+    # Released blocks stay indexed like any freed block: the same prompt hits them all.
+    assert compute(bm, "b", toks(20)) == 16
+    bm.free("a")
+    bm.free("b")
+    bm.check_invariants()
+    assert bm.num_free_blocks == 16
+
+
+def test_without_a_window_nothing_is_released():
+    bm = BlockManager(16, 4)
+    compute(bm, "a", toks(40 - 8))
+    assert bm.release_outside_window("a", 32) == 0 and bm.num_held_blocks("a") == 8
+    with pytest.raises(ValueError, match="sliding_window must be positive"):
+        BlockManager(16, 4, sliding_window=0)
+
+
+def test_a_fork_shares_what_its_parent_still_holds():
+    bm = BlockManager(16, 4, sliding_window=5)
+    compute(bm, "p", toks(18))
+    assert bm.release_outside_window("p", 18) == 3  # sees 14..18
+    parent = bm.block_table("p")
+    copy = bm.fork("p", "c", 18)
+    child = bm.block_table("c")
+    assert child[:4] == parent[:4] == [0, 0, 0, parent[3]]
+    assert copy == BlockCopy(src=parent[4], dst=child[4])
+    assert bm.ref_count(parent[3]) == 2 and bm.num_held_blocks("c") == 2
+    bm.check_invariants()
+    with pytest.raises(ValueError, match="released blocks that a fork at 12 tokens attends to"):
+        bm.fork("p", "d", 12)
+    bm.free("p")
+    bm.free("c")
+    bm.check_invariants()
+    assert bm.num_free_blocks == 16
+
+
 def test_chain_hash_is_the_same_in_every_process():
     parent = ROOT_HASH
     for start in range(0, 48, 16):
@@ -506,10 +556,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_id = 0
 
     @initialize(num_blocks=st.integers(4, 16), block_size=st.sampled_from([1, 2, 4]),
-                caching=st.sampled_from([True, True, True, False]))
-    def setup(self, num_blocks, block_size, caching):
+                caching=st.sampled_from([True, True, True, False]),
+                window=st.sampled_from([None, None, 1, 3, 6]))
+    def setup(self, num_blocks, block_size, caching, window):
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching,
-                               extra_key=b"test")
+                               extra_key=b"test", sliding_window=window)
+
+    def _released(self, seq_id: str) -> int:
+        return len(self.bm.block_table(seq_id)) - self.bm.num_held_blocks(seq_id)
 
     def _new_id(self) -> str:
         self.next_id += 1
@@ -561,8 +615,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def _release(self, seq_id: str) -> None:
         bm = self.bm
-        table = bm.block_table(seq_id)
-        last_holder = sum(bm.ref_count(b) == 1 for b in table)
+        held = bm.block_table(seq_id)[self._released(seq_id):]
+        last_holder = sum(bm.ref_count(b) == 1 for b in held)
         free_before = bm.num_free_blocks
         bm.free(seq_id)
         assert bm.num_free_blocks == free_before + last_holder
@@ -593,8 +647,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         them; at least one, a fork of nothing is a unit test)."""
         bm, bs = self.bm, self.bm.block_size
         parent_id = self._pick(data, [s for s, n in self.computed.items() if n])
+        # Not before what the parent released: its window there is gone (the scheduler forks
+        # a parent where it stands).
+        earliest = max(1, self._released(parent_id) * bs + (bm.sliding_window or 1) - 1)
+        if earliest > self.computed[parent_id]:
+            return
         computed = data.draw(st.just(self.computed[parent_id])
-                             | st.integers(1, self.computed[parent_id]))
+                             | st.integers(earliest, self.computed[parent_id]))
         parent = bm.block_table(parent_id)
         child_id = self._new_id()
         if computed % bs and not bm.num_free_blocks:
@@ -610,12 +669,33 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert len(child) == -(-computed // bs)
         if computed % bs:
             assert block_copy == BlockCopy(src=parent[full], dst=child[full])
-            assert bm.ref_count(block_copy.dst) == 1 and block_copy.dst not in parent
+            assert bm.ref_count(block_copy.dst) == 1
+            assert block_copy.dst not in parent[self._released(parent_id):]
             self.content[block_copy.dst] = list(self.content[block_copy.src])
         else:
             assert block_copy is None
         self.tokens[child_id] = self.tokens[parent_id][:computed]
         self.computed[child_id] = computed
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def slide(self, data):
+        """Before a sequence's next step: the blocks wholly before its next query's window go
+        back to the pool (none without a window); the blocks in the window stay."""
+        bm, bs = self.bm, self.bm.block_size
+        seq_id = self._pick(data, self.tokens)
+        computed, released = self.computed[seq_id], self._released(seq_id)
+        table = bm.block_table(seq_id)
+        window = bm.sliding_window
+        outside = 0 if window is None else min(max(computed - window + 1, 0) // bs, len(table))
+        newly = table[released:outside]
+        last_holder = sum(bm.ref_count(b) == 1 for b in newly)
+        free_before = bm.num_free_blocks
+        assert bm.release_outside_window(seq_id, computed) == len(newly)
+        assert self._released(seq_id) == max(released, outside)
+        assert bm.num_free_blocks == free_before + last_holder
+        assert bm.block_table(seq_id) == [0] * max(released, outside) + table[
+            max(released, outside):]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
@@ -669,7 +749,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq_id, tokens in self.tokens.items():
             table, computed = bm.block_table(seq_id), self.computed[seq_id]
             assert len(table) * bs >= computed
-            for pos in range(computed):
+            # Released blocks lie wholly before the window of the next query; the rest hold
+            # the sequence's tokens.
+            first_held = self._released(seq_id) * bs
+            window = bm.sliding_window
+            assert first_held == 0 or first_held <= computed - window + 1
+            for pos in range(first_held, computed):
                 assert self.content[table[pos // bs]][pos % bs] == tuple(tokens[:pos + 1]), (
                     f"{seq_id}: block {table[pos // bs]} does not hold the K/V of token {pos}")
             # The block the next token lands in, once allocated, is this sequence's alone.

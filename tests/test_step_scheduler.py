@@ -29,7 +29,10 @@ executor was lost between its fork and its first token were sent twice. A fourth
 state machine once speculation joined its draws: an n > 1 request whose sequences were both
 preempted after the fork and before the first token gathered its prompt logprobs again from
 both, and cleared them when one was readmitted, so its first token came with none
-(Request.prompt_logprobs_complete).
+(Request.prompt_logprobs_complete). A fifth, found once sliding windows joined its draws (the
+new draw changed the examples, not the window): with overlapped steps and speculation, a
+step planned without proposals of its own reserved no slot for a proposal the step in flight
+could still accept, so the executor ran out of blocks (Sequence.lookahead_in_flight).
 
 With speculation (`num_speculative_tokens`), the simulated executor proposes the toy model's
 tokens with every third or so off by one, and verifies them as the runner does: the streams
@@ -179,8 +182,11 @@ class SimExecutor:
     pool, asserting on the way that the plan is valid and every read finds the right K/V."""
 
     def __init__(self, block_size: int, limits: StepLimits, model: Model,
-                 salts: dict[str, bytes]):
+                 salts: dict[str, bytes], window: int | None = None):
         self.block_size = block_size
+        # With a sliding window a sequence reads, and holds, only the blocks of its next
+        # query's window: the entries before them may have gone to other sequences.
+        self.window = window
         self.limits = limits
         self.model = model
         self.salts = salts  # request id -> cache salt (not part of NewRequest)
@@ -206,7 +212,7 @@ class SimExecutor:
             self.kv[copy.dst_block_id] = list(self.kv[copy.src_block_id])
         holders: dict[int, set[str]] = defaultdict(set)
         for seq_id, mirror in self.mirrors.items():
-            for block_id in mirror.block_ids:
+            for block_id in mirror.block_ids[self._first_read(mirror.num_computed):]:
                 holders[block_id].add(seq_id)
         for new in plan.new_requests:  # a hit, a fork's shared blocks or a copy: right K/V
             self._check_prefix(new.request_id, self.mirrors[new.request_id].num_computed, step)
@@ -259,9 +265,17 @@ class SimExecutor:
         assert len(mirror.block_ids) * self.block_size >= mirror.num_computed
         self.mirrors[new.request_id] = mirror
 
+    def _first_read(self, next_position: int) -> int:
+        """The first block a query at `next_position` (or after) reads."""
+        if self.window is None:
+            return 0
+        return max(next_position - self.window + 1, 0) // self.block_size
+
     def _check_prefix(self, seq_id: str, upto: int, step: int) -> None:
+        """Every position the query at `upto` reads holds the sequence's own K/V."""
         mirror, bs = self.mirrors[seq_id], self.block_size
-        for position in range(upto):
+        first = 0 if self.window is None else max(upto - self.window + 1, 0)
+        for position in range(first, upto):
             block_id = mirror.block_ids[position // bs]
             found = self.kv.get(block_id, [None] * bs)[position % bs]
             assert found == mirror.key(position), (
@@ -275,7 +289,8 @@ class SimExecutor:
                 continue
             for seq_id in seq_ids:
                 mirror = self.mirrors[seq_id]
-                logical = mirror.block_ids.index(block_id)
+                first = self._first_read(mirror.num_computed)
+                logical = mirror.block_ids.index(block_id, first)
                 assert (logical + 1) * self.block_size <= mirror.num_computed, (
                     f"step {step}: block {block_id} is shared by {sorted(seq_ids)}, not full "
                     f"for {seq_id}")
@@ -355,6 +370,8 @@ class Config:
     # Speculative decoding: proposals per decode (0: none) and the batch-size threshold.
     num_speculative_tokens: int = 0
     speculative_disable_by_batch_size: int = 0
+    # The model's sliding window (KvCacheInfo.sliding_window); None: full attention.
+    sliding_window: int | None = None
 
 
 @dataclass
@@ -400,9 +417,11 @@ class Harness:
     def _new_pool(self) -> None:
         config = self.config
         self.blocks = BlockManager(config.num_blocks, config.block_size,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching,
+                                   sliding_window=config.sliding_window)
         self.scheduler = StepScheduler(self.blocks, self.limits, eos_token_ids=[EOS])
-        self.executor = SimExecutor(config.block_size, self.limits, self.model, self.salts)
+        self.executor = SimExecutor(config.block_size, self.limits, self.model, self.salts,
+                                    config.sliding_window)
         self.in_flight: deque[executor_pb2.StepResult] = deque()
         # What the scheduler's counters should say, counted from the plans.
         self.num_plans = self.num_scheduled_tokens = self.num_preempted = 0
@@ -582,7 +601,12 @@ class Harness:
                 pending[output.request_id] += max(0, len(output.token_ids) - 1)
         for seq_id, seq in running.items():
             mirror = self.executor.mirrors[seq_id]
-            assert mirror.block_ids == self.blocks.block_table(seq_id), seq_id
+            # The executor's table, but for the entries the scheduler released since (sent
+            # as block 0 where a new request or fork carried them).
+            table = self.blocks.block_table(seq_id)
+            released = len(table) - self.blocks.num_held_blocks(seq_id)
+            assert len(mirror.block_ids) == len(table), seq_id
+            assert mirror.block_ids[released:] == table[released:], seq_id
             assert mirror.num_computed == seq.num_computed + pending[seq_id], seq_id
             # Known to the executor: the accepted tokens plus those sampled in steps whose
             # results have not been applied yet.
@@ -664,10 +688,10 @@ def harness(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
             max_num_batched_tokens: int = 64, max_model_len: int = 64,
             enable_prefix_caching: bool = True, overlap: bool = False,
             model: Model = toy_model, speculative: int = 0,
-            disable_by_batch_size: int = 0) -> Harness:
+            disable_by_batch_size: int = 0, sliding_window: int | None = None) -> Harness:
     return Harness(Config(num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                           max_model_len, enable_prefix_caching, overlap, speculative,
-                          disable_by_batch_size), model)
+                          disable_by_batch_size, sliding_window), model)
 
 
 def prompt_of(length: int, start: int = 2) -> list[int]:
@@ -1189,7 +1213,8 @@ def test_a_refused_request_is_aborted_and_the_others_go_on():
     assert list(deltas_b[0].token_ids) == [9]
     assert scheduler.blocks.num_free_blocks == 16 - 2  # b's two blocks only
     # A second refusal of a sequence already gone is no news.
-    assert scheduler.process(result) == {}
+    assert scheduler.process(executor_pb2.StepResult(
+        step_id=1, failed_requests=result.failed_requests)) == {}
     plan = scheduler.schedule()
     assert not plan.dropped_request_ids  # the executor has no mirror of a to drop
     assert [w.request_id for w in plan.work] == ["b"]
@@ -1553,15 +1578,16 @@ class StepSchedulerMachine(RuleBasedStateMachine):
                 max_model_len=st.integers(6, 28), max_num_seqs=st.integers(MAX_N, 8),
                 budget=st.integers(3, 40), caching=st.sampled_from([True, True, True, False]),
                 overlap=st.booleans(), speculative=st.sampled_from([0, 0, 1, 3]),
-                disable_by_batch_size=st.sampled_from([0, 0, 2]))
+                disable_by_batch_size=st.sampled_from([0, 0, 2]),
+                window=st.sampled_from([None, None, 1, 2, 5]))
     def setup(self, data, block_size, max_model_len, max_num_seqs, budget, caching, overlap,
-              speculative, disable_by_batch_size):
+              speculative, disable_by_batch_size, window):
         # Room for one sequence at full length plus a fork's block copies, so that every
         # request can finish, and not much more: concurrent requests must preempt each other.
         per_seq = -(-max_model_len // block_size)
         num_blocks = data.draw(st.integers(per_seq + MAX_N, 2 * per_seq + MAX_N))
         self.h = Harness(Config(num_blocks, block_size, max_num_seqs, budget, max_model_len,
-                                caching, overlap, speculative, disable_by_batch_size))
+                                caching, overlap, speculative, disable_by_batch_size, window))
         self.prompts = [data.draw(st.lists(TOKENS, min_size=max_model_len - 1,
                                            max_size=max_model_len - 1))]
 
@@ -1702,3 +1728,68 @@ def test_more_tokens_than_a_step_can_verify_fail_the_request(speculative):
     h.run()
     assert h.submitted[good].finish(0) is not None
     assert h.blocks.num_used_blocks == 0
+
+
+def test_tokens_for_a_sequence_with_no_sample_in_flight_fail_the_request():
+    """An executor answering twice for one sample (or for a step that sampled nothing) is
+    wrong: that request fails, naming the sequence, instead of taking a token nobody asked
+    for."""
+    h = harness()
+    bad, good = h.submit(prompt_of(4)), h.submit(prompt_of(5))
+    h.schedule()
+    result = h.in_flight.popleft()
+    assert h.scheduler.process(result) == {}
+    again = executor_pb2.StepResult(step_id=result.step_id, outputs=[
+        o for o in result.outputs if o.request_id == bad])
+    refused = h.scheduler.process(again)
+    assert list(refused) == [bad] and "which had no sample in flight" in refused[bad]
+    assert good in h.scheduler.requests
+    h.submitted[bad].aborted = True
+    h.run()
+    assert h.submitted[good].finish(0) is not None
+    assert h.blocks.num_used_blocks == 0
+
+
+def test_a_step_without_proposals_still_has_room_for_those_in_flight():
+    """Overlapped steps with speculation: step 2 verifies a proposal for a sequence and is
+    still running when step 3 is planned for it without proposals (its max_tokens leaves room
+    for none). If step 2 accepts its proposal, step 3 starts a position later, so its blocks
+    must hold that position too (they once held only step 3's own tokens: found by the state
+    machine, once windows joined its draws)."""
+    h = harness(block_size=1, overlap=True, speculative=1)
+    rid = h.submit(prompt_of(4), sampling_params(max_tokens=3, ignore_eos=True))
+    first = h.schedule()  # the prompt, sampling the first token
+    h.process_next()
+    second = h.schedule()
+    assert [w.num_lookahead_tokens for w in second.work] == [1]
+    third = h.schedule()  # planned while the second runs: no room left for proposals
+    assert [w.num_lookahead_tokens for w in third.work] == [0]
+    seq = h.scheduler.by_id[rid]
+    # 4 prompt positions, the second step's token and proposal, the third step's token.
+    assert h.blocks.num_held_blocks(rid) == 4 + 2 + 1 == seq.num_computed + 1
+    assert first.work and second.work
+    h.run()
+    h.check_outcomes()
+
+
+def test_a_sliding_window_keeps_a_long_generation_to_a_window_of_blocks():
+    """Window 8, blocks of 4: a query sees at most three blocks, so a sequence generating 50
+    tokens after a 12-token prompt never holds more than 8 / 4 + 2 blocks (the block it
+    writes into, and the next step's), and three of them run on a pool of 16 blocks
+    that without the window holds one such sequence at a time; the streams are the
+    reference's (the simulated executor checks every read inside the window)."""
+    peaks = {}
+    for window in (None, 8):
+        h = harness(num_blocks=16, block_size=4, max_model_len=64, sliding_window=window)
+        rids = [h.submit(prompt_of(12, start=3 * i), sampling_params(max_tokens=50,
+                                                                    ignore_eos=True))
+                for i in range(3)]
+        peak = 0
+        while h.advance():
+            peak = max([peak] + [h.blocks.num_held_blocks(s.seq_id)
+                                 for s in h.scheduler.running])
+        h.check_outcomes()
+        assert all(h.submitted[r].finish(0) is not None for r in rids)
+        peaks[window] = (peak, h.scheduler.counters.preemptions)
+    assert peaks[8][0] <= 8 // 4 + 2 and peaks[8][1] == 0
+    assert peaks[None][0] >= (12 + 50 - 1) // 4 and peaks[None][1] > 0  # the whole sequence

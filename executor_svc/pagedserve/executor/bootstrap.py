@@ -35,7 +35,12 @@ from pagedserve.executor.models import (
     check_tensor_parallel,
     load_model,
 )
-from pagedserve.executor.models.layers import bind_kernels, quantize_linears, weight_bytes
+from pagedserve.executor.models.layers import (
+    attention_window,
+    bind_kernels,
+    quantize_linears,
+    weight_bytes,
+)
 from pagedserve.executor.models.rope import context_length
 from pagedserve.executor.models.weights import WeightLoadError
 from pagedserve.executor.parallel import SINGLE, TensorParallelError
@@ -302,7 +307,10 @@ def describe(executor_id: str, model_dir: ModelDirectory,
         kv_cache=common_pb2.KvCacheInfo(num_blocks=limits.num_blocks,
                                         block_size=limits.block_size,
                                         dtype=memory.kv_cache_dtype,
-                                        bytes_per_block=memory.kv_bytes_per_block),
+                                        bytes_per_block=memory.kv_bytes_per_block,
+                                        sliding_window=attention_window(
+                                            runner.model,
+                                            *([runner.draft.model] if runner.draft else []))),
         limits=common_pb2.ExecutorLimits(
             max_num_seqs=limits.max_num_seqs,
             max_num_batched_tokens=limits.max_num_batched_tokens,

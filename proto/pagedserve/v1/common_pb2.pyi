@@ -181,16 +181,18 @@ class TokenizerFiles(_message.Message):
     def __init__(self, files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class KvCacheInfo(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "dtype", "bytes_per_block")
+    __slots__ = ("num_blocks", "block_size", "dtype", "bytes_per_block", "sliding_window")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     dtype: str
     bytes_per_block: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., bytes_per_block: _Optional[int] = ...) -> None: ...
+    sliding_window: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., bytes_per_block: _Optional[int] = ..., sliding_window: _Optional[int] = ...) -> None: ...
 
 class ExecutorLimits(_message.Message):
     __slots__ = ("max_num_seqs", "max_num_batched_tokens", "max_logprobs", "num_speculative_tokens", "speculative_disable_by_batch_size")

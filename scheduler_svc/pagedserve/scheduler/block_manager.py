@@ -27,6 +27,15 @@ tail first, so the end of a chain is evicted before its beginning (as in vLLM V1
 walks a chain from its root, so an evicted parent leaves its children indexed but unreachable
 until the parent is computed and indexed again.
 
+Sliding windows (`sliding_window`, where every attention layer of the model has one): a block
+whose positions all lie before the window of the sequence's next query is released while the
+sequence runs (`release_outside_window`), as vLLM does; kernels never read positions outside
+the window. The table keeps its positions: the released entries stay at its front, counted by
+`_SeqBlocks.released`, no longer held (ref counts skip them) and sent to the executor as block
+0, which nothing reads. A released block that was indexed stays in the prefix cache like any
+other freed block. A sequence then holds about window / block_size + 1 blocks however long it
+grows.
+
 Shared blocks are never written: full blocks are immutable, and the only partial block two
 sequences could share, the one a fork covers, is copied eagerly (the returned `BlockCopy` must
 run before the next step's writes, which is where the step plan puts it).
@@ -101,15 +110,25 @@ class _SeqBlocks:
     # sequence, not read from the blocks: a duplicate block is not indexed and carries no hash,
     # yet its hash is the parent of the next one.
     hashes: list[BlockHash] = field(default_factory=list)
+    # Leading table entries released (outside the sliding window): positions only.
+    released: int = 0
+
+    @property
+    def held(self) -> list[int]:
+        """The blocks the sequence holds: its table after the released entries."""
+        return self.table[self.released:]
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 extra_key: bytes = b""):
+                 extra_key: bytes = b"", sliding_window: int | None = None):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError("sliding_window must be positive (None: no window)")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.extra_key = extra_key
         self.stats = PrefixCacheStats()
@@ -139,8 +158,13 @@ class BlockManager:
         return self._blocks[block_id].ref_count
 
     def block_table(self, seq_id: str) -> list[int]:
-        """A copy of the sequence's block table (logical block i -> physical block id)."""
-        return list(self._seqs[seq_id].table)
+        """A copy of the sequence's block table (logical block i -> physical block id), its
+        released entries as block 0."""
+        seq = self._seqs[seq_id]
+        return [0] * seq.released + seq.held
+
+    def num_held_blocks(self, seq_id: str) -> int:
+        return len(self._seqs[seq_id].table) - self._seqs[seq_id].released
 
     # -- prefix cache lookups -----------------------------------------------------------
 
@@ -224,6 +248,8 @@ class BlockManager:
             parent = hash_block(
                 parent, token_ids[i * self.block_size:(i + 1) * self.block_size], self.extra_key)
             seq.hashes.append(parent)
+            if i < seq.released:  # no longer this sequence's block: another may hold it
+                continue
             block = self._blocks[seq.table[i]]
             # A block shared through a fork may have been indexed by its other holder already.
             if block.hash is None and parent not in self._index:
@@ -242,12 +268,17 @@ class BlockManager:
         parent = self._seqs[parent_id]
         if num_computed_tokens > len(parent.table) * self.block_size:
             raise ValueError(f"{parent_id!r} has no blocks for {num_computed_tokens} tokens")
+        if parent.released and parent.released * self.block_size > \
+                num_computed_tokens - self.sliding_window + 1:
+            raise ValueError(f"{parent_id!r} released blocks that a fork at "
+                             f"{num_computed_tokens} tokens attends to")
         num_full, partial = divmod(num_computed_tokens, self.block_size)
         if partial and not self.num_free_blocks:
             raise NoFreeBlocks(f"fork of {parent_id!r} needs a block for its partial block")
         child = _SeqBlocks(root=parent.root, table=parent.table[:num_full],
-                           hashes=parent.hashes[:num_full])
-        for block_id in child.table:
+                           hashes=parent.hashes[:num_full],
+                           released=min(parent.released, num_full))
+        for block_id in child.held:
             self._blocks[block_id].ref_count += 1
         copy = None
         if partial:
@@ -260,15 +291,24 @@ class BlockManager:
         """Finish, abort or preempt: release every block of the table. Last block first, so the
         tail of a chain is evicted before its head; indexed blocks stay in the prefix cache until
         evicted."""
-        for block_id in reversed(self._seqs.pop(seq_id).table):
-            block = self._blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count:
-                continue
-            if block.hash is None:
-                self._uncached_free.append(block_id)
-            else:
-                self._cached_free[block_id] = None
+        for block_id in reversed(self._seqs.pop(seq_id).held):
+            self._release(block_id)
+
+    def release_outside_window(self, seq_id: str, next_position: int) -> int:
+        """With a sliding window: release the blocks of `seq_id` whose positions all lie before
+        the window of a query at `next_position` (the first token it will compute next; no
+        later query reaches further back). Returns how many were released; none without a
+        window."""
+        if self.sliding_window is None:
+            return 0
+        seq = self._seqs[seq_id]
+        first_needed = next_position - self.sliding_window + 1
+        outside = min(max(first_needed, 0) // self.block_size, len(seq.table))
+        for block_id in seq.table[seq.released:outside]:
+            self._release(block_id)
+        released = max(outside - seq.released, 0)
+        seq.released += released
+        return released
 
     def reset_prefix_cache(self) -> bool:
         """Drop every hash from the index (e.g. after new weights). As in vLLM, only when no
@@ -284,6 +324,17 @@ class BlockManager:
         return True
 
     # -- internals ----------------------------------------------------------------------
+
+    def _release(self, block_id: int) -> None:
+        """One holder fewer; at none the block is free (still indexed, if it was)."""
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count:
+            return
+        if block.hash is None:
+            self._uncached_free.append(block_id)
+        else:
+            self._cached_free[block_id] = None
 
     def _take(self, block_id: int) -> None:
         """Another holder for an indexed block (a prefix hit); a free one leaves the LRU list."""
@@ -308,7 +359,7 @@ class BlockManager:
     def check_invariants(self) -> None:  # pragma: no mutate block
         """Assert the pool's invariants (O(pool); for tests), naming the one that breaks. The
         tests' oracle, so `make mutation` leaves it alone (the pragma)."""
-        holders = Counter(b for seq in self._seqs.values() for b in seq.table)
+        holders = Counter(b for seq in self._seqs.values() for b in seq.held)
         for block_id, block in enumerate(self._blocks):
             assert block.ref_count == holders[block_id], (
                 f"ref count: block {block_id} has {block.ref_count}, "
@@ -331,7 +382,9 @@ class BlockManager:
         assert self.enable_prefix_caching or not self._index, "index: caching is off"
         for seq_id, seq in self._seqs.items():
             assert len(seq.hashes) <= len(seq.table), f"{seq_id}: more hashes than blocks"
-            for block_id, block_hash in zip(seq.table, seq.hashes, strict=False):
+            assert seq.released <= len(seq.table), f"{seq_id}: released more than its table"
+            for block_id, block_hash in list(zip(seq.table, seq.hashes,
+                                                 strict=False))[seq.released:]:
                 own = self._blocks[block_id].hash
                 assert own in (None, block_hash), \
                     f"{seq_id}: block {block_id} is indexed under another chain hash"

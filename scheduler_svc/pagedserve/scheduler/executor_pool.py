@@ -63,7 +63,9 @@ def check_description(description: scheduler_pb2.RegisterExecutorRequest
               # Reported in /metrics: bounded so that total_blocks x bytes_per_block (the
               # pool's bytes in the stats) stays within uint64.
               ("model.weight_bytes", model.weight_bytes, 0, MAX_MEMORY_BYTES),
-              ("kv_cache.bytes_per_block", kv.bytes_per_block, 0, MAX_BLOCK_BYTES)]
+              ("kv_cache.bytes_per_block", kv.bytes_per_block, 0, MAX_BLOCK_BYTES),
+              # A window past the model's length releases nothing; 0: no window.
+              ("kv_cache.sliding_window", kv.sliding_window, 0, MAX_MODEL_LEN)]
     for field, value, low, high in ranges:
         if not low <= value <= high:
             raise DescriptionError(f"{field} is {value}, outside [{low}, {high}]")
@@ -107,7 +109,8 @@ def schedule_executor(description: scheduler_pb2.RegisterExecutorRequest
     check_description(description)
     kv, limits, model = description.kv_cache, description.limits, description.model
     blocks = BlockManager(kv.num_blocks, kv.block_size, enable_prefix_caching,
-                          extra_key=model.model_id.encode())
+                          extra_key=model.model_id.encode(),
+                          sliding_window=kv.sliding_window or None)
     scheduler = StepScheduler(
         blocks, StepLimits(limits.max_num_seqs, limits.max_num_batched_tokens,
                            model.max_model_len, limits.num_speculative_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class Sequence:
     num_computed: int = 0
     # Samples planned but not yet returned (more than 0 only with overlapped steps).
     num_in_flight: int = 0
+    # The lookahead (proposals to verify) of each of those steps, oldest first: what they may
+    # have computed past num_computed by the time a later step runs.
+    lookahead_in_flight: deque[int] = field(default_factory=deque)
     # Whether the executor holds a mirror of it (to be dropped when it leaves).
     on_executor: bool = False
     forked: bool = False
@@ -121,6 +125,7 @@ class Sequence:
         """Its executor was lost: queued on another, from scratch, with nothing in flight."""
         self.preempt()
         self.num_in_flight = 0
+        self.lookahead_in_flight.clear()
 
     def finish(self) -> None:
         self.state, self.on_executor = SeqState.FINISHED, False

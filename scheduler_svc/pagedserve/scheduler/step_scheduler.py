@@ -8,7 +8,9 @@ prefill chunk takes at most a quarter of the budget, so a long prompt cannot hol
 short requests queued behind it (like vLLM's long_prefill_token_threshold). When blocks run
 out, the lowest-priority, latest-arrived running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed from prompt + generated
-tokens later. No new sequence is admitted in a step that had to preempt.
+tokens later. No new sequence is admitted in a step that had to preempt. Where the model
+attends through a sliding window, each sequence's blocks that fall outside it are released
+before it is planned (block_manager.py), so long generations hold a window's worth of blocks.
 
 Steps may overlap (plan N+1 sent before result N): a sequence's sampled-but-unseen tokens are
 counted in `num_in_flight`; when a result shows a sequence finished, whatever it sampled in a
@@ -190,6 +192,7 @@ class StepScheduler:
                 break
             if seq.state is not SeqState.RUNNING:
                 continue  # preempted earlier in this pass
+            self.blocks.release_outside_window(seq.seq_id, seq.num_computed)
             if self._ready_to_fork(seq):
                 forked = self._fork_making_room(seq, plan, budget, scheduled)
                 if not forked:
@@ -240,9 +243,10 @@ class StepScheduler:
 
     def _slots_needed(self, seq: Sequence, num_tokens: int, proposals: int) -> int:
         """Positions the sequence's blocks must hold for this step: its tokens, its proposals
-        and those a step in flight may have accepted before this one runs; never past the
-        model length (the executor proposes no more than the blocks hold)."""
-        slots = seq.num_computed + num_tokens + proposals * (1 + seq.num_in_flight)
+        and those the steps in flight may have accepted before this one runs (whether or not
+        this step has proposals of its own); never past the model length (the executor
+        proposes no more than the blocks hold)."""
+        slots = seq.num_computed + num_tokens + proposals + sum(seq.lookahead_in_flight)
         return min(slots, max(self.limits.max_model_len, seq.num_computed + num_tokens))
 
     def _schedule_waiting(self, plan: executor_pb2.StepPlan, budget: _Budget) -> None:
@@ -262,6 +266,7 @@ class StepScheduler:
             computed = self.blocks.admit(seq.seq_id, seq.token_ids,
                                          use_cache=not recompute_prompt,
                                          salt=request.cache_salt)
+            self.blocks.release_outside_window(seq.seq_id, computed)  # a long cached prefix
             # 0 only for a parent whose hit covers all it computes before forking.
             num_tokens = min(seq.compute_target() - computed,
                              self._chunk_cap(budget, self._prefills_contend()))
@@ -363,6 +368,7 @@ class StepScheduler:
         seq.num_computed += num_tokens
         if seq.num_computed == seq.num_known_tokens:
             seq.num_in_flight += 1  # this step computes its last known token: it samples
+            seq.lookahead_in_flight.append(lookahead)
         budget.take(num_tokens + lookahead)  # proposals are computed too
         self.counters.speculative_decodes += lookahead > 0
 
@@ -424,15 +430,21 @@ class StepScheduler:
                 request.embedding = list(output.embedding)
             if not output.token_ids:
                 continue
-            seq.num_in_flight -= 1
             accepted = len(output.token_ids) - 1  # proposals, computed by that step
-            if accepted > self.limits.num_speculative_tokens:  # the executor is wrong
-                refused[request.request_id] = (
-                    f"the executor returned {len(output.token_ids)} tokens in one step for "
-                    f"{seq.seq_id}, where at most {1 + self.limits.num_speculative_tokens} "
-                    "can be")
+            wrong = None  # the executor's: the request cannot go on
+            if not seq.num_in_flight:
+                wrong = f"the executor returned tokens for {seq.seq_id}, which had no sample " \
+                        "in flight"
+            elif accepted > self.limits.num_speculative_tokens:
+                wrong = (f"the executor returned {len(output.token_ids)} tokens in one step "
+                         f"for {seq.seq_id}, where at most "
+                         f"{1 + self.limits.num_speculative_tokens} can be")
+            if wrong:
+                refused[request.request_id] = wrong
                 self.abort(request.request_id)
                 continue
+            seq.num_in_flight -= 1
+            seq.lookahead_in_flight.popleft()
             self.counters.accepted_tokens += accepted
             if seq.state is SeqState.RUNNING:  # a preempted one recomputes from scratch
                 seq.num_computed += accepted

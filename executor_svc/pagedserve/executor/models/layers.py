@@ -644,6 +644,14 @@ def bind_kv_caches(model: nn.Module, caches: Sequence[tuple[torch.Tensor, torch.
                     layers=ignored, kv_cache_dtype=str(caches[0][0].dtype))
 
 
+def attention_window(*models: nn.Module) -> int:
+    """The longest sliding window of the models' attention layers; 0 where any layer attends
+    to every position (KvCacheInfo.sliding_window: what the scheduler may release)."""
+    windows = [m.sliding_window for model in models for m in model.modules()
+               if isinstance(m, PagedAttention)]
+    return 0 if not windows or None in windows else max(windows)
+
+
 def kv_cache_shape(model: nn.Module, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
     """Shape of each attention layer's K (and V) cache."""
     return [(num_blocks, block_size, m.num_kv_heads, m.head_dim)

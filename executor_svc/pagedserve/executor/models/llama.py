@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -107,10 +108,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype, options: AttentionOptions,
-                 tp: TensorParallel, mlp: nn.Module):
+                 tp: TensorParallel, build_mlp: Callable[[], nn.Module]):
         super().__init__()
         self.self_attn = LlamaAttention(config, dtype, options, tp)
-        self.mlp = mlp
+        self.mlp = build_mlp()  # after the attention: a split that fails names heads first
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -133,7 +134,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype,
                                                    tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp, build_mlp(i))
+            LlamaDecoderLayer(config, dtype, attention_options(config, i), tp,
+                              partial(build_mlp, i))
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         head_dim = self.layers[0].self_attn.head_dim
