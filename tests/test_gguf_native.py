@@ -17,7 +17,7 @@ from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
 from pagedserve.kernels.dispatch import select_kernels
 from pagedserve.kernels.quantization import GroupedWeight, grouped_linear
-from pagedserve.testing.gguf_files import QUANTIZABLE, random_blocks, write_llama_gguf
+from pagedserve.testing.gguf_files import QUANTIZABLE, random_blocks, write_gguf
 from pagedserve.testing.paged_run import assert_matches_transformers
 from pagedserve.testing.tiny_models import byte_level_tokenizer, tiny_llama_config
 
@@ -167,7 +167,7 @@ def tiny_gguf(tmp_path, fmt: str, tie: bool):
     model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()),
                                                tie_word_embeddings=tie, **sizes)).eval()
     path = tmp_path / f"tiny-{fmt}.gguf"
-    write_llama_gguf(model, byte_level_tokenizer(), path, quant=FORMATS[fmt])
+    write_gguf(model, byte_level_tokenizer(), path, quant=FORMATS[fmt])
     native = resolve_model(str(path), tmp_path / "cache")
     dequantized = resolve_model(str(path), tmp_path / "cache", gguf_dequantize=True)
     return native, dequantized
@@ -238,7 +238,7 @@ def test_a_format_that_does_not_run_natively_is_refused_by_name(tmp_path):
     model = LlamaForCausalLM(tiny_llama_config(len(byte_level_tokenizer()), hidden_size=256,
                                                intermediate_size=512, head_dim=64)).eval()
     path = tmp_path / "tiny.gguf"
-    write_llama_gguf(model, byte_level_tokenizer(), path, quant=Q.TQ2_0)
+    write_gguf(model, byte_level_tokenizer(), path, quant=Q.TQ2_0)
     with pytest.raises(ModelLoadError, match=r"token_embd\.weight: GGUF format TQ2_0 does not "
                                              r"run natively .*--gguf-dequantize loads it"):
         resolve_model(str(path), tmp_path / "cache")

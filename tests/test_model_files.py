@@ -19,7 +19,7 @@ from pagedserve.executor.model_files import (
     embedded_gguf_path,
     resolve_model,
 )
-from pagedserve.testing.gguf_files import write_llama_gguf
+from pagedserve.testing.gguf_files import write_gguf
 from pagedserve.testing.tiny_models import byte_level_tokenizer, tiny_llama_config
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -34,7 +34,7 @@ def tiny_model(tie: bool) -> LlamaForCausalLM:
 @pytest.mark.parametrize("tie", [True, False])
 def test_float_gguf_converts_to_the_same_model(tmp_path, tie):
     source, tokenizer = tiny_model(tie), byte_level_tokenizer()
-    write_llama_gguf(source, tokenizer, tmp_path / "tiny.gguf")
+    write_gguf(source, tokenizer, tmp_path / "tiny.gguf")
     model = resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache")
     assert model.served_name == "tiny"
     assert model.architecture == "LlamaForCausalLM"
@@ -62,7 +62,7 @@ def test_quantized_gguf_dequantizes_exactly(tmp_path):
     """--gguf-dequantize: transformers reads the float32 directory (the native form, which
     keeps the values quantized, is tests/test_gguf_native.py's)."""
     source = tiny_model(tie=True)
-    write_llama_gguf(source, byte_level_tokenizer(), tmp_path / "tiny.gguf", quant=Q8_0)
+    write_gguf(source, byte_level_tokenizer(), tmp_path / "tiny.gguf", quant=Q8_0)
     converted = AutoModelForCausalLM.from_pretrained(
         resolve_model(str(tmp_path / "tiny.gguf"), tmp_path / "cache",
                       gguf_dequantize=True).path,
@@ -76,7 +76,7 @@ def test_quantized_gguf_dequantizes_exactly(tmp_path):
 
 
 def test_conversion_runs_once_then_the_cache_is_reused(tmp_path, monkeypatch):
-    write_llama_gguf(tiny_model(tie=True), byte_level_tokenizer(), tmp_path / "tiny.gguf")
+    write_gguf(tiny_model(tie=True), byte_level_tokenizer(), tmp_path / "tiny.gguf")
     calls = []
     real_convert = gguf_to_hf.convert_gguf
     monkeypatch.setattr(gguf_to_hf, "convert_gguf",

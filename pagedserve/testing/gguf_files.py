@@ -1,4 +1,5 @@
-"""Write GGUF files the way llama.cpp's converter does, from a Hugging Face LLaMA model."""
+"""Write GGUF files the way llama.cpp's converter does, from a Hugging Face model of the families it
+converts that pagedserve reads back (gguf_to_hf.ARCHITECTURES)."""
 
 import json
 import pathlib
@@ -6,7 +7,7 @@ from collections.abc import Callable
 
 import gguf
 import numpy as np
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from pagedserve.testing.tiny_models import CHAT_TEMPLATE
 
@@ -17,22 +18,22 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-}
+# transformers' model_type -> llama.cpp's architecture (its converter writes Mistral-style and
+# Mixtral checkpoints as llama).
+ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
+          "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+          "phi3": gguf.MODEL_ARCH.PHI3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
+          "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
 
 
-def gguf_name(hf_name: str) -> str:
-    if hf_name in GGUF_NAMES:
-        return GGUF_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{GGUF_NAMES[rest]}"
+def gguf_name(hf_name: str, model_type: str = "llama", num_layers: int = 64) -> str:
+    """The GGUF name llama.cpp's converter gives a Hugging Face tensor (the gguf package's own
+    table, not ours)."""
+    names = gguf.get_tensor_name_map(ARCHES[model_type], num_layers)
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise KeyError(f"{hf_name}: no GGUF name for {model_type}")
+    return name
 
 
 Q = gguf.GGMLQuantizationType
@@ -59,23 +60,55 @@ def random_blocks(rows: int, columns: int, qtype: Q, seed: int) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def write_llama_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
-                     path: pathlib.Path, quant: Q | Callable[[str], Q] = Q.F32) -> None:
-    """Matrices are stored as `quant` (norms stay F32, as llama.cpp does), or as the format
-    `quant(gguf tensor name)` names: quantized by the gguf package where it can
-    (QUANTIZABLE), random blocks (`random_blocks`) for the K formats."""
+def _checkpoint_tensors(model: PreTrainedModel):
+    """(name, float32 array) as llama.cpp's converter takes them: a stacked experts tensor of
+    transformers 5 (`experts.gate_up_proj` [experts, 2 * intermediate, hidden]) split into its
+    gate and up halves, as the Hub's per-expert tensors stack."""
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = np.split(array, 2, axis=1)
+            yield name.replace("gate_up_proj", "gate_proj"), gate
+            yield name.replace("gate_up_proj", "up_proj"), up
+        else:
+            yield name, array
+
+
+def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: pathlib.Path,
+               quant: Q | Callable[[str], Q] = Q.F32) -> None:
+    """A GGUF of `model` (LLaMA, Mixtral, Qwen2, Qwen3, Phi-3, Qwen2-MoE or Qwen3-MoE) as
+    llama.cpp's converter writes it: its metadata keys, tensor names, and LLaMA's q/k row
+    permutation. Matrices are stored as `quant` (norms and biases stay F32, as llama.cpp
+    does), or as the format `quant(gguf tensor name)` names: quantized by the gguf package
+    where it can (QUANTIZABLE), random blocks (`random_blocks`) for the K formats."""
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    model_type = cfg.model_type
+    arch = ARCHES[model_type]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    rotary = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(rotary)
+    if getattr(cfg, "sliding_window", None) and model_type == "phi3":
+        writer.add_sliding_window(cfg.sliding_window)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", 0)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if model_type == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     special = set(tokenizer.all_special_ids)
@@ -85,28 +118,35 @@ def write_llama_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
                             for _, i in vocab])
     writer.add_token_merges(_merges(tokenizer))
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
-    writer.add_pad_token_id(cfg.pad_token_id)
+    for token_id, add in ((cfg.bos_token_id, writer.add_bos_token_id),
+                          (cfg.eos_token_id, writer.add_eos_token_id),
+                          (cfg.pad_token_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
-    for seed, (name, tensor) in enumerate(model.state_dict().items()):
+    permute = arch == gguf.MODEL_ARCH.LLAMA
+    for seed, (name, array) in enumerate(_checkpoint_tensors(model)):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        array = tensor.float().numpy()
-        if name.endswith("q_proj.weight"):
+        if permute and name.endswith("q_proj.weight"):
             array = llama_cpp_permute(array, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif permute and name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, cfg.num_key_value_heads)
-        qtype = quant(gguf_name(name)) if callable(quant) else quant
-        if array.ndim == 2 and qtype in QUANTIZABLE:
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        target = gguf_name(name, model_type, cfg.num_hidden_layers)
+        if not target.endswith((".weight", ".bias")):
+            target += ".weight"  # the stacked experts have no suffix in transformers 5
+        qtype = quant(target) if callable(quant) else quant
+        if ".ffn_gate_inp" in target:  # llama.cpp never quantizes the routers
+            qtype = Q.F32
+        if array.ndim >= 2 and qtype in QUANTIZABLE:
+            writer.add_tensor(target, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         elif array.ndim == 2 and qtype != Q.F32:
-            writer.add_tensor(gguf_name(name), random_blocks(*array.shape, qtype, seed),
+            writer.add_tensor(target, random_blocks(*array.shape, qtype, seed),
                               raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name(name), array)
+            writer.add_tensor(target, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -17,10 +17,14 @@ forms (docs/quantization.md):
   which float32 holds exactly and bfloat16 does not, so the converted model computes the same
   function as the GGUF (the executor casts to its compute dtype on load).
 
-llama.cpp's converter permutes the rows of the Q and K projections (interleaved rotary pairs);
-we undo that (on the values, scales and offsets alike) so the weights follow the Hugging Face
-(rotate-half) layout. The tokenizer and chat template are
-rebuilt from the GGUF metadata by `transformers`.
+Architectures (`ARCHITECTURES`): llama (and Mixtral: llama with experts), qwen2, qwen3, phi3,
+qwen2moe and qwen3moe, the names llama.cpp's converter gives them; the config comes from the
+metadata keys it writes. For LLaMA and Mixtral it permutes the rows of the Q and K
+projections (interleaved rotary pairs); we undo that (on the values, scales and offsets alike)
+so the weights follow the Hugging Face (rotate-half) layout. Its stacked experts tensors
+(`ffn_*_exps`) become one tensor per expert again, dequantized. Not converted, named in the
+error: other architectures, and Phi-3's LongRoPE factors (serve the Hugging Face directory).
+The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import pathlib
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -38,25 +43,73 @@ from tqdm import tqdm
 
 from pagedserve.executor.gguf_blocks import GROUPED_FORMATS, grouped
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-
-# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.").
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N."), as
+# llama.cpp's converter names them for every architecture below.
 _LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Mixture of experts: the router, the shared expert and its gate (Qwen2-MoE).
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
+# The experts, stacked by llama.cpp's converter into one [experts, rows, columns] tensor per
+# projection: split back into the Hub's one tensor per expert (`mlp.experts.<e>.<proj>`).
+_EXPERT_TENSORS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                   "ffn_down_exps.weight": "down_proj"}
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one GGUF architecture becomes a Hugging Face directory."""
+
+    hf_architecture: str
+    model_type: str
+    # llama.cpp permutes LLaMA's q and k rows for its interleaved rotary (not the NeoX-style
+    # families); undone at conversion.
+    permuted_qk: bool = False
+    # GGUF layer tensor names that mean another tensor in this family.
+    tensors: dict[str, str] = field(default_factory=dict)
+    # Experts' projection names (Mixtral's checkpoints say w1, w3, w2) and their module.
+    expert_names: dict[str, str] = field(default_factory=dict)
+    moe_module: str = "mlp"
+    # A router that renormalises its top-k weights unless `<arch>.expert_weights_norm` says.
+    renormalize: bool = False
+
+
+ARCHITECTURES = {
+    "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
+    "qwen2": Architecture("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": Architecture("Qwen3ForCausalLM", "qwen3"),
+    "phi3": Architecture("Phi3ForCausalLM", "phi3", tensors={
+        "attn_qkv.weight": "self_attn.qkv_proj.weight",
+        "ffn_up.weight": "mlp.gate_up_proj.weight"}),  # gate and up fused
+    "qwen2moe": Architecture("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": Architecture("Qwen3MoeForCausalLM", "qwen3_moe", renormalize=True),
+}
+# LLaMA's GGUF architecture with experts is Mixtral.
+MIXTRAL = Architecture("MixtralForCausalLM", "mixtral", permuted_qk=True,
+                       expert_names={"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+                       moe_module="block_sparse_moe", renormalize=True)
 
 
 class GGUFConversionError(ValueError):
@@ -68,14 +121,30 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: Architecture = ARCHITECTURES["llama"]) -> str:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     prefix, _, rest = gguf_name.partition(".")
     layer, _, suffix = rest.partition(".")
-    if prefix == "blk" and layer.isdigit() and suffix in _LAYER_TENSORS:
-        return f"model.layers.{layer}.{_LAYER_TENSORS[suffix]}"
+    name = arch.tensors.get(suffix) or _LAYER_TENSORS.get(suffix)
+    if prefix == "blk" and layer.isdigit() and name is not None:
+        if name.startswith("mlp.") and arch.moe_module != "mlp":
+            name = f"{arch.moe_module}.{name.removeprefix('mlp.')}"
+        return f"model.layers.{layer}.{name}"
     raise GGUFConversionError(f"unsupported GGUF tensor {gguf_name!r}")
+
+
+def _expert_tensors(gguf_name: str, array: np.ndarray,
+                    arch: Architecture) -> list[tuple[str, np.ndarray]] | None:
+    """A stacked experts tensor as one tensor per expert, by their checkpoint names; None for
+    another tensor."""
+    prefix, _, rest = gguf_name.partition(".")
+    layer, _, suffix = rest.partition(".")
+    if prefix != "blk" or suffix not in _EXPERT_TENSORS:
+        return None
+    proj = arch.expert_names.get(_EXPERT_TENSORS[suffix], _EXPERT_TENSORS[suffix])
+    return [(f"model.layers.{layer}.{arch.moe_module}.experts.{e}.{proj}.weight", expert)
+            for e, expert in enumerate(array)]
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -86,33 +155,75 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(rows, cols))
 
 
-def llama_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
-    arch = _field(reader, "general.architecture")
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
+def gguf_architecture(reader: gguf.GGUFReader, path: pathlib.Path) -> Architecture:
+    name = _field(reader, "general.architecture")
+    if name not in ARCHITECTURES:
+        raise GGUFConversionError(
+            f"{path}: GGUF architecture {name!r} is not supported for conversion "
+            f"(supported: {', '.join(ARCHITECTURES)})")
+    if name == "llama" and int(_field(reader, "llama.expert_count", 0)):
+        return MIXTRAL
+    names = {t.name for t in reader.tensors}
+    if name == "phi3" and names & {"rope_factors_long.weight", "rope_factors_short.weight"}:
+        raise GGUFConversionError(f"{path}: a Phi-3 GGUF with LongRoPE factors "
+                                  "(rope_factors_long.weight) is not supported for conversion; "
+                                  "serve its Hugging Face directory")
+    return ARCHITECTURES[name]
+
+
+def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
+    """config.json for the GGUF's model, from its metadata (the keys llama.cpp's converter
+    writes)."""
+    key = _field(reader, "general.architecture")
+    hidden = int(_field(reader, f"{key}.embedding_length"))
+    heads = int(_field(reader, f"{key}.attention.head_count"))
+    head_dim = int(_field(reader, f"{key}.attention.key_length", hidden // heads))
     tokens = reader.fields["tokenizer.ggml.tokens"]
+    names = {t.name for t in reader.tensors}
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": int(_field(reader, f"{arch}.vocab_size", len(tokens.data))),
+        "architectures": [arch.hf_architecture],
+        "model_type": arch.model_type,
+        "vocab_size": int(_field(reader, f"{key}.vocab_size", len(tokens.data))),
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "intermediate_size": int(_field(reader, f"{key}.feed_forward_length", 0)),
+        "num_hidden_layers": int(_field(reader, f"{key}.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length")),
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(_field(reader, f"{key}.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(_field(reader, f"{key}.context_length")),
+        "rms_norm_eps": float(_field(reader, f"{key}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, f"{key}.rope.freq_base", 10000.0)),
         "hidden_act": "silu",
-        "tie_word_embeddings": not has_output,
+        "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
     }
-    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"),
-                      ("pad_token_id", "padding")):
-        value = _field(reader, f"tokenizer.ggml.{name}_token_id")
+    if arch.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        config["use_sliding_window"] = False
+    if arch.model_type in ("qwen3", "qwen3_moe"):
+        config["attention_bias"] = "blk.0.attn_q.bias" in names
+    if arch.model_type == "phi3":
+        rotary = int(_field(reader, "phi3.rope.dimension_count", head_dim))
+        config["partial_rotary_factor"] = rotary / head_dim
+        config["original_max_position_embeddings"] = config["max_position_embeddings"]
+        config["sliding_window"] = _field(reader, "phi3.attention.sliding_window")
+    experts = int(_field(reader, f"{key}.expert_count", 0))
+    if experts:
+        config["num_local_experts" if arch is MIXTRAL else "num_experts"] = experts
+        config["num_experts_per_tok"] = int(_field(reader, f"{key}.expert_used_count"))
+    if arch.model_type in ("qwen2_moe", "qwen3_moe"):
+        config["moe_intermediate_size"] = int(_field(reader,
+                                                     f"{key}.expert_feed_forward_length"))
+        config["norm_topk_prob"] = bool(_field(reader, f"{key}.expert_weights_norm",
+                                               arch.renormalize))
+        config["decoder_sparse_step"], config["mlp_only_layers"] = 1, []
+        shared = int(_field(reader, f"{key}.expert_shared_feed_forward_length", 0))
+        if arch.model_type == "qwen2_moe":
+            config["shared_expert_intermediate_size"] = shared
+    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos"),
+                              ("pad_token_id", "padding")):
+        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
         if value is not None:
-            config[key] = int(value)
+            config[field_name] = int(value)
     return config
 
 
@@ -121,24 +232,31 @@ FLOAT_FORMATS = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                  gguf.GGMLQuantizationType.BF16)
 
 
-def _converted_tensors(reader: gguf.GGUFReader, config: dict,
+def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture,
                        native: bool) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: every weight as float32, or (`native`) the linear layers'
-    quantized weights as int8 values with group scales and offsets."""
+    quantized weights as int8 values with group scales and offsets. Experts (3-D tensors)
+    are dequantized either way: the experts' kernels take float weights."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     tensors = {}
 
     def add(name: str, array: np.ndarray) -> None:
         module = name.rpartition(".")[0]
-        if module.endswith("q_proj"):
+        if arch.permuted_qk and module.endswith("q_proj"):  # values, scales and offsets
             array = unpermute_rotary_rows(array, heads)
-        elif module.endswith("k_proj"):
+        elif arch.permuted_qk and module.endswith("k_proj"):
             array = unpermute_rotary_rows(array, kv_heads)
         # A copy: F32 tensors are read-only views of the memory-mapped file.
         tensors[name] = torch.from_numpy(np.array(array, order="C"))
 
     for tensor in tqdm(reader.tensors, desc="converting GGUF", unit="tensor", leave=False):
-        name = hf_tensor_name(tensor.name)
+        if tensor.name.partition(".")[2].partition(".")[2] in _EXPERT_TENSORS:
+            shape = tuple(reversed([int(d) for d in tensor.shape]))
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            for name, expert in _expert_tensors(tensor.name, array.astype(np.float32), arch):
+                add(name, expert)
+            continue
+        name = hf_tensor_name(tensor.name, arch)
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         qtype = tensor.tensor_type
@@ -147,7 +265,8 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict,
                 f"{tensor.name}: GGUF format {qtype.name} does not run natively (natively: "
                 f"{', '.join(t.name for t in GROUPED_FORMATS)}); --gguf-dequantize loads it "
                 "as float")
-        if native and qtype in GROUPED_FORMATS and len(shape) == 2:
+        router = name.endswith(("mlp.gate.weight", "moe.gate.weight", "shared_expert_gate.weight"))
+        if native and qtype in GROUPED_FORMATS and len(shape) == 2 and not router:
             values, scales, offsets = grouped(tensor.data, qtype, shape[1])
             add(name, values)
             add(f"{name}_scale", scales)
@@ -166,14 +285,9 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, native: bool = 
     from transformers import AutoTokenizer  # heavy; only needed here
 
     reader = gguf.GGUFReader(gguf_path)
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFConversionError(
-            f"{gguf_path}: GGUF architecture {arch!r} is not supported for conversion "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    config = llama_config(reader, has_output)
-    tensors = _converted_tensors(reader, config, native)
+    arch = gguf_architecture(reader, gguf_path)
+    config = hf_config(reader, arch)
+    tensors = _converted_tensors(reader, config, arch, native)
     if native and any(name.endswith("_scale") for name in tensors):
         config["quantization_config"] = {"quant_method": "gguf"}
 
