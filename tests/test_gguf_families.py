@@ -1,6 +1,6 @@
 """Every family llama.cpp's converter writes that pagedserve converts back
 (executor_svc/pagedserve/executor/gguf_to_hf.py ARCHITECTURES: LLaMA, Mixtral, Qwen2, Qwen3,
-Phi-3, Qwen2-MoE, Qwen3-MoE): a tiny random model written as llama.cpp writes it
+Phi-3, Gemma 2, Gemma 3, Qwen2-MoE, Qwen3-MoE): a tiny random model written as llama.cpp writes it
 (pagedserve/testing/gguf_files.py, with the gguf package's own tensor-name table and metadata
 keys), converted, loaded and run. In F32 it is the original model: against transformers on the
 original weights. In Q8_0, run natively (experts dequantized), it is transformers on its
@@ -19,6 +19,8 @@ from pagedserve.testing.paged_run import assert_matches_transformers
 from pagedserve.testing.tiny_models import (
     byte_level_tokenizer,
     randomize_weights,
+    tiny_gemma2_config,
+    tiny_gemma3_config,
     tiny_llama_config,
     tiny_mixtral_config,
     tiny_phi3_config,
@@ -39,6 +41,12 @@ FAMILIES = {
         VOCAB, sliding_window=8, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                          "partial_rotary_factor": 0.5}),
+    # llama.cpp scales scores by 1 / sqrt(head_dim) (query_pre_attn_scalar = head_dim); its
+    # windows alternate every other layer for Gemma 2, every sixth for Gemma 3.
+    "gemma2-caps": lambda: tiny_gemma2_config(VOCAB, query_pre_attn_scalar=32),
+    "gemma3-local-and-global": lambda: tiny_gemma3_config(
+        VOCAB, query_pre_attn_scalar=32, num_hidden_layers=6, layer_types=None,
+        final_logit_softcapping=None),
     "mixtral": lambda: tiny_mixtral_config(VOCAB),
     # llama.cpp's Qwen2-MoE has experts on every layer. Rows of whole Q8_0 blocks (32).
     "qwen2-moe-shared-expert": lambda: tiny_qwen2_moe_config(
@@ -89,7 +97,8 @@ def test_an_architecture_it_does_not_convert_is_refused_by_name(tmp_path):
     writer.close()
     with pytest.raises((ModelLoadError, GGUFConversionError),
                        match="GGUF architecture 'mamba' is not supported for conversion "
-                             r"\(supported: llama, qwen2, qwen3, phi3, qwen2moe, qwen3moe\)"):
+                             r"\(supported: llama, qwen2, qwen3, phi3, gemma2, gemma3, "
+                             r"qwen2moe, qwen3moe\)"):
         resolve_model(str(path), tmp_path / "cache")
 
 

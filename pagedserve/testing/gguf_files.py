@@ -23,7 +23,8 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
           "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
           "phi3": gguf.MODEL_ARCH.PHI3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
-          "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
+          "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+          "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
 
 
 def gguf_name(hf_name: str, model_type: str = "llama", num_layers: int = 64) -> str:
@@ -76,11 +77,12 @@ def _checkpoint_tensors(model: PreTrainedModel):
 
 def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: pathlib.Path,
                quant: Q | Callable[[str], Q] = Q.F32) -> None:
-    """A GGUF of `model` (LLaMA, Mixtral, Qwen2, Qwen3, Phi-3, Qwen2-MoE or Qwen3-MoE) as
-    llama.cpp's converter writes it: its metadata keys, tensor names, and LLaMA's q/k row
-    permutation. Matrices are stored as `quant` (norms and biases stay F32, as llama.cpp
-    does), or as the format `quant(gguf tensor name)` names: quantized by the gguf package
-    where it can (QUANTIZABLE), random blocks (`random_blocks`) for the K formats."""
+    """A GGUF of `model` (LLaMA, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, Qwen2-MoE or
+    Qwen3-MoE) as llama.cpp's converter writes it: its metadata keys, tensor names, LLaMA's
+    q/k row permutation and Gemma's norms plus one. Matrices are stored as `quant` (norms
+    and biases stay F32, as llama.cpp does), or as the format `quant(gguf tensor name)`
+    names: quantized by the gguf package where it can (QUANTIZABLE), random blocks
+    (`random_blocks`) for the K formats."""
     cfg = model.config
     model_type = cfg.model_type
     arch = ARCHES[model_type]
@@ -94,7 +96,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if "rope_theta" in cfg.rope_parameters:
+        writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     rotary = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
@@ -109,6 +112,18 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if model_type == "qwen2_moe":
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if model_type in ("gemma2", "gemma3_text"):
+        writer.add_sliding_window(cfg.sliding_window)
+        if cfg.final_logit_softcapping is not None:
+            writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if model_type == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    if model_type == "gemma3_text":  # the global layers' rope; the local ones' base is fixed
+        full = cfg.rope_parameters["full_attention"]
+        writer.add_rope_freq_base(full["rope_theta"])
+        if full.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
 
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     special = set(tokenizer.all_special_ids)
@@ -127,7 +142,10 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
     writer.add_chat_template(CHAT_TEMPLATE)
 
     permute = arch == gguf.MODEL_ARCH.LLAMA
+    gemma = model_type.startswith("gemma")
     for seed, (name, array) in enumerate(_checkpoint_tensors(model)):
+        if gemma and name.endswith("norm.weight"):  # llama.cpp's norms multiply by 1 + w
+            array = array + 1
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if permute and name.endswith("q_proj.weight"):

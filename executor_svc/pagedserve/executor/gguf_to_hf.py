@@ -18,12 +18,14 @@ forms (docs/quantization.md):
   function as the GGUF (the executor casts to its compute dtype on load).
 
 Architectures (`ARCHITECTURES`): llama (and Mixtral: llama with experts), qwen2, qwen3, phi3,
-qwen2moe and qwen3moe, the names llama.cpp's converter gives them; the config comes from the
-metadata keys it writes. For LLaMA and Mixtral it permutes the rows of the Q and K
-projections (interleaved rotary pairs); we undo that (on the values, scales and offsets alike)
-so the weights follow the Hugging Face (rotate-half) layout. Its stacked experts tensors
-(`ffn_*_exps`) become one tensor per expert again, dequantized. Not converted, named in the
-error: other architectures, and Phi-3's LongRoPE factors (serve the Hugging Face directory).
+gemma2, gemma3, qwen2moe and qwen3moe, the names llama.cpp's converter gives them; the config
+comes from the metadata keys it writes. For LLaMA and Mixtral it permutes the rows of the Q and
+K projections (interleaved rotary pairs); we undo that (on the values, scales and offsets
+alike) so the weights follow the Hugging Face (rotate-half) layout; for Gemma it adds one to
+every RMSNorm weight, which we take back. Its stacked experts tensors (`ffn_*_exps`) become one
+tensor per expert again, dequantized. Not converted, named in the error: other architectures
+(Gemma 1 among them: transformers, which rebuilds the tokenizer, does not read its GGUF), and
+Phi-3's LongRoPE factors (serve the Hugging Face directory).
 The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
 
@@ -94,8 +96,14 @@ class Architecture:
     moe_module: str = "mlp"
     # A router that renormalises its top-k weights unless `<arch>.expert_weights_norm` says.
     renormalize: bool = False
+    # What llama.cpp added to every RMSNorm weight (Gemma's are stored as offsets from one).
+    norm_offset: float = 0.0
 
 
+# Gemma 2 and 3: norms after attention and around the MLP (ffn_norm is the one before it).
+_SANDWICH_NORMS = {"post_attention_norm.weight": "post_attention_layernorm.weight",
+                   "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                   "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
     "qwen2": Architecture("Qwen2ForCausalLM", "qwen2"),
@@ -103,6 +111,10 @@ ARCHITECTURES = {
     "phi3": Architecture("Phi3ForCausalLM", "phi3", tensors={
         "attn_qkv.weight": "self_attn.qkv_proj.weight",
         "ffn_up.weight": "mlp.gate_up_proj.weight"}),  # gate and up fused
+    "gemma2": Architecture("Gemma2ForCausalLM", "gemma2", tensors=_SANDWICH_NORMS,
+                           norm_offset=1.0),
+    "gemma3": Architecture("Gemma3ForCausalLM", "gemma3_text", tensors=_SANDWICH_NORMS,
+                           norm_offset=1.0),
     "qwen2moe": Architecture("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": Architecture("Qwen3MoeForCausalLM", "qwen3_moe", renormalize=True),
 }
@@ -171,6 +183,43 @@ def gguf_architecture(reader: gguf.GGUFReader, path: pathlib.Path) -> Architectu
     return ARCHITECTURES[name]
 
 
+# llama.cpp scales Gemma 2's and 3's scores by 1 / sqrt(head_dim), but their 27B models' by
+# 1 / sqrt(hidden / heads), which it tells by their layer counts; so do we.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Every n-th layer attends to every position (llama.cpp's default where the file does not
+# say: `<arch>.attention.sliding_window_pattern`).
+_GEMMA_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}
+
+
+def _gemma_config(reader: gguf.GGUFReader, key: str, config: dict) -> dict:
+    """Gemma 2's and 3's fields beyond the common ones: the GELU gate, the score scale, the
+    alternating windows, the soft-caps and (Gemma 3) the local and global rope."""
+    values = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+    layers = config["num_hidden_layers"]
+    big = layers == _GEMMA_27B_LAYERS[key]
+    values["query_pre_attn_scalar"] = (config["hidden_size"] // config["num_attention_heads"]
+                                       if big else config["head_dim"])
+    values["sliding_window"] = int(_field(reader, f"{key}.attention.sliding_window"))
+    pattern = _field(reader, f"{key}.attention.sliding_window_pattern",
+                     _GEMMA_WINDOW_PATTERN[key])
+    values["layer_types"] = [
+        "sliding_attention" if (pattern[i] if isinstance(pattern, list) else (i + 1) % pattern)
+        else "full_attention" for i in range(layers)]
+    values["final_logit_softcapping"] = _field(reader, f"{key}.final_logit_softcapping")
+    if key == "gemma2":
+        values["attn_logit_softcapping"] = _field(reader, f"{key}.attn_logit_softcapping")
+        return values
+    full = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
+    if _field(reader, f"{key}.rope.scaling.type") == "linear":
+        full.update(rope_type="linear",
+                    factor=float(_field(reader, f"{key}.rope.scaling.factor")))
+    values["rope_parameters"] = {
+        "full_attention": full,
+        "sliding_attention": {"rope_type": "default", "rope_theta": float(
+            _field(reader, f"{key}.rope.freq_base_swa", 10000.0))}}
+    return values
+
+
 def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
     """config.json for the GGUF's model, from its metadata (the keys llama.cpp's converter
     writes)."""
@@ -206,6 +255,8 @@ def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
         config["partial_rotary_factor"] = rotary / head_dim
         config["original_max_position_embeddings"] = config["max_position_embeddings"]
         config["sliding_window"] = _field(reader, "phi3.attention.sliding_window")
+    if arch.model_type.startswith("gemma"):
+        config.update(_gemma_config(reader, key, config))
     experts = int(_field(reader, f"{key}.expert_count", 0))
     if experts:
         config["num_local_experts" if arch is MIXTRAL else "num_experts"] = experts
@@ -242,6 +293,8 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
 
     def add(name: str, array: np.ndarray) -> None:
         module = name.rpartition(".")[0]
+        if arch.norm_offset and name.endswith("norm.weight"):
+            array = array - arch.norm_offset
         if arch.permuted_qk and module.endswith("q_proj"):  # values, scales and offsets
             array = unpermute_rotary_rows(array, heads)
         elif arch.permuted_qk and module.endswith("k_proj"):
