@@ -23,14 +23,20 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
           "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
           "phi3": gguf.MODEL_ARCH.PHI3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
-          "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+          "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "gpt2": gguf.MODEL_ARCH.GPT2,
           "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
+
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
 
 
 def gguf_name(hf_name: str, model_type: str = "llama", num_layers: int = 64) -> str:
     """The GGUF name llama.cpp's converter gives a Hugging Face tensor (the gguf package's own
     table, not ours)."""
     names = gguf.get_tensor_name_map(ARCHES[model_type], num_layers)
+    if model_type == "gpt2":
+        hf_name = hf_name.removeprefix("transformer.")  # the table has GPT-2's own names
     name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise KeyError(f"{hf_name}: no GGUF name for {model_type}")
@@ -75,18 +81,18 @@ def _checkpoint_tensors(model: PreTrainedModel):
             yield name, array
 
 
-def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: pathlib.Path,
-               quant: Q | Callable[[str], Q] = Q.F32) -> None:
-    """A GGUF of `model` (LLaMA, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, Qwen2-MoE or
-    Qwen3-MoE) as llama.cpp's converter writes it: its metadata keys, tensor names, LLaMA's
-    q/k row permutation and Gemma's norms plus one. Matrices are stored as `quant` (norms
-    and biases stay F32, as llama.cpp does), or as the format `quant(gguf tensor name)`
-    names: quantized by the gguf package where it can (QUANTIZABLE), random blocks
-    (`random_blocks`) for the K formats."""
-    cfg = model.config
+def _gpt2_metadata(writer: gguf.GGUFWriter, cfg) -> None:
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+
+
+def _metadata(writer: gguf.GGUFWriter, cfg) -> None:
+    """The keys llama.cpp's converter writes for the LLaMA-layout families."""
     model_type = cfg.model_type
-    arch = ARCHES[model_type]
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -125,6 +131,26 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(full["factor"])
 
+
+
+def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: pathlib.Path,
+               quant: Q | Callable[[str], Q] = Q.F32) -> None:
+    """A GGUF of `model` (LLaMA, Mixtral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3, GPT-2,
+    Qwen2-MoE or Qwen3-MoE) as llama.cpp's converter writes it: its metadata keys, tensor
+    names, LLaMA's q/k row permutation, Gemma's norms plus one, GPT-2's transposed Conv1D
+    weights and tied head written out. Matrices are stored as `quant` (norms
+    and biases stay F32, as llama.cpp does), or as the format `quant(gguf tensor name)`
+    names: quantized by the gguf package where it can (QUANTIZABLE), random blocks
+    (`random_blocks`) for the K formats."""
+    cfg = model.config
+    model_type = cfg.model_type
+    arch = ARCHES[model_type]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    if model_type == "gpt2":
+        _gpt2_metadata(writer, cfg)
+    else:
+        _metadata(writer, cfg)
+
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     special = set(tokenizer.all_special_ids)
     writer.add_tokenizer_model("gpt2")
@@ -152,6 +178,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
             array = llama_cpp_permute(array, cfg.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, cfg.num_key_value_heads)
+        if model_type == "gpt2" and name.endswith(CONV1D_WEIGHTS):
+            array = array.T  # llama.cpp stores GPT-2's Conv1D weights as [out, in]
         target = gguf_name(name, model_type, cfg.num_hidden_layers)
         if not target.endswith((".weight", ".bias")):
             target += ".weight"  # the stacked experts have no suffix in transformers 5
@@ -165,6 +193,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
                               raw_dtype=qtype)
         else:
             writer.add_tensor(target, array)
+        if model_type == "gpt2" and target == "token_embd.weight":  # its tied head, a copy
+            writer.add_tensor("output.weight", array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

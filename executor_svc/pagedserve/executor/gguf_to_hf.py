@@ -18,14 +18,15 @@ forms (docs/quantization.md):
   function as the GGUF (the executor casts to its compute dtype on load).
 
 Architectures (`ARCHITECTURES`): llama (and Mixtral: llama with experts), qwen2, qwen3, phi3,
-gemma2, gemma3, qwen2moe and qwen3moe, the names llama.cpp's converter gives them; the config
-comes from the metadata keys it writes. For LLaMA and Mixtral it permutes the rows of the Q and
-K projections (interleaved rotary pairs); we undo that (on the values, scales and offsets
-alike) so the weights follow the Hugging Face (rotate-half) layout; for Gemma it adds one to
-every RMSNorm weight, which we take back. Its stacked experts tensors (`ffn_*_exps`) become one
-tensor per expert again, dequantized. Not converted, named in the error: other architectures
-(Gemma 1 among them: transformers, which rebuilds the tokenizer, does not read its GGUF), and
-Phi-3's LongRoPE factors (serve the Hugging Face directory).
+gemma2, gemma3, gpt2, qwen2moe and qwen3moe, the names llama.cpp's converter gives them; the
+config comes from the metadata keys it writes. For LLaMA and Mixtral it permutes the rows of
+the Q and K projections (interleaved rotary pairs); we undo that (on the values, scales and
+offsets alike) so the weights follow the Hugging Face (rotate-half) layout; for Gemma it adds
+one to every RMSNorm weight, which we take back; GPT-2's Conv1D weights it stores transposed,
+and we transpose them back (they convert dequantized). Its stacked experts tensors
+(`ffn_*_exps`) become one tensor per expert again, dequantized. Not converted, named in the
+error: other architectures (Gemma 1 among them: transformers, which rebuilds the tokenizer,
+does not read its GGUF), and Phi-3's LongRoPE factors (serve the Hugging Face directory).
 The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
 
@@ -98,12 +99,28 @@ class Architecture:
     renormalize: bool = False
     # What llama.cpp added to every RMSNorm weight (Gemma's are stored as offsets from one).
     norm_offset: float = 0.0
+    # Where the Hugging Face checkpoint keeps its layers and its other tensors, where not
+    # under `model.` (GPT-2: `transformer.h.N.`).
+    layer_prefix: str = "model.layers"
+    global_tensors: dict[str, str] | None = None
+    # Linears stored as Conv1D weights ([in, out], GPT-2): llama.cpp transposes them, and
+    # so do we back, on float weights (these convert dequantized).
+    conv1d: bool = False
 
 
 # Gemma 2 and 3: norms after attention and around the MLP (ffn_norm is the one before it).
 _SANDWICH_NORMS = {"post_attention_norm.weight": "post_attention_layernorm.weight",
                    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
                    "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+_GPT2_LAYER_TENSORS = {f"{ours}.{param}": f"{theirs}.{param}" for ours, theirs in (
+    ("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"),
+    ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj"))
+    for param in ("weight", "bias")}
+_GPT2_GLOBAL_TENSORS = {"token_embd.weight": "transformer.wte.weight",
+                        "position_embd.weight": "transformer.wpe.weight",
+                        "output_norm.weight": "transformer.ln_f.weight",
+                        "output_norm.bias": "transformer.ln_f.bias",
+                        "output.weight": "lm_head.weight"}
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
     "qwen2": Architecture("Qwen2ForCausalLM", "qwen2"),
@@ -115,6 +132,9 @@ ARCHITECTURES = {
                            norm_offset=1.0),
     "gemma3": Architecture("Gemma3ForCausalLM", "gemma3_text", tensors=_SANDWICH_NORMS,
                            norm_offset=1.0),
+    "gpt2": Architecture("GPT2LMHeadModel", "gpt2", tensors=_GPT2_LAYER_TENSORS,
+                         layer_prefix="transformer.h", global_tensors=_GPT2_GLOBAL_TENSORS,
+                         conv1d=True),
     "qwen2moe": Architecture("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": Architecture("Qwen3MoeForCausalLM", "qwen3_moe", renormalize=True),
 }
@@ -134,15 +154,17 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
 
 
 def hf_tensor_name(gguf_name: str, arch: Architecture = ARCHITECTURES["llama"]) -> str:
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
+    global_tensors = arch.global_tensors or _GLOBAL_TENSORS
+    if gguf_name in global_tensors:
+        return global_tensors[gguf_name]
     prefix, _, rest = gguf_name.partition(".")
     layer, _, suffix = rest.partition(".")
-    name = arch.tensors.get(suffix) or _LAYER_TENSORS.get(suffix)
+    name = arch.tensors.get(suffix) or (None if arch.global_tensors
+                                        else _LAYER_TENSORS.get(suffix))
     if prefix == "blk" and layer.isdigit() and name is not None:
         if name.startswith("mlp.") and arch.moe_module != "mlp":
             name = f"{arch.moe_module}.{name.removeprefix('mlp.')}"
-        return f"model.layers.{layer}.{name}"
+        return f"{arch.layer_prefix}.{layer}.{name}"
     raise GGUFConversionError(f"unsupported GGUF tensor {gguf_name!r}")
 
 
@@ -220,9 +242,31 @@ def _gemma_config(reader: gguf.GGUFReader, key: str, config: dict) -> dict:
     return values
 
 
+def _gpt2_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+              "vocab_size": int(_field(reader, "gpt2.vocab_size",
+                                       len(reader.fields["tokenizer.ggml.tokens"].data))),
+              "n_embd": int(_field(reader, "gpt2.embedding_length")),
+              "n_layer": int(_field(reader, "gpt2.block_count")),
+              "n_head": int(_field(reader, "gpt2.attention.head_count")),
+              "n_positions": int(_field(reader, "gpt2.context_length")),
+              "n_inner": int(_field(reader, "gpt2.feed_forward_length")),
+              "layer_norm_epsilon": float(_field(reader, "gpt2.attention.layer_norm_epsilon")),
+              "activation_function": "gelu_new",
+              # llama.cpp writes the tied head as its own `output.weight`, a copy
+              "tie_word_embeddings": "output.weight" not in names, "torch_dtype": "float32"}
+    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
+        if value is not None:
+            config[field_name] = int(value)
+    return config
+
+
 def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
     """config.json for the GGUF's model, from its metadata (the keys llama.cpp's converter
     writes)."""
+    if arch.model_type == "gpt2":
+        return _gpt2_config(reader, {t.name for t in reader.tensors})
     key = _field(reader, "general.architecture")
     hidden = int(_field(reader, f"{key}.embedding_length"))
     heads = int(_field(reader, f"{key}.attention.head_count"))
@@ -288,7 +332,8 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
     """The checkpoint's tensors: every weight as float32, or (`native`) the linear layers'
     quantized weights as int8 values with group scales and offsets. Experts (3-D tensors)
     are dequantized either way: the experts' kernels take float weights."""
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads")
     tensors = {}
 
     def add(name: str, array: np.ndarray) -> None:
@@ -318,8 +363,11 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
                 f"{tensor.name}: GGUF format {qtype.name} does not run natively (natively: "
                 f"{', '.join(t.name for t in GROUPED_FORMATS)}); --gguf-dequantize loads it "
                 "as float")
-        router = name.endswith(("mlp.gate.weight", "moe.gate.weight", "shared_expert_gate.weight"))
-        if native and qtype in GROUPED_FORMATS and len(shape) == 2 and not router:
+        # Plain modules (routers, GPT-2's positions) take float weights only.
+        plain = name.endswith(("mlp.gate.weight", "moe.gate.weight",
+                               "shared_expert_gate.weight", "wpe.weight"))
+        conv1d = arch.conv1d and len(shape) == 2 and name.startswith(arch.layer_prefix)
+        if native and qtype in GROUPED_FORMATS and len(shape) == 2 and not (plain or conv1d):
             values, scales, offsets = grouped(tensor.data, qtype, shape[1])
             add(name, values)
             add(f"{name}_scale", scales)
@@ -327,7 +375,7 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
                 add(f"{name}_offset", offsets)
             continue
         array = gguf.quants.dequantize(tensor.data, qtype).reshape(shape)
-        add(name, array.astype(np.float32))
+        add(name, (array.T if conv1d else array).astype(np.float32))
     return tensors
 
 
