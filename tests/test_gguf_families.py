@@ -1,10 +1,10 @@
 """Every family llama.cpp's converter writes that pagedserve converts back
 (executor_svc/pagedserve/executor/gguf_to_hf.py ARCHITECTURES: LLaMA, Mixtral, Qwen2, Qwen3,
-Phi-3, Gemma 2, Gemma 3, GPT-2, Qwen2-MoE, Qwen3-MoE): a tiny random model written as llama.cpp
-writes it (pagedserve/testing/gguf_files.py, with the gguf package's own tensor-name table and
-metadata keys), converted, loaded and run. In F32 it is the original model: against transformers
-on the original weights. In Q8_0, run natively (experts dequantized), it is transformers on its
-dequantized conversion."""
+Phi-3, Gemma 2, Gemma 3, GPT-2, Falcon, Qwen2-MoE, Qwen3-MoE): a tiny random model written as
+llama.cpp writes it (pagedserve/testing/gguf_files.py, with the gguf package's own tensor-name
+table and metadata keys), converted, loaded and run. In F32 it is the original model: against
+transformers on the original weights. In Q8_0, run natively (experts dequantized), it is
+transformers on its dequantized conversion."""
 
 import gguf
 import pytest
@@ -19,6 +19,7 @@ from pagedserve.testing.paged_run import assert_matches_transformers
 from pagedserve.testing.tiny_models import (
     byte_level_tokenizer,
     randomize_weights,
+    tiny_falcon_config,
     tiny_gemma2_config,
     tiny_gemma3_config,
     tiny_gpt2_config,
@@ -49,6 +50,10 @@ FAMILIES = {
         VOCAB, query_pre_attn_scalar=32, num_hidden_layers=6, layer_types=None,
         final_logit_softcapping=None),
     "gpt2": lambda: tiny_gpt2_config(VOCAB),
+    # Falcon-40B's layout (grouped KV, two norms) and Falcon-7B's (multi-query, one norm).
+    "falcon-40b-style": lambda: tiny_falcon_config(VOCAB, tie_word_embeddings=False),
+    "falcon-7b-style": lambda: tiny_falcon_config(VOCAB, new_decoder_architecture=False,
+                                                  multi_query=True, parallel_attn=True),
     "mixtral": lambda: tiny_mixtral_config(VOCAB),
     # llama.cpp's Qwen2-MoE has experts on every layer. Rows of whole Q8_0 blocks (32).
     "qwen2-moe-shared-expert": lambda: tiny_qwen2_moe_config(
@@ -76,7 +81,7 @@ def test_an_f32_gguf_is_the_model_it_was_written_from(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["qwen2-bias-tied", "qwen3-qk-norm", "mixtral",
-                                    "qwen2-moe-shared-expert", "gpt2"])
+                                    "qwen2-moe-shared-expert", "gpt2", "falcon-40b-style"])
 def test_a_q8_0_gguf_runs_natively_as_transformers_runs_its_dequantized_conversion(
         tmp_path, family):
     path = tmp_path / f"{family}.gguf"
@@ -100,7 +105,7 @@ def test_an_architecture_it_does_not_convert_is_refused_by_name(tmp_path):
     with pytest.raises((ModelLoadError, GGUFConversionError),
                        match="GGUF architecture 'mamba' is not supported for conversion "
                              r"\(supported: llama, qwen2, qwen3, phi3, gemma2, gemma3, gpt2, "
-                             r"qwen2moe, qwen3moe\)"):
+                             r"falcon, qwen2moe, qwen3moe\)"):
         resolve_model(str(path), tmp_path / "cache")
 
 

@@ -24,6 +24,7 @@ ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
           "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
           "phi3": gguf.MODEL_ARCH.PHI3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
           "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "gpt2": gguf.MODEL_ARCH.GPT2,
+          "falcon": gguf.MODEL_ARCH.FALCON,
           "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
 
 
@@ -90,6 +91,28 @@ def _gpt2_metadata(writer: gguf.GGUFWriter, cfg) -> None:
     writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
 
 
+def _falcon_metadata(writer: gguf.GGUFWriter, cfg) -> None:
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.ffn_hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads if cfg.new_decoder_architecture else 1)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+
+
+def falcon_qkv_rows(array: np.ndarray, num_heads: int, num_kv_heads: int) -> np.ndarray:
+    """llama.cpp's Falcon q/k/v order (all q rows, then k's, then v's) from the checkpoint's
+    (per KV group: its queries, its key, its value), written after its converter's views."""
+    head_dim = array.shape[0] // (num_heads + 2 * num_kv_heads)
+    qkv = array.reshape(num_kv_heads, num_heads // num_kv_heads + 2, head_dim, -1)
+    q = qkv[:, :-2].reshape(num_heads * head_dim, -1)
+    k = qkv[:, [-2]].reshape(num_kv_heads * head_dim, -1)
+    v = qkv[:, [-1]].reshape(num_kv_heads * head_dim, -1)
+    return np.concatenate((q, k, v)).reshape(array.shape)
+
+
 def _metadata(writer: gguf.GGUFWriter, cfg) -> None:
     """The keys llama.cpp's converter writes for the LLaMA-layout families."""
     model_type = cfg.model_type
@@ -148,6 +171,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     if model_type == "gpt2":
         _gpt2_metadata(writer, cfg)
+    elif model_type == "falcon":
+        _falcon_metadata(writer, cfg)
     else:
         _metadata(writer, cfg)
 
@@ -178,6 +203,9 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
             array = llama_cpp_permute(array, cfg.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, cfg.num_key_value_heads)
+        if model_type == "falcon" and "query_key_value" in name:
+            kv = cfg.num_kv_heads if cfg.new_decoder_architecture else 1
+            array = falcon_qkv_rows(array, cfg.num_attention_heads, kv)
         if model_type == "gpt2" and name.endswith(CONV1D_WEIGHTS):
             array = array.T  # llama.cpp stores GPT-2's Conv1D weights as [out, in]
         target = gguf_name(name, model_type, cfg.num_hidden_layers)

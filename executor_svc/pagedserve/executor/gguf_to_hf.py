@@ -18,15 +18,17 @@ forms (docs/quantization.md):
   function as the GGUF (the executor casts to its compute dtype on load).
 
 Architectures (`ARCHITECTURES`): llama (and Mixtral: llama with experts), qwen2, qwen3, phi3,
-gemma2, gemma3, gpt2, qwen2moe and qwen3moe, the names llama.cpp's converter gives them; the
-config comes from the metadata keys it writes. For LLaMA and Mixtral it permutes the rows of
-the Q and K projections (interleaved rotary pairs); we undo that (on the values, scales and
-offsets alike) so the weights follow the Hugging Face (rotate-half) layout; for Gemma it adds
-one to every RMSNorm weight, which we take back; GPT-2's Conv1D weights it stores transposed,
-and we transpose them back (they convert dequantized). Its stacked experts tensors
-(`ffn_*_exps`) become one tensor per expert again, dequantized. Not converted, named in the
-error: other architectures (Gemma 1 among them: transformers, which rebuilds the tokenizer,
-does not read its GGUF), and Phi-3's LongRoPE factors (serve the Hugging Face directory).
+gemma2, gemma3, gpt2, falcon, qwen2moe and qwen3moe, the names llama.cpp's converter gives
+them; the config comes from the metadata keys it writes. For LLaMA and Mixtral it permutes the
+rows of the Q and K projections (interleaved rotary pairs); we undo that (on the values, scales
+and offsets alike) so the weights follow the Hugging Face (rotate-half) layout; for Gemma it
+adds one to every RMSNorm weight, which we take back; GPT-2's Conv1D weights it stores
+transposed, and we transpose them back (they convert dequantized); Falcon's fused q/k/v it
+reorders as all queries, then keys, then values, and we group them per KV head again. Its
+stacked experts tensors (`ffn_*_exps`) become one tensor per expert again, dequantized. Not
+converted, named in the error: other architectures (Gemma 1 among them: transformers, which
+rebuilds the tokenizer, does not read its GGUF), and Phi-3's LongRoPE factors (serve the
+Hugging Face directory).
 The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
 
@@ -106,6 +108,9 @@ class Architecture:
     # Linears stored as Conv1D weights ([in, out], GPT-2): llama.cpp transposes them, and
     # so do we back, on float weights (these convert dequantized).
     conv1d: bool = False
+    # Falcon: llama.cpp stores the fused q/k/v as all q rows, then k's, then v's; the
+    # checkpoint groups them per KV head (models/falcon.py), and so do we again.
+    grouped_qkv: bool = False
 
 
 # Gemma 2 and 3: norms after attention and around the MLP (ffn_norm is the one before it).
@@ -121,6 +126,17 @@ _GPT2_GLOBAL_TENSORS = {"token_embd.weight": "transformer.wte.weight",
                         "output_norm.weight": "transformer.ln_f.weight",
                         "output_norm.bias": "transformer.ln_f.bias",
                         "output.weight": "lm_head.weight"}
+_FALCON_LAYER_TENSORS = {
+    "attn_qkv.weight": "self_attention.query_key_value.weight",
+    "attn_output.weight": "self_attention.dense.weight",
+    "ffn_up.weight": "mlp.dense_h_to_4h.weight", "ffn_down.weight": "mlp.dense_4h_to_h.weight",
+    # the one norm of Falcon-7B; the MLP's of Falcon-40B's two (`attn_norm_2` the attention's)
+    "attn_norm.weight": "input_layernorm.weight", "attn_norm.bias": "input_layernorm.bias",
+    "attn_norm_2.weight": "ln_attn.weight", "attn_norm_2.bias": "ln_attn.bias"}
+_FALCON_GLOBAL_TENSORS = {"token_embd.weight": "transformer.word_embeddings.weight",
+                          "output_norm.weight": "transformer.ln_f.weight",
+                          "output_norm.bias": "transformer.ln_f.bias",
+                          "output.weight": "lm_head.weight"}
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", "llama", permuted_qk=True),
     "qwen2": Architecture("Qwen2ForCausalLM", "qwen2"),
@@ -135,6 +151,9 @@ ARCHITECTURES = {
     "gpt2": Architecture("GPT2LMHeadModel", "gpt2", tensors=_GPT2_LAYER_TENSORS,
                          layer_prefix="transformer.h", global_tensors=_GPT2_GLOBAL_TENSORS,
                          conv1d=True),
+    "falcon": Architecture("FalconForCausalLM", "falcon", tensors=_FALCON_LAYER_TENSORS,
+                           layer_prefix="transformer.h",
+                           global_tensors=_FALCON_GLOBAL_TENSORS, grouped_qkv=True),
     "qwen2moe": Architecture("Qwen2MoeForCausalLM", "qwen2_moe"),
     "qwen3moe": Architecture("Qwen3MoeForCausalLM", "qwen3_moe", renormalize=True),
 }
@@ -179,6 +198,18 @@ def _expert_tensors(gguf_name: str, array: np.ndarray,
     proj = arch.expert_names.get(_EXPERT_TENSORS[suffix], _EXPERT_TENSORS[suffix])
     return [(f"model.layers.{layer}.{arch.moe_module}.experts.{e}.{proj}.weight", expert)
             for e, expert in enumerate(array)]
+
+
+def grouped_qkv_rows(array: np.ndarray, num_heads: int, num_kv_heads: int) -> np.ndarray:
+    """Rows [all q heads; all k heads; all v heads] -> per KV head: its query heads, its key,
+    its value (Falcon's checkpoint layout; on values, scales, offsets and biases alike)."""
+    head_dim = array.shape[0] // (num_heads + 2 * num_kv_heads)
+    rest = array.shape[1:]
+    q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+    q = array[:q_rows].reshape(num_kv_heads, num_heads // num_kv_heads, head_dim, *rest)
+    k = array[q_rows:q_rows + kv_rows].reshape(num_kv_heads, 1, head_dim, *rest)
+    v = array[q_rows + kv_rows:].reshape(num_kv_heads, 1, head_dim, *rest)
+    return np.concatenate([q, k, v], axis=1).reshape(array.shape)
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -262,11 +293,40 @@ def _gpt2_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
     return config
 
 
+def _falcon_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
+    """Falcon-40B's layout (two norms: `attn_norm_2` present) or Falcon-7B's (multi-query,
+    one norm), attention and MLP side by side: the variants llama.cpp converts."""
+    heads = int(_field(reader, "falcon.attention.head_count"))
+    kv_heads = int(_field(reader, "falcon.attention.head_count_kv", 1))
+    new_architecture = "blk.0.attn_norm_2.weight" in names
+    config = {"architectures": ["FalconForCausalLM"], "model_type": "falcon",
+              "vocab_size": int(_field(reader, "falcon.vocab_size",
+                                       len(reader.fields["tokenizer.ggml.tokens"].data))),
+              "hidden_size": int(_field(reader, "falcon.embedding_length")),
+              "ffn_hidden_size": int(_field(reader, "falcon.feed_forward_length")),
+              "num_hidden_layers": int(_field(reader, "falcon.block_count")),
+              "num_attention_heads": heads, "num_kv_heads": kv_heads,
+              "new_decoder_architecture": new_architecture,
+              "multi_query": not new_architecture and kv_heads == 1,
+              "parallel_attn": True, "bias": False, "alibi": False,
+              "max_position_embeddings": int(_field(reader, "falcon.context_length")),
+              "layer_norm_epsilon": float(_field(reader, "falcon.attention.layer_norm_epsilon")),
+              "rope_theta": float(_field(reader, "falcon.rope.freq_base", 10000.0)),
+              "tie_word_embeddings": "output.weight" not in names, "torch_dtype": "float32"}
+    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
+        if value is not None:
+            config[field_name] = int(value)
+    return config
+
+
 def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
     """config.json for the GGUF's model, from its metadata (the keys llama.cpp's converter
     writes)."""
     if arch.model_type == "gpt2":
         return _gpt2_config(reader, {t.name for t in reader.tensors})
+    if arch.model_type == "falcon":
+        return _falcon_config(reader, {t.name for t in reader.tensors})
     key = _field(reader, "general.architecture")
     hidden = int(_field(reader, f"{key}.embedding_length"))
     heads = int(_field(reader, f"{key}.attention.head_count"))
@@ -333,13 +393,18 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
     quantized weights as int8 values with group scales and offsets. Experts (3-D tensors)
     are dequantized either way: the experts' kernels take float weights."""
     heads = config.get("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads")
+    kv_heads = config.get("num_key_value_heads", config.get("num_kv_heads"))
+    # Falcon-40B's `attn_norm` is the MLP's norm, beside the attention's `attn_norm_2`.
+    renames = {".input_layernorm.": ".ln_mlp."} if config.get("new_decoder_architecture") \
+        else {}
     tensors = {}
 
     def add(name: str, array: np.ndarray) -> None:
         module = name.rpartition(".")[0]
         if arch.norm_offset and name.endswith("norm.weight"):
             array = array - arch.norm_offset
+        if arch.grouped_qkv and module.endswith("query_key_value"):
+            array = grouped_qkv_rows(array, heads, kv_heads)
         if arch.permuted_qk and module.endswith("q_proj"):  # values, scales and offsets
             array = unpermute_rotary_rows(array, heads)
         elif arch.permuted_qk and module.endswith("k_proj"):
@@ -355,6 +420,8 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
                 add(name, expert)
             continue
         name = hf_tensor_name(tensor.name, arch)
+        for old, new in renames.items():
+            name = name.replace(old, new)
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         qtype = tensor.tensor_type
