@@ -138,8 +138,9 @@ def test_prefill_then_decode_matches_transformers(tiny_dirs, variant, chunk):
 # soft-capped scores with a window and a custom scale, two rope tables, routed experts.
 @pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
                                      "falcon-multi-query-parallel", "qwen3-window-bias",
-                                     "gpt2-untied-inner-scaled", "gemma2", "gemma3",
-                                     "qwen2-moe"])
+                                     "gpt2-untied-inner-scaled", "gemma", "gemma2", "gemma3",
+                                     "phi3-window-partial-rotary", "mixtral-window",
+                                     "qwen2-moe", "qwen3-moe"])
 @pytest.mark.parametrize("kernel_set", ["triton", "cpu"])
 def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     """The whole model on the Triton kernel set (under Triton's interpreter on CPU; compiled

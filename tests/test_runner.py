@@ -27,6 +27,7 @@ from pagedserve.testing.tiny_models import (
     tiny_mixtral_config,
     tiny_phi3_config,
     tiny_qwen2_config,
+    tiny_qwen2_moe_config,
     tiny_qwen3_config,
     tiny_qwen3_moe_config,
 )
@@ -51,6 +52,7 @@ FAMILIES = {
     "gpt2": lambda: tiny_gpt2_config(VOCAB),
     "mixtral": lambda: tiny_mixtral_config(VOCAB),
     "qwen3-moe": lambda: tiny_qwen3_moe_config(VOCAB),
+    "qwen2-moe": lambda: tiny_qwen2_moe_config(VOCAB),
     "phi3": lambda: tiny_phi3_config(VOCAB, rope_parameters={
         "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
     "gemma2": lambda: tiny_gemma2_config(VOCAB),
