@@ -159,6 +159,8 @@ def test_a_sequence_stopped_while_its_request_waits_is_not_recomputed():
     ("bytes per block", lambda r: setattr(r.kv_cache, "bytes_per_block", 2**63),
      "kv_cache.bytes_per_block"),
     ("weight bytes", lambda r: setattr(r.model, "weight_bytes", 2**63), "model.weight_bytes"),
+    ("sliding window", lambda r: setattr(r.kv_cache, "sliding_window", 2**32 - 1),
+     "kv_cache.sliding_window"),
 ])
 def test_a_registration_out_of_range_is_refused_and_evicts_nothing(field, change, named):
     """An executor's registration sizes the scheduler's structures: a value past its ceiling
