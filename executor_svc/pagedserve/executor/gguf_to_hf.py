@@ -273,10 +273,25 @@ def _gemma_config(reader: gguf.GGUFReader, key: str, config: dict) -> dict:
     return values
 
 
+def _vocab_size(reader: gguf.GGUFReader, key: str) -> int:
+    return int(_field(reader, f"{key}.vocab_size",
+                      len(reader.fields["tokenizer.ggml.tokens"].data)))
+
+
+def _special_token_ids(reader: gguf.GGUFReader) -> dict[str, int]:
+    """The config's bos, eos and pad token ids, those the file names."""
+    ids = {}
+    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos"),
+                              ("pad_token_id", "padding")):
+        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
+        if value is not None:
+            ids[field_name] = int(value)
+    return ids
+
+
 def _gpt2_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-              "vocab_size": int(_field(reader, "gpt2.vocab_size",
-                                       len(reader.fields["tokenizer.ggml.tokens"].data))),
+              "vocab_size": _vocab_size(reader, "gpt2"),
               "n_embd": int(_field(reader, "gpt2.embedding_length")),
               "n_layer": int(_field(reader, "gpt2.block_count")),
               "n_head": int(_field(reader, "gpt2.attention.head_count")),
@@ -286,11 +301,7 @@ def _gpt2_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
               "activation_function": "gelu_new",
               # llama.cpp writes the tied head as its own `output.weight`, a copy
               "tie_word_embeddings": "output.weight" not in names, "torch_dtype": "float32"}
-    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
-        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
-        if value is not None:
-            config[field_name] = int(value)
-    return config
+    return config | _special_token_ids(reader)
 
 
 def _falcon_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
@@ -300,8 +311,7 @@ def _falcon_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
     kv_heads = int(_field(reader, "falcon.attention.head_count_kv", 1))
     new_architecture = "blk.0.attn_norm_2.weight" in names
     config = {"architectures": ["FalconForCausalLM"], "model_type": "falcon",
-              "vocab_size": int(_field(reader, "falcon.vocab_size",
-                                       len(reader.fields["tokenizer.ggml.tokens"].data))),
+              "vocab_size": _vocab_size(reader, "falcon"),
               "hidden_size": int(_field(reader, "falcon.embedding_length")),
               "ffn_hidden_size": int(_field(reader, "falcon.feed_forward_length")),
               "num_hidden_layers": int(_field(reader, "falcon.block_count")),
@@ -313,11 +323,7 @@ def _falcon_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
               "layer_norm_epsilon": float(_field(reader, "falcon.attention.layer_norm_epsilon")),
               "rope_theta": float(_field(reader, "falcon.rope.freq_base", 10000.0)),
               "tie_word_embeddings": "output.weight" not in names, "torch_dtype": "float32"}
-    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
-        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
-        if value is not None:
-            config[field_name] = int(value)
-    return config
+    return config | _special_token_ids(reader)
 
 
 def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
@@ -331,12 +337,11 @@ def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
     hidden = int(_field(reader, f"{key}.embedding_length"))
     heads = int(_field(reader, f"{key}.attention.head_count"))
     head_dim = int(_field(reader, f"{key}.attention.key_length", hidden // heads))
-    tokens = reader.fields["tokenizer.ggml.tokens"]
     names = {t.name for t in reader.tensors}
     config = {
         "architectures": [arch.hf_architecture],
         "model_type": arch.model_type,
-        "vocab_size": int(_field(reader, f"{key}.vocab_size", len(tokens.data))),
+        "vocab_size": _vocab_size(reader, key),
         "hidden_size": hidden,
         "intermediate_size": int(_field(reader, f"{key}.feed_forward_length", 0)),
         "num_hidden_layers": int(_field(reader, f"{key}.block_count")),
@@ -374,12 +379,7 @@ def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
         shared = int(_field(reader, f"{key}.expert_shared_feed_forward_length", 0))
         if arch.model_type == "qwen2_moe":
             config["shared_expert_intermediate_size"] = shared
-    for field_name, token in (("bos_token_id", "bos"), ("eos_token_id", "eos"),
-                              ("pad_token_id", "padding")):
-        value = _field(reader, f"tokenizer.ggml.{token}_token_id")
-        if value is not None:
-            config[field_name] = int(value)
-    return config
+    return config | _special_token_ids(reader)
 
 
 # GGUF formats stored as floats either way.
