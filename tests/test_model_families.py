@@ -290,6 +290,8 @@ def test_moe_experts_load_from_the_stacked_form_too(tiny_dirs, tmp_path):
                  "stack"),
     ("extra", "model.layers.1.block_sparse_moe.experts.4.w2.weight: expert 4, but the config "
               "has 4"),
+    ("quantized", r"model.layers.1.mlp.experts.w2: w2: quantized experts \(torch.int8\) are "
+                  "not supported"),
 ])
 def test_a_bad_expert_tensor_is_refused_naming_it(tiny_dirs, tmp_path, change, error):
     from safetensors.torch import load_file, save_file
@@ -301,8 +303,12 @@ def test_a_bad_expert_tensor_is_refused_naming_it(tiny_dirs, tmp_path, change, e
         del weights[name]
     elif change == "misshape":
         weights[name] = weights[name][:, :-8].contiguous()
-    else:
+    elif change == "extra":
         weights[name.replace("experts.2", "experts.4")] = weights[name].clone()
+    else:  # every expert's down projection of layer 1 as int8
+        for e in range(4):
+            key = name.replace("experts.2", f"experts.{e}")
+            weights[key] = weights[key].to(torch.int8)
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(WeightLoadError, match=error):
         load_model(directory, torch.float32)

@@ -49,7 +49,7 @@ class ExpertWeights(KernelLayer):
         slice."""
         if param_name not in ("w13", "w2"):
             raise ValueError(f"the experts have no {param_name}")
-        if tensor.dtype.is_floating_point is False or tensor.element_size() == 1:
+        if not tensor.dtype.is_floating_point or tensor.element_size() == 1:  # int8, fp8
             raise ValueError(f"{param_name}: quantized experts ({tensor.dtype}) are not "
                              "supported")
         param = getattr(self, param_name)
