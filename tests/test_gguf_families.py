@@ -109,17 +109,26 @@ def test_an_architecture_it_does_not_convert_is_refused_by_name(tmp_path):
         resolve_model(str(path), tmp_path / "cache")
 
 
-def test_a_phi3_gguf_with_longrope_factors_is_refused_by_name(tmp_path):
-    import numpy as np
-
+@pytest.mark.parametrize("quant", [Q.F32, Q.Q8_0], ids=["F32", "Q8_0"])
+def test_a_longrope_phi3_gguf_is_the_model_past_its_trained_length(tmp_path, quant):
+    """LongRoPE's factors travel as tensors (and its attention factor as a key): trained on 8
+    positions, served to 64, prompts longer than 8 (where transformers uses the long factors,
+    as pagedserve does everywhere: models/rope.py)."""
+    original = AutoModelForCausalLM.from_config(tiny_phi3_config(
+        VOCAB, max_position_embeddings=64, original_max_position_embeddings=8,
+        tie_word_embeddings=False, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 2.0, 5.0, 11.0]}),
+        dtype=torch.float32).eval()
+    randomize_weights(original)
     path = tmp_path / "phi3-longrope.gguf"
-    writer = gguf.GGUFWriter(str(path), "phi3")
-    writer.add_block_count(1)
-    writer.add_tensor("rope_factors_long.weight", np.ones(8, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises((ModelLoadError, GGUFConversionError),
-                       match=r"LongRoPE factors \(rope_factors_long.weight\) is not supported"):
-        resolve_model(str(path), tmp_path / "cache")
+    write_gguf(original, byte_level_tokenizer(), path, quant=quant)
+    converted = resolve_model(str(path), tmp_path / "cache")
+    rope = converted.config["rope_parameters"]
+    assert rope["rope_type"] == "longrope" and rope["long_factor"] == [1.0, 2.0, 5.0, 11.0]
+    reference = original if quant == Q.F32 else AutoModelForCausalLM.from_pretrained(
+        resolve_model(str(path), tmp_path / "cache", gguf_dequantize=True).path,
+        dtype=torch.float32).eval()
+    prompts = [list(range(20, 29)), list(range(40, 52)), list(range(60, 83))]
+    assert_matches_transformers(load_model(converted.path, torch.float32), reference, prompts,
+                                chunk=5, decode_steps=3)

@@ -2,6 +2,7 @@
 converts that pagedserve reads back (gguf_to_hf.ARCHITECTURES)."""
 
 import json
+import math
 import pathlib
 from collections.abc import Callable
 
@@ -102,6 +103,24 @@ def _falcon_metadata(writer: gguf.GGUFWriter, cfg) -> None:
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
 
 
+def _phi3_metadata(writer: gguf.GGUFWriter, cfg) -> None:
+    """Phi-3's window and trained length; with LongRoPE, its attention factor (llama.cpp's
+    formula) and its factors, as tensors."""
+    if cfg.sliding_window:
+        writer.add_sliding_window(cfg.sliding_window)
+    trained = cfg.original_max_position_embeddings
+    writer.add_rope_scaling_orig_ctx_len(trained)
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "longrope":
+        scale = cfg.max_position_embeddings / trained
+        writer.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(scale) / math.log(trained)) if scale > 1 else 1.0)
+        writer.add_tensor("rope_factors_long.weight",
+                          np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight",
+                          np.array(rope["short_factor"], dtype=np.float32))
+
+
 def falcon_qkv_rows(array: np.ndarray, num_heads: int, num_kv_heads: int) -> np.ndarray:
     """llama.cpp's Falcon q/k/v order (all q rows, then k's, then v's) from the checkpoint's
     (per KV group: its queries, its key, its value), written after its converter's views."""
@@ -131,8 +150,8 @@ def _metadata(writer: gguf.GGUFWriter, cfg) -> None:
     writer.add_vocab_size(cfg.vocab_size)
     rotary = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
     writer.add_rope_dimension_count(rotary)
-    if getattr(cfg, "sliding_window", None) and model_type == "phi3":
-        writer.add_sliding_window(cfg.sliding_window)
+    if model_type == "phi3":
+        _phi3_metadata(writer, cfg)
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", 0)
     if experts:
         writer.add_expert_count(experts)

@@ -26,9 +26,9 @@ adds one to every RMSNorm weight, which we take back; GPT-2's Conv1D weights it 
 transposed, and we transpose them back (they convert dequantized); Falcon's fused q/k/v it
 reorders as all queries, then keys, then values, and we group them per KV head again. Its
 stacked experts tensors (`ffn_*_exps`) become one tensor per expert again, dequantized. Not
-converted, named in the error: other architectures (Gemma 1 among them: transformers, which
-rebuilds the tokenizer, does not read its GGUF), and Phi-3's LongRoPE factors (serve the
-Hugging Face directory).
+converted, named in the error: other architectures (Gemma 1 and GPT-NeoX among them:
+transformers, which rebuilds the tokenizer, does not read their GGUFs). Phi-3's LongRoPE
+factors, which llama.cpp stores as tensors, go back into the config.
 The tokenizer and chat template are rebuilt from the GGUF metadata by `transformers`.
 """
 
@@ -228,11 +228,6 @@ def gguf_architecture(reader: gguf.GGUFReader, path: pathlib.Path) -> Architectu
             f"(supported: {', '.join(ARCHITECTURES)})")
     if name == "llama" and int(_field(reader, "llama.expert_count", 0)):
         return MIXTRAL
-    names = {t.name for t in reader.tensors}
-    if name == "phi3" and names & {"rope_factors_long.weight", "rope_factors_short.weight"}:
-        raise GGUFConversionError(f"{path}: a Phi-3 GGUF with LongRoPE factors "
-                                  "(rope_factors_long.weight) is not supported for conversion; "
-                                  "serve its Hugging Face directory")
     return ARCHITECTURES[name]
 
 
@@ -326,6 +321,31 @@ def _falcon_config(reader: gguf.GGUFReader, names: set[str]) -> dict:
     return config | _special_token_ids(reader)
 
 
+# LongRoPE's per-channel factors, which llama.cpp stores as tensors (not checkpoint tensors).
+ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor",
+                       "rope_factors_short.weight": "short_factor"}
+
+
+def _phi3_config(reader: gguf.GGUFReader, config: dict) -> dict:
+    """Phi-3's partial rotary, window, and LongRoPE: its factors from their tensors, its
+    trained length and attention factor from the keys llama.cpp writes beside them."""
+    head_dim = config["head_dim"]
+    rope = {"rope_type": "default", "rope_theta": config.pop("rope_theta"),
+            "partial_rotary_factor": int(_field(reader, "phi3.rope.dimension_count",
+                                                head_dim)) / head_dim}
+    trained = int(_field(reader, "phi3.rope.scaling.original_context_length",
+                         config["max_position_embeddings"]))
+    factors = {ROPE_FACTOR_TENSORS[t.name]: gguf.quants.dequantize(t.data, t.tensor_type)
+               .reshape(-1).tolist() for t in reader.tensors if t.name in ROPE_FACTOR_TENSORS}
+    if factors:
+        rope.update(rope_type="longrope", original_max_position_embeddings=trained, **factors)
+        attention_factor = _field(reader, "phi3.rope.scaling.attn_factor")
+        if attention_factor is not None:
+            rope["attention_factor"] = float(attention_factor)
+    return {"rope_parameters": rope, "original_max_position_embeddings": trained,
+            "sliding_window": _field(reader, "phi3.attention.sliding_window")}
+
+
 def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
     """config.json for the GGUF's model, from its metadata (the keys llama.cpp's converter
     writes)."""
@@ -360,10 +380,7 @@ def hf_config(reader: gguf.GGUFReader, arch: Architecture) -> dict:
     if arch.model_type in ("qwen3", "qwen3_moe"):
         config["attention_bias"] = "blk.0.attn_q.bias" in names
     if arch.model_type == "phi3":
-        rotary = int(_field(reader, "phi3.rope.dimension_count", head_dim))
-        config["partial_rotary_factor"] = rotary / head_dim
-        config["original_max_position_embeddings"] = config["max_position_embeddings"]
-        config["sliding_window"] = _field(reader, "phi3.attention.sliding_window")
+        config.update(_phi3_config(reader, config))
     if arch.model_type.startswith("gemma"):
         config.update(_gemma_config(reader, key, config))
     experts = int(_field(reader, f"{key}.expert_count", 0))
@@ -413,6 +430,8 @@ def _converted_tensors(reader: gguf.GGUFReader, config: dict, arch: Architecture
         tensors[name] = torch.from_numpy(np.array(array, order="C"))
 
     for tensor in tqdm(reader.tensors, desc="converting GGUF", unit="tensor", leave=False):
+        if tensor.name in ROPE_FACTOR_TENSORS:  # in the config (`_phi3_config`)
+            continue
         if tensor.name.partition(".")[2].partition(".")[2] in _EXPERT_TENSORS:
             shape = tuple(reversed([int(d) for d in tensor.shape]))
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
