@@ -49,6 +49,7 @@ from pagedserve.testing.tiny_models import (
     tiny_qwen2_config,
     tiny_qwen2_moe_config,
     tiny_qwen3_config,
+    tiny_qwen3_moe_config,
 )
 from pagedserve.v1 import common_pb2
 
@@ -64,6 +65,7 @@ VARIANTS = {
     "phi3-fused-qkv-gate-up": lambda: tiny_phi3_config(VOCAB),
     "mixtral-experts-split": lambda: tiny_mixtral_config(VOCAB),
     "qwen2-moe-shared-expert": lambda: tiny_qwen2_moe_config(VOCAB),
+    "qwen3-moe-qk-norm-renormalised": lambda: tiny_qwen3_moe_config(VOCAB),
     "gemma2-capped-windowed": lambda: tiny_gemma2_config(VOCAB),
     "gemma3-two-rope-tables": lambda: tiny_gemma3_config(VOCAB),
     "falcon-multi-query-kv-replicated": lambda: tiny_falcon_config(
