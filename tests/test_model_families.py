@@ -314,6 +314,27 @@ def test_a_bad_expert_tensor_is_refused_naming_it(tiny_dirs, tmp_path, change, e
         load_model(directory, torch.float32)
 
 
+def test_a_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: its text model is served
+    alone, from the checkpoint's `language_model` tensors (the vision tower's and the
+    projector's not loaded), as transformers' multimodal model answers text prompts."""
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(
+        # No final soft-cap, as the released checkpoints (transformers' multimodal class never
+        # applies one; its text class, and pagedserve, would).
+        text_config=tiny_gemma3_config(VOCAB).to_dict(),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, architectures=["Gemma3ForConditionalGeneration"])
+    directory = save_tiny_model(tmp_path, config)
+    model = load_model(directory, torch.float32)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    reference = _reference(directory)
+    assert type(reference).__name__ == "Gemma3ForConditionalGeneration"
+    assert_matches_transformers(model, reference, PROMPTS, chunk=5, decode_steps=3)
+
+
 def test_falcon_alibi_is_a_clear_error(tmp_path):
     directory = save_tiny_model(tmp_path, tiny_falcon_config(
         VOCAB, alibi=True, new_decoder_architecture=False, multi_query=False, num_kv_heads=4))

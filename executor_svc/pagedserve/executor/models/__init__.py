@@ -7,7 +7,7 @@ import pathlib
 
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from pagedserve.executor.models.layers import (
     Linear,
@@ -42,6 +42,42 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "pagedserve.executor.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "pagedserve.executor.models.gemma:Gemma3ForCausalLM",
 }
+# Multimodal checkpoints whose language model is served alone (text in, text out): their
+# architecture -> the text model's, whose config is the checkpoint's `text_config`. Their
+# language model's tensors are renamed to the text model's (`language_model.model.x`, or
+# `model.language_model.x` as transformers 5 holds it, -> `model.x`); the vision tower's and
+# the projector's are not loaded.
+TEXT_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."),
+                            ("model.language_model.", "model."),
+                            ("language_model.lm_head.", "lm_head."))
+_NOT_TEXT_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                      "model.multi_modal_projector.")
+
+
+def model_config(model_dir: pathlib.Path) -> tuple[PretrainedConfig, bool]:
+    """The config of the model pagedserve builds for `model_dir`: its own, or a multimodal
+    checkpoint's text model's (`TEXT_MODELS`); and whether it is the latter."""
+    config = AutoConfig.from_pretrained(model_dir)
+    text_model = next((TEXT_MODELS[a] for a in config.architectures or [] if a in TEXT_MODELS),
+                      None)
+    if text_model is None:
+        return config, False
+    text_config = config.get_text_config()
+    text_config.architectures = [text_model]
+    text_config.tie_word_embeddings = config.tie_word_embeddings
+    if getattr(config, "quantization_config", None) is not None:  # the checkpoint's, whole
+        text_config.quantization_config = config.quantization_config
+    return text_config, True
+
+
+def _text_model_tensors(name: str, tensor: torch.Tensor):
+    if name.startswith(_NOT_TEXT_PREFIXES):
+        return []
+    for prefix, ours in _LANGUAGE_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            return [(ours + name.removeprefix(prefix), tensor)]
+    return [(name, tensor)]
 
 
 def model_class(architectures: list[str] | None) -> type[nn.Module]:
@@ -56,15 +92,18 @@ def model_class(architectures: list[str] | None) -> type[nn.Module]:
 
 def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
                tp: TensorParallel = SINGLE) -> nn.Module:
-    """Build the model of a Hugging Face directory (this rank's slice of it) and load its
-    safetensors checkpoint; a quantized one (quantized_checkpoints.py) loads its int8 layers as
-    int8, their float weights released."""
-    config = AutoConfig.from_pretrained(model_dir)
+    """Build the model of a Hugging Face directory (this rank's slice of it; a multimodal
+    checkpoint's language model, `TEXT_MODELS`) and load its safetensors checkpoint; a
+    quantized one (quantized_checkpoints.py) loads its int8 layers as int8, their float
+    weights released."""
+    config, text_of_multimodal = model_config(model_dir)
     cls = model_class(config.architectures)
     quantization = checkpoint_quantization(config)
     with torch.device("cpu"):
         model = cls(config, dtype, tp)
     transform = getattr(model, "checkpoint_tensors", None)
+    if text_of_multimodal:
+        transform = _chained(_text_model_tensors, transform)
     if quantization is not None:
         for module in model.modules():
             if isinstance(module, (Linear, VocabParallelEmbedding)):
@@ -88,6 +127,6 @@ def _chained(first: TensorTransform, then: TensorTransform | None) -> TensorTran
 def check_tensor_parallel(model_dir: pathlib.Path, size: int) -> None:
     """Raises TensorParallelError (or UnsupportedArchitectureError) if the model cannot be
     split over `size` ranks: built on the meta device, so nothing is allocated or loaded."""
-    config = AutoConfig.from_pretrained(model_dir)
+    config, _ = model_config(model_dir)
     with torch.device("meta"):
         model_class(config.architectures)(config, torch.float32, TensorParallel(size=size))

@@ -17,7 +17,8 @@ on the LLaMA attention (llama.py) with what Gemma changes:
   applies it; neither do we.
 
 Refused at load, naming the field: `use_bidirectional_attention` (EmbeddingGemma's encoder).
-Gemma 3's multimodal checkpoints (`Gemma3ForConditionalGeneration`) are not registered."""
+Gemma 3's multimodal checkpoints (`Gemma3ForConditionalGeneration`: 4B and up) serve their
+language model alone, text in and text out (models/__init__.py, `TEXT_MODELS`)."""
 
 from __future__ import annotations
 
