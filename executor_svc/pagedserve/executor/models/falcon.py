@@ -20,10 +20,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedserve.executor.models.layers import (
+    CausalLM,
     ColumnParallelLinear,
     LayerNorm,
     PagedAttention,
-    ParallelLMHead,
     Rotary,
     RowParallelLinear,
     UnsupportedArchitectureError,
@@ -33,7 +33,7 @@ from pagedserve.executor.models.layers import (
 )
 from pagedserve.executor.models.rope import rotary_cos_sin_cache
 from pagedserve.executor.models.weights import split_fused_qkv
-from pagedserve.executor.parallel import SINGLE, TensorParallel
+from pagedserve.executor.parallel import TensorParallel
 from pagedserve.kernels.attention import AttentionMetadata
 
 
@@ -135,35 +135,22 @@ class FalconModel(nn.Module):
         return self.ln_f(x)
 
 
-class FalconForCausalLM(nn.Module):
+class FalconForCausalLM(CausalLM):
     # The fused query_key_value is split by `checkpoint_tensors` into these three names.
     PACKED_MODULES = {"q_proj": ("query_key_value", 0), "k_proj": ("query_key_value", 1),
                       "v_proj": ("query_key_value", 2)}
+    stack_name, embedding_name = "transformer", "word_embeddings"
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE):
-        super().__init__()
+    def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
+                    tp: TensorParallel) -> nn.Module:
         if getattr(config, "alibi", False):
             raise UnsupportedArchitectureError(
                 "Falcon with alibi=True (the falcon-rw models) is not supported: the attention "
                 "kernels have no ALiBi biases; rotary Falcon models are")
-        self.config = config
-        self.transformer = FalconModel(config, dtype, tp)
-        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
+        return FalconModel(config, dtype, tp)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         if name.rpartition(".")[0].endswith(".self_attention.query_key_value"):
             return split_fused_qkv(name, tensor, falcon_num_kv_heads(self.config),
                                    self.transformer.h[0].self_attention.head_dim)
         return [(name, tensor)]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden_size] of the flat batch."""
-        return self.transformer(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
-        return self.lm_head.logits(hidden)

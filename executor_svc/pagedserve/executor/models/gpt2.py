@@ -21,17 +21,17 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedserve.executor.models.layers import (
+    CausalLM,
     ColumnParallelLinear,
     LayerNorm,
     PagedAttention,
-    ParallelLMHead,
     RowParallelLinear,
     UnsupportedArchitectureError,
     VocabParallelEmbedding,
     activation,
     qkv_projection,
 )
-from pagedserve.executor.parallel import SINGLE, TensorParallel
+from pagedserve.executor.parallel import TensorParallel
 from pagedserve.kernels.attention import AttentionMetadata
 
 CONV1D_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -104,22 +104,18 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     # c_attn is split by `checkpoint_tensors` into these three names.
     PACKED_MODULES = {"q_proj": ("c_attn", 0), "k_proj": ("c_attn", 1), "v_proj": ("c_attn", 2)}
+    stack_name, embedding_name = "transformer", "wte"
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE):
-        super().__init__()
+    def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
+                    tp: TensorParallel) -> nn.Module:
         if getattr(config, "add_cross_attention", False):
             raise UnsupportedArchitectureError(
                 "add_cross_attention: GPT-2 with cross-attention layers (an encoder-decoder's "
                 "decoder) is not supported")
-        self.config = config
-        self.transformer = GPT2Model(config, dtype, tp)
-        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+        return GPT2Model(config, dtype, tp)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         if not name.startswith(("transformer.", "lm_head.")):
@@ -135,12 +131,3 @@ class GPT2LMHeadModel(nn.Module):
                     for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3),
                                        strict=True)]
         return [(name, tensor)]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden_size] of the flat batch."""
-        return self.transformer(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
-        return self.lm_head.logits(hidden)

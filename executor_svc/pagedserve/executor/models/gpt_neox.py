@@ -13,10 +13,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedserve.executor.models.layers import (
+    CausalLM,
     ColumnParallelLinear,
     LayerNorm,
     PagedAttention,
-    ParallelLMHead,
     Rotary,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -25,7 +25,7 @@ from pagedserve.executor.models.layers import (
 )
 from pagedserve.executor.models.rope import rotary_cos_sin_cache
 from pagedserve.executor.models.weights import split_fused_qkv
-from pagedserve.executor.parallel import SINGLE, TensorParallel
+from pagedserve.executor.parallel import TensorParallel
 from pagedserve.kernels.attention import AttentionMetadata
 
 
@@ -108,19 +108,15 @@ class GPTNeoXModel(nn.Module):
         return self.final_layer_norm(x)
 
 
-class GPTNeoXForCausalLM(nn.Module):
+class GPTNeoXForCausalLM(CausalLM):
     # The fused query_key_value is split by `checkpoint_tensors` into these three names.
     PACKED_MODULES = {"q_proj": ("query_key_value", 0), "k_proj": ("query_key_value", 1),
                       "v_proj": ("query_key_value", 2)}
+    stack_name, head_name, embedding_name = "gpt_neox", "embed_out", "embed_in"
 
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE):
-        super().__init__()
-        self.config = config
-        self.gpt_neox = GPTNeoXModel(config, dtype, tp)
-        self.embed_out = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
-        if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+    def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
+                    tp: TensorParallel) -> nn.Module:
+        return GPTNeoXModel(config, dtype, tp)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor):
         if name.endswith((".attention.bias", ".attention.masked_bias")):
@@ -131,12 +127,3 @@ class GPTNeoXForCausalLM(nn.Module):
             return split_fused_qkv(name, tensor, self.config.num_attention_heads,
                                    self.gpt_neox.layers[0].attention.head_dim)
         return [(name, tensor)]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden_size] of the flat batch."""
-        return self.gpt_neox(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
-        return self.embed_out.logits(hidden)

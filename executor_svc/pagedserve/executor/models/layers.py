@@ -26,6 +26,7 @@ from functools import partial
 import structlog
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from pagedserve.executor.parallel import SINGLE, HeadSplit, TensorParallel
 from pagedserve.kernels.activation import gelu
@@ -338,6 +339,41 @@ class ParallelLMHead(ColumnParallelLinear):
         """Float32 logits [rows, vocab_size] on rank 0, which samples; None on the others."""
         logits = self.tp.gather_last_dim(self(hidden))
         return None if logits is None else logits[:, :self.vocab_size].float()
+
+
+class CausalLM(nn.Module):
+    """A family's model: its decoder stack and its output head, under the names its checkpoint
+    uses (`stack_name`: model, transformer, gpt_neox; `head_name`: lm_head, embed_out), the head
+    tied to the stack's token embedding (`embedding_name`) where the config says. Families
+    build their stack in `build_model`."""
+
+    stack_name = "model"
+    head_name = "lm_head"
+    embedding_name = "embed_tokens"
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.config = config
+        stack = self.build_model(config, dtype, tp)
+        setattr(self, self.stack_name, stack)  # first: a tied weight keeps the stack's name
+        head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
+        setattr(self, self.head_name, head)
+        if config.tie_word_embeddings:
+            head.weight = getattr(stack, self.embedding_name).weight
+
+    def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
+                    tp: TensorParallel) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of the flat batch."""
+        return getattr(self, self.stack_name)(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
+        return getattr(self, self.head_name).logits(hidden)
 
 
 def _moved(weight: QuantizedWeight, fn) -> QuantizedWeight:

@@ -17,9 +17,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedserve.executor.models.layers import (
+    CausalLM,
     ColumnParallelLinear,
     PagedAttention,
-    ParallelLMHead,
     RMSNorm,
     Rotary,
     RowParallelLinear,
@@ -28,7 +28,7 @@ from pagedserve.executor.models.layers import (
     qkv_projection,
 )
 from pagedserve.executor.models.rope import rotary_cos_sin_cache
-from pagedserve.executor.parallel import SINGLE, TensorParallel
+from pagedserve.executor.parallel import TensorParallel
 from pagedserve.kernels.attention import AttentionMetadata
 
 
@@ -152,22 +152,13 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # Checkpoint projection name -> (our packed module, part).
     PACKED_MODULES = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1),
                       "v_proj": ("qkv_proj", 2), "gate_proj": ("gate_up_proj", 0),
                       "up_proj": ("gate_up_proj", 1)}
 
     attention_options = staticmethod(llama_attention_options)
-
-    def __init__(self, config: PretrainedConfig, dtype: torch.dtype,
-                 tp: TensorParallel = SINGLE):
-        super().__init__()
-        self.config = config
-        self.model = self.build_model(config, dtype, tp)
-        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, tp)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def build_model(self, config: PretrainedConfig, dtype: torch.dtype,
                     tp: TensorParallel) -> nn.Module:
@@ -181,12 +172,3 @@ class LlamaForCausalLM(nn.Module):
         """Layer `layer_idx`'s feed-forward; families override it (Phi-3's activation, the
         MoE families' experts)."""
         return LlamaMLP(config, dtype, tp)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden_size] of the flat batch."""
-        return self.model(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Float32 logits of the rows of `hidden` that sample (on rank 0; None on the others)."""
-        return self.lm_head.logits(hidden)
