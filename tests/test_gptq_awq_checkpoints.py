@@ -14,7 +14,11 @@ from pagedserve.executor.models.layers import Linear, bind_kernels, weight_bytes
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import select_kernels
 from pagedserve.kernels.quantization import GroupedWeight, Int8Weight
-from pagedserve.testing.gptq_awq_files import reference_model, save_gptq_awq
+from pagedserve.testing.gptq_awq_files import (
+    reference_model,
+    reorder_gptq_columns,
+    save_gptq_awq,
+)
 from pagedserve.testing.paged_run import assert_matches_transformers
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
@@ -172,15 +176,91 @@ def test_awq_variants_not_supported_are_refused_by_field(checkpoint, tmp_path, u
         load_model(directory, torch.float32)
 
 
-def test_act_order_is_refused_naming_the_tensor(checkpoint, tmp_path):
-    directory = _copy(checkpoint("llama", "gptq-asym"), tmp_path / "act-order", desc_act=True)
+def _act_order(checkpoint, directory, *, mlp_order=None, kv_head_order=(1, 0)):
+    """The llama GPTQ checkpoint with its intermediate features (128, four groups of 32 in
+    down; at random by default) and its two KV heads (the halves of o's 64 columns, a group of
+    32 each) renumbered, so that o's and down's groups come out of order: the same model."""
+    if mlp_order is None:
+        mlp_order = torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    return reorder_gptq_columns(checkpoint("llama", "gptq-asym"), directory, mlp_order=mlp_order,
+                                kv_head_order=torch.tensor(kv_head_order))
+
+
+@pytest.mark.parametrize("kernel_set", ["cpu", "torch"])
+def test_an_act_order_checkpoint_matches_its_dequantized_weights(checkpoint, tmp_path,
+                                                                 kernel_set):
+    """o's and down's columns sorted by group at load, their inputs gathered in that order:
+    the model computes what transformers computes with the weights auto-round unpacks."""
+    directory = _act_order(checkpoint, tmp_path / "act-order")
+    model = loaded(directory, kernel_set)
+    layer = model.model.layers[1]
+    assert layer.self_attn.qkv_proj.input_order is None
+    assert layer.mlp.gate_up_proj.input_order is None
+    for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        order = linear.input_order
+        assert order is not None and not torch.equal(order, torch.arange(len(order)))
+        assert linear.quantized.plain().qweight.shape[1] == len(order)
+    assert_matches_transformers(model, reference_model(directory), PROMPTS, chunk=5,
+                                decode_steps=3, tol=1e-4)
+
+
+def _edit(directory, name, edit):
     tensors = load_file(directory / "model.safetensors")
-    name = "model.layers.1.mlp.down_proj.g_idx"
-    tensors[name] = tensors[name].flip(0).contiguous()  # columns' groups out of order
+    tensors[name] = edit(tensors[name]).contiguous()
     save_file(tensors, directory / "model.safetensors")
+
+
+def test_groups_out_of_order_without_desc_act_are_refused_naming_the_tensor(checkpoint,
+                                                                           tmp_path):
+    directory = _copy(checkpoint("llama", "gptq-asym"), tmp_path / "copy", desc_act=False)
+    name = "model.layers.1.mlp.down_proj.g_idx"
+    _edit(directory, name, lambda g: g.flip(0))
     with pytest.raises(UnsupportedArchitectureError,
-                       match=f"{name}: .*act-order, desc_act.* not supported"):
+                       match=f"{name}: input columns in groups out of order, where "
+                             "quantization_config.desc_act is false"):
         load_model(directory, torch.float32)
+
+
+@pytest.mark.parametrize("tensor, edit, message", [
+    # A group of 33 columns and one of 31.
+    ("model.layers.0.mlp.down_proj.g_idx", lambda g: torch.cat([g[:-1], g[-1:] * 0]),
+     "model.layers.0.mlp.down_proj.g_idx: groups of other sizes than group_size 32"),
+    # k's columns in another order than q's and v's, which share its input.
+    ("model.layers.0.self_attn.k_proj.g_idx", lambda g: g.flip(0),
+     r"model.layers.0.self_attn.[qkv]_proj.\w+: part \d.* act-order"),
+])
+def test_act_order_groups_that_cannot_be_served_are_refused_naming_the_tensor(
+        checkpoint, tmp_path, tensor, edit, message):
+    directory = _copy(checkpoint("llama", "gptq-asym"), tmp_path / "copy", desc_act=True)
+    _edit(directory, tensor, edit)
+    with pytest.raises(ValueError, match=message):
+        load_model(directory, torch.float32)
+
+
+@pytest.mark.slow
+def test_two_ranks_serve_act_order_whose_groups_stay_on_their_rank(checkpoint, tmp_path):
+    """Down's renumbered columns stay in their rank's half, o's in order: two ranks score the
+    prompts as one does. Renumbered across the halves, the layer is refused by name."""
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.runtime.serving import StartupError
+    from pagedserve.v1 import common_pb2
+
+    halves = torch.cat([torch.randperm(64, generator=torch.Generator().manual_seed(1)) + half
+                        for half in (0, 64)])
+    directory = _act_order(checkpoint, tmp_path / "halves", mlp_order=halves,
+                           kv_head_order=(0, 1))
+    runs = []
+    for size in (1, 2):
+        with LLM(str(directory), tensor_parallel_size=size, dtype="float32", kv_cache_gib=0.01,
+                 max_model_len=128) as llm:
+            outputs = llm.generate(PROMPTS[1:], common_pb2.SamplingParams(
+                max_tokens=1, temperature=0, prompt_logprobs=1))
+            runs.append([lp.chosen.logprob for o in outputs for lp in o.prompt_logprobs[1:]])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4, abs=1e-5)
+    with pytest.raises(StartupError, match=r"mlp.down_proj.input_order: act-order groups whose "
+                                           r"columns lie on other tensor-parallel ranks"):
+        LLM(str(_act_order(checkpoint, tmp_path / "across")), tensor_parallel_size=2,
+            dtype="float32", kv_cache_gib=0.01, max_model_len=128)
 
 
 def test_a_truncated_qweight_is_refused_naming_the_module(checkpoint, tmp_path):

@@ -44,6 +44,80 @@ def reference_model(directory: pathlib.Path) -> PreTrainedModel:
                                                 dtype=torch.float32).eval()
 
 
+def reorder_gptq_columns(directory: pathlib.Path, output: pathlib.Path, *,
+                         mlp_order: torch.Tensor, kv_head_order: torch.Tensor) -> pathlib.Path:
+    """An act-order checkpoint of the same model as the 4-bit GPTQ checkpoint in `directory`
+    (written into `output`, REFERENCE linked beside it): each layer's intermediate features
+    renumbered by `mlp_order` (gate's and up's output channels, down's input columns) and its
+    KV heads by `kv_head_order`, each with its query heads (q's, k's and v's output channels,
+    o's input columns). The renumbered input columns of o and down keep their groups, so that
+    their `g_idx` comes out of order, as GPTQ's act-order makes it; the model computes what it
+    did, its quantized values unchanged."""
+    config = json.loads((directory / "config.json").read_text())
+    quantization = config["quantization_config"]
+    if quantization["bits"] != 4:
+        raise ValueError("4-bit checkpoints only")
+    output.mkdir(parents=True)
+    for path in directory.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            (output / path.name).symlink_to(path.resolve())
+    quantization["desc_act"] = True
+    (output / "config.json").write_text(json.dumps(config))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_kv_head = config["num_attention_heads"] // len(kv_head_order)
+    q_head_order = (kv_head_order[:, None] * per_kv_head + torch.arange(per_kv_head)).flatten()
+    q_rows, kv_rows = (_rows(order, head_dim) for order in (q_head_order, kv_head_order))
+    renumbered = {"mlp.gate_proj": (_reorder_outputs, mlp_order),
+                  "mlp.up_proj": (_reorder_outputs, mlp_order),
+                  "mlp.down_proj": (_reorder_inputs, mlp_order),
+                  "self_attn.q_proj": (_reorder_outputs, q_rows),
+                  "self_attn.k_proj": (_reorder_outputs, kv_rows),
+                  "self_attn.v_proj": (_reorder_outputs, kv_rows),
+                  "self_attn.o_proj": (_reorder_inputs, q_rows)}
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for module in [name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight")]:
+        for suffix, (reorder, order) in renumbered.items():
+            if module.endswith(suffix):
+                tensors.update(reorder(tensors, module, order))
+    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
+    return output
+
+
+def _rows(head_order: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels of heads in `head_order`."""
+    return (head_order[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _reorder_outputs(tensors: dict[str, torch.Tensor], module: str, order: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """Output channel j of the module becomes what channel order[j] was."""
+    zeros = _unpack(tensors[f"{module}.qzeros"], 1)[:, order]
+    reordered = {f"{module}.{name}": tensors[f"{module}.{name}"][..., order].contiguous()
+                 for name in ("qweight", "scales", "bias") if f"{module}.{name}" in tensors}
+    return {**reordered, f"{module}.qzeros": _pack(zeros, 1)}
+
+
+def _reorder_inputs(tensors: dict[str, torch.Tensor], module: str, order: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """Input column j of the module becomes what column order[j] was, in its group."""
+    values = _unpack(tensors[f"{module}.qweight"], 0)[order]
+    return {f"{module}.qweight": _pack(values, 0),
+            f"{module}.g_idx": tensors[f"{module}.g_idx"][order].contiguous()}
+
+
+def _unpack(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words of eight 4-bit values each, the first in the low bits, packed along `dim`."""
+    nibbles = torch.stack([(words >> (4 * i)) & 15 for i in range(8)], dim=dim + 1)
+    return nibbles.flatten(dim, dim + 1)
+
+
+def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:
+    groups = values.unflatten(dim, (-1, 8)).to(torch.int64)
+    words = sum(groups.select(dim + 1, i) << (4 * i) for i in range(8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
 def _write(source: pathlib.Path, method: str, symmetric: bool, group_size: int, bits: int,
            directory: pathlib.Path) -> None:
     from auto_round import AutoRound

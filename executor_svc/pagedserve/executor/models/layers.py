@@ -45,6 +45,8 @@ from pagedserve.kernels.quantization import (
 
 # A quantized checkpoint's tensors beside its `weight`, and the dtypes of quantized weights.
 QUANTIZATION_TENSORS = ("weight_scale", "weight_offset")
+# An act-order checkpoint's permutation of a quantized layer's input (Linear.input_order).
+INPUT_ORDER = "input_order"
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -86,7 +88,13 @@ class Linear(KernelLayer):
     channel (`Int8Weight`); [rows, K / g] is per group of g
     columns, with `weight_offset` of the same shape where the format has offsets
     (`GroupedWeight`: GGUF's block formats). Parts quantized in different group sizes (a GGUF
-    whose v projection is Q6_K, groups of 16, and q and k Q4_K, groups of 32) share the finest."""
+    whose v projection is Q6_K, groups of 16, and q and k Q4_K, groups of 32) share the finest.
+
+    An act-order (GPTQ desc_act) checkpoint stores its groups' columns anywhere in the row;
+    they load sorted by group, with `input_order` (the checkpoint's column of each stored
+    column), and the input is gathered in that order before the matmul
+    (models/quantized_checkpoints.py). The parts of a packed layer share their input, so they
+    must share the order (GPTQ quantizes them from the same activations: they do)."""
 
     packed: torch.Tensor | None = None
     # The quantized weight, in the form the bound kernel set multiplies by.
@@ -106,6 +114,10 @@ class Linear(KernelLayer):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
                      if bias else None)
+        self.register_buffer(INPUT_ORDER, None, persistent=False)
+        # The parts whose quantized weight, and whose input order, have loaded.
+        self._weight_parts: set[int] = set()
+        self._ordered_parts: set[int] = set()
 
     @property
     def checkpoint_in_features(self) -> int:
@@ -117,11 +129,19 @@ class Linear(KernelLayer):
         share of it."""
         if part >= len(self.part_sizes):
             raise ValueError(f"part {part}: the layer has {len(self.part_sizes)} parts")
+        if param_name == INPUT_ORDER:
+            self._load_input_order(part, tensor)
+            return
         if param_name == "weight_scale" and tensor.numel() == 1:  # one for the whole tensor
             tensor = tensor.reshape(1).expand(self.checkpoint_rows(part))
         if param_name in QUANTIZATION_TENSORS or (param_name == "weight"
                                                   and tensor.dtype in QUANTIZED_DTYPES):
             target, tensor = self._quantized_target(param_name, tensor)
+            if param_name == "weight":
+                if self.input_order is not None and part not in self._ordered_parts:
+                    raise ValueError(f"part {part} in its columns' order, where the layer's "
+                                     "other projections, which share its input, are act-order")
+                self._weight_parts.add(part)
         else:
             param = getattr(self, param_name, None) if param_name in ("weight", "bias") else None
             if param is None:
@@ -138,6 +158,32 @@ class Linear(KernelLayer):
                              f"model expects {expected}")
         start = sum(self.part_sizes[:part])
         target[start:start + self.part_sizes[part]].copy_(self.shard(part, param_name, tensor))
+
+    def _load_input_order(self, part: int, order: torch.Tensor) -> None:
+        """An act-order part's column order (a permutation of the checkpoint's input columns),
+        which comes before its weight, as this rank applies it."""
+        columns = self.checkpoint_in_features
+        if self.checkpoint_w8a8 is None:
+            raise ValueError(f"{INPUT_ORDER} in a checkpoint whose config.json has no "
+                             "quantization_config")
+        if order.dim() != 1 or order.dtype != torch.int64 or not torch.equal(
+                order.sort().values, torch.arange(columns)):
+            raise ValueError(f"{INPUT_ORDER} part {part}: expected a permutation of the "
+                             f"{columns} input columns")
+        order = self.local_input_order(order)
+        if self.input_order is None:
+            if self._weight_parts:
+                raise ValueError(f"part {part} is act-order, where the layer's other "
+                                 "projections, which share its input, are in order")
+            self.input_order = order
+        elif not torch.equal(order, self.input_order):
+            raise ValueError(f"part {part}: act-order unlike the layer's other projections, "
+                             "which share its input (g_idx differs)")
+        self._ordered_parts.add(part)
+
+    def local_input_order(self, order: torch.Tensor) -> torch.Tensor:
+        """The order of this rank's input columns (all of them here)."""
+        return order
 
     def _quantized_target(self, param_name: str, tensor: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +303,8 @@ class Linear(KernelLayer):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x W^T (+ `bias`), by the int8 weight when quantized, by the packed weight when the
         kernel set repacked it."""
+        if self.input_order is not None:
+            x = x.index_select(-1, self.input_order)
         if self.quantized is not None:
             return self.kernels.quantized_linear(x, self.quantized, bias)
         if self.packed is not None:
@@ -305,6 +353,20 @@ class RowParallelLinear(Linear):
     @property
     def checkpoint_in_features(self) -> int:
         return self.in_features * self.tp.size
+
+    def local_input_order(self, order: torch.Tensor) -> torch.Tensor:
+        """The order of this rank's columns: its slice of the stored columns must come from its
+        own slice of the input (act-order groups do not in general: refused)."""
+        if self.tp.size == 1:
+            return order
+        start = self.tp.rank * self.in_features
+        local = order[start:start + self.in_features] - start
+        if bool(((local < 0) | (local >= self.in_features)).any()):
+            raise ValueError(f"act-order groups whose columns lie on other tensor-parallel "
+                             f"ranks' inputs (rank {self.tp.rank} of {self.tp.size}) in a "
+                             "row-parallel layer: not supported (serve it on one rank, or a "
+                             "checkpoint quantized without desc_act)")
+        return local
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Its columns of the weight and of group scales and offsets; the bias and the per-row
@@ -499,6 +561,8 @@ def weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, (Linear, VocabParallelEmbedding)) and module.quantized is not None:
             total += module.quantized.nbytes
+            order = getattr(module, INPUT_ORDER, None)
+            total += 0 if order is None else tensor_bytes(order)
         elif isinstance(module, Linear) and module.packed is not None:
             tensors[id(module.packed)] = module.packed
     return total + tensor_bytes(*tensors.values())

@@ -27,9 +27,12 @@ output in its interleaved order), zero points `qzeros` packed along the output, 
 `scales` [in / group, out]: W = s · (u - z). They load as GroupedWeight too: 4-bit values
 as they are (0..15, packed two to a byte by the kernels), 8-bit ones less 128, with
 o = -s · (z - that bias). GPTQ's original format stores z - 1 (`checkpoint_format` "gptq";
-GPTQModel's "gptq_v2" stores z). Act-order checkpoints (`desc_act`), whose `g_idx` puts the
-input columns in groups out of order, are refused naming the tensor: groups must be
-contiguous columns here (serving them needs a permutation of every input, left for later).
+GPTQModel's "gptq_v2" stores z). Act-order checkpoints (`desc_act`) quantize the input columns
+in order of their activations' magnitude, so that `g_idx` (each column's group) puts a group's
+columns anywhere in the row. Here groups are runs of consecutive columns, so such a layer's
+columns are sorted by group at load and its input is gathered in that order at run time
+(`input_order`, a permutation the layer applies before its matmul; layers.Linear). This
+is vLLM's way too; it costs one gather of each input per layer, not a copy of the weights.
 
 Which layers are quantized is read from the tensors themselves: an int8 `weight` (with its
 `weight_scale`) makes its Linear quantized (`Linear.checkpoint_w8a8`), a float one leaves it
@@ -56,7 +59,7 @@ SUPPORTED = ("compressed-tensors with int weights of 8 or 4 bits, per channel or
              "symmetric or with zero points, and no activation quantization (W8A16, W4A16) or, "
              "for symmetric per-channel int8 weights, dynamic per-token int8 activations "
              "(W8A8); or fp8 weights with dynamic per-token fp8 activations (FP8_DYNAMIC); "
-             "GPTQ of 4 or 8 bits without act-order; AWQ GEMM of 4 bits with zero points; "
+             "GPTQ of 4 or 8 bits, act-order too; AWQ GEMM of 4 bits with zero points; "
              "GGUF")
 # compressed-tensors formats of int weights: int8 tensors as they are, or values packed into
 # int32s (pack-quantized, the only one for 4 bits).
@@ -86,6 +89,8 @@ class CheckpointQuantization:
     # points lack (1 in GPTQ's original format).
     group_size: int = -1
     zero_point_shift: int = 0
+    # GPTQ's desc_act: columns quantized in order of activation size, groups given by g_idx.
+    act_order: bool = False
 
     @property
     def dynamic_activations(self) -> bool:
@@ -179,7 +184,8 @@ def _gptq_scheme(config: dict) -> CheckpointQuantization:
         _refuse(f"quantization_config.checkpoint_format {fmt!r} (needs 'gptq' or 'gptq_v2')")
     return CheckpointQuantization("gptq", bits, bool(config.get("sym", True)),
                                   _group_size(config, "group_size"),
-                                  zero_point_shift=1 if fmt == "gptq" else 0)
+                                  zero_point_shift=1 if fmt == "gptq" else 0,
+                                  act_order=bool(config.get("desc_act", False)))
 
 
 def _awq_scheme(config: dict) -> CheckpointQuantization:
@@ -311,26 +317,33 @@ GPTQ_AWQ_TENSORS = ("qweight", "qzeros", "scales")
 
 class PackedGroupsUnpacker:
     """GPTQ's and AWQ's tensors as the Linears load them: a module's `qweight`, `qzeros` and
-    `scales` (held until all three have come) become `weight` (int8 [out, in]),
-    `weight_scale` and `weight_offset` (float32 [out, groups]); GPTQ's `g_idx` is checked to
-    put each group's columns together, and dropped. Other tensors pass as they are."""
+    `scales` (held until all three have come, and GPTQ's `g_idx` too in an act-order
+    checkpoint) become `weight` (int8 [out, in]), `weight_scale` and `weight_offset` (float32
+    [out, groups]). A `g_idx` that puts groups out of order sorts the weight's columns by group
+    and comes out first as `input_order` (the columns' order, int64 [in]); one in order is
+    dropped. Other tensors pass as they are."""
 
     def __init__(self, quantization: CheckpointQuantization):
         self.quantization = quantization
         # Values are stored less this, so that 8-bit ones fit an int8.
         self.bias = 0 if quantization.num_bits == 4 else 128
+        self.parts = GPTQ_AWQ_TENSORS + (("g_idx",) if quantization.act_order else ())
         self.held: dict[str, dict[str, torch.Tensor]] = {}
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         module, _, param = name.rpartition(".")
-        if param == "g_idx" and self.quantization.scheme == "gptq":
-            self._check_group_index(name, tensor)
+        if param == "g_idx" and self.quantization.scheme == "gptq" \
+                and not self.quantization.act_order:
+            if self._input_order(name, tensor) is not None:
+                raise UnsupportedArchitectureError(
+                    f"{name}: input columns in groups out of order, where "
+                    "quantization_config.desc_act is false")
             return []
-        if param not in GPTQ_AWQ_TENSORS:
+        if param not in self.parts:
             return [(name, tensor)]
         parts = self.held.setdefault(module, {})
         parts[param] = tensor
-        if len(parts) < len(GPTQ_AWQ_TENSORS):
+        if len(parts) < len(self.parts):
             return []
         del self.held[module]
         values, zeros = self._values(module, parts)
@@ -340,13 +353,22 @@ class PackedGroupsUnpacker:
                 f"{module}: qweight unpacks to {tuple(values.shape)} and qzeros to "
                 f"{tuple(zeros.shape)}, which do not fit scales {tuple(scales.shape)}")
         self._check_group_count(module, values.shape[0], scales.shape[0])
+        order = None
+        if "g_idx" in parts:
+            if parts["g_idx"].shape != values.shape[:1]:
+                raise WeightLoadError(f"{module}.g_idx: shape {tuple(parts['g_idx'].shape)}, "
+                                      f"expected ({values.shape[0]},): a group per input column")
+            order = self._input_order(f"{module}.g_idx", parts["g_idx"])
+        reordered = [] if order is None else [(f"{module}.input_order", order)]
+        if order is not None:
+            values = values[order]
         zeros = zeros.to(torch.float32) + self.quantization.zero_point_shift - self.bias
         weight = (f"{module}.weight", (values - self.bias).to(torch.int8).T.contiguous())
         if scales.shape[0] == 1 and not zeros.any():
             # Symmetric 8-bit values per channel: what `--quantization int8` makes, which the
             # int8 kernels run (per-channel scales, no offsets).
             return [weight, (f"{module}.weight_scale", scales[0])]
-        return [weight, (f"{module}.weight_scale", scales.T.contiguous()),
+        return [*reordered, weight, (f"{module}.weight_scale", scales.T.contiguous()),
                 (f"{module}.weight_offset", (-scales * zeros).T.contiguous())]
 
     def _values(self, module: str, parts: dict[str, torch.Tensor]
@@ -368,11 +390,20 @@ class PackedGroupsUnpacker:
             raise WeightLoadError(f"{module}: {groups} groups of scales for {columns} input "
                                   f"columns, where group_size {size} makes {expected}")
 
-    def _check_group_index(self, name: str, g_idx: torch.Tensor) -> None:
+    def _input_order(self, name: str, g_idx: torch.Tensor) -> torch.Tensor | None:
+        """The columns sorted by group (stable), None where they are in order already. Each
+        group must hold group_size columns (the last what is left), as GPTQ makes them, so
+        that sorted they are runs of consecutive columns."""
         size = self.quantization.group_size
-        columns = torch.arange(g_idx.numel(), dtype=torch.int64)
-        expected = torch.zeros_like(columns) if size == -1 else columns // size
-        if g_idx.dim() != 1 or not torch.equal(g_idx.to(torch.int64), expected):
-            raise UnsupportedArchitectureError(
-                f"{name}: input columns in groups out of order (act-order, desc_act) are not "
-                f"supported (supported: {SUPPORTED})")
+        if g_idx.dim() != 1 or g_idx.dtype.is_floating_point:
+            raise WeightLoadError(f"{name}: {g_idx.dtype} of shape {tuple(g_idx.shape)}, "
+                                  "expected a 1-d int tensor (a group per input column)")
+        groups = g_idx.to(torch.int64)
+        columns = torch.arange(groups.numel(), dtype=torch.int64)
+        in_order = torch.zeros_like(columns) if size == -1 else columns // size
+        if torch.equal(groups, in_order):
+            return None
+        order = torch.sort(groups, stable=True).indices
+        if not torch.equal(groups[order], in_order):
+            raise WeightLoadError(f"{name}: groups of other sizes than group_size {size}")
+        return order

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.executor.models.layers import (
+    INPUT_ORDER,
     QUANTIZATION_TENSORS,
     Linear,
     PagedAttention,
@@ -161,7 +162,7 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], aliases: set
             raise WeightLoadError(f"{name}: {exc}") from None
         loaded.add(f"{target_path}.{param_name}#{part}")
         return
-    if name not in params and not (param_name in QUANTIZATION_TENSORS
+    if name not in params and not (param_name in (*QUANTIZATION_TENSORS, INPUT_ORDER)
                                    and f"{module_path}.weight" in params):
         if name in aliases:
             return  # a tied parameter's second name: loaded under its first
