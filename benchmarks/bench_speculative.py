@@ -21,7 +21,6 @@ the same --speculative-config), measured by the same client.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -31,8 +30,9 @@ import sys
 import tempfile
 import urllib.request
 
-from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import running_stack, wait_until_answers
+from vllm_peer import DEFAULT_VLLM_PYTHON, vllm_server
+
+from pagedserve.testing.processes import running_stack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKLOADS = REPO / "benchmarks" / "workloads"
@@ -59,29 +59,6 @@ def metrics(base_url: str) -> dict[str, float]:
             if name.removeprefix(prefix) in COUNTERS and name.startswith(prefix):
                 found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return found
-
-
-@contextlib.contextmanager
-def vllm_server(log_path: pathlib.Path, vllm_python: str, model_dir: str, max_model_len: int,
-                speculative: dict | None):
-    """`vllm serve` on a free loopback port until the block ends (peers/run_vllm_serve.sh's
-    settings: both cores bound, bfloat16, 4 GiB of KV cache)."""
-    (port,) = free_ports(1)
-    argv = [vllm_python, str(REPO / "benchmarks" / "peers" / "vllm_cli.py"), "serve",
-            model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-            "--max-model-len", str(max_model_len), "--seed", "0"]
-    if speculative:
-        argv += ["--speculative-config", json.dumps(speculative)]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_answers(f"{base}/health", 1200, process)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def stack_flags(model: str | None, max_model_len: int, speculative: dict | None) -> list[str]:
@@ -123,8 +100,7 @@ def main() -> None:
                         default=WORKLOADS / "input_grounded.jsonl",
                         help="the input-grounded workload (another JSONL of chat prompts)")
     parser.add_argument("--engine", choices=["pagedserve", "vllm"], default="pagedserve")
-    parser.add_argument("--vllm-python", default=os.path.join(tempfile.gettempdir(), "venv-vllm",
-                                                              "bin", "python"),
+    parser.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
                         help="--engine vllm: the vllm-cpu venv's python (peers/env.sh)")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
@@ -145,7 +121,8 @@ def main() -> None:
             for name, config in (("off", None), ("ngram", speculative)):
                 log = scratch / f"{workload}-{concurrency}-{name}-{round_}.log"
                 server = (vllm_server(log, args.vllm_python, args.model, args.max_model_len,
-                                      config) if args.engine == "vllm"
+                                      ["--speculative-config", json.dumps(config)] if config
+                                      else []) if args.engine == "vllm"
                           else running_stack(log, *stack_flags(args.model, args.max_model_len,
                                                                config)))
                 with server as base_url:

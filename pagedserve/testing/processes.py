@@ -84,9 +84,11 @@ def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
 class RunningStack(str):
     """The gateway's base URL, also knowing the scheduler's address."""
 
-    def __new__(cls, base: str, scheduler: str, grpc_address: str, log_path: pathlib.Path):
+    def __new__(cls, base: str, scheduler: str, grpc_address: str, log_path: pathlib.Path,
+                pid: int):
         stack = super().__new__(cls, base)
         stack.scheduler, stack.grpc, stack.log_path = scheduler, grpc_address, log_path
+        stack.pid = pid  # `pagedserve up`'s, the parent of the stack's processes
         return stack
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
@@ -120,9 +122,11 @@ def wait_until_answers(url: str, timeout: float, process: subprocess.Popen | Non
 
 
 @contextlib.contextmanager
-def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None):
+def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | None = None,
+                  env: dict[str, str] | None = None):
     """`pagedserve up` on free ports, once ready; stopped on exit. With `ssl_context` (the
-    flags then carry certificates) readiness is checked over HTTPS."""
+    flags then carry certificates) readiness is checked over HTTPS. `env`: the stack's
+    environment (default: this process's)."""
     shared_internal_secret()
     http, grpc_port, scheduler = free_ports(3)
     executor = free_consecutive_ports(1)
@@ -131,7 +135,7 @@ def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | Non
         [sys.executable, "-m", "pagedserve", "up", *model_flags,
          "--http-port", str(http), "--grpc-port", str(grpc_port), "--scheduler-port",
          str(scheduler), "--executor-port", str(executor), "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=log, text=True)
+        stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     deadline = time.monotonic() + 180
     while "pagedserve is up" not in process.stdout.readline():
         assert process.poll() is None and time.monotonic() < deadline, "stack did not start"
@@ -139,7 +143,8 @@ def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | Non
     # Ready once the executor registered.
     wait_until_answers(f"{base}/ready", deadline - time.monotonic(), ssl_context=ssl_context)
     try:
-        yield RunningStack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}", log_path)
+        yield RunningStack(base, f"127.0.0.1:{scheduler}", f"127.0.0.1:{grpc_port}", log_path,
+                           process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
