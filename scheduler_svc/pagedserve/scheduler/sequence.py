@@ -80,10 +80,9 @@ class Sequence:
     state: SeqState = SeqState.WAITING
     # Tokens whose K/V are computed or scheduled to be (advanced when a step is planned).
     num_computed: int = 0
-    # Samples planned but not yet returned (more than 0 only with overlapped steps).
-    num_in_flight: int = 0
-    # The lookahead (proposals to verify) of each of those steps, oldest first: what they may
-    # have computed past num_computed by the time a later step runs.
+    # One entry per sample planned but not yet returned (more than one only with overlapped
+    # steps): the lookahead (proposals to verify) of its step, oldest first, which is what
+    # that step may have computed past num_computed by the time a later step runs.
     lookahead_in_flight: deque[int] = field(default_factory=deque)
     # Whether the executor holds a mirror of it (to be dropped when it leaves).
     on_executor: bool = False
@@ -98,6 +97,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.request.num_prompt_tokens
+
+    @property
+    def num_in_flight(self) -> int:
+        """Samples planned but not yet returned."""
+        return len(self.lookahead_in_flight)
 
     @property
     def num_known_tokens(self) -> int:
@@ -124,7 +128,6 @@ class Sequence:
     def move_to_new_executor(self) -> None:
         """Its executor was lost: queued on another, from scratch, with nothing in flight."""
         self.preempt()
-        self.num_in_flight = 0
         self.lookahead_in_flight.clear()
 
     def finish(self) -> None:

@@ -367,7 +367,7 @@ class StepScheduler:
                       num_lookahead_tokens=lookahead)
         seq.num_computed += num_tokens
         if seq.num_computed == seq.num_known_tokens:
-            seq.num_in_flight += 1  # this step computes its last known token: it samples
+            # This step computes its last known token: it samples.
             seq.lookahead_in_flight.append(lookahead)
         budget.take(num_tokens + lookahead)  # proposals are computed too
         self.counters.speculative_decodes += lookahead > 0
@@ -443,7 +443,6 @@ class StepScheduler:
                 refused[request.request_id] = wrong
                 self.abort(request.request_id)
                 continue
-            seq.num_in_flight -= 1
             seq.lookahead_in_flight.popleft()
             self.counters.accepted_tokens += accepted
             if seq.state is SeqState.RUNNING:  # a preempted one recomputes from scratch
