@@ -70,7 +70,7 @@ from machine_info import cpu_info
 
 from pagedserve.scheduler.admission import PoolLimits, admit_request
 from pagedserve.scheduler.block_manager import BlockManager
-from pagedserve.scheduler.pool_loop import PoolLoop, failures_into
+from pagedserve.scheduler.pool_loop import Overlap, PoolLoop, failures_into
 from pagedserve.scheduler.step_scheduler import StepLimits, StepScheduler
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
@@ -553,7 +553,8 @@ async def drive(llm: LLM, population: Population) -> None:
     """The pool loop over the in-process executor until every request has finished."""
     handle = llm.make_handle()
     lost: list[str] = []
-    loop = PoolLoop(llm.scheduler, handle, llm.overlap, failures_into(lost))
+    loop = PoolLoop(llm.scheduler, handle, Overlap.ALWAYS if llm.overlap else Overlap.NEVER,
+                    failures_into(lost))
     task = asyncio.create_task(loop.run())
     loop.notify()
     try:

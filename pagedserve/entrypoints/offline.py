@@ -41,7 +41,7 @@ from pagedserve.runtime.pooling import embedding_sampling, pooling_from_config
 from pagedserve.scheduler.admission import admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import schedule_executor
-from pagedserve.scheduler.pool_loop import PoolLoop, failures_into
+from pagedserve.scheduler.pool_loop import Overlap, PoolLoop, failures_into
 from pagedserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
 # vLLM's default when a request names no max_tokens.
@@ -249,7 +249,8 @@ class LLM:
         handle = self.make_handle()
         lost: list[str] = []
         failed = asyncio.Event()
-        loop = PoolLoop(self.scheduler, handle, self.overlap, failures_into(lost, failed))
+        loop = PoolLoop(self.scheduler, handle, Overlap.ALWAYS if self.overlap else Overlap.NEVER,
+                        failures_into(lost, failed))
         collectors = []
         for prompt, sampling in zip(prompts, params, strict=True):
             collector = _Collector(f"offline-{next(self._ids)}", prompt, max(1, sampling.n))

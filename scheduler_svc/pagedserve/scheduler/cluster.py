@@ -21,7 +21,7 @@ import structlog
 from pagedserve.scheduler.admission import AdmissionError, PoolLimits, admit_request
 from pagedserve.scheduler.executor_handle import ExecutorHandle
 from pagedserve.scheduler.executor_pool import check_registration, schedule_executor
-from pagedserve.scheduler.pool_loop import LoopEvents, PoolLoop
+from pagedserve.scheduler.pool_loop import LoopEvents, Overlap, PoolLoop
 from pagedserve.scheduler.sequence import Sequence, resumed_sequences
 from pagedserve.scheduler.step_scheduler import StepScheduler
 from pagedserve.v1 import common_pb2, scheduler_pb2
@@ -59,7 +59,7 @@ class ExecutorWedged(Exception):
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    overlap: bool = True
+    overlap: Overlap = Overlap.AUTO
     enable_prefix_caching: bool = True
     heartbeat_interval_s: float = 2.0
     # How long requests wait for an executor when none is left.

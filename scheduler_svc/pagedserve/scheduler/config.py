@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="turn automatic prefix caching off")
     parser.add_argument("--no-overlap", action="store_true",
-                        help="wait for each step's result before planning the next")
+                        help="wait for each step's result before planning the next "
+                             "(default: plan it while the step runs where that pays, as "
+                             "measured)")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0,
                         help="seconds between executor heartbeats; a lease lapses after three "
                              "missed ones")

@@ -31,6 +31,7 @@ from pagedserve.scheduler.cluster import (
 )
 from pagedserve.scheduler.executor_handle import GrpcExecutorHandle
 from pagedserve.scheduler.executor_pool import DescriptionError
+from pagedserve.scheduler.pool_loop import Overlap
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -205,7 +206,7 @@ async def _expire_forever(cluster: Cluster) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     auth = InternalAuth.from_args(args, Role.SCHEDULER)
-    cluster = Cluster(ClusterConfig(overlap=not args.no_overlap,
+    cluster = Cluster(ClusterConfig(overlap=Overlap.NEVER if args.no_overlap else Overlap.AUTO,
                                     enable_prefix_caching=not args.no_prefix_caching,
                                     heartbeat_interval_s=args.heartbeat_interval,
                                     no_executor_timeout_s=args.no_executor_timeout,
