@@ -243,12 +243,24 @@ def test_two_ranks_serve_act_order_whose_groups_stay_on_their_rank(checkpoint, t
     prompts as one does. Renumbered across the halves, the layer is refused by name."""
     from pagedserve.entrypoints.offline import LLM
     from pagedserve.runtime.serving import StartupError
-    from pagedserve.v1 import common_pb2
 
     halves = torch.cat([torch.randperm(64, generator=torch.Generator().manual_seed(1)) + half
                         for half in (0, 64)])
     directory = _act_order(checkpoint, tmp_path / "halves", mlp_order=halves,
                            kv_head_order=(0, 1))
+    runs = _prompt_logprobs_on_one_and_two_ranks(directory)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4, abs=1e-5)
+    with pytest.raises(StartupError, match=r"mlp.down_proj.input_order: act-order groups whose "
+                                           r"columns lie on other tensor-parallel ranks"):
+        LLM(str(_act_order(checkpoint, tmp_path / "across")), tensor_parallel_size=2,
+            dtype="float32", kv_cache_gib=0.01, max_model_len=128)
+
+
+def _prompt_logprobs_on_one_and_two_ranks(directory) -> list[list[float]]:
+    """The prompts' logprobs as one rank scores them, and as two do."""
+    from pagedserve.entrypoints.offline import LLM
+    from pagedserve.v1 import common_pb2
+
     runs = []
     for size in (1, 2):
         with LLM(str(directory), tensor_parallel_size=size, dtype="float32", kv_cache_gib=0.01,
@@ -256,11 +268,7 @@ def test_two_ranks_serve_act_order_whose_groups_stay_on_their_rank(checkpoint, t
             outputs = llm.generate(PROMPTS[1:], common_pb2.SamplingParams(
                 max_tokens=1, temperature=0, prompt_logprobs=1))
             runs.append([lp.chosen.logprob for o in outputs for lp in o.prompt_logprobs[1:]])
-    assert runs[1] == pytest.approx(runs[0], rel=1e-4, abs=1e-5)
-    with pytest.raises(StartupError, match=r"mlp.down_proj.input_order: act-order groups whose "
-                                           r"columns lie on other tensor-parallel ranks"):
-        LLM(str(_act_order(checkpoint, tmp_path / "across")), tensor_parallel_size=2,
-            dtype="float32", kv_cache_gib=0.01, max_model_len=128)
+    return runs
 
 
 def test_a_truncated_qweight_is_refused_naming_the_module(checkpoint, tmp_path):
@@ -277,18 +285,8 @@ def test_a_truncated_qweight_is_refused_naming_the_module(checkpoint, tmp_path):
 def test_two_ranks_serve_a_gptq_checkpoint_as_one_does(checkpoint):
     """Each rank takes its slice of the values, scales and zero points (groups of 32 divide
     every rank's columns): two ranks score the prompts as one does, to float rounding."""
-    from pagedserve.entrypoints.offline import LLM
-    from pagedserve.v1 import common_pb2
-
     directory = checkpoint("llama", "gptq-asym")
-    runs = []
-    for size in (1, 2):
-        with LLM(str(directory), tensor_parallel_size=size, dtype="float32", kv_cache_gib=0.01,
-                 max_model_len=128) as llm:
-            outputs = llm.generate(PROMPTS[1:], common_pb2.SamplingParams(
-                max_tokens=1, temperature=0, prompt_logprobs=1))
-            runs.append([lp.chosen.logprob for o in outputs for lp in o.prompt_logprobs[1:]])
-    single, split = runs
+    single, split = _prompt_logprobs_on_one_and_two_ranks(directory)
     assert len(split) == sum(len(p) - 1 for p in PROMPTS[1:])
     assert split == pytest.approx(single, rel=1e-4, abs=1e-5)
 
