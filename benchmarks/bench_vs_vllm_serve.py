@@ -115,7 +115,7 @@ def server(engine: str, workload: Workload, args: argparse.Namespace, log: pathl
                          flags) as url:
             yield url
         return
-    env = {**os.environ, "PAGEDSERVE_NO_PREFIX_CACHING": "" if workload.prefix_caching else "1"}
+    env = {**os.environ, "PAGEDSERVE_NO_PREFIX_CACHING": "0" if workload.prefix_caching else "1"}
     with running_stack(log, "--model", args.model_dir, "--dtype", "bfloat16",
                        "--max-model-len", str(workload.max_model_len), env=env) as url:
         yield url
