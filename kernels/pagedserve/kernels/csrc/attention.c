@@ -163,11 +163,16 @@ static inline int64_t slot_offset(const int64_t *table, int64_t pos, const Decod
  * its attention at half the speed of one with contiguous tables). */
 #define PREFETCH_AHEAD 8
 
-/* Brings `bytes` bytes from `offset` elements (of `format`) into `cache` towards the L1 cache. */
+/* Brings `bytes` bytes from `offset` elements (of `format`) into `cache` towards the L2 cache
+ * (locality 1: prefetcht2), not the L1. A prefetch into the L1 holds one of the L1's few miss
+ * buffers until its line arrives, so a tile's worth of them (6 cache lines a position) stalled
+ * the kernel's own loads behind them: with the cache streamed from memory, the decode kernel
+ * ran at 0.6 ms a layer with locality 3 against 0.35 ms with 1 or 2 (batch 32, ~250 positions,
+ * 2-core EPYC; the same 0.27 ms either way with the cache hot). docs/performance.md has it. */
 static inline void prefetch_bytes(const void *cache, int64_t offset, int64_t format,
                                   int64_t bytes) {
     const char *start = (const char *)cache + offset * format_size(format);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(start + b, 0, 3);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(start + b, 0, 1);
 }
 
 /* acc's `rows` rows of `dim` times the V cache's scale (when it has one), then stored. */
