@@ -718,25 +718,49 @@ def test_a_prefill_alone_takes_the_whole_budget():
 
 
 @pytest.mark.parametrize(("budget", "cap"), [(16, 4), (19, 4), (20, 5), (3, 1)])
-def test_contending_prefills_take_a_quarter_of_the_budget(budget: int, cap: int):
+def test_a_long_prompt_takes_a_quarter_of_the_budget_while_a_short_one_waits(budget: int,
+                                                                            cap: int):
     h = harness(max_num_batched_tokens=budget)
-    a = h.submit(prompt_of(12), sampling_params(max_tokens=1))
-    b = h.submit(prompt_of(12, start=5), sampling_params(max_tokens=1))
-    # Both waiting, then both prefilling: each chunk at most max(1, budget // 4), exactly.
-    for _ in range(2):
-        assert work_tokens(h.schedule()) == {a: cap, b: cap}
-        h.process_next()
+    a = h.submit(prompt_of(40), sampling_params(max_tokens=1))
+    # Short: no more than max(1, budget // 4) tokens, exactly that many here.
+    b = h.submit(prompt_of(cap, start=5), sampling_params(max_tokens=1))
+    assert work_tokens(h.schedule()) == {a: cap, b: cap}
+    h.process_next()
+    assert work_tokens(h.schedule()) == {a: budget}  # b finished: a alone takes it all
+    h.process_next()
     h.run()
     h.check_outcomes()
 
 
-def test_a_running_prefill_and_a_waiting_one_contend():
+def test_prompts_longer_than_a_quarter_of_the_budget_go_first_come_first_served():
+    """Side by side they would all finish late together; in turn the first finishes first."""
+    h = harness(max_num_batched_tokens=16)  # a quarter: 4
+    a = h.submit(prompt_of(12), sampling_params(max_tokens=1))
+    b = h.submit(prompt_of(5, start=5), sampling_params(max_tokens=1))  # one over a quarter
+    c = h.submit(prompt_of(30, start=9), sampling_params(max_tokens=1))
+    assert work_tokens(h.schedule()) == {a: 12, b: 4}
+    h.process_next()
+    assert work_tokens(h.schedule()) == {b: 1, c: 15}  # b's last token goes first, as decodes
+    h.process_next()
+    assert work_tokens(h.schedule()) == {c: 15}
+    h.process_next()
+    h.run()
+    h.check_outcomes()
+
+
+def test_a_running_long_prefill_makes_room_for_a_short_prompt_only():
     h = harness(max_num_batched_tokens=16)
-    a = h.submit(prompt_of(40), sampling_params(max_tokens=1))
+    a = h.submit(prompt_of(60), sampling_params(max_tokens=1))
     assert work_tokens(h.schedule()) == {a: 16}  # alone: the whole budget
     h.process_next()
-    b = h.submit(prompt_of(40, start=7), sampling_params(max_tokens=1))
+    b = h.submit(prompt_of(4, start=7), sampling_params(max_tokens=1))  # a quarter: short
     assert work_tokens(h.schedule()) == {a: 4, b: 4}
+    h.process_next()
+    c = h.submit(prompt_of(5, start=9), sampling_params(max_tokens=1))  # not short: it waits
+    for a_chunk in (16, 16):
+        assert work_tokens(h.schedule()) == {a: a_chunk}
+        h.process_next()
+    assert work_tokens(h.schedule()) == {a: 8, c: 5}  # the rest of a's 60 tokens, then c
     h.process_next()
     h.run()
     h.check_outcomes()
@@ -808,13 +832,25 @@ def test_a_decode_goes_before_a_prefill_admitted_earlier():
     h.check_outcomes()
 
 
-def test_a_running_prefill_with_two_tokens_left_contends():
-    h = harness(max_num_batched_tokens=16)
-    a = h.submit(prompt_of(10), sampling_params(max_tokens=1))
-    b = h.submit(prompt_of(40, start=7), sampling_params(max_tokens=1))
-    for a_chunk in (4, 4, 2):  # a quarter each, as long as a has two tokens left to compute
-        assert work_tokens(h.schedule()) == {a: a_chunk, b: 4}
+def test_a_running_prefill_with_two_tokens_left_is_a_short_prompt():
+    """Eight decodes leave four tokens of a 12-token budget: the long prompt takes a quarter
+    (3) while the short one, admitted behind it, gets what is left (1). With two tokens left
+    the short one is still a prompt, so the long one stays at a quarter and the short one
+    gets its token; with one left it is a decode, and goes first."""
+    h = harness(max_num_seqs=16, max_num_batched_tokens=12)
+    decoding = [h.submit([i + 2], sampling_params(max_tokens=8, ignore_eos=True))
+                for i in range(8)]
+    h.schedule()
+    h.process_next()
+    long = h.submit(prompt_of(40, start=20), sampling_params(max_tokens=1))
+    short = h.submit(prompt_of(3, start=70), sampling_params(max_tokens=1))
+    decodes = {rid: 1 for rid in decoding}
+    for _ in range(2):
+        assert work_tokens(h.schedule()) == {**decodes, long: 3, short: 1}
         h.process_next()
+    plan = h.schedule()
+    assert [w.request_id for w in plan.work] == [*decoding, short, long]
+    h.process_next()
     h.run()
     h.check_outcomes()
 
@@ -825,9 +861,9 @@ def test_decodes_that_spend_the_budget_leave_a_prefill_for_the_next_step():
     h = harness(max_num_batched_tokens=4)
     r = h.submit(prompt_of(3), sampling_params(n=4, max_tokens=2, ignore_eos=True))
     p = h.submit(prompt_of(20, start=5), sampling_params(max_tokens=1))
-    for _ in range(2):  # r/0 prefills the prompt but its last token, 1 a step
-        assert work_tokens(h.schedule()) == {f"{r}/0": 1, p: 3}
-        h.process_next()
+    # r/0 prefills the prompt but its last token, first come, first served.
+    assert work_tokens(h.schedule()) == {f"{r}/0": 2, p: 2}
+    h.process_next()
     plan = h.schedule()  # r/0 forks and computes its last prompt token
     assert [n.fork_of for n in plan.new_requests] == [f"{r}/0"] * 3
     assert work_tokens(plan) == {f"{r}/0": 1, p: 3}
@@ -939,15 +975,14 @@ def test_a_sequence_preempted_earlier_in_a_step_leaves_the_rest_of_it():
     loop then passes v and goes on to z's prefill chunk, which fits in z's block."""
     h = harness(num_blocks=3, block_size=4, max_num_batched_tokens=3)
     sampling = sampling_params(max_tokens=8, ignore_eos=True)
-    x = h.submit(prompt_of(3), sampling)
+    x = h.submit(prompt_of(2), sampling)
     v = h.submit(prompt_of(2, start=5), sampling, priority=1)
-    assert work_tokens(h.schedule()) == {x: 1, v: 1}
-    h.process_next()
-    assert work_tokens(h.schedule()) == {v: 1, x: 2}
+    assert work_tokens(h.schedule()) == {x: 2, v: 1}
     h.process_next()
     z = h.submit(prompt_of(8, start=7), sampling_params(max_tokens=1))
-    assert work_tokens(h.schedule()) == {x: 1, v: 1, z: 1}
-    h.process_next()
+    for _ in range(2):  # x fills its block; z's prefill takes the last one
+        assert work_tokens(h.schedule()) == {x: 1, v: 1, z: 1}
+        h.process_next()
     plan = h.schedule()
     assert list(plan.dropped_request_ids) == [v]
     assert work_tokens(plan) == {x: 1, z: 2}
@@ -1333,7 +1368,7 @@ def test_children_take_their_parents_place_in_the_running_order():
     h = harness(max_num_seqs=2, max_num_batched_tokens=16, block_size=4)
     rid = h.submit(prompt_of(5), sampling_params(n=2, max_tokens=4, ignore_eos=True))
     y = h.submit(prompt_of(20, start=9), sampling_params(max_tokens=4, ignore_eos=True))
-    # A quarter of the budget while both wait; y, left alone, the rest.
+    # The parent's prompt but its last token, first come, first served; y the rest.
     assert work_tokens(h.schedule()) == {f"{rid}/0": 4, y: 12}
     h.process_next()
     plan = h.schedule()  # the fork, the parent's last token, the rest of y's prompt
@@ -1504,12 +1539,11 @@ def test_a_child_forked_in_a_step_is_not_dropped_by_it():
 
 
 def test_parents_waiting_to_fork_do_not_deadlock_the_pool():
-    h = harness(num_blocks=6, block_size=4, max_num_batched_tokens=16)
+    h = harness(num_blocks=6, block_size=4, max_num_batched_tokens=18)
     h.submit(prompt_of(10), sampling_params(n=2, max_tokens=2))
     h.submit(prompt_of(10, start=7), sampling_params(n=2, max_tokens=2))
-    for _ in range(3):  # both parents prefill 9 tokens, 3 blocks each: the whole pool
-        h.schedule()
-        h.process_next()
+    h.schedule()  # both parents prefill 9 tokens, 3 blocks each: the whole pool
+    h.process_next()
     assert h.blocks.num_free_blocks == 0
     # Each fork needs a block for the copy of its partial last block.
     h.run()
@@ -1533,7 +1567,7 @@ def test_prompt_logprobs_of_a_fork_lost_before_its_first_token_are_sent_once():
     plan = h.schedule()
     assert [(n.request_id, n.fork_of) for n in plan.new_requests] == [
         (f"{rid}/0", ""), (other, "")]
-    assert work_tokens(plan) == {f"{rid}/0": 2, other: 2}  # contended: a quarter each
+    assert work_tokens(plan) == {f"{rid}/0": 5, other: 3}  # first come, first served
     h.process_next()
     h.run()
     h.check_outcomes()

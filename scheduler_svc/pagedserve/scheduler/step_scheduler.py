@@ -3,9 +3,13 @@ sequences run in each step, as StepPlan deltas, and what the results mean for ea
 
 Each step has a token budget and a sequence limit. Running sequences go first (a decode is one
 token; a partial prefill continues in chunks), then waiting ones fill the rest of the budget
-(chunked prefill), in priority / arrival order. While several sequences prefill or wait, one
-prefill chunk takes at most a quarter of the budget, so a long prompt cannot hold back the
-short requests queued behind it (like vLLM's long_prefill_token_threshold). When blocks run
+(chunked prefill), in priority / arrival order: first come, first served, the first prompt
+taking all the budget it can, so the earliest prompts finish first. While a short prompt (one
+that a quarter of the budget finishes) prefills or waits, a longer prompt's chunk takes at most
+a quarter of the budget, so a long prompt cannot hold back the short requests queued behind it
+(like vLLM's long_prefill_token_threshold). Capping every chunk whenever two prompts contend,
+as this did before, made long prompts advance side by side and finish late together
+(docs/performance.md, issue 24's long-prompt workload). When blocks run
 out, the lowest-priority, latest-arrived running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed from prompt + generated
 tokens later. No new sequence is admitted in a step that had to preempt. Where the model
@@ -46,7 +50,8 @@ class StepLimits:
 
     @property
     def contended_prefill_chunk(self) -> int:
-        """Most tokens one prefill chunk may take while other sequences wait."""
+        """Most tokens one prefill chunk may take while a short prompt waits; a prompt with no
+        more than this left to compute is a short one."""
         return max(1, self.max_num_batched_tokens // 4)
 
 
@@ -185,7 +190,6 @@ class StepScheduler:
         decodes, prefills = [], []
         for seq in self.running:
             (decodes if seq.compute_target() - seq.num_computed == 1 else prefills).append(seq)
-        contended = self._prefills_contend()
         lookahead = self._step_lookahead()
         for seq in decodes + prefills:
             if not (budget.seqs_left and budget.tokens_left):
@@ -200,8 +204,7 @@ class StepScheduler:
                 # A fork's parent and children cannot leave the plan that forks them: the
                 # executor applies drops before forks.
                 scheduled.update(id(s) for s in (seq, *forked))
-            num_tokens = min(seq.compute_target() - seq.num_computed,
-                             self._chunk_cap(budget, contended))
+            num_tokens = self._chunk(seq.compute_target() - seq.num_computed, budget)
             proposals = self._lookahead(seq, num_tokens, lookahead, budget)
             new_blocks = None
             while new_blocks is None:
@@ -268,8 +271,7 @@ class StepScheduler:
                                          salt=request.cache_salt)
             self.blocks.release_outside_window(seq.seq_id, computed)  # a long cached prefix
             # 0 only for a parent whose hit covers all it computes before forking.
-            num_tokens = min(seq.compute_target() - computed,
-                             self._chunk_cap(budget, self._prefills_contend()))
+            num_tokens = self._chunk(seq.compute_target() - computed, budget)
             try:
                 self.blocks.allocate(seq.seq_id, computed + num_tokens)
             except NoFreeBlocks:
@@ -288,19 +290,26 @@ class StepScheduler:
             if num_tokens:
                 self._add_work(plan, seq, num_tokens, [], budget)
 
-    def _prefills_contend(self) -> bool:
-        """Whether more than one sequence prefills or waits to: then each prefill chunk takes
-        at most a quarter of the budget, so that no one prompt holds the others back."""
-        needed = max(0, 2 - len(self.waiting))  # prefilling sequences that make it more than one
-        prefilling = (s for s in self.running if s.compute_target() - s.num_computed > 1)
-        return len(list(itertools.islice(prefilling, needed))) == needed
+    def _chunk(self, left: int, budget: _Budget) -> int:
+        """Tokens a sequence with `left` tokens still to compute computes in this step: all
+        the budget leaves, but a quarter of the budget where it is longer than that and a
+        short prompt contends (`_short_prompt_contends`)."""
+        cap = self.limits.contended_prefill_chunk
+        if left > cap and self._short_prompt_contends(budget.seqs_left):
+            return min(budget.tokens_left, cap)
+        return min(left, budget.tokens_left)
 
-    def _chunk_cap(self, budget: _Budget, contended: bool) -> int:
-        """Tokens a prefill chunk may take: a quarter of the budget when prefills contend
-        (`_prefills_contend`), else all that is left."""
-        if contended:
-            return min(budget.tokens_left, self.limits.contended_prefill_chunk)
-        return budget.tokens_left
+    def _short_prompt_contends(self, seqs_left: int) -> bool:
+        """Whether a sequence has a prompt of at most a quarter of the budget left to compute:
+        running (one token left is a decode, not a prompt) or waiting among the `seqs_left`
+        that this step could still admit (their cached prefixes not counted: they may count
+        as longer than they are, never as shorter). The sequence asking is longer than that,
+        so it is never the short one itself."""
+        cap = self.limits.contended_prefill_chunk
+        running = (s for s in self.running if 1 < s.compute_target() - s.num_computed <= cap)
+        waiting = (s for s in itertools.islice(self.waiting, seqs_left + 1)
+                   if s.compute_target() - s.num_computed <= cap)
+        return next(itertools.chain(running, waiting), None) is not None
 
     def _ready_to_fork(self, seq: Sequence) -> bool:
         request = seq.request
