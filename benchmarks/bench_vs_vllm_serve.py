@@ -165,7 +165,9 @@ def bench(url: str, workload: Workload, rates: list[float] | None, result: pathl
         argv += ["--max-concurrency", str(workload.concurrency)]
     if rates:
         argv += ["--sweep-rates", ",".join(f"{r:.4f}" for r in rates), "--plot-file", str(plot)]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    # Exit 1: some requests failed, which the result counts (failed, errors); 2: no result.
+    if subprocess.run(argv, stdout=subprocess.DEVNULL).returncode not in (0, 1):
+        raise RuntimeError(f"pagedserve bench serve could not run: {' '.join(argv)}")
     output = json.loads(result.read_text())
     return output["sweep"] if rates else [output]
 

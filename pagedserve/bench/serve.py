@@ -98,6 +98,13 @@ def _auth(api_key: str | None) -> dict[str, str]:
 
 # --- OpenAI-compatible HTTP ------------------------------------------------------------------
 
+# Idle connections are closed by the client before the server would close them (uvicorn, which
+# serves both pagedserve's gateway and vLLM, closes them after 5 s; aiohttp keeps them 15 s).
+# Otherwise a request sent on a connection just as the server closes it fails with "Server
+# disconnected": seen once in 128 Poisson requests against `vllm serve`.
+KEEPALIVE_TIMEOUT_S = 2.0
+
+
 class OpenAIBackend:
     """Streams /v1/completions or /v1/chat/completions over one aiohttp session whose
     connection pool is at least as large as the concurrency."""
@@ -112,7 +119,8 @@ class OpenAIBackend:
         import aiohttp
 
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connections),
+            connector=aiohttp.TCPConnector(limit=connections,
+                                           keepalive_timeout=KEEPALIVE_TIMEOUT_S),
             timeout=aiohttp.ClientTimeout(total=config.request_timeout_s),
             headers=_auth(config.api_key))
         try:
