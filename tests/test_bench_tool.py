@@ -325,6 +325,16 @@ def test_serve_counts_chunks_without_usage_and_honours_max_concurrency(tmp_path)
     assert result["duration_s"] >= 3 * (TTFT_S + 2 * ITL_S)
 
 
+def test_the_client_drops_idle_connections_before_uvicorn_would():
+    """pagedserve's gateway and `vllm serve` are both uvicorn servers: a request sent on an
+    idle connection just as the server closes it fails with "Server disconnected"."""
+    import uvicorn
+
+    from pagedserve.bench.serve import KEEPALIVE_TIMEOUT_S
+
+    assert 0 < KEEPALIVE_TIMEOUT_S < uvicorn.Config(app=None).timeout_keep_alive
+
+
 def test_serve_counts_failed_requests(tmp_path, capsys):
     workload = write_workload(tmp_path / "w.jsonl", [("ok", 2), ("fail", 2), ("ok2", 3),
                                                      ("fail midway", 2)])
