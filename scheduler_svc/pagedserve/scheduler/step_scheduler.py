@@ -7,9 +7,9 @@ token; a partial prefill continues in chunks), then waiting ones fill the rest o
 taking all the budget it can, so the earliest prompts finish first. While a short prompt (one
 that a quarter of the budget finishes) prefills or waits, a longer prompt's chunk takes at most
 a quarter of the budget, so a long prompt cannot hold back the short requests queued behind it
-(like vLLM's long_prefill_token_threshold). Capping every chunk whenever two prompts contend,
-as this did before, made long prompts advance side by side and finish late together
-(docs/performance.md, issue 24's long-prompt workload). When blocks run
+(like vLLM's long_prefill_token_threshold). Capping every chunk whenever two prompts contend
+would make long prompts advance side by side and all finish late (docs/performance.md, issue
+24's long-prompt workload). When blocks run
 out, the lowest-priority, latest-arrived running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed from prompt + generated
 tokens later. No new sequence is admitted in a step that had to preempt. Where the model
