@@ -15,7 +15,8 @@ Workloads (--workloads, comma-separated):
 - `poisson`: the reference workload arriving as a Poisson process, unlimited concurrency, at
   0.5x, 0.8x and 1.0x the capacity (requests/s) `vllm serve` reached on `reference` in this
   sitting (or --capacity), by `pagedserve bench serve --sweep-rates` on one fresh server per
-  engine, which also draws latency against rate into a PNG beside --out.
+  engine (whose own plots, throughput against latency, go beside --out); this script draws
+  both engines' TTFT p50 and ITL p99 against the request rate into `<out>_latency_vs_rate.png`.
 The generated workloads are deterministic (their seeds and sha256 are recorded); token ids are
 drawn from the default model's ordinary tokens.
 
@@ -210,6 +211,41 @@ def summarize(runs: list[dict]) -> list[dict]:
     return summary
 
 
+LATENCIES = (("median_ttft_ms", "TTFT p50 (ms)"), ("p99_itl_ms", "ITL p99 (ms)"))
+
+
+def latency_against_rate(summary: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """From the summary's Poisson rows, in rate order: per engine, the rates and each of
+    LATENCIES at them (the issue's latency measures)."""
+    rows = sorted((r for r in summary if r["workload"] == "poisson"),
+                  key=lambda r: float(r["request_rate"]))
+    return {engine: {"rate": [float(r["request_rate"]) for r in rows],
+                     **{key: [r[f"{engine}_{key}"] for r in rows] for key, _ in LATENCIES}}
+            for engine in ENGINES}
+
+
+def plot_latency_against_rate(summary: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = latency_against_rate(summary)
+    figure, axes = plt.subplots(1, len(LATENCIES), figsize=(11, 4.2))
+    for axis, (key, label) in zip(axes, LATENCIES, strict=True):
+        for engine, values in series.items():
+            axis.plot(values["rate"], values[key], marker="o", label=engine)
+        axis.set(xlabel="offered request rate (requests/s, Poisson)", ylabel=label, title=label)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("pagedserve and vllm serve: latency against request rate (reference "
+                    "workload)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="reference,shared_prefix,long_prompt,poisson")
@@ -252,6 +288,9 @@ def main() -> None:
                 report["runs"] += run_once(engine, workload, args, scratch, round_, rates)
         report["summary"] = summarize(report["runs"])
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+        if rates:
+            plot_latency_against_rate(report["summary"],
+                                      args.out.with_name(f"{args.out.stem}_latency_vs_rate.png"))
     for row in report["summary"]:
         print(json.dumps(row), flush=True)
 

@@ -72,3 +72,25 @@ def test_cpu_time_is_what_each_kind_of_process_spent_while_the_workload_ran():
              3: ("pagedserve gateway", 0.5)}  # started meanwhile: all of it counts
     assert bench.cpu_spent(before, after) == {"pagedserve executor": 20.5,
                                               "pagedserve gateway": 1.5}
+
+
+def test_latency_against_rate_takes_each_engines_poisson_rows_in_rate_order(tmp_path):
+    runs = [{"workload": workload, "request_rate": rate, "engine": engine,
+             "output_throughput": 1.0, "median_ttft_ms": ttft, "p99_ttft_ms": 0.0,
+             "median_itl_ms": 0.0, "p99_itl_ms": itl}
+            for workload, rate, engine, ttft, itl in (
+                ("poisson", 2.5, "pagedserve", 264.0, 375.0),
+                ("poisson", 2.5, "vllm", 203.0, 314.0),
+                ("poisson", 1.25, "pagedserve", 165.0, 181.0),
+                ("poisson", 1.25, "vllm", 166.0, 183.0),
+                ("reference", "inf", "pagedserve", 9.0, 9.0),
+                ("reference", "inf", "vllm", 9.0, 9.0))]
+    summary = bench.summarize(runs)
+    assert bench.latency_against_rate(summary) == {
+        "pagedserve": {"rate": [1.25, 2.5], "median_ttft_ms": [165.0, 264.0],
+                       "p99_itl_ms": [181.0, 375.0]},
+        "vllm": {"rate": [1.25, 2.5], "median_ttft_ms": [166.0, 203.0],
+                 "p99_itl_ms": [183.0, 314.0]}}
+    plot = tmp_path / "latency.png"
+    bench.plot_latency_against_rate(summary, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
