@@ -81,16 +81,16 @@ def test_latency_against_rate_takes_each_engines_poisson_rows_in_rate_order(tmp_
             for workload, rate, engine, ttft, itl in (
                 ("poisson", 2.5, "pagedserve", 264.0, 375.0),
                 ("poisson", 2.5, "vllm", 203.0, 314.0),
-                ("poisson", 1.25, "pagedserve", 165.0, 181.0),
-                ("poisson", 1.25, "vllm", 166.0, 183.0),
+                ("poisson", 10.0, "pagedserve", 165.0, 181.0),  # before 2.5 as text
+                ("poisson", 10.0, "vllm", 166.0, 183.0),
                 ("reference", "inf", "pagedserve", 9.0, 9.0),
                 ("reference", "inf", "vllm", 9.0, 9.0))]
     summary = bench.summarize(runs)
     assert bench.latency_against_rate(summary) == {
-        "pagedserve": {"rate": [1.25, 2.5], "median_ttft_ms": [165.0, 264.0],
-                       "p99_itl_ms": [181.0, 375.0]},
-        "vllm": {"rate": [1.25, 2.5], "median_ttft_ms": [166.0, 203.0],
-                 "p99_itl_ms": [183.0, 314.0]}}
+        "pagedserve": {"rate": [2.5, 10.0], "median_ttft_ms": [264.0, 165.0],
+                       "p99_itl_ms": [375.0, 181.0]},
+        "vllm": {"rate": [2.5, 10.0], "median_ttft_ms": [203.0, 166.0],
+                 "p99_itl_ms": [314.0, 183.0]}}
     plot = tmp_path / "latency.png"
     bench.plot_latency_against_rate(summary, plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
