@@ -96,6 +96,22 @@ def test_kv_cache_write_matches_torch(dtype, tokens):
     assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("writer", [cpu.write_kv_cache_cpu, write_kv_cache],
+                         ids=["cpu", "torch"])
+def test_kv_cache_write_skips_padding_slots(writer):
+    """A negative slot (a padded CUDA-graph batch's rows) stores nothing; the others land as
+    they would without it."""
+    gen = torch.Generator().manual_seed(5)
+    key, value = (torch.randn(4, 2, 64, generator=gen) for _ in range(2))
+    slots = torch.tensor([9, -1, 0, -1])
+    caches = [torch.full((4, BLOCK, 2, 64), float("nan")) for _ in range(2)]
+    writer(key, value, *caches, slots)
+    for cache, new in zip(caches, (key, value), strict=True):
+        rows = cache.view(-1, 2, 64)
+        assert torch.equal(rows[[9, 0]], new[[0, 2]])
+        assert rows.isnan().all(-1).all(-1).sum() == rows.shape[0] - 2  # nothing else written
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("with_decodes", [True, False])
 def test_mixed_batch_matches_torch(case, with_decodes):

@@ -87,7 +87,14 @@ def test_paged_attention_decode_split_k_matches_torch(case):
     check_decode(case, SPLIT_SEQ_LENS, partition_size=64, seed=400)
 
 
-def check_decode(case, seq_lens, partition_size, seed):
+@pytest.mark.parametrize("case", [0, 3])
+def test_paged_attention_decode_split_k_with_a_bound_on_the_contexts(case):
+    """As a decode CUDA graph runs it (executor/cuda_graphs.py): the grid sized for contexts
+    up to max_model_len, here 8 partitions, the last 4 past every sequence's end."""
+    check_decode(case, SPLIT_SEQ_LENS, partition_size=64, seed=700, max_seq_len=512)
+
+
+def check_decode(case, seq_lens, partition_size, seed, max_seq_len=None):
     dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
     gen = torch.Generator().manual_seed(seed + case)
     seq_lens = seq_lens[:]
@@ -104,7 +111,8 @@ def check_decode(case, seq_lens, partition_size, seed):
     out = torch.full_like(query, float("nan"))
     result = paged_attention_decode_triton(query, key_cache, value_cache, tables, seq_lens_t,
                                            scale, window, out=out,
-                                           partition_size=partition_size)
+                                           partition_size=partition_size,
+                                           max_seq_len=max_seq_len)
     assert result is out
 
     # The PyTorch path gathers whole blocks and masks the scores (0 * NaN is NaN), so it reads

@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from pagedserve.executor.cuda_graphs import DecodeGraphs, capture_sizes
 from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models import load_model
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits
 from pagedserve.executor.runner import ModelRunner
 from pagedserve.executor.speculative import SpeculativeConfig
+from pagedserve.testing.graphs import EagerCapture
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
     tiny_falcon_config,
@@ -72,7 +74,10 @@ def hf_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_runner(directory, speculative: SpeculativeConfig | None = None) -> ModelRunner:
+def make_runner(directory, speculative: SpeculativeConfig | None = None,
+                graphs: bool = False) -> ModelRunner:
+    """`graphs`: decode-only steps replay "graphs" (cuda_graphs.py, captured by a CPU
+    stand-in) of batch sizes 1, 2, 4 and 8, padded as on a GPU."""
     model = load_model(directory, torch.float32)
     allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
     limits = LIMITS if speculative is None else dataclasses.replace(
@@ -83,8 +88,10 @@ def make_runner(directory, speculative: SpeculativeConfig | None = None) -> Mode
         allocate_kv_cache(draft_model, LIMITS.num_blocks, BLOCK, torch.float32,
                           torch.device("cpu"))
         draft = DraftModel(draft_model, BLOCK, torch.device("cpu"), model.config.vocab_size)
+    decode_graphs = DecodeGraphs(model, capture_sizes(8), LIMITS.max_model_len, BLOCK,
+                                 torch.device("cpu"), EagerCapture()) if graphs else None
     return ModelRunner(model, limits, eos_token_ids=[2], device=torch.device("cpu"),
-                       speculative=speculative, draft=draft)
+                       speculative=speculative, draft=draft, graphs=decode_graphs)
 
 
 def self_draft(directory) -> SpeculativeConfig:
@@ -95,12 +102,12 @@ def self_draft(directory) -> SpeculativeConfig:
     return SpeculativeConfig("draft_model", 3, model=str(directory))
 
 
-@pytest.fixture(params=["plain", "self-draft"])
+@pytest.fixture(params=["plain", "self-draft", "graphs"])
 def runner(request, model_dir):
-    """The runner without speculation, and with the model as its own draft (its decodes then
-    verify 3 proposals each)."""
+    """The runner without speculation, with the model as its own draft (its decodes then
+    verify 3 proposals each), and with decode graphs."""
     return make_runner(model_dir, self_draft(model_dir) if request.param == "self-draft"
-                       else None)
+                       else None, graphs=request.param == "graphs")
 
 
 def hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pagedserve.executor.config import EngineConfig
+from pagedserve.executor.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.kv_cache import (
     GIB,
@@ -233,6 +234,7 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
                           max_model_len=max_model_len, max_logprobs=config.max_logprobs,
                           max_lookahead_tokens=speculative.num_speculative_tokens
                           if speculative else 0)
+    graphs = _decode_graphs(config, model, kernels, device, tp.size, max_model_len)
     log.info("model ready", model=str(model_dir.path), device=str(device),
              dtype=str(dtype).removeprefix("torch."), **dataclasses.asdict(memory),
              kernels=kernels.name, kv_blocks=num_blocks,
@@ -242,7 +244,19 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
                        speculative, draft and DraftModel(draft, config.block_size, device,
                                                          model.config.vocab_size),
                        _grammar_compiler(model_dir, model.config.vocab_size) if tp.is_first
-                       else None)
+                       else None, graphs)
+
+
+def _decode_graphs(config: EngineConfig, model: nn.Module, kernels: Kernels,
+                   device: torch.device, tensor_parallel_size: int,
+                   max_model_len: int) -> DecodeGraphs | None:
+    """The decode steps' CUDA graphs, captured now (counted in start-up), where they apply."""
+    reason = eager_reason(device, kernels.name, tensor_parallel_size, config.enforce_eager)
+    if reason is not None:
+        log.info("decode steps run eagerly", reason=reason)
+        return None
+    return capture_decode_graphs(model, config.max_num_seqs, max_model_len, config.block_size,
+                                 device)
 
 
 def _grammar_compiler(model_dir: ModelDirectory, vocab_size: int) -> GrammarCompiler:

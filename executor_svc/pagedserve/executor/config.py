@@ -34,6 +34,7 @@ class EngineConfig:
     dtype: str = "auto"
     quantization: str | None = None  # None: the weights keep the dtype
     attention_backend: str = "auto"
+    enforce_eager: bool = False
     tensor_parallel_size: int = 1
     block_size: int = 16
     kv_cache_dtype: str = "auto"
@@ -134,6 +135,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention in a C kernel built at first use; auto: triton on "
                              "cuda, cpu on cpu (torch when no C compiler is found; triton on "
                              "cpu runs under TRITON_INTERPRET=1: for checks only)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        default=EngineConfig.enforce_eager,
+                        help="run every step eagerly: capture no CUDA graphs (by default, "
+                             "on cuda with the triton kernels and one rank, decode-only steps "
+                             "replay graphs captured at start-up for batch sizes up to "
+                             "--max-num-seqs, at most 512; docs/design.md §5)")
     parser.add_argument("--tensor-parallel-size", type=int,
                         default=EngineConfig.tensor_parallel_size,
                         help="split the model's layers over this many processes, one per GPU "

@@ -31,7 +31,8 @@ import structlog
 import torch
 from torch import nn
 
-from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.batch import FlatBatch, ScheduledSequence, build_flat_batch
+from pagedserve.executor.cuda_graphs import DecodeGraphs
 from pagedserve.executor.draft_model import DraftModel, DraftSequence
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits, check_plan
 from pagedserve.executor.sampler import (
@@ -90,8 +91,9 @@ class ModelRunner:
                  device: torch.device, group: TensorParallelGroup = NO_GROUP,
                  memory: RunnerMemory = RunnerMemory(),
                  speculative: SpeculativeConfig | None = None, draft: DraftModel | None = None,
-                 grammars: GrammarCompiler | None = None):
+                 grammars: GrammarCompiler | None = None, graphs: DecodeGraphs | None = None):
         self.model = model
+        self.graphs = graphs  # decode steps' CUDA graphs, when captured
         self.grammars = grammars  # rank 0's
         self.speculative = speculative
         self.draft = draft  # rank 0's, for method draft_model
@@ -216,18 +218,20 @@ class ModelRunner:
         batch = build_flat_batch(seqs, self.limits.block_size, self.device)
         # Each sequence's last row, counted on the host (reading the batch's would sync).
         last_rows = [end - 1 for end in itertools.accumulate(len(s.token_ids) for s in seqs)]
+        # A request samples when this step computes its last known token; with proposals, at
+        # the proposals' positions too (what the target draws there verifies them).
+        samples = [i for i, (m, w) in enumerate(zip(mirrors, ordered, strict=True))
+                   if m.num_computed + w.num_tokens == len(m.token_ids)]
+        # Copied to the device before the forward pass is queued: a copy from the host after
+        # it would wait for the whole pass before the logits could be queued.
+        rows = torch.tensor([row for i in samples
+                             for row in range(last_rows[i] - len(drafts[i]), last_rows[i] + 1)],
+                            dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-            # A request samples when this step computes its last known token; with proposals,
-            # at the proposals' positions too (what the target draws there verifies them).
-            samples = [i for i, (m, w) in enumerate(zip(mirrors, ordered, strict=True))
-                       if m.num_computed + w.num_tokens == len(m.token_ids)]
-            rows = [row for i in samples
-                    for row in range(last_rows[i] - len(drafts[i]), last_rows[i] + 1)]
+            hidden = self._forward(batch)
             sampled, token_ids = None, []
             if samples:
-                logits = self.model.compute_logits(
-                    hidden[torch.tensor(rows, device=hidden.device)])
+                logits = self.model.compute_logits(hidden[rows])
                 if logits is not None:  # rank 0
                     states = [state for i in samples
                               for state in _verification_states(mirrors[i].sampling, drafts[i])]
@@ -237,7 +241,7 @@ class ModelRunner:
                     sampled = self.sampler(logits, states)
                     chosen = sampled.token_ids
                 else:
-                    chosen = torch.empty(len(rows), dtype=torch.long, device=self.device)
+                    chosen = torch.empty(rows.shape[0], dtype=torch.long, device=self.device)
                 token_ids = self.tp.broadcast_from_first(chosen).tolist()
             # Each sequence's first row: its rows are its tokens, then its proposals.
             first_rows = [last - len(d) - w.num_tokens + 1
@@ -276,6 +280,14 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         return [outputs[i] for i in sorted(outputs) if ordered[i].request_id not in failed], \
             sum(map(len, drafts))
+
+    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+        """The batch's final hidden states: replayed from a CUDA graph when one fits it
+        (cuda_graphs.py), else run eagerly."""
+        hidden = self.graphs.run(batch) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        return hidden
 
     def _mask_by_grammars(self, states: list[SequenceSamplingState],
                           sampling: list[tuple[str, RequestMirror, list[int]]], vocab_size: int,

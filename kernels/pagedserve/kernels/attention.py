@@ -106,8 +106,13 @@ def to_cache_format(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
                    v_scale: float = 1.0) -> None:
-    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots."""
+    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots; a
+    negative slot marks a padding token (a CUDA graph's padded batch, cuda_graphs.py), which
+    stores nothing. Every kernel set's write keeps this contract."""
     num_kv_heads, head_dim = key_cache.shape[2:]
+    padding = slot_mapping < 0
+    if padding.any():
+        key, value, slot_mapping = key[~padding], value[~padding], slot_mapping[~padding]
     for new, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
         stored = to_cache_format(new, cache.dtype, scale)
         # fp8 through a byte view: index_copy_ has no fp8 kernel on the CPU.

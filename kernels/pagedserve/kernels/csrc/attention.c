@@ -688,7 +688,7 @@ static inline void store_kv_row(char *dst, const char *src, int64_t dim, int64_t
 /* The step's new K and V rows ([tokens][kv_heads][head_dim] of `src_format`, any token and head
  * strides, unit stride within a row) into their cache slots ([slots][kv_heads][head_dim] of
  * `kv_format`, contiguous): one call for both caches instead of two index_copy_ calls of
- * ~27 us each in a decode step. */
+ * ~27 us each in a decode step. A negative slot marks a padding token: nothing is stored. */
 void write_kv_cache(void *key_cache, void *value_cache, const void *key, const void *value,
                     const int64_t *slots, int64_t tokens, int64_t kv_heads, int64_t head_dim,
                     int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
@@ -700,6 +700,8 @@ void write_kv_cache(void *key_cache, void *value_cache, const void *key, const v
     const char *k = key, *v = value;
     #pragma omp parallel for schedule(static) if (tokens > 256)
     for (int64_t t = 0; t < tokens; t++) {
+        if (slots[t] < 0)
+            continue;
         const int64_t slot = slots[t] * kv_heads * row_bytes;
         for (int64_t h = 0; h < kv_heads; h++) {
             store_kv_row(kc + slot + h * row_bytes, k + (t * k_stride_t + h * k_stride_h) * src_size,

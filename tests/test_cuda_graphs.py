@@ -1,0 +1,150 @@
+"""Decode graphs (executor_svc/pagedserve/executor/cuda_graphs.py) on the CPU: which batch sizes
+are captured, when graphs apply, and the static buffers' padding, checked against the same model
+run eagerly, with a stand-in for the capture (pagedserve.testing.graphs). Real capture needs
+CUDA; the runner's tests (tests/test_runner.py, the "graphs" runner) run every scenario through
+this path against transformers."""
+
+import pytest
+import torch
+
+from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.cuda_graphs import (
+    MAX_CAPTURE_SIZE,
+    DecodeGraphs,
+    capture_sizes,
+    eager_reason,
+    padded_size,
+)
+from pagedserve.executor.kv_cache import allocate_kv_cache
+from pagedserve.executor.models import load_model
+from pagedserve.executor.models.layers import bind_kernels
+from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.dispatch import TORCH_KERNELS
+from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
+from pagedserve.testing.graphs import EagerCapture
+
+BLOCK = 4
+NUM_BLOCKS = 32
+MAX_MODEL_LEN = 64
+
+
+def test_capture_sizes():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(3) == [1, 2, 4]
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 24]  # the first size that holds 20
+    sizes = capture_sizes(256)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and len(sizes) == 3 + 32
+    assert capture_sizes(10_000)[-1] == MAX_CAPTURE_SIZE
+
+
+def test_padded_size():
+    sizes = capture_sizes(24)
+    assert [padded_size(n, sizes) for n in (1, 2, 3, 4, 5, 8, 9, 17, 24)] == \
+        [1, 2, 4, 4, 8, 8, 16, 24, 24]
+    assert padded_size(25, sizes) is None
+
+
+def test_graphs_only_on_cuda_with_triton_and_one_rank():
+    cuda = torch.device("cuda")
+    assert eager_reason(cuda, "triton", 1, enforce_eager=False) is None
+    assert "--enforce-eager" in eager_reason(cuda, "triton", 1, enforce_eager=True)
+    assert "cpu" in eager_reason(torch.device("cpu"), "triton", 1, enforce_eager=False)
+    assert "torch" in eager_reason(cuda, "torch", 1, enforce_eager=False)
+    assert "tensor parallelism" in eager_reason(cuda, "triton", 2, enforce_eager=False)
+
+
+def kernel_sets():
+    sets = [pytest.param(TORCH_KERNELS, id="torch")]
+    if cpu_kernels.available():
+        sets.append(pytest.param(cpu_kernel_set(), id="cpu"))
+    try:
+        from pagedserve.kernels.dispatch import triton_kernels
+        sets.append(pytest.param(triton_kernels(), id="triton"))
+    except ImportError:
+        pass
+    return sets
+
+
+class Twins:
+    """The model twice, same weights, own caches: one replays decode graphs, one runs eagerly;
+    each sequence holds the same blocks in both."""
+
+    def __init__(self, directory, kernels):
+        self.models = [load_model(directory, torch.float32) for _ in range(2)]
+        for model in self.models:
+            bind_kernels(model, kernels)
+            allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
+        self.capture = EagerCapture()
+        self.graphs = DecodeGraphs(self.models[0], capture_sizes(8), MAX_MODEL_LEN, BLOCK,
+                                   torch.device("cpu"), self.capture)
+
+    def caches(self, model):
+        return [t for m in model.modules() if getattr(m, "kv_cache", None) is not None
+                for t in m.kv_cache]
+
+    def run(self, seqs) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(graphs' hidden states or None, the eager twin's)."""
+        batch = build_flat_batch(seqs, BLOCK)
+        with torch.inference_mode():
+            replayed = self.graphs.run(batch)
+            replayed = None if replayed is None else replayed.clone()
+            eager = self.models[1](batch.input_ids, batch.positions, batch.meta)
+            if replayed is None:  # both twins' caches take the step
+                self.models[0](batch.input_ids, batch.positions, batch.meta)
+        return replayed, eager
+
+    def assert_same_caches(self):
+        """Equal but for rounding (a padded batch's matmuls may round differently): a slot
+        written by a padding row, or not written, differs by far more."""
+        for ours, theirs in zip(*(self.caches(m) for m in self.models), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", kernel_sets())
+def test_padded_replays_match_eager_and_write_only_their_slots(tiny_llama_dir, kernels):
+    twins = Twins(tiny_llama_dir, kernels)
+    # Block 0 belongs to a sequence: a padding row that wrote slot 0 would show.
+    tables = [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    prompts = [list(range(10, 19)), list(range(20, 25)), list(range(30, 43)), [7, 8, 9],
+               list(range(50, 60))]
+    replayed, _ = twins.run([ScheduledSequence(p, 0, t) for p, t in zip(prompts, tables,
+                                                                          strict=True)])
+    assert replayed is None  # prompts run eagerly
+    lengths = [len(p) for p in prompts]
+
+    def decode(which: list[int]):
+        seqs = [ScheduledSequence([100 + i], lengths[i], tables[i]) for i in which]
+        replayed, eager = twins.run(seqs)
+        assert replayed is not None
+        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+        for i in which:
+            lengths[i] += 1
+        twins.assert_same_caches()
+
+    decode([0, 1, 2, 3, 4])  # 5 rows: graph 8, 3 padding rows
+    assert twins.capture.replays == {1: 0, 2: 0, 4: 0, 8: 1}
+    # Sequence 3 ends; its blocks go to another request, which writes its K/V where sequence
+    # 3's last token was (in both twins). The next batch is 3 sequences, padded to 4: the row
+    # sequence 3 held is padding now and must not write that slot again.
+    last = lengths[3] - 1
+    slot = tables[3][last // BLOCK] * BLOCK + last % BLOCK
+    for model in twins.models:
+        for cache in twins.caches(model):
+            cache.view(-1, *cache.shape[2:])[slot] = 0.5
+    decode([0, 2, 4])
+    decode([1, 2, 4])
+    decode([4])
+    assert twins.capture.replays == {1: 1, 2: 0, 4: 2, 8: 1}
+
+
+def test_batches_no_graph_fits_run_eagerly(tiny_llama_dir):
+    twins = Twins(tiny_llama_dir, TORCH_KERNELS)
+    tables = [[i] for i in range(9)]
+    assert twins.run([ScheduledSequence([5], 0, t) for t in tables])[0] is None  # 9 > 8
+    mixed = [ScheduledSequence([5], 1, [0]), ScheduledSequence([5, 6], 1, [1])]
+    assert twins.run(mixed)[0] is None  # a prompt chunk (or proposals): eager
+    wide = [ScheduledSequence([5], 1, list(range(MAX_MODEL_LEN // BLOCK + 1)))]
+    assert twins.run(wide)[0] is None  # a table wider than max_model_len's
+    assert sum(twins.capture.replays.values()) == 0
+    twins.assert_same_caches()
