@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.executor.transfers import tensor_on, to_device
 from pagedserve.kernels.attention import AttentionMetadata
 
 
@@ -52,8 +53,9 @@ def build_flat_batch(seqs: Sequence[ScheduledSequence], block_size: int,
     slot_mapping = block_tables[seq_index, positions // block_size] * block_size \
         + positions % block_size
 
-    meta = AttentionMetadata.build(slot_mapping.to(device), block_tables.to(device),
-                                   query_lens, seq_lens)
-    input_ids = torch.tensor([t for s in seqs for t in s.token_ids], device=device)
-    return FlatBatch(input_ids=input_ids, positions=positions.to(device), meta=meta,
-                     last_token_rows=(starts + q_lens - 1).to(device))
+    device = torch.device(device)
+    meta = AttentionMetadata.build(to_device(slot_mapping, device),
+                                   to_device(block_tables, device), query_lens, seq_lens)
+    input_ids = tensor_on([t for s in seqs for t in s.token_ids], device)
+    return FlatBatch(input_ids=input_ids, positions=to_device(positions, device), meta=meta,
+                     last_token_rows=to_device(starts + q_lens - 1, device))

@@ -49,6 +49,7 @@ from pagedserve.executor.structured_output import (
     new_bitmask,
 )
 from pagedserve.executor.tp_group import NO_GROUP, TensorParallelGroup
+from pagedserve.executor.transfers import tensor_on
 from pagedserve.runtime.grammars import GrammarError
 from pagedserve.v1 import common_pb2, executor_pb2
 
@@ -184,8 +185,8 @@ class ModelRunner:
     def _copy_blocks(self, copies: Sequence[executor_pb2.BlockCopy]) -> None:
         if not copies:
             return
-        src = torch.tensor([c.src_block_id for c in copies], device=self.device)
-        dst = torch.tensor([c.dst_block_id for c in copies], device=self.device)
+        src = tensor_on([c.src_block_id for c in copies], self.device)
+        dst = tensor_on([c.dst_block_id for c in copies], self.device)
         models = [self.model] + ([self.draft.model] if self.draft else [])
         for module in (m for model in models for m in model.modules()):
             cache = getattr(module, "kv_cache", None)
@@ -222,11 +223,10 @@ class ModelRunner:
         # the proposals' positions too (what the target draws there verifies them).
         samples = [i for i, (m, w) in enumerate(zip(mirrors, ordered, strict=True))
                    if m.num_computed + w.num_tokens == len(m.token_ids)]
-        # Copied to the device before the forward pass is queued: a copy from the host after
-        # it would wait for the whole pass before the logits could be queued.
-        rows = torch.tensor([row for i in samples
-                             for row in range(last_rows[i] - len(drafts[i]), last_rows[i] + 1)],
-                            dtype=torch.long, device=self.device)
+        # Queued before the forward pass, so the logits follow it at once.
+        rows = tensor_on([row for i in samples
+                          for row in range(last_rows[i] - len(drafts[i]), last_rows[i] + 1)],
+                         self.device, torch.long)
         with torch.inference_mode():
             hidden = self._forward(batch)
             sampled, token_ids = None, []

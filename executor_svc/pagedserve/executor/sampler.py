@@ -26,6 +26,7 @@ from itertools import chain
 import torch
 
 from pagedserve.executor.structured_output import apply_bitmask
+from pagedserve.executor.transfers import tensor_on, to_device
 from pagedserve.v1 import common_pb2
 
 # Temperatures below this are greedy: dividing by them would overflow the logits.
@@ -152,12 +153,12 @@ def _repetition_penalty(params: common_pb2.SamplingParams) -> float:
 
 def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """A [S, 1] column of per-row values, broadcastable against [S, V]."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    return tensor_on(values, like.device, like.dtype).unsqueeze(1)
 
 
 def _row_mask(flags: list[bool], like: torch.Tensor) -> torch.Tensor:
     """A [S, 1] boolean column of per-row flags."""
-    return torch.tensor(flags, device=like.device).unsqueeze(1)
+    return tensor_on(flags, like.device).unsqueeze(1)
 
 
 def _index_tensors(rows: list[int], cols: Iterable[Sequence[int]],
@@ -168,7 +169,7 @@ def _index_tensors(rows: list[int], cols: Iterable[Sequence[int]],
     lengths = torch.tensor([len(c) for c in cols], dtype=torch.long)
     row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
     col_index = torch.tensor(list(chain.from_iterable(cols)), dtype=torch.long)
-    return row_index.to(device), col_index.to(device)
+    return to_device(row_index, device), to_device(col_index, device)
 
 
 def _token_counts(logits: torch.Tensor, rows: list[int],
@@ -194,8 +195,8 @@ def _add_logit_bias(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState])
         return
     biases = [dict(seqs[i].params.logit_bias) for i in rows]
     row_index, col_index = _index_tensors(rows, [list(b) for b in biases], logits.device)
-    values = torch.tensor(list(chain.from_iterable(b.values() for b in biases)),
-                          dtype=logits.dtype, device=logits.device)
+    values = tensor_on(list(chain.from_iterable(b.values() for b in biases)), logits.device,
+                       logits.dtype)
     # Keys of one row's map are unique, so accumulating adds each bias exactly once.
     logits.index_put_((row_index, col_index), values, accumulate=True)
 
@@ -273,7 +274,7 @@ def _sample(logits: torch.Tensor, seqs: Sequence[SequenceSamplingState],
     sampled = _exponential_race(logits.softmax(dim=-1), seqs, greedy)
     if greedy_ids is None:
         return sampled
-    return torch.where(torch.tensor(greedy, device=logits.device), greedy_ids, sampled)
+    return torch.where(tensor_on(greedy, logits.device), greedy_ids, sampled)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
@@ -292,8 +293,8 @@ def _kth_largest(descending: torch.Tensor, top_k: list[int],
                  k_enabled: list[bool]) -> torch.Tensor:
     """[S, 1] each row's k-th largest logit, from its values sorted in descending order (at
     least max k of them); -inf on rows without top-k, so that comparing drops nothing there."""
-    kth_index = torch.tensor([k - 1 if on else 0 for k, on in zip(top_k, k_enabled, strict=True)],
-                             device=descending.device).unsqueeze(1)
+    kth_index = tensor_on([k - 1 if on else 0 for k, on in zip(top_k, k_enabled, strict=True)],
+                          descending.device).unsqueeze(1)
     kth = descending.gather(1, kth_index)
     return kth.masked_fill_(~_row_mask(k_enabled, kth), -math.inf)
 

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import llguidance
 import torch
 
+from pagedserve.executor.transfers import tensor_on, to_device
 from pagedserve.runtime.grammars import LIMITS, GrammarError, grammar_of
 from pagedserve.v1 import common_pb2
 
@@ -130,6 +131,6 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) 
     allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1).bool()
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed[:, :vocab].to(logits.device),
+    index = tensor_on(rows, logits.device)
+    logits[index] = logits[index].masked_fill(to_device(~allowed[:, :vocab], logits.device),
                                               float("-inf"))
