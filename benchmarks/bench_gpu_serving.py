@@ -26,6 +26,8 @@ it ends, and a section that fails records its error and the next one runs):
 - syncs: the host synchronisations inside a decode step, counted by
   torch.cuda.set_sync_debug_mode (one expected: the read of the sampled tokens), for a greedy
   step and for one that samples with temperature, top-p and a penalty.
+- quantized (issue 19): the 8B shape's decode steps with fp8 weights (--quantization fp8),
+  beside the bf16 ones of `steps`.
 - e2e: `pagedserve bench throughput` on a fixed random workload (256 requests, 1k-token prompts,
   256 output tokens) with graphs and with --enforce-eager, for each model shape saved as a
   random checkpoint; and `pagedserve bench serve` over HTTP against `pagedserve up` for the
@@ -59,12 +61,13 @@ import torch
 
 from pagedserve.executor.cuda_graphs import DecodeGraphs, capture_sizes, cuda_capture
 from pagedserve.executor.kv_cache import allocate_kv_cache
-from pagedserve.executor.models.layers import bind_kernels, weight_bytes
+from pagedserve.executor.models.layers import bind_kernels, quantize_linears, weight_bytes
 from pagedserve.executor.models.llama import LlamaForCausalLM
 from pagedserve.executor.parallel import SINGLE
 from pagedserve.executor.plan_checks import RunnerLimits
 from pagedserve.executor.runner import ModelRunner
 from pagedserve.kernels.dispatch import TORCH_KERNELS, triton_kernels
+from pagedserve.kernels.quantization import fp8_supported
 from pagedserve.testing.graphs import EagerCapture
 from pagedserve.v1 import common_pb2, executor_pb2
 
@@ -116,9 +119,10 @@ def llama_config(shape: dict, max_len: int):
                        architectures=["LlamaForCausalLM"])
 
 
-def random_model(bench: Bench, shape: dict, dtype: torch.dtype, max_len: int,
-                 seed: int = 0) -> torch.nn.Module:
-    """Our LLaMA with random weights made on the device (norms 1, the rest N(0, 0.02))."""
+def random_model(bench: Bench, shape: dict, dtype: torch.dtype, max_len: int, seed: int = 0,
+                 quantization: str | None = None) -> torch.nn.Module:
+    """Our LLaMA with random weights made on the device (norms 1, the rest N(0, 0.02)), its
+    linears quantized as --quantization does it when asked."""
     torch.manual_seed(seed)
     with torch.device(bench.device):
         model = LlamaForCausalLM(llama_config(shape, max_len), dtype, SINGLE)
@@ -126,6 +130,8 @@ def random_model(bench: Bench, shape: dict, dtype: torch.dtype, max_len: int,
         for param in model.parameters():
             param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, 0.02)
     model.quantization = None
+    if quantization:
+        quantize_linears(model, quantization)
     bind_kernels(model, bench.kernels())
     return model.eval()
 
@@ -203,9 +209,7 @@ def copy_bandwidth(bench: Bench) -> float:
 def steps(bench: Bench) -> dict:
     copy_bw = copy_bandwidth(bench)
     result: dict[str, object] = {"copy_bandwidth_gbps": copy_bw / 1e9, "models": {}}
-    batches = [1, 3] if bench.smoke else [1, 16, 64, 256]
-    context = 40 if bench.smoke else 1024
-    timed = 3 if bench.smoke else 20
+    batches, context, timed = _step_sizes(bench)
     for name, shape in bench.shapes().items():
         result["models"][name] = _model_steps(bench, shape, batches, context, timed, copy_bw)
         bench.results["steps"] = result
@@ -213,12 +217,30 @@ def steps(bench: Bench) -> dict:
     return result
 
 
+def quantized(bench: Bench) -> dict:
+    """Issue 19's GPU figure: the 8B shape's decode steps with fp8 weights (int8 in the CPU
+    smoke run: no fp8 there), beside the bf16 rows of `steps` from the same run."""
+    method = "int8" if bench.smoke else "fp8"
+    if not bench.smoke and not fp8_supported(bench.device):
+        return {"skipped": f"{torch.cuda.get_device_name(bench.device)} has no fp8 tensor cores"}
+    name, shape = next(iter(bench.shapes().items()))
+    batches, context, timed = _step_sizes(bench)
+    return {"method": method, "model": name,
+            **_model_steps(bench, shape, batches, context, timed, copy_bandwidth(bench),
+                           quantization=method)}
+
+
+def _step_sizes(bench: Bench) -> tuple[list[int], int, int]:
+    """Batch sizes, context and steps timed per round."""
+    return ([1, 3], 40, 3) if bench.smoke else ([1, 16, 64, 256], 1024, 20)
+
+
 def _model_steps(bench: Bench, shape: dict, batches: list[int], context: int, timed: int,
-                 copy_bw: float) -> dict:
+                 copy_bw: float, quantization: str | None = None) -> dict:
     dtype = torch.float32 if bench.smoke else torch.bfloat16
     rounds = 2
     max_len = context + 2 * rounds * (timed + 2) + BLOCK_SIZE
-    model = random_model(bench, shape, dtype, max_len)
+    model = random_model(bench, shape, dtype, max_len, quantization=quantization)
     per_seq = math.ceil(max_len / BLOCK_SIZE)
     runner = make_runner(bench, model, max(batches) * per_seq + 1, max_len, max(batches), None)
     started = time.perf_counter()
@@ -515,8 +537,8 @@ def _run_text(command: list[str]) -> str:
         return f"{command[0]}: {exc}"
 
 
-SECTIONS = {"info": info, "steps": steps, "greedy": greedy, "syncs": syncs, "e2e": e2e,
-            "peer": peer}
+SECTIONS = {"info": info, "steps": steps, "greedy": greedy, "syncs": syncs,
+            "quantized": quantized, "e2e": e2e, "peer": peer}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ def smoke(tmp_path, sections: str) -> dict:
 
 
 def test_smoke_steps_greedy_and_syncs(tmp_path):
-    results = smoke(tmp_path, "info,steps,greedy,syncs")
+    results = smoke(tmp_path, "info,steps,greedy,syncs,quantized")
     assert results["info"]["torch"]
     rows = results["steps"]["models"]["tiny"]["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
@@ -32,6 +32,8 @@ def test_smoke_steps_greedy_and_syncs(tmp_path):
     # The decode batches shrink from 11 sequences to 1: every captured size replays.
     assert all(count > 0 for count in greedy["float32"]["replays"].values())
     assert "skipped" in results["syncs"]  # CUDA only
+    assert results["quantized"]["method"] == "int8"  # fp8 on a GPU
+    assert [r["batch"] for r in results["quantized"]["rows"]] == [1, 3]
 
 
 @pytest.mark.slow
