@@ -61,18 +61,25 @@ def reference(x: torch.Tensor, weight: GroupedWeight, bias: torch.Tensor | None)
     return y if bias is None else y + bias.to(torch.float64)
 
 
-def random_grouped(n: int, k: int, group: int, four_bit: bool, offsets: bool, seed: int,
+# The values' range of each width the C kernel packs (cpu_kernels.value_bits), bounds
+# included: 4 and 5 bits unsigned (GGUF's Q4 and Q5 formats), 6 signed (Q6_K).
+BIT_RANGES = {4: (0, 15), 5: (0, 31), 6: (-32, 31), 8: (-128, 127)}
+
+
+def random_grouped(n: int, k: int, group: int, bits: int, offsets: bool, seed: int,
                    half_factors: bool = False) -> GroupedWeight:
-    """Random values and factors; `half_factors`: factors that float16 holds exactly (as
-    GGUF's Q8_0, Q4_0 and Q4_1 store them), else float32 ones it does not."""
+    """Random values of `bits` bits (their range's ends included) and factors;
+    `half_factors`: factors that float16 holds exactly (as GGUF's Q8_0, Q4_0 and Q4_1 store
+    them), else float32 ones it does not."""
     gen = torch.Generator().manual_seed(seed)
-    low, high = (0, 16) if four_bit else (-128, 128)
+    low, high = BIT_RANGES[bits]
     factors = [torch.rand(n, k // group, generator=gen) / 16,
                torch.randn(n, k // group, generator=gen) / 8 if offsets else None]
     if half_factors:
         factors = [None if f is None else f.half().float() for f in factors]
-    return GroupedWeight(torch.randint(low, high, (n, k), generator=gen, dtype=torch.int8),
-                         *factors)
+    values = torch.randint(low, high + 1, (n, k), generator=gen, dtype=torch.int8)
+    values[0, :2] = torch.tensor([low, high])
+    return GroupedWeight(values, *factors)
 
 
 def assert_close_to(y: torch.Tensor, expected: torch.Tensor, weights_in_bf16: bool) -> None:
@@ -86,16 +93,20 @@ def assert_close_to(y: torch.Tensor, expected: torch.Tensor, weights_in_bf16: bo
 @needs_c
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("four_bit, offsets, group, half", [
-    (True, True, 32, True), (True, True, 32, False), (False, False, 32, True),
-    (False, False, 16, False), (True, False, 128, False), (False, True, 8, False)],
-    ids=["q4_1", "q4-offsets", "q8_0", "q6k-groups", "q4-g128", "q8-offsets-g8"])
-def test_c_grouped_linear_against_float64(rows, dtype, four_bit, offsets, group, half):
+@pytest.mark.parametrize("bits, offsets, group, half", [
+    (4, True, 32, True), (4, True, 32, False), (8, False, 32, True), (6, False, 16, False),
+    (4, False, 128, False), (8, True, 8, False), (5, True, 32, True), (5, True, 32, False),
+    (6, True, 8, False)],
+    ids=["q4_1", "q4-offsets", "q8_0", "q6_k", "q4-g128", "q8-offsets-g8", "q5_1", "q5_k",
+         "q6-offsets-g8"])
+def test_c_grouped_linear_against_float64(rows, dtype, bits, offsets, group, half):
     n, k = 37, 256  # N not a multiple of 16
-    weight = random_grouped(n, k, group, four_bit, offsets, seed=rows * group,
+    weight = random_grouped(n, k, group, bits, offsets, seed=rows * group,
                             half_factors=half)
     packed = cpu_kernels.pack_grouped_cpu(weight)
-    assert packed.bits == (4 if four_bit else 8)
+    assert packed.bits == bits
+    # The values in `bits` bits each, channels padded to blocks of 16.
+    assert packed.data.numel() == -(-n // 16) * 16 * k * bits // 8
     assert packed.scales.dtype == (torch.float16 if half else torch.float32)
     plain = packed.plain()
     assert torch.equal(plain.qweight, weight.qweight)
@@ -121,7 +132,7 @@ def test_triton_grouped_linear_against_float64(rows, group, offsets, dtype):
     from pagedserve.kernels.triton_quantization import quantized_linear_triton
 
     n, k = 70, 256  # N not a multiple of the 64-channel tile
-    weight = random_grouped(n, k, group, four_bit=True, offsets=offsets, seed=rows)
+    weight = random_grouped(n, k, group, bits=4, offsets=offsets, seed=rows)
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k + 8, generator=gen).to(dtype)[:, 3:3 + k]
     bias = torch.randn(n, generator=gen).to(dtype)
@@ -134,8 +145,20 @@ def test_triton_grouped_linear_against_float64(rows, group, offsets, dtype):
         assert ((y.double() - expected).abs() <= 2e-3 * expected.abs().max()).all()
 
 
+@needs_c
+def test_values_pack_in_their_fewest_bits_or_a_byte_each():
+    weight = random_grouped(16, 64, 32, bits=5, offsets=True, seed=2)
+    for bits in (None, 5, 8):
+        packed = cpu_kernels.pack_grouped_cpu(weight, bits)
+        assert packed.bits == (bits or 5)
+        assert torch.equal(packed.plain().qweight, weight.qweight)
+    for bits in (4, 6):  # too few bits, or a signed width for unsigned values
+        with pytest.raises(ValueError, match=f"packed in 5 or 8, not {bits}"):
+            cpu_kernels.pack_grouped_cpu(weight, bits)
+
+
 def test_groups_the_kernel_cannot_take_stay_on_the_pytorch_path():
-    weight = random_grouped(16, 48, 12, four_bit=False, offsets=False, seed=0)
+    weight = random_grouped(16, 48, 12, bits=8, offsets=False, seed=0)
     assert cpu_kernels.pack_grouped_cpu(weight) is weight
 
 
@@ -195,8 +218,9 @@ def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
         kinds = {type(m.quantized) for m in linears}
         assert kinds == {cpu_kernels.PackedGroupedWeight}
         bits = {m.quantized.bits for m in linears}
-        assert bits == ({4} if fmt in ("Q4_0", "Q4_1", "Q2_K") else {4, 8}
-                        if fmt in ("Q3_K_M", "Q4_K_M") else {8})
+        # A layer mixing formats (q4_k_m's q/k/v) packs in its widest values' bits.
+        assert bits == {"Q8_0": {8}, "Q4_0": {4}, "Q4_1": {4}, "Q5_0": {5}, "Q5_1": {5},
+                        "Q2_K": {4}, "Q3_K_M": {4, 6}, "Q4_K_M": {4, 6}, "Q5_K_M": {5, 6}}[fmt]
     if fmt == "Q4_K_M":  # q and k in groups of 32, v of 16: the layer holds groups of 16
         qkv = model.model.layers[0].self_attn.qkv_proj.quantized.plain()
         assert qkv.group_size == 16
@@ -252,7 +276,7 @@ def test_row_parallel_ranks_take_their_columns_of_the_groups():
     from pagedserve.executor.models.layers import RowParallelLinear
     from pagedserve.executor.parallel import TensorParallel
 
-    weight = random_grouped(5, 128, 32, four_bit=True, offsets=True, seed=1)
+    weight = random_grouped(5, 128, 32, bits=4, offsets=True, seed=1)
     x = torch.randn(3, 128)
     total = 0
     for rank in range(2):

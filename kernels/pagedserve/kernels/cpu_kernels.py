@@ -401,10 +401,12 @@ def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
 @dataclasses.dataclass(frozen=True)
 class PackedGroupedWeight:
     """A `GroupedWeight` in int8_linear.c's grouped layout, per block of 16 output channels,
-    k-major: `data` int8 [K][16] for 8-bit values, or two 4-bit values (0..15) per byte,
-    [K/2][16] (k = 2i low nibble, 2i + 1 high), for weights whose values all fit (GGUF's 4-bit
-    formats); `scales` and `offsets` [K/G][16], float16 where every factor is one exactly
-    (GGUF's Q8_0, Q4_0 and Q4_1), else float32. Channels are padded to a multiple of 16 with
+    k-major, in the fewest bits its values need (`bits`, `value_bits`): `data` int8 [K][16]
+    for 8-bit values; two 4-bit values (0..15) per byte, [K/2][16] (k = 2i low nibble, 2i + 1
+    high); for 5-bit values (0..31) and 6-bit ones (-32..31) their low 4 bits so, then their
+    high bits [K/8][16] (k = 8i + j at bit j) or [K/4][16] (k = 4i + j at bits 2j, 2j + 1).
+    `scales` and `offsets` [K/G][16], float16 where every factor is one exactly (GGUF's Q8_0,
+    Q4_0, Q4_1, Q5_0 and Q5_1), else float32. Channels are padded to a multiple of 16 with
     zeros."""
 
     data: torch.Tensor
@@ -425,11 +427,8 @@ class PackedGroupedWeight:
 
     def plain(self) -> GroupedWeight:
         blocks, k, n = self.data.shape[0], self.in_features, self.out_features
-        values = self.data.view(blocks, -1, INT8_GROUP)
-        if self.bits == 4:
-            packed = values.view(torch.uint8)
-            values = torch.stack([packed & 15, packed >> 4], dim=2).to(torch.int8)
-        rows = values.reshape(blocks, k, INT8_GROUP).permute(0, 2, 1).reshape(-1, k)
+        lanes = self.data.view(blocks, -1, INT8_GROUP).transpose(1, 2)  # [blocks][16][bytes]
+        rows = _unpacked(lanes, self.bits, k).reshape(-1, k)
         return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n).float(),
                              None if self.offsets is None
                              else _unblocked(self.offsets, n).float())
@@ -441,13 +440,52 @@ class PackedGroupedWeight:
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.view(t.shape[0], -1, INT8_GROUP)[block, :, lane]
 
-        values = take(self.data)
-        if self.bits == 4:
-            packed = values.view(torch.uint8)
-            values = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(
-                len(ids), -1).to(torch.int8)
+        values = _unpacked(take(self.data), self.bits, self.in_features)
         return dequantize_groups(values, take(self.scales).float(), None if self.offsets is None
                                  else take(self.offsets).float(), dtype)
+
+
+def value_bits(values: torch.Tensor) -> int:
+    """The fewest bits the C kernel packs these int8 values in: 4 (0..15), 5 (0..31), 6
+    (-32..31) or 8."""
+    low, high = int(values.min()), int(values.max())
+    return 4 if 0 <= low and high <= 15 else 5 if 0 <= low and high <= 31 \
+        else 6 if -32 <= low and high <= 31 else 8
+
+
+def _packed(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 values [blocks][K][16] (k-major channel blocks) -> their bytes in `bits` bits,
+    [blocks][K * bits / 8 * 16] (PackedGroupedWeight's layout)."""
+    blocks, k, _ = values.shape
+    if bits == 8:
+        return values.reshape(blocks, -1)
+    v = values.view(torch.uint8) & 63  # 6-bit values as two's complement
+    low = v & 15
+    planes = [(low[:, 0::2] | (low[:, 1::2] << 4)).reshape(blocks, -1)]
+    if bits > 4:
+        per_byte = 8 // (bits - 4)  # 8 fifth bits, or 4 pairs of high bits, per byte
+        high = (v >> 4).view(blocks, k // per_byte, per_byte, INT8_GROUP)
+        packed = sum(high[:, :, j] << ((bits - 4) * j) for j in range(per_byte))
+        planes.append(packed.reshape(blocks, -1))
+    return torch.cat(planes, dim=1).view(torch.int8)
+
+
+def _unpacked(lanes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """One channel's bytes of a packed block per row, [..., K * bits / 8] -> its int8 values
+    [..., K]."""
+    if bits == 8:
+        return lanes
+    b = lanes.view(torch.uint8)
+    low = b[..., :k // 2]
+    values = torch.stack([low & 15, low >> 4], dim=-1).flatten(-2)
+    if bits > 4:
+        per_byte = 8 // (bits - 4)
+        mask = (1 << (bits - 4)) - 1
+        high = b[..., k // 2:]
+        values |= torch.stack([(high >> ((bits - 4) * j)) & mask for j in range(per_byte)],
+                              dim=-1).flatten(-2) << 4
+    values = values.to(torch.int8)
+    return values - ((values >= 32).to(torch.int8) << 6) if bits == 6 else values
 
 
 def _blocked(rows: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -463,18 +501,21 @@ def _unblocked(blocked: torch.Tensor, n: int) -> torch.Tensor:
         blocks * INT8_GROUP, -1)[:n].contiguous()
 
 
-def pack_grouped_cpu(weight: GroupedWeight) -> PackedGroupedWeight | GroupedWeight:
-    """`weight` in the C kernel's grouped layout (see PackedGroupedWeight), 4-bit where every
-    value is in 0..15; as it is where the kernel cannot take it (groups not a multiple of 8)."""
+def pack_grouped_cpu(weight: GroupedWeight,
+                     bits: int | None = None) -> PackedGroupedWeight | GroupedWeight:
+    """`weight` in the C kernel's grouped layout (see PackedGroupedWeight), its values in the
+    fewest bits they fit (`value_bits`), or a byte each (`bits` 8: the layout before 5- and
+    6-bit packing, which benchmarks/bench_grouped_bits_cpu.py times against); as it is where
+    the kernel cannot take it (groups not a multiple of 8)."""
     n, k = weight.qweight.shape
     if weight.group_size % 8:
         return weight
     blocks = -(-n // INT8_GROUP)
-    data = _blocked(weight.qweight, blocks)  # [blocks][K][16]
-    bits = 4 if bool(((weight.qweight >= 0) & (weight.qweight <= 15)).all()) else 8
-    if bits == 4:
-        pairs = data.view(torch.uint8).view(blocks, k // 2, 2, INT8_GROUP)
-        data = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(blocks, -1)
+    fewest = value_bits(weight.qweight)
+    if bits not in (None, fewest, 8):
+        raise ValueError(f"values of {fewest} bits are packed in {fewest} or 8, not {bits}")
+    bits = bits or fewest
+    data = _packed(_blocked(weight.qweight, blocks).view(blocks, k, INT8_GROUP), bits)
     factors = [t for t in (weight.scales, weight.offsets) if t is not None]
     dtype = torch.float16 if all(torch.equal(t.half().float(), t) for t in factors) \
         else torch.float32

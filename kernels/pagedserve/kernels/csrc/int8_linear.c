@@ -454,6 +454,10 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *  - 8-bit values: int8 [K][16];
  *  - 4-bit values (0..15): uint8 [K / 2][16], k = 2i in the low nibble of byte (i, c) and
  *    2i + 1 in the high one;
+ *  - 5-bit values (0..31): their low 4 bits as the 4-bit layout, then their fifth bits,
+ *    uint8 [K / 8][16], k = 8i + j at bit j of byte (i, c);
+ *  - 6-bit values (-32..31): their low 4 bits as the 4-bit layout, then their two high bits
+ *    (two's complement), uint8 [K / 4][16], k = 4i + j at bits 2j, 2j + 1 of byte (i, c);
  *  - scales and offsets: [K / G][16], float32, or float16 (`half`) where every factor is one
  *    exactly (GGUF's Q8_0, Q4_0 and Q4_1 store them so): 2 bytes a group instead of 4.
  * The threads split the channel blocks. */
@@ -463,11 +467,19 @@ static inline float factor_at(const void *factors, int64_t i, int64_t half) {
     return half ? f16_to_f32(((const uint16_t *)factors)[i]) : ((const float *)factors)[i];
 }
 
-/* Value (c, k) of a packed channel block `w` (16 channels). */
-static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t c, int64_t k) {
-    if (bits == 8) return ((const int8_t *)w)[k * GROUP + c];
-    const uint8_t byte = w[(k / 2) * GROUP + c];
-    return k % 2 ? byte >> 4 : byte & 15;
+/* The plane of a 5- or 6-bit block's high bits: after its K / 2 rows of low nibbles. */
+static inline const uint8_t *high_bits(const uint8_t *w, int64_t k) { return w + k / 2 * GROUP; }
+
+/* Value (c, i) of a packed channel block `w` (16 channels, K = k). */
+static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t k, int64_t c, int64_t i) {
+    if (bits == 8) return ((const int8_t *)w)[i * GROUP + c];
+    const uint8_t byte = w[(i / 2) * GROUP + c];
+    const int low = i % 2 ? byte >> 4 : byte & 15;
+    if (bits == 4) return low;
+    const uint8_t *high = high_bits(w, k);
+    if (bits == 5) return low | ((high[(i / 8) * GROUP + c] >> (i % 8)) & 1) << 4;
+    const int v = low | ((high[(i / 4) * GROUP + c] >> (2 * (i % 4))) & 3) << 4;
+    return v >= 32 ? v - 64 : v;
 }
 
 #if INT8_SIMD
@@ -478,9 +490,10 @@ static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) 
                 : _mm512_loadu_ps((const float *)factors + i);
 }
 
-/* The values of k = i .. i + 3 of a channel block (i a multiple of 4), as float32 vectors of
- * its 16 channels. */
-static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t i, __m512 q[4]) {
+/* The values of k = i .. i + 3 of a channel block (K = k; i a multiple of 4), as float32
+ * vectors of its 16 channels. */
+static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
+                                  __m512 q[4]) {
     if (bits == 8) {
         for (int j = 0; j < 4; j++)
             q[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -488,12 +501,36 @@ static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t i, __m
         return;
     }
     const __m512i nibble = _mm512_set1_epi32(15);
+    __m512i v[4];
     for (int j = 0; j < 2; j++) {
         const __m512i bytes = _mm512_cvtepu8_epi32(
             _mm_loadu_si128((const __m128i *)(w + (i / 2 + j) * GROUP)));
-        q[2 * j] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble));
-        q[2 * j + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        v[2 * j] = _mm512_and_si512(bytes, nibble);
+        v[2 * j + 1] = _mm512_srli_epi32(bytes, 4);
     }
+    if (bits == 5) {
+        /* k = i + j's fifth bit is bit (i % 8) + j of byte i / 8: moved to bit 4. */
+        const __m512i high = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+            (const __m128i *)(high_bits(w, k) + (i / 8) * GROUP))), _mm_cvtsi32_si128(i % 8));
+        const __m512i bit = _mm512_set1_epi32(1 << 4);
+        v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi32(high, 4), bit));
+        v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi32(high, 3), bit));
+        v[2] = _mm512_or_si512(v[2], _mm512_and_si512(_mm512_slli_epi32(high, 2), bit));
+        v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_slli_epi32(high, 1), bit));
+    } else if (bits == 6) {
+        /* k = i + j's two high bits are bits 2j, 2j + 1 of byte i / 4: moved to bits 4, 5,
+         * then the 6-bit value sign-extended by shifting it to the top and back. */
+        const __m512i high = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            (const __m128i *)(high_bits(w, k) + (i / 4) * GROUP)));
+        const __m512i bits45 = _mm512_set1_epi32(3 << 4);
+        v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi32(high, 4), bits45));
+        v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi32(high, 2), bits45));
+        v[2] = _mm512_or_si512(v[2], _mm512_and_si512(high, bits45));
+        v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi32(high, 2), bits45));
+        for (int j = 0; j < 4; j++)
+            v[j] = _mm512_srai_epi32(_mm512_slli_epi32(v[j], 26), 26);
+    }
+    for (int j = 0; j < 4; j++) q[j] = _mm512_cvtepi32_ps(v[j]);
 }
 
 #define EACH_J(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
@@ -515,7 +552,7 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
 #undef ZERO
         for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
             __m512 q[4];
-            grouped_values(w, bits, i, q);
+            grouped_values(w, bits, k, i, q);
 #define MAC(r, j) if (r < rows) acc##r##j = _mm512_fmadd_ps( \
                 q[j], _mm512_set1_ps(xf[r * k + i + j]), acc##r##j);
             EACH_GROUPED_CELL(MAC)
@@ -554,7 +591,7 @@ static void dequantize_strip(const uint8_t *w, int64_t bits, const void *scales,
             const __m512 s = load_factors(scales, at, half);
             const __m512 o = offsets ? load_factors(offsets, at, half) : _mm512_setzero_ps();
             __m512 q[4];
-            grouped_values(src, bits, i, q);
+            grouped_values(src, bits, k, i, q);
             for (int j = 0; j < 4; j += 2) {
                 const __m512i lo = _mm512_cvtepu16_epi32(
                     (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q[j], s, o)));
@@ -589,7 +626,7 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
 }
 
 /* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
- * of x's dtype, bias NULL or [N] of that dtype; `bits` 4 or 8; scales and offsets float16
+ * of x's dtype, bias NULL or [N] of that dtype; `bits` 4, 5, 6 or 8; scales and offsets float16
  * when `half`, else float32. Returns 0, or 1 when out of memory for its scratch buffers. */
 int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                    const void *scales, const void *offsets, int64_t half, int64_t group,
@@ -659,7 +696,8 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                         for (int64_t g = 0; g < groups; g++) {
                             float part = 0.0f;
                             for (int64_t i = g * group; i < (g + 1) * group; i++)
-                                part += (float)grouped_at(wb, bits, c, i) * xf[(m + r) * k + i];
+                                part += (float)grouped_at(wb, bits, k, c, i)
+                                        * xf[(m + r) * k + i];
                             sum += part * factor_at(sb, g * GROUP + c, half);
                             if (ob)
                                 sum += factor_at(ob, g * GROUP + c, half)
