@@ -16,21 +16,15 @@ the largest error of any layer's output against a float64 product of the dequant
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
+import functools
 
+import linear_steps
 import torch
+from linear_steps import alternated_step_ms, step_shapes
 
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.quantization import GroupedWeight
 
-# SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocabulary 49152.
-LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
-                (576, 1536)]
-NUM_LAYERS = 30
-LM_HEAD = (49152, 576)
 # Format -> (values' range, group size, offsets).
 WIDTHS = {"Q5_K": ((0, 31), 32, True), "Q6_K": ((-32, 31), 16, False)}
 
@@ -69,56 +63,26 @@ def nbytes(weight) -> int:
 
 def measure(batch: int, rounds: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    layers = []
-    for n, k in [*LAYER_SHAPES, LM_HEAD]:
+    layers, errors, weight_bytes = [], [], {}
+    for n, k, count in step_shapes():
         fns, dequantized = variants(n, k, gen)
         x = torch.randn(batch, k, generator=gen).bfloat16()
-        errors = {}
+        errors.append({})
         for name, (weight, fmt) in fns.items():
             reference = x.double() @ dequantized[fmt].T
-            errors[name] = ((run(weight, x).double() - reference).abs().max()
-                            / reference.abs().max()).item()
-        layers.append((fns, x, errors))
-    counts = [NUM_LAYERS] * len(LAYER_SHAPES) + [1]
-    names = list(layers[0][0])
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for round_ in range(rounds + 2):  # two warm-up rounds
-            for name in (names if round_ % 2 else names[::-1]):  # alternate the order
-                total = 0.0
-                for (fns, x, _), count in zip(layers, counts, strict=True):
-                    weight = fns[name][0]
-                    start = time.perf_counter()
-                    for _ in range(count):
-                        run(weight, x)
-                    total += time.perf_counter() - start
-                if round_ >= 2:
-                    times[name].append(total)
-    return {name: {"step_ms": statistics.median(times[name]) * 1e3,
-                   "weight_bytes": sum(nbytes(fns[name][0]) * count
-                                       for (fns, _, _), count in zip(layers, counts,
-                                                                     strict=True)),
-                   "max_rel_err": max(errors[name] for _, _, errors in layers)}
-            for name in names}
+            errors[-1][name] = ((run(weight, x).double() - reference).abs().max()
+                                / reference.abs().max()).item()
+            weight_bytes[name] = weight_bytes.get(name, 0) + nbytes(weight) * count
+        layers.append(({name: functools.partial(run, weight, x)
+                        for name, (weight, _) in fns.items()}, count))
+    return {name: {"step_ms": ms, "weight_bytes": weight_bytes[name],
+                   "max_rel_err": max(e[name] for e in errors)}
+            for name, ms in alternated_step_ms(layers, rounds).items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batches": {}}
-    for batch in args.batch:
-        figures = measure(batch, args.rounds)
-        results["batches"][batch] = figures
-        for name, f in figures.items():
-            print(f"batch {batch:3}  {name:16} {f['step_ms']:8.2f} ms/step  "
-                  f"{f['weight_bytes'] / 1e6:7.1f} MB  max rel err {f['max_rel_err']:.1e}",
-                  flush=True)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    linear_steps.main(__doc__.split("\n\n")[0], measure, [1, 4, 16, 64],
+                      lambda f: f"{f['weight_bytes'] / 1e6:7.1f} MB")
 
 
 if __name__ == "__main__":

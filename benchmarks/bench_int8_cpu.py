@@ -22,22 +22,15 @@ variant's layer outputs against a float64 reference on the dequantized weights.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
+import functools
 
+import linear_steps
 import torch
 import torch.nn.functional as F
+from linear_steps import alternated_step_ms, step_shapes
 
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.quantization import Int8Weight, quantize_int8
-
-# SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocabulary 49152.
-LAYER_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
-                "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
-NUM_LAYERS = 30
-LM_HEAD = (49152, 576)
 
 
 def variants(weight: torch.Tensor) -> dict[str, tuple]:
@@ -72,55 +65,27 @@ def variants(weight: torch.Tensor) -> dict[str, tuple]:
 
 def measure(batch: int, rounds: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    shapes = [shape for shape in LAYER_SHAPES.values()] + [LM_HEAD]
-    layers = []
-    for n, k in shapes:
+    layers, errors = [], []
+    for n, k, count in step_shapes():
         weight = torch.randn(n, k, generator=gen) / k ** 0.5
         fns, dequantized = variants(weight)
         x = torch.randn(batch, k, generator=gen)
         reference = x.double() @ dequantized.double().T
-        errors = {name: ((fn(x.to(dtype)).double() - reference).abs().max()
-                         / reference.abs().max()).item() for name, (fn, dtype) in fns.items()}
+        errors.append({name: ((fn(x.to(dtype)).double() - reference).abs().max()
+                               / reference.abs().max()).item()
+                       for name, (fn, dtype) in fns.items()})
         inputs = {dtype: x.to(dtype) for dtype in (torch.float32, torch.bfloat16)}
-        layers.append((fns, inputs, errors))
-    counts = [NUM_LAYERS] * len(LAYER_SHAPES) + [1]
-    names = list(layers[0][0])
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for round_ in range(rounds + 2):  # two warm-up rounds
-            for name in (names if round_ % 2 else names[::-1]):  # alternate the order
-                total = 0.0
-                for (fns, inputs, _), count in zip(layers, counts, strict=True):
-                    fn, dtype = fns[name]
-                    start = time.perf_counter()
-                    for _ in range(count):
-                        fn(inputs[dtype])
-                    total += time.perf_counter() - start
-                if round_ >= 2:
-                    times[name].append(total)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    return {name: {"step_ms": medians[name] * 1e3,
-                   "vs_bf16": medians[name] / medians["bf16"],
-                   "max_rel_err": max(errors[name] for _, _, errors in layers)}
-            for name in names}
+        layers.append(({name: functools.partial(fn, inputs[dtype])
+                        for name, (fn, dtype) in fns.items()}, count))
+    step_ms = alternated_step_ms(layers, rounds)
+    return {name: {"step_ms": ms, "vs_bf16": ms / step_ms["bf16"],
+                   "max_rel_err": max(e[name] for e in errors)}
+            for name, ms in step_ms.items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args()
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "batches": {}}
-    for batch in args.batch:
-        figures = measure(batch, args.rounds)
-        results["batches"][batch] = figures
-        for name, f in figures.items():
-            print(f"batch {batch:3}  {name:14} {f['step_ms']:8.2f} ms/step  "
-                  f"{f['vs_bf16']:5.2f}x bf16  max rel err {f['max_rel_err']:.1e}", flush=True)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    linear_steps.main(__doc__.split("\n\n")[0], measure, [1, 16, 64],
+                      lambda f: f"{f['vs_bf16']:5.2f}x bf16")
 
 
 if __name__ == "__main__":
