@@ -404,7 +404,8 @@ class PackedGroupedWeight:
     k-major, in the fewest bits its values need (`bits`, `value_bits`): `data` int8 [K][16]
     for 8-bit values; two 4-bit values (0..15) per byte, [K/2][16] (k = 2i low nibble, 2i + 1
     high); for 5-bit values (0..31) and 6-bit ones (-32..31) their low 4 bits so, then their
-    high bits [K/8][16] (k = 8i + j at bit j) or [K/4][16] (k = 4i + j at bits 2j, 2j + 1).
+    high bits [K/8][16] (k = 8i + j at bit j) or [K/4][16] (k = 4i + j at bits 2j, 2j + 1),
+    6-bit values stored plus 32 (`SIX_BIT_BIAS`).
     `scales` and `offsets` [K/G][16], float16 where every factor is one exactly (GGUF's Q8_0,
     Q4_0, Q4_1, Q5_0 and Q5_1), else float32. Channels are padded to a multiple of 16 with
     zeros."""
@@ -445,6 +446,10 @@ class PackedGroupedWeight:
                                  else take(self.offsets).float(), dtype)
 
 
+# What 6-bit values are stored plus (SIX_BIT_BIAS in int8_linear.c).
+SIX_BIT_BIAS = 32
+
+
 def value_bits(values: torch.Tensor) -> int:
     """The fewest bits the C kernel packs these int8 values in: 4 (0..15), 5 (0..31), 6
     (-32..31) or 8."""
@@ -459,7 +464,8 @@ def _packed(values: torch.Tensor, bits: int) -> torch.Tensor:
     blocks, k, _ = values.shape
     if bits == 8:
         return values.reshape(blocks, -1)
-    v = values.view(torch.uint8) & 63  # 6-bit values as two's complement
+    # 6-bit values stored as v + 32 (int8_linear.c's SIX_BIT_BIAS): every stored value unsigned.
+    v = (values + SIX_BIT_BIAS).view(torch.uint8) if bits == 6 else values.view(torch.uint8)
     low = v & 15
     planes = [(low[:, 0::2] | (low[:, 1::2] << 4)).reshape(blocks, -1)]
     if bits > 4:
@@ -485,7 +491,7 @@ def _unpacked(lanes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         values |= torch.stack([(high >> ((bits - 4) * j)) & mask for j in range(per_byte)],
                               dim=-1).flatten(-2) << 4
     values = values.to(torch.int8)
-    return values - ((values >= 32).to(torch.int8) << 6) if bits == 6 else values
+    return values - SIX_BIT_BIAS if bits == 6 else values
 
 
 def _blocked(rows: torch.Tensor, blocks: int) -> torch.Tensor:

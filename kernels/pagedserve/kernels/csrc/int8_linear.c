@@ -456,8 +456,9 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *    2i + 1 in the high one;
  *  - 5-bit values (0..31): their low 4 bits as the 4-bit layout, then their fifth bits,
  *    uint8 [K / 8][16], k = 8i + j at bit j of byte (i, c);
- *  - 6-bit values (-32..31): their low 4 bits as the 4-bit layout, then their two high bits
- *    (two's complement), uint8 [K / 4][16], k = 4i + j at bits 2j, 2j + 1 of byte (i, c);
+ *  - 6-bit values (-32..31) stored as v + 32 (0..63): their low 4 bits as the 4-bit layout,
+ *    then their two high bits, uint8 [K / 4][16], k = 4i + j at bits 2j, 2j + 1 of byte
+ *    (i, c); the kernels multiply the stored values and take 32 s per group back off;
  *  - scales and offsets: [K / G][16], float32, or float16 (`half`) where every factor is one
  *    exactly (GGUF's Q8_0, Q4_0 and Q4_1 store them so): 2 bytes a group instead of 4.
  * The threads split the channel blocks. */
@@ -466,6 +467,9 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
 static inline float factor_at(const void *factors, int64_t i, int64_t half) {
     return half ? f16_to_f32(((const uint16_t *)factors)[i]) : ((const float *)factors)[i];
 }
+
+/* What 6-bit values are stored plus (so that every stored value is unsigned). */
+enum { SIX_BIT_BIAS = 32 };
 
 /* The plane of a 5- or 6-bit block's high bits: after its K / 2 rows of low nibbles. */
 static inline const uint8_t *high_bits(const uint8_t *w, int64_t k) { return w + k / 2 * GROUP; }
@@ -478,8 +482,7 @@ static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t k, int64_t 
     if (bits == 4) return low;
     const uint8_t *high = high_bits(w, k);
     if (bits == 5) return low | ((high[(i / 8) * GROUP + c] >> (i % 8)) & 1) << 4;
-    const int v = low | ((high[(i / 4) * GROUP + c] >> (2 * (i % 4))) & 3) << 4;
-    return v >= 32 ? v - 64 : v;
+    return (low | ((high[(i / 4) * GROUP + c] >> (2 * (i % 4))) & 3) << 4) - SIX_BIT_BIAS;
 }
 
 #if INT8_SIMD
@@ -490,8 +493,58 @@ static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) 
                 : _mm512_loadu_ps((const float *)factors + i);
 }
 
-/* The values of k = i .. i + 3 of a channel block (K = k; i a multiple of 4), as float32
- * vectors of its 16 channels. */
+/* A group's offsets (zero without), as the stored values need them: 6-bit ones, stored
+ * v + 32, need 32 s taken off. */
+static inline __m512 group_offsets(const void *offsets, __m512 s, int64_t bits, int64_t i,
+                                   int64_t half) {
+    const __m512 o = offsets ? load_factors(offsets, i, half) : _mm512_setzero_ps();
+    return bits == 6 ? _mm512_fnmadd_ps(_mm512_set1_ps(SIX_BIT_BIAS), s, o) : o;
+}
+
+/* The narrow (4-, 5- or 6-bit) values of k = i .. i + 3 of a channel block (K = k; i a
+ * multiple of 4) as bytes, each below 128 (6-bit ones as stored: v + 32, which the callers
+ * correct for): even = [k = i | k = i + 2], odd = [k = i + 1 | k = i + 3], 16 channels each.
+ * Put together two k's (32 bytes) per 256-bit operation. The 16-bit shifts (there are no 8-bit
+ * ones) move bits across bytes, but each mask keeps only bits that came from the byte itself. */
+static inline void grouped_bytes(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
+                                 __m256i *even, __m256i *odd) {
+    /* The low and high nibbles of the two rows of pairs. */
+    const __m256i rows = _mm256_loadu_si256((const __m256i *)(w + (i / 2) * GROUP));
+    const __m256i nibble = _mm256_set1_epi8(15);
+    *even = _mm256_and_si256(rows, nibble);
+    *odd = _mm256_and_si256(_mm256_srli_epi16(rows, 4), nibble);
+    if (bits == 5) {
+        /* k = i + j's fifth bit is bit (i % 8) + j of byte i / 8, moved to bit 4. */
+        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+            (const __m128i *)(high_bits(w, k) + (i / 8) * GROUP)));
+        const __m256i bit = _mm256_set1_epi8(1 << 4);
+        *even = _mm256_or_si256(*even, _mm256_and_si256(
+            i % 8 ? _mm256_srlv_epi16(h, _mm256_set_epi16(2, 2, 2, 2, 2, 2, 2, 2,
+                                                           0, 0, 0, 0, 0, 0, 0, 0))
+                  : _mm256_sllv_epi16(h, _mm256_set_epi16(2, 2, 2, 2, 2, 2, 2, 2,
+                                                          4, 4, 4, 4, 4, 4, 4, 4)), bit));
+        *odd = _mm256_or_si256(*odd, _mm256_and_si256(
+            i % 8 ? _mm256_srlv_epi16(h, _mm256_set_epi16(3, 3, 3, 3, 3, 3, 3, 3,
+                                                           1, 1, 1, 1, 1, 1, 1, 1))
+                  : _mm256_sllv_epi16(h, _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1,
+                                                          3, 3, 3, 3, 3, 3, 3, 3)), bit));
+    } else if (bits == 6) {
+        /* k = i + j's two high bits are bits 2j, 2j + 1 of byte i / 4, moved to bits 4, 5. */
+        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+            (const __m128i *)(high_bits(w, k) + (i / 4) * GROUP)));
+        const __m256i two = _mm256_set1_epi8(3 << 4);
+        *even = _mm256_or_si256(*even, _mm256_and_si256(
+            _mm256_sllv_epi16(h, _mm256_set_epi16(0, 0, 0, 0, 0, 0, 0, 0,
+                                                  4, 4, 4, 4, 4, 4, 4, 4)), two));
+        *odd = _mm256_or_si256(*odd, _mm256_and_si256(_mm256_srlv_epi16(
+            _mm256_sllv_epi16(h, _mm256_set_epi16(0, 0, 0, 0, 0, 0, 0, 0,
+                                                  2, 2, 2, 2, 2, 2, 2, 2)),
+            _mm256_set_epi16(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0)), two));
+    }
+}
+
+/* The values of k = i .. i + 3 of a channel block as float32 vectors of its 16 channels
+ * (6-bit ones as stored). */
 static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
                                   __m512 q[4]) {
     if (bits == 8) {
@@ -500,37 +553,69 @@ static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t k, int
                 _mm_loadu_si128((const __m128i *)(w + (i + j) * GROUP))));
         return;
     }
-    const __m512i nibble = _mm512_set1_epi32(15);
-    __m512i v[4];
-    for (int j = 0; j < 2; j++) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128((const __m128i *)(w + (i / 2 + j) * GROUP)));
-        v[2 * j] = _mm512_and_si512(bytes, nibble);
-        v[2 * j + 1] = _mm512_srli_epi32(bytes, 4);
+    __m256i even, odd;
+    grouped_bytes(w, bits, k, i, &even, &odd);
+    q[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(even)));
+    q[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(odd)));
+    q[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(even, 1)));
+    q[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(odd, 1)));
+}
+
+/* bfloat16 128.0: with a value u below 128 in its low 7 bits, the bfloat16 128 + u exactly. */
+enum { BF16_BASE_BITS = 0x4300, BF16_BASE = 128 };
+
+/* The narrow values of k = i .. i + 3 as vdpbf16ps's weight pairs, each stored value u as the
+ * bfloat16 128 + u: w01 holds (k = i, i + 1) of each of the 16 channels, w23 (i + 2, i + 3). */
+static inline void grouped_pairs(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
+                                 __m512i *w01, __m512i *w23) {
+    __m256i even, odd;
+    grouped_bytes(w, bits, k, i, &even, &odd);
+    /* Per 128-bit half: channels 0-7 (lo) and 8-15 (hi), k = i, i + 1 below, i + 2, i + 3
+     * above. */
+    const __m256i lo = _mm256_unpacklo_epi8(even, odd), hi = _mm256_unpackhi_epi8(even, odd);
+    const __m512i base = _mm512_set1_epi16(BF16_BASE_BITS);
+    *w01 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x20)), base);
+    *w23 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x31)), base);
+}
+
+/* `rows` (at most 4) rows of bfloat16 x (x_stride apart; `xsum` their float32 sums per group,
+ * K / G apart) times one channel block of narrow values: 16 outputs per row into `y`. Each
+ * group sums (128 + u) x by vdpbf16ps (two pairs of k per row in flight; every product exact)
+ * and takes the 128 (and a 6-bit value's 32) back off with the offsets: y += s acc +
+ * (o - (128 + bias) s) sum(x). */
+TILE grouped_rows_bf16(const int64_t rows, const uint16_t *x, const int64_t x_stride,
+                       const float *xsum, const int64_t k, const uint8_t *w, const int64_t bits,
+                       const void *scales, const void *offsets, const int64_t half,
+                       const int64_t group, __m512 *y) {
+#define ZERO(r) __m512 total##r = _mm512_setzero_ps();
+    EACH_SMALL_ROW(ZERO)
+#undef ZERO
+    const int64_t groups = k / group;
+    const __m512 base = _mm512_set1_ps(BF16_BASE);
+    for (int64_t g = 0; g < groups; g++) {
+#define ZERO(r) __m512 even##r = _mm512_setzero_ps(), odd##r = _mm512_setzero_ps();
+        EACH_SMALL_ROW(ZERO)
+#undef ZERO
+        for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+            __m512i w01, w23;
+            grouped_pairs(w, bits, k, i, &w01, &w23);
+#define MAC(r) if (r < rows) { even##r = dpbf16(even##r, x + r * x_stride + i, w01); \
+                           odd##r = dpbf16(odd##r, x + r * x_stride + i + 2, w23); }
+            EACH_SMALL_ROW(MAC)
+#undef MAC
+        }
+        const __m512 s = load_factors(scales, g * GROUP, half);
+        const __m512 o = _mm512_fnmadd_ps(base, s, group_offsets(offsets, s, bits, g * GROUP,
+                                                                 half));
+#define SCALE(r) if (r < rows) total##r = _mm512_fmadd_ps( \
+            o, _mm512_set1_ps(xsum[r * groups + g]), \
+            _mm512_fmadd_ps(_mm512_add_ps(even##r, odd##r), s, total##r));
+        EACH_SMALL_ROW(SCALE)
+#undef SCALE
     }
-    if (bits == 5) {
-        /* k = i + j's fifth bit is bit (i % 8) + j of byte i / 8: moved to bit 4. */
-        const __m512i high = _mm512_srl_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-            (const __m128i *)(high_bits(w, k) + (i / 8) * GROUP))), _mm_cvtsi32_si128(i % 8));
-        const __m512i bit = _mm512_set1_epi32(1 << 4);
-        v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi32(high, 4), bit));
-        v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi32(high, 3), bit));
-        v[2] = _mm512_or_si512(v[2], _mm512_and_si512(_mm512_slli_epi32(high, 2), bit));
-        v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_slli_epi32(high, 1), bit));
-    } else if (bits == 6) {
-        /* k = i + j's two high bits are bits 2j, 2j + 1 of byte i / 4: moved to bits 4, 5,
-         * then the 6-bit value sign-extended by shifting it to the top and back. */
-        const __m512i high = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-            (const __m128i *)(high_bits(w, k) + (i / 4) * GROUP)));
-        const __m512i bits45 = _mm512_set1_epi32(3 << 4);
-        v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi32(high, 4), bits45));
-        v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi32(high, 2), bits45));
-        v[2] = _mm512_or_si512(v[2], _mm512_and_si512(high, bits45));
-        v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi32(high, 2), bits45));
-        for (int j = 0; j < 4; j++)
-            v[j] = _mm512_srai_epi32(_mm512_slli_epi32(v[j], 26), 26);
-    }
-    for (int j = 0; j < 4; j++) q[j] = _mm512_cvtepi32_ps(v[j]);
+#define RESULT(r) if (r < rows) y[r] = total##r;
+    EACH_SMALL_ROW(RESULT)
+#undef RESULT
 }
 
 #define EACH_J(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
@@ -563,8 +648,8 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
             _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, total##r);
         EACH_SMALL_ROW(SCALE)
 #undef SCALE
-        if (offsets) {
-            const __m512 o = load_factors(offsets, g * GROUP, half);
+        if (offsets || bits == 6) {
+            const __m512 o = group_offsets(offsets, s, bits, g * GROUP, half);
 #define OFFSET(r) if (r < rows) total##r = _mm512_fmadd_ps( \
                 o, _mm512_set1_ps(xsum[r * groups + g]), total##r);
             EACH_SMALL_ROW(OFFSET)
@@ -589,7 +674,7 @@ static void dequantize_strip(const uint8_t *w, int64_t bits, const void *scales,
         for (int64_t i = 0; i < k; i += 4) {
             const int64_t at = b * block_groups + i / group * GROUP;
             const __m512 s = load_factors(scales, at, half);
-            const __m512 o = offsets ? load_factors(offsets, at, half) : _mm512_setzero_ps();
+            const __m512 o = group_offsets(offsets, s, bits, at, half);
             __m512 q[4];
             grouped_values(src, bits, k, i, q);
             for (int j = 0; j < 4; j += 2) {
@@ -683,10 +768,18 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                 char *o = (char *)out + m * out_stride;
 #if INT8_SIMD
                 __m512 y[SMALL_ROWS];
+                if (bf16 && bits != 8) {
+#define ROWS(r) case r: grouped_rows_bf16(r, (const uint16_t *)x + m * x_stride, x_stride, \
+                                          xsum + m * groups, k, wb, bits, sb, ob, half, group, \
+                                          y); break;
+                    switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+#undef ROWS
+                } else {
 #define ROWS(r) case r: grouped_rows(r, xf + m * k, xsum + m * groups, k, wb, bits, sb, ob, \
                                      half, group, y); break;
-                switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+                    switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
 #undef ROWS
+                }
                 for (int64_t r = 0; r < chunk; r++)
                     store16(o + r * out_stride, bias, bf16, n, b * GROUP, 0, y[r]);
 #else
