@@ -582,6 +582,22 @@ def test_quantization_and_kv_cache_dtype_reach_the_executor(helm):
     assert env[env_var("--gguf-dequantize")] == "true"
 
 
+def test_enforce_eager_reaches_the_executor(helm, monkeypatch):
+    """executor.enforceEager becomes PAGEDSERVE_ENFORCE_EAGER (--enforce-eager), which the
+    executor's flags read as true; unset, graphs where they apply."""
+    from pagedserve.executor.config import EngineConfig, add_arguments
+    from pagedserve.runtime.flags import FlagParser, env_var
+
+    var = env_var("--enforce-eager")
+    assert var not in env_of(Manifests(render(helm, None)).container("executor"))
+    env = env_of(Manifests(render(helm, None, "--set", "executor.enforceEager=true"))
+                 .container("executor"))
+    monkeypatch.setenv(var, env[var])
+    parser = FlagParser()
+    add_arguments(parser)
+    assert EngineConfig.from_args(parser.parse_args([])).enforce_eager
+
+
 def test_a_speculative_config_map_reaches_the_executor_as_json(helm):
     """executor.speculativeConfig, vLLM's keys as a map, becomes --speculative-config's JSON,
     which the executor parses back to the same config; unset, no speculation."""
