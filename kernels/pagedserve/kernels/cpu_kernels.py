@@ -574,7 +574,7 @@ def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
     assert x.dtype in DTYPES and x.shape[-1] == weight.in_features
     assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
     rows = _rows(x)
-    out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
+    out = torch.empty((*x.shape[:-1], weight.out_features), dtype=x.dtype)
     failed = _library().grouped_linear(
         out.data_ptr(), rows.data_ptr(), weight.data.data_ptr(), weight.bits,
         weight.scales.data_ptr(), 0 if weight.offsets is None else weight.offsets.data_ptr(),
@@ -583,7 +583,7 @@ def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
         weight.out_features, weight.in_features, rows.stride(0), DTYPES[x.dtype])
     if failed:
         raise MemoryError("CPU grouped linear: out of memory for its scratch buffers")
-    return out.view(*x.shape[:-1], weight.out_features)
+    return out
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
@@ -599,7 +599,7 @@ def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
     rows = _rows(x)
     if not weight.dynamic_activations and weight.in_features % 4:
         rows = torch.nn.functional.pad(rows, (0, 4 - weight.in_features % 4))
-    out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
+    out = torch.empty((*x.shape[:-1], weight.out_features), dtype=x.dtype)
     bias_ptr = 0 if bias is None else bias.data_ptr()
     common = (weight.data.data_ptr(), weight.scales.data_ptr())
     if weight.dynamic_activations:
@@ -613,4 +613,4 @@ def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
             weight.out_features, rows.shape[1], rows.stride(0))
     if failed:
         raise MemoryError("CPU int8 linear: out of memory for its scratch buffers")
-    return out.view(*x.shape[:-1], weight.out_features)
+    return out
