@@ -43,7 +43,10 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     # [num_reqs + 1] first row of each request's tokens in the flat batch, then the total.
     query_start_loc: torch.Tensor
-    # Host-side copies, so no layer has to synchronise with the device to read them.
+    # Host-side copies, so no layer has to synchronise with the device to read them. A decode
+    # CUDA graph (executor cuda_graphs.py) gives max_model_len for every sequence instead: an
+    # upper bound, which is all the decode kernels read from it (the longest context, to size
+    # their grid or gather); its prefill paths never see such a batch.
     query_lens: list[int]
     seq_lens_host: list[int]
     # The first num_decodes requests have exactly one query token.

@@ -460,7 +460,8 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *    then their two high bits, uint8 [K / 4][16], k = 4i + j at bits 2j, 2j + 1 of byte
  *    (i, c); the kernels multiply the stored values and take 32 s per group back off;
  *  - scales and offsets: [K / G][16], float32, or float16 (`half`) where every factor is one
- *    exactly (GGUF's Q8_0, Q4_0 and Q4_1 store them so): 2 bytes a group instead of 4.
+ *    exactly (GGUF's Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 store them so): 2 bytes a group
+ *    instead of 4.
  * The threads split the channel blocks. */
 
 /* Factor `i` of scales or offsets (float32, or float16 when `half`). */
