@@ -148,21 +148,36 @@ static inline void fp8_row_to_bf16(const uint8_t *src, int64_t dim, int64_t form
 
 /* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer
  * power, built in the exponent bits, and a degree-6 polynomial for the fraction (relative error
- * below 2e-7). Unlike libm's expf it vectorises; below -87 it returns 0. */
+ * below 2e-7); below -87 it is 0. exp_nonpositive takes one value, exp_nonpositive16 sixteen
+ * (the compiler does not vectorise the scalar one in every loop). */
+static const float exp2_fraction[7] = {  /* 2^f for f in [0, 1), highest degree first */
+    1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+    5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+
 static inline float exp_nonpositive(float x) {
     float t = x * 1.4426950408889634f;
     t = t < -126.0f ? -126.0f : t;
     const float whole = __builtin_floorf(t), f = t - whole;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
+    float p = exp2_fraction[0];
+    for (int i = 1; i < 7; i++) p = p * f + exp2_fraction[i];
     union { uint32_t u; float f; } scale = { .u = (uint32_t)((int32_t)whole + 127) << 23 };
     return x < -87.0f ? 0.0f : p * scale.f;
 }
+
+#if defined(__AVX512F__)
+static inline __m512 exp_nonpositive16(__m512 x) {
+    const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                   _mm512_set1_ps(-126.0f));
+    const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, whole);
+    __m512 p = _mm512_set1_ps(exp2_fraction[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_fraction[i]));
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23));
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p,
+                               scale);
+}
+#endif
 
 static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
     union { float f; uint32_t u; } v = { .f = f };
