@@ -190,22 +190,19 @@ static inline void store_rows(void *out, int64_t offset, int64_t stride, int64_t
 #define KEY_TILE 16
 
 /* acc[r] (+)= sum over the tile's positions p < count of probs[r][p] * V[p], for RB rows from
- * `r0`, over the 32 dimensions from `d0` (rows of acc and probs `dim` and `n` apart). V[p] is
- * vt + p * dim (float32), or with `bf16_rows` the bfloat16 row vrows[p]. */
+ * `r0`, over the 32 dimensions from `d0` (rows of acc and probs `dim` and `n` apart; V[p] is
+ * the float32 row vt + p * dim). */
 static inline __attribute__((always_inline)) void weigh_values(
-        float *acc, const float *probs, const float *vt, const uint16_t *const *vrows,
-        int64_t r0, int64_t d0, int64_t count, int64_t dim, int64_t n, const int64_t rb,
-        const int64_t bf16_rows) {
+        float *acc, const float *probs, const float *vt, int64_t r0, int64_t d0, int64_t count,
+        int64_t dim, int64_t n, const int64_t rb) {
     __m512 lo[8], hi[8];
     for (int64_t i = 0; i < rb; i++) {
         lo[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0);
         hi[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0 + 16);
     }
     for (int64_t p = 0; p < count; p++) {
-        const __m512 v0 = bf16_rows ? load16(vrows[p], d0, FORMAT_BF16)
-                                    : _mm512_loadu_ps(vt + p * dim + d0);
-        const __m512 v1 = bf16_rows ? load16(vrows[p], d0 + 16, FORMAT_BF16)
-                                    : _mm512_loadu_ps(vt + p * dim + d0 + 16);
+        const __m512 v0 = _mm512_loadu_ps(vt + p * dim + d0);
+        const __m512 v1 = _mm512_loadu_ps(vt + p * dim + d0 + 16);
         for (int64_t i = 0; i < rb; i++) {
             const __m512 w = _mm512_set1_ps(probs[(r0 + i) * n + p]);
             lo[i] = _mm512_fmadd_ps(w, v0, lo[i]);
@@ -215,21 +212,6 @@ static inline __attribute__((always_inline)) void weigh_values(
     for (int64_t i = 0; i < rb; i++) {
         _mm512_storeu_ps(acc + (r0 + i) * dim + d0, lo[i]);
         _mm512_storeu_ps(acc + (r0 + i) * dim + d0 + 16, hi[i]);
-    }
-}
-
-/* weigh_values over bfloat16 rows for the `rows` rows from r0, 8 at a time, each call with its
- * row count constant (so that its accumulators stay in registers). */
-static inline void weigh_rows(float *acc, const float *probs, const uint16_t *const *vrows,
-                              int64_t r0, int64_t rows, int64_t d0, int64_t count, int64_t dim,
-                              int64_t n) {
-    for (; rows > 0; r0 += 8, rows -= 8) {
-        switch (rows < 8 ? rows : 8) {
-#define WEIGH(rb) case rb: \
-            weigh_values(acc, probs, 0, vrows, r0, d0, count, dim, n, rb, 1); break;
-        WEIGH(1) WEIGH(2) WEIGH(3) WEIGH(4) WEIGH(5) WEIGH(6) WEIGH(7) WEIGH(8)
-#undef WEIGH
-        }
     }
 }
 #endif
@@ -259,13 +241,126 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *v) {
     return level[0];
 }
 
+/* Word indices for vpermt2w that interleave two vectors' bfloat16 values into dwords
+ * (a[l], b[l]): [0] for l = 0..15, [1] for l = 16..31 (b's indices are 32 on). */
+static const uint16_t interleave_words[2][32] = {
+    {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+    {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+
+/* dst[d] = the bfloat16 pair (a[d], b[d]) for d < dim (a multiple of 32): two positions' V rows
+ * as vdpbf16ps takes them, so that one instruction adds both positions' weighted values (where
+ * a float32 FMA adds one's, after converting the row). */
+static inline void interleave_rows(const uint16_t *a, const uint16_t *b, int64_t dim,
+                                   uint32_t *dst) {
+    const __m512i low = _mm512_loadu_si512(interleave_words[0]);
+    const __m512i high = _mm512_loadu_si512(interleave_words[1]);
+    for (int64_t d = 0; d < dim; d += 32) {
+        const __m512i x = _mm512_loadu_si512(a + d), y = _mm512_loadu_si512(b + d);
+        _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(x, low, y));
+        _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(x, high, y));
+    }
+}
+
+/* acc[r0 + i] (+)= sum over pairs p < count of weights(r0 + i, p) . vpairs[p], over the 32
+ * dimensions from d0, for RB rows: each dword of weights a (bfloat16, bfloat16) pair of two
+ * positions' attention weights, at weights[i * row_stride + p * pair_stride]; each vpairs row
+ * `dim` dwords of interleave_rows. The accumulators stay in registers across the pairs. */
+static inline __attribute__((always_inline)) void weigh_pairs(
+        float *acc, const uint32_t *weights, int64_t row_stride, int64_t pair_stride,
+        const uint32_t *vpairs, int64_t count, int64_t r0, int64_t d0, int64_t dim,
+        const int64_t rb) {
+    __m512 lo[8], hi[8];
+    for (int64_t i = 0; i < rb; i++) {
+        lo[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0);
+        hi[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0 + 16);
+    }
+    for (int64_t p = 0; p < count; p++) {
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vpairs + p * dim + d0);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vpairs + p * dim + d0 + 16);
+        for (int64_t i = 0; i < rb; i++) {
+            const __m512bh w = (__m512bh)_mm512_set1_epi32(
+                (int)weights[i * row_stride + p * pair_stride]);
+            lo[i] = _mm512_dpbf16_ps(lo[i], w, v0);
+            hi[i] = _mm512_dpbf16_ps(hi[i], w, v1);
+        }
+    }
+    for (int64_t i = 0; i < rb; i++) {
+        _mm512_storeu_ps(acc + (r0 + i) * dim + d0, lo[i]);
+        _mm512_storeu_ps(acc + (r0 + i) * dim + d0 + 16, hi[i]);
+    }
+}
+
+/* weigh_pairs for `rows` rows from r0, 8 at a time (rows r0.. of weights from `weights`),
+ * each call with its row count constant, over every 32 dimensions. */
+static inline void weigh_pair_rows(float *acc, const uint32_t *weights, int64_t row_stride,
+                                   int64_t pair_stride, const uint32_t *vpairs, int64_t count,
+                                   int64_t r0, int64_t rows, int64_t dim) {
+    for (; rows > 0; r0 += 8, rows -= 8, weights += 8 * row_stride)
+        for (int64_t d0 = 0; d0 < dim; d0 += 32)
+            switch (rows < 8 ? rows : 8) {
+#define WEIGH(rb) case rb: \
+                weigh_pairs(acc, weights, row_stride, pair_stride, vpairs, count, r0, d0, dim, \
+                            rb); break;
+            WEIGH(1) WEIGH(2) WEIGH(3) WEIGH(4) WEIGH(5) WEIGH(6) WEIGH(7) WEIGH(8)
+#undef WEIGH
+            }
+}
+
+/* A row of n attention weights into bfloat16, in place: dword i of `p` becomes the pair
+ * (p[2i], p[2i + 1]) as weigh_pairs reads them (p[n] taken as 0 when n is odd). Dword i lands
+ * on p[i], which has been read by then. */
+static inline void pair_weights(float *p, int64_t n) {
+    int64_t i = 0;
+    for (; 2 * i + 32 <= n; i += 16)  /* 32 weights; the low half of the result from the second */
+        _mm512_storeu_si512(p + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 2 * i + 16),
+                                                                _mm512_loadu_ps(p + 2 * i)));
+    for (; 2 * i < n; i++) {
+        const uint32_t second = 2 * i + 1 < n ? to_bf16(p[2 * i + 1]) : 0;
+        ((uint32_t *)p)[i] = (uint32_t)to_bf16(p[2 * i]) | second << 16;
+    }
+}
+
 /* q . k over `dim` (a multiple of 32) bfloat16 values, as a vector of partial sums. */
-static inline __m512 dot_bf16_partial(const uint16_t *k, const uint16_t *q, int64_t dim) {
+static inline __attribute__((always_inline)) __m512 dot_bf16_partial(
+        const uint16_t *k, const uint16_t *q, const int64_t dim) {
     __m512 sum = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += 32)
         sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(k + d),
                                (__m512bh)_mm512_loadu_si512(q + d));
     return sum;
+}
+
+/* Query row q's unscaled scores against a tile's first `count` K rows, one per lane. */
+static inline __attribute__((always_inline)) __m512 score16(
+        const uint16_t *const *k_rows, const uint16_t *q, int64_t count, const int64_t dim) {
+    __m512 partial[KEY_TILE];
+    for (int64_t p = 0; p < KEY_TILE; p++)
+        partial[p] = p < count ? dot_bf16_partial(k_rows[p], q, dim) : _mm512_setzero_ps();
+    return sum16(partial);
+}
+
+/* score16, unrolled for the common head sizes (a loop of two or four dot products otherwise
+ * costs as much as the products). */
+static inline __m512 score16_any(const uint16_t *const *k_rows, const uint16_t *q,
+                                 int64_t count, int64_t dim) {
+    switch (dim) {
+    case 64: return score16(k_rows, q, count, 64);
+    case 128: return score16(k_rows, q, count, 128);
+    default: return score16(k_rows, q, count, dim);
+    }
+}
+
+/* offsets[i] = where context position first + i starts in a KV cache (slot_offset), for
+ * i < n, stepping through the block table without a division per position. */
+static inline void context_offsets(const int64_t *table, int64_t first, int64_t n,
+                                   const DecodeShape *s, int64_t *offsets) {
+    int64_t block = first / s->block_size, within = first % s->block_size;
+    for (int64_t i = 0; i < n; i++) {
+        offsets[i] = table[block] * s->kv_stride_b + within * s->kv_stride_t;
+        if (++within == s->block_size) { within = 0; block++; }
+    }
 }
 
 /* Decode attention by tiles of 16 positions, for bfloat16 queries over a bfloat16 cache (or an
@@ -283,6 +378,9 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
     const int64_t first = window_start(len, s), n = len - first;
     float *acc = work, *scores = acc + rows * dim;
     uint16_t *qb = (uint16_t *)(scores + rows * n), *kt = qb + rows * dim;
+    uint32_t *vpairs = (uint32_t *)(kt + heads * KEY_TILE * dim);  /* [KEY_TILE / 2][dim] */
+    int64_t *offsets = (int64_t *)(vpairs + KEY_TILE / 2 * dim);     /* [n] */
+    context_offsets(table, first, n, s, offsets);
     for (int64_t r = 0; r < rows; r++)
         memcpy(qb + r * dim, (const uint16_t *)q + seq * s->q_stride_s
                + (head0 + r) * s->q_stride_h, dim * sizeof(uint16_t));
@@ -298,10 +396,10 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
             /* The tile's rows, position by position (the order they lie in memory): fp8 ones
              * converted into kt [head][position][dim], bfloat16 ones read in place. */
             for (int64_t p = 0; p < count; p++) {
-                const int64_t base = slot_offset(table, first + i0 + p, s);
+                const int64_t base = offsets[i0 + p];
                 if (i0 + KEY_TILE + p < n)
-                    prefetch_bytes(cache, slot_offset(table, first + i0 + KEY_TILE + p, s)
-                                   + head_offset, kv, row_bytes);
+                    prefetch_bytes(cache, offsets[i0 + KEY_TILE + p] + head_offset, kv,
+                                   row_bytes);
                 for (int64_t h = 0; h < heads; h++) {
                     const int64_t at = base + (kv_first + h) * s->kv_stride_h;
                     const uint16_t **row = &rows_of[pass][h * KEY_TILE + p];
@@ -317,23 +415,26 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
             for (int64_t h = 0; h < heads; h++) {
                 const uint16_t *const *tile_rows = rows_of[pass] + h * KEY_TILE;
                 if (pass) {
-                    for (int64_t d0 = 0; d0 < dim; d0 += 32)
-                        weigh_rows(acc, scores + i0, tile_rows, h * group, group, d0, count,
-                                   dim, n);
+                    const int64_t pairs = (count + 1) / 2;
+                    for (int64_t i = 0; i < pairs; i++)  /* odd: the last row with itself */
+                        interleave_rows(tile_rows[2 * i],
+                                        tile_rows[2 * i + 1 < count ? 2 * i + 1 : 2 * i], dim,
+                                        vpairs + i * dim);
+                    weigh_pair_rows(acc, (const uint32_t *)scores + h * group * n + i0 / 2, n, 1,
+                                    vpairs, pairs, h * group, group, dim);
                     continue;
                 }
-                for (int64_t r = h * group; r < (h + 1) * group; r++) {
-                    __m512 partial[KEY_TILE];
-                    for (int64_t p = 0; p < KEY_TILE; p++)
-                        partial[p] = p < count ? dot_bf16_partial(tile_rows[p], qb + r * dim, dim)
-                                               : _mm512_setzero_ps();
+                for (int64_t r = h * group; r < (h + 1) * group; r++)
                     _mm512_mask_storeu_ps(scores + r * n + i0, (__mmask16)((1u << count) - 1),
-                                          _mm512_mul_ps(sum16(partial), scale));
-                }
+                                          _mm512_mul_ps(score16_any(tile_rows, qb + r * dim,
+                                                                    count, dim), scale));
             }
         }
         if (!pass)
-            for (int64_t r = 0; r < rows; r++) weigh_row(scores + r * n, n, s);
+            for (int64_t r = 0; r < rows; r++) {
+                weigh_row(scores + r * n, n, s);
+                pair_weights(scores + r * n, n);
+            }
     }
     store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, 1, rows, dim,
                acc, s->v_scale);
@@ -442,9 +543,10 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
         /* The larger of attend's needs (2 rows + 2 rows of head_dim, the scores) and
-         * attend_tiles_bf16's (1.5 rows, 8 rows per KV head of head_dim, the scores). */
-        float *work = malloc(sizeof(float) * ((2 * rows + 2 + 8 * heads_per_task) * s->head_dim
-                                              + rows * (len - window_start(len, s))));
+         * attend_tiles_bf16's (1.5 rows, 8 rows per KV head and 8 more of head_dim, the
+         * scores, an int64 offset per position). */
+        float *work = malloc(sizeof(float) * ((2 * rows + 8 + 8 * heads_per_task) * s->head_dim
+                                              + (rows + 2) * (len - window_start(len, s))));
         if (!work) { failed = 1; continue; }
         attend_for(s)(out, q, k_cache, v_cache, block_tables + seq * s->table_stride, seq,
                       kv_first, kv_first + heads_per_task, len, s, work);
@@ -558,9 +660,9 @@ static inline __attribute__((always_inline)) void attend_tile(
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
             int64_t r0 = 0;
             for (; r0 + 8 <= rows; r0 += 8)
-                weigh_values(acc, probs + p0, vt, 0, r0, d0, count, dim, n, 8, 0);
+                weigh_values(acc, probs + p0, vt, r0, d0, count, dim, n, 8);
             for (; r0 < rows; r0++)
-                weigh_values(acc, probs + p0, vt, 0, r0, d0, count, dim, n, 1, 0);
+                weigh_values(acc, probs + p0, vt, r0, d0, count, dim, n, 1);
         }
     }
     for (int64_t t = 0; t < tokens; t++)
@@ -574,72 +676,6 @@ static inline __attribute__((always_inline)) void attend_tile(
 /* The widest head attend_tile_pairs takes, in dimension pairs: its K tile keeps this stride so
  * that each position's row lies at a constant offset (no register per row in the score loop). */
 #define MAX_HALF_DIM 128
-
-/* Word indices for vpermt2w that interleave two vectors' bfloat16 values into dwords
- * (a[l], b[l]): [0] for l = 0..15, [1] for l = 16..31 (b's indices are 32 on). */
-static const uint16_t interleave_words[2][32] = {
-    {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
-    {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
-
-/* dst[d] = the bfloat16 pair (a[d], b[d]) for d < dim (a multiple of 32): two positions' V rows
- * as vdpbf16ps takes them, so that one instruction adds both positions' weighted values. */
-static inline void interleave_rows(const uint16_t *a, const uint16_t *b, int64_t dim,
-                                   uint32_t *dst) {
-    const __m512i low = _mm512_loadu_si512(interleave_words[0]);
-    const __m512i high = _mm512_loadu_si512(interleave_words[1]);
-    for (int64_t d = 0; d < dim; d += 32) {
-        const __m512i x = _mm512_loadu_si512(a + d), y = _mm512_loadu_si512(b + d);
-        _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(x, low, y));
-        _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(x, high, y));
-    }
-}
-
-/* acc[r0 + i] (+)= sum over pairs p < count of weights(r0 + i, p) . vpairs[p], over the 32
- * dimensions from d0, for RB rows: each dword of weights a (bfloat16, bfloat16) pair of two
- * positions' attention weights, at weights[i * row_stride + p * pair_stride]; each vpairs row
- * `dim` dwords of interleave_rows. The accumulators stay in registers across the pairs. */
-static inline __attribute__((always_inline)) void weigh_pairs(
-        float *acc, const uint32_t *weights, int64_t row_stride, int64_t pair_stride,
-        const uint32_t *vpairs, int64_t count, int64_t r0, int64_t d0, int64_t dim,
-        const int64_t rb) {
-    __m512 lo[8], hi[8];
-    for (int64_t i = 0; i < rb; i++) {
-        lo[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0);
-        hi[i] = _mm512_loadu_ps(acc + (r0 + i) * dim + d0 + 16);
-    }
-    for (int64_t p = 0; p < count; p++) {
-        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vpairs + p * dim + d0);
-        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vpairs + p * dim + d0 + 16);
-        for (int64_t i = 0; i < rb; i++) {
-            const __m512bh w = (__m512bh)_mm512_set1_epi32(
-                (int)weights[i * row_stride + p * pair_stride]);
-            lo[i] = _mm512_dpbf16_ps(lo[i], w, v0);
-            hi[i] = _mm512_dpbf16_ps(hi[i], w, v1);
-        }
-    }
-    for (int64_t i = 0; i < rb; i++) {
-        _mm512_storeu_ps(acc + (r0 + i) * dim + d0, lo[i]);
-        _mm512_storeu_ps(acc + (r0 + i) * dim + d0 + 16, hi[i]);
-    }
-}
-
-/* weigh_pairs for `rows` rows from r0, 8 at a time (rows r0.. of weights from `weights`),
- * each call with its row count constant, over every 32 dimensions. */
-static inline void weigh_pair_rows(float *acc, const uint32_t *weights, int64_t row_stride,
-                                   int64_t pair_stride, const uint32_t *vpairs, int64_t count,
-                                   int64_t r0, int64_t rows, int64_t dim) {
-    for (; rows > 0; r0 += 8, rows -= 8, weights += 8 * row_stride)
-        for (int64_t d0 = 0; d0 < dim; d0 += 32)
-            switch (rows < 8 ? rows : 8) {
-#define WEIGH(rb) case rb: \
-                weigh_pairs(acc, weights, row_stride, pair_stride, vpairs, count, r0, d0, dim, \
-                            rb); break;
-            WEIGH(1) WEIGH(2) WEIGH(3) WEIGH(4) WEIGH(5) WEIGH(6) WEIGH(7) WEIGH(8)
-#undef WEIGH
-            }
-}
 
 /* The scratch memory of attend_tile_pairs for `blocks` blocks of query rows, n positions. */
 typedef struct {
@@ -788,10 +824,10 @@ static inline __attribute__((always_inline)) void attend_tile_pairs(
             for (int l = 0; l < ROW_BLOCK; l++) scores[n * ROW_BLOCK + l] = -INFINITY;
         weigh_block(scores, pairs, s->softcap, w.norms + b * ROW_BLOCK);
     }
-    static const uint16_t zeros[2 * MAX_HALF_DIM];
     for (int64_t i = 0; i < pairs; i++) {
         const int64_t at = slot_offset(table, first + 2 * i, s) + h * s->kv_stride_h;
-        const uint16_t *a = bf16_row(v_cache, at, kv, dim, w.converted), *b = zeros;
+        /* With n odd, the last position pairs with itself, its second weight 0. */
+        const uint16_t *a = bf16_row(v_cache, at, kv, dim, w.converted), *b = a;
         if (2 * i + 1 < n)
             b = bf16_row(v_cache, slot_offset(table, first + 2 * i + 1, s) + h * s->kv_stride_h,
                          kv, dim, w.converted + dim);
