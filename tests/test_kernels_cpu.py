@@ -131,6 +131,25 @@ def test_mixed_batch_matches_torch(case, with_decodes):
     torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("case", [1, 5])  # the default model's shape; groups of 5 and a window
+def test_bfloat16_error_stays_within_twice_the_rounding_of_the_exact_result(case):
+    """Against float64 on the same bfloat16 inputs, decodes and prefills: the kernels round the
+    attention weights to bfloat16 for P.V (as flash attention does), and their error stays
+    within twice that of rounding the exact result to bfloat16, mean and max."""
+    dtype, num_heads, num_kv_heads, head_dim, window = CASES[case]
+    gen = torch.Generator().manual_seed(670 + case)
+    key_cache, value_cache, query, meta = mixed_batch(
+        gen, dtype, num_heads, num_kv_heads, head_dim, [120, BLOCK + 1, 37],
+        [(0, 150), (40, 60)])
+    scale = 1 / math.sqrt(head_dim)
+    out = cpu.paged_attention_cpu(query, key_cache, value_cache, meta, scale, window).double()
+    exact = paged_attention(query.double(), key_cache.nan_to_num(0.0).double(),
+                            value_cache.nan_to_num(0.0).double(), meta, scale, window)
+    error, rounding = (out - exact).abs(), (exact.to(dtype).double() - exact).abs()
+    assert error.mean() <= 2 * rounding.mean()
+    assert error.max() <= 2 * rounding.max()
+
+
 @pytest.mark.parametrize("case", [0, 3, 5])  # float32; bfloat16; bfloat16 dot-product tiles
 def test_soft_capped_scores_match_torch(case):
     """Gemma 2's cap (0.5: it changes every score) on decodes and prefills, windows included;

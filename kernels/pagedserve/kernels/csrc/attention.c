@@ -2,8 +2,10 @@
  * the block table (no gathered copy), bfloat16 or float32 queries, a KV cache of the queries'
  * dtype or of fp8 (e4m3 or e5m2, each cache with one scale: K = stored * k_scale), float32
  * arithmetic (with bfloat16 queries and cache on CPUs with AVX-512 BF16, the q.K products are
- * bfloat16 dot products accumulated in float32, which is exact for the products). The scales
- * cost nothing per element: k_scale joins the softmax scale, v_scale multiplies the output.
+ * bfloat16 dot products accumulated in float32, which is exact for the products, and so are the
+ * P.V products, with the attention weights P rounded to bfloat16 first, as flash attention on
+ * GPUs and PyTorch's CPU flash attention round them). The scales cost nothing per element:
+ * k_scale joins the softmax scale, v_scale multiplies the output.
  *
  * Built at first use by kernels/cpu_kernels.py with the machine's C compiler
  * (-O3 -march=native -fopenmp: the loops over head_dim vectorise to the CPU's widest SIMD) and
@@ -17,6 +19,8 @@
  * the sliding window are never read. With bfloat16 queries (the CPU default) and head_dim a
  * multiple of 32, the passes go by tiles of 16 positions (attend_tiles_bf16: no horizontal sum
  * per score, V's accumulators in registers); otherwise position by position (attend).
+ *
+ * Prefill attention (paged_prefill_attention, below) goes by tiles of consecutive query tokens.
  */
 #include <stddef.h>
 #include <stdlib.h>
@@ -366,9 +370,9 @@ static inline void context_offsets(const int64_t *table, int64_t first, int64_t 
 /* Decode attention by tiles of 16 positions, for bfloat16 queries over a bfloat16 cache (or an
  * fp8 one, its rows converted to bfloat16 first), head_dim a multiple of 32. Per tile and KV
  * head: each query row's 16 scores come from bfloat16 dot products summed by one sum16 (no
- * horizontal sum per score), and the weighted sum of V runs over the tile's rows, converted
- * to float32 once, with the accumulators of up to 8 query rows in registers (weigh_values)
- * instead of loaded and stored at every position. `work` as paged_decode_attention sizes it. */
+ * horizontal sum per score); after the softmax, the weights are rounded to bfloat16 pairs of
+ * positions and the tile's V rows interleaved in pairs (weigh_pairs), with the accumulators of
+ * up to 8 query rows in registers. `work` as paged_decode_attention sizes it. */
 static inline __attribute__((always_inline)) void attend_tiles_bf16(
         void *out, const void *q, const void *k_cache, const void *v_cache,
         const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
