@@ -125,19 +125,32 @@ static inline int64_t window_start(int64_t len, const DecodeShape *s) {
     return s->window > 0 && len > s->window ? len - s->window : 0;
 }
 
-/* p[0..n) = softmax(p[0..n)), exactly (max subtracted first); -inf entries become 0. */
-static inline void softmax_row(float *p, int64_t n) {
+/* p[0..n) = exp(p - max p), exactly as softmax's numerators (-inf entries become 0); returns
+ * their sum. */
+static inline float exp_row(float *p, int64_t n) {
     float max = -INFINITY, sum = 0.0f;
     int64_t i = 0;
 #if defined(__AVX512F__)
-    /* The compiler keeps a scalar loop for the max (its NaN rules); this one is vectorised. */
+    /* The compiler keeps scalar loops for the max (its NaN rules) and the exp; these are
+     * vectorised. */
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p + i));
     max = _mm512_reduce_max_ps(vmax);
 #endif
     for (; i < n; i++) max = p[i] > max ? p[i] : max;
-    for (int64_t i = 0; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
-    for (int64_t i = 0; i < n; i++) p[i] /= sum;
+    i = 0;
+#if defined(__AVX512F__)
+    __m512 vsum = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(p + i),
+                                                         _mm512_set1_ps(max)));
+        _mm512_storeu_ps(p + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; i < n; i++) { p[i] = exp_nonpositive(p[i] - max); sum += p[i]; }
+    return sum;
 }
 
 /* Gemma 2's soft-capping of a row of scaled scores: softcap * tanh(score / softcap), with tanh
@@ -150,10 +163,17 @@ static inline void softcap_row(float *p, int64_t n, float softcap) {
     }
 }
 
-/* A row of scaled scores into attention weights, in place. */
-static inline void weigh_row(float *p, int64_t n, const DecodeShape *s) {
+/* A row of scaled scores into unnormalised attention weights (exp_row, after Gemma 2's soft
+ * cap when the model has one), in place; returns the softmax's normaliser, 1 / their sum. */
+static inline float weigh_row(float *p, int64_t n, const DecodeShape *s) {
     if (s->softcap > 0.0f) softcap_row(p, n, s->softcap);
-    softmax_row(p, n);
+    return 1.0f / exp_row(p, n);
+}
+
+/* A row of scaled scores into attention weights (the softmax), in place. */
+static inline void softmax_row(float *p, int64_t n, const DecodeShape *s) {
+    const float norm = weigh_row(p, n, s);
+    for (int64_t i = 0; i < n; i++) p[i] *= norm;
 }
 
 /* Where position `pos` of a sequence starts in a KV cache (its first head), in elements. */
@@ -179,12 +199,15 @@ static inline void prefetch_bytes(const void *cache, int64_t offset, int64_t for
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(start + b, 0, 1);
 }
 
-/* acc's `rows` rows of `dim` times the V cache's scale (when it has one), then stored. */
+/* acc's `rows` rows of `dim`, each times its softmax normaliser (norms[r], where norms is not
+ * null) and the V cache's scale, then stored. */
 static inline void store_rows(void *out, int64_t offset, int64_t stride, int64_t bf16,
-                              int64_t rows, int64_t dim, float *acc, float v_scale) {
+                              int64_t rows, int64_t dim, float *acc, const float *norms,
+                              float v_scale) {
     for (int64_t r = 0; r < rows; r++) {
-        if (v_scale != 1.0f)
-            for (int64_t d = 0; d < dim; d++) acc[r * dim + d] *= v_scale;
+        const float factor = (norms ? norms[r] : 1.0f) * v_scale;
+        if (factor != 1.0f)
+            for (int64_t d = 0; d < dim; d++) acc[r * dim + d] *= factor;
         store_row(out, offset + r * stride, bf16, dim, acc + r * dim);
     }
 }
@@ -384,6 +407,7 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
     uint16_t *qb = (uint16_t *)(scores + rows * n), *kt = qb + rows * dim;
     uint32_t *vpairs = (uint32_t *)(kt + heads * KEY_TILE * dim);  /* [KEY_TILE / 2][dim] */
     int64_t *offsets = (int64_t *)(vpairs + KEY_TILE / 2 * dim);     /* [n] */
+    float *norms = (float *)(offsets + n);                            /* [rows] */
     context_offsets(table, first, n, s, offsets);
     for (int64_t r = 0; r < rows; r++)
         memcpy(qb + r * dim, (const uint16_t *)q + seq * s->q_stride_s
@@ -436,12 +460,12 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
         }
         if (!pass)
             for (int64_t r = 0; r < rows; r++) {
-                weigh_row(scores + r * n, n, s);
+                norms[r] = weigh_row(scores + r * n, n, s);
                 pair_weights(scores + r * n, n);
             }
     }
     store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, 1, rows, dim,
-               acc, s->v_scale);
+               acc, norms, s->v_scale);
 }
 #endif
 
@@ -487,7 +511,7 @@ static inline __attribute__((always_inline)) void attend(
                       scores + r * n + i, n);
         }
     }
-    for (int64_t r = 0; r < rows; r++) weigh_row(scores + r * n, n, s);
+    for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n, s);
     for (int64_t i = 0; i < n; i++) {
         const int64_t base = slot_offset(table, first + i, s);
         if (i + PREFETCH_AHEAD < n)
@@ -500,7 +524,7 @@ static inline __attribute__((always_inline)) void attend(
         }
     }
     store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, bf16, rows, dim,
-               acc, s->v_scale);
+               acc, 0, s->v_scale);
 }
 
 typedef void (*AttendFunction)(void *, const void *, const void *, const void *,
@@ -548,9 +572,10 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
         /* The larger of attend's needs (2 rows + 2 rows of head_dim, the scores) and
          * attend_tiles_bf16's (1.5 rows, 8 rows per KV head and 8 more of head_dim, the
-         * scores, an int64 offset per position). */
+         * scores, an int64 offset per position, a normaliser per row). */
         float *work = malloc(sizeof(float) * ((2 * rows + 8 + 8 * heads_per_task) * s->head_dim
-                                              + (rows + 2) * (len - window_start(len, s))));
+                                              + (rows + 2) * (len - window_start(len, s))
+                                              + rows));
         if (!work) { failed = 1; continue; }
         attend_for(s)(out, q, k_cache, v_cache, block_tables + seq * s->table_stride, seq,
                       kv_first, kv_first + heads_per_task, len, s, work);
@@ -646,7 +671,7 @@ static inline __attribute__((always_inline)) void attend_tile(
             }
         }
     }
-    for (int64_t r = 0; r < rows; r++) weigh_row(probs + r * n, n, s);
+    for (int64_t r = 0; r < rows; r++) softmax_row(probs + r * n, n, s);
     for (int64_t p0 = 0; p0 < n; p0 += KEY_TILE) {
         const int64_t count = n - p0 < KEY_TILE ? n - p0 : KEY_TILE;
         for (int64_t p = 0; p < count; p++) {
@@ -671,7 +696,7 @@ static inline __attribute__((always_inline)) void attend_tile(
     }
     for (int64_t t = 0; t < tokens; t++)
         store_rows(out, (row0 + t) * s->o_stride_s + h * group * s->o_stride_h, s->o_stride_h,
-                   bf16, group, dim, acc + t * group * dim, s->v_scale);
+                   bf16, group, dim, acc + t * group * dim, 0, s->v_scale);
 }
 
 #if defined(__AVX512BF16__)
@@ -847,12 +872,9 @@ static inline __attribute__((always_inline)) void attend_tile_pairs(
                         + r0 % ROW_BLOCK, 1, ROW_BLOCK, w.vpairs, pairs, r0,
                         rows - r0 < 8 ? rows - r0 : 8, dim);
     }
-    for (int64_t r = 0; r < rows; r++) {
-        const float norm = w.norms[r] * s->v_scale;
-        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] *= norm;
-        store_row(out, (row0 + r / group) * s->o_stride_s + (h * group + r % group)
-                  * s->o_stride_h, 1, dim, acc + r * dim);
-    }
+    for (int64_t t = 0; t < tokens; t++)
+        store_rows(out, (row0 + t) * s->o_stride_s + h * group * s->o_stride_h, s->o_stride_h, 1,
+                   group, dim, acc + t * group * dim, w.norms + t * group, s->v_scale);
 }
 #endif
 
