@@ -57,8 +57,7 @@ def run(weight, x: torch.Tensor) -> torch.Tensor:
 
 
 def nbytes(weight) -> int:
-    return weight.nbytes if isinstance(weight, cpu_kernels.PackedGroupedWeight) \
-        else weight.numel() * weight.element_size()
+    return weight.nbytes  # a packed weight's, or a (oneDNN) tensor's
 
 
 def measure(batch: int, rounds: int, seed: int = 0) -> dict:

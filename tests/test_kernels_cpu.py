@@ -319,6 +319,31 @@ def test_rotary_matches_torch(dtype, head_dim, rotary_dim, neox):
                                apply_rotary(q, positions, cos_sin, neox), rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(not cpu.bf16_linear_supported(),
+                    reason="no AVX-512 BF16: oneDNN serves bfloat16 linears")
+@pytest.mark.parametrize(("m", "n", "k", "bias", "pad"), [
+    (1, 16, 32, False, 0),      # one row, one block
+    (7, 100, 98, True, 0),      # rows past a pass of 6, channels past a block, pairs not 16s
+    (13, 576, 576, True, 8),    # the default model's o_proj, rows of a wider tensor
+    (64, 960, 576, False, 0),   # its qkv_proj at a decode batch of 64
+    (6, 48, 64, True, 0),       # one pass, three blocks
+    (200, 1536, 576, False, 0),  # a prefill chunk through gate_up's half
+])
+def test_bf16_linear_matches_float64(m, n, k, bias, pad):
+    """bf16_linear.c against float64 on the same bfloat16 inputs: within twice bfloat16's
+    rounding of the exact result (products exact, float32 sums); packing round-trips."""
+    gen = torch.Generator().manual_seed(m * n + k)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    x = torch.randn(m, k + pad, generator=gen).bfloat16()[:, :k]
+    packed = cpu.pack_linear_cpu(weight)
+    assert torch.equal(packed.to_dense(), weight)
+    out = cpu.packed_linear_cpu(x, packed, b).double()
+    exact = x.double() @ weight.double().T + (b.double() if bias else 0)
+    error, rounding = (out - exact).abs(), (exact.bfloat16().double() - exact).abs()
+    assert error.max() <= 2 * rounding.max() and error.mean() <= 2 * rounding.mean()
+
+
 def _logits(model, prompts, dtype):
     from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
     from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape

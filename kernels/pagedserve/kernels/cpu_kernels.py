@@ -47,7 +47,8 @@ from pagedserve.kernels.quantization import (
 log = structlog.get_logger(__name__)
 
 SOURCE_DIR = pathlib.Path(__file__).parent / "csrc"
-SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c", SOURCE_DIR / "int8_linear.c"]
+SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c", SOURCE_DIR / "int8_linear.c",
+           SOURCE_DIR / "bf16_linear.c"]
 # Reassociation lets the dot products over head_dim vectorise; finite-math is left off, since
 # the kernel relies on -inf (masked softmax) and NaN (bf16 rounding).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
@@ -146,6 +147,7 @@ def _library() -> ctypes.CDLL | None:
         attention.restype = ctypes.c_int
         attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(_DecodeShape)]
     library.prefill_tiles_supported.argtypes = [ctypes.c_int64]
+    library.bf16_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 9 + [ctypes.c_float] * 2
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
@@ -355,19 +357,68 @@ def apply_rotary_cpu(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: to
     return out
 
 
-def pack_linear_cpu(weight: torch.Tensor) -> torch.Tensor | None:
-    """A bfloat16 weight [out, in] in oneDNN's blocked layout for `packed_linear_cpu`; None for
-    other dtypes (float32 matmuls go to MKL, which gains nothing from it) or without oneDNN."""
-    if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+# Output channels per block of the packed bfloat16 layout (CHANNELS in bf16_linear.c).
+BF16_CHANNELS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBf16Weight:
+    """A bfloat16 weight [out, in] in bf16_linear.c's layout: `data` [ceil(out / 16)][in / 2][16]
+    [2] bfloat16 (each output channel's consecutive pairs of k side by side, channels padded
+    with zeros to a multiple of 16)."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data)
+
+    def to_dense(self) -> torch.Tensor:
+        """The plain weight back (as a oneDNN-packed tensor's `to_dense`), exactly."""
+        rows = self.data.permute(0, 2, 1, 3).reshape(-1, self.in_features)
+        return rows[:self.out_features].contiguous()
+
+
+def bf16_linear_supported() -> bool:
+    """Whether this machine's kernels include bf16_linear.c's matmul (AVX-512 BF16)."""
+    library = _library()
+    return library is not None and bool(library.bf16_linear_supported())
+
+
+def pack_linear_cpu(weight: torch.Tensor) -> PackedBf16Weight | torch.Tensor | None:
+    """A bfloat16 weight [out, in] packed for `packed_linear_cpu`: for bf16_linear.c on CPUs
+    with AVX-512 BF16 (an even `in`), else in oneDNN's blocked layout; None for other dtypes
+    (float32 matmuls go to MKL, which gains nothing from it) or without either."""
+    if weight.dtype != torch.bfloat16:
+        return None
+    out_features, in_features = weight.shape
+    if in_features % 2 == 0 and bf16_linear_supported():
+        padded = -(-out_features // BF16_CHANNELS) * BF16_CHANNELS
+        rows = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
+        data = rows.view(-1, BF16_CHANNELS, in_features // 2, 2).permute(0, 2, 1, 3)
+        return PackedBf16Weight(data.contiguous(), out_features, in_features)
+    if not torch.backends.mkldnn.is_available():
         return None
     # The batch-size hint only tunes the layout, not which batch sizes it serves.
     return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
 
 
-def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor,
+def packed_linear_cpu(x: torch.Tensor, packed: PackedBf16Weight | torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) with W from `pack_linear_cpu`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if not isinstance(packed, PackedBf16Weight):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    rows = _rows(x)
+    assert rows.dtype == torch.bfloat16 and rows.shape[1] == packed.in_features
+    assert bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+    n = packed.out_features
+    out = torch.empty((*x.shape[:-1], n), dtype=torch.bfloat16)
+    _library().bf16_linear(out.data_ptr(), rows.data_ptr(), packed.data.data_ptr(),
+                           None if bias is None else bias.data_ptr(), rows.shape[0], n,
+                           packed.in_features, rows.stride(0), n)
+    return out
 
 
 # Output channels per group of the packed int8 layout (GROUP in int8_linear.c).

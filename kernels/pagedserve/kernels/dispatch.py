@@ -36,7 +36,7 @@ class Kernels:
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     # A linear layer's weight repacked for this set's matmul (None: that weight stays as it
     # is), and the matmul on a packed weight: packed_linear(x, packed, bias).
-    pack_linear: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    pack_linear: Callable[[torch.Tensor], object | None] | None = None
     packed_linear: Callable[..., torch.Tensor] | None = None
     # A quantized weight (quantization.Int8Weight or GroupedWeight) repacked for this set's
     # matmul (None: it stays as it is), and that matmul: quantized_linear(x, weight, bias).

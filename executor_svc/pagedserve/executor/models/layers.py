@@ -75,9 +75,10 @@ def rows_padded(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
 class Linear(KernelLayer):
     """y = x W^T (+ b), with W the row-wise concatenation of `part_sizes` projections.
 
-    A kernel set may repack W for its matmul (`Kernels.pack_linear`: oneDNN's blocked layout
-    on the CPU, for faster bfloat16 matmuls; docs/performance.md has the figures); the plain
-    copy is then released, unless another module shares it (tied embeddings).
+    A kernel set may repack W for its matmul (`Kernels.pack_linear`: on the CPU, bfloat16
+    weights in the layout of our own matmul, kernels/pagedserve/kernels/csrc/bf16_linear.c, or
+    oneDNN's blocked layout on CPUs without AVX-512 BF16; docs/performance.md has the figures);
+    the plain copy is then released, unless another module shares it (tied embeddings).
 
     `quantize` replaces W by int8 values and a scale per output channel
     (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too
@@ -96,7 +97,7 @@ class Linear(KernelLayer):
     (models/quantized_checkpoints.py). The parts of a packed layer share their input, so they
     must share the order (GPTQ quantizes them from the same activations: they do)."""
 
-    packed: torch.Tensor | None = None
+    packed: object | None = None  # Kernels.pack_linear's form of W, when the set repacks it
     # The quantized weight, in the form the bound kernel set multiplies by.
     quantized: QuantizedWeight | None = None
     # A quantized checkpoint's scheme (True: W8A8, False: weight-only); None: a float checkpoint.
@@ -564,7 +565,7 @@ def weight_bytes(model: nn.Module) -> int:
             order = getattr(module, INPUT_ORDER, None)
             total += 0 if order is None else tensor_bytes(order)
         elif isinstance(module, Linear) and module.packed is not None:
-            tensors[id(module.packed)] = module.packed
+            total += module.packed.nbytes  # a packed copy is the module's own
     return total + tensor_bytes(*tensors.values())
 
 
