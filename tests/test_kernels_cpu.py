@@ -344,6 +344,15 @@ def test_bf16_linear_matches_float64(m, n, k, bias, pad):
     assert error.max() <= 2 * rounding.max() and error.mean() <= 2 * rounding.mean()
 
 
+@pytest.mark.skipif(not cpu.bf16_linear_supported(),
+                    reason="no AVX-512 BF16: oneDNN serves bfloat16 linears")
+def test_bf16_linear_of_no_rows_is_empty():
+    """A step can hand a layer no rows (the LM head of a step that samples nothing)."""
+    packed = cpu.pack_linear_cpu(torch.ones(64, 32, dtype=torch.bfloat16))
+    out = cpu.packed_linear_cpu(torch.empty(0, 32, dtype=torch.bfloat16), packed, None)
+    assert out.shape == (0, 64) and out.dtype == torch.bfloat16
+
+
 def _logits(model, prompts, dtype):
     from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
     from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape

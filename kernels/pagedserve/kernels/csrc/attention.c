@@ -403,11 +403,11 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     const int64_t heads = kv_last - kv_first, rows = heads * group, head0 = kv_first * group;
     const int64_t first = window_start(len, s), n = len - first;
-    float *acc = work, *scores = acc + rows * dim;
+    int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
+    float *acc = (float *)(offsets + n), *scores = acc + rows * dim;
     uint16_t *qb = (uint16_t *)(scores + rows * n), *kt = qb + rows * dim;
     uint32_t *vpairs = (uint32_t *)(kt + heads * KEY_TILE * dim);  /* [KEY_TILE / 2][dim] */
-    int64_t *offsets = (int64_t *)(vpairs + KEY_TILE / 2 * dim);     /* [n] */
-    float *norms = (float *)(offsets + n);                            /* [rows] */
+    float *norms = (float *)(vpairs + KEY_TILE / 2 * dim);            /* [rows] */
     context_offsets(table, first, n, s, offsets);
     for (int64_t r = 0; r < rows; r++)
         memcpy(qb + r * dim, (const uint16_t *)q + seq * s->q_stride_s

@@ -88,6 +88,7 @@ static inline __attribute__((always_inline)) void blocks_of_rows(
 int bf16_linear(uint16_t *y, const uint16_t *x, const uint32_t *w, const uint16_t *bias,
                 int64_t m, int64_t n, int64_t k, int64_t x_stride, int64_t y_stride) {
 #if defined(__AVX512BF16__)
+    if (m <= 0) return 0;  /* no rows: nothing to write (and no passes to spread prefetches over) */
     const int64_t pairs = k / 2, blocks = (n + CHANNELS - 1) / CHANNELS;
     const int64_t group_bytes = BLOCKS * pairs * CHANNELS * 4;
     #pragma omp parallel
