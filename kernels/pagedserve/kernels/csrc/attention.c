@@ -810,7 +810,7 @@ static inline void weigh_block(float *scores, int64_t pairs, float softcap, floa
  * - the softmax lane-parallel over 16 rows (weigh_block);
  * - P.V with V's rows interleaved in pairs of positions (weigh_pairs): one instruction adds two
  *   positions' weighted values for 16 dimensions, where a float32 FMA adds one's.
- * About twice the throughput of attend_tile's bfloat16 dot products with float32 P.V. */
+ * 1.6x the throughput of the float32 P.V it replaced (docs/performance.md, fourth sitting). */
 static inline __attribute__((always_inline)) void attend_tile_pairs(
         void *out, const void *q, const void *k_cache, const void *v_cache,
         const int64_t *table, int64_t row0, int64_t tokens, int64_t len0, int64_t h,
