@@ -10,8 +10,9 @@ Variants, all with per-output-channel symmetric int8 weights (W8A16 unless said)
   applied to the output; what gpt-fast's int8 mode runs);
 - dynamic W8A8: torch.ao's dynamically quantized Linear (fbgemm / oneDNN: activations quantized
   per step to int8 too; a different accuracy class, timed for comparison);
-- bf16 packed: the bf16 weight in oneDNN's blocked layout (`pack_linear_cpu`: what the engine's
-  cpu kernel set runs for a bf16 model);
+- bf16 packed: the bf16 weight as `pack_linear_cpu` packs it, what the engine's cpu kernel set
+  runs for a bf16 model (for bf16_linear.c on AVX-512 BF16 CPUs since 2026-12-06; oneDNN's
+  blocked layout before that, and elsewhere);
 - C W8A16 / C W8A8: pagedserve's own int8 kernel (kernels/pagedserve/kernels/csrc/int8_linear.c),
   what `--quantization int8` / `w8a8_int8` run on the CPU.
 
