@@ -34,14 +34,9 @@ CASES = {
 def batch(decodes, prompts, seed=0):
     """Caches (unwritten slots zero), the query and the metadata of one case."""
     blocks = sum(-(-n // paged_batches.BLOCK) for n in decodes + [c + t for c, t in prompts])
-    build = paged_batches.build_batch
-    paged_batches.build_batch = lambda *a, **k: build(*a, **{**k, "num_blocks": blocks + 2})
-    try:
-        key_cache, value_cache, query, meta = paged_batches.mixed_batch(
-            torch.Generator().manual_seed(seed), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM,
-            decodes, prompts)
-    finally:
-        paged_batches.build_batch = build
+    key_cache, value_cache, query, meta = paged_batches.mixed_batch(
+        torch.Generator().manual_seed(seed), torch.bfloat16, HEADS, KV_HEADS, HEAD_DIM, decodes,
+        prompts, num_blocks=blocks + 2)
     return key_cache.nan_to_num(0), value_cache.nan_to_num(0), query, meta
 
 

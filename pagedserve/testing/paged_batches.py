@@ -32,15 +32,16 @@ def build_batch(gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=24):
     return key_cache, value_cache, tables, keys, values, slot_mapping
 
 
-def mixed_batch(gen, dtype, num_heads, num_kv_heads, head_dim, decodes, prefills):
-    """Caches holding every context position (chunks included), the flat query and the metadata
-    of `decodes` then `prefills` (in a shuffled order)."""
+def mixed_batch(gen, dtype, num_heads, num_kv_heads, head_dim, decodes, prefills,
+                num_blocks=32):
+    """Caches of `num_blocks` blocks holding every context position (chunks included), the
+    flat query and the metadata of `decodes` then `prefills` (in a shuffled order)."""
     order = torch.randperm(len(prefills), generator=gen).tolist()
     prefills = [prefills[i] for i in order]
     seq_lens = decodes + [ctx + q_len for ctx, q_len in prefills]
     query_lens = [1] * len(decodes) + [q_len for _, q_len in prefills]
     key_cache, value_cache, tables, keys, values, slots = build_batch(
-        gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=32)
+        gen, dtype, num_kv_heads, head_dim, seq_lens, num_blocks=num_blocks)
     write_kv_cache(keys, values, key_cache, value_cache, slots)
     query = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
     # A one-token chunk right after the decodes counts as one of them (it is one).

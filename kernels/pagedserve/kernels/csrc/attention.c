@@ -181,6 +181,17 @@ static inline int64_t slot_offset(const int64_t *table, int64_t pos, const Decod
     return table[pos / s->block_size] * s->kv_stride_b + (pos % s->block_size) * s->kv_stride_t;
 }
 
+/* offsets[i] = where context position first + i starts in a KV cache (slot_offset), for
+ * i < n, stepping through the block table without a division per position. */
+static inline void context_offsets(const int64_t *table, int64_t first, int64_t n,
+                                   const DecodeShape *s, int64_t *offsets) {
+    int64_t block = first / s->block_size, within = first % s->block_size;
+    for (int64_t i = 0; i < n; i++) {
+        offsets[i] = table[block] * s->kv_stride_b + within * s->kv_stride_t;
+        if (++within == s->block_size) { within = 0; block++; }
+    }
+}
+
 /* Positions ahead of the one being read whose rows are prefetched. Once the pool's blocks have
  * been freed and reused, a sequence's blocks lie anywhere in the cache, and the hardware
  * prefetcher loses the stream at every block boundary (a step with every table scattered ran
@@ -379,17 +390,6 @@ static inline __m512 score16_any(const uint16_t *const *k_rows, const uint16_t *
     }
 }
 
-/* offsets[i] = where context position first + i starts in a KV cache (slot_offset), for
- * i < n, stepping through the block table without a division per position. */
-static inline void context_offsets(const int64_t *table, int64_t first, int64_t n,
-                                   const DecodeShape *s, int64_t *offsets) {
-    int64_t block = first / s->block_size, within = first % s->block_size;
-    for (int64_t i = 0; i < n; i++) {
-        offsets[i] = table[block] * s->kv_stride_b + within * s->kv_stride_t;
-        if (++within == s->block_size) { within = 0; block++; }
-    }
-}
-
 /* Decode attention by tiles of 16 positions, for bfloat16 queries over a bfloat16 cache (or an
  * fp8 one, its rows converted to bfloat16 first), head_dim a multiple of 32. Per tile and KV
  * head: each query row's 16 scores come from bfloat16 dot products summed by one sum16 (no
@@ -469,7 +469,6 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
 }
 #endif
 
-
 /* One sequence's KV heads [kv_first, kv_last). Position by position, the K (then V) rows of
  * those heads sit next to each other in the cache, so a task reads them as one stream.
  * Inlined into one copy per (query dtype, cache format) pair (`bf16` and `kv` constants in
@@ -489,7 +488,9 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
     const int64_t first = window_start(len, s);
     const int64_t n = len - first;
-    float *qf = work, *acc = qf + rows * dim, *row = acc + rows * dim;
+    int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
+    context_offsets(table, first, n, s, offsets);
+    float *qf = (float *)(offsets + n), *acc = qf + rows * dim, *row = acc + rows * dim;
     float *scores = row + dim;  /* [rows][n] */
     const float scale = s->scale * s->k_scale;
     for (int64_t r = 0; r < rows; r++) {
@@ -501,10 +502,9 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t row_bytes = ((kv_last - kv_first - 1) * s->kv_stride_h + dim) * format_size(kv);
     const int64_t head_offset = kv_first * s->kv_stride_h;
     for (int64_t i = 0; i < n; i++) {
-        const int64_t base = slot_offset(table, first + i, s);
+        const int64_t base = offsets[i];
         if (i + PREFETCH_AHEAD < n)
-            prefetch_bytes(k_cache, slot_offset(table, first + i + PREFETCH_AHEAD, s)
-                           + head_offset, kv, row_bytes);
+            prefetch_bytes(k_cache, offsets[i + PREFETCH_AHEAD] + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
             score_row(k_cache, base + h * s->kv_stride_h, kv, dim, group, qf + r * dim, row,
@@ -513,10 +513,9 @@ static inline __attribute__((always_inline)) void attend(
     }
     for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n, s);
     for (int64_t i = 0; i < n; i++) {
-        const int64_t base = slot_offset(table, first + i, s);
+        const int64_t base = offsets[i];
         if (i + PREFETCH_AHEAD < n)
-            prefetch_bytes(v_cache, slot_offset(table, first + i + PREFETCH_AHEAD, s)
-                           + head_offset, kv, row_bytes);
+            prefetch_bytes(v_cache, offsets[i + PREFETCH_AHEAD] + head_offset, kv, row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             const int64_t r = (h - kv_first) * group;
             accumulate_row(v_cache, base + h * s->kv_stride_h, kv, dim, group,
@@ -570,9 +569,9 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     for (int64_t task = 0; task < s->num_seqs * chunks; task++) {
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
-        /* The larger of attend's needs (2 rows + 2 rows of head_dim, the scores) and
+        /* The larger of attend's needs (2 rows + 1 row of head_dim, the scores) and
          * attend_tiles_bf16's (1.5 rows, 8 rows per KV head and 8 more of head_dim, the
-         * scores, an int64 offset per position, a normaliser per row). */
+         * scores, a normaliser per row), and each an int64 offset per position. */
         float *work = malloc(sizeof(float) * ((2 * rows + 8 + 8 * heads_per_task) * s->head_dim
                                               + (rows + 2) * (len - window_start(len, s))
                                               + rows));
@@ -866,11 +865,11 @@ static inline __attribute__((always_inline)) void attend_tile_pairs(
      * first half of the block's scores). */
     float *acc = w.acc;
     memset(acc, 0, sizeof(float) * rows * dim);
-    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-        const int64_t b = r0 / ROW_BLOCK;
-        weigh_pair_rows(acc, (const uint32_t *)w.scores + 2 * b * pairs * ROW_BLOCK
-                        + r0 % ROW_BLOCK, 1, ROW_BLOCK, w.vpairs, pairs, r0,
-                        rows - r0 < 8 ? rows - r0 : 8, dim);
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r0 = b * ROW_BLOCK;
+        weigh_pair_rows(acc, (const uint32_t *)w.scores + 2 * b * pairs * ROW_BLOCK, 1,
+                        ROW_BLOCK, w.vpairs, pairs, r0,
+                        rows - r0 < ROW_BLOCK ? rows - r0 : ROW_BLOCK, dim);
     }
     for (int64_t t = 0; t < tokens; t++)
         store_rows(out, (row0 + t) * s->o_stride_s + h * group * s->o_stride_h, s->o_stride_h, 1,
