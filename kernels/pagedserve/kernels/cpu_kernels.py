@@ -153,7 +153,7 @@ def _library() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
     library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
-    library.int8_linear_w8a8.argtypes = [ptr] * 6 + [i64] * 5 + [ctypes.c_float]
+    library.int8_linear_w8a8.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float]
     library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
     library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 5
     return library
@@ -428,12 +428,10 @@ INT8_GROUP = 16
 @dataclasses.dataclass(frozen=True)
 class PackedInt8Weight:
     """An `Int8Weight` in int8_linear.c's layout: `data` [ceil(N/16)][K4/4][16][4] int8 (K4: K
-    rounded up to 4), `scales` float32 and `offsets` int32 (128 * each channel's sum, for
-    vpdpbusd's unsigned activations), both padded to ceil(N/16) * 16."""
+    rounded up to 4), `scales` float32 padded to ceil(N/16) * 16."""
 
     data: torch.Tensor
     scales: torch.Tensor
-    offsets: torch.Tensor
     out_features: int
     in_features: int
     dynamic_activations: bool
@@ -441,7 +439,7 @@ class PackedInt8Weight:
 
     @property
     def nbytes(self) -> int:
-        return tensor_bytes(self.data, self.scales, self.offsets)
+        return tensor_bytes(self.data, self.scales)
 
     def plain(self) -> Int8Weight:
         k4 = self.data.shape[1] * 4
@@ -461,8 +459,7 @@ def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
     data = padded.view(groups, INT8_GROUP, k4 // 4, 4).permute(0, 2, 1, 3).contiguous()
     scales = torch.zeros(groups * INT8_GROUP, dtype=torch.float32)
     scales[:n] = weight.scales
-    offsets = 128 * padded.to(torch.int32).sum(dim=1, dtype=torch.int32)
-    return PackedInt8Weight(data, scales, offsets, n, k, weight.dynamic_activations,
+    return PackedInt8Weight(data, scales, n, k, weight.dynamic_activations,
                             weight.activation_levels)
 
 
@@ -655,7 +652,7 @@ def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
     common = (weight.data.data_ptr(), weight.scales.data_ptr())
     if weight.dynamic_activations:
         failed = _library().int8_linear_w8a8(
-            out.data_ptr(), rows.data_ptr(), *common, weight.offsets.data_ptr(), bias_ptr,
+            out.data_ptr(), rows.data_ptr(), *common, bias_ptr,
             rows.shape[0], weight.out_features, weight.in_features, rows.stride(0),
             DTYPES[x.dtype], weight.activation_levels)
     else:

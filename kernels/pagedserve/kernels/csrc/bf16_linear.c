@@ -33,20 +33,17 @@ int bf16_linear_supported(void) {
 
 #if defined(__AVX512BF16__)
 /* Rows [m0, m0 + RB) of y for the `nb` (constant) 16-channel blocks of `w` from block b0:
- * pairs = K / 2. Every iteration also prefetches `per_step` lines of the next group from
- * `*next` (advanced; up to `next_end`). */
+ * pairs = K / 2. Every iteration also prefetches a few lines of the next group (`prefetch`). */
 static inline __attribute__((always_inline)) void rows_by_blocks(
         const uint16_t *x, int64_t x_stride, const uint32_t *w, int64_t pairs, int64_t m0,
         const int rb, const int nb, int64_t b0, const uint16_t *bias, uint16_t *y,
-        int64_t y_stride, int64_t n, const char **next, const char *next_end,
-        int64_t per_step) {
+        int64_t y_stride, int64_t n, StripPrefetch *prefetch) {
     __m512 acc[ROWS][BLOCKS];
     for (int r = 0; r < rb; r++)
         for (int c = 0; c < nb; c++) acc[r][c] = _mm512_setzero_ps();
     const uint32_t *block = w + b0 * pairs * CHANNELS;
     for (int64_t k = 0; k < pairs; k++) {
-        for (int64_t i = 0; i < per_step && *next < next_end; i++, *next += 64)
-            __builtin_prefetch(*next, 0, 2);
+        prefetch_step(prefetch);
         __m512bh wv[BLOCKS];
         for (int c = 0; c < nb; c++)
             wv[c] = (__m512bh)_mm512_loadu_si512(block + (c * pairs + k) * CHANNELS);
@@ -71,11 +68,11 @@ static inline __attribute__((always_inline)) void rows_by_blocks(
 static inline __attribute__((always_inline)) void blocks_of_rows(
         const uint16_t *x, int64_t x_stride, const uint32_t *w, int64_t pairs, int64_t m0,
         int rb, const int nb, int64_t b0, const uint16_t *bias, uint16_t *y, int64_t y_stride,
-        int64_t n, const char **next, const char *next_end, int64_t per_step) {
+        int64_t n, StripPrefetch *prefetch) {
     switch (rb) {
 #define ROWS_CASE(count) case count: \
-        rows_by_blocks(x, x_stride, w, pairs, m0, count, nb, b0, bias, y, y_stride, n, next, \
-                       next_end, per_step); break;
+        rows_by_blocks(x, x_stride, w, pairs, m0, count, nb, b0, bias, y, y_stride, n, \
+                       prefetch); break;
     ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6)
 #undef ROWS_CASE
     }
@@ -90,25 +87,23 @@ int bf16_linear(uint16_t *y, const uint16_t *x, const uint32_t *w, const uint16_
 #if defined(__AVX512BF16__)
     if (m <= 0) return 0;  /* no rows: nothing to write (and no passes to spread prefetches over) */
     const int64_t pairs = k / 2, blocks = (n + CHANNELS - 1) / CHANNELS;
-    const int64_t group_bytes = BLOCKS * pairs * CHANNELS * 4;
     #pragma omp parallel
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t first = blocks * t / threads, last = blocks * (t + 1) / threads;
         const int64_t passes = (m + ROWS - 1) / ROWS;
-        /* Lines of the next group to prefetch per iteration, to have it all by the group's end. */
-        const int64_t per_step = (group_bytes / 64 + passes * pairs - 1) / (passes * pairs);
         for (int64_t b0 = first; b0 < last; b0 += BLOCKS) {
             const int64_t nb = last - b0 < BLOCKS ? last - b0 : BLOCKS;
-            const char *next = (const char *)(w + (b0 + nb) * pairs * CHANNELS);
+            /* The next group (if this thread has one), all in by this group's end. */
             const int64_t ahead = last - b0 - nb < BLOCKS ? last - b0 - nb : BLOCKS;
-            const char *next_end = next + ahead * pairs * CHANNELS * 4;
+            StripPrefetch prefetch = strip_prefetch(w + (b0 + nb) * pairs * CHANNELS,
+                                                    ahead * pairs * CHANNELS * 4, passes * pairs);
             for (int64_t m0 = 0; m0 < m; m0 += ROWS) {
                 const int rb = m - m0 < ROWS ? (int)(m - m0) : ROWS;
                 switch (nb) {
 #define BLOCKS_CASE(count) case count: \
                     blocks_of_rows(x, x_stride, w, pairs, m0, rb, count, b0, bias, y, y_stride, \
-                                   n, &next, next_end, per_step); break;
+                                   n, &prefetch); break;
                 BLOCKS_CASE(1) BLOCKS_CASE(2) BLOCKS_CASE(3) BLOCKS_CASE(4)
 #undef BLOCKS_CASE
                 }

@@ -197,5 +197,27 @@ static inline void store_row(void *base, int64_t offset, int64_t bf16, int64_t d
     }
 }
 
+/* The matmuls' software prefetch (bf16_linear.c, int8_linear.c): each thread walks its weights a
+ * strip of output channels at a time and, while it computes one strip, pulls the next strip's
+ * bytes into the L2 a few lines per inner iteration, so that streaming the weights from memory
+ * overlaps the arithmetic instead of preceding it (the hardware prefetcher does not cross into
+ * the next strip early enough: docs/performance.md, "Our own bfloat16 matmul"). */
+typedef struct {
+    const char *next, *end;  /* the lines still to prefetch */
+    int64_t per_step;        /* lines per inner iteration */
+} StripPrefetch;
+
+/* A plan to prefetch `bytes` from `start` over `iterations` inner iterations. */
+static inline StripPrefetch strip_prefetch(const void *start, int64_t bytes, int64_t iterations) {
+    const int64_t lines = (bytes + 63) / 64;
+    const StripPrefetch plan = {(const char *)start, (const char *)start + lines * 64,
+                                iterations > 0 ? (lines + iterations - 1) / iterations : 0};
+    return plan;
+}
+
+static inline void prefetch_step(StripPrefetch *plan) {
+    for (int64_t i = 0; i < plan->per_step && plan->next < plan->end; i++, plan->next += 64)
+        __builtin_prefetch(plan->next, 0, 2);
+}
 
 #endif

@@ -13,18 +13,24 @@
  *   W8A8:  out[m, n] = float(sum_k q[m, k] w[n, k]) * (x_scale[m] * w_scale[n]) + bias[n]
  *   W8A16: out[m, n] = (sum_k x[m, k] w[n, k]) * w_scale[n] + bias[n]
  *
- * vpdpbusd multiplies unsigned by signed bytes, so the quantized activations are stored as
- * q + 128 (0..255) and 128 * sum_k w[n, k] (`offsets`, made when W is packed) is subtracted
- * from each sum.
+ * vpdpbusd multiplies unsigned by signed bytes and can broadcast only its signed operand from
+ * memory. The activations are that operand (a row's 4 bytes broadcast to every lane, taking no
+ * register), and W's bytes are made unsigned as they load (w + 128, one XOR of the sign bits),
+ * so each sum holds 128 * sum_k q[m, k] too, which is taken off per row. (Activations as the
+ * unsigned operand need a register per row: 6 rows, 4 weight vectors and 24 accumulators are
+ * 34 registers of 32, and GCC spilled an accumulator and reloaded weights in the loop.)
  *
  * Packed W (made by kernels/cpu_kernels.py, pack_int8_cpu): [G][K4 / 4][16][4] int8 with
  * G = ceil(N / 16) groups of 16 output channels and K4 = K rounded up to a multiple of 4, zero
  * padded: one 64-byte vector holds 4 consecutive k of 16 channels, the operand vpdpbusd takes.
- * w_scale and offsets are padded to G * 16.
+ * w_scale is padded to G * 16.
  *
  * Work: the threads split the groups evenly; each walks its groups 4 at a time (64 channels,
  * a weight strip that stays in L2) and, for each strip, the rows of x 6 at a time, the tile
- * of 6 x 64 outputs held in 24 of the 32 vector registers over all of K.
+ * of 6 x 64 outputs held in 24 of the 32 vector registers over all of K. While it computes
+ * a strip it prefetches its next one into the L2 (common.h, StripPrefetch), as bf16_linear.c
+ * does (the default model's decode step at batch 64: W8A8 47.6 and 46.8 ms without it, 44.6
+ * with; W8A16 72.7 and 72.5 against 66.5 and 67.0; docs/performance.md).
  *
  * Without AVX-512 VNNI and BF16 the same functions run plain loops (same results; slow).
  */
@@ -56,11 +62,21 @@ static inline void thread_groups(int64_t groups, int64_t *first, int64_t *last) 
     *last = groups * (t + 1) / threads;
 }
 
-/* Row `m` of x quantized: u8[k] = clamp(round(x[k] * levels / amax), lowest, 127) + 128 for
- * k < K, 128 (zero) up to K4, lowest = -128 for levels 127.5, else -127; returns the row's
- * scale amax / levels (0 for a row of zeros). Rounding is to nearest even, as torch.round. */
+/* The prefetch of a thread's next strip: up to STRIP_GROUPS of its `left` groups (of
+ * `group_bytes` each) from `next`, spread over the current strip's passes over `rows` rows of
+ * `steps` iterations each. */
+static inline StripPrefetch next_strip(const void *next, int64_t left, int64_t group_bytes,
+                                       int64_t rows, int64_t steps) {
+    const int64_t groups = left < STRIP_GROUPS ? left : STRIP_GROUPS;
+    return strip_prefetch(next, groups * group_bytes, (rows + TILE_ROWS - 1) / TILE_ROWS * steps);
+}
+
+/* Row `m` of x quantized: q[k] = clamp(round(x[k] * levels / amax), lowest, 127) for k < K, 0
+ * up to K4, lowest = -128 for levels 127.5, else -127; returns the row's scale amax / levels (0
+ * for a row of zeros) and 128 * sum_k q[k] in `*correction`. Rounding is to nearest even, as
+ * torch.round. */
 static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, float levels,
-                          uint8_t *u8) {
+                          int8_t *q8, int32_t *correction) {
     const int lowest = levels > 127.0f ? -128 : -127;
     float amax = 0.0f;
     int64_t i = 0;
@@ -78,19 +94,25 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, fl
 #if INT8_SIMD
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512i lo = _mm512_set1_epi32(lowest), hi = _mm512_set1_epi32(127);
-    const __m512i bias = _mm512_set1_epi32(128);
+    __m512i vsum = _mm512_setzero_si512();
     for (; i + 16 <= k; i += 16) {
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x, i, bf16), vinv));
-        q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), bias);
-        _mm_storeu_si128((__m128i *)(u8 + i), _mm512_cvtepi32_epi8(q));
+        q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        vsum = _mm512_add_epi32(vsum, q);
+        _mm_storeu_si128((__m128i *)(q8 + i), _mm512_cvtepi32_epi8(q));
     }
+    int32_t sum = _mm512_reduce_add_epi32(vsum);
+#else
+    int32_t sum = 0;
 #endif
     for (; i < k; i++) {
         long q = lrintf(load_one(x, i, bf16) * inv);
         q = q < lowest ? lowest : q > 127 ? 127 : q;
-        u8[i] = (uint8_t)(q + 128);
+        q8[i] = (int8_t)q;
+        sum += (int32_t)q;
     }
-    for (; i < k4; i++) u8[i] = 128;
+    for (; i < k4; i++) q8[i] = 0;
+    *correction = 128 * sum;
     return amax / levels;
 }
 
@@ -140,10 +162,12 @@ static inline void store16(void *out_row, const void *bias, int64_t bf16, int64_
 #define EACH_ROW(X) X(0) X(1) X(2) X(3) X(4) X(5)
 #define EACH_VECTOR(X) X(0) X(1) X(2) X(3)
 
-/* acc += a (unsigned bytes) . w (signed bytes), by groups of 4. In asm because GCC 12 copies each accumulator of the intrinsics to another register and
- * back (and spills one) on every iteration, which made the tiles a third slower. */
-static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
-    __asm__("vpdpbusd %[w], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [w] "v"(w));
+/* acc += w (unsigned bytes) . (the 4 signed bytes at `q`, broadcast), by groups of 4. In asm
+ * because GCC 12 copies each accumulator of the intrinsics to another register and back on
+ * every iteration, and so that the broadcast is the instruction's memory operand. */
+static inline __m512i dpbusd(__m512i acc, __m512i w, const int8_t *q) {
+    __asm__("vpdpbusd %[q]%{1to16%}, %[w], %[acc]"
+            : [acc] "+v"(acc) : [w] "v"(w), [q] "m"(*(const int32_t *)q));
     return acc;
 }
 
@@ -156,32 +180,32 @@ static inline __m512 dpbf16(__m512 acc, const uint16_t *pair, __m512i w) {
 }
 
 /* W8A8: `rows` x `nv` groups of outputs (both constants where it is inlined), summed over all
- * of K. `a` is the first row's quantized activations (rows K4 bytes apart), `w` the strip's
- * first group. */
-TILE w8a8_tile(const int64_t rows, const int64_t nv, const uint8_t *a, const int8_t *w,
-               const int64_t k4, const float *x_scale, const float *w_scale,
-               const int32_t *offsets, const void *bias, void *out, const Int8Shape *s,
-               int64_t n0, int64_t out_stride) {
+ * of K. `a` is the first row's quantized activations (rows K4 bytes apart; `correction` their
+ * 128 * sums), `w` the strip's first group; every iteration prefetches a few lines of the next
+ * strip (`prefetch`). */
+TILE w8a8_tile(const int64_t rows, const int64_t nv, const int8_t *a, const int8_t *w,
+               const int64_t k4, const float *x_scale, const int32_t *correction,
+               const float *w_scale, const void *bias, void *out, const Int8Shape *s,
+               int64_t n0, int64_t out_stride, StripPrefetch *prefetch) {
 #define ZERO(r, g) __m512i acc##r##g = _mm512_setzero_si512();
     EACH_CELL(ZERO)
 #undef ZERO
     const int64_t group_stride = k4 * GROUP;
+    const __m512i sign_bits = _mm512_set1_epi8((char)0x80);
     for (int64_t k = 0; k < k4; k += 4) {
-#define LOAD(g) const __m512i w##g = g < nv ? \
-            _mm512_loadu_si512(w + g * group_stride + k * GROUP) : _mm512_setzero_si512();
+        prefetch_step(prefetch);
+#define LOAD(g) const __m512i w##g = g < nv ? _mm512_xor_si512( \
+            _mm512_loadu_si512(w + g * group_stride + k * GROUP), sign_bits) \
+            : _mm512_setzero_si512();
         EACH_VECTOR(LOAD)
 #undef LOAD
-#define BROADCAST(r) const __m512i a##r = r < rows ? \
-            _mm512_set1_epi32(*(const int32_t *)(a + r * k4 + k)) : _mm512_setzero_si512();
-        EACH_ROW(BROADCAST)
-#undef BROADCAST
-#define MAC(r, g) if (r < rows && g < nv) acc##r##g = dpbusd(acc##r##g, a##r, w##g);
+#define MAC(r, g) if (r < rows && g < nv) acc##r##g = dpbusd(acc##r##g, w##g, a + r * k4 + k);
         EACH_CELL(MAC)
 #undef MAC
     }
 #define STORE(r, g) if (r < rows && g < nv) { \
         const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32( \
-            acc##r##g, _mm512_loadu_si512(offsets + n0 + g * GROUP))); \
+            acc##r##g, _mm512_set1_epi32(correction[r]))); \
         const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(w_scale + n0 + g * GROUP), \
                                            _mm512_set1_ps(x_scale[r])); \
         store16((char *)out + r * out_stride, bias, s->bf16, s->n, n0, g, \
@@ -192,15 +216,16 @@ TILE w8a8_tile(const int64_t rows, const int64_t nv, const uint8_t *a, const int
 
 /* W8A16: as w8a8_tile with bfloat16 x (rows x_stride elements apart) and the strip converted
  * to bfloat16 pairs in `wb`: [nv][K4 / 2][16 channels][2 k]; `w_scale` NULL: no scales (a
- * strip dequantized already). */
+ * strip dequantized already). `prefetch` pulls in the next strip's stored values. */
 TILE w8a16_tile(const int64_t rows, const int64_t nv, const uint16_t *x, const uint16_t *wb,
                 const int64_t k4, const float *w_scale, const void *bias, void *out,
-                const Int8Shape *s, int64_t n0, int64_t out_stride) {
+                const Int8Shape *s, int64_t n0, int64_t out_stride, StripPrefetch *prefetch) {
 #define ZERO(r, g) __m512 acc##r##g = _mm512_setzero_ps();
     EACH_CELL(ZERO)
 #undef ZERO
     const int64_t group_stride = k4 * GROUP;  /* bf16 elements per converted group */
     for (int64_t k = 0; k < k4; k += 2) {
+        prefetch_step(prefetch);
 #define LOAD(g) const __m512i w##g = g < nv ? \
             _mm512_loadu_si512(wb + g * group_stride + k * GROUP) : _mm512_setzero_si512();
         EACH_VECTOR(LOAD)
@@ -304,15 +329,17 @@ TILE w8a16_small_group(const int64_t rows, const float *xf, const int8_t *w, con
     TILE_CASE(6, 1, call) TILE_CASE(6, 2, call) TILE_CASE(6, 3, call) TILE_CASE(6, 4, call) }
 #endif
 
-/* Quantized activations [rows][K4] and their scales, or NULL when out of memory. */
-static uint8_t *quantize_rows(const void *x, const Int8Shape *s, float levels, float *x_scale) {
-    uint8_t *a = malloc((size_t)(s->rows * s->k4));
+/* Quantized activations [rows][K4], their scales and their corrections (quantize_row), or
+ * NULL when out of memory. */
+static int8_t *quantize_rows(const void *x, const Int8Shape *s, float levels, float *x_scale,
+                             int32_t *correction) {
+    int8_t *a = malloc((size_t)(s->rows * s->k4));
     if (!a) return NULL;
     const int64_t size = s->bf16 ? 2 : 4;
     #pragma omp parallel for schedule(static) if (s->rows > 1)
     for (int64_t m = 0; m < s->rows; m++)
         x_scale[m] = quantize_row((const char *)x + m * s->x_stride * size, s->bf16, s->k,
-                                  s->k4, levels, a + m * s->k4);
+                                  s->k4, levels, a + m * s->k4, correction + m);
     return a;
 }
 
@@ -320,11 +347,13 @@ static uint8_t *quantize_rows(const void *x, const Int8Shape *s, float levels, f
  * quantized with `levels` (127 or 127.5); out [rows][N] contiguous, of x's dtype; bias NULL or
  * [N] of that dtype. Returns 0, or 1 when out of memory for the quantized activations. */
 int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_scale,
-                     const int32_t *offsets, const void *bias, int64_t rows, int64_t n,
-                     int64_t k, int64_t x_stride, int64_t bf16, float levels) {
+                     const void *bias, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
+                     int64_t bf16, float levels) {
     const Int8Shape s = {rows, n, k, (k + 3) / 4 * 4, x_stride, bf16};
-    float *x_scale = malloc((size_t)rows * sizeof(float));
-    uint8_t *a = x_scale ? quantize_rows(x, &s, levels, x_scale) : NULL;
+    /* Per row: its scale (a float) and its correction (an int32), in one allocation. */
+    float *x_scale = malloc((size_t)rows * (sizeof(float) + sizeof(int32_t)));
+    int32_t *correction = (int32_t *)(x_scale + rows);
+    int8_t *a = x_scale ? quantize_rows(x, &s, levels, x_scale, correction) : NULL;
     if (!a) {
         free(x_scale);
         return 1;
@@ -339,12 +368,14 @@ int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_s
                 const int64_t nv = last - g0 < STRIP_GROUPS ? last - g0 : STRIP_GROUPS;
                 const int8_t *strip = w + g0 * s.k4 * GROUP;
                 const int64_t m_end = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+                StripPrefetch prefetch = next_strip(strip + nv * s.k4 * GROUP, last - g0 - nv,
+                                                    s.k4 * GROUP, m_end - m0, s.k4 / 4);
                 for (int64_t m = m0; m < m_end; m += TILE_ROWS) {
                     const int64_t tile_rows = m_end - m < TILE_ROWS ? m_end - m : TILE_ROWS;
                     char *o = (char *)out + m * out_stride;
 #if INT8_SIMD
-#define W8A8(r, v) w8a8_tile(r, v, a + m * s.k4, strip, s.k4, x_scale + m, w_scale, offsets, \
-                             bias, o, &s, g0 * GROUP, out_stride)
+#define W8A8(r, v) w8a8_tile(r, v, a + m * s.k4, strip, s.k4, x_scale + m, correction + m, \
+                             w_scale, bias, o, &s, g0 * GROUP, out_stride, &prefetch)
                     TILE_SWITCH(tile_rows, nv, W8A8)
 #undef W8A8
 #else
@@ -353,11 +384,12 @@ int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_s
                             int32_t sum = 0;
                             for (int64_t i = 0; i < s.k4; i++)
                                 sum += (int32_t)a[(m + r) * s.k4 + i] * packed_at(w, s.k4, c, i);
-                            float y = (float)(sum - offsets[c]) * (w_scale[c] * x_scale[m + r]);
+                            float y = (float)sum * (w_scale[c] * x_scale[m + r]);
                             if (bias) y += load_one(bias, c, bf16);
                             store_out(o + r * out_stride, bf16, c, y);
                         }
                     (void)strip;
+                    (void)prefetch;
 #endif
                 }
             }
@@ -407,6 +439,8 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
                 const int64_t nv = last - g0 < STRIP_GROUPS ? last - g0 : STRIP_GROUPS;
                 const int8_t *strip = w + g0 * s.k4 * GROUP;
                 const int64_t m_end = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+                StripPrefetch prefetch = next_strip(strip + nv * s.k4 * GROUP, last - g0 - nv,
+                                                    s.k4 * GROUP, m_end - m0, s.k4 / 2);
 #if INT8_SIMD
                 convert_strip(strip, nv, s.k4, wb);
 #endif
@@ -415,7 +449,7 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
                     char *o = (char *)out + m * out_stride;
 #if INT8_SIMD
 #define W8A16(r, v) w8a16_tile(r, v, x + m * x_stride, wb, s.k4, w_scale, bias, o, &s, \
-                               g0 * GROUP, out_stride)
+                               g0 * GROUP, out_stride, &prefetch)
                     TILE_SWITCH(tile_rows, nv, W8A16)
 #undef W8A16
 #else
@@ -430,6 +464,7 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
                             store_out(o + r * out_stride, 1, c, y);
                         }
                     (void)strip;
+                    (void)prefetch;
 #endif
                 }
             }
@@ -734,6 +769,8 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
             for (int64_t b0 = first; b0 < last && wb; b0 += STRIP_GROUPS) {
                 const int64_t nv = last - b0 < STRIP_GROUPS ? last - b0 : STRIP_GROUPS;
                 const int64_t at = b0 * block_groups * factor_size;
+                StripPrefetch prefetch = next_strip(w + (b0 + nv) * block_bytes, last - b0 - nv,
+                                                    block_bytes, rows, k / 2);
                 dequantize_strip(w + b0 * block_bytes, bits, (const char *)scales + at,
                                  offsets ? (const char *)offsets + at : NULL, half, group, nv,
                                  k, block_bytes, block_groups, wb);
@@ -741,7 +778,7 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                     const int64_t tile_rows = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
                     char *o = (char *)out + m * out_stride;
 #define TILE16(r, v) w8a16_tile(r, v, (const uint16_t *)x + m * x_stride, wb, k, NULL, bias, \
-                                o, &s, b0 * GROUP, out_stride)
+                                o, &s, b0 * GROUP, out_stride, &prefetch)
                     TILE_SWITCH(tile_rows, nv, TILE16)
 #undef TILE16
                 }
