@@ -278,12 +278,14 @@ def test_the_cpu_set_is_auto_on_cpu():
 LAYER_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+# Sizes of 16s (the bfloat16 vector paths) and not.
+@pytest.mark.parametrize("hidden", [576, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norms_match_torch(dtype):
+def test_norms_match_torch(dtype, hidden):
     gen = torch.Generator().manual_seed(800)
-    x = (torch.randn(7, 3, 576, generator=gen) * 3).to(dtype)
-    residual = torch.randn(7, 3, 576, generator=gen).to(dtype)
-    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    x = (torch.randn(7, 3, hidden, generator=gen) * 3).to(dtype)
+    residual = torch.randn(7, 3, hidden, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
     tol = LAYER_TOL[dtype]
     torch.testing.assert_close(cpu.rms_norm_cpu(x, weight, 1e-5), rms_norm(x, weight, 1e-5),
                                rtol=tol, atol=tol)
@@ -291,15 +293,22 @@ def test_norms_match_torch(dtype):
     ref_out, ref_residual = add_rms_norm(x, residual, weight, 1e-5)
     torch.testing.assert_close(new_residual, ref_residual, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
-    strided = torch.randn(4, 1152, generator=gen).to(dtype)[:, :576]  # rows 1152 apart
+    # Against float64 on the stored sum: within two bfloat16 roundings (2^-8 each) of each
+    # output (or float32's precision).
+    summed = new_residual.double()
+    exact = weight.double() * summed * (summed.square().mean(-1, keepdim=True) + 1e-5).rsqrt()
+    bound = (2 * 2.0 ** -8 if dtype == torch.bfloat16 else 1e-6) * exact.abs() + 1e-6
+    assert bool(((out.double() - exact).abs() <= bound).all())
+    strided = torch.randn(4, 2 * hidden, generator=gen).to(dtype)[:, :hidden]  # rows apart
     torch.testing.assert_close(cpu.rms_norm_cpu(strided, weight, 1e-5),
                                rms_norm(strided, weight, 1e-5), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("d", [1536, 1541])  # 16s (the bfloat16 vector path), and a tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul_matches_torch(dtype):
+def test_silu_and_mul_matches_torch(dtype, d):
     gen = torch.Generator().manual_seed(801)
-    x = (torch.randn(5, 2 * 1536, generator=gen) * 6).to(dtype)  # gates far into both tails
+    x = (torch.randn(5, 2 * d, generator=gen) * 6).to(dtype)  # gates far into both tails
     tol = LAYER_TOL[dtype]
     torch.testing.assert_close(cpu.silu_and_mul_cpu(x), silu_and_mul(x), rtol=tol, atol=tol)
 

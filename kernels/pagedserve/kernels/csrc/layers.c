@@ -22,9 +22,65 @@ static inline void store_one(void *base, int64_t i, int64_t bf16, float x) {
     else ((float *)base)[i] = x;
 }
 
+#if defined(__AVX512BF16__)
+/* The vector paths for bfloat16 rows (16 lanes at a time, the same float32 arithmetic and the
+ * same roundings as the row functions; GCC vectorises those too, but at a third of the speed
+ * in their bfloat16 form: rounding lane by lane). */
+static inline __m256i to_bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+static inline __m512 stored16(__m512 v) {  /* v rounded to bfloat16, as float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(v)), 16));
+}
+
+/* rms_norm_row for bfloat16 and `hidden` a multiple of 16. */
+static inline void rms_norm_bf16(uint16_t *out, uint16_t *residual_out, const uint16_t *x,
+                                 const uint16_t *residual, const uint16_t *weight,
+                                 int64_t hidden, float eps, float *row) {
+    __m512 sum_sq = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hidden; d += 16) {
+        __m512 v = load16(x, d, FORMAT_BF16);
+        if (residual) {
+            v = stored16(_mm512_add_ps(v, load16(residual, d, FORMAT_BF16)));
+            _mm256_storeu_si256((__m256i *)(residual_out + d), to_bf16x16(v));
+        }
+        _mm512_storeu_ps(row + d, v);
+        sum_sq = _mm512_fmadd_ps(v, v, sum_sq);
+    }
+    const __m512 scale = _mm512_set1_ps(
+        1.0f / sqrtf(_mm512_reduce_add_ps(sum_sq) / (float)hidden + eps));
+    for (int64_t d = 0; d < hidden; d += 16)
+        _mm256_storeu_si256((__m256i *)(out + d), to_bf16x16(_mm512_mul_ps(
+            load16(weight, d, FORMAT_BF16), stored16(_mm512_mul_ps(_mm512_loadu_ps(row + d),
+                                                                   scale)))));
+}
+
+/* silu_and_mul_row for bfloat16, 16 outputs at a time: returns how many it wrote (the rest,
+ * fewer than 16, are the row function's). */
+static inline int64_t silu_and_mul_bf16(uint16_t *out, const uint16_t *x, int64_t d) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        const __m512 gate = load16(x, i, FORMAT_BF16), up = load16(x, d + i, FORMAT_BF16);
+        const __m512 t = exp_nonpositive16(_mm512_sub_ps(zero, _mm512_abs_ps(gate)));
+        const __m512 sigmoid = _mm512_div_ps(
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask(gate, zero, _CMP_GE_OQ), t, one),
+            _mm512_add_ps(one, t));
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            to_bf16x16(_mm512_mul_ps(stored16(_mm512_mul_ps(gate, sigmoid)), up)));
+    }
+    return i;
+}
+#endif
+
 ROW_FUNCTION rms_norm_row(void *out, void *residual_out, const void *x, const void *residual,
                           const void *weight, int64_t hidden, float eps, float *row,
                           const int64_t bf16) {
+#if defined(__AVX512BF16__)
+    if (bf16 && hidden % 16 == 0) {
+        rms_norm_bf16(out, residual_out, x, residual, weight, hidden, eps, row);
+        return;
+    }
+#endif
     float sum_sq = 0.0f;
     for (int64_t d = 0; d < hidden; d++) {
         float v = load_one(x, d, bf16);
@@ -57,7 +113,11 @@ void rms_norm(void *out, void *residual_out, const void *x, const void *residual
 }
 
 ROW_FUNCTION silu_and_mul_row(void *out, const void *x, int64_t d, const int64_t bf16) {
-    for (int64_t i = 0; i < d; i++) {
+    int64_t i = 0;
+#if defined(__AVX512BF16__)
+    if (bf16) i = silu_and_mul_bf16(out, x, d);
+#endif
+    for (; i < d; i++) {
         const float gate = load_one(x, i, bf16), up = load_one(x, d + i, bf16);
         const float t = exp_nonpositive(-fabsf(gate));  /* exp(-|gate|): never overflows */
         const float sigmoid = (gate >= 0.0f ? 1.0f : t) / (1.0f + t);
