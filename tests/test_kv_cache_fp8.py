@@ -86,9 +86,11 @@ def test_the_pytorch_path_reads_the_cache_times_its_scale(cache_dtype):
 
 
 # (query dtype, heads, KV heads, head_dim, window): the default model's shape, a window with
-# GQA groups of 5, head_dim 80 (no prefill tiles, not a multiple of 32).
+# GQA groups of 5, head_dim 80 (no prefill tiles, not a multiple of 32), head_dim 96 (bfloat16
+# decode tiles convert fp8 K rows 64 values at a time: a 64 and a 32) and 128 (two 64s).
 CASES = [(torch.bfloat16, 9, 3, 64, None), (torch.float32, 10, 2, 128, 2 * BLOCK + 3),
-         (torch.bfloat16, 2, 2, 80, BLOCK + 4)]
+         (torch.bfloat16, 2, 2, 80, BLOCK + 4), (torch.bfloat16, 4, 2, 96, None),
+         (torch.bfloat16, 4, 1, 128, None)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 
 

@@ -370,28 +370,71 @@ static inline __attribute__((always_inline)) __m512 dot_bf16_partial(
     return sum;
 }
 
-/* Query row q's unscaled scores against a tile's first `count` K rows, one per lane. */
+#if FP8_TABLES
+/* An fp8 K row is converted in registers, 64 values at a time, by its bytes' table lookups
+ * unpacked into words by vpunpck[lh]bw, which leaves them in the order of fp8_dot_source: per
+ * 64 dimensions, the query values at these places line up with the unpacked K values. */
+static inline int64_t fp8_dot_source(int64_t j) {
+    return (j % 32) / 8 * 16 + (j >= 32) * 8 + j % 8;
+}
+
+/* Dimensions of a query row in that order: head_dim rounded up to 64 (zeros after it). */
+static inline int64_t fp8_dot_dim(int64_t dim) { return (dim + 63) / 64 * 64; }
+
+/* q . k for an fp8 K row of `dim` values (a multiple of 32) and q in fp8_dot_source's order,
+ * as a vector of partial sums. */
+static inline __attribute__((always_inline)) __m512 dot_fp8_partial(
+        const Fp8Lookup *t, const uint8_t *k, const uint16_t *q, const int64_t dim) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 64) {
+        __m512i low, high;  /* past `dim`: bytes 0, the bfloat16 0 */
+        fp8_halves(t, _mm512_maskz_loadu_epi8(dim - d >= 64 ? ~0ULL : 0xffffffffULL, k + d),
+                   &low, &high);
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_unpacklo_epi8(low, high),
+                               (__m512bh)_mm512_loadu_si512(q + d));
+        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_unpackhi_epi8(low, high),
+                               (__m512bh)_mm512_loadu_si512(q + d + 32));
+    }
+    return sum;
+}
+#endif
+
+/* Query row q's unscaled scores against a tile's first `count` K rows (bfloat16, or fp8 with
+ * q in fp8_dot_source's order), one per lane. */
 static inline __attribute__((always_inline)) __m512 score16(
-        const uint16_t *const *k_rows, const uint16_t *q, int64_t count, const int64_t dim) {
+        const void *const *k_rows, const uint16_t *q, int64_t count, const int64_t dim,
+        const int64_t kv, const void *lookup) {
     __m512 partial[KEY_TILE];
-    for (int64_t p = 0; p < KEY_TILE; p++)
-        partial[p] = p < count ? dot_bf16_partial(k_rows[p], q, dim) : _mm512_setzero_ps();
+    for (int64_t p = 0; p < KEY_TILE; p++) {
+        partial[p] = _mm512_setzero_ps();
+        if (p >= count) continue;
+#if FP8_TABLES
+        if (kv != FORMAT_BF16) {
+            partial[p] = dot_fp8_partial(lookup, k_rows[p], q, dim);
+            continue;
+        }
+#endif
+        partial[p] = dot_bf16_partial(k_rows[p], q, dim);
+    }
+    (void)kv;
+    (void)lookup;
     return sum16(partial);
 }
 
 /* score16, unrolled for the common head sizes (a loop of two or four dot products otherwise
  * costs as much as the products). */
-static inline __m512 score16_any(const uint16_t *const *k_rows, const uint16_t *q,
-                                 int64_t count, int64_t dim) {
+static inline __attribute__((always_inline)) __m512 score16_any(
+        const void *const *k_rows, const uint16_t *q, int64_t count, int64_t dim,
+        const int64_t kv, const void *lookup) {
     switch (dim) {
-    case 64: return score16(k_rows, q, count, 64);
-    case 128: return score16(k_rows, q, count, 128);
-    default: return score16(k_rows, q, count, dim);
+    case 64: return score16(k_rows, q, count, 64, kv, lookup);
+    case 128: return score16(k_rows, q, count, 128, kv, lookup);
+    default: return score16(k_rows, q, count, dim, kv, lookup);
     }
 }
 
 /* Decode attention by tiles of 16 positions, for bfloat16 queries over a bfloat16 cache (or an
- * fp8 one, its rows converted to bfloat16 first), head_dim a multiple of 32. Per tile and KV
+ * fp8 one, its rows converted to bfloat16 in registers), head_dim a multiple of 32. Per tile and KV
  * head: each query row's 16 scores come from bfloat16 dot products summed by one sum16 (no
  * horizontal sum per score); after the softmax, the weights are rounded to bfloat16 pairs of
  * positions and the tile's V rows interleaved in pairs (weigh_pairs), with the accumulators of
@@ -405,24 +448,47 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
     const int64_t first = window_start(len, s), n = len - first;
     int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
     float *acc = (float *)(offsets + n), *scores = acc + rows * dim;
-    uint16_t *qb = (uint16_t *)(scores + rows * n), *kt = qb + rows * dim;
-    uint32_t *vpairs = (uint32_t *)(kt + heads * KEY_TILE * dim);  /* [KEY_TILE / 2][dim] */
-    float *norms = (float *)(vpairs + KEY_TILE / 2 * dim);            /* [rows] */
+    /* The queries, bfloat16 [rows][qdim]: as they are, or in fp8_dot_source's order. */
+#if FP8_TABLES
+    const int64_t qdim = kv == FORMAT_BF16 ? dim : fp8_dot_dim(dim);
+#else
+    const int64_t qdim = dim;
+#endif
+    uint16_t *qb = (uint16_t *)(scores + rows * n);
+    uint32_t *vpairs = (uint32_t *)(qb + rows * qdim);       /* [KEY_TILE / 2][dim] */
+    float *norms = (float *)(vpairs + KEY_TILE / 2 * dim);   /* [rows] */
     context_offsets(table, first, n, s, offsets);
-    for (int64_t r = 0; r < rows; r++)
-        memcpy(qb + r * dim, (const uint16_t *)q + seq * s->q_stride_s
-               + (head0 + r) * s->q_stride_h, dim * sizeof(uint16_t));
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = (const uint16_t *)q + seq * s->q_stride_s
+                              + (head0 + r) * s->q_stride_h;
+#if FP8_TABLES
+        if (kv != FORMAT_BF16) {
+            for (int64_t d = 0; d < qdim; d++) {
+                const int64_t source = d / 64 * 64 + fp8_dot_source(d % 64);
+                qb[r * qdim + d] = source < dim ? row[source] : 0;
+            }
+            continue;
+        }
+#endif
+        memcpy(qb + r * dim, row, dim * sizeof(uint16_t));
+    }
     memset(acc, 0, sizeof(float) * rows * dim);
     const __m512 scale = _mm512_set1_ps(s->scale * s->k_scale);
     const int64_t row_bytes = ((heads - 1) * s->kv_stride_h + dim) * format_size(kv);
     const int64_t head_offset = kv_first * s->kv_stride_h;
-    const uint16_t *rows_of[2][KEY_TILE * 8];  /* [K, V][head * KEY_TILE + position] */
+    const void *rows_of[2][KEY_TILE * 8];  /* [K, V][head * KEY_TILE + position] */
+#if FP8_TABLES
+    const Fp8Lookup table_of_kv = fp8_lookup(kv == FORMAT_BF16 ? FORMAT_E4M3 : kv);
+    const Fp8Lookup *lookup = &table_of_kv;
+#else
+    const void *lookup = 0;
+#endif
     for (int pass = 0; pass < 2; pass++) {
         const void *cache = pass ? v_cache : k_cache;
         for (int64_t i0 = 0; i0 < n; i0 += KEY_TILE) {
             const int64_t count = n - i0 < KEY_TILE ? n - i0 : KEY_TILE;
-            /* The tile's rows, position by position (the order they lie in memory): fp8 ones
-             * converted into kt [head][position][dim], bfloat16 ones read in place. */
+            /* The tile's rows, position by position (the order they lie in memory), read in
+             * place (fp8 ones converted as they are used). */
             for (int64_t p = 0; p < count; p++) {
                 const int64_t base = offsets[i0 + p];
                 if (i0 + KEY_TILE + p < n)
@@ -430,32 +496,33 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
                                    row_bytes);
                 for (int64_t h = 0; h < heads; h++) {
                     const int64_t at = base + (kv_first + h) * s->kv_stride_h;
-                    const uint16_t **row = &rows_of[pass][h * KEY_TILE + p];
-                    *row = (const uint16_t *)cache + at;
-#if FP8_TABLES
-                    if (kv != FORMAT_BF16) {
-                        *row = kt + (h * KEY_TILE + p) * dim;
-                        fp8_row_to_bf16((const uint8_t *)cache + at, dim, kv, (uint16_t *)*row);
-                    }
-#endif
+                    rows_of[pass][h * KEY_TILE + p] = (const char *)cache + at * format_size(kv);
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
-                const uint16_t *const *tile_rows = rows_of[pass] + h * KEY_TILE;
+                const void *const *tile_rows = rows_of[pass] + h * KEY_TILE;
                 if (pass) {
                     const int64_t pairs = (count + 1) / 2;
-                    for (int64_t i = 0; i < pairs; i++)  /* odd: the last row with itself */
-                        interleave_rows(tile_rows[2 * i],
-                                        tile_rows[2 * i + 1 < count ? 2 * i + 1 : 2 * i], dim,
-                                        vpairs + i * dim);
+                    for (int64_t i = 0; i < pairs; i++) {  /* odd: the last row with itself */
+                        const void *a = tile_rows[2 * i];
+                        const void *b = tile_rows[2 * i + 1 < count ? 2 * i + 1 : 2 * i];
+#if FP8_TABLES
+                        if (kv != FORMAT_BF16) {
+                            fp8_rows_to_pairs(lookup, a, b, dim, vpairs + i * dim);
+                            continue;
+                        }
+#endif
+                        interleave_rows(a, b, dim, vpairs + i * dim);
+                    }
                     weigh_pair_rows(acc, (const uint32_t *)scores + h * group * n + i0 / 2, n, 1,
                                     vpairs, pairs, h * group, group, dim);
                     continue;
                 }
                 for (int64_t r = h * group; r < (h + 1) * group; r++)
                     _mm512_mask_storeu_ps(scores + r * n + i0, (__mmask16)((1u << count) - 1),
-                                          _mm512_mul_ps(score16_any(tile_rows, qb + r * dim,
-                                                                    count, dim), scale));
+                                          _mm512_mul_ps(score16_any(tile_rows, qb + r * qdim,
+                                                                    count, dim, kv, lookup),
+                                                        scale));
             }
         }
         if (!pass)

@@ -123,23 +123,62 @@ static inline __m512 load16(const void *base, int64_t offset, int64_t format) {
 typedef struct { uint8_t low[128], high[128]; } Fp8Table;
 extern Fp8Table fp8_tables[2];  /* [0]: e4m3, [1]: e5m2 */
 
-/* `dim` (a multiple of 32) fp8 values of `format` to bfloat16, exactly: two table lookups and
- * the sign per 32 values, where the float32 conversion of load16 takes seven operations per 16,
- * so that fp8 rows go through the bfloat16 dot products. */
+/* A format's table in registers (loaded once per task, not per row). */
+typedef struct { __m512i low_a, low_b, high_a, high_b; } Fp8Lookup;
+
+static inline Fp8Lookup fp8_lookup(int64_t format) {
+    const Fp8Table *t = &fp8_tables[format == FORMAT_E5M2];
+    const Fp8Lookup lookup = {_mm512_loadu_si512(t->low), _mm512_loadu_si512(t->low + 64),
+                              _mm512_loadu_si512(t->high), _mm512_loadu_si512(t->high + 64)};
+    return lookup;
+}
+
+/* The bfloat16 of each fp8 byte of `bytes`: their low bytes in *low, high bytes (the sign
+ * included) in *high, byte for byte. */
+static inline void fp8_halves(const Fp8Lookup *t, __m512i bytes, __m512i *low, __m512i *high) {
+    *low = _mm512_permutex2var_epi8(t->low_a, bytes, t->low_b);
+    *high = _mm512_or_si512(_mm512_permutex2var_epi8(t->high_a, bytes, t->high_b),
+                            _mm512_and_si512(bytes, _mm512_set1_epi8(-128)));
+}
+
+/* `dim` (a multiple of 32) fp8 values to bfloat16, exactly: two table lookups and the sign per
+ * 32 values, where the float32 conversion of load16 takes seven operations per 16, so that fp8
+ * rows go through the bfloat16 dot products. */
 static inline void fp8_row_to_bf16(const uint8_t *src, int64_t dim, int64_t format,
                                    uint16_t *dst) {
-    const Fp8Table *t = &fp8_tables[format == FORMAT_E5M2];
-    const __m512i low_a = _mm512_loadu_si512(t->low), low_b = _mm512_loadu_si512(t->low + 64);
-    const __m512i high_a = _mm512_loadu_si512(t->high);
-    const __m512i high_b = _mm512_loadu_si512(t->high + 64);
+    const Fp8Lookup t = fp8_lookup(format);
     for (int64_t d = 0; d < dim; d += 32) {
-        const __m512i index = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(src + d)));
-        const __m512i low = _mm512_permutex2var_epi8(low_a, index, low_b);
-        const __m512i high = _mm512_or_si512(_mm512_permutex2var_epi8(high_a, index, high_b),
-                                             _mm512_and_si512(index, _mm512_set1_epi8(-128)));
+        __m512i low, high;
+        fp8_halves(&t, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(src + d))),
+                   &low, &high);
         _mm512_storeu_si512(dst + d, _mm512_or_si512(
             _mm512_cvtepu8_epi16(_mm512_castsi512_si256(low)),
             _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(high)), 8)));
+    }
+}
+
+/* Byte order for fp8_rows_to_pairs: 32 bytes of a (0..31) and of b (32..63) interleaved
+ * (a0 b0 a1 b1 ...), arranged so that unpacking the low and high 8 bytes of each 128-bit lane
+ * (vpunpck[lh]bw) into words gives pairs 0-15 and then 16-31 in order. */
+static const uint8_t fp8_pair_order[64] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 16, 48, 17, 49, 18, 50, 19, 51,
+    4, 36, 5, 37, 6, 38, 7, 39, 20, 52, 21, 53, 22, 54, 23, 55,
+    8, 40, 9, 41, 10, 42, 11, 43, 24, 56, 25, 57, 26, 58, 27, 59,
+    12, 44, 13, 45, 14, 46, 15, 47, 28, 60, 29, 61, 30, 62, 31, 63};
+
+/* dst[d] = the bfloat16 pair (a[d], b[d]) of two fp8 rows, d < dim (a multiple of 32): the
+ * conversion and the interleaving of two positions' V rows for vdpbf16ps in one pass. */
+static inline void fp8_rows_to_pairs(const Fp8Lookup *t, const uint8_t *a, const uint8_t *b,
+                                     int64_t dim, uint32_t *dst) {
+    const __m512i order = _mm512_loadu_si512(fp8_pair_order);
+    for (int64_t d = 0; d < dim; d += 32) {
+        const __m512i both = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + d))),
+            _mm256_loadu_si256((const __m256i *)(b + d)), 1);
+        __m512i low, high;
+        fp8_halves(t, _mm512_permutexvar_epi8(order, both), &low, &high);
+        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi8(low, high));
+        _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi8(low, high));
     }
 }
 #else
