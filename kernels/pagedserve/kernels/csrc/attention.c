@@ -301,6 +301,33 @@ static inline void interleave_rows(const uint16_t *a, const uint16_t *b, int64_t
     }
 }
 
+#if FP8_TABLES
+/* Byte order for fp8_rows_to_pairs: 32 bytes of a (0..31) and of b (32..63) interleaved
+ * (a0 b0 a1 b1 ...), arranged so that unpacking the low and high 8 bytes of each 128-bit lane
+ * (vpunpck[lh]bw) into words gives pairs 0-15 and then 16-31 in order. */
+static const uint8_t fp8_pair_order[64] = {
+    0, 32, 1, 33, 2, 34, 3, 35, 16, 48, 17, 49, 18, 50, 19, 51,
+    4, 36, 5, 37, 6, 38, 7, 39, 20, 52, 21, 53, 22, 54, 23, 55,
+    8, 40, 9, 41, 10, 42, 11, 43, 24, 56, 25, 57, 26, 58, 27, 59,
+    12, 44, 13, 45, 14, 46, 15, 47, 28, 60, 29, 61, 30, 62, 31, 63};
+
+/* dst[d] = the bfloat16 pair (a[d], b[d]) of two fp8 rows, d < dim (a multiple of 32): the
+ * conversion and the interleaving of two positions' V rows for vdpbf16ps in one pass. */
+static inline void fp8_rows_to_pairs(const Fp8Lookup *t, const uint8_t *a, const uint8_t *b,
+                                     int64_t dim, uint32_t *dst) {
+    const __m512i order = _mm512_loadu_si512(fp8_pair_order);
+    for (int64_t d = 0; d < dim; d += 32) {
+        const __m512i both = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + d))),
+            _mm256_loadu_si256((const __m256i *)(b + d)), 1);
+        __m512i low, high;
+        fp8_halves(t, _mm512_permutexvar_epi8(order, both), &low, &high);
+        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi8(low, high));
+        _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi8(low, high));
+    }
+}
+#endif
+
 /* acc[r0 + i] (+)= sum over pairs p < count of weights(r0 + i, p) . vpairs[p], over the 32
  * dimensions from d0, for RB rows: each dword of weights a (bfloat16, bfloat16) pair of two
  * positions' attention weights, at weights[i * row_stride + p * pair_stride]; each vpairs row
@@ -496,7 +523,8 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
                                    row_bytes);
                 for (int64_t h = 0; h < heads; h++) {
                     const int64_t at = base + (kv_first + h) * s->kv_stride_h;
-                    rows_of[pass][h * KEY_TILE + p] = (const char *)cache + at * format_size(kv);
+                    rows_of[pass][h * KEY_TILE + p] = (const char *)cache
+                                                      + at * format_size(kv);
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
@@ -637,9 +665,10 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
         /* The larger of attend's needs (2 rows + 1 row of head_dim, the scores) and
-         * attend_tiles_bf16's (1.5 rows, 8 rows per KV head and 8 more of head_dim, the
-         * scores, a normaliser per row), and each an int64 offset per position. */
-        float *work = malloc(sizeof(float) * ((2 * rows + 8 + 8 * heads_per_task) * s->head_dim
+         * attend_tiles_bf16's (a row of head_dim per query row, the queries in at most as
+         * much again, 8 rows of V pairs, the scores, a normaliser per row), and each an int64
+         * offset per position. */
+        float *work = malloc(sizeof(float) * ((2 * rows + 8) * s->head_dim
                                               + (rows + 2) * (len - window_start(len, s))
                                               + rows));
         if (!work) { failed = 1; continue; }

@@ -156,31 +156,6 @@ static inline void fp8_row_to_bf16(const uint8_t *src, int64_t dim, int64_t form
             _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(high)), 8)));
     }
 }
-
-/* Byte order for fp8_rows_to_pairs: 32 bytes of a (0..31) and of b (32..63) interleaved
- * (a0 b0 a1 b1 ...), arranged so that unpacking the low and high 8 bytes of each 128-bit lane
- * (vpunpck[lh]bw) into words gives pairs 0-15 and then 16-31 in order. */
-static const uint8_t fp8_pair_order[64] = {
-    0, 32, 1, 33, 2, 34, 3, 35, 16, 48, 17, 49, 18, 50, 19, 51,
-    4, 36, 5, 37, 6, 38, 7, 39, 20, 52, 21, 53, 22, 54, 23, 55,
-    8, 40, 9, 41, 10, 42, 11, 43, 24, 56, 25, 57, 26, 58, 27, 59,
-    12, 44, 13, 45, 14, 46, 15, 47, 28, 60, 29, 61, 30, 62, 31, 63};
-
-/* dst[d] = the bfloat16 pair (a[d], b[d]) of two fp8 rows, d < dim (a multiple of 32): the
- * conversion and the interleaving of two positions' V rows for vdpbf16ps in one pass. */
-static inline void fp8_rows_to_pairs(const Fp8Lookup *t, const uint8_t *a, const uint8_t *b,
-                                     int64_t dim, uint32_t *dst) {
-    const __m512i order = _mm512_loadu_si512(fp8_pair_order);
-    for (int64_t d = 0; d < dim; d += 32) {
-        const __m512i both = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + d))),
-            _mm256_loadu_si256((const __m256i *)(b + d)), 1);
-        __m512i low, high;
-        fp8_halves(t, _mm512_permutexvar_epi8(order, both), &low, &high);
-        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi8(low, high));
-        _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi8(low, high));
-    }
-}
 #else
 #define FP8_TABLES 0
 #endif

@@ -352,7 +352,7 @@ int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_s
     const Int8Shape s = {rows, n, k, (k + 3) / 4 * 4, x_stride, bf16};
     /* Per row: its scale (a float) and its correction (an int32), in one allocation. */
     float *x_scale = malloc((size_t)rows * (sizeof(float) + sizeof(int32_t)));
-    int32_t *correction = (int32_t *)(x_scale + rows);
+    int32_t *correction = x_scale ? (int32_t *)(x_scale + rows) : NULL;
     int8_t *a = x_scale ? quantize_rows(x, &s, levels, x_scale, correction) : NULL;
     if (!a) {
         free(x_scale);
