@@ -398,74 +398,57 @@ static inline __attribute__((always_inline)) __m512 dot_bf16_partial(
 }
 
 #if FP8_TABLES
-/* An fp8 K row is converted in registers, 64 values at a time, by its bytes' table lookups
- * unpacked into words by vpunpck[lh]bw, which leaves them in the order of fp8_dot_source: per
- * 64 dimensions, the query values at these places line up with the unpacked K values. */
+/* An fp8 K row is converted to bfloat16 64 values at a time: its bytes' table lookups unpacked
+ * into words by vpunpck[lh]bw, which leaves them in the order of fp8_dot_source (per 64
+ * dimensions). The queries are stored once in that order, so the dot products need no
+ * permute per row. */
 static inline int64_t fp8_dot_source(int64_t j) {
     return (j % 32) / 8 * 16 + (j >= 32) * 8 + j % 8;
 }
 
-/* Dimensions of a query row in that order: head_dim rounded up to 64 (zeros after it). */
+/* Dimensions of a row in that order: head_dim rounded up to 64 (zeros after it). */
 static inline int64_t fp8_dot_dim(int64_t dim) { return (dim + 63) / 64 * 64; }
 
-/* q . k for an fp8 K row of `dim` values (a multiple of 32) and q in fp8_dot_source's order,
- * as a vector of partial sums. */
-static inline __attribute__((always_inline)) __m512 dot_fp8_partial(
-        const Fp8Lookup *t, const uint8_t *k, const uint16_t *q, const int64_t dim) {
-    __m512 sum = _mm512_setzero_ps();
+/* An fp8 K row of `dim` values (a multiple of 32) as fp8_dot_dim(dim) bfloat16 values in
+ * fp8_dot_source's order into dst. */
+static inline void fp8_row_unpacked(const Fp8Lookup *t, const uint8_t *k, int64_t dim,
+                                    uint16_t *dst) {
     for (int64_t d = 0; d < dim; d += 64) {
         __m512i low, high;  /* past `dim`: bytes 0, the bfloat16 0 */
         fp8_halves(t, _mm512_maskz_loadu_epi8(dim - d >= 64 ? ~0ULL : 0xffffffffULL, k + d),
                    &low, &high);
-        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_unpacklo_epi8(low, high),
-                               (__m512bh)_mm512_loadu_si512(q + d));
-        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_unpackhi_epi8(low, high),
-                               (__m512bh)_mm512_loadu_si512(q + d + 32));
+        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi8(low, high));
+        _mm512_storeu_si512(dst + d + 32, _mm512_unpackhi_epi8(low, high));
     }
-    return sum;
 }
 #endif
 
-/* Query row q's unscaled scores against a tile's first `count` K rows (bfloat16, or fp8 with
- * q in fp8_dot_source's order), one per lane. */
+/* Query row q's unscaled scores against a tile's first `count` K rows, one per lane. */
 static inline __attribute__((always_inline)) __m512 score16(
-        const void *const *k_rows, const uint16_t *q, int64_t count, const int64_t dim,
-        const int64_t kv, const void *lookup) {
+        const uint16_t *const *k_rows, const uint16_t *q, int64_t count, const int64_t dim) {
     __m512 partial[KEY_TILE];
-    for (int64_t p = 0; p < KEY_TILE; p++) {
-        partial[p] = _mm512_setzero_ps();
-        if (p >= count) continue;
-#if FP8_TABLES
-        if (kv != FORMAT_BF16) {
-            partial[p] = dot_fp8_partial(lookup, k_rows[p], q, dim);
-            continue;
-        }
-#endif
-        partial[p] = dot_bf16_partial(k_rows[p], q, dim);
-    }
-    (void)kv;
-    (void)lookup;
+    for (int64_t p = 0; p < KEY_TILE; p++)
+        partial[p] = p < count ? dot_bf16_partial(k_rows[p], q, dim) : _mm512_setzero_ps();
     return sum16(partial);
 }
 
 /* score16, unrolled for the common head sizes (a loop of two or four dot products otherwise
  * costs as much as the products). */
-static inline __attribute__((always_inline)) __m512 score16_any(
-        const void *const *k_rows, const uint16_t *q, int64_t count, int64_t dim,
-        const int64_t kv, const void *lookup) {
+static inline __m512 score16_any(const uint16_t *const *k_rows, const uint16_t *q,
+                                 int64_t count, int64_t dim) {
     switch (dim) {
-    case 64: return score16(k_rows, q, count, 64, kv, lookup);
-    case 128: return score16(k_rows, q, count, 128, kv, lookup);
-    default: return score16(k_rows, q, count, dim, kv, lookup);
+    case 64: return score16(k_rows, q, count, 64);
+    case 128: return score16(k_rows, q, count, 128);
+    default: return score16(k_rows, q, count, dim);
     }
 }
 
 /* Decode attention by tiles of 16 positions, for bfloat16 queries over a bfloat16 cache (or an
- * fp8 one, its rows converted to bfloat16 in registers), head_dim a multiple of 32. Per tile and KV
- * head: each query row's 16 scores come from bfloat16 dot products summed by one sum16 (no
- * horizontal sum per score); after the softmax, the weights are rounded to bfloat16 pairs of
- * positions and the tile's V rows interleaved in pairs (weigh_pairs), with the accumulators of
- * up to 8 query rows in registers. `work` as paged_decode_attention sizes it. */
+ * fp8 one, its rows converted to bfloat16 as they are read), head_dim a multiple of 32. Per
+ * tile and KV head: each query row's 16 scores come from bfloat16 dot products summed by one
+ * sum16 (no horizontal sum per score); after the softmax, the weights are rounded to bfloat16
+ * pairs of positions and the tile's V rows interleaved in pairs (weigh_pairs), with the
+ * accumulators of up to 8 query rows in registers. `work` as paged_decode_attention sizes it. */
 static inline __attribute__((always_inline)) void attend_tiles_bf16(
         void *out, const void *q, const void *k_cache, const void *v_cache,
         const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
@@ -475,14 +458,16 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
     const int64_t first = window_start(len, s), n = len - first;
     int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
     float *acc = (float *)(offsets + n), *scores = acc + rows * dim;
-    /* The queries, bfloat16 [rows][qdim]: as they are, or in fp8_dot_source's order. */
+    /* The queries, bfloat16 [rows][qdim], and their dot products' length: as they are, or in
+     * fp8_dot_source's order. */
 #if FP8_TABLES
     const int64_t qdim = kv == FORMAT_BF16 ? dim : fp8_dot_dim(dim);
 #else
     const int64_t qdim = dim;
 #endif
     uint16_t *qb = (uint16_t *)(scores + rows * n);
-    uint32_t *vpairs = (uint32_t *)(qb + rows * qdim);       /* [KEY_TILE / 2][dim] */
+    uint16_t *kt = qb + rows * qdim;  /* fp8 K rows converted: [head][position][qdim] */
+    uint32_t *vpairs = (uint32_t *)(kt + heads * KEY_TILE * qdim);  /* [KEY_TILE / 2][dim] */
     float *norms = (float *)(vpairs + KEY_TILE / 2 * dim);   /* [rows] */
     context_offsets(table, first, n, s, offsets);
     for (int64_t r = 0; r < rows; r++) {
@@ -503,19 +488,18 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
     const __m512 scale = _mm512_set1_ps(s->scale * s->k_scale);
     const int64_t row_bytes = ((heads - 1) * s->kv_stride_h + dim) * format_size(kv);
     const int64_t head_offset = kv_first * s->kv_stride_h;
-    const void *rows_of[2][KEY_TILE * 8];  /* [K, V][head * KEY_TILE + position] */
+    /* [K, V][head * KEY_TILE + position]: bfloat16 rows, fp8 K rows converted; fp8 V rows as
+     * stored, converted as they are interleaved. */
+    const void *rows_of[2][KEY_TILE * 8];
 #if FP8_TABLES
     const Fp8Lookup table_of_kv = fp8_lookup(kv == FORMAT_BF16 ? FORMAT_E4M3 : kv);
     const Fp8Lookup *lookup = &table_of_kv;
-#else
-    const void *lookup = 0;
 #endif
     for (int pass = 0; pass < 2; pass++) {
         const void *cache = pass ? v_cache : k_cache;
         for (int64_t i0 = 0; i0 < n; i0 += KEY_TILE) {
             const int64_t count = n - i0 < KEY_TILE ? n - i0 : KEY_TILE;
-            /* The tile's rows, position by position (the order they lie in memory), read in
-             * place (fp8 ones converted as they are used). */
+            /* The tile's rows, position by position (the order they lie in memory). */
             for (int64_t p = 0; p < count; p++) {
                 const int64_t base = offsets[i0 + p];
                 if (i0 + KEY_TILE + p < n)
@@ -523,8 +507,15 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
                                    row_bytes);
                 for (int64_t h = 0; h < heads; h++) {
                     const int64_t at = base + (kv_first + h) * s->kv_stride_h;
-                    rows_of[pass][h * KEY_TILE + p] = (const char *)cache
-                                                      + at * format_size(kv);
+                    const void **row = &rows_of[pass][h * KEY_TILE + p];
+                    *row = (const char *)cache + at * format_size(kv);
+#if FP8_TABLES
+                    if (kv != FORMAT_BF16 && !pass) {  /* once for every query of the group */
+                        uint16_t *converted = kt + (h * KEY_TILE + p) * qdim;
+                        fp8_row_unpacked(lookup, *row, dim, converted);
+                        *row = converted;
+                    }
+#endif
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
@@ -548,9 +539,9 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
                 }
                 for (int64_t r = h * group; r < (h + 1) * group; r++)
                     _mm512_mask_storeu_ps(scores + r * n + i0, (__mmask16)((1u << count) - 1),
-                                          _mm512_mul_ps(score16_any(tile_rows, qb + r * qdim,
-                                                                    count, dim, kv, lookup),
-                                                        scale));
+                                          _mm512_mul_ps(score16_any(
+                                              (const uint16_t *const *)tile_rows,
+                                              qb + r * qdim, count, qdim), scale));
             }
         }
         if (!pass)
@@ -666,9 +657,9 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
         /* The larger of attend's needs (2 rows + 1 row of head_dim, the scores) and
          * attend_tiles_bf16's (a row of head_dim per query row, the queries in at most as
-         * much again, 8 rows of V pairs, the scores, a normaliser per row), and each an int64
-         * offset per position. */
-        float *work = malloc(sizeof(float) * ((2 * rows + 8) * s->head_dim
+         * much again, 16 converted K rows per KV head in at most 8 rows' room each, 8 rows of
+         * V pairs, the scores, a normaliser per row), and each an int64 offset per position. */
+        float *work = malloc(sizeof(float) * ((2 * rows + 8 + 16 * heads_per_task) * s->head_dim
                                               + (rows + 2) * (len - window_start(len, s))
                                               + rows));
         if (!work) { failed = 1; continue; }
