@@ -303,8 +303,7 @@ static inline void interleave_rows(const uint16_t *a, const uint16_t *b, int64_t
 
 #if FP8_TABLES
 /* Byte order for fp8_rows_to_pairs: 32 bytes of a (0..31) and of b (32..63) interleaved
- * (a0 b0 a1 b1 ...), arranged so that unpacking the low and high 8 bytes of each 128-bit lane
- * (vpunpck[lh]bw) into words gives pairs 0-15 and then 16-31 in order. */
+ * (a0 b0 a1 b1 ...), arranged so that fp8_words gives pairs 0-15 and then 16-31 in order. */
 static const uint8_t fp8_pair_order[64] = {
     0, 32, 1, 33, 2, 34, 3, 35, 16, 48, 17, 49, 18, 50, 19, 51,
     4, 36, 5, 37, 6, 38, 7, 39, 20, 52, 21, 53, 22, 54, 23, 55,
@@ -320,10 +319,10 @@ static inline void fp8_rows_to_pairs(const Fp8Lookup *t, const uint8_t *a, const
         const __m512i both = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + d))),
             _mm256_loadu_si256((const __m256i *)(b + d)), 1);
-        __m512i low, high;
-        fp8_halves(t, _mm512_permutexvar_epi8(order, both), &low, &high);
-        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi8(low, high));
-        _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi8(low, high));
+        __m512i w0, w1;
+        fp8_words(t, _mm512_permutexvar_epi8(order, both), &w0, &w1);
+        _mm512_storeu_si512(dst + d, w0);
+        _mm512_storeu_si512(dst + d + 16, w1);
     }
 }
 #endif
@@ -398,10 +397,9 @@ static inline __attribute__((always_inline)) __m512 dot_bf16_partial(
 }
 
 #if FP8_TABLES
-/* An fp8 K row is converted to bfloat16 64 values at a time: its bytes' table lookups unpacked
- * into words by vpunpck[lh]bw, which leaves them in the order of fp8_dot_source (per 64
- * dimensions). The queries are stored once in that order, so the dot products need no
- * permute per row. */
+/* An fp8 K row is converted to bfloat16 64 values at a time by fp8_words on its bytes as they
+ * lie, which leaves them in the order of fp8_dot_source (per 64 dimensions). The queries are
+ * stored once in that order, so no permute per row is needed. */
 static inline int64_t fp8_dot_source(int64_t j) {
     return (j % 32) / 8 * 16 + (j >= 32) * 8 + j % 8;
 }
@@ -414,11 +412,11 @@ static inline int64_t fp8_dot_dim(int64_t dim) { return (dim + 63) / 64 * 64; }
 static inline void fp8_row_unpacked(const Fp8Lookup *t, const uint8_t *k, int64_t dim,
                                     uint16_t *dst) {
     for (int64_t d = 0; d < dim; d += 64) {
-        __m512i low, high;  /* past `dim`: bytes 0, the bfloat16 0 */
-        fp8_halves(t, _mm512_maskz_loadu_epi8(dim - d >= 64 ? ~0ULL : 0xffffffffULL, k + d),
-                   &low, &high);
-        _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi8(low, high));
-        _mm512_storeu_si512(dst + d + 32, _mm512_unpackhi_epi8(low, high));
+        __m512i w0, w1;  /* past `dim`: bytes 0, the bfloat16 0 */
+        fp8_words(t, _mm512_maskz_loadu_epi8(dim - d >= 64 ? ~0ULL : 0xffffffffULL, k + d),
+                  &w0, &w1);
+        _mm512_storeu_si512(dst + d, w0);
+        _mm512_storeu_si512(dst + d + 32, w1);
     }
 }
 #endif
