@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pagedserve.executor.models import UnsupportedArchitectureError, load_model
-from pagedserve.executor.models.layers import Linear, bind_kernels, weight_bytes
+from pagedserve.executor.models.layers import Linear, RowParallelLinear, bind_kernels, weight_bytes
+from pagedserve.executor.parallel import TensorParallel
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import select_kernels
 from pagedserve.kernels.quantization import GroupedWeight, Int8Weight
@@ -238,22 +239,37 @@ def test_act_order_groups_that_cannot_be_served_are_refused_naming_the_tensor(
 
 
 @pytest.mark.slow
-def test_two_ranks_serve_act_order_whose_groups_stay_on_their_rank(checkpoint, tmp_path):
-    """Down's renumbered columns stay in their rank's half, o's in order: two ranks score the
-    prompts as one does. Renumbered across the halves, the layer is refused by name."""
-    from pagedserve.entrypoints.offline import LLM
-    from pagedserve.runtime.serving import StartupError
+@pytest.mark.parametrize("across", [False, True])
+def test_two_ranks_serve_act_order_as_one_does(checkpoint, tmp_path, across):
+    """Down's renumbered columns within their rank's half, o's in order (each rank reads its
+    own input slice), or renumbered at random across the halves, o's KV heads swapped (each
+    rank gathers the whole input first): two ranks score the prompts as one does."""
+    if across:
+        directory = _act_order(checkpoint, tmp_path / "across")
+    else:
+        halves = torch.cat([torch.randperm(64, generator=torch.Generator().manual_seed(1))
+                            + half for half in (0, 64)])
+        directory = _act_order(checkpoint, tmp_path / "halves", mlp_order=halves,
+                               kv_head_order=(0, 1))
+    single, split = _prompt_logprobs_on_one_and_two_ranks(directory)
+    assert len(split) == sum(len(p) - 1 for p in PROMPTS[1:])
+    assert split == pytest.approx(single, rel=1e-4, abs=1e-5)
 
-    halves = torch.cat([torch.randperm(64, generator=torch.Generator().manual_seed(1)) + half
-                        for half in (0, 64)])
-    directory = _act_order(checkpoint, tmp_path / "halves", mlp_order=halves,
-                           kv_head_order=(0, 1))
-    runs = _prompt_logprobs_on_one_and_two_ranks(directory)
-    assert runs[1] == pytest.approx(runs[0], rel=1e-4, abs=1e-5)
-    with pytest.raises(StartupError, match=r"mlp.down_proj.input_order: act-order groups whose "
-                                           r"columns lie on other tensor-parallel ranks"):
-        LLM(str(_act_order(checkpoint, tmp_path / "across")), tensor_parallel_size=2,
-            dtype="float32", kv_cache_gib=0.01, max_model_len=128)
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_gathers_the_input_only_where_act_order_groups_span_ranks(rank):
+    """The order a row-parallel rank applies: its own slice's columns, renumbered from 0,
+    where every rank's stored columns come from its own input slice; else the whole input's
+    columns, gathered first (decided from the whole order, alike on every rank)."""
+    tp = TensorParallel(rank=rank, size=2)
+    within = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    layer = RowParallelLinear(8, [4], False, torch.float32, tp)
+    assert torch.equal(layer.local_input_order(within), within[4 * rank:4 * rank + 4] - 4 * rank)
+    assert not layer.gathers_input
+    across = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # rank 1's columns in both slices
+    layer = RowParallelLinear(8, [4], False, torch.float32, tp)
+    assert torch.equal(layer.local_input_order(across), across[4 * rank:4 * rank + 4])
+    assert layer.gathers_input
 
 
 def _prompt_logprobs_on_one_and_two_ranks(directory) -> list[list[float]]:

@@ -5,9 +5,10 @@ A group of N ranks splits every decoder layer the Megatron way: q/k/v and the ML
 projection are column-parallel (each rank computes its own attention heads and its slice of the
 intermediate features, no communication), the attention output and the MLP's last projection
 are row-parallel (each rank holds the matching input slice; the partial sums are all-reduced).
-So a layer costs two all-reduces of [tokens, hidden]. The embedding and the LM head are split
-by vocabulary rows: a token's embedding comes from the rank that holds its row (all-reduce),
-and the logits are gathered to rank 0, which samples.
+So a layer costs two all-reduces of [tokens, hidden] (and an all-gather of its input for a
+row-parallel layer of an act-order GPTQ checkpoint whose groups span ranks: models/layers.py).
+The embedding and the LM head are split by vocabulary rows: a token's embedding comes from the
+rank that holds its row (all-reduce), and the logits are gathered to rank 0, which samples.
 
 KV heads split with the query heads when N divides their number; with fewer KV heads than ranks
 (multi-query attention) each KV head is replicated on the ranks whose query heads read it.
@@ -79,6 +80,16 @@ class TensorParallel:
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_first else None
         dist.gather(x, parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
         return torch.cat(parts, dim=-1) if self.is_first else None
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` concatenated along the last dimension, in rank order, on every
+        rank."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` on every rank (the others pass a tensor of the same shape and dtype)."""

@@ -350,24 +350,32 @@ class RowParallelLinear(Linear):
         super().__init__(tp.split(in_features, "a row-parallel layer's input size"),
                          part_sizes, bias, dtype)
         self.tp, self.reduce = tp, reduce
+        self.gathers_input = False  # every rank's input gathered first (local_input_order)
 
     @property
     def checkpoint_in_features(self) -> int:
         return self.in_features * self.tp.size
 
     def local_input_order(self, order: torch.Tensor) -> torch.Tensor:
-        """The order of this rank's columns: its slice of the stored columns must come from its
-        own slice of the input (act-order groups do not in general: refused)."""
+        """The order of this rank's columns. Each rank holds its slice of the stored columns,
+        which are sorted by group: whole groups, the same share of the weight on every rank.
+        Where every rank's slice comes from its own slice of the input, the order is local.
+        Otherwise (act-order groups span ranks, as in most act-order checkpoints) every rank
+        all-gathers the layer's input before its matmul and picks its columns from the whole:
+        one more collective of [tokens, input] per step, where the alternative, each rank
+        holding the columns of its own input slice, leaves partial groups that our kernels,
+        which take groups of equal size, cannot run without padding every group on every rank
+        (up to the whole layer's values on each). The decision reads the whole order, so that
+        every rank takes it alike (a collective that some ranks skip would hang the group)."""
         if self.tp.size == 1:
             return order
-        start = self.tp.rank * self.in_features
-        local = order[start:start + self.in_features] - start
-        if bool(((local < 0) | (local >= self.in_features)).any()):
-            raise ValueError(f"act-order groups whose columns lie on other tensor-parallel "
-                             f"ranks' inputs (rank {self.tp.rank} of {self.tp.size}) in a "
-                             "row-parallel layer: not supported (serve it on one rank, or a "
-                             "checkpoint quantized without desc_act)")
-        return local
+        columns = self.in_features
+        ranks = order.reshape(self.tp.size, columns) // columns
+        if torch.equal(ranks, torch.arange(self.tp.size).unsqueeze(1).expand_as(ranks)):
+            start = self.tp.rank * columns
+            return order[start:start + columns] - start
+        self.gathers_input = True
+        return order[self.tp.rank * columns:(self.tp.rank + 1) * columns]
 
     def shard(self, part: int, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Its columns of the weight and of group scales and offsets; the bias and the per-row
@@ -381,6 +389,8 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return self._matmul(x, self.bias)
+        if self.gathers_input:
+            x = self.tp.all_gather_last_dim(x)
         y = self._matmul(x, None)
         if self.reduce:
             y = self.tp.all_reduce(y)
