@@ -1,12 +1,14 @@
-"""5- and 6-bit GGUF values packed in 5 and 6 bits against a byte each (issue 19): the default
-model's (SmolLM2-135M) linear layers of one decode step as grouped weights of each width, the
-same values in both layouts, alternated round by round in one process, beside bf16's packed
-matmul (what a bf16 model runs).
+"""GGUF's 4-, 5- and 6-bit values packed in 4, 5 and 6 bits against a byte each (issue 19): the
+default model's (SmolLM2-135M) linear layers of one decode step as grouped weights of each
+width, the same values in both layouts, alternated round by round in one process, beside
+bf16's packed matmul (what a bf16 model runs).
 
     python benchmarks/bench_grouped_bits_cpu.py [--batch 1 4 16 64] [--rounds 15] [--json out.json]
 
 Widths, as gguf_blocks.py unpacks the formats (random values over the width's whole range;
 float32 factors, as the K formats' folded ones are):
+- Q4_1: values 0..15, groups of 32, a scale and an offset per group (the default model's
+  format; its factors are float16 in the file, float32 here);
 - Q5_K: values 0..31, groups of 32, a scale and an offset per group;
 - Q6_K: values -32..31, groups of 16, a scale per group.
 Each figure is the median over rounds of the summed time of every linear layer of one step (30
@@ -26,7 +28,8 @@ from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.quantization import GroupedWeight
 
 # Format -> (values' range, group size, offsets).
-WIDTHS = {"Q5_K": ((0, 31), 32, True), "Q6_K": ((-32, 31), 16, False)}
+WIDTHS = {"Q4_1": ((0, 15), 32, True), "Q5_K": ((0, 31), 32, True),
+          "Q6_K": ((-32, 31), 16, False)}
 
 
 def random_weight(n: int, k: int, fmt: str, gen: torch.Generator) -> GroupedWeight:

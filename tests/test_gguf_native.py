@@ -146,6 +146,28 @@ def test_triton_grouped_linear_against_float64(rows, group, offsets, dtype):
 
 
 @needs_c
+@pytest.mark.parametrize("bits, k, group, packed_bits", [
+    (4, 40, 8, 4),    # 4-bit units span 8 k: five rows of them
+    (6, 48, 16, 6),   # 6-bit high bits span 16 k
+    (5, 96, 32, 5),   # 5-bit fifth bits span 32 k
+    (5, 48, 16, 8),   # K not whole 32-k units of fifth bits: a byte each
+    (6, 24, 8, 8)])   # nor 16-k units of 6-bit high bits
+def test_narrow_planes_at_the_edges_of_their_units(bits, k, group, packed_bits):
+    """K that fills a plane's 16-bit units exactly, with a different count of groups per unit
+    each time, and K that does not (packed a byte each instead), through every kernel path."""
+    weight = random_grouped(19, k, group, bits, offsets=True, seed=k)
+    packed = cpu_kernels.pack_grouped_cpu(weight)
+    assert packed.bits == packed_bits
+    assert torch.equal(packed.plain().qweight, weight.qweight)
+    for rows, dtype in [(1, torch.bfloat16), (4, torch.bfloat16), (6, torch.bfloat16),
+                        (2, torch.float32)]:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        assert_close_to(cpu_kernels.quantized_linear_cpu(x, packed, None),
+                        reference(x, weight, None),
+                        weights_in_bf16=dtype == torch.bfloat16 and rows > 4)
+
+
+@needs_c
 def test_values_pack_in_their_fewest_bits_or_a_byte_each():
     weight = random_grouped(16, 64, 32, bits=5, offsets=True, seed=2)
     for bits in (None, 5, 8):

@@ -466,11 +466,14 @@ def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
 @dataclasses.dataclass(frozen=True)
 class PackedGroupedWeight:
     """A `GroupedWeight` in int8_linear.c's grouped layout, per block of 16 output channels,
-    k-major, in the fewest bits its values need (`bits`, `value_bits`): `data` int8 [K][16]
-    for 8-bit values; two 4-bit values (0..15) per byte, [K/2][16] (k = 2i low nibble, 2i + 1
-    high); for 5-bit values (0..31) and 6-bit ones (-32..31) their low 4 bits so, then their
-    high bits [K/8][16] (k = 8i + j at bit j) or [K/4][16] (k = 4i + j at bits 2j, 2j + 1),
-    6-bit values stored plus 32 (`SIX_BIT_BIAS`).
+    in the fewest bits its values need (`bits`, `value_bits`). `data`, per block:
+    - 8-bit values: int8 [K][16], k-major;
+    - 4-, 5- and 6-bit values (6-bit ones stored plus 32, `SIX_BIT_BIAS`, so that every
+      stored value is unsigned): planes of bit fields, their low 4 bits first, then their high
+      bits (1 or 2 a value). A plane of w-bit fields is 16-bit units [K / (32 / w)][16 c][2 p],
+      unit (s, c, p) holding 16 / w values of channel c at bits w j .. w j + w - 1: value
+      k = (32 / w) s + 2 j + p. So a 64-byte row of units, widened by no shuffle, holds each
+      channel's pairs of k side by side, as vdpbf16ps takes them (int8_linear.c).
     `scales` and `offsets` [K/G][16], float16 where every factor is one exactly (GGUF's Q8_0,
     Q4_0, Q4_1, Q5_0 and Q5_1), else float32. Channels are padded to a multiple of 16 with
     zeros."""
@@ -491,9 +494,16 @@ class PackedGroupedWeight:
         return tensor_bytes(self.data, self.scales,
                             *(() if self.offsets is None else (self.offsets,)))
 
+    def _lanes(self) -> torch.Tensor:
+        """`data` by channel: [blocks][K][16] bytes, or [blocks][units][16][2] 16-bit units."""
+        blocks = self.data.shape[0]
+        if self.bits == 8:
+            return self.data.view(blocks, -1, INT8_GROUP)
+        return self.data.view(torch.int16).view(blocks, -1, INT8_GROUP, 2)
+
     def plain(self) -> GroupedWeight:
-        blocks, k, n = self.data.shape[0], self.in_features, self.out_features
-        lanes = self.data.view(blocks, -1, INT8_GROUP).transpose(1, 2)  # [blocks][16][bytes]
+        k, n = self.in_features, self.out_features
+        lanes = self._lanes().movedim(2, 1)  # [blocks][16][bytes or units...]
         rows = _unpacked(lanes, self.bits, k).reshape(-1, k)
         return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n).float(),
                              None if self.offsets is None
@@ -506,7 +516,7 @@ class PackedGroupedWeight:
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.view(t.shape[0], -1, INT8_GROUP)[block, :, lane]
 
-        values = _unpacked(take(self.data), self.bits, self.in_features)
+        values = _unpacked(self._lanes()[block, :, lane], self.bits, self.in_features)
         return dequantize_groups(values, take(self.scales).float(), None if self.offsets is None
                                  else take(self.offsets).float(), dtype)
 
@@ -523,6 +533,24 @@ def value_bits(values: torch.Tensor) -> int:
         else 6 if -32 <= low and high <= 31 else 8
 
 
+# A narrow value's bit fields: (first bit, width) of its low 4 bits, and of its high bits
+# for 5- and 6-bit values, each field kept in its own plane (PackedGroupedWeight).
+def _fields(bits: int) -> list[tuple[int, int]]:
+    return [(0, 4)] + ([(4, bits - 4)] if bits > 4 else [])
+
+
+def _field_span(width: int) -> int:
+    """The k one 16-bit unit of a plane of `width`-bit fields covers: 16 / width values of
+    one parity of k."""
+    return 2 * (16 // width)
+
+
+def narrow_fits(bits: int, k: int) -> bool:
+    """Whether K values of `bits` bits fill whole units of each of their planes (8 k for 4
+    bits, 32 for 5, 16 for 6)."""
+    return bits == 8 or all(k % _field_span(width) == 0 for _, width in _fields(bits))
+
+
 def _packed(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 values [blocks][K][16] (k-major channel blocks) -> their bytes in `bits` bits,
     [blocks][K * bits / 8 * 16] (PackedGroupedWeight's layout)."""
@@ -531,30 +559,32 @@ def _packed(values: torch.Tensor, bits: int) -> torch.Tensor:
         return values.reshape(blocks, -1)
     # 6-bit values stored as v + 32 (int8_linear.c's SIX_BIT_BIAS): every stored value unsigned.
     v = (values + SIX_BIT_BIAS).view(torch.uint8) if bits == 6 else values.view(torch.uint8)
-    low = v & 15
-    planes = [(low[:, 0::2] | (low[:, 1::2] << 4)).reshape(blocks, -1)]
-    if bits > 4:
-        per_byte = 8 // (bits - 4)  # 8 fifth bits, or 4 pairs of high bits, per byte
-        high = (v >> 4).view(blocks, k // per_byte, per_byte, INT8_GROUP)
-        packed = sum(high[:, :, j] << ((bits - 4) * j) for j in range(per_byte))
-        planes.append(packed.reshape(blocks, -1))
-    return torch.cat(planes, dim=1).view(torch.int8)
+    planes = []
+    for first, width in _fields(bits):
+        per = 16 // width
+        field = ((v >> first) & ((1 << width) - 1)).to(torch.int32)
+        # [blocks][units][value j][parity p][channel c] -> [blocks][units][c][p][j]
+        field = field.view(blocks, k // (2 * per), per, 2, INT8_GROUP).permute(0, 1, 4, 3, 2)
+        units = sum(field[..., j] << (width * j) for j in range(per))
+        planes.append(torch.stack([units & 255, units >> 8], dim=-1).reshape(blocks, -1))
+    return torch.cat(planes, dim=1).to(torch.uint8).view(torch.int8)
 
 
 def _unpacked(lanes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """One channel's bytes of a packed block per row, [..., K * bits / 8] -> its int8 values
-    [..., K]."""
+    """One channel's packed values per row (PackedGroupedWeight._lanes): [..., K] bytes, or
+    [..., units, 2] 16-bit units of each plane in turn -> its int8 values [..., K]."""
     if bits == 8:
         return lanes
-    b = lanes.view(torch.uint8)
-    low = b[..., :k // 2]
-    values = torch.stack([low & 15, low >> 4], dim=-1).flatten(-2)
-    if bits > 4:
-        per_byte = 8 // (bits - 4)
-        mask = (1 << (bits - 4)) - 1
-        high = b[..., k // 2:]
-        values |= torch.stack([(high >> ((bits - 4) * j)) & mask for j in range(per_byte)],
-                              dim=-1).flatten(-2) << 4
+    units = lanes.to(torch.int32) & 0xFFFF
+    values, start = 0, 0
+    for first, width in _fields(bits):
+        per = 16 // width
+        count = k // (2 * per)
+        plane = units[..., start:start + count, :]  # [..., units, p]
+        fields = torch.stack([(plane >> (width * j)) & ((1 << width) - 1)
+                              for j in range(per)], dim=-2)  # [..., units, j, p]
+        values = values | (fields.flatten(-3) << first)
+        start += count
     values = values.to(torch.int8)
     return values - SIX_BIT_BIAS if bits == 6 else values
 
@@ -575,14 +605,16 @@ def _unblocked(blocked: torch.Tensor, n: int) -> torch.Tensor:
 def pack_grouped_cpu(weight: GroupedWeight,
                      bits: int | None = None) -> PackedGroupedWeight | GroupedWeight:
     """`weight` in the C kernel's grouped layout (see PackedGroupedWeight), its values in the
-    fewest bits they fit (`value_bits`), or a byte each (`bits` 8: the layout before 5- and
-    6-bit packing, which benchmarks/bench_grouped_bits_cpu.py times against); as it is where
-    the kernel cannot take it (groups not a multiple of 8)."""
+    fewest bits they fit (`value_bits`; a byte each where K does not fill their planes' units,
+    `narrow_fits`), or a byte each (`bits` 8: the layout before 5- and 6-bit packing, which
+    benchmarks/bench_grouped_bits_cpu.py times against); as it is where the kernel cannot take
+    it (groups not a multiple of 8)."""
     n, k = weight.qweight.shape
     if weight.group_size % 8:
         return weight
     blocks = -(-n // INT8_GROUP)
     fewest = value_bits(weight.qweight)
+    fewest = fewest if narrow_fits(fewest, k) else 8
     if bits not in (None, fewest, 8):
         raise ValueError(f"values of {fewest} bits are packed in {fewest} or 8, not {bits}")
     bits = bits or fewest

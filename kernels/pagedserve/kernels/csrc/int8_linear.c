@@ -484,16 +484,19 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *    to bfloat16 (s * q + o by one fused multiply-add, then rounded: the weights a bf16 model
  *    dequantized at load holds) and multiplied by w8a16_tile, without scales.
  *
- * Packed (kernels/cpu_kernels.py, pack_grouped_cpu), per block of 16 output channels, k-major
- * so that 16 bytes are one k of the block's 16 channels:
- *  - 8-bit values: int8 [K][16];
- *  - 4-bit values (0..15): uint8 [K / 2][16], k = 2i in the low nibble of byte (i, c) and
- *    2i + 1 in the high one;
- *  - 5-bit values (0..31): their low 4 bits as the 4-bit layout, then their fifth bits,
- *    uint8 [K / 8][16], k = 8i + j at bit j of byte (i, c);
- *  - 6-bit values (-32..31) stored as v + 32 (0..63): their low 4 bits as the 4-bit layout,
- *    then their two high bits, uint8 [K / 4][16], k = 4i + j at bits 2j, 2j + 1 of byte
- *    (i, c); the kernels multiply the stored values and take 32 s per group back off;
+ * Packed (kernels/cpu_kernels.py, pack_grouped_cpu, PackedGroupedWeight), per block of 16
+ * output channels:
+ *  - 8-bit values: int8 [K][16], k-major, so that 16 bytes are one k of the 16 channels;
+ *  - 4-, 5- and 6-bit values, stored unsigned (6-bit ones as v + 32; the kernels take 32 s
+ *    per group back off): planes of bit fields, the values' low 4 bits first, then (5 and 6
+ *    bits) their high 1 or 2. A plane of w-bit fields is 16-bit units [K / (32 / w)][16][2]:
+ *    unit (s, c, p) holds 16 / w values of channel c, k = (32 / w) s + 2 j + p at bits
+ *    w j .. w j + w - 1. A 64-byte row of the low plane is 8 k of 16 channels with each
+ *    channel's pairs of k in neighbouring 16-bit lanes, the order vdpbf16ps takes: a value is
+ *    one shift and one mask away, no byte shuffled across lanes (the layout before, k-major
+ *    nibbles, took two unpacks, two lane permutes and two widenings for every 4 k; the default
+ *    model's 4-bit linears at batch 1: docs/performance.md, "GGUF values in vdpbf16ps's
+ *    order");
  *  - scales and offsets: [K / G][16], float32, or float16 (`half`) where every factor is one
  *    exactly (GGUF's Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 store them so): 2 bytes a group
  *    instead of 4.
@@ -510,15 +513,20 @@ enum { SIX_BIT_BIAS = 32 };
 /* The plane of a 5- or 6-bit block's high bits: after its K / 2 rows of low nibbles. */
 static inline const uint8_t *high_bits(const uint8_t *w, int64_t k) { return w + k / 2 * GROUP; }
 
+/* Field (c, i) of a plane of `width`-bit fields (see above). */
+static inline int plane_field(const uint8_t *plane, int64_t width, int64_t c, int64_t i) {
+    const int64_t per = 16 / width, at = ((i / (2 * per)) * GROUP + c) * 2 + i % 2;
+    const int unit = plane[2 * at] | plane[2 * at + 1] << 8;
+    return (unit >> (width * (i % (2 * per) / 2))) & ((1 << width) - 1);
+}
+
 /* Value (c, i) of a packed channel block `w` (16 channels, K = k). */
 static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t k, int64_t c, int64_t i) {
     if (bits == 8) return ((const int8_t *)w)[i * GROUP + c];
-    const uint8_t byte = w[(i / 2) * GROUP + c];
-    const int low = i % 2 ? byte >> 4 : byte & 15;
+    const int low = plane_field(w, 4, c, i);
     if (bits == 4) return low;
-    const uint8_t *high = high_bits(w, k);
-    if (bits == 5) return low | ((high[(i / 8) * GROUP + c] >> (i % 8)) & 1) << 4;
-    return (low | ((high[(i / 4) * GROUP + c] >> (2 * (i % 4))) & 3) << 4) - SIX_BIT_BIAS;
+    const int value = low | plane_field(high_bits(w, k), bits - 4, c, i) << 4;
+    return bits == 6 ? value - SIX_BIT_BIAS : value;
 }
 
 #if INT8_SIMD
@@ -529,96 +537,88 @@ static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) 
                 : _mm512_loadu_ps((const float *)factors + i);
 }
 
-/* A group's offsets (zero without), as the stored values need them: 6-bit ones, stored
- * v + 32, need 32 s taken off. */
+/* bfloat16 128.0: with a value u below 128 in its low 7 bits, the bfloat16 128 + u exactly. */
+enum { BF16_BASE_BITS = 0x4300, BF16_BASE = 128 };
+
+/* What the kernels see of a stored value beyond the value itself: narrow values come as
+ * 128 + u (narrow_pairs), and 6-bit ones are stored v + 32. */
+static inline float stored_base(int64_t bits) {
+    return bits == 8 ? 0.0f : bits == 6 ? BF16_BASE + SIX_BIT_BIAS : BF16_BASE;
+}
+
+/* A group's offsets (zero without) for the values as the kernels see them:
+ * s * (seen) + o - base * s = s * v + o. */
 static inline __m512 group_offsets(const void *offsets, __m512 s, int64_t bits, int64_t i,
                                    int64_t half) {
     const __m512 o = offsets ? load_factors(offsets, i, half) : _mm512_setzero_ps();
-    return bits == 6 ? _mm512_fnmadd_ps(_mm512_set1_ps(SIX_BIT_BIAS), s, o) : o;
+    return bits == 8 ? o : _mm512_fnmadd_ps(_mm512_set1_ps(stored_base(bits)), s, o);
 }
 
-/* The narrow (4-, 5- or 6-bit) values of k = i .. i + 3 of a channel block (K = k; i a
- * multiple of 4) as bytes, each below 128 (6-bit ones as stored: v + 32, which the callers
- * correct for): even = [k = i | k = i + 2], odd = [k = i + 1 | k = i + 3], 16 channels each.
- * Put together two k's (32 bytes) per 256-bit operation. The 16-bit shifts (there are no 8-bit
- * ones) move bits across bytes, but each mask keeps only bits that came from the byte itself. */
-static inline void grouped_bytes(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
-                                 __m256i *even, __m256i *odd) {
-    /* The low and high nibbles of the two rows of pairs. */
-    const __m256i rows = _mm256_loadu_si256((const __m256i *)(w + (i / 2) * GROUP));
-    const __m256i nibble = _mm256_set1_epi8(15);
-    *even = _mm256_and_si256(rows, nibble);
-    *odd = _mm256_and_si256(_mm256_srli_epi16(rows, 4), nibble);
-    if (bits == 5) {
-        /* k = i + j's fifth bit is bit (i % 8) + j of byte i / 8, moved to bit 4. */
-        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-            (const __m128i *)(high_bits(w, k) + (i / 8) * GROUP)));
-        const __m256i bit = _mm256_set1_epi8(1 << 4);
-        *even = _mm256_or_si256(*even, _mm256_and_si256(
-            i % 8 ? _mm256_srlv_epi16(h, _mm256_set_epi16(2, 2, 2, 2, 2, 2, 2, 2,
-                                                           0, 0, 0, 0, 0, 0, 0, 0))
-                  : _mm256_sllv_epi16(h, _mm256_set_epi16(2, 2, 2, 2, 2, 2, 2, 2,
-                                                          4, 4, 4, 4, 4, 4, 4, 4)), bit));
-        *odd = _mm256_or_si256(*odd, _mm256_and_si256(
-            i % 8 ? _mm256_srlv_epi16(h, _mm256_set_epi16(3, 3, 3, 3, 3, 3, 3, 3,
-                                                           1, 1, 1, 1, 1, 1, 1, 1))
-                  : _mm256_sllv_epi16(h, _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1,
-                                                          3, 3, 3, 3, 3, 3, 3, 3)), bit));
-    } else if (bits == 6) {
-        /* k = i + j's two high bits are bits 2j, 2j + 1 of byte i / 4, moved to bits 4, 5. */
-        const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-            (const __m128i *)(high_bits(w, k) + (i / 4) * GROUP)));
-        const __m256i two = _mm256_set1_epi8(3 << 4);
-        *even = _mm256_or_si256(*even, _mm256_and_si256(
-            _mm256_sllv_epi16(h, _mm256_set_epi16(0, 0, 0, 0, 0, 0, 0, 0,
-                                                  4, 4, 4, 4, 4, 4, 4, 4)), two));
-        *odd = _mm256_or_si256(*odd, _mm256_and_si256(_mm256_srlv_epi16(
-            _mm256_sllv_epi16(h, _mm256_set_epi16(0, 0, 0, 0, 0, 0, 0, 0,
-                                                  2, 2, 2, 2, 2, 2, 2, 2)),
-            _mm256_set_epi16(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0)), two));
+/* (a & b) | c, bitwise, in one instruction. */
+static inline __m512i and_or(__m512i a, __m512i b, __m512i c) {
+    return _mm512_ternarylogic_epi32(a, b, c, 0xEA);
+}
+
+/* x shifted left by `bits` in each 16-bit lane (right where negative; a constant where
+ * inlined). */
+static inline __m512i shift16(__m512i x, int bits) {
+    return bits >= 0 ? _mm512_slli_epi16(x, (unsigned)bits) : _mm512_srli_epi16(x, (unsigned)-bits);
+}
+
+/* The narrow values of k = i .. i + 7 (i a multiple of 8) of a channel block (K = k) as
+ * vdpbf16ps's weight pairs, each stored value u as the bfloat16 128 + u: pair[m] holds
+ * k = i + 2m, i + 2m + 1 of each of the 16 channels. The 16-bit shifts move fields across
+ * bytes; each mask keeps the lane's own bits. */
+static inline __attribute__((always_inline)) void narrow_pairs(
+        const uint8_t *w, int64_t bits, int64_t k, int64_t i, __m512i pair[4]) {
+    const __m512i low = _mm512_loadu_si512(w + i * GROUP / 2);
+    const __m512i nibble = _mm512_set1_epi16(15), base = _mm512_set1_epi16(BF16_BASE_BITS);
+    if (bits == 4) {
+        for (int m = 0; m < 4; m++) pair[m] = and_or(shift16(low, -4 * m), nibble, base);
+        return;
     }
+    /* A unit of the high plane holds 16 k of 5-bit values' fifth bits (bit j: k = 2j + p of
+     * its span), or 8 k of 6-bit values' two (bits 2j, 2j + 1): shift this row's to the
+     * bottom, then each m's to bit 4. */
+    const int64_t width = bits - 4, span_log2 = 6 - width;  /* a unit's span: 32 / width k */
+    const __m512i units = _mm512_loadu_si512(high_bits(w, k) + (i >> span_log2) * 2 * GROUP * 2);
+    const __m512i high = _mm512_srl_epi16(
+        units, _mm_cvtsi64_si128(width * ((i & ((1 << span_log2) - 1)) >> 1)));
+    const __m512i mask = _mm512_set1_epi16(width == 1 ? 0x10 : 0x30);
+    for (int m = 0; m < 4; m++)
+        pair[m] = and_or(shift16(low, -4 * m), nibble,
+                         and_or(shift16(high, 4 - (int)width * m), mask, base));
 }
 
-/* The values of k = i .. i + 3 of a channel block as float32 vectors of its 16 channels
- * (6-bit ones as stored). */
-static inline void grouped_values(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
-                                  __m512 q[4]) {
+/* The values of k = i .. i + 7 (i a multiple of 8) of a channel block as float32 vectors of
+ * its 16 channels, as the kernels see them (narrow ones 128 + u: stored_base). */
+static inline __attribute__((always_inline)) void grouped_values(
+        const uint8_t *w, int64_t bits, int64_t k, int64_t i, __m512 q[8]) {
     if (bits == 8) {
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < 8; j++)
             q[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                 _mm_loadu_si128((const __m128i *)(w + (i + j) * GROUP))));
         return;
     }
-    __m256i even, odd;
-    grouped_bytes(w, bits, k, i, &even, &odd);
-    q[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(even)));
-    q[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(odd)));
-    q[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(even, 1)));
-    q[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(odd, 1)));
+    __m512i pair[4];
+    narrow_pairs(w, bits, k, i, pair);
+    /* A 32-bit lane holds one channel's pair: its low half is k = i + 2m, its high half the
+     * next; each bfloat16 is the top half of its float32. */
+    for (int m = 0; m < 4; m++) {
+        q[2 * m] = _mm512_castsi512_ps(_mm512_slli_epi32(pair[m], 16));
+        q[2 * m + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair[m],
+                                                            _mm512_set1_epi32(-65536)));
+    }
 }
 
-/* bfloat16 128.0: with a value u below 128 in its low 7 bits, the bfloat16 128 + u exactly. */
-enum { BF16_BASE_BITS = 0x4300, BF16_BASE = 128 };
-
-/* The narrow values of k = i .. i + 3 as vdpbf16ps's weight pairs, each stored value u as the
- * bfloat16 128 + u: w01 holds (k = i, i + 1) of each of the 16 channels, w23 (i + 2, i + 3). */
-static inline void grouped_pairs(const uint8_t *w, int64_t bits, int64_t k, int64_t i,
-                                 __m512i *w01, __m512i *w23) {
-    __m256i even, odd;
-    grouped_bytes(w, bits, k, i, &even, &odd);
-    /* Per 128-bit half: channels 0-7 (lo) and 8-15 (hi), k = i, i + 1 below, i + 2, i + 3
-     * above. */
-    const __m256i lo = _mm256_unpacklo_epi8(even, odd), hi = _mm256_unpackhi_epi8(even, odd);
-    const __m512i base = _mm512_set1_epi16(BF16_BASE_BITS);
-    *w01 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x20)), base);
-    *w23 = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x31)), base);
-}
+#define EACH_PAIR(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
+#define EACH_PAIR_CELL(X) EACH_PAIR(X, 0) EACH_PAIR(X, 1) EACH_PAIR(X, 2) EACH_PAIR(X, 3)
 
 /* `rows` (at most 4) rows of bfloat16 x (x_stride apart; `xsum` their float32 sums per group,
  * K / G apart) times one channel block of narrow values: 16 outputs per row into `y`. Each
- * group sums (128 + u) x by vdpbf16ps (two pairs of k per row in flight; every product exact)
- * and takes the 128 (and a 6-bit value's 32) back off with the offsets: y += s acc +
- * (o - (128 + bias) s) sum(x). */
+ * group sums (128 + u) x by vdpbf16ps (every product exact; four chains per row, one per pair
+ * of k in a row of 8) and takes the 128 (and a 6-bit value's 32) back off with the offsets:
+ * y += s acc + (o - base s) sum(x). */
 TILE grouped_rows_bf16(const int64_t rows, const uint16_t *x, const int64_t x_stride,
                        const float *xsum, const int64_t k, const uint8_t *w, const int64_t bits,
                        const void *scales, const void *offsets, const int64_t half,
@@ -627,25 +627,24 @@ TILE grouped_rows_bf16(const int64_t rows, const uint16_t *x, const int64_t x_st
     EACH_SMALL_ROW(ZERO)
 #undef ZERO
     const int64_t groups = k / group;
-    const __m512 base = _mm512_set1_ps(BF16_BASE);
     for (int64_t g = 0; g < groups; g++) {
-#define ZERO(r) __m512 even##r = _mm512_setzero_ps(), odd##r = _mm512_setzero_ps();
-        EACH_SMALL_ROW(ZERO)
+#define ZERO(r, m) __m512 acc##r##m = _mm512_setzero_ps();
+        EACH_PAIR_CELL(ZERO)
 #undef ZERO
-        for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
-            __m512i w01, w23;
-            grouped_pairs(w, bits, k, i, &w01, &w23);
-#define MAC(r) if (r < rows) { even##r = dpbf16(even##r, x + r * x_stride + i, w01); \
-                           odd##r = dpbf16(odd##r, x + r * x_stride + i + 2, w23); }
-            EACH_SMALL_ROW(MAC)
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+            __m512i pair[4];
+            narrow_pairs(w, bits, k, i, pair);
+#define MAC(r, m) if (r < rows) acc##r##m = dpbf16(acc##r##m, x + r * x_stride + i + 2 * m, \
+                                                   pair[m]);
+            EACH_PAIR_CELL(MAC)
 #undef MAC
         }
         const __m512 s = load_factors(scales, g * GROUP, half);
-        const __m512 o = _mm512_fnmadd_ps(base, s, group_offsets(offsets, s, bits, g * GROUP,
-                                                                 half));
+        const __m512 o = group_offsets(offsets, s, bits, g * GROUP, half);
 #define SCALE(r) if (r < rows) total##r = _mm512_fmadd_ps( \
-            o, _mm512_set1_ps(xsum[r * groups + g]), \
-            _mm512_fmadd_ps(_mm512_add_ps(even##r, odd##r), s, total##r));
+            o, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(_mm512_add_ps( \
+            _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, \
+            total##r));
         EACH_SMALL_ROW(SCALE)
 #undef SCALE
     }
@@ -653,9 +652,6 @@ TILE grouped_rows_bf16(const int64_t rows, const uint16_t *x, const int64_t x_st
     EACH_SMALL_ROW(RESULT)
 #undef RESULT
 }
-
-#define EACH_J(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
-#define EACH_GROUPED_CELL(X) EACH_J(X, 0) EACH_J(X, 1) EACH_J(X, 2) EACH_J(X, 3)
 
 /* `rows` (at most 4) rows of float32 x (K apart; `xsum` their sums per group, K / G apart)
  * times one channel block: 16 outputs per row into `y`. Accumulator (r, j) sums row r's q x
@@ -669,14 +665,15 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
     const int64_t groups = k / group;
     for (int64_t g = 0; g < groups; g++) {
 #define ZERO(r, j) __m512 acc##r##j = _mm512_setzero_ps();
-        EACH_GROUPED_CELL(ZERO)
+        EACH_PAIR_CELL(ZERO)
 #undef ZERO
-        for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
-            __m512 q[4];
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+            __m512 q[8];
             grouped_values(w, bits, k, i, q);
 #define MAC(r, j) if (r < rows) acc##r##j = _mm512_fmadd_ps( \
-                q[j], _mm512_set1_ps(xf[r * k + i + j]), acc##r##j);
-            EACH_GROUPED_CELL(MAC)
+                q[j + 4], _mm512_set1_ps(xf[r * k + i + j + 4]), _mm512_fmadd_ps( \
+                q[j], _mm512_set1_ps(xf[r * k + i + j]), acc##r##j));
+            EACH_PAIR_CELL(MAC)
 #undef MAC
         }
         const __m512 s = load_factors(scales, g * GROUP, half);
@@ -684,7 +681,7 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
             _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, total##r);
         EACH_SMALL_ROW(SCALE)
 #undef SCALE
-        if (offsets || bits == 6) {
+        if (offsets || bits != 8) {
             const __m512 o = group_offsets(offsets, s, bits, g * GROUP, half);
 #define OFFSET(r) if (r < rows) total##r = _mm512_fmadd_ps( \
                 o, _mm512_set1_ps(xsum[r * groups + g]), total##r);
@@ -707,13 +704,13 @@ static void dequantize_strip(const uint8_t *w, int64_t bits, const void *scales,
     for (int64_t b = 0; b < nv; b++) {
         const uint8_t *src = w + b * block_bytes;
         uint16_t *dst = wb + b * k * GROUP;
-        for (int64_t i = 0; i < k; i += 4) {
+        for (int64_t i = 0; i < k; i += 8) {
             const int64_t at = b * block_groups + i / group * GROUP;
             const __m512 s = load_factors(scales, at, half);
             const __m512 o = group_offsets(offsets, s, bits, at, half);
-            __m512 q[4];
+            __m512 q[8];
             grouped_values(src, bits, k, i, q);
-            for (int j = 0; j < 4; j += 2) {
+            for (int j = 0; j < 8; j += 2) {
                 const __m512i lo = _mm512_cvtepu16_epi32(
                     (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q[j], s, o)));
                 const __m512i hi = _mm512_cvtepu16_epi32(
@@ -807,10 +804,14 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
 #if INT8_SIMD
                 __m512 y[SMALL_ROWS];
                 if (bf16 && bits != 8) {
-#define ROWS(r) case r: grouped_rows_bf16(r, (const uint16_t *)x + m * x_stride, x_stride, \
-                                          xsum + m * groups, k, wb, bits, sb, ob, half, group, \
-                                          y); break;
-                    switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+                    /* Rows and widths constants in each inlined copy: no branch on either
+                     * in the loop. */
+#define ROWS(r, b) case r: grouped_rows_bf16(r, (const uint16_t *)x + m * x_stride, x_stride, \
+                                             xsum + m * groups, k, wb, b, sb, ob, half, group, \
+                                             y); break;
+#define WIDTH(b) case b: switch (chunk) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
+                    switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) }
+#undef WIDTH
 #undef ROWS
                 } else {
 #define ROWS(r) case r: grouped_rows(r, xf + m * k, xsum + m * groups, k, wb, bits, sb, ob, \
