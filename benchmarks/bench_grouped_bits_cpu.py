@@ -25,7 +25,7 @@ import torch
 from linear_steps import alternated_step_ms, step_shapes
 
 from pagedserve.kernels import cpu_kernels
-from pagedserve.kernels.quantization import GroupedWeight
+from pagedserve.kernels.quantization import GroupedWeight, value_bits
 
 # Format -> (values' range, group size, offsets).
 WIDTHS = {"Q4_1": ((0, 15), 32, True), "Q5_K": ((0, 31), 32, True),
@@ -45,7 +45,7 @@ def variants(n: int, k: int, gen: torch.Generator) -> tuple[dict, dict]:
     for fmt in WIDTHS:
         weight = random_weight(n, k, fmt, gen)
         dequantized[fmt] = weight.dequantized(torch.float64)
-        for bits in (cpu_kernels.value_bits(weight.qweight), 8):
+        for bits in (value_bits(weight.qweight), 8):
             packed = cpu_kernels.pack_grouped_cpu(weight, bits)
             fns[f"{fmt} in {bits} bits"] = (packed, fmt)
     bf16 = cpu_kernels.pack_linear_cpu(dequantized["Q6_K"].bfloat16())

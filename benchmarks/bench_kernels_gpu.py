@@ -17,7 +17,9 @@
    (causal, contiguous K/V), candidate tile shapes swept.
 4. Norms, rotary, SiLU-and-mul: time and bandwidth beside the PyTorch path.
 4b. Quantized linears (docs/quantization.md): the Triton grouped matmul (4-bit values, groups
-   of 32 and 128, with offsets) against the PyTorch path in every dtype, and fp8's
+   of 32 and 128, with offsets, held a byte each and in 4 bits; 5-bit values in groups of 32
+   and 6-bit ones in groups of 16 held in their bits) against the PyTorch path in every dtype,
+   and fp8's
    torch._scaled_mm against the dequantized operands where the card has fp8 tensor cores
    (checks); their time beside bf16's torch matmul and the weight bytes each streams, at batch
    1, 16 and 256 on LLaMA-8B-shaped layers.
@@ -82,7 +84,7 @@ from pagedserve.kernels.triton_attention import (
 )
 from pagedserve.kernels.triton_moe import fused_moe_triton
 from pagedserve.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
-from pagedserve.kernels.triton_quantization import quantized_linear_triton
+from pagedserve.kernels.triton_quantization import pack_quantized_triton, quantized_linear_triton
 from pagedserve.kernels.triton_rotary import apply_rotary_triton
 
 BLOCK = 16
@@ -254,11 +256,14 @@ def check_layer_kernels(bench: Bench, dtype: torch.dtype) -> None:
 def check_quantized_linears(bench: Bench, dtype: torch.dtype) -> None:
     rows, n, k = (5, 70, 256) if bench.smoke else (300, 4096, 4096)
     x = bench.randn(rows, k, dtype=dtype)
-    for group in (32, 128):
-        weight = grouped_on_device(bench, n, k, group)
-        bench.check(f"grouped linear 4-bit g={group}", dtype,
-                    quantized_linear_triton(x, weight, None),
-                    quantized_linear(x, weight, None))
+    for bits, group in ((4, 32), (4, 128), (5, 32), (6, 16)):
+        weight = grouped_on_device(bench, n, k, group, bits)
+        expected = quantized_linear(x, weight, None)
+        if bits == 4:
+            bench.check(f"grouped linear 4-bit g={group} (a byte each)", dtype,
+                        quantized_linear_triton(x, weight, None), expected)
+        bench.check(f"grouped linear {bits}-bit g={group} (in {bits} bits)", dtype,
+                    quantized_linear_triton(x, pack_quantized_triton(weight), None), expected)
     if fp8_supported(bench.device):
         fp8 = quantize_fp8(bench.randn(n, k))
         q, token_scales = (quantize_fp8(x).qweight, quantize_fp8(x).scales)
@@ -267,11 +272,13 @@ def check_quantized_linears(bench: Bench, dtype: torch.dtype) -> None:
                     expected)
 
 
-def grouped_on_device(bench: Bench, n: int, k: int, group: int) -> GroupedWeight:
-    """Random 4-bit values (held one per byte) with scales and offsets per group."""
-    values = torch.randint(0, 16, (n, k), generator=bench.gen, dtype=torch.int8)
-    scales = torch.rand(n, k // group, generator=bench.gen) / 64
-    offsets = -8 * scales
+def grouped_on_device(bench: Bench, n: int, k: int, group: int, bits: int = 4) -> GroupedWeight:
+    """Random unsigned values of `bits` bits (held one per byte) with scales and offsets per
+    group."""
+    levels = 1 << bits
+    values = torch.randint(0, levels, (n, k), generator=bench.gen, dtype=torch.int8)
+    scales = torch.rand(n, k // group, generator=bench.gen) / (4 * levels)
+    offsets = -levels / 2 * scales
     return GroupedWeight(values.to(bench.device), scales.to(bench.device),
                          offsets.to(bench.device))
 
@@ -432,7 +439,8 @@ def bench_layer_kernels(bench: Bench) -> list[dict]:
 
 
 def bench_quantized_linears(bench: Bench, copy_bw: float) -> list[dict]:
-    """Per layer shape and batch: bf16 matmul, the Triton grouped matmul (groups of 128), fp8
+    """Per layer shape and batch: bf16 matmul, the Triton grouped matmul (4-bit values in
+    groups of 128, held a byte each and in 4 bits), fp8
     scaled_mm where the card has it; ms, and the weight bytes each streams per ms beside half
     the copy bandwidth (a read's share of it)."""
     dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
@@ -442,13 +450,16 @@ def bench_quantized_linears(bench: Bench, copy_bw: float) -> list[dict]:
     for n, k in shapes:
         dense = bench.randn(n, k, dtype=dtype)
         grouped = grouped_on_device(bench, n, k, 128)
+        narrow = pack_quantized_triton(grouped)
         fp8 = quantize_fp8(dense) if fp8_supported(bench.device) else None
         for batch in batches:
             x = bench.randn(batch, k, dtype=dtype)
             cases = {"bf16 matmul": (partial(torch.matmul, x, dense.T),
                                      dense.numel() * dense.element_size()),
                      "triton grouped (values 1 byte)": (
-                         partial(quantized_linear_triton, x, grouped, None), grouped.nbytes)}
+                         partial(quantized_linear_triton, x, grouped, None), grouped.nbytes),
+                     "triton grouped (values 4 bits)": (
+                         partial(quantized_linear_triton, x, narrow, None), narrow.nbytes)}
             if fp8 is not None:
                 cases["fp8 scaled_mm"] = (partial(fp8_linear, x, fp8, None), fp8.nbytes)
             for name, (fn, nbytes) in cases.items():

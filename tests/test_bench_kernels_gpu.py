@@ -32,7 +32,8 @@ def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
     assert len(results["layer_kernels"]) == 4
     # bf16 and the Triton grouped matmul (no fp8 on a CPU) at two batch sizes.
     assert {(r["kernel"], r["batch"]) for r in results["quantized_linears"]} == {
-        (kernel, batch) for kernel in ("bf16 matmul", "triton grouped (values 1 byte)")
+        (kernel, batch) for kernel in ("bf16 matmul", "triton grouped (values 1 byte)",
+                                       "triton grouped (values 4 bits)")
         for batch in (1, 5)}
     assert {(r["variant"], r["tokens"]) for r in results["moe"]} == {
         (variant, tokens) for variant in ("triton grouped", "torch loop") for tokens in (1, 6)}

@@ -61,7 +61,7 @@ def reference(x: torch.Tensor, weight: GroupedWeight, bias: torch.Tensor | None)
     return y if bias is None else y + bias.to(torch.float64)
 
 
-# The values' range of each width the C kernel packs (cpu_kernels.value_bits), bounds
+# The values' range of each width the C kernel packs (quantization.value_bits), bounds
 # included: 4 and 5 bits unsigned (GGUF's Q4 and Q5 formats), 6 signed (Q6_K).
 BIT_RANGES = {4: (0, 15), 5: (0, 31), 6: (-32, 31), 8: (-128, 127)}
 
@@ -124,19 +124,35 @@ def test_c_grouped_linear_against_float64(rows, dtype, bits, offsets, group, hal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows, group, offsets", [(1, 16, False), (5, 32, True),
-                                                  (17, 128, True), (3, 256, False)])
-def test_triton_grouped_linear_against_float64(rows, group, offsets, dtype):
+@pytest.mark.parametrize("rows, group, offsets, bits", [
+    (1, 16, False, 6), (5, 32, True, 4), (17, 128, True, 4), (2, 32, True, 5),
+    (3, 256, False, 8)])
+def test_triton_grouped_linear_against_float64(rows, group, offsets, bits, dtype):
     """Under TRITON_INTERPRET=1 here (float16: its interpreter gets bfloat16 products wrong);
-    compiled on a GPU. Group 256 is one group per row: a weight-only Int8Weight's case."""
-    from pagedserve.kernels.triton_quantization import quantized_linear_triton
+    compiled on a GPU. Values of 4 to 6 bits held in their bits (NarrowWeight), 8-bit ones a
+    byte each; group 256 is one group per row: a weight-only Int8Weight's case."""
+    from pagedserve.kernels.triton_quantization import (
+        NarrowWeight,
+        pack_quantized_triton,
+        quantized_linear_triton,
+    )
 
     n, k = 70, 256  # N not a multiple of the 64-channel tile
-    weight = random_grouped(n, k, group, bits=4, offsets=offsets, seed=rows)
+    weight = random_grouped(n, k, group, bits=bits, offsets=offsets, seed=rows)
+    packed = pack_quantized_triton(weight)
+    if bits == 8:
+        assert packed is weight
+    else:
+        assert isinstance(packed, NarrowWeight) and packed.bits == bits
+        factors = weight.nbytes - weight.qweight.numel()
+        assert packed.nbytes == factors + n * k * bits // 8
+        assert torch.equal(packed.plain().qweight, weight.qweight)
+        ids = torch.tensor([69, 0, 33])
+        assert torch.equal(packed.rows(ids, torch.float32), weight.rows(ids, torch.float32))
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k + 8, generator=gen).to(dtype)[:, 3:3 + k]
     bias = torch.randn(n, generator=gen).to(dtype)
-    y = quantized_linear_triton(x, weight, bias)
+    y = quantized_linear_triton(x, packed, bias)
     assert y.shape == (rows, n) and y.dtype == dtype
     expected = reference(x, weight, bias)
     if dtype == torch.float32:
@@ -236,13 +252,18 @@ def test_a_native_gguf_runs_as_transformers_runs_its_dequantized_conversion(
     # Every linear layer quantized, the LM head too (a tied one gets its own copy), and their
     # float weights released.
     assert linears and all(m.quantized is not None and m.weight.numel() == 0 for m in linears)
+    # A layer mixing formats (q4_k_m's q/k/v) packs in its widest values' bits.
+    bits = {"Q8_0": {8}, "Q4_0": {4}, "Q4_1": {4}, "Q5_0": {5}, "Q5_1": {5}, "Q2_K": {4},
+            "Q3_K_M": {4, 6}, "Q4_K_M": {4, 6}, "Q5_K_M": {5, 6}}[fmt]
     if kernel_set == "cpu":
-        kinds = {type(m.quantized) for m in linears}
-        assert kinds == {cpu_kernels.PackedGroupedWeight}
-        bits = {m.quantized.bits for m in linears}
-        # A layer mixing formats (q4_k_m's q/k/v) packs in its widest values' bits.
-        assert bits == {"Q8_0": {8}, "Q4_0": {4}, "Q4_1": {4}, "Q5_0": {5}, "Q5_1": {5},
-                        "Q2_K": {4}, "Q3_K_M": {4, 6}, "Q4_K_M": {4, 6}, "Q5_K_M": {5, 6}}[fmt]
+        assert {type(m.quantized) for m in linears} == {cpu_kernels.PackedGroupedWeight}
+        assert {m.quantized.bits for m in linears} == bits
+    elif kernel_set == "triton":  # values of 4 to 6 bits held in them, 8-bit ones a byte
+        from pagedserve.kernels.triton_quantization import NarrowWeight
+
+        assert {getattr(m.quantized, "bits", 8) for m in linears} == bits
+        assert {type(m.quantized) for m in linears} == (
+            {GroupedWeight} if bits == {8} else {NarrowWeight})
     if fmt == "Q4_K_M":  # q and k in groups of 32, v of 16: the layer holds groups of 16
         qkv = model.model.layers[0].self_attn.qkv_proj.quantized.plain()
         assert qkv.group_size == 16

@@ -112,15 +112,33 @@ def test_the_triton_kernels_run_a_gptq_checkpoint(checkpoint):
                                 PROMPTS[:2], chunk=5, decode_steps=2, tol=1e-4)
 
 
-def test_4bit_weights_take_half_a_byte_each_on_the_cpu(checkpoint):
+@pytest.mark.parametrize("kernel_set", ["cpu", "triton"])
+def test_4bit_weights_take_half_a_byte_each(checkpoint, kernel_set):
+    """Where the C kernels or the Triton kernel (what a GPU runs) multiply them."""
     directory = checkpoint("llama", "awq")
-    model = loaded(directory, "cpu")
+    model = loaded(directory, kernel_set)
     values = sum(m.quantized.plain().qweight.numel() for m in model.modules()
                  if isinstance(m, Linear) and m.quantized is not None)
     floats = sum(p.numel() * 4 for p in model.parameters())
     # Half a byte per value, plus float16 scale and offset per group of 32 (a byte per 8
     # values) when they are exact in float16, float32 otherwise (two bytes per 8).
     assert floats + values * 0.5 < weight_bytes(model) <= floats + values * (0.5 + 0.25)
+
+
+def test_a_packed_model_moves_packed(checkpoint):
+    """The executor packs on the host and then moves the model (bootstrap), so a move keeps
+    each weight's packed form and dtypes (it unpacked them to a byte a value before)."""
+    from pagedserve.kernels.triton_quantization import NarrowWeight
+
+    model = loaded(checkpoint("llama", "awq"), "triton")
+    before = {name: m.quantized for name, m in model.named_modules()
+              if isinstance(m, Linear) and m.quantized is not None}
+    model.to("meta")
+    for name, m in model.named_modules():
+        if name in before:
+            assert isinstance(m.quantized, NarrowWeight) and m.quantized.low.is_meta
+            assert [t.dtype for t in (m.quantized.low, m.quantized.scales)] == \
+                [t.dtype for t in (before[name].low, before[name].scales)]
 
 
 def test_gptq_v2_stores_the_zero_points_gptq_stores_less_one(checkpoint, tmp_path):

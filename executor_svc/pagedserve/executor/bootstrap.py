@@ -177,7 +177,7 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
     if config.quantization == "fp8":  # before the slow load
         _require_fp8(device, "--quantization fp8", "use int8 or w8a8_int8")
     try:
-        model = load_model(model_dir.path, dtype, tp).to(device)
+        model = load_model(model_dir.path, dtype, tp)
     except (UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load {model_dir.path}: {exc}") from None
     if model.quantization == "fp8":
@@ -193,8 +193,11 @@ def _build_rank(config: EngineConfig, model_dir: ModelDirectory, device: torch.d
                                f"quantized checkpoint already ({model.quantization}); the flag "
                                "quantizes float checkpoints")
         quantize_linears(model, config.quantization)
-    # Before the CUDA profiling pass, so that it measures the kernels that will run.
+    # On the host, then moved: the device holds the weights only in the form the kernels pack
+    # them in (a 4-bit checkpoint half a byte a value, not the byte each it loads as). Before
+    # the CUDA profiling pass, so that it measures the kernels that will run.
     bind_kernels(model, kernels)
+    model.to(device)
     context_len = context_length(model.config)
     max_model_len = config.max_model_len or context_len
     if max_model_len > context_len:
@@ -282,7 +285,7 @@ def _load_draft(config: EngineConfig, path: str, model_dir: ModelDirectory, dtyp
     try:
         draft_dir = resolve_model(path, config.model_cache_dir or default_cache_dir(),
                                   gguf_dequantize=config.gguf_dequantize, flag=DRAFT_FLAG)
-        draft = load_model(draft_dir.path, dtype, SINGLE).to(device)
+        draft = load_model(draft_dir.path, dtype, SINGLE)
     except (ModelLoadError, UnsupportedArchitectureError, WeightLoadError, OSError) as exc:
         raise StartupError(f"cannot load the draft model: {exc}") from None
     if context_length(draft.config) < max_model_len:
@@ -293,7 +296,8 @@ def _load_draft(config: EngineConfig, path: str, model_dir: ModelDirectory, dtyp
     if None not in vocabularies and vocabularies[0] != vocabularies[1]:
         raise StartupError(f"{DRAFT_FLAG} {path}: its tokenizer's vocabulary differs from "
                            f"{model_dir.path}'s: a draft proposes the model's token ids")
-    bind_kernels(draft, kernels)
+    bind_kernels(draft, kernels)  # on the host, then moved, as the model is
+    draft.to(device)
     log.info("draft model ready", model=str(draft_dir.path), weight_bytes=weight_bytes(draft))
     return draft
 

@@ -35,6 +35,7 @@ import torch
 
 from pagedserve.kernels.attention import AttentionMetadata
 from pagedserve.kernels.quantization import (
+    SIX_BIT_BIAS,
     GroupedWeight,
     Int8Weight,
     QuantizedWeight,
@@ -42,6 +43,7 @@ from pagedserve.kernels.quantization import (
     int8_linear,
     quantized_linear,
     tensor_bytes,
+    value_bits,
 )
 
 log = structlog.get_logger(__name__)
@@ -521,18 +523,6 @@ class PackedGroupedWeight:
                                  else take(self.offsets).float(), dtype)
 
 
-# What 6-bit values are stored plus (SIX_BIT_BIAS in int8_linear.c).
-SIX_BIT_BIAS = 32
-
-
-def value_bits(values: torch.Tensor) -> int:
-    """The fewest bits the C kernel packs these int8 values in: 4 (0..15), 5 (0..31), 6
-    (-32..31) or 8."""
-    low, high = int(values.min()), int(values.max())
-    return 4 if 0 <= low and high <= 15 else 5 if 0 <= low and high <= 31 \
-        else 6 if -32 <= low and high <= 31 else 8
-
-
 # A narrow value's bit fields: (first bit, width) of its low 4 bits, and of its high bits
 # for 5- and 6-bit values, each field kept in its own plane (PackedGroupedWeight).
 def _fields(bits: int) -> list[tuple[int, int]]:
@@ -557,7 +547,7 @@ def _packed(values: torch.Tensor, bits: int) -> torch.Tensor:
     blocks, k, _ = values.shape
     if bits == 8:
         return values.reshape(blocks, -1)
-    # 6-bit values stored as v + 32 (int8_linear.c's SIX_BIT_BIAS): every stored value unsigned.
+    # 6-bit values stored as v + SIX_BIT_BIAS: every stored value unsigned.
     v = (values + SIX_BIT_BIAS).view(torch.uint8) if bits == 6 else values.view(torch.uint8)
     planes = []
     for first, width in _fields(bits):

@@ -69,6 +69,7 @@ def triton_kernels() -> Kernels:
         rms_norm=triton_norm.rms_norm_triton, add_rms_norm=triton_norm.add_rms_norm_triton,
         apply_rotary=triton_rotary.apply_rotary_triton,
         silu_and_mul=triton_activation.silu_and_mul_triton,
+        pack_quantized=triton_quantization.pack_quantized_triton,
         quantized_linear=triton_quantization.quantized_linear_triton,
         fused_moe=triton_moe.fused_moe_triton)
 

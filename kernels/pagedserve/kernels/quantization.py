@@ -106,6 +106,19 @@ class GroupedWeight:
                                  None if self.offsets is None else self.offsets[ids], dtype)
 
 
+# What the kernels store 6-bit values plus, so that every stored value is unsigned (the CPU
+# kernels' int8_linear.c and the Triton kernel take it back off).
+SIX_BIT_BIAS = 32
+
+
+def value_bits(values: torch.Tensor) -> int:
+    """The fewest bits the kernels pack these int8 values in: 4 (0..15), 5 (0..31), 6
+    (-32..31) or 8."""
+    low, high = int(values.min()), int(values.max())
+    return 4 if 0 <= low and high <= 15 else 5 if 0 <= low and high <= 31 \
+        else 6 if -32 <= low and high <= 31 else 8
+
+
 def dequantize_groups(values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                       dtype: torch.dtype) -> torch.Tensor:
     """s * q + o per group, in float32 (s * q is exact for the formats we load, so this rounds

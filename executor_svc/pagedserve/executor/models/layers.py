@@ -271,8 +271,8 @@ class Linear(KernelLayer):
         return tensor
 
     def _apply(self, fn, recurse: bool = True):
-        """`.to(device)` and the like move the int8 weight too (a plain attribute, which
-        nn.Module does not see); its scales stay float32, as the kernels read them."""
+        """`.to(device)` and the like move the quantized weight too (a plain attribute, which
+        nn.Module does not see), in its form and dtypes."""
         super()._apply(fn, recurse)
         if self.quantized is not None:
             self.quantized = _moved(self.quantized, fn)
@@ -449,14 +449,13 @@ class CausalLM(nn.Module):
         return getattr(self, self.head_name).logits(hidden)
 
 
-def _moved(weight: QuantizedWeight, fn) -> QuantizedWeight:
-    """`weight` (its plain form) with every tensor through `fn` (a device move), the scales
-    and offsets kept float32, as the kernels read them."""
-    plain = weight.plain()
-    moved = {"qweight": fn(plain.qweight), "scales": fn(plain.scales).to(torch.float32)}
-    if isinstance(plain, GroupedWeight) and plain.offsets is not None:
-        moved["offsets"] = fn(plain.offsets).to(torch.float32)
-    return dataclasses.replace(plain, **moved)
+def _moved(weight, fn):
+    """`weight` (a quantized weight in any kernel set's form: a dataclass of tensors) with
+    every tensor through `fn` (a device move) and kept in its dtype, as the kernels read it: a
+    packed form moves packed (`bootstrap` packs on the host, then moves)."""
+    moved = {field.name: fn(value).to(value.dtype) for field in dataclasses.fields(weight)
+             if isinstance(value := getattr(weight, field.name), torch.Tensor)}
+    return dataclasses.replace(weight, **moved)
 
 
 class VocabParallelEmbedding(nn.Module):
