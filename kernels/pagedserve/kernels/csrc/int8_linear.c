@@ -540,18 +540,15 @@ static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) 
 /* bfloat16 128.0: with a value u below 128 in its low 7 bits, the bfloat16 128 + u exactly. */
 enum { BF16_BASE_BITS = 0x4300, BF16_BASE = 128 };
 
-/* What the kernels see of a stored value beyond the value itself: narrow values come as
- * 128 + u (narrow_pairs), and 6-bit ones are stored v + 32. */
-static inline float stored_base(int64_t bits) {
-    return bits == 8 ? 0.0f : bits == 6 ? BF16_BASE + SIX_BIT_BIAS : BF16_BASE;
-}
+/* What a stored value is plus the value: 6-bit values are stored v + 32. */
+static inline float stored_bias(int64_t bits) { return bits == 6 ? SIX_BIT_BIAS : 0.0f; }
 
-/* A group's offsets (zero without) for the values as the kernels see them:
- * s * (seen) + o - base * s = s * v + o. */
-static inline __m512 group_offsets(const void *offsets, __m512 s, int64_t bits, int64_t i,
+/* A group's offsets (zero without) for values the kernel sees `base` above the values
+ * themselves: s * (v + base) + o - base * s = s * v + o. */
+static inline __m512 group_offsets(const void *offsets, __m512 s, float base, int64_t i,
                                    int64_t half) {
     const __m512 o = offsets ? load_factors(offsets, i, half) : _mm512_setzero_ps();
-    return bits == 8 ? o : _mm512_fnmadd_ps(_mm512_set1_ps(stored_base(bits)), s, o);
+    return base == 0.0f ? o : _mm512_fnmadd_ps(_mm512_set1_ps(base), s, o);
 }
 
 /* (a & b) | c, bitwise, in one instruction. */
@@ -577,9 +574,9 @@ static inline __attribute__((always_inline)) void narrow_pairs(
         for (int m = 0; m < 4; m++) pair[m] = and_or(shift16(low, -4 * m), nibble, base);
         return;
     }
-    /* A unit of the high plane holds 16 k of 5-bit values' fifth bits (bit j: k = 2j + p of
-     * its span), or 8 k of 6-bit values' two (bits 2j, 2j + 1): shift this row's to the
-     * bottom, then each m's to bit 4. */
+    /* A unit of the high plane holds the fifth bits of 16 values of one parity (bit j: k =
+     * 2j + p of its 32-k span), or the two high bits of 8 (bits 2j, 2j + 1; a 16-k span):
+     * shift this row of 8 k's to the bottom, then each m's to bit 4. */
     const int64_t width = bits - 4, span_log2 = 6 - width;  /* a unit's span: 32 / width k */
     const __m512i units = _mm512_loadu_si512(high_bits(w, k) + (i >> span_log2) * 2 * GROUP * 2);
     const __m512i high = _mm512_srl_epi16(
@@ -591,7 +588,7 @@ static inline __attribute__((always_inline)) void narrow_pairs(
 }
 
 /* The values of k = i .. i + 7 (i a multiple of 8) of a channel block as float32 vectors of
- * its 16 channels, as the kernels see them (narrow ones 128 + u: stored_base). */
+ * its 16 channels, as stored (6-bit ones v + 32: stored_bias). */
 static inline __attribute__((always_inline)) void grouped_values(
         const uint8_t *w, int64_t bits, int64_t k, int64_t i, __m512 q[8]) {
     if (bits == 8) {
@@ -603,11 +600,13 @@ static inline __attribute__((always_inline)) void grouped_values(
     __m512i pair[4];
     narrow_pairs(w, bits, k, i, pair);
     /* A 32-bit lane holds one channel's pair: its low half is k = i + 2m, its high half the
-     * next; each bfloat16 is the top half of its float32. */
+     * next; each bfloat16 is the top half of its float32, 128 more than the value (taken off
+     * exactly, so that float32 x's sums are no larger than the values make them). */
+    const __m512 base = _mm512_set1_ps(BF16_BASE);
     for (int m = 0; m < 4; m++) {
-        q[2 * m] = _mm512_castsi512_ps(_mm512_slli_epi32(pair[m], 16));
-        q[2 * m + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair[m],
-                                                            _mm512_set1_epi32(-65536)));
+        q[2 * m] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pair[m], 16)), base);
+        q[2 * m + 1] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(
+            pair[m], _mm512_set1_epi32(-65536))), base);
     }
 }
 
@@ -640,7 +639,8 @@ TILE grouped_rows_bf16(const int64_t rows, const uint16_t *x, const int64_t x_st
 #undef MAC
         }
         const __m512 s = load_factors(scales, g * GROUP, half);
-        const __m512 o = group_offsets(offsets, s, bits, g * GROUP, half);
+        const __m512 o = group_offsets(offsets, s, BF16_BASE + stored_bias(bits), g * GROUP,
+                                       half);
 #define SCALE(r) if (r < rows) total##r = _mm512_fmadd_ps( \
             o, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(_mm512_add_ps( \
             _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, \
@@ -681,8 +681,8 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
             _mm512_add_ps(acc##r##0, acc##r##1), _mm512_add_ps(acc##r##2, acc##r##3)), s, total##r);
         EACH_SMALL_ROW(SCALE)
 #undef SCALE
-        if (offsets || bits != 8) {
-            const __m512 o = group_offsets(offsets, s, bits, g * GROUP, half);
+        if (offsets || bits == 6) {
+            const __m512 o = group_offsets(offsets, s, stored_bias(bits), g * GROUP, half);
 #define OFFSET(r) if (r < rows) total##r = _mm512_fmadd_ps( \
                 o, _mm512_set1_ps(xsum[r * groups + g]), total##r);
             EACH_SMALL_ROW(OFFSET)
@@ -707,7 +707,7 @@ static void dequantize_strip(const uint8_t *w, int64_t bits, const void *scales,
         for (int64_t i = 0; i < k; i += 8) {
             const int64_t at = b * block_groups + i / group * GROUP;
             const __m512 s = load_factors(scales, at, half);
-            const __m512 o = group_offsets(offsets, s, bits, at, half);
+            const __m512 o = group_offsets(offsets, s, stored_bias(bits), at, half);
             __m512 q[8];
             grouped_values(src, bits, k, i, q);
             for (int j = 0; j < 8; j += 2) {
