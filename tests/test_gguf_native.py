@@ -184,6 +184,21 @@ def test_narrow_planes_at_the_edges_of_their_units(bits, k, group, packed_bits):
 
 
 @needs_c
+@pytest.mark.parametrize("bits, group", [(4, 32), (5, 32), (6, 16)])
+def test_float32_rows_sum_the_values_themselves(bits, group):
+    """Float32 x (the exactness path) sums q x over the values as stored, not over the 128 + q
+    the bfloat16 path feeds vdpbf16ps: that base, taken off through the offsets, made the sums
+    ten times larger and their rounding with them (1.9e-6 of the output's scale at K = 1536
+    against 2e-7; three tensor-parallel ranks then drifted from one by 1.5e-4 in a logprob)."""
+    n, k = 64, 1536  # the default model's down projection's K
+    weight = random_grouped(n, k, group, bits, offsets=True, seed=bits)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(bits))
+    expected = reference(x, weight, None)
+    y = cpu_kernels.quantized_linear_cpu(x, cpu_kernels.pack_grouped_cpu(weight), None)
+    assert ((y.double() - expected).abs() / (expected.abs() + expected.abs().max())).max() < 5e-7
+
+
+@needs_c
 def test_values_pack_in_their_fewest_bits_or_a_byte_each():
     weight = random_grouped(16, 64, 32, bits=5, offsets=True, seed=2)
     for bits in (None, 5, 8):
