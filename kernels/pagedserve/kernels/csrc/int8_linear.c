@@ -588,9 +588,14 @@ static inline __attribute__((always_inline)) void narrow_pairs(
 }
 
 /* The values of k = i .. i + 7 (i a multiple of 8) of a channel block as float32 vectors of
- * its 16 channels, as stored (6-bit ones v + 32: stored_bias). */
+ * its 16 channels: 8-bit ones as stored, narrow ones `narrow_base` (0 or BF16_BASE) above the
+ * stored (6-bit ones stored v + 32: stored_bias). Narrow values widen from their bfloat16
+ * pairs as 128 + u: the bf16 strips keep that 128 (their sums are rounded to bfloat16, and
+ * the subtraction cost 3-6 % of a step's linears at 16 rows), float32 x takes it off exactly,
+ * so that its sums are no larger than the values make them. */
 static inline __attribute__((always_inline)) void grouped_values(
-        const uint8_t *w, int64_t bits, int64_t k, int64_t i, __m512 q[8]) {
+        const uint8_t *w, int64_t bits, int64_t k, int64_t i, __m512 q[8],
+        const float narrow_base) {
     if (bits == 8) {
         for (int j = 0; j < 8; j++)
             q[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -600,14 +605,20 @@ static inline __attribute__((always_inline)) void grouped_values(
     __m512i pair[4];
     narrow_pairs(w, bits, k, i, pair);
     /* A 32-bit lane holds one channel's pair: its low half is k = i + 2m, its high half the
-     * next; each bfloat16 is the top half of its float32, 128 more than the value (taken off
-     * exactly, so that float32 x's sums are no larger than the values make them). */
-    const __m512 base = _mm512_set1_ps(BF16_BASE);
+     * next; each bfloat16 is the top half of its float32. */
     for (int m = 0; m < 4; m++) {
-        q[2 * m] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pair[m], 16)), base);
-        q[2 * m + 1] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(
-            pair[m], _mm512_set1_epi32(-65536))), base);
+        q[2 * m] = _mm512_castsi512_ps(_mm512_slli_epi32(pair[m], 16));
+        q[2 * m + 1] = _mm512_castsi512_ps(_mm512_and_si512(pair[m],
+                                                            _mm512_set1_epi32(-65536)));
+        if (narrow_base != BF16_BASE)
+            for (int j = 2 * m; j < 2 * m + 2; j++)
+                q[j] = _mm512_sub_ps(q[j], _mm512_set1_ps(BF16_BASE - narrow_base));
     }
+}
+
+/* What grouped_values' values are above the values themselves. */
+static inline float values_base(int64_t bits, float narrow_base) {
+    return stored_bias(bits) + (bits == 8 ? 0.0f : narrow_base);
 }
 
 #define EACH_PAIR(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
@@ -639,7 +650,7 @@ TILE grouped_rows_bf16(const int64_t rows, const uint16_t *x, const int64_t x_st
 #undef MAC
         }
         const __m512 s = load_factors(scales, g * GROUP, half);
-        const __m512 o = group_offsets(offsets, s, BF16_BASE + stored_bias(bits), g * GROUP,
+        const __m512 o = group_offsets(offsets, s, values_base(bits, BF16_BASE), g * GROUP,
                                        half);
 #define SCALE(r) if (r < rows) total##r = _mm512_fmadd_ps( \
             o, _mm512_set1_ps(xsum[r * groups + g]), _mm512_fmadd_ps(_mm512_add_ps( \
@@ -669,7 +680,7 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
 #undef ZERO
         for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
             __m512 q[8];
-            grouped_values(w, bits, k, i, q);
+            grouped_values(w, bits, k, i, q, 0.0f);
 #define MAC(r, j) if (r < rows) acc##r##j = _mm512_fmadd_ps( \
                 q[j + 4], _mm512_set1_ps(xf[r * k + i + j + 4]), _mm512_fmadd_ps( \
                 q[j], _mm512_set1_ps(xf[r * k + i + j]), acc##r##j));
@@ -682,7 +693,7 @@ TILE grouped_rows(const int64_t rows, const float *xf, const float *xsum, const 
         EACH_SMALL_ROW(SCALE)
 #undef SCALE
         if (offsets || bits == 6) {
-            const __m512 o = group_offsets(offsets, s, stored_bias(bits), g * GROUP, half);
+            const __m512 o = group_offsets(offsets, s, values_base(bits, 0.0f), g * GROUP, half);
 #define OFFSET(r) if (r < rows) total##r = _mm512_fmadd_ps( \
                 o, _mm512_set1_ps(xsum[r * groups + g]), total##r);
             EACH_SMALL_ROW(OFFSET)
@@ -707,9 +718,9 @@ static void dequantize_strip(const uint8_t *w, int64_t bits, const void *scales,
         for (int64_t i = 0; i < k; i += 8) {
             const int64_t at = b * block_groups + i / group * GROUP;
             const __m512 s = load_factors(scales, at, half);
-            const __m512 o = group_offsets(offsets, s, stored_bias(bits), at, half);
+            const __m512 o = group_offsets(offsets, s, values_base(bits, BF16_BASE), at, half);
             __m512 q[8];
-            grouped_values(src, bits, k, i, q);
+            grouped_values(src, bits, k, i, q, BF16_BASE);
             for (int j = 0; j < 8; j += 2) {
                 const __m512i lo = _mm512_cvtepu16_epi32(
                     (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q[j], s, o)));
