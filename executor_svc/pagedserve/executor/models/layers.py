@@ -22,6 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 import structlog
 import torch
@@ -449,7 +450,11 @@ class CausalLM(nn.Module):
         return getattr(self, self.head_name).logits(hidden)
 
 
-def _moved(weight, fn):
+# A quantized weight in any kernel set's form.
+Packed = TypeVar("Packed")
+
+
+def _moved(weight: Packed, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
     """`weight` (a quantized weight in any kernel set's form: a dataclass of tensors) with
     every tensor through `fn` (a device move) and kept in its dtype, as the kernels read it: a
     packed form moves packed (`bootstrap` packs on the host, then moves)."""
