@@ -129,15 +129,15 @@ def _grouped_matmul_kernel(out_ptr, x_ptr, q_ptr, high_ptr, s_ptr, o_ptr, bias_p
                           mask=col_ok[:, None], other=0)
             q = tl.interleave(low & 15, low >> 4).to(tl.int32)
             if BITS > 4:
-                WIDTH: tl.constexpr = BITS - 4
-                PER_BYTE: tl.constexpr = 8 // WIDTH
+                width = BITS - 4  # constexprs, as BITS is
+                per_byte = 8 // width
                 k = k0 + offs_k
-                high = tl.load(high_ptr + cols[:, None].to(tl.int64) * (K // PER_BYTE)
-                               + (k // PER_BYTE)[None, :], mask=col_ok[:, None], other=0)
-                q |= ((high.to(tl.int32) >> ((k % PER_BYTE) * WIDTH)[None, :])
-                      & ((1 << WIDTH) - 1)) << 4
+                high = tl.load(high_ptr + cols[:, None].to(tl.int64) * (K // per_byte)
+                               + (k // per_byte)[None, :], mask=col_ok[:, None], other=0)
+                q = q | (((high.to(tl.int32) >> ((k % per_byte) * width)[None, :])
+                          & ((1 << width) - 1)) << 4)
                 if BITS == 6:
-                    q -= 32  # SIX_BIT_BIAS
+                    q = q - 32  # SIX_BIT_BIAS
             q = tl.trans(q.to(tl.float32))
         group = cols.to(tl.int64) * GROUPS + k0 // GROUP
         w = q * tl.load(s_ptr + group, mask=col_ok, other=0.0)[None, :]
