@@ -66,6 +66,12 @@ def reference(x: torch.Tensor, weight: GroupedWeight, bias: torch.Tensor | None)
 BIT_RANGES = {4: (0, 15), 5: (0, 31), 6: (-32, 31), 8: (-128, 127)}
 
 
+def strips(rows: int, bits: int, dtype: torch.dtype) -> bool:
+    """Whether the C kernel dequantizes strips to bfloat16 for these rows (int8_linear.c: more
+    than 4 rows of 8-bit values, more than 8 of narrower ones, bfloat16 x)."""
+    return dtype == torch.bfloat16 and rows > (4 if bits == 8 else 8)
+
+
 def random_grouped(n: int, k: int, group: int, bits: int, offsets: bool, seed: int,
                    half_factors: bool = False) -> GroupedWeight:
     """Random values of `bits` bits (their range's ends included) and factors;
@@ -84,14 +90,14 @@ def random_grouped(n: int, k: int, group: int, bits: int, offsets: bool, seed: i
 
 def assert_close_to(y: torch.Tensor, expected: torch.Tensor, weights_in_bf16: bool) -> None:
     """Within float32 sums, or bfloat16's rounding where the output (and, on the kernel's path
-    for more than 4 bf16 rows, the dequantized weights) are bfloat16."""
+    for many bf16 rows, `strips`, the dequantized weights) are bfloat16."""
     rel = 2.0 ** -7 if weights_in_bf16 else 2.0 ** -8 if y.dtype == torch.bfloat16 else 1e-5
     scale = expected.abs().max()
     assert ((y.to(torch.float64) - expected).abs() <= rel * (expected.abs() + scale)).all()
 
 
 @needs_c
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits, offsets, group, half", [
     (4, True, 32, True), (4, True, 32, False), (8, False, 32, True), (6, False, 16, False),
@@ -117,8 +123,7 @@ def test_c_grouped_linear_against_float64(rows, dtype, bits, offsets, group, hal
     for b in (bias, None):
         y = cpu_kernels.quantized_linear_cpu(x, packed, b)
         assert y.shape == (rows, n) and y.dtype == dtype
-        assert_close_to(y, reference(x, weight, b),
-                        weights_in_bf16=dtype == torch.bfloat16 and rows > 4)
+        assert_close_to(y, reference(x, weight, b), weights_in_bf16=strips(rows, bits, dtype))
     # The PyTorch set's matmul, for every device.
     assert_close_to(grouped_linear(x, weight, bias), reference(x, weight, bias), False)
 
@@ -175,12 +180,12 @@ def test_narrow_planes_at_the_edges_of_their_units(bits, k, group, packed_bits):
     packed = cpu_kernels.pack_grouped_cpu(weight)
     assert packed.bits == packed_bits
     assert torch.equal(packed.plain().qweight, weight.qweight)
-    for rows, dtype in [(1, torch.bfloat16), (4, torch.bfloat16), (6, torch.bfloat16),
+    for rows, dtype in [(1, torch.bfloat16), (6, torch.bfloat16), (9, torch.bfloat16),
                         (2, torch.float32)]:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
         assert_close_to(cpu_kernels.quantized_linear_cpu(x, packed, None),
                         reference(x, weight, None),
-                        weights_in_bf16=dtype == torch.bfloat16 and rows > 4)
+                        weights_in_bf16=strips(rows, packed_bits, dtype))
 
 
 @needs_c

@@ -47,7 +47,8 @@
 #define INT8_SIMD 0
 #endif
 
-enum { GROUP = 16, STRIP_GROUPS = 4, TILE_ROWS = 6, ROW_BLOCK = 192, SMALL_ROWS = 4 };
+enum { GROUP = 16, STRIP_GROUPS = 4, TILE_ROWS = 6, ROW_BLOCK = 192, SMALL_ROWS = 4,
+       NARROW_SMALL_ROWS = 8 };
 
 int int8_linear_simd(void) { return INT8_SIMD; }
 
@@ -477,12 +478,17 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
  *   W[n, k] = scales[n, k / G] * q[n, k] + offsets[n, k / G]
  * for groups of G consecutive k (G a multiple of 8; offsets NULL: zero). Weight-only: x keeps
  * its dtype (float32 or bfloat16).
- *  - At most 4 rows (a decode step of a few sequences), or float32 x: the products q x are
- *    summed in float32 per group, then scaled: y += s * sum(q x) + o * sum(x). The weights
- *    stream once per 4 rows, in their packed bytes.
+ *  - A few rows (a decode step of a few sequences: up to 4 of 8-bit values, up to
+ *    NARROW_SMALL_ROWS of narrower ones), or float32 x: the products q x are summed in float32
+ *    per group, then scaled: y += s * sum(q x) + o * sum(x). The weights stream once per 4
+ *    rows, in their packed bytes.
  *  - More rows of bfloat16 x (prefill, large batches): a strip of 64 channels is dequantized
  *    to bfloat16 (s * q + o by one fused multiply-add, then rounded: the weights a bf16 model
  *    dequantized at load holds) and multiplied by w8a16_tile, without scales.
+ *  Where the two meet was measured (docs/performance.md, "GGUF values in vdpbf16ps's order"):
+ *  narrow values' small path costs little per pass of 4 rows, so two passes beat a strip's
+ *  dequantization up to 8 rows (at 12, only 4-bit values still gain); 8-bit values' small
+ *  path widens each value to float32, and loses from 5 rows on.
  *
  * Packed (kernels/cpu_kernels.py, pack_grouped_cpu, PackedGroupedWeight), per block of 16
  * output channels:
@@ -766,7 +772,7 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
     const int64_t factor_size = half ? 2 : 4;
     int failed = 0;
 #if INT8_SIMD
-    if (bf16 && rows > SMALL_ROWS) {
+    if (bf16 && rows > (bits == 8 ? SMALL_ROWS : NARROW_SMALL_ROWS)) {
         const Int8Shape s = {rows, n, k, k, x_stride, 1};
         #pragma omp parallel reduction(|:failed)
         {
