@@ -172,13 +172,14 @@ def quantized_linear_triton(x: torch.Tensor, weight: QuantizedWeight | NarrowWei
         return quantized_linear(x, weight.plain(), bias)
     narrow = isinstance(weight, NarrowWeight)
     values = weight.low if narrow else weight.qweight
-    n, k = values.shape[0], weight.scales.shape[1] * weight.group_size
+    n, k = values.shape[0], values.shape[1] * (2 if narrow else 1)  # two nibbles a byte
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         grid = (triton.cdiv(rows.shape[0], BLOCK_M), triton.cdiv(n, BLOCK_N))
+        # 4- and 8-bit values have no high plane: any pointer, which the kernel never reads.
         high = weight.high if narrow and weight.high is not None else values
         _grouped_matmul_kernel[grid](
             out, rows, values, high, weight.scales,
