@@ -45,6 +45,7 @@ if "--smoke" in sys.argv:  # before torch imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
+import itertools
 import json
 import math
 import pathlib
@@ -93,7 +94,9 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 # Triton and the PyTorch kernel sets (near-ties of random weights; tests/test_bf16_parity.py
 # allows 2 of 16 between bfloat16 and float32 on the default model).
 BF16_FIRST_TOKEN_DISAGREEMENT = 0.1
+# A prefill tile's block_m counts rows: tokens times the query heads of one KV head.
 PREFILL_CANDIDATES = [Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 3), Tiles(64, 32, 4, 3),
+                      Tiles(64, 128, 4, 2),
                       Tiles(128, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 2),
                       Tiles(128, 128, 8, 3), Tiles(128, 64, 4, 3)]
 DECODE_CANDIDATES = [DECODE_TILES, Tiles(16, 32, 4, 2), Tiles(16, 128, 4, 2),
@@ -229,6 +232,22 @@ def _check_attention(bench: Bench, dtype: torch.dtype, head_dim: int) -> None:
         paged_attention_triton(query, key_cache, value_cache, meta, scale, window, out=out)
         bench.check(f"mixed decode + prefill d={head_dim} window={window}", dtype, out,
                     expected)
+    # Chunks with no cached context read the step's own K/V rows (varlen), not the cache.
+    decodes, chunks = [BLOCK + 1, long], [70, 2 * long // 3]
+    seq_lens = decodes + chunks
+    key_cache, value_cache, tables, slots, keys, values = paged_batch(
+        bench, dtype, num_kv_heads, head_dim, seq_lens)
+    step = torch.cat([torch.arange(end - n, end) for end, n in
+                      zip(itertools.accumulate(seq_lens), [1, 1] + chunks, strict=True)]
+                     ).to(bench.device)
+    query = bench.randn(len(step), num_heads, head_dim, dtype=dtype)
+    meta = AttentionMetadata.build(slots[:0], tables, [1, 1] + chunks, seq_lens)
+    expected = paged_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0),
+                               meta, scale)
+    out = torch.full_like(query, float("nan"))
+    paged_attention_triton(query, key_cache, value_cache, meta, scale, out=out,
+                           fresh_kv=(keys[step], values[step]))
+    bench.check(f"decode + varlen prefill d={head_dim}", dtype, out, expected)
 
 
 def check_layer_kernels(bench: Bench, dtype: torch.dtype) -> None:
@@ -385,12 +404,19 @@ def _prefill_case(bench: Bench, dtype: torch.dtype, chunks: list[tuple[int, int]
             query, key_cache, value_cache, tables, meta.seq_lens, meta.query_start_loc,
             scale, out=out, max_query_len=max(query_lens), tiles=tiles)
 
-    default = prefill_tiles(max(query_lens), bench.device)
+    group = num_heads // num_kv_heads
+    default = prefill_tiles(max(query_lens) * group, bench.device)
     variants = {f"triton default {default}": run()}
     for tiles in [] if bench.smoke else PREFILL_CANDIDATES:
         if tiles != default:
             variants[f"triton {tiles}"] = run(tiles)
     if all(c == 0 for c, _ in chunks):  # SDPA's causal mask is aligned top-left
+        step_kv = tuple(bench.randn(len(query), num_kv_heads, head_dim, dtype=dtype)
+                        for _ in range(2))
+        variants["triton default, varlen (the step's K/V rows)"] = (
+            lambda: paged_attention_prefill_triton(
+                query, key_cache, value_cache, tables, meta.seq_lens, meta.query_start_loc,
+                scale, out=out, max_query_len=max(query_lens), fresh_kv=step_kv))
         length = chunks[0][1]
         q = query.view(len(chunks), length, num_heads, head_dim).transpose(1, 2)
         k = bench.randn(len(chunks), num_kv_heads, length, head_dim, dtype=dtype)

@@ -25,10 +25,12 @@ def test_smoke_run_checks_every_kernel_and_reports(tmp_path):
     kernels = {c["kernel"].split(" ")[0] for c in results["checks"]}
     assert {"write_kv_cache", "decode", "mixed", "rms_norm", "add_rms_norm", "rotary",
             "silu_and_mul", "grouped", "fused_moe"} <= kernels
+    assert any(c["kernel"].startswith("decode + varlen prefill") for c in results["checks"])
     assert all(c["passed"] for c in results["checks"])
     assert {r["variant"] for r in results["decode"]} >= {"triton auto", "triton split 128",
                                                         "sdpa contiguous"}
-    assert any(r["variant"] == "sdpa contiguous causal" for r in results["prefill"])
+    assert {"sdpa contiguous causal", "triton default, varlen (the step's K/V rows)"} <= {
+        r["variant"] for r in results["prefill"]}
     assert len(results["layer_kernels"]) == 4
     # bf16 and the Triton grouped matmul (no fp8 on a CPU) at two batch sizes.
     assert {(r["kernel"], r["batch"]) for r in results["quantized_linears"]} == {

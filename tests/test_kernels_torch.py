@@ -27,9 +27,12 @@ def naive_attention(q, k, v, seq_len, scale, window):
     return out
 
 
+@pytest.mark.parametrize("fresh", [False, True])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_paged_attention_matches_naive_float64(window, dtype, tol):
+def test_paged_attention_matches_naive_float64(window, dtype, tol, fresh):
+    """fresh: given the step's new K/V rows, the chunk with no cached context reads them: its
+    slots in the cache then hold garbage, which must not reach the output."""
     gen = torch.Generator().manual_seed(0)
     num_heads, kv_heads, head_dim, num_blocks = 4, 2, 8, 64
     # (context before this step, query tokens): decodes first, then prefills and chunks.
@@ -63,8 +66,13 @@ def test_paged_attention_matches_naive_float64(window, dtype, tol):
         slot_mapping, torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
         query_lens=[q for _, q in requests], seq_lens=[c + q for c, q in requests])
     assert meta.num_decodes == 4
+    if fresh:
+        chunk = meta.query_start_loc[4:6].tolist()  # (0, BLOCK + 1): no cached context
+        for cache in key_cache, value_cache:
+            cache.view(-1, kv_heads, head_dim)[slot_mapping[chunk[0]:chunk[1]]] = 1e4
     scale = 1 / math.sqrt(head_dim)
-    out = paged_attention(torch.cat(queries), key_cache, value_cache, meta, scale, window)
+    out = paged_attention(torch.cat(queries), key_cache, value_cache, meta, scale, window,
+                          fresh_kv=(new_k, new_v) if fresh else None)
 
     expected = torch.cat([
         naive_attention(q.double(), k.double(), v.double(), c + q.shape[0], scale, window)

@@ -13,11 +13,17 @@ triton = pytest.importorskip("triton", reason="triton cannot be imported; the Tr
                              "are not tested")
 
 from pagedserve.kernels.activation import silu_and_mul  # noqa: E402
-from pagedserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache  # noqa: E402
+from pagedserve.kernels.attention import (  # noqa: E402
+    AttentionMetadata,
+    paged_attention,
+    to_cache_format,
+    write_kv_cache,
+)
 from pagedserve.kernels.norm import add_rms_norm, rms_norm  # noqa: E402
 from pagedserve.kernels.rotary import apply_rotary  # noqa: E402
 from pagedserve.kernels.triton_activation import silu_and_mul_triton  # noqa: E402
 from pagedserve.kernels.triton_attention import (  # noqa: E402
+    Tiles,
     paged_attention_decode_triton,
     paged_attention_prefill_triton,
     paged_attention_triton,
@@ -193,6 +199,75 @@ def test_paged_attention_prefill_writes_out(dtype, window):
     tol = TOL[dtype]
     torch.testing.assert_close(out, reference(query, key_cache, value_cache, meta, scale, window),
                                rtol=tol, atol=tol)
+
+
+# The prefill kernel's tiles against the cache's blocks: a tile inside one block (one table
+# entry), a tile of one block, of two and of four blocks; with groups of 3 query heads a KV
+# head (not a power of two: the tile's last rows idle) and of 20 (wider than the tile's rows).
+@pytest.mark.parametrize("block_size, tiles", [
+    (64, Tiles(16, 32)), (16, Tiles(16, 16)), (16, Tiles(32, 32)), (8, Tiles(16, 32))])
+@pytest.mark.parametrize("num_heads, num_kv_heads, window", [(6, 2, None), (20, 1, 9)])
+def test_prefill_tiles_of_whole_blocks_and_grouped_heads(block_size, tiles, num_heads,
+                                                         num_kv_heads, window):
+    gen = torch.Generator().manual_seed(320 + block_size + num_heads)
+    key_cache, value_cache, query, meta = mixed_batch(
+        gen, torch.float32, num_heads, num_kv_heads, 32, [], PREFILLS, num_blocks=64,
+        block_size=block_size)
+    out = torch.full_like(query, float("nan"))
+    paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables,
+                                   meta.seq_lens, meta.query_start_loc, 0.2, window, out=out,
+                                   tiles=tiles)
+    torch.testing.assert_close(out, reference(query, key_cache, value_cache, meta, 0.2, window),
+                               rtol=1e-5, atol=1e-5)
+
+
+def step_rows(cache, meta):
+    """The rows of `cache` ([num_blocks, block_size, heads, head_dim]) at each query token's
+    own position, row for row with the flat batch: the step's new K or V."""
+    block_size = cache.shape[1]
+    slots = []
+    for i, (q_len, seq_len) in enumerate(zip(meta.query_lens, meta.seq_lens_host, strict=True)):
+        positions = torch.arange(seq_len - q_len, seq_len)
+        slots.append(meta.block_tables[i, positions // block_size] * block_size
+                     + positions % block_size)
+    slots = torch.cat(slots)
+    return cache.view(-1, *cache.shape[2:])[slots].clone(), slots
+
+
+@pytest.mark.parametrize("dtype, window", [(torch.float32, None), (torch.float16, 9)])
+def test_prefill_without_cached_context_reads_the_steps_rows(dtype, window):
+    """Varlen: when no chunk has cached context, the prefill kernel reads the step's own K/V
+    rows, not the cache (whose copies of them are NaN here); the decodes still read the cache."""
+    gen = torch.Generator().manual_seed(340 + (dtype == torch.float16))
+    key_cache, value_cache, query, meta = mixed_batch(gen, dtype, 8, 2, 64, [BLOCK + 1, 3],
+                                                      [(0, 20), (0, 5), (0, 40)])
+    expected = reference(query, key_cache, value_cache, meta, 0.125, window)
+    (keys, slots), (values, _) = step_rows(key_cache, meta), step_rows(value_cache, meta)
+    chunks = slots[meta.num_decodes:]
+    for cache in key_cache, value_cache:
+        cache.view(-1, *cache.shape[2:])[chunks] = float("nan")
+    out = paged_attention_triton(query, key_cache, value_cache, meta, 0.125, window,
+                                 fresh_kv=(keys, values))
+    torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+def test_prefill_reads_the_cache_where_the_steps_rows_would_differ(cache_dtype):
+    """With a chunk over cached context, or an fp8 cache (whose rounded values the decodes
+    will read), the prefill kernel reads the cache: the step's rows given (NaN) are unused."""
+    gen = torch.Generator().manual_seed(350)
+    prefills = [(0, 20), (BLOCK, 17)] if cache_dtype is None else [(0, 20), (0, 9)]
+    key_cache, value_cache, query, meta = mixed_batch(gen, torch.float32, 8, 2, 64, [3],
+                                                      prefills)
+    key_cache, value_cache = (c.nan_to_num(0.0) for c in (key_cache, value_cache))
+    if cache_dtype is not None:
+        key_cache, value_cache = (to_cache_format(c, cache_dtype, 1.0)
+                                  for c in (key_cache, value_cache))
+    nan_rows = torch.full((query.shape[0], 2, 64), float("nan"))
+    out = paged_attention_triton(query, key_cache, value_cache, meta, 0.125,
+                                 fresh_kv=(nan_rows, nan_rows))
+    torch.testing.assert_close(out, paged_attention(query, key_cache, value_cache, meta, 0.125),
+                               rtol=1e-5, atol=1e-5)
 
 
 # (dtype, rows' shape, hidden): a power-of-two hidden size and one that is not (masked lanes).

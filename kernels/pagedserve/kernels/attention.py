@@ -168,9 +168,14 @@ def _attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                     k_scale: float = 1.0, v_scale: float = 1.0,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None,
+                    fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """query [num_tokens, num_heads, head_dim] -> output of the same shape. `softcap` (Gemma
-    2): scaled scores s become softcap * tanh(s / softcap) before the softmax.
+    2): scaled scores s become softcap * tanh(s / softcap) before the softmax. `fresh_kv`: the
+    step's new K and V ([num_tokens, num_kv_heads, head_dim], row for row with query, already
+    written to the cache), which a chunk with no cached context attends to as they are, without
+    gathering them from the cache, where the cache holds the queries' dtype (an fp8 cache's
+    rounded values are what the chunk reads, as its later decodes will).
 
     Decodes run as one batched attention over their gathered contexts; each prefill runs on its
     own (prefills are few and large, so the loop costs nothing next to their matmuls, while
@@ -184,8 +189,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                                           meta.block_tables[:nd], meta.seq_lens[:nd],
                                           max(meta.seq_lens_host[:nd]), scale, sliding_window,
                                           softcap)
+    if key_cache.dtype != query.dtype:
+        fresh_kv = None
     paged_prefill_attention(query, key_cache, value_cache, meta, scale, sliding_window, out,
-                            softcap)
+                            softcap, fresh_kv)
     return out if v_scale == 1.0 else out.mul_(v_scale)
 
 
@@ -216,16 +223,21 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                             sliding_window: int | None, out: torch.Tensor,
-                            softcap: float | None = None) -> None:
+                            softcap: float | None = None,
+                            fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The prefill chunks of the batch (the requests after its meta.num_decodes decodes), each
-    causal over its cached context and itself, written into their rows of `out`."""
+    causal over its cached context and itself, written into their rows of `out`; a chunk with
+    no cached context reads `fresh_kv`'s rows when given them."""
     start = meta.num_decodes
     for i in range(meta.num_decodes, len(meta.query_lens)):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens_host[i]
-        num_blocks = -(-seq_len // key_cache.shape[1])
-        table = meta.block_tables[i, :num_blocks]
-        keys = _gather_context(key_cache, table, query.dtype)[:, :seq_len]
-        values = _gather_context(value_cache, table, query.dtype)[:, :seq_len]
+        if fresh_kv is not None and q_len == seq_len:
+            keys, values = (t[start:start + q_len].transpose(0, 1) for t in fresh_kv)
+        else:
+            num_blocks = -(-seq_len // key_cache.shape[1])
+            table = meta.block_tables[i, :num_blocks]
+            keys = _gather_context(key_cache, table, query.dtype)[:, :seq_len]
+            values = _gather_context(value_cache, table, query.dtype)[:, :seq_len]
         query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
         key_pos = torch.arange(seq_len, device=query.device)
         mask = _window_mask(key_pos, query_pos, torch.tensor(seq_len), sliding_window)

@@ -260,12 +260,16 @@ def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float,
                         sliding_window: int | None = None, k_scale: float = 1.0,
-                        v_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+                        v_scale: float = 1.0, softcap: float | None = None,
+                        fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> torch.Tensor:
     """Drop-in for `attention.paged_attention`: decodes one query per sequence; prefills
     by tiles of consecutive tokens where the machine's kernels can
     (`prefill_tiles_supported`), else each prefill token as a one-query request over its causal
     context. (Both replace the PyTorch path's scaled_dot_product_attention over a gathered
-    copy of the context; docs/performance.md, "Why the CPU kernels are C", compares the sets.)"""
+    copy of the context; docs/performance.md, "Why the CPU kernels are C", compares the sets.)
+    `fresh_kv` is not read: the C kernels read K/V in place in the cache, so the step's own
+    rows would save no copy."""
     if meta.num_decodes == len(meta.query_lens) or not prefill_tiles_supported(
             query.shape[-1]):
         tables, lens = meta.token_contexts

@@ -15,14 +15,19 @@ of their own, whose softmax states a second kernel merges. Only positions inside
 the sliding window are read; they are masked both when loading and in the scores, so unused
 cache slots (whatever they hold, NaN included) never reach the output.
 
-The prefill kernel runs one program per (sequence, query head, tile of BLOCK_M query rows of the
-sequence's chunk) and walks the context in tiles of BLOCK_N positions (each position's block
-looked up in the block table, so any power-of-two block size works), with the same online
+The prefill kernel runs one program per (sequence, KV head, tile of BLOCK_M rows), a row being
+one (token of the chunk, query head of that KV head) pair: the group's query heads share every
+K/V tile (read once for all of them, as in decode), and a chunk of a few tokens (a speculative
+verify, a short prompt) still fills a tile. It walks the context in tiles of BLOCK_N positions
+that are whole KV blocks (or part of one when the block is larger), so each tile loads one
+table entry per block, not one per position; any power-of-two block size works. Same online
 softmax per row (in the log2 domain: exp2), the scores and P @ V as tl.dot with float32 results
-(IEEE, not TF32, for float32 inputs). It reads only tiles up to its last row's position and,
-with a window, from its first row's window start; causality and the window are masked per
+(IEEE, not TF32, for float32 inputs). It reads only tiles up to its last token's position and,
+with a window, from its first token's window start; causality and the window are masked per
 (row, position), and only on the tiles that need it: a tile that every row of the program sees
-whole runs without masks.
+whole runs without masks. When no chunk of the batch has cached context (a batch of new
+prompts), it reads the step's own K/V rows instead of the cache (varlen attention: no block
+table at all), the same values, as the PyTorch path does too.
 
 The executor runs these through kernels/pagedserve/kernels/dispatch.py. Tile shapes come from
 heuristics (`Tiles`), not @triton.autotune, which fails under TRITON_INTERPRET=1 (how these kernels
@@ -395,33 +400,52 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
-                 kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+def _tile_rows(table_row, n0, max_blocks, stride_b, stride_t, offs_n, FRESH: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Offsets of context positions n0 .. n0 + BLOCK_N - 1 from a K/V base pointer. FRESH: the
+    chunk's own rows of the step's K/V (position p is row p). Else the paged cache, a tile being
+    whole KV blocks (or part of one), so its table entries are one load of one entry per block,
+    not one per position; entries past the table's end are not read (their positions lie
+    outside the context and are masked by the caller)."""
+    if FRESH:
+        return (n0 + offs_n).to(tl.int64) * stride_t
+    elif BLOCK_SIZE >= BLOCK_N:
+        block = tl.load(table_row + n0 // BLOCK_SIZE).to(tl.int64)
+        return block * stride_b + (n0 % BLOCK_SIZE + offs_n) * stride_t
+    else:
+        BLOCKS: tl.constexpr = BLOCK_N // BLOCK_SIZE
+        index = n0 // BLOCK_SIZE + tl.arange(0, BLOCKS)
+        blocks = tl.load(table_row + index, mask=index < max_blocks, other=0).to(tl.int64)
+        rows = blocks[:, None] * stride_b + tl.arange(0, BLOCK_SIZE)[None, :] * stride_t
+        return tl.reshape(rows, [BLOCK_N])
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
+                 stride_kb, stride_kt, stride_vb, stride_vt,
                  offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
-                 softcap, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
-                 EVEN_D: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 softcap, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr):
     """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
     the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
     tile is outside the context, after a row's own position or outside its window; unmasked
     tiles (every position visible to every row) skip the masks. SOFTCAP: capped in the log2
     domain, by `softcap` * log2(e), which equals capping the natural scores by `softcap`."""
     k_pos = n0 + offs_n
-    offs_t = k_pos % BLOCK_SIZE
+    k_rows = _tile_rows(table_row, n0, max_blocks, stride_kb, stride_kt, offs_n, FRESH,
+                        BLOCK_N, BLOCK_SIZE)
+    v_rows = _tile_rows(table_row, n0, max_blocks, stride_vb, stride_vt, offs_n, FRESH,
+                        BLOCK_N, BLOCK_SIZE)
+    k_ptrs = k_base + k_rows[:, None] + offs_d[None, :]
+    v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
     if MASKED:
         # Only positions inside the context are loaded (a padded table entry or an unwritten
         # slot may hold anything, NaN included: 0 * NaN would reach the output through P @ V).
         in_ctx = (k_pos < seq_len) & (k_pos >= first_pos)
-        block = tl.load(table_row + k_pos // BLOCK_SIZE,
-                        mask=in_ctx & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
         load_mask = in_ctx[:, None] & mask_d[None, :]
     else:
-        block = tl.load(table_row + k_pos // BLOCK_SIZE).to(tl.int64)
         load_mask = mask_d[None, :]
-    k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-              + kv_head * stride_kh + offs_d[None, :])
-    v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-              + kv_head * stride_vh + offs_d[None, :])
     # An fp8 cache's values, exactly in the queries' dtype (its scale is in qk_scale).
     if MASKED or not EVEN_D:
         k = tl.load(k_ptrs, mask=load_mask, other=0.0).to(q.dtype)
@@ -457,39 +481,44 @@ def _attend_tile(acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row
 
 @triton.jit
 def _paged_attention_prefill_kernel(
-        out_ptr, q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr,
         query_start_loc_ptr, qk_scale, window, softcap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, max_blocks, head_dim,
         QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-        SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     q_block = tl.program_id(2)
-    kv_head = head // QUERIES_PER_KV
+    # Row r of the tile is token q_block * BLOCK_Q + r // QUERIES_PER_KV of the chunk, query
+    # head kv_head * QUERIES_PER_KV + r % QUERIES_PER_KV: the KV group's heads share each K/V
+    # tile. Rows from BLOCK_Q * QUERIES_PER_KV on (a group that does not divide BLOCK_M) idle.
+    BLOCK_Q: tl.constexpr = BLOCK_M // QUERIES_PER_KV
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
-    if q_block * BLOCK_M >= q_len:  # the grid covers the longest chunk; shorter ones stop here
+    if q_block * BLOCK_Q >= q_len:  # the grid covers the longest chunk; shorter ones stop here
         return
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    context_len = seq_len - q_len  # positions cached before this chunk
+    context_len = seq_len - q_len  # positions cached before this chunk (0 when FRESH)
 
     offs_d = tl.arange(0, HEAD_DIM_P)
     mask_d = offs_d < head_dim
-    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows inside the chunk
-    mask_m = offs_m < q_len
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = q_block * BLOCK_Q + offs_r // QUERIES_PER_KV  # tokens inside the chunk
+    heads = kv_head * QUERIES_PER_KV + offs_r % QUERIES_PER_KV
+    mask_m = (offs_r < BLOCK_Q * QUERIES_PER_KV) & (offs_m < q_len)
     q_pos = context_len + offs_m
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
-    # This block's rows see [first_pos, last_pos]: causal up to its last row, and with a window
-    # nothing at or before (its first row's position - window). Tiles that every row sees
-    # whole (before the first row's position, no window) run without masks.
-    first_row_pos = context_len + q_block * BLOCK_M
-    last_pos = tl.minimum(first_row_pos + BLOCK_M, seq_len) - 1
+    # This block's rows see [first_pos, last_pos]: causal up to its last token, and with a
+    # window nothing at or before (its first token's position - window). Tiles that every row
+    # sees whole (before the first token's position, no window) run without masks.
+    first_row_pos = context_len + q_block * BLOCK_Q
+    last_pos = tl.minimum(first_row_pos + BLOCK_Q, seq_len) - 1
     if USE_WINDOW:
         first_pos = tl.maximum(first_row_pos - window + 1, 0)
         start = (first_pos // BLOCK_N) * BLOCK_N
@@ -503,25 +532,34 @@ def _paged_attention_prefill_kernel(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # FRESH: K/V are the step's rows, the chunk's first token at row q_start.
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+    if FRESH:
+        k_base += q_start.to(tl.int64) * stride_kt
+        v_base += q_start.to(tl.int64) * stride_vt
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
-            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
+            stride_kb, stride_kt, stride_vb, stride_vt,
             offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale, softcap,
-            BLOCK_SIZE, False, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE)
+            BLOCK_SIZE, BLOCK_N, False, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE,
+            FRESH)
     for n0 in range(full_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, n0, key_cache_ptr, value_cache_ptr, table_row, max_blocks,
-            kv_head, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
+            stride_kb, stride_kt, stride_vb, stride_vt,
             offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale, softcap,
-            BLOCK_SIZE, True, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE)
+            BLOCK_SIZE, BLOCK_N, True, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE,
+            FRESH)
 
     # Every valid row sees at least its own position, so l_i > 0 there; the others (past the
-    # chunk, never stored) may see nothing: divide them by 1, not 0.
+    # chunk or the group, never stored) may see nothing: divide them by 1, not 0.
     out = acc / tl.where(mask_m, l_i, 1.0)[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
 
 
 def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
@@ -531,7 +569,9 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                    out: torch.Tensor | None = None,
                                    max_query_len: int | None = None,
                                    tiles: Tiles | None = None,
-                                   softcap: float | None = None) -> torch.Tensor:
+                                   softcap: float | None = None,
+                                   fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                                   ) -> torch.Tensor:
     """Prefill / chunked-prefill attention over a flat batch of query chunks.
 
     query [num_tokens, num_heads, head_dim] holds each sequence's chunk back to back: sequence i
@@ -545,8 +585,14 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     into `out` when given). `max_query_len` (the longest chunk) sizes the grid; without it it is
     read from query_start_loc, a device sync. `tiles` overrides `prefill_tiles`' choice.
 
-    One program per (sequence, query head, BLOCK_M query rows); online softmax over tiles of
-    BLOCK_N context positions in float32.
+    `fresh_kv`: the step's new K and V ([num_tokens, num_kv_heads, head_dim], row for row with
+    query), given only when no chunk has cached context (each seq_len is its chunk's length):
+    then K/V are read from these rows (varlen attention, no block table) rather than from the
+    cache.
+
+    One program per (sequence, KV head, tile of tiles.block_m rows): the rows are
+    block_m // group tokens times the group's query heads (a group wider than block_m widens
+    the tile to it); online softmax over tiles of block_n context positions in float32.
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -560,24 +606,31 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 0:
         return out
-    tiles = tiles or _fitted(prefill_tiles(max_query_len, query.device),
-                             max(16, triton.next_power_of_2(head_dim)), query.dtype,
-                             query.device)
-    grid = (num_seqs, num_heads, triton.cdiv(max_query_len, tiles.block_m))
+    group = num_heads // num_kv_heads
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    tiles = tiles or _fitted(prefill_tiles(max_query_len * group, query.device), head_dim_p,
+                             query.dtype, query.device)
+    block_m = max(tiles.block_m, triton.next_power_of_2(group))
+    if fresh_kv is None:
+        k, v = key_cache, value_cache
+        strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                   value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
+    else:
+        k, v = fresh_kv
+        assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
+        assert k.dtype == v.dtype == query.dtype and k.stride(-1) == v.stride(-1) == 1
+        strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_m // group))
     _paged_attention_prefill_kernel[grid](
-        out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        out, query, k, v, block_tables, seq_lens, query_start_loc,
         float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
         float(softcap or 0.0) * LOG2E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), *strides,
         block_tables.stride(0), block_tables.shape[1], head_dim,
-        QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
-        HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=tiles.block_m,
+        QUERIES_PER_KV=group, BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_M=block_m,
         BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
         SOFTCAP=softcap is not None, IEEE=query.dtype == torch.float32,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        FRESH=fresh_kv is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
@@ -585,11 +638,16 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                            sliding_window: int | None = None,
                            out: torch.Tensor | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+                           v_scale: float = 1.0, softcap: float | None = None,
+                           fresh_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> torch.Tensor:
     """Drop-in for `attention.paged_attention`: the decode kernel on the first
     meta.num_decodes rows (one token each), the prefill kernel on the chunks after them
     (written into `out` when given). An fp8 cache's scales: k_scale joins the softmax scale,
-    v_scale multiplies the output."""
+    v_scale multiplies the output. `fresh_kv` (the step's new K/V, row for row with query):
+    when no chunk has cached context and the cache holds the queries' dtype, the prefill
+    kernel reads them instead of the cache (the same values; an fp8 cache's are rounded, so
+    it is read as the decodes will read it)."""
     scale *= k_scale
     if out is None:
         out = torch.empty_like(query)
@@ -601,10 +659,14 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                       sliding_window, out=out[:nd],
                                       max_seq_len=max(meta.seq_lens_host[:nd]), softcap=softcap)
     if nd < len(meta.query_lens):
+        query_lens = meta.query_lens[nd:]
+        fresh = (fresh_kv is not None and key_cache.dtype == query.dtype
+                 and meta.seq_lens_host[nd:] == query_lens)
         # The prefill kernel reads its chunks' rows of the whole batch through
         # query_start_loc, which counts from the batch's first row.
         paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables[nd:],
                                        meta.seq_lens[nd:], meta.query_start_loc[nd:], scale,
                                        sliding_window, out=out,
-                                       max_query_len=max(meta.query_lens[nd:]), softcap=softcap)
+                                       max_query_len=max(query_lens), softcap=softcap,
+                                       fresh_kv=fresh_kv if fresh else None)
     return out if v_scale == 1.0 else out.mul_(v_scale)

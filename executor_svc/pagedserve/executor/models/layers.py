@@ -738,7 +738,8 @@ class PagedAttention(KernelLayer):
                                     k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.kernels.paged_attention(q, key_cache, value_cache, meta, self.scale,
                                            self.sliding_window, k_scale=self.k_scale,
-                                           v_scale=self.v_scale, softcap=self.softcap)
+                                           v_scale=self.v_scale, softcap=self.softcap,
+                                           fresh_kv=(k, v))
         return out.reshape(q.shape[0], -1)
 
 
