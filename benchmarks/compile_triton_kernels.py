@@ -14,10 +14,11 @@ and `JITFunction.run` warms up instead of launching. Both are Triton internals (
 change, this script fails saying so. A variant that needs more shared memory than the target
 has, which fails at launch on the GPU, is an error here too.
 
-Launch shapes: the GPU's choices (prefill_tiles, fit_shared_memory against the target's shared
-memory, split-K partitions), a LLaMA-3-8B-shaped layer (32 query heads, 8 KV heads, head size
-128, blocks of 16, bf16) plus the other head sizes, dtypes and options the executor can ask
-for, and bench_kernels_gpu.py's candidate tiles (what the next device run will time).
+Launch shapes: what the wrappers choose on the target (its traits stood in for
+`triton_attention.gpu`: tiles fitted to its shared memory, split-K, e4m3 conversion), for a
+LLaMA-3-8B-shaped layer (32 query heads, 8 KV heads, head size 128, blocks of 16, bf16) plus the
+other head sizes, dtypes and options the executor can ask for, and bench_kernels_gpu.py's
+candidate tiles (what the next device run will time).
 
 Exit status 1 if any variant fails to compile or does not fit. Resource figures are static:
 they say nothing of speed, which only a GPU measures (bench_kernels_gpu.py).
@@ -59,8 +60,12 @@ from pagedserve.kernels.triton_rotary import apply_rotary_triton
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_kernels_gpu import DECODE_CANDIDATES, PREFILL_CANDIDATES  # noqa: E402
 
-# Shared memory a program may opt into, by compute capability (CUDA's tables).
-SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# What the launch choices read of each target (attention.gpu): an A100, an A40, an L40S and an
+# H100/H200; shared memory a program may opt into, from CUDA's tables.
+TARGETS = {80: attention.Gpu(108, 166912, native_e4m3=False),
+           86: attention.Gpu(84, 101376, native_e4m3=False),
+           89: attention.Gpu(142, 101376, native_e4m3=True),
+           90: attention.Gpu(132, 232448, native_e4m3=True)}
 BLOCK = 16
 HEADS, KV_HEADS = 32, 8
 
@@ -92,11 +97,12 @@ class CompileOnlyDriver:
 
 
 @contextlib.contextmanager
-def compiling_only(target: GPUTarget) -> Iterator[list[tuple[str, object]]]:
-    """Inside, a Triton launch compiles its kernel for `target` and returns without running
-    it; yields the list of (kernel name, compiled kernel) filled as kernels compile."""
+def compiling_only(arch: int) -> Iterator[list[tuple[str, object]]]:
+    """Inside, a Triton launch compiles its kernel for sm_`arch` and returns without running
+    it, and the wrappers choose their launches for that GPU; yields the list of (kernel name,
+    compiled kernel) filled as kernels compile."""
     compiled: list[tuple[str, object]] = []
-    launch = JITFunction.run
+    launch, device_traits = JITFunction.run, attention.gpu
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
@@ -104,12 +110,13 @@ def compiling_only(target: GPUTarget) -> Iterator[list[tuple[str, object]]]:
         return kernel
 
     previous = driver._active  # reset_active() would look for a GPU
-    driver.set_active(CompileOnlyDriver(target))
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
+    attention.gpu = lambda device: TARGETS[arch]
     try:
         yield compiled
     finally:
-        JITFunction.run = launch
+        JITFunction.run, attention.gpu = launch, device_traits
         driver._active = previous
 
 
@@ -131,56 +138,52 @@ def zeros(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
 
 
-def attention_variants(shared: int) -> dict[str, Callable[[], object]]:
-    """Decode and prefill launches, named, each as the executor would make it on the target."""
-    cuda = torch.device("cuda")
+def attention_variants() -> dict[str, Callable[[], object]]:
+    """Decode and prefill launches, named; the wrappers choose tiles and split-K as on the
+    target, except where a variant names its tiles."""
     variants: dict[str, Callable[[], object]] = {}
 
     def caches(head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return zeros(64, BLOCK, KV_HEADS, head_dim, dtype=dtype), zeros(
             64, BLOCK, KV_HEADS, head_dim, dtype=dtype)
 
-    def fitted(tiles: attention.Tiles, head_dim: int, dtype: torch.dtype) -> attention.Tiles:
-        return attention.fit_shared_memory(tiles, max(16, triton.next_power_of_2(head_dim)),
-                                           dtype.itemsize, shared)
-
-    def decode(head_dim=128, dtype=torch.bfloat16, cache=None, partition=None,
+    def decode(num_seqs=64, context=1024, head_dim=128, dtype=torch.bfloat16, cache=None,
                tiles=attention.DECODE_TILES, window=None, softcap=None):
         key_cache, value_cache = caches(head_dim, cache or dtype)
         return lambda: attention.paged_attention_decode_triton(
-            zeros(4, HEADS, head_dim, dtype=dtype), key_cache, value_cache,
-            zeros(4, 8, dtype=torch.int32), zeros(4, dtype=torch.int32), 0.1, window,
-            max_seq_len=4096, partition_size=partition,
-            tiles=fitted(tiles, head_dim, dtype), softcap=softcap)
+            zeros(num_seqs, HEADS, head_dim, dtype=dtype), key_cache, value_cache,
+            zeros(num_seqs, 8, dtype=torch.int32), zeros(num_seqs, dtype=torch.int32), 0.1,
+            window, max_seq_len=context, tiles=tiles, softcap=softcap)
 
     def prefill(tokens=512, head_dim=128, dtype=torch.bfloat16, cache=None, tiles=None,
                 window=None, softcap=None, fresh=False):
         key_cache, value_cache = caches(head_dim, cache or dtype)
-        tiles = tiles or attention.prefill_tiles(tokens * HEADS // KV_HEADS, cuda)
         fresh_kv = (zeros(2 * tokens, KV_HEADS, head_dim, dtype=dtype),) * 2 if fresh else None
         return lambda: attention.paged_attention_prefill_triton(
             zeros(2 * tokens, HEADS, head_dim, dtype=dtype), key_cache, value_cache,
             zeros(2, 8, dtype=torch.int32), zeros(2, dtype=torch.int32),
             torch.tensor([0, tokens, 2 * tokens], dtype=torch.int32), 0.1, window,
-            max_query_len=tokens, tiles=fitted(tiles, head_dim, dtype), softcap=softcap,
-            fresh_kv=fresh_kv)
+            max_query_len=tokens, tiles=tiles, softcap=softcap, fresh_kv=fresh_kv)
 
     fp8 = torch.float8_e4m3fn
-    variants["decode"] = decode()
-    variants["decode split-K 512"] = decode(partition=512)
-    variants["decode fp8 cache"] = decode(cache=fp8)
+    variants["decode 64 x 1k"] = decode()
+    variants["decode 4 x 4k (split-K)"] = decode(num_seqs=4, context=4096)
+    variants["decode fp8 e4m3 cache"] = decode(cache=fp8)
+    variants["decode fp8 e5m2 cache"] = decode(cache=torch.float8_e5m2)
     variants["decode window + softcap"] = decode(window=4096, softcap=50.0)
     variants["decode head 64 fp16"] = decode(head_dim=64, dtype=torch.float16)
-    variants["decode head 256 fp32 split-K"] = decode(head_dim=256, dtype=torch.float32,
-                                                      partition=512)
+    variants["decode head 256 bf16"] = decode(head_dim=256)
+    variants["decode head 256 fp32, split-K"] = decode(num_seqs=4, context=4096, head_dim=256,
+                                                       dtype=torch.float32)
     for tiles in DECODE_CANDIDATES[1:]:
-        variants[f"decode {tiles}"] = decode(tiles=tiles, partition=512)
+        variants[f"decode 4 x 4k {tiles}"] = decode(num_seqs=4, context=4096, tiles=tiles)
     for tokens in (4, 16, 512):
         variants[f"prefill {tokens} tokens"] = prefill(tokens)
         variants[f"prefill {tokens} tokens varlen"] = prefill(tokens, fresh=True)
-    variants["prefill fp8 cache"] = prefill(cache=fp8)
+    variants["prefill fp8 e4m3 cache"] = prefill(cache=fp8)
     variants["prefill window + softcap"] = prefill(window=4096, softcap=50.0)
     variants["prefill head 64 fp16"] = prefill(head_dim=64, dtype=torch.float16)
+    variants["prefill head 256 bf16"] = prefill(head_dim=256)
     variants["prefill head 256 fp32"] = prefill(head_dim=256, dtype=torch.float32)
     for tiles in PREFILL_CANDIDATES:
         variants[f"prefill {tiles}"] = prefill(tiles=tiles)
@@ -220,12 +223,11 @@ def layer_variants() -> dict[str, Callable[[], object]]:
 
 
 def compile_all(arch: int) -> list[Compiled]:
-    target = GPUTarget("cuda", arch, 32)
-    shared = SHARED_MEMORY[arch]
+    shared = TARGETS[arch].shared_memory
     results = []
-    variants = {**attention_variants(shared), **layer_variants()}
+    variants = {**attention_variants(), **layer_variants()}
     for name, launch in variants.items():
-        with compiling_only(target) as compiled:
+        with compiling_only(arch) as compiled:
             try:
                 launch()
             except Exception as error:  # noqa: BLE001 - each variant's failure is reported
@@ -246,7 +248,7 @@ def compile_all(arch: int) -> list[Compiled]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY),
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(TARGETS),
                         help="compute capability, e.g. 90 for sm_90 (H100, H200)")
     parser.add_argument("--json", type=pathlib.Path, help="write the results here")
     args = parser.parse_args()

@@ -40,8 +40,10 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     compiled = {r["kernel"] for r in results}
     assert compiled == launched_kernels()
     variants = {r["variant"] for r in results}
-    assert {"decode split-K 512", "prefill 512 tokens varlen", "grouped linear 5-bit g=32",
+    assert {"decode 4 x 4k (split-K)", "prefill 512 tokens varlen", "grouped linear 5-bit g=32",
             "prefill head 256 fp32"} <= variants
+    assert {r["kernel"] for r in results if r["variant"] == "decode 4 x 4k (split-K)"} == {
+        "_paged_attention_decode_kernel", "_paged_attention_reduce_kernel"}
     # The launch shapes the executor picks for the 8B shape keep their registers.
-    for variant in ("decode", "prefill 512 tokens", "prefill 512 tokens varlen"):
+    for variant in ("decode 64 x 1k", "prefill 512 tokens", "prefill 512 tokens varlen"):
         assert all(r["spilled_bytes"] == 0 for r in results if r["variant"] == variant)

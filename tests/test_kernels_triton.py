@@ -24,6 +24,7 @@ from pagedserve.kernels.rotary import apply_rotary  # noqa: E402
 from pagedserve.kernels.triton_activation import silu_and_mul_triton  # noqa: E402
 from pagedserve.kernels.triton_attention import (  # noqa: E402
     Tiles,
+    _from_cache,
     paged_attention_decode_triton,
     paged_attention_prefill_triton,
     paged_attention_triton,
@@ -270,6 +271,45 @@ def test_prefill_reads_the_cache_where_the_steps_rows_would_differ(cache_dtype):
                                rtol=1e-5, atol=1e-5)
 
 
+@triton.jit
+def _convert_bytes(x_ptr, out_ptr, E4M3_BYTES: triton.language.constexpr):
+    offs = triton.language.arange(0, 256)
+    values = _from_cache(triton.language.load(x_ptr + offs), triton.language.float32, E4M3_BYTES)
+    triton.language.store(out_ptr + offs, values)
+
+
+def test_e4m3_bytes_convert_exactly():
+    """The kernels' own e4m3 conversion (GPUs before sm_89) against PyTorch's, every byte but
+    the two NaNs: exact, subnormals and both zeros included."""
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    expected = every.view(torch.float8_e4m3fn).float()
+    out = torch.full((256,), float("nan"))
+    _convert_bytes[(1,)](every, out, E4M3_BYTES=True)
+    finite = ~expected.isnan()
+    assert finite.sum() == 254
+    assert torch.equal(out[finite], expected[finite])
+    assert torch.equal(out[finite].signbit(), expected[finite].signbit())
+
+
+@pytest.mark.parametrize("with_decodes", [True, False])
+def test_attention_reads_e4m3_bytes_where_the_gpu_cannot_convert(monkeypatch, with_decodes):
+    """On a GPU without e4m3 conversions (an A100 stood in, its launch choices with it) the
+    wrappers hand the kernels the cache's bytes and E4M3_BYTES; the decode and prefill kernels
+    then match the PyTorch path on the fp8 cache."""
+    from pagedserve.kernels import triton_attention
+
+    a100 = triton_attention.Gpu(multiprocessors=108, shared_memory=166912, native_e4m3=False)
+    monkeypatch.setattr(triton_attention, "gpu", lambda device: a100)
+    gen = torch.Generator().manual_seed(360)
+    key_cache, value_cache, query, meta = mixed_batch(
+        gen, torch.float32, 8, 2, 64, [BLOCK + 1, 3] if with_decodes else [], PREFILLS)
+    k_fp8, v_fp8 = (to_cache_format(c.nan_to_num(0.0), torch.float8_e4m3fn, 0.5)
+                    for c in (key_cache, value_cache))
+    out = paged_attention_triton(query, k_fp8, v_fp8, meta, 0.125, k_scale=0.5, v_scale=0.5)
+    expected = paged_attention(query, k_fp8, v_fp8, meta, 0.125, k_scale=0.5, v_scale=0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 # (dtype, rows' shape, hidden): a power-of-two hidden size and one that is not (masked lanes).
 @pytest.mark.parametrize("dtype, lead, hidden", [
     (torch.float32, (3,), 64), (torch.float16, (2, 3), 96), (torch.float32, (1,), 200)])
@@ -344,14 +384,18 @@ def test_silu_and_mul_matches_torch(dtype, d):
 
 
 def test_tiles_shrink_to_fit_shared_memory():
-    """H200: 232,448 bytes. bf16, head size 128: 128 x 128 tiles fit as measured; float32 or
-    head size 256 halve block_n (float32 at 128 needed 262,144 bytes there and failed)."""
+    """sm_90: 232,448 bytes. bf16, head size 128: 128 x 128 tiles fit (163,840 bytes, what
+    Triton asks there: benchmarks/compile_triton_kernels.py); float32 or head size 256 halve
+    block_n, then stages, then block_m, never below min_block_m; 99 KiB GPUs (sm_86, sm_89)
+    halve block_n at 128."""
     from pagedserve.kernels.triton_attention import Tiles, fit_shared_memory
 
     tiles = Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
     assert fit_shared_memory(tiles, 128, 2, 232448) == tiles
     assert fit_shared_memory(tiles, 128, 4, 232448).block_n == 64
     assert fit_shared_memory(tiles, 256, 2, 232448).block_n == 64
-    assert fit_shared_memory(tiles, 256, 4, 232448).block_n == 32
+    assert fit_shared_memory(tiles, 256, 4, 232448) == Tiles(128, 16, 8, 2)
+    assert fit_shared_memory(tiles, 128, 2, 101376) == Tiles(128, 64, 8, 2)
+    assert fit_shared_memory(tiles, 256, 4, 101376, min_block_m=64) == Tiles(64, 16, 8, 1)
     tiny = fit_shared_memory(tiles, 256, 4, 32 * 1024)
-    assert tiny.block_n == 16 and tiny.num_stages == 1
+    assert tiny == Tiles(16, 16, 8, 1)

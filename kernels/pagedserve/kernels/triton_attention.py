@@ -105,6 +105,21 @@ def _softcapped(scores, softcap):
 
 
 @triton.jit
+def _from_cache(x, dtype, E4M3_BYTES: tl.constexpr):
+    """K or V rows as loaded from the cache, in `dtype` (an fp8 cache's values exactly; its
+    scale is applied elsewhere). E4M3_BYTES: x is the bytes of an e4m3 cache on a GPU that has
+    no e4m3 conversion (before sm_89), converted in integer arithmetic: its sign, exponent and
+    mantissa bits moved into a float16's places make the value times 2^-8, exactly, subnormals
+    included (the exponent biases are 7 and 15)."""
+    if E4M3_BYTES:
+        bits = x.to(tl.uint16)
+        half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        return (half.to(tl.float32) * 256.0).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _paged_attention_decode_kernel(
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
         q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
@@ -115,7 +130,7 @@ def _paged_attention_decode_kernel(
         QUERIES_PER_KV: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
         NUM_PARTITIONS_P: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
-        SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        SOFTCAP: tl.constexpr, IEEE: tl.constexpr, E4M3_BYTES: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -164,10 +179,9 @@ def _paged_attention_decode_kernel(
                         mask=valid & (k_pos // BLOCK_SIZE < max_blocks), other=0).to(tl.int64)
         offs_t = k_pos % BLOCK_SIZE
         load_mask = valid[:, None] & mask_d[None, :]
-        # An fp8 cache's values, exactly in the queries' dtype (its scale is in `scale`).
         k = tl.load(key_cache_ptr + block[:, None] * stride_kb + offs_t[:, None] * stride_kt
-                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask,
-                    other=0.0).to(q.dtype)
+                    + kv_head * stride_kh + offs_d[None, :], mask=load_mask, other=0.0)
+        k = _from_cache(k, q.dtype, E4M3_BYTES)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -180,8 +194,8 @@ def _paged_attention_decode_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         v = tl.load(value_cache_ptr + block[:, None] * stride_vb + offs_t[:, None] * stride_vt
-                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask,
-                    other=0.0).to(q.dtype)
+                    + kv_head * stride_vh + offs_d[None, :], mask=load_mask, other=0.0)
+        v = _from_cache(v, q.dtype, E4M3_BYTES)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -254,9 +268,10 @@ def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
     The threshold comes from H200 measurements (docs/performance.md, "Triton kernels on a
     GPU"): splitting pays with few programs and long contexts, and costs with many."""
-    if device.type != "cuda" or max_seq_len <= DECODE_PARTITION_SIZE:
+    traits = gpu(device)
+    if traits is None or max_seq_len <= DECODE_PARTITION_SIZE:
         return None
-    if num_seqs * num_kv_heads >= 2 * _multiprocessors(device):
+    if num_seqs * num_kv_heads >= 2 * traits.multiprocessors:
         return None
     return DECODE_PARTITION_SIZE
 
@@ -271,7 +286,7 @@ class Tiles:
     Chosen by heuristics rather than @triton.autotune, which fails under TRITON_INTERPRET=1;
     benchmarks/bench_kernels_gpu.py measures the candidates on a GPU."""
 
-    block_m: int  # prefill only: decode's rows are the query heads of one KV head
+    block_m: int  # rows: prefill's tokens x query heads of a KV head; decode's its group
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
@@ -280,49 +295,79 @@ class Tiles:
 DECODE_TILES = Tiles(block_m=16, block_n=64)
 
 
-def prefill_tiles(max_query_len: int, device: torch.device) -> Tiles:
-    if device.type != "cuda":  # the interpreter: small tiles keep the checks fast
-        return Tiles(block_m=16 if max_query_len <= 16 else 32, block_n=32)
-    if max_query_len <= 16:
+def prefill_tiles(max_rows: int, device: torch.device) -> Tiles:
+    """Tiles for chunks of up to `max_rows` rows (tokens x the query heads of a KV head)."""
+    if gpu(device) is None:  # the interpreter: small tiles keep the checks fast
+        return Tiles(block_m=16 if max_rows <= 16 else 32, block_n=32)
+    if max_rows <= 16:
         return Tiles(block_m=16, block_n=64)
-    if max_query_len <= 64:
+    if max_rows <= 64:
         return Tiles(block_m=64, block_n=64)
     # The best of the candidates on an H200 for chunks of 512 to 4096 tokens, cached context
     # or not (benchmarks/results/h200-run2.log).
     return Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@dataclass(frozen=True)
+class Gpu:
+    """What the launch choices depend on of the GPU they run on."""
+
+    multiprocessors: int
+    shared_memory: int  # bytes a program may opt into
+    # Triton converts e4m3 values (sm_89 on: Ada, Hopper); before, the kernels convert an e4m3
+    # cache's bytes themselves.
+    native_e4m3: bool
 
 
 @functools.cache
-def _shared_memory(device: torch.device) -> int:
-    """Bytes of shared memory a program may use on this GPU (opt-in maximum)."""
+def gpu(device: torch.device) -> Gpu | None:
+    """The GPU `device` is, or None for the interpreter (a CPU). The one place the launch
+    choices read the device: benchmarks/compile_triton_kernels.py stands a target in here."""
+    if device.type != "cuda":
+        return None
     properties = torch.cuda.get_device_properties(device)
-    return getattr(properties, "shared_memory_per_block_optin", 99 * 1024)
+    return Gpu(properties.multi_processor_count,
+               getattr(properties, "shared_memory_per_block_optin", 99 * 1024),
+               (properties.major, properties.minor) >= (8, 9))
 
 
 def fit_shared_memory(tiles: Tiles, head_dim_p: int, element_size: int,
-                      shared_memory: int) -> Tiles:
-    """`tiles` with block_n halved (then stages cut to 1) until the K and V tiles in flight,
-    num_stages x 2 x block_n x head_dim_p x element_size bytes (the figure Triton reported on
-    an H200), fit in `shared_memory`: 128 positions of float32 or of head size 256 do not."""
+                      shared_memory: int, min_block_m: int = 16) -> Tiles:
+    """`tiles` with block_n halved (down to 16), then stages cut to 1, then block_m halved
+    (down to `min_block_m`) until the query tile and the K and V tiles in flight,
+    (block_m + num_stages x 2 x block_n) x head_dim_p x element_size bytes, fit in
+    `shared_memory`. That is what Triton asks of an sm_90 for the prefill kernel's 16-bit
+    tiles, exactly, and more than it asks for float32's or decode's
+    (benchmarks/compile_triton_kernels.py reports each); float32 or head size 256 at 128 x 128
+    do not fit, nor 128 x 128 at 128 on a GPU with 99 KiB (sm_86, sm_89)."""
     def needed(t: Tiles) -> int:
-        return t.num_stages * 2 * t.block_n * head_dim_p * element_size
+        return (t.block_m + t.num_stages * 2 * t.block_n) * head_dim_p * element_size
 
     while needed(tiles) > shared_memory and tiles.block_n > 16:
         tiles = dataclasses.replace(tiles, block_n=tiles.block_n // 2)
     if needed(tiles) > shared_memory:
         tiles = dataclasses.replace(tiles, num_stages=1)
+    while needed(tiles) > shared_memory and tiles.block_m > min_block_m:
+        tiles = dataclasses.replace(tiles, block_m=tiles.block_m // 2)
     return tiles
 
 
-def _fitted(tiles: Tiles, head_dim_p: int, dtype: torch.dtype, device: torch.device) -> Tiles:
-    if device.type != "cuda":  # the interpreter has no shared-memory limit
+def _as_loaded(key_cache: torch.Tensor, value_cache: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The caches as the kernels load them, and whether they are e4m3 bytes to convert."""
+    traits = gpu(device)
+    if key_cache.dtype == torch.float8_e4m3fn and traits is not None and not traits.native_e4m3:
+        return key_cache.view(torch.uint8), value_cache.view(torch.uint8), True
+    return key_cache, value_cache, False
+
+
+def _fitted(tiles: Tiles, head_dim_p: int, dtype: torch.dtype, device: torch.device,
+            min_block_m: int = 16) -> Tiles:
+    traits = gpu(device)
+    if traits is None:  # the interpreter has no shared-memory limit
         return tiles
-    return fit_shared_memory(tiles, head_dim_p, dtype.itemsize, _shared_memory(device))
+    return fit_shared_memory(tiles, head_dim_p, dtype.itemsize, traits.shared_memory,
+                             min_block_m)
 
 
 def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
@@ -358,7 +403,12 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         return out
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
-    tiles = _fitted(tiles, max(16, triton.next_power_of_2(head_dim)), query.dtype, query.device)
+    queries_per_kv = num_heads // num_kv_heads
+    # The rows of a tile are the KV head's query heads (tl.dot needs at least 16).
+    group_p = max(16, triton.next_power_of_2(queries_per_kv))
+    tiles = _fitted(dataclasses.replace(tiles, block_m=group_p),
+                    max(16, triton.next_power_of_2(head_dim)), query.dtype, query.device,
+                    group_p)
     if partition_size is None:
         partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len, query.device)
     split = partition_size is not None and max_seq_len > partition_size
@@ -369,7 +419,6 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         num_partitions, partition_size = 1, tiles.block_n  # unused: no recompile per length
     partitions_p = triton.next_power_of_2(num_partitions)
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    queries_per_kv = num_heads // num_kv_heads
     if split:
         rows = num_seqs * num_heads * partitions_p
         part_acc = torch.empty(rows, head_dim_p, dtype=torch.float32, device=query.device)
@@ -377,20 +426,21 @@ def paged_attention_decode_triton(query: torch.Tensor, key_cache: torch.Tensor,
         part_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
     else:
         part_acc = part_max = part_sum = out  # unused
+    k, v, e4m3_bytes = _as_loaded(key_cache, value_cache, query.device)
     _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
-        query, key_cache, value_cache, block_tables, seq_lens,
+        query, k, v, block_tables, seq_lens,
         float(scale), 0 if sliding_window is None else int(sliding_window),
         float(softcap or 0.0), block_tables.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), head_dim, num_heads,
-        QUERIES_PER_KV=queries_per_kv, GROUP_P=max(16, triton.next_power_of_2(queries_per_kv)),
+        QUERIES_PER_KV=queries_per_kv, GROUP_P=group_p,
         BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_N=tiles.block_n,
         PARTITION_SIZE=partition_size, NUM_PARTITIONS_P=partitions_p, SPLIT=split,
         USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
-        IEEE=query.dtype == torch.float32, num_warps=tiles.num_warps,
+        IEEE=query.dtype == torch.float32, E4M3_BYTES=e4m3_bytes, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
     if split:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
@@ -426,7 +476,8 @@ def _attend_tile(acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
                  offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale,
                  softcap, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr):
+                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr,
+                 E4M3_BYTES: tl.constexpr):
     """One step of the online softmax over the context positions n0 .. n0 + BLOCK_N - 1, in
     the log2 domain (scores scaled by scale * log2(e), then exp2). MASKED: some position of the
     tile is outside the context, after a row's own position or outside its window; unmasked
@@ -446,11 +497,10 @@ def _attend_tile(acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
         load_mask = in_ctx[:, None] & mask_d[None, :]
     else:
         load_mask = mask_d[None, :]
-    # An fp8 cache's values, exactly in the queries' dtype (its scale is in qk_scale).
     if MASKED or not EVEN_D:
-        k = tl.load(k_ptrs, mask=load_mask, other=0.0).to(q.dtype)
+        k = _from_cache(tl.load(k_ptrs, mask=load_mask, other=0.0), q.dtype, E4M3_BYTES)
     else:
-        k = tl.load(k_ptrs).to(q.dtype)
+        k = _from_cache(tl.load(k_ptrs), q.dtype, E4M3_BYTES)
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -467,9 +517,9 @@ def _attend_tile(acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
     if MASKED or not EVEN_D:
-        v = tl.load(v_ptrs, mask=load_mask, other=0.0).to(q.dtype)
+        v = _from_cache(tl.load(v_ptrs, mask=load_mask, other=0.0), q.dtype, E4M3_BYTES)
     else:
-        v = tl.load(v_ptrs).to(q.dtype)
+        v = _from_cache(tl.load(v_ptrs), q.dtype, E4M3_BYTES)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -488,7 +538,8 @@ def _paged_attention_prefill_kernel(
         stride_bt, max_blocks, head_dim,
         QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-        SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr):
+        SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr,
+        E4M3_BYTES: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_block = tl.program_id(2)
@@ -545,14 +596,14 @@ def _paged_attention_prefill_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt,
             offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale, softcap,
             BLOCK_SIZE, BLOCK_N, False, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE,
-            FRESH)
+            FRESH, E4M3_BYTES)
     for n0 in range(full_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, n0, k_base, v_base, table_row, max_blocks,
             stride_kb, stride_kt, stride_vb, stride_vt,
             offs_n, offs_d, mask_d, q_pos, seq_len, first_pos, window, qk_scale, softcap,
             BLOCK_SIZE, BLOCK_N, True, HEAD_DIM_P == head_dim, USE_WINDOW, SOFTCAP, IEEE,
-            FRESH)
+            FRESH, E4M3_BYTES)
 
     # Every valid row sees at least its own position, so l_i > 0 there; the others (past the
     # chunk or the group, never stored) may see nothing: divide them by 1, not 0.
@@ -608,15 +659,19 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         return out
     group = num_heads // num_kv_heads
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    tiles = tiles or _fitted(prefill_tiles(max_query_len * group, query.device), head_dim_p,
-                             query.dtype, query.device)
-    block_m = max(tiles.block_m, triton.next_power_of_2(group))
+    # A tile holds at least one token's rows: a group wider than the tile widens it.
+    min_block_m = max(16, triton.next_power_of_2(group))
+    if tiles is None:
+        tiles = prefill_tiles(max_query_len * group, query.device)
+        tiles = _fitted(dataclasses.replace(tiles, block_m=max(tiles.block_m, min_block_m)),
+                        head_dim_p, query.dtype, query.device, min_block_m)
+    block_m = max(tiles.block_m, min_block_m)
     if fresh_kv is None:
-        k, v = key_cache, value_cache
+        k, v, e4m3_bytes = _as_loaded(key_cache, value_cache, query.device)
         strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
                    value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
     else:
-        k, v = fresh_kv
+        (k, v), e4m3_bytes = fresh_kv, False
         assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
         assert k.dtype == v.dtype == query.dtype and k.stride(-1) == v.stride(-1) == 1
         strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
@@ -630,7 +685,8 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         QUERIES_PER_KV=group, BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_M=block_m,
         BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
         SOFTCAP=softcap is not None, IEEE=query.dtype == torch.float32,
-        FRESH=fresh_kv is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        FRESH=fresh_kv is not None, E4M3_BYTES=e4m3_bytes, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return out
 
 
