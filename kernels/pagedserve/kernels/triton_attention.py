@@ -304,7 +304,8 @@ def prefill_tiles(max_rows: int, device: torch.device) -> Tiles:
     if max_rows <= 64:
         return Tiles(block_m=64, block_n=64)
     # The best of the candidates on an H200 for chunks of 512 to 4096 tokens, cached context
-    # or not (benchmarks/results/h200-run2.log).
+    # or not (benchmarks/results/h200-run2.log), measured when a tile's rows were one head's
+    # tokens; the grouped kernel's best waits for the next device run (bench_kernels_gpu.py).
     return Tiles(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
