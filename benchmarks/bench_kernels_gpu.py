@@ -76,6 +76,7 @@ from pagedserve.kernels.rotary import apply_rotary
 from pagedserve.kernels.triton_activation import silu_and_mul_triton
 from pagedserve.kernels.triton_attention import (
     DECODE_TILES,
+    MAX_TILE_HEADS,
     Tiles,
     paged_attention_decode_triton,
     paged_attention_prefill_triton,
@@ -404,8 +405,8 @@ def _prefill_case(bench: Bench, dtype: torch.dtype, chunks: list[tuple[int, int]
             query, key_cache, value_cache, tables, meta.seq_lens, meta.query_start_loc,
             scale, out=out, max_query_len=max(query_lens), tiles=tiles)
 
-    group = num_heads // num_kv_heads
-    default = prefill_tiles(max(query_lens) * group, bench.device)
+    heads = min(num_heads // num_kv_heads, MAX_TILE_HEADS)  # a program's query heads
+    default = prefill_tiles(max(query_lens) * heads, bench.device)
     variants = {f"triton default {default}": run()}
     for tiles in [] if bench.smoke else PREFILL_CANDIDATES:
         if tiles != default:

@@ -143,9 +143,10 @@ def attention_variants() -> dict[str, Callable[[], object]]:
     target, except where a variant names its tiles."""
     variants: dict[str, Callable[[], object]] = {}
 
-    def caches(head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return zeros(64, BLOCK, KV_HEADS, head_dim, dtype=dtype), zeros(
-            64, BLOCK, KV_HEADS, head_dim, dtype=dtype)
+    def caches(head_dim: int, dtype: torch.dtype,
+               kv_heads: int = KV_HEADS) -> tuple[torch.Tensor, torch.Tensor]:
+        return zeros(64, BLOCK, kv_heads, head_dim, dtype=dtype), zeros(
+            64, BLOCK, kv_heads, head_dim, dtype=dtype)
 
     def decode(num_seqs=64, context=1024, head_dim=128, dtype=torch.bfloat16, cache=None,
                tiles=attention.DECODE_TILES, window=None, softcap=None):
@@ -156,11 +157,11 @@ def attention_variants() -> dict[str, Callable[[], object]]:
             window, max_seq_len=context, tiles=tiles, softcap=softcap)
 
     def prefill(tokens=512, head_dim=128, dtype=torch.bfloat16, cache=None, tiles=None,
-                window=None, softcap=None, fresh=False):
-        key_cache, value_cache = caches(head_dim, cache or dtype)
-        fresh_kv = (zeros(2 * tokens, KV_HEADS, head_dim, dtype=dtype),) * 2 if fresh else None
+                window=None, softcap=None, fresh=False, heads=HEADS, kv_heads=KV_HEADS):
+        key_cache, value_cache = caches(head_dim, cache or dtype, kv_heads)
+        fresh_kv = (zeros(2 * tokens, kv_heads, head_dim, dtype=dtype),) * 2 if fresh else None
         return lambda: attention.paged_attention_prefill_triton(
-            zeros(2 * tokens, HEADS, head_dim, dtype=dtype), key_cache, value_cache,
+            zeros(2 * tokens, heads, head_dim, dtype=dtype), key_cache, value_cache,
             zeros(2, 8, dtype=torch.int32), zeros(2, dtype=torch.int32),
             torch.tensor([0, tokens, 2 * tokens], dtype=torch.int32), 0.1, window,
             max_query_len=tokens, tiles=tiles, softcap=softcap, fresh_kv=fresh_kv)
@@ -185,6 +186,8 @@ def attention_variants() -> dict[str, Callable[[], object]]:
     variants["prefill head 64 fp16"] = prefill(head_dim=64, dtype=torch.float16)
     variants["prefill head 256 bf16"] = prefill(head_dim=256)
     variants["prefill head 256 fp32"] = prefill(head_dim=256, dtype=torch.float32)
+    variants["prefill multi-query, 71 heads (Falcon-7B)"] = prefill(head_dim=64, heads=71,
+                                                                   kv_heads=1)
     for tiles in PREFILL_CANDIDATES:
         variants[f"prefill {tiles}"] = prefill(tiles=tiles)
     return variants

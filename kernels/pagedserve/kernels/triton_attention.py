@@ -18,7 +18,9 @@ cache slots (whatever they hold, NaN included) never reach the output.
 The prefill kernel runs one program per (sequence, KV head, tile of BLOCK_M rows), a row being
 one (token of the chunk, query head of that KV head) pair: the group's query heads share every
 K/V tile (read once for all of them, as in decode), and a chunk of a few tokens (a speculative
-verify, a short prompt) still fills a tile. It walks the context in tiles of BLOCK_N positions
+verify, a short prompt) still fills a tile. Groups wider than MAX_TILE_HEADS (multi-query
+models) are cut into chunks of heads, a program each, so that a tile still holds several
+tokens. It walks the context in tiles of BLOCK_N positions
 that are whole KV blocks (or part of one when the block is larger), so each tile loads one
 table entry per block, not one per position; any power-of-two block size works. Same online
 softmax per row (in the log2 domain: exp2), the scores and P @ V as tl.dot with float32 results
@@ -537,17 +539,21 @@ def _paged_attention_prefill_kernel(
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_bt, max_blocks, head_dim,
-        QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-        SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FRESH: tl.constexpr,
-        E4M3_BYTES: tl.constexpr):
+        QUERIES_PER_KV: tl.constexpr, HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+        FRESH: tl.constexpr, E4M3_BYTES: tl.constexpr):
+    # A program attends HEADS of its KV head's QUERIES_PER_KV query heads (all of them but in
+    # groups wider than MAX_TILE_HEADS), head_chunk picking which.
+    HEAD_CHUNKS: tl.constexpr = (QUERIES_PER_KV + HEADS - 1) // HEADS
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // HEAD_CHUNKS
+    head_chunk = tl.program_id(1) % HEAD_CHUNKS
     q_block = tl.program_id(2)
-    # Row r of the tile is token q_block * BLOCK_Q + r // QUERIES_PER_KV of the chunk, query
-    # head kv_head * QUERIES_PER_KV + r % QUERIES_PER_KV: the KV group's heads share each K/V
-    # tile. Rows from BLOCK_Q * QUERIES_PER_KV on (a group that does not divide BLOCK_M) idle.
-    BLOCK_Q: tl.constexpr = BLOCK_M // QUERIES_PER_KV
+    # Row r of the tile is token q_block * BLOCK_Q + r // HEADS of the chunk, query head
+    # head_chunk * HEADS + r % HEADS of the group: those heads share each K/V tile. Idle rows:
+    # from BLOCK_Q * HEADS on (HEADS not dividing BLOCK_M), and past the group's last head.
+    BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
     if q_block * BLOCK_Q >= q_len:  # the grid covers the longest chunk; shorter ones stop here
@@ -558,9 +564,10 @@ def _paged_attention_prefill_kernel(
     offs_d = tl.arange(0, HEAD_DIM_P)
     mask_d = offs_d < head_dim
     offs_r = tl.arange(0, BLOCK_M)
-    offs_m = q_block * BLOCK_Q + offs_r // QUERIES_PER_KV  # tokens inside the chunk
-    heads = kv_head * QUERIES_PER_KV + offs_r % QUERIES_PER_KV
-    mask_m = (offs_r < BLOCK_Q * QUERIES_PER_KV) & (offs_m < q_len)
+    offs_m = q_block * BLOCK_Q + offs_r // HEADS  # tokens inside the chunk
+    group_heads = head_chunk * HEADS + offs_r % HEADS
+    heads = kv_head * QUERIES_PER_KV + group_heads
+    mask_m = (offs_r < BLOCK_Q * HEADS) & (group_heads < QUERIES_PER_KV) & (offs_m < q_len)
     q_pos = context_len + offs_m
     q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh
@@ -614,6 +621,11 @@ def _paged_attention_prefill_kernel(
              mask=mask_m[:, None] & mask_d[None, :])
 
 
+# The most query heads one prefill program attends: wider groups are cut into chunks of this
+# many, each its own program, so that a 128-row tile still holds 8 tokens.
+MAX_TILE_HEADS = 16
+
+
 def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                    value_cache: torch.Tensor, block_tables: torch.Tensor,
                                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
@@ -643,8 +655,11 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     cache.
 
     One program per (sequence, KV head, tile of tiles.block_m rows): the rows are
-    block_m // group tokens times the group's query heads (a group wider than block_m widens
-    the tile to it); online softmax over tiles of block_n context positions in float32.
+    block_m // heads tokens times `heads` query heads of the KV head, all of the group's but in
+    groups wider than MAX_TILE_HEADS (multi-query models: Falcon-7B's 71, StarCoder's 48),
+    whose heads are cut into chunks of MAX_TILE_HEADS, each its own program, so that a tile
+    still holds several tokens; online softmax over tiles of block_n context positions in
+    float32.
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
@@ -659,11 +674,12 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
     if max_query_len == 0:
         return out
     group = num_heads // num_kv_heads
+    heads = min(group, MAX_TILE_HEADS)
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    # A tile holds at least one token's rows: a group wider than the tile widens it.
-    min_block_m = max(16, triton.next_power_of_2(group))
+    # A tile holds at least one token's rows.
+    min_block_m = max(16, triton.next_power_of_2(heads))
     if tiles is None:
-        tiles = prefill_tiles(max_query_len * group, query.device)
+        tiles = prefill_tiles(max_query_len * heads, query.device)
         tiles = _fitted(dataclasses.replace(tiles, block_m=max(tiles.block_m, min_block_m)),
                         head_dim_p, query.dtype, query.device, min_block_m)
     block_m = max(tiles.block_m, min_block_m)
@@ -676,15 +692,16 @@ def paged_attention_prefill_triton(query: torch.Tensor, key_cache: torch.Tensor,
         assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
         assert k.dtype == v.dtype == query.dtype and k.stride(-1) == v.stride(-1) == 1
         strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_m // group))
+    grid = (num_seqs, num_kv_heads * triton.cdiv(group, heads),
+            triton.cdiv(max_query_len, block_m // heads))
     _paged_attention_prefill_kernel[grid](
         out, query, k, v, block_tables, seq_lens, query_start_loc,
         float(scale) * LOG2E, 0 if sliding_window is None else int(sliding_window),
         float(softcap or 0.0) * LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *strides,
         block_tables.stride(0), block_tables.shape[1], head_dim,
-        QUERIES_PER_KV=group, BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p, BLOCK_M=block_m,
-        BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
+        QUERIES_PER_KV=group, HEADS=heads, BLOCK_SIZE=block_size, HEAD_DIM_P=head_dim_p,
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, USE_WINDOW=sliding_window is not None,
         SOFTCAP=softcap is not None, IEEE=query.dtype == torch.float32,
         FRESH=fresh_kv is not None, E4M3_BYTES=e4m3_bytes, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
