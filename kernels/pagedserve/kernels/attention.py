@@ -68,6 +68,13 @@ class AttentionMetadata:
         return self.block_tables[seq_index], lens
 
     @functools.cached_property
+    def prefills_without_context(self) -> bool:
+        """Whether the batch has prefill chunks and none has cached context (a batch of new
+        prompts: each chunk attends only to itself). Computed once per step, on first use."""
+        nd = self.num_decodes
+        return nd < len(self.query_lens) and self.seq_lens_host[nd:] == self.query_lens[nd:]
+
+    @functools.cached_property
     def prefill_tiles(self) -> torch.Tensor:
         """The prefill tokens in tiles of up to PREFILL_TILE_TOKENS consecutive tokens of one
         request, for kernels that attend a tile's queries together: [num_tiles, 4] int64 on the

@@ -733,14 +733,14 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor,
                                       sliding_window, out=out[:nd],
                                       max_seq_len=max(meta.seq_lens_host[:nd]), softcap=softcap)
     if nd < len(meta.query_lens):
-        query_lens = meta.query_lens[nd:]
         fresh = (fresh_kv is not None and key_cache.dtype == query.dtype
-                 and meta.seq_lens_host[nd:] == query_lens)
+                 and meta.prefills_without_context)
         # The prefill kernel reads its chunks' rows of the whole batch through
         # query_start_loc, which counts from the batch's first row.
         paged_attention_prefill_triton(query, key_cache, value_cache, meta.block_tables[nd:],
                                        meta.seq_lens[nd:], meta.query_start_loc[nd:], scale,
                                        sliding_window, out=out,
-                                       max_query_len=max(query_lens), softcap=softcap,
+                                       max_query_len=max(meta.query_lens[nd:]),
+                                       softcap=softcap,
                                        fresh_kv=fresh_kv if fresh else None)
     return out if v_scale == 1.0 else out.mul_(v_scale)
