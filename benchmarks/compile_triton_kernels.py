@@ -10,8 +10,9 @@ accepts programs the compiler rejects, and a GPU is lent rarely. Here each kerne
 Triton's whole compiler (front end, TTGIR passes, PTX, the wheel's own ptxas) for the target,
 launched through its real wrapper on CPU tensors, so that the arguments are specialised
 (alignment, constexprs) as on a GPU. Launches only compile: a stand-in driver names the target
-and `JITFunction.run` warms up instead of launching. Both are Triton internals (3.x); if they
-change, this script fails saying so. A variant that needs more shared memory than the target
+and `JITFunction.run` warms up instead of launching. Both are Triton internals (3.x, checked
+on 3.9); if they change, every launch fails with the error Triton raised, and the script with
+them. A variant that needs more shared memory than the target
 has, which fails at launch on the GPU, is an error here too.
 
 Launch shapes: what the wrappers choose on the target (its traits stood in for
