@@ -6,6 +6,7 @@
                                            [--kernels cpu|torch]
                                            [--quantization none int8 w8a8_int8 gguf]
                                            [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
+                                           [--graphs]
 
 The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
@@ -30,6 +31,11 @@ them is a mode with its own copy of the model and cache over the same batch, and
 timed alternately, round by round, in one process, so that their figures share the machine's
 state. The first mode is the baseline the others are reported against.
 
+`--graphs` adds, for each mode, its step replayed from a CPU graph (executor decode_graphs.py:
+the forward pass recorded once as its kernel calls) on the same model, timed in turn with the
+others; decode-only batches and the cpu kernels only. A replay calls the kernels without their
+Python wrappers, so its attention is not timed ("-").
+
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
 builds its own kernel library (named by the hash of its sources).
@@ -48,6 +54,7 @@ import torch
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
 from pagedserve.executor.bootstrap import pick_kv_dtype
+from pagedserve.executor.decode_graphs import CpuCapture, DecodeGraphs
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.models import load_model
@@ -76,7 +83,10 @@ def main() -> None:
                         choices=["none", *SCHEMES, "gguf"])
     parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
                         choices=["auto", *FP8_DTYPES])
+    parser.add_argument("--graphs", action="store_true")
     args = parser.parse_args()
+    if args.graphs and (args.prefills or args.kernels != "cpu"):
+        parser.error("--graphs replays decode-only steps of the cpu kernels")
 
     longest = max(args.context + 20, args.prefill_len if args.prefills else 0)
     blocks_per_seq = longest // args.block_size + 2
@@ -111,7 +121,16 @@ def main() -> None:
                 setattr(cpu_kernels, name, timed(getattr(cpu_kernels, name)))
         kernels = cpu_kernel_set()
 
-    models = {}
+    def eager_step(model):
+        return lambda: model.compute_logits(model(batch.input_ids, batch.positions,
+                                                  batch.meta)[batch.last_token_rows])
+
+    def graph_step(model):
+        graphs = DecodeGraphs(model, [args.batch], blocks_per_seq * args.block_size,
+                              args.block_size, torch.device("cpu"), CpuCapture())
+        return lambda: model.compute_logits(graphs.run(batch)[batch.last_token_rows])
+
+    steps_of = {}
     for quantization, kv_cache_dtype in itertools.product(args.quantization,
                                                           args.kv_cache_dtype):
         model_dir = resolve_model(None, default_cache_dir(),
@@ -122,34 +141,37 @@ def main() -> None:
         allocate_kv_cache(model, num_blocks, args.block_size,
                           pick_kv_dtype(kv_cache_dtype, torch.bfloat16), torch.device("cpu"))
         bind_kernels(model, kernels)
-        models[f"quantization {quantization}, kv {kv_cache_dtype}"] = model
+        mode = f"quantization {quantization}, kv {kv_cache_dtype}"
+        steps_of[mode] = eager_step(model)
+        if args.graphs:
+            steps_of[f"{mode}, graphs"] = graph_step(model)
 
-    steps = {mode: [] for mode in models}
-    attention = {mode: [] for mode in models}
+    steps = {mode: [] for mode in steps_of}
+    attention = {mode: [] for mode in steps_of}
     with torch.inference_mode():
         for round_index in range(args.repeats + 1):  # round 0 warms up
-            order = list(models) if round_index % 2 else list(models)[::-1]
+            order = list(steps_of) if round_index % 2 else list(steps_of)[::-1]
             for mode in order:
-                model = models[mode]
                 attention_s[0] = 0.0
                 start = time.perf_counter()
                 for _ in range(STEPS_PER_ROUND):
-                    model.compute_logits(model(batch.input_ids, batch.positions,
-                                               batch.meta)[batch.last_token_rows])
+                    steps_of[mode]()
                 if round_index:
                     steps[mode].append((time.perf_counter() - start) / STEPS_PER_ROUND)
                     attention[mode].append(attention_s[0] / STEPS_PER_ROUND)
-    first = next(iter(models))
+    first = next(iter(steps_of))
     step_base = statistics.median(steps[first])
     attention_base = statistics.median(attention[first])
-    for mode in models:
+    for mode in steps_of:
         step, attended = statistics.median(steps[mode]), statistics.median(attention[mode])
+        timed_attention = "-" if mode.endswith("graphs") else \
+            f"{attended * 1e3:.1f} ms ({attended / attention_base:.2f}x)"
         print(f"{args.kernels} kernels, {mode}, batch {args.batch} "
               f"({args.prefills} prefills of {args.prefill_len} tokens), "
               f"context ~{args.context}, {args.block_order} blocks, "
               f"threads {torch.get_num_threads()}: "
               f"step {step * 1e3:.1f} ms ({step / step_base:.2f}x), "
-              f"attention {attended * 1e3:.1f} ms ({attended / attention_base:.2f}x) "
+              f"attention {timed_attention} "
               f"(medians of {args.repeats} x {STEPS_PER_ROUND} steps; ratios to {first})")
 
 

@@ -59,7 +59,7 @@ import warnings
 
 import torch
 
-from pagedserve.executor.cuda_graphs import DecodeGraphs, capture_sizes, cuda_capture
+from pagedserve.executor.decode_graphs import DecodeGraphs, capture_sizes, cuda_capture
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models.layers import bind_kernels, quantize_linears, weight_bytes
 from pagedserve.executor.models.llama import LlamaForCausalLM

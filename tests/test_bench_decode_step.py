@@ -1,6 +1,7 @@
 """benchmarks/bench_decode_step.py keeps running: a tiny mixed batch (a decode and a prefill)
 over scattered block tables, one round, and a report whose attention share is part of (so at
-most) the step it was measured in; with several quantization modes, one report per mode."""
+most) the step it was measured in; with several quantization modes, one report per mode; with
+--graphs, each mode's replayed step beside its eager one."""
 
 import re
 import subprocess
@@ -41,3 +42,15 @@ def test_each_mode_gets_its_report():
         ("none", "auto"), ("none", "fp8_e4m3"), ("w8a8_int8", "auto"),
         ("w8a8_int8", "fp8_e4m3")], done.stdout
     assert reports[0][3] == "1.00" and all(float(r[2]) > 0 for r in reports)
+
+
+def test_graphs_add_a_replayed_step_per_mode():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--batch", "2", "--context", "40",
+                           "--repeats", "1", "--quantization", "none", "gguf", "--graphs"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reports = re.findall(r"quantization (\S+), kv auto(, graphs)?, .* step ([\d.]+) ms .*"
+                         r"attention (\S+)", done.stdout)
+    assert [r[:2] for r in reports] == [("none", ""), ("none", ", graphs"), ("gguf", ""),
+                                        ("gguf", ", graphs")], done.stdout
+    assert [r[3] == "-" for r in reports] == [False, True, False, True]

@@ -187,20 +187,20 @@ def test_prefill_tiles_cover_every_prefill_token_once():
 
 def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cpu._library.cache_clear()
+    cpu._loaded_library.cache_clear()
     try:
         assert cpu.available()
         built = list((tmp_path / "pagedserve" / "kernels").glob("cpu_kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
-        cpu._library.cache_clear()
+        cpu._loaded_library.cache_clear()
         assert cpu.available() and built[0].stat().st_mtime_ns == stamp
     finally:
-        cpu._library.cache_clear()
+        cpu._loaded_library.cache_clear()
 
 
 def test_the_ctypes_mirror_matches_the_c_struct():
-    size, fields = cpu._c_layout(cpu._library(), "decode_shape_layout")
+    size, fields = cpu._c_layout(cpu._loaded_library(), "decode_shape_layout")
     assert [name for name, *_ in fields] == [name for name, _ in cpu._DecodeShape._fields_]
     cpu.check_layout("DecodeShape", cpu._DecodeShape, size, fields)
 
@@ -225,7 +225,7 @@ SHAPE_FIELDS = cpu._DecodeShape._fields_
     (SHAPE_FIELDS[:-1], "20 fields in C, 19 in the mirror"),
 ])
 def test_a_drifted_mirror_fails_naming_the_struct_and_field(fields, error):
-    size, c_fields = cpu._c_layout(cpu._library(), "decode_shape_layout")
+    size, c_fields = cpu._c_layout(cpu._loaded_library(), "decode_shape_layout")
     with pytest.raises(RuntimeError, match="the C struct DecodeShape and its ctypes mirror "
                                            "_DecodeShape .* disagree: " + error):
         cpu.check_layout("DecodeShape", _drifted(fields), size, c_fields)
@@ -234,7 +234,7 @@ def test_a_drifted_mirror_fails_naming_the_struct_and_field(fields, error):
 def test_a_mirror_of_the_wrong_size_fails():
     """Every field agrees, the tail padding does not (as a C struct ending in a 4-byte field
     after 8-byte ones pads where a mirror packed to 4 does not)."""
-    size, fields = cpu._c_layout(cpu._library(), "decode_shape_layout")
+    size, fields = cpu._c_layout(cpu._loaded_library(), "decode_shape_layout")
     assert size == ctypes.sizeof(cpu._DecodeShape) == 144
     with pytest.raises(RuntimeError, match="sizeof is 152 in C, 144 in the mirror"):
         cpu.check_layout("DecodeShape", cpu._DecodeShape, size + 8, fields)
@@ -243,12 +243,12 @@ def test_a_mirror_of_the_wrong_size_fails():
 def test_a_drifted_mirror_fails_the_load(monkeypatch):
     monkeypatch.setattr(cpu, "_DecodeShape",
                         _drifted([("num_seqs", ctypes.c_int32), *SHAPE_FIELDS[1:]]))
-    cpu._library.cache_clear()
+    cpu._loaded_library.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="DecodeShape .* field 'num_seqs'"):
             cpu.available()
     finally:
-        cpu._library.cache_clear()
+        cpu._loaded_library.cache_clear()
 
 
 def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
@@ -256,14 +256,14 @@ def test_no_compiler_falls_back_with_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    cpu._library.cache_clear()
+    cpu._loaded_library.cache_clear()
     try:
         assert not cpu.available()
         assert select_kernels("auto", torch.device("cpu")).name == "torch"
         with pytest.raises(KernelBackendError, match="could not be built"):
             select_kernels("cpu", torch.device("cpu"))
     finally:
-        cpu._library.cache_clear()
+        cpu._loaded_library.cache_clear()
 
 
 def test_the_cpu_set_is_auto_on_cpu():

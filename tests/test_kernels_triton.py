@@ -96,7 +96,7 @@ def test_paged_attention_decode_split_k_matches_torch(case):
 
 @pytest.mark.parametrize("case", [0, 3])
 def test_paged_attention_decode_split_k_with_a_bound_on_the_contexts(case):
-    """As a decode CUDA graph runs it (executor/cuda_graphs.py): the grid sized for contexts
+    """As a decode CUDA graph runs it (executor/decode_graphs.py): the grid sized for contexts
     up to max_model_len, here 8 partitions, the last 4 past every sequence's end."""
     check_decode(case, SPLIT_SEQ_LENS, partition_size=64, seed=700, max_seq_len=512)
 

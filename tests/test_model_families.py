@@ -18,6 +18,9 @@ from pagedserve.executor.models import (
 )
 from pagedserve.executor.models.layers import bind_kernels, split_grouped_qkv
 from pagedserve.executor.models.weights import WeightLoadError
+from pagedserve.kernels import cpu_kernels as c_kernels
+from pagedserve.kernels.cpu_graph import CaptureError
+from pagedserve.kernels.dispatch import cpu_kernels
 from pagedserve.testing.paged_run import PagedRun, assert_matches_transformers, prefill
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
@@ -37,6 +40,8 @@ from pagedserve.testing.tiny_models import (
 )
 
 VOCAB = 300
+needs_c_kernels = pytest.mark.skipif(not c_kernels.available(),
+                                     reason="no C compiler: the CPU kernels are not built")
 # Lengths 1 to 23 with a sliding window of 8: the window cuts the longer prompts and every decode.
 PROMPTS = [[5], [7, 8, 9], list(range(20, 27)), list(range(40, 52)), list(range(60, 83))]
 
@@ -154,6 +159,33 @@ def test_kernel_sets_match_transformers(tiny_dirs, variant, kernel_set):
     model = load_model(directory, torch.float32)
     bind_kernels(model, getattr(dispatch, f"{kernel_set}_kernels")())
     assert_matches_transformers(model, _reference(directory), PROMPTS, chunk=5, decode_steps=3)
+
+
+# The kernel test's variants but the MoE ones, whose capture is refused (below).
+@pytest.mark.parametrize("variant", ["mistral-window", "gpt-neox-sequential",
+                                     "falcon-multi-query-parallel", "qwen3-window-bias",
+                                     "gpt2-untied-inner-scaled", "gemma", "gemma2", "gemma3",
+                                     "phi3-window-partial-rotary"])
+@needs_c_kernels
+def test_cpu_graphs_match_transformers(tiny_dirs, variant):
+    """Decode steps replayed from CPU graphs of the C kernel set (decode_graphs.py): whatever
+    PyTorch operators a family runs between the kernels are replayed too."""
+    directory = tiny_dirs(variant)
+    model = load_model(directory, torch.float32)
+    bind_kernels(model, cpu_kernels())
+    assert_matches_transformers(model, _reference(directory), PROMPTS, chunk=5, decode_steps=3,
+                                graphs=True)
+
+
+@pytest.mark.parametrize("variant", ["mixtral-window", "qwen2-moe", "qwen3-moe"])
+@needs_c_kernels
+def test_moe_routing_is_not_captured(tiny_dirs, variant):
+    """The experts a step runs follow the router's choices, read on the host: no CPU graph
+    (the executor then runs decode steps eagerly)."""
+    model = load_model(tiny_dirs(variant), torch.float32)
+    bind_kernels(model, cpu_kernels())
+    with pytest.raises(CaptureError, match="bincount"):
+        PagedRun(model, graphs=True)
 
 
 @pytest.mark.parametrize("variant, disable", [

@@ -10,13 +10,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pagedserve.executor.cuda_graphs import DecodeGraphs, capture_sizes
+from pagedserve.executor.decode_graphs import DecodeGraphs, capture_decode_graphs, capture_sizes
 from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models import load_model
+from pagedserve.executor.models.layers import bind_kernels
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits
 from pagedserve.executor.runner import ModelRunner
 from pagedserve.executor.speculative import SpeculativeConfig
+from pagedserve.kernels import cpu_kernels
+from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
 from pagedserve.testing.graphs import EagerCapture
 from pagedserve.testing.tiny_models import (
     save_tiny_model,
@@ -75,10 +78,14 @@ def hf_model(model_dir):
 
 
 def make_runner(directory, speculative: SpeculativeConfig | None = None,
-                graphs: bool = False) -> ModelRunner:
-    """`graphs`: decode-only steps replay "graphs" (cuda_graphs.py, captured by a CPU
-    stand-in) of batch sizes 1, 2, 4 and 8, padded as on a GPU."""
+                graphs: str | None = None) -> ModelRunner:
+    """`graphs`: decode-only steps replay graphs (decode_graphs.py): "stand-in", captured by a
+    CPU stand-in for CUDA's, of batch sizes 1, 2, 4 and 8, padded as on a GPU; "cpu", recorded
+    CPU graphs of the C kernels, captured as the executor captures them (none for the MoE
+    families, whose routing reads expert counts on the host: they run eagerly)."""
     model = load_model(directory, torch.float32)
+    if graphs == "cpu":
+        bind_kernels(model, cpu_kernel_set())
     allocate_kv_cache(model, LIMITS.num_blocks, BLOCK, torch.float32, torch.device("cpu"))
     limits = LIMITS if speculative is None else dataclasses.replace(
         LIMITS, max_lookahead_tokens=speculative.num_speculative_tokens)
@@ -88,8 +95,15 @@ def make_runner(directory, speculative: SpeculativeConfig | None = None,
         allocate_kv_cache(draft_model, LIMITS.num_blocks, BLOCK, torch.float32,
                           torch.device("cpu"))
         draft = DraftModel(draft_model, BLOCK, torch.device("cpu"), model.config.vocab_size)
-    decode_graphs = DecodeGraphs(model, capture_sizes(8), LIMITS.max_model_len, BLOCK,
-                                 torch.device("cpu"), EagerCapture()) if graphs else None
+    decode_graphs = None
+    if graphs == "stand-in":
+        decode_graphs = DecodeGraphs(model, capture_sizes(8), LIMITS.max_model_len, BLOCK,
+                                     torch.device("cpu"), EagerCapture())
+    elif graphs == "cpu":
+        decode_graphs = capture_decode_graphs(model, LIMITS.max_num_seqs, LIMITS.max_model_len,
+                                              BLOCK, torch.device("cpu"))
+        moe = hasattr(model.config, "num_experts") or hasattr(model.config, "num_local_experts")
+        assert (decode_graphs is None) == moe
     return ModelRunner(model, limits, eos_token_ids=[2], device=torch.device("cpu"),
                        speculative=speculative, draft=draft, graphs=decode_graphs)
 
@@ -102,12 +116,16 @@ def self_draft(directory) -> SpeculativeConfig:
     return SpeculativeConfig("draft_model", 3, model=str(directory))
 
 
-@pytest.fixture(params=["plain", "self-draft", "graphs"])
+@pytest.fixture(params=["plain", "self-draft", "graphs", "cpu-graphs"])
 def runner(request, model_dir):
     """The runner without speculation, with the model as its own draft (its decodes then
-    verify 3 proposals each), and with decode graphs."""
+    verify 3 proposals each), with decode graphs captured by a stand-in for CUDA's, and with
+    CPU graphs of the C kernels."""
+    if request.param == "cpu-graphs" and not cpu_kernels.available():
+        pytest.skip("no C compiler: the CPU kernels are not built")
+    graphs = {"graphs": "stand-in", "cpu-graphs": "cpu"}.get(request.param)
     return make_runner(model_dir, self_draft(model_dir) if request.param == "self-draft"
-                       else None, graphs=request.param == "graphs")
+                       else None, graphs=graphs)
 
 
 def hf_greedy(hf_model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:

@@ -1,5 +1,5 @@
 """A stand-in for CUDA graph capture on machines without CUDA, so that the decode graphs'
-buffers, padding and replay (executor_svc/pagedserve/executor/cuda_graphs.py) are tested on the
+buffers, padding and replay (executor_svc/pagedserve/executor/decode_graphs.py) are tested on the
 CPU: "capturing" runs the forward pass once, and each replay runs it again on whatever the
 static buffers hold, writing into the first run's output as a graph replay does."""
 
@@ -9,7 +9,7 @@ import torch
 
 
 class EagerCapture:
-    """A `cuda_graphs.Capture` that counts replays per batch size."""
+    """A `decode_graphs.Capture` that counts replays per batch size."""
 
     def __init__(self):
         self.replays: dict[int, int] = {}

@@ -1,26 +1,40 @@
 """Driving a model of `pagedserve.executor.models` through the paged KV path, and checking it
 against `transformers` on the same weights: one flat batch of prompts of different lengths (whole or
-in chunks), then batched greedy decode steps."""
+in chunks), then batched greedy decode steps (optionally replayed from CPU graphs)."""
 
 import torch
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
+from pagedserve.executor.decode_graphs import (
+    CpuCapture,
+    DecodeGraphs,
+    check_replays,
+    cpu_capture_sizes,
+)
 from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape
 
 BLOCK = 4
 NUM_BLOCKS = 64
+MAX_GRAPH_SEQS = 8
 
 
 class PagedRun:
     """Drives the model step by step with a trivial block allocator (each sequence takes
-    fresh blocks as it grows)."""
+    fresh blocks as it grows). With `graphs`, decode-only steps replay CPU graphs of the model
+    (its kernels the C set), captured and checked as the executor does; `replays` counts them."""
 
-    def __init__(self, model):
+    def __init__(self, model, graphs: bool = False):
         self.model = model
         self.free = list(range(NUM_BLOCKS))[::-1]
         caches = [(torch.zeros(shape), torch.zeros(shape))
                   for shape in kv_cache_shape(model, NUM_BLOCKS, BLOCK)]
         bind_kv_caches(model, caches)
+        self.graphs, self.replays = None, 0
+        if graphs:
+            self.graphs = DecodeGraphs(model, cpu_capture_sizes(MAX_GRAPH_SEQS),
+                                       NUM_BLOCKS * BLOCK, BLOCK, torch.device("cpu"),
+                                       CpuCapture())
+            check_replays(self.graphs, model)
 
     def step(self, work: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
         """work: (block_table, tokens to compute, num_computed) per sequence; returns the
@@ -32,7 +46,11 @@ class PagedRun:
             seqs.append(ScheduledSequence(tokens, computed, table))
         batch = build_flat_batch(seqs, BLOCK)
         with torch.no_grad():
-            hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            hidden = None if self.graphs is None else self.graphs.run(batch)
+            if hidden is None:
+                hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+            else:
+                self.replays += 1
             return self.model.compute_logits(hidden[batch.last_token_rows])
 
 
@@ -63,10 +81,12 @@ def prefill(run: PagedRun, prompts: list[list[int]], chunk: int | None):
 
 
 def assert_matches_transformers(model, hf_model, prompts: list[list[int]], chunk: int | None,
-                                decode_steps: int = 6, tol: float = 1e-4) -> None:
+                                decode_steps: int = 6, tol: float = 1e-4,
+                                graphs: bool = False) -> None:
     """Prefill every prompt in one flat batch (whole or chunked), then `decode_steps` batched
-    greedy decode steps; the logits after every step match transformers' within `tol`."""
-    run = PagedRun(model)
+    greedy decode steps (replayed from CPU graphs with `graphs`); the logits after every step
+    match transformers' within `tol`."""
+    run = PagedRun(model, graphs)
     tables, logits = prefill(run, prompts, chunk)
     sequences = [list(p) for p in prompts]
     for i, p in enumerate(prompts):
@@ -81,3 +101,4 @@ def assert_matches_transformers(model, hf_model, prompts: list[list[int]], chunk
             torch.testing.assert_close(
                 logits[i], reference_logits(hf_model, seq), rtol=tol, atol=tol,
                 msg=lambda m, i=i, step=step: f"decode step {step} of sequence {i}: {m}")
+    assert run.replays == (decode_steps if graphs else 0)

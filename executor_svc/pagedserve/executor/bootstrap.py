@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pagedserve.executor.config import EngineConfig
-from pagedserve.executor.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
+from pagedserve.executor.decode_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from pagedserve.executor.draft_model import DraftModel
 from pagedserve.executor.kv_cache import (
     GIB,

@@ -137,10 +137,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "cpu runs under TRITON_INTERPRET=1: for checks only)")
     parser.add_argument("--enforce-eager", action="store_true",
                         default=EngineConfig.enforce_eager,
-                        help="run every step eagerly: capture no CUDA graphs (by default, "
-                             "on cuda with the triton kernels and one rank, decode-only steps "
-                             "replay graphs captured at start-up for batch sizes up to "
-                             "--max-num-seqs, at most 512; docs/design.md §5)")
+                        help="run every step eagerly: capture no decode graphs (by default, "
+                             "with one rank, decode-only steps replay graphs captured at "
+                             "start-up: CUDA graphs on cuda with the triton kernels, for "
+                             "batch sizes up to --max-num-seqs, at most 512; CPU graphs of "
+                             "the C kernels on cpu, every size up to 64; docs/design.md §5)")
     parser.add_argument("--tensor-parallel-size", type=int,
                         default=EngineConfig.tensor_parallel_size,
                         help="split the model's layers over this many processes, one per GPU "

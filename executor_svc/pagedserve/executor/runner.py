@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pagedserve.executor.batch import FlatBatch, ScheduledSequence, build_flat_batch
-from pagedserve.executor.cuda_graphs import DecodeGraphs
+from pagedserve.executor.decode_graphs import DecodeGraphs
 from pagedserve.executor.draft_model import DraftModel, DraftSequence
 from pagedserve.executor.plan_checks import PlanError, RunnerLimits, check_plan
 from pagedserve.executor.sampler import (
@@ -94,7 +94,7 @@ class ModelRunner:
                  speculative: SpeculativeConfig | None = None, draft: DraftModel | None = None,
                  grammars: GrammarCompiler | None = None, graphs: DecodeGraphs | None = None):
         self.model = model
-        self.graphs = graphs  # decode steps' CUDA graphs, when captured
+        self.graphs = graphs  # decode steps' graphs (CUDA or CPU), when captured
         self.grammars = grammars  # rank 0's
         self.speculative = speculative
         self.draft = draft  # rank 0's, for method draft_model
@@ -282,8 +282,8 @@ class ModelRunner:
             sum(map(len, drafts))
 
     def _forward(self, batch: FlatBatch) -> torch.Tensor:
-        """The batch's final hidden states: replayed from a CUDA graph when one fits it
-        (cuda_graphs.py), else run eagerly."""
+        """The batch's final hidden states: replayed from a decode graph when one fits it
+        (decode_graphs.py), else run eagerly."""
         hidden = self.graphs.run(batch) if self.graphs is not None else None
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta)

@@ -44,7 +44,7 @@ class AttentionMetadata:
     # [num_reqs + 1] first row of each request's tokens in the flat batch, then the total.
     query_start_loc: torch.Tensor
     # Host-side copies, so no layer has to synchronise with the device to read them. A decode
-    # CUDA graph (executor cuda_graphs.py) gives max_model_len for every sequence instead: an
+    # graph (executor decode_graphs.py) gives max_model_len for every sequence instead: an
     # upper bound, which is all the decode kernels read from it (the longest context, to size
     # their grid or gather); its prefill paths never see such a batch.
     query_lens: list[int]
@@ -117,7 +117,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
                    v_scale: float = 1.0) -> None:
     """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots; a
-    negative slot marks a padding token (a CUDA graph's padded batch, cuda_graphs.py), which
+    negative slot marks a padding token (a decode graph's padded batch, decode_graphs.py), which
     stores nothing. Every kernel set's write keeps this contract."""
     num_kv_heads, head_dim = key_cache.shape[2:]
     padding = slot_mapping < 0

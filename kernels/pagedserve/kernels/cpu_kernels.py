@@ -14,10 +14,17 @@ source and flags, so later starts load it at once. With no compiler, `available(
 kernels/pagedserve/kernels/dispatch.py keeps the PyTorch path. Loading checks the ctypes mirrors
 of the C structs against the layouts the library reports (`check_layout`) and raises where they
 disagree.
+
+Every kernel is called through `_library()`, with only tensors' data pointers, integers, floats
+and ctypes objects as arguments: that is what lets a decode step be recorded as its list of
+kernel calls and replayed without Python (`recording`, cpu_graph.py). Queries about the build
+(`available`, `prefill_tiles_supported`, `bf16_linear_supported`) read `_loaded_library()`,
+which is never recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -27,7 +34,8 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import structlog
@@ -125,7 +133,7 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _loaded_library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: the CPU kernels are not built; the PyTorch path runs")
@@ -149,6 +157,11 @@ def _library() -> ctypes.CDLL | None:
         attention.restype = ctypes.c_int
         attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.POINTER(_DecodeShape)]
     library.prefill_tiles_supported.argtypes = [ctypes.c_int64]
+    # The kernels that return nothing say so: a recorded call's result is its status
+    # (nonzero: failed), read by its replay.
+    for kernel in (library.write_kv_cache, library.rms_norm, library.silu_and_mul,
+                   library.rotary):
+        kernel.restype = None
     library.bf16_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.write_kv_cache.argtypes = [ptr] * 5 + [i64] * 9 + [ctypes.c_float] * 2
@@ -161,9 +174,56 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+# A kernel call as recorded: the ctypes function and its arguments.
+KernelCall = tuple[Callable[..., int | None], tuple]
+
+
+class _RecordingLibrary:
+    """The library while `recording` runs: a kernel called from the recording thread runs and
+    is appended to `calls`; other threads' calls run unrecorded."""
+
+    def __init__(self, library: ctypes.CDLL, calls: list[KernelCall]):
+        self.library, self.calls, self.thread = library, calls, threading.get_ident()
+
+    def __getattr__(self, name: str) -> Callable[..., int | None]:
+        kernel = getattr(self.library, name)
+        if threading.get_ident() != self.thread:
+            return kernel
+
+        def record(*args):
+            self.calls.append((kernel, args))
+            return kernel(*args)
+        return record
+
+
+_recording: _RecordingLibrary | None = None
+
+
+def _library() -> ctypes.CDLL | _RecordingLibrary | None:
+    """The library the kernel wrappers call (recorded while `recording` runs)."""
+    return _recording or _loaded_library()
+
+
+@contextlib.contextmanager
+def recording(calls: list[KernelCall]) -> Iterator[None]:
+    """Append every kernel call of this thread to `calls` (in order) while the block runs;
+    the calls still run. One recording at a time."""
+    global _recording
+    library = _loaded_library()
+    if library is None:
+        raise RuntimeError("the CPU kernels are not available: nothing to record")
+    if _recording is not None:
+        raise RuntimeError("the CPU kernels are already being recorded")
+    _recording = _RecordingLibrary(library, calls)
+    try:
+        yield
+    finally:
+        _recording = None
+
+
 def available() -> bool:
     """True when the C kernels are built (or could be built now) and loaded."""
-    return _library() is not None
+    return _loaded_library() is not None
 
 
 def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -234,7 +294,7 @@ def paged_prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor,
 def prefill_tiles_supported(head_dim: int) -> bool:
     """Whether this machine's kernels attend prefills by tiles for this head size (AVX-512,
     head_dim a multiple of 32)."""
-    return bool(_library().prefill_tiles_supported(head_dim))
+    return bool(_loaded_library().prefill_tiles_supported(head_dim))
 
 
 def write_kv_cache_cpu(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -389,7 +449,7 @@ class PackedBf16Weight:
 
 def bf16_linear_supported() -> bool:
     """Whether this machine's kernels include bf16_linear.c's matmul (AVX-512 BF16)."""
-    library = _library()
+    library = _loaded_library()
     return library is not None and bool(library.bf16_linear_supported())
 
 

@@ -1,17 +1,24 @@
-"""Decode graphs (executor_svc/pagedserve/executor/cuda_graphs.py) on the CPU: which batch sizes
+"""Decode graphs (executor_svc/pagedserve/executor/decode_graphs.py) on the CPU: which batch sizes
 are captured, when graphs apply, and the static buffers' padding, checked against the same model
-run eagerly, with a stand-in for the capture (pagedserve.testing.graphs). Real capture needs
-CUDA; the runner's tests (tests/test_runner.py, the "graphs" runner) run every scenario through
-this path against transformers."""
+run eagerly, with real CPU graphs (kernels/pagedserve/kernels/cpu_graph.py) and with a stand-in
+for a CUDA capture (pagedserve.testing.graphs); a capture whose replays would differ from the
+eager pass is refused. The runner's tests (tests/test_runner.py, the "graphs" and "cpu-graphs"
+runners) run every scenario through this path against transformers, and
+tests/test_model_families.py each family's CPU graphs."""
 
 import pytest
 import torch
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
-from pagedserve.executor.cuda_graphs import (
+from pagedserve.executor.decode_graphs import (
     MAX_CAPTURE_SIZE,
+    MAX_CPU_CAPTURE_SIZE,
+    CpuCapture,
     DecodeGraphs,
+    capture_decode_graphs,
     capture_sizes,
+    check_replays,
+    cpu_capture_sizes,
     eager_reason,
     padded_size,
 )
@@ -38,6 +45,11 @@ def test_capture_sizes():
     assert capture_sizes(10_000)[-1] == MAX_CAPTURE_SIZE
 
 
+def test_cpu_capture_sizes_are_every_size():
+    assert cpu_capture_sizes(3) == [1, 2, 3]
+    assert cpu_capture_sizes(256) == list(range(1, MAX_CPU_CAPTURE_SIZE + 1))
+
+
 def test_padded_size():
     sizes = capture_sizes(24)
     assert [padded_size(n, sizes) for n in (1, 2, 3, 4, 5, 8, 9, 17, 24)] == \
@@ -45,22 +57,34 @@ def test_padded_size():
     assert padded_size(25, sizes) is None
 
 
-def test_graphs_only_on_cuda_with_triton_and_one_rank():
-    cuda = torch.device("cuda")
+def test_graphs_on_cuda_with_triton_and_on_cpu_with_the_c_kernels_with_one_rank():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert eager_reason(cuda, "triton", 1, enforce_eager=False) is None
+    assert eager_reason(cpu, "cpu", 1, enforce_eager=False) is None
     assert "--enforce-eager" in eager_reason(cuda, "triton", 1, enforce_eager=True)
-    assert "cpu" in eager_reason(torch.device("cpu"), "triton", 1, enforce_eager=False)
-    assert "torch" in eager_reason(cuda, "torch", 1, enforce_eager=False)
+    assert "--enforce-eager" in eager_reason(cpu, "cpu", 1, enforce_eager=True)
+    assert "not triton" in eager_reason(cpu, "triton", 1, enforce_eager=False)
+    assert "not torch" in eager_reason(cpu, "torch", 1, enforce_eager=False)
+    assert "not torch" in eager_reason(cuda, "torch", 1, enforce_eager=False)
+    assert "mps" in eager_reason(torch.device("mps"), "torch", 1, enforce_eager=False)
     assert "tensor parallelism" in eager_reason(cuda, "triton", 2, enforce_eager=False)
+    assert "tensor parallelism" in eager_reason(cpu, "cpu", 2, enforce_eager=False)
+
+
+needs_c_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                     reason="no C compiler: the CPU kernels are not built")
 
 
 def kernel_sets():
-    sets = [pytest.param(TORCH_KERNELS, id="torch")]
+    """Each kernel set with the stand-in capture (replays counted), and the C kernels with
+    real CPU graphs."""
+    sets = [pytest.param(TORCH_KERNELS, EagerCapture, id="torch")]
     if cpu_kernels.available():
-        sets.append(pytest.param(cpu_kernel_set(), id="cpu"))
+        sets += [pytest.param(cpu_kernel_set(), EagerCapture, id="cpu"),
+                 pytest.param(cpu_kernel_set(), CpuCapture, id="cpu-recorded")]
     try:
         from pagedserve.kernels.dispatch import triton_kernels
-        sets.append(pytest.param(triton_kernels(), id="triton"))
+        sets.append(pytest.param(triton_kernels(), EagerCapture, id="triton"))
     except ImportError:
         pass
     return sets
@@ -70,12 +94,12 @@ class Twins:
     """The model twice, same weights, own caches: one replays decode graphs, one runs eagerly;
     each sequence holds the same blocks in both."""
 
-    def __init__(self, directory, kernels):
+    def __init__(self, directory, kernels, capture=EagerCapture):
         self.models = [load_model(directory, torch.float32) for _ in range(2)]
         for model in self.models:
             bind_kernels(model, kernels)
             allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
-        self.capture = EagerCapture()
+        self.capture = capture()
         self.graphs = DecodeGraphs(self.models[0], capture_sizes(8), MAX_MODEL_LEN, BLOCK,
                                    torch.device("cpu"), self.capture)
 
@@ -101,9 +125,11 @@ class Twins:
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernels", kernel_sets())
-def test_padded_replays_match_eager_and_write_only_their_slots(tiny_llama_dir, kernels):
-    twins = Twins(tiny_llama_dir, kernels)
+@pytest.mark.parametrize("kernels, capture", kernel_sets())
+def test_padded_replays_match_eager_and_write_only_their_slots(tiny_llama_dir, kernels,
+                                                               capture):
+    twins = Twins(tiny_llama_dir, kernels, capture)
+    counted = isinstance(twins.capture, EagerCapture)
     # Block 0 belongs to a sequence: a padding row that wrote slot 0 would show.
     tables = [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
     prompts = [list(range(10, 19)), list(range(20, 25)), list(range(30, 43)), [7, 8, 9],
@@ -123,7 +149,7 @@ def test_padded_replays_match_eager_and_write_only_their_slots(tiny_llama_dir, k
         twins.assert_same_caches()
 
     decode([0, 1, 2, 3, 4])  # 5 rows: graph 8, 3 padding rows
-    assert twins.capture.replays == {1: 0, 2: 0, 4: 0, 8: 1}
+    assert not counted or twins.capture.replays == {1: 0, 2: 0, 4: 0, 8: 1}
     # Sequence 3 ends; its blocks go to another request, which writes its K/V where sequence
     # 3's last token was (in both twins). The next batch is 3 sequences, padded to 4: the row
     # sequence 3 held is padding now and must not write that slot again.
@@ -135,7 +161,7 @@ def test_padded_replays_match_eager_and_write_only_their_slots(tiny_llama_dir, k
     decode([0, 2, 4])
     decode([1, 2, 4])
     decode([4])
-    assert twins.capture.replays == {1: 1, 2: 0, 4: 2, 8: 1}
+    assert not counted or twins.capture.replays == {1: 1, 2: 0, 4: 2, 8: 1}
 
 
 def test_batches_no_graph_fits_run_eagerly(tiny_llama_dir):
@@ -148,3 +174,46 @@ def test_batches_no_graph_fits_run_eagerly(tiny_llama_dir):
     assert twins.run(wide)[0] is None  # a table wider than max_model_len's
     assert sum(twins.capture.replays.values()) == 0
     twins.assert_same_caches()
+
+
+class ReadsATokenOnTheHost(torch.nn.Module):
+    """The model, plus its first token's id read with tolist(), which no operator shows: a
+    recorded pass would replay the id it read at capture."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, positions, meta):
+        return self.model(input_ids, positions, meta) + input_ids.tolist()[0]
+
+
+@needs_c_kernels
+def test_replays_are_checked_against_the_eager_pass(tiny_llama_dir):
+    model = load_model(tiny_llama_dir, torch.float32)
+    bind_kernels(model, cpu_kernel_set())
+    allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
+    graphs = DecodeGraphs(model, cpu_capture_sizes(4), MAX_MODEL_LEN, BLOCK,
+                          torch.device("cpu"), CpuCapture())
+    check_replays(graphs, model)
+    stale = ReadsATokenOnTheHost(model)
+    graphs = DecodeGraphs(stale, cpu_capture_sizes(4), MAX_MODEL_LEN, BLOCK,
+                          torch.device("cpu"), CpuCapture())
+    with pytest.raises(RuntimeError, match="replay differs from the eager"):
+        check_replays(graphs, stale)
+    # the probe wrote nothing to the cache
+    assert all(not t.any() for m in model.modules()
+               if getattr(m, "kv_cache", None) is not None for t in m.kv_cache)
+
+
+@needs_c_kernels
+def test_a_refused_capture_leaves_the_executor_eager(tiny_llama_dir, capsys):
+    model = load_model(tiny_llama_dir, torch.float32)
+    bind_kernels(model, cpu_kernel_set())
+    allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
+    assert capture_decode_graphs(ReadsATokenOnTheHost(model), 4, MAX_MODEL_LEN, BLOCK,
+                                 torch.device("cpu")) is None
+    assert "decode graph capture failed" in capsys.readouterr().out
+    graphs = capture_decode_graphs(model, 4, MAX_MODEL_LEN, BLOCK, torch.device("cpu"))
+    assert graphs.sizes == [1, 2, 3, 4]
+    assert "decode graphs captured" in capsys.readouterr().out
