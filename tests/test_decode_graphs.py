@@ -216,4 +216,40 @@ def test_a_refused_capture_leaves_the_executor_eager(tiny_llama_dir, capsys):
     assert "decode graph capture failed" in capsys.readouterr().out
     graphs = capture_decode_graphs(model, 4, MAX_MODEL_LEN, BLOCK, torch.device("cpu"))
     assert graphs.sizes == [1, 2, 3, 4]
-    assert "decode graphs captured" in capsys.readouterr().out
+    assert "decode graphs ready" in capsys.readouterr().out
+
+
+class ReadsAValueAtBatchSize(torch.nn.Module):
+    """The model, plus a value read with .item() in batches of `size` sequences."""
+
+    def __init__(self, model, size: int):
+        super().__init__()
+        self.model, self.config, self.size = model, model.config, size
+
+    def forward(self, input_ids, positions, meta):
+        hidden = self.model(input_ids, positions, meta)
+        return hidden * float(positions.max()) if len(input_ids) == self.size else hidden
+
+
+@needs_c_kernels
+def test_cpu_sizes_are_captured_on_first_use_and_a_failed_one_runs_eagerly(tiny_llama_dir,
+                                                                            capsys):
+    model = load_model(tiny_llama_dir, torch.float32)
+    bind_kernels(model, cpu_kernel_set())
+    allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
+    graphs = capture_decode_graphs(ReadsAValueAtBatchSize(model, 3), 4, MAX_MODEL_LEN, BLOCK,
+                                   torch.device("cpu"))
+    assert sorted(graphs.graphs) == [1, 4]  # the probes' sizes; the others wait for a step
+    batch = build_flat_batch([ScheduledSequence([5 + i], 1 + i, [i]) for i in range(2)], BLOCK)
+    with torch.inference_mode():
+        replayed = graphs.run(batch).clone()
+        torch.testing.assert_close(replayed, model(batch.input_ids, batch.positions, batch.meta))
+    assert sorted(graphs.graphs) == [1, 2, 4]
+    three = build_flat_batch([ScheduledSequence([5], 3, [i]) for i in range(3)], BLOCK)
+    capsys.readouterr()
+    with torch.inference_mode():
+        assert graphs.run(three) is None  # the runner then runs the step eagerly
+    assert "decode graph capture failed" in capsys.readouterr().out
+    assert graphs.graphs[3] is None
+    with torch.inference_mode():
+        assert graphs.run(three) is None and graphs.run(batch) is not None

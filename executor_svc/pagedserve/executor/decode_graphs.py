@@ -26,14 +26,17 @@ Per device:
 - CPU, with the C kernels: each forward pass recorded as its list of kernel calls
   (kernels/pagedserve/kernels/cpu_graph.py, `CpuCapture`), every size from 1 to
   MAX_CPU_CAPTURE_SIZE (`cpu_capture_sizes`): on the CPU a padding row costs what a real one
-  does, and the sizes share their memory, so no step pads. A recorded pass that read a tensor
-  where no operator shows it would replay a stale decision, so after capture the smallest and
-  largest graphs are replayed on a probe batch and compared with the model run eagerly
-  (`check_replays`).
+  does, and the sizes share their memory, so no step pads. Capturing a size is running its
+  pass once, recorded, so each is captured on the first step that needs it (`lazy`): no
+  start-up time for 64 sizes (~6 s for the default model), nothing for sizes no step uses. A
+  recorded pass that read a tensor where no operator shows it would replay a stale decision,
+  so at start-up the smallest and largest graphs are captured and replayed on probe batches
+  and compared with the model run eagerly (`check_replays`).
 
 When (`eager_reason`): on those two, unless --enforce-eager. Also only with one rank for now:
 with tensor parallelism the all-reduces would be captured too, and that is unmeasured. A capture
-that fails is logged with its error, and the executor runs eagerly.
+that fails is logged with its error, and the executor runs eagerly (a CPU size captured on
+first use that fails runs eagerly from then on).
 
 Memory: the graphs share one memory pool (CUDA) or arena (CPU), captured from the largest size
 down, so the smaller ones reuse its memory. It holds the activations of the largest size (one
@@ -144,10 +147,12 @@ class CpuCapture:
 
 class DecodeGraphs:
     """A model's forward pass captured for decode-only batches of each of `sizes` (ascending),
-    over static input buffers; `run` replays the one that fits a batch."""
+    over static input buffers; `run` replays the one that fits a batch. All are captured now,
+    largest first, or with `lazy` each on the first step that needs it (then replayed for it)."""
 
     def __init__(self, model: nn.Module, sizes: list[int], max_model_len: int, block_size: int,
-                 device: torch.device, capture: Capture):
+                 device: torch.device, capture: Capture, lazy: bool = False):
+        self.model, self.capture = model, capture
         self.sizes = sizes
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -159,12 +164,18 @@ class DecodeGraphs:
                                         device=device)
         self.seq_lens = torch.ones(rows, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
+        # size -> (replay, output); None for a size whose capture failed (it runs eagerly)
+        self.graphs: dict[int, tuple[Callable[[], None], torch.Tensor] | None] = {}
+        self.capture_seconds = 0.0
+        if not lazy:
+            for size in reversed(sizes):  # largest first: the smaller reuse its memory
+                self._capture(size)
+
+    def _capture(self, size: int) -> None:
         started = time.perf_counter()
         with torch.inference_mode():
-            # Largest first: the smaller graphs reuse the pool's blocks.
-            self.graphs = {size: capture(functools.partial(self._forward, model, size))
-                           for size in reversed(sizes)}
-        self.capture_seconds = time.perf_counter() - started
+            self.graphs[size] = self.capture(functools.partial(self._forward, self.model, size))
+        self.capture_seconds += time.perf_counter() - started
 
     def _forward(self, model: nn.Module, size: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -190,18 +201,32 @@ class DecodeGraphs:
         self.seq_lens[:num_seqs].copy_(meta.seq_lens)
         # Rows a larger batch left behind are padding now: their slots must not be written.
         self.slot_mapping[num_seqs:size] = -1
-        replay, output = self.graphs[size]
+        if size not in self.graphs:
+            try:
+                # The capture may have written the step's K/V already: the replay (or the eager
+                # pass, if it failed) writes the same values again.
+                self._capture(size)
+            except cpu_graph.CaptureError as exc:
+                log.warning("decode graph capture failed: steps of this size run eagerly",
+                            batch_size=size, error=str(exc))
+                self.graphs[size] = None
+        graph = self.graphs[size]
+        if graph is None:
+            return None
+        replay, output = graph
         replay()
         return output[:num_seqs]
 
 
 def check_replays(graphs: DecodeGraphs, model: nn.Module) -> None:
-    """Replay the smallest and the largest graph on a probe batch (random tokens and contexts;
-    its slots are -1, so the cache is left as it is) and compare with the model run eagerly on
-    it; raises RuntimeError where they differ."""
+    """Replay the smallest and the largest graph on two probe batches each (random tokens and
+    contexts; their slots are -1, so the cache is left as it is; a lazy graph is captured on
+    the first) and compare with the model run eagerly on them; raises RuntimeError where they
+    differ, or where a capture failed."""
     generator = torch.Generator().manual_seed(0)
     vocab_size = model.config.vocab_size
-    for size in sorted({graphs.sizes[0], graphs.sizes[-1]}):
+    sizes = sorted({graphs.sizes[0], graphs.sizes[-1]})
+    for size in [size for size in sizes for _ in range(2)]:  # the second probe replays
         contexts = torch.randint(min(graphs.max_model_len, PROBE_CONTEXT), (size,),
                                  generator=generator).tolist()
         tokens = torch.randint(vocab_size, (size,), generator=generator).tolist()
@@ -210,7 +235,10 @@ def check_replays(graphs: DecodeGraphs, model: nn.Module) -> None:
              for token, context in zip(tokens, contexts, strict=True)], graphs.block_size)
         batch.meta.slot_mapping.fill_(-1)
         with torch.inference_mode():
-            replayed = graphs.run(batch).clone()
+            replayed = graphs.run(batch)
+            if replayed is None:
+                raise RuntimeError(f"the {size}-sequence graph could not be captured")
+            replayed = replayed.clone()
             eager = model(batch.input_ids, batch.positions, batch.meta)
         if not torch.allclose(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3):
             difference = (replayed.float() - eager.float()).abs().max().item()
@@ -227,7 +255,9 @@ def capture_decode_graphs(model: nn.Module, max_num_seqs: int, max_model_len: in
     else:
         sizes, capture = cpu_capture_sizes(max_num_seqs), CpuCapture()
     try:
-        graphs = DecodeGraphs(model, sizes, max_model_len, block_size, device, capture)
+        # On the CPU, capturing is running the pass once: each size on its first step.
+        graphs = DecodeGraphs(model, sizes, max_model_len, block_size, device, capture,
+                              lazy=isinstance(capture, CpuCapture))
         if isinstance(capture, CpuCapture):
             check_replays(graphs, model)
     except RuntimeError as exc:
@@ -236,6 +266,8 @@ def capture_decode_graphs(model: nn.Module, max_num_seqs: int, max_model_len: in
         return None
     memory = {"memory_mib": round(capture.arena.nbytes / 2**20, 1)} \
         if isinstance(capture, CpuCapture) else {}
-    log.info("decode graphs captured", device=device.type, batch_sizes=len(sizes),
-             largest=sizes[-1], seconds=round(graphs.capture_seconds, 2), **memory)
+    captured = sum(graph is not None for graph in graphs.graphs.values())
+    log.info("decode graphs ready", device=device.type, batch_sizes=len(sizes),
+             largest=sizes[-1], captured=captured, seconds=round(graphs.capture_seconds, 2),
+             **memory)
     return graphs
