@@ -38,6 +38,8 @@ def bench(url: str, concurrency: int, args: argparse.Namespace, result: pathlib.
             str(args.output_len), "--num-prompts", str(max(8, 4 * concurrency)),
             "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0",
             "--seed", "0", "--num-warmups", "2", "--disable-tqdm", "--result-json", str(result)]
+    if args.random_vocab_size:
+        argv += ["--random-vocab-size", str(args.random_vocab_size)]
     if subprocess.run(argv, stdout=subprocess.DEVNULL).returncode not in (0, 1):
         raise RuntimeError(f"pagedserve bench serve could not run: {' '.join(argv)}")
     output = json.loads(result.read_text())
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--random-vocab-size", type=int, default=None,
+                        help="token ids drawn below this (a model with a small vocabulary)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
