@@ -34,7 +34,9 @@ state. The first mode is the baseline the others are reported against.
 `--graphs` adds, for each mode, its step replayed from a CPU graph (executor decode_graphs.py:
 the forward pass recorded once as its kernel calls) on the same model, timed in turn with the
 others; decode-only batches and the cpu kernels only. A replay calls the kernels without their
-Python wrappers, so its attention is not timed ("-").
+Python wrappers, so its attention is not timed ("-"); the report says how long its capture
+took (the step run once while recorded: what the first decode step of a batch size costs a
+server, which captures each size on first use).
 
 To compare two versions of the kernels, run this script from each checkout, alternating
 (`git worktree add /tmp/old <commit>; cd /tmp/old && python <this script>`); each checkout
@@ -125,9 +127,12 @@ def main() -> None:
         return lambda: model.compute_logits(model(batch.input_ids, batch.positions,
                                                   batch.meta)[batch.last_token_rows])
 
-    def graph_step(model):
+    captures = {}
+
+    def graph_step(model, mode):
         graphs = DecodeGraphs(model, [args.batch], blocks_per_seq * args.block_size,
                               args.block_size, torch.device("cpu"), CpuCapture())
+        captures[mode] = graphs.capture_seconds
         return lambda: model.compute_logits(graphs.run(batch)[batch.last_token_rows])
 
     steps_of = {}
@@ -144,7 +149,7 @@ def main() -> None:
         mode = f"quantization {quantization}, kv {kv_cache_dtype}"
         steps_of[mode] = eager_step(model)
         if args.graphs:
-            steps_of[f"{mode}, graphs"] = graph_step(model)
+            steps_of[f"{mode}, graphs"] = graph_step(model, f"{mode}, graphs")
 
     steps = {mode: [] for mode in steps_of}
     attention = {mode: [] for mode in steps_of}
@@ -164,8 +169,8 @@ def main() -> None:
     attention_base = statistics.median(attention[first])
     for mode in steps_of:
         step, attended = statistics.median(steps[mode]), statistics.median(attention[mode])
-        timed_attention = "-" if mode.endswith("graphs") else \
-            f"{attended * 1e3:.1f} ms ({attended / attention_base:.2f}x)"
+        timed_attention = f"- (captured in {captures[mode] * 1e3:.0f} ms)" \
+            if mode in captures else f"{attended * 1e3:.1f} ms ({attended / attention_base:.2f}x)"
         print(f"{args.kernels} kernels, {mode}, batch {args.batch} "
               f"({args.prefills} prefills of {args.prefill_len} tokens), "
               f"context ~{args.context}, {args.block_order} blocks, "

@@ -22,14 +22,16 @@ static input buffers hold.
 What cannot be replayed fails the capture (`CaptureError`, naming the operator), so the caller
 runs eagerly: an operator whose result reaches Python (`.item()`, `torch.equal`: Python would
 decide on a value the replay cannot change) or whose output's shape depends on the values
-(`nonzero`, boolean masks). What no operator shows (`.tolist()`, NumPy) cannot be seen; the
-decode graphs' tests replay each model family against its eager twin.
+(`nonzero`, boolean masks; the MoE families' routing). What no operator shows (`.tolist()`,
+NumPy) cannot be seen here: the executor replays its graphs on probe batches against the eager
+pass before using them (decode_graphs.check_replays), and the tests replay each model family.
 
-Memory: every tensor the recorded run allocated is kept, since the recorded calls point into it.
-`torch.empty` and `empty_like` (where the kernel wrappers allocate their outputs) are served from
-an `Arena` that every capture sharing it starts at its beginning: graphs that never run at the
-same time (one per batch size) use the same memory, as CUDA graphs share a pool. A replay's output
-is therefore valid until the next replay of any graph of the arena.
+Memory: every tensor the recorded run allocated is kept, since the recorded calls point into it
+(within a pass, no two intermediates share memory). `torch.empty` and `empty_like` (where the
+kernel wrappers allocate their outputs) are served from an `Arena` that every capture sharing it
+starts at its beginning: graphs that never run at the same time (one per batch size) use the same
+memory, as CUDA graphs share a pool. A replay's output is therefore valid until the next replay
+or capture of any graph of the arena.
 """
 
 from __future__ import annotations
