@@ -148,7 +148,9 @@ class CpuCapture:
 class DecodeGraphs:
     """A model's forward pass captured for decode-only batches of each of `sizes` (ascending),
     over static input buffers; `run` replays the one that fits a batch. All are captured now,
-    largest first, or with `lazy` each on the first step that needs it (then replayed for it)."""
+    largest first, or with `lazy` each on the first step that needs it, whose output the
+    capture computes (a CPU capture runs the pass; a CUDA capture does not, so it is never
+    lazy)."""
 
     def __init__(self, model: nn.Module, sizes: list[int], max_model_len: int, block_size: int,
                  device: torch.device, capture: Capture, lazy: bool = False):
@@ -201,15 +203,16 @@ class DecodeGraphs:
         self.seq_lens[:num_seqs].copy_(meta.seq_lens)
         # Rows a larger batch left behind are padding now: their slots must not be written.
         self.slot_mapping[num_seqs:size] = -1
-        if size not in self.graphs:
+        if size not in self.graphs:  # lazy: a CPU capture runs the pass, so this is the step
             try:
-                # The capture may have written the step's K/V already: the replay (or the eager
-                # pass, if it failed) writes the same values again.
                 self._capture(size)
             except cpu_graph.CaptureError as exc:
+                # The eager pass writes again the K/V the capture may have written.
                 log.warning("decode graph capture failed: steps of this size run eagerly",
                             batch_size=size, error=str(exc))
                 self.graphs[size] = None
+                return None
+            return self.graphs[size][1][:num_seqs]
         graph = self.graphs[size]
         if graph is None:
             return None
