@@ -23,7 +23,8 @@ def test_both_modes_serve_and_are_summarized(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(model_dir), "--dtype", "float32",
          "--concurrency", "1", "2", "--rounds", "1", "--input-len", "8", "--output-len", "4",
-         "--random-vocab-size", "200", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+         "--random-vocab-size", "200", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     runs = report["runs"]
