@@ -5,8 +5,9 @@ A decode step of a small or mid-sized model is bound by the Python that drives i
 by the kernels: on a GPU every layer is a dozen launches of a few microseconds each; on the CPU
 the default model's step at batch 1 spends ~4 of ~8 ms in Python between its C kernels. A step
 in which every request decodes one token runs the same kernels every time for a given number of
-requests, so at start-up the executor captures the model's forward pass once per batch size,
-and a decode-only step then replays the graph of the smallest size that holds it
+requests, so the executor captures the model's forward pass once per batch size (at start-up
+on a GPU, on first use on the CPU), and a decode-only step replays the graph of the smallest
+size that holds it
 (`DecodeGraphs.run`). The graphs read their inputs from static buffers, which a step fills
 with its batch and pads up to the graph's size. A padding row's slot is -1, which every kernel
 set's KV write skips (attention.write_kv_cache), so it writes nothing. Its token, position,
@@ -38,11 +39,12 @@ with tensor parallelism the all-reduces would be captured too, and that is unmea
 that fails is logged with its error, and the executor runs eagerly (a CPU size captured on
 first use that fails runs eagerly from then on).
 
-Memory: the graphs share one memory pool (CUDA) or arena (CPU), captured from the largest size
-down, so the smaller ones reuse its memory. It holds the activations of the largest size (one
-token per sequence: far less than the profiling pass's full token budget). On a GPU it comes on
-top of the KV cache and is taken from the headroom that --gpu-memory-utilization leaves; on the
-CPU it comes on top of --kv-cache-gib and is logged at start-up.
+Memory: the graphs share one memory pool (CUDA) or arena (CPU), whose memory each reuses (on a
+GPU captured from the largest size down; on the CPU the start-up check captures the largest).
+It holds the activations of the largest size (one token per sequence: far less than the
+profiling pass's full token budget). On a GPU it comes on top of the KV cache and is taken
+from the headroom that --gpu-memory-utilization leaves; on the CPU it comes on top of
+--kv-cache-gib and is logged at start-up.
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ log = structlog.get_logger(__name__)
 # The largest batch captured on a GPU (vLLM's default too): a larger decode step runs eagerly,
 # where launch overhead is a small share of its time.
 MAX_CAPTURE_SIZE = 512
-# The largest on the CPU. The default model's step spends ~4-7 ms in Python whatever the batch
-# (docs/performance.md, "Decode steps replayed on the CPU"): 2x at batch 1, 1.15x at 64, less
-# beyond, while the arena grows with the size (~1 MB a sequence for the default model).
+# The largest on the CPU. A replay saves the default model's step 5-9 ms of Python whatever
+# the batch (docs/performance.md, "Decode steps replayed on the CPU"): 0.6x the step at batch 1,
+# 0.9x at 64, less beyond, while the arena grows with the size (48 MiB at 64 for that model).
 MAX_CPU_CAPTURE_SIZE = 64
 # The probe batch's contexts (check_replays): long enough to span several blocks.
 PROBE_CONTEXT = 64
