@@ -240,11 +240,14 @@ def test_cpu_sizes_are_captured_on_first_use_and_a_failed_one_runs_eagerly(tiny_
     graphs = capture_decode_graphs(ReadsAValueAtBatchSize(model, 3), 4, MAX_MODEL_LEN, BLOCK,
                                    torch.device("cpu"))
     assert sorted(graphs.graphs) == [1, 4]  # the probes' sizes; the others wait for a step
-    batch = build_flat_batch([ScheduledSequence([5 + i], 1 + i, [i]) for i in range(2)], BLOCK)
-    with torch.inference_mode():
-        replayed = graphs.run(batch).clone()
-        torch.testing.assert_close(replayed, model(batch.input_ids, batch.positions, batch.meta))
-    assert sorted(graphs.graphs) == [1, 2, 4]
+    for first_token in (5, 9):  # captured by the first step of two sequences, then replayed
+        batch = build_flat_batch([ScheduledSequence([first_token + i], 1 + i, [i])
+                                  for i in range(2)], BLOCK)
+        with torch.inference_mode():
+            replayed = graphs.run(batch).clone()
+            torch.testing.assert_close(replayed,
+                                       model(batch.input_ids, batch.positions, batch.meta))
+        assert sorted(graphs.graphs) == [1, 2, 4]
     three = build_flat_batch([ScheduledSequence([5], 3, [i]) for i in range(3)], BLOCK)
     capsys.readouterr()
     with torch.inference_mode():
