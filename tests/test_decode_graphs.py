@@ -7,6 +7,7 @@ runners) run every scenario through this path against transformers, and
 tests/test_model_families.py each family's CPU graphs."""
 
 import pytest
+import structlog
 import torch
 
 from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
@@ -207,16 +208,20 @@ def test_replays_are_checked_against_the_eager_pass(tiny_llama_dir):
 
 
 @needs_c_kernels
-def test_a_refused_capture_leaves_the_executor_eager(tiny_llama_dir, capsys):
+def test_a_refused_capture_leaves_the_executor_eager(tiny_llama_dir):
     model = load_model(tiny_llama_dir, torch.float32)
     bind_kernels(model, cpu_kernel_set())
     allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
-    assert capture_decode_graphs(ReadsATokenOnTheHost(model), 4, MAX_MODEL_LEN, BLOCK,
-                                 torch.device("cpu")) is None
-    assert "decode graph capture failed" in capsys.readouterr().out
-    graphs = capture_decode_graphs(model, 4, MAX_MODEL_LEN, BLOCK, torch.device("cpu"))
+    with structlog.testing.capture_logs() as logs:
+        assert capture_decode_graphs(ReadsATokenOnTheHost(model), 4, MAX_MODEL_LEN, BLOCK,
+                                     torch.device("cpu")) is None
+        graphs = capture_decode_graphs(model, 4, MAX_MODEL_LEN, BLOCK, torch.device("cpu"))
     assert graphs.sizes == [1, 2, 3, 4]
-    assert "decode graphs ready" in capsys.readouterr().out
+    assert [log["event"] for log in logs if log["log_level"] != "info"] == [
+        "decode graph capture failed: decode steps run eagerly (--enforce-eager skips the "
+        "capture)"]
+    ready, = (log for log in logs if log["event"] == "decode graphs ready")
+    assert ready["captured"] == 2 and ready["memory_mib"] > 0
 
 
 class ReadsAValueAtBatchSize(torch.nn.Module):
@@ -232,8 +237,7 @@ class ReadsAValueAtBatchSize(torch.nn.Module):
 
 
 @needs_c_kernels
-def test_cpu_sizes_are_captured_on_first_use_and_a_failed_one_runs_eagerly(tiny_llama_dir,
-                                                                            capsys):
+def test_cpu_sizes_are_captured_on_first_use_and_a_failed_one_runs_eagerly(tiny_llama_dir):
     model = load_model(tiny_llama_dir, torch.float32)
     bind_kernels(model, cpu_kernel_set())
     allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
@@ -249,10 +253,10 @@ def test_cpu_sizes_are_captured_on_first_use_and_a_failed_one_runs_eagerly(tiny_
                                        model(batch.input_ids, batch.positions, batch.meta))
         assert sorted(graphs.graphs) == [1, 2, 4]
     three = build_flat_batch([ScheduledSequence([5], 3, [i]) for i in range(3)], BLOCK)
-    capsys.readouterr()
-    with torch.inference_mode():
+    with torch.inference_mode(), structlog.testing.capture_logs() as logs:
         assert graphs.run(three) is None  # the runner then runs the step eagerly
-    assert "decode graph capture failed" in capsys.readouterr().out
+    failed, = logs
+    assert failed["batch_size"] == 3 and "aten.item" in failed["error"]
     assert graphs.graphs[3] is None
     with torch.inference_mode():
         assert graphs.run(three) is None and graphs.run(batch) is not None
