@@ -54,8 +54,10 @@ def test_a_replay_recomputes_from_what_the_inputs_hold_now():
     inputs, arena = Inputs(0), Arena()
     graph, output = capture(lambda: c_kernels_and_operators(inputs), arena)
     torch.testing.assert_close(output, reference(inputs))
-    kernels = [call for call, _ in graph.calls if hasattr(call, "argtypes")]
-    assert [k.__name__ for k in kernels] == ["rms_norm", "silu_and_mul"]
+    kernels = [(call, args) for call, args in graph.calls if hasattr(call, "argtypes")]
+    assert [call.__name__ for call, _ in kernels] == ["rms_norm", "silu_and_mul"]
+    # A replay reads a kernel's result as its status: these have none, and say so.
+    assert [call(*args) for call, args in kernels] == [None, None]
     # mul, cat, add_ and the gather; the views and allocations are not replayed
     assert len(graph.calls) == 2 + 4
     for seed in (1, 2):
