@@ -21,7 +21,8 @@ MAX_GRAPH_SEQS = 8
 class PagedRun:
     """Drives the model step by step with a trivial block allocator (each sequence takes
     fresh blocks as it grows). With `graphs`, decode-only steps replay CPU graphs of the model
-    (its kernels the C set), captured and checked as the executor does; `replays` counts them."""
+    (its kernels the C set), captured and checked as the executor does (each size by its first
+step); `replays` counts the steps they served."""
 
     def __init__(self, model, graphs: bool = False):
         self.model = model
@@ -33,7 +34,7 @@ class PagedRun:
         if graphs:
             self.graphs = DecodeGraphs(model, cpu_capture_sizes(MAX_GRAPH_SEQS),
                                        NUM_BLOCKS * BLOCK, BLOCK, torch.device("cpu"),
-                                       CpuCapture())
+                                       CpuCapture(), lazy=True)
             check_replays(self.graphs, model)
 
     def step(self, work: list[tuple[list[int], list[int], int]]) -> torch.Tensor:
