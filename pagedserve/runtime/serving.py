@@ -23,7 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 # Internal messages carry tokenizer files (a large vocabulary's tokenizer.json is ~10 MB) and
 # long prompts; gRPC's 4 MB default is too small. Servers and channels use the same limits.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = (
+GrpcOptions = tuple[tuple[str, object], ...]
+GRPC_OPTIONS: GrpcOptions = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
@@ -32,23 +33,37 @@ GRPC_OPTIONS = (
 # stream carries no data (a request waiting in the queue), and drop the connection, failing its
 # calls with UNAVAILABLE, when a ping goes unanswered for KEEPALIVE_TIMEOUT_S (gRPC core enforces
 # that bound through its ping timeout; its keepalive timeout alone never fires, and the ping
-# timeout defaults to a minute). Servers accept pings that often (gRPC's default would answer
-# them with GOAWAY "too_many_pings").
+# timeout defaults to a minute). Servers accept pings that often: gRPC's default (one every five
+# minutes while no data flows) answers the third early one with GOAWAY "too_many_pings", which
+# fails every call on the connection, so a stream quiet for ~50 s (a request waiting in the queue,
+# an idle executor's Run stream, a long prefill on a slow CPU) would be cut. The option's name is
+# the string gRPC core reads (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS is
+# "grpc.http2.min_ping_interval_without_data_ms"; the "min_recv_..." spelling is silently ignored).
 KEEPALIVE_S = 10
 KEEPALIVE_TIMEOUT_S = 10
-CHANNEL_OPTIONS = (
-    *GRPC_OPTIONS,
-    ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
-SERVER_OPTIONS = (
-    *GRPC_OPTIONS,
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
-)
+
+
+def channel_options(keepalive_s: float = KEEPALIVE_S,
+                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> GrpcOptions:
+    """Every channel's options: the message limits and keepalive pings every `keepalive_s`."""
+    return (*GRPC_OPTIONS,
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0))
+
+
+def server_options(min_ping_interval_s: float = KEEPALIVE_S / 2) -> GrpcOptions:
+    """Every server's options: the message limits, and pings accepted as often as every
+    `min_ping_interval_s` while no data flows (more often still counts against the peer)."""
+    return (*GRPC_OPTIONS,
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(min_ping_interval_s * 1000)))
+
+
+CHANNEL_OPTIONS = channel_options()
+SERVER_OPTIONS = server_options()
 # Seconds in-flight RPCs get to finish after a stop signal.
 STOP_GRACE_S = 5.0
 
