@@ -22,7 +22,7 @@ import functools
 
 import linear_steps
 import torch
-from linear_steps import alternated_step_ms, step_shapes
+from linear_steps import alternated_step_ms, engine_bf16_linear, step_shapes
 
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.quantization import GroupedWeight, value_bits
@@ -40,27 +40,19 @@ def random_weight(n: int, k: int, fmt: str, gen: torch.Generator) -> GroupedWeig
 
 
 def variants(n: int, k: int, gen: torch.Generator) -> tuple[dict, dict]:
-    """Each variant's callable on bf16 activations, and its weight's float64 dequantization."""
+    """Each variant's (callable on bf16 activations, weight bytes, format), and each format's
+    float64 dequantization."""
     fns, dequantized = {}, {}
     for fmt in WIDTHS:
         weight = random_weight(n, k, fmt, gen)
         dequantized[fmt] = weight.dequantized(torch.float64)
         for bits in (value_bits(weight.qweight), 8):
             packed = cpu_kernels.pack_grouped_cpu(weight, bits)
-            fns[f"{fmt} in {bits} bits"] = (packed, fmt)
-    bf16 = cpu_kernels.pack_linear_cpu(dequantized["Q6_K"].bfloat16())
-    fns["bf16 packed"] = (bf16, "Q6_K")
+            fns[f"{fmt} in {bits} bits"] = (
+                functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
+                packed.nbytes, fmt)
+    fns["bf16 packed"] = (*engine_bf16_linear(dequantized["Q6_K"].bfloat16()), "Q6_K")
     return fns, dequantized
-
-
-def run(weight, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(weight, cpu_kernels.PackedGroupedWeight):
-        return cpu_kernels.quantized_linear_cpu(x, weight, None)
-    return cpu_kernels.packed_linear_cpu(x, weight, None)
-
-
-def nbytes(weight) -> int:
-    return weight.nbytes  # a packed weight's, or a (oneDNN) tensor's
 
 
 def measure(batch: int, rounds: int, seed: int = 0) -> dict:
@@ -70,13 +62,13 @@ def measure(batch: int, rounds: int, seed: int = 0) -> dict:
         fns, dequantized = variants(n, k, gen)
         x = torch.randn(batch, k, generator=gen).bfloat16()
         errors.append({})
-        for name, (weight, fmt) in fns.items():
+        for name, (fn, nbytes, fmt) in fns.items():
             reference = x.double() @ dequantized[fmt].T
-            errors[-1][name] = ((run(weight, x).double() - reference).abs().max()
+            errors[-1][name] = ((fn(x).double() - reference).abs().max()
                                 / reference.abs().max()).item()
-            weight_bytes[name] = weight_bytes.get(name, 0) + nbytes(weight) * count
-        layers.append(({name: functools.partial(run, weight, x)
-                        for name, (weight, _) in fns.items()}, count))
+            weight_bytes[name] = weight_bytes.get(name, 0) + nbytes * count
+        layers.append(({name: functools.partial(fn, x) for name, (fn, _, _) in fns.items()},
+                       count))
     return {name: {"step_ms": ms, "weight_bytes": weight_bytes[name],
                    "max_rel_err": max(e[name] for e in errors)}
             for name, ms in alternated_step_ms(layers, rounds).items()}

@@ -12,7 +12,7 @@ Variants, all with per-output-channel symmetric int8 weights (W8A16 unless said)
   per step to int8 too; a different accuracy class, timed for comparison);
 - bf16 packed: the bf16 weight as `pack_linear_cpu` packs it, what the engine's cpu kernel set
   runs for a bf16 model (for bf16_linear.c on AVX-512 BF16 CPUs since 2026-12-06; oneDNN's
-  blocked layout before that, and elsewhere);
+  blocked layout before that, and elsewhere; unpacked, F.linear, on CPUs with no bf16 path);
 - C W8A16 / C W8A8: pagedserve's own int8 kernel (kernels/pagedserve/kernels/csrc/int8_linear.c),
   what `--quantization int8` / `w8a8_int8` run on the CPU.
 
@@ -28,7 +28,7 @@ import functools
 import linear_steps
 import torch
 import torch.nn.functional as F
-from linear_steps import alternated_step_ms, step_shapes
+from linear_steps import alternated_step_ms, engine_bf16_linear, step_shapes
 
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.quantization import Int8Weight, quantize_int8
@@ -46,13 +46,11 @@ def variants(weight: torch.Tensor) -> dict[str, tuple]:
     dynamic.set_weight_bias(torch.quantize_per_channel(
         dequantized, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
         torch.qint8), None)
-    bf16_packed = cpu_kernels.pack_linear_cpu(bf16_w)
     w8a16, w8a8 = (cpu_kernels.pack_int8_cpu(Int8Weight(q, scale, dynamic_activations))
                    for dynamic_activations in (False, True))
     return {
         "bf16": (lambda x: F.linear(x, bf16_w), torch.bfloat16),
-        "bf16 packed": (lambda x: cpu_kernels.packed_linear_cpu(x, bf16_packed, None),
-                        torch.bfloat16),
+        "bf16 packed": (engine_bf16_linear(bf16_w)[0], torch.bfloat16),
         "C W8A16": (lambda x: cpu_kernels.int8_linear_cpu(x, w8a16, None), torch.bfloat16),
         "C W8A8": (lambda x: cpu_kernels.int8_linear_cpu(x, w8a8, None), torch.bfloat16),
         "fp32": (lambda x: F.linear(x, fp32_w), torch.float32),

@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from pagedserve.kernels import cpu_kernels
 
 # SmolLM2-135M: hidden 576, 9 query and 3 KV heads of 64, intermediate 1536, vocabulary 49152.
 LAYER_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
@@ -21,6 +24,17 @@ LM_HEAD = (49152, 576)
 def step_shapes() -> list[tuple[int, int, int]]:
     """(out features, in features, times per step) of every linear layer of a step."""
     return [(n, k, NUM_LAYERS) for n, k in LAYER_SHAPES.values()] + [(*LM_HEAD, 1)]
+
+
+def engine_bf16_linear(weight: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                       int]:
+    """What the engine's cpu kernel set runs for a bf16 Linear, and the bytes its weight takes:
+    the weight as `pack_linear_cpu` packs it, or the plain weight through F.linear where this
+    CPU has no bf16 packing (AVX2)."""
+    packed = cpu_kernels.pack_linear_cpu(weight)
+    if packed is None:
+        return (lambda x: F.linear(x, weight)), weight.nbytes
+    return (lambda x: cpu_kernels.packed_linear_cpu(x, packed, None)), packed.nbytes
 
 
 def alternated_step_ms(layers: Sequence[tuple[dict[str, Callable[[], object]], int]],

@@ -10,7 +10,13 @@ machine they are built on (the figures: docs/performance.md, "Why the CPU kernel
 
 The library is compiled at first use with the machine's C compiler (`cc`, or $CC) into
 $XDG_CACHE_HOME/pagedserve/kernels (or ~/.cache/pagedserve/kernels), named by the hash of its
-source and flags, so later starts load it at once. With no compiler, `available()` is False and
+source, its flags and what `-march` resolves to on this machine (the compiler's predefined
+macros: a cache shared by machines of different CPUs, an image's or a network home, never hands
+one a build with instructions it lacks), so later starts load it at once. The kernels are
+written for AVX-512 (BF16, VNNI) where the CPU has it, with portable C elsewhere (AVX2
+machines: the compiler vectorizes it); $PAGEDSERVE_CPU_KERNELS_MARCH builds for another
+`-march` than `native` (the tests build `x86-64-v3`, AVX2, to check the portable paths on an
+AVX-512 machine). With no compiler, `available()` is False and
 kernels/pagedserve/kernels/dispatch.py keeps the PyTorch path. Loading checks the ctypes mirrors
 of the C structs against the layouts the library reports (`check_layout`) and raises where they
 disagree.
@@ -61,8 +67,10 @@ SOURCES = [SOURCE_DIR / "attention.c", SOURCE_DIR / "layers.c", SOURCE_DIR / "in
            SOURCE_DIR / "bf16_linear.c"]
 # Reassociation lets the dot products over head_dim vectorise; finite-math is left off, since
 # the kernel relies on -inf (masked softmax) and NaN (bf16 rounding).
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno",
-         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
+         "-fno-signed-zeros", "-fno-trapping-math"]
+# The instruction set the library is built for: `native` unless this names another -march.
+MARCH_ENV = "PAGEDSERVE_CPU_KERNELS_MARCH"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # A KV cache's storage formats (FORMAT_* in csrc/common.h): the queries' dtype, or fp8.
 KV_FORMATS = {**DTYPES, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
@@ -122,14 +130,20 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "pagedserve" / "kernels"
 
 
-def _compile(compiler: str, target: pathlib.Path) -> None:
+def _compile(compiler: str, flags: list[str], target: pathlib.Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target, then rename: concurrent first starts never load a partial file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = pathlib.Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], check=True,
+        subprocess.run([compiler, *flags, "-o", str(built), *map(str, SOURCES)], check=True,
                        capture_output=True, text=True)
         built.replace(target)
+
+
+def _target_macros(compiler: str, march: str) -> str:
+    """What `-march` resolves to here: the compiler's predefined macros (__AVX512F__, ...)."""
+    return subprocess.run([compiler, march, "-dM", "-E", "-"], input="", check=True,
+                          capture_output=True, text=True).stdout
 
 
 @functools.cache
@@ -138,19 +152,21 @@ def _loaded_library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: the CPU kernels are not built; the PyTorch path runs")
         return None
-    digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
-    for source in sorted(SOURCE_DIR.iterdir()):
-        digest.update(source.read_bytes())
-    target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
-    if not target.exists():
-        try:
-            _compile(compiler, target)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", "") or str(exc)
-            log.warning("building the CPU kernels failed; the PyTorch path runs",
-                        compiler=compiler, error=detail.strip()[-2000:])
-            return None
-        log.info("built the CPU kernels", path=str(target))
+    flags = [f"-march={os.environ.get(MARCH_ENV) or 'native'}", *FLAGS]
+    try:
+        digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
+        digest.update(_target_macros(compiler, flags[0]).encode())
+        for source in sorted(SOURCE_DIR.iterdir()):
+            digest.update(source.read_bytes())
+        target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+        if not target.exists():
+            _compile(compiler, flags, target)
+            log.info("built the CPU kernels", path=str(target), flags=flags)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        log.warning("building the CPU kernels failed; the PyTorch path runs",
+                    compiler=compiler, error=detail.strip()[-2000:])
+        return None
     library = ctypes.CDLL(str(target))
     check_layout("DecodeShape", _DecodeShape, *_c_layout(library, "decode_shape_layout"))
     for attention in (library.paged_decode_attention, library.paged_prefill_attention):
@@ -455,8 +471,9 @@ def bf16_linear_supported() -> bool:
 
 def pack_linear_cpu(weight: torch.Tensor) -> PackedBf16Weight | torch.Tensor | None:
     """A bfloat16 weight [out, in] packed for `packed_linear_cpu`: for bf16_linear.c on CPUs
-    with AVX-512 BF16 (an even `in`), else in oneDNN's blocked layout; None for other dtypes
-    (float32 matmuls go to MKL, which gains nothing from it) or without either."""
+    with AVX-512 BF16 (an even `in`), else in oneDNN's blocked layout where oneDNN has a bf16
+    path on this CPU (AVX-512 or AVX-NE-CONVERT); None for other dtypes (float32 matmuls go to
+    MKL, which gains nothing from it) or without either (an AVX2 CPU: PyTorch's own matmul)."""
     if weight.dtype != torch.bfloat16:
         return None
     out_features, in_features = weight.shape
@@ -465,7 +482,7 @@ def pack_linear_cpu(weight: torch.Tensor) -> PackedBf16Weight | torch.Tensor | N
         rows = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
         data = rows.view(-1, BF16_CHANNELS, in_features // 2, 2).permute(0, 2, 1, 3)
         return PackedBf16Weight(data.contiguous(), out_features, in_features)
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     # The batch-size hint only tunes the layout, not which batch sizes it serves.
     return torch.ops.mkldnn._reorder_linear_weight(weight, 64)

@@ -760,6 +760,152 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
     return xf;
 }
 
+#if !INT8_SIMD
+/* Without the AVX-512 kernels (AVX2 and other CPUs): the compiler vectorizes these loops for
+ * whatever the machine has (-march=native). Each block of 16 channels is dequantized once into
+ * float32 (s * q + o), then every row's 16 dot products over it, 4 rows at a time so that each
+ * weight loaded serves 4 of them. Extracting the bits costs the same per call for any number
+ * of rows; before, the scalar loop extracted every weight again for each row. */
+static inline __attribute__((always_inline)) void dequantize_block(
+        const uint8_t *w, const int64_t bits, const void *scales, const void *offsets,
+        int64_t half, int64_t group, int64_t k, float *wf) {
+    for (int64_t c = 0; c < GROUP; c++)
+        for (int64_t g = 0; g < k / group; g++) {
+            const float s = factor_at(scales, g * GROUP + c, half);
+            const float o = offsets ? factor_at(offsets, g * GROUP + c, half) : 0.0f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++)
+                wf[c * k + i] = s * (float)grouped_at(w, bits, k, c, i) + o;
+        }
+}
+
+/* Rows [m, m + rows) (rows <= 4) of out, channels c0 .. c0 + 15 (those below n), from the
+ * dequantized block wf [16][k] and x in float32 (xf, rows k apart). */
+static void block_rows(int64_t rows, const float *xf, const float *wf, int64_t k,
+                       const void *bias, int64_t bf16, int64_t n, int64_t c0, char *out,
+                       int64_t out_stride) {
+    for (int64_t c = 0; c < GROUP && c0 + c < n; c++) {
+        const float *wc = wf + c * k;
+        const float *x1 = xf + (rows > 1 ? k : 0), *x2 = xf + (rows > 2 ? 2 * k : 0);
+        const float *x3 = xf + (rows > 3 ? 3 * k : 0);
+        float y0 = 0.0f, y1 = 0.0f, y2 = 0.0f, y3 = 0.0f;
+        #pragma omp simd reduction(+:y0, y1, y2, y3)
+        for (int64_t i = 0; i < k; i++) {
+            y0 += wc[i] * xf[i];
+            y1 += wc[i] * x1[i];
+            y2 += wc[i] * x2[i];
+            y3 += wc[i] * x3[i];
+        }
+        const float b = bias ? load_one(bias, c0 + c, bf16) : 0.0f, y[4] = {y0, y1, y2, y3};
+        for (int64_t r = 0; r < rows; r++) store_out(out + r * out_stride, bf16, c0 + c, y[r] + b);
+    }
+}
+
+/* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a block's 16 channels and `rows` (<= 4;
+ * a constant where inlined) rows, the values read from their packed planes as they stream:
+ * per pair of k, the 32 (channel, k) lanes of the low plane's units (and the high plane's),
+ * shifted, masked and summed against the pair of x, then scaled per group as the AVX-512 path
+ * does (y += s sum(q x) + o sum(x)). Nothing is written but y: a decode step's few rows read
+ * each weight once. */
+static inline __attribute__((always_inline)) void grouped_block_streamed(
+        const int64_t rows, const int64_t bits, const float *xf, const float *xsum, int64_t k,
+        const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
+        float y[4][GROUP]) {
+    const int64_t groups = k / group, high_width = bits == 8 ? 0 : bits - 4;
+    const int64_t high_per = high_width ? 16 / high_width : 1;
+    const uint16_t *low = (const uint16_t *)w, *high = (const uint16_t *)high_bits(w, k);
+    for (int64_t r = 0; r < 4; r++)
+        for (int64_t c = 0; c < GROUP; c++) y[r][c] = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float acc[4][2 * GROUP] = {{0.0f}};
+        if (bits == 8) {  /* int8 [K][16]: 16 lanes, one k at a time */
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                const int8_t *q = (const int8_t *)w + i * GROUP;
+                for (int64_t r = 0; r < rows; r++) {
+                    const float xv = xf[r * k + i];
+                    #pragma omp simd
+                    for (int64_t c = 0; c < GROUP; c++) acc[r][c] += (float)q[c] * xv;
+                }
+            }
+        } else {  /* lanes (c, p): k = 2 t + p */
+            for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {
+                const uint16_t *lu = low + t / 4 * 2 * GROUP, *hu = high + t / high_per * 2 * GROUP;
+                const int ls = 4 * (int)(t % 4), hs = (int)(high_width * (t % high_per));
+                float q[2 * GROUP];
+                #pragma omp simd
+                for (int64_t l = 0; l < 2 * GROUP; l++) {
+                    int v = (lu[l] >> ls) & 15;
+                    if (high_width) v |= ((hu[l] >> hs) & ((1 << high_width) - 1)) << 4;
+                    q[l] = (float)(bits == 6 ? v - SIX_BIT_BIAS : v);
+                }
+                for (int64_t r = 0; r < rows; r++) {
+                    const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
+                    #pragma omp simd
+                    for (int64_t l = 0; l < 2 * GROUP; l++) acc[r][l] += q[l] * (l % 2 ? x1 : x0);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = 0; c < GROUP; c++) acc[r][c] = acc[r][2 * c] + acc[r][2 * c + 1];
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < GROUP; c++) {
+                y[r][c] += factor_at(sb, g * GROUP + c, half) * acc[r][c];
+                if (ob) y[r][c] += factor_at(ob, g * GROUP + c, half) * xsum[r * groups + g];
+            }
+    }
+}
+
+static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, int64_t bits,
+                                   const void *scales, const void *offsets, int64_t half,
+                                   int64_t group, const void *bias, int64_t rows, int64_t n,
+                                   int64_t k, int64_t x_stride, int64_t bf16) {
+    const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
+    const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
+    const int64_t factor_size = half ? 2 : 4;
+    float *xf = grouped_inputs(x, rows, k, x_stride, bf16, group);
+    if (!xf) return 1;
+    const float *xsum = xf + rows * k;
+    int failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+        int64_t first, last;
+        thread_groups(blocks, &first, &last);
+        float *wf = malloc((size_t)(GROUP * k) * sizeof(float));
+        failed = wf == NULL;
+        for (int64_t b0 = first; b0 < last && wf; b0++) {
+            const int64_t at = b0 * block_groups * factor_size;
+            const uint8_t *wb = w + b0 * block_bytes;
+            const void *sb = (const char *)scales + at;
+            const void *ob = offsets ? (const char *)offsets + at : NULL;
+            char *o = out;
+            if (rows <= SMALL_ROWS) {
+                float y[4][GROUP];
+                /* Rows and width constants in each inlined copy. */
+#define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
+                                                  y); break;
+#define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
+                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
+#undef WIDTH
+#undef ROWS
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < GROUP && b0 * GROUP + c < n; c++)
+                        store_out(o + r * out_stride, bf16, b0 * GROUP + c,
+                                  y[r][c] + (bias ? load_one(bias, b0 * GROUP + c, bf16) : 0.0f));
+                continue;
+            }
+#define WIDTH(b) case b: dequantize_block(wb, b, sb, ob, half, group, k, wf); break;
+            switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
+#undef WIDTH
+            for (int64_t m = 0; m < rows; m += 4)
+                block_rows(rows - m < 4 ? rows - m : 4, xf + m * k, wf, k, bias, bf16, n,
+                           b0 * GROUP, o + m * out_stride, out_stride);
+        }
+        free(wf);
+    }
+    free(xf);
+    return failed;
+}
+#endif
+
 /* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
  * of x's dtype, bias NULL or [N] of that dtype; `bits` 4, 5, 6 or 8; scales and offsets float16
  * when `half`, else float32. Returns 0, or 1 when out of memory for its scratch buffers. */
@@ -767,11 +913,14 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                    const void *scales, const void *offsets, int64_t half, int64_t group,
                    const void *bias, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
                    int64_t bf16) {
+#if !INT8_SIMD
+    return grouped_linear_portable(out, x, w, bits, scales, offsets, half, group, bias, rows, n,
+                                   k, x_stride, bf16);
+#else
     const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
     const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
     const int64_t factor_size = half ? 2 : 4;
     int failed = 0;
-#if INT8_SIMD
     if (bf16 && rows > (bits == 8 ? SMALL_ROWS : NARROW_SMALL_ROWS)) {
         const Int8Shape s = {rows, n, k, k, x_stride, 1};
         #pragma omp parallel reduction(|:failed)
@@ -801,7 +950,6 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
         }
         return failed;
     }
-#endif
     float *xf = grouped_inputs(x, rows, k, x_stride, bf16, group);
     if (!xf) return 1;
     const float *xsum = xf + rows * k;
@@ -818,7 +966,6 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
             for (int64_t m = 0; m < rows; m += SMALL_ROWS) {
                 const int64_t chunk = rows - m < SMALL_ROWS ? rows - m : SMALL_ROWS;
                 char *o = (char *)out + m * out_stride;
-#if INT8_SIMD
                 __m512 y[SMALL_ROWS];
                 if (bf16 && bits != 8) {
                     /* Rows and widths constants in each inlined copy: no branch on either
@@ -838,27 +985,10 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                 }
                 for (int64_t r = 0; r < chunk; r++)
                     store16(o + r * out_stride, bias, bf16, n, b * GROUP, 0, y[r]);
-#else
-                for (int64_t r = 0; r < chunk; r++)
-                    for (int64_t c = 0; c < GROUP && b * GROUP + c < n; c++) {
-                        float sum = 0.0f;
-                        for (int64_t g = 0; g < groups; g++) {
-                            float part = 0.0f;
-                            for (int64_t i = g * group; i < (g + 1) * group; i++)
-                                part += (float)grouped_at(wb, bits, k, c, i)
-                                        * xf[(m + r) * k + i];
-                            sum += part * factor_at(sb, g * GROUP + c, half);
-                            if (ob)
-                                sum += factor_at(ob, g * GROUP + c, half)
-                                       * xsum[(m + r) * groups + g];
-                        }
-                        if (bias) sum += load_one(bias, b * GROUP + c, bf16);
-                        store_out(o + r * out_stride, bf16, b * GROUP + c, sum);
-                    }
-#endif
             }
         }
     }
     free(xf);
     return 0;
+#endif
 }
