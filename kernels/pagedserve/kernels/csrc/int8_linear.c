@@ -761,43 +761,89 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
 }
 
 #if !INT8_SIMD
-/* Without the AVX-512 kernels (AVX2 and other CPUs): the compiler vectorizes these loops for
- * whatever the machine has (-march=native). Each block of 16 channels is dequantized once into
- * float32 (s * q + o), then every row's 16 dot products over it, 4 rows at a time so that each
- * weight loaded serves 4 of them. Extracting the bits costs the same per call for any number
- * of rows; before, the scalar loop extracted every weight again for each row. */
+/* Without the AVX-512 kernels (AVX2 and other CPUs): portable C the compiler vectorizes for
+ * whatever the machine has (-march=native), with GCC's generic vectors (8 floats: one AVX2
+ * register, two NEON ones) where the loops need them. Two paths, as on AVX-512:
+ *  - a few rows (a decode step): the values read from their packed planes as they stream
+ *    (grouped_block_streamed), nothing written;
+ *  - more rows: each block of 16 channels dequantized once into float32, k-major (s q + o),
+ *    then tiles of 6 rows x 16 channels accumulated in registers (block_tile).
+ * The scalar loop before extracted every value again for each row. */
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+
+/* The 32 values of pair `t` (k = 2 t + p) of a narrow block, lane 2 c + p: the low plane's
+ * 4 bits and the high plane's 1 or 2, as the units hold them (see above). */
+static inline __attribute__((always_inline)) void narrow_pair(
+        const uint8_t *w, const int64_t bits, int64_t k, int64_t t, float q[2 * GROUP]) {
+    const int64_t high_width = bits - 4, high_per = high_width ? 16 / high_width : 1;
+    const uint16_t *lu = (const uint16_t *)w + t / 4 * 2 * GROUP;
+    const uint16_t *hu = (const uint16_t *)high_bits(w, k) + t / high_per * 2 * GROUP;
+    const int ls = 4 * (int)(t % 4), hs = (int)(high_width * (t % high_per));
+    #pragma omp simd
+    for (int64_t l = 0; l < 2 * GROUP; l++) {
+        int v = (lu[l] >> ls) & 15;
+        if (high_width) v |= ((hu[l] >> hs) & ((1 << high_width) - 1)) << 4;
+        q[l] = (float)(bits == 6 ? v - SIX_BIT_BIAS : v);
+    }
+}
+
+/* A block's weights W[c0 + c, i] = s q + o into wk [k][16] (k-major: the 16 channels of one
+ * k side by side, two vectors). */
 static inline __attribute__((always_inline)) void dequantize_block(
         const uint8_t *w, const int64_t bits, const void *scales, const void *offsets,
-        int64_t half, int64_t group, int64_t k, float *wf) {
-    for (int64_t c = 0; c < GROUP; c++)
-        for (int64_t g = 0; g < k / group; g++) {
-            const float s = factor_at(scales, g * GROUP + c, half);
-            const float o = offsets ? factor_at(offsets, g * GROUP + c, half) : 0.0f;
+        int64_t half, int64_t group, int64_t k, float *wk) {
+    float s[GROUP], o[GROUP], q[2 * GROUP];
+    for (int64_t g = 0; g < k / group; g++) {
+        for (int64_t c = 0; c < GROUP; c++) {
+            s[c] = factor_at(scales, g * GROUP + c, half);
+            o[c] = offsets ? factor_at(offsets, g * GROUP + c, half) : 0.0f;
+        }
+        if (bits == 8) {
             for (int64_t i = g * group; i < (g + 1) * group; i++)
-                wf[c * k + i] = s * (float)grouped_at(w, bits, k, c, i) + o;
+                #pragma omp simd
+                for (int64_t c = 0; c < GROUP; c++)
+                    wk[i * GROUP + c] = s[c] * (float)((const int8_t *)w)[i * GROUP + c] + o[c];
+            continue;
+        }
+        for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {
+            narrow_pair(w, bits, k, t, q);
+            for (int64_t p = 0; p < 2; p++)
+                #pragma omp simd
+                for (int64_t c = 0; c < GROUP; c++)
+                    wk[(2 * t + p) * GROUP + c] = s[c] * q[2 * c + p] + o[c];
+        }
+    }
+}
+
+/* y[r][0..15] = sum over i of wk[i][.] x[r][i] for `rows` (<= 6; a constant where inlined)
+ * rows of xf (k apart): 12 accumulators, each weight vector loaded once per 6 rows. */
+static inline __attribute__((always_inline)) void block_tile(
+        const int64_t rows, const float *xf, const float *wk, int64_t k, float y[6][GROUP]) {
+    f32x8 acc[6][2];
+    for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = (f32x8){0};
+    for (int64_t i = 0; i < k; i++) {
+        const f32x8 w0 = *(const f32x8 *)(wk + i * GROUP);
+        const f32x8 w1 = *(const f32x8 *)(wk + i * GROUP + 8);
+        for (int64_t r = 0; r < rows; r++) {
+            const float xv = xf[r * k + i];
+            acc[r][0] += w0 * xv;
+            acc[r][1] += w1 * xv;
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < 8; c++) {
+            y[r][c] = acc[r][0][c];
+            y[r][8 + c] = acc[r][1][c];
         }
 }
 
-/* Rows [m, m + rows) (rows <= 4) of out, channels c0 .. c0 + 15 (those below n), from the
- * dequantized block wf [16][k] and x in float32 (xf, rows k apart). */
-static void block_rows(int64_t rows, const float *xf, const float *wf, int64_t k,
-                       const void *bias, int64_t bf16, int64_t n, int64_t c0, char *out,
-                       int64_t out_stride) {
-    for (int64_t c = 0; c < GROUP && c0 + c < n; c++) {
-        const float *wc = wf + c * k;
-        const float *x1 = xf + (rows > 1 ? k : 0), *x2 = xf + (rows > 2 ? 2 * k : 0);
-        const float *x3 = xf + (rows > 3 ? 3 * k : 0);
-        float y0 = 0.0f, y1 = 0.0f, y2 = 0.0f, y3 = 0.0f;
-        #pragma omp simd reduction(+:y0, y1, y2, y3)
-        for (int64_t i = 0; i < k; i++) {
-            y0 += wc[i] * xf[i];
-            y1 += wc[i] * x1[i];
-            y2 += wc[i] * x2[i];
-            y3 += wc[i] * x3[i];
-        }
-        const float b = bias ? load_one(bias, c0 + c, bf16) : 0.0f, y[4] = {y0, y1, y2, y3};
-        for (int64_t r = 0; r < rows; r++) store_out(out + r * out_stride, bf16, c0 + c, y[r] + b);
-    }
+/* Rows `rows` of out (out_stride bytes apart), channels c0 .. c0 + 15 below n: y + bias. */
+static void store_block(int64_t rows, float y[][GROUP], const void *bias, int64_t bf16,
+                        int64_t n, int64_t c0, char *out, int64_t out_stride) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < GROUP && c0 + c < n; c++)
+            store_out(out + r * out_stride, bf16, c0 + c,
+                      y[r][c] + (bias ? load_one(bias, c0 + c, bf16) : 0.0f));
 }
 
 /* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a block's 16 channels and `rows` (<= 4;
@@ -810,9 +856,7 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
         const int64_t rows, const int64_t bits, const float *xf, const float *xsum, int64_t k,
         const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
         float y[4][GROUP]) {
-    const int64_t groups = k / group, high_width = bits == 8 ? 0 : bits - 4;
-    const int64_t high_per = high_width ? 16 / high_width : 1;
-    const uint16_t *low = (const uint16_t *)w, *high = (const uint16_t *)high_bits(w, k);
+    const int64_t groups = k / group;
     for (int64_t r = 0; r < 4; r++)
         for (int64_t c = 0; c < GROUP; c++) y[r][c] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
@@ -828,15 +872,8 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
             }
         } else {  /* lanes (c, p): k = 2 t + p */
             for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {
-                const uint16_t *lu = low + t / 4 * 2 * GROUP, *hu = high + t / high_per * 2 * GROUP;
-                const int ls = 4 * (int)(t % 4), hs = (int)(high_width * (t % high_per));
                 float q[2 * GROUP];
-                #pragma omp simd
-                for (int64_t l = 0; l < 2 * GROUP; l++) {
-                    int v = (lu[l] >> ls) & 15;
-                    if (high_width) v |= ((hu[l] >> hs) & ((1 << high_width) - 1)) << 4;
-                    q[l] = (float)(bits == 6 ? v - SIX_BIT_BIAS : v);
-                }
+                narrow_pair(w, bits, k, t, q);
                 for (int64_t r = 0; r < rows; r++) {
                     const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
                     #pragma omp simd
@@ -876,8 +913,7 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
             const uint8_t *wb = w + b0 * block_bytes;
             const void *sb = (const char *)scales + at;
             const void *ob = offsets ? (const char *)offsets + at : NULL;
-            char *o = out;
-            if (rows <= SMALL_ROWS) {
+            if (bits != 8 && rows <= SMALL_ROWS) {
                 float y[4][GROUP];
                 /* Rows and width constants in each inlined copy. */
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
@@ -886,18 +922,21 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
                 switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
 #undef WIDTH
 #undef ROWS
-                for (int64_t r = 0; r < rows; r++)
-                    for (int64_t c = 0; c < GROUP && b0 * GROUP + c < n; c++)
-                        store_out(o + r * out_stride, bf16, b0 * GROUP + c,
-                                  y[r][c] + (bias ? load_one(bias, b0 * GROUP + c, bf16) : 0.0f));
+                store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
                 continue;
             }
 #define WIDTH(b) case b: dequantize_block(wb, b, sb, ob, half, group, k, wf); break;
             switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
 #undef WIDTH
-            for (int64_t m = 0; m < rows; m += 4)
-                block_rows(rows - m < 4 ? rows - m : 4, xf + m * k, wf, k, bias, bf16, n,
-                           b0 * GROUP, o + m * out_stride, out_stride);
+            for (int64_t m = 0; m < rows; m += TILE_ROWS) {
+                const int64_t tile_rows = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
+                float y[TILE_ROWS][GROUP];
+#define ROWS(r) case r: block_tile(r, xf + m * k, wf, k, y); break;
+                switch (tile_rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) }
+#undef ROWS
+                store_block(tile_rows, y, bias, bf16, n, b0 * GROUP,
+                            (char *)out + m * out_stride, out_stride);
+            }
         }
         free(wf);
     }
