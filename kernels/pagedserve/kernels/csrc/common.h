@@ -8,7 +8,7 @@
 
 #include <math.h>
 #include <stdint.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -25,7 +25,11 @@ static inline float bits_to_f32(uint32_t bits) {
 
 static inline float bf16_to_f32(uint16_t x) { return bits_to_f32((uint32_t)x << 16); }
 
-/* float16 -> float32, exactly (subnormals, infinities and NaN included). */
+/* float16 -> float32, exactly (subnormals, infinities and NaN included): one instruction
+ * where the CPU has F16C (every AVX2 one), else by the bits. */
+#if defined(__F16C__)
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+#else
 static inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f;
     const uint32_t mantissa = h & 0x3ff;
@@ -36,6 +40,7 @@ static inline float f16_to_f32(uint16_t h) {
     if (exponent == 0x1f) return bits_to_f32(sign | 0x7f800000u | (mantissa << 13));
     return bits_to_f32(sign | ((exponent + 112) << 23) | (mantissa << 13));
 }
+#endif
 
 /* fp8 -> float32, exactly. e4m3: the 7 magnitude bits placed at float32's exponent and
  * mantissa (bit 20 up) read as a float32 of exponent bias 127 instead of 7, hence the 2^120

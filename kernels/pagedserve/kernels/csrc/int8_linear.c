@@ -846,12 +846,11 @@ static void store_block(int64_t rows, float y[][GROUP], const void *bias, int64_
                       y[r][c] + (bias ? load_one(bias, c0 + c, bf16) : 0.0f));
 }
 
-/* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a block's 16 channels and `rows` (<= 4;
- * a constant where inlined) rows, the values read from their packed planes as they stream:
- * per pair of k, the 32 (channel, k) lanes of the low plane's units (and the high plane's),
- * shifted, masked and summed against the pair of x, then scaled per group as the AVX-512 path
- * does (y += s sum(q x) + o sum(x)). Nothing is written but y: a decode step's few rows read
- * each weight once. */
+/* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a narrow block's 16 channels and `rows`
+ * (<= 4; a constant where inlined) rows, the values read from their packed planes as they
+ * stream: per pair of k, the 32 (channel, k) lanes (narrow_pair) summed against the pair of x,
+ * then scaled per group as the AVX-512 path does (y += s sum(q x) + o sum(x)). Nothing is
+ * written but y: a decode step's few rows read each weight once. */
 static inline __attribute__((always_inline)) void grouped_block_streamed(
         const int64_t rows, const int64_t bits, const float *xf, const float *xsum, int64_t k,
         const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
@@ -861,28 +860,17 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
         for (int64_t c = 0; c < GROUP; c++) y[r][c] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
         float acc[4][2 * GROUP] = {{0.0f}};
-        if (bits == 8) {  /* int8 [K][16]: 16 lanes, one k at a time */
-            for (int64_t i = g * group; i < (g + 1) * group; i++) {
-                const int8_t *q = (const int8_t *)w + i * GROUP;
-                for (int64_t r = 0; r < rows; r++) {
-                    const float xv = xf[r * k + i];
-                    #pragma omp simd
-                    for (int64_t c = 0; c < GROUP; c++) acc[r][c] += (float)q[c] * xv;
-                }
+        for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {  /* k = 2 t + p */
+            float q[2 * GROUP];
+            narrow_pair(w, bits, k, t, q);
+            for (int64_t r = 0; r < rows; r++) {
+                const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
+                #pragma omp simd
+                for (int64_t l = 0; l < 2 * GROUP; l++) acc[r][l] += q[l] * (l % 2 ? x1 : x0);
             }
-        } else {  /* lanes (c, p): k = 2 t + p */
-            for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {
-                float q[2 * GROUP];
-                narrow_pair(w, bits, k, t, q);
-                for (int64_t r = 0; r < rows; r++) {
-                    const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
-                    #pragma omp simd
-                    for (int64_t l = 0; l < 2 * GROUP; l++) acc[r][l] += q[l] * (l % 2 ? x1 : x0);
-                }
-            }
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t c = 0; c < GROUP; c++) acc[r][c] = acc[r][2 * c] + acc[r][2 * c + 1];
         }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < GROUP; c++) acc[r][c] = acc[r][2 * c] + acc[r][2 * c + 1];
         for (int64_t r = 0; r < rows; r++)
             for (int64_t c = 0; c < GROUP; c++) {
                 y[r][c] += factor_at(sb, g * GROUP + c, half) * acc[r][c];
