@@ -519,22 +519,6 @@ enum { SIX_BIT_BIAS = 32 };
 /* The plane of a 5- or 6-bit block's high bits: after its K / 2 rows of low nibbles. */
 static inline const uint8_t *high_bits(const uint8_t *w, int64_t k) { return w + k / 2 * GROUP; }
 
-/* Field (c, i) of a plane of `width`-bit fields (see above). */
-static inline int plane_field(const uint8_t *plane, int64_t width, int64_t c, int64_t i) {
-    const int64_t per = 16 / width, at = ((i / (2 * per)) * GROUP + c) * 2 + i % 2;
-    const int unit = plane[2 * at] | plane[2 * at + 1] << 8;
-    return (unit >> (width * (i % (2 * per) / 2))) & ((1 << width) - 1);
-}
-
-/* Value (c, i) of a packed channel block `w` (16 channels, K = k). */
-static inline int grouped_at(const uint8_t *w, int64_t bits, int64_t k, int64_t c, int64_t i) {
-    if (bits == 8) return ((const int8_t *)w)[i * GROUP + c];
-    const int low = plane_field(w, 4, c, i);
-    if (bits == 4) return low;
-    const int value = low | plane_field(high_bits(w, k), bits - 4, c, i) << 4;
-    return bits == 6 ? value - SIX_BIT_BIAS : value;
-}
-
 #if INT8_SIMD
 /* Factors i .. i + 15 (a group's 16 channels) as float32. */
 static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) {
@@ -907,7 +891,7 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
                                                   y); break;
 #define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
-                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
+                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) }
 #undef WIDTH
 #undef ROWS
                 store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
