@@ -142,10 +142,17 @@ def test_c_w8a8_sums_exactly_in_integers():
 
 
 @needs_c
-def test_packing_keeps_the_weight():
-    weight = quantize_int8(torch.randn(37, 22), dynamic_activations=True)
+@pytest.mark.parametrize("k", [22, 24])
+def test_packing_keeps_the_weight(k):
+    weight = quantize_int8(torch.randn(37, k), dynamic_activations=True)
     packed = cpu_kernels.pack_int8_cpu(weight)
-    assert packed.data.shape == (3, 6, 16, 4)  # ceil(37 / 16) groups, ceil(22 / 4) k-quads
+    if cpu_kernels.int8_arithmetic_supported():
+        # ceil(37 / 16) groups of 16 channels, ceil(k / 4) k-quads
+        assert packed.data.shape == (3, -(-k // 4), 16, 4)
+    elif k % 8:
+        assert packed is weight  # the grouped kernel takes K in multiples of 8
+    else:  # one byte per value, k-major per block of 16 channels
+        assert packed.grouped.bits == 8 and packed.grouped.data.shape == (3, k * 16)
     plain = packed.plain()
     assert torch.equal(plain.qweight, weight.qweight) and torch.equal(plain.scales, weight.scales)
     assert plain.dynamic_activations
@@ -214,7 +221,9 @@ def test_every_family_quantized_matches_transformers_on_the_same_int8_weights(
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(m.quantized is not None for m in linears)
     if kernel_set == "cpu":
-        assert all(isinstance(m.quantized, cpu_kernels.PackedInt8Weight) for m in linears)
+        packed = cpu_kernels.PackedInt8Weight if cpu_kernels.int8_arithmetic_supported() \
+            else cpu_kernels.GroupedInt8Weight
+        assert all(isinstance(m.quantized, packed) for m in linears)
     # W8A8: an activation within the last bit of a rounding boundary may round the other way
     # in one of the two paths (their float32 inputs differ in the last bit), moving an output
     # by one quantum, which the layers after it carry on: measured when written, most cases

@@ -55,6 +55,7 @@ from pagedserve.kernels.quantization import (
     QuantizedWeight,
     dequantize_groups,
     int8_linear,
+    quantize_per_token,
     quantized_linear,
     tensor_bytes,
     value_bits,
@@ -184,8 +185,9 @@ def _loaded_library() -> ctypes.CDLL | None:
     library.rms_norm.argtypes = [ptr] * 5 + [i64] * 4 + [ctypes.c_float, i64]
     library.silu_and_mul.argtypes = [ptr, ptr] + [i64] * 4
     library.rotary.argtypes = [ptr] * 4 + [i64] * 8
-    library.int8_linear_w8a8.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float]
-    library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
+    if library.int8_linear_simd():
+        library.int8_linear_w8a8.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float]
+        library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
     library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 5
     return library
 
@@ -532,8 +534,45 @@ class PackedInt8Weight:
                           self.activation_levels)
 
 
-def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight:
-    """`weight` in the C kernel's layout (see PackedInt8Weight)."""
+def int8_arithmetic_supported() -> bool:
+    """Whether this machine's kernels include int8_linear.c's int8 matmuls (AVX-512 VNNI and
+    BF16)."""
+    library = _loaded_library()
+    return library is not None and bool(library.int8_linear_simd())
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedInt8Weight:
+    """An `Int8Weight` where the C kernels have no int8 matmul (`int8_arithmetic_supported`
+    false: AVX2 and other CPUs): its values as 8-bit values of the grouped layout, one group
+    per channel (`grouped`), which the portable grouped kernel sums in float32, a decode step's
+    rows reading each weight byte once. W8A8's activations are quantized per token first
+    (`quantize_per_token`), so its outputs are W8A8's, to float32 rounding."""
+
+    grouped: PackedGroupedWeight
+    dynamic_activations: bool
+    activation_levels: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.grouped.nbytes
+
+    def plain(self) -> Int8Weight:
+        plain = self.grouped.plain()
+        return Int8Weight(plain.qweight, plain.scales[:, 0].contiguous(),
+                          self.dynamic_activations, self.activation_levels)
+
+
+def pack_int8_cpu(weight: Int8Weight) -> PackedInt8Weight | GroupedInt8Weight | Int8Weight:
+    """`weight` in the C kernels' layout: int8_linear.c's (see PackedInt8Weight) where this
+    machine has its int8 matmuls, else the grouped one (GroupedInt8Weight), or as it is where
+    that cannot take it (K not a multiple of 8: the PyTorch path)."""
+    if not int8_arithmetic_supported():
+        grouped = pack_grouped_cpu(GroupedWeight(weight.qweight, weight.scales[:, None], None),
+                                   bits=8)
+        if not isinstance(grouped, PackedGroupedWeight):
+            return weight
+        return GroupedInt8Weight(grouped, weight.dynamic_activations, weight.activation_levels)
     qweight = weight.qweight
     n, k = qweight.shape
     groups, k4 = -(-n // INT8_GROUP), -(-k // 4) * 4
@@ -714,9 +753,21 @@ def quantized_linear_cpu(x: torch.Tensor, weight: object,
     kernels could not pack)."""
     if isinstance(weight, PackedGroupedWeight):
         return grouped_linear_cpu(x, weight, bias)
-    if isinstance(weight, (PackedInt8Weight, Int8Weight)):
+    if isinstance(weight, (PackedInt8Weight, GroupedInt8Weight, Int8Weight)):
         return int8_linear_cpu(x, weight, bias)
     return quantized_linear(x, weight, bias)
+
+
+def _grouped_int8_linear(x: torch.Tensor, weight: GroupedInt8Weight,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    if not weight.dynamic_activations:
+        return grouped_linear_cpu(x, weight.grouped, bias)
+    # W8A8 as the reference computes it: the integer sums, scaled per token, then the bias.
+    q, token_scales = quantize_per_token(_rows(x), weight.activation_levels)
+    y = grouped_linear_cpu(q.to(torch.float32), weight.grouped, None).mul_(token_scales[:, None])
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
@@ -737,11 +788,13 @@ def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
     return out
 
 
-def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | Int8Weight,
+def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | GroupedInt8Weight | Int8Weight,
                     bias: torch.Tensor | None) -> torch.Tensor:
     """As `quantization.int8_linear`, by the C kernel (int8_linear.c): W8A8 for float32 or
     bfloat16 x; W8A16 for bfloat16 x (float32 x runs the PyTorch path: the kernel sums
-    bfloat16 products)."""
+    bfloat16 products). A GroupedInt8Weight: by the grouped kernel, float32 or bfloat16 x."""
+    if isinstance(weight, GroupedInt8Weight):
+        return _grouped_int8_linear(x, weight, bias)
     if not isinstance(weight, PackedInt8Weight) or (
             not weight.dynamic_activations and x.dtype != torch.bfloat16):
         return int8_linear(x, weight.plain(), bias)

@@ -455,11 +455,17 @@ Packed = TypeVar("Packed")
 
 
 def _moved(weight: Packed, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
-    """`weight` (a quantized weight in any kernel set's form: a dataclass of tensors) with
-    every tensor through `fn` (a device move) and kept in its dtype, as the kernels read it: a
-    packed form moves packed (`bootstrap` packs on the host, then moves)."""
-    moved = {field.name: fn(value).to(value.dtype) for field in dataclasses.fields(weight)
-             if isinstance(value := getattr(weight, field.name), torch.Tensor)}
+    """`weight` (a quantized weight in any kernel set's form: a dataclass of tensors, and of
+    such dataclasses) with every tensor through `fn` (a device move) and kept in its dtype, as
+    the kernels read it: a packed form moves packed (`bootstrap` packs on the host, then
+    moves)."""
+    moved = {}
+    for field in dataclasses.fields(weight):
+        value = getattr(weight, field.name)
+        if isinstance(value, torch.Tensor):
+            moved[field.name] = fn(value).to(value.dtype)
+        elif dataclasses.is_dataclass(value):
+            moved[field.name] = _moved(value, fn)
     return dataclasses.replace(weight, **moved)
 
 

@@ -32,7 +32,10 @@
  * does (the default model's decode step at batch 64: W8A8 47.6 and 46.8 ms without it, 44.6
  * with; W8A16 72.7 and 72.5 against 66.5 and 67.0; docs/performance.md).
  *
- * Without AVX-512 VNNI and BF16 the same functions run plain loops (same results; slow).
+ * Both exist only where the CPU has AVX-512 VNNI and BF16 (`int8_linear_simd`). Elsewhere
+ * kernels/cpu_kernels.py packs an int8 weight for the grouped kernel below (8-bit values, one
+ * group per channel), whose portable paths sum in float32: there is no faster int8 arithmetic
+ * to use (AVX2's vpmaddubsw saturates its pairs of products at 16 bits).
  */
 #include <omp.h>
 #include <stdint.h>
@@ -72,6 +75,7 @@ static inline StripPrefetch next_strip(const void *next, int64_t left, int64_t g
     return strip_prefetch(next, groups * group_bytes, (rows + TILE_ROWS - 1) / TILE_ROWS * steps);
 }
 
+#if INT8_SIMD
 /* Row `m` of x quantized: q[k] = clamp(round(x[k] * levels / amax), lowest, 127) for k < K, 0
  * up to K4, lowest = -128 for levels 127.5, else -127; returns the row's scale amax / levels (0
  * for a row of zeros) and 128 * sum_k q[k] in `*correction`. Rounding is to nearest even, as
@@ -79,20 +83,16 @@ static inline StripPrefetch next_strip(const void *next, int64_t left, int64_t g
 static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, float levels,
                           int8_t *q8, int32_t *correction) {
     const int lowest = levels > 127.0f ? -128 : -127;
-    float amax = 0.0f;
     int64_t i = 0;
-#if INT8_SIMD
     __m512 vmax = _mm512_setzero_ps();
     for (; i + 16 <= k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x, i, bf16)));
-    amax = _mm512_reduce_max_ps(vmax);
-#endif
+    float amax = _mm512_reduce_max_ps(vmax);
     for (; i < k; i++) {
         const float v = fabsf(load_one(x, i, bf16));
         amax = v > amax ? v : amax;
     }
     const float inv = amax > 0.0f ? levels / amax : 0.0f;
     i = 0;
-#if INT8_SIMD
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512i lo = _mm512_set1_epi32(lowest), hi = _mm512_set1_epi32(127);
     __m512i vsum = _mm512_setzero_si512();
@@ -103,9 +103,6 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, fl
         _mm_storeu_si128((__m128i *)(q8 + i), _mm512_cvtepi32_epi8(q));
     }
     int32_t sum = _mm512_reduce_add_epi32(vsum);
-#else
-    int32_t sum = 0;
-#endif
     for (; i < k; i++) {
         long q = lrintf(load_one(x, i, bf16) * inv);
         q = q < lowest ? lowest : q > 127 ? 127 : q;
@@ -117,17 +114,6 @@ static float quantize_row(const void *x, int64_t bf16, int64_t k, int64_t k4, fl
     return amax / levels;
 }
 
-/* Weight element (n, k) of the packed layout. */
-static inline int8_t packed_at(const int8_t *w, int64_t k4, int64_t n, int64_t k) {
-    return w[((n / GROUP) * (k4 / 4) + k / 4) * 64 + (n % GROUP) * 4 + k % 4];
-}
-
-static inline void store_out(void *out, int64_t bf16, int64_t i, float y) {
-    if (bf16) ((uint16_t *)out)[i] = to_bf16(y);
-    else ((float *)out)[i] = y;
-}
-
-#if INT8_SIMD
 #define TILE static inline __attribute__((always_inline)) void
 
 /* Lanes of group `g` of a strip starting at channel n0 that are inside N. */
@@ -328,7 +314,6 @@ TILE w8a16_small_group(const int64_t rows, const float *xf, const int8_t *w, con
     TILE_CASE(4, 1, call) TILE_CASE(4, 2, call) TILE_CASE(4, 3, call) TILE_CASE(4, 4, call) \
     TILE_CASE(5, 1, call) TILE_CASE(5, 2, call) TILE_CASE(5, 3, call) TILE_CASE(5, 4, call) \
     TILE_CASE(6, 1, call) TILE_CASE(6, 2, call) TILE_CASE(6, 3, call) TILE_CASE(6, 4, call) }
-#endif
 
 /* Quantized activations [rows][K4], their scales and their corrections (quantize_row), or
  * NULL when out of memory. */
@@ -374,24 +359,10 @@ int int8_linear_w8a8(void *out, const void *x, const int8_t *w, const float *w_s
                 for (int64_t m = m0; m < m_end; m += TILE_ROWS) {
                     const int64_t tile_rows = m_end - m < TILE_ROWS ? m_end - m : TILE_ROWS;
                     char *o = (char *)out + m * out_stride;
-#if INT8_SIMD
 #define W8A8(r, v) w8a8_tile(r, v, a + m * s.k4, strip, s.k4, x_scale + m, correction + m, \
                              w_scale, bias, o, &s, g0 * GROUP, out_stride, &prefetch)
                     TILE_SWITCH(tile_rows, nv, W8A8)
 #undef W8A8
-#else
-                    for (int64_t r = 0; r < tile_rows; r++)
-                        for (int64_t c = g0 * GROUP; c < (g0 + nv) * GROUP && c < n; c++) {
-                            int32_t sum = 0;
-                            for (int64_t i = 0; i < s.k4; i++)
-                                sum += (int32_t)a[(m + r) * s.k4 + i] * packed_at(w, s.k4, c, i);
-                            float y = (float)sum * (w_scale[c] * x_scale[m + r]);
-                            if (bias) y += load_one(bias, c, bf16);
-                            store_out(o + r * out_stride, bf16, c, y);
-                        }
-                    (void)strip;
-                    (void)prefetch;
-#endif
                 }
             }
     }
@@ -408,7 +379,6 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
     const Int8Shape s = {rows, n, k, k, x_stride, 1};
     const int64_t groups = (n + GROUP - 1) / GROUP, out_stride = n * 2;
     int failed = 0;
-#if INT8_SIMD
     if (rows <= SMALL_ROWS) {  /* the rows in float32, then one group of channels at a time */
         float *xf = malloc((size_t)(rows * k) * sizeof(float));
         if (!xf) return 1;
@@ -428,7 +398,6 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
         free(xf);
         return 0;
     }
-#endif
     #pragma omp parallel reduction(|:failed)
     {
         int64_t first, last;
@@ -442,37 +411,21 @@ int int8_linear_w8a16(void *out, const uint16_t *x, const int8_t *w, const float
                 const int64_t m_end = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
                 StripPrefetch prefetch = next_strip(strip + nv * s.k4 * GROUP, last - g0 - nv,
                                                     s.k4 * GROUP, m_end - m0, s.k4 / 2);
-#if INT8_SIMD
                 convert_strip(strip, nv, s.k4, wb);
-#endif
                 for (int64_t m = m0; m < m_end; m += TILE_ROWS) {
                     const int64_t tile_rows = m_end - m < TILE_ROWS ? m_end - m : TILE_ROWS;
                     char *o = (char *)out + m * out_stride;
-#if INT8_SIMD
 #define W8A16(r, v) w8a16_tile(r, v, x + m * x_stride, wb, s.k4, w_scale, bias, o, &s, \
                                g0 * GROUP, out_stride, &prefetch)
                     TILE_SWITCH(tile_rows, nv, W8A16)
 #undef W8A16
-#else
-                    for (int64_t r = 0; r < tile_rows; r++)
-                        for (int64_t c = g0 * GROUP; c < (g0 + nv) * GROUP && c < n; c++) {
-                            float sum = 0.0f;
-                            for (int64_t i = 0; i < k; i++)
-                                sum += bf16_to_f32(x[(m + r) * x_stride + i])
-                                       * (float)packed_at(w, s.k4, c, i);
-                            float y = sum * w_scale[c];
-                            if (bias) y += bf16_to_f32(((const uint16_t *)bias)[c]);
-                            store_out(o + r * out_stride, 1, c, y);
-                        }
-                    (void)strip;
-                    (void)prefetch;
-#endif
                 }
             }
         free(wb);
     }
     return failed;
 }
+#endif
 
 /* Grouped weights (quantization.GroupedWeight: GGUF's block formats): out = x W^T (+ bias) with
  *   W[n, k] = scales[n, k / G] * q[n, k] + offsets[n, k / G]
@@ -821,6 +774,11 @@ static inline __attribute__((always_inline)) void block_tile(
         }
 }
 
+static inline void store_out(void *out, int64_t bf16, int64_t i, float y) {
+    if (bf16) ((uint16_t *)out)[i] = to_bf16(y);
+    else ((float *)out)[i] = y;
+}
+
 /* Rows `rows` of out (out_stride bytes apart), channels c0 .. c0 + 15 below n: y + bias. */
 static void store_block(int64_t rows, float y[][GROUP], const void *bias, int64_t bf16,
                         int64_t n, int64_t c0, char *out, int64_t out_stride) {
@@ -830,11 +788,11 @@ static void store_block(int64_t rows, float y[][GROUP], const void *bias, int64_
                       y[r][c] + (bias ? load_one(bias, c0 + c, bf16) : 0.0f));
 }
 
-/* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a narrow block's 16 channels and `rows`
- * (<= 4; a constant where inlined) rows, the values read from their packed planes as they
- * stream: per pair of k, the 32 (channel, k) lanes (narrow_pair) summed against the pair of x,
- * then scaled per group as the AVX-512 path does (y += s sum(q x) + o sum(x)). Nothing is
- * written but y: a decode step's few rows read each weight once. */
+/* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a block's 16 channels and `rows` (<= 4;
+ * a constant where inlined) rows, the values read as they stream: per k, the 16 bytes of
+ * 8-bit values; per pair of k, the 32 (channel, k) lanes of narrow ones (narrow_pair); summed
+ * against x, then scaled per group as the AVX-512 path does (y += s sum(q x) + o sum(x)).
+ * Nothing is written but y: a decode step's few rows read each weight once. */
 static inline __attribute__((always_inline)) void grouped_block_streamed(
         const int64_t rows, const int64_t bits, const float *xf, const float *xsum, int64_t k,
         const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
@@ -844,17 +802,30 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
         for (int64_t c = 0; c < GROUP; c++) y[r][c] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
         float acc[4][2 * GROUP] = {{0.0f}};
-        for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {  /* k = 2 t + p */
-            float q[2 * GROUP];
-            narrow_pair(w, bits, k, t, q);
-            for (int64_t r = 0; r < rows; r++) {
-                const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
-                #pragma omp simd
-                for (int64_t l = 0; l < 2 * GROUP; l++) acc[r][l] += q[l] * (l % 2 ? x1 : x0);
+        if (bits == 8) {
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                const int8_t *values = (const int8_t *)w + i * GROUP;
+                for (int64_t r = 0; r < rows; r++) {
+                    const float xv = xf[r * k + i];
+                    #pragma omp simd
+                    for (int64_t c = 0; c < GROUP; c++) acc[r][c] += (float)values[c] * xv;
+                }
             }
+        } else {
+            for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {  /* k = 2 t + p */
+                float q[2 * GROUP];
+                narrow_pair(w, bits, k, t, q);
+                for (int64_t r = 0; r < rows; r++) {
+                    const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
+                    #pragma omp simd
+                    for (int64_t l = 0; l < 2 * GROUP; l++)
+                        acc[r][l] += q[l] * (l % 2 ? x1 : x0);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = 0; c < GROUP; c++)
+                    acc[r][c] = acc[r][2 * c] + acc[r][2 * c + 1];
         }
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < GROUP; c++) acc[r][c] = acc[r][2 * c] + acc[r][2 * c + 1];
         for (int64_t r = 0; r < rows; r++)
             for (int64_t c = 0; c < GROUP; c++) {
                 y[r][c] += factor_at(sb, g * GROUP + c, half) * acc[r][c];
@@ -885,13 +856,13 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
             const uint8_t *wb = w + b0 * block_bytes;
             const void *sb = (const char *)scales + at;
             const void *ob = offsets ? (const char *)offsets + at : NULL;
-            if (bits != 8 && rows <= SMALL_ROWS) {
+            if (rows <= SMALL_ROWS) {
                 float y[4][GROUP];
                 /* Rows and width constants in each inlined copy. */
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
                                                   y); break;
 #define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
-                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) }
+                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
 #undef WIDTH
 #undef ROWS
                 store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
