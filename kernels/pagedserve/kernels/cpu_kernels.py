@@ -55,7 +55,6 @@ from pagedserve.kernels.quantization import (
     QuantizedWeight,
     dequantize_groups,
     int8_linear,
-    quantize_per_token,
     quantized_linear,
     tensor_bytes,
     value_bits,
@@ -188,6 +187,9 @@ def _loaded_library() -> ctypes.CDLL | None:
     if library.int8_linear_simd():
         library.int8_linear_w8a8.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_float]
         library.int8_linear_w8a16.argtypes = [ptr] * 5 + [i64] * 4
+    else:
+        library.w8a8_activations.argtypes = [ptr] * 2 + [i64] * 4 + [ctypes.c_float]
+        library.w8a8_activations.restype = None
     library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 5
     return library
 
@@ -546,8 +548,9 @@ class GroupedInt8Weight:
     """An `Int8Weight` where the C kernels have no int8 matmul (`int8_arithmetic_supported`
     false: AVX2 and other CPUs): its values as 8-bit values of the grouped layout, one group
     per channel (`grouped`), which the portable grouped kernel sums in float32, a decode step's
-    rows reading each weight byte once. W8A8's activations are quantized per token first
-    (`quantize_per_token`), so its outputs are W8A8's, to float32 rounding."""
+    rows reading each weight byte once. W8A8's activations are quantized per token first, as
+    `quantization.quantize_per_token` does, and multiplied back by their scales
+    (`w8a8_activations` in int8_linear.c), so its outputs are W8A8's, to float32 rounding."""
 
     grouped: PackedGroupedWeight
     dynamic_activations: bool
@@ -762,11 +765,14 @@ def _grouped_int8_linear(x: torch.Tensor, weight: GroupedInt8Weight,
                          bias: torch.Tensor | None) -> torch.Tensor:
     if not weight.dynamic_activations:
         return grouped_linear_cpu(x, weight.grouped, bias)
-    # W8A8 as the reference computes it: the integer sums, scaled per token, then the bias.
-    q, token_scales = quantize_per_token(_rows(x), weight.activation_levels)
-    y = grouped_linear_cpu(q.to(torch.float32), weight.grouped, None).mul_(token_scales[:, None])
-    if bias is not None:
-        y += bias
+    # W8A8: x's rows quantized per token and multiplied back by their scales, in float32.
+    rows = _rows(x)
+    quantized = torch.empty(rows.shape, dtype=torch.float32)
+    _library().w8a8_activations(quantized.data_ptr(), rows.data_ptr(), rows.shape[0],
+                                rows.shape[1], rows.stride(0), DTYPES[x.dtype],
+                                weight.activation_levels)
+    y = grouped_linear_cpu(quantized, weight.grouped, None if bias is None
+                           else bias.to(torch.float32))
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 

@@ -34,8 +34,10 @@
  *
  * Both exist only where the CPU has AVX-512 VNNI and BF16 (`int8_linear_simd`). Elsewhere
  * kernels/cpu_kernels.py packs an int8 weight for the grouped kernel below (8-bit values, one
- * group per channel), whose portable paths sum in float32: there is no faster int8 arithmetic
- * to use (AVX2's vpmaddubsw saturates its pairs of products at 16 bits).
+ * group per channel), whose portable paths sum in float32, W8A8's activations quantized per
+ * token first (w8a8_activations). AVX2 has no faster exact int8 arithmetic: vpmaddwd on 16-bit
+ * values does no more multiply-adds per instruction than a float32 FMA, and vpmaddubsw's
+ * 8-bit pairs saturate at 16 bits.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -701,8 +703,8 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
 /* Without the AVX-512 kernels (AVX2 and other CPUs): portable C the compiler vectorizes for
  * whatever the machine has (-march=native), with GCC's generic vectors (8 floats: one AVX2
  * register, two NEON ones) where the loops need them. Two paths, as on AVX-512:
- *  - a few rows (a decode step): the values read from their packed planes as they stream
- *    (grouped_block_streamed), nothing written;
+ *  - a few rows (a decode step): the values read as they stream (grouped_block_streamed),
+ *    narrow ones from their packed planes, nothing written;
  *  - more rows: each block of 16 channels dequantized once into float32, k-major (s q + o),
  *    then tiles of 6 rows x 16 channels accumulated in registers (block_tile).
  * The scalar loop before extracted every value again for each row. */
@@ -831,6 +833,28 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
                 y[r][c] += factor_at(sb, g * GROUP + c, half) * acc[r][c];
                 if (ob) y[r][c] += factor_at(ob, g * GROUP + c, half) * xsum[r * groups + g];
             }
+    }
+}
+
+/* W8A8's activations where int8_linear_w8a8 is not built: each row of x (float32 or bfloat16,
+ * rows x_stride apart) quantized per token as that kernel does (quantize_row: values
+ * clamp(round(x levels / amax), lowest, 127), rounded to nearest even; scale amax / levels)
+ * and multiplied back by its scale, into out [rows][K] float32, for the grouped kernel. */
+void w8a8_activations(float *out, const void *x, int64_t rows, int64_t k, int64_t x_stride,
+                      int64_t bf16, float levels) {
+    const float lowest = levels > 127.0f ? -128.0f : -127.0f;
+    #pragma omp parallel for schedule(static) if (rows > 1)
+    for (int64_t m = 0; m < rows; m++) {
+        float *o = out + m * k;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            o[i] = load_one(x, m * x_stride + i, bf16);
+            amax = fmaxf(amax, fabsf(o[i]));
+        }
+        const float inv = amax > 0.0f ? levels / amax : 0.0f, scale = amax / levels;
+        #pragma omp simd
+        for (int64_t i = 0; i < k; i++)
+            o[i] = fminf(fmaxf(rintf(o[i] * inv), lowest), 127.0f) * scale;
     }
 }
 
