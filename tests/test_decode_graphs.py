@@ -25,7 +25,7 @@ from pagedserve.executor.decode_graphs import (
 )
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.models import load_model
-from pagedserve.executor.models.layers import bind_kernels
+from pagedserve.executor.models.layers import bind_kernels, quantize_linears
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.dispatch import TORCH_KERNELS
 from pagedserve.kernels.dispatch import cpu_kernels as cpu_kernel_set
@@ -95,9 +95,11 @@ class Twins:
     """The model twice, same weights, own caches: one replays decode graphs, one runs eagerly;
     each sequence holds the same blocks in both."""
 
-    def __init__(self, directory, kernels, capture=EagerCapture):
+    def __init__(self, directory, kernels, capture=EagerCapture, quantization=None):
         self.models = [load_model(directory, torch.float32) for _ in range(2)]
         for model in self.models:
+            if quantization:  # the same weights: quantization is deterministic
+                quantize_linears(model, quantization)
             bind_kernels(model, kernels)
             allocate_kv_cache(model, NUM_BLOCKS, BLOCK, torch.float32, torch.device("cpu"))
         self.capture = capture()
@@ -163,6 +165,27 @@ def test_padded_replays_match_eager_and_write_only_their_slots(tiny_llama_dir, k
     decode([1, 2, 4])
     decode([4])
     assert not counted or twins.capture.replays == {1: 1, 2: 0, 4: 2, 8: 1}
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler")
+@pytest.mark.parametrize("quantization", ["int8", "w8a8_int8"])
+def test_quantized_linears_replay_as_they_run_eagerly(tiny_llama_dir, quantization):
+    """Int8 weights through the C kernels' recorded calls (on CPUs without AVX-512 VNNI, the
+    grouped kernel, W8A8's activations quantized by their own call) at 1 to 5 rows."""
+    twins = Twins(tiny_llama_dir, cpu_kernel_set(), CpuCapture, quantization)
+    tables = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    lengths = [3, 6, 2, 5, 4]
+    replayed, _ = twins.run([ScheduledSequence(list(range(10, 10 + n)), 0, t)
+                             for n, t in zip(lengths, tables, strict=True)])
+    assert replayed is None
+    for which in ([0, 1, 2, 3, 4], [0, 2], [4], [1, 3, 4]):
+        replayed, eager = twins.run([ScheduledSequence([60 + i], lengths[i], tables[i])
+                                     for i in which])
+        assert replayed is not None
+        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+        for i in which:
+            lengths[i] += 1
+        twins.assert_same_caches()
 
 
 def test_batches_no_graph_fits_run_eagerly(tiny_llama_dir):
