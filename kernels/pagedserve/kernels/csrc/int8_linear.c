@@ -53,7 +53,7 @@
 #endif
 
 enum { GROUP = 16, STRIP_GROUPS = 4, TILE_ROWS = 6, ROW_BLOCK = 192, SMALL_ROWS = 4,
-       NARROW_SMALL_ROWS = 8, STREAMED_ROWS = 16 };
+       NARROW_SMALL_ROWS = 8 };
 
 int int8_linear_simd(void) { return INT8_SIMD; }
 
@@ -703,15 +703,19 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
 /* Without the AVX-512 kernels (AVX2 and other CPUs): portable C the compiler vectorizes for
  * whatever the machine has (-march=native), with GCC's generic vectors (8 floats: one AVX2
  * register, two NEON ones) where the loops need them. Two paths, as on AVX-512:
- *  - up to STREAMED_ROWS rows (decode steps): the values read as they stream
- *    (grouped_block_streamed, 4 rows at a time: a block's bytes are re-read from the cache for
- *    the next 4), narrow ones from their packed planes, nothing written;
+ *  - up to 4 rows (SMALL_ROWS: decode steps of a few sequences): the values read as they
+ *    stream (grouped_block_streamed), nothing written;
  *  - more rows: each block of 16 channels dequantized once into float32, k-major (s q + o),
  *    then tiles of 6 rows x 16 channels accumulated in registers (block_tile).
- * The crossover, 16 rows, was measured on a 2-core AVX2 EPYC, weights streamed from memory:
- * at 8 and 16 rows streaming took 0.55-0.9x the tiles' time, at 32 rows 1.0x (8-bit) and
- * 1.3-1.4x (4-bit). The scalar loop before extracted every value again for each row. */
+ * Either way a block's values come out of values16 k-major, 16 channels in two vectors, for
+ * every width. The crossover was measured on a 2-core AVX2 EPYC, weights streamed from
+ * memory (docs/performance.md, "Narrow values in channel order on AVX2"): from 5 rows on the
+ * tiles took 0.6-0.8x streaming's time for 4- to 6-bit values, 0.9-1.0x for 8-bit ones. The
+ * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
+ * dequantization pass is all they add. */
 typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i32x8 __attribute__((vector_size(32), aligned(4)));
+typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
 
 /* 8 int8 values as float32 (GCC 12 converts generic int8 vectors lane by lane). */
 static inline f32x8 widen8(const int8_t *p) {
@@ -724,20 +728,32 @@ static inline f32x8 widen8(const int8_t *p) {
 #endif
 }
 
-/* The 32 values of pair `t` (k = 2 t + p) of a narrow block, lane 2 c + p: the low plane's
- * 4 bits and the high plane's 1 or 2, as the units hold them (see above). */
-static inline __attribute__((always_inline)) void narrow_pair(
-        const uint8_t *w, const int64_t bits, int64_t k, int64_t t, float q[2 * GROUP]) {
-    const int64_t high_width = bits - 4, high_per = high_width ? 16 / high_width : 1;
-    const uint16_t *lu = (const uint16_t *)w + t / 4 * 2 * GROUP;
-    const uint16_t *hu = (const uint16_t *)high_bits(w, k) + t / high_per * 2 * GROUP;
-    const int ls = 4 * (int)(t % 4), hs = (int)(high_width * (t % high_per));
-    #pragma omp simd
-    for (int64_t l = 0; l < 2 * GROUP; l++) {
-        int v = (lu[l] >> ls) & 15;
-        if (high_width) v |= ((hu[l] >> hs) & ((1 << high_width) - 1)) << 4;
-        q[l] = (float)(bits == 6 ? v - SIX_BIT_BIAS : v);
+/* Value k = i + u (i a multiple of 8, u < 8: a constant where inlined, and so are the shifts)
+ * of a block's 16 channels as float32, two vectors (channels 0-7, 8-15): 8-bit ones widened;
+ * narrow ones read from their planes as 32-bit words, the two 16-bit units of a channel's pair
+ * of k (p = 0 in the low half, see above), so that one shift and one mask give k's value for
+ * 8 channels at once, in channel order: no lane moves. */
+static inline __attribute__((always_inline)) void values16(
+        const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int u, f32x8 q[2]) {
+    if (bits == 8) {
+        q[0] = widen8((const int8_t *)w + (i + u) * GROUP);
+        q[1] = widen8((const int8_t *)w + (i + u) * GROUP + 8);
+        return;
     }
+    /* Pair t = i / 2 + u / 2 of k, p = u % 2 its k within the pair. */
+    const int64_t high_width = bits - 4, t = i / 2 + u / 2;
+    const u32x8 *low = (const u32x8 *)w + i / 8 * 2;
+    const int ls = 16 * (u % 2) + 4 * (u / 2);
+    i32x8 v[2] = {(i32x8)((low[0] >> ls) & 15), (i32x8)((low[1] >> ls) & 15)};
+    if (high_width) {
+        const int64_t high_per = 16 / high_width;
+        const u32x8 *high = (const u32x8 *)high_bits(w, k) + t / high_per * 2;
+        const int hs = (int)(16 * (u % 2) + high_width * (t % high_per));
+        const uint32_t mask = (1u << high_width) - 1;
+        for (int h = 0; h < 2; h++) v[h] |= (i32x8)(((high[h] >> hs) & mask) << 4);
+    }
+    for (int h = 0; h < 2; h++)
+        q[h] = __builtin_convertvector(bits == 6 ? v[h] - SIX_BIT_BIAS : v[h], f32x8);
 }
 
 /* Group g's 16 scales and offsets (zeros without) as float32; float16 ones by F16C's vector
@@ -767,26 +783,19 @@ static inline void group_factors(const void *scales, const void *offsets, int64_
 static inline __attribute__((always_inline)) void dequantize_block(
         const uint8_t *w, const int64_t bits, const void *scales, const void *offsets,
         int64_t half, int64_t group, int64_t k, float *wk) {
-    float s[GROUP], o[GROUP], q[2 * GROUP];
+    float s[GROUP], o[GROUP];
     for (int64_t g = 0; g < k / group; g++) {
         group_factors(scales, offsets, g, half, s, o);
-        if (bits == 8) {
-            const f32x8 s0 = *(const f32x8 *)s, s1 = *(const f32x8 *)(s + 8);
-            const f32x8 o0 = *(const f32x8 *)o, o1 = *(const f32x8 *)(o + 8);
-            for (int64_t i = g * group; i < (g + 1) * group; i++) {
-                *(f32x8 *)(wk + i * GROUP) = s0 * widen8((const int8_t *)w + i * GROUP) + o0;
-                *(f32x8 *)(wk + i * GROUP + 8) =
-                    s1 * widen8((const int8_t *)w + i * GROUP + 8) + o1;
+        const f32x8 s0 = *(const f32x8 *)s, s1 = *(const f32x8 *)(s + 8);
+        const f32x8 o0 = *(const f32x8 *)o, o1 = *(const f32x8 *)(o + 8);
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8)
+            #pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) {
+                f32x8 q[2];
+                values16(w, bits, k, i, u, q);
+                *(f32x8 *)(wk + (i + u) * GROUP) = s0 * q[0] + o0;
+                *(f32x8 *)(wk + (i + u) * GROUP + 8) = s1 * q[1] + o1;
             }
-            continue;
-        }
-        for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {
-            narrow_pair(w, bits, k, t, q);
-            for (int64_t p = 0; p < 2; p++)
-                #pragma omp simd
-                for (int64_t c = 0; c < GROUP; c++)
-                    wk[(2 * t + p) * GROUP + c] = s[c] * q[2 * c + p] + o[c];
-        }
     }
 }
 
@@ -826,24 +835,26 @@ static void store_block(int64_t rows, float y[][GROUP], const void *bias, int64_
                       y[r][c] + (bias ? load_one(bias, c0 + c, bf16) : 0.0f));
 }
 
-/* acc[r][c] = sum over k in [i0, i1) of q[k][c] x[r][k] for a block's 8-bit values (k-major)
- * and `rows` (<= 4; a constant where inlined) rows of xf (k apart), i1 - i0 a multiple of 4.
+/* acc[r][c] = sum over k in [i0, i1) of q[k][c] x[r][k] for a block's values (values16) and
+ * `rows` (<= 4; a constant where inlined) rows of xf (k apart), i0 and i1 multiples of 8.
  * A chain of FMAs into one accumulator waits on each FMA's latency, so the sums are split over
  * 8 independent accumulators (few rows: over k too), all in registers. */
-static inline __attribute__((always_inline)) void byte_sums(
-        const int8_t *w, const float *xf, int64_t k, int64_t i0, int64_t i1, const int64_t rows,
-        float acc[4][2 * GROUP]) {
+static inline __attribute__((always_inline)) void value_sums(
+        const uint8_t *w, const int64_t bits, const float *xf, int64_t k, int64_t i0,
+        int64_t i1, const int64_t rows, f32x8 acc[4][2]) {
     const int64_t unroll = rows == 1 ? 4 : rows == 2 ? 2 : 1;
     f32x8 a[4][4][2];
     for (int64_t r = 0; r < rows; r++)
         for (int64_t u = 0; u < unroll; u++) a[r][u][0] = a[r][u][1] = (f32x8){0};
-    for (int64_t i = i0; i < i1; i += unroll)
-        for (int64_t u = 0; u < unroll; u++) {
-            const f32x8 q0 = widen8(w + (i + u) * GROUP), q1 = widen8(w + (i + u) * GROUP + 8);
+    for (int64_t i = i0; i < i1; i += 8)
+        #pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) {
+            f32x8 q[2];
+            values16(w, bits, k, i, u, q);
             for (int64_t r = 0; r < rows; r++) {
                 const float xv = xf[r * k + i + u];
-                a[r][u][0] += q0 * xv;
-                a[r][u][1] += q1 * xv;
+                a[r][u % unroll][0] += q[0] * xv;
+                a[r][u % unroll][1] += q[1] * xv;
             }
         }
     for (int64_t r = 0; r < rows; r++) {
@@ -851,49 +862,33 @@ static inline __attribute__((always_inline)) void byte_sums(
             a[r][0][0] += a[r][u][0];
             a[r][0][1] += a[r][u][1];
         }
-        memcpy(acc[r], &a[r][0][0], sizeof a[r][0][0]);
-        memcpy(acc[r] + 8, &a[r][0][1], sizeof a[r][0][1]);
+        acc[r][0] = a[r][0][0];
+        acc[r][1] = a[r][0][1];
     }
 }
 
 /* y[r][c] = sum over k of W[c0 + c, k] x[r, k] for a block's 16 channels and `rows` (<= 4;
- * a constant where inlined) rows, the values read as they stream: per k, the 16 bytes of
- * 8-bit values; per pair of k, the 32 (channel, k) lanes of narrow ones (narrow_pair); summed
- * against x, then scaled per group as the AVX-512 path does (y += s sum(q x) + o sum(x)).
- * Nothing is written but y: a decode step's few rows read each weight once. */
+ * a constant where inlined) rows, the values read as they stream (values16), summed against x,
+ * then scaled per group as the AVX-512 path does (y += s sum(q x) + o sum(x)). Nothing is
+ * written but y: a decode step's few rows read each weight once. */
 static inline __attribute__((always_inline)) void grouped_block_streamed(
         const int64_t rows, const int64_t bits, const float *xf, const float *xsum, int64_t k,
         const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
         float y[4][GROUP]) {
     const int64_t groups = k / group;
-    for (int64_t r = 0; r < 4; r++)
-        for (int64_t c = 0; c < GROUP; c++) y[r][c] = 0.0f;
+    f32x8 yv[4][2] = {{{0}}};
     for (int64_t g = 0; g < groups; g++) {
-        float acc[4][2 * GROUP] = {{0.0f}};
-        if (bits == 8) {
-            byte_sums((const int8_t *)w, xf, k, g * group, (g + 1) * group, rows, acc);
-        } else {
-            for (int64_t t = g * group / 2; t < (g + 1) * group / 2; t++) {  /* k = 2 t + p */
-                float q[2 * GROUP];
-                narrow_pair(w, bits, k, t, q);
-                for (int64_t r = 0; r < rows; r++) {
-                    const float x0 = xf[r * k + 2 * t], x1 = xf[r * k + 2 * t + 1];
-                    #pragma omp simd
-                    for (int64_t l = 0; l < 2 * GROUP; l++)
-                        acc[r][l] += q[l] * (l % 2 ? x1 : x0);
-                }
-            }
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t c = 0; c < GROUP; c++)
-                    acc[r][c] = acc[r][2 * c] + acc[r][2 * c + 1];
-        }
+        f32x8 acc[4][2];
+        value_sums(w, bits, xf, k, g * group, (g + 1) * group, rows, acc);
         float s[GROUP], o[GROUP];
         group_factors(sb, ob, g, half, s, o);
-        for (int64_t r = 0; r < rows; r++)
-            #pragma omp simd
-            for (int64_t c = 0; c < GROUP; c++)
-                y[r][c] += s[c] * acc[r][c] + o[c] * xsum[r * groups + g];
+        for (int64_t h = 0; h < 2; h++) {
+            const f32x8 sh = *(const f32x8 *)(s + 8 * h), oh = *(const f32x8 *)(o + 8 * h);
+            for (int64_t r = 0; r < rows; r++)
+                yv[r][h] += sh * acc[r][h] + oh * xsum[r * groups + g];
+        }
     }
+    for (int64_t r = 0; r < rows; r++) memcpy(y[r], yv[r], sizeof yv[r]);
 }
 
 /* W8A8's activations where int8_linear_w8a8 is not built: each row of x (float32 or bfloat16,
@@ -940,20 +935,16 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
             const uint8_t *wb = w + b0 * block_bytes;
             const void *sb = (const char *)scales + at;
             const void *ob = offsets ? (const char *)offsets + at : NULL;
-            if (rows <= STREAMED_ROWS) {
-                for (int64_t m = 0; m < rows; m += SMALL_ROWS) {
-                    const int64_t chunk = rows - m < SMALL_ROWS ? rows - m : SMALL_ROWS;
-                    float y[4][GROUP];
-                    /* Rows and width constants in each inlined copy. */
-#define ROWS(r, b) case r: grouped_block_streamed(r, b, xf + m * k, xsum + m * (k / group), k, \
-                                                  wb, sb, ob, half, group, y); break;
-#define WIDTH(b) case b: switch (chunk) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
-                    switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
+            if (rows <= SMALL_ROWS) {
+                float y[SMALL_ROWS][GROUP];
+                /* Rows and width constants in each inlined copy. */
+#define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
+                                                  y); break;
+#define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
+                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
 #undef WIDTH
 #undef ROWS
-                    store_block(chunk, y, bias, bf16, n, b0 * GROUP,
-                                (char *)out + m * out_stride, out_stride);
-                }
+                store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
                 continue;
             }
 #define WIDTH(b) case b: dequantize_block(wb, b, sb, ob, half, group, k, wf); break;
