@@ -1,11 +1,13 @@
 """The CPU decode-attention kernel alone, by KV cache dtype: milliseconds for one decode step's
 attention over every layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64,
-bfloat16 queries), each layer its own random cache, so that the caches stream from memory as
-in serving (30 layers at batch 64 and context 1024: 1.5 GB of bfloat16 cache a step).
+bfloat16 queries, or float32 ones with `--dtype float32`: the model's dtype on CPUs without
+AVX-512), each layer its own random cache, so that the caches stream from memory as in serving
+(30 layers at batch 64 and context 1024: 1.5 GB of bfloat16 cache a step). `auto` is a cache
+of the queries' dtype.
 
     PYTHONPATH=.:proto:gateway:scheduler_svc:executor_svc:kernels \\
         .venv/bin/python benchmarks/bench_decode_attention_cpu.py \\
-        [--batch 64] [--context 1024] [--layers 30] [--repeats 7] \\
+        [--batch 64] [--context 1024] [--layers 30] [--repeats 7] [--dtype bfloat16] \\
         [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
 
 Contexts spread by +-20 around `--context`, contiguous block tables, blocks of 16. The dtypes
@@ -35,17 +37,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds; medians kept")
     parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto", "fp8_e4m3"],
                         choices=["auto", *FP8_DTYPES])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the queries' dtype (and an `auto` cache's)")
     args = parser.parse_args()
+    query_dtype = getattr(torch, args.dtype)
 
     generator = torch.Generator().manual_seed(0)
     blocks_per_seq = (args.context + 20) // BLOCK + 2
     tables = torch.arange(args.batch * blocks_per_seq).view(args.batch, blocks_per_seq)
     lens = torch.tensor([args.context + i % 41 - 20 for i in range(args.batch)])
-    query = torch.randn(args.batch, HEADS, HEAD_DIM, generator=generator).bfloat16()
+    query = torch.randn(args.batch, HEADS, HEAD_DIM, generator=generator).to(query_dtype)
     out = torch.empty_like(query)
     caches = {}
     for name in args.kv_cache_dtype:
-        dtype = FP8_DTYPES.get(name, torch.bfloat16)
+        dtype = FP8_DTYPES.get(name, query_dtype)
         shape = (args.batch * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM)
         caches[name] = [tuple(torch.randn(shape, generator=generator).to(dtype) for _ in "kv")
                         for _ in range(args.layers)]
@@ -61,7 +66,7 @@ def main() -> None:
     base = statistics.median(times[args.kv_cache_dtype[0]])
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"kv {name}, batch {args.batch}, context ~{args.context}, {args.layers} layers "
+        print(f"kv {name}, {args.dtype} queries, batch {args.batch}, context ~{args.context}, {args.layers} layers "
               f"x {args.passes}: {median * 1e3:.3g} ms ({median / base:.2f}x), threads "
               f"{torch.get_num_threads()}, rounds {[round(t * 1e3, 1) for t in runs]}")
 
