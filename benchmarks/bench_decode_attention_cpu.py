@@ -28,6 +28,24 @@ from pagedserve.kernels.attention import FP8_DTYPES
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, SCALE = 9, 3, 64, 16, 0.125
 
 
+def attention_inputs(batch: int, context: int, layers: int, query_dtype: torch.dtype,
+                     kv_cache_dtypes: list[str], seed: int = 0) -> tuple:
+    """A decode step's queries, block tables, lengths and, for each cache dtype, `layers`
+    layers' (K, V) caches: contexts spread by +-20 around `context`, contiguous tables."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_per_seq = (context + 20) // BLOCK + 2
+    tables = torch.arange(batch * blocks_per_seq).view(batch, blocks_per_seq)
+    lens = torch.tensor([context + i % 41 - 20 for i in range(batch)])
+    query = torch.randn(batch, HEADS, HEAD_DIM, generator=generator).to(query_dtype)
+    caches = {}
+    for name in kv_cache_dtypes:
+        dtype = FP8_DTYPES.get(name, query_dtype)
+        shape = (batch * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM)
+        caches[name] = [tuple(torch.randn(shape, generator=generator).to(dtype) for _ in "kv")
+                        for _ in range(layers)]
+    return query, tables, lens, caches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -42,18 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     query_dtype = getattr(torch, args.dtype)
 
-    generator = torch.Generator().manual_seed(0)
-    blocks_per_seq = (args.context + 20) // BLOCK + 2
-    tables = torch.arange(args.batch * blocks_per_seq).view(args.batch, blocks_per_seq)
-    lens = torch.tensor([args.context + i % 41 - 20 for i in range(args.batch)])
-    query = torch.randn(args.batch, HEADS, HEAD_DIM, generator=generator).to(query_dtype)
+    query, tables, lens, caches = attention_inputs(args.batch, args.context, args.layers,
+                                                   query_dtype, args.kv_cache_dtype)
     out = torch.empty_like(query)
-    caches = {}
-    for name in args.kv_cache_dtype:
-        dtype = FP8_DTYPES.get(name, query_dtype)
-        shape = (args.batch * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM)
-        caches[name] = [tuple(torch.randn(shape, generator=generator).to(dtype) for _ in "kv")
-                        for _ in range(args.layers)]
     times = {name: [] for name in caches}
     for round_index in range(args.repeats + 1):  # round 0 warms up
         for name in list(caches) if round_index % 2 else list(caches)[::-1]:
@@ -66,8 +75,9 @@ def main() -> None:
     base = statistics.median(times[args.kv_cache_dtype[0]])
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"kv {name}, {args.dtype} queries, batch {args.batch}, context ~{args.context}, {args.layers} layers "
-              f"x {args.passes}: {median * 1e3:.3g} ms ({median / base:.2f}x), threads "
+        print(f"kv {name}, {args.dtype} queries, batch {args.batch}, context ~{args.context}, "
+              f"{args.layers} layers x {args.passes}: {median * 1e3:.3g} ms "
+              f"({median / base:.2f}x), threads "
               f"{torch.get_num_threads()}, rounds {[round(t * 1e3, 1) for t in runs]}")
 
 

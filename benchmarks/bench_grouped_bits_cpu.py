@@ -32,11 +32,17 @@ WIDTHS = {"Q4_1": ((0, 15), 32, True), "Q5_K": ((0, 31), 32, True),
           "Q6_K": ((-32, 31), 16, False)}
 
 
-def random_weight(n: int, k: int, fmt: str, gen: torch.Generator) -> GroupedWeight:
+def random_weight(n: int, k: int, fmt: str, gen: torch.Generator,
+                  half_factors: bool = False) -> GroupedWeight:
+    """Random values of `fmt`'s range; factors float16 values where `half_factors` (as Q4_0,
+    Q4_1, Q5_0, Q5_1 and Q8_0 store them: the kernels then read 2 bytes a factor)."""
     (low, high), group, offsets = WIDTHS[fmt]
+    factors = [torch.rand(n, k // group, generator=gen) / (16 * k ** 0.5),
+               torch.randn(n, k // group, generator=gen) / k if offsets else None]
+    if half_factors:
+        factors = [None if f is None else f.half().float() for f in factors]
     return GroupedWeight(torch.randint(low, high + 1, (n, k), generator=gen, dtype=torch.int8),
-                         torch.rand(n, k // group, generator=gen) / (16 * k ** 0.5),
-                         torch.randn(n, k // group, generator=gen) / k if offsets else None)
+                         *factors)
 
 
 def variants(n: int, k: int, gen: torch.Generator) -> tuple[dict, dict]:

@@ -130,12 +130,13 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "pagedserve" / "kernels"
 
 
-def _compile(compiler: str, flags: list[str], target: pathlib.Path) -> None:
+def _compile(compiler: str, flags: list[str], target: pathlib.Path,
+             sources: list[pathlib.Path]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target, then rename: concurrent first starts never load a partial file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = pathlib.Path(tmp) / target.name
-        subprocess.run([compiler, *flags, "-o", str(built), *map(str, SOURCES)], check=True,
+        subprocess.run([compiler, *flags, "-o", str(built), *map(str, sources)], check=True,
                        capture_output=True, text=True)
         built.replace(target)
 
@@ -146,28 +147,37 @@ def _target_macros(compiler: str, march: str) -> str:
                           capture_output=True, text=True).stdout
 
 
-@functools.cache
-def _loaded_library() -> ctypes.CDLL | None:
+def build_library(source_dir: pathlib.Path = SOURCE_DIR) -> pathlib.Path | None:
+    """The kernels of `source_dir` (SOURCES' names there) built for this machine, in the cache
+    under the digest of their sources, compiler and target; None when they cannot be built
+    (no C compiler, or it failed: logged)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: the CPU kernels are not built; the PyTorch path runs")
         return None
     flags = [f"-march={os.environ.get(MARCH_ENV) or 'native'}", *FLAGS]
+    sources = [source_dir / source.name for source in SOURCES]
     try:
         digest = hashlib.sha256(" ".join([compiler, *flags]).encode())
         digest.update(_target_macros(compiler, flags[0]).encode())
-        for source in sorted(SOURCE_DIR.iterdir()):
+        for source in sorted(source_dir.iterdir()):
             digest.update(source.read_bytes())
         target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
         if not target.exists():
-            _compile(compiler, flags, target)
+            _compile(compiler, flags, target, sources)
             log.info("built the CPU kernels", path=str(target), flags=flags)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         log.warning("building the CPU kernels failed; the PyTorch path runs",
                     compiler=compiler, error=detail.strip()[-2000:])
         return None
-    library = ctypes.CDLL(str(target))
+    return target
+
+
+def open_library(path: pathlib.Path) -> ctypes.CDLL:
+    """A built kernel library, its functions' signatures declared and its struct layouts
+    checked against this module's mirrors."""
+    library = ctypes.CDLL(str(path))
     check_layout("DecodeShape", _DecodeShape, *_c_layout(library, "decode_shape_layout"))
     for attention in (library.paged_decode_attention, library.paged_prefill_attention):
         attention.restype = ctypes.c_int
@@ -194,6 +204,12 @@ def _loaded_library() -> ctypes.CDLL | None:
     return library
 
 
+@functools.cache
+def _loaded_library() -> ctypes.CDLL | None:
+    path = build_library()
+    return None if path is None else open_library(path)
+
+
 # A kernel call as recorded: the ctypes function and its arguments.
 KernelCall = tuple[Callable[..., int | None], tuple]
 
@@ -217,11 +233,25 @@ class _RecordingLibrary:
 
 
 _recording: _RecordingLibrary | None = None
+_substitute: ctypes.CDLL | None = None
 
 
 def _library() -> ctypes.CDLL | _RecordingLibrary | None:
-    """The library the kernel wrappers call (recorded while `recording` runs)."""
-    return _recording or _loaded_library()
+    """The library the kernel wrappers call (recorded while `recording` runs; another build
+    while `library_in_use` runs)."""
+    return _recording or _substitute or _loaded_library()
+
+
+@contextlib.contextmanager
+def library_in_use(library: ctypes.CDLL) -> Iterator[None]:
+    """The wrappers call `library` (an `open_library`, of other sources: another revision's,
+    for benchmarks/ab_cpu_kernels.py) while the block runs."""
+    global _substitute
+    previous, _substitute = _substitute, library
+    try:
+        yield
+    finally:
+        _substitute = previous
 
 
 @contextlib.contextmanager
