@@ -710,7 +710,7 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * Either way a block's values come out of values16 k-major, 16 channels in two vectors, for
  * every width. The crossover was measured on a 2-core AVX2 EPYC, weights streamed from
  * memory (docs/performance.md, "Narrow values in channel order on AVX2"): from 5 rows on the
- * tiles took 0.6-0.8x streaming's time for 4- to 6-bit values, 0.9-1.0x for 8-bit ones. The
+ * tiles took 0.6-1.0x streaming's time for 4- to 6-bit values, 0.8-1.05x for 8-bit ones. The
  * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
  * dequantization pass is all they add. */
 typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
