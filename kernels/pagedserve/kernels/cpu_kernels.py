@@ -23,9 +23,11 @@ disagree.
 
 Every kernel is called through `_library()`, with only tensors' data pointers, integers, floats
 and ctypes objects as arguments: that is what lets a decode step be recorded as its list of
-kernel calls and replayed without Python (`recording`, cpu_graph.py). Queries about the build
-(`available`, `prefill_tiles_supported`, `bf16_linear_supported`) read `_loaded_library()`,
-which is never recorded.
+kernel calls and replayed without Python (`recording`, cpu_graph.py), and what lets a benchmark
+point the wrappers at another revision's build (`build_library` of its sources, `open_library`,
+`library_in_use`: benchmarks/ab_cpu_kernels.py). Queries about the build (`available`,
+`prefill_tiles_supported`, `bf16_linear_supported`) read `_loaded_library()`, which is never
+recorded.
 """
 
 from __future__ import annotations
