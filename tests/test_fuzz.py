@@ -90,6 +90,11 @@ class FakeScheduler(SchedulerClient):
                     finish_reason=common_pb2.FINISH_REASON_LENGTH if i == count - 1 else 0)
             await asyncio.sleep(0)
 
+    def stop_sequence(self, request_id: str, seq_index: int) -> None:
+        """Nothing to spare: the gateway ignores what a stopped sequence still sends. (The
+        inherited one reads the dialled client's streams, which this fake never made: a stop
+        string met by one of n >= 2 sequences was a 500, found by the fuzzer.)"""
+
     async def stats(self, timeout: float = 1.0) -> scheduler_pb2.SchedulerStats:
         return scheduler_pb2.SchedulerStats(executors=[scheduler_pb2.ExecutorStats(
             executor_id="fake", total_blocks=10, free_blocks=10)])
@@ -205,6 +210,18 @@ def test_any_body_is_served_or_refused_naming_a_field(http, path, own, required)
         else:
             assert_error_names_a_field(reply, body, required)
     check()
+
+
+def test_a_stop_string_one_of_several_sequences_meets_is_served(http):
+    """What the fuzzer found in CI (2026-12-07): the gateway tells the scheduler to stop a
+    sequence whose stop string matched while its siblings go on; the fake then answered 500."""
+    reply = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "system", "content": ""}], "n": 2, "stop": ["F"]})
+    assert reply.status_code == 200, reply.text
+    choices = reply.json()["choices"]
+    assert [choice["index"] for choice in choices] == [0, 1]
+    assert choices[0]["finish_reason"] == "stop"
+    assert "F" not in choices[0]["message"]["content"]
 
 
 def sampling_messages() -> st.SearchStrategy[common_pb2.SamplingParams]:
