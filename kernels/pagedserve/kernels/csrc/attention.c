@@ -18,7 +18,9 @@
  * scores (then an exact softmax), then the weighted sum of V. Positions outside the context or
  * the sliding window are never read. With bfloat16 queries (the CPU default) and head_dim a
  * multiple of 32, the passes go by tiles of 16 positions (attend_tiles_bf16: no horizontal sum
- * per score, V's accumulators in registers); otherwise position by position (attend).
+ * per score, V's accumulators in registers). Where the AVX-512 paths are not built (AVX2 and
+ * other CPUs), head_dim a multiple of 8, by tiles of 8 positions in portable C
+ * (attend_tiles_portable); otherwise position by position (attend).
  *
  * Prefill attention (paged_prefill_attention, below) goes by tiles of consecutive query tokens.
  */
@@ -553,6 +555,132 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
 }
 #endif
 
+#if !defined(__AVX512F__)
+/* Positions a tile of the portable path scores and weighs at once. */
+#define PORTABLE_TILE 8
+
+/* [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]: within each half, as AVX's
+ * vhaddps (two in-lane shuffles and an add). */
+static inline __attribute__((always_inline)) f32x8 pair_sums(f32x8 x, f32x8 y) {
+    return __builtin_shuffle(x, y, (i32x8){0, 2, 8, 10, 4, 6, 12, 14})
+           + __builtin_shuffle(x, y, (i32x8){1, 3, 9, 11, 5, 7, 13, 15});
+}
+
+/* The lane sums of a[0..8) as the lanes of one vector, in order (21 operations for 8 sums,
+ * where one horizontal sum alone takes about 6). */
+static inline __attribute__((always_inline)) f32x8 sum8(const f32x8 a[8]) {
+    const f32x8 c0 = pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3]));
+    const f32x8 c1 = pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7]));
+    return __builtin_shuffle(c0, c1, (i32x8){0, 1, 2, 3, 8, 9, 10, 11})
+           + __builtin_shuffle(c0, c1, (i32x8){4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+/* rows[p] = the float32 row of head h at tile position p (positions past `count` repeat the
+ * last one): in the cache itself for a float32 cache, else converted into `converted`
+ * ([PORTABLE_TILE][dim]). */
+static inline __attribute__((always_inline)) void tile_rows(
+        const void *cache, const int64_t *offsets, int64_t count, int64_t h, const DecodeShape *s,
+        const int64_t kv, float *converted, const float *rows[PORTABLE_TILE]) {
+    for (int64_t p = 0; p < PORTABLE_TILE; p++) {
+        const int64_t at = offsets[p < count ? p : count - 1] + h * s->kv_stride_h;
+        if (kv == FORMAT_F32) {
+            rows[p] = (const float *)cache + at;
+        } else if (p < count) {
+            load_row(cache, at, kv, s->head_dim, converted + p * s->head_dim);
+            rows[p] = converted + p * s->head_dim;
+        } else {
+            rows[p] = rows[count - 1];
+        }
+    }
+}
+
+/* acc[j] (+)= sum over the tile's positions p < count of w[j * n + p] V[p], for `block` (<= 4;
+ * a constant where inlined) query rows j, 8 dimensions at a time, the rows' sums in registers
+ * across the tile. */
+static inline __attribute__((always_inline)) void weigh_tile(
+        float *acc, const float *w, const float *const rows[PORTABLE_TILE], int64_t count,
+        int64_t n, int64_t dim, const int64_t block) {
+    for (int64_t d = 0; d < dim; d += 8) {
+        f32x8 o[4];
+        for (int64_t j = 0; j < block; j++) o[j] = *(const f32x8 *)(acc + j * dim + d);
+        for (int64_t p = 0; p < count; p++) {
+            const f32x8 v = *(const f32x8 *)(rows[p] + d);
+            for (int64_t j = 0; j < block; j++) o[j] += w[j * n + p] * v;
+        }
+        for (int64_t j = 0; j < block; j++) *(f32x8 *)(acc + j * dim + d) = o[j];
+    }
+}
+
+/* `attend` by tiles of PORTABLE_TILE positions where the AVX-512 paths are not built (AVX2 and
+ * other CPUs), head_dim a multiple of 8: a tile's K rows are scored against each query row at
+ * once, 8 partial dot products summed by one lane-sum tree (sum8) instead of a horizontal sum
+ * per position; V's weighted sum keeps up to 4 query rows' outputs in registers across the
+ * tile instead of loading and storing them per position. Rows of a bfloat16 or fp8 cache are
+ * converted once per tile for all the query rows of their KV head. */
+static inline __attribute__((always_inline)) void attend_tiles_portable(
+        void *out, const void *q, const void *k_cache, const void *v_cache,
+        const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
+        const DecodeShape *s, float *work, const int64_t bf16, const int64_t kv) {
+    const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
+    const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
+    const int64_t first = window_start(len, s);
+    const int64_t n = len - first;
+    int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
+    context_offsets(table, first, n, s, offsets);
+    float *qf = (float *)(offsets + n), *acc = qf + rows * dim;
+    float *converted = acc + rows * dim;  /* [PORTABLE_TILE][dim] */
+    float *scores = converted + PORTABLE_TILE * dim;  /* [rows][n] */
+    const float scale = s->scale * s->k_scale;
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(q, seq * s->q_stride_s + (head0 + r) * s->q_stride_h, bf16, dim, qf + r * dim);
+        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
+        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
+    }
+    const int64_t row_bytes = ((kv_last - kv_first - 1) * s->kv_stride_h + dim) * format_size(kv);
+    const int64_t head_offset = kv_first * s->kv_stride_h;
+    const float *tile[PORTABLE_TILE];
+    for (int64_t i0 = 0; i0 < n; i0 += PORTABLE_TILE) {
+        const int64_t count = n - i0 < PORTABLE_TILE ? n - i0 : PORTABLE_TILE;
+        for (int64_t i = i0 + PORTABLE_TILE; i < i0 + 2 * PORTABLE_TILE && i < n; i++)
+            prefetch_bytes(k_cache, offsets[i] + head_offset, kv, row_bytes);
+        for (int64_t h = kv_first; h < kv_last; h++) {
+            tile_rows(k_cache, offsets + i0, count, h, s, kv, converted, tile);
+            for (int64_t r = (h - kv_first) * group; r < (h - kv_first + 1) * group; r++) {
+                f32x8 dots[PORTABLE_TILE] = {{0}};
+                for (int64_t d = 0; d < dim; d += 8) {
+                    const f32x8 qv = *(const f32x8 *)(qf + r * dim + d);
+                    for (int64_t p = 0; p < PORTABLE_TILE; p++)
+                        dots[p] += qv * *(const f32x8 *)(tile[p] + d);
+                }
+                const f32x8 sums = sum8(dots);
+                for (int64_t p = 0; p < count; p++) scores[r * n + i0 + p] = sums[p];
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n, s);
+    for (int64_t i0 = 0; i0 < n; i0 += PORTABLE_TILE) {
+        const int64_t count = n - i0 < PORTABLE_TILE ? n - i0 : PORTABLE_TILE;
+        for (int64_t i = i0 + PORTABLE_TILE; i < i0 + 2 * PORTABLE_TILE && i < n; i++)
+            prefetch_bytes(v_cache, offsets[i] + head_offset, kv, row_bytes);
+        for (int64_t h = kv_first; h < kv_last; h++) {
+            tile_rows(v_cache, offsets + i0, count, h, s, kv, converted, tile);
+            const int64_t r_end = (h - kv_first + 1) * group;
+            for (int64_t r = (h - kv_first) * group; r < r_end; r += 4) {
+                const float *w = scores + r * n + i0;
+                switch (r_end - r < 4 ? r_end - r : 4) {
+                case 1: weigh_tile(acc + r * dim, w, tile, count, n, dim, 1); break;
+                case 2: weigh_tile(acc + r * dim, w, tile, count, n, dim, 2); break;
+                case 3: weigh_tile(acc + r * dim, w, tile, count, n, dim, 3); break;
+                default: weigh_tile(acc + r * dim, w, tile, count, n, dim, 4);
+                }
+            }
+        }
+    }
+    store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, bf16, rows, dim,
+               acc, 0, s->v_scale);
+}
+#endif
+
 /* One sequence's KV heads [kv_first, kv_last). Position by position, the K (then V) rows of
  * those heads sit next to each other in the cache, so a task reads them as one stream.
  * Inlined into one copy per (query dtype, cache format) pair (`bf16` and `kv` constants in
@@ -565,6 +693,13 @@ static inline __attribute__((always_inline)) void attend(
     if (bf16 && s->head_dim % 32 == 0 && (kv == FORMAT_BF16 || (FP8_TABLES && kv != FORMAT_F32))) {
         attend_tiles_bf16(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s, work,
                           kv);
+        return;
+    }
+#endif
+#if !defined(__AVX512F__)
+    if (s->head_dim % 8 == 0) {
+        attend_tiles_portable(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s,
+                              work, bf16, kv);
         return;
     }
 #endif

@@ -14,6 +14,12 @@
 
 enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_E4M3 = 2, FORMAT_E5M2 = 3 };
 
+/* GCC's generic vectors of 8 lanes for the portable paths (one AVX2 register, two NEON ones);
+ * aligned(4): loads and stores through them need no alignment. */
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i32x8 __attribute__((vector_size(32), aligned(4)));
+typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
+
 static inline int64_t format_size(int64_t format) {
     return format == FORMAT_F32 ? 4 : format == FORMAT_BF16 ? 2 : 1;
 }

@@ -713,9 +713,6 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * tiles took 0.6-1.0x streaming's time for 4- to 6-bit values, 0.8-1.05x for 8-bit ones. The
  * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
  * dequantization pass is all they add. */
-typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
-typedef int32_t i32x8 __attribute__((vector_size(32), aligned(4)));
-typedef uint32_t u32x8 __attribute__((vector_size(32), aligned(4)));
 
 /* 8 int8 values as float32 (GCC 12 converts generic int8 vectors lane by lane). */
 static inline f32x8 widen8(const int8_t *p) {
