@@ -20,7 +20,7 @@
  * multiple of 32, the passes go by tiles of 16 positions (attend_tiles_bf16: no horizontal sum
  * per score, V's accumulators in registers). Where the AVX-512 paths are not built (AVX2 and
  * other CPUs), head_dim a multiple of 8, by tiles of 8 positions in portable C
- * (attend_tiles_portable); otherwise position by position (attend).
+ * (tile_passes); otherwise position by position (attend).
  *
  * Prefill attention (paged_prefill_attention, below) goes by tiles of consecutive query tokens.
  */
@@ -199,6 +199,19 @@ static inline void context_offsets(const int64_t *table, int64_t first, int64_t 
  * prefetcher loses the stream at every block boundary (a step with every table scattered ran
  * its attention at half the speed of one with contiguous tables). */
 #define PREFETCH_AHEAD 8
+
+/* A task's `rows` query rows from head `head0` of sequence `seq`, as float32 times the softmax
+ * scale and the K cache's scale, into qf, and acc zeroed (both [rows][head_dim]). */
+static inline void load_queries(const void *q, int64_t seq, int64_t head0, int64_t rows,
+                                const DecodeShape *s, int64_t bf16, float *qf, float *acc) {
+    const int64_t dim = s->head_dim;
+    const float scale = s->scale * s->k_scale;
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(q, seq * s->q_stride_s + (head0 + r) * s->q_stride_h, bf16, dim, qf + r * dim);
+        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
+        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
+    }
+}
 
 /* Brings `bytes` bytes from `offset` elements (of `format`) into `cache` towards the L2 cache
  * (locality 1: prefetcht2), not the L1. A prefetch into the L1 holds one of the L1's few miss
@@ -555,10 +568,11 @@ static inline __attribute__((always_inline)) void attend_tiles_bf16(
 }
 #endif
 
-#if !defined(__AVX512F__)
-/* Positions a tile of the portable path scores and weighs at once. */
+/* Positions a tile of the portable path scores and weighs at once (attend's scratch holds as
+ * many converted rows everywhere). */
 #define PORTABLE_TILE 8
 
+#if !defined(__AVX512F__)
 /* [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]: within each half, as AVX's
  * vhaddps (two in-lane shuffles and an add). */
 static inline __attribute__((always_inline)) f32x8 pair_sums(f32x8 x, f32x8 y) {
@@ -594,6 +608,16 @@ static inline __attribute__((always_inline)) void tile_rows(
     }
 }
 
+/* The positions of the tile from i0 (at most PORTABLE_TILE of the n), with the next tile's
+ * rows of the task's heads (row_bytes from head_offset) prefetched. */
+static inline int64_t tile_prefetching(const void *cache, const int64_t *offsets, int64_t i0,
+                                       int64_t n, int64_t kv, int64_t head_offset,
+                                       int64_t row_bytes) {
+    for (int64_t i = i0 + PORTABLE_TILE; i < i0 + 2 * PORTABLE_TILE && i < n; i++)
+        prefetch_bytes(cache, offsets[i] + head_offset, kv, row_bytes);
+    return n - i0 < PORTABLE_TILE ? n - i0 : PORTABLE_TILE;
+}
+
 /* acc[j] (+)= sum over the tile's positions p < count of w[j * n + p] V[p], for `block` (<= 4;
  * a constant where inlined) query rows j, 8 dimensions at a time, the rows' sums in registers
  * across the tile. */
@@ -611,38 +635,26 @@ static inline __attribute__((always_inline)) void weigh_tile(
     }
 }
 
-/* `attend` by tiles of PORTABLE_TILE positions where the AVX-512 paths are not built (AVX2 and
- * other CPUs), head_dim a multiple of 8: a tile's K rows are scored against each query row at
- * once, 8 partial dot products summed by one lane-sum tree (sum8) instead of a horizontal sum
- * per position; V's weighted sum keeps up to 4 query rows' outputs in registers across the
- * tile instead of loading and storing them per position. Rows of a bfloat16 or fp8 cache are
- * converted once per tile for all the query rows of their KV head. */
-static inline __attribute__((always_inline)) void attend_tiles_portable(
-        void *out, const void *q, const void *k_cache, const void *v_cache,
-        const int64_t *table, int64_t seq, int64_t kv_first, int64_t kv_last, int64_t len,
-        const DecodeShape *s, float *work, const int64_t bf16, const int64_t kv) {
+/* `attend`'s two passes by tiles of PORTABLE_TILE positions where the AVX-512 paths are not
+ * built (AVX2 and other CPUs), head_dim a multiple of 8, from its prepared queries qf (and
+ * zeroed acc, `converted` [PORTABLE_TILE][dim] free, scores [rows][n]): a tile's K rows are
+ * scored against each query row at once, 8 partial dot products summed by one lane-sum tree
+ * (sum8) instead of a horizontal sum per position; V's weighted sum keeps up to 4 query rows'
+ * outputs in registers across the tile instead of loading and storing them per position. Rows
+ * of a bfloat16 or fp8 cache are converted once per tile for all the query rows of their KV
+ * head; a float32 cache's are read in place. */
+static inline __attribute__((always_inline)) void tile_passes(
+        const void *k_cache, const void *v_cache, const int64_t *offsets, int64_t n,
+        int64_t kv_first, int64_t kv_last, const DecodeShape *s, const int64_t kv,
+        const float *qf, float *acc, float *converted, float *scores) {
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
-    const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
-    const int64_t first = window_start(len, s);
-    const int64_t n = len - first;
-    int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
-    context_offsets(table, first, n, s, offsets);
-    float *qf = (float *)(offsets + n), *acc = qf + rows * dim;
-    float *converted = acc + rows * dim;  /* [PORTABLE_TILE][dim] */
-    float *scores = converted + PORTABLE_TILE * dim;  /* [rows][n] */
-    const float scale = s->scale * s->k_scale;
-    for (int64_t r = 0; r < rows; r++) {
-        load_row(q, seq * s->q_stride_s + (head0 + r) * s->q_stride_h, bf16, dim, qf + r * dim);
-        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
-        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
-    }
+    const int64_t rows = (kv_last - kv_first) * group;
     const int64_t row_bytes = ((kv_last - kv_first - 1) * s->kv_stride_h + dim) * format_size(kv);
     const int64_t head_offset = kv_first * s->kv_stride_h;
     const float *tile[PORTABLE_TILE];
     for (int64_t i0 = 0; i0 < n; i0 += PORTABLE_TILE) {
-        const int64_t count = n - i0 < PORTABLE_TILE ? n - i0 : PORTABLE_TILE;
-        for (int64_t i = i0 + PORTABLE_TILE; i < i0 + 2 * PORTABLE_TILE && i < n; i++)
-            prefetch_bytes(k_cache, offsets[i] + head_offset, kv, row_bytes);
+        const int64_t count = tile_prefetching(k_cache, offsets, i0, n, kv, head_offset,
+                                               row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             tile_rows(k_cache, offsets + i0, count, h, s, kv, converted, tile);
             for (int64_t r = (h - kv_first) * group; r < (h - kv_first + 1) * group; r++) {
@@ -659,9 +671,8 @@ static inline __attribute__((always_inline)) void attend_tiles_portable(
     }
     for (int64_t r = 0; r < rows; r++) softmax_row(scores + r * n, n, s);
     for (int64_t i0 = 0; i0 < n; i0 += PORTABLE_TILE) {
-        const int64_t count = n - i0 < PORTABLE_TILE ? n - i0 : PORTABLE_TILE;
-        for (int64_t i = i0 + PORTABLE_TILE; i < i0 + 2 * PORTABLE_TILE && i < n; i++)
-            prefetch_bytes(v_cache, offsets[i] + head_offset, kv, row_bytes);
+        const int64_t count = tile_prefetching(v_cache, offsets, i0, n, kv, head_offset,
+                                               row_bytes);
         for (int64_t h = kv_first; h < kv_last; h++) {
             tile_rows(v_cache, offsets + i0, count, h, s, kv, converted, tile);
             const int64_t r_end = (h - kv_first + 1) * group;
@@ -676,8 +687,6 @@ static inline __attribute__((always_inline)) void attend_tiles_portable(
             }
         }
     }
-    store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, bf16, rows, dim,
-               acc, 0, s->v_scale);
 }
 #endif
 
@@ -696,13 +705,6 @@ static inline __attribute__((always_inline)) void attend(
         return;
     }
 #endif
-#if !defined(__AVX512F__)
-    if (s->head_dim % 8 == 0) {
-        attend_tiles_portable(out, q, k_cache, v_cache, table, seq, kv_first, kv_last, len, s,
-                              work, bf16, kv);
-        return;
-    }
-#endif
     const int64_t group = s->num_heads / s->num_kv_heads, dim = s->head_dim;
     const int64_t rows = (kv_last - kv_first) * group, head0 = kv_first * group;
     const int64_t first = window_start(len, s);
@@ -710,13 +712,17 @@ static inline __attribute__((always_inline)) void attend(
     int64_t *offsets = (int64_t *)work;  /* [n], first: malloc aligns it */
     context_offsets(table, first, n, s, offsets);
     float *qf = (float *)(offsets + n), *acc = qf + rows * dim, *row = acc + rows * dim;
-    float *scores = row + dim;  /* [rows][n] */
-    const float scale = s->scale * s->k_scale;
-    for (int64_t r = 0; r < rows; r++) {
-        load_row(q, seq * s->q_stride_s + (head0 + r) * s->q_stride_h, bf16, dim, qf + r * dim);
-        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= scale;
-        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = 0.0f;
+    float *scores = row + PORTABLE_TILE * dim;  /* [rows][n] */
+    load_queries(q, seq, head0, rows, s, bf16, qf, acc);
+#if !defined(__AVX512F__)
+    if (dim % 8 == 0) {
+        tile_passes(k_cache, v_cache, offsets, n, kv_first, kv_last, s, kv, qf, acc, row,
+                    scores);
+        store_rows(out, seq * s->o_stride_s + head0 * s->o_stride_h, s->o_stride_h, bf16, rows,
+                   dim, acc, 0, s->v_scale);
+        return;
     }
+#endif
     /* The bytes of one position's rows for this task's heads. */
     const int64_t row_bytes = ((kv_last - kv_first - 1) * s->kv_stride_h + dim) * format_size(kv);
     const int64_t head_offset = kv_first * s->kv_stride_h;
@@ -788,10 +794,11 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     for (int64_t task = 0; task < s->num_seqs * chunks; task++) {
         const int64_t seq = task / chunks, kv_first = (task % chunks) * heads_per_task;
         const int64_t len = seq_lens[seq], rows = heads_per_task * group;
-        /* The larger of attend's needs (2 rows + 1 row of head_dim, the scores) and
-         * attend_tiles_bf16's (a row of head_dim per query row, the queries in at most as
-         * much again, 16 converted K rows per KV head in at most 8 rows' room each, 8 rows of
-         * V pairs, the scores, a normaliser per row), and each an int64 offset per position. */
+        /* The larger of attend's needs (2 rows + PORTABLE_TILE (8) rows of head_dim, the
+         * scores) and attend_tiles_bf16's (a row of head_dim per query row, the queries in at
+         * most as much again, 16 converted K rows per KV head in at most 8 rows' room each, 8
+         * rows of V pairs, the scores, a normaliser per row), and each an int64 offset per
+         * position. */
         float *work = malloc(sizeof(float) * ((2 * rows + 8 + 16 * heads_per_task) * s->head_dim
                                               + (rows + 2) * (len - window_start(len, s))
                                               + rows));
