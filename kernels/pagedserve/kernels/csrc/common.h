@@ -92,7 +92,7 @@ static inline float load_one(const void *base, int64_t i, int64_t format) {
 /* Row `offset` elements into `base`, as float32. e5m2 goes 8 at a time by F16C where the CPU
  * has it (float16's upper bytes): element by element, _cvtsh_ss does not vectorize, and an e5m2
  * KV cache made the portable decode attention (AVX2) 2.5x slower than a float32 one
- * (docs/performance.md, "e5m2 rows by F16C on AVX2"). */
+ * (docs/performance.md, "e5m2 KV rows by F16C on AVX2"). */
 static inline void load_row(const void *base, int64_t offset, int64_t format, int64_t dim,
                             float *dst) {
     int64_t d = 0;
