@@ -89,10 +89,23 @@ static inline float load_one(const void *base, int64_t i, int64_t format) {
     }
 }
 
-/* Row `offset` elements into `base`, as float32. e5m2 goes 8 at a time by F16C where the CPU
- * has it (float16's upper bytes): element by element, _cvtsh_ss does not vectorize, and an e5m2
- * KV cache made the portable decode attention (AVX2) 2.5x slower than a float32 one
- * (docs/performance.md, "e5m2 KV rows by F16C on AVX2"). */
+#if defined(__F16C__)
+/* 8 fp8 values (the low 8 bytes of `raw`) as float32 by F16C: e5m2 is a float16's upper byte;
+ * e4m3's 7 magnitude bits sit at bit 7 of a float16 (exponent bias 15 instead of 7, hence the
+ * 2^8; its subnormals land on float16 subnormals), the sign moved to bit 15 by sign-extending
+ * the byte and clearing bit 14, which the extension filled. */
+static inline __m256 fp8x8_to_f32(__m128i raw, int64_t format) {
+    if (format == FORMAT_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(raw), 8));
+    const __m128i half = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(raw), 7),
+                                       _mm_set1_epi16((short)0xbfff));
+    return _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(0x1p8f));
+}
+#endif
+
+/* Row `offset` elements into `base`, as float32. fp8 goes 8 at a time by F16C where the CPU has
+ * it: element by element, _cvtsh_ss does not vectorize, and an e5m2 KV cache made the portable
+ * decode attention (AVX2) 2.5x slower than a float32 one (docs/performance.md, "e5m2 KV rows by
+ * F16C on AVX2"); e4m3's bit moves and product took 1.6x e5m2's time there. */
 static inline void load_row(const void *base, int64_t offset, int64_t format, int64_t dim,
                             float *dst) {
     int64_t d = 0;
@@ -102,10 +115,10 @@ static inline void load_row(const void *base, int64_t offset, int64_t format, in
         return;
     }
 #if defined(__F16C__)
-    if (format == FORMAT_E5M2)
+    if (format == FORMAT_E5M2 || format == FORMAT_E4M3)
         for (const uint8_t *src = (const uint8_t *)base + offset; d + 8 <= dim; d += 8)
-            _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_slli_epi16(
-                _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(src + d))), 8)));
+            _mm256_storeu_ps(dst + d, fp8x8_to_f32(
+                _mm_loadl_epi64((const __m128i *)(src + d)), format));
 #endif
     for (; d < dim; d++) dst[d] = load_one(base, offset + d, format);
 }

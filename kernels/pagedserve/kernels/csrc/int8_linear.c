@@ -471,6 +471,9 @@ static inline float factor_at(const void *factors, int64_t i, int64_t half) {
 /* What 6-bit values are stored plus (so that every stored value is unsigned). */
 enum { SIX_BIT_BIAS = 32 };
 
+/* What a stored value is plus the value: 6-bit values are stored v + 32. */
+static inline float stored_bias(int64_t bits) { return bits == 6 ? SIX_BIT_BIAS : 0.0f; }
+
 /* The plane of a 5- or 6-bit block's high bits: after its K / 2 rows of low nibbles. */
 static inline const uint8_t *high_bits(const uint8_t *w, int64_t k) { return w + k / 2 * GROUP; }
 
@@ -484,9 +487,6 @@ static inline __m512 load_factors(const void *factors, int64_t i, int64_t half) 
 
 /* bfloat16 128.0: with a value u below 128 in its low 7 bits, the bfloat16 128 + u exactly. */
 enum { BF16_BASE_BITS = 0x4300, BF16_BASE = 128 };
-
-/* What a stored value is plus the value: 6-bit values are stored v + 32. */
-static inline float stored_bias(int64_t bits) { return bits == 6 ? SIX_BIT_BIAS : 0.0f; }
 
 /* A group's offsets (zero without) for values the kernel sees `base` above the values
  * themselves: s * (v + base) + o - base * s = s * v + o. */
@@ -729,7 +729,8 @@ static inline f32x8 widen8(const int8_t *p) {
  * of a block's 16 channels as float32, two vectors (channels 0-7, 8-15): 8-bit ones widened;
  * narrow ones read from their planes as 32-bit words, the two 16-bit units of a channel's pair
  * of k (p = 0 in the low half, see above), so that one shift and one mask give k's value for
- * 8 channels at once, in channel order: no lane moves. */
+ * 8 channels at once, in channel order: no lane moves. The values as stored: 6-bit ones are
+ * SIX_BIT_BIAS above, which group_factors' offsets take back. */
 static inline __attribute__((always_inline)) void values16(
         const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int u, f32x8 q[2]) {
     if (bits == 8) {
@@ -750,29 +751,31 @@ static inline __attribute__((always_inline)) void values16(
         for (int h = 0; h < 2; h++) v[h] |= (i32x8)(((high[h] >> hs) & mask) << 4);
     }
     for (int h = 0; h < 2; h++)
-        q[h] = __builtin_convertvector(bits == 6 ? v[h] - SIX_BIT_BIAS : v[h], f32x8);
+        q[h] = __builtin_convertvector(v[h], f32x8);
 }
 
-/* Group g's 16 scales and offsets (zeros without) as float32; float16 ones by F16C's vector
- * conversion where the CPU has it (one instruction for 8, where factor_at takes two for 1). */
+/* Group g's 16 scales and offsets (zeros without) as float32, for the values as stored
+ * (values16): s (v + bias) + o - bias s = s v + o, so a 6-bit value's bias costs nothing per
+ * value. float16 factors by F16C's vector conversion where the CPU has it (one instruction
+ * for 8, where factor_at takes two for 1). */
 static inline void group_factors(const void *scales, const void *offsets, int64_t g,
-                                 int64_t half, float s[GROUP], float o[GROUP]) {
+                                 int64_t half, int64_t bits, float s[GROUP], float o[GROUP]) {
+    int64_t c = 0;
 #if defined(__F16C__)
-    if (half) {
-        for (int64_t c = 0; c < GROUP; c += 8) {
+    if (half)
+        for (; c < GROUP; c += 8) {
             _mm256_storeu_ps(s + c, _mm256_cvtph_ps(_mm_loadu_si128(
                 (const __m128i *)((const uint16_t *)scales + g * GROUP + c))));
             _mm256_storeu_ps(o + c, offsets ? _mm256_cvtph_ps(_mm_loadu_si128(
                 (const __m128i *)((const uint16_t *)offsets + g * GROUP + c)))
                                             : _mm256_setzero_ps());
         }
-        return;
-    }
 #endif
-    for (int64_t c = 0; c < GROUP; c++) {
+    for (; c < GROUP; c++) {
         s[c] = factor_at(scales, g * GROUP + c, half);
         o[c] = offsets ? factor_at(offsets, g * GROUP + c, half) : 0.0f;
     }
+    for (c = 0; c < GROUP; c++) o[c] -= stored_bias(bits) * s[c];
 }
 
 /* A block's weights W[c0 + c, i] = s q + o into wk [k][16] (k-major: the 16 channels of one
@@ -782,7 +785,7 @@ static inline __attribute__((always_inline)) void dequantize_block(
         int64_t half, int64_t group, int64_t k, float *wk) {
     float s[GROUP], o[GROUP];
     for (int64_t g = 0; g < k / group; g++) {
-        group_factors(scales, offsets, g, half, s, o);
+        group_factors(scales, offsets, g, half, bits, s, o);
         const f32x8 s0 = *(const f32x8 *)s, s1 = *(const f32x8 *)(s + 8);
         const f32x8 o0 = *(const f32x8 *)o, o1 = *(const f32x8 *)(o + 8);
         for (int64_t i = g * group; i < (g + 1) * group; i += 8)
@@ -878,7 +881,7 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
         f32x8 acc[4][2];
         value_sums(w, bits, xf, k, g * group, (g + 1) * group, rows, acc);
         float s[GROUP], o[GROUP];
-        group_factors(sb, ob, g, half, s, o);
+        group_factors(sb, ob, g, half, bits, s, o);
         for (int64_t h = 0; h < 2; h++) {
             const f32x8 sh = *(const f32x8 *)(s + 8 * h), oh = *(const f32x8 *)(o + 8 * h);
             for (int64_t r = 0; r < rows; r++)
