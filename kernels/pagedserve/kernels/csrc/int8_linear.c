@@ -725,30 +725,45 @@ static inline f32x8 widen8(const int8_t *p) {
 #endif
 }
 
-/* Value k = i + u (i a multiple of 8, u < 8: a constant where inlined, and so are the shifts)
- * of a block's 16 channels as float32, two vectors (channels 0-7, 8-15): 8-bit ones widened;
- * narrow ones read from their planes as 32-bit words, the two 16-bit units of a channel's pair
- * of k (p = 0 in the low half, see above), so that one shift and one mask give k's value for
- * 8 channels at once, in channel order: no lane moves. The values as stored: 6-bit ones are
- * SIX_BIT_BIAS above, which group_factors' offsets take back. */
+/* Which 8 k of their high bits' 16-bit units (16 k of 6-bit values, 32 of 5-bit ones: 2 and 4
+ * phases) the 8 from k = i (a multiple of 8) are. The loops that read values16 go through the
+ * phases in turn, each a copy of its own, so that every shift of the high bits is a constant:
+ * variable shifts (and their counts' arithmetic) made 6-bit values cost 2.4x 4-bit ones. */
+static inline int high_phases(int64_t bits) { return bits == 5 ? 4 : bits == 6 ? 2 : 1; }
+
+static inline int high_phase(int64_t bits, int64_t i) {
+    return (int)((i >> 3) & (high_phases(bits) - 1));
+}
+
+/* Value k = i + u (i a multiple of 8 of high_phase `phase`, u < 8: both constants where
+ * inlined, and so are the shifts) of a block's 16 channels as float32, two vectors (channels
+ * 0-7, 8-15): 8-bit ones widened; narrow ones read from their planes as 32-bit words, the two
+ * 16-bit units of a channel's pair of k (p = 0 in the low half, see above), so that one shift
+ * and one mask give k's value for 8 channels at once, in channel order: no lane moves. The
+ * values as stored: 6-bit ones are SIX_BIT_BIAS above, which group_factors' offsets take
+ * back. */
 static inline __attribute__((always_inline)) void values16(
-        const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int u, f32x8 q[2]) {
+        const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int u, const int phase,
+        f32x8 q[2]) {
     if (bits == 8) {
         q[0] = widen8((const int8_t *)w + (i + u) * GROUP);
         q[1] = widen8((const int8_t *)w + (i + u) * GROUP + 8);
         return;
     }
     /* Pair t = i / 2 + u / 2 of k, p = u % 2 its k within the pair. */
-    const int64_t high_width = bits - 4, t = i / 2 + u / 2;
+    const int64_t high_width = bits - 4;
     const u32x8 *low = (const u32x8 *)w + i / 8 * 2;
     const int ls = 16 * (u % 2) + 4 * (u / 2);
     i32x8 v[2] = {(i32x8)((low[0] >> ls) & 15), (i32x8)((low[1] >> ls) & 15)};
     if (high_width) {
+        /* t's unit: i's (u / 2 < 4 more pairs stay in it); its field: 4 phase + u / 2. */
         const int64_t high_per = 16 / high_width;
-        const u32x8 *high = (const u32x8 *)high_bits(w, k) + t / high_per * 2;
-        const int hs = (int)(16 * (u % 2) + high_width * (t % high_per));
+        const u32x8 *high = (const u32x8 *)high_bits(w, k) + i / 2 / high_per * 2;
+        const int hs = 16 * (u % 2) + (int)high_width * (4 * phase + u / 2);
         const uint32_t mask = (1u << high_width) - 1;
-        for (int h = 0; h < 2; h++) v[h] |= (i32x8)(((high[h] >> hs) & mask) << 4);
+        /* (high >> hs & mask) << 4 in two operations */
+        for (int h = 0; h < 2; h++)
+            v[h] |= (i32x8)((hs >= 4 ? high[h] >> (hs - 4) : high[h] << (4 - hs)) & mask << 4);
     }
     for (int h = 0; h < 2; h++)
         q[h] = __builtin_convertvector(v[h], f32x8);
@@ -778,6 +793,19 @@ static inline void group_factors(const void *scales, const void *offsets, int64_
     for (c = 0; c < GROUP; c++) o[c] -= stored_bias(bits) * s[c];
 }
 
+/* The 8 k from i (high_phase `phase`) of dequantize_block. */
+static inline __attribute__((always_inline)) void dequantize_eight(
+        const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int phase, f32x8 s0,
+        f32x8 s1, f32x8 o0, f32x8 o1, float *wk) {
+    #pragma GCC unroll 8
+    for (int u = 0; u < 8; u++) {
+        f32x8 q[2];
+        values16(w, bits, k, i, u, phase, q);
+        *(f32x8 *)(wk + (i + u) * GROUP) = s0 * q[0] + o0;
+        *(f32x8 *)(wk + (i + u) * GROUP + 8) = s1 * q[1] + o1;
+    }
+}
+
 /* A block's weights W[c0 + c, i] = s q + o into wk [k][16] (k-major: the 16 channels of one
  * k side by side, two vectors). */
 static inline __attribute__((always_inline)) void dequantize_block(
@@ -789,12 +817,11 @@ static inline __attribute__((always_inline)) void dequantize_block(
         const f32x8 s0 = *(const f32x8 *)s, s1 = *(const f32x8 *)(s + 8);
         const f32x8 o0 = *(const f32x8 *)o, o1 = *(const f32x8 *)(o + 8);
         for (int64_t i = g * group; i < (g + 1) * group; i += 8)
-            #pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) {
-                f32x8 q[2];
-                values16(w, bits, k, i, u, q);
-                *(f32x8 *)(wk + (i + u) * GROUP) = s0 * q[0] + o0;
-                *(f32x8 *)(wk + (i + u) * GROUP + 8) = s1 * q[1] + o1;
+            switch (high_phase(bits, i)) {
+            case 0: dequantize_eight(w, bits, k, i, 0, s0, s1, o0, o1, wk); break;
+            case 1: dequantize_eight(w, bits, k, i, 1, s0, s1, o0, o1, wk); break;
+            case 2: dequantize_eight(w, bits, k, i, 2, s0, s1, o0, o1, wk); break;
+            default: dequantize_eight(w, bits, k, i, 3, s0, s1, o0, o1, wk);
             }
     }
 }
@@ -835,6 +862,22 @@ static void store_block(int64_t rows, float y[][GROUP], const void *bias, int64_
                       y[r][c] + (bias ? load_one(bias, c0 + c, bf16) : 0.0f));
 }
 
+/* The 8 k from i (high_phase `phase`) of value_sums, into its accumulators a. */
+static inline __attribute__((always_inline)) void sum_eight(
+        const uint8_t *w, const int64_t bits, const float *xf, int64_t k, int64_t i,
+        const int phase, const int64_t rows, const int64_t unroll, f32x8 a[4][4][2]) {
+    #pragma GCC unroll 8
+    for (int u = 0; u < 8; u++) {
+        f32x8 q[2];
+        values16(w, bits, k, i, u, phase, q);
+        for (int64_t r = 0; r < rows; r++) {
+            const float xv = xf[r * k + i + u];
+            a[r][u % unroll][0] += q[0] * xv;
+            a[r][u % unroll][1] += q[1] * xv;
+        }
+    }
+}
+
 /* acc[r][c] = sum over k in [i0, i1) of q[k][c] x[r][k] for a block's values (values16) and
  * `rows` (<= 4; a constant where inlined) rows of xf (k apart), i0 and i1 multiples of 8.
  * A chain of FMAs into one accumulator waits on each FMA's latency, so the sums are split over
@@ -847,15 +890,11 @@ static inline __attribute__((always_inline)) void value_sums(
     for (int64_t r = 0; r < rows; r++)
         for (int64_t u = 0; u < unroll; u++) a[r][u][0] = a[r][u][1] = (f32x8){0};
     for (int64_t i = i0; i < i1; i += 8)
-        #pragma GCC unroll 8
-        for (int u = 0; u < 8; u++) {
-            f32x8 q[2];
-            values16(w, bits, k, i, u, q);
-            for (int64_t r = 0; r < rows; r++) {
-                const float xv = xf[r * k + i + u];
-                a[r][u % unroll][0] += q[0] * xv;
-                a[r][u % unroll][1] += q[1] * xv;
-            }
+        switch (high_phase(bits, i)) {
+        case 0: sum_eight(w, bits, xf, k, i, 0, rows, unroll, a); break;
+        case 1: sum_eight(w, bits, xf, k, i, 1, rows, unroll, a); break;
+        case 2: sum_eight(w, bits, xf, k, i, 2, rows, unroll, a); break;
+        default: sum_eight(w, bits, xf, k, i, 3, rows, unroll, a);
         }
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t u = 1; u < unroll; u++) {
