@@ -790,7 +790,8 @@ static inline void group_factors(const void *scales, const void *offsets, int64_
         s[c] = factor_at(scales, g * GROUP + c, half);
         o[c] = offsets ? factor_at(offsets, g * GROUP + c, half) : 0.0f;
     }
-    for (c = 0; c < GROUP; c++) o[c] -= stored_bias(bits) * s[c];
+    if (stored_bias(bits) != 0.0f)  /* not o - 0 s for the others: s may be inf */
+        for (c = 0; c < GROUP; c++) o[c] -= stored_bias(bits) * s[c];
 }
 
 /* The 8 k from i (high_phase `phase`) of dequantize_block. */
