@@ -105,7 +105,8 @@ static inline __m256 fp8x8_to_f32(__m128i raw, int64_t format) {
 /* Row `offset` elements into `base`, as float32. fp8 goes 8 at a time by F16C where the CPU has
  * it: element by element, _cvtsh_ss does not vectorize, and an e5m2 KV cache made the portable
  * decode attention (AVX2) 2.5x slower than a float32 one (docs/performance.md, "e5m2 KV rows by
- * F16C on AVX2"); e4m3's bit moves and product took 1.6x e5m2's time there. */
+ * F16C on AVX2"); e4m3 element by element took 1.5x e5m2's time there ("e4m3 KV rows by F16C,
+ * and constant shifts for 5- and 6-bit values, on AVX2"). */
 static inline void load_row(const void *base, int64_t offset, int64_t format, int64_t dim,
                             float *dst) {
     int64_t d = 0;
