@@ -471,7 +471,7 @@ static inline float factor_at(const void *factors, int64_t i, int64_t half) {
 /* What 6-bit values are stored plus (so that every stored value is unsigned). */
 enum { SIX_BIT_BIAS = 32 };
 
-/* What a stored value is plus the value: 6-bit values are stored v + 32. */
+/* What a stored value of `bits` bits is plus the value. */
 static inline float stored_bias(int64_t bits) { return bits == 6 ? SIX_BIT_BIAS : 0.0f; }
 
 /* The plane of a 5- or 6-bit block's high bits: after its K / 2 rows of low nibbles. */
@@ -728,7 +728,9 @@ static inline f32x8 widen8(const int8_t *p) {
 /* Which 8 k of their high bits' 16-bit units (16 k of 6-bit values, 32 of 5-bit ones: 2 and 4
  * phases) the 8 from k = i (a multiple of 8) are. The loops that read values16 go through the
  * phases in turn, each a copy of its own, so that every shift of the high bits is a constant:
- * variable shifts (and their counts' arithmetic) made 6-bit values cost 2.4x 4-bit ones. */
+ * variable shifts and their counts' arithmetic made 6-bit values cost 2.4x 4-bit ones at one
+ * row on AVX2, 1.9x since (docs/performance.md, "e4m3 KV rows by F16C, and constant shifts
+ * for 5- and 6-bit values, on AVX2"). */
 static inline int high_phases(int64_t bits) { return bits == 5 ? 4 : bits == 6 ? 2 : 1; }
 
 static inline int high_phase(int64_t bits, int64_t i) {
