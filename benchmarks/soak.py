@@ -70,12 +70,7 @@ import grpc
 import psutil
 
 from pagedserve.runtime.internal_auth import Role
-from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import (
-    free_consecutive_ports,
-    internal_channel,
-    shared_internal_secret,
-)
+from pagedserve.testing.processes import internal_channel, shared_internal_secret, stack_ports
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 READY_LINE = "pagedserve is up"
@@ -371,8 +366,7 @@ def order(name: str) -> tuple[int, str]:
 
 def start_stack(model: str, kv_cache_gib: str, executors: int, log_path: pathlib.Path) -> Stack:
     shared_internal_secret()  # `up` takes it from the environment; stats() calls with it
-    http, grpc_port, scheduler = free_ports(3)
-    executor = free_consecutive_ports(executors)
+    http, grpc_port, scheduler, executor = stack_ports(executors)
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedserve", "up", "--model", model, "--kv-cache-gib",

@@ -45,7 +45,7 @@ from pagedserve.runtime.serving import (
 )
 from pagedserve.scheduler.server import CALLERS as SCHEDULER_CALLERS
 from pagedserve.testing.pki import make_ca, make_identity
-from pagedserve.testing.processes import free_consecutive_ports
+from pagedserve.testing.processes import stack_ports
 from pagedserve.v1 import (
     common_pb2,
     executor_pb2,
@@ -235,8 +235,7 @@ def test_up_keeps_key_and_secret_out_of_logs_and_command_lines_and_refuses_stran
     on no child's command line (README: the key is never logged, and reaches the gateway
     through the environment, not a command line `ps` shows)."""
     key, wrong_key = f"right-{secrets.token_hex(16)}", f"wrong-{secrets.token_hex(16)}"
-    http, grpc_port, scheduler = free_ports(3)
-    executor = free_consecutive_ports(1)
+    http, grpc_port, scheduler, executor = stack_ports()
     env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
     log_path = tmp_path / "log"
     process = subprocess.Popen(

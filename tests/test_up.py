@@ -18,8 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.entrypoints.launcher import MAX_QUICK_EXITS, STABLE_S, RestartPolicy
 from pagedserve.runtime.internal_auth import Role
-from pagedserve.runtime.serving import free_ports
-from pagedserve.testing.processes import free_consecutive_ports, internal_channel, port_is_free
+from pagedserve.testing.processes import internal_channel, port_is_free, stack_ports
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 READY_LINE = "pagedserve is up:"
@@ -28,8 +27,7 @@ pytestmark = pytest.mark.slow
 
 class Stack:
     def __init__(self, model_dir, log_file, executors: int = 1):
-        self.http, self.grpc, self.scheduler = free_ports(3)
-        base = free_consecutive_ports(executors)
+        self.http, self.grpc, self.scheduler, base = stack_ports(executors)
         self.executors = list(range(base, base + executors))
         argv = [sys.executable, "-m", "pagedserve", "up", "--log-format", "json",
                 "--executors", str(executors), "--http-port", str(self.http),

@@ -55,11 +55,17 @@ def channel_options(keepalive_s: float = KEEPALIVE_S,
 
 
 def server_options(min_ping_interval_s: float = KEEPALIVE_S / 2) -> GrpcOptions:
-    """Every server's options: the message limits, and pings accepted as often as every
-    `min_ping_interval_s` while no data flows (more often still counts against the peer)."""
+    """Every server's options: the message limits, pings accepted as often as every
+    `min_ping_interval_s` while no data flows (more often still counts against the peer), and
+    no SO_REUSEPORT. gRPC sets that on Linux by default, so a server given a port another
+    gRPC server already listens on starts without error and the kernel splits new connections
+    between the two: a test stack whose scheduler and executor were handed the same port
+    answered "Method not found" to some scheduler calls. Without it the bind fails, and
+    GrpcServer.start says the port is in use."""
     return (*GRPC_OPTIONS,
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", int(min_ping_interval_s * 1000)))
+            ("grpc.http2.min_ping_interval_without_data_ms", int(min_ping_interval_s * 1000)),
+            ("grpc.so_reuseport", 0))
 
 
 CHANNEL_OPTIONS = channel_options()

@@ -57,6 +57,17 @@ def free_consecutive_ports(count: int) -> int:
     raise AssertionError("no consecutive free ports")
 
 
+def stack_ports(executors: int = 1) -> tuple[int, int, int, int]:
+    """Free ports for `pagedserve up`: the gateway's HTTP and gRPC ones, the scheduler's, and
+    the first of `executors` consecutive ones, all different. Asked for one call after the
+    other, ports can repeat (each call's are free again once it returns)."""
+    executor = free_consecutive_ports(executors)
+    while True:
+        http, grpc_port, scheduler = free_ports(3)
+        if not {http, grpc_port, scheduler} & set(range(executor, executor + executors)):
+            return http, grpc_port, scheduler, executor
+
+
 def start_executor(model_dir: pathlib.Path, log_path: pathlib.Path, *flags: str,
                    timeout: float = 120):
     """`pagedserve executor` on a free port, once it answers Describe:
@@ -128,8 +139,7 @@ def running_stack(log_path, *model_flags: str, ssl_context: ssl.SSLContext | Non
     flags then carry certificates) readiness is checked over HTTPS. `env`: the stack's
     environment (default: this process's)."""
     shared_internal_secret()
-    http, grpc_port, scheduler = free_ports(3)
-    executor = free_consecutive_ports(1)
+    http, grpc_port, scheduler, executor = stack_ports()
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedserve", "up", *model_flags,
