@@ -4,11 +4,13 @@
                                            [--block-order contiguous|scattered]
                                            [--prefills 2 --prefill-len 200]
                                            [--kernels cpu|torch]
+                                           [--dtype bfloat16|float32] [--bf16-weights]
+                                           [--linears c torch]
                                            [--quantization none int8 w8a8_int8 gguf]
                                            [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
                                            [--graphs]
 
-The embedded SmolLM2-135M-Instruct in bfloat16 with the `cpu` kernel set, a batch of
+The embedded SmolLM2-135M-Instruct in bfloat16 (`--dtype`) with the `cpu` kernel set, a batch of
 `--batch` sequences of about `--context` tokens each (contexts spread by +-20), each decoding
 one token: the model's forward pass and its logits, as the executor runs a decode step. The
 attention kernel is timed inside the forward pass (every call to
@@ -30,6 +32,13 @@ GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default mode
 them is a mode with its own copy of the model and cache over the same batch, and the modes are
 timed alternately, round by round, in one process, so that their figures share the machine's
 state. The first mode is the baseline the others are reported against.
+
+`--linears` names one or more ways to run the float (unquantized) linear layers, each a mode
+too: c, the kernel set's own packed matmuls (default: bf16_linear.c or oneDNN for bfloat16 on
+AVX-512 CPUs, float_linear on CPUs without AVX-512); torch, PyTorch's matmul on the plain
+weight (the baseline: MKL for float32). `--bf16-weights` rounds the float checkpoint's
+weights to bfloat16 before anything else, as a bfloat16 checkpoint served in `--dtype float32`
+holds them (float_linear then stores them in half the bytes).
 
 `--graphs` adds, for each mode, its step replayed from a CPU graph (executor decode_graphs.py:
 the forward pass recorded once as its kernel calls) on the same model, timed in turn with the
@@ -85,6 +94,9 @@ def main() -> None:
                         choices=["none", *SCHEMES, "gguf"])
     parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
                         choices=["auto", *FP8_DTYPES])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--bf16-weights", action="store_true")
+    parser.add_argument("--linears", nargs="+", default=["c"], choices=["c", "torch"])
     parser.add_argument("--graphs", action="store_true")
     args = parser.parse_args()
     if args.graphs and (args.prefills or args.kernels != "cpu"):
@@ -137,18 +149,25 @@ def main() -> None:
         captures[mode] = graphs.capture_seconds
         return lambda: model.compute_logits(graphs.run(batch)[batch.last_token_rows])
 
+    dtype = getattr(torch, args.dtype)
     steps_of = {}
-    for quantization, kv_cache_dtype in itertools.product(args.quantization,
-                                                          args.kv_cache_dtype):
+    for quantization, kv_cache_dtype, linears in itertools.product(
+            args.quantization, args.kv_cache_dtype, args.linears):
         model_dir = resolve_model(None, default_cache_dir(),
                                   gguf_dequantize=quantization != "gguf")
-        model = load_model(model_dir.path, torch.bfloat16)
+        model = load_model(model_dir.path, dtype)
+        if args.bf16_weights:
+            for parameter in model.parameters():
+                parameter.data = parameter.data.to(torch.bfloat16).to(dtype)
         if quantization in SCHEMES:
             quantize_linears(model, quantization)
         allocate_kv_cache(model, num_blocks, args.block_size,
-                          pick_kv_dtype(kv_cache_dtype, torch.bfloat16), torch.device("cpu"))
-        bind_kernels(model, kernels)
+                          pick_kv_dtype(kv_cache_dtype, dtype), torch.device("cpu"))
+        bind_kernels(model, kernels if linears == "c" else
+                     dataclasses.replace(kernels, pack_linear=None, packed_linear=None))
         mode = f"quantization {quantization}, kv {kv_cache_dtype}"
+        if len(args.linears) > 1:
+            mode += f", linears {linears}"
         steps_of[mode] = eager_step(model)
         if args.graphs:
             steps_of[f"{mode}, graphs"] = graph_step(model, f"{mode}, graphs")
@@ -173,7 +192,8 @@ def main() -> None:
         step, attended = statistics.median(steps[mode]), statistics.median(attention[mode])
         timed_attention = f"- (captured in {captures[mode] * 1e3:.0f} ms)" \
             if mode in captures else f"{attended * 1e3:.1f} ms ({attended / attention_base:.2f}x)"
-        print(f"{args.kernels} kernels, {mode}, batch {args.batch} "
+        weights = " (weights rounded to bfloat16)" if args.bf16_weights else ""
+        print(f"{args.kernels} kernels, {args.dtype}{weights}, {mode}, batch {args.batch} "
               f"({args.prefills} prefills of {args.prefill_len} tokens), "
               f"context ~{args.context}, {args.block_order} blocks, "
               f"threads {torch.get_num_threads()}: "

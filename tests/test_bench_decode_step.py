@@ -20,8 +20,8 @@ def test_the_decode_step_benchmark_reports_step_and_attention(kernels):
                            "--prefill-len", "20", "--kernels", kernels],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"{kernels} kernels, quantization none, kv auto, batch 2 (1 prefills of 20 tokens)" \
-        in done.stdout
+    assert (f"{kernels} kernels, bfloat16, quantization none, kv auto, batch 2 (1 prefills of 20 "
+            "tokens)") in done.stdout
     assert "scattered blocks" in done.stdout
     match = re.search(r"step ([\d.]+) ms \(1.00x\), attention ([\d.]+) ms", done.stdout)
     assert match, done.stdout
@@ -42,6 +42,20 @@ def test_each_mode_gets_its_report():
         ("none", "auto"), ("none", "fp8_e4m3"), ("w8a8_int8", "auto"),
         ("w8a8_int8", "fp8_e4m3")], done.stdout
     assert reports[0][3] == "1.00" and all(float(r[2]) > 0 for r in reports)
+
+
+def test_each_way_of_running_float_linears_gets_its_report():
+    """--linears c torch: the kernel set's packed matmuls, then PyTorch's on the plain weight,
+    in the dtype asked for, the weights rounded to bfloat16 when asked."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--batch", "2", "--context", "40",
+                           "--repeats", "1", "--dtype", "float32", "--bf16-weights",
+                           "--linears", "c", "torch"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reports = re.findall(r"float32 \(weights rounded to bfloat16\), quantization none, kv auto, "
+                         r"linears (\S+), .* step ([\d.]+) ms \(([\d.]+)x\)", done.stdout)
+    assert [r[0] for r in reports] == ["c", "torch"], done.stdout
+    assert reports[0][2] == "1.00" and all(float(r[1]) > 0 for r in reports)
 
 
 def test_graphs_add_a_replayed_step_per_mode():

@@ -362,6 +362,57 @@ def test_bf16_linear_of_no_rows_is_empty():
     assert out.shape == (0, 64) and out.dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not cpu.float_linear_supported(),
+                    reason="AVX-512 CPU: float32 linears go to MKL, bfloat16 to bf16_linear.c")
+@pytest.mark.parametrize("weights", ["float32", "bf16-exact float32", "bfloat16"])
+@pytest.mark.parametrize(("m", "n", "k", "bias", "pad"), [
+    (1, 16, 8, False, 0),       # one row, one block, one step of 8 k
+    (3, 100, 96, True, 0),      # streamed rows, channels past a block
+    (4, 576, 1536, True, 8),    # the most rows streamed; the default model's down_proj
+    (5, 33, 64, False, 0),      # the fewest rows by tiles, a block of one channel
+    (13, 960, 576, True, 8),    # tiles of 6 and a tile of 1, rows of a wider tensor
+])
+def test_float_linear_matches_float64(weights, m, n, k, bias, pad):
+    """float_linear (CPUs without AVX-512) against float64 on the same inputs: float32 sums
+    within 8 float32 ulps of sum |x w| (partial sums in a few accumulators: up to 2.2 seen
+    here, PyTorch's matmul up to 1; k ulps is the worst case); bfloat16 outputs within twice
+    bfloat16's rounding of the exact result. A float32 weight is stored in bfloat16 exactly
+    when every value is one, and packing round-trips in the weight's dtype."""
+    gen = torch.Generator().manual_seed(m * n + k)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    weight = torch.randn(n, k, generator=gen)
+    if weights != "float32":
+        weight = weight.bfloat16().float()
+    weight = weight.to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    x = torch.randn(m, k + pad, generator=gen).to(dtype)[:, :k]
+    packed = cpu.pack_linear_cpu(weight)
+    assert packed.data.dtype == (torch.float32 if weights == "float32" else torch.bfloat16)
+    dense = packed.to_dense()
+    assert dense.dtype == dtype and torch.equal(dense, weight)
+    out = cpu.packed_linear_cpu(x, packed, b)
+    assert out.dtype == dtype and out.shape == (m, n)
+    exact = x.double() @ weight.double().T + (b.double() if bias else 0)
+    error = (out.double() - exact).abs()
+    if dtype == torch.bfloat16:
+        rounding = (exact.bfloat16().double() - exact).abs()
+        assert error.max() <= 2 * rounding.max() and error.mean() <= 2 * rounding.mean()
+    else:
+        magnitude = x.double().abs() @ weight.double().abs().T + (b.double().abs() if bias else 0)
+        assert (error <= 8 * torch.finfo(torch.float32).eps * magnitude).all()
+
+
+@pytest.mark.skipif(not cpu.float_linear_supported(),
+                    reason="AVX-512 CPU: float32 linears go to MKL, bfloat16 to bf16_linear.c")
+def test_float_linear_takes_what_it_can():
+    """An input width not a multiple of 8 stays with PyTorch's matmul (None); a step can hand
+    a layer no rows (the LM head of a step that samples nothing)."""
+    assert cpu.pack_linear_cpu(torch.ones(16, 12)) is None
+    packed = cpu.pack_linear_cpu(torch.ones(64, 32))
+    out = cpu.packed_linear_cpu(torch.empty(0, 32), packed, None)
+    assert out.shape == (0, 64) and out.dtype == torch.float32
+
+
 def _logits(model, prompts, dtype):
     from pagedserve.executor.batch import ScheduledSequence, build_flat_batch
     from pagedserve.executor.models.layers import bind_kv_caches, kv_cache_shape

@@ -203,6 +203,7 @@ def open_library(path: pathlib.Path) -> ctypes.CDLL:
         library.w8a8_activations.argtypes = [ptr] * 2 + [i64] * 4 + [ctypes.c_float]
         library.w8a8_activations.restype = None
     library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 5
+    library.float_linear.argtypes = [ptr] * 3 + [i64, ptr] + [i64] * 5
     return library
 
 
@@ -505,14 +506,54 @@ def bf16_linear_supported() -> bool:
     return library is not None and bool(library.bf16_linear_supported())
 
 
-def pack_linear_cpu(weight: torch.Tensor) -> PackedBf16Weight | torch.Tensor | None:
-    """A bfloat16 weight [out, in] packed for `packed_linear_cpu`: for bf16_linear.c on CPUs
-    with AVX-512 BF16 (an even `in`), else in oneDNN's blocked layout where oneDNN has a bf16
-    path on this CPU (AVX-512 or AVX-NE-CONVERT); None for other dtypes (float32 matmuls go to
-    MKL, which gains nothing from it) or without either (an AVX2 CPU: PyTorch's own matmul)."""
+@dataclasses.dataclass(frozen=True)
+class PackedFloatWeight:
+    """A float weight [out, in] for int8_linear.c's `float_linear` (CPUs without AVX-512):
+    `data` [ceil(out / 16)][in][16], each block of 16 output channels k-major (zero-padded
+    channels), in bfloat16 where every value is one exactly (a bfloat16 checkpoint served in
+    float32: half the bytes, the same values), else float32; `dtype` the weight's own."""
+
+    data: torch.Tensor
+    dtype: torch.dtype
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data)
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight back, exactly, in its own dtype."""
+        return _unblocked(self.data, self.out_features).to(self.dtype)
+
+
+def float_linear_supported() -> bool:
+    """Whether this machine's kernels include `float_linear` (built where the CPU has no
+    AVX-512: the only CPUs it was measured on against PyTorch's float32 matmuls)."""
+    library = _loaded_library()
+    return library is not None and bool(library.float_linear_supported())
+
+
+def _pack_float(weight: torch.Tensor) -> PackedFloatWeight:
+    as_bf16 = weight.to(torch.bfloat16)
+    storage = as_bf16 if torch.equal(as_bf16.to(weight.dtype), weight) else weight
+    blocks = -(-weight.shape[0] // INT8_GROUP)
+    return PackedFloatWeight(_blocked(storage, blocks), weight.dtype, *weight.shape)
+
+
+def pack_linear_cpu(
+        weight: torch.Tensor) -> PackedBf16Weight | PackedFloatWeight | torch.Tensor | None:
+    """A float weight [out, in] packed for `packed_linear_cpu`:
+    - on CPUs without AVX-512 (`float_linear_supported`), a float32 or bfloat16 weight for
+      `float_linear` (an `in` a multiple of 8; PackedFloatWeight);
+    - a bfloat16 weight for bf16_linear.c on CPUs with AVX-512 BF16 (an even `in`), else in
+      oneDNN's blocked layout where oneDNN has a bf16 path (AVX-512 or AVX-NE-CONVERT);
+    None otherwise: float32 on AVX-512 CPUs goes to MKL, which gains nothing from packing."""
+    out_features, in_features = weight.shape
+    if weight.dtype in DTYPES and in_features % 8 == 0 and float_linear_supported():
+        return _pack_float(weight)
     if weight.dtype != torch.bfloat16:
         return None
-    out_features, in_features = weight.shape
     if in_features % 2 == 0 and bf16_linear_supported():
         padded = -(-out_features // BF16_CHANNELS) * BF16_CHANNELS
         rows = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
@@ -524,9 +565,11 @@ def pack_linear_cpu(weight: torch.Tensor) -> PackedBf16Weight | torch.Tensor | N
     return torch.ops.mkldnn._reorder_linear_weight(weight, 64)
 
 
-def packed_linear_cpu(x: torch.Tensor, packed: PackedBf16Weight | torch.Tensor,
+def packed_linear_cpu(x: torch.Tensor, packed: PackedBf16Weight | PackedFloatWeight | torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) with W from `pack_linear_cpu`."""
+    if isinstance(packed, PackedFloatWeight):
+        return _float_linear(x, packed, bias)
     if not isinstance(packed, PackedBf16Weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     rows = _rows(x)
@@ -537,6 +580,21 @@ def packed_linear_cpu(x: torch.Tensor, packed: PackedBf16Weight | torch.Tensor,
     _library().bf16_linear(out.data_ptr(), rows.data_ptr(), packed.data.data_ptr(),
                            None if bias is None else bias.data_ptr(), rows.shape[0], n,
                            packed.in_features, rows.stride(0), n)
+    return out
+
+
+def _float_linear(x: torch.Tensor, packed: PackedFloatWeight,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    assert x.dtype in DTYPES and x.shape[-1] == packed.in_features
+    assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
+    rows = _rows(x)
+    out = torch.empty((*x.shape[:-1], packed.out_features), dtype=x.dtype)
+    failed = _library().float_linear(
+        out.data_ptr(), rows.data_ptr(), packed.data.data_ptr(), packed.data.element_size() * 8,
+        0 if bias is None else bias.data_ptr(), rows.shape[0], packed.out_features,
+        packed.in_features, rows.stride(0), DTYPES[x.dtype])
+    if failed:
+        raise MemoryError("CPU float linear: out of memory for its scratch buffers")
     return out
 
 

@@ -78,8 +78,10 @@ class Linear(KernelLayer):
 
     A kernel set may repack W for its matmul (`Kernels.pack_linear`: on the CPU, bfloat16
     weights in the layout of our own matmul, kernels/pagedserve/kernels/csrc/bf16_linear.c, or
-    oneDNN's blocked layout on CPUs without AVX-512 BF16; docs/performance.md has the figures);
-    the plain copy is then released, unless another module shares it (tied embeddings).
+    oneDNN's blocked layout on other AVX-512 CPUs; on CPUs without AVX-512, float32 and
+    bfloat16 weights for `float_linear` in csrc/int8_linear.c, in bfloat16 where that is exact;
+    docs/performance.md has the figures); the plain copy is then released, unless another
+    module shares it (tied embeddings).
 
     `quantize` replaces W by int8 values and a scale per output channel
     (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too

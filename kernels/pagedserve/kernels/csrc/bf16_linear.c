@@ -2,7 +2,8 @@
  * once at load as [ceil(N / 16)][K / 2][16] dwords, each the bfloat16 pair of two consecutive
  * k of one output channel, so that one AVX-512 BF16 dot product (vdpbf16ps) adds two k of 16
  * channels for one row of x, summed in float32. Built only for CPUs with AVX-512 BF16
- * (bf16_linear_supported); elsewhere kernels/cpu_kernels.py packs for oneDNN as before.
+ * (bf16_linear_supported); elsewhere kernels/cpu_kernels.py packs for oneDNN (other AVX-512
+ * CPUs) or for int8_linear.c's float_linear (CPUs without AVX-512).
  *
  * Work: each thread takes an equal run of 16-channel blocks and walks it 64 channels (four
  * blocks) at a time: every 6 rows of x against those channels' W, with the 24 accumulators in

@@ -747,6 +747,17 @@ static inline int high_phase(int64_t bits, int64_t i) {
 static inline __attribute__((always_inline)) void values16(
         const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int u, const int phase,
         f32x8 q[2]) {
+    if (bits == 32) {
+        q[0] = *((const f32x8 *)w + (i + u) * 2);
+        q[1] = *((const f32x8 *)w + (i + u) * 2 + 1);
+        return;
+    }
+    if (bits == 16) {  /* bfloat16: its bits are a float32's upper half */
+        for (int h = 0; h < 2; h++)
+            q[h] = (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                (const __m128i *)((const uint16_t *)w + (i + u) * GROUP + 8 * h))), 16);
+        return;
+    }
     if (bits == 8) {
         q[0] = widen8((const int8_t *)w + (i + u) * GROUP);
         q[1] = widen8((const int8_t *)w + (i + u) * GROUP + 8);
@@ -778,6 +789,10 @@ static inline __attribute__((always_inline)) void values16(
 static inline void group_factors(const void *scales, const void *offsets, int64_t g,
                                  int64_t half, int64_t bits, float s[GROUP], float o[GROUP]) {
     int64_t c = 0;
+    if (!scales) {  /* float values (float_linear): the weights themselves */
+        for (; c < GROUP; c++) s[c] = 1.0f, o[c] = 0.0f;
+        return;
+    }
 #if defined(__F16C__)
     if (half)
         for (; c < GROUP; c += 8) {
@@ -975,7 +990,7 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
         for (int64_t b0 = first; b0 < last && wf; b0++) {
             const int64_t at = b0 * block_groups * factor_size;
             const uint8_t *wb = w + b0 * block_bytes;
-            const void *sb = (const char *)scales + at;
+            const void *sb = scales ? (const char *)scales + at : NULL;
             const void *ob = offsets ? (const char *)offsets + at : NULL;
             if (rows <= SMALL_ROWS) {
                 float y[SMALL_ROWS][GROUP];
@@ -983,19 +998,21 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
                                                   y); break;
 #define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
-                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
+                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) WIDTH(32) }
 #undef WIDTH
 #undef ROWS
                 store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
                 continue;
             }
+            /* float32 values are already the tiles' k-major floats */
+            const float *wk = bits == 32 ? (const float *)wb : wf;
 #define WIDTH(b) case b: dequantize_block(wb, b, sb, ob, half, group, k, wf); break;
-            switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) }
+            switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) }
 #undef WIDTH
             for (int64_t m = 0; m < rows; m += TILE_ROWS) {
                 const int64_t tile_rows = rows - m < TILE_ROWS ? rows - m : TILE_ROWS;
                 float y[TILE_ROWS][GROUP];
-#define ROWS(r) case r: block_tile(r, xf + m * k, wf, k, y); break;
+#define ROWS(r) case r: block_tile(r, xf + m * k, wk, k, y); break;
                 switch (tile_rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) }
 #undef ROWS
                 store_block(tile_rows, y, bias, bf16, n, b0 * GROUP,
@@ -1093,5 +1110,35 @@ int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
     }
     free(xf);
     return 0;
+#endif
+}
+
+/* Float linear layers where the CPU has no AVX-512 (AVX2 and others): out = x W^T (+ bias),
+ * W's values bfloat16 (`bits` 16) or float32 (32) in the grouped layout's blocks of 16
+ * channels, k-major ([K][16] per block, zero-padded channels), summed in float32 by the
+ * grouped kernel's portable paths with no scales. PyTorch's float32 matmuls (MKL, or oneDNN
+ * on packed weights) ran the default model's decode-sized linears at 4-11 GB/s on a 2-core
+ * AVX2 EPYC, far from its memory bandwidth; and a bfloat16 checkpoint served in float32 (the
+ * auto dtype without AVX-512 BF16) keeps its weights in half the bytes here, exactly
+ * (docs/performance.md, "Float linears on AVX2"). x float32 or bfloat16 as in
+ * grouped_linear; K a multiple of 8. Returns 0; 1 when out of memory for its scratch
+ * buffers; 2 where not built (float_linear_supported). */
+int float_linear_supported(void) {
+#if !INT8_SIMD && !defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int float_linear(void *out, const void *x, const void *w, int64_t bits, const void *bias,
+                 int64_t rows, int64_t n, int64_t k, int64_t x_stride, int64_t bf16) {
+#if !INT8_SIMD && !defined(__AVX512F__)
+    return grouped_linear_portable(out, x, w, bits, NULL, NULL, 0, k, bias, rows, n, k,
+                                   x_stride, bf16);
+#else
+    (void)out, (void)x, (void)w, (void)bits, (void)bias, (void)rows, (void)n, (void)k,
+        (void)x_stride, (void)bf16;
+    return 2;
 #endif
 }
