@@ -725,6 +725,18 @@ static inline f32x8 widen8(const int8_t *p) {
 #endif
 }
 
+/* 8 bfloat16 values as float32: their bits are a float32's upper half. */
+static inline f32x8 bf16x8(const uint16_t *p) {
+#if defined(__AVX2__)
+    return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)),
+                                    16);
+#else
+    u32x8 v;
+    for (int j = 0; j < 8; j++) v[j] = (uint32_t)p[j] << 16;
+    return (f32x8)v;
+#endif
+}
+
 /* Which 8 k of their high bits' 16-bit units (16 k of 6-bit values, 32 of 5-bit ones: 2 and 4
  * phases) the 8 from k = i (a multiple of 8) are. The loops that read values16 go through the
  * phases in turn, each a copy of its own, so that every shift of the high bits is a constant:
@@ -752,10 +764,9 @@ static inline __attribute__((always_inline)) void values16(
         q[1] = *((const f32x8 *)w + (i + u) * 2 + 1);
         return;
     }
-    if (bits == 16) {  /* bfloat16: its bits are a float32's upper half */
-        for (int h = 0; h < 2; h++)
-            q[h] = (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                (const __m128i *)((const uint16_t *)w + (i + u) * GROUP + 8 * h))), 16);
+    if (bits == 16) {
+        q[0] = bf16x8((const uint16_t *)w + (i + u) * GROUP);
+        q[1] = bf16x8((const uint16_t *)w + (i + u) * GROUP + 8);
         return;
     }
     if (bits == 8) {
