@@ -428,29 +428,34 @@ def _logits(model, prompts, dtype):
         return model.compute_logits(hidden[batch.last_token_rows])
 
 
-def test_bfloat16_model_on_the_cpu_set_packs_linears(tiny_llama_dir):
-    """bfloat16: every Linear's weight is repacked (for bf16_linear.c or oneDNN) and its plain
-    copy released, except the LM head tied to the embedding; the logits match the PyTorch
-    path's; binding the PyTorch set again restores the plain weights. A CPU with neither bf16
-    path (AVX2) packs nothing: PyTorch's matmul runs on the plain weights."""
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+def test_a_model_on_the_cpu_set_packs_its_linears(tiny_llama_dir, dtype, tolerance):
+    """Every Linear's weight is repacked (bfloat16: for bf16_linear.c or oneDNN on AVX-512
+    CPUs; either dtype for float_linear on CPUs without AVX-512, in bfloat16 where exact) and
+    its plain copy released, except the LM head tied to the embedding; the logits match the
+    PyTorch path's; binding the PyTorch set again restores the plain weights exactly. A float32
+    model on an AVX-512 CPU packs nothing (MKL's matmul on the plain weights), nor does a
+    bfloat16 one on an AVX-512 CPU where oneDNN has no bf16 path."""
     from pagedserve.executor.models import load_model
     from pagedserve.executor.models.layers import Linear, bind_kernels
     from pagedserve.kernels.dispatch import TORCH_KERNELS
 
-    model = load_model(tiny_llama_dir, torch.bfloat16)
+    model = load_model(tiny_llama_dir, dtype)
+    plain = {name: p.clone() for name, p in model.named_parameters()}
     prompts = [[5, 6, 7, 8, 9], list(range(20, 60))]
-    expected = _logits(model, prompts, torch.bfloat16)
+    expected = _logits(model, prompts, dtype)
     bind_kernels(model, cpu_kernels())
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-    if cpu.bf16_linear_supported() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if cpu.float_linear_supported() or dtype == torch.bfloat16 and (
+            cpu.bf16_linear_supported() or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         assert all(m.packed is not None for m in linears.values())
         assert linears["lm_head"].weight.numel() > 0  # tied to the embedding: kept
         assert all(m.weight.numel() == 0 for name, m in linears.items() if name != "lm_head")
     else:
         assert all(m.packed is None and m.weight.numel() > 0 for m in linears.values())
-    torch.testing.assert_close(_logits(model, prompts, torch.bfloat16), expected,
-                               rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(_logits(model, prompts, dtype), expected,
+                               rtol=tolerance, atol=tolerance)
     bind_kernels(model, TORCH_KERNELS)
     assert all(m.packed is None and m.weight.numel() > 0 for m in linears.values())
-    torch.testing.assert_close(_logits(model, prompts, torch.bfloat16), expected,
-                               rtol=0, atol=0)
+    assert all(torch.equal(p, plain[name]) for name, p in model.named_parameters())
+    torch.testing.assert_close(_logits(model, prompts, dtype), expected, rtol=0, atol=0)
