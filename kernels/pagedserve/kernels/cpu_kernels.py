@@ -279,6 +279,13 @@ def available() -> bool:
     return _loaded_library() is not None
 
 
+def _built_with(query: str) -> bool:
+    """What the library's `query` function (int query(void)) says of its build; False
+    without a library."""
+    library = _loaded_library()
+    return library is not None and bool(getattr(library, query)())
+
+
 def _attention_shape(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      tables: torch.Tensor, out: torch.Tensor, num_tasks: int, scale: float,
                      sliding_window: int | None, k_scale: float, v_scale: float,
@@ -481,10 +488,8 @@ BF16_CHANNELS = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class PackedBf16Weight:
-    """A bfloat16 weight [out, in] in bf16_linear.c's layout: `data` [ceil(out / 16)][in / 2][16]
-    [2] bfloat16 (each output channel's consecutive pairs of k side by side, channels padded
-    with zeros to a multiple of 16)."""
+class _PackedFloat:
+    """A float weight [out, in] repacked for one of our matmuls (`data`)."""
 
     data: torch.Tensor
     out_features: int
@@ -493,6 +498,13 @@ class PackedBf16Weight:
     @property
     def nbytes(self) -> int:
         return tensor_bytes(self.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBf16Weight(_PackedFloat):
+    """A bfloat16 weight in bf16_linear.c's layout: `data` [ceil(out / 16)][in / 2][16][2]
+    bfloat16 (each output channel's consecutive pairs of k side by side, channels padded with
+    zeros to a multiple of 16)."""
 
     def to_dense(self) -> torch.Tensor:
         """The plain weight back (as a oneDNN-packed tensor's `to_dense`), exactly."""
@@ -502,25 +514,17 @@ class PackedBf16Weight:
 
 def bf16_linear_supported() -> bool:
     """Whether this machine's kernels include bf16_linear.c's matmul (AVX-512 BF16)."""
-    library = _loaded_library()
-    return library is not None and bool(library.bf16_linear_supported())
+    return _built_with("bf16_linear_supported")
 
 
 @dataclasses.dataclass(frozen=True)
-class PackedFloatWeight:
-    """A float weight [out, in] for int8_linear.c's `float_linear` (CPUs without AVX-512):
-    `data` [ceil(out / 16)][in][16], each block of 16 output channels k-major (zero-padded
-    channels), in bfloat16 where every value is one exactly (a bfloat16 checkpoint served in
-    float32: half the bytes, the same values), else float32; `dtype` the weight's own."""
+class PackedFloatWeight(_PackedFloat):
+    """A float weight for int8_linear.c's `float_linear` (CPUs without AVX-512): `data`
+    [ceil(out / 16)][in][16], each block of 16 output channels k-major (zero-padded channels),
+    in bfloat16 where every value is one exactly (a bfloat16 checkpoint served in float32: half
+    the bytes, the same values), else float32; `dtype` the weight's own."""
 
-    data: torch.Tensor
-    dtype: torch.dtype
-    out_features: int
-    in_features: int
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.data)
+    dtype: torch.dtype = torch.float32
 
     def to_dense(self) -> torch.Tensor:
         """The weight back, exactly, in its own dtype."""
@@ -530,15 +534,14 @@ class PackedFloatWeight:
 def float_linear_supported() -> bool:
     """Whether this machine's kernels include `float_linear` (built where the CPU has no
     AVX-512: the only CPUs it was measured on against PyTorch's float32 matmuls)."""
-    library = _loaded_library()
-    return library is not None and bool(library.float_linear_supported())
+    return _built_with("float_linear_supported")
 
 
 def _pack_float(weight: torch.Tensor) -> PackedFloatWeight:
     as_bf16 = weight.to(torch.bfloat16)
     storage = as_bf16 if torch.equal(as_bf16.to(weight.dtype), weight) else weight
     blocks = -(-weight.shape[0] // INT8_GROUP)
-    return PackedFloatWeight(_blocked(storage, blocks), weight.dtype, *weight.shape)
+    return PackedFloatWeight(_blocked(storage, blocks), *weight.shape, dtype=weight.dtype)
 
 
 def pack_linear_cpu(
@@ -585,16 +588,23 @@ def packed_linear_cpu(x: torch.Tensor, packed: PackedBf16Weight | PackedFloatWei
 
 def _float_linear(x: torch.Tensor, packed: PackedFloatWeight,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    assert x.dtype in DTYPES and x.shape[-1] == packed.in_features
+    return _weight_only_linear("float_linear", x, bias, packed.out_features, packed.in_features,
+                               (packed.data.data_ptr(), packed.data.element_size() * 8))
+
+
+def _weight_only_linear(kernel: str, x: torch.Tensor, bias: torch.Tensor | None,
+                        out_features: int, in_features: int, weight_args: tuple) -> torch.Tensor:
+    """x W^T (+ bias) by `kernel` (int8_linear.c's grouped_linear or float_linear, which
+    share their arguments but W's: `weight_args`), float32 or bfloat16 x and out."""
+    assert x.dtype in DTYPES and x.shape[-1] == in_features
     assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
     rows = _rows(x)
-    out = torch.empty((*x.shape[:-1], packed.out_features), dtype=x.dtype)
-    failed = _library().float_linear(
-        out.data_ptr(), rows.data_ptr(), packed.data.data_ptr(), packed.data.element_size() * 8,
-        0 if bias is None else bias.data_ptr(), rows.shape[0], packed.out_features,
-        packed.in_features, rows.stride(0), DTYPES[x.dtype])
+    out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
+    failed = getattr(_library(), kernel)(
+        out.data_ptr(), rows.data_ptr(), *weight_args, 0 if bias is None else bias.data_ptr(),
+        rows.shape[0], out_features, in_features, rows.stride(0), DTYPES[x.dtype])
     if failed:
-        raise MemoryError("CPU float linear: out of memory for its scratch buffers")
+        raise MemoryError(f"CPU {kernel}: out of memory for its scratch buffers")
     return out
 
 
@@ -629,8 +639,7 @@ class PackedInt8Weight:
 def int8_arithmetic_supported() -> bool:
     """Whether this machine's kernels include int8_linear.c's int8 matmuls (AVX-512 VNNI and
     BF16)."""
-    library = _loaded_library()
-    return library is not None and bool(library.int8_linear_simd())
+    return _built_with("int8_linear_simd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -869,19 +878,11 @@ def _grouped_int8_linear(x: torch.Tensor, weight: GroupedInt8Weight,
 def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
                        bias: torch.Tensor | None) -> torch.Tensor:
     """As `quantization.grouped_linear`, by the C kernel (float32 or bfloat16 x)."""
-    assert x.dtype in DTYPES and x.shape[-1] == weight.in_features
-    assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
-    rows = _rows(x)
-    out = torch.empty((*x.shape[:-1], weight.out_features), dtype=x.dtype)
-    failed = _library().grouped_linear(
-        out.data_ptr(), rows.data_ptr(), weight.data.data_ptr(), weight.bits,
-        weight.scales.data_ptr(), 0 if weight.offsets is None else weight.offsets.data_ptr(),
-        weight.scales.dtype == torch.float16, weight.group_size,
-        0 if bias is None else bias.data_ptr(), rows.shape[0],
-        weight.out_features, weight.in_features, rows.stride(0), DTYPES[x.dtype])
-    if failed:
-        raise MemoryError("CPU grouped linear: out of memory for its scratch buffers")
-    return out
+    return _weight_only_linear(
+        "grouped_linear", x, bias, weight.out_features, weight.in_features,
+        (weight.data.data_ptr(), weight.bits, weight.scales.data_ptr(),
+         0 if weight.offsets is None else weight.offsets.data_ptr(),
+         weight.scales.dtype == torch.float16, weight.group_size))
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | GroupedInt8Weight | Int8Weight,
