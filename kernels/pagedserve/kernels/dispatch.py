@@ -5,9 +5,9 @@
 "cpu" set (C kernels built at first use, cpu_kernels.py: the KV write, attention, norms, rotary,
 SiLU-and-mul, quantized linears, and float linears through weights packed for our own matmuls
 or oneDNN's) when a C compiler could build them, else the PyTorch path; `--attention-backend`
-forces one. The choice
-is per model (bound onto its layers by `pagedserve.executor.models.layers.bind_kernels`), not
-process-wide, so two models in one process (the tests, the offline API) may use different sets.
+forces one. The choice is per model (bound onto its layers by
+`pagedserve.executor.models.layers.bind_kernels`), not process-wide, so two models in one
+process (the tests, the offline API) may use different sets.
 The Triton modules are imported only when the Triton set is chosen: importing triton is slow,
 and the PyTorch path must not need it.
 """

@@ -751,11 +751,11 @@ static inline int high_phase(int64_t bits, int64_t i) {
 
 /* Value k = i + u (i a multiple of 8 of high_phase `phase`, u < 8: both constants where
  * inlined, and so are the shifts) of a block's 16 channels as float32, two vectors (channels
- * 0-7, 8-15): 8-bit ones widened; narrow ones read from their planes as 32-bit words, the two
- * 16-bit units of a channel's pair of k (p = 0 in the low half, see above), so that one shift
- * and one mask give k's value for 8 channels at once, in channel order: no lane moves. The
- * values as stored: 6-bit ones are SIX_BIT_BIAS above, which group_factors' offsets take
- * back. */
+ * 0-7, 8-15): float_linear's float32 values as they are, its bfloat16 ones and 8-bit ones
+ * widened; narrow ones read from their planes as 32-bit words, the two 16-bit units of a
+ * channel's pair of k (p = 0 in the low half, see above), so that one shift and one mask give
+ * k's value for 8 channels at once, in channel order: no lane moves. The values as stored:
+ * 6-bit ones are SIX_BIT_BIAS above, which group_factors' offsets take back. */
 static inline __attribute__((always_inline)) void values16(
         const uint8_t *w, const int64_t bits, int64_t k, int64_t i, const int u, const int phase,
         f32x8 q[2]) {
@@ -1148,8 +1148,6 @@ int float_linear(void *out, const void *x, const void *w, int64_t bits, const vo
     return grouped_linear_portable(out, x, w, bits, NULL, NULL, 0, k, bias, rows, n, k,
                                    x_stride, bf16);
 #else
-    (void)out, (void)x, (void)w, (void)bits, (void)bias, (void)rows, (void)n, (void)k,
-        (void)x_stride, (void)bf16;
     return 2;
 #endif
 }
