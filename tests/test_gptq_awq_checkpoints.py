@@ -120,8 +120,8 @@ def test_4bit_weights_take_half_a_byte_each(checkpoint, kernel_set):
     values = sum(m.quantized.plain().qweight.numel() for m in model.modules()
                  if isinstance(m, Linear) and m.quantized is not None)
     floats = sum(p.numel() * 4 for p in model.parameters())
-    # Float layers the kernel set packed (float_linear on CPUs without AVX-512) hold their
-    # packed copy, beside the plain weight where another module shares it (a tied head).
+    # Float layers the kernel set packed (a tied head, for float_linear on CPUs without
+    # AVX-512) hold their weight in that form only.
     floats += sum(m.packed.nbytes for m in model.modules()
                   if isinstance(m, Linear) and m.packed is not None)
     # Half a byte per value, plus float16 scale and offset per group of 32 (a byte per 8

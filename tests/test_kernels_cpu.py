@@ -347,6 +347,8 @@ def test_bf16_linear_matches_float64(m, n, k, bias, pad):
     x = torch.randn(m, k + pad, generator=gen).bfloat16()[:, :k]
     packed = cpu.pack_linear_cpu(weight)
     assert torch.equal(packed.to_dense(), weight)
+    ids = torch.tensor([n - 1, 0, n // 2, 0])
+    assert torch.equal(packed.rows(ids, torch.float32), weight[ids].float())
     out = cpu.packed_linear_cpu(x, packed, b).double()
     exact = x.double() @ weight.double().T + (b.double() if bias else 0)
     error, rounding = (out - exact).abs(), (exact.bfloat16().double() - exact).abs()
@@ -377,7 +379,8 @@ def test_float_linear_matches_float64(weights, m, n, k, bias, pad):
     within 8 float32 ulps of sum |x w| (partial sums in a few accumulators: up to 2.2 seen
     here, PyTorch's matmul up to 1; k ulps is the worst case); bfloat16 outputs within twice
     bfloat16's rounding of the exact result. A float32 weight is stored in bfloat16 exactly
-    when every value is one, and packing round-trips in the weight's dtype."""
+    when every value is one, and packing round-trips in the weight's dtype, as rows read from
+    the packed form do (a tied embedding's lookups)."""
     gen = torch.Generator().manual_seed(m * n + k)
     dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
     weight = torch.randn(n, k, generator=gen)
@@ -390,6 +393,8 @@ def test_float_linear_matches_float64(weights, m, n, k, bias, pad):
     assert packed.data.dtype == (torch.float32 if weights == "float32" else torch.bfloat16)
     dense = packed.to_dense()
     assert dense.dtype == dtype and torch.equal(dense, weight)
+    ids = torch.tensor([n - 1, 0, n // 2, 0])
+    assert torch.equal(packed.rows(ids, dtype), weight[ids])
     out = cpu.packed_linear_cpu(x, packed, b)
     assert out.dtype == dtype and out.shape == (m, n)
     exact = x.double() @ weight.double().T + (b.double() if bias else 0)
@@ -432,30 +437,37 @@ def _logits(model, prompts, dtype):
 def test_a_model_on_the_cpu_set_packs_its_linears(tiny_llama_dir, dtype, tolerance):
     """Every Linear's weight is repacked (bfloat16: for bf16_linear.c or oneDNN on AVX-512
     CPUs; either dtype for float_linear on CPUs without AVX-512, in bfloat16 where exact) and
-    its plain copy released, except the LM head tied to the embedding; the logits match the
-    PyTorch path's; binding the PyTorch set again restores the plain weights exactly. A float32
-    model on an AVX-512 CPU packs nothing (MKL's matmul on the plain weights), nor does a
-    bfloat16 one on an AVX-512 CPU where oneDNN has no bf16 path."""
+    its plain copy released; the embedding tied to the LM head then reads its rows from the
+    head's packed form, so the weights are held once (oneDNN's form gives no rows: the plain
+    copy stays for the embedding). The logits match the PyTorch path's; binding the PyTorch
+    set again restores the plain weights exactly. A float32 model on an AVX-512 CPU packs
+    nothing (MKL's matmul on the plain weights), nor does a bfloat16 one on an AVX-512 CPU
+    where oneDNN has no bf16 path."""
     from pagedserve.executor.models import load_model
-    from pagedserve.executor.models.layers import Linear, bind_kernels
+    from pagedserve.executor.models.layers import Linear, bind_kernels, weight_bytes
     from pagedserve.kernels.dispatch import TORCH_KERNELS
 
     model = load_model(tiny_llama_dir, dtype)
+    embedding = model.model.embed_tokens
     plain = {name: p.clone() for name, p in model.named_parameters()}
     prompts = [[5, 6, 7, 8, 9], list(range(20, 60))]
     expected = _logits(model, prompts, dtype)
     bind_kernels(model, cpu_kernels())
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-    if cpu.float_linear_supported() or dtype == torch.bfloat16 and (
-            cpu.bf16_linear_supported() or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    ours = cpu.float_linear_supported() or dtype == torch.bfloat16 and cpu.bf16_linear_supported()
+    if ours or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert all(m.packed is not None for m in linears.values())
-        assert linears["lm_head"].weight.numel() > 0  # tied to the embedding: kept
-        assert all(m.weight.numel() == 0 for name, m in linears.items() if name != "lm_head")
+        kept = set() if ours else {"lm_head"}
+        assert all(m.weight.numel() == 0 for name, m in linears.items() if name not in kept)
+        assert embedding.tied_head is (linears["lm_head"] if ours else None)
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert weight_bytes(model) == params + sum(m.packed.nbytes for m in linears.values())
     else:
         assert all(m.packed is None and m.weight.numel() > 0 for m in linears.values())
     torch.testing.assert_close(_logits(model, prompts, dtype), expected,
                                rtol=tolerance, atol=tolerance)
     bind_kernels(model, TORCH_KERNELS)
     assert all(m.packed is None and m.weight.numel() > 0 for m in linears.values())
+    assert embedding.tied_head is None
     assert all(torch.equal(p, plain[name]) for name, p in model.named_parameters())
     torch.testing.assert_close(_logits(model, prompts, dtype), expected, rtol=0, atol=0)

@@ -44,7 +44,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 import structlog
 import torch
@@ -483,21 +483,40 @@ def apply_rotary_cpu(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: to
     return out
 
 
-# Output channels per block of the packed bfloat16 layout (CHANNELS in bf16_linear.c).
+# Output channels per block of the packed bfloat16 layout (CHANNELS in bf16_linear.c), and
+# per group of int8_linear.c's layouts (GROUP), float_linear's included.
 BF16_CHANNELS = 16
+INT8_GROUP = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class _PackedFloat:
-    """A float weight [out, in] repacked for one of our matmuls (`data`)."""
+    """A float weight [out, in] repacked for one of our matmuls: `data` in blocks of
+    `channels` output channels (the last zero-padded), each block k-major in steps of `step`
+    consecutive values of k of each channel."""
 
     data: torch.Tensor
     out_features: int
     in_features: int
+    channels: ClassVar[int]
+    step: ClassVar[int]
 
     @property
     def nbytes(self) -> int:
         return tensor_bytes(self.data)
+
+    def _lanes(self) -> torch.Tensor:
+        """`data` as [blocks][in / step][channels][step]."""
+        return self.data.view(self.data.shape[0], -1, self.channels, self.step)
+
+    def to_dense(self) -> torch.Tensor:
+        """The plain weight back (as a oneDNN-packed tensor's `to_dense`), exactly."""
+        rows = self._lanes().movedim(2, 1).reshape(-1, self.in_features)
+        return rows[:self.out_features].contiguous()
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of W in `dtype` (a tied embedding's lookup), read in the packed layout."""
+        return self._lanes()[ids // self.channels, :, ids % self.channels].flatten(-2).to(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,10 +525,8 @@ class PackedBf16Weight(_PackedFloat):
     bfloat16 (each output channel's consecutive pairs of k side by side, channels padded with
     zeros to a multiple of 16)."""
 
-    def to_dense(self) -> torch.Tensor:
-        """The plain weight back (as a oneDNN-packed tensor's `to_dense`), exactly."""
-        rows = self.data.permute(0, 2, 1, 3).reshape(-1, self.in_features)
-        return rows[:self.out_features].contiguous()
+    channels: ClassVar[int] = BF16_CHANNELS
+    step: ClassVar[int] = 2
 
 
 def bf16_linear_supported() -> bool:
@@ -525,10 +542,12 @@ class PackedFloatWeight(_PackedFloat):
     the bytes, the same values), else float32; `dtype` the weight's own."""
 
     dtype: torch.dtype = torch.float32
+    channels: ClassVar[int] = INT8_GROUP
+    step: ClassVar[int] = 1
 
     def to_dense(self) -> torch.Tensor:
         """The weight back, exactly, in its own dtype."""
-        return _unblocked(self.data, self.out_features).to(self.dtype)
+        return super().to_dense().to(self.dtype)
 
 
 def float_linear_supported() -> bool:
@@ -606,10 +625,6 @@ def _weight_only_linear(kernel: str, x: torch.Tensor, bias: torch.Tensor | None,
     if failed:
         raise MemoryError(f"CPU {kernel}: out of memory for its scratch buffers")
     return out
-
-
-# Output channels per group of the packed int8 layout (GROUP in int8_linear.c).
-INT8_GROUP = 16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,8 @@ class Kernels:
     apply_rotary: Callable[..., torch.Tensor]
     silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     # A linear layer's weight repacked for this set's matmul (None: that weight stays as it
-    # is), and the matmul on a packed weight: packed_linear(x, packed, bias).
+    # is), and the matmul on a packed weight: packed_linear(x, packed, bias). A packed form
+    # with a `rows(ids, dtype)` method serves a tied embedding's lookups too.
     pack_linear: Callable[[torch.Tensor], object | None] | None = None
     packed_linear: Callable[..., torch.Tensor] | None = None
     # A quantized weight (quantization.Int8Weight or GroupedWeight) repacked for this set's

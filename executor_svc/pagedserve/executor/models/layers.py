@@ -80,8 +80,8 @@ class Linear(KernelLayer):
     weights in the layout of our own matmul, kernels/pagedserve/kernels/csrc/bf16_linear.c, or
     oneDNN's blocked layout on other AVX-512 CPUs; on CPUs without AVX-512, float32 and
     bfloat16 weights for `float_linear` in csrc/int8_linear.c, in bfloat16 where that is exact;
-    docs/performance.md has the figures); the plain copy is then released, unless another
-    module shares it (tied embeddings).
+    docs/performance.md has the figures); the plain copy is then released, and a tied
+    embedding reads its rows from the packed copy (`rows`), unless that form cannot give them.
 
     `quantize` replaces W by int8 values and a scale per output channel
     (kernels/pagedserve/kernels/quantization.py), which the kernel set may repack too
@@ -289,7 +289,10 @@ class Linear(KernelLayer):
         if not shared:
             self.weight.data = self.weight.data.new_empty(0)
 
-    def use_kernels(self, kernels: Kernels, shared: bool) -> None:
+    def use_kernels(self, kernels: Kernels, tied: VocabParallelEmbedding | None) -> None:
+        """Multiply by `kernels`, in the form they pack W in. The plain weight is released
+        once packed; `tied` (the embedding that shares W) then reads its rows from the packed
+        form where that form reads rows (ours do; oneDNN's does not: W is then kept for it)."""
         self.kernels = kernels
         if self.quantized is not None:
             plain = self.quantized.plain()
@@ -298,8 +301,18 @@ class Linear(KernelLayer):
             return
         weight = self.weight if self.packed is None else self.packed.to_dense()
         self.packed = kernels.pack_linear(weight) if kernels.pack_linear else None
+        reads_rows = callable(getattr(self.packed, "rows", None))
         # The parameter stays (its dtype and name are read), empty while the packed copy serves.
-        self.weight.data = weight if self.packed is None or shared else weight.new_empty(0)
+        released = self.packed is not None and (tied is None or reads_rows)
+        self.weight.data = weight.new_empty(0) if released else weight
+        if tied is not None:
+            # A plain attribute, not a submodule: the head is the model's, not the embedding's.
+            object.__setattr__(tied, "tied_head", self if released else None)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of W in `dtype` (a tied embedding's lookup), from the form this layer
+        multiplies by."""
+        return (self.packed if self.quantized is None else self.quantized).rows(ids, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -479,7 +492,8 @@ class VocabParallelEmbedding(nn.Module):
     factors: `quantized`, this rank's rows, assembled once loaded (`finish_quantized_loading`),
     whose looked-up rows are dequantized. A tied output head then multiplies by that same
     weight, and the embedding reads its rows from the head (`tied_head`, in whatever form the
-    kernel set packed it), so the weight is held once."""
+    kernel set packed it), so the weight is held once. So does a float embedding whose tied
+    head's weight the kernel set repacked (`Linear.use_kernels`)."""
 
     quantized: GroupedWeight | None = None
     tied_head: Linear | None = None
@@ -536,7 +550,7 @@ class VocabParallelEmbedding(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (of this rank's) of the embedding."""
         if self.tied_head is not None:
-            return self.tied_head.quantized.rows(ids, self.weight.dtype)
+            return self.tied_head.rows(ids, self.weight.dtype)
         if self.quantized is not None:
             return self.quantized.rows(ids, self.weight.dtype)
         return nn.functional.embedding(ids, self.weight)
@@ -567,11 +581,11 @@ def _shared_with_other_modules(model: nn.Module) -> set[int]:
 
 
 def bind_kernels(model: nn.Module, kernels: Kernels) -> None:
-    # A weight another module shares stays as it is beside its packed copy.
-    shared = _shared_with_other_modules(model)
+    embeddings = {id(m.weight): m for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding)}
     for module in model.modules():
         if isinstance(module, Linear):
-            module.use_kernels(kernels, shared=id(module.weight) in shared)
+            module.use_kernels(kernels, tied=embeddings.get(id(module.weight)))
         elif isinstance(module, KernelLayer):
             module.kernels = kernels
 
