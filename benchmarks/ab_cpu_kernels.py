@@ -1,17 +1,20 @@
 """Two revisions' CPU kernels timed against each other in one process, call by call: this
 machine's speed moves by 10-30 % between processes, more than most kernel changes, and the
-placement of code alone has moved a kernel by 15 %. Two kernels, as the engine calls them:
+placement of code alone has moved a kernel by 15 %. Three kernels, as the engine calls them:
 
 - grouped: the grouped linear kernel (GGUF's formats, and int8 weights on CPUs without
   AVX-512 VNNI) over `--layers` distinct weights of one shape, float32 rows (the model's dtype
   on CPUs without AVX-512), so that the weights stream from memory as in a decode step; each
   format in its fewest bits and a byte a value;
+- float: float_linear (float checkpoints on CPUs without AVX-512) the same way, the weights
+  stored in float32 and, where exact (a bfloat16 checkpoint), in bfloat16;
 - decode-attention: one decode step's attention over `--layers` layers' caches, as
   bench_decode_attention_cpu.py builds them.
 
     PYTHONPATH=.:proto:gateway:scheduler_svc:executor_svc:kernels:benchmarks .venv/bin/python \\
         benchmarks/ab_cpu_kernels.py --base REV [--head REV] [--rounds 7] \\
         grouped [--formats Q4_1 Q5_K Q6_K] [--rows 1 4 16 32] [--layers 150] [--shape 1536 576]
+    ... float [--storage float32 bfloat16] [--rows 1 4 16 32] [--layers 60] [--shape 1536 576]
     ... decode-attention [--batch 32] [--context 1024] [--layers 30] [--dtype float32] \\
         [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
 
@@ -85,6 +88,21 @@ def alternated(libraries: dict, passes: dict[str, Callable[[], torch.Tensor]],
     return results
 
 
+def linear_passes(name: str, packed: list, linear: Callable, args: argparse.Namespace,
+                  gen: torch.Generator) -> dict[str, Callable[[], torch.Tensor]]:
+    """A pass of `linear` over every packed weight, one case per `--rows`, on float32 rows."""
+    passes = {}
+    for rows in args.rows:
+        x = torch.randn(rows, args.shape[1], generator=gen)
+
+        def run(x=x) -> torch.Tensor:
+            for weight in packed:
+                out = linear(x, weight, None)
+            return out
+        passes[f"{name}, {rows} rows, {args.layers} layers"] = run
+    return passes
+
+
 def grouped_passes(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
     n, k = args.shape
     gen = torch.Generator().manual_seed(0)
@@ -94,14 +112,25 @@ def grouped_passes(args: argparse.Namespace) -> dict[str, Callable[[], torch.Ten
                    for _ in range(args.layers)]
         for bits in sorted({cpu_kernels.pack_grouped_cpu(weights[0]).bits, 8}):
             packed = [cpu_kernels.pack_grouped_cpu(w, bits) for w in weights]
-            for rows in args.rows:
-                x = torch.randn(rows, k, generator=gen)
+            passes |= linear_passes(f"{fmt} in {bits} bits", packed,
+                                    cpu_kernels.grouped_linear_cpu, args, gen)
+    return passes
 
-                def run(packed=packed, x=x) -> torch.Tensor:
-                    for weight in packed:
-                        out = cpu_kernels.grouped_linear_cpu(x, weight, None)
-                    return out
-                passes[f"{fmt} in {bits} bits, {rows} rows, {args.layers} layers"] = run
+
+def float_passes(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
+    """float_linear (CPUs without AVX-512) on float32 weights, stored as they are or, where
+    every value is one (`bfloat16`: a bfloat16 checkpoint), in bfloat16."""
+    if not cpu_kernels.float_linear_supported():
+        raise SystemExit("float: this machine's kernels have no float_linear (AVX-512 CPU)")
+    gen = torch.Generator().manual_seed(0)
+    passes = {}
+    for storage in args.storage:
+        weights = [torch.randn(*args.shape, generator=gen) for _ in range(args.layers)]
+        if storage == "bfloat16":
+            weights = [w.bfloat16().float() for w in weights]
+        packed = [cpu_kernels.pack_linear_cpu(w) for w in weights]
+        passes |= linear_passes(f"{storage} weights", packed, cpu_kernels.packed_linear_cpu,
+                                args, gen)
     return passes
 
 
@@ -135,6 +164,12 @@ def main() -> None:
     grouped.add_argument("--layers", type=int, default=150)
     grouped.add_argument("--shape", type=int, nargs=2, default=[1536, 576],
                          metavar=("N", "K"))
+    floats = kernels.add_parser("float")
+    floats.add_argument("--storage", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16"])
+    floats.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
+    floats.add_argument("--layers", type=int, default=60)
+    floats.add_argument("--shape", type=int, nargs=2, default=[1536, 576], metavar=("N", "K"))
     attention = kernels.add_parser("decode-attention")
     attention.add_argument("--batch", type=int, default=32)
     attention.add_argument("--context", type=int, default=1024)
@@ -146,7 +181,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         libraries = {name: revision_library(revision, pathlib.Path(scratch))
                      for name, revision in (("base", args.base), ("head", args.head))}
-    passes = (grouped_passes if args.kernel == "grouped" else attention_passes)(args)
+    passes = {"grouped": grouped_passes, "float": float_passes,
+              "decode-attention": attention_passes}[args.kernel](args)
     with torch.inference_mode():
         results = alternated(libraries, passes, args.rounds)
     if args.json:

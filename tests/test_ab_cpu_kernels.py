@@ -48,6 +48,15 @@ def test_grouped_formats_in_their_bits_and_a_byte_each(tmp_path):
     assert set(figures["ms_a_pass"]) == {line[0] for line in lines}
 
 
+@pytest.mark.skipif(not cpu_kernels.float_linear_supported(),
+                    reason="AVX-512 CPU: no float_linear")
+def test_float_weights_in_each_storage(tmp_path):
+    lines, _ = ab(tmp_path, "float", "--rows", "1", "5", "--layers", "2", "--shape", "32", "64")
+    assert [line[0] for line in lines] == [f"{storage} weights, {rows} rows, 2 layers"
+                                           for storage in ("float32", "bfloat16")
+                                           for rows in (1, 5)]
+
+
 def test_decode_attention_by_cache_dtype(tmp_path):
     lines, _ = ab(tmp_path, "decode-attention", "--batch", "2", "--context", "40", "--layers",
                   "1", "--kv-cache-dtype", "auto", "fp8_e5m2")
