@@ -72,7 +72,10 @@ def alternated(libraries: dict, passes: dict[str, Callable[[], torch.Tensor]],
         for library in libraries.values():
             with cpu_kernels.library_in_use(library):
                 outputs.append(run().float())
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+        # float32 sums in another order (a change of code or of the compiler's scheduling of
+        # it) differ by ulps of their magnitude, which grows with K.
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4,
+                                   atol=1e-5 * max(1.0, outputs[0].abs().max().item()))
         times = {name: [] for name in libraries}
         for round_index in range(rounds + 1):
             for name in list(libraries) if round_index % 2 else list(libraries)[::-1]:
