@@ -839,14 +839,14 @@ static inline __attribute__((always_inline)) void dequantize_eight(
  * k side by side, two vectors). */
 static inline __attribute__((always_inline)) void dequantize_block(
         const uint8_t *w, const int64_t bits, const void *scales, const void *offsets,
-        int64_t half, int64_t group, int64_t k, float *wk) {
+        int64_t half, int64_t group, int64_t k, StripPrefetch *prefetch, float *wk) {
     float s[GROUP], o[GROUP];
     for (int64_t g = 0; g < k / group; g++) {
         group_factors(scales, offsets, g, half, bits, s, o);
         const f32x8 s0 = *(const f32x8 *)s, s1 = *(const f32x8 *)(s + 8);
         const f32x8 o0 = *(const f32x8 *)o, o1 = *(const f32x8 *)(o + 8);
         for (int64_t i = g * group; i < (g + 1) * group; i += 8)
-            switch (high_phase(bits, i)) {
+            switch (prefetch_step(prefetch), high_phase(bits, i)) {
             case 0: dequantize_eight(w, bits, k, i, 0, s0, s1, o0, o1, wk); break;
             case 1: dequantize_eight(w, bits, k, i, 1, s0, s1, o0, o1, wk); break;
             case 2: dequantize_eight(w, bits, k, i, 2, s0, s1, o0, o1, wk); break;
@@ -1025,7 +1025,9 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
             }
             /* float32 values are already the tiles' k-major floats */
             const float *wk = bits == 32 ? (const float *)wb : wf;
-#define WIDTH(b) case b: dequantize_block(wb, b, sb, ob, half, group, k, wf); break;
+            StripPrefetch prefetch = strip_prefetch(wb + block_bytes,
+                                                    b0 + 1 < last ? block_bytes : 0, k / 8);
+#define WIDTH(b) case b: dequantize_block(wb, b, sb, ob, half, group, k, &prefetch, wf); break;
             switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) }
 #undef WIDTH
             for (int64_t m = 0; m < rows; m += TILE_ROWS) {
