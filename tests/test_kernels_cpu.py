@@ -340,19 +340,37 @@ def test_rotary_matches_torch(dtype, head_dim, rotary_dim, neox):
 ])
 def test_bf16_linear_matches_float64(m, n, k, bias, pad):
     """bf16_linear.c against float64 on the same bfloat16 inputs: within twice bfloat16's
-    rounding of the exact result (products exact, float32 sums); packing round-trips."""
+    rounding of the exact result (products exact, float32 sums)."""
     gen = torch.Generator().manual_seed(m * n + k)
     weight = torch.randn(n, k, generator=gen).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16() if bias else None
     x = torch.randn(m, k + pad, generator=gen).bfloat16()[:, :k]
     packed = cpu.pack_linear_cpu(weight)
-    assert torch.equal(packed.to_dense(), weight)
-    ids = torch.tensor([n - 1, 0, n // 2, 0])
-    assert torch.equal(packed.rows(ids, torch.float32), weight[ids].float())
     out = cpu.packed_linear_cpu(x, packed, b).double()
     exact = x.double() @ weight.double().T + (b.double() if bias else 0)
     error, rounding = (out - exact).abs(), (exact.bfloat16().double() - exact).abs()
     assert error.max() <= 2 * rounding.max() and error.mean() <= 2 * rounding.mean()
+
+
+@pytest.mark.parametrize(("pack", "weights"), [
+    (cpu._pack_bf16, "bfloat16"), (cpu._pack_float, "bfloat16"),
+    (cpu._pack_float, "float32"), (cpu._pack_float, "bf16-exact float32")])
+@pytest.mark.parametrize("n", [16, 33, 100])
+def test_packed_float_layouts_give_back_the_weight(pack, weights, n):
+    """Our packed float layouts (bf16_linear.c's, float_linear's, the latter in bfloat16 where
+    exact), on any CPU: the plain weight back exactly, and rows read in the packed layout (a
+    tied embedding's lookups, in the embedding's dtype) equal the weight's rows."""
+    weight = torch.randn(n, 24, generator=torch.Generator().manual_seed(n))
+    if weights != "float32":
+        weight = weight.bfloat16()
+    dtype = torch.float32 if weights.endswith("float32") else torch.bfloat16
+    weight = weight.to(dtype)
+    packed = pack(weight)
+    dense = packed.to_dense()
+    assert dense.dtype == dtype and torch.equal(dense, weight)
+    ids = torch.tensor([n - 1, 0, n // 2, 15, 0])
+    assert torch.equal(packed.rows(ids, torch.float32), weight[ids].float())
+    assert torch.equal(packed.rows(ids, dtype), weight[ids])
 
 
 @pytest.mark.skipif(not cpu.bf16_linear_supported(),
@@ -393,8 +411,8 @@ def test_float_linear_matches_float64(weights, m, n, k, bias, pad):
     assert packed.data.dtype == (torch.float32 if weights == "float32" else torch.bfloat16)
     dense = packed.to_dense()
     assert dense.dtype == dtype and torch.equal(dense, weight)
-    ids = torch.tensor([n - 1, 0, n // 2, 0])
-    assert torch.equal(packed.rows(ids, dtype), weight[ids])
+    assert torch.equal(packed.rows(torch.tensor([n - 1, 0, n // 2]), dtype),
+                       weight[[n - 1, 0, n // 2]])
     out = cpu.packed_linear_cpu(x, packed, b)
     assert out.dtype == dtype and out.shape == (m, n)
     exact = x.double() @ weight.double().T + (b.double() if bias else 0)

@@ -556,6 +556,14 @@ def float_linear_supported() -> bool:
     return _built_with("float_linear_supported")
 
 
+def _pack_bf16(weight: torch.Tensor) -> PackedBf16Weight:
+    out_features, in_features = weight.shape
+    padded = -(-out_features // BF16_CHANNELS) * BF16_CHANNELS
+    rows = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
+    data = rows.view(-1, BF16_CHANNELS, in_features // 2, 2).permute(0, 2, 1, 3)
+    return PackedBf16Weight(data.contiguous(), out_features, in_features)
+
+
 def _pack_float(weight: torch.Tensor) -> PackedFloatWeight:
     as_bf16 = weight.to(torch.bfloat16)
     storage = as_bf16 if torch.equal(as_bf16.to(weight.dtype), weight) else weight
@@ -577,10 +585,7 @@ def pack_linear_cpu(
     if weight.dtype != torch.bfloat16:
         return None
     if in_features % 2 == 0 and bf16_linear_supported():
-        padded = -(-out_features // BF16_CHANNELS) * BF16_CHANNELS
-        rows = torch.cat([weight, weight.new_zeros(padded - out_features, in_features)])
-        data = rows.view(-1, BF16_CHANNELS, in_features // 2, 2).permute(0, 2, 1, 3)
-        return PackedBf16Weight(data.contiguous(), out_features, in_features)
+        return _pack_bf16(weight)
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     # The batch-size hint only tunes the layout, not which batch sizes it serves.
