@@ -712,7 +712,11 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * memory (docs/performance.md, "Narrow values in channel order on AVX2"): from 5 rows on the
  * tiles took 0.6-1.0x streaming's time for 4- to 6-bit values, 0.8-1.05x for 8-bit ones. The
  * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
- * dequantization pass is all they add. */
+ * dequantization pass is all they add. A thread pulls its next block into the cache while it
+ * streams or dequantizes one (StripPrefetch, common.h; float32 values at one row, already at
+ * the memory's rate, and their tiles, which read the block in place, do without): left to the
+ * hardware prefetcher, values narrower than float32 streamed a fifth to a third under the
+ * memory's rate there (docs/performance.md, "Weights prefetched a block ahead on AVX2"). */
 
 /* 8 int8 values as float32 (GCC 12 converts generic int8 vectors lane by lane). */
 static inline f32x8 widen8(const int8_t *p) {
@@ -845,13 +849,15 @@ static inline __attribute__((always_inline)) void dequantize_block(
         group_factors(scales, offsets, g, half, bits, s, o);
         const f32x8 s0 = *(const f32x8 *)s, s1 = *(const f32x8 *)(s + 8);
         const f32x8 o0 = *(const f32x8 *)o, o1 = *(const f32x8 *)(o + 8);
-        for (int64_t i = g * group; i < (g + 1) * group; i += 8)
-            switch (prefetch_step(prefetch), high_phase(bits, i)) {
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+            prefetch_step(prefetch);
+            switch (high_phase(bits, i)) {
             case 0: dequantize_eight(w, bits, k, i, 0, s0, s1, o0, o1, wk); break;
             case 1: dequantize_eight(w, bits, k, i, 1, s0, s1, o0, o1, wk); break;
             case 2: dequantize_eight(w, bits, k, i, 2, s0, s1, o0, o1, wk); break;
             default: dequantize_eight(w, bits, k, i, 3, s0, s1, o0, o1, wk);
             }
+        }
     }
 }
 
