@@ -6,7 +6,8 @@
                                            [--kernels cpu|torch]
                                            [--dtype bfloat16|float32] [--bf16-weights]
                                            [--linears c torch]
-                                           [--quantization none int8 w8a8_int8 gguf]
+                                           [--quantization none int8 w8a8_int8 gguf
+                                                           gguf-float-x]
                                            [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
                                            [--graphs]
 
@@ -27,7 +28,9 @@ one call of the set's `paged_attention` per layer.
 
 `--quantization` names one or more weight modes (none: bf16 weights, the GGUF dequantized at
 load; int8, w8a8_int8: those linear layers quantized as `--quantization` does it; gguf: the
-GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default model) and
+GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default model, by
+activations quantized to 8 bits where the kernels do so: AVX2 CPUs, up to 4 rows; gguf-float-x:
+the same weights by the activations as they are) and
 `--kv-cache-dtype` one or more cache dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of
 them is a mode with its own copy of the model and cache over the same batch, and the modes are
 timed alternately, round by round, in one process, so that their figures share the machine's
@@ -69,7 +72,7 @@ from pagedserve.executor.decode_graphs import CpuCapture, DecodeGraphs
 from pagedserve.executor.kv_cache import allocate_kv_cache
 from pagedserve.executor.model_files import default_cache_dir, resolve_model
 from pagedserve.executor.models import load_model
-from pagedserve.executor.models.layers import bind_kernels, quantize_linears
+from pagedserve.executor.models.layers import Linear, bind_kernels, quantize_linears
 from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.attention import FP8_DTYPES
 from pagedserve.kernels.dispatch import TORCH_KERNELS
@@ -91,7 +94,7 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=200)
     parser.add_argument("--kernels", choices=["cpu", "torch"], default="cpu")
     parser.add_argument("--quantization", nargs="+", default=["none"],
-                        choices=["none", *SCHEMES, "gguf"])
+                        choices=["none", *SCHEMES, "gguf", "gguf-float-x"])
     parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
                         choices=["auto", *FP8_DTYPES])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -153,9 +156,14 @@ def main() -> None:
     steps_of = {}
     for quantization, kv_cache_dtype, linears in itertools.product(
             args.quantization, args.kv_cache_dtype, args.linears):
-        model_dir = resolve_model(None, default_cache_dir(),
-                                  gguf_dequantize=quantization != "gguf")
+        native = quantization.startswith("gguf")
+        model_dir = resolve_model(None, default_cache_dir(), gguf_dequantize=not native)
         model = load_model(model_dir.path, dtype)
+        if quantization == "gguf-float-x":
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.quantized = dataclasses.replace(module.quantized,
+                                                           int8_activations=False)
         if args.bf16_weights:
             for parameter in model.parameters():
                 parameter.data = parameter.data.to(torch.bfloat16).to(dtype)

@@ -11,6 +11,8 @@ float32 factors, as the K formats' folded ones are):
   format; its factors are float16 in the file, float32 here);
 - Q5_K: values 0..31, groups of 32, a scale and an offset per group;
 - Q6_K: values -32..31, groups of 16, a scale per group.
+4-bit values also as GGUF's weights are served, `int8_activations` (by x quantized to 8 bits
+per group, where the kernels do: AVX2 CPUs, up to 4 rows).
 Each figure is the median over rounds of the summed time of every linear layer of one step (30
 layers of q, k, v, o, gate, up, down; the LM head once), with the bytes those weights take and
 the largest error of any layer's output against a float64 product of the dequantized weights.
@@ -18,6 +20,7 @@ the largest error of any layer's output against a float64 product of the dequant
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import linear_steps
@@ -55,6 +58,12 @@ def variants(n: int, k: int, gen: torch.Generator) -> tuple[dict, dict]:
         for bits in (value_bits(weight.qweight), 8):
             packed = cpu_kernels.pack_grouped_cpu(weight, bits)
             fns[f"{fmt} in {bits} bits"] = (
+                functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
+                packed.nbytes, fmt)
+        if value_bits(weight.qweight) == 4:  # GGUF's, by 8-bit activations where the CPU does
+            packed = cpu_kernels.pack_grouped_cpu(
+                dataclasses.replace(weight, int8_activations=True))
+            fns[f"{fmt} by 8-bit x"] = (
                 functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
                 packed.nbytes, fmt)
     fns["bf16 packed"] = (*engine_bf16_linear(dequantized["Q6_K"].bfloat16()), "Q6_K")

@@ -202,7 +202,7 @@ def open_library(path: pathlib.Path) -> ctypes.CDLL:
     else:
         library.w8a8_activations.argtypes = [ptr] * 2 + [i64] * 4 + [ctypes.c_float]
         library.w8a8_activations.restype = None
-    library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 5
+    library.grouped_linear.argtypes = [ptr] * 3 + [i64] + [ptr] * 2 + [i64] * 2 + [ptr] + [i64] * 6
     library.float_linear.argtypes = [ptr] * 3 + [i64, ptr] + [i64] * 5
     return library
 
@@ -550,6 +550,13 @@ class PackedFloatWeight(_PackedFloat):
         return super().to_dense().to(self.dtype)
 
 
+def int8_activations_supported() -> bool:
+    """Whether this machine's grouped kernel multiplies 4-bit values by 8-bit activations for
+    weights that allow it (`GroupedWeight.int8_activations`; up to 4 rows, on CPUs without
+    AVX-512, int8_linear.c's grouped_block_a8)."""
+    return _built_with("grouped_int8_activations")
+
+
 def float_linear_supported() -> bool:
     """Whether this machine's kernels include `float_linear` (built where the CPU has no
     AVX-512: the only CPUs it was measured on against PyTorch's float32 matmuls)."""
@@ -617,7 +624,8 @@ def _float_linear(x: torch.Tensor, packed: PackedFloatWeight,
 
 
 def _weight_only_linear(kernel: str, x: torch.Tensor, bias: torch.Tensor | None,
-                        out_features: int, in_features: int, weight_args: tuple) -> torch.Tensor:
+                        out_features: int, in_features: int, weight_args: tuple,
+                        options: tuple = ()) -> torch.Tensor:
     """x W^T (+ bias) by `kernel` (int8_linear.c's grouped_linear or float_linear, which
     share their arguments but W's: `weight_args`), float32 or bfloat16 x and out."""
     assert x.dtype in DTYPES and x.shape[-1] == in_features
@@ -626,7 +634,7 @@ def _weight_only_linear(kernel: str, x: torch.Tensor, bias: torch.Tensor | None,
     out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     failed = getattr(_library(), kernel)(
         out.data_ptr(), rows.data_ptr(), *weight_args, 0 if bias is None else bias.data_ptr(),
-        rows.shape[0], out_features, in_features, rows.stride(0), DTYPES[x.dtype])
+        rows.shape[0], out_features, in_features, rows.stride(0), DTYPES[x.dtype], *options)
     if failed:
         raise MemoryError(f"CPU {kernel}: out of memory for its scratch buffers")
     return out
@@ -728,6 +736,7 @@ class PackedGroupedWeight:
     offsets: torch.Tensor | None
     out_features: int
     in_features: int
+    int8_activations: bool = False
 
     @property
     def group_size(self) -> int:
@@ -751,7 +760,7 @@ class PackedGroupedWeight:
         rows = _unpacked(lanes, self.bits, k).reshape(-1, k)
         return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n).float(),
                              None if self.offsets is None
-                             else _unblocked(self.offsets, n).float())
+                             else _unblocked(self.offsets, n).float(), self.int8_activations)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W, dequantized (a tied embedding's lookup), read in the packed layout."""
@@ -856,7 +865,7 @@ def pack_grouped_cpu(weight: GroupedWeight,
         else torch.float32
     scales, offsets = (None if t is None else _blocked(t.to(dtype), blocks)
                        for t in (weight.scales, weight.offsets))
-    return PackedGroupedWeight(data, bits, scales, offsets, n, k)
+    return PackedGroupedWeight(data, bits, scales, offsets, n, k, weight.int8_activations)
 
 
 def pack_quantized_cpu(weight: QuantizedWeight) -> object:
@@ -902,7 +911,7 @@ def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
         "grouped_linear", x, bias, weight.out_features, weight.in_features,
         (weight.data.data_ptr(), weight.bits, weight.scales.data_ptr(),
          0 if weight.offsets is None else weight.offsets.data_ptr(),
-         weight.scales.dtype == torch.float16, weight.group_size))
+         weight.scales.dtype == torch.float16, weight.group_size), (weight.int8_activations,))
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | GroupedInt8Weight | Int8Weight,

@@ -96,6 +96,13 @@ class CheckpointQuantization:
     def dynamic_activations(self) -> bool:
         return self.scheme == "w8a8_int8"
 
+    @property
+    def int8_activations(self) -> bool:
+        """Whether its grouped weights may be multiplied by activations quantized to 8 bits per
+        group (`GroupedWeight.int8_activations`): GGUF's, as llama.cpp's CPU kernels and vLLM's
+        GGUF kernels multiply them; not GPTQ's and AWQ's (W4A16) or compressed-tensors'."""
+        return self.scheme == "gguf"
+
 
 def checkpoint_quantization(config: Any) -> CheckpointQuantization | None:
     """The scheme of a transformers config's `quantization_config`; None without one. Raises

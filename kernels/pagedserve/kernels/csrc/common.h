@@ -115,6 +115,11 @@ static inline void load_row(const void *base, int64_t offset, int64_t format, in
         for (; d < dim; d++) dst[d] = src[d];
         return;
     }
+    if (format == FORMAT_BF16) {  /* a loop of its own: load_one's switch does not vectorize */
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (; d < dim; d++) dst[d] = bf16_to_f32(src[d]);
+        return;
+    }
 #if defined(__F16C__)
     if (format == FORMAT_E5M2 || format == FORMAT_E4M3)
         for (const uint8_t *src = (const uint8_t *)base + offset; d + 8 <= dim; d += 8)

@@ -687,15 +687,15 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
     float *xf = malloc((size_t)(rows * (k + groups)) * sizeof(float));
     if (!xf) return NULL;
     float *xsum = xf + rows * k;
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; r < rows; r++) {
+        /* one row at a time, each loop vectorized (a decode step's thousands of calls) */
+        load_row(x, r * x_stride, bf16, k, xf + r * k);
         for (int64_t g = 0; g < groups; g++) {
             float sum = 0.0f;
-            for (int64_t i = g * group; i < (g + 1) * group; i++) {
-                xf[r * k + i] = load_one(x, r * x_stride + i, bf16);
-                sum += xf[r * k + i];
-            }
+            for (int64_t i = g * group; i < (g + 1) * group; i++) sum += xf[r * k + i];
             xsum[r * groups + g] = sum;
         }
+    }
     return xf;
 }
 
@@ -967,6 +967,96 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
     for (int64_t r = 0; r < rows; r++) memcpy(y[r], yv[r], sizeof yv[r]);
 }
 
+#if defined(__AVX2__)
+/* 4-bit values by 8-bit activations (`int8_x`: GGUF's weights, as llama.cpp's CPU kernels and
+ * vLLM's GGUF ones multiply them), up to SMALL_ROWS rows: each group of x's row (the weights'
+ * groups: 32 k for GGUF's 4-bit formats) quantized to int8 by its largest magnitude,
+ * q = rint(x 127 / amax), dx = amax / 127, and the products q_w q_x summed in int32 by
+ * vpmaddubsw (unsigned 4-bit values by signed 8-bit ones, 16-bit pairs: at most
+ * 2 x 15 x 127, so they never saturate) and vpmaddwd. Per group and channel then
+ * y += s dx sum(q_w q_x) + o sum(x), sum(x) the float32 one (the offset's term exact).
+ * The float path's ~9 vector instructions a k of 16 channels at one row become ~2.5, and a
+ * decode step's 4-bit layers stream at the memory's rate instead of their instructions'
+ * (docs/performance.md, "4-bit values by 8-bit activations on AVX2"). */
+
+/* The order of 8 k's activations within their 8 bytes of xq: a channel's 32-bit word of
+ * low nibbles (values16's layout) masked gives its bytes k = 0 4 1 5, shifted by 4 then
+ * masked k = 2 6 3 7. */
+static const int A8_ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+/* xf's rows [rows][K] quantized per group: xq [rows][K] int8 in A8_ORDER per 8 k, dx
+ * [rows][K / group] their scales. A q out of range (x not finite) becomes 0, so that its
+ * conversion is defined; such a group's float32 sum (xsum) is not finite, and the outputs
+ * with it, as the float path's. */
+static void a8_activations(const float *xf, int64_t rows, int64_t k, int64_t group,
+                           int8_t *xq, float *dx) {
+    const int64_t groups = k / group;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            const float *v = xf + r * k + g * group;
+            float amax = 0.0f;
+            for (int64_t i = 0; i < group; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            dx[r * groups + g] = amax / 127.0f;
+            int8_t *q = xq + r * k + g * group;
+            for (int64_t i = 0; i < group; i += 8)
+                for (int j = 0; j < 8; j++) {
+                    const float value = rintf(v[i + A8_ORDER[j]] * inv);
+                    q[i + j] = (int8_t)(value >= -127.0f && value <= 127.0f ? value : 0.0f);
+                }
+        }
+}
+
+/* grouped_block_streamed for 4-bit values by 8-bit activations (above). */
+static inline __attribute__((always_inline)) void grouped_block_a8(
+        const int64_t rows, const int8_t *xq, const float *dx, const float *xsum, int64_t k,
+        const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
+        StripPrefetch *prefetch, float y[4][GROUP]) {
+    const int64_t groups = k / group;
+    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 yv[4][2];
+    for (int64_t r = 0; r < rows; r++) yv[r][0] = yv[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i acc[4][2];
+        for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+            prefetch_step(prefetch);
+            __m256i lo[2], hi[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i packed = _mm256_load_si256((const __m256i *)w + i / 8 * 2 + h);
+                lo[h] = _mm256_and_si256(packed, nibble);
+                hi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                int32_t first, second;
+                memcpy(&first, xq + r * k + i, 4);
+                memcpy(&second, xq + r * k + i + 4, 4);
+                const __m256i a = _mm256_set1_epi32(first), b = _mm256_set1_epi32(second);
+                for (int h = 0; h < 2; h++) {
+                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], a),
+                                                           _mm256_maddubs_epi16(hi[h], b));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        float s[GROUP], o[GROUP];
+        group_factors(sb, ob, g, half, 4, s, o);
+        for (int h = 0; h < 2; h++) {
+            const __m256 sh = _mm256_loadu_ps(s + 8 * h), oh = _mm256_loadu_ps(o + 8 * h);
+            for (int64_t r = 0; r < rows; r++)
+                yv[r][h] = _mm256_fmadd_ps(
+                    _mm256_mul_ps(sh, _mm256_set1_ps(dx[r * groups + g])),
+                    _mm256_cvtepi32_ps(acc[r][h]),
+                    _mm256_fmadd_ps(oh, _mm256_set1_ps(xsum[r * groups + g]), yv[r][h]));
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        _mm256_storeu_ps(y[r], yv[r][0]);
+        _mm256_storeu_ps(y[r] + 8, yv[r][1]);
+    }
+}
+#endif
+
 /* W8A8's activations where int8_linear_w8a8 is not built: each row of x (float32 or bfloat16,
  * rows x_stride apart) quantized per token as that kernel does (quantize_row: values
  * clamp(round(x levels / amax), lowest, 127), rounded to nearest even; scale amax / levels)
@@ -992,13 +1082,29 @@ void w8a8_activations(float *out, const void *x, int64_t rows, int64_t k, int64_
 static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, int64_t bits,
                                    const void *scales, const void *offsets, int64_t half,
                                    int64_t group, const void *bias, int64_t rows, int64_t n,
-                                   int64_t k, int64_t x_stride, int64_t bf16) {
+                                   int64_t k, int64_t x_stride, int64_t bf16, int64_t int8_x) {
     const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
     const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
     const int64_t factor_size = half ? 2 : 4;
     float *xf = grouped_inputs(x, rows, k, x_stride, bf16, group);
     if (!xf) return 1;
     const float *xsum = xf + rows * k;
+#if defined(__AVX2__)
+    /* x's rows as int8 (a8_activations) where 4-bit values are multiplied by them */
+    int8_t *xq = NULL;
+    float *dx = NULL;
+    if (int8_x && bits == 4 && rows <= SMALL_ROWS) {
+        dx = malloc((size_t)(rows * (k / group)) * sizeof(float) + (size_t)(rows * k));
+        if (!dx) {
+            free(xf);
+            return 1;
+        }
+        xq = (int8_t *)(dx + rows * (k / group));
+        a8_activations(xf, rows, k, group, xq, dx);
+    }
+#else
+    (void)int8_x;  /* the float path: no 8-bit dot products to gain by */
+#endif
     int failed = 0;
     #pragma omp parallel reduction(|:failed)
     {
@@ -1020,6 +1126,12 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
                 StripPrefetch prefetch = strip_prefetch(wb + block_bytes,
                                                         prefetched ? block_bytes : 0, k / 8);
                 /* Rows and width constants in each inlined copy. */
+#if defined(__AVX2__)
+#define ROWS(r, b) case r: grouped_block_a8(r, xq, dx, xsum, k, wb, sb, ob, half, group, \
+                                            &prefetch, y); break;
+                if (xq) switch (rows) { ROWS(1, 4) ROWS(2, 4) ROWS(3, 4) ROWS(4, 4) } else
+#undef ROWS
+#endif
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
                                                   &prefetch, y); break;
 #define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
@@ -1048,22 +1160,38 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
         }
         free(wf);
     }
+#if defined(__AVX2__)
+    free(dx);
+#endif
     free(xf);
     return failed;
 }
 #endif
 
+/* Whether grouped_linear multiplies 4-bit values by 8-bit activations where asked
+ * (grouped_block_a8: AVX2 CPUs without AVX-512's int8 kernels). */
+int grouped_int8_activations(void) {
+#if !INT8_SIMD && defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
  * of x's dtype, bias NULL or [N] of that dtype; `bits` 4, 5, 6 or 8; scales and offsets float16
- * when `half`, else float32. Returns 0, or 1 when out of memory for its scratch buffers. */
+ * when `half`, else float32; `int8_x`: 4-bit values may be multiplied by x quantized to 8 bits
+ * per group (grouped_block_a8; on AVX2 CPUs without AVX-512, up to SMALL_ROWS rows). Returns
+ * 0, or 1 when out of memory for its scratch buffers. */
 int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                    const void *scales, const void *offsets, int64_t half, int64_t group,
                    const void *bias, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
-                   int64_t bf16) {
+                   int64_t bf16, int64_t int8_x) {
 #if !INT8_SIMD
     return grouped_linear_portable(out, x, w, bits, scales, offsets, half, group, bias, rows, n,
-                                   k, x_stride, bf16);
+                                   k, x_stride, bf16, int8_x);
 #else
+    (void)int8_x;  /* vdpbf16ps's bfloat16 products (above) */
     const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
     const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
     const int64_t factor_size = half ? 2 : 4;
@@ -1162,7 +1290,7 @@ int float_linear(void *out, const void *x, const void *w, int64_t bits, const vo
                  int64_t rows, int64_t n, int64_t k, int64_t x_stride, int64_t bf16) {
 #if !INT8_SIMD && !defined(__AVX512F__)
     return grouped_linear_portable(out, x, w, bits, NULL, NULL, 0, k, bias, rows, n, k,
-                                   x_stride, bf16);
+                                   x_stride, bf16, 0);
 #else
     return 2;
 #endif
