@@ -224,6 +224,22 @@ def test_c_4_bit_values_by_8_bit_activations(rows, dtype, offsets, group, half):
 
 
 @needs_c
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_8_bit_activation_sums_at_their_largest(group):
+    """The largest sums 8-bit activations make (values 15, every q_x +-127) are exact: the
+    kernel's 16-bit sums hold groups of up to 32 k; larger groups take x as it is."""
+    n, k = 16, 256
+    weight = GroupedWeight(torch.full((n, k), 15, dtype=torch.int8), torch.ones(n, k // group),
+                           None, int8_activations=True)
+    x = torch.ones(4, k)
+    x[1] = -1
+    x[2, ::2] = -1  # alternating signs
+    x[3] = 0.5
+    y = cpu_kernels.quantized_linear_cpu(x, cpu_kernels.pack_grouped_cpu(weight), None)
+    torch.testing.assert_close(y.double(), reference(x, weight, None), rtol=0, atol=0)
+
+
+@needs_c
 @pytest.mark.parametrize("bits, k, group, packed_bits", [
     (4, 40, 8, 4),    # 4-bit units span 8 k: five rows of them
     (6, 48, 16, 6),   # 6-bit high bits span 16 k

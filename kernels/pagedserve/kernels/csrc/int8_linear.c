@@ -37,7 +37,8 @@
  * group per channel), whose portable paths sum in float32, W8A8's activations quantized per
  * token first (w8a8_activations). AVX2 has no faster exact int8 arithmetic: vpmaddwd on 16-bit
  * values does no more multiply-adds per instruction than a float32 FMA, and vpmaddubsw's
- * 8-bit pairs saturate at 16 bits.
+ * 8-bit pairs saturate at 16 bits. Unsigned 4-bit values by 8-bit activations do not
+ * saturate them, and GGUF's 4-bit weights are so multiplied on AVX2 (grouped_block_a8).
  */
 #include <omp.h>
 #include <stdint.h>
@@ -704,7 +705,8 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * whatever the machine has (-march=native), with GCC's generic vectors (8 floats: one AVX2
  * register, two NEON ones) where the loops need them. Two paths, as on AVX-512:
  *  - up to 4 rows (SMALL_ROWS: decode steps of a few sequences): the values read as they
- *    stream (grouped_block_streamed), nothing written;
+ *    stream (grouped_block_streamed), nothing written; 4-bit values whose weight allows it
+ *    (GGUF's) by x quantized to 8 bits, in integer sums, on AVX2 (grouped_block_a8);
  *  - more rows: each block of 16 channels dequantized once into float32, k-major (s q + o),
  *    then tiles of 6 rows x 16 channels accumulated in registers (block_tile).
  * Either way a block's values come out of values16 k-major, 16 channels in two vectors, for
@@ -969,28 +971,36 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
 
 #if defined(__AVX2__)
 /* 4-bit values by 8-bit activations (`int8_x`: GGUF's weights, as llama.cpp's CPU kernels and
- * vLLM's GGUF ones multiply them), up to SMALL_ROWS rows: each group of x's row (the weights'
- * groups: 32 k for GGUF's 4-bit formats) quantized to int8 by its largest magnitude,
- * q = rint(x 127 / amax), dx = amax / 127, and the products q_w q_x summed in int32 by
- * vpmaddubsw (unsigned 4-bit values by signed 8-bit ones, 16-bit pairs: at most
- * 2 x 15 x 127, so they never saturate) and vpmaddwd. Per group and channel then
- * y += s dx sum(q_w q_x) + o sum(x), sum(x) the float32 one (the offset's term exact).
- * The float path's ~9 vector instructions a k of 16 channels at one row become ~2.5, and a
- * decode step's 4-bit layers stream at the memory's rate instead of their instructions'
- * (docs/performance.md, "4-bit values by 8-bit activations on AVX2"). */
+ * vLLM's GGUF ones multiply them), up to SMALL_ROWS rows: each group of a row of x (the
+ * weights' groups: 16 or 32 k in GGUF's formats) quantized to int8 by its largest magnitude,
+ * q = rint(x 127 / amax), dx = amax / 127, and the products q_w q_x summed by vpmaddubsw
+ * (unsigned 4-bit values by signed 8-bit ones in 16-bit pairs, at most 2 x 15 x 127: never
+ * saturated) into 16-bit sums over the group, widened once a group by vpmaddwd. Per group and
+ * channel then y += s dx sum(q_w q_x) + o sum(x), sum(x) the float32 one (the offset's term
+ * as exact as the float path's). About 2.3 vector instructions a k of 16 channels at one
+ * row, where the float path's conversions and FMAs take about 9: the float path at one to
+ * four rows is bound by its instructions on a 2-core AVX2 EPYC, this one closer to the
+ * memory (docs/performance.md, "4-bit values by 8-bit activations on AVX2"). The error
+ * against x as it is: at most dx / 2 a value of x, |y - x W^T| <= sum |s q_w| dx / 2. */
 
 /* The order of 8 k's activations within their 8 bytes of xq: a channel's 32-bit word of
  * low nibbles (values16's layout) masked gives its bytes k = 0 4 1 5, shifted by 4 then
  * masked k = 2 6 3 7. */
 static const int A8_ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
-/* xf's rows [rows][K] quantized per group: xq [rows][K] int8 in A8_ORDER per 8 k, dx
- * [rows][K / group] their scales. A q out of range (x not finite) becomes 0, so that its
- * conversion is defined; such a group's float32 sum (xsum) is not finite, and the outputs
- * with it, as the float path's. */
-static void a8_activations(const float *xf, int64_t rows, int64_t k, int64_t group,
-                           int8_t *xq, float *dx) {
+/* The largest group whose products grouped_block_a8 sums in 16 bits (GGUF's are 16 and 32
+ * k); larger ones take the float path. */
+enum { A8_MAX_GROUP = 32 };
+
+/* xf's rows [rows][K] quantized per group, in one allocation (NULL when out of memory): dx
+ * [rows][K / group], their scales, then xq [rows][K] int8, A8_ORDER per 8 k. A q out of
+ * range (x not finite) becomes 0, so that its conversion is defined; such a group's float32
+ * sum (xsum) is not finite, and the outputs with it, as the float path's. */
+static float *a8_inputs(const float *xf, int64_t rows, int64_t k, int64_t group) {
     const int64_t groups = k / group;
+    float *dx = malloc((size_t)(rows * groups) * sizeof(float) + (size_t)(rows * k));
+    if (!dx) return NULL;
+    int8_t *xq = (int8_t *)(dx + rows * groups);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < groups; g++) {
             const float *v = xf + r * k + g * group;
@@ -1005,6 +1015,7 @@ static void a8_activations(const float *xf, int64_t rows, int64_t k, int64_t gro
                     q[i + j] = (int8_t)(value >= -127.0f && value <= 127.0f ? value : 0.0f);
                 }
         }
+    return dx;
 }
 
 /* grouped_block_streamed for 4-bit values by 8-bit activations (above). */
@@ -1017,6 +1028,9 @@ static inline __attribute__((always_inline)) void grouped_block_a8(
     __m256 yv[4][2];
     for (int64_t r = 0; r < rows; r++) yv[r][0] = yv[r][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
+        /* 16-bit sums over the group: each lane (one channel's k of one parity) gains 4
+         * products of at most 15 x 127 a step, so 4 steps (32 k, A8_MAX_GROUP) stay within
+         * 2^15: 16 x 15 x 127 = 30480 */
         __m256i acc[4][2];
         for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
@@ -1032,11 +1046,10 @@ static inline __attribute__((always_inline)) void grouped_block_a8(
                 memcpy(&first, xq + r * k + i, 4);
                 memcpy(&second, xq + r * k + i + 4, 4);
                 const __m256i a = _mm256_set1_epi32(first), b = _mm256_set1_epi32(second);
-                for (int h = 0; h < 2; h++) {
-                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], a),
-                                                           _mm256_maddubs_epi16(hi[h], b));
-                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
-                }
+                for (int h = 0; h < 2; h++)
+                    acc[r][h] = _mm256_add_epi16(
+                        acc[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], a),
+                                                    _mm256_maddubs_epi16(hi[h], b)));
             }
         }
         float s[GROUP], o[GROUP];
@@ -1046,7 +1059,7 @@ static inline __attribute__((always_inline)) void grouped_block_a8(
             for (int64_t r = 0; r < rows; r++)
                 yv[r][h] = _mm256_fmadd_ps(
                     _mm256_mul_ps(sh, _mm256_set1_ps(dx[r * groups + g])),
-                    _mm256_cvtepi32_ps(acc[r][h]),
+                    _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][h], ones)),
                     _mm256_fmadd_ps(oh, _mm256_set1_ps(xsum[r * groups + g]), yv[r][h]));
         }
     }
@@ -1090,18 +1103,14 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
     if (!xf) return 1;
     const float *xsum = xf + rows * k;
 #if defined(__AVX2__)
-    /* x's rows as int8 (a8_activations) where 4-bit values are multiplied by them */
-    int8_t *xq = NULL;
-    float *dx = NULL;
-    if (int8_x && bits == 4 && rows <= SMALL_ROWS) {
-        dx = malloc((size_t)(rows * (k / group)) * sizeof(float) + (size_t)(rows * k));
-        if (!dx) {
-            free(xf);
-            return 1;
-        }
-        xq = (int8_t *)(dx + rows * (k / group));
-        a8_activations(xf, rows, k, group, xq, dx);
+    /* x's rows as int8 where 4-bit values are multiplied by them */
+    const int a8 = int8_x && bits == 4 && rows <= SMALL_ROWS && group <= A8_MAX_GROUP;
+    float *dx = a8 ? a8_inputs(xf, rows, k, group) : NULL;
+    if (a8 && !dx) {
+        free(xf);
+        return 1;
     }
+    const int8_t *xq = a8 ? (const int8_t *)(dx + rows * (k / group)) : NULL;
 #else
     (void)int8_x;  /* the float path: no 8-bit dot products to gain by */
 #endif
@@ -1127,17 +1136,21 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
                                                         prefetched ? block_bytes : 0, k / 8);
                 /* Rows and width constants in each inlined copy. */
 #if defined(__AVX2__)
-#define ROWS(r, b) case r: grouped_block_a8(r, xq, dx, xsum, k, wb, sb, ob, half, group, \
-                                            &prefetch, y); break;
-                if (xq) switch (rows) { ROWS(1, 4) ROWS(2, 4) ROWS(3, 4) ROWS(4, 4) } else
+#define ROWS(r) case r: grouped_block_a8(r, xq, dx, xsum, k, wb, sb, ob, half, group, \
+                                         &prefetch, y); break;
+                if (a8) {
+                    switch (rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+                } else
 #undef ROWS
 #endif
+                {
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
                                                   &prefetch, y); break;
 #define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
-                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) WIDTH(32) }
+                    switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) WIDTH(32) }
 #undef WIDTH
 #undef ROWS
+                }
                 store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
                 continue;
             }
