@@ -1001,6 +1001,7 @@ static float *a8_inputs(const float *xf, int64_t rows, int64_t k, int64_t group)
     float *dx = malloc((size_t)(rows * groups) * sizeof(float) + (size_t)(rows * k));
     if (!dx) return NULL;
     int8_t *xq = (int8_t *)(dx + rows * groups);
+    #pragma omp parallel for schedule(static) if (rows > SMALL_ROWS)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < groups; g++) {
             const float *v = xf + r * k + g * group;
@@ -1104,7 +1105,7 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
     const float *xsum = xf + rows * k;
 #if defined(__AVX2__)
     /* x's rows as int8 where 4-bit values are multiplied by them */
-    const int a8 = int8_x && bits == 4 && rows <= SMALL_ROWS && group <= A8_MAX_GROUP;
+    const int a8 = int8_x && bits == 4 && group <= A8_MAX_GROUP;
     float *dx = a8 ? a8_inputs(xf, rows, k, group) : NULL;
     if (a8 && !dx) {
         free(xf);
@@ -1126,6 +1127,24 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
             const uint8_t *wb = w + b0 * block_bytes;
             const void *sb = scales ? (const char *)scales + at : NULL;
             const void *ob = offsets ? (const char *)offsets + at : NULL;
+#if defined(__AVX2__)
+            if (a8) {  /* SMALL_ROWS rows at a time, the block in L1 after the first */
+                StripPrefetch prefetch = strip_prefetch(wb + block_bytes,
+                                                        b0 + 1 < last ? block_bytes : 0, k / 8);
+                for (int64_t m = 0; m < rows; m += SMALL_ROWS) {
+                    const int64_t chunk = rows - m < SMALL_ROWS ? rows - m : SMALL_ROWS;
+                    const int64_t at_row = m * (k / group);
+                    float y[SMALL_ROWS][GROUP];
+#define ROWS(r) case r: grouped_block_a8(r, xq + m * k, dx + at_row, xsum + at_row, k, wb, sb, \
+                                         ob, half, group, &prefetch, y); break;
+                    switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+#undef ROWS
+                    store_block(chunk, y, bias, bf16, n, b0 * GROUP, (char *)out + m * out_stride,
+                                out_stride);
+                }
+                continue;
+            }
+#endif
             if (rows <= SMALL_ROWS) {
                 float y[SMALL_ROWS][GROUP];
                 /* The thread's next block pulled in while this one streams, except float32
@@ -1135,22 +1154,12 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
                 StripPrefetch prefetch = strip_prefetch(wb + block_bytes,
                                                         prefetched ? block_bytes : 0, k / 8);
                 /* Rows and width constants in each inlined copy. */
-#if defined(__AVX2__)
-#define ROWS(r) case r: grouped_block_a8(r, xq, dx, xsum, k, wb, sb, ob, half, group, \
-                                         &prefetch, y); break;
-                if (a8) {
-                    switch (rows) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
-                } else
-#undef ROWS
-#endif
-                {
 #define ROWS(r, b) case r: grouped_block_streamed(r, b, xf, xsum, k, wb, sb, ob, half, group, \
                                                   &prefetch, y); break;
 #define WIDTH(b) case b: switch (rows) { ROWS(1, b) ROWS(2, b) ROWS(3, b) ROWS(4, b) } break;
-                    switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) WIDTH(32) }
+                switch (bits) { WIDTH(4) WIDTH(5) WIDTH(6) WIDTH(8) WIDTH(16) WIDTH(32) }
 #undef WIDTH
 #undef ROWS
-                }
                 store_block(rows, y, bias, bf16, n, b0 * GROUP, out, out_stride);
                 continue;
             }
