@@ -12,7 +12,7 @@ float32 factors, as the K formats' folded ones are):
 - Q5_K: values 0..31, groups of 32, a scale and an offset per group;
 - Q6_K: values -32..31, groups of 16, a scale per group.
 4-bit values also as GGUF's weights are served, `int8_activations` (by x quantized to 8 bits
-per group, where the kernels do: AVX2 CPUs, up to 4 rows).
+per group, where the kernels do: AVX2 CPUs).
 Each figure is the median over rounds of the summed time of every linear layer of one step (30
 layers of q, k, v, o, gate, up, down; the LM head once), with the bytes those weights take and
 the largest error of any layer's output against a float64 product of the dequantized weights.

@@ -552,8 +552,8 @@ class PackedFloatWeight(_PackedFloat):
 
 def int8_activations_supported() -> bool:
     """Whether this machine's grouped kernel multiplies 4-bit values by 8-bit activations for
-    weights that allow it (`GroupedWeight.int8_activations`; up to 4 rows, on CPUs without
-    AVX-512, int8_linear.c's grouped_block_a8)."""
+    weights that allow it (`GroupedWeight.int8_activations`; groups of up to 32 k, on CPUs
+    without AVX-512: int8_linear.c's grouped_block_a8)."""
     return _built_with("grouped_int8_activations")
 
 

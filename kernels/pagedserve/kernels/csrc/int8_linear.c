@@ -705,8 +705,7 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * whatever the machine has (-march=native), with GCC's generic vectors (8 floats: one AVX2
  * register, two NEON ones) where the loops need them. Two paths, as on AVX-512:
  *  - up to 4 rows (SMALL_ROWS: decode steps of a few sequences): the values read as they
- *    stream (grouped_block_streamed), nothing written; 4-bit values whose weight allows it
- *    (GGUF's) by x quantized to 8 bits, in integer sums, on AVX2 (grouped_block_a8);
+ *    stream (grouped_block_streamed), nothing written;
  *  - more rows: each block of 16 channels dequantized once into float32, k-major (s q + o),
  *    then tiles of 6 rows x 16 channels accumulated in registers (block_tile).
  * Either way a block's values come out of values16 k-major, 16 channels in two vectors, for
@@ -714,7 +713,9 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * memory (docs/performance.md, "Narrow values in channel order on AVX2"): from 5 rows on the
  * tiles took 0.6-1.0x streaming's time for 4- to 6-bit values, 0.8-1.05x for 8-bit ones. The
  * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
- * dequantization pass is all they add. A thread pulls its next block into the cache while it
+ * dequantization pass is all they add. On AVX2, 4-bit values whose weight allows it (GGUF's)
+ * take a third path at any rows, by x quantized to 8 bits in integer sums (grouped_block_a8).
+ * A thread pulls its next block into the cache while it
  * streams or dequantizes one (StripPrefetch, common.h; float32 values at one row, already at
  * the memory's rate, and their tiles, which read the block in place, do without): left to the
  * hardware prefetcher, values narrower than float32 streamed a fifth to a third under the
@@ -971,7 +972,7 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
 
 #if defined(__AVX2__)
 /* 4-bit values by 8-bit activations (`int8_x`: GGUF's weights, as llama.cpp's CPU kernels and
- * vLLM's GGUF ones multiply them), up to SMALL_ROWS rows: each group of a row of x (the
+ * vLLM's GGUF ones multiply them), SMALL_ROWS rows at a time: each group of a row of x (the
  * weights' groups: 16 or 32 k in GGUF's formats) quantized to int8 by its largest magnitude,
  * q = rint(x 127 / amax), dx = amax / 127, and the products q_w q_x summed by vpmaddubsw
  * (unsigned 4-bit values by signed 8-bit ones in 16-bit pairs, at most 2 x 15 x 127: never
@@ -1203,7 +1204,7 @@ int grouped_int8_activations(void) {
 /* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
  * of x's dtype, bias NULL or [N] of that dtype; `bits` 4, 5, 6 or 8; scales and offsets float16
  * when `half`, else float32; `int8_x`: 4-bit values may be multiplied by x quantized to 8 bits
- * per group (grouped_block_a8; on AVX2 CPUs without AVX-512, up to SMALL_ROWS rows). Returns
+ * per group (grouped_block_a8: on AVX2 CPUs without AVX-512, groups of up to 32 k). Returns
  * 0, or 1 when out of memory for its scratch buffers. */
 int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                    const void *scales, const void *offsets, int64_t half, int64_t group,
