@@ -114,7 +114,7 @@ def grouped_passes(args: argparse.Namespace) -> dict[str, Callable[[], torch.Ten
     passes = {}
     for fmt in args.formats:
         weights = [dataclasses.replace(random_weight(n, k, fmt, gen, half_factors=fmt == "Q4_1"),
-                                       int8_activations=args.int8_activations)
+                                       int16_activations=args.int16_activations)
                    for _ in range(args.layers)]
         for bits in sorted({cpu_kernels.pack_grouped_cpu(weights[0]).bits, 8}):
             packed = [cpu_kernels.pack_grouped_cpu(w, bits) for w in weights]
@@ -169,7 +169,7 @@ def main() -> None:
     grouped.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
     grouped.add_argument("--layers", type=int, default=150)
     grouped.add_argument("--int8-activations", action="store_true",
-                         help="as GGUF's weights are served: 4-bit values by 8-bit activations "
+                         help="as GGUF's weights are served: 4-bit values by 16-bit activations "
                               "where the kernels do so (both revisions must have them)")
     grouped.add_argument("--shape", type=int, nargs=2, default=[1536, 576],
                          metavar=("N", "K"))

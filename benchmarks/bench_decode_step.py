@@ -29,7 +29,8 @@ one call of the set's `paged_attention` per layer.
 `--quantization` names one or more weight modes (none: bf16 weights, the GGUF dequantized at
 load; int8, w8a8_int8: those linear layers quantized as `--quantization` does it; gguf: the
 GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default model, by
-activations quantized to 8 bits where the kernels do so (AVX2 CPUs); gguf-float-x:
+activations rounded to 16-bit integers where the kernels do so (AVX2 CPUs, up to 8 rows);
+gguf-float-x:
 the same weights by the activations as they are) and
 `--kv-cache-dtype` one or more cache dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of
 them is a mode with its own copy of the model and cache over the same batch, and the modes are
@@ -163,7 +164,7 @@ def main() -> None:
             for module in model.modules():
                 if isinstance(module, Linear):
                     module.quantized = dataclasses.replace(module.quantized,
-                                                           int8_activations=False)
+                                                           int16_activations=False)
         if args.bf16_weights:
             for parameter in model.parameters():
                 parameter.data = parameter.data.to(torch.bfloat16).to(dtype)

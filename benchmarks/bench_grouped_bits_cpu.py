@@ -11,8 +11,8 @@ float32 factors, as the K formats' folded ones are):
   format; its factors are float16 in the file, float32 here);
 - Q5_K: values 0..31, groups of 32, a scale and an offset per group;
 - Q6_K: values -32..31, groups of 16, a scale per group.
-4-bit values also as GGUF's weights are served, `int8_activations` (by x quantized to 8 bits
-per group, where the kernels do: AVX2 CPUs).
+4-bit values also as GGUF's weights are served, `int16_activations` (by x rounded to 16-bit
+integers per group, where the kernels do: AVX2 CPUs, up to 8 rows).
 Each figure is the median over rounds of the summed time of every linear layer of one step (30
 layers of q, k, v, o, gate, up, down; the LM head once), with the bytes those weights take and
 the largest error of any layer's output against a float64 product of the dequantized weights.
@@ -60,10 +60,10 @@ def variants(n: int, k: int, gen: torch.Generator) -> tuple[dict, dict]:
             fns[f"{fmt} in {bits} bits"] = (
                 functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
                 packed.nbytes, fmt)
-        if value_bits(weight.qweight) == 4:  # GGUF's, by 8-bit activations where the CPU does
+        if value_bits(weight.qweight) == 4:  # GGUF's, by 16-bit activations where the CPU does
             packed = cpu_kernels.pack_grouped_cpu(
-                dataclasses.replace(weight, int8_activations=True))
-            fns[f"{fmt} by 8-bit x"] = (
+                dataclasses.replace(weight, int16_activations=True))
+            fns[f"{fmt} by 16-bit x"] = (
                 functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
                 packed.nbytes, fmt)
     fns["bf16 packed"] = (*engine_bf16_linear(dequantized["Q6_K"].bfloat16()), "Q6_K")

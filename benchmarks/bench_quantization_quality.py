@@ -4,7 +4,8 @@ and the GGUF run natively against bfloat16, and every row against float32 (the m
 reference).
 
     python benchmarks/bench_quantization_quality.py [--modes float32 bf16 int8 w8a8_int8 gguf]
-        [--prompts 32] [--max-tokens 32] [--text-tokens 0] [--window 1024] [--json out.json]
+        [--prompts 32] [--max-tokens 32] [--text-tokens 0] [--window 1024] [--max-num-seqs N]
+        [--json out.json]
 
 Each mode loads the embedded SmolLM2-135M-Instruct through the offline `LLM` (float32 and bf16:
 its GGUF dequantized at load, `gguf_dequantize`, in that dtype; int8 and w8a8_int8: that
@@ -22,7 +23,10 @@ picks on this machine. Per mode:
   which tests/test_bf16_parity.py uses, then 16 more), `--max-tokens` tokens each,
   temperature 0, ignore_eos, all in one batch; against a reference mode, how many prompts
   start with the reference's first token and the mean length of the common prefix of the two
-  outputs (in tokens, out of `--max-tokens`).
+  outputs (in tokens, out of `--max-tokens`). `--max-num-seqs` decodes them that many at a
+  time (the engine's flag): the kernels' paths for small batches then run (on CPUs without
+  AVX-512, GGUF's 4-bit weights by activations rounded to 16 bits, up to 8 rows), where the
+  whole batch at once takes the larger batches' paths.
 
 Prints a table per reference (bf16, float32) and writes every figure to `--json`.
 """
@@ -70,13 +74,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def run_mode(mode: str, windows: list[list[int]], prompts: list[str], max_tokens: int,
-             window: int) -> dict:
+             window: int, max_num_seqs: int | None) -> dict:
     """One mode's text logprobs and argmaxes (every window position after the first) and its
     greedy outputs."""
     dtype, quantization, dequantize = MODES[mode]
     start = time.perf_counter()
+    batch = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
     llm = LLM(dtype=dtype, quantization=quantization, gguf_dequantize=dequantize,
-              kv_cache_gib=0.5, max_model_len=max(window, 256) + max_tokens)
+              kv_cache_gib=0.5, max_model_len=max(window, 256) + max_tokens, **batch)
     try:
         scored = llm.generate(windows, SamplingParams(max_tokens=1, temperature=0,
                                                       prompt_logprobs=1))
@@ -120,6 +125,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=0, help="0: the whole text")
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, help="default: the engine's")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if "bf16" not in args.modes:
@@ -140,7 +146,8 @@ def main() -> None:
     windows = [w for w in windows if len(w) > 1]
     prompts = PROMPTS[:args.prompts]
 
-    runs = {mode: run_mode(mode, windows, prompts, args.max_tokens, args.window)
+    runs = {mode: run_mode(mode, windows, prompts, args.max_tokens, args.window,
+                           args.max_num_seqs)
             for mode in args.modes}
     refs = [ref for ref in ("bf16", "float32") if ref in runs]
     cpu, cores = cpu_info()
@@ -152,6 +159,7 @@ def main() -> None:
                  "window": args.window, "windows": len(windows),
                  "scored_tokens": len(runs["bf16"]["logprobs"])},
         "prompts": len(prompts), "max_tokens": args.max_tokens,
+        "max_num_seqs": args.max_num_seqs,
         "modes": {mode: {"dtype": MODES[mode][0],
                          "quantization": MODES[mode][1] or ("none" if MODES[mode][2] else "gguf"),
                          "perplexity": perplexity(run), "seconds": run["seconds"],

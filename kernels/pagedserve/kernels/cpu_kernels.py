@@ -550,11 +550,11 @@ class PackedFloatWeight(_PackedFloat):
         return super().to_dense().to(self.dtype)
 
 
-def int8_activations_supported() -> bool:
-    """Whether this machine's grouped kernel multiplies 4-bit values by 8-bit activations for
-    weights that allow it (`GroupedWeight.int8_activations`; groups of up to 32 k, on CPUs
-    without AVX-512: int8_linear.c's grouped_block_a8)."""
-    return _built_with("grouped_int8_activations")
+def int16_activations_supported() -> bool:
+    """Whether this machine's grouped kernel multiplies 4-bit values by activations rounded to
+    16-bit integers for weights that allow it (`GroupedWeight.int16_activations`; up to 8 rows,
+    on CPUs without AVX-512: int8_linear.c's grouped_block_a16)."""
+    return _built_with("grouped_int16_activations")
 
 
 def float_linear_supported() -> bool:
@@ -736,7 +736,7 @@ class PackedGroupedWeight:
     offsets: torch.Tensor | None
     out_features: int
     in_features: int
-    int8_activations: bool = False
+    int16_activations: bool = False
 
     @property
     def group_size(self) -> int:
@@ -760,7 +760,7 @@ class PackedGroupedWeight:
         rows = _unpacked(lanes, self.bits, k).reshape(-1, k)
         return GroupedWeight(rows[:n].contiguous(), _unblocked(self.scales, n).float(),
                              None if self.offsets is None
-                             else _unblocked(self.offsets, n).float(), self.int8_activations)
+                             else _unblocked(self.offsets, n).float(), self.int16_activations)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of W, dequantized (a tied embedding's lookup), read in the packed layout."""
@@ -865,7 +865,7 @@ def pack_grouped_cpu(weight: GroupedWeight,
         else torch.float32
     scales, offsets = (None if t is None else _blocked(t.to(dtype), blocks)
                        for t in (weight.scales, weight.offsets))
-    return PackedGroupedWeight(data, bits, scales, offsets, n, k, weight.int8_activations)
+    return PackedGroupedWeight(data, bits, scales, offsets, n, k, weight.int16_activations)
 
 
 def pack_quantized_cpu(weight: QuantizedWeight) -> object:
@@ -911,7 +911,7 @@ def grouped_linear_cpu(x: torch.Tensor, weight: PackedGroupedWeight,
         "grouped_linear", x, bias, weight.out_features, weight.in_features,
         (weight.data.data_ptr(), weight.bits, weight.scales.data_ptr(),
          0 if weight.offsets is None else weight.offsets.data_ptr(),
-         weight.scales.dtype == torch.float16, weight.group_size), (weight.int8_activations,))
+         weight.scales.dtype == torch.float16, weight.group_size), (weight.int16_activations,))
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: PackedInt8Weight | GroupedInt8Weight | Int8Weight,

@@ -79,14 +79,15 @@ class Int8Weight(PerChannelWeight):
 class GroupedWeight:
     """W ~ qweight * scales + offsets, each scale and offset repeated over its group of
     `group_size` columns: qweight int8 [N, K], scales and offsets float32 [N, K / group_size]
-    (offsets None: zero). `int8_activations`: a kernel may multiply W by x quantized to 8 bits
-    per group, as llama.cpp does GGUF's weights (the CPU kernels do for 4-bit values on AVX2:
-    int8_linear.c, grouped_block_a8); the others multiply by x as it is."""
+    (offsets None: zero). `int16_activations`: a kernel may multiply W by x rounded to 16-bit
+    integers per group, off by at most 2^-16 of the group's largest |x| (GGUF's weights: the CPU
+    kernels do for 4-bit values on AVX2, int8_linear.c's grouped_block_a16); the others
+    multiply by x as it is."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None = None
-    int8_activations: bool = False
+    int16_activations: bool = False
 
     def plain(self) -> GroupedWeight:
         return self

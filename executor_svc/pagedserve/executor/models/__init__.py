@@ -113,7 +113,7 @@ def load_model(model_dir: pathlib.Path, dtype: torch.dtype,
             transform = _chained(unpack, transform)
     load_checkpoint(model, iter_checkpoint(model_dir), cls.PACKED_MODULES, transform=transform)
     if quantization is not None:
-        finish_quantized_loading(model, quantization.int8_activations)
+        finish_quantized_loading(model, quantization.int16_activations)
     model.quantization = quantization.scheme if quantization else None
     return model.eval()
 

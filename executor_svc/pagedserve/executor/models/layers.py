@@ -605,12 +605,12 @@ def weight_bytes(model: nn.Module) -> int:
     return total + tensor_bytes(*tensors.values())
 
 
-def finish_quantized_loading(model: nn.Module, int8_activations: bool = False) -> None:
+def finish_quantized_loading(model: nn.Module, int16_activations: bool = False) -> None:
     """Once a quantized checkpoint has loaded: each quantized embedding assembles its weight and
     hands it to the output head that shares it (tied), and the float weights of quantized
     layers are released, unless another module still uses them (a float tied embedding).
-    `int8_activations`: the layers' grouped weights may be multiplied by activations quantized
-    to 8 bits (`GroupedWeight.int8_activations`; the checkpoint's scheme says)."""
+    `int16_activations`: the layers' grouped weights may be multiplied by activations rounded
+    to 16-bit integers (`GroupedWeight.int16_activations`; the checkpoint's scheme says)."""
     heads = {id(m.weight): m for m in model.modules() if isinstance(m, Linear)}
     for module in model.modules():
         if isinstance(module, VocabParallelEmbedding) and module.assemble_quantized():
@@ -624,8 +624,8 @@ def finish_quantized_loading(model: nn.Module, int8_activations: bool = False) -
     for module in model.modules():
         if not isinstance(module, Linear) or module.quantized is None:
             continue
-        if int8_activations and isinstance(module.quantized, GroupedWeight):
-            module.quantized = dataclasses.replace(module.quantized, int8_activations=True)
+        if int16_activations and isinstance(module.quantized, GroupedWeight):
+            module.quantized = dataclasses.replace(module.quantized, int16_activations=True)
         if id(module.weight) not in shared:
             module.weight.data = module.weight.data.new_empty(0)
 

@@ -97,10 +97,11 @@ class CheckpointQuantization:
         return self.scheme == "w8a8_int8"
 
     @property
-    def int8_activations(self) -> bool:
-        """Whether its grouped weights may be multiplied by activations quantized to 8 bits per
-        group (`GroupedWeight.int8_activations`): GGUF's, as llama.cpp's CPU kernels and vLLM's
-        GGUF kernels multiply them; not GPTQ's and AWQ's (W4A16) or compressed-tensors'."""
+    def int16_activations(self) -> bool:
+        """Whether its grouped weights may be multiplied by activations rounded to 16-bit
+        integers per group (`GroupedWeight.int16_activations`, near float32's precision): GGUF's,
+        whose engines round activations further (llama.cpp's CPU kernels and vLLM's GGUF ones
+        to 8 bits); the others as yet keep float activations (unmeasured there)."""
         return self.scheme == "gguf"
 
 

@@ -37,8 +37,9 @@
  * group per channel), whose portable paths sum in float32, W8A8's activations quantized per
  * token first (w8a8_activations). AVX2 has no faster exact int8 arithmetic: vpmaddwd on 16-bit
  * values does no more multiply-adds per instruction than a float32 FMA, and vpmaddubsw's
- * 8-bit pairs saturate at 16 bits. Unsigned 4-bit values by 8-bit activations do not
- * saturate them, and GGUF's 4-bit weights are so multiplied on AVX2 (grouped_block_a8).
+ * 8-bit pairs saturate at 16 bits. (GGUF's 4-bit values on AVX2 are summed in integers all
+ * the same, by activations rounded to 16 bits: there the values' conversion to float32, not
+ * the multiply-adds, was what the float path spent its instructions on; grouped_block_a16.)
  */
 #include <omp.h>
 #include <stdint.h>
@@ -714,7 +715,8 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * tiles took 0.6-1.0x streaming's time for 4- to 6-bit values, 0.8-1.05x for 8-bit ones. The
  * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
  * dequantization pass is all they add. On AVX2, 4-bit values whose weight allows it (GGUF's)
- * take a third path at any rows, by x quantized to 8 bits in integer sums (grouped_block_a8).
+ * take a third path up to 8 rows, by x rounded to 16-bit integers, in integer sums
+ * (grouped_block_a16).
  * A thread pulls its next block into the cache while it
  * streams or dequantizes one (StripPrefetch, common.h; float32 values at one row, already at
  * the memory's rate, and their tiles, which read the block in place, do without): left to the
@@ -971,87 +973,82 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
 }
 
 #if defined(__AVX2__)
-/* 4-bit values by 8-bit activations (`int8_x`: GGUF's weights, as llama.cpp's CPU kernels and
- * vLLM's GGUF ones multiply them), SMALL_ROWS rows at a time: each group of a row of x (the
- * weights' groups: 16 or 32 k in GGUF's formats) quantized to int8 by its largest magnitude,
- * q = rint(x 127 / amax), dx = amax / 127, and the products q_w q_x summed by vpmaddubsw
- * (unsigned 4-bit values by signed 8-bit ones in 16-bit pairs, at most 2 x 15 x 127: never
- * saturated) into 16-bit sums over the group, widened once a group by vpmaddwd. Per group and
- * channel then y += s dx sum(q_w q_x) + o sum(x), sum(x) the float32 one (the offset's term
- * as exact as the float path's). About 2.3 vector instructions a k of 16 channels at one
- * row, where the float path's conversions and FMAs take about 9: the float path at one to
- * four rows is bound by its instructions on a 2-core AVX2 EPYC, this one closer to the
- * memory (docs/performance.md, "4-bit values by 8-bit activations on AVX2"). The error
- * against x as it is: at most dx / 2 a value of x, |y - x W^T| <= sum |s q_w| dx / 2. */
+/* 4-bit values by 16-bit activations (`int16_x`: GGUF's weights), up to A16_ROWS rows,
+ * SMALL_ROWS at a time: each group of a row of x (the weights' groups: 16 or 32 k in GGUF's
+ * formats) rounded to int16 by its largest magnitude, q = rint(x 32767 / amax),
+ * dx = amax / 32767, and the products q_w q_x summed in int32 by vpmaddwd: a channel's 32-bit
+ * word of low nibbles (values16's layout) shifted by 4 j and masked holds its values
+ * k = 2 j and 2 j + 1 in its two 16-bit lanes, the pair vpmaddwd multiplies by a broadcast
+ * pair of x. Per group and channel then y += s dx sum(q_w q_x) + o sum(x), sum(x) the float32
+ * one. A value of x moves by at most dx / 2 (2^-16 of its group's largest), so
+ * |y - x W^T| <= sum |s q_w| dx / 2: below bfloat16's rounding of x, which the AVX-512
+ * paths multiply. The float path spends ~9 vector instructions a k of 16 channels at one
+ * row on converting values and FMAs, this one ~4: on a 2-core AVX2 EPYC the default model's
+ * 4-bit layers took 0.7-0.8x the float path's time at 1 to 4 rows, ~0.95x at 16 and 1.26x
+ * at 64, where the dequantized tiles run at the FMA units' rate (docs/performance.md, "4-bit
+ * values by 16-bit activations on AVX2"). */
 
-/* The order of 8 k's activations within their 8 bytes of xq: a channel's 32-bit word of
- * low nibbles (values16's layout) masked gives its bytes k = 0 4 1 5, shifted by 4 then
- * masked k = 2 6 3 7. */
-static const int A8_ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-
-/* The largest group whose products grouped_block_a8 sums in 16 bits (GGUF's are 16 and 32
- * k); larger ones take the float path. */
-enum { A8_MAX_GROUP = 32 };
+/* The largest group grouped_block_a16 sums in int32 (8 products of at most 15 x 32767 a lane
+ * and step of 8 k: 546 steps, 4368 k; GGUF's groups are 16 and 32 k), and the most rows it
+ * takes: past 8 the dequantized tiles were faster (the comment above). */
+enum { A16_MAX_GROUP = 4096, A16_ROWS = 8 };
 
 /* xf's rows [rows][K] quantized per group, in one allocation (NULL when out of memory): dx
- * [rows][K / group], their scales, then xq [rows][K] int8, A8_ORDER per 8 k. A q out of
- * range (x not finite) becomes 0, so that its conversion is defined; such a group's float32
- * sum (xsum) is not finite, and the outputs with it, as the float path's. */
-static float *a8_inputs(const float *xf, int64_t rows, int64_t k, int64_t group) {
+ * [rows][K / group], their scales, then xq [rows][K] int16. A q out of range (x not finite)
+ * becomes 0, so that its conversion is defined; such a group's float32 sum (xsum) is not
+ * finite, and the outputs with it, as the float path's. */
+static float *a16_inputs(const float *xf, int64_t rows, int64_t k, int64_t group) {
     const int64_t groups = k / group;
-    float *dx = malloc((size_t)(rows * groups) * sizeof(float) + (size_t)(rows * k));
+    float *dx = malloc((size_t)(rows * groups) * sizeof(float) + (size_t)(rows * k) * 2);
     if (!dx) return NULL;
-    int8_t *xq = (int8_t *)(dx + rows * groups);
+    int16_t *xq = (int16_t *)(dx + rows * groups);
     #pragma omp parallel for schedule(static) if (rows > SMALL_ROWS)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < groups; g++) {
             const float *v = xf + r * k + g * group;
             float amax = 0.0f;
             for (int64_t i = 0; i < group; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            dx[r * groups + g] = amax / 127.0f;
-            int8_t *q = xq + r * k + g * group;
-            for (int64_t i = 0; i < group; i += 8)
-                for (int j = 0; j < 8; j++) {
-                    const float value = rintf(v[i + A8_ORDER[j]] * inv);
-                    q[i + j] = (int8_t)(value >= -127.0f && value <= 127.0f ? value : 0.0f);
-                }
+            const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+            dx[r * groups + g] = amax / 32767.0f;
+            int16_t *q = xq + r * k + g * group;
+            for (int64_t i = 0; i < group; i++) {
+                const float value = rintf(v[i] * inv);
+                q[i] = (int16_t)(value >= -32767.0f && value <= 32767.0f ? value : 0.0f);
+            }
         }
     return dx;
 }
 
-/* grouped_block_streamed for 4-bit values by 8-bit activations (above). */
-static inline __attribute__((always_inline)) void grouped_block_a8(
-        const int64_t rows, const int8_t *xq, const float *dx, const float *xsum, int64_t k,
+/* grouped_block_streamed for 4-bit values by 16-bit activations (above). */
+static inline __attribute__((always_inline)) void grouped_block_a16(
+        const int64_t rows, const int16_t *xq, const float *dx, const float *xsum, int64_t k,
         const uint8_t *w, const void *sb, const void *ob, int64_t half, int64_t group,
         StripPrefetch *prefetch, float y[4][GROUP]) {
     const int64_t groups = k / group;
-    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i nibbles = _mm256_set1_epi32(0x000F000F);
     __m256 yv[4][2];
     for (int64_t r = 0; r < rows; r++) yv[r][0] = yv[r][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        /* 16-bit sums over the group: each lane (one channel's k of one parity) gains 4
-         * products of at most 15 x 127 a step, so 4 steps (32 k, A8_MAX_GROUP) stay within
-         * 2^15: 16 x 15 x 127 = 30480 */
         __m256i acc[4][2];
         for (int64_t r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
             prefetch_step(prefetch);
-            __m256i lo[2], hi[2];
-            for (int h = 0; h < 2; h++) {
-                const __m256i packed = _mm256_load_si256((const __m256i *)w + i / 8 * 2 + h);
-                lo[h] = _mm256_and_si256(packed, nibble);
-                hi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
-            }
-            for (int64_t r = 0; r < rows; r++) {
-                int32_t first, second;
-                memcpy(&first, xq + r * k + i, 4);
-                memcpy(&second, xq + r * k + i + 4, 4);
-                const __m256i a = _mm256_set1_epi32(first), b = _mm256_set1_epi32(second);
+            const __m256i packed[2] = {_mm256_load_si256((const __m256i *)w + i / 8 * 2),
+                                       _mm256_load_si256((const __m256i *)w + i / 8 * 2 + 1)};
+            /* a channel's 32-bit word shifted by 4 j and masked: its values k = i + 2 j and
+             * i + 2 j + 1 in its two 16-bit lanes, the pair vpmaddwd takes */
+            #pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                __m256i pairs[2];
                 for (int h = 0; h < 2; h++)
-                    acc[r][h] = _mm256_add_epi16(
-                        acc[r][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], a),
-                                                    _mm256_maddubs_epi16(hi[h], b)));
+                    pairs[h] = _mm256_and_si256(_mm256_srli_epi32(packed[h], 4 * j), nibbles);
+                for (int64_t r = 0; r < rows; r++) {
+                    int32_t two;
+                    memcpy(&two, xq + r * k + i + 2 * j, 4);
+                    const __m256i xp = _mm256_set1_epi32(two);
+                    for (int h = 0; h < 2; h++)
+                        acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs[h], xp));
+                }
             }
         }
         float s[GROUP], o[GROUP];
@@ -1061,7 +1058,7 @@ static inline __attribute__((always_inline)) void grouped_block_a8(
             for (int64_t r = 0; r < rows; r++)
                 yv[r][h] = _mm256_fmadd_ps(
                     _mm256_mul_ps(sh, _mm256_set1_ps(dx[r * groups + g])),
-                    _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][h], ones)),
+                    _mm256_cvtepi32_ps(acc[r][h]),
                     _mm256_fmadd_ps(oh, _mm256_set1_ps(xsum[r * groups + g]), yv[r][h]));
         }
     }
@@ -1097,7 +1094,7 @@ void w8a8_activations(float *out, const void *x, int64_t rows, int64_t k, int64_
 static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, int64_t bits,
                                    const void *scales, const void *offsets, int64_t half,
                                    int64_t group, const void *bias, int64_t rows, int64_t n,
-                                   int64_t k, int64_t x_stride, int64_t bf16, int64_t int8_x) {
+                                   int64_t k, int64_t x_stride, int64_t bf16, int64_t int16_x) {
     const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
     const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
     const int64_t factor_size = half ? 2 : 4;
@@ -1105,16 +1102,16 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
     if (!xf) return 1;
     const float *xsum = xf + rows * k;
 #if defined(__AVX2__)
-    /* x's rows as int8 where 4-bit values are multiplied by them */
-    const int a8 = int8_x && bits == 4 && group <= A8_MAX_GROUP;
-    float *dx = a8 ? a8_inputs(xf, rows, k, group) : NULL;
-    if (a8 && !dx) {
+    /* x's rows as int16 where 4-bit values are multiplied by them */
+    const int a16 = int16_x && bits == 4 && group <= A16_MAX_GROUP && rows <= A16_ROWS;
+    float *dx = a16 ? a16_inputs(xf, rows, k, group) : NULL;
+    if (a16 && !dx) {
         free(xf);
         return 1;
     }
-    const int8_t *xq = a8 ? (const int8_t *)(dx + rows * (k / group)) : NULL;
+    const int16_t *xq = a16 ? (const int16_t *)(dx + rows * (k / group)) : NULL;
 #else
-    (void)int8_x;  /* the float path: no 8-bit dot products to gain by */
+    (void)int16_x;  /* the float path */
 #endif
     int failed = 0;
     #pragma omp parallel reduction(|:failed)
@@ -1129,14 +1126,14 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
             const void *sb = scales ? (const char *)scales + at : NULL;
             const void *ob = offsets ? (const char *)offsets + at : NULL;
 #if defined(__AVX2__)
-            if (a8) {  /* SMALL_ROWS rows at a time, the block in L1 after the first */
+            if (a16) {  /* SMALL_ROWS rows at a time, the block in L1 after the first */
                 StripPrefetch prefetch = strip_prefetch(wb + block_bytes,
                                                         b0 + 1 < last ? block_bytes : 0, k / 8);
                 for (int64_t m = 0; m < rows; m += SMALL_ROWS) {
                     const int64_t chunk = rows - m < SMALL_ROWS ? rows - m : SMALL_ROWS;
                     const int64_t at_row = m * (k / group);
                     float y[SMALL_ROWS][GROUP];
-#define ROWS(r) case r: grouped_block_a8(r, xq + m * k, dx + at_row, xsum + at_row, k, wb, sb, \
+#define ROWS(r) case r: grouped_block_a16(r, xq + m * k, dx + at_row, xsum + at_row, k, wb, sb, \
                                          ob, half, group, &prefetch, y); break;
                     switch (chunk) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
 #undef ROWS
@@ -1191,9 +1188,9 @@ static int grouped_linear_portable(void *out, const void *x, const uint8_t *w, i
 }
 #endif
 
-/* Whether grouped_linear multiplies 4-bit values by 8-bit activations where asked
- * (grouped_block_a8: AVX2 CPUs without AVX-512's int8 kernels). */
-int grouped_int8_activations(void) {
+/* Whether grouped_linear multiplies 4-bit values by 16-bit activations where asked
+ * (grouped_block_a16: AVX2 CPUs without AVX-512's int8 kernels). */
+int grouped_int16_activations(void) {
 #if !INT8_SIMD && defined(__AVX2__)
     return 1;
 #else
@@ -1203,18 +1200,18 @@ int grouped_int8_activations(void) {
 
 /* See above: x [rows][K] float32 or bfloat16 (rows x_stride apart), out [rows][N] contiguous
  * of x's dtype, bias NULL or [N] of that dtype; `bits` 4, 5, 6 or 8; scales and offsets float16
- * when `half`, else float32; `int8_x`: 4-bit values may be multiplied by x quantized to 8 bits
- * per group (grouped_block_a8: on AVX2 CPUs without AVX-512, groups of up to 32 k). Returns
+ * when `half`, else float32; `int16_x`: 4-bit values may be multiplied by x rounded to 16-bit
+ * integers per group (grouped_block_a16: on AVX2 CPUs without AVX-512, up to 8 rows). Returns
  * 0, or 1 when out of memory for its scratch buffers. */
 int grouped_linear(void *out, const void *x, const uint8_t *w, int64_t bits,
                    const void *scales, const void *offsets, int64_t half, int64_t group,
                    const void *bias, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
-                   int64_t bf16, int64_t int8_x) {
+                   int64_t bf16, int64_t int16_x) {
 #if !INT8_SIMD
     return grouped_linear_portable(out, x, w, bits, scales, offsets, half, group, bias, rows, n,
-                                   k, x_stride, bf16, int8_x);
+                                   k, x_stride, bf16, int16_x);
 #else
-    (void)int8_x;  /* vdpbf16ps's bfloat16 products (above) */
+    (void)int16_x;  /* vdpbf16ps's bfloat16 products (above) */
     const int64_t blocks = (n + GROUP - 1) / GROUP, out_stride = n * (bf16 ? 2 : 4);
     const int64_t block_bytes = k * GROUP * bits / 8, block_groups = k / group * GROUP;
     const int64_t factor_size = half ? 2 : 4;
