@@ -14,7 +14,7 @@ placement of code alone has moved a kernel by 15 %. Three kernels, as the engine
     PYTHONPATH=.:proto:gateway:scheduler_svc:executor_svc:kernels:benchmarks .venv/bin/python \\
         benchmarks/ab_cpu_kernels.py --base REV [--head REV] [--rounds 7] \\
         grouped [--formats Q4_1 Q5_K Q6_K] [--rows 1 4 16 32] [--layers 150] [--shape 1536 576]
-                [--int8-activations]
+                [--int16-activations]
     ... float [--storage float32 bfloat16] [--rows 1 4 16 32] [--layers 60] [--shape 1536 576]
     ... decode-attention [--batch 32] [--context 1024] [--layers 30] [--dtype float32] \\
         [--kv-cache-dtype auto fp8_e4m3 fp8_e5m2]
@@ -168,7 +168,7 @@ def main() -> None:
                          choices=list(WIDTHS))
     grouped.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
     grouped.add_argument("--layers", type=int, default=150)
-    grouped.add_argument("--int8-activations", action="store_true",
+    grouped.add_argument("--int16-activations", action="store_true",
                          help="as GGUF's weights are served: 4-bit values by 16-bit activations "
                               "where the kernels do so (both revisions must have them)")
     grouped.add_argument("--shape", type=int, nargs=2, default=[1536, 576],

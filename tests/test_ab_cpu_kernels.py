@@ -39,7 +39,7 @@ def ab(tmp_path, *args: str) -> tuple[list[tuple[str, ...]], dict]:
 
 def test_grouped_formats_in_their_bits_and_a_byte_each(tmp_path):
     lines, figures = ab(tmp_path, "grouped", "--formats", "Q4_1", "Q6_K", "--rows", "1", "5",
-                        "--layers", "2", "--shape", "32", "64")
+                        "--layers", "2", "--shape", "32", "64", "--int16-activations")
     assert [line[0] for line in lines] == [
         f"{fmt} in {bits} bits, {rows} rows, 2 layers"
         for fmt, bits in (("Q4_1", 4), ("Q4_1", 8), ("Q6_K", 6), ("Q6_K", 8)) for rows in (1, 5)]

@@ -218,7 +218,8 @@ def test_c_4_bit_values_by_16_bit_activations(rows, dtype, offsets, group, half)
                * weight.qweight.double().reshape(n, -1, group)).abs().sum(-1)  # [n, groups]
     bound = (dx @ weights.T) / 2
     rounding = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # assert_close_to's
-    assert ((y.double() - exact).abs() <= bound + rounding * (exact.abs() + exact.abs().max())).all()
+    error = (y.double() - exact).abs()
+    assert (error <= bound + rounding * (exact.abs() + exact.abs().max())).all()
 
 
 @needs_c

@@ -716,9 +716,8 @@ static float *grouped_inputs(const void *x, int64_t rows, int64_t k, int64_t x_s
  * tiles run at the FMA units' rate there (~100 GFLOP/s on 2 cores, as MKL's sgemm), so the
  * dequantization pass is all they add. On AVX2, 4-bit values whose weight allows it (GGUF's)
  * take a third path up to 8 rows, by x rounded to 16-bit integers, in integer sums
- * (grouped_block_a16).
- * A thread pulls its next block into the cache while it
- * streams or dequantizes one (StripPrefetch, common.h; float32 values at one row, already at
+ * (grouped_block_a16). A thread pulls its next block into the cache while it streams or
+ * dequantizes one (StripPrefetch, common.h; float32 values at one row, already at
  * the memory's rate, and their tiles, which read the block in place, do without): left to the
  * hardware prefetcher, values narrower than float32 streamed a fifth to a third under the
  * memory's rate there (docs/performance.md, "Weights prefetched a block ahead on AVX2"). */
@@ -983,10 +982,10 @@ static inline __attribute__((always_inline)) void grouped_block_streamed(
  * one. A value of x moves by at most dx / 2 (2^-16 of its group's largest), so
  * |y - x W^T| <= sum |s q_w| dx / 2: below bfloat16's rounding of x, which the AVX-512
  * paths multiply. The float path spends ~9 vector instructions a k of 16 channels at one
- * row on converting values and FMAs, this one ~4: on a 2-core AVX2 EPYC the default model's
- * 4-bit layers took 0.7-0.8x the float path's time at 1 to 4 rows, ~0.95x at 16 and 1.26x
- * at 64, where the dequantized tiles run at the FMA units' rate (docs/performance.md, "4-bit
- * values by 16-bit activations on AVX2"). */
+ * row on converting values and FMAs, this one ~4.5: on a 2-core AVX2 EPYC the default model's
+ * 4-bit layers took 0.73-0.87x the float path's time at 1 to 4 rows and 0.96x at 8, but
+ * 1.26x at 64, where the dequantized tiles run at the FMA units' rate (docs/performance.md,
+ * "4-bit values by 16-bit activations on AVX2"). */
 
 /* The largest group grouped_block_a16 sums in int32 (8 products of at most 15 x 32767 a lane
  * and step of 8 k: 546 steps, 4368 k; GGUF's groups are 16 and 32 k), and the most rows it
@@ -1002,7 +1001,6 @@ static float *a16_inputs(const float *xf, int64_t rows, int64_t k, int64_t group
     float *dx = malloc((size_t)(rows * groups) * sizeof(float) + (size_t)(rows * k) * 2);
     if (!dx) return NULL;
     int16_t *xq = (int16_t *)(dx + rows * groups);
-    #pragma omp parallel for schedule(static) if (rows > SMALL_ROWS)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < groups; g++) {
             const float *v = xf + r * k + g * group;
