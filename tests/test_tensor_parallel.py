@@ -29,6 +29,7 @@ from pagedserve.executor.models.layers import (
 )
 from pagedserve.executor.parallel import TensorParallel, TensorParallelError
 from pagedserve.executor.tp_group import Followers
+from pagedserve.kernels import cpu_kernels
 from pagedserve.kernels.quantization import quantize_int8
 from pagedserve.runtime.internal_auth import Role
 from pagedserve.runtime.serving import StartupError
@@ -134,7 +135,12 @@ def test_two_ranks_generate_what_transformers_does(model_dirs, variant):
 @pytest.mark.slow
 def test_the_default_model_on_three_ranks_matches_one(default_model):
     """The embedded SmolLM2 (9 heads and 3 KV heads: 3 ranks; a tied 49,152-row vocabulary)
-    from its converted GGUF: the same greedy text and logprobs on three ranks as on one."""
+    from its converted GGUF: the same greedy text and logprobs on three ranks as on one.
+    Logprobs within 1e-4 where the 4-bit layers multiply float32 x; within 5e-3 where they
+    round x to 16-bit integers (`int16_activations`, AVX2 CPUs): three ranks sum a row-parallel
+    layer's output in another order, and the float32 ulps that moves x by put a few of its
+    values on the other side of a rounding boundary (a step of 2^-15 of their group's
+    largest), layer after layer (1.3e-3 measured on a 2-core AVX2 EPYC)."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     params = common_pb2.SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
     runs = []
@@ -144,8 +150,9 @@ def test_the_default_model_on_three_ranks_matches_one(default_model):
             runs.append([o.outputs[0] for o in llm.generate(prompts, params)])
     (single, split) = runs
     assert [c.text for c in split] == [c.text for c in single]
+    tolerance = 5e-3 if cpu_kernels.int16_activations_supported() else 1e-4
     assert [lp.chosen.logprob for c in split for lp in c.logprobs] == pytest.approx(
-        [lp.chosen.logprob for c in single for lp in c.logprobs], abs=1e-4)
+        [lp.chosen.logprob for c in single for lp in c.logprobs], abs=tolerance)
 
 
 @pytest.mark.slow
