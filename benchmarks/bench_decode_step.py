@@ -30,8 +30,7 @@ one call of the set's `paged_attention` per layer.
 load; int8, w8a8_int8: those linear layers quantized as `--quantization` does it; gguf: the
 GGUF's Q4_1 and Q8_0 weights run natively, as the engine serves the default model, by
 activations rounded to 16-bit integers where the kernels do so (AVX2 CPUs, up to 8 rows);
-gguf-float-x:
-the same weights by the activations as they are) and
+gguf-float-x: the same weights by the activations as they are) and
 `--kv-cache-dtype` one or more cache dtypes (auto: bf16; fp8_e4m3, fp8_e5m2); each pair of
 them is a mode with its own copy of the model and cache over the same batch, and the modes are
 timed alternately, round by round, in one process, so that their figures share the machine's

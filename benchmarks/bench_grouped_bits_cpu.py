@@ -55,17 +55,14 @@ def variants(n: int, k: int, gen: torch.Generator) -> tuple[dict, dict]:
     for fmt in WIDTHS:
         weight = random_weight(n, k, fmt, gen)
         dequantized[fmt] = weight.dequantized(torch.float64)
-        for bits in (value_bits(weight.qweight), 8):
-            packed = cpu_kernels.pack_grouped_cpu(weight, bits)
-            fns[f"{fmt} in {bits} bits"] = (
-                functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
-                packed.nbytes, fmt)
+        packed = {f"{fmt} in {bits} bits": cpu_kernels.pack_grouped_cpu(weight, bits)
+                  for bits in (value_bits(weight.qweight), 8)}
         if value_bits(weight.qweight) == 4:  # GGUF's, by 16-bit activations where the CPU does
-            packed = cpu_kernels.pack_grouped_cpu(
+            packed[f"{fmt} by 16-bit x"] = cpu_kernels.pack_grouped_cpu(
                 dataclasses.replace(weight, int16_activations=True))
-            fns[f"{fmt} by 16-bit x"] = (
-                functools.partial(cpu_kernels.quantized_linear_cpu, weight=packed, bias=None),
-                packed.nbytes, fmt)
+        for name, p in packed.items():
+            fns[name] = (functools.partial(cpu_kernels.quantized_linear_cpu, weight=p, bias=None),
+                         p.nbytes, fmt)
     fns["bf16 packed"] = (*engine_bf16_linear(dequantized["Q6_K"].bfloat16()), "Q6_K")
     return fns, dequantized
 

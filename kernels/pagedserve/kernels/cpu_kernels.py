@@ -627,7 +627,8 @@ def _weight_only_linear(kernel: str, x: torch.Tensor, bias: torch.Tensor | None,
                         out_features: int, in_features: int, weight_args: tuple,
                         options: tuple = ()) -> torch.Tensor:
     """x W^T (+ bias) by `kernel` (int8_linear.c's grouped_linear or float_linear, which
-    share their arguments but W's: `weight_args`), float32 or bfloat16 x and out."""
+    share their arguments but W's: `weight_args`, and the kernel's own last ones: `options`,
+    grouped_linear's int16_x), float32 or bfloat16 x and out."""
     assert x.dtype in DTYPES and x.shape[-1] == in_features
     assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
     rows = _rows(x)
